@@ -1,0 +1,97 @@
+// brokerd's configuration: the schema of brokerd.json, loaded and validated in one place.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace broker::config {
+
+using Duration = std::chrono::milliseconds;
+
+// Thrown for any invalid configuration. what() names the key path and the problem, e.g.
+// `services.web.drain.timeout: expected a duration like "30s"`, prefixed by the file name
+// when loaded from a file.
+class ConfigError : public std::runtime_error {
+public:
+	using std::runtime_error::runtime_error;
+};
+
+struct ControlConfig {
+	std::string path;                    // default: BROKER_DEFAULT_CONTROL
+	mode_t mode = 0666;                  // workers of any user connect; methods check SO_PEERCRED
+	std::vector<std::string> admin_users;
+	std::vector<std::string> admin_groups;
+	std::vector<std::string> read_users; // may also call Status and Sockets
+	std::vector<std::string> read_groups;
+	unsigned max_connections = 512;
+};
+
+enum class SocketKind { Tcp, Udp, Unix, Systemd };
+
+struct SocketConfig {
+	std::string name;
+	SocketKind kind = SocketKind::Tcp;
+	// For tcp/udp: host ("0.0.0.0", "::", "127.0.0.1"; brackets removed) and port (0 = any).
+	// For unix: path, or "@name" for the abstract namespace.
+	std::string listen;                  // the configured string, e.g. "tcp://[::1]:8080"
+	std::string host;
+	std::uint16_t port = 0;
+	std::string path;
+	std::string systemd_name;            // kind == Systemd: the name in LISTEN_FDNAMES
+	int backlog = 4096;
+	bool reuseport = false;
+	std::optional<bool> ipv6_only;
+	std::optional<mode_t> mode;          // unix sockets only
+};
+
+enum class ReadyMode { Broker, Notify, Exec };
+enum class RestartPolicy { No, OnFailure, Always };
+
+struct ServiceConfig {
+	std::string name;
+	std::vector<std::string> exec;       // empty: an external service, whose workers register
+	std::vector<std::string> sockets;    // names from Config::sockets, in fd order
+	unsigned instances = 1;
+	std::string version;                 // free-form label shown in Status
+	ReadyMode ready = ReadyMode::Exec;
+	Duration start_timeout = std::chrono::seconds(30);
+	Duration drain_timeout = std::chrono::seconds(30);
+	int drain_signal = 15;               // SIGTERM
+	unsigned upgrade_batch = 1;
+	RestartPolicy restart = RestartPolicy::OnFailure;
+	std::string user;                    // empty: the broker's own
+	std::string group;
+	std::string cwd;                     // empty: "/"
+	std::map<std::string, std::string> env;
+	std::vector<std::string> register_users; // external services: who may Hello
+	std::vector<std::string> register_groups;
+};
+
+struct Config {
+	ControlConfig control;
+	std::vector<SocketConfig> sockets;   // sorted by name
+	std::vector<ServiceConfig> services; // sorted by name
+
+	const SocketConfig *find_socket(std::string_view name) const;
+	const ServiceConfig *find_service(std::string_view name) const;
+};
+
+// Parses JSON with comments. Throws ConfigError naming the key path.
+Config parse(std::string_view text);
+// Reads and parses a file; errors are prefixed with the file name.
+Config load(const std::string &path);
+
+// "250ms", "30s", "5m", "1h", "1m30s". Returns nullopt for anything else.
+std::optional<Duration> parse_duration(std::string_view text);
+// "SIGTERM", "TERM", "15". Returns nullopt for unknown names.
+std::optional<int> parse_signal(std::string_view text);
+
+} // namespace broker::config

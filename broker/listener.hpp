@@ -1,0 +1,40 @@
+// Listener: a socket brokerd binds (or adopts from systemd) once and owns for its whole life.
+#pragma once
+
+#include "broker/internal/unique_fd.hpp"
+#include "config.hpp"
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace broker {
+
+struct Listener {
+	std::string name;
+	UniqueFd fd;
+	std::string address;     // canonical, with the real port: "tcp://127.0.0.1:8080", "unix:/run/x.sock"
+	std::string kind;        // "tcp", "udp" or "unix"
+	std::string origin;      // "bound" or "systemd"
+	std::string unlink_path; // a socket file brokerd created, removed at shutdown
+};
+
+// The fds systemd passed (LISTEN_FDS/LISTEN_FDNAMES), by name, each CLOEXEC. Entries are taken
+// out as they are adopted; whatever remains is unused.
+struct InheritedFds {
+	std::multimap<std::string, UniqueFd> by_name;
+
+	// Reads and unsets LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
+	static InheritedFds from_environment();
+};
+
+// Binds the socket `cfg` describes, or adopts it from `inherited` for kind Systemd (checking
+// that its type matches: the adopted socket must be a listening stream or a datagram socket).
+// Throws std::runtime_error with a message naming the socket: `socket http: bind 0.0.0.0:80:
+// Address already in use`.
+Listener open_listener(const config::SocketConfig &cfg, InheritedFds &inherited);
+
+// Removes the socket file brokerd created for `l`, if any, and only if it still is a socket.
+void remove_socket_file(const Listener &l);
+
+} // namespace broker

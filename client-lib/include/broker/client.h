@@ -1,0 +1,54 @@
+/* libbroker-client: the C worker API. Every function returning int returns >= 0 on success
+ * and -errno on failure. The library never logs and never exits. */
+#ifndef BROKER_CLIENT_H
+#define BROKER_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define BROKER_C_EXPORT __attribute__((visibility("default")))
+
+typedef struct broker_client broker_client;
+
+/* Called from broker_client_process() when the broker asks this instance to drain.
+ * deadline_usec is CLOCK_MONOTONIC in microseconds; SIGKILL follows it. */
+typedef void (*broker_drain_handler)(broker_client *client, uint64_t deadline_usec, void *userdata);
+
+/* Connects with BROKER_SOCKET/BROKER_TOKEN, or falls back to LISTEN_FDS. */
+BROKER_C_EXPORT int broker_client_from_env(broker_client **ret);
+BROKER_C_EXPORT void broker_client_free(broker_client *client);
+
+/* 1 under brokerd, 0 under plain systemd. */
+BROKER_C_EXPORT int broker_client_brokered(const broker_client *client);
+BROKER_C_EXPORT const char *broker_client_service(const broker_client *client);
+BROKER_C_EXPORT const char *broker_client_instance(const broker_client *client);
+BROKER_C_EXPORT uint64_t broker_client_generation(const broker_client *client);
+
+/* The fd of the socket called name, or -ENOENT. */
+BROKER_C_EXPORT int broker_client_listener(const broker_client *client, const char *name);
+BROKER_C_EXPORT size_t broker_client_listener_count(const broker_client *client);
+/* The name and fd of listener i (< count); NULL and -EINVAL when out of range. */
+BROKER_C_EXPORT const char *broker_client_listener_name(const broker_client *client, size_t i);
+BROKER_C_EXPORT int broker_client_listener_fd(const broker_client *client, size_t i);
+
+BROKER_C_EXPORT int broker_client_ready(broker_client *client);
+BROKER_C_EXPORT int broker_client_status(broker_client *client, const char *text);
+
+/* Event-loop integration: poll fd for events, wake by timeout (CLOCK_MONOTONIC usec,
+ * UINT64_MAX for none), then call process (> 0 when it did something, 0 when idle). */
+BROKER_C_EXPORT int broker_client_fd(const broker_client *client);
+BROKER_C_EXPORT int broker_client_events(const broker_client *client);
+BROKER_C_EXPORT uint64_t broker_client_timeout(const broker_client *client);
+BROKER_C_EXPORT int broker_client_process(broker_client *client);
+BROKER_C_EXPORT int broker_client_set_drain_handler(broker_client *client, broker_drain_handler handler,
+                                                    void *userdata);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BROKER_CLIENT_H */

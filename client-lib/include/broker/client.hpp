@@ -1,0 +1,91 @@
+// libbroker-client: the C++ worker API. A worker gets its listening sockets, reports readiness
+// and is told when to drain, whether it runs under brokerd or plain systemd socket activation.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#define BROKER_EXPORT __attribute__((visibility("default")))
+
+namespace broker {
+
+// Every failure of the library: errno (positive) and, for errors the broker sent, the Varlink
+// error name (for example "org.varlink.service.PermissionDenied").
+class BROKER_EXPORT Error : public std::runtime_error {
+public:
+	Error(int errnum, const std::string &what, std::string varlink_error = {});
+	int code() const noexcept { return errnum_; }
+	const std::string &varlink_error() const noexcept { return varlink_error_; }
+
+private:
+	int errnum_;
+	std::string varlink_error_;
+};
+
+// A listening socket handed to this worker. The fd belongs to the Client.
+struct Listener {
+	std::string name;
+	int fd;
+};
+
+// Sent once when the broker wants this instance to stop: stop accepting, finish in-flight work,
+// and exit before the deadline. SIGKILL follows the deadline.
+struct DrainRequest {
+	std::chrono::steady_clock::time_point deadline;
+};
+
+class BROKER_EXPORT Client {
+public:
+	// Connects to brokerd with BROKER_SOCKET and BROKER_TOKEN and says Hello. Without them it
+	// falls back to LISTEN_FDS/LISTEN_FDNAMES (plain systemd). A worker spawned by brokerd
+	// already holds its sockets at fd 3 and up, and the Client uses those without duplicating
+	// them; a worker registered from elsewhere receives them with Hello.
+	// Throws Error when neither is present, or when the broker refuses.
+	static Client from_env();
+
+	Client(Client &&) noexcept;
+	Client &operator=(Client &&) noexcept;
+	~Client();
+
+	// True when connected to brokerd, false under plain socket activation.
+	bool brokered() const noexcept;
+	const std::string &service() const noexcept;    // empty under plain systemd
+	const std::string &instance() const noexcept;   // e.g. "web/3/1"
+	std::uint64_t generation() const noexcept;      // 0 under plain systemd
+
+	// The socket named `name` (throws Error with ENOENT if there is none), or all of them in
+	// the order the service configured.
+	int listener(std::string_view name) const;
+	const std::vector<Listener> &listeners() const noexcept;
+
+	// Tells the broker this instance is serving. Under plain systemd this is READY=1 to
+	// NOTIFY_SOCKET when it is set. Never blocks.
+	void ready();
+	// A one-line status shown by `brokerctl status` (STATUS= under plain systemd).
+	void status(std::string_view text);
+
+	// Event-loop integration, in the sd-bus style: poll fd() for events(), wake up by
+	// timeout() at the latest (CLOCK_MONOTONIC, in microseconds; UINT64_MAX for none), then call
+	// process(). process() never blocks; it returns true when it did something, so callers
+	// may loop until it returns false. fd() is -1 under plain systemd.
+	int fd() const noexcept;
+	short events() const noexcept;
+	std::uint64_t timeout() const noexcept;
+	bool process();
+
+	// Called from process() when the broker asks this instance to drain.
+	void on_drain(std::function<void(const DrainRequest &)> handler);
+
+private:
+	struct Impl;
+	explicit Client(std::unique_ptr<Impl> impl);
+	std::unique_ptr<Impl> impl_;
+};
+
+} // namespace broker

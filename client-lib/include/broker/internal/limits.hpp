@@ -1,0 +1,35 @@
+// Limits on every resource a peer controls, in one place.
+#pragma once
+#include "broker/internal/internal.hpp"
+
+#include <chrono>
+#include <cstddef>
+
+namespace broker::limits {
+
+using namespace std::chrono_literals;
+
+// Varlink framing.
+inline constexpr std::size_t kMaxMessageSize = 1 << 20;     // one JSON message, without its NUL
+inline constexpr std::size_t kMaxFdsPerMessage = 253;       // SCM_MAX_FD: one sendmsg, one message
+inline constexpr std::size_t kMaxQueuedFds = 2 * kMaxFdsPerMessage; // received, not yet claimed
+inline constexpr std::size_t kMaxWriteQueue = 8u << 20;     // bytes queued to a slow reader
+
+// Control server.
+inline constexpr std::size_t kDefaultMaxConnections = 512;
+inline constexpr auto kUnauthenticatedIdle = 10s;           // until Hello or an operator call
+inline constexpr std::size_t kTokenBytes = 16;
+
+// Notify socket.
+inline constexpr std::size_t kMaxNotifyMessage = 4096;
+inline constexpr std::size_t kMaxStatusText = 512;
+
+// Supervisor.
+inline constexpr std::size_t kMaxSocketsPerService = kMaxFdsPerMessage;
+inline constexpr std::size_t kMaxOutputLine = 4096;         // longer lines are split
+inline constexpr std::size_t kKeptOutputLines = 20;         // per instance, for failure reports
+
+// Clients.
+inline constexpr auto kDefaultCallTimeout = 30s;
+
+} // namespace broker::limits

@@ -1,0 +1,98 @@
+// Varlink framing over AF_UNIX stream sockets: NUL-terminated JSON plus SCM_RIGHTS fd passing.
+#pragma once
+#include "broker/internal/internal.hpp"
+#include "broker/internal/limits.hpp"
+#include "broker/internal/unique_fd.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <cstddef>
+#include <deque>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace broker::varlink {
+
+using json = nlohmann::json;
+
+// Standard errors of org.varlink.service.
+inline constexpr std::string_view kInterfaceNotFound = "org.varlink.service.InterfaceNotFound";
+inline constexpr std::string_view kMethodNotFound = "org.varlink.service.MethodNotFound";
+inline constexpr std::string_view kMethodNotImplemented = "org.varlink.service.MethodNotImplemented";
+inline constexpr std::string_view kInvalidParameter = "org.varlink.service.InvalidParameter";
+inline constexpr std::string_view kPermissionDenied = "org.varlink.service.PermissionDenied";
+inline constexpr std::string_view kExpectedMore = "org.varlink.service.ExpectedMore";
+
+// One received message with exactly the fds its parameters reference, in index order.
+struct Message {
+	json body;
+	std::vector<UniqueFd> fds;
+};
+
+// Counts the fds a message references. By protocol rule (docs/protocol.md), an fd is referenced
+// by an integer member named "fd" anywhere inside "parameters"; the indices used must be exactly
+// 0..n-1, each once. Returns n, or -EBADMSG if the references are not of that form.
+int count_fd_refs(const json &body);
+
+// A non-blocking Varlink stream. It never blocks and never logs: callers poll fd(), call
+// receive() when readable and flush() when want_write(), and read errors as negative errno.
+//
+// Received fds are queued in arrival order and each message takes exactly as many as it
+// references. MSG_CTRUNC, missing or surplus fds, a message over the size limit, or invalid JSON
+// are protocol errors: every fd involved is closed and the stream is unusable afterwards.
+class Stream {
+public:
+	explicit Stream(UniqueFd fd, std::size_t max_message = limits::kMaxMessageSize);
+
+	int fd() const { return fd_.get(); }
+
+	// Reads once. Returns bytes read (> 0), 0 at end of stream, -EAGAIN when nothing is
+	// available, or another negative errno (-EPROTO for MSG_CTRUNC or too many queued fds).
+	int receive();
+
+	// Takes the next complete message: 1 when `out` was filled, 0 when none is complete yet,
+	// or a negative errno for a protocol error: -EMSGSIZE (too large), -EBADMSG (bad JSON, not
+	// an object, or bad fd references), -EPROTO (fd count mismatch).
+	int next(Message &out);
+
+	// Queues a message; its fds travel with its first byte and are closed once sent.
+	// Returns 0, -E2BIG for more than kMaxFdsPerMessage fds, -EMSGSIZE when too large,
+	// -ENOBUFS when the write queue is over its limit, or -EBADMSG if fd references and
+	// `fds` do not match.
+	int enqueue(const json &body, std::vector<UniqueFd> fds = {});
+
+	// Writes what it can. Returns 0 when everything is written, -EAGAIN when some remains,
+	// or another negative errno (-EPIPE, -ECONNRESET, ...).
+	int flush();
+
+	bool want_write() const { return !out_.empty(); }
+	std::size_t queued_bytes() const { return out_bytes_; }
+	bool broken() const { return broken_; }
+
+	// True when bytes of an incomplete message are buffered (used for idle checks).
+	bool partial_input() const { return !in_.empty(); }
+
+private:
+	struct Outgoing {
+		std::string data;
+		std::size_t offset = 0;
+		std::vector<UniqueFd> fds; // sent with the first byte, then closed
+	};
+
+	UniqueFd fd_;
+	std::size_t max_message_;
+	std::string in_;
+	std::size_t scanned_ = 0; // bytes of in_ known to hold no NUL
+	std::deque<UniqueFd> in_fds_;
+	std::deque<Outgoing> out_;
+	std::size_t out_bytes_ = 0;
+	bool broken_ = false;
+};
+
+// Helpers to build Varlink messages.
+json make_call(std::string_view method, json parameters, bool more = false, bool oneway = false);
+json make_reply(json parameters, bool continues = false);
+json make_error(std::string_view error, json parameters = json::object());
+
+} // namespace broker::varlink

@@ -1,0 +1,126 @@
+// SyncClient: blocking Varlink calls under a deadline (see sync_client.hpp).
+#include "broker/internal/sync_client.hpp"
+
+#include "broker/client.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace broker::varlink {
+
+namespace {
+
+std::string errno_text(int e)
+{
+	return std::strerror(e);
+}
+
+UniqueFd connect_unix(const std::string &path)
+{
+	sockaddr_un sa{};
+	sa.sun_family = AF_UNIX;
+	if (path.empty() || path.size() >= sizeof(sa.sun_path))
+		throw Error(EINVAL, "invalid socket path '" + path + "'");
+	std::memcpy(sa.sun_path, path.data(), path.size());
+	socklen_t len = offsetof(sockaddr_un, sun_path) + path.size();
+	if (path[0] == '@')
+		sa.sun_path[0] = '\0';
+	else
+		len += 1;
+
+	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+	if (!fd)
+		throw Error(errno, "socket: " + errno_text(errno));
+	if (::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), len) < 0 && errno != EINPROGRESS)
+		throw Error(errno, "connect to " + path + ": " + errno_text(errno));
+	return fd;
+}
+
+} // namespace
+
+int errno_for_error(std::string_view error)
+{
+	if (error == kPermissionDenied)
+		return EACCES;
+	if (error == kMethodNotFound || error == kInterfaceNotFound || error == kMethodNotImplemented)
+		return EOPNOTSUPP;
+	if (error == kInvalidParameter)
+		return EINVAL;
+	return EREMOTEIO;
+}
+
+SyncClient::SyncClient(const std::string &path, std::chrono::milliseconds timeout)
+	: stream_(connect_unix(path)), timeout_(timeout)
+{
+}
+
+SyncClient::SyncClient(UniqueFd fd, std::chrono::milliseconds timeout) : stream_(std::move(fd)), timeout_(timeout) {}
+
+void SyncClient::send(const json &body, std::vector<UniqueFd> fds)
+{
+	int r = stream_.enqueue(body, std::move(fds));
+	if (r < 0)
+		throw Error(-r, "cannot send message: " + errno_text(-r));
+	auto deadline = std::chrono::steady_clock::now() + timeout_;
+	for (;;) {
+		r = stream_.flush();
+		if (r == 0)
+			return;
+		if (r != -EAGAIN)
+			throw Error(-r, "send: " + errno_text(-r));
+		auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+		if (left.count() <= 0)
+			throw Error(ETIMEDOUT, "send: timed out");
+		pollfd p{stream_.fd(), POLLOUT, 0};
+		if (::poll(&p, 1, static_cast<int>(left.count())) < 0 && errno != EINTR)
+			throw Error(errno, "poll: " + errno_text(errno));
+	}
+}
+
+Message SyncClient::receive()
+{
+	auto deadline = std::chrono::steady_clock::now() + timeout_;
+	Message m;
+	for (;;) {
+		int r = stream_.next(m);
+		if (r > 0)
+			return m;
+		if (r < 0)
+			throw Error(-r, "protocol error: " + errno_text(-r));
+		r = stream_.receive();
+		if (r > 0)
+			continue;
+		if (r == 0)
+			throw Error(ECONNRESET, "connection closed by the broker");
+		if (r != -EAGAIN)
+			throw Error(-r, "receive: " + errno_text(-r));
+		auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+		if (left.count() <= 0)
+			throw Error(ETIMEDOUT, "timed out waiting for the broker");
+		pollfd p{stream_.fd(), POLLIN, 0};
+		if (::poll(&p, 1, static_cast<int>(left.count())) < 0 && errno != EINTR)
+			throw Error(errno, "poll: " + errno_text(errno));
+	}
+}
+
+Message SyncClient::call(std::string_view method, json parameters, std::vector<UniqueFd> fds)
+{
+	send(make_call(method, std::move(parameters)), std::move(fds));
+	Message m = receive();
+	auto err = m.body.find("error");
+	if (err != m.body.end()) {
+		std::string name = err->is_string() ? err->get<std::string>() : "invalid error reply";
+		std::string detail;
+		auto p = m.body.find("parameters");
+		if (p != m.body.end() && p->is_object() && !p->empty())
+			detail = " " + p->dump();
+		throw Error(errno_for_error(name), name + detail, name);
+	}
+	return m;
+}
+
+} // namespace broker::varlink

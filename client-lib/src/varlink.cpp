@@ -1,0 +1,249 @@
+// Varlink framing: NUL-terminated JSON messages with fds queued in order (see varlink.hpp).
+#include "broker/internal/varlink.hpp"
+
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace broker::varlink {
+
+namespace {
+
+// Collects fd indices under members named "fd"; returns false on a non-integer or negative one.
+bool collect_fd_refs(const json &value, std::vector<long long> &out)
+{
+	if (value.is_object()) {
+		for (auto it = value.begin(); it != value.end(); ++it) {
+			if (it.key() == "fd") {
+				if (!it.value().is_number_integer() || it.value().get<long long>() < 0)
+					return false;
+				out.push_back(it.value().get<long long>());
+			} else if (!collect_fd_refs(it.value(), out)) {
+				return false;
+			}
+		}
+	} else if (value.is_array()) {
+		for (const auto &v : value)
+			if (!collect_fd_refs(v, out))
+				return false;
+	}
+	return true;
+}
+
+} // namespace
+
+int count_fd_refs(const json &body)
+{
+	if (!body.is_object())
+		return -EBADMSG;
+	auto params = body.find("parameters");
+	if (params == body.end())
+		return 0;
+	std::vector<long long> refs;
+	if (!collect_fd_refs(*params, refs))
+		return -EBADMSG;
+	if (refs.size() > limits::kMaxFdsPerMessage)
+		return -EBADMSG;
+	std::vector<bool> seen(refs.size(), false);
+	for (long long r : refs) {
+		if (r >= static_cast<long long>(refs.size()) || seen[r])
+			return -EBADMSG;
+		seen[r] = true;
+	}
+	return static_cast<int>(refs.size());
+}
+
+Stream::Stream(UniqueFd fd, std::size_t max_message) : fd_(std::move(fd)), max_message_(max_message) {}
+
+int Stream::receive()
+{
+	if (broken_)
+		return -EPROTO;
+
+	char buf[65536];
+	alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * limits::kMaxFdsPerMessage)];
+	iovec iov{buf, sizeof(buf)};
+	msghdr msg{};
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	msg.msg_control = control;
+	msg.msg_controllen = sizeof(control);
+
+	ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+	if (n < 0)
+		return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+
+	// Every fd is ours the moment recvmsg returns: take ownership before any check.
+	std::size_t received = 0;
+	for (cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		const unsigned char *data = CMSG_DATA(c);
+		for (std::size_t i = 0; i < count; i++) {
+			int fd;
+			std::memcpy(&fd, data + i * sizeof(int), sizeof(int));
+			in_fds_.emplace_back(fd);
+			received++;
+		}
+	}
+	if (msg.msg_flags & MSG_CTRUNC || in_fds_.size() > limits::kMaxQueuedFds) {
+		broken_ = true;
+		in_fds_.clear();
+		return -EPROTO;
+	}
+	if (received > 0 && n == 0) {
+		// fds always travel with the first byte of their message.
+		broken_ = true;
+		in_fds_.clear();
+		return -EPROTO;
+	}
+
+	in_.append(buf, static_cast<std::size_t>(n));
+	return static_cast<int>(n);
+}
+
+int Stream::next(Message &out)
+{
+	if (broken_)
+		return -EPROTO;
+
+	std::size_t end = in_.find('\0', scanned_);
+	if (end == std::string::npos) {
+		scanned_ = in_.size();
+		if (in_.size() > max_message_) {
+			broken_ = true;
+			in_fds_.clear();
+			return -EMSGSIZE;
+		}
+		return 0;
+	}
+	if (end > max_message_) {
+		broken_ = true;
+		in_fds_.clear();
+		return -EMSGSIZE;
+	}
+
+	json body = json::parse(in_.begin(), in_.begin() + static_cast<std::ptrdiff_t>(end), nullptr, false);
+	in_.erase(0, end + 1);
+	scanned_ = 0;
+
+	int nfds = body.is_discarded() ? -EBADMSG : count_fd_refs(body);
+	if (nfds < 0) {
+		broken_ = true;
+		in_fds_.clear();
+		return nfds;
+	}
+	if (in_fds_.size() < static_cast<std::size_t>(nfds)) {
+		broken_ = true;
+		in_fds_.clear();
+		return -EPROTO;
+	}
+
+	out.body = std::move(body);
+	out.fds.clear();
+	for (int i = 0; i < nfds; i++) {
+		out.fds.push_back(std::move(in_fds_.front()));
+		in_fds_.pop_front();
+	}
+
+	// fds arrive with the first byte of the message that owns them, so queued fds with no
+	// buffered byte to claim them are surplus.
+	if (!in_fds_.empty() && in_.empty()) {
+		broken_ = true;
+		in_fds_.clear();
+		out.fds.clear();
+		return -EPROTO;
+	}
+	return 1;
+}
+
+int Stream::enqueue(const json &body, std::vector<UniqueFd> fds)
+{
+	if (fds.size() > limits::kMaxFdsPerMessage)
+		return -E2BIG;
+	int refs = count_fd_refs(body);
+	if (refs < 0 || static_cast<std::size_t>(refs) != fds.size())
+		return -EBADMSG;
+
+	std::string data = body.dump(-1, ' ', false, json::error_handler_t::replace);
+	if (data.size() > max_message_)
+		return -EMSGSIZE;
+	if (out_bytes_ + data.size() + 1 > limits::kMaxWriteQueue)
+		return -ENOBUFS;
+	data.push_back('\0');
+	out_bytes_ += data.size();
+	out_.push_back(Outgoing{std::move(data), 0, std::move(fds)});
+	return 0;
+}
+
+int Stream::flush()
+{
+	while (!out_.empty()) {
+		Outgoing &o = out_.front();
+		iovec iov{o.data.data() + o.offset, o.data.size() - o.offset};
+		msghdr msg{};
+		msg.msg_iov = &iov;
+		msg.msg_iovlen = 1;
+
+		alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * limits::kMaxFdsPerMessage)];
+		if (!o.fds.empty()) {
+			std::size_t len = sizeof(int) * o.fds.size();
+			msg.msg_control = control;
+			msg.msg_controllen = CMSG_SPACE(len);
+			std::memset(control, 0, msg.msg_controllen);
+			cmsghdr *c = CMSG_FIRSTHDR(&msg);
+			c->cmsg_level = SOL_SOCKET;
+			c->cmsg_type = SCM_RIGHTS;
+			c->cmsg_len = CMSG_LEN(len);
+			unsigned char *p = CMSG_DATA(c);
+			for (std::size_t i = 0; i < o.fds.size(); i++) {
+				int fd = o.fds[i].get();
+				std::memcpy(p + i * sizeof(int), &fd, sizeof(int));
+			}
+		}
+
+		ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno == EWOULDBLOCK)
+				return -EAGAIN;
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		o.fds.clear(); // delivered with the first byte: our copies close now
+		o.offset += static_cast<std::size_t>(n);
+		out_bytes_ -= static_cast<std::size_t>(n);
+		if (o.offset == o.data.size())
+			out_.pop_front();
+	}
+	return 0;
+}
+
+json make_call(std::string_view method, json parameters, bool more, bool oneway)
+{
+	json call = {{"method", method}};
+	if (!parameters.is_null())
+		call["parameters"] = std::move(parameters);
+	if (more)
+		call["more"] = true;
+	if (oneway)
+		call["oneway"] = true;
+	return call;
+}
+
+json make_reply(json parameters, bool continues)
+{
+	json reply = {{"parameters", parameters.is_null() ? json::object() : std::move(parameters)}};
+	if (continues)
+		reply["continues"] = true;
+	return reply;
+}
+
+json make_error(std::string_view error, json parameters)
+{
+	return {{"error", error}, {"parameters", parameters.is_null() ? json::object() : std::move(parameters)}};
+}
+
+} // namespace broker::varlink
