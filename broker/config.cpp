@@ -1,1 +1,914 @@
-// stub
+// brokerd.json: parsed, checked against the schema and turned into Config, with errors that name the key path.
+#include "config.hpp"
+
+#include "broker/internal/limits.hpp"
+#include "broker/internal/unique_fd.hpp"
+#include "broker_config.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <set>
+#include <system_error>
+
+#include <nlohmann/json.hpp>
+
+namespace broker::config {
+
+namespace {
+
+using json = nlohmann::json;
+
+// A config file is a few KiB; the cap only stops a wrong path (a device, a huge log) from eating memory.
+constexpr std::size_t kMaxConfigFile = 16u << 20;
+// Longest sun_path, without the terminating NUL (paths) or the leading NUL (abstract names).
+constexpr std::size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
+constexpr std::size_t kMaxName = 64;
+
+bool is_name_char(char c)
+{
+	return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' ||
+	       c == '.' || c == '-';
+}
+
+bool is_plain(std::string_view s)
+{
+	return !s.empty() && std::all_of(s.begin(), s.end(), is_name_char);
+}
+
+// A string as JSON would write it, cut short so that a pasted blob does not flood the message.
+std::string quote(std::string_view s)
+{
+	constexpr std::size_t kMaxShown = 80;
+	bool cut = s.size() > kMaxShown;
+	std::string text = json(std::string(s.substr(0, cut ? kMaxShown : s.size())))
+	                           .dump(-1, ' ', false, json::error_handler_t::replace);
+	return cut ? text + "..." : text;
+}
+
+// Key paths read like `services.web.drain.timeout`. Keys that would make that ambiguous or
+// unreadable (spaces, quotes, empty) are written as `env["A B"]`.
+std::string child(const std::string &path, std::string_view key)
+{
+	if (!is_plain(key))
+		return path + "[" + quote(key) + "]";
+	return path.empty() ? std::string(key) : path + "." + std::string(key);
+}
+
+std::string element(const std::string &path, std::size_t index)
+{
+	return path + "[" + std::to_string(index) + "]";
+}
+
+[[noreturn]] void fail(const std::string &path, const std::string &message)
+{
+	throw ConfigError((path.empty() ? std::string("top level") : path) + ": " + message);
+}
+
+std::string describe(const json &j)
+{
+	switch (j.type()) {
+	case json::value_t::object:
+		return j.empty() ? "{}" : "an object";
+	case json::value_t::array:
+		return j.empty() ? "[]" : "an array";
+	case json::value_t::string:
+		return quote(j.get_ref<const std::string &>());
+	default:
+		return j.dump();
+	}
+}
+
+[[noreturn]] void expected(const std::string &path, std::string_view what, const json &got)
+{
+	fail(path, "expected " + std::string(what) + ", got " + describe(got));
+}
+
+std::size_t edit_distance(std::string_view a, std::string_view b)
+{
+	std::vector<std::size_t> row(b.size() + 1);
+	for (std::size_t j = 0; j <= b.size(); ++j)
+		row[j] = j;
+	for (std::size_t i = 1; i <= a.size(); ++i) {
+		std::size_t diagonal = row[0];
+		row[0] = i;
+		for (std::size_t j = 1; j <= b.size(); ++j) {
+			std::size_t above = row[j];
+			row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+			diagonal = above;
+		}
+	}
+	return row[b.size()];
+}
+
+const json &object_at(const json &j, const std::string &path)
+{
+	if (!j.is_object())
+		expected(path, "an object", j);
+	return j;
+}
+
+// Rejects keys the schema does not know: a typo must not silently fall back to a default.
+void check_keys(const json &obj, const std::string &path, std::initializer_list<std::string_view> known)
+{
+	for (const auto &item : obj.items()) {
+		const std::string &key = item.key();
+		if (std::find(known.begin(), known.end(), key) != known.end())
+			continue;
+		std::string message = "unknown key";
+		std::string_view best;
+		std::size_t best_distance = 3;
+		for (std::string_view k : known) {
+			std::size_t d = edit_distance(key, k);
+			if (d < best_distance) {
+				best_distance = d;
+				best = k;
+			}
+		}
+		if (!best.empty() && best_distance < key.size())
+			message += " (did you mean \"" + std::string(best) + "\"?)";
+		fail(child(path, key), message);
+	}
+}
+
+const json *member(const json &obj, const char *key)
+{
+	auto it = obj.find(key);
+	return it == obj.end() ? nullptr : &*it;
+}
+
+const std::string &string_at(const json &j, const std::string &path, std::string_view what = "a string")
+{
+	if (!j.is_string())
+		expected(path, what, j);
+	return j.get_ref<const std::string &>();
+}
+
+// Strings that end up in argv, environ, paths or names: a NUL byte would silently cut them.
+const std::string &text_at(const json &j, const std::string &path, std::string_view what = "a string")
+{
+	const std::string &s = string_at(j, path, what);
+	if (s.find('\0') != std::string::npos)
+		fail(path, "must not contain a NUL byte");
+	return s;
+}
+
+const std::string &nonempty_text_at(const json &j, const std::string &path, std::string_view what)
+{
+	const std::string &s = text_at(j, path, what);
+	if (s.empty())
+		expected(path, what, j);
+	return s;
+}
+
+bool bool_at(const json &j, const std::string &path)
+{
+	if (!j.is_boolean())
+		expected(path, "true or false", j);
+	return j.get<bool>();
+}
+
+std::uint64_t uint_at(const json &j, const std::string &path, std::uint64_t lo, std::uint64_t hi)
+{
+	// Negative numbers parse as number_integer and fractions as number_float: both are rejected.
+	if (!j.is_number_unsigned() || j.get<std::uint64_t>() < lo || j.get<std::uint64_t>() > hi) {
+		std::string what = hi == UINT_MAX ? "an integer of at least " + std::to_string(lo)
+		                                  : "an integer from " + std::to_string(lo) + " to " +
+		                                            std::to_string(hi);
+		expected(path, what, j);
+	}
+	return j.get<std::uint64_t>();
+}
+
+// A JSON number would be read as decimal (660 is not 0660), so modes are octal strings.
+mode_t mode_at(const json &j, const std::string &path)
+{
+	constexpr std::string_view what = "an octal mode from \"0000\" to \"0777\", like \"0660\"";
+	const std::string &s = string_at(j, path, what);
+	if (s.empty() || s.size() > 4 || !std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '7'; }))
+		expected(path, what, j);
+	mode_t mode = 0;
+	for (char c : s)
+		mode = mode * 8 + static_cast<mode_t>(c - '0');
+	if (mode > 0777)
+		expected(path, what, j);
+	return mode;
+}
+
+Duration duration_at(const json &j, const std::string &path)
+{
+	constexpr std::string_view what = "a duration like \"30s\"";
+	auto d = parse_duration(string_at(j, path, what));
+	if (!d)
+		expected(path, what, j);
+	return *d;
+}
+
+template <typename T>
+T choice_at(const json &j, const std::string &path, std::initializer_list<std::pair<std::string_view, T>> choices)
+{
+	std::string what;
+	std::size_t i = 0;
+	for (const auto &[name, value] : choices) {
+		if (i > 0)
+			what += i + 1 == choices.size() ? " or " : ", ";
+		what += "\"" + std::string(name) + "\"";
+		++i;
+	}
+	const std::string &s = string_at(j, path, what);
+	for (const auto &[name, value] : choices)
+		if (s == name)
+			return value;
+	expected(path, what, j);
+}
+
+// User and group names as the control server and the register rules compare them. Whether they
+// exist is not checked: a name that does not resolve grants nothing.
+std::vector<std::string> account_names_at(const json &j, const std::string &path)
+{
+	constexpr std::string_view what = "a user or group name";
+	if (!j.is_array())
+		expected(path, "an array of names", j);
+	std::vector<std::string> names;
+	for (std::size_t i = 0; i < j.size(); ++i) {
+		const std::string &name = nonempty_text_at(j[i], element(path, i), what);
+		if (std::any_of(name.begin(), name.end(), [](char c) { return c == ':' || c == '/' || c <= ' '; }))
+			expected(element(path, i), what, j[i]);
+		names.push_back(name);
+	}
+	return names;
+}
+
+// The problem with a unix socket address (a path or "@abstract"), or an empty string.
+std::string socket_path_problem(std::string_view p)
+{
+	if (p.find('\0') != std::string_view::npos)
+		return "must not contain a NUL byte";
+	if (p.size() > 1 && p[0] == '@') {
+		if (p.size() - 1 > kMaxSocketPath)
+			return "abstract name longer than " + std::to_string(kMaxSocketPath) + " bytes";
+		return {};
+	}
+	if (p.empty() || p[0] != '/')
+		return "expected an absolute path or \"@name\"";
+	if (p.size() > kMaxSocketPath)
+		return "socket path longer than " + std::to_string(kMaxSocketPath) + " bytes";
+	return {};
+}
+
+void check_name(const std::string &name, const std::string &path)
+{
+	if (name.empty() || name.size() > kMaxName || !is_plain(name))
+		fail(path, "invalid name: use 1 to " + std::to_string(kMaxName) + " characters of A-Z a-z 0-9 _ . -");
+}
+
+void check_user(const std::string &name, const std::string &path)
+{
+	long hint = sysconf(_SC_GETPW_R_SIZE_MAX);
+	std::vector<char> buf(hint > 0 ? static_cast<std::size_t>(hint) : 16384);
+	for (;;) {
+		passwd pw;
+		passwd *result = nullptr;
+		int err = getpwnam_r(name.c_str(), &pw, buf.data(), buf.size(), &result);
+		if (err == ERANGE && buf.size() < (1u << 20)) {
+			buf.resize(buf.size() * 2);
+			continue;
+		}
+		if (result)
+			return;
+		// glibc reports "not found" as 0 or, from some NSS modules, ENOENT/ESRCH.
+		if (err == 0 || err == ENOENT || err == ESRCH)
+			fail(path, "no such user " + quote(name));
+		fail(path, "cannot look up user " + quote(name) + ": " + std::generic_category().message(err));
+	}
+}
+
+void check_group(const std::string &name, const std::string &path)
+{
+	long hint = sysconf(_SC_GETGR_R_SIZE_MAX);
+	std::vector<char> buf(hint > 0 ? static_cast<std::size_t>(hint) : 16384);
+	for (;;) {
+		group gr;
+		group *result = nullptr;
+		int err = getgrnam_r(name.c_str(), &gr, buf.data(), buf.size(), &result);
+		if (err == ERANGE && buf.size() < (1u << 20)) {
+			buf.resize(buf.size() * 2);
+			continue;
+		}
+		if (result)
+			return;
+		if (err == 0 || err == ENOENT || err == ESRCH)
+			fail(path, "no such group " + quote(name));
+		fail(path, "cannot look up group " + quote(name) + ": " + std::generic_category().message(err));
+	}
+}
+
+bool valid_env_name(std::string_view k)
+{
+	if (k.empty() || (k[0] >= '0' && k[0] <= '9'))
+		return false;
+	return std::all_of(k.begin(), k.end(), [](char c) {
+		return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
+	});
+}
+
+bool reserved_env_name(std::string_view k)
+{
+	return k == "LISTEN_FDS" || k == "LISTEN_PID" || k == "LISTEN_FDNAMES" || k == "NOTIFY_SOCKET" ||
+	       k.starts_with("BROKER_");
+}
+
+void parse_control(const json &j, ControlConfig &c)
+{
+	const std::string path = "control";
+	object_at(j, path);
+	check_keys(j, path,
+	           {"path", "mode", "admin_users", "admin_groups", "read_users", "read_groups", "max_connections"});
+	if (auto *v = member(j, "path")) {
+		std::string p = child(path, "path");
+		c.path = string_at(*v, p, "an absolute path or \"@name\"");
+		if (auto problem = socket_path_problem(c.path); !problem.empty()) {
+			if (problem.starts_with("expected "))
+				expected(p, problem.substr(9), *v);
+			fail(p, problem);
+		}
+	}
+	if (auto *v = member(j, "mode"))
+		c.mode = mode_at(*v, child(path, "mode"));
+	if (auto *v = member(j, "admin_users"))
+		c.admin_users = account_names_at(*v, child(path, "admin_users"));
+	if (auto *v = member(j, "admin_groups"))
+		c.admin_groups = account_names_at(*v, child(path, "admin_groups"));
+	if (auto *v = member(j, "read_users"))
+		c.read_users = account_names_at(*v, child(path, "read_users"));
+	if (auto *v = member(j, "read_groups"))
+		c.read_groups = account_names_at(*v, child(path, "read_groups"));
+	if (auto *v = member(j, "max_connections"))
+		c.max_connections = static_cast<unsigned>(uint_at(*v, child(path, "max_connections"), 1, 65536));
+}
+
+// Fills kind, host, port and path from s.listen.
+void parse_listen(SocketConfig &s, const json &j, const std::string &path)
+{
+	const std::string &l = s.listen;
+	if (l.starts_with("unix:")) {
+		s.kind = SocketKind::Unix;
+		s.path = l.substr(5);
+		if (auto problem = socket_path_problem(s.path); !problem.empty()) {
+			if (problem.starts_with("expected "))
+				fail(path, "unix socket path must be absolute or \"@name\", got " + quote(l));
+			fail(path, problem);
+		}
+		return;
+	}
+	std::string_view rest = l;
+	if (rest.starts_with("tcp://"))
+		s.kind = SocketKind::Tcp;
+	else if (rest.starts_with("udp://"))
+		s.kind = SocketKind::Udp;
+	else
+		expected(path, "tcp://HOST:PORT, udp://HOST:PORT or unix:PATH", j);
+	rest.remove_prefix(6);
+
+	std::string_view host, port;
+	bool v6 = false;
+	if (rest.starts_with("[")) {
+		auto close = rest.find(']');
+		if (close == std::string_view::npos)
+			fail(path, "missing \"]\" after the IPv6 address in " + quote(l));
+		host = rest.substr(1, close - 1);
+		rest.remove_prefix(close + 1);
+		if (!rest.starts_with(":"))
+			fail(path, "missing \":PORT\" in " + quote(l));
+		port = rest.substr(1);
+		v6 = true;
+	} else {
+		auto colon = rest.rfind(':');
+		if (colon == std::string_view::npos)
+			fail(path, "missing \":PORT\" in " + quote(l));
+		host = rest.substr(0, colon);
+		port = rest.substr(colon + 1);
+	}
+
+	unsigned char addr[sizeof(in6_addr)];
+	std::string h(host);
+	if (!v6 && h.find(':') != std::string::npos)
+		fail(path, "an IPv6 address must be in brackets, like \"tcp://[::1]:8080\", got " + quote(l));
+	if (h.find('\0') != std::string::npos || inet_pton(v6 ? AF_INET6 : AF_INET, h.c_str(), addr) != 1)
+		fail(path, "HOST must be a numeric IPv4 address or a bracketed numeric IPv6 address, got " + quote(h));
+
+	unsigned long p = 0;
+	bool port_ok = !port.empty() && port.size() <= 5 &&
+	               std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; });
+	if (port_ok) {
+		for (char c : port)
+			p = p * 10 + static_cast<unsigned long>(c - '0');
+		port_ok = p <= 65535;
+	}
+	if (!port_ok)
+		fail(path, "PORT must be a number from 0 to 65535, got " + quote(port));
+	s.host = std::move(h);
+	s.port = static_cast<std::uint16_t>(p);
+}
+
+// systemd passes names in LISTEN_FDNAMES, colon-separated; it allows at most 255 printable ASCII bytes.
+bool valid_fdname(std::string_view n)
+{
+	return !n.empty() && n.size() <= 255 &&
+	       std::all_of(n.begin(), n.end(), [](char c) { return c > ' ' && c < 0x7f && c != ':'; });
+}
+
+SocketConfig parse_socket(const std::string &name, const json &j, const std::string &path)
+{
+	object_at(j, path);
+	check_keys(j, path, {"listen", "systemd", "backlog", "reuseport", "ipv6_only", "mode"});
+	SocketConfig s;
+	s.name = name;
+	const json *listen = member(j, "listen");
+	const json *systemd = member(j, "systemd");
+	if (listen && systemd)
+		fail(path, "has both \"listen\" and \"systemd\"; give exactly one");
+	if (!listen && !systemd)
+		fail(path, "needs \"listen\" (an address to bind) or \"systemd\" (a socket name to adopt)");
+
+	if (systemd) {
+		std::string p = child(path, "systemd");
+		s.kind = SocketKind::Systemd;
+		s.systemd_name = string_at(*systemd, p, "a socket name from LISTEN_FDNAMES");
+		if (!valid_fdname(s.systemd_name))
+			expected(p, "a socket name from LISTEN_FDNAMES (1 to 255 printable characters, no \":\")", *systemd);
+		for (const char *opt : {"backlog", "reuseport", "ipv6_only", "mode"})
+			if (member(j, opt))
+				fail(child(path, opt), "does not apply to a socket adopted from systemd, which comes configured");
+		return s;
+	}
+
+	std::string lp = child(path, "listen");
+	s.listen = string_at(*listen, lp, "tcp://HOST:PORT, udp://HOST:PORT or unix:PATH");
+	parse_listen(s, *listen, lp);
+	bool ipv6 = s.host.find(':') != std::string::npos;
+	bool abstract = s.kind == SocketKind::Unix && s.path.starts_with("@");
+
+	if (auto *v = member(j, "backlog")) {
+		std::string p = child(path, "backlog");
+		if (s.kind == SocketKind::Udp)
+			fail(p, "applies only to stream sockets (tcp and unix), not udp");
+		s.backlog = static_cast<int>(uint_at(*v, p, 1, 1000000));
+	}
+	if (auto *v = member(j, "reuseport")) {
+		std::string p = child(path, "reuseport");
+		if (s.kind == SocketKind::Unix)
+			fail(p, "applies only to tcp and udp sockets");
+		s.reuseport = bool_at(*v, p);
+	}
+	if (auto *v = member(j, "ipv6_only")) {
+		std::string p = child(path, "ipv6_only");
+		if (!ipv6)
+			fail(p, "applies only to IPv6 addresses, like \"tcp://[::]:8080\"");
+		s.ipv6_only = bool_at(*v, p);
+	}
+	if (auto *v = member(j, "mode")) {
+		std::string p = child(path, "mode");
+		if (s.kind != SocketKind::Unix)
+			fail(p, "applies only to unix sockets");
+		if (abstract)
+			fail(p, "applies only to unix sockets with a file path; abstract sockets have no file mode");
+		s.mode = mode_at(*v, p);
+	}
+	return s;
+}
+
+void parse_sockets(const json &j, Config &cfg)
+{
+	const std::string path = "sockets";
+	object_at(j, path);
+	for (const auto &item : j.items()) {
+		std::string p = child(path, item.key());
+		check_name(item.key(), p);
+		cfg.sockets.push_back(parse_socket(item.key(), item.value(), p));
+	}
+	std::sort(cfg.sockets.begin(), cfg.sockets.end(),
+	          [](const SocketConfig &a, const SocketConfig &b) { return a.name < b.name; });
+
+	// Two sockets on one address: the second bind would fail at start-up, far from the cause.
+	std::map<std::string, const SocketConfig *> seen;
+	for (const SocketConfig &s : cfg.sockets) {
+		std::string key;
+		switch (s.kind) {
+		case SocketKind::Systemd:
+			continue;
+		case SocketKind::Unix:
+			key = "unix " + s.path;
+			break;
+		case SocketKind::Tcp:
+		case SocketKind::Udp:
+			if (s.port == 0)
+				continue;
+			key = (s.kind == SocketKind::Tcp ? "tcp " : "udp ") + s.host + " " + std::to_string(s.port);
+			break;
+		}
+		auto [it, fresh] = seen.emplace(key, &s);
+		if (!fresh && !(s.reuseport && it->second->reuseport))
+			fail(child(child(path, s.name), "listen"), "same address as sockets." + it->second->name);
+	}
+}
+
+ServiceConfig parse_service(const std::string &name, const json &j, const std::string &path, const Config &cfg)
+{
+	object_at(j, path);
+	check_keys(j, path,
+	           {"exec", "sockets", "instances", "version", "ready", "start_timeout", "drain", "upgrade", "restart",
+	            "user", "group", "cwd", "env", "register"});
+	ServiceConfig s;
+	s.name = name;
+
+	const json *exec = member(j, "exec");
+	if (exec) {
+		std::string p = child(path, "exec");
+		if (!exec->is_array() || exec->empty())
+			expected(p, "a non-empty array of strings (the program and its arguments)", *exec);
+		for (std::size_t i = 0; i < exec->size(); ++i)
+			s.exec.push_back(nonempty_text_at((*exec)[i], element(p, i), "a non-empty string"));
+	} else {
+		// Only spawned workers have these: an external service's workers bring their own.
+		for (const char *opt : {"user", "group", "cwd", "env", "restart"})
+			if (member(j, opt))
+				fail(child(path, opt), "applies only to services with \"exec\"; this one is external");
+	}
+
+	if (auto *v = member(j, "sockets")) {
+		std::string p = child(path, "sockets");
+		if (!v->is_array())
+			expected(p, "an array of socket names", *v);
+		if (v->size() > limits::kMaxSocketsPerService)
+			fail(p, "at most " + std::to_string(limits::kMaxSocketsPerService) + " sockets per service");
+		std::set<std::string> seen;
+		for (std::size_t i = 0; i < v->size(); ++i) {
+			std::string ep = element(p, i);
+			const std::string &sock = string_at((*v)[i], ep, "a socket name");
+			if (!cfg.find_socket(sock))
+				fail(ep, "no socket named " + quote(sock));
+			if (!seen.insert(sock).second)
+				fail(ep, "socket " + quote(sock) + " is listed twice");
+			s.sockets.push_back(sock);
+		}
+	}
+	if (auto *v = member(j, "instances"))
+		s.instances = static_cast<unsigned>(uint_at(*v, child(path, "instances"), 1, 1024));
+	if (auto *v = member(j, "version"))
+		s.version = string_at(*v, child(path, "version"));
+	if (auto *v = member(j, "ready"))
+		s.ready = choice_at<ReadyMode>(*v, child(path, "ready"),
+		                               {{"broker", ReadyMode::Broker},
+		                                {"notify", ReadyMode::Notify},
+		                                {"exec", ReadyMode::Exec}});
+	if (auto *v = member(j, "start_timeout")) {
+		std::string p = child(path, "start_timeout");
+		s.start_timeout = duration_at(*v, p);
+		// No instance can be ready in no time; 0 is a mistake, not "no timeout".
+		if (s.start_timeout.count() == 0)
+			expected(p, "a duration above 0s, like \"30s\"", *v);
+	}
+	if (auto *v = member(j, "drain")) {
+		std::string p = child(path, "drain");
+		object_at(*v, p);
+		check_keys(*v, p, {"timeout", "signal"});
+		if (auto *t = member(*v, "timeout"))
+			s.drain_timeout = duration_at(*t, child(p, "timeout"));
+		if (auto *sig = member(*v, "signal")) {
+			std::string sp = child(p, "signal");
+			constexpr std::string_view what = "a signal name like \"SIGTERM\"";
+			auto n = parse_signal(string_at(*sig, sp, what));
+			if (!n)
+				expected(sp, what, *sig);
+			s.drain_signal = *n;
+		}
+	}
+	if (auto *v = member(j, "upgrade")) {
+		std::string p = child(path, "upgrade");
+		object_at(*v, p);
+		check_keys(*v, p, {"batch"});
+		if (auto *b = member(*v, "batch"))
+			s.upgrade_batch = static_cast<unsigned>(uint_at(*b, child(p, "batch"), 1, UINT_MAX));
+	}
+	if (auto *v = member(j, "restart"))
+		s.restart = choice_at<RestartPolicy>(*v, child(path, "restart"),
+		                                     {{"no", RestartPolicy::No},
+		                                      {"on-failure", RestartPolicy::OnFailure},
+		                                      {"always", RestartPolicy::Always}});
+	if (auto *v = member(j, "user")) {
+		std::string p = child(path, "user");
+		s.user = nonempty_text_at(*v, p, "a user name");
+		check_user(s.user, p);
+	}
+	if (auto *v = member(j, "group")) {
+		std::string p = child(path, "group");
+		s.group = nonempty_text_at(*v, p, "a group name");
+		check_group(s.group, p);
+	}
+	if (auto *v = member(j, "cwd")) {
+		std::string p = child(path, "cwd");
+		s.cwd = text_at(*v, p, "an absolute path");
+		if (!s.cwd.starts_with("/"))
+			expected(p, "an absolute path", *v);
+	}
+	if (auto *v = member(j, "env")) {
+		std::string p = child(path, "env");
+		if (!v->is_object())
+			expected(p, "an object of strings, like {\"MODE\": \"prod\"}", *v);
+		for (const auto &item : v->items()) {
+			const std::string &key = item.key();
+			std::string kp = child(p, key);
+			if (!valid_env_name(key))
+				fail(kp, "not a valid environment variable name (use A-Z a-z 0-9 _, not starting with a digit)");
+			if (reserved_env_name(key))
+				fail(kp, "is set by brokerd for every worker and cannot be configured");
+			s.env.emplace(key, text_at(item.value(), kp));
+		}
+	}
+	if (auto *v = member(j, "register")) {
+		std::string p = child(path, "register");
+		if (exec)
+			fail(p, "applies only to external services (without \"exec\"); spawned workers need no registration");
+		object_at(*v, p);
+		check_keys(*v, p, {"users", "groups"});
+		if (auto *u = member(*v, "users"))
+			s.register_users = account_names_at(*u, child(p, "users"));
+		if (auto *g = member(*v, "groups"))
+			s.register_groups = account_names_at(*g, child(p, "groups"));
+	}
+	return s;
+}
+
+void parse_services(const json &j, Config &cfg)
+{
+	const std::string path = "services";
+	object_at(j, path);
+	for (const auto &item : j.items()) {
+		std::string p = child(path, item.key());
+		check_name(item.key(), p);
+		cfg.services.push_back(parse_service(item.key(), item.value(), p, cfg));
+	}
+	std::sort(cfg.services.begin(), cfg.services.end(),
+	          [](const ServiceConfig &a, const ServiceConfig &b) { return a.name < b.name; });
+}
+
+// nlohmann keeps the last of two equal keys without a word; in a config that hides a mistake.
+// The parser callback tracks where it is, to name the duplicate's path.
+class DuplicateKeys {
+public:
+	bool operator()(int, json::parse_event_t event, json &parsed)
+	{
+		switch (event) {
+		case json::parse_event_t::object_start:
+		case json::parse_event_t::array_start: {
+			Frame f;
+			f.array = event == json::parse_event_t::array_start;
+			f.path = frames_.empty() ? std::string() : here(frames_.back());
+			frames_.push_back(std::move(f));
+			break;
+		}
+		case json::parse_event_t::key: {
+			Frame &f = frames_.back();
+			f.key = parsed.get<std::string>();
+			if (!f.keys.insert(f.key).second && error_.empty())
+				error_ = child(f.path, f.key) + ": duplicate key";
+			break;
+		}
+		case json::parse_event_t::object_end:
+		case json::parse_event_t::array_end:
+			frames_.pop_back();
+			[[fallthrough]];
+		case json::parse_event_t::value:
+			if (!frames_.empty() && frames_.back().array)
+				++frames_.back().index;
+			break;
+		}
+		return true;
+	}
+
+	const std::string &error() const { return error_; }
+
+private:
+	struct Frame {
+		bool array = false;
+		std::string path;
+		std::string key;
+		std::size_t index = 0;
+		std::set<std::string> keys;
+	};
+
+	static std::string here(const Frame &f) { return f.array ? element(f.path, f.index) : child(f.path, f.key); }
+
+	std::vector<Frame> frames_;
+	std::string error_;
+};
+
+// nlohmann's what() is "[json.exception.parse_error.101] parse error at line 1, column 2: syntax
+// error while parsing value - invalid literal; last read: 'x'"; keep the part after the position.
+std::string short_reason(const char *what)
+{
+	std::string_view s = what;
+	if (auto bracket = s.find("] "); bracket != std::string_view::npos)
+		s.remove_prefix(bracket + 2);
+	if (auto colon = s.find(": "); colon != std::string_view::npos)
+		s.remove_prefix(colon + 2);
+	if (s.starts_with("syntax error while parsing "))
+		if (auto dash = s.find(" - "); dash != std::string_view::npos)
+			s.remove_prefix(dash + 3);
+	// The line and column say where; the echo of the token read so far only adds noise.
+	std::string reason(s);
+	if (auto last = reason.find("; last read: '"); last != std::string::npos) {
+		auto end = reason.find("'; ", last + 14);
+		reason.erase(last, end == std::string::npos ? std::string::npos : end + 1 - last);
+	}
+	return reason;
+}
+
+json parse_json(std::string_view text)
+{
+	DuplicateKeys dup;
+	json root;
+	try {
+		root = json::parse(text, std::ref(dup), true, /*ignore_comments=*/true);
+	} catch (const json::parse_error &e) {
+		// e.byte counts from 1 and points at the character that broke the parse (or one past the end).
+		std::size_t offset = std::min<std::size_t>(e.byte > 0 ? e.byte - 1 : 0, text.size());
+		std::string_view before = text.substr(0, offset);
+		std::size_t line = 1 + static_cast<std::size_t>(std::count(before.begin(), before.end(), '\n'));
+		auto nl = before.rfind('\n');
+		std::size_t column = nl == std::string_view::npos ? offset + 1 : offset - nl;
+		throw ConfigError("invalid JSON at line " + std::to_string(line) + ", column " + std::to_string(column) +
+		                  ": " + short_reason(e.what()));
+	} catch (const json::exception &e) {
+		throw ConfigError("invalid JSON: " + short_reason(e.what()));
+	}
+	if (!dup.error().empty())
+		throw ConfigError(dup.error());
+	return root;
+}
+
+} // namespace
+
+const SocketConfig *Config::find_socket(std::string_view name) const
+{
+	auto it = std::lower_bound(sockets.begin(), sockets.end(), name,
+	                           [](const SocketConfig &s, std::string_view n) { return s.name < n; });
+	return it != sockets.end() && it->name == name ? &*it : nullptr;
+}
+
+const ServiceConfig *Config::find_service(std::string_view name) const
+{
+	auto it = std::lower_bound(services.begin(), services.end(), name,
+	                           [](const ServiceConfig &s, std::string_view n) { return s.name < n; });
+	return it != services.end() && it->name == name ? &*it : nullptr;
+}
+
+Config parse(std::string_view text)
+{
+	json root = parse_json(text);
+	object_at(root, "");
+	check_keys(root, "", {"control", "sockets", "services"});
+	Config cfg;
+	cfg.control.path = BROKER_DEFAULT_CONTROL;
+	if (auto *v = member(root, "control"))
+		parse_control(*v, cfg.control);
+	// Sockets before services: services refer to sockets by name.
+	if (auto *v = member(root, "sockets"))
+		parse_sockets(*v, cfg);
+	if (auto *v = member(root, "services"))
+		parse_services(*v, cfg);
+	return cfg;
+}
+
+Config load(const std::string &path)
+{
+	std::string text;
+	{
+		UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
+		if (!fd)
+			throw ConfigError("cannot read " + path + ": " + std::generic_category().message(errno));
+		char buf[65536];
+		for (;;) {
+			ssize_t n = ::read(fd.get(), buf, sizeof buf);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0)
+				throw ConfigError("cannot read " + path + ": " + std::generic_category().message(errno));
+			if (n == 0)
+				break;
+			if (text.size() + static_cast<std::size_t>(n) > kMaxConfigFile)
+				throw ConfigError(path + ": larger than " + std::to_string(kMaxConfigFile >> 20) + " MiB");
+			text.append(buf, static_cast<std::size_t>(n));
+		}
+	}
+	try {
+		return parse(text);
+	} catch (const ConfigError &e) {
+		throw ConfigError(path + ": " + e.what());
+	}
+}
+
+std::optional<Duration> parse_duration(std::string_view text)
+{
+	// Milliseconds whose microseconds still fit in 64 bits, so callers may convert for sd-event.
+	constexpr std::int64_t kMax = INT64_MAX / 1000;
+	if (text.empty())
+		return std::nullopt;
+	std::int64_t total = 0;
+	std::size_t i = 0;
+	while (i < text.size()) {
+		std::int64_t n = 0;
+		std::size_t digits = i;
+		for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
+			int d = text[i] - '0';
+			if (n > (kMax - d) / 10)
+				return std::nullopt;
+			n = n * 10 + d;
+		}
+		if (i == digits)
+			return std::nullopt;
+		std::size_t unit_start = i;
+		while (i < text.size() && text[i] >= 'a' && text[i] <= 'z')
+			++i;
+		std::string_view unit = text.substr(unit_start, i - unit_start);
+		std::int64_t scale = unit == "ms"  ? 1
+		                     : unit == "s" ? 1000
+		                     : unit == "m" ? 60'000
+		                     : unit == "h" ? 3'600'000
+		                                   : 0;
+		if (scale == 0 || n > (kMax - total) / scale)
+			return std::nullopt;
+		total += n * scale;
+	}
+	return Duration(total);
+}
+
+std::optional<int> parse_signal(std::string_view text)
+{
+	if (text.empty() || text.size() > 32)
+		return std::nullopt;
+	auto known = [](int sig) { return sig > 0 && (sigabbrev_np(sig) || (sig >= SIGRTMIN && sig <= SIGRTMAX)); };
+	if (std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+		int n = 0;
+		for (char c : text) {
+			n = n * 10 + (c - '0');
+			if (n >= 1000)
+				return std::nullopt;
+		}
+		return known(n) ? std::optional<int>(n) : std::nullopt;
+	}
+
+	std::string name(text);
+	std::transform(name.begin(), name.end(), name.begin(),
+	               [](char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 'a' + 'A') : c; });
+	if (name.starts_with("SIG"))
+		name.erase(0, 3);
+	for (int sig = 1; sig < SIGRTMIN; ++sig)
+		if (const char *abbrev = sigabbrev_np(sig); abbrev && name == abbrev)
+			return sig;
+	// Older names that sigabbrev_np does not return.
+	if (name == "IOT")
+		return SIGABRT;
+	if (name == "POLL")
+		return SIGIO;
+	if (name == "CLD")
+		return SIGCHLD;
+	// RTMIN, RTMIN+n, RTMAX, RTMAX-n, as kill(1) spells them.
+	auto offset = [](std::string_view rest) -> std::optional<int> {
+		if (rest.empty() || rest.size() > 2 ||
+		    !std::all_of(rest.begin(), rest.end(), [](char c) { return c >= '0' && c <= '9'; }))
+			return std::nullopt;
+		int n = 0;
+		for (char c : rest)
+			n = n * 10 + (c - '0');
+		return n;
+	};
+	std::optional<int> sig;
+	std::string_view rest = std::string_view(name).substr(std::min<std::size_t>(name.size(), 6));
+	if (name == "RTMIN")
+		sig = SIGRTMIN;
+	else if (name == "RTMAX")
+		sig = SIGRTMAX;
+	else if (auto n = offset(rest); n && name.starts_with("RTMIN+"))
+		sig = SIGRTMIN + *n;
+	else if (n && name.starts_with("RTMAX-"))
+		sig = SIGRTMAX - *n;
+	if (sig && *sig >= SIGRTMIN && *sig <= SIGRTMAX)
+		return sig;
+	return std::nullopt;
+}
+
+} // namespace broker::config

@@ -1,1 +1,595 @@
-// stub
+// ControlServer: accepts Varlink connections, authorizes each call, and dispatches it.
+#include "control_server.hpp"
+
+#include "broker/internal/limits.hpp"
+#include "broker/internal/varlink.hpp"
+#include "broker_config.h"
+#include "interfaces.hpp"
+#include "log.hpp"
+#include "supervisor.hpp"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+
+namespace broker {
+
+using json = nlohmann::json;
+namespace vl = varlink;
+
+namespace {
+
+constexpr int kAcceptPerWakeup = 64;
+constexpr int kMessagesPerWakeup = 64;
+
+std::string errno_text(int e)
+{
+	return std::strerror(e);
+}
+
+std::vector<gid_t> peer_groups(int fd)
+{
+	std::vector<gid_t> groups(64);
+	for (int attempt = 0; attempt < 2; attempt++) {
+		socklen_t len = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+		if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &len) == 0) {
+			groups.resize(len / sizeof(gid_t));
+			return groups;
+		}
+		if (errno != ERANGE)
+			break;
+		groups.resize(len / sizeof(gid_t));
+	}
+	return {};
+}
+
+void make_parent_directory(const std::string &path)
+{
+	std::size_t slash = path.rfind('/');
+	if (slash == std::string::npos || slash == 0)
+		return;
+	std::string dir = path.substr(0, slash);
+	if (::mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST)
+		return;
+	if (errno == ENOENT) {
+		make_parent_directory(dir);
+		if (::mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST)
+			return;
+	}
+	throw std::runtime_error("control socket: mkdir " + dir + ": " + errno_text(errno));
+}
+
+} // namespace
+
+AccessRules AccessRules::resolve(const config::ControlConfig &cfg)
+{
+	AccessRules r;
+	auto users = [](const std::vector<std::string> &names, std::vector<uid_t> &out, const char *key) {
+		for (const auto &n : names) {
+			passwd *pw = ::getpwnam(n.c_str());
+			if (!pw)
+				throw std::runtime_error(std::string("control.") + key + ": no such user \"" + n + "\"");
+			out.push_back(pw->pw_uid);
+		}
+	};
+	auto groups = [](const std::vector<std::string> &names, std::vector<gid_t> &out, const char *key) {
+		for (const auto &n : names) {
+			group *gr = ::getgrnam(n.c_str());
+			if (!gr)
+				throw std::runtime_error(std::string("control.") + key + ": no such group \"" + n + "\"");
+			out.push_back(gr->gr_gid);
+		}
+	};
+	users(cfg.admin_users, r.admin_uids, "admin_users");
+	groups(cfg.admin_groups, r.admin_gids, "admin_groups");
+	users(cfg.read_users, r.read_uids, "read_users");
+	groups(cfg.read_groups, r.read_gids, "read_groups");
+	return r;
+}
+
+// One client: its stream, its credentials, and whether it is an operator, a reader or a worker.
+class ControlServer::Connection final : public EventSink {
+public:
+	Connection(ControlServer &server, UniqueFd fd) : server_(server), stream_(std::move(fd)) {}
+	~Connection() { server_.supervisor_.detach_events(this); }
+
+	bool start();
+	bool dead() const { return dead_; }
+	bool send_event(const json &parameters) override;
+
+private:
+	static int io_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
+	static int idle_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+	void on_io(std::uint32_t revents);
+	void handle(vl::Message &m);
+	void update_events();
+	void close(const std::string &why);
+	std::string who() const;
+
+	// Method implementations; each replies or errors exactly once (unless oneway).
+	void get_info();
+	void get_interface_description(const json &params);
+	void control_status(const json &params, bool only_sockets);
+	void worker_hello(const json &params);
+	void worker_ready();
+	void worker_status(const json &params);
+	void worker_events();
+
+	Instance *worker();
+	void reply(json parameters, bool continues = false);
+	void error(std::string_view name, json parameters = json::object());
+
+	ControlServer &server_;
+	vl::Stream stream_;
+	EventSource io_;
+	EventSource idle_;
+	ucred peer_{};
+	bool operator_ = false;
+	bool reader_ = false;
+	std::string token_;     // set by a successful Hello
+	bool oneway_ = false;   // the call being handled wants no reply
+	bool more_ = false;
+	bool dead_ = false;
+};
+
+bool ControlServer::Connection::start()
+{
+	socklen_t len = sizeof(peer_);
+	if (::getsockopt(stream_.fd(), SOL_SOCKET, SO_PEERCRED, &peer_, &len) < 0) {
+		log::warning("control: SO_PEERCRED: " + errno_text(errno) + ", closing connection");
+		return false;
+	}
+	const AccessRules &r = server_.rules_;
+	auto has = [](const auto &v, auto x) { return std::find(v.begin(), v.end(), x) != v.end(); };
+	std::vector<gid_t> groups = peer_groups(stream_.fd());
+	groups.push_back(peer_.gid);
+	auto in_groups = [&](const std::vector<gid_t> &allowed) {
+		return std::any_of(groups.begin(), groups.end(), [&](gid_t g) { return has(allowed, g); });
+	};
+	operator_ = peer_.uid == 0 || peer_.uid == ::geteuid() || has(r.admin_uids, peer_.uid) || in_groups(r.admin_gids);
+	reader_ = operator_ || has(r.read_uids, peer_.uid) || in_groups(r.read_gids);
+
+	sd_event_source *s = nullptr;
+	if (sd_event_add_io(server_.event_, &s, stream_.fd(), EPOLLIN, io_handler, this) < 0)
+		return false;
+	io_.reset(s);
+	if (!reader_) {
+		// Until a worker says Hello, an unprivileged peer holds a slot on borrowed time.
+		std::uint64_t when = now_usec(CLOCK_MONOTONIC) +
+		                     std::chrono::duration_cast<std::chrono::microseconds>(limits::kUnauthenticatedIdle).count();
+		if (sd_event_add_time(server_.event_, &s, CLOCK_MONOTONIC, when, 100000, idle_handler, this) >= 0)
+			idle_.reset(s);
+	}
+	return true;
+}
+
+std::string ControlServer::Connection::who() const
+{
+	return "pid " + std::to_string(peer_.pid) + " uid " + std::to_string(peer_.uid);
+}
+
+void ControlServer::Connection::close(const std::string &why)
+{
+	if (dead_)
+		return;
+	if (!why.empty())
+		log::info("control: " + who() + ": " + why + ", closing connection");
+	dead_ = true;
+	io_.reset();
+	idle_.reset();
+	server_.supervisor_.detach_events(this);
+	server_.schedule_sweep();
+}
+
+int ControlServer::Connection::idle_handler(sd_event_source *, std::uint64_t, void *userdata)
+{
+	auto *c = static_cast<Connection *>(userdata);
+	if (c->token_.empty())
+		c->close("no Hello within " + std::to_string(limits::kUnauthenticatedIdle.count()) + "s");
+	return 0;
+}
+
+int ControlServer::Connection::io_handler(sd_event_source *, int, std::uint32_t revents, void *userdata)
+{
+	static_cast<Connection *>(userdata)->on_io(revents);
+	return 0;
+}
+
+void ControlServer::Connection::on_io(std::uint32_t revents)
+{
+	if (revents & EPOLLOUT) {
+		int r = stream_.flush();
+		if (r < 0 && r != -EAGAIN)
+			return close(""); // the peer went away; nothing to tell it
+	}
+	if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+		int r = stream_.receive();
+		if (r == 0)
+			return close("");
+		if (r < 0 && r != -EAGAIN) {
+			if (r == -ECONNRESET)
+				return close("");
+			return close("receive: " + errno_text(-r));
+		}
+		for (int i = 0; i < kMessagesPerWakeup && !dead_; i++) {
+			vl::Message m;
+			r = stream_.next(m);
+			if (r == 0)
+				break;
+			if (r < 0)
+				return close("protocol error: " + errno_text(-r));
+			handle(m);
+		}
+	}
+	if (!dead_)
+		update_events();
+}
+
+void ControlServer::Connection::update_events()
+{
+	if (io_)
+		sd_event_source_set_io_events(io_.get(), static_cast<std::uint32_t>(EPOLLIN) | (stream_.want_write() ? static_cast<std::uint32_t>(EPOLLOUT) : 0u));
+}
+
+void ControlServer::Connection::reply(json parameters, bool continues)
+{
+	if (oneway_ || dead_)
+		return;
+	int r = stream_.enqueue(vl::make_reply(std::move(parameters), continues));
+	if (r == 0)
+		r = stream_.flush();
+	if (r < 0 && r != -EAGAIN)
+		close(r == -ENOBUFS ? "too slow reading replies" : "send: " + errno_text(-r));
+}
+
+void ControlServer::Connection::error(std::string_view name, json parameters)
+{
+	if (oneway_ || dead_)
+		return;
+	int r = stream_.enqueue(vl::make_error(name, std::move(parameters)));
+	if (r == 0)
+		r = stream_.flush();
+	if (r < 0 && r != -EAGAIN)
+		close(r == -ENOBUFS ? "too slow reading replies" : "send: " + errno_text(-r));
+}
+
+bool ControlServer::Connection::send_event(const json &parameters)
+{
+	if (dead_)
+		return false;
+	int r = stream_.enqueue(vl::make_reply(parameters, true));
+	if (r == 0)
+		r = stream_.flush();
+	if (r < 0 && r != -EAGAIN) {
+		close("cannot send event: " + errno_text(-r));
+		return false;
+	}
+	update_events();
+	return true;
+}
+
+void ControlServer::Connection::handle(vl::Message &m)
+{
+	const json &body = m.body;
+	auto method_it = body.find("method");
+	if (method_it == body.end() || !method_it->is_string())
+		return close("message without a method");
+	std::string method = method_it->get<std::string>();
+	auto flag = [&](const char *key) {
+		auto it = body.find(key);
+		return it != body.end() && it->is_boolean() && it->get<bool>();
+	};
+	oneway_ = flag("oneway");
+	more_ = flag("more");
+	json params = json::object();
+	if (auto p = body.find("parameters"); p != body.end()) {
+		if (!p->is_object())
+			return error(vl::kInvalidParameter, {{"parameter", "parameters"}});
+		params = *p;
+	}
+	if (!m.fds.empty()) {
+		// No method of this interface version takes fds; they close with the message.
+		return error(vl::kInvalidParameter, {{"parameter", "fd"}});
+	}
+
+	std::size_t dot = method.rfind('.');
+	std::string iface = dot == std::string::npos ? std::string{} : method.substr(0, dot);
+	std::string name = dot == std::string::npos ? method : method.substr(dot + 1);
+
+	try {
+		if (iface == "org.varlink.service") {
+			if (name == "GetInfo")
+				return get_info();
+			if (name == "GetInterfaceDescription")
+				return get_interface_description(params);
+		} else if (iface == "io.brokerd.Control") {
+			if (name == "Status" || name == "Sockets") {
+				if (!reader_) {
+					log::warning("control: " + method + " from " + who() + " denied");
+					return error(vl::kPermissionDenied);
+				}
+				return control_status(params, name == "Sockets");
+			}
+		} else if (iface == "io.brokerd.Worker") {
+			if (name == "Hello")
+				return worker_hello(params);
+			if (name == "Ready")
+				return worker_ready();
+			if (name == "Status")
+				return worker_status(params);
+			if (name == "Events")
+				return worker_events();
+		} else {
+			return error(vl::kInterfaceNotFound, {{"interface", iface}});
+		}
+		return error(vl::kMethodNotFound, {{"method", method}});
+	} catch (const json::exception &) {
+		// A parameter of the wrong type surfaced while reading it.
+		return error(vl::kInvalidParameter, {{"parameter", "parameters"}});
+	}
+}
+
+void ControlServer::Connection::get_info()
+{
+	json ifaces = json::array();
+	for (const auto &t : interface_texts())
+		ifaces.push_back(t.name);
+	reply({{"vendor", "brokerd"},
+	       {"product", "brokerd"},
+	       {"version", BROKER_VERSION},
+	       {"url", "https://github.com/brokerd/brokerd"},
+	       {"interfaces", ifaces}});
+}
+
+void ControlServer::Connection::get_interface_description(const json &params)
+{
+	auto it = params.find("interface");
+	if (it == params.end() || !it->is_string())
+		return error(vl::kInvalidParameter, {{"parameter", "interface"}});
+	for (const auto &t : interface_texts())
+		if (t.name == it->get<std::string>())
+			return reply({{"description", t.description}});
+	error(vl::kInterfaceNotFound, {{"interface", *it}});
+}
+
+void ControlServer::Connection::control_status(const json &params, bool only_sockets)
+{
+	std::string service;
+	bool narrowed = false;
+	for (auto it = params.begin(); it != params.end(); ++it) {
+		if (!only_sockets && it.key() == "service" && it->is_string()) {
+			service = it->get<std::string>();
+			narrowed = true;
+		} else if (!(it.key() == "service" && it->is_null())) {
+			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
+		}
+	}
+	json sockets = json::array();
+	for (const auto &l : server_.supervisor_.listeners())
+		sockets.push_back({{"name", l.name}, {"address", l.address}, {"kind", l.kind}, {"origin", l.origin}});
+	if (only_sockets)
+		return reply({{"sockets", std::move(sockets)}});
+
+	json services = server_.supervisor_.services_json(narrowed ? &service : nullptr);
+	if (services.is_null())
+		return error("io.brokerd.Control.NoSuchService", {{"service", service}});
+	reply({{"version", BROKER_VERSION},
+	       {"pid", ::getpid()},
+	       {"uptime_usec", now_usec(CLOCK_MONOTONIC) - server_.start_usec_},
+	       {"sockets", std::move(sockets)},
+	       {"services", std::move(services)}});
+}
+
+Instance *ControlServer::Connection::worker()
+{
+	if (token_.empty()) {
+		error("io.brokerd.Worker.NotAuthenticated");
+		return nullptr;
+	}
+	Instance *inst = server_.supervisor_.find_by_token(token_);
+	if (!inst)
+		error("io.brokerd.Worker.InvalidToken");
+	return inst;
+}
+
+void ControlServer::Connection::worker_hello(const json &params)
+{
+	std::string token;
+	bool want_fds = false;
+	for (auto it = params.begin(); it != params.end(); ++it) {
+		const std::string &k = it.key();
+		if (k == "token" && it->is_string())
+			token = it->get<std::string>();
+		else if (k == "want_fds" && it->is_boolean())
+			want_fds = it->get<bool>();
+		else if ((k == "service" || k == "version") && (it->is_string() || it->is_null()))
+			continue;
+		else
+			return error(vl::kInvalidParameter, {{"parameter", k}});
+	}
+	if (token.empty()) {
+		// Registration of workers started elsewhere (external services) needs a register rule.
+		log::warning("control: Hello without a token from " + who() + " denied");
+		return error(vl::kInvalidParameter, {{"parameter", "token"}});
+	}
+	Instance *inst = server_.supervisor_.find_by_token(token);
+	if (!inst) {
+		log::warning("control: Hello with an unknown token from " + who() + " denied");
+		return error("io.brokerd.Worker.InvalidToken");
+	}
+	token_ = token;
+	idle_.reset();
+
+	json sockets = json::array();
+	std::vector<UniqueFd> fds;
+	for (const Listener *l : inst->service->sockets) {
+		json s = {{"name", l->name}, {"address", l->address}, {"kind", l->kind}};
+		if (want_fds) {
+			UniqueFd dup(::fcntl(l->fd.get(), F_DUPFD_CLOEXEC, 3));
+			if (!dup) {
+				log::error("instance " + inst->id + ": cannot duplicate socket " + l->name + ": " + errno_text(errno));
+				return error(vl::kInvalidParameter, {{"parameter", "want_fds"}});
+			}
+			s["fd"] = fds.size();
+			fds.push_back(std::move(dup));
+		}
+		sockets.push_back(std::move(s));
+	}
+	json params_out = {{"service", inst->service->name},
+	                   {"instance", inst->id},
+	                   {"generation", inst->generation->number},
+	                   {"sockets", std::move(sockets)}};
+	if (oneway_)
+		return;
+	int r = stream_.enqueue(vl::make_reply(std::move(params_out)), std::move(fds));
+	if (r == 0)
+		r = stream_.flush();
+	if (r < 0 && r != -EAGAIN)
+		close("send: " + errno_text(-r));
+}
+
+void ControlServer::Connection::worker_ready()
+{
+	if (Instance *inst = worker()) {
+		server_.supervisor_.instance_ready(*inst, "Ready");
+		reply(json::object());
+	}
+}
+
+void ControlServer::Connection::worker_status(const json &params)
+{
+	auto it = params.find("text");
+	if (it == params.end() || !it->is_string())
+		return error(vl::kInvalidParameter, {{"parameter", "text"}});
+	if (Instance *inst = worker()) {
+		server_.supervisor_.instance_status(*inst, it->get<std::string>());
+		reply(json::object());
+	}
+}
+
+void ControlServer::Connection::worker_events()
+{
+	if (!more_)
+		return error(vl::kExpectedMore);
+	if (Instance *inst = worker())
+		server_.supervisor_.attach_events(*inst, this);
+}
+
+ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor,
+                             std::uint64_t start_usec)
+	: event_(event), cfg_(cfg), rules_(AccessRules::resolve(cfg)), supervisor_(supervisor), start_usec_(start_usec)
+{
+	const std::string &path = cfg_.path;
+	sockaddr_un sa{};
+	sa.sun_family = AF_UNIX;
+	if (path.empty() || path.size() >= sizeof(sa.sun_path))
+		throw std::runtime_error("control socket: invalid path \"" + path + "\"");
+	std::memcpy(sa.sun_path, path.data(), path.size());
+	socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size());
+	bool abstract = path[0] == '@';
+	if (abstract) {
+		sa.sun_path[0] = '\0';
+	} else {
+		len += 1;
+		make_parent_directory(path);
+		struct stat st{};
+		if (::lstat(path.c_str(), &st) == 0) {
+			if (!S_ISSOCK(st.st_mode))
+				throw std::runtime_error("control socket: " + path + " exists and is not a socket, refusing to replace it");
+			::unlink(path.c_str());
+		}
+	}
+
+	fd_.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+	if (!fd_)
+		throw std::runtime_error("control socket: " + errno_text(errno));
+	if (::bind(fd_.get(), reinterpret_cast<sockaddr *>(&sa), len) < 0)
+		throw std::runtime_error("control socket: bind " + path + ": " + errno_text(errno));
+	if (!abstract) {
+		unlink_path_ = path;
+		if (::chmod(path.c_str(), cfg_.mode) < 0)
+			throw std::runtime_error("control socket: chmod " + path + ": " + errno_text(errno));
+	}
+	if (::listen(fd_.get(), 128) < 0)
+		throw std::runtime_error("control socket: listen: " + errno_text(errno));
+
+	sd_event_source *s = nullptr;
+	int r = sd_event_add_io(event_, &s, fd_.get(), EPOLLIN, accept_handler, this);
+	if (r < 0)
+		throw std::runtime_error("control socket: " + errno_text(-r));
+	source_.reset(s);
+}
+
+ControlServer::~ControlServer()
+{
+	connections_.clear();
+	remove_socket_file();
+}
+
+void ControlServer::remove_socket_file()
+{
+	if (unlink_path_.empty())
+		return;
+	struct stat st{};
+	if (::lstat(unlink_path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode))
+		::unlink(unlink_path_.c_str());
+	unlink_path_.clear();
+}
+
+int ControlServer::accept_handler(sd_event_source *, int, std::uint32_t, void *userdata)
+{
+	static_cast<ControlServer *>(userdata)->accept_some();
+	return 0;
+}
+
+void ControlServer::accept_some()
+{
+	for (int i = 0; i < kAcceptPerWakeup; i++) {
+		UniqueFd fd(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+		if (!fd) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			if (errno != EAGAIN)
+				log::warning("control: accept: " + errno_text(errno) + ", ignoring");
+			return;
+		}
+		if (connections_.size() >= cfg_.max_connections) {
+			log::warning("control: " + std::to_string(connections_.size()) +
+			             " connections (control.max_connections), refusing another");
+			continue;
+		}
+		auto conn = std::make_unique<Connection>(*this, std::move(fd));
+		if (conn->start())
+			connections_.push_back(std::move(conn));
+	}
+}
+
+void ControlServer::schedule_sweep()
+{
+	if (sweep_)
+		return;
+	sd_event_source *s = nullptr;
+	if (sd_event_add_defer(event_, &s, sweep_handler, this) >= 0) {
+		sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+		sweep_.reset(s);
+	}
+}
+
+int ControlServer::sweep_handler(sd_event_source *, void *userdata)
+{
+	auto *server = static_cast<ControlServer *>(userdata);
+	server->connections_.remove_if([](const auto &c) { return c->dead(); });
+	server->sweep_.reset();
+	return 0;
+}
+
+} // namespace broker

@@ -1,1 +1,80 @@
-// stub
+// Logging for brokerd: stderr lines with "<N>" level prefixes when journald reads them.
+#include "log.hpp"
+
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace broker::log {
+
+namespace {
+
+// True when stderr is the journal stream systemd connected us to (JOURNAL_STREAM=dev:ino).
+bool stderr_is_journal()
+{
+	static const bool journal = [] {
+		const char *e = std::getenv("JOURNAL_STREAM");
+		if (!e)
+			return false;
+		unsigned long long dev = 0, ino = 0;
+		if (std::sscanf(e, "%llu:%llu", &dev, &ino) != 2)
+			return false;
+		struct stat st{};
+		if (fstat(STDERR_FILENO, &st) < 0)
+			return false;
+		return st.st_dev == dev && st.st_ino == ino;
+	}();
+	return journal;
+}
+
+void write_all(int fd, iovec *iov, int n)
+{
+	while (n > 0) {
+		ssize_t w = ::writev(fd, iov, n);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return; // nowhere left to report a failing log
+		}
+		while (n > 0 && static_cast<size_t>(w) >= iov->iov_len) {
+			w -= static_cast<ssize_t>(iov->iov_len);
+			iov++;
+			n--;
+		}
+		if (n > 0) {
+			iov->iov_base = static_cast<char *>(iov->iov_base) + w;
+			iov->iov_len -= static_cast<size_t>(w);
+		}
+	}
+}
+
+} // namespace
+
+void write(Level level, std::string_view message)
+{
+	std::string prefix = stderr_is_journal() ? "<" + std::to_string(static_cast<int>(level)) + ">" : "brokerd: ";
+	iovec iov[3] = {
+		{prefix.data(), prefix.size()},
+		{const_cast<char *>(message.data()), message.size()},
+		{const_cast<char *>("\n"), 1},
+	};
+	write_all(STDERR_FILENO, iov, 3);
+}
+
+void worker_line(int target_fd, std::string_view prefix, std::string_view line)
+{
+	iovec iov[4] = {
+		{const_cast<char *>(prefix.data()), prefix.size()},
+		{const_cast<char *>(": "), 2},
+		{const_cast<char *>(line.data()), line.size()},
+		{const_cast<char *>("\n"), 1},
+	};
+	write_all(target_fd, iov, 4);
+}
+
+} // namespace broker::log

@@ -1,1 +1,184 @@
-int main() { return 0; }
+// brokerd: owns the listening sockets and the workers of every service, and serves the control socket.
+#include "broker_config.h"
+#include "config.hpp"
+#include "control_server.hpp"
+#include "event.hpp"
+#include "listener.hpp"
+#include "log.hpp"
+#include "notify.hpp"
+#include "supervisor.hpp"
+
+#include <CLI/CLI.hpp>
+#include <systemd/sd-daemon.h>
+
+#include <signal.h>
+
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <memory>
+#include <optional>
+
+namespace broker {
+namespace {
+
+struct EventUnref {
+	void operator()(sd_event *e) const { sd_event_unref(e); }
+};
+
+class Daemon {
+public:
+	explicit Daemon(config::Config cfg) : cfg_(std::move(cfg)) {}
+	int run();
+
+private:
+	static int on_signal(sd_event_source *s, const signalfd_siginfo *si, void *userdata);
+	void on_change();
+
+	config::Config cfg_;
+	std::unique_ptr<sd_event, EventUnref> event_;
+	std::vector<Listener> listeners_;
+	std::unique_ptr<Supervisor> supervisor_;
+	std::unique_ptr<NotifySocket> notify_;
+	std::unique_ptr<ControlServer> control_;
+	EventSource sigterm_, sigint_;
+	bool announced_ready_ = false;
+	std::string last_status_;
+};
+
+int Daemon::run()
+{
+	const std::uint64_t start = now_usec(CLOCK_MONOTONIC);
+
+	// systemd's fds first, before anything else could take their numbers' meaning.
+	InheritedFds inherited = InheritedFds::from_environment();
+	for (const auto &s : cfg_.sockets)
+		listeners_.push_back(open_listener(s, inherited));
+	for (auto &[name, fd] : inherited.by_name)
+		log::warning("systemd passed socket \"" + name + "\", which no config entry names; closing it");
+	inherited.by_name.clear();
+	for (const auto &l : listeners_)
+		log::info("socket " + l.name + ": " + (l.origin == "systemd" ? "adopted " : "listening on ") + l.address);
+
+	sd_event *e = nullptr;
+	int r = sd_event_new(&e);
+	if (r < 0)
+		throw std::runtime_error(std::string("sd_event_new: ") + std::strerror(-r));
+	event_.reset(e);
+
+	sd_event_source *s = nullptr;
+	if ((r = sd_event_add_signal(e, &s, SIGTERM, on_signal, this)) < 0)
+		throw std::runtime_error(std::string("signal: ") + std::strerror(-r));
+	sigterm_.reset(s);
+	if ((r = sd_event_add_signal(e, &s, SIGINT, on_signal, this)) < 0)
+		throw std::runtime_error(std::string("signal: ") + std::strerror(-r));
+	sigint_.reset(s);
+
+	supervisor_ = std::make_unique<Supervisor>(e, listeners_, cfg_.control.path);
+	notify_ = std::make_unique<NotifySocket>(e, *supervisor_);
+	supervisor_->set_notify_address(notify_->address());
+	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, start);
+	log::info("control socket: " + cfg_.control.path);
+
+	supervisor_->on_change = [this] { on_change(); };
+	for (const auto &svc : cfg_.services)
+		supervisor_->add_service(svc);
+	on_change();
+
+	r = sd_event_loop(e);
+	if (r < 0)
+		throw std::runtime_error(std::string("event loop: ") + std::strerror(-r));
+
+	control_.reset();
+	for (const auto &l : listeners_)
+		remove_socket_file(l);
+	log::notice("stopped");
+	return r;
+}
+
+int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userdata)
+{
+	auto *d = static_cast<Daemon *>(userdata);
+	if (d->supervisor_->shutting_down()) {
+		log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)) +
+		            " again, still draining");
+		return 0;
+	}
+	log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)));
+	sd_notify(0, "STOPPING=1");
+	d->supervisor_->shutdown();
+	return 0;
+}
+
+void Daemon::on_change()
+{
+	if (supervisor_->shutting_down()) {
+		if (supervisor_->stopped())
+			sd_event_exit(event_.get(), 0);
+		return;
+	}
+	std::string status = supervisor_->summary();
+	if (!announced_ready_ && supervisor_->settled()) {
+		announced_ready_ = true;
+		log::notice("ready: " + status);
+		sd_notify(0, ("READY=1\nSTATUS=" + status).c_str());
+		last_status_ = status;
+	} else if (announced_ready_ && status != last_status_) {
+		sd_notify(0, ("STATUS=" + status).c_str());
+		last_status_ = status;
+	}
+}
+
+} // namespace
+} // namespace broker
+
+int main(int argc, char **argv)
+{
+	CLI::App app{"brokerd: owns listening sockets and hands them to each new version of a service, "
+	             "so upgrades drop no connection"};
+	std::string config_path = BROKER_DEFAULT_CONFIG;
+	std::optional<std::string> check_path;
+	bool version = false;
+	app.add_option("-c,--config", config_path, "Configuration file")->capture_default_str();
+	app.add_option("--check-config", check_path, "Validate FILE and exit (0 when valid)")->type_name("FILE");
+	app.add_flag("--version", version, "Print the version and exit");
+	try {
+		app.parse(argc, argv);
+	} catch (const CLI::ParseError &e) {
+		int r = app.exit(e);
+		return r == 0 ? 0 : 2;
+	}
+	if (version) {
+		std::cout << "brokerd " << BROKER_VERSION << "\n";
+		return 0;
+	}
+
+	if (check_path) {
+		try {
+			broker::config::load(*check_path);
+			broker::AccessRules::resolve(broker::config::load(*check_path).control);
+		} catch (const std::exception &e) {
+			std::cerr << "brokerd: " << e.what() << "\n";
+			return 1;
+		}
+		std::cout << *check_path << ": configuration is valid\n";
+		return 0;
+	}
+
+	// sd-event takes these through signalfd and pidfds; a worker never inherits the mask.
+	sigset_t mask;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	sigaddset(&mask, SIGTERM);
+	sigaddset(&mask, SIGINT);
+	sigprocmask(SIG_BLOCK, &mask, nullptr);
+	signal(SIGPIPE, SIG_IGN);
+
+	try {
+		broker::Daemon daemon(broker::config::load(config_path));
+		return daemon.run();
+	} catch (const std::exception &e) {
+		broker::log::error(e.what());
+		return 1;
+	}
+}

@@ -1,1 +1,823 @@
-// stub
+// Supervisor: spawns instances with exactly their fds, tracks them with pidfds, drains them.
+#include "supervisor.hpp"
+
+#include "broker/internal/limits.hpp"
+#include "log.hpp"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
+#include <signal.h>
+#include <sys/random.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+extern char **environ;
+
+namespace broker {
+
+using json = nlohmann::json;
+
+namespace {
+
+constexpr std::uint64_t kUsecPerMsec = 1000;
+constexpr std::uint64_t kRestartBackoffMin = 100 * kUsecPerMsec;
+constexpr std::uint64_t kRestartBackoffMax = 30'000 * kUsecPerMsec;
+constexpr std::uint64_t kCrashLoopWindow = 60'000'000; // usec
+constexpr std::size_t kCrashLoopBurst = 5;             // failures within the window
+constexpr std::uint64_t kStableRun = 10'000'000;       // ready this long resets the backoff
+
+std::string errno_text(int e)
+{
+	return std::strerror(e);
+}
+
+int pidfd_open(pid_t pid)
+{
+	return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+}
+
+int pidfd_send_signal(int pidfd, int sig)
+{
+	return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
+}
+
+std::string random_token()
+{
+	unsigned char bytes[limits::kTokenBytes];
+	std::size_t got = 0;
+	while (got < sizeof(bytes)) {
+		ssize_t n = ::getrandom(bytes + got, sizeof(bytes) - got, 0);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			throw std::runtime_error("getrandom: " + errno_text(errno));
+		got += static_cast<std::size_t>(n);
+	}
+	static const char hex[] = "0123456789abcdef";
+	std::string t;
+	for (unsigned char b : bytes) {
+		t.push_back(hex[b >> 4]);
+		t.push_back(hex[b & 15]);
+	}
+	return t;
+}
+
+// execvp's search, done in the parent so a missing program is reported clearly.
+std::string resolve_program(const std::string &name)
+{
+	if (name.find('/') != std::string::npos) {
+		if (name[0] == '/')
+			return name;
+		char cwd[4096];
+		if (!::getcwd(cwd, sizeof(cwd)))
+			return name;
+		return std::string(cwd) + "/" + name;
+	}
+	const char *path = std::getenv("PATH");
+	std::string_view dirs = path ? path : "/usr/local/bin:/usr/bin:/bin";
+	while (!dirs.empty()) {
+		std::size_t colon = dirs.find(':');
+		std::string_view dir = dirs.substr(0, colon);
+		dirs = colon == std::string_view::npos ? std::string_view{} : dirs.substr(colon + 1);
+		if (dir.empty())
+			continue;
+		std::string candidate = std::string(dir) + "/" + name;
+		if (::access(candidate.c_str(), X_OK) == 0)
+			return candidate;
+	}
+	return {};
+}
+
+bool inherited_variable(std::string_view entry)
+{
+	static constexpr std::string_view dropped[] = {
+		"LISTEN_FDS=", "LISTEN_PID=", "LISTEN_FDNAMES=", "NOTIFY_SOCKET=", "WATCHDOG_USEC=",
+		"WATCHDOG_PID=", "JOURNAL_STREAM=", "BROKER_",
+	};
+	for (auto d : dropped)
+		if (entry.substr(0, d.size()) == d)
+			return false;
+	return true;
+}
+
+std::string describe_exit(const siginfo_t &si)
+{
+	if (si.si_code == CLD_EXITED)
+		return "exited with status " + std::to_string(si.si_status);
+	const char *name = sigabbrev_np(si.si_status);
+	return std::string("killed by SIG") + (name ? name : std::to_string(si.si_status).c_str());
+}
+
+struct Credentials {
+	bool change = false;
+	uid_t uid = 0;
+	gid_t gid = 0;
+	std::vector<gid_t> groups;
+	std::string home;
+};
+
+Credentials lookup_credentials(const config::ServiceConfig &cfg)
+{
+	Credentials c;
+	if (cfg.user.empty() && cfg.group.empty())
+		return c;
+	c.change = true;
+	c.uid = ::getuid();
+	c.gid = ::getgid();
+	if (!cfg.user.empty()) {
+		passwd *pw = ::getpwnam(cfg.user.c_str());
+		if (!pw)
+			throw std::runtime_error("no such user \"" + cfg.user + "\"");
+		c.uid = pw->pw_uid;
+		c.gid = pw->pw_gid;
+		c.home = pw->pw_dir;
+		int n = 64;
+		c.groups.resize(static_cast<std::size_t>(n));
+		if (::getgrouplist(cfg.user.c_str(), c.gid, c.groups.data(), &n) < 0) {
+			c.groups.resize(static_cast<std::size_t>(n));
+			::getgrouplist(cfg.user.c_str(), c.gid, c.groups.data(), &n);
+		}
+		c.groups.resize(static_cast<std::size_t>(n));
+	}
+	if (!cfg.group.empty()) {
+		group *gr = ::getgrnam(cfg.group.c_str());
+		if (!gr)
+			throw std::runtime_error("no such group \"" + cfg.group + "\"");
+		c.gid = gr->gr_gid;
+		if (cfg.user.empty())
+			c.groups = {c.gid};
+		else
+			c.groups.push_back(c.gid);
+	}
+	return c;
+}
+
+// In the child, between fork and exec: only async-signal-safe calls. Reports errno on the
+// status pipe, whose write end sits at fd `status_fd` and closes itself at exec.
+[[noreturn]] void child_fail(int status_fd, int err)
+{
+	ssize_t r = ::write(status_fd, &err, sizeof(err));
+	(void)r;
+	::_exit(127);
+}
+
+} // namespace
+
+const char *state_name(InstanceState s)
+{
+	switch (s) {
+	case InstanceState::Starting:
+		return "starting";
+	case InstanceState::Ready:
+		return "ready";
+	case InstanceState::Draining:
+		return "draining";
+	case InstanceState::Exited:
+		return "exited";
+	case InstanceState::Failed:
+		return "failed";
+	}
+	return "unknown";
+}
+
+Supervisor::Supervisor(sd_event *event, const std::vector<Listener> &listeners, std::string control_path)
+	: event_(event), listeners_(listeners), control_path_(std::move(control_path))
+{
+}
+
+Supervisor::~Supervisor() = default;
+
+const Listener *Supervisor::find_listener(std::string_view name) const
+{
+	for (const auto &l : listeners_)
+		if (l.name == name)
+			return &l;
+	return nullptr;
+}
+
+void Supervisor::add_service(const config::ServiceConfig &cfg)
+{
+	auto svc = std::make_unique<Service>();
+	svc->name = cfg.name;
+	svc->cfg = cfg;
+	for (const auto &name : cfg.sockets) {
+		const Listener *l = find_listener(name);
+		if (!l)
+			throw std::runtime_error("service " + cfg.name + ": no socket named \"" + name + "\"");
+		svc->sockets.push_back(l);
+	}
+	Service &ref = *svc;
+	services_.push_back(std::move(svc));
+	if (!cfg.exec.empty())
+		start_generation(ref, cfg);
+}
+
+void Supervisor::start_generation(Service &svc, const config::ServiceConfig &cfg)
+{
+	auto gen = std::make_unique<Generation>();
+	gen->service = &svc;
+	gen->number = svc.next_generation++;
+	gen->cfg = cfg;
+	for (unsigned i = 0; i < cfg.instances; i++) {
+		auto inst = std::make_unique<Instance>();
+		inst->supervisor = this;
+		inst->service = &svc;
+		inst->generation = gen.get();
+		inst->index = i;
+		inst->id = svc.name + "/" + std::to_string(gen->number) + "/" + std::to_string(i);
+		gen->instances.push_back(std::move(inst));
+	}
+	Generation &ref = *gen;
+	svc.generations.push_back(std::move(gen));
+	log::info("service " + svc.name + " gen " + std::to_string(ref.number) + ": starting " +
+	          std::to_string(cfg.instances) + " instance(s)");
+	for (auto &inst : ref.instances)
+		spawn(*inst);
+}
+
+void Supervisor::set_state(Instance &inst, InstanceState s)
+{
+	inst.state = s;
+	inst.since = now_usec(CLOCK_REALTIME);
+}
+
+void Supervisor::arm_timer(Instance &inst, std::uint64_t usec_from_now,
+                           int (*cb)(sd_event_source *, std::uint64_t, void *))
+{
+	sd_event_source *s = nullptr;
+	std::uint64_t when = now_usec(CLOCK_MONOTONIC) + usec_from_now;
+	int r = sd_event_add_time(event_, &s, CLOCK_MONOTONIC, when, 1000, cb, &inst);
+	if (r < 0) {
+		log::error("instance " + inst.id + ": cannot add timer: " + errno_text(-r));
+		inst.timer.reset();
+		return;
+	}
+	inst.timer.reset(s);
+}
+
+void Supervisor::spawn(Instance &inst)
+{
+	const config::ServiceConfig &cfg = inst.generation->cfg;
+	Service &svc = *inst.service;
+	set_state(inst, InstanceState::Starting);
+	inst.status_text.clear();
+	inst.exit_reason.clear();
+	inst.exec_done = false;
+	inst.token = random_token();
+	inst.timer.reset();
+
+	auto fail = [&](const std::string &why) {
+		log::error("instance " + inst.id + ": cannot start: " + why);
+		inst.exit_reason = why;
+		inst.token.clear();
+		set_state(inst, InstanceState::Failed);
+		changed();
+	};
+
+	std::string program = resolve_program(cfg.exec[0]);
+	if (program.empty())
+		return fail("program \"" + cfg.exec[0] + "\" not found in PATH");
+
+	Credentials creds;
+	try {
+		creds = lookup_credentials(cfg);
+	} catch (const std::exception &e) {
+		return fail(e.what());
+	}
+
+	// Everything the child needs is built here, before fork.
+	std::vector<std::string> env_strings;
+	for (char **e = environ; *e; e++)
+		if (inherited_variable(*e))
+			env_strings.emplace_back(*e);
+	std::string fdnames;
+	for (const Listener *l : svc.sockets)
+		fdnames += (fdnames.empty() ? "" : ":") + l->name;
+	std::size_t nsockets = svc.sockets.size();
+	if (nsockets > 0) {
+		env_strings.push_back("LISTEN_FDS=" + std::to_string(nsockets));
+		env_strings.push_back("LISTEN_FDNAMES=" + fdnames);
+	}
+	env_strings.push_back("NOTIFY_SOCKET=" + notify_address_);
+	env_strings.push_back("BROKER_SOCKET=" + control_path_);
+	env_strings.push_back("BROKER_TOKEN=" + inst.token);
+	env_strings.push_back("BROKER_SERVICE=" + svc.name);
+	env_strings.push_back("BROKER_INSTANCE=" + inst.id);
+	env_strings.push_back("BROKER_GENERATION=" + std::to_string(inst.generation->number));
+	if (!cfg.version.empty())
+		env_strings.push_back("BROKER_VERSION=" + cfg.version);
+	if (creds.change && !cfg.user.empty()) {
+		std::erase_if(env_strings, [](const std::string &s) {
+			return s.starts_with("HOME=") || s.starts_with("USER=") || s.starts_with("LOGNAME=");
+		});
+		env_strings.push_back("HOME=" + creds.home);
+		env_strings.push_back("USER=" + cfg.user);
+		env_strings.push_back("LOGNAME=" + cfg.user);
+	}
+	for (const auto &[k, v] : cfg.env) {
+		std::erase_if(env_strings, [&](const std::string &s) { return s.starts_with(k + "="); });
+		env_strings.push_back(k + "=" + v);
+	}
+	char listen_pid[32] = "LISTEN_PID=";
+	std::vector<char *> envp;
+	for (auto &s : env_strings)
+		envp.push_back(s.data());
+	if (nsockets > 0)
+		envp.push_back(listen_pid);
+	envp.push_back(nullptr);
+	std::vector<std::string> args = cfg.exec;
+	std::vector<char *> argv;
+	for (auto &a : args)
+		argv.push_back(a.data());
+	argv.push_back(nullptr);
+	std::string cwd = cfg.cwd.empty() ? "/" : cfg.cwd;
+
+	int out_pipe[2], err_pipe[2], status_pipe[2];
+	if (::pipe2(out_pipe, O_CLOEXEC) < 0)
+		return fail("pipe: " + errno_text(errno));
+	UniqueFd out_r(out_pipe[0]), out_w(out_pipe[1]);
+	if (::pipe2(err_pipe, O_CLOEXEC) < 0)
+		return fail("pipe: " + errno_text(errno));
+	UniqueFd err_r(err_pipe[0]), err_w(err_pipe[1]);
+	if (::pipe2(status_pipe, O_CLOEXEC) < 0)
+		return fail("pipe: " + errno_text(errno));
+	UniqueFd status_r(status_pipe[0]), status_w(status_pipe[1]);
+	UniqueFd devnull(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+	if (!devnull)
+		return fail("open /dev/null: " + errno_text(errno));
+
+	// Sources to move into place: 0, 1, 2, then the sockets at 3.., then the status pipe.
+	std::vector<int> sources = {devnull.get(), out_w.get(), err_w.get()};
+	for (const Listener *l : svc.sockets)
+		sources.push_back(l->fd.get());
+	sources.push_back(status_w.get());
+	const int status_fd = static_cast<int>(sources.size()) - 1;
+
+	pid_t pid = ::fork();
+	if (pid < 0)
+		return fail("fork: " + errno_text(errno));
+	if (pid == 0) {
+		sigset_t all;
+		sigemptyset(&all);
+		sigprocmask(SIG_SETMASK, &all, nullptr);
+		for (int sig = 1; sig < NSIG; sig++)
+			::signal(sig, SIG_DFL);
+		if (::setsid() < 0)
+			child_fail(status_w.get(), errno);
+
+		// Lift every source above the target range first, so no dup2 overwrites one.
+		const int top = static_cast<int>(sources.size());
+		std::vector<int> lifted(sources.size());
+		for (std::size_t i = 0; i < sources.size(); i++) {
+			lifted[i] = ::fcntl(sources[i], F_DUPFD_CLOEXEC, top);
+			if (lifted[i] < 0)
+				child_fail(status_w.get(), errno);
+		}
+		int status_lifted = lifted[static_cast<std::size_t>(status_fd)];
+		for (int i = 0; i < top; i++) {
+			int flags = i == status_fd ? O_CLOEXEC : 0;
+			if (::dup3(lifted[static_cast<std::size_t>(i)], i, flags) < 0)
+				child_fail(status_lifted, errno);
+		}
+		// Exactly stdio, the sockets and the status pipe (which closes at exec) remain.
+		::close_range(static_cast<unsigned>(top), ~0u, 0);
+
+		if (creds.change) {
+			if (::setgroups(creds.groups.size(), creds.groups.data()) < 0 || ::setgid(creds.gid) < 0 ||
+			    ::setuid(creds.uid) < 0)
+				child_fail(status_fd, errno);
+		}
+		if (::chdir(cwd.c_str()) < 0)
+			child_fail(status_fd, errno);
+		if (nsockets > 0) {
+			// LISTEN_PID=<our pid>, formatted without allocating.
+			char digits[16];
+			int n = 0;
+			for (pid_t p = ::getpid(); p > 0; p /= 10)
+				digits[n++] = static_cast<char>('0' + p % 10);
+			char *w = listen_pid + std::strlen(listen_pid);
+			while (n > 0)
+				*w++ = digits[--n];
+			*w = '\0';
+		}
+		::execve(program.c_str(), argv.data(), envp.data());
+		child_fail(status_fd, errno);
+	}
+
+	inst.child_source.reset();
+	UniqueFd pidfd(pidfd_open(pid));
+	sd_event_source *s = nullptr;
+	int r = pidfd ? sd_event_add_child_pidfd(event_, &s, pidfd.get(), WEXITED, child_handler, &inst) : -errno;
+	if (r < 0) {
+		// Only fd exhaustion gets here; never lose a child we cannot watch.
+		::kill(pid, SIGKILL);
+		::waitpid(pid, nullptr, 0);
+		return fail("cannot watch child: " + errno_text(-r));
+	}
+	// The source owns the pidfd from here on, so it closes only after sd-event reaped the child.
+	sd_event_source_set_child_pidfd_own(s, 1);
+	(void)pidfd.release();
+	inst.child_source.reset(s);
+	inst.pid = pid;
+
+	inst.exec_status = std::move(status_r);
+	if (sd_event_add_io(event_, &s, inst.exec_status.get(), EPOLLIN, exec_handler, &inst) >= 0)
+		inst.exec_source.reset(s);
+
+	for (auto [pipe, fd, target] : {std::tuple{&inst.out, &out_r, 1}, std::tuple{&inst.err, &err_r, 2}}) {
+		::fcntl(fd->get(), F_SETFL, O_NONBLOCK);
+		pipe->fd = std::move(*fd);
+		pipe->partial.clear();
+		pipe->target = target;
+		if (sd_event_add_io(event_, &s, pipe->fd.get(), EPOLLIN, output_handler, &inst) >= 0)
+			pipe->source.reset(s);
+	}
+
+	log::info("instance " + inst.id + ": started pid " + std::to_string(pid) + " (" + program + ")");
+	if (cfg.ready != config::ReadyMode::Exec)
+		arm_timer(inst, static_cast<std::uint64_t>(cfg.start_timeout.count()) * kUsecPerMsec,
+		          start_timeout_handler);
+	changed();
+}
+
+int Supervisor::exec_handler(sd_event_source *, int, std::uint32_t, void *userdata)
+{
+	auto &inst = *static_cast<Instance *>(userdata);
+	inst.supervisor->on_exec_status(inst);
+	return 0;
+}
+
+void Supervisor::on_exec_status(Instance &inst)
+{
+	if (!inst.exec_status)
+		return;
+	int err = 0;
+	ssize_t n = ::read(inst.exec_status.get(), &err, sizeof(err));
+	if (n < 0 && errno == EAGAIN)
+		return;
+	inst.exec_source.reset();
+	inst.exec_status.reset();
+	inst.exec_done = true;
+	if (n == static_cast<ssize_t>(sizeof(err))) {
+		inst.exit_reason = "exec " + inst.generation->cfg.exec[0] + ": " + errno_text(err);
+		log::error("instance " + inst.id + ": " + inst.exit_reason);
+		return; // the child's exit follows
+	}
+	if (inst.generation->cfg.ready == config::ReadyMode::Exec && inst.state == InstanceState::Starting)
+		instance_ready(inst, "exec");
+}
+
+int Supervisor::output_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata)
+{
+	auto &inst = *static_cast<Instance *>(userdata);
+	OutputPipe &pipe = fd == inst.out.fd.get() ? inst.out : inst.err;
+	(void)s;
+	inst.supervisor->on_output(inst, pipe, (revents & (EPOLLHUP | EPOLLERR)) && !(revents & EPOLLIN));
+	return 0;
+}
+
+void Supervisor::on_output(Instance &inst, OutputPipe &pipe, bool eof)
+{
+	// Bounded: at most a few reads per wakeup, so one chatty worker cannot starve the loop.
+	for (int round = 0; round < 4 && !eof; round++) {
+		char buf[16384];
+		ssize_t n = ::read(pipe.fd.get(), buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			break;
+		if (n <= 0) {
+			eof = true;
+			break;
+		}
+		pipe.partial.append(buf, static_cast<std::size_t>(n));
+		std::size_t start = 0;
+		for (;;) {
+			std::size_t nl = pipe.partial.find('\n', start);
+			bool cut = nl == std::string::npos && pipe.partial.size() - start >= limits::kMaxOutputLine;
+			if (nl == std::string::npos && !cut)
+				break;
+			std::size_t end = cut ? start + limits::kMaxOutputLine : nl;
+			std::string_view line(pipe.partial.data() + start, end - start);
+			log::worker_line(pipe.target, inst.id, line);
+			inst.last_lines.emplace_back(line);
+			if (inst.last_lines.size() > limits::kKeptOutputLines)
+				inst.last_lines.pop_front();
+			start = cut ? end : nl + 1;
+		}
+		pipe.partial.erase(0, start);
+	}
+	if (eof) {
+		if (!pipe.partial.empty())
+			log::worker_line(pipe.target, inst.id, pipe.partial);
+		pipe.partial.clear();
+		pipe.source.reset();
+		pipe.fd.reset();
+	}
+}
+
+int Supervisor::child_handler(sd_event_source *, const siginfo_t *si, void *userdata)
+{
+	auto &inst = *static_cast<Instance *>(userdata);
+	siginfo_t copy = *si;
+	inst.supervisor->on_exit(inst, copy);
+	return 0;
+}
+
+void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
+{
+	// Learn whether exec failed before judging the exit, and flush what the worker printed.
+	on_exec_status(inst);
+	for (OutputPipe *p : {&inst.out, &inst.err})
+		if (p->fd)
+			on_output(inst, *p, false);
+	// Leftover processes of the instance's session go with it: no worker is orphaned.
+	::kill(-inst.pid, SIGKILL);
+
+	inst.timer.reset();
+	inst.events = nullptr;
+	inst.token.clear();
+	pid_t pid = std::exchange(inst.pid, 0);
+
+	std::string how = describe_exit(si);
+	bool clean = si.si_code == CLD_EXITED && si.si_status == 0;
+	bool was_draining = inst.state == InstanceState::Draining;
+	if (inst.exit_reason.empty())
+		inst.exit_reason = how;
+
+	if (was_draining || shutting_down_) {
+		log::info("instance " + inst.id + ": pid " + std::to_string(pid) + " " + how);
+		set_state(inst, InstanceState::Exited);
+		changed();
+		return;
+	}
+
+	log::warning("instance " + inst.id + ": pid " + std::to_string(pid) + " " + how + " unexpectedly");
+	set_state(inst, clean ? InstanceState::Exited : InstanceState::Failed);
+	const auto policy = inst.generation->cfg.restart;
+	bool restart = policy == config::RestartPolicy::Always ||
+	               (policy == config::RestartPolicy::OnFailure && !clean);
+	if (restart)
+		schedule_restart(inst);
+	changed();
+}
+
+void Supervisor::schedule_restart(Instance &inst)
+{
+	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	if (inst.ready_since && now - inst.ready_since >= kStableRun)
+		inst.restarts = 0;
+	inst.ready_since = 0;
+	inst.crash_times.push_back(now);
+	while (!inst.crash_times.empty() && now - inst.crash_times.front() > kCrashLoopWindow)
+		inst.crash_times.pop_front();
+	if (inst.crash_times.size() > kCrashLoopBurst) {
+		log::error("instance " + inst.id + ": crash loop (" + std::to_string(inst.crash_times.size()) +
+		           " failures within 60s), not restarting; last: " + inst.exit_reason);
+		set_state(inst, InstanceState::Failed);
+		return;
+	}
+	std::uint64_t delay = kRestartBackoffMin << std::min(inst.restarts, 16u);
+	delay = std::min(delay, kRestartBackoffMax);
+	inst.restarts++;
+	log::info("instance " + inst.id + ": restarting in " + std::to_string(delay / kUsecPerMsec) + "ms");
+	// The slot counts as starting again, so readiness waits for it.
+	set_state(inst, InstanceState::Starting);
+	arm_timer(inst, delay, restart_handler);
+}
+
+int Supervisor::restart_handler(sd_event_source *, std::uint64_t, void *userdata)
+{
+	auto &inst = *static_cast<Instance *>(userdata);
+	if (!inst.supervisor->shutting_down_)
+		inst.supervisor->spawn(inst);
+	return 0;
+}
+
+int Supervisor::start_timeout_handler(sd_event_source *, std::uint64_t, void *userdata)
+{
+	auto &inst = *static_cast<Instance *>(userdata);
+	if (inst.state != InstanceState::Starting || !inst.pid)
+		return 0;
+	inst.exit_reason = "not ready within the start timeout";
+	log::error("instance " + inst.id + ": " + inst.exit_reason + ", sending SIGKILL");
+	inst.supervisor->signal(inst, SIGKILL);
+	return 0;
+}
+
+int Supervisor::drain_timeout_handler(sd_event_source *, std::uint64_t, void *userdata)
+{
+	auto &inst = *static_cast<Instance *>(userdata);
+	if (!inst.pid)
+		return 0;
+	log::warning("instance " + inst.id + ": drain timeout, sending SIGKILL");
+	inst.supervisor->signal(inst, SIGKILL);
+	::kill(-inst.pid, SIGKILL);
+	return 0;
+}
+
+void Supervisor::signal(Instance &inst, int sig)
+{
+	if (!inst.pid || !inst.child_source)
+		return;
+	int pidfd = sd_event_source_get_child_pidfd(inst.child_source.get());
+	if (pidfd < 0)
+		return;
+	if (pidfd_send_signal(pidfd, sig) < 0 && errno != ESRCH)
+		log::warning("instance " + inst.id + ": cannot send signal: " + errno_text(errno) + ", ignoring");
+}
+
+void Supervisor::drain(Instance &inst)
+{
+	if (!inst.pid) {
+		// Not running (failed, or waiting to restart): nothing to drain.
+		inst.timer.reset();
+		if (inst.state == InstanceState::Starting)
+			set_state(inst, InstanceState::Exited);
+		return;
+	}
+	if (inst.state == InstanceState::Draining)
+		return;
+	const auto &cfg = inst.generation->cfg;
+	set_state(inst, InstanceState::Draining);
+	bool told = inst.events && inst.events->send_event({{"event", "drain"}, {"timeout_ms", cfg.drain_timeout.count()}});
+	if (told) {
+		log::info("instance " + inst.id + ": drain requested");
+	} else {
+		log::info("instance " + inst.id + ": draining with signal " + std::to_string(cfg.drain_signal));
+		signal(inst, cfg.drain_signal);
+	}
+	arm_timer(inst, static_cast<std::uint64_t>(cfg.drain_timeout.count()) * kUsecPerMsec, drain_timeout_handler);
+}
+
+void Supervisor::instance_ready(Instance &inst, std::string_view how)
+{
+	if (inst.state != InstanceState::Starting)
+		return;
+	set_state(inst, InstanceState::Ready);
+	inst.ready_since = now_usec(CLOCK_MONOTONIC);
+	inst.timer.reset();
+	log::info("instance " + inst.id + ": ready (" + std::string(how) + ")");
+	if (shutting_down_)
+		drain(inst);
+	changed();
+}
+
+void Supervisor::instance_status(Instance &inst, std::string text)
+{
+	if (text.size() > limits::kMaxStatusText)
+		text.resize(limits::kMaxStatusText);
+	inst.status_text = std::move(text);
+}
+
+void Supervisor::instance_stopping(Instance &inst)
+{
+	if (inst.state == InstanceState::Ready || inst.state == InstanceState::Starting) {
+		set_state(inst, InstanceState::Draining);
+		arm_timer(inst, static_cast<std::uint64_t>(inst.generation->cfg.drain_timeout.count()) * kUsecPerMsec,
+		          drain_timeout_handler);
+		changed();
+	}
+}
+
+void Supervisor::attach_events(Instance &inst, EventSink *sink)
+{
+	inst.events = sink;
+	// A drain decided before the stream opened must still reach the worker.
+	if (inst.state == InstanceState::Draining)
+		sink->send_event({{"event", "drain"}, {"timeout_ms", inst.generation->cfg.drain_timeout.count()}});
+}
+
+void Supervisor::detach_events(EventSink *sink)
+{
+	for (auto &svc : services_)
+		for (auto &gen : svc->generations)
+			for (auto &inst : gen->instances)
+				if (inst->events == sink)
+					inst->events = nullptr;
+}
+
+Instance *Supervisor::find_by_token(std::string_view token)
+{
+	if (token.empty())
+		return nullptr;
+	for (auto &svc : services_)
+		for (auto &gen : svc->generations)
+			for (auto &inst : gen->instances)
+				if (inst->pid && inst->token == token)
+					return inst.get();
+	return nullptr;
+}
+
+Instance *Supervisor::find_by_pid(pid_t pid)
+{
+	if (pid <= 0)
+		return nullptr;
+	for (auto &svc : services_)
+		for (auto &gen : svc->generations)
+			for (auto &inst : gen->instances)
+				if (inst->pid == pid)
+					return inst.get();
+	return nullptr;
+}
+
+void Supervisor::shutdown()
+{
+	if (shutting_down_)
+		return;
+	shutting_down_ = true;
+	log::notice("shutting down: draining every instance");
+	for (auto &svc : services_)
+		for (auto &gen : svc->generations)
+			for (auto &inst : gen->instances)
+				drain(*inst);
+	changed();
+}
+
+bool Supervisor::stopped() const
+{
+	for (const auto &svc : services_)
+		for (const auto &gen : svc->generations)
+			for (const auto &inst : gen->instances)
+				if (inst->pid)
+					return false;
+	return true;
+}
+
+bool Supervisor::settled() const
+{
+	for (const auto &svc : services_)
+		for (const auto &gen : svc->generations)
+			for (const auto &inst : gen->instances)
+				if (inst->state == InstanceState::Starting)
+					return false;
+	return true;
+}
+
+json Supervisor::services_json(const std::string *only) const
+{
+	json services = json::array();
+	for (const auto &svc : services_) {
+		if (only && svc->name != *only)
+			continue;
+		json gens = json::array();
+		for (const auto &gen : svc->generations) {
+			json insts = json::array();
+			for (const auto &inst : gen->instances) {
+				json i = {{"id", inst->id},
+				          {"index", inst->index},
+				          {"pid", inst->pid},
+				          {"state", state_name(inst->state)},
+				          {"since", inst->since}};
+				if (!inst->status_text.empty())
+					i["status"] = inst->status_text;
+				insts.push_back(std::move(i));
+			}
+			gens.push_back({{"number", gen->number},
+			                {"version", gen->cfg.version},
+			                {"exec", gen->cfg.exec},
+			                {"instances", std::move(insts)}});
+		}
+		const char *ready = svc->cfg.ready == config::ReadyMode::Broker   ? "broker"
+		                    : svc->cfg.ready == config::ReadyMode::Notify ? "notify"
+		                                                                  : "exec";
+		services.push_back({{"name", svc->name},
+		                    {"sockets", svc->cfg.sockets},
+		                    {"ready", ready},
+		                    {"generations", std::move(gens)}});
+	}
+	if (only && services.empty())
+		return nullptr;
+	return services;
+}
+
+std::string Supervisor::summary() const
+{
+	unsigned ready = 0, total = 0;
+	for (const auto &svc : services_)
+		for (const auto &gen : svc->generations)
+			for (const auto &inst : gen->instances) {
+				total++;
+				if (inst->state == InstanceState::Ready)
+					ready++;
+			}
+	std::string s = std::to_string(services_.size()) + " service(s), " + std::to_string(ready) + "/" +
+	                std::to_string(total) + " instance(s) ready";
+	if (shutting_down_)
+		s += ", shutting down";
+	return s;
+}
+
+void Supervisor::changed()
+{
+	if (on_change)
+		on_change();
+}
+
+} // namespace broker

@@ -1,0 +1,64 @@
+// ControlServer: the Varlink control socket, serving io.brokerd.Control and io.brokerd.Worker.
+#pragma once
+
+#include "broker/internal/unique_fd.hpp"
+#include "config.hpp"
+#include "event.hpp"
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace broker {
+
+class Supervisor;
+
+// Who may call what, resolved from the config's names once at start.
+struct AccessRules {
+	std::vector<uid_t> admin_uids;
+	std::vector<gid_t> admin_gids;
+	std::vector<uid_t> read_uids;
+	std::vector<gid_t> read_gids;
+
+	// Throws std::runtime_error naming an unknown user or group.
+	static AccessRules resolve(const config::ControlConfig &cfg);
+};
+
+class ControlServer {
+public:
+	// Binds cfg.path (replacing a stale socket file, never anything else) and serves it.
+	ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor,
+	              std::uint64_t start_usec);
+	~ControlServer();
+
+	const std::string &path() const { return cfg_.path; }
+	std::size_t connections() const { return connections_.size(); }
+	// Removes the socket file, at shutdown.
+	void remove_socket_file();
+
+	class Connection;
+
+private:
+	friend class Connection;
+	static int accept_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
+	static int sweep_handler(sd_event_source *s, void *userdata);
+	void accept_some();
+	void schedule_sweep();
+
+	sd_event *event_;
+	config::ControlConfig cfg_;
+	AccessRules rules_;
+	Supervisor &supervisor_;
+	std::uint64_t start_usec_;
+	UniqueFd fd_;
+	EventSource source_;
+	EventSource sweep_;
+	std::string unlink_path_;
+	std::list<std::unique_ptr<Connection>> connections_;
+};
+
+} // namespace broker

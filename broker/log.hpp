@@ -1,0 +1,20 @@
+// Logging for brokerd: one line per decision, to stderr, with syslog levels journald understands.
+#pragma once
+
+#include <string_view>
+
+namespace broker::log {
+
+enum class Level { Error = 3, Warning = 4, Notice = 5, Info = 6, Debug = 7 };
+
+void write(Level level, std::string_view message);
+
+inline void error(std::string_view m) { write(Level::Error, m); }
+inline void warning(std::string_view m) { write(Level::Warning, m); }
+inline void notice(std::string_view m) { write(Level::Notice, m); }
+inline void info(std::string_view m) { write(Level::Info, m); }
+
+// Writes a worker's output line to fd 1 or 2, prefixed with the instance's name.
+void worker_line(int target_fd, std::string_view prefix, std::string_view line);
+
+} // namespace broker::log

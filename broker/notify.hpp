@@ -1,0 +1,33 @@
+// NotifySocket: the sd_notify endpoint brokerd gives workers as NOTIFY_SOCKET.
+#pragma once
+
+#include "broker/internal/unique_fd.hpp"
+#include "event.hpp"
+
+#include <string>
+
+namespace broker {
+
+class Supervisor;
+
+// A datagram socket in the abstract namespace (an autobound name, so two brokers never clash).
+// Each message is attributed to its instance by the sender's SCM_CREDENTIALS pid; messages from
+// unknown pids, with fds, or over the size limit are dropped and logged.
+class NotifySocket {
+public:
+	NotifySocket(sd_event *event, Supervisor &supervisor);
+
+	// "@xxxxx", the value for NOTIFY_SOCKET.
+	const std::string &address() const { return address_; }
+
+private:
+	static int handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
+	void receive();
+
+	Supervisor &supervisor_;
+	UniqueFd fd_;
+	EventSource source_;
+	std::string address_;
+};
+
+} // namespace broker

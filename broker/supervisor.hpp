@@ -1,0 +1,154 @@
+// Supervisor: services, their generations and instances; spawning, readiness, drain and exit.
+#pragma once
+
+#include "broker/internal/unique_fd.hpp"
+#include "config.hpp"
+#include "event.hpp"
+#include "listener.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace broker {
+
+class Supervisor;
+struct Service;
+struct Generation;
+
+// Where a worker's events go: the control connection that holds its Events stream.
+class EventSink {
+public:
+	virtual bool send_event(const nlohmann::json &parameters) = 0;
+
+protected:
+	~EventSink() = default;
+};
+
+enum class InstanceState { Starting, Ready, Draining, Exited, Failed };
+const char *state_name(InstanceState s);
+
+// A worker's stdout or stderr pipe, copied line by line to brokerd's own with the instance's name.
+struct OutputPipe {
+	UniqueFd fd;
+	EventSource source;
+	std::string partial;
+	int target = 2;
+};
+
+// One instance slot of a generation: the process currently running in it, if any.
+struct Instance {
+	Supervisor *supervisor = nullptr;
+	Service *service = nullptr;
+	Generation *generation = nullptr;
+	unsigned index = 0;
+	std::string id; // "web/1/0"
+
+	InstanceState state = InstanceState::Starting;
+	std::uint64_t since = 0; // CLOCK_REALTIME usec of the last state change
+	pid_t pid = 0;
+	EventSource child_source; // owns the pidfd; kept until the slot respawns
+	UniqueFd exec_status; // read end: errno if exec failed, EOF when it succeeded
+	EventSource exec_source;
+	EventSource timer; // start timeout, drain deadline or restart backoff
+	OutputPipe out, err;
+	std::deque<std::string> last_lines;
+	std::string status_text;
+	std::string token;
+	EventSink *events = nullptr;
+	bool exec_done = false;
+	std::string exit_reason;
+
+	unsigned restarts = 0;           // consecutive, for backoff
+	std::deque<std::uint64_t> crash_times; // CLOCK_MONOTONIC usec of recent failures
+	std::uint64_t ready_since = 0;   // CLOCK_MONOTONIC usec
+};
+
+struct Generation {
+	Service *service = nullptr;
+	std::uint64_t number = 0;
+	config::ServiceConfig cfg;
+	std::vector<std::unique_ptr<Instance>> instances;
+};
+
+struct Service {
+	std::string name;
+	config::ServiceConfig cfg;
+	std::vector<const Listener *> sockets;
+	std::vector<std::unique_ptr<Generation>> generations;
+	std::uint64_t next_generation = 1;
+};
+
+class Supervisor {
+public:
+	Supervisor(sd_event *event, const std::vector<Listener> &listeners, std::string control_path);
+	~Supervisor();
+
+	// NOTIFY_SOCKET for the workers; set before the first service is added.
+	void set_notify_address(std::string address) { notify_address_ = std::move(address); }
+
+	// Adds a service and starts its first generation (external services wait for workers).
+	void add_service(const config::ServiceConfig &cfg);
+
+	Instance *find_by_token(std::string_view token);
+	Instance *find_by_pid(pid_t pid);
+	const Listener *find_listener(std::string_view name) const;
+	const std::vector<Listener> &listeners() const { return listeners_; }
+
+	// Reports from workers, through the control or notify socket.
+	void instance_ready(Instance &inst, std::string_view how);
+	void instance_status(Instance &inst, std::string text);
+	void instance_stopping(Instance &inst);
+	void attach_events(Instance &inst, EventSink *sink);
+	void detach_events(EventSink *sink);
+
+	// Drains every instance, then SIGKILL at its drain timeout; stopped() once all exited.
+	void shutdown();
+	bool shutting_down() const { return shutting_down_; }
+	bool stopped() const;
+	// No instance is starting: every one is ready, or has failed for good.
+	bool settled() const;
+
+	// io.brokerd.Control.Status's services; nullptr-like (null json) for an unknown service.
+	nlohmann::json services_json(const std::string *only) const;
+	std::string summary() const;
+
+	// Called after any state change, so the daemon can update READY=/STATUS= and finish a shutdown.
+	std::function<void()> on_change;
+
+private:
+	void start_generation(Service &svc, const config::ServiceConfig &cfg);
+	void spawn(Instance &inst);
+	void set_state(Instance &inst, InstanceState s);
+	void drain(Instance &inst);
+	void signal(Instance &inst, int sig);
+	void on_exit(Instance &inst, const siginfo_t &si);
+	void on_exec_status(Instance &inst);
+	void on_output(Instance &inst, OutputPipe &pipe, bool eof);
+	void schedule_restart(Instance &inst);
+	void arm_timer(Instance &inst, std::uint64_t usec_from_now, int (*cb)(sd_event_source *, std::uint64_t, void *));
+	void changed();
+
+	static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata);
+	static int exec_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
+	static int output_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
+	static int start_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+	static int drain_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+	static int restart_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+
+	sd_event *event_;
+	const std::vector<Listener> &listeners_;
+	std::string control_path_;
+	std::string notify_address_;
+	std::vector<std::unique_ptr<Service>> services_;
+	bool shutting_down_ = false;
+};
+
+} // namespace broker
