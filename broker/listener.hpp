@@ -30,7 +30,7 @@ struct InheritedFds {
 
 // Binds the socket `cfg` describes, or adopts it from `inherited` for kind Systemd (checking
 // that its type matches: the adopted socket must be a listening stream or a datagram socket).
-// Throws std::runtime_error with a message naming the socket: `socket http: bind 0.0.0.0:80:
+// Throws std::runtime_error with a message naming the socket: `socket http: bind tcp://0.0.0.0:80:
 // Address already in use`.
 Listener open_listener(const config::SocketConfig &cfg, InheritedFds &inherited);
 

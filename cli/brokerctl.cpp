@@ -1,1 +1,140 @@
-int main() { return 0; }
+// brokerctl: the operator's CLI for brokerd. Parses the command line, runs one subcommand from the
+// table in commands.cpp, and turns every failure into a message and a documented exit code.
+#include "commands.hpp"
+#include "connection.hpp"
+#include "errors.hpp"
+#include "format.hpp"
+
+#include "broker/internal/limits.hpp"
+#include "broker_config.h"
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <sys/un.h>
+
+#include <climits>
+#include <iostream>
+#include <new>
+
+namespace {
+
+using namespace brokerctl;
+
+void print_error(std::string_view message)
+{
+	std::cout.flush();
+	std::cerr << "brokerctl: " << message << std::endl;
+}
+
+std::string check_socket_path(const std::string &path)
+{
+	if (path.empty())
+		return "the control socket path is empty";
+	if (path.size() >= sizeof(sockaddr_un::sun_path))
+		return "the control socket path is longer than " + std::to_string(sizeof(sockaddr_un::sun_path) - 1) +
+		       " bytes";
+	return {};
+}
+
+std::string check_timeout(const std::string &text)
+{
+	auto d = parse_duration(text);
+	if (!d)
+		return "expected a duration like \"30s\", \"500ms\" or \"1m30s\", got \"" + printable(text) + "\"";
+	// SyncClient polls with an int of milliseconds.
+	if (d->count() <= 0 || d->count() > INT_MAX)
+		return "the timeout must be between 1ms and 24d";
+	return {};
+}
+
+int run(int argc, char **argv)
+{
+	CLI::App app("Control brokerd, the socket broker for zero-downtime upgrades.", "brokerctl");
+	app.footer(kExitCodesHelp);
+	app.set_version_flag("--version", "brokerctl " BROKER_VERSION);
+	app.require_subcommand(1);
+	app.get_formatter()->label("SUBCOMMAND", "COMMAND");
+	app.fallthrough(); // global options also after the subcommand: `brokerctl status --json`
+	app.failure_message([](const CLI::App *a, const CLI::Error &e) {
+		std::string message = e.what();
+		// CLI11 reports `brokerctl bogus` as a missing subcommand with "bogus" left over.
+		if (e.get_name() == "RequiredError" && a->get_subcommands().empty()) {
+			if (a->remaining_size() > 0)
+				message = "unknown command \"" + printable(a->remaining().front()) + "\"";
+			else
+				message = "no command given";
+		}
+		return "brokerctl: " + message + "\nRun 'brokerctl --help' for usage.\n";
+	});
+
+	Options opts;
+	opts.socket = BROKER_DEFAULT_CONTROL;
+	std::string timeout_text = format_duration(broker::limits::kDefaultCallTimeout);
+
+	app.add_option("--socket", opts.socket, "brokerd's control socket (\"@name\" for an abstract one)")
+		->envname("BROKERCTL_SOCKET")
+		->capture_default_str()
+		->type_name("PATH")
+		->check(CLI::Validator(check_socket_path, ""));
+	app.add_flag("--json", opts.json, "Print brokerd's reply as JSON, for scripts");
+	app.add_option("--timeout", timeout_text, "How long to wait for brokerd's reply")
+		->capture_default_str()
+		->type_name("DURATION")
+		->check(CLI::Validator(check_timeout, ""));
+
+	Arguments args;
+	for (const Command &c : commands())
+		c.declare(*app.add_subcommand(c.name, c.summary)->group("Commands"), args);
+
+	try {
+		app.parse(argc, argv);
+	} catch (const CLI::ParseError &e) {
+		// --help and --version are "errors" with code 0; every real one is a usage error.
+		int code = app.exit(e);
+		return code == 0 ? kExitOk : kExitUsage;
+	}
+	opts.timeout = *parse_duration(timeout_text);
+
+	for (const Command &c : commands()) {
+		if (!app.got_subcommand(c.name))
+			continue;
+		Connection broker(opts.socket, opts.timeout);
+		int code = c.run(opts, args, broker, std::cout);
+		if (!std::cout.flush())
+			throw Failure(kExitFailure, "cannot write to standard output");
+		return code;
+	}
+	throw Failure(kExitUsage, "no command given"); // require_subcommand(1) makes this unreachable
+}
+
+// nlohmann's messages start with "[json.exception.type_error.302] "; the operator needs the rest.
+std::string json_message(const nlohmann::json::exception &e)
+{
+	std::string_view what = e.what();
+	if (auto end = what.find("] "); what.starts_with('[') && end != std::string_view::npos)
+		what.remove_prefix(end + 2);
+	return std::string(what);
+}
+
+} // namespace
+
+int main(int argc, char **argv)
+{
+	// Every exception ends here as a sentence and an exit code, never as a type name.
+	try {
+		return run(argc, argv);
+	} catch (const Failure &f) {
+		print_error(f.what());
+		return f.code();
+	} catch (const nlohmann::json::exception &e) {
+		print_error("unexpected reply from brokerd: " + json_message(e));
+	} catch (const std::bad_alloc &) {
+		print_error("out of memory");
+	} catch (const std::exception &e) {
+		print_error(e.what());
+	} catch (...) {
+		print_error("internal error");
+	}
+	return kExitFailure;
+}

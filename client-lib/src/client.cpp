@@ -1,1 +1,388 @@
-// stub
+// broker::Client: the worker's side of io.brokerd.Worker, with a plain systemd fallback.
+#include "broker/client.hpp"
+
+#include "broker/internal/limits.hpp"
+#include "broker/internal/sync_client.hpp"
+#include "broker/internal/unique_fd.hpp"
+#include "broker/internal/varlink.hpp"
+
+#include <poll.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+
+namespace broker {
+
+using varlink::json;
+
+namespace {
+
+constexpr std::string_view kHello = "io.brokerd.Worker.Hello";
+constexpr std::string_view kEvents = "io.brokerd.Worker.Events";
+constexpr std::string_view kReady = "io.brokerd.Worker.Ready";
+constexpr std::string_view kStatus = "io.brokerd.Worker.Status";
+
+// An unset and an empty variable mean the same: nothing configured.
+const char *env(const char *name)
+{
+	const char *v = std::getenv(name);
+	return v && *v ? v : nullptr;
+}
+
+// True when LISTEN_FDS is set and LISTEN_PID names this process, as sd_listen_fds() checks.
+bool listen_fds_are_ours()
+{
+	const char *fds = env("LISTEN_FDS");
+	const char *pid = env("LISTEN_PID");
+	if (!fds || !pid)
+		return false;
+	long long value = 0;
+	auto end = pid + std::strlen(pid);
+	auto [p, ec] = std::from_chars(pid, end, value);
+	return ec == std::errc() && p == end && value == static_cast<long long>(::getpid());
+}
+
+// The sockets at fd 3 and up. They belong to the process, so the Client neither duplicates
+// nor closes them. sd_listen_fds() marks them CLOEXEC, so the worker's own children do not
+// inherit them by accident.
+std::vector<Listener> inherited_listeners()
+{
+	char **names = nullptr;
+	int n = sd_listen_fds_with_names(0, &names);
+	if (n < 0)
+		throw Error(-n, std::string("invalid LISTEN_FDS/LISTEN_FDNAMES: ") + std::strerror(-n));
+	std::vector<Listener> out;
+	std::exception_ptr failure;
+	try {
+		out.reserve(static_cast<std::size_t>(n));
+		for (int i = 0; i < n; i++)
+			out.push_back(Listener{names && names[i] ? names[i] : "unknown", SD_LISTEN_FDS_START + i});
+	} catch (...) {
+		failure = std::current_exception();
+	}
+	if (names) {
+		for (int i = 0; i < n; i++)
+			std::free(names[i]);
+		std::free(names);
+	}
+	if (failure)
+		std::rethrow_exception(failure);
+	return out;
+}
+
+Error bad_reply(const std::string &what)
+{
+	return Error(EBADMSG, "invalid Hello reply from brokerd: " + what);
+}
+
+const json &member(const json &object, const char *key, json::value_t type)
+{
+	auto it = object.find(key);
+	if (it == object.end())
+		throw bad_reply(std::string("missing \"") + key + "\"");
+	bool ok = type == json::value_t::number_unsigned ? it->is_number_unsigned() : it->type() == type;
+	if (!ok)
+		throw bad_reply(std::string("\"") + key + "\" has the wrong type");
+	return *it;
+}
+
+} // namespace
+
+// Hidden explicitly: a nested class would otherwise inherit Client's exported visibility.
+struct __attribute__((visibility("hidden"))) Client::Impl {
+	bool brokered = false;
+	std::string service;
+	std::string instance;
+	std::uint64_t generation = 0;
+	std::vector<Listener> listeners;
+	std::vector<UniqueFd> owned; // fds received with Hello; inherited ones are not ours
+	std::optional<varlink::Stream> stream;
+	std::function<void(const DrainRequest &)> on_drain;
+
+	void send(std::string_view method, json parameters);
+	void flush_now();
+	void dispatch(varlink::Message &m);
+};
+
+namespace {
+
+// What a moved-from Client reports, so that its const accessors stay well defined.
+const std::string kEmpty;
+const std::vector<Listener> kNoListeners;
+
+[[noreturn]] void throw_closed()
+{
+	throw Error(ECONNRESET, "brokerd closed the connection");
+}
+
+bool is_disconnect(int r)
+{
+	return r == -EPIPE || r == -ECONNRESET;
+}
+
+std::chrono::steady_clock::time_point deadline_after(const json &timeout_ms)
+{
+	using namespace std::chrono;
+	auto now = steady_clock::now();
+	if (!timeout_ms.is_number_integer())
+		return steady_clock::time_point::max(); // no timeout given: none known
+	if (timeout_ms.is_number_unsigned() && timeout_ms.get<std::uint64_t>() > std::numeric_limits<long long>::max())
+		return steady_clock::time_point::max();
+	long long ms = timeout_ms.get<long long>();
+	if (ms <= 0)
+		return now;
+	auto room = duration_cast<milliseconds>(steady_clock::time_point::max() - now).count();
+	if (ms >= room)
+		return steady_clock::time_point::max();
+	return now + milliseconds(ms);
+}
+
+} // namespace
+
+// Queues a oneway call and writes what the socket takes now; process() writes the rest.
+void Client::Impl::send(std::string_view method, json parameters)
+{
+	int r = stream->enqueue(varlink::make_call(method, std::move(parameters), false, true));
+	if (r < 0)
+		throw Error(-r, std::string("cannot queue ") + std::string(method) + ": " + std::strerror(-r));
+	flush_now();
+}
+
+void Client::Impl::flush_now()
+{
+	int r = stream->flush();
+	if (is_disconnect(r))
+		throw_closed();
+	if (r < 0 && r != -EAGAIN)
+		throw Error(-r, std::string("send to brokerd: ") + std::strerror(-r));
+}
+
+void Client::Impl::dispatch(varlink::Message &m)
+{
+	auto err = m.body.find("error");
+	if (err != m.body.end()) {
+		std::string name = err->is_string() ? err->get<std::string>() : "invalid error reply";
+		throw Error(varlink::errno_for_error(name), "brokerd: " + name, name);
+	}
+	auto params = m.body.find("parameters");
+	if (params == m.body.end() || !params->is_object())
+		return;
+	auto event = params->find("event");
+	if (event == params->end() || !event->is_string())
+		return;
+	// Events this version does not know are skipped, so a newer broker can add them.
+	if (*event == "drain") {
+		DrainRequest req{deadline_after(params->value("timeout_ms", json()))};
+		if (on_drain)
+			on_drain(req);
+	}
+}
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::Client(Client &&) noexcept = default;
+Client &Client::operator=(Client &&) noexcept = default;
+Client::~Client() = default;
+
+Client Client::from_env()
+{
+	auto impl = std::make_unique<Impl>();
+	const char *socket = env("BROKER_SOCKET");
+	bool inherited = listen_fds_are_ours();
+
+	if (!socket) {
+		if (!inherited)
+			throw Error(ENXIO, "no BROKER_SOCKET or LISTEN_FDS in the environment");
+		impl->listeners = inherited_listeners();
+		return Client(std::move(impl));
+	}
+
+	json hello = json::object();
+	if (const char *token = env("BROKER_TOKEN")) {
+		hello["token"] = token;
+	} else {
+		// An externally started worker registers itself by service; the broker checks its
+		// peer credentials against the service's register rule.
+		const char *service = env("BROKER_SERVICE");
+		if (!service)
+			throw Error(EINVAL, "BROKER_SOCKET is set, but neither BROKER_TOKEN nor BROKER_SERVICE");
+		hello["service"] = service;
+		if (const char *version = env("BROKER_VERSION"))
+			hello["version"] = version;
+	}
+	hello["want_fds"] = !inherited;
+
+	varlink::SyncClient sync(socket);
+	varlink::Message reply = sync.call(kHello, std::move(hello));
+
+	const json &params = member(reply.body, "parameters", json::value_t::object);
+	impl->brokered = true;
+	impl->service = member(params, "service", json::value_t::string).get<std::string>();
+	impl->instance = member(params, "instance", json::value_t::string).get<std::string>();
+	impl->generation = member(params, "generation", json::value_t::number_unsigned).get<std::uint64_t>();
+	const json &sockets = member(params, "sockets", json::value_t::array);
+	if (sockets.size() > limits::kMaxSocketsPerService)
+		throw bad_reply("too many sockets");
+
+	if (inherited) {
+		// Spawned by brokerd: the sockets are already ours at fd 3 and up, in the service's
+		// order; any fds the reply carried anyway are closed with it.
+		impl->listeners = inherited_listeners();
+	} else {
+		// count_fd_refs() already checked that the indices are exactly 0..n-1 with n fds.
+		impl->owned = std::move(reply.fds);
+		impl->listeners.reserve(sockets.size());
+		for (const json &s : sockets) {
+			if (!s.is_object())
+				throw bad_reply("a socket is not an object");
+			std::string name = member(s, "name", json::value_t::string).get<std::string>();
+			auto fd = s.find("fd");
+			if (fd == s.end() || !fd->is_number_unsigned())
+				throw bad_reply("socket \"" + name + "\" came without its fd");
+			impl->listeners.push_back(Listener{std::move(name), impl->owned.at(fd->get<std::size_t>()).get()});
+		}
+	}
+
+	impl->stream.emplace(std::move(sync.stream()));
+	int r = impl->stream->enqueue(varlink::make_call(kEvents, json::object(), true));
+	if (r < 0)
+		throw Error(-r, std::string("cannot queue Events: ") + std::strerror(-r));
+	impl->flush_now();
+	return Client(std::move(impl));
+}
+
+bool Client::brokered() const noexcept
+{
+	return impl_ && impl_->brokered;
+}
+
+const std::string &Client::service() const noexcept
+{
+	return impl_ ? impl_->service : kEmpty;
+}
+
+const std::string &Client::instance() const noexcept
+{
+	return impl_ ? impl_->instance : kEmpty;
+}
+
+std::uint64_t Client::generation() const noexcept
+{
+	return impl_ ? impl_->generation : 0;
+}
+
+int Client::listener(std::string_view name) const
+{
+	for (const Listener &l : listeners())
+		if (l.name == name)
+			return l.fd;
+	throw Error(ENOENT, "no socket named '" + std::string(name) + "'");
+}
+
+const std::vector<Listener> &Client::listeners() const noexcept
+{
+	return impl_ ? impl_->listeners : kNoListeners;
+}
+
+void Client::ready()
+{
+	if (!impl_)
+		throw Error(EBADF, "moved-from Client");
+	if (impl_->brokered) {
+		impl_->send(kReady, json::object());
+		return;
+	}
+	int r = sd_notify(0, "READY=1");
+	if (r < 0)
+		throw Error(-r, std::string("sd_notify: ") + std::strerror(-r));
+}
+
+void Client::status(std::string_view text)
+{
+	if (!impl_)
+		throw Error(EBADF, "moved-from Client");
+	// One line: a newline would start another assignment in the notify protocol.
+	if (text.find_first_of(std::string_view("\n\0", 2)) != std::string_view::npos)
+		throw Error(EINVAL, "status text must be one line");
+	if (text.size() > limits::kMaxStatusText)
+		throw Error(EMSGSIZE, "status text is longer than " + std::to_string(limits::kMaxStatusText) + " bytes");
+	if (impl_->brokered) {
+		impl_->send(kStatus, json{{"text", text}});
+		return;
+	}
+	std::string msg = "STATUS=" + std::string(text);
+	int r = sd_notify(0, msg.c_str());
+	if (r < 0)
+		throw Error(-r, std::string("sd_notify: ") + std::strerror(-r));
+}
+
+int Client::fd() const noexcept
+{
+	return impl_ && impl_->stream ? impl_->stream->fd() : -1;
+}
+
+short Client::events() const noexcept
+{
+	if (!impl_ || !impl_->stream)
+		return 0;
+	return static_cast<short>(POLLIN | (impl_->stream->want_write() ? POLLOUT : 0));
+}
+
+std::uint64_t Client::timeout() const noexcept
+{
+	return std::numeric_limits<std::uint64_t>::max();
+}
+
+bool Client::process()
+{
+	if (!impl_ || !impl_->stream)
+		return false;
+	varlink::Stream &s = *impl_->stream;
+	bool did = false;
+	bool closed = false;
+
+	std::size_t before = s.queued_bytes();
+	int r = s.flush();
+	if (is_disconnect(r))
+		closed = true; // what the broker sent before it left is still dispatched below
+	else if (r < 0 && r != -EAGAIN)
+		throw Error(-r, std::string("send to brokerd: ") + std::strerror(-r));
+	did = s.queued_bytes() != before;
+
+	r = s.receive();
+	if (r > 0)
+		did = true;
+	else if (r == 0 || is_disconnect(r))
+		closed = true;
+	else if (r != -EAGAIN)
+		throw Error(-r, std::string("receive from brokerd: ") + std::strerror(-r));
+
+	for (;;) {
+		varlink::Message m;
+		r = s.next(m);
+		if (r == 0)
+			break;
+		if (r < 0)
+			throw Error(-r, std::string("protocol error from brokerd: ") + std::strerror(-r));
+		did = true;
+		impl_->dispatch(m);
+	}
+
+	if (closed)
+		throw_closed();
+	return did;
+}
+
+void Client::on_drain(std::function<void(const DrainRequest &)> handler)
+{
+	if (!impl_)
+		throw Error(EBADF, "moved-from Client");
+	impl_->on_drain = std::move(handler);
+}
+
+} // namespace broker

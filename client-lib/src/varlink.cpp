@@ -11,11 +11,15 @@ namespace broker::varlink {
 namespace {
 
 // Collects fd indices under members named "fd"; returns false on a non-integer or negative one.
+// A null "fd" is an unset `?int` (as the Worker interface's Listener.fd is when no fds were
+// asked for) and refers to nothing.
 bool collect_fd_refs(const json &value, std::vector<long long> &out)
 {
 	if (value.is_object()) {
 		for (auto it = value.begin(); it != value.end(); ++it) {
 			if (it.key() == "fd") {
+				if (it.value().is_null())
+					continue;
 				if (!it.value().is_number_integer() || it.value().get<long long>() < 0)
 					return false;
 				out.push_back(it.value().get<long long>());

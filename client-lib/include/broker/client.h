@@ -15,7 +15,8 @@ extern "C" {
 typedef struct broker_client broker_client;
 
 /* Called from broker_client_process() when the broker asks this instance to drain.
- * deadline_usec is CLOCK_MONOTONIC in microseconds; SIGKILL follows it. */
+ * deadline_usec is CLOCK_MONOTONIC in microseconds; SIGKILL follows it. The handler must not
+ * free the client. */
 typedef void (*broker_drain_handler)(broker_client *client, uint64_t deadline_usec, void *userdata);
 
 /* Connects with BROKER_SOCKET/BROKER_TOKEN, or falls back to LISTEN_FDS. */

@@ -28,7 +28,8 @@ private:
 	std::string varlink_error_;
 };
 
-// A listening socket handed to this worker. The fd belongs to the Client.
+// A listening socket handed to this worker. The fd stays valid for the Client's lifetime; sockets
+// inherited at fd 3 and up belong to the process and the Client never closes them.
 struct Listener {
 	std::string name;
 	int fd;
@@ -79,7 +80,8 @@ public:
 	std::uint64_t timeout() const noexcept;
 	bool process();
 
-	// Called from process() when the broker asks this instance to drain.
+	// Called from process() when the broker asks this instance to drain. The handler must not
+	// destroy the Client.
 	void on_drain(std::function<void(const DrainRequest &)> handler);
 
 private:

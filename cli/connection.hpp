@@ -1,0 +1,46 @@
+// brokerctl's link to brokerd: Varlink calls on the control socket, every failure already
+// turned into a brokerctl::Failure with its exit code.
+#pragma once
+
+#include "broker/internal/sync_client.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace brokerctl {
+
+class Connection {
+public:
+	// Connects on first use, so `--help`-like commands that never call need no broker.
+	Connection(std::string path, std::chrono::milliseconds timeout);
+	~Connection();
+
+	// One call, one reply: returns the reply's parameters (an object, possibly empty).
+	nlohmann::json call(std::string_view method, nlohmann::json parameters = nlohmann::json::object());
+
+	// A call with "more": on_reply gets each reply's parameters until the broker stops
+	// continuing or on_reply returns false. The timeout applies to each wait for a reply;
+	// nullopt waits for ever (watch).
+	void stream(std::string_view method, nlohmann::json parameters,
+	            const std::function<bool(const nlohmann::json &)> &on_reply,
+	            std::optional<std::chrono::milliseconds> reply_timeout);
+
+	const std::string &path() const { return path_; }
+
+private:
+	broker::varlink::SyncClient &client();
+	void send(std::string_view method, const nlohmann::json &parameters, bool more);
+	nlohmann::json receive(std::string_view method, const nlohmann::json &parameters, bool &continues);
+
+	std::string path_;
+	std::chrono::milliseconds timeout_;
+	std::unique_ptr<broker::varlink::SyncClient> client_;
+};
+
+} // namespace brokerctl

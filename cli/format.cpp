@@ -1,0 +1,195 @@
+// Text building blocks for brokerctl's human output (see format.hpp).
+#include "format.hpp"
+
+#include <algorithm>
+#include <array>
+
+namespace brokerctl {
+
+namespace {
+
+struct Unit {
+	std::string_view suffix;
+	std::int64_t usec;
+};
+
+// Largest first; parse_duration tries "ms" before "m" so "5ms" is not five minutes and an "s".
+constexpr std::array kUnits{
+	Unit{"d", 86'400'000'000},
+	Unit{"h", 3'600'000'000},
+	Unit{"m", 60'000'000},
+	Unit{"s", 1'000'000},
+};
+
+constexpr std::int64_t kMaxParsedUsec = 366LL * 86'400'000'000;
+
+bool is_shell_safe(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+	       std::string_view("_@%+=:,./-").find(c) != std::string_view::npos;
+}
+
+} // namespace
+
+std::string format_duration(std::chrono::microseconds d)
+{
+	std::int64_t us = d.count();
+	if (us < 1'000'000) {
+		std::int64_t ms = us > 0 ? us / 1000 : 0;
+		return ms == 0 ? "0s" : std::to_string(ms) + "ms";
+	}
+	std::string out;
+	int shown = 0;
+	for (const Unit &u : kUnits) {
+		std::int64_t n = us / u.usec;
+		us %= u.usec;
+		if (shown == 0 && n == 0)
+			continue;
+		// The second unit is printed only when non-zero ("1h", not "1h0m"), but it still counts:
+		// "1h" for 1h0m59s, since seconds under hours are noise.
+		if (n != 0)
+			out += std::to_string(n) + std::string(u.suffix);
+		if (++shown == 2)
+			break;
+	}
+	return out;
+}
+
+std::string format_ago(std::int64_t since_usec, std::int64_t now_usec)
+{
+	if (since_usec <= 0)
+		return "-";
+	if (now_usec - since_usec < 1'000'000)
+		return "just now";
+	// Whole seconds, so "59s ago" does not jump to "1m0s" early and sub-second noise is hidden.
+	std::int64_t secs = (now_usec - since_usec) / 1'000'000;
+	return format_duration(std::chrono::seconds(secs)) + " ago";
+}
+
+std::optional<std::chrono::milliseconds> parse_duration(std::string_view text)
+{
+	if (text.empty())
+		return std::nullopt;
+	std::int64_t total_usec = 0;
+	std::size_t i = 0;
+	while (i < text.size()) {
+		std::int64_t n = 0;
+		std::size_t digits = 0;
+		for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i, ++digits) {
+			n = n * 10 + (text[i] - '0');
+			if (n > kMaxParsedUsec)
+				return std::nullopt;
+		}
+		if (digits == 0)
+			return std::nullopt;
+		std::string_view rest = text.substr(i);
+		std::int64_t unit_usec = 0;
+		if (rest.starts_with("ms")) {
+			unit_usec = 1000;
+			i += 2;
+		} else {
+			for (const Unit &u : kUnits) {
+				if (rest.starts_with(u.suffix)) {
+					unit_usec = u.usec;
+					i += u.suffix.size();
+					break;
+				}
+			}
+		}
+		if (unit_usec == 0)
+			return std::nullopt;
+		if (n > (kMaxParsedUsec - total_usec) / unit_usec)
+			return std::nullopt;
+		total_usec += n * unit_usec;
+	}
+	return std::chrono::milliseconds(total_usec / 1000);
+}
+
+std::string printable(std::string_view text)
+{
+	std::string out;
+	out.reserve(text.size());
+	for (std::size_t i = 0; i < text.size(); ++i) {
+		auto c = static_cast<unsigned char>(text[i]);
+		if (c == '\t') {
+			out += ' ';
+		} else if (c < 0x20 || c == 0x7f) {
+			out += '?';
+		} else if (c == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) >= 0x80 &&
+		           static_cast<unsigned char>(text[i + 1]) <= 0x9f) {
+			// U+0080..U+009F: C1 controls, which some terminals obey like ESC sequences.
+			out += '?';
+			++i;
+		} else {
+			out += static_cast<char>(c);
+		}
+	}
+	return out;
+}
+
+std::size_t display_width(std::string_view text)
+{
+	return static_cast<std::size_t>(std::count_if(text.begin(), text.end(), [](char c) {
+		return (static_cast<unsigned char>(c) & 0xc0) != 0x80;
+	}));
+}
+
+std::string shell_join(const std::vector<std::string> &argv)
+{
+	std::string out;
+	for (const std::string &arg : argv) {
+		if (!out.empty())
+			out += ' ';
+		if (!arg.empty() && std::all_of(arg.begin(), arg.end(), is_shell_safe)) {
+			out += arg;
+			continue;
+		}
+		out += '\'';
+		for (char c : arg) {
+			if (c == '\'')
+				out += "'\\''";
+			else
+				out += c;
+		}
+		out += '\'';
+	}
+	return out;
+}
+
+Table::Table(std::vector<std::string> headers)
+{
+	rows_.push_back(std::move(headers));
+}
+
+void Table::add(std::vector<std::string> row)
+{
+	row.resize(rows_.front().size());
+	for (std::string &cell : row)
+		cell = printable(cell);
+	rows_.push_back(std::move(row));
+}
+
+std::string Table::render(std::string_view indent) const
+{
+	std::vector<std::size_t> widths(rows_.front().size(), 0);
+	for (const auto &row : rows_)
+		for (std::size_t c = 0; c < row.size(); ++c)
+			widths[c] = std::max(widths[c], display_width(row[c]));
+
+	std::string out;
+	for (const auto &row : rows_) {
+		std::string line(indent);
+		for (std::size_t c = 0; c < row.size(); ++c) {
+			line += row[c];
+			if (c + 1 < row.size())
+				line.append(widths[c] - display_width(row[c]) + 2, ' ');
+		}
+		// An empty last cell would leave the padding of the one before it.
+		line.erase(line.find_last_not_of(' ') + 1);
+		out += line;
+		out += '\n';
+	}
+	return out;
+}
+
+} // namespace brokerctl

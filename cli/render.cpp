@@ -1,0 +1,159 @@
+// Human views of io.brokerd.Control replies (see render.hpp).
+#include "render.hpp"
+
+#include "format.hpp"
+
+#include <algorithm>
+#include <set>
+
+namespace brokerctl {
+
+using json = nlohmann::json;
+
+namespace {
+
+const json &member(const json &object, const char *key)
+{
+	static const json missing;
+	if (!object.is_object())
+		return missing;
+	auto it = object.find(key);
+	return it == object.end() ? missing : *it;
+}
+
+std::string text(const json &object, const char *key, std::string fallback = "-")
+{
+	const json &v = member(object, key);
+	return v.is_string() ? v.get<std::string>() : fallback;
+}
+
+std::optional<std::int64_t> integer(const json &object, const char *key)
+{
+	const json &v = member(object, key);
+	if (v.is_number_integer())
+		return v.get<std::int64_t>();
+	return std::nullopt;
+}
+
+std::string number_text(const json &object, const char *key)
+{
+	auto n = integer(object, key);
+	return n ? std::to_string(*n) : "-";
+}
+
+const json &array(const json &object, const char *key)
+{
+	static const json empty = json::array();
+	const json &v = member(object, key);
+	return v.is_array() ? v : empty;
+}
+
+std::vector<std::string> strings(const json &list)
+{
+	std::vector<std::string> out;
+	for (const json &v : list)
+		out.push_back(v.is_string() ? v.get<std::string>() : "?");
+	return out;
+}
+
+std::string join(const std::vector<std::string> &items, std::string_view sep)
+{
+	std::string out;
+	for (const std::string &s : items) {
+		if (!out.empty())
+			out += sep;
+		out += s;
+	}
+	return out;
+}
+
+std::string render_service(const json &svc, std::int64_t now_usec)
+{
+	std::vector<std::string> sockets = strings(array(svc, "sockets"));
+
+	// Newest generation first: during an upgrade it is the one being rolled out.
+	std::vector<const json *> gens;
+	for (const json &g : array(svc, "generations"))
+		gens.push_back(&g);
+	std::stable_sort(gens.begin(), gens.end(), [](const json *a, const json *b) {
+		return integer(*a, "number").value_or(0) > integer(*b, "number").value_or(0);
+	});
+
+	std::vector<std::string> gen_list;
+	for (const json *g : gens) {
+		std::string version = text(*g, "version", "");
+		gen_list.push_back(number_text(*g, "number") + (version.empty() ? "" : " (version " + version + ")"));
+	}
+
+	std::string out = "SERVICE " + printable(text(svc, "name")) + "\n";
+	out += "  sockets:      " + printable(sockets.empty() ? "-" : join(sockets, ", ")) + "\n";
+	out += "  ready:        " + printable(text(svc, "ready")) + "\n";
+	out += "  generations:  " + printable(gen_list.empty() ? "none" : join(gen_list, ", ")) + "\n";
+	if (!gens.empty()) {
+		std::vector<std::string> argv = strings(array(*gens.front(), "exec"));
+		out += "  exec:         " + printable(argv.empty() ? "-" : shell_join(argv)) + "\n";
+	}
+
+	Table instances({"ID", "GEN", "PID", "STATE", "SINCE", "STATUS"});
+	for (const json *g : gens) {
+		for (const json &inst : array(*g, "instances")) {
+			auto pid = integer(inst, "pid");
+			instances.add({
+				text(inst, "id"),
+				number_text(*g, "number"),
+				pid && *pid > 0 ? std::to_string(*pid) : "-",
+				text(inst, "state"),
+				format_ago(integer(inst, "since").value_or(0), now_usec),
+				text(inst, "status", ""),
+			});
+		}
+	}
+	out += "  INSTANCES\n";
+	out += instances.render("  ");
+	return out;
+}
+
+} // namespace
+
+std::string render_sockets(const json &sockets)
+{
+	Table table({"NAME", "ADDRESS", "KIND", "ORIGIN"});
+	if (sockets.is_array()) {
+		for (const json &s : sockets)
+			table.add({text(s, "name"), text(s, "address"), text(s, "kind"), text(s, "origin")});
+	}
+	return table.render();
+}
+
+std::string render_status(const json &status, std::int64_t now_usec, const std::optional<std::string> &service)
+{
+	std::string out = "brokerd " + printable(text(status, "version")) + ", pid " + number_text(status, "pid");
+	if (auto up = integer(status, "uptime_usec"))
+		out += ", up " + format_duration(std::chrono::microseconds(*up));
+	out += "\n";
+
+	std::vector<const json *> services;
+	for (const json &svc : array(status, "services"))
+		if (!service || text(svc, "name") == *service)
+			services.push_back(&svc);
+
+	// For one service, only its own sockets: the addresses its section refers to by name.
+	json sockets = json::array();
+	std::set<std::string> wanted;
+	for (const json *svc : services)
+		for (const std::string &name : strings(array(*svc, "sockets")))
+			wanted.insert(name);
+	for (const json &s : array(status, "sockets"))
+		if (!service || wanted.count(text(s, "name")))
+			sockets.push_back(s);
+
+	out += "\nSOCKETS\n" + render_sockets(sockets);
+
+	if (services.empty() && !service)
+		out += "\nno services configured\n";
+	for (const json *svc : services)
+		out += "\n" + render_service(*svc, now_usec);
+	return out;
+}
+
+} // namespace brokerctl
