@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -97,20 +98,32 @@ AccessRules AccessRules::resolve(const config::ControlConfig &cfg)
 }
 
 // One client: its stream, its credentials, and whether it is an operator, a reader or a worker.
-class ControlServer::Connection final : public EventSink {
+class ControlServer::Connection final : public EventSink, public Observer {
 public:
 	Connection(ControlServer &server, UniqueFd fd) : server_(server), stream_(std::move(fd)) {}
-	~Connection() { server_.supervisor_.detach_events(this); }
+	~Connection()
+	{
+		server_.supervisor_.detach_events(this);
+		server_.supervisor_.detach_observer(this);
+	}
 
 	bool start();
 	bool dead() const { return dead_; }
 	bool send_event(const json &parameters) override;
+	void watch_event(const json &event);
+
+	// Observer: the upgrade, start or stop this connection waits for.
+	void progress(const json &parameters) override;
+	void finished(const json &parameters) override;
+	void failed(const std::string &error, const json &parameters) override;
 
 private:
 	static int io_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
 	static int idle_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	void on_io(std::uint32_t revents);
+	void dispatch();
 	void handle(vl::Message &m);
+	void done_waiting();
 	void update_events();
 	void close(const std::string &why);
 	std::string who() const;
@@ -123,6 +136,12 @@ private:
 	void worker_ready();
 	void worker_status(const json &params);
 	void worker_events();
+	void control_upgrade(const json &params, const std::string &kind);
+	void control_abort(const json &params);
+	void control_start_stop(const json &params, bool start);
+	void control_reload(const json &params);
+	void control_watch(const json &params);
+	Service *service_param(const json &params, const std::vector<std::string> &allowed);
 
 	Instance *worker();
 	void reply(json parameters, bool continues = false);
@@ -139,6 +158,10 @@ private:
 	bool oneway_ = false;   // the call being handled wants no reply
 	bool more_ = false;
 	bool dead_ = false;
+	bool waiting_ = false;  // an upgrade, start or stop will reply; later calls wait their turn
+	bool watching_ = false;
+	std::string watch_service_;
+	EventSource resume_;
 };
 
 bool ControlServer::Connection::start()
@@ -186,7 +209,9 @@ void ControlServer::Connection::close(const std::string &why)
 	dead_ = true;
 	io_.reset();
 	idle_.reset();
+	resume_.reset();
 	server_.supervisor_.detach_events(this);
+	server_.supervisor_.detach_observer(this);
 	server_.schedule_sweep();
 }
 
@@ -220,16 +245,78 @@ void ControlServer::Connection::on_io(std::uint32_t revents)
 				return close("");
 			return close("receive: " + errno_text(-r));
 		}
-		for (int i = 0; i < kMessagesPerWakeup && !dead_; i++) {
-			vl::Message m;
-			r = stream_.next(m);
-			if (r == 0)
-				break;
-			if (r < 0)
-				return close("protocol error: " + errno_text(-r));
-			handle(m);
-		}
+		dispatch();
 	}
+	if (!dead_)
+		update_events();
+}
+
+void ControlServer::Connection::dispatch()
+{
+	// Calls are answered in order: while one waits for the supervisor, the rest stay queued.
+	for (int i = 0; i < kMessagesPerWakeup && !dead_ && !waiting_; i++) {
+		vl::Message m;
+		int r = stream_.next(m);
+		if (r == 0)
+			break;
+		if (r < 0)
+			return close("protocol error: " + errno_text(-r));
+		handle(m);
+	}
+}
+
+void ControlServer::Connection::done_waiting()
+{
+	waiting_ = false;
+	if (dead_ || resume_)
+		return;
+	// Resume queued calls from the event loop, not from inside the supervisor's callback.
+	sd_event_source *s = nullptr;
+	auto cb = [](sd_event_source *, void *userdata) -> int {
+		auto *c = static_cast<Connection *>(userdata);
+		c->resume_.reset();
+		c->dispatch();
+		if (!c->dead_)
+			c->update_events();
+		return 0;
+	};
+	if (sd_event_add_defer(server_.event_, &s, cb, this) >= 0) {
+		sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+		resume_.reset(s);
+	}
+}
+
+void ControlServer::Connection::progress(const json &parameters)
+{
+	if (more_)
+		reply({{"progress", parameters}}, true);
+	update_events();
+}
+
+void ControlServer::Connection::finished(const json &parameters)
+{
+	if (parameters.empty())
+		reply(json::object());
+	else
+		reply({{"progress", parameters}});
+	update_events();
+	done_waiting();
+}
+
+void ControlServer::Connection::failed(const std::string &name, const json &parameters)
+{
+	error(name, parameters);
+	update_events();
+	done_waiting();
+}
+
+void ControlServer::Connection::watch_event(const json &event)
+{
+	if (!watching_ || dead_)
+		return;
+	if (!watch_service_.empty() && event.value("service", "") != watch_service_)
+		return;
+	reply(event, true);
 	if (!dead_)
 		update_events();
 }
@@ -312,13 +399,30 @@ void ControlServer::Connection::handle(vl::Message &m)
 			if (name == "GetInterfaceDescription")
 				return get_interface_description(params);
 		} else if (iface == "io.brokerd.Control") {
-			if (name == "Status" || name == "Sockets") {
-				if (!reader_) {
-					log::warning("control: " + method + " from " + who() + " denied");
-					return error(vl::kPermissionDenied);
-				}
-				return control_status(params, name == "Sockets");
+			static const char *const readonly[] = {"Status", "Sockets", "Watch"};
+			static const char *const operations[] = {"Upgrade", "Rollback", "Restart", "Abort",
+			                                         "Start",   "Stop",     "Reload"};
+			bool is_read = std::find(std::begin(readonly), std::end(readonly), name) != std::end(readonly);
+			bool is_op = std::find(std::begin(operations), std::end(operations), name) != std::end(operations);
+			if (!is_read && !is_op)
+				return error(vl::kMethodNotFound, {{"method", method}});
+			if (!(is_read ? reader_ : operator_)) {
+				log::warning("control: " + method + " from " + who() + " denied");
+				return error(vl::kPermissionDenied);
 			}
+			if (name == "Status" || name == "Sockets")
+				return control_status(params, name == "Sockets");
+			if (name == "Watch")
+				return control_watch(params);
+			if (name == "Upgrade" || name == "Rollback" || name == "Restart") {
+				std::string kind = name == "Upgrade" ? "upgrade" : name == "Rollback" ? "rollback" : "restart";
+				return control_upgrade(params, kind);
+			}
+			if (name == "Abort")
+				return control_abort(params);
+			if (name == "Start" || name == "Stop")
+				return control_start_stop(params, name == "Start");
+			return control_reload(params);
 		} else if (iface == "io.brokerd.Worker") {
 			if (name == "Hello")
 				return worker_hello(params);
@@ -484,9 +588,188 @@ void ControlServer::Connection::worker_events()
 		server_.supervisor_.attach_events(*inst, this);
 }
 
+Service *ControlServer::Connection::service_param(const json &params, const std::vector<std::string> &allowed)
+{
+	for (auto it = params.begin(); it != params.end(); ++it)
+		if (it.key() != "service" && std::find(allowed.begin(), allowed.end(), it.key()) == allowed.end()) {
+			error(vl::kInvalidParameter, {{"parameter", it.key()}});
+			return nullptr;
+		}
+	auto it = params.find("service");
+	if (it == params.end() || !it->is_string()) {
+		error(vl::kInvalidParameter, {{"parameter", "service"}});
+		return nullptr;
+	}
+	Service *svc = server_.supervisor_.find_service(it->get<std::string>());
+	if (!svc)
+		error("io.brokerd.Control.NoSuchService", {{"service", *it}});
+	return svc;
+}
+
+void ControlServer::Connection::control_upgrade(const json &params, const std::string &kind)
+{
+	std::vector<std::string> allowed = {"wait"};
+	if (kind == "upgrade")
+		allowed = {"wait", "exec", "env", "version", "batch", "all_at_once", "start_timeout_ms", "drain_timeout_ms"};
+	Service *svc = service_param(params, allowed);
+	if (!svc)
+		return;
+	auto bad = [&](const char *p) { error(vl::kInvalidParameter, {{"parameter", p}}); };
+	bool wait = true;
+	if (auto it = params.find("wait"); it != params.end() && !it->is_null()) {
+		if (!it->is_boolean())
+			return bad("wait");
+		wait = it->get<bool>();
+	}
+
+	UpgradeRequest req;
+	req.kind = kind;
+	if (kind == "rollback") {
+		if (!svc->previous)
+			return error("io.brokerd.Control.NoPreviousGeneration", {{"service", svc->name}});
+		req.cfg = *svc->previous;
+	} else if (kind == "restart") {
+		req.cfg = svc->current ? svc->current->cfg : svc->cfg;
+	} else {
+		// A new generation starts from the config file as it is now.
+		try {
+			config::Config cfg = server_.hooks_.read_config();
+			const config::ServiceConfig *sc = cfg.find_service(svc->name);
+			if (!sc)
+				return error("io.brokerd.Control.InvalidConfig",
+				             {{"message", "services." + svc->name + ": not in the config file any more (reload removes it)"}});
+			req.cfg = *sc;
+		} catch (const std::exception &e) {
+			return error("io.brokerd.Control.InvalidConfig", {{"message", e.what()}});
+		}
+		if (auto it = params.find("exec"); it != params.end() && !it->is_null()) {
+			if (!it->is_array() || it->empty())
+				return bad("exec");
+			req.cfg.exec.clear();
+			for (const auto &a : *it) {
+				if (!a.is_string() || a.get<std::string>().empty())
+					return bad("exec");
+				req.cfg.exec.push_back(a.get<std::string>());
+			}
+		}
+		if (auto it = params.find("env"); it != params.end() && !it->is_null()) {
+			if (!it->is_object())
+				return bad("env");
+			for (auto e = it->begin(); e != it->end(); ++e) {
+				const std::string &k = e.key();
+				bool valid = !k.empty() && !std::isdigit(static_cast<unsigned char>(k[0])) &&
+				             std::all_of(k.begin(), k.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
+				if (!e->is_string() || !valid || k.starts_with("BROKER_") || k.starts_with("LISTEN_") || k == "NOTIFY_SOCKET")
+					return bad("env");
+				req.cfg.env[k] = e->get<std::string>();
+			}
+		}
+		if (auto it = params.find("version"); it != params.end() && !it->is_null()) {
+			if (!it->is_string())
+				return bad("version");
+			req.cfg.version = it->get<std::string>();
+		}
+		if (auto it = params.find("batch"); it != params.end() && !it->is_null()) {
+			if (!it->is_number_unsigned() || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > 1024)
+				return bad("batch");
+			req.cfg.upgrade_batch = it->get<unsigned>();
+		}
+		if (auto it = params.find("all_at_once"); it != params.end() && !it->is_null()) {
+			if (!it->is_boolean())
+				return bad("all_at_once");
+			req.all_at_once = it->get<bool>();
+		}
+		for (const char *key : {"start_timeout_ms", "drain_timeout_ms"}) {
+			auto it = params.find(key);
+			if (it == params.end() || it->is_null())
+				continue;
+			if (!it->is_number_unsigned() || it->get<std::uint64_t>() > 365ull * 24 * 3600 * 1000)
+				return bad(key);
+			auto ms = std::chrono::milliseconds(it->get<std::uint64_t>());
+			if (key[0] == 's') {
+				if (ms.count() == 0)
+					return bad(key);
+				req.cfg.start_timeout = ms;
+			} else {
+				req.cfg.drain_timeout = ms;
+			}
+		}
+	}
+
+	if (auto refusal = server_.supervisor_.begin_upgrade(*svc, std::move(req), wait && !oneway_ ? this : nullptr))
+		return error(refusal->name, refusal->parameters);
+	if (!wait) {
+		json p = {{"event", "accepted"}, {"service", svc->name}};
+		if (svc->upgrade)
+			p["generation"] = svc->upgrade->to->number;
+		return reply({{"progress", p}});
+	}
+	if (svc->upgrade && !oneway_)
+		waiting_ = true; // the supervisor answers when the rollout ends
+}
+
+void ControlServer::Connection::control_abort(const json &params)
+{
+	Service *svc = service_param(params, {});
+	if (!svc)
+		return;
+	if (auto refusal = server_.supervisor_.abort_upgrade(*svc))
+		return error(refusal->name, refusal->parameters);
+	reply(json::object());
+}
+
+void ControlServer::Connection::control_start_stop(const json &params, bool start)
+{
+	Service *svc = service_param(params, {});
+	if (!svc)
+		return;
+	Observer *me = oneway_ ? nullptr : this;
+	waiting_ = me != nullptr;
+	auto refusal = start ? server_.supervisor_.start_service(*svc, me) : server_.supervisor_.stop_service(*svc, me);
+	if (refusal) {
+		waiting_ = false;
+		error(refusal->name, refusal->parameters);
+	}
+}
+
+void ControlServer::Connection::control_reload(const json &params)
+{
+	if (!params.empty())
+		return error(vl::kInvalidParameter, {{"parameter", params.begin().key()}});
+	try {
+		reply(server_.hooks_.reload());
+	} catch (const std::exception &e) {
+		error("io.brokerd.Control.InvalidConfig", {{"message", e.what()}});
+	}
+}
+
+void ControlServer::Connection::control_watch(const json &params)
+{
+	for (auto it = params.begin(); it != params.end(); ++it) {
+		if (it.key() == "service" && it->is_string())
+			watch_service_ = it->get<std::string>();
+		else if (!(it.key() == "service" && it->is_null()))
+			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
+	}
+	if (!more_)
+		return error(vl::kExpectedMore);
+	if (!watch_service_.empty() && !server_.supervisor_.find_service(watch_service_))
+		return error("io.brokerd.Control.NoSuchService", {{"service", watch_service_}});
+	watching_ = true;
+	// The stream stays open; every event is one reply. Later calls on this connection wait.
+	waiting_ = true;
+}
+
+void ControlServer::broadcast(const json &event)
+{
+	for (auto &c : connections_)
+		c->watch_event(event);
+}
+
 ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor,
-                             std::uint64_t start_usec)
-	: event_(event), cfg_(cfg), rules_(AccessRules::resolve(cfg)), supervisor_(supervisor), start_usec_(start_usec)
+                             DaemonHooks hooks, std::uint64_t start_usec)
+	: event_(event), cfg_(cfg), rules_(AccessRules::resolve(cfg)), supervisor_(supervisor), hooks_(std::move(hooks)),
+	  start_usec_(start_usec)
 {
 	const std::string &path = cfg_.path;
 	sockaddr_un sa{};

@@ -7,7 +7,10 @@
 
 #include <sys/types.h>
 
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <string>
@@ -28,10 +31,16 @@ struct AccessRules {
 	static AccessRules resolve(const config::ControlConfig &cfg);
 };
 
+// What only the daemon can do: read its config file, and apply it.
+struct DaemonHooks {
+	std::function<config::Config()> read_config; // throws config::ConfigError
+	std::function<nlohmann::json()> reload;      // throws config::ConfigError or std::runtime_error
+};
+
 class ControlServer {
 public:
 	// Binds cfg.path (replacing a stale socket file, never anything else) and serves it.
-	ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor,
+	ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor, DaemonHooks hooks,
 	              std::uint64_t start_usec);
 	~ControlServer();
 
@@ -39,6 +48,10 @@ public:
 	std::size_t connections() const { return connections_.size(); }
 	// Removes the socket file, at shutdown.
 	void remove_socket_file();
+	// New access rules after a reload.
+	void set_rules(AccessRules rules) { rules_ = std::move(rules); }
+	// Sends an event to every Watch stream that wants it.
+	void broadcast(const nlohmann::json &event);
 
 	class Connection;
 
@@ -53,6 +66,7 @@ private:
 	config::ControlConfig cfg_;
 	AccessRules rules_;
 	Supervisor &supervisor_;
+	DaemonHooks hooks_;
 	std::uint64_t start_usec_;
 	UniqueFd fd_;
 	EventSource source_;

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <list>
 #include <memory>
 #include <optional>
 
@@ -28,16 +29,19 @@ struct EventUnref {
 
 class Daemon {
 public:
-	explicit Daemon(config::Config cfg) : cfg_(std::move(cfg)) {}
+	Daemon(std::string config_path, config::Config cfg) : config_path_(std::move(config_path)), cfg_(std::move(cfg)) {}
 	int run();
 
 private:
 	static int on_signal(sd_event_source *s, const signalfd_siginfo *si, void *userdata);
 	void on_change();
+	nlohmann::json reload();
+	void close_unused_listeners();
 
+	std::string config_path_;
 	config::Config cfg_;
 	std::unique_ptr<sd_event, EventUnref> event_;
-	std::vector<Listener> listeners_;
+	std::list<Listener> listeners_; // stable addresses: services point at their listeners
 	std::unique_ptr<Supervisor> supervisor_;
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;
@@ -77,7 +81,11 @@ int Daemon::run()
 	supervisor_ = std::make_unique<Supervisor>(e, listeners_, cfg_.control.path);
 	notify_ = std::make_unique<NotifySocket>(e, *supervisor_);
 	supervisor_->set_notify_address(notify_->address());
-	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, start);
+	DaemonHooks hooks;
+	hooks.read_config = [this] { return config::load(config_path_); };
+	hooks.reload = [this] { return reload(); };
+	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start);
+	supervisor_->on_event = [this](const nlohmann::json &ev) { control_->broadcast(ev); };
 	log::info("control socket: " + cfg_.control.path);
 
 	supervisor_->on_change = [this] { on_change(); };
@@ -110,8 +118,87 @@ int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userd
 	return 0;
 }
 
+// Applies the config file again: new sockets are bound and new services started; removed
+// services drain, and a removed socket closes only once no service uses it any more.
+nlohmann::json Daemon::reload()
+{
+	config::Config next = config::load(config_path_);
+	AccessRules rules = AccessRules::resolve(next.control);
+	sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", static_cast<unsigned long long>(now_usec(CLOCK_MONOTONIC)));
+	nlohmann::json result = {{"added_sockets", nlohmann::json::array()},
+	                         {"removed_sockets", nlohmann::json::array()},
+	                         {"added_services", nlohmann::json::array()},
+	                         {"removed_services", nlohmann::json::array()}};
+	auto find_listener = [this](const std::string &name) -> Listener * {
+		for (auto &l : listeners_)
+			if (l.name == name)
+				return &l;
+		return nullptr;
+	};
+
+	// Sockets first, all or nothing, so new services find theirs.
+	std::vector<Listener> opened;
+	try {
+		InheritedFds none;
+		for (const auto &sc : next.sockets) {
+			const config::SocketConfig *old = cfg_.find_socket(sc.name);
+			if (old && find_listener(sc.name)) {
+				if (old->listen != sc.listen || old->systemd_name != sc.systemd_name)
+					throw config::ConfigError("sockets." + sc.name +
+					                          ": changed address; a listener is never re-bound, add the new one under another name");
+				continue;
+			}
+			opened.push_back(open_listener(sc, none));
+		}
+	} catch (...) {
+		sd_notify(0, "READY=1");
+		throw;
+	}
+	for (auto &l : opened) {
+		log::info("reload: socket " + l.name + ": listening on " + l.address);
+		result["added_sockets"].push_back(l.name);
+		listeners_.push_back(std::move(l));
+	}
+
+	for (const auto &svc : cfg_.services)
+		if (!next.find_service(svc.name)) {
+			supervisor_->remove_service(svc.name);
+			result["removed_services"].push_back(svc.name);
+		}
+	for (const auto &svc : next.services)
+		if (!supervisor_->find_service(svc.name)) {
+			supervisor_->add_service(svc);
+			result["added_services"].push_back(svc.name);
+		}
+	for (const auto &sc : cfg_.sockets)
+		if (!next.find_socket(sc.name))
+			result["removed_sockets"].push_back(sc.name);
+
+	control_->set_rules(std::move(rules));
+	cfg_ = std::move(next);
+	close_unused_listeners();
+	log::notice("reloaded " + config_path_);
+	sd_notify(0, "READY=1");
+	return result;
+}
+
+void Daemon::close_unused_listeners()
+{
+	for (auto it = listeners_.begin(); it != listeners_.end();) {
+		if (cfg_.find_socket(it->name) || supervisor_->uses_listener(*it)) {
+			++it;
+			continue;
+		}
+		log::notice("socket " + it->name + ": no longer configured or used, closing it");
+		remove_socket_file(*it);
+		it = listeners_.erase(it);
+	}
+}
+
 void Daemon::on_change()
 {
+	if (!supervisor_->shutting_down() && listeners_.size() > cfg_.sockets.size())
+		close_unused_listeners();
 	if (supervisor_->shutting_down()) {
 		if (supervisor_->stopped())
 			sd_event_exit(event_.get(), 0);
@@ -175,7 +262,7 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 
 	try {
-		broker::Daemon daemon(broker::config::load(config_path));
+		broker::Daemon daemon(config_path, broker::config::load(config_path));
 		return daemon.run();
 	} catch (const std::exception &e) {
 		broker::log::error(e.what());

@@ -186,7 +186,7 @@ const char *state_name(InstanceState s)
 	return "unknown";
 }
 
-Supervisor::Supervisor(sd_event *event, const std::vector<Listener> &listeners, std::string control_path)
+Supervisor::Supervisor(sd_event *event, const std::list<Listener> &listeners, std::string control_path)
 	: event_(event), listeners_(listeners), control_path_(std::move(control_path))
 {
 }
@@ -199,6 +199,23 @@ const Listener *Supervisor::find_listener(std::string_view name) const
 		if (l.name == name)
 			return &l;
 	return nullptr;
+}
+
+Service *Supervisor::find_service(std::string_view name)
+{
+	for (auto &svc : services_)
+		if (svc->name == name)
+			return svc.get();
+	return nullptr;
+}
+
+bool Supervisor::uses_listener(const Listener &l) const
+{
+	for (const auto &svc : services_)
+		for (const Listener *s : svc->sockets)
+			if (s == &l)
+				return true;
+	return false;
 }
 
 void Supervisor::add_service(const config::ServiceConfig &cfg)
@@ -214,31 +231,55 @@ void Supervisor::add_service(const config::ServiceConfig &cfg)
 	}
 	Service &ref = *svc;
 	services_.push_back(std::move(svc));
-	if (!cfg.exec.empty())
-		start_generation(ref, cfg);
+	if (cfg.exec.empty())
+		return;
+	Generation &gen = new_generation(ref, cfg);
+	ref.current = &gen;
+	log::info("service " + ref.name + " gen " + std::to_string(gen.number) + ": starting " +
+	          std::to_string(cfg.instances) + " instance(s)");
+	for (unsigned i = 0; i < cfg.instances; i++)
+		spawn(add_instance(gen));
 }
 
-void Supervisor::start_generation(Service &svc, const config::ServiceConfig &cfg)
+void Supervisor::remove_service(const std::string &name)
+{
+	Service *svc = find_service(name);
+	if (!svc || svc->removing)
+		return;
+	svc->removing = true;
+	if (svc->upgrade)
+		abort_upgrade(*svc);
+	log::notice("service " + name + ": removed from the config, draining it");
+	for (auto &gen : svc->generations)
+		for (auto &inst : gen->instances) {
+			inst->retired = true;
+			drain(*inst);
+		}
+	schedule_prune();
+	changed();
+}
+
+Generation &Supervisor::new_generation(Service &svc, const config::ServiceConfig &cfg)
 {
 	auto gen = std::make_unique<Generation>();
 	gen->service = &svc;
 	gen->number = svc.next_generation++;
 	gen->cfg = cfg;
-	for (unsigned i = 0; i < cfg.instances; i++) {
-		auto inst = std::make_unique<Instance>();
-		inst->supervisor = this;
-		inst->service = &svc;
-		inst->generation = gen.get();
-		inst->index = i;
-		inst->id = svc.name + "/" + std::to_string(gen->number) + "/" + std::to_string(i);
-		gen->instances.push_back(std::move(inst));
-	}
 	Generation &ref = *gen;
 	svc.generations.push_back(std::move(gen));
-	log::info("service " + svc.name + " gen " + std::to_string(ref.number) + ": starting " +
-	          std::to_string(cfg.instances) + " instance(s)");
-	for (auto &inst : ref.instances)
-		spawn(*inst);
+	return ref;
+}
+
+Instance &Supervisor::add_instance(Generation &gen)
+{
+	auto inst = std::make_unique<Instance>();
+	inst->supervisor = this;
+	inst->service = gen.service;
+	inst->generation = &gen;
+	inst->index = gen.next_index++;
+	inst->id = gen.service->name + "/" + std::to_string(gen.number) + "/" + std::to_string(inst->index);
+	gen.instances.push_back(std::move(inst));
+	return *gen.instances.back();
 }
 
 void Supervisor::set_state(Instance &inst, InstanceState s)
@@ -268,7 +309,6 @@ void Supervisor::spawn(Instance &inst)
 	set_state(inst, InstanceState::Starting);
 	inst.status_text.clear();
 	inst.exit_reason.clear();
-	inst.exec_done = false;
 	inst.token = random_token();
 	inst.timer.reset();
 
@@ -276,8 +316,7 @@ void Supervisor::spawn(Instance &inst)
 		log::error("instance " + inst.id + ": cannot start: " + why);
 		inst.exit_reason = why;
 		inst.token.clear();
-		set_state(inst, InstanceState::Failed);
-		changed();
+		after_exit(inst, false);
 	};
 
 	std::string program = resolve_program(cfg.exec[0]);
@@ -440,6 +479,7 @@ void Supervisor::spawn(Instance &inst)
 	}
 
 	log::info("instance " + inst.id + ": started pid " + std::to_string(pid) + " (" + program + ")");
+	emit(inst, "started");
 	if (cfg.ready != config::ReadyMode::Exec)
 		arm_timer(inst, static_cast<std::uint64_t>(cfg.start_timeout.count()) * kUsecPerMsec,
 		          start_timeout_handler);
@@ -463,8 +503,7 @@ void Supervisor::on_exec_status(Instance &inst)
 		return;
 	inst.exec_source.reset();
 	inst.exec_status.reset();
-	inst.exec_done = true;
-	if (n == static_cast<ssize_t>(sizeof(err))) {
+		if (n == static_cast<ssize_t>(sizeof(err))) {
 		inst.exit_reason = "exec " + inst.generation->cfg.exec[0] + ": " + errno_text(err);
 		log::error("instance " + inst.id + ": " + inst.exit_reason);
 		return; // the child's exit follows
@@ -540,31 +579,58 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 	// Leftover processes of the instance's session go with it: no worker is orphaned.
 	::kill(-inst.pid, SIGKILL);
 
+	std::string how = describe_exit(si);
+	bool clean = si.si_code == CLD_EXITED && si.si_status == 0;
+	if (inst.exit_reason.empty())
+		inst.exit_reason = how;
+	bool expected = inst.state == InstanceState::Draining || shutting_down_;
+	std::string pid = std::to_string(inst.pid);
+	if (expected)
+		log::info("instance " + inst.id + ": pid " + pid + " " + how);
+	else
+		log::warning("instance " + inst.id + ": pid " + pid + " " + how + " unexpectedly");
+	after_exit(inst, clean || expected);
+}
+
+void Supervisor::after_exit(Instance &inst, bool clean)
+{
+	bool expected = inst.state == InstanceState::Draining || shutting_down_ || inst.retired;
 	inst.timer.reset();
 	inst.events = nullptr;
 	inst.token.clear();
-	pid_t pid = std::exchange(inst.pid, 0);
+	inst.exec_source.reset();
+	inst.exec_status.reset();
+	set_state(inst, expected || clean ? InstanceState::Exited : InstanceState::Failed);
 
-	std::string how = describe_exit(si);
-	bool clean = si.si_code == CLD_EXITED && si.si_status == 0;
-	bool was_draining = inst.state == InstanceState::Draining;
-	if (inst.exit_reason.empty())
-		inst.exit_reason = how;
-
-	if (was_draining || shutting_down_) {
-		log::info("instance " + inst.id + ": pid " + std::to_string(pid) + " " + how);
-		set_state(inst, InstanceState::Exited);
-		changed();
-		return;
+	// Feed the rollout first so the event already shows the new counts.
+	Service &svc = *inst.service;
+	Upgrade *up = svc.upgrade.get();
+	std::optional<RolloutStep> step;
+	if (up && inst.generation == up->to && up->rollout.phase() == RolloutPhase::Rolling && !expected) {
+		// A new instance that dies before the upgrade is done fails the upgrade.
+		up->failed_instance = inst.id;
+		up->failed_output.assign(inst.last_lines.begin(), inst.last_lines.end());
+		inst.retired = true;
+		step = up->rollout.fail("instance " + inst.id + " " + inst.exit_reason);
+	} else if (up && inst.generation == up->from && inst.retired && up->rollout.phase() == RolloutPhase::Rolling) {
+		step = up->rollout.old_exited();
 	}
+	emit(inst, expected || clean ? "exited" : "failed", inst.exit_reason);
+	inst.pid = 0;
 
-	log::warning("instance " + inst.id + ": pid " + std::to_string(pid) + " " + how + " unexpectedly");
-	set_state(inst, clean ? InstanceState::Exited : InstanceState::Failed);
-	const auto policy = inst.generation->cfg.restart;
-	bool restart = policy == config::RestartPolicy::Always ||
-	               (policy == config::RestartPolicy::OnFailure && !clean);
-	if (restart)
-		schedule_restart(inst);
+	if (step) {
+		apply(svc, *step);
+	} else if (!expected && !shutting_down_ && !inst.retired && !svc.stopped) {
+		const auto policy = inst.generation->cfg.restart;
+		bool restart = policy == config::RestartPolicy::Always ||
+		               (policy == config::RestartPolicy::OnFailure && !clean);
+		if (restart)
+			schedule_restart(inst);
+	}
+	if (inst.state != InstanceState::Starting)
+		inst.retired = inst.retired || inst.generation != svc.current || svc.removing;
+	schedule_prune();
+	check_waiters(svc);
 	changed();
 }
 
@@ -578,9 +644,10 @@ void Supervisor::schedule_restart(Instance &inst)
 	while (!inst.crash_times.empty() && now - inst.crash_times.front() > kCrashLoopWindow)
 		inst.crash_times.pop_front();
 	if (inst.crash_times.size() > kCrashLoopBurst) {
-		log::error("instance " + inst.id + ": crash loop (" + std::to_string(inst.crash_times.size()) +
-		           " failures within 60s), not restarting; last: " + inst.exit_reason);
-		set_state(inst, InstanceState::Failed);
+		std::string msg = "crash loop (" + std::to_string(inst.crash_times.size()) +
+		                  " failures within 60s), not restarting; last: " + inst.exit_reason;
+		log::error("instance " + inst.id + ": " + msg);
+		emit(inst, "crash-loop", msg);
 		return;
 	}
 	std::uint64_t delay = kRestartBackoffMin << std::min(inst.restarts, 16u);
@@ -595,7 +662,7 @@ void Supervisor::schedule_restart(Instance &inst)
 int Supervisor::restart_handler(sd_event_source *, std::uint64_t, void *userdata)
 {
 	auto &inst = *static_cast<Instance *>(userdata);
-	if (!inst.supervisor->shutting_down_)
+	if (!inst.supervisor->shutting_down_ && !inst.retired)
 		inst.supervisor->spawn(inst);
 	return 0;
 }
@@ -605,7 +672,8 @@ int Supervisor::start_timeout_handler(sd_event_source *, std::uint64_t, void *us
 	auto &inst = *static_cast<Instance *>(userdata);
 	if (inst.state != InstanceState::Starting || !inst.pid)
 		return 0;
-	inst.exit_reason = "not ready within the start timeout";
+	auto secs = std::chrono::duration_cast<std::chrono::milliseconds>(inst.generation->cfg.start_timeout).count();
+	inst.exit_reason = "was not ready within the start timeout (" + std::to_string(secs) + "ms)";
 	log::error("instance " + inst.id + ": " + inst.exit_reason + ", sending SIGKILL");
 	inst.supervisor->signal(inst, SIGKILL);
 	return 0;
@@ -617,6 +685,7 @@ int Supervisor::drain_timeout_handler(sd_event_source *, std::uint64_t, void *us
 	if (!inst.pid)
 		return 0;
 	log::warning("instance " + inst.id + ": drain timeout, sending SIGKILL");
+	inst.exit_reason = "killed at the drain timeout";
 	inst.supervisor->signal(inst, SIGKILL);
 	::kill(-inst.pid, SIGKILL);
 	return 0;
@@ -636,10 +705,12 @@ void Supervisor::signal(Instance &inst, int sig)
 void Supervisor::drain(Instance &inst)
 {
 	if (!inst.pid) {
-		// Not running (failed, or waiting to restart): nothing to drain.
+		// Not running (failed, or waiting to restart): nothing to drain, and no restart either.
 		inst.timer.reset();
 		if (inst.state == InstanceState::Starting)
 			set_state(inst, InstanceState::Exited);
+		inst.retired = true;
+		schedule_prune();
 		return;
 	}
 	if (inst.state == InstanceState::Draining)
@@ -650,22 +721,35 @@ void Supervisor::drain(Instance &inst)
 	if (told) {
 		log::info("instance " + inst.id + ": drain requested");
 	} else {
-		log::info("instance " + inst.id + ": draining with signal " + std::to_string(cfg.drain_signal));
+		const char *name = sigabbrev_np(cfg.drain_signal);
+		log::info("instance " + inst.id + ": draining with SIG" + (name ? name : std::to_string(cfg.drain_signal)));
 		signal(inst, cfg.drain_signal);
 	}
+	emit(inst, "draining");
 	arm_timer(inst, static_cast<std::uint64_t>(cfg.drain_timeout.count()) * kUsecPerMsec, drain_timeout_handler);
 }
 
 void Supervisor::instance_ready(Instance &inst, std::string_view how)
 {
-	if (inst.state != InstanceState::Starting)
+	if (inst.state != InstanceState::Starting || !inst.pid)
 		return;
 	set_state(inst, InstanceState::Ready);
 	inst.ready_since = now_usec(CLOCK_MONOTONIC);
 	inst.timer.reset();
 	log::info("instance " + inst.id + ": ready (" + std::string(how) + ")");
-	if (shutting_down_)
+	Service &svc = *inst.service;
+	Upgrade *up = svc.upgrade.get();
+	std::optional<RolloutStep> step;
+	if (up && !inst.retired && inst.generation == up->to)
+		step = up->rollout.new_ready();
+	else if (up && inst.generation == up->from && inst.restored)
+		step = up->rollout.restored_ready();
+	emit(inst, "ready");
+	if (shutting_down_ || inst.retired || svc.stopped)
 		drain(inst);
+	else if (step)
+		apply(svc, *step);
+	check_waiters(svc);
 	changed();
 }
 
@@ -680,6 +764,7 @@ void Supervisor::instance_stopping(Instance &inst)
 {
 	if (inst.state == InstanceState::Ready || inst.state == InstanceState::Starting) {
 		set_state(inst, InstanceState::Draining);
+		emit(inst, "draining", "STOPPING=1");
 		arm_timer(inst, static_cast<std::uint64_t>(inst.generation->cfg.drain_timeout.count()) * kUsecPerMsec,
 		          drain_timeout_handler);
 		changed();
@@ -727,16 +812,281 @@ Instance *Supervisor::find_by_pid(pid_t pid)
 	return nullptr;
 }
 
+// Upgrades.
+
+std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer)
+{
+	if (svc.upgrade)
+		return ControlError{"io.brokerd.Control.UpgradeInProgress",
+		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
+	if (svc.stopped || svc.removing || shutting_down_)
+		return ControlError{"io.brokerd.Control.ServiceStopped", {{"service", svc.name}}};
+	if (req.cfg.exec.empty())
+		return ControlError{"io.brokerd.Control.InvalidConfig",
+		                    {{"message", "services." + svc.name + ": an external service is upgraded by registering a new version"}}};
+	if (req.cfg.sockets != svc.cfg.sockets)
+		return ControlError{"io.brokerd.Control.InvalidConfig",
+		                    {{"message", "services." + svc.name + ".sockets: changed; a service's sockets change with reload"}}};
+
+	Generation *from = svc.current;
+	unsigned old_total = 0;
+	if (from)
+		for (const auto &inst : from->instances)
+			if (!inst->retired)
+				old_total++;
+
+	auto up = std::make_unique<Upgrade>(Rollout(old_total, req.cfg.instances, req.cfg.upgrade_batch, req.all_at_once));
+	up->from = from;
+	up->to = &new_generation(svc, req.cfg);
+	up->kind = req.kind;
+	up->started = now_usec(CLOCK_MONOTONIC);
+	if (observer)
+		up->observers.push_back(observer);
+	Upgrade &ref = *up;
+	svc.upgrade = std::move(up);
+
+	std::string what = req.kind + " of " + svc.name + " from gen " + (from ? std::to_string(from->number) : "-") +
+	                   " to gen " + std::to_string(ref.to->number);
+	log::notice(what + ": " + std::to_string(req.cfg.instances) + " new instance(s), batch " +
+	            std::to_string(req.cfg.upgrade_batch) + (req.all_at_once ? ", all at once" : ""));
+	emit_service(svc, "upgrade", what);
+	for (Observer *o : std::vector(ref.observers))
+		o->progress(progress(svc, "accepted", nullptr, what));
+	apply(svc, ref.rollout.begin());
+	return std::nullopt;
+}
+
+std::optional<ControlError> Supervisor::abort_upgrade(Service &svc)
+{
+	Upgrade *up = svc.upgrade.get();
+	if (!up || up->rollout.phase() != RolloutPhase::Rolling)
+		return ControlError{"io.brokerd.Control.NoUpgradeInProgress", {{"service", svc.name}}};
+	log::notice("service " + svc.name + ": upgrade to gen " + std::to_string(up->to->number) + " aborted by the operator");
+	apply(svc, up->rollout.fail("aborted by the operator"));
+	return std::nullopt;
+}
+
+void Supervisor::apply(Service &svc, const RolloutStep &step)
+{
+	Upgrade *up = svc.upgrade.get();
+	if (!up)
+		return;
+
+	if (step.stop_new) {
+		log::warning("service " + svc.name + ": " + up->kind + " to gen " + std::to_string(up->to->number) +
+		             " failed (" + up->rollout.reason() + "), rolling back");
+		for (Observer *o : std::vector(up->observers))
+			o->progress(progress(svc, "rollback", nullptr, up->rollout.reason()));
+		emit_service(svc, "rollback", up->rollout.reason());
+		for (auto &inst : up->to->instances) {
+			inst->retired = true;
+			drain(*inst);
+		}
+	}
+	// Spawning can fail on the spot, which feeds the rollout and may end the upgrade.
+	auto still_ours = [&] { return svc.upgrade.get() == up; };
+	for (unsigned i = 0; i < step.restore_old && still_ours() && up->from; i++) {
+		Instance &inst = add_instance(*up->from);
+		inst.restored = true;
+		spawn(inst);
+	}
+	for (unsigned i = 0; i < step.start_new && still_ours(); i++)
+		spawn(add_instance(*up->to));
+
+	// Drain old instances: those not serving first, then the newest serving ones.
+	for (unsigned n = 0; n < step.drain_old && still_ours() && up->from; n++) {
+		Instance *pick = nullptr;
+		auto rank = [](const Instance &i) { return std::pair(i.state == InstanceState::Ready, -static_cast<int>(i.index)); };
+		for (auto &inst : up->from->instances)
+			if (!inst->retired && (!pick || rank(*inst) < rank(*pick)))
+				pick = inst.get();
+		if (!pick)
+			break;
+		pick->retired = true;
+		bool running = pick->pid != 0;
+		drain(*pick);
+		if (!running)
+			apply(svc, up->rollout.old_exited()); // nothing to wait for: it counts as exited now
+	}
+
+	if (!still_ours())
+		return;
+	if (step.finished || !up->rollout.active())
+		finish_upgrade(svc);
+}
+
+void Supervisor::finish_upgrade(Service &svc)
+{
+	std::unique_ptr<Upgrade> up = std::move(svc.upgrade);
+	if (!up)
+		return;
+	double secs = static_cast<double>(now_usec(CLOCK_MONOTONIC) - up->started) / 1e6;
+	char took[32];
+	std::snprintf(took, sizeof(took), "%.2fs", secs);
+	if (up->rollout.phase() == RolloutPhase::Done) {
+		if (up->from)
+			svc.previous = up->from->cfg;
+		svc.current = up->to;
+		log::notice("service " + svc.name + ": now at gen " + std::to_string(up->to->number) + " (" + up->kind +
+		            " took " + took + ")");
+		emit_service(svc, "done", up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took);
+		json p = progress(svc, "done", nullptr, took);
+		p["generation"] = up->to->number;
+		p["upgrade"] = upgrade_json(*up);
+		for (Observer *o : std::vector(up->observers))
+			o->finished(p);
+	} else {
+		log::notice("service " + svc.name + ": rolled back to gen " +
+		            (up->from ? std::to_string(up->from->number) : std::string("-")) + " in " + took);
+		emit_service(svc, "rolled-back", up->rollout.reason());
+		json err = {{"service", svc.name},
+		            {"generation", up->to->number},
+		            {"reason", up->rollout.reason()},
+		            {"output", up->failed_output}};
+		if (!up->failed_instance.empty())
+			err["instance"] = up->failed_instance;
+		for (Observer *o : std::vector(up->observers))
+			o->failed("io.brokerd.Control.UpgradeFailed", err);
+	}
+	for (auto &gen : svc.generations)
+		if (gen.get() != svc.current)
+			for (auto &inst : gen->instances)
+				inst->retired = true;
+	schedule_prune();
+	changed();
+}
+
+json Supervisor::upgrade_json(const Upgrade &up) const
+{
+	const Rollout &r = up.rollout;
+	return {{"generation", up.to->number},
+	        {"from", up.from ? up.from->number : 0},
+	        {"phase", phase_name(r.phase())},
+	        {"started", r.new_started()},
+	        {"ready", r.new_ready_count()},
+	        {"drained", r.old_exited_count()},
+	        {"total_new", r.new_total()},
+	        {"total_old", r.old_total()}};
+}
+
+json Supervisor::progress(const Service &svc, const char *event, const Instance *inst, const std::string &message) const
+{
+	json p = {{"event", event}, {"service", svc.name}};
+	if (svc.upgrade) {
+		p["generation"] = svc.upgrade->to->number;
+		p["upgrade"] = upgrade_json(*svc.upgrade);
+	}
+	if (inst) {
+		p["instance"] = inst->id;
+		p["pid"] = inst->pid;
+	}
+	if (!message.empty())
+		p["message"] = message;
+	return p;
+}
+
+void Supervisor::detach_observer(Observer *observer)
+{
+	for (auto &svc : services_) {
+		if (svc->upgrade)
+			std::erase(svc->upgrade->observers, observer);
+		std::erase(svc->start_waiters, observer);
+		std::erase(svc->stop_waiters, observer);
+	}
+}
+
+// Start and stop.
+
+std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *observer)
+{
+	if (!svc.stopped || svc.removing || shutting_down_)
+		return ControlError{"io.brokerd.Control.ServiceStopped", {{"service", svc.name}}};
+	if (svc.cfg.exec.empty())
+		return ControlError{"io.brokerd.Control.InvalidConfig",
+		                    {{"message", "services." + svc.name + ": an external service starts when its workers register"}}};
+	svc.stopped = false;
+	const config::ServiceConfig &cfg = svc.current ? svc.current->cfg : svc.cfg;
+	Generation &gen = new_generation(svc, cfg);
+	svc.current = &gen;
+	log::notice("service " + svc.name + ": starting gen " + std::to_string(gen.number));
+	emit_service(svc, "start", "gen " + std::to_string(gen.number));
+	if (observer)
+		svc.start_waiters.push_back(observer);
+	for (unsigned i = 0; i < cfg.instances; i++)
+		spawn(add_instance(gen));
+	check_waiters(svc);
+	changed();
+	return std::nullopt;
+}
+
+std::optional<ControlError> Supervisor::stop_service(Service &svc, Observer *observer)
+{
+	if (svc.stopped || svc.removing || shutting_down_)
+		return ControlError{"io.brokerd.Control.ServiceStopped", {{"service", svc.name}}};
+	if (svc.upgrade)
+		return ControlError{"io.brokerd.Control.UpgradeInProgress",
+		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
+	svc.stopped = true;
+	log::notice("service " + svc.name + ": stopping");
+	emit_service(svc, "stop", "");
+	if (observer)
+		svc.stop_waiters.push_back(observer);
+	for (auto &gen : svc.generations)
+		for (auto &inst : gen->instances) {
+			inst->retired = true;
+			drain(*inst);
+		}
+	check_waiters(svc);
+	changed();
+	return std::nullopt;
+}
+
+void Supervisor::check_waiters(Service &svc)
+{
+	bool running = false, starting = false, ready = false;
+	for (auto &gen : svc.generations)
+		for (auto &inst : gen->instances) {
+			running = running || inst->pid;
+			if (gen.get() == svc.current && !inst->retired) {
+				starting = starting || inst->state == InstanceState::Starting;
+				ready = ready || inst->state == InstanceState::Ready;
+			}
+		}
+	if (!svc.stop_waiters.empty() && !running) {
+		auto waiters = std::exchange(svc.stop_waiters, {});
+		for (Observer *o : waiters)
+			o->finished(json::object());
+	}
+	if (!svc.start_waiters.empty() && !starting) {
+		auto waiters = std::exchange(svc.start_waiters, {});
+		for (Observer *o : waiters) {
+			if (ready)
+				o->finished(json::object());
+			else
+				o->failed("io.brokerd.Control.StartFailed", {{"service", svc.name}, {"reason", "no instance became ready"}});
+		}
+	}
+}
+
 void Supervisor::shutdown()
 {
 	if (shutting_down_)
 		return;
 	shutting_down_ = true;
 	log::notice("shutting down: draining every instance");
-	for (auto &svc : services_)
+	for (auto &svc : services_) {
+		if (svc->upgrade) {
+			for (Observer *o : std::vector(svc->upgrade->observers))
+				o->failed("io.brokerd.Control.UpgradeFailed", {{"service", svc->name},
+				                                               {"generation", svc->upgrade->to->number},
+				                                               {"reason", "brokerd is shutting down"},
+				                                               {"output", json::array()}});
+			svc->upgrade.reset();
+		}
 		for (auto &gen : svc->generations)
 			for (auto &inst : gen->instances)
 				drain(*inst);
+	}
 	changed();
 }
 
@@ -755,9 +1105,97 @@ bool Supervisor::settled() const
 	for (const auto &svc : services_)
 		for (const auto &gen : svc->generations)
 			for (const auto &inst : gen->instances)
-				if (inst->state == InstanceState::Starting)
+				if (inst->state == InstanceState::Starting && !inst->retired)
 					return false;
 	return true;
+}
+
+// Instances that are gone for good leave the books; generations are kept as history.
+void Supervisor::schedule_prune()
+{
+	if (prune_source_)
+		return;
+	sd_event_source *s = nullptr;
+	if (sd_event_add_defer(event_, &s, prune_handler, this) >= 0) {
+		sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+		prune_source_.reset(s);
+	}
+}
+
+int Supervisor::prune_handler(sd_event_source *, void *userdata)
+{
+	auto *sup = static_cast<Supervisor *>(userdata);
+	sup->prune_source_.reset();
+	sup->prune();
+	return 0;
+}
+
+void Supervisor::prune()
+{
+	constexpr std::size_t kKeptGenerations = 8;
+	for (auto &svc : services_) {
+		for (auto &gen : svc->generations)
+			std::erase_if(gen->instances, [](const std::unique_ptr<Instance> &inst) {
+				return inst->retired && !inst->pid && inst->state != InstanceState::Starting;
+			});
+		// Keep the current generation, the one an upgrade uses, and a few of history.
+		while (svc->generations.size() > kKeptGenerations) {
+			auto it = std::find_if(svc->generations.begin(), svc->generations.end(), [&](const auto &g) {
+				return g.get() != svc->current && g->instances.empty() &&
+				       (!svc->upgrade || (g.get() != svc->upgrade->from && g.get() != svc->upgrade->to));
+			});
+			if (it == svc->generations.end())
+				break;
+			svc->generations.erase(it);
+		}
+	}
+	std::erase_if(services_, [](const std::unique_ptr<Service> &svc) {
+		if (!svc->removing)
+			return false;
+		for (auto &gen : svc->generations)
+			if (!gen->instances.empty())
+				return false;
+		return true;
+	});
+}
+
+// Events and status.
+
+void Supervisor::emit(const Instance &inst, const char *event, const std::string &message)
+{
+	if (Upgrade *up = inst.service->upgrade.get()) {
+		if (inst.generation == up->to || inst.generation == up->from) {
+			json p = progress(*inst.service, event, &inst, message);
+			for (Observer *o : std::vector(up->observers))
+				o->progress(p);
+		}
+	}
+	if (!on_event)
+		return;
+	json e = {{"event", event},
+	          {"time", now_usec(CLOCK_REALTIME)},
+	          {"service", inst.service->name},
+	          {"generation", inst.generation->number},
+	          {"instance", inst.id},
+	          {"pid", inst.pid},
+	          {"state", state_name(inst.state)}};
+	if (!message.empty())
+		e["message"] = message;
+	on_event(e);
+}
+
+void Supervisor::emit_service(const Service &svc, const char *event, const std::string &message)
+{
+	if (!on_event)
+		return;
+	json e = {{"event", event}, {"time", now_usec(CLOCK_REALTIME)}, {"service", svc.name}};
+	if (svc.upgrade)
+		e["generation"] = svc.upgrade->to->number;
+	else if (svc.current)
+		e["generation"] = svc.current->number;
+	if (!message.empty())
+		e["message"] = message;
+	on_event(e);
 }
 
 json Supervisor::services_json(const std::string *only) const
@@ -767,7 +1205,10 @@ json Supervisor::services_json(const std::string *only) const
 		if (only && svc->name != *only)
 			continue;
 		json gens = json::array();
+		bool failed = false;
 		for (const auto &gen : svc->generations) {
+			if (gen->instances.empty() && gen.get() != svc->current)
+				continue;
 			json insts = json::array();
 			for (const auto &inst : gen->instances) {
 				json i = {{"id", inst->id},
@@ -777,6 +1218,8 @@ json Supervisor::services_json(const std::string *only) const
 				          {"since", inst->since}};
 				if (!inst->status_text.empty())
 					i["status"] = inst->status_text;
+				if (gen.get() == svc->current && !inst->retired && inst->state == InstanceState::Failed)
+					failed = true;
 				insts.push_back(std::move(i));
 			}
 			gens.push_back({{"number", gen->number},
@@ -787,10 +1230,14 @@ json Supervisor::services_json(const std::string *only) const
 		const char *ready = svc->cfg.ready == config::ReadyMode::Broker   ? "broker"
 		                    : svc->cfg.ready == config::ReadyMode::Notify ? "notify"
 		                                                                  : "exec";
-		services.push_back({{"name", svc->name},
-		                    {"sockets", svc->cfg.sockets},
-		                    {"ready", ready},
-		                    {"generations", std::move(gens)}});
+		json s = {{"name", svc->name},
+		          {"sockets", svc->cfg.sockets},
+		          {"ready", ready},
+		          {"state", svc->stopped ? "stopped" : failed ? "failed" : "running"},
+		          {"generations", std::move(gens)}};
+		if (svc->upgrade)
+			s["upgrade"] = upgrade_json(*svc->upgrade);
+		services.push_back(std::move(s));
 	}
 	if (only && services.empty())
 		return nullptr;
@@ -799,16 +1246,21 @@ json Supervisor::services_json(const std::string *only) const
 
 std::string Supervisor::summary() const
 {
-	unsigned ready = 0, total = 0;
-	for (const auto &svc : services_)
+	unsigned ready = 0, total = 0, upgrading = 0;
+	for (const auto &svc : services_) {
+		if (svc->upgrade)
+			upgrading++;
 		for (const auto &gen : svc->generations)
 			for (const auto &inst : gen->instances) {
 				total++;
 				if (inst->state == InstanceState::Ready)
 					ready++;
 			}
+	}
 	std::string s = std::to_string(services_.size()) + " service(s), " + std::to_string(ready) + "/" +
 	                std::to_string(total) + " instance(s) ready";
+	if (upgrading)
+		s += ", " + std::to_string(upgrading) + " upgrade(s) in progress";
 	if (shutting_down_)
 		s += ", shutting down";
 	return s;

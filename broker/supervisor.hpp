@@ -1,10 +1,11 @@
-// Supervisor: services, their generations and instances; spawning, readiness, drain and exit.
+// Supervisor: services, their generations and instances; spawning, readiness, upgrades, drain.
 #pragma once
 
 #include "broker/internal/unique_fd.hpp"
 #include "config.hpp"
 #include "event.hpp"
 #include "listener.hpp"
+#include "rollout.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -13,7 +14,9 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +33,24 @@ public:
 
 protected:
 	~EventSink() = default;
+};
+
+// Whoever waits for an upgrade, a start or a stop: a control connection. progress() gets every
+// step (Progress parameters); finished() gets the last one, or an error name and its parameters.
+class Observer {
+public:
+	virtual void progress(const nlohmann::json &parameters) = 0;
+	virtual void finished(const nlohmann::json &parameters) = 0;
+	virtual void failed(const std::string &error, const nlohmann::json &parameters) = 0;
+
+protected:
+	~Observer() = default;
+};
+
+// A refusal of an operator request: a Varlink error name and its parameters.
+struct ControlError {
+	std::string name;
+	nlohmann::json parameters;
 };
 
 enum class InstanceState { Starting, Ready, Draining, Exited, Failed };
@@ -55,7 +76,7 @@ struct Instance {
 	std::uint64_t since = 0; // CLOCK_REALTIME usec of the last state change
 	pid_t pid = 0;
 	EventSource child_source; // owns the pidfd; kept until the slot respawns
-	UniqueFd exec_status; // read end: errno if exec failed, EOF when it succeeded
+	UniqueFd exec_status;     // read end: errno if exec failed, EOF when it succeeded
 	EventSource exec_source;
 	EventSource timer; // start timeout, drain deadline or restart backoff
 	OutputPipe out, err;
@@ -63,12 +84,14 @@ struct Instance {
 	std::string status_text;
 	std::string token;
 	EventSink *events = nullptr;
-	bool exec_done = false;
 	std::string exit_reason;
 
-	unsigned restarts = 0;           // consecutive, for backoff
+	bool retired = false;  // drained on purpose: never restarted, pruned once exited
+	bool restored = false; // started by a rollback to refill the old generation
+
+	unsigned restarts = 0;                 // consecutive, for backoff
 	std::deque<std::uint64_t> crash_times; // CLOCK_MONOTONIC usec of recent failures
-	std::uint64_t ready_since = 0;   // CLOCK_MONOTONIC usec
+	std::uint64_t ready_since = 0;         // CLOCK_MONOTONIC usec
 };
 
 struct Generation {
@@ -76,19 +99,47 @@ struct Generation {
 	std::uint64_t number = 0;
 	config::ServiceConfig cfg;
 	std::vector<std::unique_ptr<Instance>> instances;
+	unsigned next_index = 0;
+};
+
+// An upgrade in progress: from the current generation to a new one.
+struct Upgrade {
+	explicit Upgrade(Rollout r) : rollout(std::move(r)) {}
+
+	Rollout rollout;
+	Generation *from = nullptr; // may be null for a service that had no generation running
+	Generation *to = nullptr;
+	std::string kind; // "upgrade", "rollback" or "restart"
+	std::vector<Observer *> observers;
+	std::uint64_t started = 0; // CLOCK_MONOTONIC usec
+	std::string failed_instance;
+	std::vector<std::string> failed_output;
 };
 
 struct Service {
 	std::string name;
-	config::ServiceConfig cfg;
+	config::ServiceConfig cfg; // as configured (the next upgrade starts from a re-read one)
 	std::vector<const Listener *> sockets;
 	std::vector<std::unique_ptr<Generation>> generations;
+	Generation *current = nullptr;
+	std::optional<config::ServiceConfig> previous; // what a rollback deploys
 	std::uint64_t next_generation = 1;
+	std::unique_ptr<Upgrade> upgrade;
+	bool stopped = false;
+	bool removing = false; // removed from the config: drained, then forgotten
+	std::vector<Observer *> start_waiters;
+	std::vector<Observer *> stop_waiters;
+};
+
+struct UpgradeRequest {
+	config::ServiceConfig cfg;
+	bool all_at_once = false;
+	std::string kind = "upgrade";
 };
 
 class Supervisor {
 public:
-	Supervisor(sd_event *event, const std::vector<Listener> &listeners, std::string control_path);
+	Supervisor(sd_event *event, const std::list<Listener> &listeners, std::string control_path);
 	~Supervisor();
 
 	// NOTIFY_SOCKET for the workers; set before the first service is added.
@@ -96,11 +147,15 @@ public:
 
 	// Adds a service and starts its first generation (external services wait for workers).
 	void add_service(const config::ServiceConfig &cfg);
+	// Drains a service removed from the config; it disappears once its instances exited.
+	void remove_service(const std::string &name);
+	Service *find_service(std::string_view name);
+	bool uses_listener(const Listener &l) const;
 
 	Instance *find_by_token(std::string_view token);
 	Instance *find_by_pid(pid_t pid);
 	const Listener *find_listener(std::string_view name) const;
-	const std::vector<Listener> &listeners() const { return listeners_; }
+	const std::list<Listener> &listeners() const { return listeners_; }
 
 	// Reports from workers, through the control or notify socket.
 	void instance_ready(Instance &inst, std::string_view how);
@@ -109,6 +164,14 @@ public:
 	void attach_events(Instance &inst, EventSink *sink);
 	void detach_events(EventSink *sink);
 
+	// Operator requests. Each returns the refusal, or nullopt once the work has begun; the
+	// observer (may be null) hears the progress and the end.
+	std::optional<ControlError> begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer);
+	std::optional<ControlError> abort_upgrade(Service &svc);
+	std::optional<ControlError> start_service(Service &svc, Observer *observer);
+	std::optional<ControlError> stop_service(Service &svc, Observer *observer);
+	void detach_observer(Observer *observer);
+
 	// Drains every instance, then SIGKILL at its drain timeout; stopped() once all exited.
 	void shutdown();
 	bool shutting_down() const { return shutting_down_; }
@@ -116,15 +179,18 @@ public:
 	// No instance is starting: every one is ready, or has failed for good.
 	bool settled() const;
 
-	// io.brokerd.Control.Status's services; nullptr-like (null json) for an unknown service.
+	// io.brokerd.Control.Status's services; null json for an unknown service.
 	nlohmann::json services_json(const std::string *only) const;
 	std::string summary() const;
 
 	// Called after any state change, so the daemon can update READY=/STATUS= and finish a shutdown.
 	std::function<void()> on_change;
+	// Every event, for Watch: {event, time, service, generation, instance, pid, state, message}.
+	std::function<void(const nlohmann::json &)> on_event;
 
 private:
-	void start_generation(Service &svc, const config::ServiceConfig &cfg);
+	Generation &new_generation(Service &svc, const config::ServiceConfig &cfg);
+	Instance &add_instance(Generation &gen);
 	void spawn(Instance &inst);
 	void set_state(Instance &inst, InstanceState s);
 	void drain(Instance &inst);
@@ -133,8 +199,22 @@ private:
 	void on_exec_status(Instance &inst);
 	void on_output(Instance &inst, OutputPipe &pipe, bool eof);
 	void schedule_restart(Instance &inst);
+	// The instance's process is gone (or never started): restart, fail an upgrade, or retire.
+	void after_exit(Instance &inst, bool clean);
 	void arm_timer(Instance &inst, std::uint64_t usec_from_now, int (*cb)(sd_event_source *, std::uint64_t, void *));
+	void emit(const Instance &inst, const char *event, const std::string &message = {});
+	void emit_service(const Service &svc, const char *event, const std::string &message);
 	void changed();
+	void schedule_prune();
+	void prune();
+	void check_waiters(Service &svc);
+
+	// Upgrades: feed the rollout, then carry out what it asks.
+	void apply(Service &svc, const RolloutStep &step);
+	void finish_upgrade(Service &svc);
+	nlohmann::json upgrade_json(const Upgrade &up) const;
+	nlohmann::json progress(const Service &svc, const char *event, const Instance *inst,
+	                        const std::string &message) const;
 
 	static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata);
 	static int exec_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
@@ -142,12 +222,14 @@ private:
 	static int start_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int drain_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int restart_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+	static int prune_handler(sd_event_source *s, void *userdata);
 
 	sd_event *event_;
-	const std::vector<Listener> &listeners_;
+	const std::list<Listener> &listeners_;
 	std::string control_path_;
 	std::string notify_address_;
 	std::vector<std::unique_ptr<Service>> services_;
+	EventSource prune_source_;
 	bool shutting_down_ = false;
 };
 
