@@ -210,6 +210,8 @@ void ControlServer::Connection::close(const std::string &why)
 	io_.reset();
 	idle_.reset();
 	resume_.reset();
+	if (!token_.empty())
+		server_.supervisor_.connection_closed(token_);
 	server_.supervisor_.detach_events(this);
 	server_.supervisor_.detach_observer(this);
 	server_.schedule_sweep();
@@ -507,28 +509,47 @@ Instance *ControlServer::Connection::worker()
 
 void ControlServer::Connection::worker_hello(const json &params)
 {
-	std::string token;
+	std::string token, service, version;
 	bool want_fds = false;
 	for (auto it = params.begin(); it != params.end(); ++it) {
 		const std::string &k = it.key();
+		if (it->is_null())
+			continue;
 		if (k == "token" && it->is_string())
 			token = it->get<std::string>();
 		else if (k == "want_fds" && it->is_boolean())
 			want_fds = it->get<bool>();
-		else if ((k == "service" || k == "version") && (it->is_string() || it->is_null()))
-			continue;
+		else if (k == "service" && it->is_string())
+			service = it->get<std::string>();
+		else if (k == "version" && it->is_string())
+			version = it->get<std::string>();
 		else
 			return error(vl::kInvalidParameter, {{"parameter", k}});
 	}
-	if (token.empty()) {
-		// Registration of workers started elsewhere (external services) needs a register rule.
-		log::warning("control: Hello without a token from " + who() + " denied");
-		return error(vl::kInvalidParameter, {{"parameter", "token"}});
-	}
-	Instance *inst = server_.supervisor_.find_by_token(token);
-	if (!inst) {
-		log::warning("control: Hello with an unknown token from " + who() + " denied");
-		return error("io.brokerd.Worker.InvalidToken");
+	if (!token_.empty())
+		return error(vl::kInvalidParameter, {{"parameter", "token"}}); // one Hello per connection
+
+	Instance *inst = nullptr;
+	if (!token.empty()) {
+		inst = server_.supervisor_.find_by_token(token);
+		if (!inst) {
+			log::warning("control: Hello with an unknown token from " + who() + " denied");
+			return error("io.brokerd.Worker.InvalidToken");
+		}
+	} else {
+		// A worker started elsewhere registers for an external service, by its credentials.
+		if (service.empty())
+			return error(vl::kInvalidParameter, {{"parameter", "service"}});
+		Service *svc = server_.supervisor_.find_service(service);
+		if (!svc)
+			return error("io.brokerd.Worker.NoSuchService", {{"service", service}});
+		std::vector<gid_t> groups = peer_groups(stream_.fd());
+		groups.push_back(peer_.gid);
+		ControlError refusal;
+		inst = server_.supervisor_.register_external(*svc, version, peer_.pid, peer_.uid, groups, refusal);
+		if (!inst)
+			return error(refusal.name, refusal.parameters);
+		token = inst->token;
 	}
 	token_ = token;
 	idle_.reset();

@@ -595,6 +595,12 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 void Supervisor::after_exit(Instance &inst, bool clean)
 {
 	bool expected = inst.state == InstanceState::Draining || shutting_down_ || inst.retired;
+	if (inst.external) {
+		// A registered instance is never restarted by us: whoever started it decides.
+		inst.retired = true;
+		inst.child_source.reset();
+		inst.pidfd.reset();
+	}
 	inst.timer.reset();
 	inst.events = nullptr;
 	inst.token.clear();
@@ -687,7 +693,8 @@ int Supervisor::drain_timeout_handler(sd_event_source *, std::uint64_t, void *us
 	log::warning("instance " + inst.id + ": drain timeout, sending SIGKILL");
 	inst.exit_reason = "killed at the drain timeout";
 	inst.supervisor->signal(inst, SIGKILL);
-	::kill(-inst.pid, SIGKILL);
+	if (!inst.external)
+		::kill(-inst.pid, SIGKILL);
 	return 0;
 }
 
@@ -695,7 +702,7 @@ void Supervisor::signal(Instance &inst, int sig)
 {
 	if (!inst.pid || !inst.child_source)
 		return;
-	int pidfd = sd_event_source_get_child_pidfd(inst.child_source.get());
+	int pidfd = inst.external ? inst.pidfd.get() : sd_event_source_get_child_pidfd(inst.child_source.get());
 	if (pidfd < 0)
 		return;
 	if (pidfd_send_signal(pidfd, sig) < 0 && errno != ESRCH)
@@ -812,6 +819,124 @@ Instance *Supervisor::find_by_pid(pid_t pid)
 	return nullptr;
 }
 
+// Registered (external) workers.
+
+Instance *Supervisor::register_external(Service &svc, const std::string &version, pid_t pid, uid_t uid,
+                                        const std::vector<gid_t> &groups, ControlError &refusal)
+{
+	auto deny = [&](const std::string &why) -> Instance * {
+		log::warning("service " + svc.name + ": registration by pid " + std::to_string(pid) + " uid " +
+		             std::to_string(uid) + " denied: " + why);
+		refusal = {"org.varlink.service.PermissionDenied", json::object()};
+		return nullptr;
+	};
+	if (!svc.cfg.exec.empty())
+		return deny("the service is started by brokerd (it has exec)");
+	if (svc.removing || svc.stopped || shutting_down_)
+		return deny("the service is stopped");
+
+	// Default-deny: the peer must be a listed user or in a listed group.
+	bool allowed = false;
+	for (const auto &name : svc.cfg.register_users)
+		if (passwd *pw = ::getpwnam(name.c_str()); pw && pw->pw_uid == uid)
+			allowed = true;
+	for (const auto &name : svc.cfg.register_groups)
+		if (group *gr = ::getgrnam(name.c_str()); gr && std::find(groups.begin(), groups.end(), gr->gr_gid) != groups.end())
+			allowed = true;
+	if (!allowed)
+		return deny("not allowed by services." + svc.name + ".register");
+
+	UniqueFd pidfd(pidfd_open(pid));
+	if (!pidfd)
+		return deny("pidfd_open: " + errno_text(errno));
+
+	// Join the generation of that version, or start a new one that will take over when ready.
+	Generation *gen = nullptr;
+	for (auto &g : svc.generations)
+		if (g->cfg.version == version && (g.get() == svc.current || (svc.upgrade && g.get() == svc.upgrade->to)))
+			gen = g.get();
+	if (!gen) {
+		if (svc.upgrade) {
+			refusal = {"io.brokerd.Control.UpgradeInProgress",
+			           {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
+			log::warning("service " + svc.name + ": registration of version \"" + version +
+			             "\" refused: a takeover is in progress");
+			return nullptr;
+		}
+		config::ServiceConfig cfg = svc.cfg;
+		cfg.version = version;
+		gen = &new_generation(svc, cfg);
+		if (!svc.current || svc.current->instances.empty()) {
+			svc.current = gen;
+		} else {
+			// A new version takes over the way an upgrade does, but its instances arrive by Hello.
+			unsigned old_total = 0;
+			for (const auto &inst : svc.current->instances)
+				if (!inst->retired)
+					old_total++;
+			auto up = std::make_unique<Upgrade>(Rollout(old_total, cfg.instances, cfg.upgrade_batch, false));
+			up->from = svc.current;
+			up->to = gen;
+			up->kind = "takeover";
+			up->started = now_usec(CLOCK_MONOTONIC);
+			svc.upgrade = std::move(up);
+			std::string what = "takeover of " + svc.name + " by version \"" + version + "\" (gen " +
+			                   std::to_string(gen->number) + ")";
+			log::notice(what);
+			emit_service(svc, "upgrade", what);
+			svc.upgrade->rollout.begin();
+		}
+	}
+
+	Instance &inst = add_instance(*gen);
+	inst.external = true;
+	inst.pid = pid;
+	inst.pidfd = std::move(pidfd);
+	inst.token = random_token();
+	set_state(inst, InstanceState::Starting);
+	sd_event_source *s = nullptr;
+	if (sd_event_add_io(event_, &s, inst.pidfd.get(), EPOLLIN, external_handler, &inst) >= 0)
+		inst.child_source.reset(s);
+	log::info("instance " + inst.id + ": registered pid " + std::to_string(pid) + " (version \"" + version + "\")");
+	emit(inst, "started");
+	if (gen->cfg.ready == config::ReadyMode::Exec)
+		instance_ready(inst, "registered");
+	else
+		arm_timer(inst, static_cast<std::uint64_t>(gen->cfg.start_timeout.count()) * kUsecPerMsec, start_timeout_handler);
+	changed();
+	return &inst;
+}
+
+int Supervisor::external_handler(sd_event_source *, int, std::uint32_t, void *userdata)
+{
+	auto &inst = *static_cast<Instance *>(userdata);
+	// Not our child: its exit status belongs to its parent; a readable pidfd means it is gone.
+	inst.supervisor->external_exit(inst, "exited");
+	return 0;
+}
+
+void Supervisor::external_exit(Instance &inst, const std::string &how)
+{
+	if (!inst.pid)
+		return;
+	bool expected = inst.state == InstanceState::Draining || shutting_down_;
+	if (inst.exit_reason.empty())
+		inst.exit_reason = how;
+	std::string msg = "instance " + inst.id + ": pid " + std::to_string(inst.pid) + " " + how;
+	if (expected)
+		log::info(msg);
+	else
+		log::warning(msg + " unexpectedly");
+	after_exit(inst, expected);
+}
+
+void Supervisor::connection_closed(std::string_view token)
+{
+	Instance *inst = find_by_token(token);
+	if (inst && inst->external)
+		external_exit(*inst, "disconnected");
+}
+
 // Upgrades.
 
 std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer)
@@ -885,12 +1010,21 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 	}
 	// Spawning can fail on the spot, which feeds the rollout and may end the upgrade.
 	auto still_ours = [&] { return svc.upgrade.get() == up; };
+	const bool external = up->to->cfg.exec.empty();
 	for (unsigned i = 0; i < step.restore_old && still_ours() && up->from; i++) {
+		if (external) {
+			// brokerd cannot start what others started: the rollback ends with what still runs.
+			log::warning("service " + svc.name + ": cannot restart a drained registered instance; " +
+			             "its owner must register it again");
+			apply(svc, up->rollout.restored_ready());
+			continue;
+		}
 		Instance &inst = add_instance(*up->from);
 		inst.restored = true;
 		spawn(inst);
 	}
-	for (unsigned i = 0; i < step.start_new && still_ours(); i++)
+	// Registered services grow by Hello, not by spawning.
+	for (unsigned i = 0; i < step.start_new && still_ours() && !external; i++)
 		spawn(add_instance(*up->to));
 
 	// Drain old instances: those not serving first, then the newest serving ones.

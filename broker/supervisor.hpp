@@ -86,6 +86,9 @@ struct Instance {
 	EventSink *events = nullptr;
 	std::string exit_reason;
 
+	bool external = false;   // registered with Hello, not spawned: watched through pidfd
+	UniqueFd pidfd;          // external instances only (a spawned one's pidfd lives in child_source)
+
 	bool retired = false;  // drained on purpose: never restarted, pruned once exited
 	bool restored = false; // started by a rollback to refill the old generation
 
@@ -152,6 +155,14 @@ public:
 	Service *find_service(std::string_view name);
 	bool uses_listener(const Listener &l) const;
 
+	// A worker started elsewhere says Hello(service, version): checks the service's register rule
+	// against the peer's credentials, and joins the generation of that version, or creates it.
+	// Returns the new instance, or the refusal.
+	Instance *register_external(Service &svc, const std::string &version, pid_t pid, uid_t uid,
+	                            const std::vector<gid_t> &groups, ControlError &refusal);
+	// The control connection of a registered instance closed: it counts as exited.
+	void connection_closed(std::string_view token);
+
 	Instance *find_by_token(std::string_view token);
 	Instance *find_by_pid(pid_t pid);
 	const Listener *find_listener(std::string_view name) const;
@@ -217,6 +228,8 @@ private:
 	                        const std::string &message) const;
 
 	static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata);
+	static int external_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
+	void external_exit(Instance &inst, const std::string &how);
 	static int exec_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
 	static int output_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
 	static int start_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);

@@ -1,5 +1,6 @@
 // brokerctl: the operator's CLI for brokerd. Parses the command line, runs one subcommand from the
 // table in commands.cpp, and turns every failure into a message and a documented exit code.
+#include "arguments.hpp"
 #include "commands.hpp"
 #include "connection.hpp"
 #include "errors.hpp"
@@ -16,6 +17,7 @@
 #include <climits>
 #include <iostream>
 #include <new>
+#include <vector>
 
 namespace {
 
@@ -78,7 +80,9 @@ int run(int argc, char **argv)
 		->type_name("PATH")
 		->check(CLI::Validator(check_socket_path, ""));
 	app.add_flag("--json", opts.json, "Print brokerd's reply as JSON, for scripts");
-	app.add_option("--timeout", timeout_text, "How long to wait for brokerd's reply")
+	auto *timeout = app.add_option("--timeout", timeout_text,
+	                               "How long to wait for brokerd's reply (rollouts and watch wait as long as "
+	                               "brokerd works; start, stop and abort too unless this is given)")
 		->capture_default_str()
 		->type_name("DURATION")
 		->check(CLI::Validator(check_timeout, ""));
@@ -87,14 +91,26 @@ int run(int argc, char **argv)
 	for (const Command &c : commands())
 		c.declare(*app.add_subcommand(c.name, c.summary)->group("Commands"), args);
 
+	// `upgrade --exec` takes the rest of the command line, which CLI11 would read as options.
+	std::vector<std::string> words(argv, argv + argc);
+	args.exec = take_exec(words);
+	std::vector<const char *> rest;
+	for (const std::string &w : words)
+		rest.push_back(w.c_str());
+
 	try {
-		app.parse(argc, argv);
+		app.parse(static_cast<int>(rest.size()), rest.data());
 	} catch (const CLI::ParseError &e) {
 		// --help and --version are "errors" with code 0; every real one is a usage error.
 		int code = app.exit(e);
 		return code == 0 ? kExitOk : kExitUsage;
 	}
 	opts.timeout = *parse_duration(timeout_text);
+	opts.timeout_given = timeout->count() > 0;
+	if (args.exec && !app.got_subcommand("upgrade"))
+		throw Failure(kExitUsage, "--exec is an option of upgrade");
+	if (args.exec && args.exec->empty())
+		throw Failure(kExitUsage, "--exec needs a command: --exec /usr/bin/app --port 80");
 
 	for (const Command &c : commands()) {
 		if (!app.got_subcommand(c.name))

@@ -1,14 +1,23 @@
 // brokerctl's subcommands (see commands.hpp).
 #include "commands.hpp"
 
+#include "arguments.hpp"
 #include "connection.hpp"
 #include "errors.hpp"
+#include "format.hpp"
+#include "progress.hpp"
 #include "render.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <sys/ioctl.h>
+#include <unistd.h>
+
 #include <array>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
 #include <ostream>
 
 namespace brokerctl {
@@ -19,6 +28,14 @@ namespace {
 
 constexpr std::string_view kStatus = "io.brokerd.Control.Status";
 constexpr std::string_view kSockets = "io.brokerd.Control.Sockets";
+constexpr std::string_view kUpgrade = "io.brokerd.Control.Upgrade";
+constexpr std::string_view kRollback = "io.brokerd.Control.Rollback";
+constexpr std::string_view kRestart = "io.brokerd.Control.Restart";
+constexpr std::string_view kAbort = "io.brokerd.Control.Abort";
+constexpr std::string_view kStart = "io.brokerd.Control.Start";
+constexpr std::string_view kStop = "io.brokerd.Control.Stop";
+constexpr std::string_view kReload = "io.brokerd.Control.Reload";
+constexpr std::string_view kWatch = "io.brokerd.Control.Watch";
 
 std::int64_t realtime_usec()
 {
@@ -32,7 +49,124 @@ void print_json(std::ostream &out, const json &reply)
 	out << reply.dump(2, ' ', false, json::error_handler_t::replace) << '\n';
 }
 
+// --json for streams: one compact object per line, so `jq` and line-based tools read it as it comes.
+void print_json_line(std::ostream &out, const json &reply)
+{
+	out << reply.dump(-1, ' ', false, json::error_handler_t::replace) << '\n';
+}
+
+// stdout is a terminal that understands '\r' and "erase line", and how wide it is.
+struct Terminal {
+	bool live = false;
+	std::size_t width = 0;
+};
+
+Terminal stdout_terminal()
+{
+	const char *term = std::getenv("TERM");
+	if (!::isatty(STDOUT_FILENO) || !term || !*term || std::strcmp(term, "dumb") == 0)
+		return {};
+	winsize ws{};
+	std::size_t width = ::ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 ? ws.ws_col : 0;
+	return {true, width};
+}
+
+// Ctrl-C during a live progress line: end the line first, or the shell's prompt lands on it.
+void end_line_and_die(int sig)
+{
+	const char newline = '\n';
+	[[maybe_unused]] ssize_t n = ::write(STDOUT_FILENO, &newline, 1);
+	::signal(sig, SIG_DFL);
+	::raise(sig);
+}
+
+// Ctrl-C is how a watch ends, so it is a success. Every line is flushed as it is written, so
+// nothing is lost by leaving at once.
+void exit_ok(int)
+{
+	::_exit(kExitOk);
+}
+
+void on_interrupt(void (*handler)(int))
+{
+	struct sigaction sa{};
+	sa.sa_handler = handler;
+	sigemptyset(&sa.sa_mask);
+	::sigaction(SIGINT, &sa, nullptr);
+}
+
+std::string check_env(const std::string &text)
+{
+	if (!parse_env(text))
+		return "expected NAME=VALUE with a non-empty NAME, got \"" + printable(text) + "\"";
+	return {};
+}
+
+std::string check_duration(const std::string &text)
+{
+	if (!duration_ms(text))
+		return "expected a positive duration like \"30s\", \"500ms\" or \"1m30s\", got \"" + printable(text) +
+		       "\"";
+	return {};
+}
+
+std::string check_batch(const std::string &text)
+{
+	int n = 0;
+	if (!CLI::detail::lexical_cast(text, n) || n < 1)
+		return "expected a number of instances, at least 1, got \"" + printable(text) + "\"";
+	return {};
+}
+
 void declare_none(CLI::App &, Arguments &) {}
+
+void declare_service(CLI::App &sub, Arguments &args)
+{
+	sub.add_option("SERVICE", args.service, "The service, as named in brokerd's config")->type_name("")->required();
+}
+
+void declare_no_wait(CLI::App &sub, Arguments &args)
+{
+	sub.add_flag("--no-wait", args.no_wait, "Return once brokerd has begun, printing the new generation");
+}
+
+void declare_rollout(CLI::App &sub, Arguments &args)
+{
+	declare_service(sub, args);
+	declare_no_wait(sub, args);
+}
+
+void declare_upgrade(CLI::App &sub, Arguments &args)
+{
+	declare_service(sub, args);
+	// Parsed by take_exec() before CLI11 sees the command line; declared here for --help.
+	sub.add_option("--exec", "Run this command and arguments instead of the config's exec. It takes the rest of "
+	                         "the command line, so it comes last: --exec /usr/bin/app --port 80")
+		->type_name("CMD [ARG...]");
+	sub.add_option("--env", args.env, "Set NAME=VALUE in the new generation's environment; repeat for more")
+		->type_name("NAME=VALUE")
+		->allow_extra_args(false)
+		->check(CLI::Validator(check_env, ""));
+	sub.add_option("--version", args.version, "Label the new generation with this version")->type_name("VERSION");
+	auto *batch = sub.add_option("--batch", args.batch, "Start this many new instances at a time (default: "
+	                                                    "the config's upgrade.batch)")
+	                      ->type_name("N")
+	                      ->check(CLI::Validator(check_batch, ""));
+	sub.add_flag("--all-at-once", args.all_at_once, "Start every new instance before draining any old one")
+		->excludes(batch);
+	sub.add_option("--start-timeout", args.start_timeout, "How long a new instance may take to become ready")
+		->type_name("DURATION")
+		->check(CLI::Validator(check_duration, ""));
+	sub.add_option("--drain-timeout", args.drain_timeout, "How long an old instance may take to drain")
+		->type_name("DURATION")
+		->check(CLI::Validator(check_duration, ""));
+	declare_no_wait(sub, args);
+}
+
+void declare_watch(CLI::App &sub, Arguments &args)
+{
+	sub.add_option("SERVICE", args.service, "Show only this service's events")->type_name("");
+}
 
 void declare_status(CLI::App &sub, Arguments &args)
 {
@@ -73,10 +207,175 @@ int run_sockets(const Options &opts, const Arguments &, Connection &broker, std:
 	return kExitOk;
 }
 
+// Upgrade, Rollback and Restart: the same stream of Progress replies, shown live or as lines.
+int run_rollout(Rollout kind, std::string_view method, json params, const Options &opts, const Arguments &args,
+                Connection &broker, std::ostream &out)
+{
+	if (args.no_wait) {
+		// The broker's only reply is then "accepted", as soon as the rollout has begun.
+		params["wait"] = false;
+		json first;
+		broker.stream(method, params, [&first](const json &reply) {
+			first = reply;
+			return false;
+		}, Wait::Timeout);
+		if (opts.json)
+			print_json_line(out, first);
+		else
+			out << submitted_line(kind, progress_of(first)) << '\n';
+		return kExitOk;
+	}
+
+	Terminal term = stdout_terminal();
+	auto mode = opts.json    ? ProgressDisplay::Mode::Json
+	            : term.live ? ProgressDisplay::Mode::Live
+	                        : ProgressDisplay::Mode::Lines;
+	ProgressDisplay display(out, mode, kind, term.width);
+	if (mode == ProgressDisplay::Mode::Live)
+		on_interrupt(end_line_and_die);
+
+	std::string service = printable(params.value("service", ""));
+	auto begin = std::chrono::steady_clock::now();
+	bool done = false;
+	try {
+		broker.stream(method, params, [&](const json &reply) {
+			if (mode == ProgressDisplay::Mode::Live)
+				display.set_width(stdout_terminal().width);
+			auto elapsed = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+			                                                                      begin);
+			done = display.update(reply, elapsed);
+			return !done;
+		}, Wait::Unbounded);
+	} catch (const Failure &f) {
+		display.clear();
+		if (f.code() != kExitFailure)
+			throw;
+		// Losing this connection (or an unknown error) tells nothing of the rollout itself.
+		throw Failure(kExitFailure, std::string(f.what()) + "; see `brokerctl status " + service + "` for its state");
+	} catch (...) {
+		display.clear();
+		throw;
+	}
+	if (!done) {
+		display.clear();
+		throw Failure(kExitFailure, "brokerd ended " + std::string(method) + " of " + service +
+		                                " without its outcome; see `brokerctl status " + service + "`");
+	}
+	return kExitOk;
+}
+
+int run_upgrade(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	json params = {{"service", *args.service}};
+	if (args.exec)
+		params["exec"] = *args.exec;
+	if (!args.env.empty()) {
+		json env = json::object();
+		for (const std::string &pair : args.env) {
+			auto [name, value] = *parse_env(pair); // checked by check_env
+			if (env.contains(name))
+				throw Failure(kExitUsage, "--env " + printable(name) + " given twice");
+			env[name] = value;
+		}
+		params["env"] = std::move(env);
+	}
+	if (args.version)
+		params["version"] = *args.version;
+	if (args.batch)
+		params["batch"] = *args.batch;
+	if (args.all_at_once)
+		params["all_at_once"] = true;
+	if (args.start_timeout)
+		params["start_timeout_ms"] = *duration_ms(*args.start_timeout);
+	if (args.drain_timeout)
+		params["drain_timeout_ms"] = *duration_ms(*args.drain_timeout);
+	return run_rollout(Rollout::Upgrade, kUpgrade, std::move(params), opts, args, broker, out);
+}
+
+int run_rollback(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	return run_rollout(Rollout::Rollback, kRollback, {{"service", *args.service}}, opts, args, broker, out);
+}
+
+int run_restart(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	return run_rollout(Rollout::Restart, kRestart, {{"service", *args.service}}, opts, args, broker, out);
+}
+
+// Abort, Start and Stop: one call on a service, one line when it is done. The broker replies
+// once the instances are ready or gone, bounded by its own timeouts, so --timeout applies only
+// when given.
+int run_on_service(std::string_view method, std::string_view done, const Options &opts, const Arguments &args,
+                   Connection &broker, std::ostream &out)
+{
+	Wait wait = opts.timeout_given ? Wait::Timeout : Wait::Unbounded;
+	json reply = broker.call(method, {{"service", *args.service}}, wait);
+	if (opts.json)
+		print_json(out, reply);
+	else
+		out << printable(*args.service) << ": " << done << '\n';
+	return kExitOk;
+}
+
+int run_abort(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	return run_on_service(kAbort, "upgrade aborted", opts, args, broker, out);
+}
+
+int run_start(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	return run_on_service(kStart, "started", opts, args, broker, out);
+}
+
+int run_stop(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	return run_on_service(kStop, "stopped", opts, args, broker, out);
+}
+
+int run_reload(const Options &opts, const Arguments &, Connection &broker, std::ostream &out)
+{
+	json reply = broker.call(kReload);
+	if (opts.json)
+		print_json(out, reply);
+	else
+		out << render_reload(reply);
+	return kExitOk;
+}
+
+int run_watch(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	json params = json::object();
+	if (args.service)
+		params["service"] = *args.service;
+	on_interrupt(exit_ok);
+	broker.stream(kWatch, params, [&](const json &event) {
+		if (opts.json)
+			print_json_line(out, event);
+		else
+			out << watch_line(event, realtime_usec()) << '\n';
+		if (!out.flush())
+			throw Failure(kExitFailure, "cannot write to standard output");
+		return true;
+	}, Wait::Unbounded);
+	throw Failure(kExitFailure, "brokerd ended the watch");
+}
+
 constexpr std::array kCommands{
 	Command{"status", "Show brokerd, its sockets, and each service's generations and instances",
 	        declare_status, run_status},
 	Command{"sockets", "List the listening sockets brokerd owns", declare_none, run_sockets},
+	Command{"upgrade", "Roll out a new generation of a service, showing its progress", declare_upgrade,
+	        run_upgrade},
+	Command{"rollback", "Deploy the previous generation's configuration again", declare_rollout, run_rollback},
+	Command{"restart", "Replace every instance of a service with a fresh one", declare_rollout, run_restart},
+	Command{"abort", "Stop a service's upgrade in progress and roll it back", declare_service, run_abort},
+	Command{"start", "Start a stopped service; returns once its instances are ready", declare_service,
+	        run_start},
+	Command{"stop", "Drain every instance of a service; returns once all have exited", declare_service,
+	        run_stop},
+	Command{"reload", "Re-read the config file, adding and removing sockets and services", declare_none,
+	        run_reload},
+	Command{"watch", "Print brokerd's events as they happen, until interrupted", declare_watch, run_watch},
 };
 
 } // namespace

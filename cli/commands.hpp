@@ -7,6 +7,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace CLI {
 class App;
@@ -21,11 +22,26 @@ struct Options {
 	std::string socket;
 	bool json = false;
 	std::chrono::milliseconds timeout{};
+	// --timeout was given: start, stop and abort then honour it too instead of waiting for the
+	// broker's own start and drain timeouts.
+	bool timeout_given = false;
 };
 
 // Every subcommand's own arguments; each command binds and reads only the ones it declares.
 struct Arguments {
 	std::optional<std::string> service;
+
+	// upgrade. `exec` is filled by take_exec() before CLI11 parses, since it takes the rest of argv.
+	std::optional<std::vector<std::string>> exec;
+	std::vector<std::string> env;
+	std::optional<std::string> version;
+	std::optional<int> batch;
+	bool all_at_once = false;
+	std::optional<std::string> start_timeout;
+	std::optional<std::string> drain_timeout;
+
+	// upgrade, rollback, restart
+	bool no_wait = false;
 };
 
 struct Command {

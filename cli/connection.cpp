@@ -64,27 +64,35 @@ json Connection::receive(std::string_view method, const json &parameters, bool &
 	return reply;
 }
 
-json Connection::call(std::string_view method, json parameters)
+void Connection::set_wait(Wait wait)
 {
-	send(method, parameters, false);
-	bool continues = false;
-	return receive(method, parameters, continues);
+	// SyncClient polls with an int of milliseconds: INT_MAX (24 days) is "for ever" enough.
+	client().set_timeout(wait == Wait::Unbounded ? std::chrono::milliseconds(INT_MAX) : timeout_);
 }
 
-void Connection::stream(std::string_view method, json parameters,
-                        const std::function<bool(const json &)> &on_reply,
-                        std::optional<std::chrono::milliseconds> reply_timeout)
+json Connection::call(std::string_view method, json parameters, Wait wait)
+{
+	send(method, parameters, false);
+	set_wait(wait);
+	bool continues = false;
+	json reply = receive(method, parameters, continues);
+	set_wait(Wait::Timeout);
+	return reply;
+}
+
+bool Connection::stream(std::string_view method, json parameters, const std::function<bool(const json &)> &on_reply,
+                        Wait wait)
 {
 	send(method, parameters, true);
-	// SyncClient polls with an int of milliseconds: INT_MAX (24 days) is "for ever" enough.
-	client().set_timeout(reply_timeout.value_or(std::chrono::milliseconds(INT_MAX)));
-	for (;;) {
-		bool continues = false;
+	set_wait(wait);
+	bool continues = false;
+	do {
 		json reply = receive(method, parameters, continues);
-		if (!on_reply(reply) || !continues)
+		if (!on_reply(reply))
 			break;
-	}
-	client().set_timeout(timeout_);
+	} while (continues);
+	set_wait(Wait::Timeout);
+	return continues;
 }
 
 } // namespace brokerctl

@@ -9,11 +9,18 @@
 #include <chrono>
 #include <functional>
 #include <memory>
-#include <optional>
 #include <string>
 #include <string_view>
 
 namespace brokerctl {
+
+// How long to wait for each reply. Upgrades, drains and starts take as long as the workers do,
+// and the broker bounds them with its own start and drain timeouts; a client-side limit would
+// only abandon a call the broker still carries out.
+enum class Wait {
+	Timeout,   // --timeout: for replies the broker sends at once
+	Unbounded, // as long as the broker keeps the call open
+};
 
 class Connection {
 public:
@@ -22,14 +29,14 @@ public:
 	~Connection();
 
 	// One call, one reply: returns the reply's parameters (an object, possibly empty).
-	nlohmann::json call(std::string_view method, nlohmann::json parameters = nlohmann::json::object());
+	nlohmann::json call(std::string_view method, nlohmann::json parameters = nlohmann::json::object(),
+	                    Wait wait = Wait::Timeout);
 
 	// A call with "more": on_reply gets each reply's parameters until the broker stops
-	// continuing or on_reply returns false. The timeout applies to each wait for a reply;
-	// nullopt waits for ever (watch).
-	void stream(std::string_view method, nlohmann::json parameters,
-	            const std::function<bool(const nlohmann::json &)> &on_reply,
-	            std::optional<std::chrono::milliseconds> reply_timeout);
+	// continuing or on_reply returns false. `wait` applies to each wait for a reply. Returns
+	// whether the broker still continues (on_reply stopped early); false when it ended the stream.
+	bool stream(std::string_view method, nlohmann::json parameters,
+	            const std::function<bool(const nlohmann::json &)> &on_reply, Wait wait);
 
 	const std::string &path() const { return path_; }
 
@@ -37,6 +44,7 @@ private:
 	broker::varlink::SyncClient &client();
 	void send(std::string_view method, const nlohmann::json &parameters, bool more);
 	nlohmann::json receive(std::string_view method, const nlohmann::json &parameters, bool &continues);
+	void set_wait(Wait wait);
 
 	std::string path_;
 	std::chrono::milliseconds timeout_;

@@ -2,6 +2,7 @@
 #include "errors.hpp"
 
 #include "format.hpp"
+#include "reply.hpp"
 
 #include "broker/client.hpp"
 #include "broker/internal/varlink.hpp"
@@ -21,6 +22,10 @@ const char *const kExitCodesHelp =
 	"  3  brokerd is not running (no control socket, or nothing listening on it)\n"
 	"  4  permission denied (by the socket's file mode, or by brokerd)\n"
 	"  5  no such service\n"
+	"  6  the upgrade failed and was rolled back (the previous generation serves)\n"
+	"  7  the operation could not begin: an upgrade is in progress, the config is invalid,\n"
+	"     the service is stopped (or, for start, running, or failed to start), there is no\n"
+	"     previous generation, or no upgrade to abort\n"
 	"\n"
 	"Environment:\n"
 	"  BROKERCTL_SOCKET  control socket, when --socket is not given";
@@ -28,6 +33,13 @@ const char *const kExitCodesHelp =
 namespace {
 
 inline constexpr std::string_view kNoSuchService = "io.brokerd.Control.NoSuchService";
+inline constexpr std::string_view kInvalidConfig = "io.brokerd.Control.InvalidConfig";
+inline constexpr std::string_view kUpgradeInProgress = "io.brokerd.Control.UpgradeInProgress";
+inline constexpr std::string_view kNoUpgradeInProgress = "io.brokerd.Control.NoUpgradeInProgress";
+inline constexpr std::string_view kNoPreviousGeneration = "io.brokerd.Control.NoPreviousGeneration";
+inline constexpr std::string_view kServiceStopped = "io.brokerd.Control.ServiceStopped";
+inline constexpr std::string_view kUpgradeFailed = "io.brokerd.Control.UpgradeFailed";
+inline constexpr std::string_view kStartFailed = "io.brokerd.Control.StartFailed";
 
 Failure permission_denied()
 {
@@ -40,12 +52,39 @@ std::string in_quotes(std::string_view s)
 	return "\"" + printable(s) + "\"";
 }
 
-std::string string_member(const json &object, const char *key)
+// The service an error is about: its own parameter, else the one the call named.
+std::string service_name(const json &error_parameters, const json &call_parameters)
 {
-	if (!object.is_object())
-		return {};
-	auto it = object.find(key);
-	return it != object.end() && it->is_string() ? it->get<std::string>() : std::string();
+	std::string name = text(error_parameters, "service", "");
+	return printable(name.empty() ? text(call_parameters, "service", "") : name);
+}
+
+// "upgrade to gen 4", "restart as gen 5": what failed, worded like the progress display.
+std::string rollout_noun(std::string_view method, const json &generation)
+{
+	std::string gen = generation.is_number_integer() ? std::to_string(generation.get<std::int64_t>()) : "?";
+	if (method.ends_with(".Rollback"))
+		return "rollback as gen " + gen;
+	if (method.ends_with(".Restart"))
+		return "restart as gen " + gen;
+	return "upgrade to gen " + gen;
+}
+
+// UpgradeFailed: the reason, then the failed instance and its last output, indented under it.
+Failure upgrade_failed(std::string_view method, const json &e, const json &call_parameters)
+{
+	std::string message = service_name(e, call_parameters) + ": " + rollout_noun(method, member(e, "generation")) +
+	                      " failed and was rolled back: " + printable(text(e, "reason", "no reason given"));
+	std::string instance = printable(text(e, "instance", ""));
+	const json &output = array(e, "output");
+	if (!instance.empty())
+		message += "\n  failed instance: " + instance;
+	if (!output.empty()) {
+		message += "\n  its last output:";
+		for (const json &line : output)
+			message += "\n    " + printable(line.is_string() ? line.get<std::string>() : line.dump());
+	}
+	return Failure(kExitRolledBack, message);
 }
 
 } // namespace
@@ -94,18 +133,38 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 	if (error == broker::varlink::kPermissionDenied)
 		return permission_denied();
 	if (error == kNoSuchService) {
-		std::string name = string_member(error_parameters, "service");
+		std::string name = text(error_parameters, "service", "");
 		if (name.empty())
-			name = string_member(call_parameters, "service");
+			name = text(call_parameters, "service", "");
 		return Failure(kExitNoSuchService, "no such service " + in_quotes(name));
 	}
+	if (error == kUpgradeFailed)
+		return upgrade_failed(method, error_parameters, call_parameters);
+	std::string service = service_name(error_parameters, call_parameters);
+	if (error == kUpgradeInProgress)
+		return Failure(kExitNotStarted, "an upgrade of " + service + " to gen " +
+		                                    number_text(error_parameters, "generation") + " is in progress");
+	if (error == kInvalidConfig)
+		return Failure(kExitNotStarted, "invalid config: " + printable(text(error_parameters, "message")));
+	if (error == kServiceStopped)
+		return Failure(kExitNotStarted, method.ends_with(".Start")
+		                                    ? service + " is already running"
+		                                    : service + " is stopped (start it with `brokerctl start " + service +
+		                                          "`)");
+	if (error == kNoPreviousGeneration)
+		return Failure(kExitNotStarted, service + " has no previous generation to roll back to");
+	if (error == kNoUpgradeInProgress)
+		return Failure(kExitNotStarted, "no upgrade of " + service + " is in progress");
+	if (error == kStartFailed)
+		return Failure(kExitNotStarted, service + " could not be started: " +
+		                                    printable(text(error_parameters, "reason", "no reason given")));
 	if (error == broker::varlink::kMethodNotFound || error == broker::varlink::kMethodNotImplemented ||
 	    error == broker::varlink::kInterfaceNotFound)
 		return Failure(kExitFailure, "this brokerd does not support " + std::string(method) +
 		                                 " (is it older than brokerctl?)");
 	if (error == broker::varlink::kInvalidParameter)
 		return Failure(kExitFailure, "brokerd rejected parameter " +
-		                                 in_quotes(string_member(error_parameters, "parameter")) + " of " +
+		                                 in_quotes(text(error_parameters, "parameter", "")) + " of " +
 		                                 std::string(method));
 	std::string detail;
 	if (error_parameters.is_object() && !error_parameters.empty())

@@ -22,6 +22,8 @@ enum ExitCode : int {
 	kExitNotRunning = 3,      // no broker listens on the control socket
 	kExitPermissionDenied = 4,
 	kExitNoSuchService = 5,
+	kExitRolledBack = 6,      // the upgrade failed, and the previous generation serves again
+	kExitNotStarted = 7,      // the broker refused to begin: the state or config does not allow it
 };
 
 // The --help footer that lists the codes above.

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
+#include <ctime>
 
 namespace brokerctl {
 
@@ -53,6 +55,37 @@ std::string format_duration(std::chrono::microseconds d)
 			break;
 	}
 	return out;
+}
+
+std::string format_elapsed(std::chrono::microseconds d)
+{
+	std::int64_t us = d.count() > 0 ? d.count() : 0;
+	// Rounded to the tenth, and 59.96s already reads as a minute rather than "60.0s".
+	std::int64_t tenths = (us + 50'000) / 100'000;
+	if (tenths >= 600)
+		return format_duration(std::chrono::seconds((us + 500'000) / 1'000'000));
+	return std::to_string(tenths / 10) + "." + std::to_string(tenths % 10) + "s";
+}
+
+std::string format_local_time(std::int64_t usec)
+{
+	// Floor division, so an instant before 1970 still gets milliseconds in 0..999.
+	std::int64_t secs = usec / 1'000'000;
+	std::int64_t rest = usec % 1'000'000;
+	if (rest < 0) {
+		--secs;
+		rest += 1'000'000;
+	}
+	std::time_t t = static_cast<std::time_t>(secs);
+	std::tm tm{};
+	if (!::localtime_r(&t, &tm))
+		return "-";
+	char buf[64];
+	std::size_t n = std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S", &tm);
+	if (n == 0)
+		return "-";
+	std::snprintf(buf + n, sizeof buf - n, ".%03d", static_cast<int>(rest / 1000));
+	return buf;
 }
 
 std::string format_ago(std::int64_t since_usec, std::int64_t now_usec)

@@ -14,6 +14,14 @@ namespace brokerctl {
 // "3d4h". Negative durations print as "0s".
 std::string format_duration(std::chrono::microseconds d);
 
+// Time an operation took, as the final line of an upgrade shows it: tenths of a second under a
+// minute ("0.4s", "3.2s", "59.9s"), format_duration above ("3m12s").
+std::string format_elapsed(std::chrono::microseconds d);
+
+// A CLOCK_REALTIME instant (microseconds) in the local time zone, to the millisecond:
+// "2024-11-25 16:40:01.123". Sortable, and unambiguous in logs that span days.
+std::string format_local_time(std::int64_t usec);
+
 // A CLOCK_REALTIME instant (microseconds) relative to now, to the second: "12s ago", "3m12s ago".
 // Under a second, or in the future because clocks disagree, it is "just now"; 0 means unknown: "-".
 std::string format_ago(std::int64_t since_usec, std::int64_t now_usec);

@@ -2,6 +2,7 @@
 #include "render.hpp"
 
 #include "format.hpp"
+#include "reply.hpp"
 
 #include <algorithm>
 #include <set>
@@ -11,42 +12,6 @@ namespace brokerctl {
 using json = nlohmann::json;
 
 namespace {
-
-const json &member(const json &object, const char *key)
-{
-	static const json missing;
-	if (!object.is_object())
-		return missing;
-	auto it = object.find(key);
-	return it == object.end() ? missing : *it;
-}
-
-std::string text(const json &object, const char *key, std::string fallback = "-")
-{
-	const json &v = member(object, key);
-	return v.is_string() ? v.get<std::string>() : fallback;
-}
-
-std::optional<std::int64_t> integer(const json &object, const char *key)
-{
-	const json &v = member(object, key);
-	if (v.is_number_integer())
-		return v.get<std::int64_t>();
-	return std::nullopt;
-}
-
-std::string number_text(const json &object, const char *key)
-{
-	auto n = integer(object, key);
-	return n ? std::to_string(*n) : "-";
-}
-
-const json &array(const json &object, const char *key)
-{
-	static const json empty = json::array();
-	const json &v = member(object, key);
-	return v.is_array() ? v : empty;
-}
 
 std::vector<std::string> strings(const json &list)
 {
@@ -88,7 +53,10 @@ std::string render_service(const json &svc, std::int64_t now_usec)
 	std::string out = "SERVICE " + printable(text(svc, "name")) + "\n";
 	out += "  sockets:      " + printable(sockets.empty() ? "-" : join(sockets, ", ")) + "\n";
 	out += "  ready:        " + printable(text(svc, "ready")) + "\n";
+	out += "  state:        " + printable(text(svc, "state")) + "\n";
 	out += "  generations:  " + printable(gen_list.empty() ? "none" : join(gen_list, ", ")) + "\n";
+	if (const json &up = member(svc, "upgrade"); up.is_object())
+		out += "  upgrade:      " + render_upgrade_info(up) + "\n";
 	if (!gens.empty()) {
 		std::vector<std::string> argv = strings(array(*gens.front(), "exec"));
 		out += "  exec:         " + printable(argv.empty() ? "-" : shell_join(argv)) + "\n";
@@ -114,6 +82,37 @@ std::string render_service(const json &svc, std::int64_t now_usec)
 }
 
 } // namespace
+
+std::string render_upgrade_info(const json &upgrade)
+{
+	std::string out = "gen " + number_text(upgrade, "from") + " -> " + number_text(upgrade, "generation") + ", " +
+	                  number_text(upgrade, "ready") + "/" + number_text(upgrade, "total_new") + " ready, " +
+	                  number_text(upgrade, "drained") + "/" + number_text(upgrade, "total_old") + " drained";
+	if (std::string phase = text(upgrade, "phase", ""); !phase.empty())
+		out += " (" + printable(phase) + ")";
+	return out;
+}
+
+std::string render_reload(const json &reload)
+{
+	struct Change {
+		const char *key;
+		const char *label;
+	};
+	constexpr Change kChanges[] = {
+		{"added_sockets", "added sockets:     "},
+		{"removed_sockets", "removed sockets:   "},
+		{"added_services", "added services:    "},
+		{"removed_services", "removed services:  "},
+	};
+	std::string out;
+	for (const Change &c : kChanges) {
+		std::vector<std::string> names = strings(array(reload, c.key));
+		if (!names.empty())
+			out += c.label + printable(join(names, ", ")) + "\n";
+	}
+	return out.empty() ? "config reloaded: no sockets or services added or removed\n" : out;
+}
 
 std::string render_sockets(const json &sockets)
 {

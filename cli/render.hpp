@@ -12,6 +12,12 @@ namespace brokerctl {
 // The SOCKETS table for a []SocketInfo.
 std::string render_sockets(const nlohmann::json &sockets);
 
+// An UpgradeInfo in one line, as status shows it: "gen 3 -> 4, 2/4 ready, 1/4 drained (draining)".
+std::string render_upgrade_info(const nlohmann::json &upgrade);
+
+// What a Reload reply added and removed, one line per non-empty list.
+std::string render_reload(const nlohmann::json &reload);
+
 // The whole Status reply: a header line, the SOCKETS table and one section per service.
 // With `service`, only that service and the sockets it uses. `now_usec` is CLOCK_REALTIME, for
 // the SINCE column. Missing or mistyped members print as "-" rather than failing, so an older or

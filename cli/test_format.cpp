@@ -1,11 +1,18 @@
-// Unit tests of brokerctl's pure output helpers: durations, relative times, tables, status views.
+// Unit tests of brokerctl's pure helpers: durations, relative times, tables, status views, argument
+// values, and the progress and watch displays.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include "arguments.hpp"
 #include "format.hpp"
+#include "progress.hpp"
 #include "render.hpp"
 
 #include <nlohmann/json.hpp>
+
+#include <cstdlib>
+#include <ctime>
+#include <sstream>
 
 using namespace brokerctl;
 using namespace std::chrono_literals;
@@ -135,6 +142,7 @@ TEST_CASE("render_status")
 		 {{{"name", "web"},
 		   {"sockets", {"http"}},
 		   {"ready", "broker"},
+		   {"state", "running"},
 		   {"generations",
 		    {{{"number", 2},
 		      {"version", "1.0"},
@@ -164,6 +172,7 @@ TEST_CASE("render_status")
 		      "SERVICE web\n"
 		      "  sockets:      http\n"
 		      "  ready:        broker\n"
+		      "  state:        running\n"
 		      "  generations:  3 (version 1.1), 2 (version 1.0)\n"
 		      "  exec:         /usr/bin/web --mode 'fast lane'\n"
 		      "  INSTANCES\n"
@@ -174,6 +183,7 @@ TEST_CASE("render_status")
 		      "SERVICE idle\n"
 		      "  sockets:      -\n"
 		      "  ready:        exec\n"
+		      "  state:        -\n"
 		      "  generations:  none\n"
 		      "  INSTANCES\n"
 		      "  ID  GEN  PID  STATE  SINCE  STATUS\n");
@@ -188,6 +198,15 @@ TEST_CASE("render_status")
 		CHECK(out.find("dns") == std::string::npos);
 	}
 
+	SUBCASE("an upgrade under way")
+	{
+		status["services"][0]["upgrade"] = {{"generation", 4}, {"from", 3}, {"phase", "draining"}, {"started", 3},
+		                                    {"ready", 2}, {"drained", 1}, {"total_new", 4}, {"total_old", 4}};
+		std::string out = render_status(status, now, "web");
+		CHECK(out.find("  generations:  3 (version 1.1), 2 (version 1.0)\n"
+		               "  upgrade:      gen 3 -> 4, 2/4 ready, 1/4 drained (draining)\n") != std::string::npos);
+	}
+
 	SUBCASE("a reply with missing and mistyped members still renders")
 	{
 		json odd = {{"services", {{{"name", 7}, {"generations", {{{"number", 4}, {"instances", {json::object()}}}}}}}}};
@@ -196,5 +215,344 @@ TEST_CASE("render_status")
 		CHECK(out.find("SERVICE -\n") != std::string::npos);
 		CHECK(out.find("  generations:  4\n") != std::string::npos); // no version: no "(version )"
 		CHECK(out.find(" \n") == std::string::npos); // no trailing blanks, even for empty cells
+	}
+}
+
+TEST_CASE("render_upgrade_info tolerates a partial UpgradeInfo")
+{
+	CHECK(render_upgrade_info({{"generation", 4}, {"from", 3}, {"ready", 0}, {"total_new", 2}}) ==
+	      "gen 3 -> 4, 0/2 ready, -/- drained");
+}
+
+TEST_CASE("render_reload lists only what changed")
+{
+	json reload = {{"added_sockets", {"api", "dns"}},
+	               {"removed_sockets", json::array()},
+	               {"added_services", {"api"}},
+	               {"removed_services", {"old\x1b"}}};
+	CHECK(render_reload(reload) == "added sockets:     api, dns\n"
+	                               "added services:    api\n"
+	                               "removed services:  old?\n");
+	CHECK(render_reload({{"added_sockets", json::array()}}) ==
+	      "config reloaded: no sockets or services added or removed\n");
+}
+
+TEST_CASE("format_elapsed shows tenths under a minute")
+{
+	struct Case {
+		std::chrono::microseconds in;
+		const char *out;
+	};
+	const Case cases[] = {
+		{0us, "0.0s"},
+		{-1s, "0.0s"},
+		{40ms, "0.0s"},
+		{50ms, "0.1s"},
+		{3200ms, "3.2s"},
+		{3249ms, "3.2s"},
+		{59940ms, "59.9s"},
+		{59960ms, "1m"}, // rounds to a minute: whole seconds from here on
+		{3min + 12s + 600ms, "3m13s"},
+		{60s, "1m"},
+		{3min + 12s + 400ms, "3m12s"},
+	};
+	for (const Case &c : cases) {
+		CAPTURE(c.in.count());
+		CHECK(format_elapsed(c.in) == c.out);
+	}
+}
+
+namespace {
+
+// TZ for one test case, put back after it, so the times compared do not depend on the machine.
+class TimeZone {
+public:
+	explicit TimeZone(const char *tz)
+	{
+		const char *old = std::getenv("TZ");
+		if (old)
+			saved_ = old;
+		set(tz);
+	}
+	~TimeZone()
+	{
+		if (saved_)
+			::setenv("TZ", saved_->c_str(), 1);
+		else
+			::unsetenv("TZ");
+		::tzset();
+	}
+	TimeZone(const TimeZone &) = delete;
+	TimeZone &operator=(const TimeZone &) = delete;
+
+	void set(const char *tz)
+	{
+		::setenv("TZ", tz, 1);
+		::tzset();
+	}
+
+private:
+	std::optional<std::string> saved_;
+};
+
+} // namespace
+
+TEST_CASE("format_local_time is local, to the millisecond")
+{
+	TimeZone zone("UTC0");
+	CHECK(format_local_time(1'700'000'000'123'456) == "2023-11-14 22:13:20.123");
+	CHECK(format_local_time(0) == "1970-01-01 00:00:00.000");
+	CHECK(format_local_time(-1'000) == "1969-12-31 23:59:59.999");
+	zone.set("XYZ-1"); // POSIX form, one hour east of UTC: needs no tzdata
+	CHECK(format_local_time(1'700'000'000'123'456) == "2023-11-14 23:13:20.123");
+}
+
+TEST_CASE("take_exec takes the rest of the command line")
+{
+	using Args = std::vector<std::string>;
+	struct Case {
+		Args in;
+		Args left;
+		std::optional<Args> exec;
+	};
+	const Case cases[] = {
+		{{"brokerctl", "upgrade", "web"}, {"brokerctl", "upgrade", "web"}, std::nullopt},
+		{{"brokerctl", "upgrade", "web", "--version", "2", "--exec", "/usr/bin/app", "--port", "80", "--exec"},
+		 {"brokerctl", "upgrade", "web", "--version", "2"},
+		 Args{"/usr/bin/app", "--port", "80", "--exec"}},
+		{{"brokerctl", "upgrade", "web", "--exec=/usr/bin/app", "-v"},
+		 {"brokerctl", "upgrade", "web"},
+		 Args{"/usr/bin/app", "-v"}},
+		{{"brokerctl", "upgrade", "web", "--exec"}, {"brokerctl", "upgrade", "web"}, Args{}},
+		{{"brokerctl", "upgrade", "web", "--exec="}, {"brokerctl", "upgrade", "web"}, Args{""}},
+		// Not the flag: after "--", a longer option, a value that merely contains it.
+		{{"brokerctl", "upgrade", "--", "--exec", "x"}, {"brokerctl", "upgrade", "--", "--exec", "x"}, std::nullopt},
+		{{"brokerctl", "upgrade", "--executable", "x"}, {"brokerctl", "upgrade", "--executable", "x"}, std::nullopt},
+		{{"--exec"}, {"--exec"}, std::nullopt}, // argv[0] is the program, never an option
+	};
+	for (const Case &c : cases) {
+		Args args = c.in;
+		CAPTURE(args.size());
+		auto exec = take_exec(args);
+		CHECK(exec == c.exec);
+		CHECK(args == c.left);
+	}
+}
+
+TEST_CASE("parse_env splits NAME=VALUE at the first '='")
+{
+	using Pair = std::pair<std::string, std::string>;
+	struct Case {
+		std::string_view in;
+		std::optional<Pair> out;
+	};
+	const Case cases[] = {
+		{"MODE=prod", Pair{"MODE", "prod"}},
+		{"OPTS=a=b,c=d", Pair{"OPTS", "a=b,c=d"}},
+		{"EMPTY=", Pair{"EMPTY", ""}},
+		{"SPACED=a b", Pair{"SPACED", "a b"}},
+		{"=x", std::nullopt},
+		{"NOEQUALS", std::nullopt},
+		{"", std::nullopt},
+		{std::string_view("A=b\0c", 5), std::nullopt},
+	};
+	for (const Case &c : cases) {
+		CAPTURE(c.in);
+		CHECK(parse_env(c.in) == c.out);
+	}
+}
+
+TEST_CASE("duration_ms converts duration options for the *_ms parameters")
+{
+	struct Case {
+		const char *in;
+		std::optional<std::int64_t> out;
+	};
+	const Case cases[] = {
+		{"30s", 30'000},
+		{"1m30s", 90'000},
+		{"500ms", 500},
+		{"2h", 7'200'000},
+		{"0s", std::nullopt},
+		{"0ms", std::nullopt},
+		{"30", std::nullopt},
+		{"-5s", std::nullopt},
+		{"", std::nullopt},
+	};
+	for (const Case &c : cases) {
+		CAPTURE(c.in);
+		CHECK(duration_ms(c.in) == c.out);
+	}
+}
+
+TEST_CASE("progress_bar is full only when all is done")
+{
+	struct Case {
+		std::int64_t done, total;
+		std::size_t width;
+		const char *out;
+	};
+	const Case cases[] = {
+		{0, 8, 10, "[..........]"},
+		{3, 8, 10, "[###.......]"},
+		{4, 8, 10, "[#####.....]"},
+		{7, 8, 10, "[########..]"},
+		{8, 8, 10, "[##########]"},
+		{9, 8, 10, "[##########]"}, // a broker that over-counts does not overflow the bar
+		{1, 0, 10, "[..........]"}, // nothing to do: no division by zero
+		{-1, 4, 10, "[..........]"},
+		{1, 2, 4, "[##..]"},
+	};
+	for (const Case &c : cases) {
+		CAPTURE(c.done);
+		CAPTURE(c.total);
+		CHECK(progress_bar(c.done, c.total, c.width) == c.out);
+	}
+}
+
+namespace {
+
+json progress(const char *event, json upgrade, json extra = json::object())
+{
+	json p = {{"event", event}, {"service", "web"}, {"generation", 4}, {"upgrade", std::move(upgrade)}};
+	p.update(extra);
+	return {{"progress", p}};
+}
+
+json counts(int ready, int drained)
+{
+	return {{"generation", 4}, {"from", 3},          {"phase", "rolling"}, {"started", ready},
+	        {"ready", ready},  {"drained", drained}, {"total_new", 4},     {"total_old", 4}};
+}
+
+} // namespace
+
+TEST_CASE("progress lines")
+{
+	const json ready = progress("ready", counts(2, 1), {{"instance", "web/4/1"}, {"pid", 4242}});
+	const json &p = progress_of(ready);
+
+	CHECK(progress_line(Rollout::Upgrade, p, false) ==
+	      "upgrading web to gen 4: 2/4 new ready, 1/4 old drained [###.......]");
+	CHECK(progress_line(Rollout::Restart, p, false) ==
+	      "restarting web as gen 4: 2/4 new ready, 1/4 old drained [###.......]");
+	CHECK(progress_line(Rollout::Upgrade, p, true) == "rolling back web to gen 3 (gen 4 failed)");
+
+	CHECK(event_line(p) == "web/4/1 ready (pid 4242)");
+	json failed = progress("failed", counts(0, 0), {{"instance", "web/4/0"}, {"message", "exit 1\x1b[2J"}});
+	CHECK(event_line(progress_of(failed)) == "web/4/0 failed: exit 1?[2J");
+	CHECK(event_line(progress_of(progress("rollback", counts(0, 0), {{"message", "web/4/0 failed"}}))) ==
+	      "rolling back web to gen 3: web/4/0 failed");
+	CHECK(event_line(progress_of(progress("draining", counts(0, 0)))) == "web draining"); // no instance
+
+	CHECK(is_notable("started"));
+	CHECK(is_notable("rollback"));
+	CHECK(is_notable("something-newer"));
+	CHECK_FALSE(is_notable("accepted"));
+	CHECK_FALSE(is_notable("done"));
+
+	CHECK(accepted_line(Rollout::Upgrade, p) == "upgrading web to gen 4 (from gen 3)");
+	CHECK(submitted_line(Rollout::Upgrade, p) == "web: upgrade to gen 4 accepted");
+	CHECK(submitted_line(Rollout::Rollback, p) == "web: rollback as gen 4 accepted");
+	CHECK(done_line(Rollout::Upgrade, p, 3200ms) == "web: upgraded to gen 4 in 3.2s");
+	CHECK(done_line(Rollout::Restart, p, 1s) == "web: restarted as gen 4 in 1.0s");
+
+	// A reply without the wrapper, or with members missing, still reads.
+	CHECK(progress_line(Rollout::Upgrade, json::object(), false) ==
+	      "upgrading - to gen -: -/- new ready, -/- old drained [..........]");
+}
+
+TEST_CASE("ProgressDisplay")
+{
+	const json replies[] = {
+		progress("accepted", counts(0, 0)),
+		progress("started", counts(0, 0), {{"instance", "web/4/0"}, {"pid", 40}}),
+		progress("ready", counts(1, 0), {{"instance", "web/4/0"}, {"pid", 40}}),
+		progress("done", counts(4, 4)),
+	};
+	std::ostringstream out;
+
+	SUBCASE("live: notable events stay, the progress line is redrawn")
+	{
+		ProgressDisplay d(out, ProgressDisplay::Mode::Live, Rollout::Upgrade, 80);
+		CHECK_FALSE(d.update(replies[0], 0s));
+		CHECK_FALSE(d.update(replies[1], 0s));
+		CHECK_FALSE(d.update(replies[2], 0s));
+		CHECK(d.update(replies[3], 3200ms));
+		CHECK(out.str() == "\rupgrading web to gen 4: 0/4 new ready, 0/4 old drained [..........]\x1b[K"
+		                   "\r\x1b[Kweb/4/0 started (pid 40)\n"
+		                   "\rupgrading web to gen 4: 0/4 new ready, 0/4 old drained [..........]\x1b[K"
+		                   "\r\x1b[Kweb/4/0 ready (pid 40)\n"
+		                   "\rupgrading web to gen 4: 1/4 new ready, 0/4 old drained [#.........]\x1b[K"
+		                   "\r\x1b[Kweb: upgraded to gen 4 in 3.2s\n");
+	}
+
+	SUBCASE("live: the line fits the terminal, and clear() leaves a clean line for an error")
+	{
+		ProgressDisplay d(out, ProgressDisplay::Mode::Live, Rollout::Upgrade, 21);
+		d.update(replies[0], 0s);
+		d.clear();
+		d.clear(); // nothing left to erase
+		CHECK(out.str() == "\rupgrading web to gen\x1b[K\r\x1b[K"); // 20 columns: one short of the width
+	}
+
+	SUBCASE("live: after a rollback the line tells so")
+	{
+		ProgressDisplay d(out, ProgressDisplay::Mode::Live, Rollout::Upgrade, 80);
+		d.update(progress("rollback", counts(0, 0), {{"message", "web/4/0 failed"}}), 0s);
+		CHECK(out.str() == "\r\x1b[Krolling back web to gen 3: web/4/0 failed\n"
+		                   "\rrolling back web to gen 3 (gen 4 failed)\x1b[K");
+	}
+
+	SUBCASE("lines: one plain line per event, no control sequences")
+	{
+		ProgressDisplay d(out, ProgressDisplay::Mode::Lines, Rollout::Upgrade, 80);
+		for (const json &r : replies)
+			d.update(r, 3200ms);
+		d.clear(); // no live line: nothing to erase
+		CHECK(out.str() == "upgrading web to gen 4 (from gen 3)\n"
+		                   "web/4/0 started (pid 40); 0/4 new ready, 0/4 old drained\n"
+		                   "web/4/0 ready (pid 40); 1/4 new ready, 0/4 old drained\n"
+		                   "web: upgraded to gen 4 in 3.2s\n");
+	}
+
+	SUBCASE("json: each reply's parameters as one line")
+	{
+		ProgressDisplay d(out, ProgressDisplay::Mode::Json, Rollout::Upgrade, 80);
+		for (const json &r : replies)
+			d.update(r, 0s);
+		std::istringstream in(out.str());
+		std::string line;
+		int n = 0;
+		while (std::getline(in, line)) {
+			CAPTURE(line);
+			CHECK(json::parse(line) == replies[n++]);
+		}
+		CHECK(n == 4);
+	}
+}
+
+TEST_CASE("watch_line")
+{
+	TimeZone zone("UTC0");
+	const std::int64_t t = 1'700'000'000'123'456;
+	struct Case {
+		json event;
+		const char *out;
+	};
+	const Case cases[] = {
+		{{{"event", "instance"}, {"time", t}, {"service", "web"}, {"generation", 4}, {"instance", "web/4/0"},
+		  {"pid", 1234}, {"state", "ready"}},
+		 "2023-11-14 22:13:20.123 [instance] web gen 4 web/4/0 (pid 1234) ready"},
+		{{{"event", "upgrade"}, {"time", t}, {"service", "web"}, {"generation", 4}, {"message", "done"}},
+		 "2023-11-14 22:13:20.123 [upgrade] web gen 4: done"},
+		{{{"event", "reload"}, {"time", t}, {"message", "added service api"}},
+		 "2023-11-14 22:13:20.123 [reload] added service api"},
+		// No time: the caller's clock. Mistyped members are left out, text is defused.
+		{{{"event", "odd\x1b"}, {"pid", "x"}, {"service", 7}}, "1970-01-01 00:00:01.000 [odd?]"},
+	};
+	for (const Case &c : cases) {
+		CAPTURE(c.event.dump());
+		CHECK(watch_line(c.event, 1'000'000) == c.out);
 	}
 }
