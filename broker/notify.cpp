@@ -9,6 +9,7 @@
 #include <sys/un.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string_view>
@@ -115,7 +116,9 @@ void NotifySocket::receive()
 				supervisor_.instance_status(*inst, std::string(line.substr(7)));
 			else if (line == "STOPPING=1")
 				supervisor_.instance_stopping(*inst);
-			// Other assignments (WATCHDOG=1, MAINPID=, ...) are not for us yet.
+			else if (line.starts_with("MAINPID="))
+				supervisor_.instance_main_pid(*inst, static_cast<pid_t>(std::atoi(std::string(line.substr(8)).c_str())));
+			// Other assignments (WATCHDOG=1, ERRNO=, ...) are not for us.
 			if (!supervisor_.find_by_pid(cred->pid))
 				break;
 		}

@@ -576,6 +576,18 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 	for (OutputPipe *p : {&inst.out, &inst.err})
 		if (p->fd)
 			on_output(inst, *p, false);
+	if (inst.main_pid && si.si_code == CLD_EXITED && si.si_status == 0 && ::kill(inst.main_pid, 0) == 0) {
+		// A forking server: its first process is done, the main pid it named serves on.
+		log::info("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " exited, main pid " +
+		          std::to_string(inst.main_pid) + " continues");
+		inst.pid = std::exchange(inst.main_pid, 0);
+		inst.external = true; // watched through its pidfd from now on, like a registered worker
+		sd_event_source *s = nullptr;
+		if (sd_event_add_io(event_, &s, inst.pidfd.get(), EPOLLIN, external_handler, &inst) >= 0) {
+			inst.child_source.reset(s);
+			return;
+		}
+	}
 	// Leftover processes of the instance's session go with it: no worker is orphaned.
 	::kill(-inst.pid, SIGKILL);
 
@@ -702,7 +714,7 @@ void Supervisor::signal(Instance &inst, int sig)
 {
 	if (!inst.pid || !inst.child_source)
 		return;
-	int pidfd = inst.external ? inst.pidfd.get() : sd_event_source_get_child_pidfd(inst.child_source.get());
+	int pidfd = inst.external || inst.main_pid ? inst.pidfd.get() : sd_event_source_get_child_pidfd(inst.child_source.get());
 	if (pidfd < 0)
 		return;
 	if (pidfd_send_signal(pidfd, sig) < 0 && errno != ESRCH)
@@ -778,6 +790,24 @@ void Supervisor::instance_stopping(Instance &inst)
 	}
 }
 
+void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
+{
+	// Only a process of the instance's own session may become its main process.
+	if (pid <= 0 || inst.external || ::getsid(pid) != inst.pid) {
+		log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) +
+		             " is not a process of its session, ignoring");
+		return;
+	}
+	UniqueFd pidfd(pidfd_open(pid));
+	if (!pidfd) {
+		log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) + ": " + errno_text(errno) + ", ignoring");
+		return;
+	}
+	inst.main_pid = pid == inst.pid ? 0 : pid;
+	inst.pidfd = std::move(pidfd);
+	log::info("instance " + inst.id + ": main pid is now " + std::to_string(pid));
+}
+
 void Supervisor::attach_events(Instance &inst, EventSink *sink)
 {
 	inst.events = sink;
@@ -814,7 +844,7 @@ Instance *Supervisor::find_by_pid(pid_t pid)
 	for (auto &svc : services_)
 		for (auto &gen : svc->generations)
 			for (auto &inst : gen->instances)
-				if (inst->pid == pid)
+				if (inst->pid && (inst->pid == pid || inst->main_pid == pid))
 					return inst.get();
 	return nullptr;
 }

@@ -75,6 +75,7 @@ struct Instance {
 	InstanceState state = InstanceState::Starting;
 	std::uint64_t since = 0; // CLOCK_REALTIME usec of the last state change
 	pid_t pid = 0;
+	pid_t main_pid = 0;       // from MAINPID=, when not pid itself
 	EventSource child_source; // owns the pidfd; kept until the slot respawns
 	UniqueFd exec_status;     // read end: errno if exec failed, EOF when it succeeded
 	EventSource exec_source;
@@ -172,6 +173,8 @@ public:
 	void instance_ready(Instance &inst, std::string_view how);
 	void instance_status(Instance &inst, std::string text);
 	void instance_stopping(Instance &inst);
+	// MAINPID=: the worker's main process is another one of its session (a forking server).
+	void instance_main_pid(Instance &inst, pid_t pid);
 	void attach_events(Instance &inst, EventSink *sink);
 	void detach_events(EventSink *sink);
 
