@@ -1,0 +1,230 @@
+// Integration-test harness: real brokerd processes on real sockets, waited on by event and deadline.
+#pragma once
+
+#include "broker/internal/unique_fd.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace itest {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+using broker::UniqueFd;
+
+// A required environment variable (BROKERD, EXAMPLE_HTTP, ...); throws when it is unset.
+std::string env(const char *name);
+
+// A program the tests need that might not be installed, e.g. /lib/systemd/systemd-socket-proxyd.
+bool executable(const std::string &path);
+
+// The fd-probe helper built beside the test programs (see fd_probe.c).
+std::string fd_probe();
+
+// A mkdtemp directory, mode 0755 so that a client running as nobody reaches sockets inside it.
+// Removed with everything in it on destruction.
+class TempDir {
+public:
+	TempDir();
+	~TempDir();
+	TempDir(const TempDir &) = delete;
+	TempDir &operator=(const TempDir &) = delete;
+
+	const std::string &path() const { return path_; }
+	std::string operator/(const std::string &name) const { return path_ + "/" + name; }
+
+private:
+	std::string path_;
+};
+
+std::string read_file(const std::string &path);
+void write_file(const std::string &path, const std::string &text, mode_t mode = 0644);
+
+// How to start a child process.
+struct SpawnOptions {
+	std::vector<std::string> env;        // "K=V" entries added to (or replacing) the test's own
+	std::vector<std::string> unset_env;  // names removed from the inherited environment
+	std::string stdout_path;             // empty: inherit
+	std::string stderr_path;             // empty: inherit
+	int stdout_fd = -1;                  // alternatively, a pipe end (borrowed)
+	int stderr_fd = -1;
+	bool as_nobody = false;              // setgroups/setgid/setuid 65534 before exec
+	bool kill_with_parent = true;        // PR_SET_PDEATHSIG: never outlive a crashed test
+};
+
+// A child process held by a pidfd. The destructor kills and reaps it if it still runs.
+class Process {
+public:
+	Process() = default;
+	Process(Process &&o) noexcept;
+	Process &operator=(Process &&o) noexcept;
+	~Process();
+
+	static Process spawn(const std::vector<std::string> &argv, const SpawnOptions &opts = {});
+	// Forks a child that runs `fn` and _exits with its return value.
+	static Process fork_run(const std::function<int()> &fn, const SpawnOptions &opts = {});
+
+	pid_t pid() const { return pid_; }
+	int pidfd() const { return pidfd_.get(); }
+	bool running() const { return pid_ > 0 && !status_; }
+
+	// Waits for the exit until `timeout` passes. Returns the wait status (as from waitpid),
+	// or nullopt on timeout.
+	std::optional<int> wait(std::chrono::milliseconds timeout);
+	void signal(int sig);
+	// SIGKILL and reap.
+	void kill();
+	std::optional<int> status() const { return status_; }
+
+private:
+	pid_t pid_ = -1;
+	UniqueFd pidfd_;
+	std::optional<int> status_;
+};
+
+// "exited with 0", "killed by SIGKILL", ... for messages.
+std::string describe_status(int wstatus);
+
+// Runs a program to completion, with its output captured.
+struct RunResult {
+	int exit_code = -1; // -1 when killed by a signal or timed out
+	std::string out;
+	std::string err;
+	std::string describe() const;
+};
+RunResult run(const std::vector<std::string> &argv, const SpawnOptions &opts = {},
+              std::chrono::milliseconds timeout = 20s);
+
+// Waits for `pred` with a deadline, re-checking a state the harness cannot be woken by (e.g.
+// /proc) every few milliseconds. Returns whether `pred` became true.
+bool wait_until(const std::function<bool()> &pred, std::chrono::milliseconds timeout);
+
+// What brokerd gets started with.
+struct BrokerOptions {
+	std::vector<std::string> prefix;     // a launcher run in front, e.g. systemd-socket-activate
+	std::vector<std::string> env;        // extra "K=V"
+	bool wait_ready = true;
+	std::chrono::milliseconds ready_timeout = 20s;
+};
+
+// One brokerd under test, in its own temp dir with its config, control socket and stderr log.
+// On destruction anything still running (brokerd, its workers, orphans) is killed and reaped.
+class Broker {
+public:
+	Broker();
+	~Broker();
+
+	const TempDir &dir() const { return dir_; }
+	std::string path(const std::string &name) const { return dir_ / name; }
+	std::string control_path() const { return dir_ / "control.sock"; }
+	std::string config_path() const { return dir_ / "brokerd.json"; }
+	std::string log_path() const { return dir_ / "brokerd.log"; }
+	pid_t pid() const { return proc_.pid(); }
+	Process &process() { return proc_; }
+
+	// Writes the config (adding control.path if absent) and starts brokerd with NOTIFY_SOCKET
+	// set to a datagram socket this harness owns; waits for READY=1 unless told not to.
+	void start(json config, const BrokerOptions &opts = {});
+	// Waits for READY=1 on the notify socket; throws if brokerd exits first or the deadline passes.
+	void wait_ready(std::chrono::milliseconds timeout);
+
+	// io.brokerd.Control.Status, as the "parameters" of the reply.
+	json status(const std::optional<std::string> &service = {});
+
+	// SIGTERM, then waits for the exit and CHECKs it was exit status 0, that the control
+	// socket file is gone and that no worker it reported survives it.
+	void stop(std::chrono::milliseconds timeout = 20s);
+
+	// brokerd's stderr so far, for failure reports.
+	std::string log() const;
+	std::string report() const;
+
+	// Kills brokerd, every descendant of it and any orphan that was reparented to the test.
+	void kill_all();
+
+private:
+	TempDir dir_;
+	UniqueFd notify_;
+	std::string notify_name_;
+	Process proc_;
+	std::vector<pid_t> last_worker_pids_;
+};
+
+// Attaches brokerd's stderr to every failure report of the enclosing scope.
+#define BROKER_CONTEXT(b) INFO((b).report())
+
+// Status helpers.
+std::vector<json> instances(const json &status, const std::string &service);
+std::vector<pid_t> worker_pids(const json &status, const std::string &service);
+std::uint16_t socket_port(const json &status, const std::string &socket);
+const json *find_named(const json &array, const std::string &name);
+const json &member(const json &obj, const char *key);
+
+// /proc helpers.
+std::map<int, std::string> proc_fds(pid_t pid);        // fd -> readlink target
+std::vector<std::string> proc_cmdline(pid_t pid);
+bool process_exists(pid_t pid);                        // and is not a zombie
+std::optional<std::uint64_t> socket_inode(const std::string &link_target); // "socket:[N]"
+std::set<std::uint64_t> socket_inodes(pid_t pid);      // of every socket the process holds
+std::map<std::uint64_t, std::uint16_t> tcp_listeners(); // inode -> port, from /proc/net/tcp{,6}
+std::size_t fd_count(pid_t pid);
+
+// A free TCP port on 127.0.0.1: bound to port 0, read, closed.
+std::uint16_t free_port();
+
+// A connected TCP socket to 127.0.0.1:port (blocking connect under a deadline).
+UniqueFd tcp_connect(std::uint16_t port, std::chrono::milliseconds timeout = 5s);
+
+struct HttpResponse {
+	int status = 0;
+	std::map<std::string, std::string> headers; // names lowercased
+	std::string body;
+};
+
+// A tiny blocking HTTP/1.1 client with timeouts, keeping its connection alive between requests.
+class HttpConnection {
+public:
+	explicit HttpConnection(std::uint16_t port, std::chrono::milliseconds timeout = 5s);
+	explicit HttpConnection(UniqueFd connected, std::chrono::milliseconds timeout = 5s);
+	HttpResponse get(const std::string &path, bool keep_alive = true);
+
+private:
+	void send_all(const std::string &data);
+	bool fill(); // reads more into buf_; false at end of stream
+	std::string read_line();
+
+	UniqueFd fd_;
+	std::chrono::milliseconds timeout_;
+	std::string buf_;
+};
+
+// GET on a new connection.
+HttpResponse http_get(std::uint16_t port, const std::string &path = "/");
+
+// The config of one service: exec, sockets, instances, ready mode.
+json service(std::vector<std::string> exec, std::vector<std::string> sockets, int instances,
+             const std::string &ready);
+json tcp_socket(); // {"listen": "tcp://127.0.0.1:0"}
+
+// The fd-probe's record of what a worker held at exec: fd -> link target, and its LISTEN_* env.
+struct ProbeRecord {
+	pid_t pid = 0;
+	std::map<int, std::string> fds;
+	std::map<int, std::string> sockname; // fd -> "127.0.0.1:PORT" for sockets
+	std::map<std::string, std::string> env;
+};
+// Reads every record written into `dir` by probes whose file names start with `prefix`.
+std::vector<ProbeRecord> probe_records(const std::string &dir, const std::string &prefix);
+
+} // namespace itest

@@ -1,0 +1,342 @@
+// Integration: the control socket and brokerctl — permissions, exit codes, output, fd hygiene, config checks.
+#include "harness.hpp"
+
+#include "broker/client.hpp"
+#include "broker/internal/sync_client.hpp"
+
+#include <doctest/doctest.h>
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
+using namespace itest;
+using broker::varlink::SyncClient;
+
+namespace {
+
+json web_config()
+{
+	return {{"sockets", {{"http", tcp_socket()}}},
+	        {"services", {{"web", service({env("EXAMPLE_HTTP")}, {"http"}, 2, "broker")}}}};
+}
+
+// brokerctl copied into the temp dir, so that nobody can run it wherever the build dir is.
+std::string brokerctl_for_nobody(const Broker &b)
+{
+	std::string path = b.path("brokerctl");
+	std::filesystem::copy_file(env("BROKERCTL"), path, std::filesystem::copy_options::overwrite_existing);
+	::chmod(path.c_str(), 0755);
+	return path;
+}
+
+RunResult brokerctl(const std::vector<std::string> &args, const SpawnOptions &opts = {})
+{
+	std::vector<std::string> argv = {env("BROKERCTL")};
+	argv.insert(argv.end(), args.begin(), args.end());
+	return run(argv, opts);
+}
+
+// Exit codes of a child that checks one call as nobody.
+enum : int { kDenied = 10, kAllowed = 11, kOtherError = 12 };
+
+int call_as_nobody(const std::string &control, const std::string &method)
+{
+	try {
+		SyncClient c(control, std::chrono::seconds(5));
+		json reply = c.call(method).body;
+		std::fprintf(stderr, "%s succeeded: %s\n", method.c_str(), reply.dump().c_str());
+		return kAllowed;
+	} catch (const broker::Error &e) {
+		std::fprintf(stderr, "%s failed: %s (%s)\n", method.c_str(), e.what(), e.varlink_error().c_str());
+		return e.varlink_error() == "org.varlink.service.PermissionDenied" ? kDenied : kOtherError;
+	}
+}
+
+int exit_code(Process &p)
+{
+	auto st = p.wait(10s);
+	if (!st) {
+		p.kill();
+		return -1;
+	}
+	return WIFEXITED(*st) ? WEXITSTATUS(*st) : -1;
+}
+
+UniqueFd raw_connect(const std::string &path)
+{
+	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+	sockaddr_un sa{};
+	sa.sun_family = AF_UNIX;
+	std::strncpy(sa.sun_path, path.c_str(), sizeof sa.sun_path - 1);
+	REQUIRE(fd);
+	REQUIRE(::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), sizeof sa) == 0);
+	return fd;
+}
+
+} // namespace
+
+TEST_CASE("Control methods are denied to other users; GetInfo is open to everyone")
+{
+	if (::geteuid() != 0) {
+		MESSAGE("skipped: needs root to run a client as nobody");
+		return;
+	}
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start(web_config());
+	std::string control = b.control_path();
+
+	struct stat sb {};
+	REQUIRE(::stat(control.c_str(), &sb) == 0);
+	CHECK(S_ISSOCK(sb.st_mode));
+	CHECK((sb.st_mode & 0777) == 0666);
+
+	struct Case {
+		const char *method;
+		int expected;
+	};
+	for (Case c : {Case{"io.brokerd.Control.Status", kDenied}, Case{"io.brokerd.Control.Sockets", kDenied},
+	               Case{"org.varlink.service.GetInfo", kAllowed}}) {
+		SpawnOptions so;
+		so.as_nobody = true;
+		so.stderr_path = b.path("nobody.log");
+		Process p = Process::fork_run([&] { return call_as_nobody(control, c.method); }, so);
+		INFO(c.method, " as nobody: ", read_file(b.path("nobody.log")));
+		CHECK(exit_code(p) == c.expected);
+	}
+	// The owner (root or brokerd's uid) may.
+	CHECK(b.status()["services"].size() == 1);
+
+	SpawnOptions nobody;
+	nobody.as_nobody = true;
+	RunResult r = run({brokerctl_for_nobody(b), "--socket", control, "status"}, nobody);
+	INFO("brokerctl as nobody: ", r.describe());
+	CHECK(r.exit_code == 4);
+
+	b.stop();
+}
+
+TEST_CASE("brokerctl exit codes: not running, no such service")
+{
+	TempDir dir;
+	RunResult missing = brokerctl({"--socket", dir / "nosuch.sock", "status"});
+	INFO("missing socket: ", missing.describe());
+	CHECK(missing.exit_code == 3);
+
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start(web_config());
+	RunResult nosuch = brokerctl({"--socket", b.control_path(), "status", "nosuch"});
+	INFO("status nosuch: ", nosuch.describe());
+	CHECK(nosuch.exit_code == 5);
+	CHECK(nosuch.err.find("nosuch") != std::string::npos);
+
+	RunResult ok = brokerctl({"--socket", b.control_path(), "status", "web"});
+	INFO("status web: ", ok.describe());
+	CHECK(ok.exit_code == 0);
+
+	RunResult usage = brokerctl({"--socket", b.control_path(), "--no-such-option"});
+	INFO("bad option: ", usage.describe());
+	CHECK(usage.exit_code == 2);
+
+	b.stop();
+}
+
+TEST_CASE("brokerctl status and sockets: human output names things, --json matches Status")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start(web_config());
+	json st = b.status();
+	INFO("Status: ", st.dump());
+	std::string address = find_named(st["sockets"], "http")->value("address", "");
+	auto insts = instances(st, "web");
+	REQUIRE(insts.size() == 2);
+
+	RunResult human = brokerctl({"--socket", b.control_path(), "status"});
+	INFO("status: ", human.describe());
+	CHECK(human.exit_code == 0);
+	CHECK(human.out.find("web") != std::string::npos);
+	CHECK(human.out.find("http") != std::string::npos);
+	for (const auto &i : insts) {
+		CHECK(human.out.find(i["id"].get<std::string>()) != std::string::npos);
+		CHECK(human.out.find(std::to_string(i["pid"].get<int>())) != std::string::npos);
+	}
+
+	RunResult socks = brokerctl({"--socket", b.control_path(), "sockets"});
+	INFO("sockets: ", socks.describe());
+	CHECK(socks.exit_code == 0);
+	CHECK(socks.out.find("http") != std::string::npos);
+	CHECK(socks.out.find(address.substr(address.find("://") + 3)) != std::string::npos);
+
+	RunResult js = brokerctl({"--socket", b.control_path(), "--json", "status"});
+	INFO("status --json: ", js.describe());
+	REQUIRE(js.exit_code == 0);
+	json parsed = json::parse(js.out, nullptr, false);
+	REQUIRE(!parsed.is_discarded());
+	CHECK(parsed["pid"] == st["pid"]);
+	CHECK(parsed["version"] == st["version"]);
+	CHECK(parsed["sockets"] == st["sockets"]);
+	REQUIRE(parsed["services"].size() == st["services"].size());
+	auto json_insts = instances(parsed, "web");
+	REQUIRE(json_insts.size() == insts.size());
+	for (std::size_t i = 0; i < insts.size(); ++i) {
+		CHECK(json_insts[i]["id"] == insts[i]["id"]);
+		CHECK(json_insts[i]["pid"] == insts[i]["pid"]);
+		CHECK(json_insts[i]["state"] == insts[i]["state"]);
+	}
+
+	RunResult jsocks = brokerctl({"--socket", b.control_path(), "--json", "sockets"});
+	INFO("sockets --json: ", jsocks.describe());
+	REQUIRE(jsocks.exit_code == 0);
+	json psocks = json::parse(jsocks.out, nullptr, false);
+	REQUIRE(!psocks.is_discarded());
+	// Either the Sockets reply ({"sockets": [...]}) or the bare array.
+	CHECK((psocks.is_array() ? psocks : psocks["sockets"]) == st["sockets"]);
+
+	b.stop();
+}
+
+TEST_CASE("1000 control connections leave brokerd's fd count where it was")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start(web_config());
+	pid_t pid = b.pid();
+	std::string control = b.control_path();
+
+	// Warm up every path once (sd-event may open a timerfd on first use), then take the
+	// baseline once the count has settled.
+	b.status();
+	raw_connect(control);
+	(void)::send(raw_connect(control).get(), "{\"method\":", 10, MSG_NOSIGNAL);
+	std::size_t baseline = 0;
+	int same = 0;
+	wait_until(
+		[&] {
+			std::size_t n = fd_count(pid);
+			same = n == baseline ? same + 1 : 0;
+			baseline = n;
+			return same >= 5;
+		},
+		5s);
+	INFO("baseline fd count ", baseline, ": ", [&] {
+		std::string s;
+		for (const auto &[fd, t] : proc_fds(pid))
+			s += std::to_string(fd) + "->" + t + " ";
+		return s;
+	}());
+
+	for (int i = 0; i < 1000; ++i) {
+		switch (i % 3) {
+		case 0:
+			raw_connect(control);
+			break;
+		case 1: {
+			SyncClient c(control, std::chrono::seconds(10));
+			c.call("io.brokerd.Control.Status");
+			break;
+		}
+		case 2: {
+			UniqueFd fd = raw_connect(control);
+			const char partial[] = "{\"method\":\"io.brokerd.Control.Stat";
+			CHECK(::send(fd.get(), partial, sizeof partial - 1, MSG_NOSIGNAL) > 0);
+			break;
+		}
+		}
+	}
+
+	std::size_t now = 0;
+	bool settled = wait_until([&] { return (now = fd_count(pid)) <= baseline; }, 10s);
+	INFO("fd count after: ", now, ": ", [&] {
+		std::string s;
+		for (const auto &[fd, t] : proc_fds(pid))
+			s += std::to_string(fd) + "->" + t + " ";
+		return s;
+	}());
+	CHECK(settled);
+	CHECK(now == baseline);
+	// And it still answers.
+	CHECK(instances(b.status(), "web").size() == 2);
+
+	b.stop();
+}
+
+TEST_CASE("brokerd --check-config validates without starting anything")
+{
+	TempDir dir;
+	std::string good = dir / "good.json";
+	std::string control = dir / "control.sock";
+	std::string exec = env("EXAMPLE_HTTP");
+	write_file(good, R"({
+  // comments are allowed
+  "control": {"path": ")" + control + R"("},
+  "sockets": {"http": {"listen": "tcp://127.0.0.1:0"}},
+  "services": {"web": {"exec": [")" + exec + R"("], "sockets": ["http"], "instances": 2, "ready": "broker",
+                       "drain": {"timeout": "5s"}}}
+}
+)");
+	RunResult ok = run({env("BROKERD"), "--check-config", good});
+	INFO("good: ", ok.describe());
+	CHECK(ok.exit_code == 0);
+	CHECK(::access(control.c_str(), F_OK) != 0); // nothing bound
+
+	struct Case {
+		const char *what;
+		std::string text;
+		const char *key; // the key path the message must name
+	};
+	auto with = [&](const std::string &socket, const std::string &svc) {
+		return R"({"control": {"path": ")" + control + R"("}, "sockets": {"http": )" + socket +
+		       R"(}, "services": {"web": )" + svc + "}}";
+	};
+	std::string good_socket = R"({"listen": "tcp://127.0.0.1:0"})";
+	std::string good_service = R"({"exec": [")" + exec + R"("], "sockets": ["http"]})";
+	const Case cases[] = {
+		{"bad duration", with(good_socket, R"({"exec": [")" + exec + R"("], "sockets": ["http"], "drain": {"timeout": "soon"}})"),
+		 "services.web.drain.timeout"},
+		{"bad listen address", with(R"({"listen": "bogus://nowhere"})", good_service), "sockets.http.listen"},
+		{"unknown socket", with(good_socket, R"({"exec": [")" + exec + R"("], "sockets": ["nosuch"]})"),
+		 "services.web.sockets"},
+		{"bad ready mode", with(good_socket, R"({"exec": [")" + exec + R"("], "sockets": ["http"], "ready": "maybe"})"),
+		 "services.web.ready"},
+		{"bad instances", with(good_socket, R"({"exec": [")" + exec + R"("], "sockets": ["http"], "instances": "two"})"),
+		 "services.web.instances"},
+	};
+	for (const auto &c : cases) {
+		std::string file = dir / "bad.json";
+		write_file(file, c.text);
+		RunResult r = run({env("BROKERD"), "--check-config", file});
+		INFO(c.what, ": ", r.describe());
+		CHECK(r.exit_code == 1);
+		CHECK(r.err.find(c.key) != std::string::npos);
+	}
+
+	std::string broken = dir / "broken.json";
+	write_file(broken, "{\"sockets\": ");
+	RunResult syntax = run({env("BROKERD"), "--check-config", broken});
+	INFO("syntax error: ", syntax.describe());
+	CHECK(syntax.exit_code == 1);
+	CHECK(!syntax.err.empty());
+}
+
+TEST_CASE("brokerd --version matches the version Status reports")
+{
+	RunResult v = run({env("BROKERD"), "--version"});
+	INFO(v.describe());
+	CHECK(v.exit_code == 0);
+
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start(web_config());
+	std::string version = b.status().value("version", "");
+	CHECK(!version.empty());
+	CHECK(v.out.find(version) != std::string::npos);
+	b.stop();
+}

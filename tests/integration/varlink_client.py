@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""A Varlink client written from the spec (varlink.org), stdlib only, run against a real brokerd.
+
+It starts its own brokerd ($BROKERD) with a Python example worker ($EXAMPLE_PYTHON), waits for
+READY=1 on a notify socket it owns, and checks org.varlink.service and io.brokerd.Control the way
+any third-party Varlink client would see them: one JSON object per message, NUL-terminated.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+TIMEOUT = 10.0
+failures = []
+passes = []
+
+
+def check(cond, what):
+    print(("ok     " if cond else "FAILED ") + what, flush=True)
+    (passes if cond else failures).append(what)
+
+
+def descendants(root):
+    """Pids below root, from /proc, so that nothing outlives a failed run."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    stat = f.read()
+                parent[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+class VarlinkConnection:
+    """One connection: calls are JSON objects terminated by NUL, replies likewise."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, method, parameters=None, **flags):
+        msg = {"method": method}
+        if parameters is not None:
+            msg["parameters"] = parameters
+        msg.update(flags)
+        self.send_raw(json.dumps(msg).encode() + b"\0")
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def receive(self):
+        while b"\0" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed by the service")
+            self.buf += chunk
+        raw, self.buf = self.buf.split(b"\0", 1)
+        reply = json.loads(raw)
+        if not isinstance(reply, dict):
+            raise ValueError("reply is not a JSON object: %r" % raw)
+        return reply
+
+    def call(self, method, parameters=None):
+        self.send(method, parameters if parameters is not None else {})
+        return self.receive()
+
+
+# Interface names and members per the Varlink IDL grammar.
+INTERFACE_RE = re.compile(r"^[A-Za-z]([-]*[A-Za-z0-9])*(\.[A-Za-z0-9]([-]*[A-Za-z0-9])*)+$")
+MEMBER_RE = re.compile(r"^\s*(method|type|error)\s+[A-Z][A-Za-z0-9]*\b", re.M)
+
+
+def check_description(conn, interface):
+    reply = conn.call("org.varlink.service.GetInterfaceDescription", {"interface": interface})
+    check("error" not in reply, "GetInterfaceDescription(%s) succeeds: %s" % (interface, reply.get("error")))
+    desc = reply.get("parameters", {}).get("description", "")
+    lines = [l for l in desc.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    check(bool(lines) and lines[0].strip() == "interface " + interface,
+          "description of %s starts with 'interface %s'" % (interface, interface))
+    check(bool(lines) and lines[0].startswith("interface io.brokerd."),
+          "description of %s is an io.brokerd interface" % interface)
+    check(bool(MEMBER_RE.search(desc)), "description of %s declares methods/types/errors" % interface)
+    check(desc.count("(") == desc.count(")"), "description of %s has balanced parentheses" % interface)
+    return desc
+
+
+def wait_ready(notify, proc, deadline):
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("brokerd sent no READY=1")
+        if proc.poll() is not None:
+            raise RuntimeError("brokerd exited with %s before READY=1" % proc.returncode)
+        notify.settimeout(min(left, 0.5))
+        try:
+            data = notify.recv(4096)
+        except socket.timeout:
+            continue  # re-check that brokerd is alive
+        if b"READY=1" in data.split(b"\n"):
+            return
+
+
+def run_checks(control):
+    conn = VarlinkConnection(control)
+
+    info = conn.call("org.varlink.service.GetInfo")
+    params = info.get("parameters", {})
+    check("error" not in info, "GetInfo succeeds")
+    for key in ("vendor", "product", "version", "url", "interfaces"):
+        check(key in params, "GetInfo has %r" % key)
+    interfaces = params.get("interfaces", [])
+    for name in ("org.varlink.service", "io.brokerd.Control", "io.brokerd.Worker"):
+        check(name in interfaces, "GetInfo lists %s" % name)
+    check(all(INTERFACE_RE.match(i) for i in interfaces), "interface names are valid: %r" % interfaces)
+
+    check_description(conn, "io.brokerd.Control")
+    check_description(conn, "io.brokerd.Worker")
+
+    status = conn.call("io.brokerd.Control.Status")
+    check("error" not in status, "Status succeeds: %s" % status.get("error"))
+    sp = status.get("parameters", {})
+    check(isinstance(sp.get("pid"), int) and sp["pid"] > 0, "Status has brokerd's pid")
+    socks = {s["name"]: s for s in sp.get("sockets", [])}
+    check("http" in socks and socks["http"]["address"].startswith("tcp://127.0.0.1:"),
+          "Status lists socket http with its address")
+    services = {s["name"]: s for s in sp.get("services", [])}
+    check("web" in services, "Status lists service web")
+    insts = [i for g in services.get("web", {}).get("generations", []) for i in g.get("instances", [])]
+    check(len(insts) == 1 and insts[0].get("state") == "ready", "web has one ready instance: %r" % insts)
+    check(bool(insts) and insts[0].get("id", "").startswith("web/"), "instance id looks like web/G/I")
+
+    # Unknown method of a known interface, and an unknown interface.
+    r = conn.call("io.brokerd.Control.NoSuchMethod")
+    check(r.get("error") == "org.varlink.service.MethodNotFound",
+          "unknown method gets MethodNotFound (got %r)" % r)
+    r = conn.call("org.example.nosuch.Method")
+    check(r.get("error") == "org.varlink.service.InterfaceNotFound",
+          "unknown interface gets InterfaceNotFound (got %r)" % r)
+    r = conn.call("org.varlink.service.GetInterfaceDescription", {"interface": "org.example.nosuch"})
+    check(r.get("error") == "org.varlink.service.InterfaceNotFound",
+          "GetInterfaceDescription of an unknown interface gets InterfaceNotFound (got %r)" % r)
+
+    # Pipelined calls in one write are answered in order; a oneway call gets no reply.
+    conn.send_raw(b"".join(json.dumps(m).encode() + b"\0" for m in (
+        {"method": "org.varlink.service.GetInfo", "oneway": True},
+        {"method": "io.brokerd.Control.Sockets", "parameters": {}},
+        {"method": "org.varlink.service.GetInfo"},
+    )))
+    first, second = conn.receive(), conn.receive()
+    check("sockets" in first.get("parameters", {}), "pipelined: the first reply answers Sockets (oneway skipped)")
+    check("interfaces" in second.get("parameters", {}), "pipelined: the second reply answers GetInfo")
+    conn.close()
+
+    # The connection still works after an error, and a fresh connection works too.
+    conn = VarlinkConnection(control)
+    r = conn.call("io.brokerd.Control.Status", {"service": "nosuch"})
+    check(r.get("error") == "io.brokerd.Control.NoSuchService", "Status(nosuch) gets NoSuchService (got %r)" % r)
+    r = conn.call("io.brokerd.Control.Status", {"service": "web"})
+    check([s["name"] for s in r.get("parameters", {}).get("services", [])] == ["web"],
+          "Status(web) after an error on the same connection")
+    conn.close()
+
+
+def main():
+    brokerd = os.environ["BROKERD"]
+    worker = os.environ["EXAMPLE_PYTHON"]
+    tmp = tempfile.mkdtemp(prefix="brokerd-varlink.")
+    control = os.path.join(tmp, "control.sock")
+    config = os.path.join(tmp, "brokerd.json")
+    with open(config, "w") as f:
+        json.dump({"control": {"path": control},
+                   "sockets": {"http": {"listen": "tcp://127.0.0.1:0"}},
+                   "services": {"web": {"exec": [sys.executable, worker], "sockets": ["http"],
+                                        "instances": 1, "ready": "notify"}}}, f)
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = "brokerd-varlink-test-%d" % os.getpid()
+    notify.bind("\0" + name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "BROKER_SOCKET"))}
+    env["NOTIFY_SOCKET"] = "@" + name
+    log = open(os.path.join(tmp, "brokerd.log"), "w+")
+    proc = subprocess.Popen([brokerd, "--config", config], env=env, stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=log)
+    try:
+        wait_ready(notify, proc, time.monotonic() + 20)
+        run_checks(control)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            rc = None
+        check(rc == 0, "brokerd exits 0 on SIGTERM (got %r)" % rc)
+    except Exception as e:  # report, with brokerd's log, rather than a bare traceback
+        failures.append("%s: %s" % (type(e).__name__, e))
+        print("FAILED %s: %s" % (type(e).__name__, e), flush=True)
+    finally:
+        if proc.poll() is None:
+            stray = descendants(proc.pid)
+            proc.kill()
+            proc.wait()
+            for pid in stray:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if failures:
+            log.seek(0)
+            print("--- brokerd stderr:\n" + log.read(), flush=True)
+        log.close()
+        notify.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("%d passed, %d failed" % (len(passes), len(failures)))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
