@@ -713,6 +713,7 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 				req.cfg.start_timeout = ms;
 			} else {
 				req.cfg.drain_timeout = ms;
+				req.drain_timeout = ms;
 			}
 		}
 	}

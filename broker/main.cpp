@@ -7,9 +7,9 @@
 #include "log.hpp"
 #include "notify.hpp"
 #include "supervisor.hpp"
+#include "systemd_notify.hpp"
 
 #include <CLI/CLI.hpp>
-#include <systemd/sd-daemon.h>
 
 #include <signal.h>
 
@@ -45,6 +45,7 @@ private:
 	std::unique_ptr<Supervisor> supervisor_;
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;
+	SystemdNotifier notifier_;
 	EventSource sigterm_, sigint_;
 	bool announced_ready_ = false;
 	std::string last_status_;
@@ -113,7 +114,7 @@ int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userd
 		return 0;
 	}
 	log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)));
-	sd_notify(0, "STOPPING=1");
+	d->notifier_.send("STOPPING=1");
 	d->supervisor_->shutdown();
 	return 0;
 }
@@ -124,7 +125,7 @@ nlohmann::json Daemon::reload()
 {
 	config::Config next = config::load(config_path_);
 	AccessRules rules = AccessRules::resolve(next.control);
-	sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", static_cast<unsigned long long>(now_usec(CLOCK_MONOTONIC)));
+	notifier_.send("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(now_usec(CLOCK_MONOTONIC)));
 	nlohmann::json result = {{"added_sockets", nlohmann::json::array()},
 	                         {"removed_sockets", nlohmann::json::array()},
 	                         {"added_services", nlohmann::json::array()},
@@ -151,7 +152,7 @@ nlohmann::json Daemon::reload()
 			opened.push_back(open_listener(sc, none));
 		}
 	} catch (...) {
-		sd_notify(0, "READY=1");
+		notifier_.send("READY=1");
 		throw;
 	}
 	for (auto &l : opened) {
@@ -160,25 +161,26 @@ nlohmann::json Daemon::reload()
 		listeners_.push_back(std::move(l));
 	}
 
-	for (const auto &svc : cfg_.services)
-		if (!next.find_service(svc.name)) {
+	// The new config is in force before services change, so that a listener is judged unused
+	// against it, and never against the old one.
+	config::Config old = std::exchange(cfg_, std::move(next));
+	control_->set_rules(std::move(rules));
+	for (const auto &svc : old.services)
+		if (!cfg_.find_service(svc.name)) {
 			supervisor_->remove_service(svc.name);
 			result["removed_services"].push_back(svc.name);
 		}
-	for (const auto &svc : next.services)
+	for (const auto &svc : cfg_.services)
 		if (!supervisor_->find_service(svc.name)) {
 			supervisor_->add_service(svc);
 			result["added_services"].push_back(svc.name);
 		}
-	for (const auto &sc : cfg_.sockets)
-		if (!next.find_socket(sc.name))
+	for (const auto &sc : old.sockets)
+		if (!cfg_.find_socket(sc.name))
 			result["removed_sockets"].push_back(sc.name);
-
-	control_->set_rules(std::move(rules));
-	cfg_ = std::move(next);
 	close_unused_listeners();
 	log::notice("reloaded " + config_path_);
-	sd_notify(0, "READY=1");
+	notifier_.send("READY=1");
 	return result;
 }
 
@@ -208,10 +210,10 @@ void Daemon::on_change()
 	if (!announced_ready_ && supervisor_->settled()) {
 		announced_ready_ = true;
 		log::notice("ready: " + status);
-		sd_notify(0, ("READY=1\nSTATUS=" + status).c_str());
+		notifier_.send("READY=1\nSTATUS=" + status);
 		last_status_ = status;
 	} else if (announced_ready_ && status != last_status_) {
-		sd_notify(0, ("STATUS=" + status).c_str());
+		notifier_.send("STATUS=" + status);
 		last_status_ = status;
 	}
 }

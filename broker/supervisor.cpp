@@ -644,6 +644,12 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 		               (policy == config::RestartPolicy::OnFailure && !clean);
 		if (restart)
 			schedule_restart(inst);
+		if (up && inst.restored && inst.generation == up->from && inst.state != InstanceState::Starting &&
+		    up->rollout.phase() == RolloutPhase::RollingBack) {
+			// A refill that will not come back must not hold the rollback open forever.
+			log::error("instance " + inst.id + ": could not be restored, the rollback ends short of full capacity");
+			apply(svc, up->rollout.restored_ready());
+		}
 	}
 	if (inst.state != InstanceState::Starting)
 		inst.retired = inst.retired || inst.generation != svc.current || svc.removing;
@@ -721,7 +727,7 @@ void Supervisor::signal(Instance &inst, int sig)
 		log::warning("instance " + inst.id + ": cannot send signal: " + errno_text(errno) + ", ignoring");
 }
 
-void Supervisor::drain(Instance &inst)
+void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 {
 	if (!inst.pid) {
 		// Not running (failed, or waiting to restart): nothing to drain, and no restart either.
@@ -735,8 +741,9 @@ void Supervisor::drain(Instance &inst)
 	if (inst.state == InstanceState::Draining)
 		return;
 	const auto &cfg = inst.generation->cfg;
+	const config::Duration deadline = timeout.value_or(cfg.drain_timeout);
 	set_state(inst, InstanceState::Draining);
-	bool told = inst.events && inst.events->send_event({{"event", "drain"}, {"timeout_ms", cfg.drain_timeout.count()}});
+	bool told = inst.events && inst.events->send_event({{"event", "drain"}, {"timeout_ms", deadline.count()}});
 	if (told) {
 		log::info("instance " + inst.id + ": drain requested");
 	} else {
@@ -745,7 +752,7 @@ void Supervisor::drain(Instance &inst)
 		signal(inst, cfg.drain_signal);
 	}
 	emit(inst, "draining");
-	arm_timer(inst, static_cast<std::uint64_t>(cfg.drain_timeout.count()) * kUsecPerMsec, drain_timeout_handler);
+	arm_timer(inst, static_cast<std::uint64_t>(deadline.count()) * kUsecPerMsec, drain_timeout_handler);
 }
 
 void Supervisor::instance_ready(Instance &inst, std::string_view how)
@@ -994,6 +1001,7 @@ std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeReque
 	up->from = from;
 	up->to = &new_generation(svc, req.cfg);
 	up->kind = req.kind;
+	up->drain_timeout = req.drain_timeout;
 	up->started = now_usec(CLOCK_MONOTONIC);
 	if (observer)
 		up->observers.push_back(observer);
@@ -1068,7 +1076,7 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 			break;
 		pick->retired = true;
 		bool running = pick->pid != 0;
-		drain(*pick);
+		drain(*pick, up->drain_timeout);
 		if (!running)
 			apply(svc, up->rollout.old_exited()); // nothing to wait for: it counts as exited now
 	}
@@ -1165,10 +1173,16 @@ std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *ob
 {
 	if (!svc.stopped || svc.removing || shutting_down_)
 		return ControlError{"io.brokerd.Control.ServiceStopped", {{"service", svc.name}}};
-	if (svc.cfg.exec.empty())
-		return ControlError{"io.brokerd.Control.InvalidConfig",
-		                    {{"message", "services." + svc.name + ": an external service starts when its workers register"}}};
 	svc.stopped = false;
+	if (svc.cfg.exec.empty()) {
+		// An external service starts when its workers register again.
+		log::notice("service " + svc.name + ": accepting registrations again");
+		emit_service(svc, "start", "");
+		if (observer)
+			observer->finished(json::object());
+		changed();
+		return std::nullopt;
+	}
 	const config::ServiceConfig &cfg = svc.current ? svc.current->cfg : svc.cfg;
 	Generation &gen = new_generation(svc, cfg);
 	svc.current = &gen;

@@ -114,6 +114,7 @@ struct Upgrade {
 	Generation *from = nullptr; // may be null for a service that had no generation running
 	Generation *to = nullptr;
 	std::string kind; // "upgrade", "rollback" or "restart"
+	std::optional<config::Duration> drain_timeout; // the operator's, for the old instances too
 	std::vector<Observer *> observers;
 	std::uint64_t started = 0; // CLOCK_MONOTONIC usec
 	std::string failed_instance;
@@ -139,6 +140,7 @@ struct UpgradeRequest {
 	config::ServiceConfig cfg;
 	bool all_at_once = false;
 	std::string kind = "upgrade";
+	std::optional<config::Duration> drain_timeout; // overrides the old generation's too
 };
 
 class Supervisor {
@@ -207,7 +209,7 @@ private:
 	Instance &add_instance(Generation &gen);
 	void spawn(Instance &inst);
 	void set_state(Instance &inst, InstanceState s);
-	void drain(Instance &inst);
+	void drain(Instance &inst, std::optional<config::Duration> timeout = std::nullopt);
 	void signal(Instance &inst, int sig);
 	void on_exit(Instance &inst, const siginfo_t &si);
 	void on_exec_status(Instance &inst);

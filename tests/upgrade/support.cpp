@@ -1,0 +1,405 @@
+// Upgrade tests' helpers: load in the background, brokerctl, streamed calls, and what Status must show.
+#include "support.hpp"
+
+#include "broker/client.hpp"
+
+#include <doctest/doctest.h>
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+namespace utest {
+
+namespace {
+
+// Signals a process blocks, from /proc/PID/status.
+std::uint64_t blocked_signals(pid_t pid)
+{
+	std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+	std::string line;
+	while (std::getline(f, line))
+		if (line.rfind("SigBlk:", 0) == 0)
+			return std::stoull(line.substr(7), nullptr, 16);
+	return 0;
+}
+
+std::uint64_t sigbit(int sig)
+{
+	return std::uint64_t{1} << (sig - 1);
+}
+
+std::size_t tcp_sockets(pid_t pid)
+{
+	std::size_t n = 0;
+	for (const auto &[fd, target] : proc_fds(pid))
+		n += target.rfind("socket:", 0) == 0;
+	return n;
+}
+
+} // namespace
+
+NotifyDrain::NotifyDrain()
+{
+	static std::atomic<unsigned> counter{0};
+	name_ = "brokerd-utest-notify-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+	fd_.reset(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+	REQUIRE(fd_);
+	sockaddr_un sa{};
+	sa.sun_family = AF_UNIX;
+	std::memcpy(sa.sun_path + 1, name_.data(), name_.size());
+	socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name_.size());
+	REQUIRE(::bind(fd_.get(), reinterpret_cast<sockaddr *>(&sa), len) == 0);
+	stop_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+	REQUIRE(stop_);
+	thread_ = std::thread([this] { run(); });
+}
+
+NotifyDrain::~NotifyDrain()
+{
+	std::uint64_t one = 1;
+	if (::write(stop_.get(), &one, sizeof one) < 0) {
+		// Cannot happen for an eventfd below its maximum; the join below would hang otherwise.
+		std::abort();
+	}
+	thread_.join();
+}
+
+void NotifyDrain::run()
+{
+	for (;;) {
+		pollfd p[2] = {{fd_.get(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
+		if (::poll(p, 2, -1) < 0 && errno != EINTR)
+			return;
+		if (p[1].revents)
+			return;
+		char buf[4096];
+		ssize_t n;
+		while ((n = ::recv(fd_.get(), buf, sizeof buf, 0)) > 0) {
+			std::string msg(buf, static_cast<std::size_t>(n));
+			if (msg == "READY=1" || msg.rfind("READY=1\n", 0) == 0 || msg.find("\nREADY=1") != std::string::npos) {
+				std::lock_guard lock(mutex_);
+				ready_ = true;
+				cv_.notify_all();
+			}
+		}
+	}
+}
+
+bool NotifyDrain::wait_ready(std::chrono::milliseconds timeout)
+{
+	std::unique_lock lock(mutex_);
+	return cv_.wait_for(lock, timeout, [&] { return ready_; });
+}
+
+void TestBroker::start(const json &config)
+{
+	BrokerOptions opts;
+	// env(1) execs brokerd in place, so the harness still holds brokerd's pid.
+	opts.prefix = {"env", "NOTIFY_SOCKET=" + notify.address()};
+	opts.wait_ready = false;
+	b.start(config, opts);
+	bool ready = wait_until([&] { return notify.wait_ready(50ms) || !b.process().running() || !process_exists(b.pid()); }, 20s);
+	REQUIRE_MESSAGE(ready, "brokerd sent no READY=1 within 20s");
+	REQUIRE_MESSAGE(notify.wait_ready(0ms), "brokerd exited before READY=1");
+}
+
+Loadgen::Loadgen(const Broker &b, std::uint16_t port, const std::string &mode, const std::string &expect,
+                 int connections, int rate)
+	: mode_(mode)
+{
+	static std::atomic<unsigned> counter{0};
+	out_path_ = b.path("loadgen-" + mode + "-" + std::to_string(counter++) + ".json");
+	SpawnOptions so;
+	so.stdout_path = out_path_;
+	so.stderr_path = b.path("loadgen.log");
+	// --duration is only a cap: finish() stops it. A request that takes 5 s is a failure
+	// whatever the machine's load.
+	std::vector<std::string> argv = {env("LOADGEN"), "--target", "127.0.0.1:" + std::to_string(port), "--mode", mode,
+	                                 "--connections", std::to_string(connections), "--timeout", "5s",
+	                                 "--duration", "300s", "--expect", expect, "--json"};
+	if (rate > 0) {
+		argv.push_back("--rate");
+		argv.push_back(std::to_string(rate));
+	}
+	proc_ = Process::spawn(argv, so);
+	// SIGUSR1/2 would kill it before it blocks them; and the load must be on before any upgrade.
+	bool up = wait_until(
+		[&] {
+			if (!proc_.running() || !process_exists(proc_.pid()))
+				return true;
+			std::uint64_t want = sigbit(SIGUSR1) | sigbit(SIGUSR2) | sigbit(SIGTERM);
+			return (blocked_signals(proc_.pid()) & want) == want && tcp_sockets(proc_.pid()) > 0;
+		},
+		10s);
+	REQUIRE_MESSAGE(up, "broker-loadgen did not start its load within 10s");
+	REQUIRE_MESSAGE(process_exists(proc_.pid()), "broker-loadgen exited at once: ", read_file(b.path("loadgen.log")));
+}
+
+json Loadgen::finish()
+{
+	proc_.signal(SIGTERM);
+	auto st = proc_.wait(30s);
+	REQUIRE_MESSAGE(st.has_value(), "broker-loadgen did not stop within 30s of SIGTERM");
+	INFO("broker-loadgen ", mode_, " ", describe_status(*st));
+	REQUIRE(WIFEXITED(*st));
+	REQUIRE(WEXITSTATUS(*st) == 0);
+	json report = json::parse(read_file(out_path_), nullptr, false);
+	REQUIRE_MESSAGE(report.is_object(), "broker-loadgen printed no JSON: ", read_file(out_path_));
+	return report;
+}
+
+Load::Load(const Broker &b, std::uint16_t port, const std::string &expect, int rate)
+{
+	gens_.reserve(2);
+	gens_.emplace_back(b, port, "keepalive", expect, 8, rate);
+	gens_.emplace_back(b, port, "close", expect, 8, rate);
+}
+
+void Load::begin_upgrade()
+{
+	for (auto &g : gens_)
+		g.begin_upgrade();
+}
+
+void Load::end_upgrade()
+{
+	for (auto &g : gens_)
+		g.end_upgrade();
+}
+
+std::set<int> Load::finish_and_check()
+{
+	std::set<int> generations;
+	for (auto &g : gens_) {
+		json r = g.finish();
+		MESSAGE("broker-loadgen ", g.mode(), ": ", r.value("requests", 0), " requests, ",
+		        r["phases"]["upgrade"].value("ok", 0), " ok during ", r.value("upgrade_windows", 0),
+		        " upgrade windows, ", r.value("failed", 0), " failed, generations ", r["generations_seen"].dump());
+		INFO("broker-loadgen ", g.mode(), ": ", r.dump());
+		CHECK(r.value("requests", 0) > 0);
+		CHECK(r.value("failed", -1) == 0);
+		CHECK(r.value("ok", 0) == r.value("requests", -1));
+		if (r.value("upgrade_windows", 0) > 0)
+			CHECK(r["phases"]["upgrade"].value("ok", 0) > 0);
+		for (const auto &gen : r.value("generations_seen", json::array()))
+			generations.insert(gen.get<int>());
+	}
+	return generations;
+}
+
+RunResult brokerctl(const Broker &b, const std::vector<std::string> &args, std::chrono::milliseconds timeout)
+{
+	std::vector<std::string> argv = {env("BROKERCTL"), "--socket", b.control_path()};
+	argv.insert(argv.end(), args.begin(), args.end());
+	return run(argv, {}, timeout);
+}
+
+StreamCall::StreamCall(const std::string &control, const std::string &method, json params)
+	: client_(control, 10s)
+{
+	client_.send(broker::varlink::make_call(method, std::move(params), true));
+}
+
+std::optional<StreamCall::Reply> StreamCall::next(std::chrono::milliseconds timeout)
+{
+	if (ended_)
+		return std::nullopt;
+	client_.set_timeout(timeout);
+	broker::varlink::Message m;
+	try {
+		m = client_.receive();
+	} catch (const broker::Error &e) {
+		if (e.code() == ETIMEDOUT)
+			return std::nullopt;
+		throw;
+	}
+	Reply r;
+	r.parameters = m.body.value("parameters", json::object());
+	r.error = m.body.value("error", "");
+	r.continues = m.body.value("continues", false);
+	ended_ = !r.continues;
+	seen_.push_back(r);
+	return r;
+}
+
+std::optional<StreamCall::Reply> StreamCall::until(const std::function<bool(const Reply &)> &pred,
+                                                   std::chrono::milliseconds timeout)
+{
+	auto deadline = Clock::now() + timeout;
+	while (!ended_) {
+		auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+		if (left.count() <= 0)
+			return std::nullopt;
+		auto r = next(left);
+		if (!r)
+			return std::nullopt;
+		if (pred(*r))
+			return r;
+	}
+	return std::nullopt;
+}
+
+std::string StreamCall::transcript() const
+{
+	std::string s;
+	for (const auto &r : seen_)
+		s += (r.error.empty() ? "" : r.error + " ") + r.parameters.dump() + "\n";
+	return s;
+}
+
+StreamCall::Reply final_reply(StreamCall &call, std::chrono::milliseconds timeout)
+{
+	auto r = call.until([](const StreamCall::Reply &r) { return !r.continues; }, timeout);
+	INFO("replies so far:\n", call.transcript());
+	REQUIRE_MESSAGE(r.has_value(), "the call did not end within ", timeout.count(), " ms");
+	return *r;
+}
+
+const json *service_of(const json &status, const std::string &service)
+{
+	return find_named(member(status, "services"), service);
+}
+
+std::vector<json> generation_instances(const json &status, const std::string &service, int generation)
+{
+	std::vector<json> out;
+	if (const json *svc = service_of(status, service))
+		for (const auto &g : member(*svc, "generations"))
+			if (g.value("number", -1) == generation)
+				for (const auto &i : member(g, "instances"))
+					out.push_back(i);
+	return out;
+}
+
+int newest_generation(const json &status, const std::string &service)
+{
+	int newest = 0;
+	if (const json *svc = service_of(status, service))
+		for (const auto &g : member(*svc, "generations"))
+			newest = std::max(newest, g.value("number", 0));
+	return newest;
+}
+
+bool serves_alone(const json &status, const std::string &service, int generation, std::size_t count, std::string &why)
+{
+	const json *svc = service_of(status, service);
+	if (!svc) {
+		why = "no service " + service;
+		return false;
+	}
+	if (svc->contains("upgrade") && !(*svc)["upgrade"].is_null()) {
+		why = "an upgrade is still in progress";
+		return false;
+	}
+	if (svc->value("state", "") != "running") {
+		why = "service state is " + svc->value("state", "?");
+		return false;
+	}
+	std::size_t ready = 0;
+	for (const auto &g : member(*svc, "generations")) {
+		for (const auto &i : member(g, "instances")) {
+			int pid = i.value("pid", 0);
+			if (g.value("number", -1) != generation) {
+				if (pid != 0) {
+					why = "instance " + i.value("id", "?") + " of another generation still runs";
+					return false;
+				}
+				continue;
+			}
+			if (i.value("state", "") == "ready" && pid > 0 && process_exists(pid))
+				ready++;
+			else if (pid != 0 || i.value("state", "") != "exited") {
+				why = "instance " + i.value("id", "?") + " is " + i.value("state", "?");
+				return false;
+			}
+		}
+	}
+	if (ready != count) {
+		why = std::to_string(ready) + " ready instances of gen " + std::to_string(generation) + ", not " +
+		      std::to_string(count);
+		return false;
+	}
+	return true;
+}
+
+void check_serves_alone(Broker &b, const std::string &service, int generation, std::size_t count,
+                        std::chrono::milliseconds timeout)
+{
+	std::string why;
+	json st;
+	bool ok = wait_until(
+		[&] {
+			st = b.status(service);
+			return serves_alone(st, service, generation, count, why);
+		},
+		timeout);
+	INFO("Status: ", st.dump());
+	CHECK_MESSAGE(ok, service, " gen ", generation, " does not serve alone with ", count, " ready instances: ", why);
+}
+
+pid_t instance_pid(const json &status, const std::string &service, const std::string &id)
+{
+	for (const auto &i : instances(status, service))
+		if (i.value("id", "") == id)
+			return i.value("pid", 0);
+	return 0;
+}
+
+bool kill9(pid_t pid)
+{
+	int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+	if (fd < 0)
+		return false;
+	UniqueFd owned(fd);
+	return ::syscall(SYS_pidfd_send_signal, fd, SIGKILL, nullptr, 0) == 0;
+}
+
+int generation_answering(std::uint16_t port)
+{
+	static const std::regex re(R"(gen (\d+))");
+	HttpResponse r = http_get(port);
+	std::smatch m;
+	if (r.status != 200 || !std::regex_search(r.body, m, re))
+		return -1;
+	return std::stoi(m[1]);
+}
+
+json config_with(const json &services)
+{
+	return {{"sockets", {{"http", tcp_socket()}}}, {"services", services}};
+}
+
+json http_service(int instances, const json &extra)
+{
+	json s = service({env("EXAMPLE_HTTP")}, {"http"}, instances, "broker");
+	s.update(extra);
+	return s;
+}
+
+json python_service(int instances, const json &extra)
+{
+	json s = service({"python3", env("EXAMPLE_PYTHON")}, {"http"}, instances, "notify");
+	s.update(extra);
+	return s;
+}
+
+std::string shell_quote(const std::string &s)
+{
+	std::string out = "'";
+	for (char c : s)
+		out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+	return out + "'";
+}
+
+} // namespace utest

@@ -1,0 +1,199 @@
+// One upgrade at a time (a second is refused, an abort rolls back), and crash loops stop restarts.
+#include "support.hpp"
+
+#include <doctest/doctest.h>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <regex>
+
+using namespace utest;
+
+namespace {
+
+// A new version whose instances wait on `fifo` before they exec the worker, until `go` exists.
+std::vector<std::string> held_exec(const std::string &fifo, const std::string &go)
+{
+	REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+	std::string http = shell_quote(env("EXAMPLE_HTTP"));
+	return {"/bin/sh", "-c", "test -e " + shell_quote(go) + " || read line < " + shell_quote(fifo) + "; exec " + http};
+}
+
+// Lets every held instance go: the file for those to come, a line in the FIFO for one that
+// waits. O_RDWR opens a FIFO without waiting for a reader; the fd keeps the line there until
+// the reader arrives.
+UniqueFd release(const std::string &fifo, const std::string &go)
+{
+	write_file(go, "");
+	UniqueFd fd(::open(fifo.c_str(), O_RDWR | O_CLOEXEC));
+	REQUIRE(fd);
+	REQUIRE(::write(fd.get(), "go\n", 3) == 3);
+	return fd;
+}
+
+Process brokerctl_background(const Broker &b, const std::vector<std::string> &args, const std::string &name)
+{
+	std::vector<std::string> argv = {env("BROKERCTL"), "--socket", b.control_path()};
+	argv.insert(argv.end(), args.begin(), args.end());
+	SpawnOptions so;
+	so.stdout_path = b.path(name + ".out");
+	so.stderr_path = b.path(name + ".err");
+	return Process::spawn(argv, so);
+}
+
+// Waits until Status shows an upgrade of "web" to `generation` with a new instance started.
+void wait_in_progress(Broker &b, int generation)
+{
+	json st;
+	bool running = wait_until(
+		[&] {
+			st = b.status("web");
+			const json *svc = service_of(st, "web");
+			if (!svc || !svc->contains("upgrade") || (*svc)["upgrade"].is_null())
+				return false;
+			const json &up = (*svc)["upgrade"];
+			return up.value("generation", 0) == generation && up.value("started", 0) >= 1;
+		},
+		20s);
+	INFO("Status: ", st.dump());
+	REQUIRE(running);
+}
+
+int exit_code_of(Process &p)
+{
+	auto st = p.wait(kRolloutDeadline);
+	REQUIRE_MESSAGE(st.has_value(), "brokerctl did not finish");
+	return WIFEXITED(*st) ? WEXITSTATUS(*st) : -1;
+}
+
+} // namespace
+
+TEST_CASE("control: a second upgrade is refused while one runs; abort rolls back")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	tb.start(config_with({{"web", http_service(2)}}));
+
+	std::string fifo = b.path("hold"), go = b.path("go");
+	std::vector<std::string> args = {"upgrade", "web", "--exec"};
+	for (const auto &a : held_exec(fifo, go))
+		args.push_back(a);
+	Process first = brokerctl_background(b, args, "first");
+	wait_in_progress(b, 2);
+
+	struct Refused {
+		std::vector<std::string> args;
+	};
+	for (const auto &r : {Refused{{"upgrade", "web"}}, Refused{{"upgrade", "web", "--all-at-once"}},
+	                      Refused{{"restart", "web"}}}) {
+		RunResult second = brokerctl(b, r.args);
+		INFO("brokerctl ", r.args[0], " during the upgrade: ", second.describe());
+		CHECK(second.exit_code == 7);
+		CHECK(second.err.find("upgrade of web to gen 2 is in progress") != std::string::npos);
+	}
+	// The Varlink error names the upgrade that runs.
+	broker::varlink::SyncClient c(b.control_path(), 10s);
+	c.send(broker::varlink::make_call("io.brokerd.Control.Upgrade", {{"service", "web"}}));
+	broker::varlink::Message m = c.receive();
+	INFO("second Upgrade: ", m.body.dump());
+	CHECK(m.body.value("error", "") == "io.brokerd.Control.UpgradeInProgress");
+	CHECK(m.body["parameters"].value("service", "") == "web");
+	CHECK(m.body["parameters"].value("generation", 0) == 2);
+
+	// The refusals left the first upgrade alone: once its instances may start, it completes.
+	UniqueFd held = release(fifo, go);
+	int code = exit_code_of(first);
+	INFO("first upgrade: ", read_file(b.path("first.out")), read_file(b.path("first.err")));
+	CHECK(code == 0);
+	check_serves_alone(b, "web", 2, 2);
+	CHECK(newest_generation(b.status("web"), "web") == 2);
+
+	// Abort: the upgrade in progress ends as failed and rolled back.
+	std::string fifo2 = b.path("hold2"), go2 = b.path("go2");
+	args = {"upgrade", "web", "--exec"};
+	for (const auto &a : held_exec(fifo2, go2))
+		args.push_back(a);
+	Process third = brokerctl_background(b, args, "third");
+	wait_in_progress(b, 3);
+	RunResult abort = brokerctl(b, {"abort", "web"});
+	INFO("brokerctl abort: ", abort.describe());
+	CHECK(abort.exit_code == 0);
+	code = exit_code_of(third);
+	std::string third_err = read_file(b.path("third.err"));
+	INFO("aborted upgrade: ", read_file(b.path("third.out")), third_err);
+	CHECK(code == 6);
+	CHECK(third_err.find("aborted by the operator") != std::string::npos);
+	check_serves_alone(b, "web", 2, 2);
+	RunResult again = brokerctl(b, {"abort", "web"});
+	CHECK(again.exit_code == 7);
+	b.stop();
+}
+
+// A worker that exits at once is restarted with backoff (100 ms doubling) until more than 5
+// failures within 60 s; then it stays failed. A healthy sentinel service proves the Watch
+// stream was live all along: its event arrives, and no "started" of the crashing one before it.
+TEST_CASE("control: a crash loop is detected and not restarted")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json crashy = service({"/bin/sh", "-c", "echo 'crashing on purpose' >&2; exit 1"}, {"http"}, 1, "notify");
+	crashy["restart"] = "on-failure";
+	json sentinel = service({"sleep", "1000"}, {}, 1, "exec");
+	tb.start(config_with({{"crashy", crashy}, {"sentinel", sentinel}}));
+
+	json st;
+	json inst;
+	bool failed = wait_until(
+		[&] {
+			st = b.status();
+			auto insts = instances(st, "crashy");
+			if (insts.size() != 1)
+				return false;
+			inst = insts[0];
+			return inst.value("state", "") == "failed" && inst.value("pid", -1) == 0;
+		},
+		30s);
+	INFO("Status: ", st.dump());
+	REQUIRE(failed);
+	CHECK(service_of(st, "crashy")->value("state", "") == "failed");
+	CHECK(service_of(st, "sentinel")->value("state", "") == "running");
+
+	// 1 start and 5 restarts; the 6th failure is the loop.
+	std::string log = b.log();
+	static const std::regex started(R"(instance crashy/1/0: started pid)");
+	auto starts = std::distance(std::sregex_iterator(log.begin(), log.end(), started), std::sregex_iterator());
+	CHECK(starts == 6);
+	CHECK(log.find("crash loop") != std::string::npos);
+
+	StreamCall watch(b.control_path(), "io.brokerd.Control.Watch", json::object());
+	auto is_crashy_start = [](const StreamCall::Reply &r) {
+		return r.parameters.value("service", "") == "crashy" && r.parameters.value("event", "") == "started";
+	};
+	// The next restart would have come 3.2 s after the last failure.
+	auto restarted = watch.until(is_crashy_start, 4s);
+	INFO("watch: ", watch.transcript());
+	CHECK(!restarted.has_value());
+
+	pid_t sentinel_pid = worker_pids(b.status("sentinel"), "sentinel").at(0);
+	REQUIRE(kill9(sentinel_pid));
+	auto seen = watch.until(
+		[&](const StreamCall::Reply &r) {
+			return r.parameters.value("service", "") == "sentinel" && r.parameters.value("pid", 0) == sentinel_pid &&
+			       r.parameters.value("event", "") == "failed";
+		},
+		20s);
+	REQUIRE(seen.has_value());
+	for (const auto &r : watch.seen())
+		CHECK(!is_crashy_start(r));
+
+	json after = instances(b.status("crashy"), "crashy").at(0);
+	CHECK(after.value("state", "") == "failed");
+	CHECK(after.value("pid", -1) == 0);
+	CHECK(after.value("since", 0) == inst.value("since", 1));
+	b.stop();
+}

@@ -1,0 +1,142 @@
+// Registered workers of an external service: each new version takes over under load; strangers are denied.
+#include "support.hpp"
+
+#include <doctest/doctest.h>
+
+#include <pwd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+using namespace utest;
+
+namespace {
+
+// Exit codes of the child that says Hello as nobody.
+enum : int { kDeniedNoFd = 10, kAllowed = 11, kOtherError = 12 };
+
+int hello_as_nobody(const std::string &control)
+{
+	broker::varlink::SyncClient c(control, 5s);
+	c.send(broker::varlink::make_call("io.brokerd.Worker.Hello",
+	                                  {{"service", "ext"}, {"version", "intruder"}, {"want_fds", true}}));
+	broker::varlink::Message m = c.receive();
+	std::fprintf(stderr, "Hello as uid %d: %s, %zu fds\n", static_cast<int>(::getuid()), m.body.dump().c_str(),
+	             m.fds.size());
+	if (m.body.value("error", "") == "org.varlink.service.PermissionDenied")
+		return m.fds.empty() ? kDeniedNoFd : kOtherError;
+	return m.body.contains("error") ? kOtherError : kAllowed;
+}
+
+std::string user_name()
+{
+	passwd *pw = ::getpwuid(::geteuid());
+	REQUIRE(pw);
+	return pw->pw_name;
+}
+
+// broker-example-http started by the test, registering as version `version` of "ext".
+Process start_worker(const Broker &b, const std::string &version)
+{
+	SpawnOptions so;
+	so.env = {"BROKER_SOCKET=" + b.control_path(), "BROKER_SERVICE=ext", "BROKER_VERSION=" + version};
+	so.unset_env = {"BROKER_TOKEN", "BROKER_INSTANCE", "BROKER_GENERATION", "LISTEN_FDS", "LISTEN_PID"};
+	so.stderr_path = b.path("worker-" + version + ".log");
+	return Process::spawn({env("EXAMPLE_HTTP")}, so);
+}
+
+// The one instance of "ext" once `pid` alone serves it, ready, with no takeover in progress.
+std::optional<json> serving_alone(Broker &b, pid_t pid)
+{
+	json st = b.status("ext");
+	const json *svc = service_of(st, "ext");
+	if (!svc || (svc->contains("upgrade") && !(*svc)["upgrade"].is_null()))
+		return std::nullopt;
+	std::optional<json> found;
+	for (const auto &g : member(*svc, "generations"))
+		for (const auto &i : member(g, "instances")) {
+			if (i.value("pid", 0) == 0)
+				continue;
+			if (i.value("pid", 0) != pid || i.value("state", "") != "ready")
+				return std::nullopt;
+			found = json{{"generation", g.value("number", 0)}, {"version", g.value("version", "")}, {"instance", i}};
+		}
+	return found;
+}
+
+} // namespace
+
+TEST_CASE("external: five versions of a registered worker take over in turn under load")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json ext = {{"sockets", {"http"}}, {"instances", 1}, {"ready", "broker"},
+	            {"drain", {{"timeout", "20s"}}}, {"register", {{"users", {user_name()}}}}};
+	tb.start(config_with({{"ext", ext}}));
+	std::uint16_t port = socket_port(b.status(), "http");
+
+	Process current = start_worker(b, "v1");
+	std::optional<json> serving;
+	REQUIRE_MESSAGE(wait_until([&] { return (serving = serving_alone(b, current.pid())).has_value(); }, 20s),
+	                "v1 did not register and get ready: ", read_file(b.path("worker-v1.log")));
+	CHECK((*serving)["version"] == "v1");
+	int first_generation = (*serving)["generation"].get<int>();
+	CHECK(generation_answering(port) == first_generation);
+
+	Load load(b, port, "hello from ext gen ");
+	for (int v = 2; v <= 5; ++v) {
+		std::string version = "v" + std::to_string(v);
+		CAPTURE(version);
+		load.begin_upgrade();
+		Process next = start_worker(b, version);
+		// The older process drains and exits by itself once the new one is ready.
+		auto st = current.wait(kRolloutDeadline);
+		load.end_upgrade();
+		INFO("older worker's log: ", read_file(b.path("worker-v" + std::to_string(v - 1) + ".log")));
+		INFO("new worker's log: ", read_file(b.path("worker-" + version + ".log")));
+		REQUIRE_MESSAGE(st.has_value(), "the older worker did not exit");
+		CHECK(describe_status(*st) == "exited with 0");
+		REQUIRE(wait_until([&] { return (serving = serving_alone(b, next.pid())).has_value(); }, 20s));
+		CHECK((*serving)["version"] == version);
+		CHECK((*serving)["generation"].get<int>() == first_generation + v - 1);
+		CHECK(generation_answering(port) == first_generation + v - 1);
+		current = std::move(next);
+	}
+	std::set<int> seen = load.finish_and_check();
+	for (int g = first_generation; g < first_generation + 5; ++g)
+		CHECK(seen.count(g) == 1);
+
+	// A peer the register rule does not name: PermissionDenied, no fd, and nothing changes.
+	if (::geteuid() != 0) {
+		MESSAGE("skipped the check as nobody: needs root");
+	} else {
+		SpawnOptions so;
+		so.as_nobody = true;
+		so.stderr_path = b.path("nobody.log");
+		Process p = Process::fork_run([&] { return hello_as_nobody(b.control_path()); }, so);
+		auto st = p.wait(20s);
+		INFO("as nobody: ", read_file(b.path("nobody.log")));
+		REQUIRE(st.has_value());
+		CHECK(describe_status(*st) == "exited with " + std::to_string(kDeniedNoFd));
+		CHECK(serving_alone(b, current.pid()).has_value());
+		CHECK(b.log().find("denied") != std::string::npos);
+	}
+
+	// Its owner stops the last version (SIGTERM drains it); brokerd lets the service go empty.
+	// (brokerd counts a registered worker as gone when its connection closes, which can come a
+	// moment before the process is: so the worker is not left for brokerd's shutdown to drain.)
+	current.signal(SIGTERM);
+	auto st = current.wait(20s);
+	REQUIRE(st.has_value());
+	CHECK(describe_status(*st) == "exited with 0");
+	bool gone = wait_until(
+		[&] {
+			for (pid_t p : worker_pids(b.status("ext"), "ext"))
+				if (p != 0)
+					return false;
+			return true;
+		},
+		20s);
+	CHECK(gone);
+	b.stop();
+}
