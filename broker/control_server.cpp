@@ -100,7 +100,11 @@ AccessRules AccessRules::resolve(const config::ControlConfig &cfg)
 // One client: its stream, its credentials, and whether it is an operator, a reader or a worker.
 class ControlServer::Connection final : public EventSink, public Observer {
 public:
-	Connection(ControlServer &server, UniqueFd fd) : server_(server), stream_(std::move(fd)) {}
+	// No method of these interfaces takes fds yet: a peer sending any is cut off at once.
+	Connection(ControlServer &server, UniqueFd fd)
+		: server_(server), stream_(std::move(fd), limits::kMaxMessageSize, 0)
+	{
+	}
 	~Connection()
 	{
 		server_.supervisor_.detach_events(this);
@@ -124,6 +128,7 @@ private:
 	void dispatch();
 	void handle(vl::Message &m);
 	void done_waiting();
+	void schedule_resume();
 	void update_events();
 	void close(const std::string &why);
 	std::string who() const;
@@ -219,16 +224,20 @@ void ControlServer::Connection::close(const std::string &why)
 
 int ControlServer::Connection::idle_handler(sd_event_source *, std::uint64_t, void *userdata)
 {
-	auto *c = static_cast<Connection *>(userdata);
-	if (c->token_.empty())
-		c->close("no Hello within " + std::to_string(limits::kUnauthenticatedIdle.count()) + "s");
-	return 0;
+	return guarded("idle_handler", [&]() -> int {
+		auto *c = static_cast<Connection *>(userdata);
+		if (c->token_.empty())
+			c->close("no Hello within " + std::to_string(limits::kUnauthenticatedIdle.count()) + "s");
+		return 0;
+	});
 }
 
 int ControlServer::Connection::io_handler(sd_event_source *, int, std::uint32_t revents, void *userdata)
 {
-	static_cast<Connection *>(userdata)->on_io(revents);
-	return 0;
+	return guarded("io_handler", [&]() -> int {
+		static_cast<Connection *>(userdata)->on_io(revents);
+		return 0;
+	});
 }
 
 void ControlServer::Connection::on_io(std::uint32_t revents)
@@ -260,16 +269,24 @@ void ControlServer::Connection::dispatch()
 		vl::Message m;
 		int r = stream_.next(m);
 		if (r == 0)
-			break;
+			return;
 		if (r < 0)
 			return close("protocol error: " + errno_text(-r));
 		handle(m);
 	}
+	// More may be buffered, with no new EPOLLIN to announce them: come back next turn.
+	if (!dead_ && !waiting_ && stream_.partial_input())
+		schedule_resume();
 }
 
 void ControlServer::Connection::done_waiting()
 {
 	waiting_ = false;
+	schedule_resume();
+}
+
+void ControlServer::Connection::schedule_resume()
+{
 	if (dead_ || resume_)
 		return;
 	// Resume queued calls from the event loop, not from inside the supervisor's callback.
@@ -852,8 +869,10 @@ void ControlServer::remove_socket_file()
 
 int ControlServer::accept_handler(sd_event_source *, int, std::uint32_t, void *userdata)
 {
-	static_cast<ControlServer *>(userdata)->accept_some();
-	return 0;
+	return guarded("accept_handler", [&]() -> int {
+		static_cast<ControlServer *>(userdata)->accept_some();
+		return 0;
+	});
 }
 
 void ControlServer::accept_some()
@@ -863,6 +882,23 @@ void ControlServer::accept_some()
 		if (!fd) {
 			if (errno == EINTR || errno == ECONNABORTED)
 				continue;
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+				// Out of fds: stop accepting for a moment instead of spinning on a readable socket.
+				log::warning("control: accept: " + errno_text(errno) + ", pausing new connections for 1s");
+				sd_event_source_set_enabled(source_.get(), SD_EVENT_OFF);
+				sd_event_source *s = nullptr;
+				auto resume = [](sd_event_source *, std::uint64_t, void *userdata) -> int {
+					auto *server = static_cast<ControlServer *>(userdata);
+					server->pause_.reset();
+					sd_event_source_set_enabled(server->source_.get(), SD_EVENT_ON);
+					return 0;
+				};
+				if (sd_event_add_time_relative(event_, &s, CLOCK_MONOTONIC, 1000000, 100000, resume, this) >= 0)
+					pause_.reset(s);
+				else
+					sd_event_source_set_enabled(source_.get(), SD_EVENT_ON);
+				return;
+			}
 			if (errno != EAGAIN)
 				log::warning("control: accept: " + errno_text(errno) + ", ignoring");
 			return;
@@ -891,10 +927,12 @@ void ControlServer::schedule_sweep()
 
 int ControlServer::sweep_handler(sd_event_source *, void *userdata)
 {
-	auto *server = static_cast<ControlServer *>(userdata);
-	server->connections_.remove_if([](const auto &c) { return c->dead(); });
-	server->sweep_.reset();
-	return 0;
+	return guarded("sweep_handler", [&]() -> int {
+		auto *server = static_cast<ControlServer *>(userdata);
+		server->connections_.remove_if([](const auto &c) { return c->dead(); });
+		server->sweep_.reset();
+		return 0;
+	});
 }
 
 } // namespace broker

@@ -71,6 +71,7 @@ private:
 	UniqueFd fd_;
 	EventSource source_;
 	EventSource sweep_;
+	EventSource pause_; // re-enables accepting after running out of fds
 	std::string unlink_path_;
 	std::list<std::unique_ptr<Connection>> connections_;
 };

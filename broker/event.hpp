@@ -1,5 +1,7 @@
-// RAII for sd-event objects; sd-event handlers must not throw, so they wrap their bodies in guard().
+// RAII for sd-event objects, and guarded(): sd-event handlers must not throw.
 #pragma once
+
+#include "log.hpp"
 
 #include <systemd/sd-event.h>
 
@@ -7,6 +9,7 @@
 #include <ctime>
 #include <exception>
 #include <memory>
+#include <string>
 
 namespace broker {
 
@@ -14,6 +17,20 @@ struct EventSourceUnref {
 	void operator()(sd_event_source *s) const { sd_event_source_disable_unref(s); }
 };
 using EventSource = std::unique_ptr<sd_event_source, EventSourceUnref>;
+
+// sd-event handlers must not throw: whatever escapes one is logged, and the loop goes on.
+template <typename F>
+int guarded(const char *where, F &&body) noexcept
+{
+	try {
+		return body();
+	} catch (const std::exception &e) {
+		log::error(std::string(where) + ": " + e.what() + ", ignoring");
+	} catch (...) {
+		log::error(std::string(where) + ": unknown exception, ignoring");
+	}
+	return 0;
+}
 
 inline std::uint64_t now_usec(clockid_t clock)
 {

@@ -107,16 +107,18 @@ int Daemon::run()
 
 int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userdata)
 {
-	auto *d = static_cast<Daemon *>(userdata);
-	if (d->supervisor_->shutting_down()) {
-		log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)) +
-		            " again, still draining");
+	return guarded("on_signal", [&]() -> int {
+		auto *d = static_cast<Daemon *>(userdata);
+		if (d->supervisor_->shutting_down()) {
+			log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)) +
+			            " again, still draining");
+			return 0;
+		}
+		log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)));
+		d->notifier_.send("STOPPING=1");
+		d->supervisor_->shutdown();
 		return 0;
-	}
-	log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)));
-	d->notifier_.send("STOPPING=1");
-	d->supervisor_->shutdown();
-	return 0;
+	});
 }
 
 // Applies the config file again: new sockets are bound and new services started; removed

@@ -45,8 +45,10 @@ NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor) : supervisor
 
 int NotifySocket::handler(sd_event_source *, int, std::uint32_t, void *userdata)
 {
-	static_cast<NotifySocket *>(userdata)->receive();
-	return 0;
+	return guarded("handler", [&]() -> int {
+		static_cast<NotifySocket *>(userdata)->receive();
+		return 0;
+	});
 }
 
 void NotifySocket::receive()

@@ -102,6 +102,7 @@ RolloutStep Rollout::restored_ready()
 		return {};
 	restored_ready_++;
 	RolloutStep step;
+	step.drain_replaced = true;
 	if (restored_ready_ == restore_total_) {
 		phase_ = RolloutPhase::RolledBack;
 		step.finished = true;

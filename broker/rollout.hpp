@@ -20,6 +20,7 @@ struct RolloutStep {
 	unsigned drain_old = 0;   // drain this many serving instances of the old generation
 	bool stop_new = false;    // drain every instance of the new generation
 	unsigned restore_old = 0; // spawn this many old-generation instances to refill its capacity
+	bool drain_replaced = false; // a restored old instance is ready: drain one serving new one
 	bool finished = false;    // phase() is now Done or RolledBack
 
 	bool operator==(const RolloutStep &) const = default;

@@ -311,6 +311,8 @@ void Supervisor::spawn(Instance &inst)
 	inst.exit_reason.clear();
 	inst.token = random_token();
 	inst.timer.reset();
+	inst.main_pid = 0;
+	inst.pidfd.reset();
 
 	auto fail = [&](const std::string &why) {
 		log::error("instance " + inst.id + ": cannot start: " + why);
@@ -488,12 +490,14 @@ void Supervisor::spawn(Instance &inst)
 
 int Supervisor::exec_handler(sd_event_source *, int, std::uint32_t, void *userdata)
 {
-	auto &inst = *static_cast<Instance *>(userdata);
-	inst.supervisor->on_exec_status(inst);
-	return 0;
+	return guarded("exec_handler", [&]() -> int {
+		auto &inst = *static_cast<Instance *>(userdata);
+		inst.supervisor->on_exec_status(inst, false);
+		return 0;
+	});
 }
 
-void Supervisor::on_exec_status(Instance &inst)
+void Supervisor::on_exec_status(Instance &inst, bool exiting)
 {
 	if (!inst.exec_status)
 		return;
@@ -508,17 +512,19 @@ void Supervisor::on_exec_status(Instance &inst)
 		log::error("instance " + inst.id + ": " + inst.exit_reason);
 		return; // the child's exit follows
 	}
-	if (inst.generation->cfg.ready == config::ReadyMode::Exec && inst.state == InstanceState::Starting)
+	if (!exiting && inst.generation->cfg.ready == config::ReadyMode::Exec && inst.state == InstanceState::Starting)
 		instance_ready(inst, "exec");
 }
 
 int Supervisor::output_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata)
 {
-	auto &inst = *static_cast<Instance *>(userdata);
-	OutputPipe &pipe = fd == inst.out.fd.get() ? inst.out : inst.err;
-	(void)s;
-	inst.supervisor->on_output(inst, pipe, (revents & (EPOLLHUP | EPOLLERR)) && !(revents & EPOLLIN));
-	return 0;
+	return guarded("output_handler", [&]() -> int {
+		auto &inst = *static_cast<Instance *>(userdata);
+		OutputPipe &pipe = fd == inst.out.fd.get() ? inst.out : inst.err;
+		(void)s;
+		inst.supervisor->on_output(inst, pipe, (revents & (EPOLLHUP | EPOLLERR)) && !(revents & EPOLLIN));
+		return 0;
+	});
 }
 
 void Supervisor::on_output(Instance &inst, OutputPipe &pipe, bool eof)
@@ -563,16 +569,18 @@ void Supervisor::on_output(Instance &inst, OutputPipe &pipe, bool eof)
 
 int Supervisor::child_handler(sd_event_source *, const siginfo_t *si, void *userdata)
 {
-	auto &inst = *static_cast<Instance *>(userdata);
-	siginfo_t copy = *si;
-	inst.supervisor->on_exit(inst, copy);
-	return 0;
+	return guarded("child_handler", [&]() -> int {
+		auto &inst = *static_cast<Instance *>(userdata);
+		siginfo_t copy = *si;
+		inst.supervisor->on_exit(inst, copy);
+		return 0;
+	});
 }
 
 void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 {
 	// Learn whether exec failed before judging the exit, and flush what the worker printed.
-	on_exec_status(inst);
+	on_exec_status(inst, true);
 	for (OutputPipe *p : {&inst.out, &inst.err})
 		if (p->fd)
 			on_output(inst, *p, false);
@@ -595,7 +603,9 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 	bool clean = si.si_code == CLD_EXITED && si.si_status == 0;
 	if (inst.exit_reason.empty())
 		inst.exit_reason = how;
-	bool expected = inst.state == InstanceState::Draining || shutting_down_;
+	// Expected only when brokerd asked it to go: a worker that drains on its own (STOPPING=1) and
+	// exits is judged like any other exit.
+	bool expected = inst.retired || shutting_down_;
 	std::string pid = std::to_string(inst.pid);
 	if (expected)
 		log::info("instance " + inst.id + ": pid " + pid + " " + how);
@@ -606,7 +616,7 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 
 void Supervisor::after_exit(Instance &inst, bool clean)
 {
-	bool expected = inst.state == InstanceState::Draining || shutting_down_ || inst.retired;
+	bool expected = inst.retired || shutting_down_;
 	if (inst.external) {
 		// A registered instance is never restarted by us: whoever started it decides.
 		inst.retired = true;
@@ -644,10 +654,11 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 		               (policy == config::RestartPolicy::OnFailure && !clean);
 		if (restart)
 			schedule_restart(inst);
-		if (up && inst.restored && inst.generation == up->from && inst.state != InstanceState::Starting &&
-		    up->rollout.phase() == RolloutPhase::RollingBack) {
-			// A refill that will not come back must not hold the rollback open forever.
+		if (up && inst.restored && inst.generation == up->from && up->rollout.phase() == RolloutPhase::RollingBack) {
+			// A refill that failed must not hold the rollback open: it ends short, and the slot
+			// goes on under its restart policy.
 			log::error("instance " + inst.id + ": could not be restored, the rollback ends short of full capacity");
+			inst.restored = false;
 			apply(svc, up->rollout.restored_ready());
 		}
 	}
@@ -685,35 +696,41 @@ void Supervisor::schedule_restart(Instance &inst)
 
 int Supervisor::restart_handler(sd_event_source *, std::uint64_t, void *userdata)
 {
-	auto &inst = *static_cast<Instance *>(userdata);
-	if (!inst.supervisor->shutting_down_ && !inst.retired)
-		inst.supervisor->spawn(inst);
-	return 0;
+	return guarded("restart_handler", [&]() -> int {
+		auto &inst = *static_cast<Instance *>(userdata);
+		if (!inst.supervisor->shutting_down_ && !inst.retired)
+			inst.supervisor->spawn(inst);
+		return 0;
+	});
 }
 
 int Supervisor::start_timeout_handler(sd_event_source *, std::uint64_t, void *userdata)
 {
-	auto &inst = *static_cast<Instance *>(userdata);
-	if (inst.state != InstanceState::Starting || !inst.pid)
+	return guarded("start_timeout_handler", [&]() -> int {
+		auto &inst = *static_cast<Instance *>(userdata);
+		if (inst.state != InstanceState::Starting || !inst.pid)
+			return 0;
+		auto secs = std::chrono::duration_cast<std::chrono::milliseconds>(inst.generation->cfg.start_timeout).count();
+		inst.exit_reason = "was not ready within the start timeout (" + std::to_string(secs) + "ms)";
+		log::error("instance " + inst.id + ": " + inst.exit_reason + ", sending SIGKILL");
+		inst.supervisor->signal(inst, SIGKILL);
 		return 0;
-	auto secs = std::chrono::duration_cast<std::chrono::milliseconds>(inst.generation->cfg.start_timeout).count();
-	inst.exit_reason = "was not ready within the start timeout (" + std::to_string(secs) + "ms)";
-	log::error("instance " + inst.id + ": " + inst.exit_reason + ", sending SIGKILL");
-	inst.supervisor->signal(inst, SIGKILL);
-	return 0;
+	});
 }
 
 int Supervisor::drain_timeout_handler(sd_event_source *, std::uint64_t, void *userdata)
 {
-	auto &inst = *static_cast<Instance *>(userdata);
-	if (!inst.pid)
+	return guarded("drain_timeout_handler", [&]() -> int {
+		auto &inst = *static_cast<Instance *>(userdata);
+		if (!inst.pid)
+			return 0;
+		log::warning("instance " + inst.id + ": drain timeout, sending SIGKILL");
+		inst.exit_reason = "killed at the drain timeout";
+		inst.supervisor->signal(inst, SIGKILL);
+		if (!inst.external)
+			::kill(-inst.pid, SIGKILL);
 		return 0;
-	log::warning("instance " + inst.id + ": drain timeout, sending SIGKILL");
-	inst.exit_reason = "killed at the drain timeout";
-	inst.supervisor->signal(inst, SIGKILL);
-	if (!inst.external)
-		::kill(-inst.pid, SIGKILL);
-	return 0;
+	});
 }
 
 void Supervisor::signal(Instance &inst, int sig)
@@ -946,17 +963,19 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 
 int Supervisor::external_handler(sd_event_source *, int, std::uint32_t, void *userdata)
 {
-	auto &inst = *static_cast<Instance *>(userdata);
-	// Not our child: its exit status belongs to its parent; a readable pidfd means it is gone.
-	inst.supervisor->external_exit(inst, "exited");
-	return 0;
+	return guarded("external_handler", [&]() -> int {
+		auto &inst = *static_cast<Instance *>(userdata);
+		// Not our child: its exit status belongs to its parent; a readable pidfd means it is gone.
+		inst.supervisor->external_exit(inst, "exited");
+		return 0;
+	});
 }
 
 void Supervisor::external_exit(Instance &inst, const std::string &how)
 {
 	if (!inst.pid)
 		return;
-	bool expected = inst.state == InstanceState::Draining || shutting_down_;
+	bool expected = inst.retired || shutting_down_;
 	if (inst.exit_reason.empty())
 		inst.exit_reason = how;
 	std::string msg = "instance " + inst.id + ": pid " + std::to_string(inst.pid) + " " + how;
@@ -1041,10 +1060,20 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 		for (Observer *o : std::vector(up->observers))
 			o->progress(progress(svc, "rollback", nullptr, up->rollout.reason()));
 		emit_service(svc, "rollback", up->rollout.reason());
+		// New instances that serve keep serving until a restored old one replaces each, so
+		// capacity never dips; the rest go now.
 		for (auto &inst : up->to->instances) {
 			inst->retired = true;
-			drain(*inst);
+			if (inst->state != InstanceState::Ready)
+				drain(*inst);
 		}
+	}
+	if (step.drain_replaced && up->rollout.phase() != RolloutPhase::Rolling) {
+		for (auto &inst : up->to->instances)
+			if (inst->state == InstanceState::Ready) {
+				drain(*inst);
+				break;
+			}
 	}
 	// Spawning can fail on the spot, which feeds the rollout and may end the upgrade.
 	auto still_ours = [&] { return svc.upgrade.get() == up; };
@@ -1122,8 +1151,11 @@ void Supervisor::finish_upgrade(Service &svc)
 	}
 	for (auto &gen : svc.generations)
 		if (gen.get() != svc.current)
-			for (auto &inst : gen->instances)
+			for (auto &inst : gen->instances) {
 				inst->retired = true;
+				if (inst->state == InstanceState::Ready && up->rollout.phase() == RolloutPhase::RolledBack)
+					drain(*inst); // a new instance kept serving through the rollback
+			}
 	schedule_prune();
 	changed();
 }
@@ -1302,10 +1334,12 @@ void Supervisor::schedule_prune()
 
 int Supervisor::prune_handler(sd_event_source *, void *userdata)
 {
-	auto *sup = static_cast<Supervisor *>(userdata);
-	sup->prune_source_.reset();
-	sup->prune();
-	return 0;
+	return guarded("prune_handler", [&]() -> int {
+		auto *sup = static_cast<Supervisor *>(userdata);
+		sup->prune_source_.reset();
+		sup->prune();
+		return 0;
+	});
 }
 
 void Supervisor::prune()

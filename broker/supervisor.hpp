@@ -212,7 +212,7 @@ private:
 	void drain(Instance &inst, std::optional<config::Duration> timeout = std::nullopt);
 	void signal(Instance &inst, int sig);
 	void on_exit(Instance &inst, const siginfo_t &si);
-	void on_exec_status(Instance &inst);
+	void on_exec_status(Instance &inst, bool exiting);
 	void on_output(Instance &inst, OutputPipe &pipe, bool eof);
 	void schedule_restart(Instance &inst);
 	// The instance's process is gone (or never started): restart, fail an upgrade, or retire.

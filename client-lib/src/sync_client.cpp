@@ -3,8 +3,10 @@
 
 #include "broker/client.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 
 #include <cerrno>
@@ -19,7 +21,7 @@ std::string errno_text(int e)
 	return std::strerror(e);
 }
 
-UniqueFd connect_unix(const std::string &path)
+UniqueFd connect_unix(const std::string &path, std::chrono::milliseconds timeout)
 {
 	sockaddr_un sa{};
 	sa.sun_family = AF_UNIX;
@@ -32,11 +34,23 @@ UniqueFd connect_unix(const std::string &path)
 	else
 		len += 1;
 
-	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+	// A blocking connect, bounded by SO_SNDTIMEO: a non-blocking one fails at once with EAGAIN
+	// whenever the listener's backlog is full, as it is in a burst of starting workers.
+	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
 	if (!fd)
 		throw Error(errno, "socket: " + errno_text(errno));
-	if (::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), len) < 0 && errno != EINPROGRESS)
-		throw Error(errno, "connect to " + path + ": " + errno_text(errno));
+	timeval tv{};
+	tv.tv_sec = static_cast<time_t>(timeout.count() / 1000);
+	tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
+	::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	int r;
+	do
+		r = ::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), len);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		throw Error(errno == EAGAIN ? ETIMEDOUT : errno, "connect to " + path + ": " + errno_text(errno));
+	if (::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) | O_NONBLOCK) < 0)
+		throw Error(errno, "fcntl: " + errno_text(errno));
 	return fd;
 }
 
@@ -54,7 +68,7 @@ int errno_for_error(std::string_view error)
 }
 
 SyncClient::SyncClient(const std::string &path, std::chrono::milliseconds timeout)
-	: stream_(connect_unix(path)), timeout_(timeout)
+	: stream_(connect_unix(path, timeout)), timeout_(timeout)
 {
 }
 

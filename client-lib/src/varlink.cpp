@@ -58,7 +58,34 @@ int count_fd_refs(const json &body)
 	return static_cast<int>(refs.size());
 }
 
-Stream::Stream(UniqueFd fd, std::size_t max_message) : fd_(std::move(fd)), max_message_(max_message) {}
+bool depth_within_limit(std::string_view text)
+{
+	std::size_t depth = 0;
+	bool in_string = false, escaped = false;
+	for (char c : text) {
+		if (in_string) {
+			if (escaped)
+				escaped = false;
+			else if (c == '\\')
+				escaped = true;
+			else if (c == '"')
+				in_string = false;
+		} else if (c == '"') {
+			in_string = true;
+		} else if (c == '{' || c == '[') {
+			if (++depth > limits::kMaxJsonDepth)
+				return false;
+		} else if ((c == '}' || c == ']') && depth > 0) {
+			depth--;
+		}
+	}
+	return true;
+}
+
+Stream::Stream(UniqueFd fd, std::size_t max_message, std::size_t max_queued_fds)
+	: fd_(std::move(fd)), max_message_(max_message), max_queued_fds_(max_queued_fds)
+{
+}
 
 int Stream::receive()
 {
@@ -92,7 +119,7 @@ int Stream::receive()
 			received++;
 		}
 	}
-	if (msg.msg_flags & MSG_CTRUNC || in_fds_.size() > limits::kMaxQueuedFds) {
+	if (msg.msg_flags & MSG_CTRUNC || in_fds_.size() > max_queued_fds_) {
 		broken_ = true;
 		in_fds_.clear();
 		return -EPROTO;
@@ -105,6 +132,12 @@ int Stream::receive()
 	}
 
 	in_.append(buf, static_cast<std::size_t>(n));
+	// Bytes a caller has not taken yet are bounded too, even while it takes none.
+	if (in_.size() > max_message_ + sizeof(buf)) {
+		broken_ = true;
+		in_fds_.clear();
+		return -EMSGSIZE;
+	}
 	return static_cast<int>(n);
 }
 
@@ -129,7 +162,8 @@ int Stream::next(Message &out)
 		return -EMSGSIZE;
 	}
 
-	json body = json::parse(in_.begin(), in_.begin() + static_cast<std::ptrdiff_t>(end), nullptr, false);
+	std::string_view text(in_.data(), end);
+	json body = depth_within_limit(text) ? json::parse(text, nullptr, false) : json(json::value_t::discarded);
 	in_.erase(0, end + 1);
 	scanned_ = 0;
 

@@ -32,6 +32,8 @@ RolloutStep drain(unsigned n) { return {.drain_old = n}; }
 RolloutStep drain_start(unsigned d, unsigned s) { return {.start_new = s, .drain_old = d}; }
 RolloutStep nothing() { return {}; }
 RolloutStep finished() { return {.finished = true}; }
+// A restored old instance is ready: one serving new instance may go.
+RolloutStep replaced(bool last) { return {.drain_replaced = true, .finished = last}; }
 RolloutStep rollback(unsigned restore) { return {.stop_new = true, .restore_old = restore, .finished = restore == 0}; }
 
 constexpr auto Rolling = RolloutPhase::Rolling;
@@ -92,21 +94,21 @@ const std::vector<Case> cases = {
 	  {"fail", rollback(1), RollingBack},
 	  {"exit", nothing(), RollingBack},
 	  {"ready", nothing(), RollingBack},
-	  {"restored", finished(), RolledBack}}},
+	  {"restored", replaced(true), RolledBack}}},
 	{"failure after every old drained refills them all", 2, 2, 1, false,
 	 {{"begin", start(1), Rolling},
 	  {"ready", drain_start(1, 1), Rolling},
 	  {"ready", drain(1), Rolling},
 	  {"fail", rollback(2), RollingBack},
-	  {"restored", nothing(), RollingBack},
-	  {"restored", finished(), RolledBack},
+	  {"restored", replaced(false), RollingBack},
+	  {"restored", replaced(true), RolledBack},
 	  {"restored", nothing(), RolledBack}}},
 	{"a second failure during rollback changes nothing", 2, 2, 1, false,
 	 {{"begin", start(1), Rolling},
 	  {"ready", drain_start(1, 1), Rolling},
 	  {"fail", rollback(1), RollingBack},
 	  {"fail", nothing(), RollingBack},
-	  {"restored", finished(), RolledBack}}},
+	  {"restored", replaced(true), RolledBack}}},
 	{"all at once, one of three fails", 3, 3, 1, true,
 	 {{"begin", start(3), Rolling}, {"ready", nothing(), Rolling}, {"fail", rollback(0), RolledBack}}},
 	{"duplicate ready and exit reports are ignored", 1, 1, 1, false,
@@ -140,7 +142,7 @@ std::string show(const RolloutStep &s)
 {
 	return "{start_new " + std::to_string(s.start_new) + ", drain_old " + std::to_string(s.drain_old) +
 	       ", stop_new " + std::to_string(s.stop_new) + ", restore_old " + std::to_string(s.restore_old) +
-	       ", finished " + std::to_string(s.finished) + "}";
+	       ", drain_replaced " + std::to_string(s.drain_replaced) + ", finished " + std::to_string(s.finished) + "}";
 }
 
 } // namespace

@@ -14,6 +14,7 @@ inline constexpr std::size_t kMaxMessageSize = 1 << 20;     // one JSON message,
 inline constexpr std::size_t kMaxFdsPerMessage = 253;       // SCM_MAX_FD: one sendmsg, one message
 inline constexpr std::size_t kMaxQueuedFds = 2 * kMaxFdsPerMessage; // received, not yet claimed
 inline constexpr std::size_t kMaxWriteQueue = 8u << 20;     // bytes queued to a slow reader
+inline constexpr std::size_t kMaxJsonDepth = 64;            // nesting of objects and arrays
 
 // Control server.
 inline constexpr std::size_t kDefaultMaxConnections = 512;

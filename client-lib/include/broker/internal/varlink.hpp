@@ -30,6 +30,10 @@ struct Message {
 	std::vector<UniqueFd> fds;
 };
 
+// True when the JSON text nests objects and arrays no deeper than limits::kMaxJsonDepth. Checked
+// before parsing, since every recursive walk of a message is bounded by it.
+bool depth_within_limit(std::string_view text);
+
 // Counts the fds a message references. By protocol rule (docs/protocol.md), an fd is referenced
 // by an integer member named "fd" anywhere inside "parameters"; the indices used must be exactly
 // 0..n-1, each once. Returns n, or -EBADMSG if the references are not of that form.
@@ -43,7 +47,9 @@ int count_fd_refs(const json &body);
 // are protocol errors: every fd involved is closed and the stream is unusable afterwards.
 class Stream {
 public:
-	explicit Stream(UniqueFd fd, std::size_t max_message = limits::kMaxMessageSize);
+	// max_queued_fds bounds the fds a peer may have in flight; 0 refuses any fd at all.
+	explicit Stream(UniqueFd fd, std::size_t max_message = limits::kMaxMessageSize,
+	                std::size_t max_queued_fds = limits::kMaxQueuedFds);
 
 	int fd() const { return fd_.get(); }
 
@@ -82,6 +88,7 @@ private:
 
 	UniqueFd fd_;
 	std::size_t max_message_;
+	std::size_t max_queued_fds_;
 	std::string in_;
 	std::size_t scanned_ = 0; // bytes of in_ known to hold no NUL
 	std::deque<UniqueFd> in_fds_;
