@@ -46,7 +46,7 @@ private:
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;
 	SystemdNotifier notifier_;
-	EventSource sigterm_, sigint_;
+	EventSource sigterm_, sigint_, sighup_;
 	bool announced_ready_ = false;
 	std::string last_status_;
 };
@@ -78,6 +78,24 @@ int Daemon::run()
 	if ((r = sd_event_add_signal(e, &s, SIGINT, on_signal, this)) < 0)
 		throw std::runtime_error(std::string("signal: ") + std::strerror(-r));
 	sigint_.reset(s);
+	// SIGHUP reloads the config, as with most daemons (and brokerctl reload).
+	auto on_hup = [](sd_event_source *, const signalfd_siginfo *, void *userdata) -> int {
+		return guarded("SIGHUP", [&]() -> int {
+			auto *d = static_cast<Daemon *>(userdata);
+			if (d->supervisor_->shutting_down())
+				return 0;
+			log::notice("received SIGHUP, reloading");
+			try {
+				d->reload();
+			} catch (const std::exception &e) {
+				log::error(std::string("reload failed, keeping the running config: ") + e.what());
+			}
+			return 0;
+		});
+	};
+	if ((r = sd_event_add_signal(e, &s, SIGHUP, on_hup, this)) < 0)
+		throw std::runtime_error(std::string("signal: ") + std::strerror(-r));
+	sighup_.reset(s);
 
 	supervisor_ = std::make_unique<Supervisor>(e, listeners_, cfg_.control.path);
 	notify_ = std::make_unique<NotifySocket>(e, *supervisor_);
@@ -262,6 +280,7 @@ int main(int argc, char **argv)
 	sigaddset(&mask, SIGCHLD);
 	sigaddset(&mask, SIGTERM);
 	sigaddset(&mask, SIGINT);
+	sigaddset(&mask, SIGHUP);
 	sigprocmask(SIG_BLOCK, &mask, nullptr);
 	signal(SIGPIPE, SIG_IGN);
 
