@@ -113,6 +113,9 @@ public:
 
 	bool start();
 	bool dead() const { return dead_; }
+	uid_t uid() const { return peer_.uid; }
+	// Operators and readers by their credentials, workers once their Hello succeeded.
+	bool privileged() const { return reader_ || !token_.empty(); }
 	bool send_event(const json &parameters) override;
 	void watch_event(const json &event);
 
@@ -909,8 +912,21 @@ void ControlServer::accept_some()
 			continue;
 		}
 		auto conn = std::make_unique<Connection>(*this, std::move(fd));
-		if (conn->start())
-			connections_.push_back(std::move(conn));
+		if (!conn->start())
+			continue;
+		if (!conn->privileged()) {
+			// One user's connections that have not said Hello cannot take every slot from
+			// workers and operators.
+			std::size_t mine = 0;
+			for (const auto &c : connections_)
+				mine += !c->dead() && !c->privileged() && c->uid() == conn->uid();
+			if (mine >= limits::kMaxUnauthenticatedPerUser) {
+				log::warning("control: uid " + std::to_string(conn->uid()) + " has " + std::to_string(mine) +
+				             " connections, refusing another");
+				continue;
+			}
+		}
+		connections_.push_back(std::move(conn));
 	}
 }
 

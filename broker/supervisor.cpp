@@ -247,9 +247,18 @@ void Supervisor::remove_service(const std::string &name)
 	if (!svc || svc->removing)
 		return;
 	svc->removing = true;
-	if (svc->upgrade)
-		abort_upgrade(*svc);
 	log::notice("service " + name + ": removed from the config, draining it");
+	// Nobody may be left waiting on a service that is going away.
+	if (auto up = std::move(svc->upgrade)) {
+		json err = {{"service", name}, {"generation", up->to->number},
+		            {"reason", "the service was removed from the config"}, {"output", json::array()}};
+		for (Observer *o : up->observers)
+			o->failed("io.brokerd.Control.UpgradeFailed", err);
+	}
+	for (Observer *o : std::exchange(svc->start_waiters, {}))
+		o->failed("io.brokerd.Control.StartFailed", {{"service", name}, {"reason", "the service was removed from the config"}});
+	for (Observer *o : std::exchange(svc->stop_waiters, {}))
+		o->finished(json::object());
 	for (auto &gen : svc->generations)
 		for (auto &inst : gen->instances) {
 			inst->retired = true;
@@ -989,8 +998,13 @@ void Supervisor::external_exit(Instance &inst, const std::string &how)
 void Supervisor::connection_closed(std::string_view token)
 {
 	Instance *inst = find_by_token(token);
-	if (inst && inst->external)
-		external_exit(*inst, "disconnected");
+	if (!inst || !inst->external)
+		return;
+	// It counts as exited; a process still alive is told to drain, so that nothing serves
+	// unsupervised on the service's sockets.
+	if (inst->state != InstanceState::Draining)
+		signal(*inst, inst->generation->cfg.drain_signal);
+	external_exit(*inst, "disconnected");
 }
 
 // Upgrades.
@@ -1149,12 +1163,14 @@ void Supervisor::finish_upgrade(Service &svc)
 		for (Observer *o : std::vector(up->observers))
 			o->failed("io.brokerd.Control.UpgradeFailed", err);
 	}
+	// Whatever still runs outside the current generation goes now: a new instance kept serving
+	// through a rollback, or an old-version worker that registered during a takeover.
 	for (auto &gen : svc.generations)
 		if (gen.get() != svc.current)
 			for (auto &inst : gen->instances) {
 				inst->retired = true;
-				if (inst->state == InstanceState::Ready && up->rollout.phase() == RolloutPhase::RolledBack)
-					drain(*inst); // a new instance kept serving through the rollback
+				if (inst->pid && inst->state != InstanceState::Draining)
+					drain(*inst);
 			}
 	schedule_prune();
 	changed();

@@ -19,6 +19,7 @@ inline constexpr std::size_t kMaxJsonDepth = 64;            // nesting of object
 // Control server.
 inline constexpr std::size_t kDefaultMaxConnections = 512;
 inline constexpr auto kUnauthenticatedIdle = 10s;           // until Hello or an operator call
+inline constexpr std::size_t kMaxUnauthenticatedPerUser = 128; // connections of one uid before Hello
 inline constexpr std::size_t kTokenBytes = 16;
 
 // Notify socket.
