@@ -5,6 +5,7 @@
 #include "broker/internal/varlink.hpp"
 #include "broker_config.h"
 #include "interfaces.hpp"
+#include "broker/internal/errors.hpp"
 #include "log.hpp"
 #include "supervisor.hpp"
 
@@ -122,7 +123,7 @@ public:
 	// Observer: the upgrade, start or stop this connection waits for.
 	void progress(const json &parameters) override;
 	void finished(const json &parameters) override;
-	void failed(const std::string &error, const json &parameters) override;
+	void failed(std::string_view error, const json &parameters) override;
 
 private:
 	static int io_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
@@ -325,7 +326,7 @@ void ControlServer::Connection::finished(const json &parameters)
 	done_waiting();
 }
 
-void ControlServer::Connection::failed(const std::string &name, const json &parameters)
+void ControlServer::Connection::failed(std::string_view name, const json &parameters)
 {
 	error(name, parameters);
 	update_events();
@@ -507,7 +508,7 @@ void ControlServer::Connection::control_status(const json &params, bool only_soc
 
 	json services = server_.supervisor_.services_json(narrowed ? &service : nullptr);
 	if (services.is_null())
-		return error("io.brokerd.Control.NoSuchService", {{"service", service}});
+		return error(errors::kNoSuchService, {{"service", service}});
 	reply({{"version", BROKER_VERSION},
 	       {"pid", ::getpid()},
 	       {"uptime_usec", now_usec(CLOCK_MONOTONIC) - server_.start_usec_},
@@ -518,12 +519,12 @@ void ControlServer::Connection::control_status(const json &params, bool only_soc
 Instance *ControlServer::Connection::worker()
 {
 	if (token_.empty()) {
-		error("io.brokerd.Worker.NotAuthenticated");
+		error(errors::kNotAuthenticated);
 		return nullptr;
 	}
 	Instance *inst = server_.supervisor_.find_by_token(token_);
 	if (!inst)
-		error("io.brokerd.Worker.InvalidToken");
+		error(errors::kInvalidToken);
 	return inst;
 }
 
@@ -554,7 +555,7 @@ void ControlServer::Connection::worker_hello(const json &params)
 		inst = server_.supervisor_.find_by_token(token);
 		if (!inst) {
 			log::warning("control: Hello with an unknown token from " + who() + " denied");
-			return error("io.brokerd.Worker.InvalidToken");
+			return error(errors::kInvalidToken);
 		}
 	} else {
 		// A worker started elsewhere registers for an external service, by its credentials.
@@ -562,7 +563,7 @@ void ControlServer::Connection::worker_hello(const json &params)
 			return error(vl::kInvalidParameter, {{"parameter", "service"}});
 		Service *svc = server_.supervisor_.find_service(service);
 		if (!svc)
-			return error("io.brokerd.Worker.NoSuchService", {{"service", service}});
+			return error(errors::kWorkerNoSuchService, {{"service", service}});
 		std::vector<gid_t> groups = peer_groups(stream_.fd());
 		groups.push_back(peer_.gid);
 		ControlError refusal;
@@ -643,7 +644,7 @@ Service *ControlServer::Connection::service_param(const json &params, const std:
 	}
 	Service *svc = server_.supervisor_.find_service(it->get<std::string>());
 	if (!svc)
-		error("io.brokerd.Control.NoSuchService", {{"service", *it}});
+		error(errors::kNoSuchService, {{"service", *it}});
 	return svc;
 }
 
@@ -667,7 +668,7 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 	req.kind = kind;
 	if (kind == "rollback") {
 		if (!svc->previous)
-			return error("io.brokerd.Control.NoPreviousGeneration", {{"service", svc->name}});
+			return error(errors::kNoPreviousGeneration, {{"service", svc->name}});
 		req.cfg = *svc->previous;
 	} else if (kind == "restart") {
 		req.cfg = svc->current ? svc->current->cfg : svc->cfg;
@@ -677,11 +678,11 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 			config::Config cfg = server_.hooks_.read_config();
 			const config::ServiceConfig *sc = cfg.find_service(svc->name);
 			if (!sc)
-				return error("io.brokerd.Control.InvalidConfig",
+				return error(errors::kInvalidConfig,
 				             {{"message", "services." + svc->name + ": not in the config file any more (reload removes it)"}});
 			req.cfg = *sc;
 		} catch (const std::exception &e) {
-			return error("io.brokerd.Control.InvalidConfig", {{"message", e.what()}});
+			return error(errors::kInvalidConfig, {{"message", e.what()}});
 		}
 		if (auto it = params.find("exec"); it != params.end() && !it->is_null()) {
 			if (!it->is_array() || it->empty())
@@ -781,7 +782,7 @@ void ControlServer::Connection::control_reload(const json &params)
 	try {
 		reply(server_.hooks_.reload());
 	} catch (const std::exception &e) {
-		error("io.brokerd.Control.InvalidConfig", {{"message", e.what()}});
+		error(errors::kInvalidConfig, {{"message", e.what()}});
 	}
 }
 
@@ -796,7 +797,7 @@ void ControlServer::Connection::control_watch(const json &params)
 	if (!more_)
 		return error(vl::kExpectedMore);
 	if (!watch_service_.empty() && !server_.supervisor_.find_service(watch_service_))
-		return error("io.brokerd.Control.NoSuchService", {{"service", watch_service_}});
+		return error(errors::kNoSuchService, {{"service", watch_service_}});
 	watching_ = true;
 	// The stream stays open; every event is one reply. Later calls on this connection wait.
 	waiting_ = true;

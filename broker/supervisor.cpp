@@ -2,6 +2,7 @@
 #include "supervisor.hpp"
 
 #include "broker/internal/limits.hpp"
+#include "broker/internal/errors.hpp"
 #include "log.hpp"
 
 #include <fcntl.h>
@@ -253,10 +254,10 @@ void Supervisor::remove_service(const std::string &name)
 		json err = {{"service", name}, {"generation", up->to->number},
 		            {"reason", "the service was removed from the config"}, {"output", json::array()}};
 		for (Observer *o : up->observers)
-			o->failed("io.brokerd.Control.UpgradeFailed", err);
+			o->failed(errors::kUpgradeFailed, err);
 	}
 	for (Observer *o : std::exchange(svc->start_waiters, {}))
-		o->failed("io.brokerd.Control.StartFailed", {{"service", name}, {"reason", "the service was removed from the config"}});
+		o->failed(errors::kStartFailed, {{"service", name}, {"reason", "the service was removed from the config"}});
 	for (Observer *o : std::exchange(svc->stop_waiters, {}))
 		o->finished(json::object());
 	for (auto &gen : svc->generations)
@@ -920,7 +921,7 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 			gen = g.get();
 	if (!gen) {
 		if (svc.upgrade) {
-			refusal = {"io.brokerd.Control.UpgradeInProgress",
+			refusal = {errors::kUpgradeInProgress,
 			           {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
 			log::warning("service " + svc.name + ": registration of version \"" + version +
 			             "\" refused: a takeover is in progress");
@@ -1012,15 +1013,15 @@ void Supervisor::connection_closed(std::string_view token)
 std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer)
 {
 	if (svc.upgrade)
-		return ControlError{"io.brokerd.Control.UpgradeInProgress",
+		return ControlError{errors::kUpgradeInProgress,
 		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
 	if (svc.stopped || svc.removing || shutting_down_)
-		return ControlError{"io.brokerd.Control.ServiceStopped", {{"service", svc.name}}};
+		return ControlError{errors::kServiceStopped, {{"service", svc.name}}};
 	if (req.cfg.exec.empty())
-		return ControlError{"io.brokerd.Control.InvalidConfig",
+		return ControlError{errors::kInvalidConfig,
 		                    {{"message", "services." + svc.name + ": an external service is upgraded by registering a new version"}}};
 	if (req.cfg.sockets != svc.cfg.sockets)
-		return ControlError{"io.brokerd.Control.InvalidConfig",
+		return ControlError{errors::kInvalidConfig,
 		                    {{"message", "services." + svc.name + ".sockets: changed; a service's sockets change with reload"}}};
 
 	Generation *from = svc.current;
@@ -1056,7 +1057,7 @@ std::optional<ControlError> Supervisor::abort_upgrade(Service &svc)
 {
 	Upgrade *up = svc.upgrade.get();
 	if (!up || up->rollout.phase() != RolloutPhase::Rolling)
-		return ControlError{"io.brokerd.Control.NoUpgradeInProgress", {{"service", svc.name}}};
+		return ControlError{errors::kNoUpgradeInProgress, {{"service", svc.name}}};
 	log::notice("service " + svc.name + ": upgrade to gen " + std::to_string(up->to->number) + " aborted by the operator");
 	apply(svc, up->rollout.fail("aborted by the operator"));
 	return std::nullopt;
@@ -1161,7 +1162,7 @@ void Supervisor::finish_upgrade(Service &svc)
 		if (!up->failed_instance.empty())
 			err["instance"] = up->failed_instance;
 		for (Observer *o : std::vector(up->observers))
-			o->failed("io.brokerd.Control.UpgradeFailed", err);
+			o->failed(errors::kUpgradeFailed, err);
 	}
 	// Whatever still runs outside the current generation goes now: a new instance kept serving
 	// through a rollback, or an old-version worker that registered during a takeover.
@@ -1220,7 +1221,7 @@ void Supervisor::detach_observer(Observer *observer)
 std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *observer)
 {
 	if (!svc.stopped || svc.removing || shutting_down_)
-		return ControlError{"io.brokerd.Control.ServiceStopped", {{"service", svc.name}}};
+		return ControlError{errors::kServiceStopped, {{"service", svc.name}}};
 	svc.stopped = false;
 	if (svc.cfg.exec.empty()) {
 		// An external service starts when its workers register again.
@@ -1248,9 +1249,9 @@ std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *ob
 std::optional<ControlError> Supervisor::stop_service(Service &svc, Observer *observer)
 {
 	if (svc.stopped || svc.removing || shutting_down_)
-		return ControlError{"io.brokerd.Control.ServiceStopped", {{"service", svc.name}}};
+		return ControlError{errors::kServiceStopped, {{"service", svc.name}}};
 	if (svc.upgrade)
-		return ControlError{"io.brokerd.Control.UpgradeInProgress",
+		return ControlError{errors::kUpgradeInProgress,
 		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
 	svc.stopped = true;
 	log::notice("service " + svc.name + ": stopping");
@@ -1289,7 +1290,7 @@ void Supervisor::check_waiters(Service &svc)
 			if (ready)
 				o->finished(json::object());
 			else
-				o->failed("io.brokerd.Control.StartFailed", {{"service", svc.name}, {"reason", "no instance became ready"}});
+				o->failed(errors::kStartFailed, {{"service", svc.name}, {"reason", "no instance became ready"}});
 		}
 	}
 }
@@ -1303,7 +1304,7 @@ void Supervisor::shutdown()
 	for (auto &svc : services_) {
 		if (svc->upgrade) {
 			for (Observer *o : std::vector(svc->upgrade->observers))
-				o->failed("io.brokerd.Control.UpgradeFailed", {{"service", svc->name},
+				o->failed(errors::kUpgradeFailed, {{"service", svc->name},
 				                                               {"generation", svc->upgrade->to->number},
 				                                               {"reason", "brokerd is shutting down"},
 				                                               {"output", json::array()}});

@@ -41,7 +41,7 @@ class Observer {
 public:
 	virtual void progress(const nlohmann::json &parameters) = 0;
 	virtual void finished(const nlohmann::json &parameters) = 0;
-	virtual void failed(const std::string &error, const nlohmann::json &parameters) = 0;
+	virtual void failed(std::string_view error, const nlohmann::json &parameters) = 0;
 
 protected:
 	~Observer() = default;
@@ -49,6 +49,9 @@ protected:
 
 // A refusal of an operator request: a Varlink error name and its parameters.
 struct ControlError {
+	ControlError() = default;
+	ControlError(std::string_view n, nlohmann::json p) : name(n), parameters(std::move(p)) {}
+
 	std::string name;
 	nlohmann::json parameters;
 };

@@ -1,6 +1,8 @@
 // brokerctl's exit codes and failure messages (see errors.hpp).
 #include "errors.hpp"
 
+#include "broker/internal/errors.hpp"
+
 #include "format.hpp"
 #include "reply.hpp"
 
@@ -32,14 +34,7 @@ const char *const kExitCodesHelp =
 
 namespace {
 
-inline constexpr std::string_view kNoSuchService = "io.brokerd.Control.NoSuchService";
-inline constexpr std::string_view kInvalidConfig = "io.brokerd.Control.InvalidConfig";
-inline constexpr std::string_view kUpgradeInProgress = "io.brokerd.Control.UpgradeInProgress";
-inline constexpr std::string_view kNoUpgradeInProgress = "io.brokerd.Control.NoUpgradeInProgress";
-inline constexpr std::string_view kNoPreviousGeneration = "io.brokerd.Control.NoPreviousGeneration";
-inline constexpr std::string_view kServiceStopped = "io.brokerd.Control.ServiceStopped";
-inline constexpr std::string_view kUpgradeFailed = "io.brokerd.Control.UpgradeFailed";
-inline constexpr std::string_view kStartFailed = "io.brokerd.Control.StartFailed";
+using namespace broker::errors;
 
 Failure permission_denied()
 {
