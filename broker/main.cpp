@@ -9,6 +9,8 @@
 #include "supervisor.hpp"
 #include "systemd_notify.hpp"
 
+#include <systemd/sd-daemon.h>
+
 #include <CLI/CLI.hpp>
 
 #include <signal.h>
@@ -47,6 +49,8 @@ private:
 	std::unique_ptr<ControlServer> control_;
 	SystemdNotifier notifier_;
 	EventSource sigterm_, sigint_, sighup_;
+	EventSource watchdog_;
+	std::uint64_t watchdog_period_ = 0; // usec: half of WATCHDOG_USEC
 	bool announced_ready_ = false;
 	std::string last_status_;
 };
@@ -96,6 +100,26 @@ int Daemon::run()
 	if ((r = sd_event_add_signal(e, &s, SIGHUP, on_hup, this)) < 0)
 		throw std::runtime_error(std::string("signal: ") + std::strerror(-r));
 	sighup_.reset(s);
+
+	// The service manager's watchdog (WATCHDOG_USEC): fed at half its period from the loop, so a
+	// stuck loop is exactly what it catches.
+	std::uint64_t watchdog_usec = 0;
+	if (notifier_.enabled() && sd_watchdog_enabled(1, &watchdog_usec) > 0 && watchdog_usec >= 2) {
+		watchdog_period_ = watchdog_usec / 2;
+		auto tick = [](sd_event_source *src, std::uint64_t now, void *userdata) -> int {
+			return guarded("watchdog", [&]() -> int {
+				auto *d = static_cast<Daemon *>(userdata);
+				d->notifier_.send("WATCHDOG=1");
+				sd_event_source_set_time(src, now + d->watchdog_period_);
+				sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+				return 0;
+			});
+		};
+		if (sd_event_add_time(e, &s, CLOCK_MONOTONIC, now_usec(CLOCK_MONOTONIC), watchdog_period_ / 10, tick, this) >= 0) {
+			watchdog_.reset(s);
+			log::info("feeding the service manager's watchdog every " + std::to_string(watchdog_period_ / 1000) + "ms");
+		}
+	}
 
 	supervisor_ = std::make_unique<Supervisor>(e, listeners_, cfg_.control.path);
 	notify_ = std::make_unique<NotifySocket>(e, *supervisor_);

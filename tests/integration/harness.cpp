@@ -555,6 +555,23 @@ void Broker::wait_ready(std::chrono::milliseconds timeout)
 	}
 }
 
+std::optional<std::string> Broker::next_notify(std::chrono::milliseconds timeout)
+{
+	pollfd p{notify_.get(), POLLIN, 0};
+	auto deadline = Clock::now() + timeout;
+	for (;;) {
+		int r = ::poll(&p, 1, ms_left(deadline));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return std::nullopt;
+		char buf[4096];
+		ssize_t n = ::recv(notify_.get(), buf, sizeof buf, 0);
+		if (n >= 0)
+			return std::string(buf, static_cast<std::size_t>(n));
+	}
+}
+
 json Broker::status(const std::optional<std::string> &service)
 {
 	broker::varlink::SyncClient c(control_path(), 10s);

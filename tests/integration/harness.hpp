@@ -139,6 +139,10 @@ public:
 	// Waits for READY=1 on the notify socket; throws if brokerd exits first or the deadline passes.
 	void wait_ready(std::chrono::milliseconds timeout);
 
+	// The next message brokerd sends its service manager after READY=1, or nullopt when none
+	// comes within the timeout.
+	std::optional<std::string> next_notify(std::chrono::milliseconds timeout);
+
 	// io.brokerd.Control.Status, as the "parameters" of the reply.
 	json status(const std::optional<std::string> &service = {});
 

@@ -3,6 +3,8 @@
 
 #include <doctest/doctest.h>
 
+#include <signal.h>
+
 #include <unistd.h>
 
 #include <set>
@@ -181,5 +183,34 @@ TEST_CASE("an unmodified sd_notify client (systemd-notify) marks its instance re
 		pid_t pid = i["pid"].get<pid_t>();
 		CHECK(wait_until([&] { return proc_cmdline(pid) == std::vector<std::string>{"sleep", "infinity"}; }, 5s));
 	}
+	b.stop();
+}
+
+TEST_CASE("brokerd feeds the service manager's watchdog, and says STATUS= and STOPPING=1")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	BrokerOptions opts;
+	opts.env = {"WATCHDOG_USEC=200000"};
+	b.start(json{{"sockets", {{"http", tcp_socket()}}}, {"services", json::object()}}, opts);
+
+	// Half the period: at least three feeds arrive well within a few periods.
+	int feeds = 0;
+	for (int i = 0; i < 20 && feeds < 3; i++) {
+		auto m = b.next_notify(std::chrono::seconds(2));
+		REQUIRE_MESSAGE(m, "no notify message within 2s (", feeds, " WATCHDOG=1 so far)");
+		feeds += *m == "WATCHDOG=1";
+	}
+	CHECK(feeds == 3);
+
+	::kill(b.pid(), SIGTERM);
+	bool stopping = false;
+	for (int i = 0; i < 20 && !stopping; i++) {
+		auto m = b.next_notify(std::chrono::seconds(2));
+		if (!m)
+			break;
+		stopping = *m == "STOPPING=1";
+	}
+	CHECK(stopping);
 	b.stop();
 }
