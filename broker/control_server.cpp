@@ -1,6 +1,7 @@
 // ControlServer: accepts Varlink connections, authorizes each call, and dispatches it.
 #include "control_server.hpp"
 
+#include "broker/internal/handoff.hpp"
 #include "broker/internal/limits.hpp"
 #include "broker/internal/varlink.hpp"
 #include "broker_config.h"
@@ -101,7 +102,8 @@ AccessRules AccessRules::resolve(const config::ControlConfig &cfg)
 // One client: its stream, its credentials, and whether it is an operator, a reader or a worker.
 class ControlServer::Connection final : public EventSink, public Observer {
 public:
-	// No method of these interfaces takes fds yet: a peer sending any is cut off at once.
+	// Only an authenticated worker may send fds (Handoff): anyone else sending any is cut off
+	// at once.
 	Connection(ControlServer &server, UniqueFd fd)
 		: server_(server), stream_(std::move(fd), limits::kMaxMessageSize, 0)
 	{
@@ -117,7 +119,8 @@ public:
 	uid_t uid() const { return peer_.uid; }
 	// Operators and readers by their credentials, workers once their Hello succeeded.
 	bool privileged() const { return reader_ || !token_.empty(); }
-	bool send_event(const json &parameters) override;
+	using EventSink::send_event;
+	bool send_event(const json &parameters, std::vector<UniqueFd> fds) override;
 	void watch_event(const json &event);
 
 	// Observer: the upgrade, start or stop this connection waits for.
@@ -145,6 +148,8 @@ private:
 	void worker_ready();
 	void worker_status(const json &params);
 	void worker_events();
+	void worker_handoff(const json &params, std::vector<UniqueFd> fds);
+	void worker_received(const json &params);
 	void control_upgrade(const json &params, const std::string &kind);
 	void control_abort(const json &params);
 	void control_start_stop(const json &params, bool start);
@@ -372,11 +377,11 @@ void ControlServer::Connection::error(std::string_view name, json parameters)
 		close(r == -ENOBUFS ? "too slow reading replies" : "send: " + errno_text(-r));
 }
 
-bool ControlServer::Connection::send_event(const json &parameters)
+bool ControlServer::Connection::send_event(const json &parameters, std::vector<UniqueFd> fds)
 {
 	if (dead_)
 		return false;
-	int r = stream_.enqueue(vl::make_reply(parameters, true));
+	int r = stream_.enqueue(vl::make_reply(parameters, true), std::move(fds));
 	if (r == 0)
 		r = stream_.flush();
 	if (r < 0 && r != -EAGAIN) {
@@ -406,8 +411,8 @@ void ControlServer::Connection::handle(vl::Message &m)
 			return error(vl::kInvalidParameter, {{"parameter", "parameters"}});
 		params = *p;
 	}
-	if (!m.fds.empty()) {
-		// No method of this interface version takes fds; they close with the message.
+	if (!m.fds.empty() && method != "io.brokerd.Worker.Handoff") {
+		// No other method takes fds; they close with the message.
 		return error(vl::kInvalidParameter, {{"parameter", "fd"}});
 	}
 
@@ -455,6 +460,10 @@ void ControlServer::Connection::handle(vl::Message &m)
 				return worker_status(params);
 			if (name == "Events")
 				return worker_events();
+			if (name == "Handoff")
+				return worker_handoff(params, std::move(m.fds));
+			if (name == "Received")
+				return worker_received(params);
 		} else {
 			return error(vl::kInterfaceNotFound, {{"interface", iface}});
 		}
@@ -531,7 +540,7 @@ Instance *ControlServer::Connection::worker()
 void ControlServer::Connection::worker_hello(const json &params)
 {
 	std::string token, service, version;
-	bool want_fds = false;
+	bool want_fds = false, accept_handoff = false;
 	for (auto it = params.begin(); it != params.end(); ++it) {
 		const std::string &k = it.key();
 		if (it->is_null())
@@ -540,6 +549,8 @@ void ControlServer::Connection::worker_hello(const json &params)
 			token = it->get<std::string>();
 		else if (k == "want_fds" && it->is_boolean())
 			want_fds = it->get<bool>();
+		else if (k == "accept_handoff" && it->is_boolean())
+			accept_handoff = it->get<bool>();
 		else if (k == "service" && it->is_string())
 			service = it->get<std::string>();
 		else if (k == "version" && it->is_string())
@@ -574,6 +585,9 @@ void ControlServer::Connection::worker_hello(const json &params)
 	}
 	token_ = token;
 	idle_.reset();
+	inst->accepts_handoff = accept_handoff;
+	// A worker may hand off connections from now on: two messages' worth may be in flight.
+	stream_.set_max_queued_fds(limits::kMaxQueuedFds);
 
 	json sockets = json::array();
 	std::vector<UniqueFd> fds;
@@ -628,6 +642,84 @@ void ControlServer::Connection::worker_events()
 		return error(vl::kExpectedMore);
 	if (Instance *inst = worker())
 		server_.supervisor_.attach_events(*inst, this);
+}
+
+// Handoff is oneway: its outcome comes back as a "handoff" event on this connection's Events
+// stream, so one connection carries everything. A call that cannot be understood returns every
+// connection it carried: the sender still holds them all.
+void ControlServer::Connection::worker_handoff(const json &params, std::vector<UniqueFd> fds)
+{
+	Instance *inst = worker();
+	if (!inst)
+		return;
+	if (inst->events != this)
+		return close("Handoff without an Events stream on the same connection");
+	auto batch = params.find("batch");
+	if (batch == params.end() || !batch->is_number_unsigned())
+		return close("Handoff without a batch id");
+	std::uint64_t id = batch->get<std::uint64_t>();
+	auto refuse = [&](const std::string &why) {
+		log::warning("instance " + inst->id + ": Handoff batch " + std::to_string(id) + ": " + why);
+		std::size_t n = fds.size();
+		json returned = json::array();
+		for (std::size_t i = 0; i < n; i++)
+			returned.push_back(i);
+		send_event({{"event", "handoff"}, {"batch", id}, {"landed", 0}, {"returned", returned}, {"message", why}});
+	};
+	auto conns = params.find("connections");
+	if (conns == params.end() || !conns->is_array() || conns->size() != fds.size())
+		return refuse("\"connections\" must list one entry per fd");
+	std::uint64_t remaining = 0;
+	if (auto r = params.find("remaining"); r != params.end() && !r->is_null()) {
+		if (!r->is_number_unsigned())
+			return refuse("\"remaining\" must be a count");
+		remaining = r->get<std::uint64_t>();
+	}
+	for (auto it = params.begin(); it != params.end(); ++it)
+		if (it.key() != "batch" && it.key() != "connections" && it.key() != "remaining")
+			return refuse("unknown parameter \"" + it.key() + "\"");
+
+	std::vector<HandoffItem> items(fds.size());
+	for (std::size_t i = 0; i < conns->size(); i++) {
+		const json &c = (*conns)[i];
+		if (!c.is_object())
+			return refuse("connection " + std::to_string(i) + " is not an object");
+		// count_fd_refs() proved the indices are exactly 0..n-1.
+		items[c.at("fd").get<std::size_t>()].fd = std::move(fds[c.at("fd").get<std::size_t>()]);
+		if (auto st = c.find("state"); st != c.end() && !st->is_null()) {
+			if (!st->is_string() || !handoff::base64_valid(st->get_ref<const std::string &>(), handoff::kMaxState))
+				return refuse("connection " + std::to_string(i) + ": state must be base64 of at most " +
+				              std::to_string(handoff::kMaxState) + " bytes");
+			items[c.at("fd").get<std::size_t>()].state = st->get<std::string>();
+		}
+		for (auto m = c.begin(); m != c.end(); ++m)
+			if (m.key() != "fd" && m.key() != "state")
+				return refuse("connection " + std::to_string(i) + ": unknown member \"" + m.key() + "\"");
+	}
+	server_.supervisor_.handoff(*inst, *this, id, std::move(items), remaining);
+}
+
+void ControlServer::Connection::worker_received(const json &params)
+{
+	Instance *inst = worker();
+	if (!inst)
+		return;
+	auto batch = params.find("batch");
+	if (batch == params.end() || !batch->is_number_unsigned())
+		return close("Received without a batch id");
+	std::vector<std::uint64_t> refused;
+	if (auto r = params.find("refused"); r != params.end() && !r->is_null()) {
+		if (!r->is_array())
+			return close("Received: \"refused\" must be a list of indices");
+		for (const json &i : *r) {
+			if (!i.is_number_unsigned())
+				return close("Received: \"refused\" must be a list of indices");
+			refused.push_back(i.get<std::uint64_t>());
+		}
+	}
+	if (auto why = server_.supervisor_.handoff_received(*this, batch->get<std::uint64_t>(), refused))
+		return close("Received: " + *why);
+	reply(json::object());
 }
 
 Service *ControlServer::Connection::service_param(const json &params, const std::vector<std::string> &allowed)

@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <cstring>
@@ -53,11 +54,22 @@ private:
 	std::uint64_t watchdog_period_ = 0; // usec: half of WATCHDOG_USEC
 	bool announced_ready_ = false;
 	std::string last_status_;
+	rlimit started_nofile_{};
 };
 
 int Daemon::run()
 {
 	const std::uint64_t start = now_usec(CLOCK_MONOTONIC);
+
+	// Connections being handed off pass through brokerd, up to 16 batches of 253 per draining
+	// worker: raise the soft fd limit to the hard one, as the service manager recommends, and
+	// give workers the limit we were started with.
+	if (getrlimit(RLIMIT_NOFILE, &started_nofile_) == 0 && started_nofile_.rlim_cur < started_nofile_.rlim_max) {
+		rlimit raised = started_nofile_;
+		raised.rlim_cur = raised.rlim_max;
+		if (setrlimit(RLIMIT_NOFILE, &raised) < 0)
+			log::warning(std::string("cannot raise the fd limit: ") + std::strerror(errno));
+	}
 
 	// systemd's fds first, before anything else could take their numbers' meaning.
 	InheritedFds inherited = InheritedFds::from_environment();
@@ -122,6 +134,7 @@ int Daemon::run()
 	}
 
 	supervisor_ = std::make_unique<Supervisor>(e, listeners_, cfg_.control.path);
+	supervisor_->set_child_nofile(started_nofile_);
 	notify_ = std::make_unique<NotifySocket>(e, *supervisor_);
 	supervisor_->set_notify_address(notify_->address());
 	DaemonHooks hooks;

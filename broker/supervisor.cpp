@@ -190,6 +190,7 @@ const char *state_name(InstanceState s)
 Supervisor::Supervisor(sd_event *event, const std::list<Listener> &listeners, std::string control_path)
 	: event_(event), listeners_(listeners), control_path_(std::move(control_path))
 {
+	router_.on_report = [this](const HandoffRouter::Report &r) { handoff_report(r); };
 }
 
 Supervisor::~Supervisor() = default;
@@ -457,6 +458,10 @@ void Supervisor::spawn(Instance &inst)
 				*w++ = digits[--n];
 			*w = '\0';
 		}
+		// The fd limit brokerd was started with, not the one it raised for itself: a worker
+		// starts as the service manager would have started it.
+		if (child_nofile_.rlim_cur != 0)
+			::setrlimit(RLIMIT_NOFILE, &child_nofile_);
 		::execve(program.c_str(), argv.data(), envp.data());
 		child_fail(status_fd, errno);
 	}
@@ -857,6 +862,118 @@ void Supervisor::detach_events(EventSink *sink)
 			for (auto &inst : gen->instances)
 				if (inst->events == sink)
 					inst->events = nullptr;
+	// What it was sent and did not acknowledge goes back to the senders.
+	router_.forget(*sink);
+}
+
+Instance *Supervisor::find_by_sink(const EventSink *sink)
+{
+	if (!sink)
+		return nullptr;
+	for (auto &svc : services_)
+		for (auto &gen : svc->generations)
+			for (auto &inst : gen->instances)
+				if (inst->events == sink)
+					return inst.get();
+	return nullptr;
+}
+
+// The ready instances of the generation that succeeds the sender's and said accept_handoff:
+// during an upgrade the one being rolled out, otherwise the current one, if newer.
+std::vector<EventSink *> Supervisor::handoff_targets(const Instance &sender) const
+{
+	const Service &svc = *sender.service;
+	const Generation *next = svc.upgrade ? svc.upgrade->to : svc.current;
+	std::vector<EventSink *> out;
+	if (!next || next->number <= sender.generation->number || svc.removing)
+		return out;
+	for (const auto &inst : next->instances)
+		if (inst->state == InstanceState::Ready && inst->accepts_handoff && inst->events && !inst->retired)
+			out.push_back(inst->events);
+	return out;
+}
+
+void Supervisor::handoff(Instance &sender, EventSink &sink, std::uint64_t batch, std::vector<HandoffItem> items,
+                         std::uint64_t remaining)
+{
+	Service &svc = *sender.service;
+	std::uint64_t n = items.size();
+	sender.handoff.handed += n;
+	sender.handoff_remaining = remaining;
+	svc.handoff.handed += n;
+	if (svc.upgrade)
+		svc.upgrade->handoff.handed += n;
+	std::vector<EventSink *> targets = handoff_targets(sender);
+	router_.submit(svc.name, sink, batch, std::move(items), targets);
+	// The router may have closed connections on the way: look the service up again.
+	if (Service *s = find_service(svc.name))
+		handoff_progress(*s);
+}
+
+std::optional<std::string> Supervisor::handoff_received(EventSink &sink, std::uint64_t batch,
+                                                        const std::vector<std::uint64_t> &refused)
+{
+	return router_.received(sink, batch, refused);
+}
+
+void Supervisor::handoff_report(const HandoffRouter::Report &r)
+{
+	Service *svc = find_service(r.service);
+	if (!svc)
+		return;
+	svc->handoff.received += r.landed;
+	svc->handoff.returned += r.returned;
+	if (svc->upgrade) {
+		svc->upgrade->handoff.received += r.landed;
+		svc->upgrade->handoff.returned += r.returned;
+	}
+	if (Instance *to = find_by_sink(r.receiver))
+		to->handoff.received += r.landed;
+	if (Instance *from = find_by_sink(r.sender))
+		from->handoff.returned += r.returned;
+	if (r.receiver)
+		handoff_progress(*svc);
+}
+
+json Supervisor::handoff_json(const Service &svc, const HandoffCounts &c) const
+{
+	std::uint64_t remaining = 0;
+	for (const auto &gen : svc.generations)
+		for (const auto &inst : gen->instances)
+			if (inst->state != InstanceState::Exited && inst->state != InstanceState::Failed)
+				remaining += inst->handoff_remaining;
+	return {{"handed", c.handed}, {"received", c.received}, {"returned", c.returned}, {"expected", c.handed + remaining}};
+}
+
+// At most ten progress events a second while connections move, and always the one that shows
+// them all settled.
+void Supervisor::handoff_progress(Service &svc)
+{
+	const HandoffCounts &c = svc.upgrade ? svc.upgrade->handoff : svc.handoff;
+	json counts = handoff_json(svc, c);
+	bool settled = c.handed == c.received + c.returned && counts["expected"] == c.handed;
+	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	if (!settled && now - svc.handoff_reported < 100000)
+		return;
+	svc.handoff_reported = now;
+	std::string message = "migrating connections " + std::to_string(c.received) + "/" +
+	                      std::to_string(counts["expected"].get<std::uint64_t>());
+	if (c.returned)
+		message += ", " + std::to_string(c.returned) + " returned";
+	if (Upgrade *up = svc.upgrade.get()) {
+		json p = progress(svc, "handoff", nullptr, message);
+		for (Observer *o : std::vector(up->observers))
+			o->progress(p);
+	}
+	if (on_event) {
+		json e = {{"event", "handoff"}, {"time", now_usec(CLOCK_REALTIME)}, {"service", svc.name},
+		          {"message", message}, {"handoff", counts}};
+		if (svc.upgrade)
+			e["generation"] = svc.upgrade->to->number;
+		else if (svc.current)
+			e["generation"] = svc.current->number;
+		on_event(e);
+	}
 }
 
 Instance *Supervisor::find_by_token(std::string_view token)
@@ -1187,7 +1304,8 @@ json Supervisor::upgrade_json(const Upgrade &up) const
 	        {"ready", r.new_ready_count()},
 	        {"drained", r.old_exited_count()},
 	        {"total_new", r.new_total()},
-	        {"total_old", r.old_total()}};
+	        {"total_old", r.old_total()},
+	        {"handoff", handoff_json(*up.to->service, up.handoff)}};
 }
 
 json Supervisor::progress(const Service &svc, const char *event, const Instance *inst, const std::string &message) const
@@ -1447,6 +1565,10 @@ json Supervisor::services_json(const std::string *only) const
 				          {"since", inst->since}};
 				if (!inst->status_text.empty())
 					i["status"] = inst->status_text;
+				if (!inst->handoff.empty())
+					i["handoff"] = {{"handed", inst->handoff.handed},
+					                {"received", inst->handoff.received},
+					                {"returned", inst->handoff.returned}};
 				if (gen.get() == svc->current && !inst->retired && inst->state == InstanceState::Failed)
 					failed = true;
 				insts.push_back(std::move(i));
@@ -1466,6 +1588,8 @@ json Supervisor::services_json(const std::string *only) const
 		          {"generations", std::move(gens)}};
 		if (svc->upgrade)
 			s["upgrade"] = upgrade_json(*svc->upgrade);
+		if (!svc->handoff.empty())
+			s["handoff"] = handoff_json(*svc, svc->handoff);
 		services.push_back(std::move(s));
 	}
 	if (only && services.empty())

@@ -4,11 +4,13 @@
 #include "broker/internal/unique_fd.hpp"
 #include "config.hpp"
 #include "event.hpp"
+#include "handoff.hpp"
 #include "listener.hpp"
 #include "rollout.hpp"
 
 #include <nlohmann/json.hpp>
 
+#include <sys/resource.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -25,15 +27,6 @@ namespace broker {
 class Supervisor;
 struct Service;
 struct Generation;
-
-// Where a worker's events go: the control connection that holds its Events stream.
-class EventSink {
-public:
-	virtual bool send_event(const nlohmann::json &parameters) = 0;
-
-protected:
-	~EventSink() = default;
-};
 
 // Whoever waits for an upgrade, a start or a stop: a control connection. progress() gets every
 // step (Progress parameters); finished() gets the last one, or an error name and its parameters.
@@ -54,6 +47,16 @@ struct ControlError {
 
 	std::string name;
 	nlohmann::json parameters;
+};
+
+// Connections handed off, for Status, Watch and upgrade progress. handed: sent by draining
+// instances; received: taken by their successors; returned: back with their sender.
+struct HandoffCounts {
+	std::uint64_t handed = 0;
+	std::uint64_t received = 0;
+	std::uint64_t returned = 0;
+
+	bool empty() const { return handed == 0 && received == 0 && returned == 0; }
 };
 
 enum class InstanceState { Starting, Ready, Draining, Exited, Failed };
@@ -90,6 +93,10 @@ struct Instance {
 	EventSink *events = nullptr;
 	std::string exit_reason;
 
+	bool accepts_handoff = false;       // said so in Hello
+	HandoffCounts handoff;              // as a sender (handed, returned) and a receiver (received)
+	std::uint64_t handoff_remaining = 0; // what it said it is about to hand, for progress
+
 	bool external = false;   // registered with Hello, not spawned: watched through pidfd
 	UniqueFd pidfd;          // external instances only (a spawned one's pidfd lives in child_source)
 
@@ -122,6 +129,7 @@ struct Upgrade {
 	std::uint64_t started = 0; // CLOCK_MONOTONIC usec
 	std::string failed_instance;
 	std::vector<std::string> failed_output;
+	HandoffCounts handoff;
 };
 
 struct Service {
@@ -137,6 +145,8 @@ struct Service {
 	bool removing = false; // removed from the config: drained, then forgotten
 	std::vector<Observer *> start_waiters;
 	std::vector<Observer *> stop_waiters;
+	HandoffCounts handoff;                 // since the broker started
+	std::uint64_t handoff_reported = 0;    // CLOCK_MONOTONIC usec of the last progress event
 };
 
 struct UpgradeRequest {
@@ -150,6 +160,9 @@ class Supervisor {
 public:
 	Supervisor(sd_event *event, const std::list<Listener> &listeners, std::string control_path);
 	~Supervisor();
+
+	// RLIMIT_NOFILE for spawned workers: the limits brokerd started with (it raises its own).
+	void set_child_nofile(const rlimit &limit) { child_nofile_ = limit; }
 
 	// NOTIFY_SOCKET for the workers; set before the first service is added.
 	void set_notify_address(std::string address) { notify_address_ = std::move(address); }
@@ -182,6 +195,13 @@ public:
 	void instance_main_pid(Instance &inst, pid_t pid);
 	void attach_events(Instance &inst, EventSink *sink);
 	void detach_events(EventSink *sink);
+
+	// Connection handoff: a Handoff call from sender's Events connection, and a Received call
+	// from a receiver's. See HandoffRouter.
+	void handoff(Instance &sender, EventSink &sink, std::uint64_t batch, std::vector<HandoffItem> items,
+	             std::uint64_t remaining);
+	std::optional<std::string> handoff_received(EventSink &sink, std::uint64_t batch,
+	                                            const std::vector<std::uint64_t> &refused);
 
 	// Operator requests. Each returns the refusal, or nullopt once the work has begun; the
 	// observer (may be null) hears the progress and the end.
@@ -232,6 +252,11 @@ private:
 	void apply(Service &svc, const RolloutStep &step);
 	void finish_upgrade(Service &svc);
 	nlohmann::json upgrade_json(const Upgrade &up) const;
+	nlohmann::json handoff_json(const Service &svc, const HandoffCounts &counts) const;
+	std::vector<EventSink *> handoff_targets(const Instance &sender) const;
+	void handoff_report(const HandoffRouter::Report &r);
+	void handoff_progress(Service &svc);
+	Instance *find_by_sink(const EventSink *sink);
 	nlohmann::json progress(const Service &svc, const char *event, const Instance *inst,
 	                        const std::string &message) const;
 
@@ -252,6 +277,8 @@ private:
 	std::vector<std::unique_ptr<Service>> services_;
 	EventSource prune_source_;
 	bool shutting_down_ = false;
+	HandoffRouter router_;
+	rlimit child_nofile_{};
 };
 
 } // namespace broker

@@ -46,11 +46,26 @@ std::string target(Rollout kind, const json &progress)
 	return std::string(words(kind).target) + " " + number_text(progress, "generation");
 }
 
-// "2/4 new ready, 1/4 old drained"
+// "migrating connections 6120/8000", "..., 12 returned"; empty while nothing was handed off.
+std::string migration(const json &upgrade)
+{
+	const json &h = member(upgrade, "handoff");
+	if (!h.is_object() || integer(h, "expected").value_or(0) <= 0)
+		return {};
+	std::string out = "migrating connections " + number_text(h, "received") + "/" + number_text(h, "expected");
+	if (integer(h, "returned").value_or(0) > 0)
+		out += ", " + number_text(h, "returned") + " returned";
+	return out;
+}
+
+// "2/4 new ready, 1/4 old drained", then the migration, if any
 std::string counts(const json &upgrade)
 {
-	return number_text(upgrade, "ready") + "/" + number_text(upgrade, "total_new") + " new ready, " +
-	       number_text(upgrade, "drained") + "/" + number_text(upgrade, "total_old") + " old drained";
+	std::string out = number_text(upgrade, "ready") + "/" + number_text(upgrade, "total_new") + " new ready, " +
+	                  number_text(upgrade, "drained") + "/" + number_text(upgrade, "total_old") + " old drained";
+	if (std::string m = migration(upgrade); !m.empty())
+		out += ", " + m;
+	return out;
 }
 
 // The first `columns` code points of `line`.
@@ -114,7 +129,8 @@ std::string event_line(const json &progress)
 
 bool is_notable(std::string_view event)
 {
-	return event != "accepted" && event != "done";
+	// Migration progress only moves the live line's counts.
+	return event != "accepted" && event != "done" && event != "handoff";
 }
 
 std::string accepted_line(Rollout kind, const json &progress)
@@ -130,8 +146,15 @@ std::string submitted_line(Rollout kind, const json &progress)
 
 std::string done_line(Rollout kind, const json &progress, std::chrono::microseconds elapsed)
 {
-	return service_of(progress) + ": " + words(kind).past + " " + target(kind, progress) + " in " +
-	       format_elapsed(elapsed);
+	std::string out = service_of(progress) + ": " + words(kind).past + " " + target(kind, progress) + " in " +
+	                  format_elapsed(elapsed);
+	const json &h = member(member(progress, "upgrade"), "handoff");
+	if (auto handed = integer(h, "handed"); handed && *handed > 0) {
+		out += ", " + number_text(h, "received") + "/" + std::to_string(*handed) + " connections migrated";
+		if (integer(h, "returned").value_or(0) > 0)
+			out += " (" + number_text(h, "returned") + " returned to their sender)";
+	}
+	return out;
 }
 
 ProgressDisplay::ProgressDisplay(std::ostream &out, Mode mode, Rollout kind, std::size_t width)
@@ -153,6 +176,8 @@ bool ProgressDisplay::update(const json &reply, std::chrono::microseconds elapse
 	} else if (mode_ == Mode::Lines) {
 		if (event == "accepted")
 			out_ << accepted_line(kind_, progress) << '\n';
+		else if (event == "handoff")
+			out_ << service_of(progress) << ": " << migration(member(progress, "upgrade")) << '\n';
 		else if (event == "rollback")
 			out_ << event_line(progress) << '\n';
 		else

@@ -57,6 +57,9 @@ std::string render_service(const json &svc, std::int64_t now_usec)
 	out += "  generations:  " + printable(gen_list.empty() ? "none" : join(gen_list, ", ")) + "\n";
 	if (const json &up = member(svc, "upgrade"); up.is_object())
 		out += "  upgrade:      " + render_upgrade_info(up) + "\n";
+	if (const json &h = member(svc, "handoff"); h.is_object())
+		out += "  handoff:      " + number_text(h, "handed") + " handed, " + number_text(h, "received") + " received, " +
+		       number_text(h, "returned") + " returned\n";
 	if (!gens.empty()) {
 		std::vector<std::string> argv = strings(array(*gens.front(), "exec"));
 		out += "  exec:         " + printable(argv.empty() ? "-" : shell_join(argv)) + "\n";

@@ -457,6 +457,25 @@ TEST_CASE("progress lines")
 	CHECK(done_line(Rollout::Upgrade, p, 3200ms) == "web: upgraded to gen 4 in 3.2s");
 	CHECK(done_line(Rollout::Restart, p, 1s) == "web: restarted as gen 4 in 1.0s");
 
+	// Connection handoff joins the counts once anything is expected to move.
+	json moving = counts(2, 1);
+	moving["handoff"] = {{"handed", 8000}, {"received", 6120}, {"returned", 0}, {"expected", 8000}};
+	const json handoff = progress("handoff", moving);
+	const json &m = progress_of(handoff);
+	CHECK(progress_line(Rollout::Upgrade, m, false) ==
+	      "upgrading web to gen 4: 2/4 new ready, 1/4 old drained, migrating connections 6120/8000 [###.......]");
+	CHECK_FALSE(is_notable("handoff"));
+	moving["handoff"]["returned"] = 12;
+	moving["handoff"]["received"] = 7988;
+	const json done = progress("done", moving);
+	CHECK(done_line(Rollout::Upgrade, progress_of(done), 3200ms) ==
+	      "web: upgraded to gen 4 in 3.2s, 7988/8000 connections migrated (12 returned to their sender)");
+	json idle = counts(2, 1);
+	idle["handoff"] = {{"handed", 0}, {"received", 0}, {"returned", 0}, {"expected", 0}};
+	const json quiet = progress("ready", idle);
+	CHECK(progress_line(Rollout::Upgrade, progress_of(quiet), false) ==
+	      "upgrading web to gen 4: 2/4 new ready, 1/4 old drained [###.......]");
+
 	// A reply without the wrapper, or with members missing, still reads.
 	CHECK(progress_line(Rollout::Upgrade, json::object(), false) ==
 	      "upgrading - to gen -: -/- new ready, -/- old drained [..........]");
@@ -514,6 +533,15 @@ TEST_CASE("ProgressDisplay")
 		                   "web/4/0 started (pid 40); 0/4 new ready, 0/4 old drained\n"
 		                   "web/4/0 ready (pid 40); 1/4 new ready, 0/4 old drained\n"
 		                   "web: upgraded to gen 4 in 3.2s\n");
+	}
+
+	SUBCASE("lines: migration progress as its own line")
+	{
+		ProgressDisplay d(out, ProgressDisplay::Mode::Lines, Rollout::Upgrade, 80);
+		json up = counts(1, 0);
+		up["handoff"] = {{"handed", 253}, {"received", 253}, {"returned", 0}, {"expected", 8000}};
+		d.update(progress("handoff", up), 0s);
+		CHECK(out.str() == "web: migrating connections 253/8000\n");
 	}
 
 	SUBCASE("json: each reply's parameters as one line")

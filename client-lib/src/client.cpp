@@ -1,6 +1,7 @@
 // broker::Client: the worker's side of io.brokerd.Worker, with a plain systemd fallback.
 #include "broker/client.hpp"
 
+#include "broker/internal/handoff.hpp"
 #include "broker/internal/limits.hpp"
 #include "broker/internal/sync_client.hpp"
 #include "broker/internal/unique_fd.hpp"
@@ -27,6 +28,10 @@ constexpr std::string_view kHello = "io.brokerd.Worker.Hello";
 constexpr std::string_view kEvents = "io.brokerd.Worker.Events";
 constexpr std::string_view kReady = "io.brokerd.Worker.Ready";
 constexpr std::string_view kStatus = "io.brokerd.Worker.Status";
+constexpr std::string_view kHandoff = "io.brokerd.Worker.Handoff";
+constexpr std::string_view kReceived = "io.brokerd.Worker.Received";
+
+static_assert(Client::kMaxHandoffState == handoff::kMaxState);
 
 // An unset and an empty variable mean the same: nothing configured.
 const char *env(const char *name)
@@ -105,9 +110,20 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	std::optional<varlink::Stream> stream;
 	std::function<void(const DrainRequest &)> on_drain;
 
+	handoff::Sender sender;
+	HandoffSummary summary;
+	std::function<void(int, std::string)> on_connection;
+	std::function<void(int, std::string)> on_returned;
+	std::function<void(const HandoffSummary &)> on_handoff_done;
+
 	void send(std::string_view method, json parameters);
 	void flush_now();
 	void dispatch(varlink::Message &m);
+	void pump();
+	void connections_event(const json &params, std::vector<UniqueFd> &fds);
+	void handoff_event(const json &params);
+	void give_back(std::vector<handoff::Item> items);
+	void check_done(std::size_t pending_before);
 };
 
 namespace {
@@ -181,7 +197,106 @@ void Client::Impl::dispatch(varlink::Message &m)
 		DrainRequest req{deadline_after(params->value("timeout_ms", json()))};
 		if (on_drain)
 			on_drain(req);
+	} else if (*event == "connections") {
+		connections_event(*params, m.fds);
+	} else if (*event == "handoff") {
+		handoff_event(*params);
 	}
+}
+
+// Sends batches while the window has room; each is oneway, and its outcome comes as a
+// "handoff" event.
+void Client::Impl::pump()
+{
+	while (auto b = sender.next()) {
+		int r = stream->enqueue_borrowed(varlink::make_call(kHandoff, std::move(b->parameters), false, true),
+		                                 std::move(b->fds));
+		if (r < 0)
+			throw Error(-r, std::string("cannot queue Handoff: ") + std::strerror(-r));
+	}
+	flush_now();
+}
+
+// Connections handed to this instance. Each is the handler's from the moment it is called; any
+// the instance cannot take are closed and reported, and their sender still holds them.
+void Client::Impl::connections_event(const json &params, std::vector<UniqueFd> &fds)
+{
+	auto batch = params.find("batch");
+	auto conns = params.find("connections");
+	if (batch == params.end() || !batch->is_number_unsigned() || conns == params.end() || !conns->is_array())
+		throw Error(EBADMSG, "invalid connections event from brokerd");
+	json refused = json::array();
+	std::exception_ptr failure;
+	for (std::size_t i = 0; i < conns->size(); i++) {
+		const json &c = (*conns)[i];
+		auto fd = c.is_object() ? c.find("fd") : c.end();
+		if (!c.is_object() || fd == c.end() || !fd->is_number_unsigned() || fd->get<std::size_t>() >= fds.size()) {
+			refused.push_back(i);
+			continue;
+		}
+		UniqueFd conn = std::move(fds[fd->get<std::size_t>()]);
+		std::optional<std::string> state = std::string();
+		if (auto st = c.find("state"); st != c.end() && st->is_string())
+			state = handoff::base64_decode(st->get<std::string>());
+		if (!conn || !state || !on_connection || failure) {
+			refused.push_back(i);
+			continue;
+		}
+		try {
+			on_connection(conn.release(), std::move(*state));
+		} catch (...) {
+			// The handler owns that one; the rest go back, and the error surfaces after the ack.
+			failure = std::current_exception();
+		}
+	}
+	json ack = {{"batch", *batch}};
+	if (!refused.empty())
+		ack["refused"] = std::move(refused);
+	send(kReceived, std::move(ack));
+	if (failure)
+		std::rethrow_exception(failure);
+}
+
+void Client::Impl::handoff_event(const json &params)
+{
+	auto batch = params.find("batch");
+	auto landed = params.find("landed");
+	auto returned = params.find("returned");
+	std::vector<std::uint64_t> back;
+	bool ok = batch != params.end() && batch->is_number_unsigned() && landed != params.end() &&
+	          landed->is_number_unsigned();
+	if (ok && returned != params.end() && !returned->is_null()) {
+		ok = returned->is_array();
+		for (const json &i : ok ? *returned : json::array()) {
+			if (!i.is_number_unsigned()) {
+				ok = false;
+				break;
+			}
+			back.push_back(i.get<std::uint64_t>());
+		}
+	}
+	handoff::Sender::Completion done;
+	std::size_t before = sender.pending();
+	if (!ok || !sender.complete(batch->get<std::uint64_t>(), landed->get<std::uint64_t>(), back, done))
+		throw Error(EBADMSG, "invalid handoff event from brokerd");
+	summary.landed += done.landed;
+	give_back(std::move(done.returned));
+	pump();
+	check_done(before);
+}
+
+void Client::Impl::give_back(std::vector<handoff::Item> items)
+{
+	summary.returned += items.size();
+	for (auto &item : items)
+		if (on_returned)
+			on_returned(item.fd.release(), std::move(item.state));
+}
+
+void Client::Impl::check_done(std::size_t pending_before)
+{
+	if (pending_before > 0 && sender.pending() == 0 && on_handoff_done)
+		on_handoff_done(summary);
 }
 
 Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -190,6 +305,11 @@ Client &Client::operator=(Client &&) noexcept = default;
 Client::~Client() = default;
 
 Client Client::from_env()
+{
+	return from_env(ClientOptions{});
+}
+
+Client Client::from_env(const ClientOptions &options)
 {
 	auto impl = std::make_unique<Impl>();
 	const char *socket = env("BROKER_SOCKET");
@@ -216,6 +336,8 @@ Client Client::from_env()
 			hello["version"] = version;
 	}
 	hello["want_fds"] = !inherited;
+	if (options.accept_handoff)
+		hello["accept_handoff"] = true;
 
 	varlink::SyncClient sync(socket);
 	varlink::Message reply = sync.call(kHello, std::move(hello));
@@ -373,8 +495,13 @@ bool Client::process()
 		impl_->dispatch(m);
 	}
 
-	if (closed)
+	if (closed) {
+		// Whatever was handed off and not yet answered is ours again.
+		std::size_t before = impl_->sender.pending();
+		impl_->give_back(impl_->sender.abandon());
+		impl_->check_done(before);
 		throw_closed();
+	}
 	return did;
 }
 
@@ -383,6 +510,64 @@ void Client::on_drain(std::function<void(const DrainRequest &)> handler)
 	if (!impl_)
 		throw Error(EBADF, "moved-from Client");
 	impl_->on_drain = std::move(handler);
+}
+
+void Client::handoff(std::span<const Connection> connections)
+{
+	if (!impl_)
+		throw Error(EBADF, "moved-from Client");
+	if (!impl_->brokered)
+		throw Error(ENOTCONN, "not connected to brokerd: there is no successor to hand connections to");
+	for (const Connection &c : connections) {
+		if (c.fd < 0)
+			throw Error(EBADF, "handoff: negative fd");
+		if (c.state.size() > kMaxHandoffState)
+			throw Error(EMSGSIZE, "handoff: state of " + std::to_string(c.state.size()) + " bytes, over " +
+			                          std::to_string(kMaxHandoffState));
+	}
+	std::vector<handoff::Item> items;
+	items.reserve(connections.size());
+	for (const Connection &c : connections)
+		items.push_back(handoff::Item{UniqueFd(), std::string(c.state)});
+	// Nothing above took an fd; from here on every one is ours.
+	for (std::size_t i = 0; i < connections.size(); i++) {
+		items[i].fd.reset(connections[i].fd);
+		impl_->sender.add(std::move(items[i]));
+	}
+	impl_->summary.handed += connections.size();
+	impl_->pump();
+}
+
+std::size_t Client::handoff_pending() const noexcept
+{
+	return impl_ ? impl_->sender.pending() : 0;
+}
+
+const HandoffSummary &Client::handoff_summary() const noexcept
+{
+	static const HandoffSummary none;
+	return impl_ ? impl_->summary : none;
+}
+
+void Client::on_connection(std::function<void(int fd, std::string state)> handler)
+{
+	if (!impl_)
+		throw Error(EBADF, "moved-from Client");
+	impl_->on_connection = std::move(handler);
+}
+
+void Client::on_returned(std::function<void(int fd, std::string state)> handler)
+{
+	if (!impl_)
+		throw Error(EBADF, "moved-from Client");
+	impl_->on_returned = std::move(handler);
+}
+
+void Client::on_handoff_done(std::function<void(const HandoffSummary &)> handler)
+{
+	if (!impl_)
+		throw Error(EBADF, "moved-from Client");
+	impl_->on_handoff_done = std::move(handler);
 }
 
 } // namespace broker

@@ -5,7 +5,10 @@
 
 #include <cerrno>
 #include <chrono>
+#include <functional>
 #include <new>
+#include <string>
+#include <vector>
 
 struct broker_client {
 	explicit broker_client(broker::Client c) : client(std::move(c)) {}
@@ -13,7 +16,15 @@ struct broker_client {
 	broker::Client client;
 	broker_drain_handler drain = nullptr;
 	void *drain_userdata = nullptr;
+	broker_connection_handler connection = nullptr;
+	void *connection_userdata = nullptr;
+	broker_connection_handler returned = nullptr;
+	void *returned_userdata = nullptr;
+	broker_handoff_done_handler handoff_done = nullptr;
+	void *handoff_done_userdata = nullptr;
 };
+
+static_assert(BROKER_MAX_HANDOFF_STATE == broker::Client::kMaxHandoffState);
 
 namespace {
 
@@ -43,15 +54,49 @@ std::uint64_t to_usec(std::chrono::steady_clock::time_point t)
 
 } // namespace
 
+namespace {
+
+// on_connection and on_returned take the same C handler: `slot` is which of the two.
+int set_connection_slot(broker_client *client, broker_connection_handler handler, void *userdata, bool returned)
+{
+	if (!client)
+		return -EINVAL;
+	return guard([&] {
+		broker_connection_handler &h = returned ? client->returned : client->connection;
+		void *&data = returned ? client->returned_userdata : client->connection_userdata;
+		h = handler;
+		data = userdata;
+		std::function<void(int, std::string)> f;
+		if (handler)
+			f = [client, &h, &data](int fd, std::string state) { h(client, fd, state.data(), state.size(), data); };
+		if (returned)
+			client->client.on_returned(std::move(f));
+		else
+			client->client.on_connection(std::move(f));
+		return 0;
+	});
+}
+
+} // namespace
+
 extern "C" {
 
 int broker_client_from_env(broker_client **ret)
 {
+	return broker_client_from_env_with_flags(ret, 0);
+}
+
+int broker_client_from_env_with_flags(broker_client **ret, unsigned flags)
+{
 	if (!ret)
 		return -EINVAL;
 	*ret = nullptr;
+	if (flags & ~BROKER_CLIENT_ACCEPT_HANDOFF)
+		return -EINVAL;
 	return guard([&] {
-		*ret = new broker_client(broker::Client::from_env());
+		broker::ClientOptions options;
+		options.accept_handoff = flags & BROKER_CLIENT_ACCEPT_HANDOFF;
+		*ret = new broker_client(broker::Client::from_env(options));
 		return 0;
 	});
 }
@@ -168,6 +213,58 @@ int broker_client_set_drain_handler(broker_client *client, broker_drain_handler 
 		}
 		client->client.on_drain([client](const broker::DrainRequest &req) {
 			client->drain(client, to_usec(req.deadline), client->drain_userdata);
+		});
+		return 0;
+	});
+}
+
+int broker_client_handoff(broker_client *client, const struct broker_connection *connections, size_t n)
+{
+	if (!client || (!connections && n > 0))
+		return -EINVAL;
+	return guard([&] {
+		std::vector<broker::Connection> conns;
+		conns.reserve(n);
+		for (size_t i = 0; i < n; i++) {
+			if (!connections[i].state && connections[i].state_size > 0)
+				throw broker::Error(EINVAL, "handoff: state is NULL");
+			const char *state = static_cast<const char *>(connections[i].state);
+			conns.push_back({connections[i].fd, std::string_view(state ? state : "", connections[i].state_size)});
+		}
+		client->client.handoff(conns);
+		return 0;
+	});
+}
+
+size_t broker_client_handoff_pending(const broker_client *client)
+{
+	return client ? client->client.handoff_pending() : 0;
+}
+
+int broker_client_set_connection_handler(broker_client *client, broker_connection_handler handler, void *userdata)
+{
+	return set_connection_slot(client, handler, userdata, false);
+}
+
+int broker_client_set_returned_handler(broker_client *client, broker_connection_handler handler, void *userdata)
+{
+	return set_connection_slot(client, handler, userdata, true);
+}
+
+int broker_client_set_handoff_done_handler(broker_client *client, broker_handoff_done_handler handler,
+                                           void *userdata)
+{
+	if (!client)
+		return -EINVAL;
+	return guard([&] {
+		client->handoff_done = handler;
+		client->handoff_done_userdata = userdata;
+		if (!handler) {
+			client->client.on_handoff_done(nullptr);
+			return 0;
+		}
+		client->client.on_handoff_done([client](const broker::HandoffSummary &s) {
+			client->handoff_done(client, s.handed, s.landed, s.returned, client->handoff_done_userdata);
 		});
 		return 0;
 	});

@@ -199,20 +199,32 @@ int Stream::next(Message &out)
 
 int Stream::enqueue(const json &body, std::vector<UniqueFd> fds)
 {
-	if (fds.size() > limits::kMaxFdsPerMessage)
+	std::size_t n = fds.size();
+	return queue(body, n, Outgoing{{}, 0, std::move(fds), {}});
+}
+
+int Stream::enqueue_borrowed(const json &body, std::vector<int> fds)
+{
+	std::size_t n = fds.size();
+	return queue(body, n, Outgoing{{}, 0, {}, std::move(fds)});
+}
+
+int Stream::queue(const json &body, std::size_t nfds, Outgoing o)
+{
+	if (nfds > limits::kMaxFdsPerMessage)
 		return -E2BIG;
 	int refs = count_fd_refs(body);
-	if (refs < 0 || static_cast<std::size_t>(refs) != fds.size())
+	if (refs < 0 || static_cast<std::size_t>(refs) != nfds)
 		return -EBADMSG;
 
-	std::string data = body.dump(-1, ' ', false, json::error_handler_t::replace);
-	if (data.size() > max_message_)
+	o.data = body.dump(-1, ' ', false, json::error_handler_t::replace);
+	if (o.data.size() > max_message_)
 		return -EMSGSIZE;
-	if (out_bytes_ + data.size() + 1 > limits::kMaxWriteQueue)
+	if (out_bytes_ + o.data.size() + 1 > limits::kMaxWriteQueue)
 		return -ENOBUFS;
-	data.push_back('\0');
-	out_bytes_ += data.size();
-	out_.push_back(Outgoing{std::move(data), 0, std::move(fds)});
+	o.data.push_back('\0');
+	out_bytes_ += o.data.size();
+	out_.push_back(std::move(o));
 	return 0;
 }
 
@@ -226,8 +238,9 @@ int Stream::flush()
 		msg.msg_iovlen = 1;
 
 		alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * limits::kMaxFdsPerMessage)];
-		if (!o.fds.empty()) {
-			std::size_t len = sizeof(int) * o.fds.size();
+		std::size_t nfds = o.fds.size() + o.borrowed.size();
+		if (nfds > 0) {
+			std::size_t len = sizeof(int) * nfds;
 			msg.msg_control = control;
 			msg.msg_controllen = CMSG_SPACE(len);
 			std::memset(control, 0, msg.msg_controllen);
@@ -240,6 +253,8 @@ int Stream::flush()
 				int fd = o.fds[i].get();
 				std::memcpy(p + i * sizeof(int), &fd, sizeof(int));
 			}
+			if (!o.borrowed.empty())
+				std::memcpy(p, o.borrowed.data(), len);
 		}
 
 		ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -251,6 +266,7 @@ int Stream::flush()
 			return -errno;
 		}
 		o.fds.clear(); // delivered with the first byte: our copies close now
+		o.borrowed.clear();
 		o.offset += static_cast<std::size_t>(n);
 		out_bytes_ -= static_cast<std::size_t>(n);
 		if (o.offset == o.data.size())

@@ -21,6 +21,10 @@ typedef void (*broker_drain_handler)(broker_client *client, uint64_t deadline_us
 
 /* Connects with BROKER_SOCKET/BROKER_TOKEN, or falls back to LISTEN_FDS. */
 BROKER_C_EXPORT int broker_client_from_env(broker_client **ret);
+/* The same, with flags: BROKER_CLIENT_ACCEPT_HANDOFF says this instance takes connections
+ * handed off by its predecessors. */
+#define BROKER_CLIENT_ACCEPT_HANDOFF 0x1u
+BROKER_C_EXPORT int broker_client_from_env_with_flags(broker_client **ret, unsigned flags);
 BROKER_C_EXPORT void broker_client_free(broker_client *client);
 
 /* 1 under brokerd, 0 under plain systemd. */
@@ -47,6 +51,34 @@ BROKER_C_EXPORT uint64_t broker_client_timeout(const broker_client *client);
 BROKER_C_EXPORT int broker_client_process(broker_client *client);
 BROKER_C_EXPORT int broker_client_set_drain_handler(broker_client *client, broker_drain_handler handler,
                                                     void *userdata);
+
+/* Connection handoff (see broker::Client::handoff in <broker/client.hpp>).
+ * An established connection and the state its successor needs, at most
+ * BROKER_MAX_HANDOFF_STATE bytes. */
+#define BROKER_MAX_HANDOFF_STATE 16384
+struct broker_connection {
+	int fd;
+	const void *state;
+	size_t state_size;
+};
+
+/* Takes ownership of all n fds, or of none when it fails (-EMSGSIZE, -EBADF, -ENOTCONN). */
+BROKER_C_EXPORT int broker_client_handoff(broker_client *client, const struct broker_connection *connections,
+                                          size_t n);
+BROKER_C_EXPORT size_t broker_client_handoff_pending(const broker_client *client);
+
+/* A connection handed to this instance, or one of ours that nobody took: the handler owns fd. */
+typedef void (*broker_connection_handler)(broker_client *client, int fd, const void *state, size_t state_size,
+                                          void *userdata);
+BROKER_C_EXPORT int broker_client_set_connection_handler(broker_client *client, broker_connection_handler handler,
+                                                         void *userdata);
+BROKER_C_EXPORT int broker_client_set_returned_handler(broker_client *client, broker_connection_handler handler,
+                                                       void *userdata);
+/* Called once no handed-off connection is pending; the counts are since the client was made. */
+typedef void (*broker_handoff_done_handler)(broker_client *client, size_t handed, size_t landed, size_t returned,
+                                            void *userdata);
+BROKER_C_EXPORT int broker_client_set_handoff_done_handler(broker_client *client,
+                                                           broker_handoff_done_handler handler, void *userdata);
 
 #ifdef __cplusplus
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -41,14 +42,39 @@ struct DrainRequest {
 	std::chrono::steady_clock::time_point deadline;
 };
 
+// An established connection on its way from a draining instance to its successor: the socket,
+// and whatever the worker needs to carry on with it (a partly read request, protocol state, a
+// session id). The library copies the state; it may be empty.
+struct Connection {
+	int fd;
+	std::string_view state;
+};
+
+// Where the connections given to handoff() went, counted since the Client was made.
+struct HandoffSummary {
+	std::size_t handed = 0;   // given to handoff()
+	std::size_t landed = 0;   // taken by an instance of the successor generation
+	std::size_t returned = 0; // given back through on_returned(): nobody could take them
+};
+
+struct ClientOptions {
+	// Tell the broker (in Hello) that this instance takes connections handed off by its
+	// predecessors; they arrive through on_connection().
+	bool accept_handoff = false;
+};
+
 class BROKER_EXPORT Client {
 public:
+	// The largest state one handed-off connection may carry.
+	static constexpr std::size_t kMaxHandoffState = 16384;
+
 	// Connects to brokerd with BROKER_SOCKET and BROKER_TOKEN and says Hello. Without them it
 	// falls back to LISTEN_FDS/LISTEN_FDNAMES (plain systemd). A worker spawned by brokerd
 	// already holds its sockets at fd 3 and up, and the Client uses those without duplicating
 	// them; a worker registered from elsewhere receives them with Hello.
 	// Throws Error when neither is present, or when the broker refuses.
 	static Client from_env();
+	static Client from_env(const ClientOptions &options);
 
 	Client(Client &&) noexcept;
 	Client &operator=(Client &&) noexcept;
@@ -83,6 +109,30 @@ public:
 	// Called from process() when the broker asks this instance to drain. The handler must not
 	// destroy the Client.
 	void on_drain(std::function<void(const DrainRequest &)> handler);
+
+	// Hands established connections to the successor generation, for example on drain. The
+	// library owns every fd from now on: it sends them in batches from process(), closes each
+	// one once an instance of the successor has taken it, and gives back through on_returned()
+	// those nobody could take (no successor accepts handoffs, or the receiver died). Nothing is
+	// taken if it throws: Error with EMSGSIZE for a state over kMaxHandoffState, EBADF for a
+	// negative fd, ENOTCONN under plain systemd, where there is no successor to hand to.
+	// Stop reading a connection before handing it: bytes not yet read stay in the socket for
+	// the successor, and bytes already read belong in its state.
+	void handoff(std::span<const Connection> connections);
+	// Connections given to handoff() and not yet landed or returned.
+	std::size_t handoff_pending() const noexcept;
+	const HandoffSummary &handoff_summary() const noexcept;
+
+	// A connection handed to this instance (it said accept_handoff): the handler owns fd, a
+	// connected socket as accept4() would return it (CLOEXEC, and blocking or not as its sender
+	// had it), and state is what the sender attached. Without a handler, connections are
+	// refused and go back to their sender.
+	void on_connection(std::function<void(int fd, std::string state)> handler);
+	// A handed-off connection that nobody took: the handler owns fd again. Without a handler
+	// the library closes it.
+	void on_returned(std::function<void(int fd, std::string state)> handler);
+	// Called once handoff_pending() drops to 0.
+	void on_handoff_done(std::function<void(const HandoffSummary &)> handler);
 
 private:
 	struct Impl;

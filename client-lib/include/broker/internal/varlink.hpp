@@ -52,6 +52,8 @@ public:
 	                std::size_t max_queued_fds = limits::kMaxQueuedFds);
 
 	int fd() const { return fd_.get(); }
+	// Once a peer may send fds (a worker after Hello, for handoff).
+	void set_max_queued_fds(std::size_t n) { max_queued_fds_ = n; }
 
 	// Reads once. Returns bytes read (> 0), 0 at end of stream, -EAGAIN when nothing is
 	// available, or another negative errno (-EPROTO for MSG_CTRUNC or too many queued fds).
@@ -67,6 +69,9 @@ public:
 	// -ENOBUFS when the write queue is over its limit, or -EBADMSG if fd references and
 	// `fds` do not match.
 	int enqueue(const json &body, std::vector<UniqueFd> fds = {});
+	// The same with fds the caller keeps owning; they must stay open until flush() has sent
+	// the message. For a sender that holds its copies until the peer acknowledges anyway.
+	int enqueue_borrowed(const json &body, std::vector<int> fds);
 
 	// Writes what it can. Returns 0 when everything is written, -EAGAIN when some remains,
 	// or another negative errno (-EPIPE, -ECONNRESET, ...).
@@ -84,7 +89,10 @@ private:
 		std::string data;
 		std::size_t offset = 0;
 		std::vector<UniqueFd> fds; // sent with the first byte, then closed
+		std::vector<int> borrowed; // sent with the first byte, never closed here
 	};
+
+	int queue(const json &body, std::size_t nfds, Outgoing o);
 
 	UniqueFd fd_;
 	std::size_t max_message_;

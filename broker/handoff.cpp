@@ -1,0 +1,167 @@
+// HandoffRouter: chunking, forwarding and acknowledgement of handed-off connections.
+#include "handoff.hpp"
+
+#include <algorithm>
+
+namespace broker {
+
+using json = nlohmann::json;
+
+void HandoffRouter::reject(const std::string &service, EventSink &sender, std::uint64_t batch, std::size_t count,
+                           const std::string &why)
+{
+	json returned = json::array();
+	for (std::size_t i = 0; i < count; i++)
+		returned.push_back(i);
+	json event = {{"event", "handoff"}, {"batch", batch}, {"landed", 0}, {"returned", std::move(returned)}};
+	if (!why.empty())
+		event["message"] = why;
+	if (on_report)
+		on_report(Report{service, &sender, nullptr, 0, count});
+	sender.send_event(event);
+}
+
+void HandoffRouter::submit(const std::string &service, EventSink &sender, std::uint64_t batch,
+                           std::vector<HandoffItem> items, std::span<EventSink *const> receivers)
+{
+	// Our copies close at the end of this call unless a receiver's queue takes them.
+	std::size_t count = items.size();
+	for (const auto &[key, b] : batches_)
+		if (b.sender == &sender && b.id == batch)
+			return reject(service, sender, batch, count, "batch " + std::to_string(batch) + " is already in flight");
+	if (batches_in_flight(sender) >= kMaxBatchesInFlight)
+		return reject(service, sender, batch, count,
+		              "more than " + std::to_string(kMaxBatchesInFlight) + " handoff batches in flight");
+	if (receivers.empty())
+		return reject(service, sender, batch, count, "no ready instance of a newer generation accepts handoffs");
+	if (count == 0)
+		return reject(service, sender, batch, 0, {});
+
+	std::uint64_t key = next_key_++;
+	Batch &b = batches_[key];
+	b.service = service;
+	b.sender = &sender;
+	b.id = batch;
+	// One extra unit while we send: a receiver that fails inside send_event() resolves its chunk
+	// at once, and the batch must not settle before every chunk has gone out.
+	b.outstanding = 1;
+
+	std::size_t r = std::min(receivers.size(), count);
+	std::size_t first = rotation_++ % receivers.size();
+	std::size_t begin = 0;
+	for (std::size_t c = 0; c < r; c++) {
+		// Even shares; the first (count % r) chunks get one more, and which receivers get
+		// those rotates from batch to batch.
+		std::size_t size = count / r + (c < count % r ? 1 : 0);
+		EventSink *receiver = receivers[(first + c) % receivers.size()];
+
+		std::uint64_t id = next_forward_++;
+		Forward &f = forwards_[id];
+		f.batch = key;
+		f.receiver = receiver;
+		json conns = json::array();
+		std::vector<UniqueFd> fds;
+		fds.reserve(size);
+		for (std::size_t i = begin; i < begin + size; i++) {
+			json conn = {{"fd", fds.size()}};
+			if (!items[i].state.empty())
+				conn["state"] = std::move(items[i].state);
+			conns.push_back(std::move(conn));
+			fds.push_back(std::move(items[i].fd));
+			f.indices.push_back(i);
+		}
+		begin += size;
+		batches_[key].outstanding++;
+		json event = {{"event", "connections"}, {"batch", id}, {"connections", std::move(conns)}};
+		if (!receiver->send_event(event, std::move(fds)) && forwards_.count(id))
+			resolve(id); // not even queued; forget() did it already if the sink closed
+	}
+	if (--batches_[key].outstanding == 0)
+		settle(key);
+}
+
+std::optional<std::string> HandoffRouter::received(EventSink &receiver, std::uint64_t forward,
+                                                   const std::vector<std::uint64_t> &refused)
+{
+	auto it = forwards_.find(forward);
+	if (it == forwards_.end() || it->second.receiver != &receiver)
+		return "no batch " + std::to_string(forward) + " was sent to this instance";
+	std::vector<std::uint64_t> sorted = refused;
+	std::sort(sorted.begin(), sorted.end());
+	if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+		return "an index is refused twice";
+	if (!sorted.empty() && sorted.back() >= it->second.indices.size())
+		return "refused index " + std::to_string(sorted.back()) + " is out of range";
+
+	std::vector<bool> is_refused(it->second.indices.size(), false);
+	for (auto i : sorted)
+		is_refused[i] = true;
+	Forward f = std::move(it->second);
+	forwards_.erase(it);
+	Batch &b = batches_.at(f.batch);
+	std::size_t landed = 0, returned = 0;
+	for (std::size_t i = 0; i < f.indices.size(); i++) {
+		if (is_refused[i]) {
+			b.returned.push_back(f.indices[i]);
+			returned++;
+		} else {
+			landed++;
+		}
+	}
+	b.landed += landed;
+	if (on_report)
+		on_report(Report{b.service, b.sender, &receiver, landed, returned});
+	if (--b.outstanding == 0)
+		settle(f.batch);
+	return std::nullopt;
+}
+
+// A chunk that never arrived, or whose receiver left before acknowledging: all of it returns.
+void HandoffRouter::resolve(std::uint64_t forward)
+{
+	auto it = forwards_.find(forward);
+	if (it == forwards_.end())
+		return;
+	Forward f = std::move(it->second);
+	forwards_.erase(it);
+	Batch &b = batches_.at(f.batch);
+	b.returned.insert(b.returned.end(), f.indices.begin(), f.indices.end());
+	if (on_report)
+		on_report(Report{b.service, b.sender, f.receiver, 0, f.indices.size()});
+	if (--b.outstanding == 0)
+		settle(f.batch);
+}
+
+void HandoffRouter::settle(std::uint64_t key)
+{
+	auto it = batches_.find(key);
+	if (it == batches_.end())
+		return;
+	Batch b = std::move(it->second);
+	batches_.erase(it);
+	if (!b.sender)
+		return; // the sender left; its copies closed with it
+	std::sort(b.returned.begin(), b.returned.end());
+	b.sender->send_event({{"event", "handoff"}, {"batch", b.id}, {"landed", b.landed}, {"returned", b.returned}});
+}
+
+void HandoffRouter::forget(EventSink &sink)
+{
+	for (auto &[key, b] : batches_)
+		if (b.sender == &sink)
+			b.sender = nullptr;
+	std::vector<std::uint64_t> lost;
+	for (const auto &[id, f] : forwards_)
+		if (f.receiver == &sink)
+			lost.push_back(id);
+	for (auto id : lost)
+		resolve(id);
+}
+
+std::size_t HandoffRouter::batches_in_flight(const EventSink &sender) const
+{
+	return static_cast<std::size_t>(
+		std::count_if(batches_.begin(), batches_.end(), [&](const auto &kv) { return kv.second.sender == &sender; }));
+}
+
+} // namespace broker

@@ -1,0 +1,107 @@
+// HandoffRouter: moves established connections from a draining worker to its successors, and
+// accounts for every one of them until it has landed or gone back to its sender.
+#pragma once
+
+#include "broker/internal/unique_fd.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace broker {
+
+// Where a worker's events go: the control connection that holds its Events stream. fds travel
+// with the event and are closed once sent. Returns false when the connection is gone (it may
+// have closed, and told its owners so, from inside the call).
+class EventSink {
+public:
+	virtual bool send_event(const nlohmann::json &parameters, std::vector<UniqueFd> fds) = 0;
+	bool send_event(const nlohmann::json &parameters) { return send_event(parameters, {}); }
+
+protected:
+	~EventSink() = default;
+};
+
+// One connection of a Handoff call: the broker's copy of its fd, and its state as sent
+// (base64, checked by the caller).
+struct HandoffItem {
+	UniqueFd fd;
+	std::string state;
+};
+
+// A sender's Handoff call is a batch. The router splits it into one chunk per receiver, sends
+// each chunk as a "connections" event, and closes its own copies once sent: it holds fds only
+// while they wait in a receiver's write queue. The sender keeps its copies until the batch's
+// "handoff" event tells it which landed (those it closes) and which came back (those it still
+// owns). A chunk whose receiver goes away before acknowledging counts as returned: the sender
+// holds every connection that was not acknowledged, so none is lost and none is doubled.
+class HandoffRouter {
+public:
+	static constexpr std::size_t kMaxBatchesInFlight = 16; // per sender
+
+	// Every resolution, for the counters: landed connections went from sender to receiver;
+	// returned ones went back to sender (receiver is null when none was tried). sender is null
+	// when its connection has gone.
+	struct Report {
+		std::string service;
+		EventSink *sender = nullptr;
+		EventSink *receiver = nullptr;
+		std::size_t landed = 0;
+		std::size_t returned = 0;
+	};
+	std::function<void(const Report &)> on_report;
+
+	// A Handoff call from sender. receivers are the instances that may take connections, in a
+	// stable order; an empty list returns everything at once. refusal, when set, returns
+	// everything with that message (too many batches in flight, a batch id in use).
+	void submit(const std::string &service, EventSink &sender, std::uint64_t batch, std::vector<HandoffItem> items,
+	            std::span<EventSink *const> receivers);
+
+	// A Received call from receiver. Returns an error message for an unknown batch or an
+	// invalid index; nothing changes then.
+	std::optional<std::string> received(EventSink &receiver, std::uint64_t forward,
+	                                    const std::vector<std::uint64_t> &refused);
+
+	// The connection behind sink has gone: its unacknowledged chunks return to their senders,
+	// and results for its own batches are dropped.
+	void forget(EventSink &sink);
+
+	std::size_t batches_in_flight(const EventSink &sender) const;
+	std::size_t batches_in_flight() const { return batches_.size(); }
+	std::size_t chunks_in_flight() const { return forwards_.size(); }
+
+private:
+	struct Batch {
+		std::string service;
+		EventSink *sender = nullptr;
+		std::uint64_t id = 0;       // the sender's
+		std::size_t outstanding = 0; // chunks not yet resolved
+		std::size_t landed = 0;
+		std::vector<std::uint64_t> returned; // indices into the sender's call
+	};
+	struct Forward {
+		std::uint64_t batch = 0; // key in batches_
+		EventSink *receiver = nullptr;
+		std::vector<std::uint64_t> indices; // into the sender's call, in chunk order
+	};
+
+	void reject(const std::string &service, EventSink &sender, std::uint64_t batch, std::size_t count,
+	            const std::string &why);
+	void resolve(std::uint64_t forward);
+	void settle(std::uint64_t key);
+
+	std::map<std::uint64_t, Batch> batches_;   // by our own key
+	std::map<std::uint64_t, Forward> forwards_; // by forward id, the receiver's batch id
+	std::uint64_t next_key_ = 1;
+	std::uint64_t next_forward_ = 1;
+	std::size_t rotation_ = 0; // which receiver gets the first chunk next, for evenness
+};
+
+} // namespace broker

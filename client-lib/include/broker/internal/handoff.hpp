@@ -1,0 +1,73 @@
+// The worker's side of connection handoff: batching, the window of batches in flight, and
+// matching the broker's answers to the connections still held. No I/O here.
+#pragma once
+#include "broker/internal/internal.hpp"
+#include "broker/internal/unique_fd.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace broker::handoff {
+
+inline constexpr std::size_t kMaxState = 16384;  // bytes of one connection's state
+inline constexpr std::size_t kWindow = 8;        // batches in flight, of the broker's 16
+// A batch stops short of the message limit, leaving room for the call's own members.
+inline constexpr std::size_t kBatchBytes = (1u << 20) - 4096;
+
+// Standard base64 with padding, as the state travels in JSON.
+std::string base64_encode(std::string_view bytes);
+std::optional<std::string> base64_decode(std::string_view text);
+// A well-formed encoding of at most max_decoded bytes, checked without decoding.
+bool base64_valid(std::string_view text, std::size_t max_decoded);
+
+struct Item {
+	UniqueFd fd;
+	std::string state; // raw bytes
+};
+
+// The connections a worker hands off: queued, then sent in batches of at most 253, then held
+// until the broker says which landed (closed here) and which came back (given to the caller).
+class Sender {
+public:
+	struct Batch {
+		std::uint64_t id;
+		nlohmann::json parameters; // io.brokerd.Worker.Handoff's
+		std::vector<int> fds;      // borrowed: they stay open here until the batch completes
+	};
+	struct Completion {
+		std::size_t landed = 0;
+		std::vector<Item> returned;
+	};
+
+	void add(Item item) { queue_.push_back(std::move(item)); }
+
+	// The next batch to send, while fewer than kWindow are in flight and any are queued.
+	std::optional<Batch> next();
+
+	// The broker's "handoff" event for a batch. Returns false, changing nothing, for an unknown
+	// batch or counts that do not add up to it.
+	bool complete(std::uint64_t batch, std::uint64_t landed, const std::vector<std::uint64_t> &returned,
+	              Completion &out);
+
+	// Everything still held, queued or in flight, when the broker has gone.
+	std::vector<Item> abandon();
+
+	std::size_t queued() const { return queue_.size(); }
+	std::size_t in_flight_batches() const { return in_flight_.size(); }
+	std::size_t pending() const;
+
+private:
+	std::deque<Item> queue_;
+	std::map<std::uint64_t, std::vector<Item>> in_flight_;
+	std::uint64_t next_id_ = 1;
+};
+
+} // namespace broker::handoff

@@ -1,0 +1,171 @@
+// Connection handoff, the worker's side: base64 for the state, and the batch window.
+#include "broker/internal/handoff.hpp"
+
+#include "broker/internal/limits.hpp"
+
+#include <algorithm>
+#include <array>
+
+namespace broker::handoff {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+constexpr std::array<signed char, 256> decode_table()
+{
+	std::array<signed char, 256> t{};
+	for (auto &v : t)
+		v = -1;
+	for (int i = 0; i < 64; i++)
+		t[static_cast<unsigned char>(kAlphabet[i])] = static_cast<signed char>(i);
+	return t;
+}
+constexpr auto kDecode = decode_table();
+
+std::size_t encoded_size(std::size_t bytes)
+{
+	return (bytes + 2) / 3 * 4;
+}
+
+} // namespace
+
+std::string base64_encode(std::string_view bytes)
+{
+	std::string out;
+	out.reserve(encoded_size(bytes.size()));
+	std::size_t i = 0;
+	auto at = [&](std::size_t k) { return static_cast<unsigned char>(bytes[k]); };
+	for (; i + 3 <= bytes.size(); i += 3) {
+		unsigned v = at(i) << 16 | at(i + 1) << 8 | at(i + 2);
+		out += kAlphabet[v >> 18 & 63];
+		out += kAlphabet[v >> 12 & 63];
+		out += kAlphabet[v >> 6 & 63];
+		out += kAlphabet[v & 63];
+	}
+	std::size_t rest = bytes.size() - i;
+	if (rest > 0) {
+		unsigned v = at(i) << 16 | (rest == 2 ? at(i + 1) << 8 : 0u);
+		out += kAlphabet[v >> 18 & 63];
+		out += kAlphabet[v >> 12 & 63];
+		out += rest == 2 ? kAlphabet[v >> 6 & 63] : '=';
+		out += '=';
+	}
+	return out;
+}
+
+bool base64_valid(std::string_view text, std::size_t max_decoded)
+{
+	if (text.size() % 4 != 0 || text.size() > encoded_size(max_decoded))
+		return false;
+	std::size_t pad = 0;
+	if (!text.empty() && text.back() == '=')
+		pad = text.size() >= 2 && text[text.size() - 2] == '=' ? 2 : 1;
+	for (std::size_t i = 0; i < text.size() - pad; i++)
+		if (kDecode[static_cast<unsigned char>(text[i])] < 0)
+			return false;
+	return text.size() / 4 * 3 - pad <= max_decoded;
+}
+
+std::optional<std::string> base64_decode(std::string_view text)
+{
+	if (!base64_valid(text, text.size()))
+		return std::nullopt;
+	std::string out;
+	out.reserve(text.size() / 4 * 3);
+	for (std::size_t i = 0; i < text.size(); i += 4) {
+		unsigned v = 0;
+		int have = 0;
+		for (int k = 0; k < 4; k++) {
+			char c = text[i + k];
+			if (c == '=')
+				break;
+			v |= static_cast<unsigned>(kDecode[static_cast<unsigned char>(c)]) << (18 - 6 * k);
+			have++;
+		}
+		out += static_cast<char>(v >> 16 & 255);
+		if (have > 2)
+			out += static_cast<char>(v >> 8 & 255);
+		if (have > 3)
+			out += static_cast<char>(v & 255);
+	}
+	return out;
+}
+
+std::optional<Sender::Batch> Sender::next()
+{
+	if (queue_.empty() || in_flight_.size() >= kWindow)
+		return std::nullopt;
+	Batch b{next_id_++, json::object(), {}};
+	json conns = json::array();
+	std::vector<Item> held;
+	std::size_t bytes = 0;
+	while (!queue_.empty() && held.size() < limits::kMaxFdsPerMessage) {
+		Item &item = queue_.front();
+		// {"fd":252,"state":"..."}, with room to spare.
+		std::size_t cost = 32 + encoded_size(item.state.size());
+		if (!held.empty() && bytes + cost > kBatchBytes)
+			break;
+		bytes += cost;
+		json conn = {{"fd", held.size()}};
+		if (!item.state.empty())
+			conn["state"] = base64_encode(item.state);
+		conns.push_back(std::move(conn));
+		b.fds.push_back(item.fd.get());
+		held.push_back(std::move(item));
+		queue_.pop_front();
+	}
+	b.parameters = {{"batch", b.id}, {"connections", std::move(conns)}, {"remaining", queue_.size()}};
+	in_flight_.emplace(b.id, std::move(held));
+	return b;
+}
+
+bool Sender::complete(std::uint64_t batch, std::uint64_t landed, const std::vector<std::uint64_t> &returned,
+                      Completion &out)
+{
+	auto it = in_flight_.find(batch);
+	if (it == in_flight_.end())
+		return false;
+	std::vector<Item> &items = it->second;
+	if (landed + returned.size() != items.size())
+		return false;
+	std::vector<bool> back(items.size(), false);
+	for (auto i : returned) {
+		if (i >= items.size() || back[i])
+			return false;
+		back[i] = true;
+	}
+	out.landed = landed;
+	out.returned.clear();
+	for (std::size_t i = 0; i < items.size(); i++)
+		if (back[i])
+			out.returned.push_back(std::move(items[i]));
+	// The landed ones close here: the successor holds them now.
+	in_flight_.erase(it);
+	return true;
+}
+
+std::vector<Item> Sender::abandon()
+{
+	std::vector<Item> out;
+	for (auto &[id, items] : in_flight_)
+		for (auto &item : items)
+			out.push_back(std::move(item));
+	in_flight_.clear();
+	for (auto &item : queue_)
+		out.push_back(std::move(item));
+	queue_.clear();
+	return out;
+}
+
+std::size_t Sender::pending() const
+{
+	std::size_t n = queue_.size();
+	for (const auto &[id, items] : in_flight_)
+		n += items.size();
+	return n;
+}
+
+} // namespace broker::handoff
