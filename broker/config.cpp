@@ -449,6 +449,8 @@ SocketConfig parse_socket(const std::string &name, const json &j, const std::str
 		s.systemd_name = string_at(*systemd, p, "a socket name from LISTEN_FDNAMES");
 		if (!valid_fdname(s.systemd_name))
 			expected(p, "a socket name from LISTEN_FDNAMES (1 to 255 printable characters, no \":\")", *systemd);
+		if (s.systemd_name == "control")
+			fail(p, "\"control\" is the name of brokerd's own control socket (brokerd.socket); give the socket unit another FileDescriptorName=");
 		for (const char *opt : {"backlog", "reuseport", "ipv6_only", "mode"})
 			if (member(j, opt))
 				fail(child(path, opt), "does not apply to a socket adopted from systemd, which comes configured");
@@ -497,6 +499,9 @@ void parse_sockets(const json &j, Config &cfg)
 	for (const auto &item : j.items()) {
 		std::string p = child(path, item.key());
 		check_name(item.key(), p);
+		// The fd store and LISTEN_FDNAMES know brokerd's own socket by that name.
+		if (item.key() == "control")
+			fail(p, "the name \"control\" is brokerd's control socket's; call this socket something else");
 		cfg.sockets.push_back(parse_socket(item.key(), item.value(), p));
 	}
 	std::sort(cfg.sockets.begin(), cfg.sockets.end(),

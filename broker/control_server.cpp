@@ -381,7 +381,7 @@ bool ControlServer::Connection::send_event(const json &parameters, std::vector<U
 {
 	if (dead_)
 		return false;
-	int r = stream_.enqueue(vl::make_reply(parameters, true), std::move(fds));
+	int r = stream_.enqueue_reply(parameters, true, std::move(fds));
 	if (r == 0)
 		r = stream_.flush();
 	if (r < 0 && r != -EAGAIN) {
@@ -394,7 +394,7 @@ bool ControlServer::Connection::send_event(const json &parameters, std::vector<U
 
 void ControlServer::Connection::handle(vl::Message &m)
 {
-	const json &body = m.body;
+	json &body = m.body;
 	auto method_it = body.find("method");
 	if (method_it == body.end() || !method_it->is_string())
 		return close("message without a method");
@@ -409,7 +409,7 @@ void ControlServer::Connection::handle(vl::Message &m)
 	if (auto p = body.find("parameters"); p != body.end()) {
 		if (!p->is_object())
 			return error(vl::kInvalidParameter, {{"parameter", "parameters"}});
-		params = *p;
+		params = std::move(*p); // a Handoff batch is large: no copy
 	}
 	if (!m.fds.empty() && method != "io.brokerd.Worker.Handoff") {
 		// No other method takes fds; they close with the message.
@@ -901,10 +901,7 @@ void ControlServer::broadcast(const json &event)
 		c->watch_event(event);
 }
 
-ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor,
-                             DaemonHooks hooks, std::uint64_t start_usec)
-	: event_(event), cfg_(cfg), rules_(AccessRules::resolve(cfg)), supervisor_(supervisor), hooks_(std::move(hooks)),
-	  start_usec_(start_usec)
+void ControlServer::bind_socket()
 {
 	const std::string &path = cfg_.path;
 	sockaddr_un sa{};
@@ -939,6 +936,24 @@ ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, 
 	}
 	if (::listen(fd_.get(), 128) < 0)
 		throw std::runtime_error("control socket: listen: " + errno_text(errno));
+}
+
+ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor,
+                             DaemonHooks hooks, std::uint64_t start_usec, UniqueFd adopted)
+	: event_(event), cfg_(cfg), rules_(AccessRules::resolve(cfg)), supervisor_(supervisor), hooks_(std::move(hooks)),
+	  start_usec_(start_usec)
+{
+	if (adopted) {
+		// systemd's socket (brokerd.socket, or our own kept in the fd store): its file and mode
+		// are systemd's business, and it stays when we stop. We accept without blocking.
+		int flags = ::fcntl(adopted.get(), F_GETFL);
+		if (flags < 0 || ::fcntl(adopted.get(), F_SETFL, flags | O_NONBLOCK) < 0)
+			throw std::runtime_error("control socket: " + errno_text(errno));
+		fd_ = std::move(adopted);
+		adopted_ = true;
+	} else {
+		bind_socket();
+	}
 
 	sd_event_source *s = nullptr;
 	int r = sd_event_add_io(event_, &s, fd_.get(), EPOLLIN, accept_handler, this);

@@ -39,9 +39,13 @@ struct DaemonHooks {
 
 class ControlServer {
 public:
-	// Binds cfg.path (replacing a stale socket file, never anything else) and serves it.
+	// Serves `adopted` (a listening socket at cfg.path, from systemd) when given, or binds
+	// cfg.path (replacing a stale socket file, never anything else).
 	ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor, DaemonHooks hooks,
-	              std::uint64_t start_usec);
+	              std::uint64_t start_usec, UniqueFd adopted = {});
+	// The listening socket, for the fd store.
+	int fd() const { return fd_.get(); }
+	bool adopted() const { return adopted_; }
 	~ControlServer();
 
 	const std::string &path() const { return cfg_.path; }
@@ -60,6 +64,7 @@ private:
 	static int accept_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
 	static int sweep_handler(sd_event_source *s, void *userdata);
 	void accept_some();
+	void bind_socket();
 	void schedule_sweep();
 
 	sd_event *event_;
@@ -73,6 +78,7 @@ private:
 	EventSource sweep_;
 	EventSource pause_; // re-enables accepting after running out of fds
 	std::string unlink_path_;
+	bool adopted_ = false;
 	std::list<std::unique_ptr<Connection>> connections_;
 };
 

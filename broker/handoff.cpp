@@ -49,32 +49,30 @@ void HandoffRouter::submit(const std::string &service, EventSink &sender, std::u
 	std::size_t r = std::min(receivers.size(), count);
 	std::size_t first = rotation_++ % receivers.size();
 	std::size_t begin = 0;
+	std::vector<std::uint64_t> chunks;
 	for (std::size_t c = 0; c < r; c++) {
 		// Even shares; the first (count % r) chunks get one more, and which receivers get
 		// those rotates from batch to batch.
 		std::size_t size = count / r + (c < count % r ? 1 : 0);
-		EventSink *receiver = receivers[(first + c) % receivers.size()];
-
 		std::uint64_t id = next_forward_++;
 		Forward &f = forwards_[id];
 		f.batch = key;
-		f.receiver = receiver;
-		json conns = json::array();
-		std::vector<UniqueFd> fds;
-		fds.reserve(size);
+		f.receiver = receivers[(first + c) % receivers.size()];
 		for (std::size_t i = begin; i < begin + size; i++) {
-			json conn = {{"fd", fds.size()}};
-			if (!items[i].state.empty())
-				conn["state"] = std::move(items[i].state);
-			conns.push_back(std::move(conn));
-			fds.push_back(std::move(items[i].fd));
+			f.bytes += 32 + items[i].state.size();
 			f.indices.push_back(i);
+			f.items.push_back(std::move(items[i]));
 		}
 		begin += size;
 		batches_[key].outstanding++;
-		json event = {{"event", "connections"}, {"batch", id}, {"connections", std::move(conns)}};
-		if (!receiver->send_event(event, std::move(fds)) && forwards_.count(id))
-			resolve(id); // not even queued; forget() did it already if the sink closed
+		receivers_[f.receiver].held.push_back(id);
+		chunks.push_back(id);
+	}
+	// Each receiver takes what it has room for now; the rest waits for its acknowledgements.
+	for (std::uint64_t id : chunks) {
+		auto it = forwards_.find(id);
+		if (it != forwards_.end())
+			send_held(it->second.receiver);
 	}
 	if (--batches_[key].outstanding == 0)
 		settle(key);
@@ -98,6 +96,7 @@ std::optional<std::string> HandoffRouter::received(EventSink &receiver, std::uin
 		is_refused[i] = true;
 	Forward f = std::move(it->second);
 	forwards_.erase(it);
+	finished(f);
 	Batch &b = batches_.at(f.batch);
 	std::size_t landed = 0, returned = 0;
 	for (std::size_t i = 0; i < f.indices.size(); i++) {
@@ -113,10 +112,12 @@ std::optional<std::string> HandoffRouter::received(EventSink &receiver, std::uin
 		on_report(Report{b.service, b.sender, &receiver, landed, returned});
 	if (--b.outstanding == 0)
 		settle(f.batch);
+	send_held(&receiver);
 	return std::nullopt;
 }
 
 // A chunk that never arrived, or whose receiver left before acknowledging: all of it returns.
+// Held fds close here; the sender still has its own.
 void HandoffRouter::resolve(std::uint64_t forward)
 {
 	auto it = forwards_.find(forward);
@@ -124,6 +125,7 @@ void HandoffRouter::resolve(std::uint64_t forward)
 		return;
 	Forward f = std::move(it->second);
 	forwards_.erase(it);
+	finished(f);
 	Batch &b = batches_.at(f.batch);
 	b.returned.insert(b.returned.end(), f.indices.begin(), f.indices.end());
 	if (on_report)
@@ -156,6 +158,72 @@ void HandoffRouter::forget(EventSink &sink)
 			lost.push_back(id);
 	for (auto id : lost)
 		resolve(id);
+	receivers_.erase(&sink);
+}
+
+// Sends the receiver's held chunks, oldest first, while it has room: always at least one, so
+// that a chunk larger than the limit still goes.
+void HandoffRouter::send_held(EventSink *receiver)
+{
+	for (;;) {
+		auto r = receivers_.find(receiver);
+		if (r == receivers_.end() || r->second.held.empty())
+			return;
+		std::uint64_t id = r->second.held.front();
+		auto it = forwards_.find(id);
+		if (it == forwards_.end()) {
+			r->second.held.pop_front();
+			continue;
+		}
+		if (r->second.unacked_bytes > 0 && r->second.unacked_bytes + it->second.bytes > kMaxUnackedBytes)
+			return;
+		r->second.held.pop_front();
+		send(id);
+	}
+}
+
+void HandoffRouter::send(std::uint64_t id)
+{
+	Forward &f = forwards_.at(id);
+	json conns = json::array();
+	std::vector<UniqueFd> fds;
+	fds.reserve(f.items.size());
+	for (auto &item : f.items) {
+		json conn = {{"fd", fds.size()}};
+		if (!item.state.empty())
+			conn["state"] = std::move(item.state);
+		conns.push_back(std::move(conn));
+		fds.push_back(std::move(item.fd));
+	}
+	f.items.clear();
+	f.sent = true;
+	EventSink *receiver = f.receiver;
+	receivers_[receiver].unacked_bytes += f.bytes;
+	json event = {{"event", "connections"}, {"batch", id}, {"connections", std::move(conns)}};
+	// Our copies close once written. A receiver that cannot take the event gives the chunk
+	// back; if its connection closed on the way, forget() has done that already.
+	if (!receiver->send_event(event, std::move(fds)) && forwards_.count(id))
+		resolve(id);
+}
+
+// A chunk is acknowledged or given up: its receiver has that much more room.
+void HandoffRouter::finished(const Forward &f)
+{
+	auto r = receivers_.find(f.receiver);
+	if (r == receivers_.end())
+		return;
+	if (f.sent)
+		r->second.unacked_bytes -= std::min(r->second.unacked_bytes, f.bytes);
+	if (r->second.unacked_bytes == 0 && r->second.held.empty())
+		receivers_.erase(r);
+}
+
+std::size_t HandoffRouter::chunks_held() const
+{
+	std::size_t n = 0;
+	for (const auto &[id, f] : forwards_)
+		n += !f.sent;
+	return n;
 }
 
 std::size_t HandoffRouter::batches_in_flight(const EventSink &sender) const

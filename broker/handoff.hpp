@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <optional>
@@ -45,6 +46,10 @@ struct HandoffItem {
 class HandoffRouter {
 public:
 	static constexpr std::size_t kMaxBatchesInFlight = 16; // per sender
+	// Bytes of "connections" events a receiver may have unacknowledged; more wait here, with
+	// their fds, until it acknowledges. Half of a connection's write queue, so that a busy
+	// receiver is slowed down, never disconnected.
+	static constexpr std::size_t kMaxUnackedBytes = 4u << 20;
 
 	// Every resolution, for the counters: landed connections went from sender to receiver;
 	// returned ones went back to sender (receiver is null when none was tried). sender is null
@@ -76,6 +81,8 @@ public:
 	std::size_t batches_in_flight(const EventSink &sender) const;
 	std::size_t batches_in_flight() const { return batches_.size(); }
 	std::size_t chunks_in_flight() const { return forwards_.size(); }
+	// Chunks waiting for room at their receiver, and the fds they hold.
+	std::size_t chunks_held() const;
 
 private:
 	struct Batch {
@@ -90,15 +97,26 @@ private:
 		std::uint64_t batch = 0; // key in batches_
 		EventSink *receiver = nullptr;
 		std::vector<std::uint64_t> indices; // into the sender's call, in chunk order
+		std::vector<HandoffItem> items;     // until sent: held for want of room
+		std::size_t bytes = 0;              // the event's size, roughly
+		bool sent = false;
+	};
+	struct Receiver {
+		std::size_t unacked_bytes = 0;
+		std::deque<std::uint64_t> held; // forward ids, in order
 	};
 
 	void reject(const std::string &service, EventSink &sender, std::uint64_t batch, std::size_t count,
 	            const std::string &why);
 	void resolve(std::uint64_t forward);
 	void settle(std::uint64_t key);
+	void send(std::uint64_t forward);
+	void send_held(EventSink *receiver);
+	void finished(const Forward &f);
 
 	std::map<std::uint64_t, Batch> batches_;   // by our own key
 	std::map<std::uint64_t, Forward> forwards_; // by forward id, the receiver's batch id
+	std::map<EventSink *, Receiver> receivers_;
 	std::uint64_t next_key_ = 1;
 	std::uint64_t next_forward_ = 1;
 	std::size_t rotation_ = 0; // which receiver gets the first chunk next, for evenness

@@ -218,16 +218,17 @@ Listener open_unix(const SocketConfig &cfg)
 	return l;
 }
 
-Listener adopt_systemd(const SocketConfig &cfg, InheritedFds &inherited)
-{
-	auto it = inherited.by_name.find(cfg.systemd_name);
-	if (it == inherited.by_name.end())
-		fail(cfg, "systemd passed no socket named \"" + cfg.systemd_name + "\"");
-	UniqueFd fd = std::move(it->second);
-	inherited.by_name.erase(it);
+// What an fd from systemd is: the kind a listener can be, and its address. Throws naming
+// `shown` when it cannot be a listener.
+struct Probed {
+	std::string kind;
+	std::string address;
+	int type = 0;
+};
 
-	std::string shown = "systemd socket \"" + cfg.systemd_name + "\" (fd " + std::to_string(fd.get()) + ")";
-	int r = ::sd_is_socket(fd.get(), AF_UNSPEC, 0, -1);
+Probed probe(const SocketConfig &cfg, int fd, const std::string &shown)
+{
+	int r = ::sd_is_socket(fd, AF_UNSPEC, 0, -1);
 	if (r < 0)
 		fail_errno(cfg, shown, -r);
 	if (r == 0)
@@ -235,12 +236,12 @@ Listener adopt_systemd(const SocketConfig &cfg, InheritedFds &inherited)
 
 	int type = 0;
 	socklen_t len = sizeof(type);
-	if (::getsockopt(fd.get(), SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+	if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
 		fail_errno(cfg, "getsockopt SO_TYPE on " + shown, errno);
 	if (type == SOCK_STREAM) {
 		int listening = 0;
 		len = sizeof(listening);
-		if (::getsockopt(fd.get(), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0)
+		if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0)
 			fail_errno(cfg, "getsockopt SO_ACCEPTCONN on " + shown, errno);
 		if (!listening)
 			fail(cfg, shown + " is a stream socket that is not listening");
@@ -250,24 +251,122 @@ Listener adopt_systemd(const SocketConfig &cfg, InheritedFds &inherited)
 
 	int family = 0;
 	len = sizeof(family);
-	if (::getsockopt(fd.get(), SOL_SOCKET, SO_DOMAIN, &family, &len) < 0)
+	if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &family, &len) < 0)
 		fail_errno(cfg, "getsockopt SO_DOMAIN on " + shown, errno);
 
-	Listener l;
-	l.name = cfg.name;
+	Probed p;
+	p.type = type;
 	if (family == AF_UNIX)
-		l.kind = "unix";
+		p.kind = "unix";
 	else if (family == AF_INET || family == AF_INET6)
-		l.kind = type == SOCK_STREAM ? "tcp" : "udp";
+		p.kind = type == SOCK_STREAM ? "tcp" : "udp";
 	else
 		fail(cfg, shown + " has address family " + std::to_string(family) + ", not inet, inet6 or unix");
-	l.address = read_address(cfg, fd.get(), type);
+	p.address = read_address(cfg, fd, type);
+	return p;
+}
+
+Listener adopt_systemd(const SocketConfig &cfg, InheritedFds &inherited)
+{
+	auto it = inherited.by_name.find(cfg.systemd_name);
+	if (it == inherited.by_name.end())
+		fail(cfg, "systemd passed no socket named \"" + cfg.systemd_name + "\"");
+	UniqueFd fd = std::move(it->second);
+	inherited.by_name.erase(it);
+
+	std::string shown = "systemd socket \"" + cfg.systemd_name + "\" (fd " + std::to_string(fd.get()) + ")";
+	Probed p = probe(cfg, fd.get(), shown);
+	Listener l;
+	l.name = cfg.name;
+	l.kind = p.kind;
+	l.address = p.address;
 	l.origin = "systemd";
 	l.fd = std::move(fd);
 	return l;
 }
 
+// Whether a bound inet address is the one the config asks for: same family and address, and
+// the same port unless the config leaves it to the kernel (port 0).
+bool same_inet_address(const SocketConfig &cfg, int fd)
+{
+	sockaddr_storage have{};
+	socklen_t have_len = sizeof(have);
+	if (::getsockname(fd, reinterpret_cast<sockaddr *>(&have), &have_len) < 0)
+		return false;
+	addrinfo hints{};
+	hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV | AI_PASSIVE;
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = cfg.kind == SocketKind::Tcp ? SOCK_STREAM : SOCK_DGRAM;
+	addrinfo *res = nullptr;
+	std::string host = cfg.host.empty() ? "::" : cfg.host;
+	if (::getaddrinfo(host.c_str(), "0", &hints, &res) != 0)
+		return false;
+	bool same = res->ai_family == have.ss_family;
+	if (same && have.ss_family == AF_INET) {
+		const auto *want = reinterpret_cast<const sockaddr_in *>(res->ai_addr);
+		const auto *got = reinterpret_cast<const sockaddr_in *>(&have);
+		same = want->sin_addr.s_addr == got->sin_addr.s_addr && (cfg.port == 0 || ntohs(got->sin_port) == cfg.port);
+	} else if (same && have.ss_family == AF_INET6) {
+		const auto *want = reinterpret_cast<const sockaddr_in6 *>(res->ai_addr);
+		const auto *got = reinterpret_cast<const sockaddr_in6 *>(&have);
+		same = std::memcmp(&want->sin6_addr, &got->sin6_addr, sizeof(in6_addr)) == 0 &&
+		       want->sin6_scope_id == got->sin6_scope_id && (cfg.port == 0 || ntohs(got->sin6_port) == cfg.port);
+	}
+	::freeaddrinfo(res);
+	return same;
+}
+
 } // namespace
+
+std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd fd, std::string &why)
+{
+	std::string shown = "stored socket \"" + cfg.name + "\" (fd " + std::to_string(fd.get()) + ")";
+	Probed p;
+	try {
+		p = probe(cfg, fd.get(), shown);
+	} catch (const std::exception &e) {
+		why = e.what();
+		return std::nullopt;
+	}
+	std::string want_kind = cfg.kind == SocketKind::Tcp ? "tcp" : cfg.kind == SocketKind::Udp ? "udp" : "unix";
+	bool same = p.kind == want_kind;
+	if (same && cfg.kind == SocketKind::Unix)
+		same = p.address == configured_address(cfg);
+	else if (same)
+		same = same_inet_address(cfg, fd.get());
+	if (!same) {
+		why = "the fd store holds " + p.kind + " " + p.address + ", the config wants " + configured_address(cfg);
+		return std::nullopt;
+	}
+	// The backlog may have changed in the config; listen() again applies it to the same queue.
+	if (p.type == SOCK_STREAM && ::listen(fd.get(), cfg.backlog) < 0) {
+		why = std::string("listen: ") + std::strerror(errno);
+		return std::nullopt;
+	}
+	Listener l;
+	l.name = cfg.name;
+	l.kind = p.kind;
+	l.address = p.address;
+	l.origin = "fdstore";
+	if (cfg.kind == SocketKind::Unix && !cfg.path.empty() && cfg.path[0] != '@')
+		l.unlink_path = cfg.path;
+	l.fd = std::move(fd);
+	return l;
+}
+
+std::string socket_address(int fd)
+{
+	int type = 0;
+	socklen_t len = sizeof(type);
+	if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+		return {};
+	sockaddr_storage ss{};
+	socklen_t sslen = sizeof(ss);
+	if (::getsockname(fd, reinterpret_cast<sockaddr *>(&ss), &sslen) < 0)
+		return {};
+	return format_address(ss, sslen, type);
+}
+
 
 InheritedFds InheritedFds::from_environment()
 {

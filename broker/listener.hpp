@@ -5,6 +5,7 @@
 #include "config.hpp"
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,7 +16,7 @@ struct Listener {
 	UniqueFd fd;
 	std::string address;     // canonical, with the real port: "tcp://127.0.0.1:8080", "unix:/run/x.sock"
 	std::string kind;        // "tcp", "udp" or "unix"
-	std::string origin;      // "bound" or "systemd"
+	std::string origin;      // "bound", "systemd" (a socket unit's) or "fdstore" (kept by the service manager)
 	std::string unlink_path; // a socket file brokerd created, removed at shutdown
 };
 
@@ -33,6 +34,14 @@ struct InheritedFds {
 // Throws std::runtime_error with a message naming the socket: `socket http: bind tcp://0.0.0.0:80:
 // Address already in use`.
 Listener open_listener(const config::SocketConfig &cfg, InheritedFds &inherited);
+
+// A socket the service manager kept for us in its fd store (FDSTORE=1, FDNAME=cfg.name) and passed
+// back in LISTEN_FDS: adopted, with its accept queue, when it is what cfg describes (same kind and
+// address; backlog reapplied). Otherwise nullopt, `why` says how it differs, and fd is closed.
+std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd fd, std::string &why);
+
+// The canonical address of a socket ("unix:/run/brokerd/control.sock"), or empty.
+std::string socket_address(int fd);
 
 // Removes the socket file brokerd created for `l`, if any, and only if it still is a socket.
 void remove_socket_file(const Listener &l);

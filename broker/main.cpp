@@ -40,6 +40,8 @@ private:
 	void on_change();
 	nlohmann::json reload();
 	void close_unused_listeners();
+	UniqueFd adopt_control_socket(InheritedFds &inherited);
+	void store_fd(const std::string &name, int fd);
 
 	std::string config_path_;
 	config::Config cfg_;
@@ -73,13 +75,35 @@ int Daemon::run()
 
 	// systemd's fds first, before anything else could take their numbers' meaning.
 	InheritedFds inherited = InheritedFds::from_environment();
-	for (const auto &s : cfg_.sockets)
+	UniqueFd control_fd = adopt_control_socket(inherited);
+	for (const auto &s : cfg_.sockets) {
+		// A socket kept in the fd store by an earlier brokerd comes back under its own name,
+		// with whatever its accept queue holds.
+		auto stored = s.kind == config::SocketKind::Systemd ? inherited.by_name.end() : inherited.by_name.find(s.name);
+		if (stored != inherited.by_name.end()) {
+			UniqueFd fd = std::move(stored->second);
+			inherited.by_name.erase(stored);
+			std::string why;
+			if (auto l = adopt_stored(s, std::move(fd), why)) {
+				listeners_.push_back(std::move(*l));
+				continue;
+			}
+			log::warning("socket " + s.name + ": not adopting the service manager's stored socket: " + why +
+			             "; releasing it");
+			notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + s.name);
+		}
 		listeners_.push_back(open_listener(s, inherited));
-	for (auto &[name, fd] : inherited.by_name)
+	}
+	for (auto &[name, fd] : inherited.by_name) {
 		log::warning("systemd passed socket \"" + name + "\", which no config entry names; closing it");
+		notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + name);
+	}
 	inherited.by_name.clear();
-	for (const auto &l : listeners_)
-		log::info("socket " + l.name + ": " + (l.origin == "systemd" ? "adopted " : "listening on ") + l.address);
+	for (const auto &l : listeners_) {
+		const char *how = l.origin == "systemd" ? "adopted " : l.origin == "fdstore" ? "kept by the service manager: "
+		                                                                            : "listening on ";
+		log::info("socket " + l.name + ": " + how + l.address);
+	}
 
 	sd_event *e = nullptr;
 	int r = sd_event_new(&e);
@@ -140,9 +164,18 @@ int Daemon::run()
 	DaemonHooks hooks;
 	hooks.read_config = [this] { return config::load(config_path_); };
 	hooks.reload = [this] { return reload(); };
-	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start);
+	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start,
+	                                           std::move(control_fd));
 	supervisor_->on_event = [this](const nlohmann::json &ev) { control_->broadcast(ev); };
-	log::info("control socket: " + cfg_.control.path);
+	log::info("control socket: " + cfg_.control.path + (control_->adopted() ? " (adopted from systemd)" : ""));
+
+	// The service manager keeps what we bound in its fd store, so that a brokerd it restarts
+	// after a crash finds the same sockets, accept queues and all.
+	if (!control_->adopted())
+		store_fd("control", control_->fd());
+	for (const auto &l : listeners_)
+		if (l.origin == "bound")
+			store_fd(l.name, l.fd.get());
 
 	supervisor_->on_change = [this] { on_change(); };
 	for (const auto &svc : cfg_.services)
@@ -215,6 +248,7 @@ nlohmann::json Daemon::reload()
 	for (auto &l : opened) {
 		log::info("reload: socket " + l.name + ": listening on " + l.address);
 		result["added_sockets"].push_back(l.name);
+		store_fd(l.name, l.fd.get());
 		listeners_.push_back(std::move(l));
 	}
 
@@ -241,6 +275,32 @@ nlohmann::json Daemon::reload()
 	return result;
 }
 
+// The control socket, when systemd passes one named "control" (brokerd.socket, or ours from the
+// fd store) at control.path. One elsewhere is released: brokerctl and the workers look for
+// control.path.
+UniqueFd Daemon::adopt_control_socket(InheritedFds &inherited)
+{
+	auto it = inherited.by_name.find("control");
+	if (it == inherited.by_name.end())
+		return {};
+	UniqueFd fd = std::move(it->second);
+	inherited.by_name.erase(it);
+	std::string have = socket_address(fd.get());
+	std::string want = "unix:" + cfg_.control.path;
+	if (have == want && sd_is_socket_unix(fd.get(), SOCK_STREAM, 1, nullptr, 0) > 0)
+		return fd;
+	log::warning("systemd passed a control socket (" + (have.empty() ? std::string("not a socket") : have) +
+	             ") that is not a listening socket at control.path " + cfg_.control.path + "; releasing it");
+	notifier_.send("FDSTOREREMOVE=1\nFDNAME=control");
+	return {};
+}
+
+void Daemon::store_fd(const std::string &name, int fd)
+{
+	if (notifier_.enabled() && !notifier_.send_with_fd("FDSTORE=1\nFDNAME=" + name, fd))
+		log::warning("socket " + name + ": the service manager did not take it into its fd store");
+}
+
 void Daemon::close_unused_listeners()
 {
 	for (auto it = listeners_.begin(); it != listeners_.end();) {
@@ -249,6 +309,8 @@ void Daemon::close_unused_listeners()
 			continue;
 		}
 		log::notice("socket " + it->name + ": no longer configured or used, closing it");
+		if (it->origin != "systemd")
+			notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + it->name);
 		remove_socket_file(*it);
 		it = listeners_.erase(it);
 	}

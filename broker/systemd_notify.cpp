@@ -3,6 +3,8 @@
 
 #include "log.hpp"
 
+#include <sys/uio.h>
+
 #include <cerrno>
 #include <cstddef>
 #include <cstdlib>
@@ -33,17 +35,37 @@ SystemdNotifier::SystemdNotifier()
 
 void SystemdNotifier::send(std::string_view message)
 {
+	send_with_fd(message, -1);
+}
+
+bool SystemdNotifier::send_with_fd(std::string_view message, int fd)
+{
 	if (!fd_)
-		return;
-	ssize_t n = ::sendto(fd_.get(), message.data(), message.size(), MSG_NOSIGNAL | MSG_DONTWAIT,
-	                     reinterpret_cast<const sockaddr *>(&addr_), addr_len_);
-	if (n >= 0) {
+		return false;
+	iovec iov{const_cast<char *>(message.data()), message.size()};
+	msghdr msg{};
+	msg.msg_name = &addr_;
+	msg.msg_namelen = addr_len_;
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+	if (fd >= 0) {
+		msg.msg_control = control;
+		msg.msg_controllen = sizeof(control);
+		cmsghdr *c = CMSG_FIRSTHDR(&msg);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
+	}
+	if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) {
 		warned_ = false;
-		return;
+		return true;
 	}
 	if (!warned_)
 		log::warning(std::string("cannot notify the service manager: ") + std::strerror(errno) + ", ignoring");
 	warned_ = true;
+	return false;
 }
 
 } // namespace broker

@@ -20,6 +20,9 @@ public:
 
 	bool enabled() const { return fd_.valid(); }
 	void send(std::string_view message);
+	// The same with an fd attached (FDSTORE=1); the caller keeps its own. False when it was not
+	// delivered.
+	bool send_with_fd(std::string_view message, int fd);
 
 private:
 	UniqueFd fd_;

@@ -4,6 +4,16 @@
 // gracefully: on a drain request from brokerd, or on SIGTERM/SIGINT (the drain signal for workers under
 // plain systemd), it stops accepting, finishes the requests it has, and exits 0.
 //
+// Under brokerd it also hands its established connections to the next generation when it drains, and
+// takes those its predecessors hand to it (connection handoff, see Server::hand_off()):
+//   - a keep-alive connection between requests moves at once, with the part of a request it has read
+//     so far as its state; the successor parses that state first, then reads the rest from the socket.
+//     The client sees one TCP connection throughout, answered by the new generation from then on.
+//   - a connection with a response in flight moves once the response is out.
+//   - a connection that nobody could take comes back (on_returned) and is served to its end with
+//     "Connection: close", as every connection is when draining under plain systemd.
+// The instance exits once it holds no connection and has no handoff unanswered, or at the deadline.
+//
 // Routes: GET or HEAD of "/" (any query string) answers 200 with one line,
 // "hello from web gen 1 pid 1234"; any other path answers 404 and any other method 405, so a load
 // test aimed at a wrong URL fails visibly instead of counting as success.
@@ -43,16 +53,18 @@ using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 // Limits on what one client controls, and on the work done per wakeup.
-constexpr std::size_t kMaxConnections = 1024;         // also clipped to RLIMIT_NOFILE
+constexpr std::size_t kMaxConnections = 16384;        // also clipped to RLIMIT_NOFILE; see adopt()
 constexpr std::size_t kMaxHeadBytes = 8 * 1024;       // request line and headers; more is 431
 constexpr std::size_t kMaxBodyBytes = 8 * 1024;       // a larger request body is 413
 constexpr std::size_t kInputBuffer = kMaxHeadBytes + kMaxBodyBytes; // one request always fits
+// A partly read request travels with its connection as handoff state, so it must fit.
+static_assert(kInputBuffer <= broker::Client::kMaxHandoffState);
 constexpr std::size_t kMaxPendingOutput = 64 * 1024;  // pipelined requests wait past this
 constexpr int kAcceptBatch = 64;                      // per listener per wakeup
 constexpr int kProcessBatch = 64;                     // client.process() calls per wakeup
 constexpr int kMaxEvents = 128;
 constexpr auto kIdleTimeout = 30s;                    // a connection that does nothing
-constexpr auto kDrainIdleGrace = 250ms;               // see Server::sweep()
+constexpr auto kDrainIdleGrace = 250ms;               // without handoff, see Server::sweep()
 constexpr auto kLingerTimeout = 2s;                   // after our FIN, waiting for the client's
 constexpr auto kSweepInterval = 1s;
 constexpr auto kDrainSweepInterval = 50ms;
@@ -87,6 +99,7 @@ public:
 	}
 	~Fd() { reset(); }
 	int get() const noexcept { return fd_; }
+	[[nodiscard]] int release() noexcept { return std::exchange(fd_, -1); }
 	void reset(int fd = -1) noexcept
 	{
 		if (fd_ >= 0)
@@ -326,7 +339,8 @@ struct Connection : Source {
 	bool peer_eof = false;     // the client shut down its side: answer what came, then close
 	bool close_after = false;  // the last queued response says "Connection: close"
 	bool lingering = false;    // we sent our FIN and discard input until the client's
-	bool closed = false;       // waiting to be freed after this batch of events
+	bool closed = false;       // waiting to be freed after this batch of events (or handed off)
+	bool returned = false;     // a handoff nobody took: served to its end with "Connection: close"
 	Clock::time_point last_active;
 	Clock::time_point linger_until;
 	std::list<Connection>::iterator self;
@@ -358,6 +372,12 @@ private:
 	void close_connection(Connection &c);
 	void sweep();
 
+	bool may_hand_off(const Connection &c) const;
+	bool between_responses(const Connection &c) const;
+	void hand_off(Connection &c);
+	void send_handoffs();
+	void adopt(int fd, std::string state, bool returned);
+
 	void on_signal();
 	void process_broker();
 	void watch_broker();
@@ -378,6 +398,8 @@ private:
 	std::vector<std::list<Connection>::iterator> dead_;
 	std::size_t open_ = 0;
 	std::size_t max_connections_ = kMaxConnections;
+	// Connections taken off epoll in this wakeup, with their state, for one client.handoff() call.
+	std::vector<std::pair<int, std::string>> outgoing_;
 
 	std::string body_;
 	Clock::time_point now_;
@@ -574,6 +596,9 @@ void Server::serve(Connection &c)
 			return begin_close(c);
 		if (c.peer_eof)
 			return close_connection(c);
+		// Draining: the response in flight is out, so the connection can move now.
+		if (draining_ && may_hand_off(c))
+			return hand_off(c);
 	}
 	std::uint32_t want = 0;
 	if (c.pending() > 0)
@@ -617,9 +642,10 @@ bool Server::answer(Connection &c)
 
 void Server::respond(Connection &c, const Request &req)
 {
-	// While draining, every answer closes its connection, so the client's next request opens a new
-	// one, which lands on a listener that another worker still serves.
-	bool keep_alive = req.keep_alive && !draining_;
+	// While draining, an answer on a connection that cannot move to the successor closes it, so the
+	// client's next request opens a new one, which lands on a listener that another worker still
+	// serves. A connection that can move stays alive and is handed off once the answer is out.
+	bool keep_alive = req.keep_alive && (!draining_ || may_hand_off(c));
 	bool head = req.method == "HEAD";
 	std::string_view path = req.target.substr(0, req.target.find('?'));
 	if (req.method != "GET" && !head)
@@ -681,23 +707,28 @@ void Server::discard_input(Connection &c)
 	}
 }
 
-// Closing removes the fd from epoll; the object lives until the end of this batch of events, which
-// may still point at it.
+// The object lives until the end of this batch of events, which may still point at it.
 void Server::close_connection(Connection &c)
 {
 	if (c.closed)
 		return;
+	// Closing our fd alone does not end its epoll registration while another process holds the same
+	// socket: after a handoff, the sender keeps its copy until the broker confirms that we took it.
+	// Events for a freed Connection would follow.
+	epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.fd, nullptr);
 	c.sock.reset();
 	c.closed = true;
 	dead_.push_back(c.self);
 	open_--;
 }
 
-// Closes connections that have done nothing for kIdleTimeout. While draining, it also closes every
-// connection with nothing in progress once it has been quiet for kDrainIdleGrace. The grace is for
-// keep-alive clients whose next request may already be on the wire: closing right after a response
-// would race that request, while a request that comes within the grace is answered with
-// "Connection: close" and lets the client move to another worker without an error.
+// Closes connections that have done nothing for kIdleTimeout. While draining, a connection that
+// can move to the successor is handed off (start_drain() and serve() hand them as they become free;
+// this is the safety net), and any other is closed once it has had nothing in progress for kDrainIdleGrace. The
+// grace is for keep-alive clients whose next request may already be on the wire: closing right
+// after a response would race that request, while a request that comes within the grace is answered
+// with "Connection: close" and lets the client move to another worker without an error. A handoff
+// has no such race: bytes the client sends meanwhile wait in the socket for the successor.
 void Server::sweep()
 {
 	for (Connection &c : connections_) {
@@ -708,12 +739,96 @@ void Server::sweep()
 				close_connection(c);
 			continue;
 		}
+		if (draining_ && may_hand_off(c) && between_responses(c)) {
+			hand_off(c);
+			continue;
+		}
 		auto quiet = now_ - c.last_active;
 		bool idle = c.in.empty() && c.pending() == 0;
 		if (quiet >= kIdleTimeout || (draining_ && idle && quiet >= kDrainIdleGrace))
 			begin_close(c);
 	}
 	next_sweep_ = now_ + (draining_ ? kDrainSweepInterval : kSweepInterval);
+}
+
+// ---- Connection handoff (brokered only) ----
+
+// Whether c may go to the successor generation: only under brokerd, while it is still reachable, and
+// never a connection that already came back once (nobody takes it; it is served to its end here).
+bool Server::may_hand_off(const Connection &c) const
+{
+	return client_.brokered() && !broker_lost_ && !c.returned;
+}
+
+// Nothing of ours in flight on c: no unsent response, no close under way. Its input holds at most a
+// partly received request (answer() answered every complete one), which is exactly its state.
+bool Server::between_responses(const Connection &c) const
+{
+	return !c.closed && !c.lingering && !c.close_after && !c.peer_eof && c.pending() == 0;
+}
+
+// Takes c out of this server and queues it for the successor; send_handoffs() gives the whole
+// wakeup's worth to the library in one call, which batches them 253 to a message.
+void Server::hand_off(Connection &c)
+{
+	// Out of epoll before the fd leaves us: the registration would outlive our fd, since the
+	// socket stays open in the successor (see close_connection()).
+	if (epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.fd, nullptr) < 0)
+		fail("epoll_ctl(DEL)");
+	outgoing_.emplace_back(c.sock.release(), std::move(c.in));
+	c.closed = true;
+	dead_.push_back(c.self);
+	open_--;
+}
+
+void Server::send_handoffs()
+{
+	if (outgoing_.empty())
+		return;
+	auto batch = std::move(outgoing_);
+	outgoing_.clear();
+	std::vector<broker::Connection> conns;
+	conns.reserve(batch.size());
+	for (const auto &[fd, state] : batch)
+		conns.push_back({fd, state});
+	try {
+		// From here the library owns the fds. It closes each one the successor takes, and gives
+		// back through on_returned those nobody could take.
+		client_.handoff(conns);
+	} catch (const broker::Error &e) {
+		// It took none of them (a state too large, say): they are still ours to serve.
+		log("cannot hand off %zu connections: %s, serving them here", batch.size(), e.what());
+		for (auto &[fd, state] : batch)
+			adopt(fd, std::move(state), true);
+	}
+}
+
+// A connection handed to us by a predecessor (returned: false), or one of ours that came back
+// (returned: true). Either way it is served as if freshly accepted, with its state already read.
+// It is taken even past max_connections_: refusing it would fail a client that did nothing wrong,
+// while the limit still pauses accepting until we are below it again.
+void Server::adopt(int fd, std::string state, bool returned)
+{
+	Connection &c = connections_.emplace_back(fd);
+	c.self = std::prev(connections_.end());
+	c.last_active = now_;
+	c.in = std::move(state);
+	c.returned = returned;
+	open_++;
+	// The socket comes blocking or not as its sender had it, and this loop must never block.
+	int flags = fcntl(fd, F_GETFL);
+	if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+		log("handed-off connection: fcntl(O_NONBLOCK): %s, closing it", std::strerror(errno));
+		c.closed = true; // not in epoll yet
+		c.sock.reset();
+		dead_.push_back(c.self);
+		open_--;
+		return;
+	}
+	c.interest = EPOLLIN;
+	watch(fd, EPOLLIN, &c);
+	// The state may hold a whole request, and while draining the connection may move on at once.
+	serve(c);
 }
 
 void Server::on_signal()
@@ -785,11 +900,20 @@ void Server::start_drain(const char *why, Clock::time_point deadline)
 	draining_ = true;
 	deadline_ = target;
 	next_sweep_ = now_;
+	// Every connection between responses moves now; those with a response in flight follow from
+	// serve() once it is out.
+	std::size_t open = open_;
+	for (Connection &c : connections_)
+		if (may_hand_off(c) && between_responses(c))
+			hand_off(c);
 	std::string left = "no deadline";
 	if (known)
 		left = "deadline in " +
 		       std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now_).count()) + " ms";
-	log("draining (%s): stopped accepting, %zu connections open, %s", why, open_, left.c_str());
+	std::string handed;
+	if (client_.brokered())
+		handed = ", " + std::to_string(outgoing_.size()) + " of them handed off";
+	log("draining (%s): stopped accepting, %zu connections open%s, %s", why, open, handed.c_str(), left.c_str());
 	if (!broker_lost_ && client_.brokered()) {
 		try {
 			client_.status("draining");
@@ -833,6 +957,14 @@ int Server::run()
 	watch(signals_.get(), EPOLLIN, &signal_source_);
 	signal_source_.fd = signals_.get();
 	client_.on_drain([this](const broker::DrainRequest &req) { start_drain("requested by brokerd", req.deadline); });
+	if (client_.brokered()) {
+		client_.on_connection([this](int fd, std::string state) { adopt(fd, std::move(state), false); });
+		client_.on_returned([this](int fd, std::string state) { adopt(fd, std::move(state), true); });
+		client_.on_handoff_done([](const broker::HandoffSummary &s) {
+			log("handoff settled: %zu connections handed, %zu taken by the successor, %zu returned", s.handed,
+			    s.landed, s.returned);
+		});
+	}
 	watch_broker();
 	resume_accepting();
 
@@ -848,7 +980,7 @@ int Server::run()
 	    who.c_str(), static_cast<unsigned long long>(client_.generation()), getpid(), max_connections_);
 
 	epoll_event events[kMaxEvents];
-	while (!(draining_ && open_ == 0)) {
+	while (!(draining_ && open_ == 0 && client_.handoff_pending() == 0)) {
 		int n = epoll_wait(epoll_.get(), events, kMaxEvents, timeout_ms());
 		if (n < 0 && errno != EINTR)
 			fail("epoll_wait");
@@ -879,13 +1011,18 @@ int Server::run()
 			sweep();
 		if (!accepting_ && !draining_ && open_ < max_connections_ && now_ >= resume_at_)
 			resume_accepting();
+		if (!outgoing_.empty()) {
+			send_handoffs();
+			watch_broker();
+		}
 
 		for (auto it : dead_)
 			connections_.erase(it);
 		dead_.clear();
 
-		if (draining_ && open_ > 0 && now_ >= deadline_) {
-			log("%s, closing %zu connections", stop_reason_.c_str(), open_);
+		if (draining_ && (open_ > 0 || client_.handoff_pending() > 0) && now_ >= deadline_) {
+			log("%s, closing %zu connections (%zu handed off and not yet taken)", stop_reason_.c_str(), open_,
+			    client_.handoff_pending());
 			break;
 		}
 	}
@@ -910,7 +1047,8 @@ int main()
 	signal(SIGPIPE, SIG_IGN);
 
 	try {
-		broker::Client client = broker::Client::from_env();
+		// Under plain systemd there is no broker to tell, and the option changes nothing.
+		broker::Client client = broker::Client::from_env(broker::ClientOptions{.accept_handoff = true});
 		Server server(client, signals);
 		return server.run();
 	} catch (const broker::Error &e) {

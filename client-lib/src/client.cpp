@@ -8,6 +8,7 @@
 #include "broker/internal/varlink.hpp"
 
 #include <poll.h>
+#include <sys/resource.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <span>
 
 namespace broker {
 
@@ -211,8 +213,13 @@ void Client::Impl::pump()
 	while (auto b = sender.next()) {
 		int r = stream->enqueue_borrowed(varlink::make_call(kHandoff, std::move(b->parameters), false, true),
 		                                 std::move(b->fds));
-		if (r < 0)
+		if (r < 0) {
+			// Not sent: it waits in the queue for the next try, still ours.
+			sender.requeue(b->id);
+			if (r == -ENOBUFS)
+				break;
 			throw Error(-r, std::string("cannot queue Handoff: ") + std::strerror(-r));
+		}
 	}
 	flush_now();
 }
@@ -496,9 +503,10 @@ bool Client::process()
 	}
 
 	if (closed) {
-		// Whatever was handed off and not yet answered is ours again.
+		// What was never sent is ours again; what was in flight may be served already.
 		std::size_t before = impl_->sender.pending();
-		impl_->give_back(impl_->sender.abandon());
+		impl_->summary.abandoned += impl_->sender.drop_in_flight();
+		impl_->give_back(impl_->sender.take_unsent());
 		impl_->check_done(before);
 		throw_closed();
 	}
@@ -512,8 +520,9 @@ void Client::on_drain(std::function<void(const DrainRequest &)> handler)
 	impl_->on_drain = std::move(handler);
 }
 
-void Client::handoff(std::span<const Connection> connections)
+void Client::handoff(const Connection *list, std::size_t count)
 {
+	std::span<const Connection> connections(list, count);
 	if (!impl_)
 		throw Error(EBADF, "moved-from Client");
 	if (!impl_->brokered)
@@ -525,6 +534,12 @@ void Client::handoff(std::span<const Connection> connections)
 			throw Error(EMSGSIZE, "handoff: state of " + std::to_string(c.state.size()) + " bytes, over " +
 			                          std::to_string(kMaxHandoffState));
 	}
+	// The kernel refuses to pass more fds at once than the sender's fd limit allows (unless it
+	// runs as root: ETOOMANYREFS), and fds in flight count against it: keep the window within
+	// half of it.
+	rlimit nofile{};
+	if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY)
+		impl_->sender.set_window(nofile.rlim_cur / 2 / limits::kMaxFdsPerMessage);
 	std::vector<handoff::Item> items;
 	items.reserve(connections.size());
 	for (const Connection &c : connections)
@@ -535,7 +550,12 @@ void Client::handoff(std::span<const Connection> connections)
 		impl_->sender.add(std::move(items[i]));
 	}
 	impl_->summary.handed += connections.size();
-	impl_->pump();
+	// The fds are the library's now, whatever happens: a broker that has gone shows in the next
+	// process(), which gives back what was never sent.
+	try {
+		impl_->pump();
+	} catch (const Error &) {
+	}
 }
 
 std::size_t Client::handoff_pending() const noexcept

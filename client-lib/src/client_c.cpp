@@ -231,7 +231,7 @@ int broker_client_handoff(broker_client *client, const struct broker_connection 
 			const char *state = static_cast<const char *>(connections[i].state);
 			conns.push_back({connections[i].fd, std::string_view(state ? state : "", connections[i].state_size)});
 		}
-		client->client.handoff(conns);
+		client->client.handoff(conns.data(), conns.size());
 		return 0;
 	});
 }
@@ -264,7 +264,7 @@ int broker_client_set_handoff_done_handler(broker_client *client, broker_handoff
 			return 0;
 		}
 		client->client.on_handoff_done([client](const broker::HandoffSummary &s) {
-			client->handoff_done(client, s.handed, s.landed, s.returned, client->handoff_done_userdata);
+			client->handoff_done(client, s.handed, s.landed, s.returned, s.abandoned, client->handoff_done_userdata);
 		});
 		return 0;
 	});

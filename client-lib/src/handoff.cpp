@@ -96,7 +96,7 @@ std::optional<std::string> base64_decode(std::string_view text)
 
 std::optional<Sender::Batch> Sender::next()
 {
-	if (queue_.empty() || in_flight_.size() >= kWindow)
+	if (queue_.empty() || in_flight_.size() >= window_)
 		return std::nullopt;
 	Batch b{next_id_++, json::object(), {}};
 	json conns = json::array();
@@ -147,17 +147,33 @@ bool Sender::complete(std::uint64_t batch, std::uint64_t landed, const std::vect
 	return true;
 }
 
-std::vector<Item> Sender::abandon()
+void Sender::requeue(std::uint64_t batch)
+{
+	auto it = in_flight_.find(batch);
+	if (it == in_flight_.end())
+		return;
+	for (auto item = it->second.rbegin(); item != it->second.rend(); ++item)
+		queue_.push_front(std::move(*item));
+	in_flight_.erase(it);
+}
+
+std::vector<Item> Sender::take_unsent()
 {
 	std::vector<Item> out;
-	for (auto &[id, items] : in_flight_)
-		for (auto &item : items)
-			out.push_back(std::move(item));
-	in_flight_.clear();
+	out.reserve(queue_.size());
 	for (auto &item : queue_)
 		out.push_back(std::move(item));
 	queue_.clear();
 	return out;
+}
+
+std::size_t Sender::drop_in_flight()
+{
+	std::size_t n = 0;
+	for (const auto &[id, items] : in_flight_)
+		n += items.size();
+	in_flight_.clear();
+	return n;
 }
 
 std::size_t Sender::pending() const

@@ -44,8 +44,13 @@ int count_fd_refs(const json &body)
 	auto params = body.find("parameters");
 	if (params == body.end())
 		return 0;
+	return count_fd_refs_in(*params);
+}
+
+int count_fd_refs_in(const json &parameters)
+{
 	std::vector<long long> refs;
-	if (!collect_fd_refs(*params, refs))
+	if (!collect_fd_refs(parameters, refs))
 		return -EBADMSG;
 	if (refs.size() > limits::kMaxFdsPerMessage)
 		return -EBADMSG;
@@ -209,6 +214,19 @@ int Stream::enqueue_borrowed(const json &body, std::vector<int> fds)
 	return queue(body, n, Outgoing{{}, 0, {}, std::move(fds)});
 }
 
+int Stream::enqueue_reply(const json &parameters, bool continues, std::vector<UniqueFd> fds)
+{
+	if (fds.size() > limits::kMaxFdsPerMessage)
+		return -E2BIG;
+	if (count_fd_refs_in(parameters) != static_cast<int>(fds.size()))
+		return -EBADMSG;
+	Outgoing o{{}, 0, std::move(fds), {}};
+	o.data = "{\"parameters\":";
+	o.data += parameters.is_null() ? std::string("{}") : parameters.dump(-1, ' ', false, json::error_handler_t::replace);
+	o.data += continues ? ",\"continues\":true}" : "}";
+	return queue_text(std::move(o));
+}
+
 int Stream::queue(const json &body, std::size_t nfds, Outgoing o)
 {
 	if (nfds > limits::kMaxFdsPerMessage)
@@ -216,8 +234,12 @@ int Stream::queue(const json &body, std::size_t nfds, Outgoing o)
 	int refs = count_fd_refs(body);
 	if (refs < 0 || static_cast<std::size_t>(refs) != nfds)
 		return -EBADMSG;
-
 	o.data = body.dump(-1, ' ', false, json::error_handler_t::replace);
+	return queue_text(std::move(o));
+}
+
+int Stream::queue_text(Outgoing o)
+{
 	if (o.data.size() > max_message_)
 		return -EMSGSIZE;
 	if (out_bytes_ + o.data.size() + 1 > limits::kMaxWriteQueue)

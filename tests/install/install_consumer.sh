@@ -5,7 +5,7 @@
 set -euo pipefail
 
 me=install-consumer
-for v in MESON BUILD_ROOT HERE SOCKET_UNIT PREFIX BINDIR SBINDIR LIBDIR INCLUDEDIR SYSCONFDIR DATADIR MANDIR CC CXX; do
+for v in MESON BUILD_ROOT HERE PREFIX BINDIR SBINDIR LIBDIR INCLUDEDIR SYSCONFDIR DATADIR MANDIR CC CXX; do
 	if [[ -z "${!v:-}" ]]; then
 		echo "$me: $v is not set; run this through meson test" >&2
 		exit 2
@@ -55,6 +55,8 @@ mapfile -t units < <(find "$dest" -path '*/systemd/system/brokerd.service')
 ((${#units[@]} == 1)) || fail "expected one brokerd.service under a systemd/system directory, found ${#units[@]}"
 unit="${units[0]}"
 echo "unit: ${unit#"$dest"}"
+socket_unit="$(dirname "$unit")/brokerd.socket"
+[[ -f "$socket_unit" ]] || fail "brokerd.socket is not installed beside brokerd.service"
 
 step "only the public headers, and they include nothing private"
 extra="$(find "$dest$INCLUDEDIR/broker" -mindepth 1 ! -name client.hpp ! -name client.h)"
@@ -76,17 +78,22 @@ version="$("$dest$BINDIR/brokerctl" --version)" && [[ "$version" == "brokerctl "
 	fail "brokerd --check-config rejects the installed example configuration"
 grep -qxF "ExecStart=$SBINDIR/brokerd --config $SYSCONFDIR/brokerd/brokerd.json" "$unit" ||
 	fail "brokerd.service does not run $SBINDIR/brokerd with $SYSCONFDIR/brokerd/brokerd.json"
-grep -qF "\"exec\": [\"$BINDIR/broker-example-http\"]" "$dest$SYSCONFDIR/brokerd/brokerd.json" ||
-	fail "the example configuration does not run $BINDIR/broker-example-http"
+# As installed it runs nothing (a package ships no worker); its commented-out example must stay
+# valid and run the installed example worker once uncommented.
+sed -E '/"sockets": \{/,$ s#^( *)// ("|  |\})#\1\2#' "$dest$SYSCONFDIR/brokerd/brokerd.json" >"$work/example.json"
+grep -qF "\"exec\": [\"$BINDIR/broker-example-http\"]" "$work/example.json" ||
+	fail "the example configuration's commented-out service does not run $BINDIR/broker-example-http"
+"$dest$SBINDIR/brokerd" --check-config "$work/example.json" >/dev/null ||
+	fail "brokerd --check-config rejects the example configuration's commented-out service"
 
 skipped=()
-step "systemd-analyze verify: the installed service and the (uninstalled) socket unit"
+step "systemd-analyze verify: the installed service and socket units"
 if command -v systemd-analyze >/dev/null; then
 	# The programs the unit runs are checked in the DESTDIR, where they are now; the man pages of
 	# Documentation= too, through MANPATH.
 	mkdir "$work/units"
 	sed -e "s|=$SBINDIR/|=$dest$SBINDIR/|" -e "s|=$BINDIR/|=$dest$BINDIR/|" "$unit" >"$work/units/brokerd.service"
-	cp "$SOCKET_UNIT" "$work/units/brokerd.socket"
+	cp "$socket_unit" "$work/units/brokerd.socket"
 	man_check=(--man=yes)
 	if ! command -v man >/dev/null; then
 		man_check=(--man=no)

@@ -1,6 +1,8 @@
 // Integration: unmodified systemd tools on both sides of brokerd (socket-proxyd as a worker, socket-activate as launcher).
 #include "harness.hpp"
 
+#include "broker/internal/sync_client.hpp"
+
 #include <doctest/doctest.h>
 
 #include <signal.h>
@@ -157,6 +159,45 @@ TEST_CASE("brokerd under systemd-socket-activate adopts the listener it is given
 	}
 
 	b.stop();
+}
+
+TEST_CASE("brokerd under systemd-socket-activate adopts its control socket")
+{
+	if (!executable("/usr/bin/systemd-socket-activate")) {
+		MESSAGE("skipped: systemd-socket-activate is not installed");
+		return;
+	}
+	Broker b;
+	BROKER_CONTEXT(b);
+	std::uint16_t port = free_port();
+	BrokerOptions opts;
+	// As brokerd.socket does: the control socket is named "control", at control.path.
+	opts.prefix = {"systemd-socket-activate", "-l", b.control_path(), "-l", "127.0.0.1:" + std::to_string(port),
+	               "--fdname=control:web", "-E", "NOTIFY_SOCKET"};
+	opts.wait_ready = false;
+	b.start({{"sockets", {{"web", {{"systemd", "web"}}}}},
+	         {"services", {{"web", service({env("EXAMPLE_HTTP")}, {"web"}, 1, "broker")}}}},
+	        opts);
+
+	// A Status call made before brokerd runs: the connection starts brokerd, waits in the
+	// control socket's accept queue, and is answered by the brokerd that adopted the socket.
+	REQUIRE(wait_until([&] { return ::access(b.control_path().c_str(), F_OK) == 0 || !b.process().running(); }, 10s));
+	broker::varlink::SyncClient early(b.control_path());
+	broker::varlink::Message reply = early.call("io.brokerd.Control.Status", json::object());
+	const json &st = reply.body["parameters"];
+	INFO("Status: ", st.dump());
+	CHECK(st.value("pid", 0) == b.pid());
+	b.wait_ready(20s);
+	CHECK(b.log().find("(adopted from systemd)") != std::string::npos);
+	CHECK(http_get(port).status == 200);
+
+	// The socket file is systemd's: brokerd leaves it when it stops (so Broker::stop(), which
+	// checks that brokerd removed its own, does not apply).
+	b.process().signal(SIGTERM);
+	auto exited = b.process().wait(20s);
+	REQUIRE(exited);
+	CHECK(describe_status(*exited) == "exited with 0");
+	CHECK(::access(b.control_path().c_str(), F_OK) == 0);
 }
 
 TEST_CASE("an unmodified sd_notify client (systemd-notify) marks its instance ready")

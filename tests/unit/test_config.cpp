@@ -67,6 +67,11 @@ TEST_CASE("bad configs name the key path and the problem")
 		 "services.web.env.A: duplicate key"},
 		// control
 		{R"({"control": []})", "control: expected an object, got []"},
+		{R"({"sockets": {"control": {"listen": "tcp://127.0.0.1:80"}}})",
+		 "sockets.control: the name \"control\" is brokerd's control socket's; call this socket something else"},
+		{R"({"sockets": {"ctl": {"systemd": "control"}}})",
+		 "sockets.ctl.systemd: \"control\" is the name of brokerd's own control socket (brokerd.socket); give the "
+		 "socket unit another FileDescriptorName="},
 		{R"({"control": {"path": "run/control.sock"}})",
 		 "control.path: expected an absolute path or \"@name\", got \"run/control.sock\""},
 		{R"({"control": {"path": "/)" + std::string(120, 'x') + R"("}})",

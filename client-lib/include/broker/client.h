@@ -74,9 +74,10 @@ BROKER_C_EXPORT int broker_client_set_connection_handler(broker_client *client, 
                                                          void *userdata);
 BROKER_C_EXPORT int broker_client_set_returned_handler(broker_client *client, broker_connection_handler handler,
                                                        void *userdata);
-/* Called once no handed-off connection is pending; the counts are since the client was made. */
+/* Called once no handed-off connection is pending; the counts are since the client was made
+ * (see broker::HandoffSummary; abandoned: in flight when the broker went away, closed). */
 typedef void (*broker_handoff_done_handler)(broker_client *client, size_t handed, size_t landed, size_t returned,
-                                            void *userdata);
+                                            size_t abandoned, void *userdata);
 BROKER_C_EXPORT int broker_client_set_handoff_done_handler(broker_client *client,
                                                            broker_handoff_done_handler handler, void *userdata);
 

@@ -6,11 +6,13 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
+#if __cplusplus >= 202002L
+#include <span>
+#endif
 
 #define BROKER_EXPORT __attribute__((visibility("default")))
 
@@ -55,6 +57,9 @@ struct HandoffSummary {
 	std::size_t handed = 0;   // given to handoff()
 	std::size_t landed = 0;   // taken by an instance of the successor generation
 	std::size_t returned = 0; // given back through on_returned(): nobody could take them
+	// In flight when the broker went away: closed by the library, as a successor may already
+	// serve them (the acknowledgement was lost with the broker).
+	std::size_t abandoned = 0;
 };
 
 struct ClientOptions {
@@ -113,12 +118,16 @@ public:
 	// Hands established connections to the successor generation, for example on drain. The
 	// library owns every fd from now on: it sends them in batches from process(), closes each
 	// one once an instance of the successor has taken it, and gives back through on_returned()
-	// those nobody could take (no successor accepts handoffs, or the receiver died). Nothing is
-	// taken if it throws: Error with EMSGSIZE for a state over kMaxHandoffState, EBADF for a
-	// negative fd, ENOTCONN under plain systemd, where there is no successor to hand to.
+	// those nobody could take (no successor accepts handoffs, or the receiver died). If the
+	// broker goes away, process() gives back those never sent and closes those in flight.
+	// Nothing is taken if it throws: Error with EMSGSIZE for a state over kMaxHandoffState,
+	// EBADF for a negative fd, ENOTCONN under plain systemd, where there is no successor.
 	// Stop reading a connection before handing it: bytes not yet read stay in the socket for
 	// the successor, and bytes already read belong in its state.
-	void handoff(std::span<const Connection> connections);
+	void handoff(const Connection *connections, std::size_t count);
+#if __cplusplus >= 202002L
+	void handoff(std::span<const Connection> connections) { handoff(connections.data(), connections.size()); }
+#endif
 	// Connections given to handoff() and not yet landed or returned.
 	std::size_t handoff_pending() const noexcept;
 	const HandoffSummary &handoff_summary() const noexcept;
@@ -126,7 +135,8 @@ public:
 	// A connection handed to this instance (it said accept_handoff): the handler owns fd, a
 	// connected socket as accept4() would return it (CLOEXEC, and blocking or not as its sender
 	// had it), and state is what the sender attached. Without a handler, connections are
-	// refused and go back to their sender.
+	// refused and go back to their sender. The sender's copy of the socket stays open a little
+	// longer, so close() alone does not take the fd out of an epoll set: EPOLL_CTL_DEL first.
 	void on_connection(std::function<void(int fd, std::string state)> handler);
 	// A handed-off connection that nobody took: the handler owns fd again. Without a handler
 	// the library closes it.

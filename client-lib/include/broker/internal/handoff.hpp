@@ -48,8 +48,10 @@ public:
 	};
 
 	void add(Item item) { queue_.push_back(std::move(item)); }
+	// Fewer batches in flight than kWindow (at least one).
+	void set_window(std::size_t batches) { window_ = batches < 1 ? 1 : batches > kWindow ? kWindow : batches; }
 
-	// The next batch to send, while fewer than kWindow are in flight and any are queued.
+	// The next batch to send, while fewer than the window are in flight and any are queued.
 	std::optional<Batch> next();
 
 	// The broker's "handoff" event for a batch. Returns false, changing nothing, for an unknown
@@ -57,8 +59,14 @@ public:
 	bool complete(std::uint64_t batch, std::uint64_t landed, const std::vector<std::uint64_t> &returned,
 	              Completion &out);
 
-	// Everything still held, queued or in flight, when the broker has gone.
-	std::vector<Item> abandon();
+	// A batch that could not be queued for sending goes back to the front of the queue.
+	void requeue(std::uint64_t batch);
+
+	// When the broker has gone: the connections never sent, which are the caller's again.
+	std::vector<Item> take_unsent();
+	// ... and those in flight, which may have landed at a receiver whose acknowledgement was
+	// lost with the broker: closed here, so that no socket is ever served twice. Returns how many.
+	std::size_t drop_in_flight();
 
 	std::size_t queued() const { return queue_.size(); }
 	std::size_t in_flight_batches() const { return in_flight_.size(); }
@@ -68,6 +76,7 @@ private:
 	std::deque<Item> queue_;
 	std::map<std::uint64_t, std::vector<Item>> in_flight_;
 	std::uint64_t next_id_ = 1;
+	std::size_t window_ = kWindow;
 };
 
 } // namespace broker::handoff

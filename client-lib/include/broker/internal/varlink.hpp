@@ -38,6 +38,8 @@ bool depth_within_limit(std::string_view text);
 // by an integer member named "fd" anywhere inside "parameters"; the indices used must be exactly
 // 0..n-1, each once. Returns n, or -EBADMSG if the references are not of that form.
 int count_fd_refs(const json &body);
+// The same for a message's parameters alone.
+int count_fd_refs_in(const json &parameters);
 
 // A non-blocking Varlink stream. It never blocks and never logs: callers poll fd(), call
 // receive() when readable and flush() when want_write(), and read errors as negative errno.
@@ -69,6 +71,9 @@ public:
 	// -ENOBUFS when the write queue is over its limit, or -EBADMSG if fd references and
 	// `fds` do not match.
 	int enqueue(const json &body, std::vector<UniqueFd> fds = {});
+	// A reply (make_reply's form), written without copying `parameters` into a message first:
+	// events that carry a batch of connections are large.
+	int enqueue_reply(const json &parameters, bool continues, std::vector<UniqueFd> fds = {});
 	// The same with fds the caller keeps owning; they must stay open until flush() has sent
 	// the message. For a sender that holds its copies until the peer acknowledges anyway.
 	int enqueue_borrowed(const json &body, std::vector<int> fds);
@@ -93,6 +98,7 @@ private:
 	};
 
 	int queue(const json &body, std::size_t nfds, Outgoing o);
+	int queue_text(Outgoing o);
 
 	UniqueFd fd_;
 	std::size_t max_message_;
