@@ -801,6 +801,12 @@ Config parse(std::string_view text)
 Config load(const std::string &path)
 {
 	std::string text;
+	return load(path, text);
+}
+
+Config load(const std::string &path, std::string &text)
+{
+	text.clear();
 	{
 		UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
 		if (!fd)

@@ -88,6 +88,8 @@ struct Config {
 Config parse(std::string_view text);
 // Reads and parses a file; errors are prefixed with the file name.
 Config load(const std::string &path);
+// The same, keeping the file's text (a re-exec passes it on, to parse the very same config).
+Config load(const std::string &path, std::string &text);
 
 // "250ms", "30s", "5m", "1h", "1m30s". Returns nullopt for anything else.
 std::optional<Duration> parse_duration(std::string_view text);

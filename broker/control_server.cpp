@@ -8,6 +8,7 @@
 #include "interfaces.hpp"
 #include "broker/internal/errors.hpp"
 #include "log.hpp"
+#include "state.hpp"
 #include "supervisor.hpp"
 
 #include <fcntl.h>
@@ -155,11 +156,20 @@ private:
 	void control_start_stop(const json &params, bool start);
 	void control_reload(const json &params);
 	void control_watch(const json &params);
+	void control_reexec(const json &params);
+
+public:
+	// Re-exec: what the next brokerd needs to carry this connection on (null: drop it).
+	json save(int caller, std::vector<int> &keep_fds) const;
+	void restore(const json &j);
+
+private:
 	Service *service_param(const json &params, const std::vector<std::string> &allowed);
 
 	Instance *worker();
 	void reply(json parameters, bool continues = false);
 	void error(std::string_view name, json parameters = json::object());
+	bool sent(int r, const char *what);
 
 	ControlServer &server_;
 	vl::Stream stream_;
@@ -172,6 +182,7 @@ private:
 	bool oneway_ = false;   // the call being handled wants no reply
 	bool more_ = false;
 	bool dead_ = false;
+	bool peer_gone_ = false; // writing failed: reading on until the end of its input
 	bool waiting_ = false;  // an upgrade, start or stop will reply; later calls wait their turn
 	bool watching_ = false;
 	std::string watch_service_;
@@ -251,10 +262,12 @@ int ControlServer::Connection::io_handler(sd_event_source *, int, std::uint32_t 
 
 void ControlServer::Connection::on_io(std::uint32_t revents)
 {
-	if (revents & EPOLLOUT) {
+	if ((revents & EPOLLOUT) && !peer_gone_) {
 		int r = stream_.flush();
-		if (r < 0 && r != -EAGAIN)
-			return close(""); // the peer went away; nothing to tell it
+		if (r == -EPIPE || r == -ECONNRESET)
+			peer_gone_ = true; // what it sent before it went is still read below
+		else if (r < 0 && r != -EAGAIN)
+			return close("");
 	}
 	if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
 		int r = stream_.receive();
@@ -351,41 +364,46 @@ void ControlServer::Connection::watch_event(const json &event)
 
 void ControlServer::Connection::update_events()
 {
+	bool out = stream_.want_write() && !peer_gone_;
 	if (io_)
-		sd_event_source_set_io_events(io_.get(), static_cast<std::uint32_t>(EPOLLIN) | (stream_.want_write() ? static_cast<std::uint32_t>(EPOLLOUT) : 0u));
+		sd_event_source_set_io_events(io_.get(), static_cast<std::uint32_t>(EPOLLIN) | (out ? static_cast<std::uint32_t>(EPOLLOUT) : 0u));
 }
 
 void ControlServer::Connection::reply(json parameters, bool continues)
 {
-	if (oneway_ || dead_)
+	if (oneway_ || dead_ || peer_gone_)
 		return;
-	int r = stream_.enqueue(vl::make_reply(std::move(parameters), continues));
-	if (r == 0)
-		r = stream_.flush();
-	if (r < 0 && r != -EAGAIN)
-		close(r == -ENOBUFS ? "too slow reading replies" : "send: " + errno_text(-r));
+	sent(stream_.enqueue(vl::make_reply(std::move(parameters), continues)), "send");
 }
 
 void ControlServer::Connection::error(std::string_view name, json parameters)
 {
-	if (oneway_ || dead_)
+	if (oneway_ || dead_ || peer_gone_)
 		return;
-	int r = stream_.enqueue(vl::make_error(name, std::move(parameters)));
-	if (r == 0)
-		r = stream_.flush();
-	if (r < 0 && r != -EAGAIN)
-		close(r == -ENOBUFS ? "too slow reading replies" : "send: " + errno_text(-r));
+	sent(stream_.enqueue(vl::make_error(name, std::move(parameters))), "send");
 }
 
 bool ControlServer::Connection::send_event(const json &parameters, std::vector<UniqueFd> fds)
 {
-	if (dead_)
+	if (dead_ || peer_gone_)
 		return false;
-	int r = stream_.enqueue_reply(parameters, true, std::move(fds));
+	return sent(stream_.enqueue_reply(parameters, true, std::move(fds)), "cannot send event");
+}
+
+// After enqueueing: writes what the socket takes. A peer that has gone may still have sent
+// something first (a worker acknowledging connections just before it died): the connection
+// stays until its input is read to the end, and closes then.
+bool ControlServer::Connection::sent(int r, const char *what)
+{
 	if (r == 0)
 		r = stream_.flush();
+	if (r == -EPIPE || r == -ECONNRESET) {
+		peer_gone_ = true;
+		update_events();
+		return false;
+	}
 	if (r < 0 && r != -EAGAIN) {
-		close("cannot send event: " + errno_text(-r));
+		close(r == -ENOBUFS ? std::string("too slow reading replies") : std::string(what) + ": " + errno_text(-r));
 		return false;
 	}
 	update_events();
@@ -429,7 +447,7 @@ void ControlServer::Connection::handle(vl::Message &m)
 		} else if (iface == "io.brokerd.Control") {
 			static const char *const readonly[] = {"Status", "Sockets", "Watch"};
 			static const char *const operations[] = {"Upgrade", "Rollback", "Restart", "Abort",
-			                                         "Start",   "Stop",     "Reload"};
+			                                         "Start",   "Stop",     "Reload",  "Reexec"};
 			bool is_read = std::find(std::begin(readonly), std::end(readonly), name) != std::end(readonly);
 			bool is_op = std::find(std::begin(operations), std::end(operations), name) != std::end(operations);
 			if (!is_read && !is_op)
@@ -450,6 +468,8 @@ void ControlServer::Connection::handle(vl::Message &m)
 				return control_abort(params);
 			if (name == "Start" || name == "Stop")
 				return control_start_stop(params, name == "Start");
+			if (name == "Reexec")
+				return control_reexec(params);
 			return control_reload(params);
 		} else if (iface == "io.brokerd.Worker") {
 			if (name == "Hello")
@@ -893,6 +913,93 @@ void ControlServer::Connection::control_watch(const json &params)
 	watching_ = true;
 	// The stream stays open; every event is one reply. Later calls on this connection wait.
 	waiting_ = true;
+}
+
+void ControlServer::Connection::control_reexec(const json &params)
+{
+	std::string binary;
+	for (auto it = params.begin(); it != params.end(); ++it) {
+		if (it.key() == "binary" && it->is_string() && !it->get<std::string>().empty())
+			binary = it->get<std::string>();
+		else if (!(it.key() == "binary" && it->is_null()))
+			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
+	}
+	if (oneway_)
+		return error(vl::kInvalidParameter, {{"parameter", "oneway"}});
+	try {
+		// Returns only when brokerd could not re-execute: it goes on serving as it was.
+		server_.hooks_.reexec(binary, stream_.fd());
+		error(errors::kReexecFailed, {{"message", "re-exec returned without an error"}});
+	} catch (const std::exception &e) {
+		log::error(std::string("reexec: ") + e.what() + "; carrying on");
+		error(errors::kReexecFailed, {{"message", e.what()}});
+	}
+}
+
+json ControlServer::Connection::save(int caller, std::vector<int> &keep_fds) const
+{
+	std::string in, out;
+	if (dead_ || !stream_.save(in, out))
+		return nullptr;
+	bool is_caller = stream_.fd() == caller;
+	if (token_.empty() && !is_caller)
+		return nullptr; // an operator's: it reconnects
+	keep_fds.push_back(stream_.fd());
+	Instance *inst = token_.empty() ? nullptr : server_.supervisor_.find_by_token(token_);
+	return {{"fd", stream_.fd()},
+	        {"token", token_},
+	        {"events", inst && inst->events == this},
+	        {"in", handoff::base64_encode(in)},
+	        {"out", handoff::base64_encode(out)},
+	        {"caller", is_caller}};
+}
+
+void ControlServer::Connection::restore(const json &j)
+{
+	auto in = handoff::base64_decode(j.at("in").get<std::string>());
+	auto out = handoff::base64_decode(j.at("out").get<std::string>());
+	stream_.restore(in ? std::move(*in) : std::string(), out ? std::move(*out) : std::string());
+	token_ = j.at("token").get<std::string>();
+	if (!token_.empty()) {
+		idle_.reset();
+		stream_.set_max_queued_fds(limits::kMaxQueuedFds);
+		Instance *inst = server_.supervisor_.find_by_token(token_);
+		if (inst && j.at("events").get<bool>())
+			server_.supervisor_.attach_events(*inst, this);
+	}
+	if (j.at("caller").get<bool>()) {
+		// The answer to the Reexec call, from the brokerd it asked for.
+		reply({{"version", BROKER_VERSION}, {"pid", ::getpid()}});
+	}
+	update_events();
+	schedule_resume();
+}
+
+json ControlServer::save_state(int caller, std::vector<int> &keep_fds)
+{
+	json conns = json::array();
+	for (const auto &c : connections_) {
+		json j = c->save(caller, keep_fds);
+		if (!j.is_null())
+			conns.push_back(std::move(j));
+	}
+	keep_fds.push_back(fd_.get());
+	return {{"fd", fd_.get()}, {"adopted", adopted_}, {"unlink_path", unlink_path_}, {"connections", std::move(conns)}};
+}
+
+void ControlServer::restore_state(const json &state)
+{
+	adopted_ = state.at("adopted").get<bool>();
+	unlink_path_ = state.at("unlink_path").get<std::string>();
+	for (const json &j : state.at("connections")) {
+		UniqueFd fd(j.at("fd").get<int>());
+		state::set_cloexec(fd.get(), true);
+		auto conn = std::make_unique<Connection>(*this, std::move(fd));
+		if (!conn->start())
+			continue;
+		conn->restore(j);
+		connections_.push_back(std::move(conn));
+	}
 }
 
 void ControlServer::broadcast(const json &event)

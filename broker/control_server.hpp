@@ -35,6 +35,9 @@ struct AccessRules {
 struct DaemonHooks {
 	std::function<config::Config()> read_config; // throws config::ConfigError
 	std::function<nlohmann::json()> reload;      // throws config::ConfigError or std::runtime_error
+	// Re-executes brokerd (binary, the caller's socket fd): returns only when it failed, with
+	// the reason in the exception; the new brokerd answers the caller.
+	std::function<void(const std::string &binary, int caller)> reexec;
 };
 
 class ControlServer {
@@ -56,6 +59,12 @@ public:
 	void set_rules(AccessRules rules) { rules_ = std::move(rules); }
 	// Sends an event to every Watch stream that wants it.
 	void broadcast(const nlohmann::json &event);
+
+	// Re-exec: the listening socket and the workers' connections (their fds go to keep_fds),
+	// and the caller's, which the next brokerd answers. Other connections are dropped.
+	nlohmann::json save_state(int caller, std::vector<int> &keep_fds);
+	// In the next brokerd, once the supervisor has its instances back.
+	void restore_state(const nlohmann::json &state);
 
 	class Connection;
 

@@ -338,6 +338,11 @@ std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd f
 		why = "the fd store holds " + p.kind + " " + p.address + ", the config wants " + configured_address(cfg);
 		return std::nullopt;
 	}
+	// A socket whose file is gone (removed when brokerd stopped, or by anyone) is unreachable.
+	if (cfg.kind == SocketKind::Unix && !unix_file_present(cfg.path)) {
+		why = "its file " + cfg.path + " is gone";
+		return std::nullopt;
+	}
 	// The backlog may have changed in the config; listen() again applies it to the same queue.
 	if (p.type == SOCK_STREAM && ::listen(fd.get(), cfg.backlog) < 0) {
 		why = std::string("listen: ") + std::strerror(errno);
@@ -352,6 +357,14 @@ std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd f
 		l.unlink_path = cfg.path;
 	l.fd = std::move(fd);
 	return l;
+}
+
+bool unix_file_present(const std::string &path)
+{
+	if (path.empty() || path[0] == '@')
+		return true; // abstract: no file to lose
+	struct stat st{};
+	return ::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode);
 }
 
 std::string socket_address(int fd)

@@ -40,6 +40,9 @@ Listener open_listener(const config::SocketConfig &cfg, InheritedFds &inherited)
 // address; backlog reapplied). Otherwise nullopt, `why` says how it differs, and fd is closed.
 std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd fd, std::string &why);
 
+// Whether a unix socket's path still has a socket file (always true for "@name").
+bool unix_file_present(const std::string &path);
+
 // The canonical address of a socket ("unix:/run/brokerd/control.sock"), or empty.
 std::string socket_address(int fd);
 

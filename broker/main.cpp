@@ -6,6 +6,7 @@
 #include "listener.hpp"
 #include "log.hpp"
 #include "notify.hpp"
+#include "state.hpp"
 #include "supervisor.hpp"
 #include "systemd_notify.hpp"
 
@@ -13,7 +14,12 @@
 
 #include <CLI/CLI.hpp>
 
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <sys/resource.h>
 
 #include <cstdio>
@@ -32,7 +38,12 @@ struct EventUnref {
 
 class Daemon {
 public:
-	Daemon(std::string config_path, config::Config cfg) : config_path_(std::move(config_path)), cfg_(std::move(cfg)) {}
+	Daemon(std::string config_path, config::Config cfg, std::string cfg_text)
+		: config_path_(std::move(config_path)), cfg_(std::move(cfg)), cfg_text_(std::move(cfg_text))
+	{
+	}
+	// Carries on from a previous brokerd's state (brokerctl reexec).
+	explicit Daemon(nlohmann::json restored);
 	int run();
 
 private:
@@ -42,9 +53,18 @@ private:
 	void close_unused_listeners();
 	UniqueFd adopt_control_socket(InheritedFds &inherited);
 	void store_fd(const std::string &name, int fd);
+	UniqueFd open_listeners();
+	UniqueFd restore_listeners();
+	void setup_watchdog();
+	void reexec(const std::string &binary, int caller);
+	void check_binary(const std::string &binary);
 
 	std::string config_path_;
 	config::Config cfg_;
+	std::string cfg_text_;     // the file as cfg_ was parsed from it, for a re-exec
+	nlohmann::json restored_;  // a previous brokerd's state, until run() has used it
+	std::uint64_t start_usec_ = 0;
+	std::uint64_t watchdog_usec_ = 0;
 	std::unique_ptr<sd_event, EventUnref> event_;
 	std::list<Listener> listeners_; // stable addresses: services point at their listeners
 	std::unique_ptr<Supervisor> supervisor_;
@@ -59,10 +79,16 @@ private:
 	rlimit started_nofile_{};
 };
 
-int Daemon::run()
+Daemon::Daemon(nlohmann::json restored) : restored_(std::move(restored))
 {
-	const std::uint64_t start = now_usec(CLOCK_MONOTONIC);
+	config_path_ = restored_.at("config_path").get<std::string>();
+	cfg_text_ = restored_.at("config_text").get<std::string>();
+	cfg_ = config::parse(cfg_text_);
+}
 
+// Binds or adopts every configured socket; returns the control socket if systemd passed one.
+UniqueFd Daemon::open_listeners()
+{
 	// Connections being handed off pass through brokerd, up to 16 batches of 253 per draining
 	// worker: raise the soft fd limit to the hard one, as the service manager recommends, and
 	// give workers the limit we were started with.
@@ -104,6 +130,40 @@ int Daemon::run()
 		                                                                            : "listening on ";
 		log::info("socket " + l.name + ": " + how + l.address);
 	}
+	return control_fd;
+}
+
+// Everything the previous brokerd held, at the same fd numbers; CLOEXEC again at once.
+UniqueFd Daemon::restore_listeners()
+{
+	const nlohmann::json &st = restored_;
+	started_nofile_.rlim_cur = st.at("nofile").at(0).get<rlim_t>();
+	started_nofile_.rlim_max = st.at("nofile").at(1).get<rlim_t>();
+	for (const auto &j : st.at("listeners")) {
+		Listener l;
+		l.name = j.at("name").get<std::string>();
+		l.fd.reset(j.at("fd").get<int>());
+		state::set_cloexec(l.fd.get(), true);
+		l.address = j.at("address").get<std::string>();
+		l.kind = j.at("kind").get<std::string>();
+		l.origin = j.at("origin").get<std::string>();
+		l.unlink_path = j.at("unlink_path").get<std::string>();
+		listeners_.push_back(std::move(l));
+	}
+	UniqueFd control_fd(st.at("control").at("fd").get<int>());
+	state::set_cloexec(control_fd.get(), true);
+	watchdog_usec_ = st.at("watchdog_usec").get<std::uint64_t>();
+	announced_ready_ = st.at("announced_ready").get<bool>();
+	last_status_ = st.at("last_status").get<std::string>();
+	return control_fd;
+}
+
+int Daemon::run()
+{
+	const bool restoring = !restored_.is_null();
+	start_usec_ = restoring ? restored_.at("start_usec").get<std::uint64_t>() : now_usec(CLOCK_MONOTONIC);
+	const std::uint64_t start = start_usec_;
+	UniqueFd control_fd = restoring ? restore_listeners() : open_listeners();
 
 	sd_event *e = nullptr;
 	int r = sd_event_new(&e);
@@ -138,48 +198,49 @@ int Daemon::run()
 	sighup_.reset(s);
 
 	// The service manager's watchdog (WATCHDOG_USEC): fed at half its period from the loop, so a
-	// stuck loop is exactly what it catches.
-	std::uint64_t watchdog_usec = 0;
-	if (notifier_.enabled() && sd_watchdog_enabled(1, &watchdog_usec) > 0 && watchdog_usec >= 2) {
-		watchdog_period_ = watchdog_usec / 2;
-		auto tick = [](sd_event_source *src, std::uint64_t now, void *userdata) -> int {
-			return guarded("watchdog", [&]() -> int {
-				auto *d = static_cast<Daemon *>(userdata);
-				d->notifier_.send("WATCHDOG=1");
-				sd_event_source_set_time(src, now + d->watchdog_period_);
-				sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
-				return 0;
-			});
-		};
-		if (sd_event_add_time(e, &s, CLOCK_MONOTONIC, now_usec(CLOCK_MONOTONIC), watchdog_period_ / 10, tick, this) >= 0) {
-			watchdog_.reset(s);
-			log::info("feeding the service manager's watchdog every " + std::to_string(watchdog_period_ / 1000) + "ms");
-		}
-	}
+	// stuck loop is exactly what it catches. sd_watchdog_enabled() unsets the variables, so a
+	// re-executed brokerd learns the period from its predecessor.
+	if (!restoring && notifier_.enabled() && sd_watchdog_enabled(1, &watchdog_usec_) <= 0)
+		watchdog_usec_ = 0;
+	setup_watchdog();
 
 	supervisor_ = std::make_unique<Supervisor>(e, listeners_, cfg_.control.path);
 	supervisor_->set_child_nofile(started_nofile_);
-	notify_ = std::make_unique<NotifySocket>(e, *supervisor_);
+	UniqueFd notify_fd;
+	if (restoring) {
+		notify_fd.reset(restored_.at("notify_fd").get<int>());
+		state::set_cloexec(notify_fd.get(), true);
+	}
+	notify_ = std::make_unique<NotifySocket>(e, *supervisor_, std::move(notify_fd));
 	supervisor_->set_notify_address(notify_->address());
 	DaemonHooks hooks;
 	hooks.read_config = [this] { return config::load(config_path_); };
 	hooks.reload = [this] { return reload(); };
+	hooks.reexec = [this](const std::string &binary, int caller) { reexec(binary, caller); };
 	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start,
 	                                           std::move(control_fd));
 	supervisor_->on_event = [this](const nlohmann::json &ev) { control_->broadcast(ev); };
-	log::info("control socket: " + cfg_.control.path + (control_->adopted() ? " (adopted from systemd)" : ""));
-
-	// The service manager keeps what we bound in its fd store, so that a brokerd it restarts
-	// after a crash finds the same sockets, accept queues and all.
-	if (!control_->adopted())
-		store_fd("control", control_->fd());
-	for (const auto &l : listeners_)
-		if (l.origin == "bound")
-			store_fd(l.name, l.fd.get());
-
 	supervisor_->on_change = [this] { on_change(); };
-	for (const auto &svc : cfg_.services)
-		supervisor_->add_service(svc);
+
+	if (restoring) {
+		supervisor_->restore_state(restored_.at("services"));
+		control_->restore_state(restored_.at("control"));
+		log::notice("re-executed: brokerd " BROKER_VERSION " carries on with " +
+		            std::to_string(restored_.at("services").size()) + " service(s), " +
+		            std::to_string(control_->connections()) + " worker connection(s)");
+		restored_ = nullptr;
+	} else {
+		log::info("control socket: " + cfg_.control.path + (control_->adopted() ? " (adopted from systemd)" : ""));
+		// The service manager keeps what we bound in its fd store, so that a brokerd it
+		// restarts after a crash finds the same sockets, accept queues and all.
+		if (!control_->adopted())
+			store_fd("control", control_->fd());
+		for (const auto &l : listeners_)
+			if (l.origin == "bound")
+				store_fd(l.name, l.fd.get());
+		for (const auto &svc : cfg_.services)
+			supervisor_->add_service(svc);
+	}
 	on_change();
 
 	r = sd_event_loop(e);
@@ -213,7 +274,8 @@ int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userd
 // services drain, and a removed socket closes only once no service uses it any more.
 nlohmann::json Daemon::reload()
 {
-	config::Config next = config::load(config_path_);
+	std::string next_text;
+	config::Config next = config::load(config_path_, next_text);
 	AccessRules rules = AccessRules::resolve(next.control);
 	notifier_.send("RELOADING=1\nMONOTONIC_USEC=" + std::to_string(now_usec(CLOCK_MONOTONIC)));
 	nlohmann::json result = {{"added_sockets", nlohmann::json::array()},
@@ -255,6 +317,7 @@ nlohmann::json Daemon::reload()
 	// The new config is in force before services change, so that a listener is judged unused
 	// against it, and never against the old one.
 	config::Config old = std::exchange(cfg_, std::move(next));
+	cfg_text_ = std::move(next_text);
 	control_->set_rules(std::move(rules));
 	for (const auto &svc : old.services)
 		if (!cfg_.find_service(svc.name)) {
@@ -287,12 +350,165 @@ UniqueFd Daemon::adopt_control_socket(InheritedFds &inherited)
 	inherited.by_name.erase(it);
 	std::string have = socket_address(fd.get());
 	std::string want = "unix:" + cfg_.control.path;
-	if (have == want && sd_is_socket_unix(fd.get(), SOCK_STREAM, 1, nullptr, 0) > 0)
+	bool listening = sd_is_socket_unix(fd.get(), SOCK_STREAM, 1, nullptr, 0) > 0;
+	if (have == want && listening && unix_file_present(cfg_.control.path))
 		return fd;
-	log::warning("systemd passed a control socket (" + (have.empty() ? std::string("not a socket") : have) +
-	             ") that is not a listening socket at control.path " + cfg_.control.path + "; releasing it");
+	std::string why = have != want   ? "it is " + (have.empty() ? std::string("not a socket") : have) +
+	                                     ", not control.path " + cfg_.control.path
+	                  : !listening ? std::string("it is not a listening stream socket")
+	                               : "its file " + cfg_.control.path + " is gone";
+	log::warning("not adopting the control socket systemd passed: " + why + "; releasing it");
 	notifier_.send("FDSTOREREMOVE=1\nFDNAME=control");
 	return {};
+}
+
+void Daemon::setup_watchdog()
+{
+	if (watchdog_usec_ < 2)
+		return;
+	watchdog_period_ = watchdog_usec_ / 2;
+	auto tick = [](sd_event_source *src, std::uint64_t now, void *userdata) -> int {
+		return guarded("watchdog", [&]() -> int {
+			auto *d = static_cast<Daemon *>(userdata);
+			d->notifier_.send("WATCHDOG=1");
+			sd_event_source_set_time(src, now + d->watchdog_period_);
+			sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+			return 0;
+		});
+	};
+	sd_event_source *s = nullptr;
+	if (sd_event_add_time(event_.get(), &s, CLOCK_MONOTONIC, now_usec(CLOCK_MONOTONIC), watchdog_period_ / 10, tick,
+	                      this) >= 0) {
+		watchdog_.reset(s);
+		log::info("feeding the service manager's watchdog every " + std::to_string(watchdog_period_ / 1000) + "ms");
+	}
+}
+
+// Runs `binary --state-format` and checks that it reads the format we write: a binary that is
+// missing, does not run, or reads another format is refused before anything is handed over.
+void Daemon::check_binary(const std::string &binary)
+{
+	if (::access(binary.c_str(), X_OK) < 0)
+		throw std::runtime_error(binary + ": " + std::strerror(errno));
+	int pipefd[2];
+	if (::pipe2(pipefd, O_CLOEXEC) < 0)
+		throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
+	UniqueFd rd(pipefd[0]), wr(pipefd[1]);
+	UniqueFd devnull(::open("/dev/null", O_RDWR | O_CLOEXEC));
+	std::string path = binary;
+	char arg[] = "--state-format";
+	char *argv[] = {path.data(), arg, nullptr};
+	char *envp[] = {nullptr};
+	pid_t pid = ::fork();
+	if (pid < 0)
+		throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
+	if (pid == 0) {
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, nullptr);
+		::dup2(devnull.get(), 0);
+		::dup2(wr.get(), 1);
+		::dup2(devnull.get(), 2);
+		::execve(argv[0], argv, envp);
+		::_exit(127);
+	}
+	wr.reset();
+	// A few seconds at most: the answer is one line, printed before anything else happens.
+	std::string out;
+	std::uint64_t deadline = now_usec(CLOCK_MONOTONIC) + 5'000'000;
+	for (;;) {
+		std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+		pollfd p{rd.get(), POLLIN, 0};
+		int n = now < deadline ? ::poll(&p, 1, static_cast<int>((deadline - now) / 1000) + 1) : 0;
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			::kill(pid, SIGKILL);
+			break;
+		}
+		char buf[64];
+		ssize_t got = ::read(rd.get(), buf, sizeof(buf));
+		if (got <= 0 || out.size() > 64)
+			break;
+		out.append(buf, static_cast<std::size_t>(got));
+	}
+	int status = 0;
+	while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+	}
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		throw std::runtime_error(binary + " --state-format did not run (" +
+		                         (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
+		                                            : std::string("killed by a signal")) +
+		                         "): not a brokerd that can carry on from this one");
+	while (!out.empty() && (out.back() == '\n' || out.back() == ' '))
+		out.pop_back();
+	if (out != std::to_string(state::kFormat))
+		throw std::runtime_error(binary + " reads re-exec state format \"" + out + "\", this brokerd writes format " +
+		                         std::to_string(state::kFormat));
+}
+
+// brokerctl reexec: the state goes into a memfd, every fd the next brokerd needs loses CLOEXEC,
+// and brokerd execs itself (the same pid: children stay children, and the service manager
+// sees the same main process). Returns only when it could not: everything is as before.
+void Daemon::reexec(const std::string &requested, int caller)
+{
+	std::string why;
+	if (!supervisor_->quiet(why))
+		throw std::runtime_error("not now: " + why + "; try again once it is done");
+	std::string binary = requested;
+	if (binary.empty()) {
+		char self[PATH_MAX];
+		ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+		if (n < 0)
+			throw std::runtime_error(std::string("/proc/self/exe: ") + std::strerror(errno));
+		binary.assign(self, static_cast<std::size_t>(n));
+		// A package upgrade replaced the file we run from: the new one is at the same path.
+		const std::string deleted = " (deleted)";
+		if (binary.size() > deleted.size() && binary.ends_with(deleted))
+			binary.resize(binary.size() - deleted.size());
+	}
+	check_binary(binary);
+
+	std::vector<int> keep;
+	nlohmann::json listeners = nlohmann::json::array();
+	for (const auto &l : listeners_) {
+		listeners.push_back({{"name", l.name},
+		                     {"fd", l.fd.get()},
+		                     {"address", l.address},
+		                     {"kind", l.kind},
+		                     {"origin", l.origin},
+		                     {"unlink_path", l.unlink_path}});
+		keep.push_back(l.fd.get());
+	}
+	keep.push_back(notify_->fd());
+	nlohmann::json st = {{"format", state::kFormat},
+	                     {"version", BROKER_VERSION},
+	                     {"config_path", config_path_},
+	                     {"config_text", cfg_text_},
+	                     {"start_usec", start_usec_},
+	                     {"nofile", {started_nofile_.rlim_cur, started_nofile_.rlim_max}},
+	                     {"watchdog_usec", watchdog_usec_},
+	                     {"announced_ready", announced_ready_},
+	                     {"last_status", last_status_},
+	                     {"listeners", std::move(listeners)},
+	                     {"notify_fd", notify_->fd()},
+	                     {"services", supervisor_->save_state(keep)},
+	                     {"control", control_->save_state(caller, keep)}};
+	UniqueFd memfd = state::write(st);
+	keep.push_back(memfd.get());
+	std::string fd_arg = std::to_string(memfd.get());
+	std::string config_arg = config_path_;
+	std::vector<char *> argv = {binary.data(), const_cast<char *>("--config"), config_arg.data(),
+	                            const_cast<char *>("--restore-state"), fd_arg.data(), nullptr};
+
+	log::notice("re-executing " + binary + " (" + std::to_string(keep.size()) + " fds carried over)");
+	for (int fd : keep)
+		state::set_cloexec(fd, false);
+	::execve(binary.c_str(), argv.data(), environ);
+	int err = errno;
+	for (int fd : keep)
+		state::set_cloexec(fd, true);
+	throw std::runtime_error("execve " + binary + ": " + std::strerror(err));
 }
 
 void Daemon::store_fd(const std::string &name, int fd)
@@ -347,7 +563,12 @@ int main(int argc, char **argv)
 	std::string config_path = BROKER_DEFAULT_CONFIG;
 	std::optional<std::string> check_path;
 	bool version = false;
+	bool state_format = false;
+	std::optional<int> restore_fd;
 	app.add_option("-c,--config", config_path, "Configuration file")->capture_default_str();
+	// Internal, for brokerctl reexec: which state format this binary reads, and the state itself.
+	app.add_flag("--state-format", state_format)->group("");
+	app.add_option("--restore-state", restore_fd)->group("");
 	app.add_option("--check-config", check_path, "Validate FILE and exit (0 when valid)")->type_name("FILE");
 	app.add_flag("--version", version, "Print the version and exit");
 	try {
@@ -358,6 +579,10 @@ int main(int argc, char **argv)
 	}
 	if (version) {
 		std::cout << "brokerd " << BROKER_VERSION << "\n";
+		return 0;
+	}
+	if (state_format) {
+		std::cout << broker::state::kFormat << "\n";
 		return 0;
 	}
 
@@ -384,7 +609,13 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 
 	try {
-		broker::Daemon daemon(config_path, broker::config::load(config_path));
+		if (restore_fd) {
+			broker::Daemon daemon(broker::state::read(*restore_fd));
+			return daemon.run();
+		}
+		std::string text;
+		broker::config::Config cfg = broker::config::load(config_path, text);
+		broker::Daemon daemon(config_path, std::move(cfg), std::move(text));
 		return daemon.run();
 	} catch (const std::exception &e) {
 		broker::log::error(e.what());

@@ -16,16 +16,21 @@
 
 namespace broker {
 
-NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor) : supervisor_(supervisor)
+NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kept) : supervisor_(supervisor)
 {
-	fd_.reset(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-	if (!fd_)
-		throw std::runtime_error(std::string("notify socket: ") + std::strerror(errno));
-	// Binding only the family autobinds a unique abstract name.
 	sockaddr_un sa{};
-	sa.sun_family = AF_UNIX;
-	if (::bind(fd_.get(), reinterpret_cast<sockaddr *>(&sa), sizeof(sa_family_t)) < 0)
-		throw std::runtime_error(std::string("notify socket: bind: ") + std::strerror(errno));
+	if (kept) {
+		// The one a previous brokerd bound: its workers' NOTIFY_SOCKET names it.
+		fd_ = std::move(kept);
+	} else {
+		fd_.reset(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+		if (!fd_)
+			throw std::runtime_error(std::string("notify socket: ") + std::strerror(errno));
+		// Binding only the family autobinds a unique abstract name.
+		sa.sun_family = AF_UNIX;
+		if (::bind(fd_.get(), reinterpret_cast<sockaddr *>(&sa), sizeof(sa_family_t)) < 0)
+			throw std::runtime_error(std::string("notify socket: bind: ") + std::strerror(errno));
+	}
 	socklen_t len = sizeof(sa);
 	if (::getsockname(fd_.get(), reinterpret_cast<sockaddr *>(&sa), &len) < 0)
 		throw std::runtime_error(std::string("notify socket: getsockname: ") + std::strerror(errno));

@@ -15,7 +15,9 @@ class Supervisor;
 // unknown pids, with fds, or over the size limit are dropped and logged.
 class NotifySocket {
 public:
-	NotifySocket(sd_event *event, Supervisor &supervisor);
+	// Binds a new socket, or serves `kept` (a re-executed brokerd's).
+	NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kept = {});
+	int fd() const { return fd_.get(); }
 
 	// "@xxxxx", the value for NOTIFY_SOCKET.
 	const std::string &address() const { return address_; }

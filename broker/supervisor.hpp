@@ -218,6 +218,15 @@ public:
 	// No instance is starting: every one is ready, or has failed for good.
 	bool settled() const;
 
+	// Self-upgrade (brokerctl reexec). quiet(): nothing is starting, draining, restarting or
+	// rolling out, and no connection is being handed off, so that the state is only what
+	// save_state() writes; why says what is busy. save_state() adds the fds the next brokerd
+	// must inherit to keep_fds; restore_state() carries on from them in the new process,
+	// before any service is added.
+	bool quiet(std::string &why) const;
+	nlohmann::json save_state(std::vector<int> &keep_fds) const;
+	void restore_state(const nlohmann::json &services);
+
 	// io.brokerd.Control.Status's services; null json for an unknown service.
 	nlohmann::json services_json(const std::string *only) const;
 	std::string summary() const;
@@ -269,6 +278,7 @@ private:
 	static int drain_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int restart_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int prune_handler(sd_event_source *s, void *userdata);
+	void restore_instance(Instance &inst, const nlohmann::json &j);
 
 	sd_event *event_;
 	const std::list<Listener> &listeners_;

@@ -7,6 +7,7 @@
 #include "format.hpp"
 #include "progress.hpp"
 #include "render.hpp"
+#include "reply.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -36,6 +37,7 @@ constexpr std::string_view kStart = "io.brokerd.Control.Start";
 constexpr std::string_view kStop = "io.brokerd.Control.Stop";
 constexpr std::string_view kReload = "io.brokerd.Control.Reload";
 constexpr std::string_view kWatch = "io.brokerd.Control.Watch";
+constexpr std::string_view kReexec = "io.brokerd.Control.Reexec";
 
 std::int64_t realtime_usec()
 {
@@ -123,6 +125,14 @@ void declare_none(CLI::App &, Arguments &) {}
 void declare_service(CLI::App &sub, Arguments &args)
 {
 	sub.add_option("SERVICE", args.service, "The service, as named in brokerd's config")->type_name("")->required();
+}
+
+void declare_reexec(CLI::App &sub, Arguments &args)
+{
+	sub.add_option("--binary", args.binary,
+	               "Execute this brokerd instead of the one running (default: the same path, as after a package "
+	               "upgrade)")
+		->type_name("PATH");
 }
 
 void declare_no_wait(CLI::App &sub, Arguments &args)
@@ -342,6 +352,21 @@ int run_reload(const Options &opts, const Arguments &, Connection &broker, std::
 	return kExitOk;
 }
 
+// brokerd re-executes itself and its successor answers; a brokerd that could not stays as it was.
+int run_reexec(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	json params = json::object();
+	if (args.binary)
+		params["binary"] = *args.binary;
+	json reply = broker.call(kReexec, params);
+	if (opts.json)
+		print_json(out, reply);
+	else
+		out << "brokerd re-executed: version " << printable(text(reply, "version", "?")) << ", pid "
+		    << number_text(reply, "pid") << ", listeners, workers and their connections kept\n";
+	return kExitOk;
+}
+
 int run_watch(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
 {
 	json params = json::object();
@@ -376,6 +401,8 @@ constexpr std::array kCommands{
 	Command{"reload", "Re-read the config file, adding and removing sockets and services", declare_none,
 	        run_reload},
 	Command{"watch", "Print brokerd's events as they happen, until interrupted", declare_watch, run_watch},
+	Command{"reexec", "Upgrade brokerd itself: it re-executes, keeping every listener, worker and connection",
+	        declare_reexec, run_reexec},
 };
 
 } // namespace

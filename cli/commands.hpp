@@ -42,6 +42,9 @@ struct Arguments {
 
 	// upgrade, rollback, restart
 	bool no_wait = false;
+
+	// reexec
+	std::optional<std::string> binary;
 };
 
 struct Command {

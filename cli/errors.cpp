@@ -27,7 +27,8 @@ const char *const kExitCodesHelp =
 	"  6  the upgrade failed and was rolled back (the previous generation serves)\n"
 	"  7  the operation could not begin: an upgrade is in progress, the config is invalid,\n"
 	"     the service is stopped (or, for start, running, or failed to start), there is no\n"
-	"     previous generation, or no upgrade to abort\n"
+	"     previous generation, or no upgrade to abort; or brokerd could not re-execute\n"
+	"     (reexec), and serves on as it was\n"
 	"\n"
 	"Environment:\n"
 	"  BROKERCTL_SOCKET  control socket, when --socket is not given";
@@ -150,6 +151,9 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 		return Failure(kExitNotStarted, service + " has no previous generation to roll back to");
 	if (error == kNoUpgradeInProgress)
 		return Failure(kExitNotStarted, "no upgrade of " + service + " is in progress");
+	if (error == kReexecFailed)
+		return Failure(kExitNotStarted, "brokerd did not re-execute, and serves on as it was: " +
+		                                    printable(text(error_parameters, "message", "no reason given")));
 	if (error == kStartFailed)
 		return Failure(kExitNotStarted, service + " could not be started: " +
 		                                    printable(text(error_parameters, "reason", "no reason given")));

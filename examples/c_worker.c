@@ -6,6 +6,17 @@
  * and exits 0. It reads no request bodies: a request that announces one gets 413 and a close.
  * broker-example-http is the fuller C++ example; this one shows the C API with every error checked.
  *
+ * Under brokerd it also hands its connections to the next generation when it drains, and takes
+ * those its predecessors hand to it (connection handoff, see hand_off() and send_handoffs()):
+ *   - a keep-alive connection between requests moves at once, with the part of a request it has
+ *     read so far as its state; the successor starts from that state as if it had read it itself,
+ *     then reads the rest from the socket. The client sees one TCP connection throughout, answered
+ *     by the new generation from then on.
+ *   - a connection with a response in flight moves once the response is out.
+ *   - a connection that nobody could take comes back (the returned handler) and is served to its
+ *     end with "Connection: close", as every connection is when draining under plain systemd.
+ * It exits once it holds no connection and no handoff is pending, or at the deadline.
+ *
  * Without brokerd:  systemd-socket-activate -l 127.0.0.1:9090 broker-example-c */
 
 #include <broker/client.h>
@@ -21,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -28,7 +40,8 @@
 
 /* Limits on what clients control, and on the work done per wakeup. */
 #define MAX_LISTENERS 64
-#define MAX_CONNS 256
+#define MAX_CONNS 16384          /* also clipped to RLIMIT_NOFILE; see setup() */
+#define RESERVED_FDS 16          /* stdio, the signalfd, the broker connection, and some room */
 #define MAX_HEAD 8192            /* request line and headers; more is 431 */
 #define ACCEPT_BATCH 32          /* per listener per wakeup */
 #define PROCESS_BATCH 64         /* broker_client_process() calls per wakeup */
@@ -40,26 +53,41 @@
 #define SWEEP_MS 1000
 #define DRAIN_SWEEP_MS 50
 
+/* A partly received request travels with its connection as handoff state, so it must fit. */
+_Static_assert(MAX_HEAD <= BROKER_MAX_HANDOFF_STATE, "the input buffer must fit in a handoff's state");
+
 struct conn {
 	int fd;
-	char in[MAX_HEAD];
+	char in[MAX_HEAD];       /* received, not yet answered: at most one partial request between responses */
 	size_t in_len;
 	char out[512];           /* one response at a time */
 	size_t out_len, out_sent;
 	bool peer_eof;           /* the client shut down its side */
 	bool close_after;        /* the queued response says "Connection: close" */
 	bool lingering;          /* our FIN is out; discarding input until the client's */
+	bool returned;           /* a handoff nobody took: served to its end here, with "Connection: close" */
+	bool handing;            /* queued for the next broker_client_handoff() call, see send_handoffs() */
+	bool gone;               /* closed or handed off: freed by reap() at the end of this wakeup */
 	uint64_t last_active;    /* ms, CLOCK_MONOTONIC */
 	uint64_t linger_until;
 };
 
 struct server {
 	broker_client *client;
+	bool brokered;
 	int sigfd;
 	int listeners[MAX_LISTENERS];
 	size_t n_listeners;
-	struct conn *conns[MAX_CONNS]; /* NULL: a free slot */
-	size_t n_conns;
+	/* The connections, and those gone in this wakeup until reap(): an event for a connection that
+	 * went away earlier in the same wakeup still finds its (gone) struct. */
+	struct conn **conns;
+	size_t n_slots, cap;     /* used and allocated entries of conns */
+	size_t n_open;           /* neither closed nor handed off */
+	size_t n_handing;
+	size_t max_conns;        /* accepting pauses here */
+	struct pollfd *pfds;     /* rebuilt every wakeup, with the connection each entry is for */
+	struct conn **polled;
+	size_t poll_cap;
 	bool draining;
 	bool broker_lost;
 	uint64_t now;            /* ms, CLOCK_MONOTONIC, once per wakeup */
@@ -89,56 +117,65 @@ static uint64_t now_ms(void)
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-/* deadline: ms on CLOCK_MONOTONIC when SIGKILL comes, or UINT64_MAX when the broker named none. */
-static void start_drain(struct server *s, const char *why, uint64_t deadline)
+/* ---- The connection table ---- */
+
+/* A new connection for fd, or NULL when out of memory (the caller still owns fd). */
+static struct conn *conn_add(struct server *s, int fd)
 {
-	bool known = deadline != UINT64_MAX;
-	uint64_t left = known && deadline > s->now ? deadline - s->now : 0;
-	if (known)
-		deadline = deadline > DEADLINE_MARGIN_MS ? deadline - DEADLINE_MARGIN_MS : 0;
-	if (s->draining) {
-		if (deadline < s->deadline)
-			s->deadline = deadline;
+	if (s->n_slots == s->cap) {
+		size_t cap = s->cap ? 2 * s->cap : 64;
+		struct conn **conns = realloc(s->conns, cap * sizeof *conns);
+		if (!conns)
+			return NULL;
+		s->conns = conns;
+		s->cap = cap;
+	}
+	struct conn *c = calloc(1, sizeof *c);
+	if (!c)
+		return NULL;
+	c->fd = fd;
+	c->last_active = s->now;
+	s->conns[s->n_slots++] = c;
+	s->n_open++;
+	return c;
+}
+
+/* With poll() closing is all it takes: the fd is simply not in the next poll set. An epoll loop
+ * must EPOLL_CTL_DEL first, because close() ends an epoll registration only with the last
+ * reference to the socket, and after a handoff its sender still holds one for a while. */
+static void conn_close(struct server *s, struct conn *c)
+{
+	if (c->gone)
 		return;
-	}
-	/* Not polling the listeners is all it takes: their queues belong to the kernel, and the other
-	 * workers of the service keep accepting from them. */
-	s->draining = true;
-	s->deadline = deadline;
-	s->next_sweep = s->now;
-	char when[64] = "no deadline";
-	if (known)
-		snprintf(when, sizeof when, "deadline in %llu ms", (unsigned long long)left);
-	logmsg("draining (%s): stopped accepting, %zu connections open, %s", why, s->n_conns, when);
-	if (!s->broker_lost && broker_client_brokered(s->client) == 1) {
-		int r = broker_client_status(s->client, "draining");
-		if (r < 0)
-			logmsg("cannot set status: %s, ignoring", strerror(-r));
-	}
+	close(c->fd);
+	c->fd = -1;
+	c->gone = true;
+	s->n_open--;
 }
 
-/* Called from broker_client_process(). */
-static void on_drain(broker_client *client, uint64_t deadline_usec, void *userdata)
+/* Frees what went away in this wakeup. Nothing may point at those connections afterwards. */
+static void reap(struct server *s)
 {
-	(void)client;
-	start_drain(userdata, "requested by brokerd", deadline_usec == UINT64_MAX ? UINT64_MAX : deadline_usec / 1000);
+	if (s->n_slots == s->n_open)
+		return;
+	size_t kept = 0;
+	for (size_t i = 0; i < s->n_slots; i++) {
+		if (s->conns[i]->gone)
+			free(s->conns[i]);
+		else
+			s->conns[kept++] = s->conns[i];
+	}
+	s->n_slots = kept;
 }
 
-static void conn_close(struct server *s, size_t slot)
-{
-	close(s->conns[slot]->fd);
-	free(s->conns[slot]);
-	s->conns[slot] = NULL;
-	s->n_conns--;
-}
+/* ---- HTTP ---- */
 
 /* A lingering close: our FIN follows the last response, then we discard input until the client's
  * FIN. Closing with unread input would send a reset, which can destroy the response in flight. */
-static void conn_begin_close(struct server *s, size_t slot)
+static void conn_begin_close(struct server *s, struct conn *c)
 {
-	struct conn *c = s->conns[slot];
 	if (c->peer_eof || shutdown(c->fd, SHUT_WR) < 0) {
-		conn_close(s, slot);
+		conn_close(s, c);
 		return;
 	}
 	c->lingering = true;
@@ -199,6 +236,13 @@ static char *next_line(char **cursor)
 	if (len > 0 && line[len - 1] == '\r')
 		line[len - 1] = '\0';
 	return line;
+}
+
+/* Whether c may go to the successor generation: only under brokerd, while it is still reachable,
+ * and never a connection that already came back once (nobody takes it; it is served to its end). */
+static bool may_hand_off(const struct server *s, const struct conn *c)
+{
+	return s->brokered && !s->broker_lost && !c->returned;
 }
 
 /* Answers the request at the front of c->in. Returns false while it is incomplete. */
@@ -272,8 +316,12 @@ static bool answer_one(struct server *s, struct conn *c)
 		return true;
 	}
 
+	/* While draining, a connection that can move to the successor stays alive and moves once this
+	 * answer is out; any other is closed after it, so that the client's next request opens a new
+	 * connection, which a worker still accepting will take. */
 	bool head_only = strcmp(method, "HEAD") == 0;
-	bool keep_alive = (http11 ? !want_close : want_keep_alive && !want_close) && !s->draining;
+	bool keep_alive = (http11 ? !want_close : want_keep_alive && !want_close) &&
+			  (!s->draining || may_hand_off(s, c));
 	if (!head_only && strcmp(method, "GET") != 0)
 		queue_response(s, c, 405, false, keep_alive);
 	else
@@ -282,9 +330,8 @@ static bool answer_one(struct server *s, struct conn *c)
 }
 
 /* Sends the queued response; false when the connection is gone. */
-static bool conn_flush(struct server *s, size_t slot)
+static bool conn_flush(struct server *s, struct conn *c)
 {
-	struct conn *c = s->conns[slot];
 	while (c->out_sent < c->out_len) {
 		ssize_t n = send(c->fd, c->out + c->out_sent, c->out_len - c->out_sent, MSG_NOSIGNAL);
 		if (n < 0) {
@@ -292,7 +339,7 @@ static bool conn_flush(struct server *s, size_t slot)
 				continue;
 			if (errno == EAGAIN)
 				return true;
-			conn_close(s, slot);
+			conn_close(s, c);
 			return false;
 		}
 		c->out_sent += (size_t)n;
@@ -302,18 +349,204 @@ static bool conn_flush(struct server *s, size_t slot)
 	return true;
 }
 
-static void conn_event(struct server *s, size_t slot, short revents)
+/* ---- Connection handoff (brokered only) ---- */
+
+/* Nothing of ours in flight on c: no unsent response, no close under way. Its input holds at most
+ * a partly received request (conn_serve() answered every complete one), which is its state. */
+static bool between_responses(const struct conn *c)
 {
-	struct conn *c = s->conns[slot];
+	return !c->gone && !c->lingering && !c->close_after && !c->peer_eof && c->out_len == 0;
+}
+
+/* Takes c out of this server and queues it for the successor: send_handoffs() gives the whole
+ * wakeup's worth to the library in one call, which sends them 253 to a message. c stays allocated
+ * until then, so its input buffer can serve as the state. */
+static void hand_off(struct server *s, struct conn *c)
+{
+	c->handing = true;
+	c->gone = true; /* for this server it is; see conn_close() for an epoll loop */
+	s->n_open--;
+	s->n_handing++;
+}
+
+static void send_handoffs(struct server *s)
+{
+	if (s->n_handing == 0)
+		return;
+	struct broker_connection *list = calloc(s->n_handing, sizeof *list);
+	size_t n = 0;
+	int r = -ENOMEM;
+	if (list) {
+		for (size_t i = 0; i < s->n_slots; i++) {
+			struct conn *c = s->conns[i];
+			if (c->handing)
+				list[n++] = (struct broker_connection){.fd = c->fd, .state = c->in, .state_size = c->in_len};
+		}
+		/* From here the library owns the fds (it copies the states): it closes each one that the
+		 * successor takes, and gives back through the returned handler those nobody could take. */
+		r = broker_client_handoff(s->client, list, n);
+		free(list);
+	}
+	if (r < 0)
+		logmsg("cannot hand off %zu connections: %s, serving them here", s->n_handing, strerror(-r));
+	for (size_t i = 0; i < s->n_slots; i++) {
+		struct conn *c = s->conns[i];
+		if (!c->handing)
+			continue;
+		c->handing = false;
+		if (r >= 0) {
+			c->fd = -1; /* the library's now; reap() frees the rest */
+		} else {
+			/* It took none of them: still ours, served to their end like a returned connection. */
+			c->gone = false;
+			c->returned = true;
+			c->last_active = s->now;
+			s->n_open++;
+		}
+	}
+	s->n_handing = 0;
+}
+
+/* Answers what has arrived, one response at a time, then decides what comes next for c. */
+static void conn_serve(struct server *s, struct conn *c)
+{
+	for (;;) {
+		if (!conn_flush(s, c))
+			return;
+		if (c->out_len > 0)
+			return; /* the socket is full; poll for POLLOUT */
+		if (c->close_after) {
+			conn_begin_close(s, c);
+			return;
+		}
+		if (!answer_one(s, c))
+			break;
+	}
+	if (c->peer_eof)
+		conn_close(s, c);
+	else if (s->draining && may_hand_off(s, c))
+		hand_off(s, c); /* the response in flight is out, so the connection can move now */
+}
+
+/* A connection handed to us by a predecessor (returned: false), or one of ours that came back
+ * (returned: true). Either way it is served as if freshly accepted, with its state already read.
+ * It is taken even past max_conns: refusing it would fail a client that did nothing wrong, while
+ * the limit still pauses accepting until we are below it again. */
+static void adopt(struct server *s, int fd, const void *state, size_t state_size, bool returned)
+{
+	/* The socket comes blocking or not as its sender had it, and this loop must never block. */
+	int flags = fcntl(fd, F_GETFL);
+	if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+		logmsg("handed-off connection: fcntl(O_NONBLOCK): %s, closing it", strerror(errno));
+		close(fd);
+		return;
+	}
+	struct conn *c = conn_add(s, fd);
+	if (!c) {
+		logmsg("out of memory, closing a handed-off connection");
+		close(fd);
+		return;
+	}
+	c->returned = returned;
+	if (state_size > sizeof c->in) {
+		/* More than this worker ever buffers (the sender was another program): a head too large. */
+		queue_response(s, c, 431, false, false);
+	} else {
+		memcpy(c->in, state, state_size);
+		c->in_len = state_size;
+	}
+	/* The state may hold a whole request, and while draining the connection may move on at once. */
+	conn_serve(s, c);
+}
+
+/* Called from broker_client_process(): the fd is ours, the state only valid during the call. */
+static void on_connection(broker_client *client, int fd, const void *state, size_t state_size, void *userdata)
+{
+	(void)client;
+	adopt(userdata, fd, state, state_size, false);
+}
+
+static void on_returned(broker_client *client, int fd, const void *state, size_t state_size, void *userdata)
+{
+	(void)client;
+	adopt(userdata, fd, state, state_size, true);
+}
+
+static void on_handoff_done(broker_client *client, size_t handed, size_t landed, size_t returned,
+			    size_t abandoned, void *userdata)
+{
+	(void)client;
+	(void)userdata;
+	logmsg("handoff settled: %zu connections handed, %zu taken by the successor, %zu returned, %zu abandoned",
+	       handed, landed, returned, abandoned);
+}
+
+static size_t handoff_pending(const struct server *s)
+{
+	return s->broker_lost ? 0 : broker_client_handoff_pending(s->client);
+}
+
+/* ---- Draining ---- */
+
+/* deadline: ms on CLOCK_MONOTONIC when SIGKILL comes, or UINT64_MAX when the broker named none. */
+static void start_drain(struct server *s, const char *why, uint64_t deadline)
+{
+	bool known = deadline != UINT64_MAX;
+	uint64_t left = known && deadline > s->now ? deadline - s->now : 0;
+	if (known)
+		deadline = deadline > DEADLINE_MARGIN_MS ? deadline - DEADLINE_MARGIN_MS : 0;
+	if (s->draining) {
+		if (deadline < s->deadline)
+			s->deadline = deadline;
+		return;
+	}
+	/* Not polling the listeners is all it takes: their queues belong to the kernel, and the other
+	 * workers of the service keep accepting from them. */
+	s->draining = true;
+	s->deadline = deadline;
+	s->next_sweep = s->now;
+	/* Every connection between responses moves now; those with a response in flight follow from
+	 * conn_serve() once it is out. */
+	size_t open = s->n_open;
+	for (size_t i = 0; i < s->n_slots; i++) {
+		struct conn *c = s->conns[i];
+		if (may_hand_off(s, c) && between_responses(c))
+			hand_off(s, c);
+	}
+	char when[64] = "no deadline";
+	if (known)
+		snprintf(when, sizeof when, "deadline in %llu ms", (unsigned long long)left);
+	char handed[64] = "";
+	if (s->brokered)
+		snprintf(handed, sizeof handed, ", %zu of them handed off", s->n_handing);
+	logmsg("draining (%s): stopped accepting, %zu connections open%s, %s", why, open, handed, when);
+	if (!s->broker_lost && s->brokered) {
+		int r = broker_client_status(s->client, "draining");
+		if (r < 0)
+			logmsg("cannot set status: %s, ignoring", strerror(-r));
+	}
+}
+
+/* Called from broker_client_process(). */
+static void on_drain(broker_client *client, uint64_t deadline_usec, void *userdata)
+{
+	(void)client;
+	start_drain(userdata, "requested by brokerd", deadline_usec == UINT64_MAX ? UINT64_MAX : deadline_usec / 1000);
+}
+
+/* ---- The event loop ---- */
+
+static void conn_event(struct server *s, struct conn *c, short revents)
+{
 	if (revents & (POLLERR | POLLNVAL)) {
-		conn_close(s, slot);
+		conn_close(s, c);
 		return;
 	}
 	if (c->lingering) {
 		char buf[4096];
 		ssize_t n = recv(c->fd, buf, sizeof buf, 0);
 		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
-			conn_close(s, slot);
+			conn_close(s, c);
 		return;
 	}
 	if ((revents & (POLLIN | POLLHUP)) && c->in_len < sizeof c->in) {
@@ -324,30 +557,16 @@ static void conn_event(struct server *s, size_t slot, short revents)
 		} else if (n == 0) {
 			c->peer_eof = true;
 		} else if (errno != EAGAIN && errno != EINTR) {
-			conn_close(s, slot);
+			conn_close(s, c);
 			return;
 		}
 	}
-	/* One response at a time: the next pipelined request waits until this one is sent. */
-	for (;;) {
-		if (!conn_flush(s, slot))
-			return;
-		if (c->out_len > 0)
-			return; /* the socket is full; poll for POLLOUT */
-		if (c->close_after) {
-			conn_begin_close(s, slot);
-			return;
-		}
-		if (!answer_one(s, c))
-			break;
-	}
-	if (c->peer_eof)
-		conn_close(s, slot);
+	conn_serve(s, c);
 }
 
 static void accept_batch(struct server *s, int listener)
 {
-	for (int i = 0; i < ACCEPT_BATCH && s->n_conns < MAX_CONNS; i++) {
+	for (int i = 0; i < ACCEPT_BATCH && s->n_open < s->max_conns; i++) {
 		int fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0) {
 			if (errno == EAGAIN) /* empty, or another worker of the service was faster */
@@ -362,41 +581,39 @@ static void accept_batch(struct server *s, int listener)
 			return;
 		}
 		s->accept_error_logged = false;
-		struct conn *c = calloc(1, sizeof *c);
-		if (!c) {
+		if (!conn_add(s, fd)) {
 			logmsg("out of memory, dropping a connection");
 			close(fd);
 			return;
 		}
-		c->fd = fd;
-		c->last_active = s->now;
-		size_t slot = 0;
-		while (s->conns[slot])
-			slot++;
-		s->conns[slot] = c;
-		s->n_conns++;
 	}
 }
 
-/* Closes connections that have done nothing for IDLE_TIMEOUT_MS. While draining, it also closes
- * every connection with nothing in progress once it has been quiet for DRAIN_IDLE_GRACE_MS: a
- * keep-alive client's next request may already be on the wire, and a request that arrives within
- * the grace is still answered, with "Connection: close". */
+/* Closes connections that have done nothing for IDLE_TIMEOUT_MS. While draining, a connection that
+ * can move to the successor is handed off (start_drain() and conn_serve() hand them as they become
+ * free; this is the safety net), and any other is closed once it has had nothing in progress for
+ * DRAIN_IDLE_GRACE_MS: a keep-alive client's next request may already be on the wire, and a request
+ * that arrives within the grace is still answered, with "Connection: close". A handoff has no such
+ * race: bytes the client sends meanwhile wait in the socket for the successor. */
 static void sweep(struct server *s)
 {
-	for (size_t slot = 0; slot < MAX_CONNS; slot++) {
-		struct conn *c = s->conns[slot];
-		if (!c)
+	for (size_t i = 0; i < s->n_slots; i++) {
+		struct conn *c = s->conns[i];
+		if (c->gone)
 			continue;
 		if (c->lingering) {
 			if (s->now >= c->linger_until)
-				conn_close(s, slot);
+				conn_close(s, c);
+			continue;
+		}
+		if (s->draining && may_hand_off(s, c) && between_responses(c)) {
+			hand_off(s, c);
 			continue;
 		}
 		uint64_t quiet = s->now - c->last_active;
 		bool idle = c->in_len == 0 && c->out_len == 0;
 		if (quiet >= IDLE_TIMEOUT_MS || (s->draining && idle && quiet >= DRAIN_IDLE_GRACE_MS))
-			conn_begin_close(s, slot);
+			conn_begin_close(s, c);
 	}
 	s->next_sweep = s->now + (s->draining ? DRAIN_SWEEP_MS : SWEEP_MS);
 }
@@ -418,11 +635,13 @@ static void handle_signals(struct server *s)
 static void process_broker(struct server *s)
 {
 	for (int i = 0; i < PROCESS_BATCH; i++) {
+		/* May call on_drain, on_connection, on_returned and on_handoff_done. */
 		int r = broker_client_process(s->client);
 		if (r == 0)
 			return;
 		if (r < 0) {
-			/* Without the broker nobody would tell this instance to drain: retire it now. */
+			/* Without the broker nobody would tell this instance to drain: retire it now. The
+			 * library has given back what it never sent, and closed what was in flight. */
 			logmsg("lost the broker connection: %s", strerror(-r));
 			s->broker_lost = true;
 			start_drain(s, "the broker connection was lost", s->now + DEFAULT_DRAIN_MS);
@@ -436,7 +655,7 @@ static void process_broker(struct server *s)
 static int poll_timeout(const struct server *s)
 {
 	uint64_t next = UINT64_MAX;
-	if (s->n_conns > 0 || s->draining)
+	if (s->n_open > 0 || s->draining)
 		next = s->next_sweep;
 	if (s->draining && s->deadline < next)
 		next = s->deadline;
@@ -454,37 +673,63 @@ static int poll_timeout(const struct server *s)
 	return next - s->now > 60000 ? 60000 : (int)(next - s->now);
 }
 
+/* Room in the poll arrays for n entries. */
+static bool poll_reserve(struct server *s, size_t n)
+{
+	if (n <= s->poll_cap)
+		return true;
+	size_t cap = s->poll_cap ? s->poll_cap : 256;
+	while (cap < n)
+		cap *= 2;
+	struct pollfd *pfds = realloc(s->pfds, cap * sizeof *pfds);
+	if (!pfds)
+		return false;
+	s->pfds = pfds;
+	struct conn **polled = realloc(s->polled, cap * sizeof *polled);
+	if (!polled)
+		return false;
+	s->polled = polled;
+	s->poll_cap = cap;
+	return true;
+}
+
+/* poll() keeps this loop short and has no registrations to keep in step with the connections, at
+ * the cost of walking every connection each wakeup; broker-example-http's epoll loop scales further. */
 static int run(struct server *s)
 {
-	struct pollfd pfds[2 + MAX_LISTENERS + MAX_CONNS];
-	size_t slot_of[MAX_CONNS];
-
-	while (!(s->draining && s->n_conns == 0)) {
+	int ret = 0;
+	while (!(s->draining && s->n_open == 0 && handoff_pending(s) == 0)) {
 		/* [0] signals, [1] the broker, then the listeners while accepting, then connections. */
+		if (!poll_reserve(s, 2 + s->n_listeners + s->n_slots)) {
+			logmsg("out of memory for the poll set");
+			ret = 1;
+			break;
+		}
+		struct pollfd *pfds = s->pfds;
 		size_t n = 0;
 		pfds[n++] = (struct pollfd){.fd = s->sigfd, .events = POLLIN};
 		pfds[n++] = (struct pollfd){.fd = -1};
 		if (!s->broker_lost) {
+			/* The library's fd and the events it wants can change after any call into it. */
 			pfds[1].fd = broker_client_fd(s->client);
 			pfds[1].events = (short)broker_client_events(s->client);
 		}
-		bool accepting = !s->draining && s->n_conns < MAX_CONNS && s->now >= s->resume_accept;
+		bool accepting = !s->draining && s->n_open < s->max_conns && s->now >= s->resume_accept;
 		for (size_t i = 0; i < s->n_listeners; i++)
 			pfds[n++] = (struct pollfd){.fd = accepting ? s->listeners[i] : -1, .events = POLLIN};
 		size_t first_conn = n;
-		for (size_t slot = 0; slot < MAX_CONNS; slot++) {
-			struct conn *c = s->conns[slot];
-			if (!c)
-				continue;
+		for (size_t i = 0; i < s->n_slots; i++) {
+			struct conn *c = s->conns[i];
 			short events = c->out_len > c->out_sent ? POLLOUT : c->peer_eof ? 0 : POLLIN;
-			slot_of[n - first_conn] = slot;
+			s->polled[n - first_conn] = c;
 			pfds[n++] = (struct pollfd){.fd = c->fd, .events = events};
 		}
 
 		int r = poll(pfds, n, poll_timeout(s));
 		if (r < 0 && errno != EINTR) {
 			logmsg("poll: %s", strerror(errno));
-			return 1;
+			ret = 1;
+			break;
 		}
 		s->now = now_ms();
 
@@ -496,31 +741,57 @@ static int run(struct server *s)
 		for (size_t i = 0; i < s->n_listeners; i++)
 			if (!s->draining && (pfds[2 + i].revents & POLLIN))
 				accept_batch(s, s->listeners[i]);
+		/* Connections added above are not in this poll set; those gone since are skipped. */
 		for (size_t i = first_conn; i < n; i++) {
-			size_t slot = slot_of[i - first_conn];
-			if (pfds[i].revents && s->conns[slot] && s->conns[slot]->fd == pfds[i].fd)
-				conn_event(s, slot, pfds[i].revents);
+			struct conn *c = s->polled[i - first_conn];
+			if (pfds[i].revents && !c->gone)
+				conn_event(s, c, pfds[i].revents);
 		}
 		if (s->now >= s->next_sweep)
 			sweep(s);
-		if (s->draining && s->n_conns > 0 && s->now >= s->deadline) {
-			logmsg("%s, closing %zu connections", s->stop_reason, s->n_conns);
+		send_handoffs(s);
+		reap(s);
+
+		if (s->draining && (s->n_open > 0 || handoff_pending(s) > 0) && s->now >= s->deadline) {
+			logmsg("%s, closing %zu connections (%zu handed off and not yet taken)", s->stop_reason,
+			       s->n_open, handoff_pending(s));
 			break;
 		}
 	}
-	for (size_t slot = 0; slot < MAX_CONNS; slot++)
-		if (s->conns[slot])
-			conn_close(s, slot);
-	return 0;
+	/* Those handed off and not yet taken are the library's: broker_client_free() closes them. */
+	for (size_t i = 0; i < s->n_slots; i++) {
+		conn_close(s, s->conns[i]);
+		free(s->conns[i]);
+	}
+	s->n_slots = 0;
+	free(s->conns);
+	free(s->pfds);
+	free(s->polled);
+	return ret;
+}
+
+/* Every connection is an fd. The soft limit is often 1024, for the sake of select()'s FD_SETSIZE,
+ * which this worker does not use: take the hard limit, which the administrator chose. */
+static void raise_fd_limit(void)
+{
+	struct rlimit nofile;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) < 0 || nofile.rlim_cur == nofile.rlim_max)
+		return;
+	nofile.rlim_cur = nofile.rlim_max;
+	if (setrlimit(RLIMIT_NOFILE, &nofile) < 0)
+		logmsg("cannot raise RLIMIT_NOFILE to %llu: %s, ignoring", (unsigned long long)nofile.rlim_max,
+		       strerror(errno));
 }
 
 static int setup(struct server *s)
 {
-	int r = broker_client_from_env(&s->client);
+	/* Under plain systemd the flag changes nothing: there is no broker to tell. */
+	int r = broker_client_from_env_with_flags(&s->client, BROKER_CLIENT_ACCEPT_HANDOFF);
 	if (r < 0) {
 		logmsg("cannot get sockets from brokerd or LISTEN_FDS: %s", strerror(-r));
 		return r;
 	}
+	s->brokered = broker_client_brokered(s->client) == 1;
 
 	size_t count = broker_client_listener_count(s->client);
 	for (size_t i = 0; i < count; i++) {
@@ -560,10 +831,29 @@ static int setup(struct server *s)
 		return -ENOENT;
 	}
 
+	/* Keep fds for the listeners and the rest (RESERVED_FDS); connections get what is left. */
+	s->max_conns = MAX_CONNS;
+	struct rlimit nofile;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY) {
+		rlim_t reserved = s->n_listeners + RESERVED_FDS;
+		rlim_t room = nofile.rlim_cur > reserved ? nofile.rlim_cur - reserved : 1;
+		if (room < s->max_conns)
+			s->max_conns = (size_t)room;
+	}
+
 	r = broker_client_set_drain_handler(s->client, on_drain, s);
 	if (r < 0) {
 		logmsg("cannot set the drain handler: %s", strerror(-r));
 		return r;
+	}
+	if (s->brokered) {
+		/* Handed-in connections come to on_connection; ours that nobody took to on_returned. */
+		if ((r = broker_client_set_connection_handler(s->client, on_connection, s)) < 0 ||
+		    (r = broker_client_set_returned_handler(s->client, on_returned, s)) < 0 ||
+		    (r = broker_client_set_handoff_done_handler(s->client, on_handoff_done, s)) < 0) {
+			logmsg("cannot set the handoff handlers: %s", strerror(-r));
+			return r;
+		}
 	}
 
 	const char *service = broker_client_service(s->client);
@@ -587,17 +877,14 @@ static int setup(struct server *s)
 	r = broker_client_status(s->client, status);
 	if (r < 0)
 		logmsg("cannot set status: %s, ignoring", strerror(-r));
-	logmsg("listening on %zu sockets (%s gen %llu pid %d)", s->n_listeners, service,
-	       (unsigned long long)broker_client_generation(s->client), (int)getpid());
+	logmsg("listening on %zu sockets (%s gen %llu pid %d, at most %zu connections)", s->n_listeners, service,
+	       (unsigned long long)broker_client_generation(s->client), (int)getpid(), s->max_conns);
 	return 0;
 }
 
 int main(void)
 {
-	static struct server s; /* large: the connection table */
-	s.sigfd = -1;
-	s.now = now_ms();
-	s.stop_reason = "drain deadline reached";
+	struct server s = {.sigfd = -1, .now = now_ms(), .stop_reason = "drain deadline reached"};
 
 	/* Block the drain signals before anything else, so that they queue on the signalfd. */
 	sigset_t mask;
@@ -618,6 +905,7 @@ int main(void)
 		logmsg("signalfd: %s", strerror(errno));
 		return 1;
 	}
+	raise_fd_limit();
 
 	int ret = setup(&s) < 0 ? 1 : run(&s);
 	if (s.client)

@@ -446,9 +446,16 @@ Server::Server(broker::Client &client, const sigset_t &signals)
 	if (listeners_.empty())
 		throw std::runtime_error("no listening stream socket to serve");
 
-	// Keep fds for the listeners, epoll, signalfd, the broker connection and stdio.
+	// A service manager starts services with a soft fd limit of 1024 (for select()); a server
+	// that holds thousands of connections raises it to the hard limit itself. Keep fds for the
+	// listeners, epoll, signalfd, the broker connection and stdio.
 	rlimit nofile{};
-	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY) {
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+		nofile.rlim_cur = nofile.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &nofile);
+		getrlimit(RLIMIT_NOFILE, &nofile);
+	}
+	if (nofile.rlim_cur != RLIM_INFINITY && nofile.rlim_cur > 0) {
 		rlim_t reserved = listeners_.size() + 16;
 		max_connections_ = nofile.rlim_cur > reserved
 					   ? std::min<std::size_t>(kMaxConnections, nofile.rlim_cur - reserved)

@@ -126,6 +126,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	void handoff_event(const json &params);
 	void give_back(std::vector<handoff::Item> items);
 	void check_done(std::size_t pending_before);
+	[[noreturn]] void lost(const Error &error);
 };
 
 namespace {
@@ -480,7 +481,7 @@ bool Client::process()
 	if (is_disconnect(r))
 		closed = true; // what the broker sent before it left is still dispatched below
 	else if (r < 0 && r != -EAGAIN)
-		throw Error(-r, std::string("send to brokerd: ") + std::strerror(-r));
+		impl_->lost(Error(-r, std::string("send to brokerd: ") + std::strerror(-r)));
 	did = s.queued_bytes() != before;
 
 	r = s.receive();
@@ -489,7 +490,7 @@ bool Client::process()
 	else if (r == 0 || is_disconnect(r))
 		closed = true;
 	else if (r != -EAGAIN)
-		throw Error(-r, std::string("receive from brokerd: ") + std::strerror(-r));
+		impl_->lost(Error(-r, std::string("receive from brokerd: ") + std::strerror(-r)));
 
 	for (;;) {
 		varlink::Message m;
@@ -497,20 +498,25 @@ bool Client::process()
 		if (r == 0)
 			break;
 		if (r < 0)
-			throw Error(-r, std::string("protocol error from brokerd: ") + std::strerror(-r));
+			impl_->lost(Error(-r, std::string("protocol error from brokerd: ") + std::strerror(-r)));
 		did = true;
 		impl_->dispatch(m);
 	}
 
-	if (closed) {
-		// What was never sent is ours again; what was in flight may be served already.
-		std::size_t before = impl_->sender.pending();
-		impl_->summary.abandoned += impl_->sender.drop_in_flight();
-		impl_->give_back(impl_->sender.take_unsent());
-		impl_->check_done(before);
-		throw_closed();
-	}
+	if (closed)
+		impl_->lost(Error(ECONNRESET, "brokerd closed the connection"));
 	return did;
+}
+
+// The connection to brokerd is unusable: what was never sent is ours again; what was in flight
+// may be served already, so it closes. Then the error goes to the caller.
+void Client::Impl::lost(const Error &error)
+{
+	std::size_t before = sender.pending();
+	summary.abandoned += sender.drop_in_flight();
+	give_back(sender.take_unsent());
+	check_done(before);
+	throw error;
 }
 
 void Client::on_drain(std::function<void(const DrainRequest &)> handler)
@@ -540,15 +546,21 @@ void Client::handoff(const Connection *list, std::size_t count)
 	rlimit nofile{};
 	if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY)
 		impl_->sender.set_window(nofile.rlim_cur / 2 / limits::kMaxFdsPerMessage);
-	std::vector<handoff::Item> items;
-	items.reserve(connections.size());
-	for (const Connection &c : connections)
-		items.push_back(handoff::Item{UniqueFd(), std::string(c.state)});
-	// Nothing above took an fd; from here on every one is ours.
-	for (std::size_t i = 0; i < connections.size(); i++) {
-		items[i].fd.reset(connections[i].fd);
-		impl_->sender.add(std::move(items[i]));
+	// Everything that allocates first, with no fd owned yet; then every fd at once.
+	std::vector<int> fds;
+	fds.reserve(connections.size());
+	std::size_t queued = 0;
+	try {
+		for (const Connection &c : connections) {
+			impl_->sender.add(handoff::Item{UniqueFd(), std::string(c.state)});
+			queued++;
+			fds.push_back(c.fd);
+		}
+	} catch (...) {
+		impl_->sender.drop_back(queued);
+		throw;
 	}
+	impl_->sender.own_back(fds.data(), fds.size());
 	impl_->summary.handed += connections.size();
 	// The fds are the library's now, whatever happens: a broker that has gone shows in the next
 	// process(), which gives back what was never sent.

@@ -147,6 +147,19 @@ bool Sender::complete(std::uint64_t batch, std::uint64_t landed, const std::vect
 	return true;
 }
 
+void Sender::drop_back(std::size_t n)
+{
+	while (n-- > 0 && !queue_.empty())
+		queue_.pop_back();
+}
+
+void Sender::own_back(const int *fds, std::size_t n) noexcept
+{
+	std::size_t first = queue_.size() - n;
+	for (std::size_t i = 0; i < n; i++)
+		queue_[first + i].fd.reset(fds[i]);
+}
+
 void Sender::requeue(std::uint64_t batch)
 {
 	auto it = in_flight_.find(batch);

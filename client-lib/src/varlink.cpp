@@ -297,6 +297,30 @@ int Stream::flush()
 	return 0;
 }
 
+bool Stream::save(std::string &in, std::string &out) const
+{
+	if (!in_fds_.empty())
+		return false;
+	for (const Outgoing &o : out_)
+		if (!o.fds.empty() || !o.borrowed.empty())
+			return false;
+	in = in_;
+	out.clear();
+	for (const Outgoing &o : out_)
+		out.append(o.data, o.offset, std::string::npos);
+	return true;
+}
+
+void Stream::restore(std::string in, std::string out)
+{
+	in_ = std::move(in);
+	scanned_ = 0;
+	if (!out.empty()) {
+		out_bytes_ += out.size();
+		out_.push_back(Outgoing{std::move(out), 0, {}, {}});
+	}
+}
+
 json make_call(std::string_view method, json parameters, bool more, bool oneway)
 {
 	json call = {{"method", method}};

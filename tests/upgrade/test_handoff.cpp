@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 using namespace utest;
@@ -333,22 +334,28 @@ struct ServerSockets {
 	std::size_t unread = 0;
 };
 
+// /proc/net/tcp is read in pages while other tests open and close sockets: an entry may show
+// twice or not at all in one read. Each server socket is counted once, by its peer's port, and
+// callers wait until the count is right.
 ServerSockets server_sockets(std::uint16_t port)
 {
 	std::ifstream f("/proc/net/tcp");
 	std::string line;
 	std::getline(f, line); // the header
-	ServerSockets out;
+	std::map<unsigned, bool> unread_by_peer;
 	while (std::getline(f, line)) {
-		unsigned local_port = 0, state = 0, rx = 0, tx = 0;
+		unsigned local_port = 0, peer_port = 0, state = 0, rx = 0, tx = 0;
 		// "  12: 0100007F:1F90 0100007F:C350 01 00000000:00000000 ..."
-		if (std::sscanf(line.c_str(), " %*u: %*x:%x %*x:%*x %x %x:%x", &local_port, &state, &tx, &rx) != 4)
+		if (std::sscanf(line.c_str(), " %*u: %*x:%x %*x:%x %x %x:%x", &local_port, &peer_port, &state, &tx, &rx) != 5)
 			continue;
 		if (local_port != port || state != 0x01) // TCP_ESTABLISHED
 			continue;
-		out.established++;
-		out.unread += rx > 0;
+		unread_by_peer[peer_port] = rx > 0;
 	}
+	ServerSockets out;
+	out.established = unread_by_peer.size();
+	for (const auto &[peer, unread] : unread_by_peer)
+		out.unread += unread;
 	return out;
 }
 
@@ -405,7 +412,7 @@ TEST_CASE("handoff: 8000 keep-alive connections move to the new generation in on
 	bool all_read = wait_until(
 		[&] {
 			server = server_sockets(port);
-			return server.unread == 0;
+			return server.unread == 0 && server.established == kConnections;
 		},
 		10s);
 	REQUIRE_MESSAGE(all_read, "the workers did not read the half requests: ", server.unread,

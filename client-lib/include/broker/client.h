@@ -62,12 +62,16 @@ struct broker_connection {
 	size_t state_size;
 };
 
-/* Takes ownership of all n fds, or of none when it fails (-EMSGSIZE, -EBADF, -ENOTCONN). */
+/* Takes ownership of all n fds, or of none when it fails (-EMSGSIZE, -EBADF, -ENOTCONN, -EINVAL
+ * for a NULL state with a size, -ENOMEM). */
 BROKER_C_EXPORT int broker_client_handoff(broker_client *client, const struct broker_connection *connections,
                                           size_t n);
 BROKER_C_EXPORT size_t broker_client_handoff_pending(const broker_client *client);
 
-/* A connection handed to this instance, or one of ours that nobody took: the handler owns fd. */
+/* A connection handed to this instance, or one of ours that nobody took: the handler owns fd;
+ * state is valid only during the call. Set the connection handler before broker_client_ready():
+ * connections that arrive without one go back to their sender. When broker_client_process()
+ * fails because brokerd went away, the returned and done handlers have run inside that call. */
 typedef void (*broker_connection_handler)(broker_client *client, int fd, const void *state, size_t state_size,
                                           void *userdata);
 BROKER_C_EXPORT int broker_client_set_connection_handler(broker_client *client, broker_connection_handler handler,

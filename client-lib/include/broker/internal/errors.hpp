@@ -15,6 +15,7 @@ inline constexpr std::string_view kNoPreviousGeneration = "io.brokerd.Control.No
 inline constexpr std::string_view kServiceStopped = "io.brokerd.Control.ServiceStopped";
 inline constexpr std::string_view kUpgradeFailed = "io.brokerd.Control.UpgradeFailed";
 inline constexpr std::string_view kStartFailed = "io.brokerd.Control.StartFailed";
+inline constexpr std::string_view kReexecFailed = "io.brokerd.Control.ReexecFailed";
 
 // io.brokerd.Worker (docs/io.brokerd.Worker.varlink).
 inline constexpr std::string_view kInvalidToken = "io.brokerd.Worker.InvalidToken";

@@ -48,6 +48,11 @@ public:
 	};
 
 	void add(Item item) { queue_.push_back(std::move(item)); }
+	// Two steps, so that a caller can queue connections without owning any fd yet (only the
+	// queue allocates), then own them all at once: drop_back() undoes the first step, and
+	// own_back() gives the last n queued items their fds and cannot fail.
+	void drop_back(std::size_t n);
+	void own_back(const int *fds, std::size_t n) noexcept;
 	// Fewer batches in flight than kWindow (at least one).
 	void set_window(std::size_t batches) { window_ = batches < 1 ? 1 : batches > kWindow ? kWindow : batches; }
 

@@ -86,6 +86,11 @@ public:
 	std::size_t queued_bytes() const { return out_bytes_; }
 	bool broken() const { return broken_; }
 
+	// For brokerd's re-exec: the bytes received and not yet taken, and those queued and not
+	// yet sent. False, with nothing taken, while fds are queued either way.
+	bool save(std::string &in, std::string &out) const;
+	void restore(std::string in, std::string out);
+
 	// True when bytes of an incomplete message are buffered (used for idle checks).
 	bool partial_input() const { return !in_.empty(); }
 

@@ -1,0 +1,590 @@
+#!/usr/bin/env python3
+"""Plays systemd's part for brokerd's fd store, stdlib only, against a real brokerd and worker.
+
+The harness owns the notify socket and keeps what brokerd pushes with FDSTORE=1, as the service
+manager does. It stops brokerd and starts it again with the stored fds in LISTEN_FDS, the way
+systemd does for `systemctl restart` (a restart job keeps the store) and for an automatic restart
+after a crash, and checks what a client sees: a request that waited in
+the accept queue while no brokerd ran is answered; a stored socket that no longer fits the config,
+or that no config entry names, is released with FDSTOREREMOVE=1.
+"""
+
+import array
+import ctypes
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+TIMEOUT = 20.0  # per step: brokerd's start, its worker's readiness, a drain
+HTTP_TIMEOUT = 10.0  # a ready worker answers at once
+failures = []
+passes = []
+
+
+def check(cond, what):
+    print(("ok     " if cond else "FAILED ") + what, flush=True)
+    (passes if cond else failures).append(what)
+    return cond
+
+
+def descendants(root):
+    """Pids below root, from /proc, so that nothing outlives a failed run."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    stat = f.read()
+                parent[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def become_subreaper():
+    """Workers that brokerd leaves behind become our children, so the final check sees them."""
+    PR_SET_CHILD_SUBREAPER = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def socket_inode(fd):
+    return os.fstat(fd).st_ino
+
+
+def process_socket_inodes(pid):
+    """The socket inodes among a process's open fds."""
+    out = set()
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+            except OSError:
+                continue
+            if m:
+                out.add(int(m.group(1)))
+    except OSError:
+        pass
+    return out
+
+
+# fdname_is_valid() in systemd: printable ASCII without ':', at most 255 bytes.
+FDNAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e ]{1,255}$")
+
+
+class ServiceManager:
+    """The notify socket and the fd store of one service, read as systemd's service.c reads them.
+
+    As in systemd, the store is a list: FDSTORE=1 adds each passed fd under FDNAME (default
+    "stored"), an fd that is the same socket as one already stored is dropped as a duplicate,
+    and FDSTOREREMOVE=1 closes every entry of that name. NotifyAccess=main: messages from any
+    other pid than the main one are counted and ignored.
+    """
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.name = "brokerd-fdstore-test-%d" % os.getpid()
+        self.sock.bind("\0" + self.name)
+        self.sock.setblocking(False)
+        self.store = []        # [name, fd], in the order systemd passes them back
+        self.main_pid = None
+        self.events = []       # ("READY"|"STOPPING"|"STORE"|"REMOVE"|"DUPLICATE"|"STATUS", detail)
+        self.foreign = 0       # messages from other pids
+        self.errors = []       # what systemd would have logged and rejected
+
+    @property
+    def address(self):
+        return "@" + self.name
+
+    def names(self):
+        return [n for n, _ in self.store]
+
+    def fd(self, name):
+        fds = [fd for n, fd in self.store if n == name]
+        return fds[0] if len(fds) == 1 else None
+
+    def add(self, name, fd):
+        ino = socket_inode(fd)
+        for n, have in self.store:
+            if socket_inode(have) == ino:
+                os.close(fd)
+                self.events.append(("DUPLICATE", name))
+                return
+        self.store.append([name, fd])
+        self.events.append(("STORE", name))
+
+    def remove(self, name):
+        keep = []
+        for n, fd in self.store:
+            if n == name:
+                os.close(fd)
+            else:
+                keep.append([n, fd])
+        self.store = keep
+        self.events.append(("REMOVE", name))
+
+    def clear(self):
+        for _, fd in self.store:
+            os.close(fd)
+        self.store = []
+
+    def receive_one(self):
+        """One datagram, or False when none is waiting."""
+        fd_space = socket.CMSG_SPACE(253 * array.array("i").itemsize)
+        cred_space = socket.CMSG_SPACE(3 * 4)
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(4096, fd_space + cred_space, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return False
+        fds, pid = [], None
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
+                fds += list(a)
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = int.from_bytes(payload[0:4], sys.byteorder, signed=True)
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            self.errors.append("truncated notify message (flags %#x)" % flags)
+            for fd in fds:
+                os.close(fd)
+            return True
+        if pid is None or pid != self.main_pid:
+            self.foreign += 1
+            for fd in fds:
+                os.close(fd)
+            return True
+
+        fields = {}
+        for line in data.decode(errors="replace").split("\n"):
+            if "=" in line:
+                k, v = line.split("=", 1)
+                fields[k] = v
+        if fields.get("READY") == "1":
+            self.events.append(("READY", ""))
+        if fields.get("STOPPING") == "1":
+            self.events.append(("STOPPING", ""))
+        if "STATUS" in fields:
+            self.events.append(("STATUS", fields["STATUS"]))
+        if fields.get("FDSTOREREMOVE") == "1":
+            name = fields.get("FDNAME")
+            if name is None or not FDNAME_RE.match(name):
+                self.errors.append("FDSTOREREMOVE=1 without a valid FDNAME: %r" % data)
+            else:
+                self.remove(name)
+        if fields.get("FDSTORE") == "1":
+            name = fields.get("FDNAME", "stored")
+            if not FDNAME_RE.match(name):
+                self.errors.append("FDSTORE=1 with an invalid FDNAME: %r" % data)
+                for fd in fds:
+                    os.close(fd)
+            elif not fds:
+                self.errors.append("FDSTORE=1 FDNAME=%s without an fd" % name)
+            else:
+                for fd in fds:
+                    self.add(name, fd)
+        elif fds:
+            self.errors.append("fds passed without FDSTORE=1: %r" % data)
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def drain(self):
+        while self.receive_one():
+            pass
+
+    def close(self):
+        self.clear()
+        self.sock.close()
+
+
+class Brokerd:
+    """One run of brokerd, started as systemd starts a service: the stored fds at 3 and up."""
+
+    def __init__(self, binary, config, manager, log_path):
+        self.manager = manager
+        self.log_path = log_path
+        names = manager.names()
+        fds = [fd for _, fd in manager.store]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "BROKER_", "WATCHDOG_"))}
+        env["NOTIFY_SOCKET"] = manager.address
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                # stdio first: log_fd may sit where a stored fd goes. Then the stored fds out of
+                # the way of 3..3+n, and into place: the inherited ones only.
+                os.dup2(null_fd, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds)) for fd in fds]
+                for i, fd in enumerate(high):
+                    os.dup2(fd, 3 + i, inheritable=True)
+                if fds:
+                    env["LISTEN_FDS"] = str(len(fds))
+                    env["LISTEN_FDNAMES"] = ":".join(names)
+                    env["LISTEN_PID"] = str(os.getpid())
+                os.execve(binary, [binary, "--config", config], env)
+            except BaseException as e:  # nothing of the harness may run on in the child
+                os.write(2, ("exec %s: %s\n" % (binary, e)).encode())
+            os._exit(127)
+        os.close(log_fd)
+        os.close(null_fd)
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.status = None
+        manager.main_pid = pid
+
+    def exited(self):
+        if self.status is None:
+            r, _, _ = select.select([self.pidfd], [], [], 0)
+            if r:
+                _, status = os.waitpid(self.pid, 0)
+                self.status = os.waitstatus_to_exitcode(status)
+                os.close(self.pidfd)
+        return self.status is not None
+
+    def wait_for(self, what, predicate, deadline):
+        """Serves the notify socket until predicate() holds, brokerd exits, or the deadline."""
+        while True:
+            self.manager.drain()
+            if predicate():
+                return True
+            if self.exited():
+                self.manager.drain()
+                if predicate():
+                    return True
+                raise RuntimeError("brokerd exited with %s while waiting for %s" % (self.status, what))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no %s from brokerd within %ss" % (what, TIMEOUT))
+            select.select([self.manager.sock, self.pidfd], [], [], left)
+
+    def wait_ready(self):
+        seen = len(self.manager.events)
+        self.wait_for("READY=1", lambda: ("READY", "") in self.manager.events[seen:], time.monotonic() + TIMEOUT)
+
+    def stop(self):
+        """SIGTERM, as systemctl stop with KillMode=mixed; brokerd drains its workers and exits."""
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT
+        while not self.exited():
+            self.manager.drain()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("brokerd did not exit within %ss of SIGTERM" % TIMEOUT)
+            select.select([self.manager.sock, self.pidfd], [], [], left)
+        self.manager.drain()
+        return self.status
+
+    def kill(self):
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.pid, 0)
+            os.close(self.pidfd)
+            self.status = -signal.SIGKILL
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_connect_and_send(port):
+    """A connection with a complete request written, not read yet."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(HTTP_TIMEOUT)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: fdstore-test\r\nConnection: close\r\n\r\n")
+    return s
+
+
+def http_read(s):
+    """(status, body) of the one response on s, read to the server's close."""
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    m = re.match(rb"HTTP/1\.1 (\d{3}) ", head)
+    return (int(m.group(1)) if m else None), body.decode(errors="replace")
+
+
+def http_get(port):
+    try:
+        return http_read(http_connect_and_send(port))
+    except OSError as e:
+        return None, str(e)
+
+
+def varlink_status(path):
+    """io.brokerd.Control.Status, as brokerctl status calls it; the reply's parameters or an error text."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(HTTP_TIMEOUT)
+            s.connect(path)
+            s.sendall(json.dumps({"method": "io.brokerd.Control.Status"}).encode() + b"\0")
+            buf = b""
+            while b"\0" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return None, "connection closed"
+                buf += chunk
+        reply = json.loads(buf.split(b"\0", 1)[0])
+        if "error" in reply:
+            return None, reply["error"]
+        return reply.get("parameters", {}), None
+    except (OSError, ValueError) as e:
+        return None, "%s: %s" % (type(e).__name__, e)
+
+
+def write_config(path, control, port, worker):
+    with open(path, "w") as f:
+        json.dump({"control": {"path": control},
+                   "sockets": {"http": {"listen": "tcp://127.0.0.1:%d" % port}},
+                   "services": {"web": {"exec": [worker], "sockets": ["http"],
+                                        "instances": 1, "ready": "broker"}}}, f)
+
+
+def served_by(body, pids):
+    """The example worker answers "hello from web gen G pid P"; whether P is one of pids."""
+    m = re.search(r"\bpid (\d+)", body)
+    return bool(m) and int(m.group(1)) in pids
+
+
+def check_running(b, manager, control, port, label):
+    """What every start must give: a store of exactly one "http" and one "control", both the very
+    sockets brokerd listens on, a port that serves, and a control socket that answers Status."""
+    workers = set(descendants(b.pid))
+    check(len(workers) >= 1, "%s: brokerd runs a worker (%s)" % (label, sorted(workers)))
+    check(sorted(manager.names()) == ["control", "http"],
+          "%s: the store holds exactly http and control (%s)" % (label, manager.names()))
+    held = process_socket_inodes(b.pid)
+    http_fd = manager.fd("http")
+    if http_fd is not None:
+        with socket.socket(fileno=os.dup(http_fd)) as s:
+            check(s.getsockname() == ("127.0.0.1", port),
+                  "%s: the stored http is bound to 127.0.0.1:%d (%s)" % (label, port, s.getsockname()))
+            check(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1, "%s: the stored http listens" % label)
+        check(socket_inode(http_fd) in held, "%s: the stored http is the socket brokerd holds" % label)
+    control_fd = manager.fd("control")
+    if control_fd is not None:
+        with socket.socket(fileno=os.dup(control_fd)) as s:
+            check(s.getsockname() == control, "%s: the stored control is bound to control.path (%r)" % (label, s.getsockname()))
+        check(socket_inode(control_fd) in held, "%s: the stored control is the socket brokerd serves" % label)
+    status, body = http_get(port)
+    check(status == 200 and served_by(body, workers), "%s: port %d serves 200 from brokerd's worker (%s %r)" %
+          (label, port, status, body.strip()))
+    params, err = varlink_status(control)
+    check(params is not None, "%s: Status on the control socket answers (%s)" % (label, err))
+    return workers, params or {}
+
+
+def socket_origin(params, name):
+    for s in params.get("sockets", []):
+        if s.get("name") == name:
+            return s.get("origin"), s.get("address")
+    return None, None
+
+
+def events_since(manager, seen, kind):
+    return [d for k, d in manager.events[seen:] if k == kind]
+
+
+def stop(b, label, workers):
+    seen = len(b.manager.events)
+    rc = b.stop()
+    check(rc == 0, "%s: brokerd exits 0 on SIGTERM (got %r)" % (label, rc))
+    check(("STOPPING", "") in b.manager.events[seen:], "%s: brokerd sent STOPPING=1" % label)
+    left = [p for p in workers if os.path.exists("/proc/%d" % p)]
+    check(not left, "%s: its workers are gone with it (%s)" % (label, left))
+
+
+def run(tmp, manager, runs):
+    brokerd = os.environ["BROKERD"]
+    worker = os.environ["EXAMPLE_HTTP"]
+    control = os.path.join(tmp, "control.sock")
+    config = os.path.join(tmp, "brokerd.json")
+    port = free_port()
+    write_config(config, control, port, worker)
+
+    def start(label):
+        b = Brokerd(brokerd, config, manager, os.path.join(tmp, "brokerd-%d.log" % (len(runs) + 1)))
+        runs.append((label, b))
+        return b
+
+    # 1. A first start: brokerd binds, and pushes what it bound into the store.
+    b = start("first start")
+    b.wait_ready()
+    check(events_since(manager, 0, "DUPLICATE") == [], "first start: no fd pushed twice")
+    workers, _ = check_running(b, manager, control, port, "first start")
+
+    # 2. Down: the store keeps the listener, so a client's connection waits in its accept queue.
+    stop(b, "first stop", workers)
+    check(sorted(manager.names()) == ["control", "http"],
+          "first stop: the store still holds http and control (%s)" % manager.names())
+    control_file_kept = os.path.exists(control)
+    print("note   the control socket file %s at brokerd's graceful stop" %
+          ("stays" if control_file_kept else "was removed"), flush=True)
+    try:
+        queued = http_connect_and_send(port)
+        check(True, "while brokerd is down, a client connects to %d and sends its request" % port)
+    except OSError as e:
+        queued = None
+        check(False, "while brokerd is down, a client connects to %d (%s)" % (port, e))
+
+    # 3. Started again with the stored fds, as by systemctl restart or after a crash: the queue survived.
+    seen = len(manager.events)
+    b = start("restart")
+    b.wait_ready()
+    log = b.log()
+    check("socket http: kept by the service manager" in log, "restart: the log says http was kept by the service manager")
+    adopted = "(adopted from systemd)" in log
+    print("note   restart: the control socket was %s" % ("adopted from the store" if adopted else "bound afresh"), flush=True)
+    released = events_since(manager, seen, "REMOVE")
+    if adopted:
+        check(os.path.exists(control),
+              "restart: the adopted control socket has its file at control.path (else nobody can connect)")
+        check(released == [], "restart: nothing released (%s)" % released)
+    else:
+        check(released == ["control"], "restart: only the stored control socket released (%s)" % released)
+        check(events_since(manager, seen, "STORE") == ["control"],
+              "restart: the control socket bound afresh is stored (%s)" % events_since(manager, seen, "STORE"))
+    workers, params = check_running(b, manager, control, port, "restart")
+    origin, _ = socket_origin(params, "http")
+    check(origin == "fdstore", "restart: Status shows http with origin fdstore (%r)" % origin)
+    if queued is not None:
+        try:
+            status, body = http_read(queued)
+        except OSError as e:
+            status, body = None, str(e)
+        check(status == 200 and served_by(body, workers),
+              "restart: the request queued while brokerd was down is answered 200 by the new worker (%s %r)" %
+              (status, body.strip()))
+
+    # 4. The config moved http to another port: the stored one is released, a new one bound and stored.
+    stop(b, "second stop", workers)
+    old_port, port = port, free_port()
+    while port == old_port:
+        port = free_port()
+    write_config(config, control, port, worker)
+    old_http_ino = socket_inode(manager.fd("http")) if manager.fd("http") is not None else None
+    seen = len(manager.events)
+    b = start("mismatch")
+    b.wait_ready()
+    log = b.log()
+    check(re.search(r"socket http: not adopting the service manager's stored socket: .*127\.0\.0\.1:%d" % old_port, log)
+          is not None, "mismatch: the log names the stored address that no longer fits")
+    store_events = [(k, d) for k, d in manager.events[seen:] if k in ("STORE", "REMOVE")]
+    check(("REMOVE", "http") in store_events, "mismatch: brokerd released the stored http (FDSTOREREMOVE=1)")
+    check(store_events.count(("REMOVE", "http")) == 1 and store_events.count(("STORE", "http")) == 1 and
+          store_events.index(("REMOVE", "http")) < store_events.index(("STORE", "http")),
+          "mismatch: and then stored the newly bound http (%s)" % store_events)
+    new_http = manager.fd("http")
+    check(new_http is not None and socket_inode(new_http) != old_http_ino, "mismatch: the stored http is a new socket")
+    workers, params = check_running(b, manager, control, port, "mismatch")
+    origin, address = socket_origin(params, "http")
+    check(origin == "bound" and address == "tcp://127.0.0.1:%d" % port,
+          "mismatch: Status shows http bound at the new port (%r %r)" % (origin, address))
+    status, _ = http_get(old_port)
+    check(status is None, "mismatch: the old port %d no longer accepts" % old_port)
+
+    # 5. A stored fd that no config entry names is released.
+    stop(b, "third stop", workers)
+    stale = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    stale.bind(("127.0.0.1", 0))
+    stale.listen(4)
+    stale_ino = socket_inode(stale.fileno())
+    manager.add("stale", stale.detach())
+    seen = len(manager.events)
+    b = start("stale")
+    b.wait_ready()
+    log = b.log()
+    check(("REMOVE", "stale") in manager.events[seen:], "stale: brokerd released \"stale\" (FDSTOREREMOVE=1)")
+    check("stale" not in manager.names(), "stale: the store no longer holds it (%s)" % manager.names())
+    check('systemd passed socket "stale", which no config entry names' in log, "stale: the log says so")
+    check(stale_ino not in process_socket_inodes(b.pid), "stale: brokerd closed its copy")
+    workers, _ = check_running(b, manager, control, port, "stale")
+    leaked = [p for p in workers if stale_ino in process_socket_inodes(p)]
+    check(not leaked, "stale: no worker inherited it (%s)" % leaked)
+    stop(b, "last stop", workers)
+
+    check(events_since(manager, 0, "DUPLICATE") == [],
+          "no run pushed a socket the store already held (%s)" % events_since(manager, 0, "DUPLICATE"))
+    check(manager.foreign == 0, "only brokerd's own pid wrote to the notify socket (%d others)" % manager.foreign)
+    check(not manager.errors, "every notify message was well-formed (%s)" % manager.errors)
+
+
+def main():
+    if not check(become_subreaper(), "the harness is a child subreaper, so that no worker escapes the checks"):
+        return 1
+    tmp = tempfile.mkdtemp(prefix="brokerd-fdstore.")
+    manager = ServiceManager()
+    runs = []
+    try:
+        run(tmp, manager, runs)
+    except Exception as e:  # report, with brokerd's logs, rather than a bare traceback
+        failures.append("%s: %s" % (type(e).__name__, e))
+        print("FAILED %s: %s" % (type(e).__name__, e), flush=True)
+    finally:
+        for _, b in runs:
+            if b.status is None:
+                stray = descendants(b.pid)
+                b.kill()
+                for pid in stray:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        # Orphans are ours (subreaper): kill and reap whatever is left, and count it as a failure.
+        left = descendants(os.getpid())
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in left:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        check(not left, "every brokerd and worker process is gone (%s)" % left)
+        if failures:
+            for label, b in runs:
+                print("--- brokerd log (%s):\n%s" % (label, b.log()), flush=True)
+        manager.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("%d passed, %d failed" % (len(passes), len(failures)))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
