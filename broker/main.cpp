@@ -18,6 +18,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <sys/resource.h>
@@ -57,7 +58,7 @@ private:
 	UniqueFd restore_listeners();
 	void setup_watchdog();
 	void reexec(const std::string &binary, int caller);
-	void check_binary(const std::string &binary);
+	void check_binary(const std::string &binary, int state_fd);
 
 	std::string config_path_;
 	config::Config cfg_;
@@ -384,9 +385,10 @@ void Daemon::setup_watchdog()
 	}
 }
 
-// Runs `binary --state-format` and checks that it reads the format we write: a binary that is
-// missing, does not run, or reads another format is refused before anything is handed over.
-void Daemon::check_binary(const std::string &binary)
+// Runs `binary --check-state` on the very state it would get, and checks that it reads it: a
+// binary that is missing, does not run, reads another format or rejects the config is refused
+// before anything is handed over.
+void Daemon::check_binary(const std::string &binary, int state_fd)
 {
 	if (::access(binary.c_str(), X_OK) < 0)
 		throw std::runtime_error(binary + ": " + std::strerror(errno));
@@ -396,7 +398,7 @@ void Daemon::check_binary(const std::string &binary)
 	UniqueFd rd(pipefd[0]), wr(pipefd[1]);
 	UniqueFd devnull(::open("/dev/null", O_RDWR | O_CLOEXEC));
 	std::string path = binary;
-	char arg[] = "--state-format";
+	char arg[] = "--check-state";
 	char *argv[] = {path.data(), arg, nullptr};
 	char *envp[] = {nullptr};
 	pid_t pid = ::fork();
@@ -406,9 +408,9 @@ void Daemon::check_binary(const std::string &binary)
 		sigset_t none;
 		sigemptyset(&none);
 		sigprocmask(SIG_SETMASK, &none, nullptr);
-		::dup2(devnull.get(), 0);
+		::dup2(state_fd, 0);
 		::dup2(wr.get(), 1);
-		::dup2(devnull.get(), 2);
+		::dup2(wr.get(), 2);
 		::execve(argv[0], argv, envp);
 		::_exit(127);
 	}
@@ -426,25 +428,35 @@ void Daemon::check_binary(const std::string &binary)
 			::kill(pid, SIGKILL);
 			break;
 		}
-		char buf[64];
+		char buf[256];
 		ssize_t got = ::read(rd.get(), buf, sizeof(buf));
-		if (got <= 0 || out.size() > 64)
+		if (got <= 0)
 			break;
 		out.append(buf, static_cast<std::size_t>(got));
+		if (out.size() > 1024) {
+			::kill(pid, SIGKILL); // the answer is one short line
+			break;
+		}
 	}
+	// It closed its output: it exits now, or is made to at the deadline.
+	UniqueFd child(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	pollfd p{child.get(), POLLIN, 0};
+	if (child && (now >= deadline || ::poll(&p, 1, static_cast<int>((deadline - now) / 1000) + 1) <= 0))
+		::kill(pid, SIGKILL);
 	int status = 0;
 	while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
 	}
+	out = out.substr(0, out.find('\n')); // its first line says it
 	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-		throw std::runtime_error(binary + " --state-format did not run (" +
+		throw std::runtime_error(binary + " --check-state did not run (" +
 		                         (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
 		                                            : std::string("killed by a signal")) +
+		                         (out.empty() ? std::string() : ": " + out.substr(0, 300)) +
 		                         "): not a brokerd that can carry on from this one");
-	while (!out.empty() && (out.back() == '\n' || out.back() == ' '))
-		out.pop_back();
 	if (out != std::to_string(state::kFormat))
-		throw std::runtime_error(binary + " reads re-exec state format \"" + out + "\", this brokerd writes format " +
-		                         std::to_string(state::kFormat));
+		throw std::runtime_error(binary + " reads re-exec state format \"" + out.substr(0, 40) +
+		                         "\", this brokerd writes format " + std::to_string(state::kFormat));
 }
 
 // brokerctl reexec: the state goes into a memfd, every fd the next brokerd needs loses CLOEXEC,
@@ -467,8 +479,6 @@ void Daemon::reexec(const std::string &requested, int caller)
 		if (binary.size() > deleted.size() && binary.ends_with(deleted))
 			binary.resize(binary.size() - deleted.size());
 	}
-	check_binary(binary);
-
 	std::vector<int> keep;
 	nlohmann::json listeners = nlohmann::json::array();
 	for (const auto &l : listeners_) {
@@ -495,6 +505,7 @@ void Daemon::reexec(const std::string &requested, int caller)
 	                     {"services", supervisor_->save_state(keep)},
 	                     {"control", control_->save_state(caller, keep)}};
 	UniqueFd memfd = state::write(st);
+	check_binary(binary, memfd.get());
 	keep.push_back(memfd.get());
 	std::string fd_arg = std::to_string(memfd.get());
 	std::string config_arg = config_path_;
@@ -563,11 +574,11 @@ int main(int argc, char **argv)
 	std::string config_path = BROKER_DEFAULT_CONFIG;
 	std::optional<std::string> check_path;
 	bool version = false;
-	bool state_format = false;
+	bool check_state = false;
 	std::optional<int> restore_fd;
 	app.add_option("-c,--config", config_path, "Configuration file")->capture_default_str();
-	// Internal, for brokerctl reexec: which state format this binary reads, and the state itself.
-	app.add_flag("--state-format", state_format)->group("");
+	// Internal, for brokerctl reexec: whether this binary reads a given state, and the state itself.
+	app.add_flag("--check-state", check_state)->group("");
 	app.add_option("--restore-state", restore_fd)->group("");
 	app.add_option("--check-config", check_path, "Validate FILE and exit (0 when valid)")->type_name("FILE");
 	app.add_flag("--version", version, "Print the version and exit");
@@ -581,7 +592,14 @@ int main(int argc, char **argv)
 		std::cout << "brokerd " << BROKER_VERSION << "\n";
 		return 0;
 	}
-	if (state_format) {
+	if (check_state) {
+		// The state a running brokerd would hand over, on stdin: it must parse here, config and all.
+		try {
+			broker::state::check(broker::state::read(0));
+		} catch (const std::exception &e) {
+			std::cout << e.what() << "\n";
+			return 1;
+		}
 		std::cout << broker::state::kFormat << "\n";
 		return 0;
 	}

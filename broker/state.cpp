@@ -82,6 +82,24 @@ config::ServiceConfig service_config(const json &j)
 	}
 }
 
+void check(const json &state)
+{
+	try {
+		config::parse(state.at("config_text").get<std::string>());
+		for (const json &svc : state.at("services")) {
+			service_config(svc.at("cfg"));
+			if (svc.contains("previous"))
+				service_config(svc.at("previous"));
+			for (const json &gen : svc.at("generations"))
+				service_config(gen.at("cfg"));
+		}
+	} catch (const json::exception &e) {
+		throw std::runtime_error(std::string("re-exec state: ") + e.what());
+	} catch (const config::ConfigError &e) {
+		throw std::runtime_error(std::string("re-exec state: the config: ") + e.what());
+	}
+}
+
 void set_cloexec(int fd, bool on)
 {
 	int flags = ::fcntl(fd, F_GETFD);

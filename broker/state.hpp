@@ -24,6 +24,9 @@ UniqueFd write(const nlohmann::json &state);
 // Reads and closes the state memfd; throws std::runtime_error (including on another format).
 nlohmann::json read(int fd);
 
+// Parses everything in the state but its fds, as a re-exec would; throws std::runtime_error.
+void check(const nlohmann::json &state);
+
 // Inheritable across execve, or not.
 void set_cloexec(int fd, bool on);
 
