@@ -11,11 +11,10 @@
 //   sender.build      handoff::Sender::next(): the Handoff parameters, base64 of every state
 //   sender.encode     make_call() and the dump that Stream::enqueue does (count_fd_refs included)
 //   broker.parse      depth check, json::parse and count_fd_refs of that text (Stream::next)
-//   broker.copy       as in ControlServer::handle(): `params = *p`, a deep copy of the parameters
 //   broker.check      as in worker_handoff(): each connection's members and base64 validated, each
 //                     state copied
-//   broker.forward    as in HandoffRouter::submit() and Connection::send_event(): the "connections"
-//                     event built, make_reply() (which copies it), and the enqueue dump
+//   broker.forward    as in HandoffRouter::send() and Connection::send_event(): the "connections"
+//                     event built and dumped inside its reply (Stream::enqueue_reply, no copy)
 //   receiver.parse    the event parsed (Stream::next) and every state base64-decoded
 //   receiver.ack      the Received call built and dumped
 //   broker.ack        the Received call parsed; the "handoff" event built and dumped (settle)
@@ -142,12 +141,9 @@ std::vector<Step> run(std::size_t state_bytes, unsigned iterations, const std::v
 	json call;
 	add("broker.parse", time_step(iterations, [] {}, [&] { call = decode(call_text); }));
 
-	json copied;
-	add("broker.copy", time_step(iterations, [] {}, [&] { copied = call.at("parameters"); }));
-
 	std::vector<ho::Item> items;
 	add("broker.check", time_step(iterations, [] {}, [&] {
-		    const json &conns = copied.at("connections");
+		    const json &conns = call.at("parameters").at("connections");
 		    items.clear();
 		    items.resize(conns.size());
 		    for (std::size_t i = 0; i < conns.size(); i++) {
@@ -175,7 +171,8 @@ std::vector<Step> run(std::size_t state_bytes, unsigned iterations, const std::v
 			    conns.push_back(std::move(conn));
 		    }
 		    json event = {{"event", "connections"}, {"batch", 1}, {"connections", std::move(conns)}};
-		    event_text = encode(vl::make_reply(event, true));
+		    event_text = "{\"parameters\":" + event.dump(-1, ' ', false, json::error_handler_t::replace) +
+		                 ",\"continues\":true}";
 	    }));
 
 	std::size_t decoded = 0;
