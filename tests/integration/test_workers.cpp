@@ -193,8 +193,9 @@ TEST_CASE("a worker gets its service's sockets in order, and no other service's"
 	json st = b.status();
 	INFO("Status: ", st.dump());
 
-	auto multi = probe_records(b.dir().path(), "probe-multi");
-	REQUIRE(multi.size() == 1);
+	// Ready at exec means ready when the probe ran, maybe before it wrote its record.
+	std::vector<ProbeRecord> multi;
+	REQUIRE(wait_until([&] { return (multi = probe_records(b.dir().path(), "probe-multi")).size() == 1; }, 10s));
 	const auto &rec = multi[0];
 	std::set<int> fds;
 	for (const auto &[fd, target] : rec.fds)
