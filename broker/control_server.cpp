@@ -159,7 +159,8 @@ private:
 	void control_reexec(const json &params);
 
 public:
-	// Re-exec: what the next brokerd needs to carry this connection on (null: drop it).
+	// Re-exec: what the next brokerd needs to carry this connection on (null: it is closing).
+	// Throws std::runtime_error when it cannot be carried (fds in flight).
 	json save(int caller, std::vector<int> &keep_fds) const;
 	void restore(const json &j);
 
@@ -926,6 +927,12 @@ void ControlServer::Connection::control_reexec(const json &params)
 	}
 	if (oneway_)
 		return error(vl::kInvalidParameter, {{"parameter", "oneway"}});
+	// Another binary runs as brokerd's user (root): only that user may name one. Configured
+	// admins may re-execute the installed brokerd.
+	if (!binary.empty() && peer_.uid != 0 && peer_.uid != ::geteuid()) {
+		log::warning("control: Reexec of " + binary + " from " + who() + " denied: only root names a binary");
+		return error(vl::kPermissionDenied);
+	}
 	try {
 		// Returns only when brokerd could not re-execute: it goes on serving as it was.
 		server_.hooks_.reexec(binary, stream_.fd());
@@ -938,20 +945,22 @@ void ControlServer::Connection::control_reexec(const json &params)
 
 json ControlServer::Connection::save(int caller, std::vector<int> &keep_fds) const
 {
-	std::string in, out;
-	if (dead_ || !stream_.save(in, out))
+	if (dead_)
 		return nullptr;
-	bool is_caller = stream_.fd() == caller;
-	if (token_.empty() && !is_caller)
-		return nullptr; // an operator's: it reconnects
+	std::string in, out;
+	if (!stream_.save(in, out))
+		throw std::runtime_error("the control connection of " + who() + " has fds in flight");
 	keep_fds.push_back(stream_.fd());
 	Instance *inst = token_.empty() ? nullptr : server_.supervisor_.find_by_token(token_);
-	return {{"fd", stream_.fd()},
-	        {"token", token_},
-	        {"events", inst && inst->events == this},
-	        {"in", handoff::base64_encode(in)},
-	        {"out", handoff::base64_encode(out)},
-	        {"caller", is_caller}};
+	json j = {{"fd", stream_.fd()},
+	          {"token", token_},
+	          {"events", inst && inst->events == this},
+	          {"in", handoff::base64_encode(in)},
+	          {"out", handoff::base64_encode(out)},
+	          {"caller", stream_.fd() == caller}};
+	if (watching_)
+		j["watch"] = watch_service_;
+	return j;
 }
 
 void ControlServer::Connection::restore(const json &j)
@@ -970,6 +979,12 @@ void ControlServer::Connection::restore(const json &j)
 	if (j.at("caller").get<bool>()) {
 		// The answer to the Reexec call, from the brokerd it asked for.
 		reply({{"version", BROKER_VERSION}, {"pid", ::getpid()}});
+	}
+	if (j.contains("watch")) {
+		// A Watch stream goes on: later calls on it keep waiting their turn.
+		watching_ = true;
+		waiting_ = true;
+		watch_service_ = j.at("watch").get<std::string>();
 	}
 	update_events();
 	schedule_resume();

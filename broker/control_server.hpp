@@ -60,8 +60,9 @@ public:
 	// Sends an event to every Watch stream that wants it.
 	void broadcast(const nlohmann::json &event);
 
-	// Re-exec: the listening socket and the workers' connections (their fds go to keep_fds),
-	// and the caller's, which the next brokerd answers. Other connections are dropped.
+	// Re-exec: the listening socket and every connection (their fds go to keep_fds): workers'
+	// with their Events streams, Watch streams, and the caller's, which the next brokerd
+	// answers. Throws std::runtime_error when a connection cannot be carried (fds in flight).
 	nlohmann::json save_state(int caller, std::vector<int> &keep_fds);
 	// In the next brokerd, once the supervisor has its instances back.
 	void restore_state(const nlohmann::json &state);

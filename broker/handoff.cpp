@@ -82,7 +82,9 @@ std::optional<std::string> HandoffRouter::received(EventSink &receiver, std::uin
                                                    const std::vector<std::uint64_t> &refused)
 {
 	auto it = forwards_.find(forward);
-	if (it == forwards_.end() || it->second.receiver != &receiver)
+	// A chunk still held for want of room was not sent either: acknowledging it would count
+	// connections as landed that nobody has.
+	if (it == forwards_.end() || it->second.receiver != &receiver || !it->second.sent)
 		return "no batch " + std::to_string(forward) + " was sent to this instance";
 	std::vector<std::uint64_t> sorted = refused;
 	std::sort(sorted.begin(), sorted.end());

@@ -417,7 +417,13 @@ void Daemon::check_binary(const std::string &binary, int state_fd)
 	wr.reset();
 	// A few seconds at most: the answer is one line, printed before anything else happens.
 	std::string out;
-	std::uint64_t deadline = now_usec(CLOCK_MONOTONIC) + 5'000'000;
+	// Bounded by 5 s, and by half the watchdog's feeding period: the loop waits meanwhile.
+	std::uint64_t bound = 5'000'000;
+	if (watchdog_period_ > 0) {
+		notifier_.send("WATCHDOG=1");
+		bound = std::min<std::uint64_t>(bound, watchdog_period_ / 2);
+	}
+	std::uint64_t deadline = now_usec(CLOCK_MONOTONIC) + bound;
 	for (;;) {
 		std::uint64_t now = now_usec(CLOCK_MONOTONIC);
 		pollfd p{rd.get(), POLLIN, 0};

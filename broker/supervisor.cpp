@@ -1644,6 +1644,10 @@ bool Supervisor::quiet(std::string &why) const
 			why = "an upgrade of " + svc->name + " is in progress";
 			return false;
 		}
+		if (svc->removing) {
+			why = "service " + svc->name + " is being removed";
+			return false;
+		}
 		for (const auto &gen : svc->generations)
 			for (const auto &inst : gen->instances) {
 				bool running = inst->pid > 0;
@@ -1684,6 +1688,12 @@ json Supervisor::save_state(std::vector<int> &keep_fds) const
 				          {"last_lines", inst->last_lines},
 				          {"accepts_handoff", inst->accepts_handoff},
 				          {"handoff", {inst->handoff.handed, inst->handoff.received, inst->handoff.returned}}};
+				// A registered or MAINPID process is not our child: only its pidfd, carried
+				// over, keeps naming it (its pid could be reused).
+				if (inst->pidfd) {
+					i["pidfd"] = inst->pidfd.get();
+					keep_fds.push_back(inst->pidfd.get());
+				}
 				for (auto [pipe, key] : {std::pair{&inst->out, "out"}, std::pair{&inst->err, "err"}}) {
 					if (!pipe->fd)
 						continue;
@@ -1782,6 +1792,10 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 	const json &h = i.at("handoff");
 	inst.handoff = HandoffCounts{h.at(0).get<std::uint64_t>(), h.at(1).get<std::uint64_t>(), h.at(2).get<std::uint64_t>()};
 
+	if (i.contains("pidfd")) {
+		inst.pidfd.reset(i.at("pidfd").get<int>());
+		state::set_cloexec(inst.pidfd.get(), true);
+	}
 	sd_event_source *s = nullptr;
 	for (auto [pipe, key, target] : {std::tuple{&inst.out, "out", 1}, std::tuple{&inst.err, "err", 2}}) {
 		if (!i.contains(key))
@@ -1807,14 +1821,13 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 		sd_event_source_set_child_pidfd_own(s, 1);
 		(void)pidfd.release();
 		inst.child_source.reset(s);
-		if (inst.main_pid > 0)
-			inst.pidfd.reset(pidfd_open(inst.main_pid));
+		if (inst.main_pid > 0 && !inst.pidfd)
+			inst.main_pid = 0; // no way to name it safely any more: the session's SIGKILL remains
 		return;
 	}
-	inst.pidfd.reset(pidfd_open(inst.pid));
 	if (!inst.pidfd) {
-		// Gone while we re-executed. A registered worker is never restarted by us anyway.
-		log::warning("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " exited during the re-exec");
+		// Nothing names it safely any more. A registered worker is never restarted by us anyway.
+		log::warning("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " came without its pidfd, forgetting it");
 		inst.pid = 0;
 		inst.retired = true;
 		inst.token.clear();

@@ -167,6 +167,8 @@ std::chrono::steady_clock::time_point deadline_after(const json &timeout_ms)
 // Queues a oneway call and writes what the socket takes now; process() writes the rest.
 void Client::Impl::send(std::string_view method, json parameters)
 {
+	if (!stream)
+		throw_closed();
 	int r = stream->enqueue(varlink::make_call(method, std::move(parameters), false, true));
 	if (r < 0)
 		throw Error(-r, std::string("cannot queue ") + std::string(method) + ": " + std::strerror(-r));
@@ -175,6 +177,8 @@ void Client::Impl::send(std::string_view method, json parameters)
 
 void Client::Impl::flush_now()
 {
+	if (!stream)
+		throw_closed();
 	int r = stream->flush();
 	if (is_disconnect(r))
 		throw_closed();
@@ -211,6 +215,8 @@ void Client::Impl::dispatch(varlink::Message &m)
 // "handoff" event.
 void Client::Impl::pump()
 {
+	if (!stream)
+		throw_closed();
 	while (auto b = sender.next()) {
 		int r = stream->enqueue_borrowed(varlink::make_call(kHandoff, std::move(b->parameters), false, true),
 		                                 std::move(b->fds));
@@ -513,6 +519,10 @@ bool Client::process()
 void Client::Impl::lost(const Error &error)
 {
 	std::size_t before = sender.pending();
+	sender.requeue_newest(stream->unsent_borrowed());
+	// Nothing queued may go out after this: its borrowed fds are about to be closed or given
+	// back, and their numbers reused.
+	stream.reset();
 	summary.abandoned += sender.drop_in_flight();
 	give_back(sender.take_unsent());
 	check_done(before);
@@ -533,6 +543,8 @@ void Client::handoff(const Connection *list, std::size_t count)
 		throw Error(EBADF, "moved-from Client");
 	if (!impl_->brokered)
 		throw Error(ENOTCONN, "not connected to brokerd: there is no successor to hand connections to");
+	if (!impl_->stream)
+		throw Error(ENOTCONN, "the connection to brokerd is lost: there is no successor to hand connections to");
 	for (const Connection &c : connections) {
 		if (c.fd < 0)
 			throw Error(EBADF, "handoff: negative fd");

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <iterator>
 
 namespace broker::handoff {
 
@@ -168,6 +169,13 @@ void Sender::requeue(std::uint64_t batch)
 	for (auto item = it->second.rbegin(); item != it->second.rend(); ++item)
 		queue_.push_front(std::move(*item));
 	in_flight_.erase(it);
+}
+
+void Sender::requeue_newest(std::size_t n)
+{
+	// Newest first: each goes to the front, so they end up in their original order.
+	while (n-- > 0 && !in_flight_.empty())
+		requeue(std::prev(in_flight_.end())->first);
 }
 
 std::vector<Item> Sender::take_unsent()

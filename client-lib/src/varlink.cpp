@@ -297,6 +297,14 @@ int Stream::flush()
 	return 0;
 }
 
+std::size_t Stream::unsent_borrowed() const
+{
+	std::size_t n = 0;
+	for (const Outgoing &o : out_)
+		n += !o.borrowed.empty(); // cleared with the first byte
+	return n;
+}
+
 bool Stream::save(std::string &in, std::string &out) const
 {
 	if (!in_fds_.empty())

@@ -540,6 +540,11 @@ TEST_CASE("router: a receiver with too much unacknowledged is sent more only as 
 		CHECK(sent == 9);
 		CHECK(rt.r.chunks_held() == 12 - sent);
 		CHECK(sender.results().empty());
+		// A held chunk was not sent: acknowledging it is refused, and changes nothing.
+		std::uint64_t last_sent = receiver.events[receiver.chunks().back()]["batch"].get<std::uint64_t>();
+		CHECK(rt.r.received(receiver, last_sent + 1, {}));
+		CHECK(rt.r.chunks_held() == 12 - sent);
+		CHECK(rt.landed() == 0);
 
 		// Each acknowledgement makes room for one more.
 		std::size_t acked = 0;

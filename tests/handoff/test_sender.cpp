@@ -222,6 +222,26 @@ TEST_CASE("sender: when the broker goes, what was never sent comes back and what
 	CHECK(open_fds() == fds_before);
 }
 
+TEST_CASE("sender: batches that never left go back to the queue before the rest are dropped")
+{
+	std::size_t fds_before = open_fds();
+	{
+		Sender s;
+		add(s, 253 * 3);
+		auto b1 = s.next(), b2 = s.next(), b3 = s.next();
+		REQUIRE(b3);
+		// The broker went away with batch 1 written and 2 and 3 still queued in the stream.
+		s.requeue_newest(2);
+		CHECK(s.in_flight_batches() == 1);
+		CHECK(s.drop_in_flight() == 253);
+		auto back = s.take_unsent();
+		REQUIRE(back.size() == 253 * 2);
+		CHECK(back.front().state == "c253"); // batch 2's first, in order
+		CHECK(back.back().state == "c" + std::to_string(253 * 3 - 1));
+	}
+	CHECK(open_fds() == fds_before);
+}
+
 TEST_CASE("sender: a batch that could not be queued goes back to the front, in order")
 {
 	std::size_t fds_before = open_fds();

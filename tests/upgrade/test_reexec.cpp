@@ -41,6 +41,8 @@ TEST_CASE("reexec: three re-executions under load lose no request and keep the w
 	std::vector<pid_t> workers = sorted_pids(b);
 	std::uint64_t uptime = b.status().value("uptime_usec", std::uint64_t{0});
 
+	// A Watch stream open across the re-execs goes on.
+	StreamCall watch(b.control_path(), "io.brokerd.Control.Watch", {{"service", "web"}});
 	Load load(b, port, "hello from web gen ");
 	for (int i = 1; i <= 3; ++i) {
 		CAPTURE(i);
@@ -70,6 +72,9 @@ TEST_CASE("reexec: three re-executions under load lose no request and keep the w
 	CHECK(up.exit_code == 0);
 	check_serves_alone(b, "web", 2, 2);
 	CHECK(b.log().find("drain requested") != std::string::npos);
+	auto done = watch.until([](const StreamCall::Reply &r) { return r.parameters.value("event", "") == "done"; }, 10s);
+	INFO("Watch: ", watch.transcript());
+	CHECK(done);
 	b.stop();
 }
 

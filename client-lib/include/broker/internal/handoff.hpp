@@ -72,6 +72,9 @@ public:
 	// ... and those in flight, which may have landed at a receiver whose acknowledgement was
 	// lost with the broker: closed here, so that no socket is ever served twice. Returns how many.
 	std::size_t drop_in_flight();
+	// The newest `n` batches in flight never left (their messages were still queued): back to
+	// the queue, in order, before the rest are dropped.
+	void requeue_newest(std::size_t n);
 
 	std::size_t queued() const { return queue_.size(); }
 	std::size_t in_flight_batches() const { return in_flight_.size(); }

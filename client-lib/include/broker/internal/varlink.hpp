@@ -83,6 +83,8 @@ public:
 	int flush();
 
 	bool want_write() const { return !out_.empty(); }
+	// Queued messages with borrowed fds whose first byte is not written yet: they never left.
+	std::size_t unsent_borrowed() const;
 	std::size_t queued_bytes() const { return out_bytes_; }
 	bool broken() const { return broken_; }
 
