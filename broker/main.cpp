@@ -290,6 +290,22 @@ nlohmann::json Daemon::reload()
 		return nullptr;
 	};
 
+	// A running service keeps its sockets: its workers hold them at fd 3 and up, in order. One
+	// that a reload removed comes back only once it has drained.
+	for (const auto &sc : next.services) {
+		const Service *svc = supervisor_->find_service(sc.name);
+		std::string problem;
+		if (svc && svc->removing)
+			problem = "services." + sc.name + ": still draining since a reload removed it; reload again once it is gone";
+		else if (svc && svc->cfg.sockets != sc.sockets)
+			problem = "services." + sc.name + ".sockets: a running service's sockets cannot change; add the service "
+			          "under another name, or remove it first";
+		if (!problem.empty()) {
+			notifier_.send("READY=1");
+			throw config::ConfigError(problem);
+		}
+	}
+
 	// Sockets first, all or nothing, so new services find theirs.
 	std::vector<Listener> opened;
 	try {
@@ -325,11 +341,15 @@ nlohmann::json Daemon::reload()
 			supervisor_->remove_service(svc.name);
 			result["removed_services"].push_back(svc.name);
 		}
-	for (const auto &svc : cfg_.services)
+	for (const auto &svc : cfg_.services) {
 		if (!supervisor_->find_service(svc.name)) {
 			supervisor_->add_service(svc);
 			result["added_services"].push_back(svc.name);
+		} else {
+			// The next upgrade, or a registration, goes by the new settings.
+			supervisor_->update_service(svc);
 		}
+	}
 	for (const auto &sc : old.sockets)
 		if (!cfg_.find_socket(sc.name))
 			result["removed_sockets"].push_back(sc.name);

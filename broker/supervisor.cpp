@@ -978,6 +978,12 @@ void Supervisor::handoff_progress(Service &svc)
 	}
 }
 
+void Supervisor::update_service(const config::ServiceConfig &cfg)
+{
+	if (Service *svc = find_service(cfg.name); svc && !svc->removing)
+		svc->cfg = cfg;
+}
+
 Instance *Supervisor::find_by_token(std::string_view token)
 {
 	if (token.empty())
@@ -1498,7 +1504,7 @@ void Supervisor::prune()
 			svc->generations.erase(it);
 		}
 	}
-	std::erase_if(services_, [](const std::unique_ptr<Service> &svc) {
+	std::size_t gone = std::erase_if(services_, [](const std::unique_ptr<Service> &svc) {
 		if (!svc->removing)
 			return false;
 		for (auto &gen : svc->generations)
@@ -1506,6 +1512,9 @@ void Supervisor::prune()
 				return false;
 		return true;
 	});
+	// A removed service is gone for good now: the sockets only it used may close.
+	if (gone > 0)
+		changed();
 }
 
 // Events and status.

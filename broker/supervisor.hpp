@@ -169,6 +169,9 @@ public:
 
 	// Adds a service and starts its first generation (external services wait for workers).
 	void add_service(const config::ServiceConfig &cfg);
+	// A kept service's settings after a reload: the next upgrade (or registration) uses them;
+	// running instances go on as they are. Its sockets do not change (the caller checks).
+	void update_service(const config::ServiceConfig &cfg);
 	// Drains a service removed from the config; it disappears once its instances exited.
 	void remove_service(const std::string &name);
 	Service *find_service(std::string_view name);

@@ -1,0 +1,105 @@
+// brokerctl reload: sockets and services come and go, kept services take their new settings, and
+// what cannot change is refused with the key path, leaving the running config as it was.
+#include "support.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace utest;
+
+namespace {
+
+// Says Hello for the registered service "edge" from a short-lived process of its own (a
+// registered worker is drained through its pid, which must not be the test's), and returns the
+// error name, or "ok".
+std::string register_edge(Broker &b)
+{
+	const char *script = R"(
+import json, signal, socket, sys
+# Its disconnect counts as its exit, and brokerd drains it with SIGTERM as it goes.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"method": "io.brokerd.Worker.Hello",
+                      "parameters": {"service": "edge", "version": "1"}}).encode() + b"\0")
+data = b""
+while not data.endswith(b"\0"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(json.loads(data[:-1]).get("error", "ok"))
+)";
+	RunResult r = run({"python3", "-c", script, b.control_path()});
+	INFO("register: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	std::string out = r.out;
+	while (!out.empty() && out.back() == '\n')
+		out.pop_back();
+	return out;
+}
+
+void write_config(Broker &b, json cfg)
+{
+	cfg["control"] = {{"path", b.control_path()}};
+	write_file(b.config_path(), cfg.dump(2));
+}
+
+} // namespace
+
+TEST_CASE("reload: sockets and services come and go and kept services take their new settings")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json cfg = config_with({{"web", http_service(1)}});
+	cfg["services"]["edge"] = {{"sockets", {"http"}}, {"ready", "exec"}, {"register", {{"users", {"nobody"}}}}};
+	tb.start(cfg);
+	CHECK(register_edge(b) == "org.varlink.service.PermissionDenied");
+
+	// Added: a socket and a service on it; the kept registered service lets root register now.
+	cfg["sockets"]["api"] = tcp_socket();
+	cfg["services"]["web2"] = http_service(1, {{"sockets", {"api"}}});
+	cfg["services"]["edge"]["register"]["users"] = {"root"};
+	write_config(b, cfg);
+	RunResult r = brokerctl(b, {"reload", "--json"});
+	INFO("brokerctl reload: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	json added = json::parse(r.out);
+	CHECK(added["added_sockets"] == json::array({"api"}));
+	CHECK(added["added_services"] == json::array({"web2"}));
+	check_serves_alone(b, "web2", 1, 1);
+	std::uint16_t api = socket_port(b.status(), "api");
+	CHECK(http_get(api).body.rfind("hello from web2 gen 1", 0) == 0);
+	CHECK(register_edge(b) == "ok");
+
+	// Refused, with the key path, and nothing changes: a running service's sockets, and a
+	// socket's address.
+	json bad = cfg;
+	bad["services"]["web"]["sockets"] = {"http", "api"};
+	write_config(b, bad);
+	r = brokerctl(b, {"reload"});
+	CHECK(r.exit_code == 7);
+	CHECK(r.err.find("services.web.sockets: a running service's sockets cannot change") != std::string::npos);
+	bad = cfg;
+	bad["sockets"]["api"] = {{"listen", "tcp://127.0.0.1:" + std::to_string(free_port())}};
+	write_config(b, bad);
+	r = brokerctl(b, {"reload"});
+	CHECK(r.exit_code == 7);
+	CHECK(r.err.find("sockets.api: changed address") != std::string::npos);
+	CHECK(socket_port(b.status(), "api") == api);
+
+	// Removed: the service drains, then its socket closes.
+	cfg["sockets"].erase("api");
+	cfg["services"].erase("web2");
+	write_config(b, cfg);
+	r = brokerctl(b, {"reload", "--json"});
+	INFO("brokerctl reload: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	json removed = json::parse(r.out);
+	CHECK(removed["removed_sockets"] == json::array({"api"}));
+	CHECK(removed["removed_services"] == json::array({"web2"}));
+	CHECK(wait_until([&] { return !find_named(b.status()["sockets"], "api"); }, 30s));
+	CHECK(!service_of(b.status(), "web2"));
+	CHECK(generation_answering(socket_port(b.status(), "http")) == 1);
+	b.stop();
+}
