@@ -798,6 +798,32 @@ Config parse(std::string_view text)
 	return cfg;
 }
 
+const char *ready_name(ReadyMode mode)
+{
+	return mode == ReadyMode::Broker ? "broker" : mode == ReadyMode::Notify ? "notify" : "exec";
+}
+
+const char *restart_name(RestartPolicy policy)
+{
+	return policy == RestartPolicy::No ? "no" : policy == RestartPolicy::Always ? "always" : "on-failure";
+}
+
+std::optional<ReadyMode> parse_ready(std::string_view name)
+{
+	for (ReadyMode m : {ReadyMode::Broker, ReadyMode::Notify, ReadyMode::Exec})
+		if (name == ready_name(m))
+			return m;
+	return std::nullopt;
+}
+
+std::optional<RestartPolicy> parse_restart(std::string_view name)
+{
+	for (RestartPolicy p : {RestartPolicy::No, RestartPolicy::OnFailure, RestartPolicy::Always})
+		if (name == restart_name(p))
+			return p;
+	return std::nullopt;
+}
+
 Config load(const std::string &path)
 {
 	std::string text;

@@ -91,6 +91,12 @@ Config load(const std::string &path);
 // The same, keeping the file's text (a re-exec passes it on, to parse the very same config).
 Config load(const std::string &path, std::string &text);
 
+// The config's names of the ready modes and restart policies ("broker", "on-failure"), both ways.
+const char *ready_name(ReadyMode mode);
+const char *restart_name(RestartPolicy policy);
+std::optional<ReadyMode> parse_ready(std::string_view name);
+std::optional<RestartPolicy> parse_restart(std::string_view name);
+
 // "250ms", "30s", "5m", "1h", "1m30s". Returns nullopt for anything else.
 std::optional<Duration> parse_duration(std::string_view text);
 // "SIGTERM", "TERM", "15". Returns nullopt for unknown names.

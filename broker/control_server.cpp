@@ -681,11 +681,7 @@ void ControlServer::Connection::worker_handoff(const json &params, std::vector<U
 	std::uint64_t id = batch->get<std::uint64_t>();
 	auto refuse = [&](const std::string &why) {
 		log::warning("instance " + inst->id + ": Handoff batch " + std::to_string(id) + ": " + why);
-		std::size_t n = fds.size();
-		json returned = json::array();
-		for (std::size_t i = 0; i < n; i++)
-			returned.push_back(i);
-		send_event({{"event", "handoff"}, {"batch", id}, {"landed", 0}, {"returned", returned}, {"message", why}});
+		send_event(all_returned(id, fds.size(), why));
 	};
 	auto conns = params.find("connections");
 	if (conns == params.end() || !conns->is_array() || conns->size() != fds.size())

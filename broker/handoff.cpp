@@ -7,8 +7,7 @@ namespace broker {
 
 using json = nlohmann::json;
 
-void HandoffRouter::reject(const std::string &service, EventSink &sender, std::uint64_t batch, std::size_t count,
-                           const std::string &why)
+json all_returned(std::uint64_t batch, std::size_t count, const std::string &why)
 {
 	json returned = json::array();
 	for (std::size_t i = 0; i < count; i++)
@@ -16,9 +15,15 @@ void HandoffRouter::reject(const std::string &service, EventSink &sender, std::u
 	json event = {{"event", "handoff"}, {"batch", batch}, {"landed", 0}, {"returned", std::move(returned)}};
 	if (!why.empty())
 		event["message"] = why;
+	return event;
+}
+
+void HandoffRouter::reject(const std::string &service, EventSink &sender, std::uint64_t batch, std::size_t count,
+                           const std::string &why)
+{
 	if (on_report)
 		on_report(Report{service, &sender, nullptr, 0, count});
-	sender.send_event(event);
+	sender.send_event(all_returned(batch, count, why));
 }
 
 void HandoffRouter::submit(const std::string &service, EventSink &sender, std::uint64_t batch,

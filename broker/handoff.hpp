@@ -37,6 +37,10 @@ struct HandoffItem {
 	std::string state;
 };
 
+// The "handoff" event that gives a whole batch of `count` connections back to its sender, with
+// why (the sender still holds them all).
+nlohmann::json all_returned(std::uint64_t batch, std::size_t count, const std::string &why);
+
 // A sender's Handoff call is a batch. The router splits it into one chunk per receiver, sends
 // each chunk as a "connections" event, and closes its own copies once sent: it holds fds only
 // while they wait in a receiver's write queue. The sender keeps its copies until the batch's

@@ -14,19 +14,6 @@ namespace broker::state {
 
 using json = nlohmann::json;
 
-namespace {
-
-const char *ready_name(config::ReadyMode m)
-{
-	return m == config::ReadyMode::Broker ? "broker" : m == config::ReadyMode::Notify ? "notify" : "exec";
-}
-
-const char *restart_name(config::RestartPolicy p)
-{
-	return p == config::RestartPolicy::No ? "no" : p == config::RestartPolicy::Always ? "always" : "on-failure";
-}
-
-} // namespace
 
 json service_config(const config::ServiceConfig &c)
 {
@@ -35,12 +22,12 @@ json service_config(const config::ServiceConfig &c)
 	        {"sockets", c.sockets},
 	        {"instances", c.instances},
 	        {"version", c.version},
-	        {"ready", ready_name(c.ready)},
+	        {"ready", config::ready_name(c.ready)},
 	        {"start_timeout_ms", c.start_timeout.count()},
 	        {"drain_timeout_ms", c.drain_timeout.count()},
 	        {"drain_signal", c.drain_signal},
 	        {"upgrade_batch", c.upgrade_batch},
-	        {"restart", restart_name(c.restart)},
+	        {"restart", config::restart_name(c.restart)},
 	        {"user", c.user},
 	        {"group", c.group},
 	        {"cwd", c.cwd},
@@ -58,18 +45,18 @@ config::ServiceConfig service_config(const json &j)
 		c.sockets = j.at("sockets").get<std::vector<std::string>>();
 		c.instances = j.at("instances").get<unsigned>();
 		c.version = j.at("version").get<std::string>();
-		std::string ready = j.at("ready").get<std::string>();
-		c.ready = ready == "broker" ? config::ReadyMode::Broker
-		          : ready == "notify" ? config::ReadyMode::Notify
-		                              : config::ReadyMode::Exec;
+		auto ready = config::parse_ready(j.at("ready").get<std::string>());
+		if (!ready)
+			throw std::runtime_error("re-exec state: unknown ready mode in service " + c.name);
+		c.ready = *ready;
 		c.start_timeout = config::Duration(j.at("start_timeout_ms").get<long long>());
 		c.drain_timeout = config::Duration(j.at("drain_timeout_ms").get<long long>());
 		c.drain_signal = j.at("drain_signal").get<int>();
 		c.upgrade_batch = j.at("upgrade_batch").get<unsigned>();
-		std::string restart = j.at("restart").get<std::string>();
-		c.restart = restart == "no"       ? config::RestartPolicy::No
-		            : restart == "always" ? config::RestartPolicy::Always
-		                                  : config::RestartPolicy::OnFailure;
+		auto restart = config::parse_restart(j.at("restart").get<std::string>());
+		if (!restart)
+			throw std::runtime_error("re-exec state: unknown restart policy in service " + c.name);
+		c.restart = *restart;
 		c.user = j.at("user").get<std::string>();
 		c.group = j.at("group").get<std::string>();
 		c.cwd = j.at("cwd").get<std::string>();

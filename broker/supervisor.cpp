@@ -1589,12 +1589,9 @@ json Supervisor::services_json(const std::string *only) const
 			                {"exec", gen->cfg.exec},
 			                {"instances", std::move(insts)}});
 		}
-		const char *ready = svc->cfg.ready == config::ReadyMode::Broker   ? "broker"
-		                    : svc->cfg.ready == config::ReadyMode::Notify ? "notify"
-		                                                                  : "exec";
 		json s = {{"name", svc->name},
 		          {"sockets", svc->cfg.sockets},
-		          {"ready", ready},
+		          {"ready", config::ready_name(svc->cfg.ready)},
 		          {"state", svc->stopped ? "stopped" : failed ? "failed" : "running"},
 		          {"generations", std::move(gens)}};
 		if (svc->upgrade)

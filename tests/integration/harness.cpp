@@ -306,31 +306,10 @@ Process Process::spawn(const std::vector<std::string> &argv, const SpawnOptions 
 		std::erase_if(envs, [&](const std::string &kv) { return kv.rfind(u + "=", 0) == 0; });
 	auto cargv = cstrings(args);
 	auto cenv = cstrings(envs);
-
-	UniqueFd out, err;
-	if (!opts.stdout_path.empty())
-		out = open_output(opts.stdout_path);
-	if (!opts.stderr_path.empty())
-		err = open_output(opts.stderr_path);
-	int out_fd = out ? out.get() : opts.stdout_fd;
-	int err_fd = err ? err.get() : opts.stderr_fd;
-
-	become_subreaper();
-	pid_t pid = ::fork();
-	if (pid < 0)
-		fail_errno("fork");
-	if (pid == 0) {
-		setup_child(opts, out_fd, err_fd);
+	return fork_run([&] {
 		::execvpe(cargv[0], cargv.data(), cenv.data());
-		_exit(127);
-	}
-	Process p;
-	p.pid_ = pid;
-	p.pidfd_.reset(pidfd_open(pid, 0));
-	own_children().insert(pid);
-	if (!p.pidfd_)
-		fail_errno("pidfd_open");
-	return p;
+		return 127;
+	}, opts);
 }
 
 Process Process::fork_run(const std::function<int()> &fn, const SpawnOptions &opts)
