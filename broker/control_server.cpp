@@ -718,9 +718,12 @@ void ControlServer::Connection::worker_handoff(const json &params, std::vector<U
 
 void ControlServer::Connection::worker_received(const json &params)
 {
-	Instance *inst = worker();
-	if (!inst)
-		return;
+	// Not worker(): a receiver may die right after acknowledging, and its exit may be handled
+	// before its last words are read. What it acknowledged it had, and closed as it died; given
+	// back, those connections would be served twice. The router checks that this connection was
+	// sent the batch.
+	if (token_.empty())
+		return error(errors::kNotAuthenticated);
 	auto batch = params.find("batch");
 	if (batch == params.end() || !batch->is_number_unsigned())
 		return close("Received without a batch id");
