@@ -1068,12 +1068,16 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 			up->to = gen;
 			up->kind = "takeover";
 			up->started = now_usec(CLOCK_MONOTONIC);
+			up->service = &svc;
+			up->supervisor = this;
+			up->last_progress = up->started;
 			svc.upgrade = std::move(up);
 			std::string what = "takeover of " + svc.name + " by version \"" + version + "\" (gen " +
 			                   std::to_string(gen->number) + ")";
 			log::notice(what);
 			emit_service(svc, "upgrade", what);
 			svc.upgrade->rollout.begin();
+			check_registrations(*svc.upgrade);
 		}
 	}
 
@@ -1094,6 +1098,59 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 		arm_timer(inst, static_cast<std::uint64_t>(gen->cfg.start_timeout.count()) * kUsecPerMsec, start_timeout_handler);
 	changed();
 	return &inst;
+}
+
+int Supervisor::registration_handler(sd_event_source *, std::uint64_t, void *userdata)
+{
+	return guarded("registration_handler", [&]() -> int {
+		auto &up = *static_cast<Upgrade *>(userdata);
+		up.supervisor->check_registrations(up);
+		return 0;
+	});
+}
+
+// Called when a takeover begins and then from its timer, four times per start_timeout: the
+// takeover fails when it has waited that long for instances that have not registered, while no
+// instance was starting or draining. Progress of any kind restarts the wait: its owner may start
+// each new worker only once an old one is gone.
+void Supervisor::check_registrations(Upgrade &up)
+{
+	Service &svc = *up.service;
+	const Rollout &r = up.rollout;
+	up.registration_timer.reset();
+	if (r.phase() != RolloutPhase::Rolling || svc.upgrade.get() != &up)
+		return;
+	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	std::array<unsigned, 3> seen{up.to->next_index, r.new_ready_count(), r.old_exited_count()};
+	if (seen != up.seen) {
+		up.seen = seen;
+		up.last_progress = now;
+	}
+	unsigned registered = 0, starting = 0;
+	for (const auto &inst : up.to->instances)
+		if (!inst->retired) {
+			registered++;
+			starting += inst->state == InstanceState::Starting;
+		}
+	bool waiting = registered < r.new_started() && starting == 0 && r.old_exited_count() == r.old_drained();
+	const auto timeout = up.to->cfg.start_timeout;
+	const std::uint64_t limit = static_cast<std::uint64_t>(std::chrono::microseconds(timeout).count());
+	if (waiting && now - up.last_progress >= limit) {
+		auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count();
+		std::string why = std::to_string(registered) + " of " + std::to_string(r.new_started()) + " instance(s) of version \"" +
+		                  up.to->cfg.version + "\" registered, none more within the start timeout (" +
+		                  std::to_string(ms) + "ms)";
+		log::error("service " + svc.name + ": " + why);
+		apply(svc, up.rollout.fail(why));
+		return;
+	}
+	sd_event_source *s = nullptr;
+	int rc = sd_event_add_time(event_, &s, CLOCK_MONOTONIC, now + std::max<std::uint64_t>(limit / 4, 1000), 1000,
+	                           registration_handler, &up);
+	if (rc < 0)
+		log::error("service " + svc.name + ": cannot add the takeover's registration timer: " + errno_text(-rc));
+	else
+		up.registration_timer.reset(s);
 }
 
 int Supervisor::external_handler(sd_event_source *, int, std::uint32_t, void *userdata)

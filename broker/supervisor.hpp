@@ -13,6 +13,7 @@
 #include <sys/resource.h>
 #include <sys/types.h>
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -130,6 +131,15 @@ struct Upgrade {
 	std::string failed_instance;
 	std::vector<std::string> failed_output;
 	HandoffCounts handoff;
+
+	// A takeover's instances arrive by Hello, on their owner's schedule: it fails once it has
+	// waited a start_timeout for a registration with nothing else moving. What it had seen at the
+	// last check (instances registered, ready, old exited), and when that last changed.
+	Service *service = nullptr;
+	Supervisor *supervisor = nullptr;
+	EventSource registration_timer;
+	std::array<unsigned, 3> seen{};
+	std::uint64_t last_progress = 0; // CLOCK_MONOTONIC usec
 };
 
 struct Service {
@@ -280,6 +290,8 @@ private:
 	static int start_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int drain_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int restart_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+	static int registration_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+	void check_registrations(Upgrade &up);
 	static int prune_handler(sd_event_source *s, void *userdata);
 	void restore_instance(Instance &inst, const nlohmann::json &j);
 

@@ -35,12 +35,14 @@ std::string user_name()
 }
 
 // broker-example-http started by the test, registering as version `version` of "ext".
-Process start_worker(const Broker &b, const std::string &version)
+Process start_worker(const Broker &b, const std::string &version, std::string log = {})
 {
+	if (log.empty())
+		log = "worker-" + version + ".log";
 	SpawnOptions so;
 	so.env = {"BROKER_SOCKET=" + b.control_path(), "BROKER_SERVICE=ext", "BROKER_VERSION=" + version};
 	so.unset_env = {"BROKER_TOKEN", "BROKER_INSTANCE", "BROKER_GENERATION", "LISTEN_FDS", "LISTEN_PID"};
-	so.stderr_path = b.path("worker-" + version + ".log");
+	so.stderr_path = b.path(log);
 	return Process::spawn({env("EXAMPLE_HTTP")}, so);
 }
 
@@ -61,6 +63,15 @@ std::optional<json> serving_alone(Broker &b, pid_t pid)
 			found = json{{"generation", g.value("number", 0)}, {"version", g.value("version", "")}, {"instance", i}};
 		}
 	return found;
+}
+
+// Whether brokerd counts no running worker of "ext".
+bool no_worker_left(Broker &b)
+{
+	for (pid_t p : worker_pids(b.status("ext"), "ext"))
+		if (p != 0)
+			return false;
+	return true;
 }
 
 } // namespace
@@ -129,14 +140,74 @@ TEST_CASE("external: five versions of a registered worker take over in turn unde
 	auto st = current.wait(20s);
 	REQUIRE(st.has_value());
 	CHECK(describe_status(*st) == "exited with 0");
-	bool gone = wait_until(
-		[&] {
-			for (pid_t p : worker_pids(b.status("ext"), "ext"))
-				if (p != 0)
-					return false;
-			return true;
-		},
-		20s);
-	CHECK(gone);
+	CHECK(wait_until([&] { return no_worker_left(b); }, 20s));
+	b.stop();
+}
+
+TEST_CASE("external: a takeover whose other instances never register fails at the start timeout")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json ext = {{"sockets", {"http"}}, {"instances", 2}, {"ready", "broker"}, {"start_timeout", "1s"},
+	            {"drain", {{"timeout", "20s"}}}, {"register", {{"users", {user_name()}}}}};
+	tb.start(config_with({{"ext", ext}}));
+	std::uint16_t port = socket_port(b.status(), "http");
+
+	// Two workers of v1 serve; one of v2 registers and is ready, the second of v2 never comes.
+	Process a = start_worker(b, "v1");
+	Process b1 = start_worker(b, "v1", "worker-v1-b.log");
+	auto ready_pids = [&](const std::string &version) {
+		std::set<pid_t> out;
+		json st = b.status("ext");
+		const json *svc = service_of(st, "ext");
+		for (const auto &g : svc ? member(*svc, "generations") : json::array())
+			if (g.value("version", "") == version)
+				for (const auto &i : member(g, "instances"))
+					if (i.value("state", "") == "ready")
+						out.insert(i.value("pid", 0));
+		return out;
+	};
+	REQUIRE_MESSAGE(wait_until([&] { return ready_pids("v1") == std::set<pid_t>{a.pid(), b1.pid()}; }, 20s),
+	                "v1 did not get two ready instances: ", b.status("ext").dump());
+	int first_generation = generation_answering(port);
+
+	Process c = start_worker(b, "v2");
+	// v2's one instance takes over half: an old worker drains and exits by itself. Then the
+	// takeover waits for a second v2 registration that never comes.
+	auto old_exit = [&]() -> Process * {
+		for (Process *p : {&a, &b1})
+			if (!process_exists(p->pid()))
+				return p;
+		return nullptr;
+	};
+	REQUIRE_MESSAGE(wait_until([&] { return old_exit() != nullptr; }, kRolloutDeadline),
+	                "no v1 worker drained behind the ready v2 worker");
+	Process *survivor = old_exit() == &a ? &b1 : &a;
+
+	// At the start timeout the takeover fails: the v2 worker drains and exits, the v1 worker left
+	// serves alone, and the service is free for the next version.
+	auto st = c.wait(kRolloutDeadline);
+	INFO("v2 worker's log: ", read_file(b.path("worker-v2.log")));
+	REQUIRE_MESSAGE(st.has_value(), "the v2 worker was not drained when its takeover failed");
+	CHECK(describe_status(*st) == "exited with 0");
+	CHECK(b.log().find("1 of 2 instance(s) of version \"v2\" registered, none more within the start timeout (1000ms)") !=
+	      std::string::npos);
+	std::optional<json> serving;
+	REQUIRE(wait_until([&] { return (serving = serving_alone(b, survivor->pid())).has_value(); }, 20s));
+	CHECK((*serving)["version"] == "v1");
+	CHECK(generation_answering(port) == first_generation);
+
+	Process d = start_worker(b, "v3");
+	CHECK_MESSAGE(wait_until([&] { return ready_pids("v3") == std::set<pid_t>{d.pid()}; }, 20s),
+	              "a later version could not register: ", read_file(b.path("worker-v3.log")));
+
+	// Their owner stops them (as in the test above: not left for brokerd's shutdown to drain).
+	for (Process *p : {survivor, &d}) {
+		p->signal(SIGTERM);
+		auto s = p->wait(20s);
+		REQUIRE(s.has_value());
+	}
+	CHECK(wait_until([&] { return no_worker_left(b); }, 20s));
 	b.stop();
 }
