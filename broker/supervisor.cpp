@@ -325,6 +325,8 @@ void Supervisor::spawn(Instance &inst)
 	inst.token = random_token();
 	inst.timer.reset();
 	inst.main_pid = 0;
+	inst.session = 0;
+	inst.forked = false;
 	inst.pidfd.reset();
 
 	auto fail = [&](const std::string &why) {
@@ -483,6 +485,7 @@ void Supervisor::spawn(Instance &inst)
 	(void)pidfd.release();
 	inst.child_source.reset(s);
 	inst.pid = pid;
+	inst.session = pid;
 
 	inst.exec_status = std::move(status_r);
 	if (sd_event_add_io(event_, &s, inst.exec_status.get(), EPOLLIN, exec_handler, &inst) >= 0)
@@ -606,7 +609,7 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 		log::info("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " exited, main pid " +
 		          std::to_string(inst.main_pid) + " continues");
 		inst.pid = std::exchange(inst.main_pid, 0);
-		inst.external = true; // watched through its pidfd from now on, like a registered worker
+		inst.forked = true; // watched through its pidfd from now on, like a registered worker
 		sd_event_source *s = nullptr;
 		if (sd_event_add_io(event_, &s, inst.pidfd.get(), EPOLLIN, external_handler, &inst) >= 0) {
 			inst.child_source.reset(s);
@@ -614,7 +617,7 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 		}
 	}
 	// Leftover processes of the instance's session go with it: no worker is orphaned.
-	::kill(-inst.pid, SIGKILL);
+	::kill(-inst.session, SIGKILL);
 
 	std::string how = describe_exit(si);
 	bool clean = si.si_code == CLD_EXITED && si.si_status == 0;
@@ -639,6 +642,11 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 		inst.retired = true;
 		inst.child_source.reset();
 		inst.pidfd.reset();
+	} else if (inst.forked) {
+		// A forking server's main process: the slot restarts under its policy like any other.
+		inst.child_source.reset();
+		inst.pidfd.reset();
+		inst.forked = false;
 	}
 	inst.timer.reset();
 	inst.events = nullptr;
@@ -745,7 +753,7 @@ int Supervisor::drain_timeout_handler(sd_event_source *, std::uint64_t, void *us
 		inst.exit_reason = "killed at the drain timeout";
 		inst.supervisor->signal(inst, SIGKILL);
 		if (!inst.external)
-			::kill(-inst.pid, SIGKILL);
+			::kill(-inst.session, SIGKILL);
 		return 0;
 	});
 }
@@ -754,7 +762,8 @@ void Supervisor::signal(Instance &inst, int sig)
 {
 	if (!inst.pid || !inst.child_source)
 		return;
-	int pidfd = inst.external || inst.main_pid ? inst.pidfd.get() : sd_event_source_get_child_pidfd(inst.child_source.get());
+	int pidfd = inst.external || inst.forked || inst.main_pid ? inst.pidfd.get()
+	                                                          : sd_event_source_get_child_pidfd(inst.child_source.get());
 	if (pidfd < 0)
 		return;
 	if (pidfd_send_signal(pidfd, sig) < 0 && errno != ESRCH)
@@ -834,7 +843,7 @@ void Supervisor::instance_stopping(Instance &inst)
 void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 {
 	// Only a process of the instance's own session may become its main process.
-	if (pid <= 0 || inst.external || ::getsid(pid) != inst.pid) {
+	if (pid <= 0 || inst.external || ::getsid(pid) != inst.session) {
 		log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) +
 		             " is not a process of its session, ignoring");
 		return;
@@ -844,7 +853,19 @@ void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 		log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) + ": " + errno_text(errno) + ", ignoring");
 		return;
 	}
-	inst.main_pid = pid == inst.pid ? 0 : pid;
+	if (inst.forked) {
+		// Its main process handed over to another (a binary upgrade): watch that one instead.
+		sd_event_source *s = nullptr;
+		int r = sd_event_add_io(event_, &s, pidfd.get(), EPOLLIN, external_handler, &inst);
+		if (r < 0) {
+			log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) + ": " + errno_text(-r) + ", ignoring");
+			return;
+		}
+		inst.child_source.reset(s);
+		inst.pid = pid;
+	} else {
+		inst.main_pid = pid == inst.pid ? 0 : pid;
+	}
 	inst.pidfd = std::move(pidfd);
 	log::info("instance " + inst.id + ": main pid is now " + std::to_string(pid));
 }
@@ -1170,6 +1191,8 @@ void Supervisor::external_exit(Instance &inst, const std::string &how)
 	bool expected = inst.retired || shutting_down_;
 	if (inst.exit_reason.empty())
 		inst.exit_reason = how;
+	if (inst.forked)
+		::kill(-inst.session, SIGKILL); // what else its session still runs goes with it
 	std::string msg = "instance " + inst.id + ": pid " + std::to_string(inst.pid) + " " + how;
 	if (expected)
 		log::info(msg);
@@ -1739,6 +1762,8 @@ json Supervisor::save_state(std::vector<int> &keep_fds) const
 				          {"since", inst->since},
 				          {"pid", inst->pid},
 				          {"main_pid", inst->main_pid},
+				          {"session", inst->session},
+				          {"forked", inst->forked},
 				          {"token", inst->token},
 				          {"status", inst->status_text},
 				          {"exit_reason", inst->exit_reason},
@@ -1839,6 +1864,9 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 	inst.since = i.at("since").get<std::uint64_t>();
 	inst.pid = i.at("pid").get<pid_t>();
 	inst.main_pid = i.at("main_pid").get<pid_t>();
+	// Absent from the state of a brokerd that predates them.
+	inst.session = i.value("session", inst.pid);
+	inst.forked = i.value("forked", false);
 	inst.token = i.at("token").get<std::string>();
 	inst.status_text = i.at("status").get<std::string>();
 	inst.exit_reason = i.at("exit_reason").get<std::string>();
@@ -1875,7 +1903,7 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 
 	// Children stay children across execve: a spawned worker is watched as before, and one that
 	// exited meanwhile is a zombie that sd-event reaps at once.
-	if (!inst.external) {
+	if (!inst.external && !inst.forked) {
 		UniqueFd pidfd(pidfd_open(inst.pid));
 		int r = pidfd ? sd_event_add_child_pidfd(event_, &s, pidfd.get(), WEXITED, child_handler, &inst) : -errno;
 		if (r < 0)

@@ -83,6 +83,8 @@ struct Instance {
 	std::uint64_t since = 0; // CLOCK_REALTIME usec of the last state change
 	pid_t pid = 0;
 	pid_t main_pid = 0;       // from MAINPID=, when not pid itself
+	pid_t session = 0;        // of a spawned instance: the session (and group) its first process leads
+	bool forked = false;      // that first process exited and pid is the main pid it named, not our child
 	EventSource child_source; // owns the pidfd; kept until the slot respawns
 	UniqueFd exec_status;     // read end: errno if exec failed, EOF when it succeeded
 	EventSource exec_source;
@@ -99,7 +101,7 @@ struct Instance {
 	std::uint64_t handoff_remaining = 0; // what it said it is about to hand, for progress
 
 	bool external = false;   // registered with Hello, not spawned: watched through pidfd
-	UniqueFd pidfd;          // external instances only (a spawned one's pidfd lives in child_source)
+	UniqueFd pidfd;          // external, forked or MAINPID (a spawned one's pidfd lives in child_source)
 
 	bool retired = false;  // drained on purpose: never restarted, pruned once exited
 	bool restored = false; // started by a rollback to refill the old generation

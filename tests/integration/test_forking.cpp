@@ -1,0 +1,107 @@
+// Integration: a forking server names its main process with MAINPID=; brokerd follows it, restarts
+// the slot when it dies, and takes the rest of its session with it.
+#include "harness.hpp"
+
+#include <doctest/doctest.h>
+
+#include <poll.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <sstream>
+
+using namespace itest;
+
+namespace {
+
+std::string forking_worker()
+{
+	return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "itest-forking-worker").string();
+}
+
+struct Daemon {
+	pid_t pid = 0;
+	pid_t helper = 0;
+};
+
+// What the daemon wrote once it was ready, when it names a process other than `previous`.
+std::optional<Daemon> read_daemon(const std::string &path, pid_t previous)
+{
+	std::istringstream in(read_file(path));
+	Daemon d;
+	if (!(in >> d.pid >> d.helper) || d.pid == previous)
+		return std::nullopt;
+	return d;
+}
+
+// The one line a connection to `port` is answered with.
+std::string answer(std::uint16_t port)
+{
+	UniqueFd fd = tcp_connect(port);
+	std::string out;
+	char buf[64];
+	for (;;) {
+		pollfd p{fd.get(), POLLIN, 0};
+		REQUIRE_MESSAGE(::poll(&p, 1, 5000) == 1, "no answer within 5s");
+		ssize_t n = ::read(fd.get(), buf, sizeof buf);
+		if (n <= 0)
+			return out;
+		out.append(buf, static_cast<std::size_t>(n));
+	}
+}
+
+// Whether the one instance is ready with `pid` as its process (once the first one is gone).
+bool ready_as(Broker &b, pid_t pid)
+{
+	auto list = instances(b.status(), "fork");
+	return list.size() == 1 && list[0].value("state", "") == "ready" && list[0].value("pid", 0) == pid;
+}
+
+} // namespace
+
+TEST_CASE("a forking server: brokerd follows MAINPID, restarts it when it dies and cleans up its session")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	std::string pid_file = b.path("daemon.pids");
+	json config = {{"sockets", {{"tcp", tcp_socket()}}},
+	               {"services", {{"fork", service({forking_worker(), pid_file}, {"tcp"}, 1, "notify")}}}};
+	config["services"]["fork"]["restart"] = "on-failure";
+	b.start(config);
+	std::uint16_t port = socket_port(b.status(), "tcp");
+
+	// The first process is gone; the daemon it named serves, as the instance's pid.
+	std::optional<Daemon> first;
+	REQUIRE(wait_until([&] { return (first = read_daemon(pid_file, 0)).has_value(); }, 20s));
+	CHECK(wait_until([&] { return ready_as(b, first->pid); }, 20s));
+	CHECK(answer(port) == "pid " + std::to_string(first->pid) + "\n");
+	CHECK(b.log().find("main pid " + std::to_string(first->pid) + " continues") != std::string::npos);
+
+	// Its death is seen through its pidfd: the helper left in its session goes with it, and the
+	// slot starts again under its restart policy. Returns the daemon that replaced `old`.
+	auto kill_and_restart = [&](const Daemon &old) {
+		REQUIRE(::kill(old.pid, SIGKILL) == 0);
+		std::optional<Daemon> next;
+		REQUIRE_MESSAGE(wait_until([&] { return (next = read_daemon(pid_file, old.pid)).has_value(); }, 20s),
+		                "the forking server was not restarted after its main process died");
+		CHECK(wait_until([&] { return ready_as(b, next->pid); }, 20s));
+		CHECK(wait_until([&] { return !process_exists(old.helper); }, 20s));
+		CHECK(b.log().find("pid " + std::to_string(old.pid) + " exited unexpectedly") != std::string::npos);
+		CHECK(answer(port) == "pid " + std::to_string(next->pid) + "\n");
+		return *next;
+	};
+	Daemon second = kill_and_restart(*first);
+
+	// A re-exec carries the daemon over, pidfd and all: it is still followed, and still restarted.
+	RunResult r = run({env("BROKERCTL"), "--socket", b.control_path(), "reexec"});
+	INFO("brokerctl reexec: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	CHECK(ready_as(b, second.pid));
+	Daemon third = kill_and_restart(second);
+
+	// brokerd's shutdown drains it through its pidfd and leaves nothing of its session behind.
+	b.stop();
+	CHECK(!process_exists(third.pid));
+	CHECK(!process_exists(third.helper));
+}
