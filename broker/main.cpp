@@ -45,6 +45,14 @@ public:
 	}
 	// Carries on from a previous brokerd's state (brokerctl reexec).
 	explicit Daemon(nlohmann::json restored);
+	~Daemon()
+	{
+		// The notify socket goes before the supervisor, which must not read it any more.
+		if (supervisor_)
+			supervisor_->read_notifications = nullptr;
+	}
+	Daemon(const Daemon &) = delete;
+	Daemon &operator=(const Daemon &) = delete;
 	int run();
 
 private:
@@ -214,6 +222,7 @@ int Daemon::run()
 	}
 	notify_ = std::make_unique<NotifySocket>(e, *supervisor_, std::move(notify_fd));
 	supervisor_->set_notify_address(notify_->address());
+	supervisor_->read_notifications = [this] { notify_->receive(); };
 	DaemonHooks hooks;
 	hooks.read_config = [this] { return config::load(config_path_); };
 	hooks.reload = [this] { return reload(); };

@@ -46,9 +46,6 @@ NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kep
 	if (r < 0)
 		throw std::runtime_error(std::string("notify socket: ") + std::strerror(-r));
 	source_.reset(s);
-	// Before child exits ready in the same turn, as systemd does: a forking server names its main
-	// process (MAINPID=) just before its first one exits, and that exit is judged by it.
-	sd_event_source_set_priority(s, SD_EVENT_PRIORITY_IMPORTANT);
 }
 
 int NotifySocket::handler(sd_event_source *, int, std::uint32_t, void *userdata)

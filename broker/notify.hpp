@@ -22,9 +22,11 @@ public:
 	// "@xxxxx", the value for NOTIFY_SOCKET.
 	const std::string &address() const { return address_; }
 
+	// Handles what is queued now (a bounded number of messages; the rest at the next wakeup).
+	void receive();
+
 private:
 	static int handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
-	void receive();
 
 	Supervisor &supervisor_;
 	UniqueFd fd_;

@@ -599,8 +599,12 @@ int Supervisor::child_handler(sd_event_source *, const siginfo_t *si, void *user
 
 void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 {
-	// Learn whether exec failed before judging the exit, and flush what the worker printed.
+	// Learn whether exec failed before judging the exit, and flush what the worker printed. A
+	// forking server names its main process (MAINPID=) just before its first one exits: what the
+	// notify socket holds is read first, whichever the event loop saw first.
 	on_exec_status(inst, true);
+	if (read_notifications)
+		read_notifications();
 	for (OutputPipe *p : {&inst.out, &inst.err})
 		if (p->fd)
 			on_output(inst, *p, false);

@@ -250,6 +250,8 @@ public:
 	std::function<void()> on_change;
 	// Every event, for Watch: {event, time, service, generation, instance, pid, state, message}.
 	std::function<void(const nlohmann::json &)> on_event;
+	// Reads what workers sent the notify socket so far; called before an exit is judged.
+	std::function<void()> read_notifications;
 
 private:
 	Generation &new_generation(Service &svc, const config::ServiceConfig &cfg);
