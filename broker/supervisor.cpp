@@ -877,6 +877,7 @@ void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 void Supervisor::attach_events(Instance &inst, EventSink *sink)
 {
 	inst.events = sink;
+	inst.counted = sink;
 	// A drain decided before the stream opened must still reach the worker.
 	if (inst.state == InstanceState::Draining)
 		sink->send_event({{"event", "drain"}, {"timeout_ms", inst.generation->cfg.drain_timeout.count()}});
@@ -886,9 +887,12 @@ void Supervisor::detach_events(EventSink *sink)
 {
 	for (auto &svc : services_)
 		for (auto &gen : svc->generations)
-			for (auto &inst : gen->instances)
+			for (auto &inst : gen->instances) {
 				if (inst->events == sink)
 					inst->events = nullptr;
+				if (inst->counted == sink)
+					inst->counted = nullptr;
+			}
 	// What it was sent and did not acknowledge goes back to the senders.
 	router_.forget(*sink);
 }
@@ -900,7 +904,7 @@ Instance *Supervisor::find_by_sink(const EventSink *sink)
 	for (auto &svc : services_)
 		for (auto &gen : svc->generations)
 			for (auto &inst : gen->instances)
-				if (inst->events == sink)
+				if (inst->counted == sink)
 					return inst.get();
 	return nullptr;
 }

@@ -94,6 +94,9 @@ struct Instance {
 	std::string status_text;
 	std::string token;
 	EventSink *events = nullptr;
+	// The same connection for handoff counts: kept past the process's exit until the connection
+	// closes, as an acknowledgement may still be read from it.
+	EventSink *counted = nullptr;
 	std::string exit_reason;
 
 	bool accepts_handoff = false;       // said so in Hello
