@@ -891,6 +891,9 @@ void ControlServer::Connection::control_reload(const json &params)
 {
 	if (!params.empty())
 		return error(vl::kInvalidParameter, {{"parameter", params.begin().key()}});
+	// Sockets bound and services started now would only be torn down again, or outlive the rest.
+	if (server_.supervisor_.shutting_down())
+		return error(errors::kShuttingDown);
 	try {
 		reply(server_.hooks_.reload());
 	} catch (const std::exception &e) {
@@ -1009,8 +1012,12 @@ void ControlServer::restore_state(const json &state)
 		UniqueFd fd(j.at("fd").get<int>());
 		state::set_cloexec(fd.get(), true);
 		auto conn = std::make_unique<Connection>(*this, std::move(fd));
-		if (!conn->start())
+		if (!conn->start()) {
+			// Lost like any connection that closes: a registered worker counts as gone.
+			if (std::string token = j.at("token").get<std::string>(); !token.empty())
+				supervisor_.connection_closed(token);
 			continue;
+		}
 		conn->restore(j);
 		connections_.push_back(std::move(conn));
 	}

@@ -309,6 +309,9 @@ nlohmann::json Daemon::reload()
 		else if (svc && svc->cfg.sockets != sc.sockets)
 			problem = "services." + sc.name + ".sockets: a running service's sockets cannot change; add the service "
 			          "under another name, or remove it first";
+		else if (svc && svc->cfg.exec.empty() != sc.exec.empty())
+			problem = "services." + sc.name + ".exec: a running service cannot switch between workers brokerd starts "
+			          "and registered ones; add the service under another name, or remove it first";
 		if (!problem.empty()) {
 			notifier_.send("READY=1");
 			throw config::ConfigError(problem);

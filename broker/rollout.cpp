@@ -78,6 +78,16 @@ RolloutStep Rollout::old_exited()
 	return {};
 }
 
+RolloutStep Rollout::old_lost()
+{
+	if (old_total_ <= old_drained_)
+		return {};
+	old_total_--;
+	if (phase_ == RolloutPhase::Rolling)
+		return advance();
+	return {};
+}
+
 RolloutStep Rollout::fail(std::string reason)
 {
 	if (phase_ != RolloutPhase::Rolling)

@@ -40,6 +40,9 @@ public:
 	RolloutStep fail(std::string reason);
 	// An old instance this rollout drained has exited.
 	RolloutStep old_exited();
+	// An old instance it had not drained is gone for good (a registered worker that exited): one
+	// fewer to drain and wait for.
+	RolloutStep old_lost();
 	// During a rollback, an old instance started to restore capacity is ready.
 	RolloutStep restored_ready();
 

@@ -224,6 +224,8 @@ bool Supervisor::uses_listener(const Listener &l) const
 
 void Supervisor::add_service(const config::ServiceConfig &cfg)
 {
+	if (shutting_down_)
+		throw std::runtime_error("service " + cfg.name + ": brokerd is shutting down");
 	auto svc = std::make_unique<Service>();
 	svc->name = cfg.name;
 	svc->cfg = cfg;
@@ -327,6 +329,7 @@ void Supervisor::spawn(Instance &inst)
 	inst.main_pid = 0;
 	inst.session = 0;
 	inst.forked = false;
+	inst.rollout_drained = false;
 	inst.pidfd.reset();
 
 	auto fail = [&](const std::string &why) {
@@ -336,6 +339,8 @@ void Supervisor::spawn(Instance &inst)
 		after_exit(inst, false);
 	};
 
+	if (cfg.exec.empty())
+		return fail("the service has no exec: its workers register themselves");
 	std::string program = resolve_program(cfg.exec[0]);
 	if (program.empty())
 		return fail("program \"" + cfg.exec[0] + "\" not found in PATH");
@@ -617,6 +622,10 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 		sd_event_source *s = nullptr;
 		if (sd_event_add_io(event_, &s, inst.pidfd.get(), EPOLLIN, external_handler, &inst) >= 0) {
 			inst.child_source.reset(s);
+			// Its exec succeeded, as it ran to the end: "exec" readiness, which waited for the
+			// exec status, may have seen the exit first.
+			if (inst.generation->cfg.ready == config::ReadyMode::Exec && inst.state == InstanceState::Starting)
+				instance_ready(inst, "exec");
 			return;
 		}
 	}
@@ -669,8 +678,13 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 		up->failed_output.assign(inst.last_lines.begin(), inst.last_lines.end());
 		inst.retired = true;
 		step = up->rollout.fail("instance " + inst.id + " " + inst.exit_reason);
-	} else if (up && inst.generation == up->from && inst.retired && up->rollout.phase() == RolloutPhase::Rolling) {
-		step = up->rollout.old_exited();
+	} else if (up && inst.generation == up->from && up->rollout.phase() == RolloutPhase::Rolling) {
+		// Only the exit of one it drained counts as such. A registered worker gone on its own is
+		// one fewer to drain (a spawned one restarts, or its empty slot is drained later).
+		if (inst.rollout_drained)
+			step = up->rollout.old_exited();
+		else if (inst.external)
+			step = up->rollout.old_lost();
 	}
 	emit(inst, expected || clean ? "exited" : "failed", inst.exit_reason);
 	inst.pid = 0;
@@ -743,6 +757,10 @@ int Supervisor::start_timeout_handler(sd_event_source *, std::uint64_t, void *us
 		inst.exit_reason = "was not ready within the start timeout (" + std::to_string(secs) + "ms)";
 		log::error("instance " + inst.id + ": " + inst.exit_reason + ", sending SIGKILL");
 		inst.supervisor->signal(inst, SIGKILL);
+		// With MAINPID= named, that went to the main process: its session goes too, the first
+		// process included, whose exit is what is watched until then.
+		if (!inst.external)
+			::kill(-inst.session, SIGKILL);
 		return 0;
 	});
 }
@@ -1230,7 +1248,8 @@ std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeReque
 		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
 	if (svc.stopped || svc.removing || shutting_down_)
 		return ControlError{errors::kServiceStopped, {{"service", svc.name}}};
-	if (req.cfg.exec.empty())
+	// Which kind a service is stays as it was added: the config read now may say otherwise.
+	if (req.cfg.exec.empty() || svc.cfg.exec.empty())
 		return ControlError{errors::kInvalidConfig,
 		                    {{"message", "services." + svc.name + ": an external service is upgraded by registering a new version"}}};
 	if (req.cfg.sockets != svc.cfg.sockets)
@@ -1307,7 +1326,7 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 	auto still_ours = [&] { return svc.upgrade.get() == up; };
 	const bool external = up->to->cfg.exec.empty();
 	for (unsigned i = 0; i < step.restore_old && still_ours() && up->from; i++) {
-		if (external) {
+		if (up->from->cfg.exec.empty()) {
 			// brokerd cannot start what others started: the rollback ends with what still runs.
 			log::warning("service " + svc.name + ": cannot restart a drained registered instance; " +
 			             "its owner must register it again");
@@ -1319,7 +1338,9 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 		spawn(inst);
 	}
 	// Registered services grow by Hello, not by spawning.
-	for (unsigned i = 0; i < step.start_new && still_ours() && !external; i++)
+	// A spawn that fails on the spot fails the rollout: no more new instances after that.
+	for (unsigned i = 0; i < step.start_new && still_ours() && !external && up->rollout.phase() == RolloutPhase::Rolling;
+	     i++)
 		spawn(add_instance(*up->to));
 
 	// Drain old instances: those not serving first, then the newest serving ones.
@@ -1332,6 +1353,7 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 		if (!pick)
 			break;
 		pick->retired = true;
+		pick->rollout_drained = true;
 		bool running = pick->pid != 0;
 		drain(*pick, up->drain_timeout);
 		if (!running)
@@ -1378,14 +1400,17 @@ void Supervisor::finish_upgrade(Service &svc)
 			o->failed(errors::kUpgradeFailed, err);
 	}
 	// Whatever still runs outside the current generation goes now: a new instance kept serving
-	// through a rollback, or an old-version worker that registered during a takeover.
+	// through a rollback, or an old-version worker that registered during a takeover. A refill is
+	// an ordinary instance from now on: a later rollback must not count it as its own.
 	for (auto &gen : svc.generations)
-		if (gen.get() != svc.current)
-			for (auto &inst : gen->instances) {
-				inst->retired = true;
-				if (inst->pid && inst->state != InstanceState::Draining)
-					drain(*inst);
-			}
+		for (auto &inst : gen->instances) {
+			inst->restored = false;
+			if (gen.get() == svc.current)
+				continue;
+			inst->retired = true;
+			if (inst->pid && inst->state != InstanceState::Draining)
+				drain(*inst);
+		}
 	schedule_prune();
 	changed();
 }

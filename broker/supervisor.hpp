@@ -108,6 +108,7 @@ struct Instance {
 
 	bool retired = false;  // drained on purpose: never restarted, pruned once exited
 	bool restored = false; // started by a rollback to refill the old generation
+	bool rollout_drained = false; // an old instance an upgrade or takeover drained: its exit is awaited
 
 	unsigned restarts = 0;                 // consecutive, for backoff
 	std::deque<std::uint64_t> crash_times; // CLOCK_MONOTONIC usec of recent failures

@@ -154,6 +154,8 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 	if (error == kReexecFailed)
 		return Failure(kExitNotStarted, "brokerd did not re-execute, and serves on as it was: " +
 		                                    printable(text(error_parameters, "message", "no reason given")));
+	if (error == kShuttingDown)
+		return Failure(kExitNotStarted, "brokerd is shutting down");
 	if (error == kStartFailed)
 		return Failure(kExitNotStarted, service + " could not be started: " +
 		                                    printable(text(error_parameters, "reason", "no reason given")));

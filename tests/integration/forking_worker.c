@@ -4,7 +4,8 @@
  * forks a helper that only waits: a leftover of the instance's session. SIGTERM ends the daemon
  * with status 0; the helper is left for brokerd to clean up.
  *
- * With an argument, the daemon writes "<daemon pid> <helper pid>\n" to that file once ready. */
+ * With an argument, the daemon writes "<daemon pid> <helper pid>\n" to that file once ready.
+ * With FORKING_WORKER_NO_READY set, the first process sends MAINPID= alone (for "ready": "exec"). */
 #include <errno.h>
 #include <signal.h>
 #include <stddef.h>
@@ -54,7 +55,7 @@ int main(int argc, char **argv)
 	if (daemon > 0) {
 		/* The first process: name the daemon, then go. */
 		char msg[64];
-		snprintf(msg, sizeof msg, "MAINPID=%d\nREADY=1", (int)daemon);
+		snprintf(msg, sizeof msg, "MAINPID=%d%s", (int)daemon, getenv("FORKING_WORKER_NO_READY") ? "" : "\nREADY=1");
 		if (notify(msg) < 0) {
 			perror("forking-worker: notify");
 			return 1;

@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <sstream>
 
@@ -104,4 +105,30 @@ TEST_CASE("a forking server: brokerd follows MAINPID, restarts it when it dies a
 	b.stop();
 	CHECK(!process_exists(third.pid));
 	CHECK(!process_exists(third.helper));
+}
+
+TEST_CASE("forking servers with exec readiness are ready once their first process is gone")
+{
+	// Whichever the event loop sees first, the first process's exit or the end of its exec
+	// status, each instance ends up ready with the daemon as its pid.
+	constexpr int kInstances = 8;
+	Broker b;
+	BROKER_CONTEXT(b);
+	json svc = service({forking_worker()}, {"tcp"}, kInstances, "exec");
+	svc["env"] = {{"FORKING_WORKER_NO_READY", "1"}};
+	b.start({{"sockets", {{"tcp", tcp_socket()}}}, {"services", {{"fork", svc}}}});
+	std::vector<json> list;
+	bool ready = wait_until(
+		[&] {
+			list = instances(b.status(), "fork");
+			std::string log = b.log();
+			return std::count_if(list.begin(), list.end(), [&](const json &i) {
+				       std::string daemon = "main pid " + std::to_string(i.value("pid", 0)) + " continues";
+				       return i.value("state", "") == "ready" && log.find(daemon) != std::string::npos;
+			       }) == kInstances;
+		},
+		20s);
+	INFO("instances: ", json(list).dump());
+	CHECK(ready);
+	b.stop();
 }

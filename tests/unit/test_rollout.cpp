@@ -13,7 +13,8 @@ using broker::RolloutStep;
 namespace {
 
 // One event and what the rollout must answer. Events: "begin", "ready" (a new instance),
-// "exit" (a drained old one), "fail", "restored" (a refilled old one).
+// "exit" (a drained old one), "lost" (an old one not drained, gone for good), "fail", "restored"
+// (a refilled old one).
 struct Expect {
 	const char *event;
 	RolloutStep step;
@@ -118,6 +119,20 @@ const std::vector<Case> cases = {
 	  {"ready", nothing(), Rolling},
 	  {"exit", finished(), Done},
 	  {"exit", nothing(), Done}}},
+	{"an old instance lost mid-takeover is one fewer to drain", 2, 2, 1, false,
+	 {{"begin", start(1), Rolling},
+	  {"ready", drain_start(1, 1), Rolling},
+	  {"exit", nothing(), Rolling},
+	  {"lost", nothing(), Rolling},
+	  {"ready", finished(), Done}}},
+	{"an old instance lost before any new one is ready", 2, 2, 1, false,
+	 {{"begin", start(1), Rolling},
+	  {"lost", nothing(), Rolling},
+	  {"ready", drain_start(1, 1), Rolling},
+	  {"exit", nothing(), Rolling},
+	  {"ready", finished(), Done}}},
+	{"a loss when every old one is drained already is ignored", 1, 1, 1, false,
+	 {{"begin", start(1), Rolling}, {"ready", drain(1), Rolling}, {"lost", nothing(), Rolling}, {"exit", finished(), Done}}},
 	{"failure after done is ignored", 1, 1, 1, false,
 	 {{"begin", start(1), Rolling}, {"ready", drain(1), Rolling}, {"exit", finished(), Done}, {"fail", nothing(), Done}}},
 };
@@ -130,6 +145,8 @@ RolloutStep feed(Rollout &r, const std::string &event)
 		return r.new_ready();
 	if (event == "exit")
 		return r.old_exited();
+	if (event == "lost")
+		return r.old_lost();
 	if (event == "fail")
 		return r.fail("instance web/2/0 exited with status 1");
 	if (event == "restored")

@@ -365,6 +365,16 @@ bool kill9(pid_t pid)
 	return ::syscall(SYS_pidfd_send_signal, fd, SIGKILL, nullptr, 0) == 0;
 }
 
+bool ignores(pid_t pid, int sig)
+{
+	std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
+	std::string line;
+	while (std::getline(in, line))
+		if (line.rfind("SigIgn:", 0) == 0)
+			return (std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1;
+	return false;
+}
+
 int generation_answering(std::uint16_t port)
 {
 	static const std::regex re(R"(gen (\d+))");

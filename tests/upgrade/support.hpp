@@ -146,6 +146,9 @@ pid_t instance_pid(const json &status, const std::string &service, const std::st
 // SIGKILL through a pidfd (the process is brokerd's child, not ours); false if it was gone.
 bool kill9(pid_t pid);
 
+// Whether a process ignores `sig`, from /proc/PID/status.
+bool ignores(pid_t pid, int sig);
+
 // The "gen N" of a worker's answer on a new connection, or -1.
 int generation_answering(std::uint16_t port);
 

@@ -11,17 +11,6 @@ using namespace utest;
 
 namespace {
 
-// Whether a process ignores `sig`, from /proc/PID/status.
-bool ignores(pid_t pid, int sig)
-{
-	std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
-	std::string line;
-	while (std::getline(in, line))
-		if (line.rfind("SigIgn:", 0) == 0)
-			return (std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1;
-	return false;
-}
-
 // broker-example-python, but slow to drain: it keeps idle keep-alive connections open while
 // draining (instead of closing them after a short grace), and says in STATUS= how many it still
 // holds, so that the test knows when the only one left is its own.

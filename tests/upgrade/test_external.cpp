@@ -65,6 +65,31 @@ std::optional<json> serving_alone(Broker &b, pid_t pid)
 	return found;
 }
 
+// The pids of the ready workers of `version` of "ext".
+std::set<pid_t> ready_pids(Broker &b, const std::string &version)
+{
+	std::set<pid_t> out;
+	json st = b.status("ext");
+	const json *svc = service_of(st, "ext");
+	for (const auto &g : svc ? member(*svc, "generations") : json::array())
+		if (g.value("version", "") == version)
+			for (const auto &i : member(g, "instances"))
+				if (i.value("state", "") == "ready")
+					out.insert(i.value("pid", 0));
+	return out;
+}
+
+// The generation number of `version` of "ext" (0 when none).
+int generation_of(Broker &b, const std::string &version)
+{
+	json st = b.status("ext");
+	const json *svc = service_of(st, "ext");
+	for (const auto &g : svc ? member(*svc, "generations") : json::array())
+		if (g.value("version", "") == version)
+			return g.value("number", 0);
+	return 0;
+}
+
 // Whether brokerd counts no running worker of "ext".
 bool no_worker_left(Broker &b)
 {
@@ -157,18 +182,7 @@ TEST_CASE("external: a takeover whose other instances never register fails at th
 	// Two workers of v1 serve; one of v2 registers and is ready, the second of v2 never comes.
 	Process a = start_worker(b, "v1");
 	Process b1 = start_worker(b, "v1", "worker-v1-b.log");
-	auto ready_pids = [&](const std::string &version) {
-		std::set<pid_t> out;
-		json st = b.status("ext");
-		const json *svc = service_of(st, "ext");
-		for (const auto &g : svc ? member(*svc, "generations") : json::array())
-			if (g.value("version", "") == version)
-				for (const auto &i : member(g, "instances"))
-					if (i.value("state", "") == "ready")
-						out.insert(i.value("pid", 0));
-		return out;
-	};
-	REQUIRE_MESSAGE(wait_until([&] { return ready_pids("v1") == std::set<pid_t>{a.pid(), b1.pid()}; }, 20s),
+	REQUIRE_MESSAGE(wait_until([&] { return ready_pids(b, "v1") == std::set<pid_t>{a.pid(), b1.pid()}; }, 20s),
 	                "v1 did not get two ready instances: ", b.status("ext").dump());
 	int first_generation = generation_answering(port);
 
@@ -199,7 +213,7 @@ TEST_CASE("external: a takeover whose other instances never register fails at th
 	CHECK(generation_answering(port) == first_generation);
 
 	Process d = start_worker(b, "v3");
-	CHECK_MESSAGE(wait_until([&] { return ready_pids("v3") == std::set<pid_t>{d.pid()}; }, 20s),
+	CHECK_MESSAGE(wait_until([&] { return ready_pids(b, "v3") == std::set<pid_t>{d.pid()}; }, 20s),
 	              "a later version could not register: ", read_file(b.path("worker-v3.log")));
 
 	// Their owner stops them (as in the test above: not left for brokerd's shutdown to drain).
@@ -207,6 +221,58 @@ TEST_CASE("external: a takeover whose other instances never register fails at th
 		p->signal(SIGTERM);
 		auto s = p->wait(20s);
 		REQUIRE(s.has_value());
+	}
+	CHECK(wait_until([&] { return no_worker_left(b); }, 20s));
+	b.stop();
+}
+
+TEST_CASE("external: an old worker that exits on its own during a takeover is not waited for")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json ext = {{"sockets", {"http"}}, {"instances", 2}, {"ready", "broker"}, {"upgrade", {{"batch", 1}}},
+	            {"drain", {{"timeout", "20s"}}}, {"register", {{"users", {user_name()}}}}};
+	tb.start(config_with({{"ext", ext}}));
+	std::uint16_t port = socket_port(b.status(), "http");
+	Process a = start_worker(b, "v1");
+	Process a2 = start_worker(b, "v1", "worker-v1-b.log");
+	REQUIRE(wait_until([&] { return ready_pids(b, "v1") == std::set<pid_t>{a.pid(), a2.pid()}; }, 20s));
+
+	// v2's first worker takes over one slot: one v1 worker drains and exits; the other then dies
+	// on its own, never drained.
+	Process c = start_worker(b, "v2");
+	Process *drained = nullptr;
+	REQUIRE_MESSAGE(wait_until(
+				[&] {
+					for (Process *p : {&a, &a2})
+						if (!process_exists(p->pid()))
+							drained = p;
+					return drained != nullptr;
+				},
+				kRolloutDeadline),
+	                "no v1 worker drained behind the ready v2 worker");
+	Process &lost = drained == &a ? a2 : a;
+	lost.signal(SIGKILL);
+	REQUIRE(lost.wait(20s).has_value());
+
+	// v2's second worker completes the takeover: nothing old is left to wait for.
+	Process d = start_worker(b, "v2", "worker-v2-b.log");
+	bool done = wait_until(
+		[&] {
+			json st = b.status("ext");
+			const json *svc = service_of(st, "ext");
+			return svc && (!svc->contains("upgrade") || (*svc)["upgrade"].is_null()) &&
+			       ready_pids(b, "v2") == std::set<pid_t>{c.pid(), d.pid()};
+		},
+		20s);
+	INFO("status: ", b.status("ext").dump());
+	CHECK_MESSAGE(done, "the takeover did not finish once both v2 workers were ready");
+	CHECK(generation_answering(port) == generation_of(b, "v2"));
+
+	for (Process *p : {&c, &d}) {
+		p->signal(SIGTERM);
+		REQUIRE(p->wait(20s).has_value());
 	}
 	CHECK(wait_until([&] { return no_worker_left(b); }, 20s));
 	b.stop();

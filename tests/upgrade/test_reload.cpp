@@ -88,6 +88,26 @@ TEST_CASE("reload: sockets and services come and go and kept services take their
 	CHECK(r.err.find("sockets.api: changed address") != std::string::npos);
 	CHECK(socket_port(b.status(), "api") == api);
 
+	// A registered service given an exec, and a spawned one losing it: refused by reload, and by
+	// an upgrade, which reads the file again.
+	bad = cfg;
+	bad["services"]["edge"]["exec"] = {env("EXAMPLE_HTTP")};
+	bad["services"]["edge"].erase("register");
+	bad["services"]["web"].erase("exec");
+	bad["services"]["web"]["register"] = {{"users", {"root"}}};
+	write_config(b, bad);
+	r = brokerctl(b, {"reload"});
+	CHECK(r.exit_code == 7);
+	CHECK(r.err.find("services.edge.exec: a running service cannot switch between workers brokerd starts and "
+	                 "registered ones") != std::string::npos);
+	for (std::string name : {"edge", "web"}) {
+		r = brokerctl(b, {"upgrade", name});
+		INFO("brokerctl upgrade ", name, ": ", r.describe());
+		CHECK(r.exit_code == 7);
+		CHECK(r.err.find("an external service is upgraded by registering a new version") != std::string::npos);
+	}
+	CHECK(generation_answering(socket_port(b.status(), "http")) == 1);
+
 	// Removed: the service drains, then its socket closes.
 	cfg["sockets"].erase("api");
 	cfg["services"].erase("web2");
@@ -102,4 +122,39 @@ TEST_CASE("reload: sockets and services come and go and kept services take their
 	CHECK(!service_of(b.status(), "web2"));
 	CHECK(generation_answering(socket_port(b.status(), "http")) == 1);
 	b.stop();
+}
+
+TEST_CASE("reload: refused once brokerd is shutting down")
+{
+	// A worker that ignores SIGTERM holds the shutdown open until its drain deadline.
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json stubborn = service({"/bin/sh", "-c", "trap '' TERM; exec sleep 1000"}, {"http"}, 1, "exec");
+	stubborn["drain"] = {{"timeout", "60s"}};
+	json cfg = config_with({{"stubborn", stubborn}});
+	tb.start(cfg);
+	std::vector<pid_t> pids = worker_pids(b.status(), "stubborn");
+	REQUIRE(pids.size() == 1);
+	REQUIRE(wait_until([&] { return ignores(pids[0], SIGTERM); }, 20s));
+
+	// Draining on SIGTERM, brokerd still answers, but neither binds a socket nor starts a service.
+	cfg["sockets"]["api"] = tcp_socket();
+	cfg["services"]["web2"] = http_service(1, {{"sockets", {"api"}}});
+	write_config(b, cfg);
+	b.process().signal(SIGTERM);
+	REQUIRE(wait_until([&] { return b.log().find("shutting down") != std::string::npos; }, 20s));
+	RunResult r = brokerctl(b, {"reload"});
+	INFO("brokerctl reload: ", r.describe());
+	CHECK(r.exit_code == 7);
+	CHECK(r.err.find("brokerd is shutting down") != std::string::npos);
+	json st = b.status();
+	CHECK(!find_named(st["sockets"], "api"));
+	CHECK(!service_of(st, "web2"));
+
+	// The worker goes, and brokerd with it.
+	REQUIRE(kill9(pids[0]));
+	auto exit = b.process().wait(20s);
+	REQUIRE(exit.has_value());
+	CHECK(describe_status(*exit) == "exited with 0");
 }

@@ -16,6 +16,7 @@ inline constexpr std::string_view kServiceStopped = "io.brokerd.Control.ServiceS
 inline constexpr std::string_view kUpgradeFailed = "io.brokerd.Control.UpgradeFailed";
 inline constexpr std::string_view kStartFailed = "io.brokerd.Control.StartFailed";
 inline constexpr std::string_view kReexecFailed = "io.brokerd.Control.ReexecFailed";
+inline constexpr std::string_view kShuttingDown = "io.brokerd.Control.ShuttingDown";
 
 // io.brokerd.Worker (docs/io.brokerd.Worker.varlink).
 inline constexpr std::string_view kInvalidToken = "io.brokerd.Worker.InvalidToken";
