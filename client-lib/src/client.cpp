@@ -7,10 +7,13 @@
 #include "broker/internal/unique_fd.hpp"
 #include "broker/internal/varlink.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
+
+#include <time.h>
 
 #include <cerrno>
 #include <charconv>
@@ -103,6 +106,18 @@ const json &member(const json &object, const char *key, json::value_t type)
 
 // Hidden explicitly: a nested class would otherwise inherit Client's exported visibility.
 struct __attribute__((visibility("hidden"))) Client::Impl {
+	Impl() = default;
+	Impl(const Impl &) = delete;
+	Impl &operator=(const Impl &) = delete;
+	~Impl() { *alive = false; }
+
+	// Shared with a running process(), which must stop touching anything once a handler has
+	// destroyed the Client (on_handoff_done may).
+	std::shared_ptr<bool> alive = std::make_shared<bool>(true);
+	bool in_process = false; // a disconnect seen while sending is reported by process(), at its end
+	bool peer_gone = false;
+	std::uint64_t retry_at = 0; // CLOCK_MONOTONIC usec: the kernel's fds-in-flight limit was hit
+
 	bool brokered = false;
 	std::string service;
 	std::string instance;
@@ -120,6 +135,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 
 	void send(std::string_view method, json parameters);
 	void flush_now();
+	int flush_or_defer();
 	void dispatch(varlink::Message &m);
 	void pump();
 	void connections_event(const json &params, std::vector<UniqueFd> &fds);
@@ -144,6 +160,16 @@ bool is_disconnect(int r)
 {
 	return r == -EPIPE || r == -ECONNRESET;
 }
+
+std::uint64_t now_usec()
+{
+	timespec ts{};
+	::clock_gettime(CLOCK_MONOTONIC, &ts);
+	return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000 + static_cast<std::uint64_t>(ts.tv_nsec) / 1000;
+}
+
+// How long to wait before writing again when the kernel refuses more fds in flight.
+constexpr std::uint64_t kFdPressureRetry = 10'000;
 
 std::chrono::steady_clock::time_point deadline_after(const json &timeout_ms)
 {
@@ -179,11 +205,32 @@ void Client::Impl::flush_now()
 {
 	if (!stream)
 		throw_closed();
-	int r = stream->flush();
-	if (is_disconnect(r))
+	int r = flush_or_defer();
+	if (is_disconnect(r)) {
+		// Inside process(), what brokerd sent before it went is still to be read and handled.
+		if (in_process)
+			return;
 		throw_closed();
+	}
 	if (r < 0 && r != -EAGAIN)
 		throw Error(-r, std::string("send to brokerd: ") + std::strerror(-r));
+}
+
+// Writes what can be written. ETOOMANYREFS, the per-user limit on fds in flight that sibling
+// workers share, is a wait, not an error: the next try comes from timeout(), not POLLOUT.
+int Client::Impl::flush_or_defer()
+{
+	if (retry_at && now_usec() < retry_at)
+		return -EAGAIN;
+	retry_at = 0;
+	int r = stream->flush();
+	if (r == -ETOOMANYREFS) {
+		retry_at = now_usec() + kFdPressureRetry;
+		return -EAGAIN;
+	}
+	if (is_disconnect(r))
+		peer_gone = true;
+	return r;
 }
 
 void Client::Impl::dispatch(varlink::Message &m)
@@ -294,17 +341,38 @@ void Client::Impl::handoff_event(const json &params)
 	if (!ok || !sender.complete(batch->get<std::uint64_t>(), landed->get<std::uint64_t>(), back, done))
 		throw Error(EBADMSG, "invalid handoff event from brokerd");
 	summary.landed += done.landed;
-	give_back(std::move(done.returned));
+	// A handler that throws stops nothing here: the rest is given back, and the queue moves on,
+	// as no other event would come to move it.
+	std::exception_ptr failure;
+	try {
+		give_back(std::move(done.returned));
+	} catch (...) {
+		failure = std::current_exception();
+	}
 	pump();
+	if (failure)
+		std::rethrow_exception(failure);
 	check_done(before);
 }
 
+// Every item reaches on_returned (or is closed without one), even when a call throws: the first
+// exception is rethrown once all are given.
 void Client::Impl::give_back(std::vector<handoff::Item> items)
 {
 	summary.returned += items.size();
-	for (auto &item : items)
-		if (on_returned)
+	std::exception_ptr failure;
+	for (auto &item : items) {
+		if (!on_returned)
+			continue;
+		try {
 			on_returned(item.fd.release(), std::move(item.state));
+		} catch (...) {
+			if (!failure)
+				failure = std::current_exception();
+		}
+	}
+	if (failure)
+		std::rethrow_exception(failure);
 }
 
 void Client::Impl::check_done(std::size_t pending_before)
@@ -348,6 +416,9 @@ Client Client::from_env(const ClientOptions &options)
 		hello["service"] = service;
 		if (const char *version = env("BROKER_VERSION"))
 			hello["version"] = version;
+		// Only brokerd's own children got the service's sockets at fd 3 and up. A registered
+		// worker's LISTEN_FDS, if any, are its own (a systemd unit's): it asks for the service's.
+		inherited = false;
 	}
 	hello["want_fds"] = !inherited;
 	if (options.accept_handoff)
@@ -466,11 +537,21 @@ short Client::events() const noexcept
 {
 	if (!impl_ || !impl_->stream)
 		return 0;
-	return static_cast<short>(POLLIN | (impl_->stream->want_write() ? POLLOUT : 0));
+	// Under the kernel's fds-in-flight limit the socket is writable, but writing fails: timeout()
+	// says when to try again.
+	bool write = impl_->stream->want_write() && !impl_->retry_at;
+	return static_cast<short>(POLLIN | (write ? POLLOUT : 0));
 }
 
 std::uint64_t Client::timeout() const noexcept
 {
+	if (!impl_ || !impl_->stream)
+		return std::numeric_limits<std::uint64_t>::max();
+	// A message already read (left when a handler threw) has no poll event to announce it.
+	if (impl_->stream->message_ready())
+		return 0;
+	if (impl_->retry_at)
+		return impl_->retry_at;
 	return std::numeric_limits<std::uint64_t>::max();
 }
 
@@ -478,39 +559,74 @@ bool Client::process()
 {
 	if (!impl_ || !impl_->stream)
 		return false;
-	varlink::Stream &s = *impl_->stream;
+	Impl &impl = *impl_;
+	// A handler may destroy the Client: from then on nothing of it may be touched.
+	std::shared_ptr<bool> alive = impl.alive;
+	varlink::Stream &s = *impl.stream;
 	bool did = false;
-	bool closed = false;
+	bool eof = false;
+	impl.in_process = true;
 
 	std::size_t before = s.queued_bytes();
-	int r = s.flush();
-	if (is_disconnect(r))
-		closed = true; // what the broker sent before it left is still dispatched below
-	else if (r < 0 && r != -EAGAIN)
-		impl_->lost(Error(-r, std::string("send to brokerd: ") + std::strerror(-r)));
+	int r = impl.flush_or_defer();
+	if (r < 0 && r != -EAGAIN && !is_disconnect(r)) {
+		impl.in_process = false;
+		impl.lost(Error(-r, std::string("send to brokerd: ") + std::strerror(-r)));
+	}
 	did = s.queued_bytes() != before;
 
-	r = s.receive();
-	if (r > 0)
-		did = true;
-	else if (r == 0 || is_disconnect(r))
-		closed = true;
-	else if (r != -EAGAIN)
-		impl_->lost(Error(-r, std::string("receive from brokerd: ") + std::strerror(-r)));
-
-	for (;;) {
-		varlink::Message m;
-		r = s.next(m);
-		if (r == 0)
-			break;
-		if (r < 0)
-			impl_->lost(Error(-r, std::string("protocol error from brokerd: ") + std::strerror(-r)));
-		did = true;
-		impl_->dispatch(m);
+	// Reads once; once brokerd is found gone, to the end: what it sent before it left (connections
+	// handed to this instance among them) is still handled.
+	std::exception_ptr failure;
+	for (bool more = true; more;) {
+		r = s.receive();
+		if (r > 0)
+			did = true;
+		else if (r == 0 || is_disconnect(r))
+			eof = true;
+		else if (r != -EAGAIN) {
+			impl.in_process = false;
+			impl.lost(Error(-r, std::string("receive from brokerd: ") + std::strerror(-r)));
+		}
+		for (;;) {
+			varlink::Message m;
+			int n = s.next(m);
+			if (n == 0)
+				break;
+			if (n < 0) {
+				impl.in_process = false;
+				impl.lost(Error(-n, std::string("protocol error from brokerd: ") + std::strerror(-n)));
+			}
+			did = true;
+			try {
+				impl.dispatch(m);
+			} catch (...) {
+				failure = std::current_exception();
+			}
+			if (!*alive) {
+				if (failure)
+					std::rethrow_exception(failure);
+				return true;
+			}
+			// The messages after it wait for the next call (timeout() says so at once).
+			if (failure)
+				break;
+		}
+		more = !failure && !eof && impl.peer_gone && r > 0;
 	}
+	impl.in_process = false;
 
-	if (closed)
-		impl_->lost(Error(ECONNRESET, "brokerd closed the connection"));
+	if (failure) {
+		// Whatever waits to be sent goes on: no other event may come to move it.
+		try {
+			impl.pump();
+		} catch (const Error &) {
+			// Reported by the next call.
+		}
+		std::rethrow_exception(failure);
+	}
+	if (eof || impl.peer_gone)
+		impl.lost(Error(ECONNRESET, "brokerd closed the connection"));
 	return did;
 }
 
@@ -524,9 +640,17 @@ void Client::Impl::lost(const Error &error)
 	// back, and their numbers reused.
 	stream.reset();
 	summary.abandoned += sender.drop_in_flight();
-	give_back(sender.take_unsent());
+	std::exception_ptr failure;
+	try {
+		give_back(sender.take_unsent());
+	} catch (...) {
+		failure = std::current_exception(); // the handler's own error comes first; fd() says the rest
+	}
+	Error copy = error; // the caller's may live in what on_handoff_done destroys
 	check_done(before);
-	throw error;
+	if (failure)
+		std::rethrow_exception(failure);
+	throw copy;
 }
 
 void Client::on_drain(std::function<void(const DrainRequest &)> handler)
@@ -546,8 +670,9 @@ void Client::handoff(const Connection *list, std::size_t count)
 	if (!impl_->stream)
 		throw Error(ENOTCONN, "the connection to brokerd is lost: there is no successor to hand connections to");
 	for (const Connection &c : connections) {
-		if (c.fd < 0)
-			throw Error(EBADF, "handoff: negative fd");
+		// A closed fd would make the whole batch's sendmsg fail, and the connection to brokerd with it.
+		if (c.fd < 0 || ::fcntl(c.fd, F_GETFD) < 0)
+			throw Error(EBADF, "handoff: fd " + std::to_string(c.fd) + " is not open");
 		if (c.state.size() > kMaxHandoffState)
 			throw Error(EMSGSIZE, "handoff: state of " + std::to_string(c.state.size()) + " bytes, over " +
 			                          std::to_string(kMaxHandoffState));
@@ -578,7 +703,8 @@ void Client::handoff(const Connection *list, std::size_t count)
 	// process(), which gives back what was never sent.
 	try {
 		impl_->pump();
-	} catch (const Error &) {
+	} catch (...) {
+		// The next process() reports what is wrong; the fds stay the library's either way.
 	}
 }
 

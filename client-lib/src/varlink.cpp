@@ -205,13 +205,13 @@ int Stream::next(Message &out)
 int Stream::enqueue(const json &body, std::vector<UniqueFd> fds)
 {
 	std::size_t n = fds.size();
-	return queue(body, n, Outgoing{{}, 0, std::move(fds), {}});
+	return queue(body, n, Outgoing{{}, 0, std::move(fds), {}, false});
 }
 
 int Stream::enqueue_borrowed(const json &body, std::vector<int> fds)
 {
 	std::size_t n = fds.size();
-	return queue(body, n, Outgoing{{}, 0, {}, std::move(fds)});
+	return queue(body, n, Outgoing{{}, 0, {}, std::move(fds), n > 0});
 }
 
 int Stream::enqueue_reply(const json &parameters, bool continues, std::vector<UniqueFd> fds)
@@ -220,7 +220,7 @@ int Stream::enqueue_reply(const json &parameters, bool continues, std::vector<Un
 		return -E2BIG;
 	if (count_fd_refs_in(parameters) != static_cast<int>(fds.size()))
 		return -EBADMSG;
-	Outgoing o{{}, 0, std::move(fds), {}};
+	Outgoing o{{}, 0, std::move(fds), {}, false};
 	o.data = "{\"parameters\":";
 	o.data += parameters.is_null() ? std::string("{}") : parameters.dump(-1, ' ', false, json::error_handler_t::replace);
 	o.data += continues ? ",\"continues\":true}" : "}";
@@ -301,7 +301,7 @@ std::size_t Stream::unsent_borrowed() const
 {
 	std::size_t n = 0;
 	for (const Outgoing &o : out_)
-		n += !o.borrowed.empty(); // cleared with the first byte
+		n += o.borrowing; // written whole, it is no longer queued
 	return n;
 }
 
@@ -325,7 +325,7 @@ void Stream::restore(std::string in, std::string out)
 	scanned_ = 0;
 	if (!out.empty()) {
 		out_bytes_ += out.size();
-		out_.push_back(Outgoing{std::move(out), 0, {}, {}});
+		out_.push_back(Outgoing{std::move(out), 0, {}, {}, false});
 	}
 }
 

@@ -62,8 +62,8 @@ struct broker_connection {
 	size_t state_size;
 };
 
-/* Takes ownership of all n fds, or of none when it fails (-EMSGSIZE, -EBADF, -ENOTCONN, -EINVAL
- * for a NULL state with a size, -ENOMEM). */
+/* Takes ownership of all n fds, or of none when it fails (-EMSGSIZE, -EBADF for an fd that is
+ * not open, -ENOTCONN, -EINVAL for a NULL state with a size, -ENOMEM). */
 BROKER_C_EXPORT int broker_client_handoff(broker_client *client, const struct broker_connection *connections,
                                           size_t n);
 BROKER_C_EXPORT size_t broker_client_handoff_pending(const broker_client *client);
@@ -79,7 +79,8 @@ BROKER_C_EXPORT int broker_client_set_connection_handler(broker_client *client, 
 BROKER_C_EXPORT int broker_client_set_returned_handler(broker_client *client, broker_connection_handler handler,
                                                        void *userdata);
 /* Called once no handed-off connection is pending; the counts are since the client was made
- * (see broker::HandoffSummary; abandoned: in flight when the broker went away, closed). */
+ * (see broker::HandoffSummary; abandoned: in flight when the broker went away, closed). This
+ * handler may free the client; the others must not. */
 typedef void (*broker_handoff_done_handler)(broker_client *client, size_t handed, size_t landed, size_t returned,
                                             size_t abandoned, void *userdata);
 BROKER_C_EXPORT int broker_client_set_handoff_done_handler(broker_client *client,

@@ -105,7 +105,9 @@ public:
 	// Event-loop integration, in the sd-bus style: poll fd() for events(), wake up by
 	// timeout() at the latest (CLOCK_MONOTONIC, in microseconds; UINT64_MAX for none), then call
 	// process(). process() never blocks; it returns true when it did something, so callers
-	// may loop until it returns false. fd() is -1 under plain systemd.
+	// may loop until it returns false. fd() is -1 under plain systemd. An exception from a
+	// handler leaves process() after the rest of that message's work is done; messages read
+	// after it wait for the next call, which timeout() asks for at once.
 	int fd() const noexcept;
 	short events() const noexcept;
 	std::uint64_t timeout() const noexcept;
@@ -121,7 +123,7 @@ public:
 	// those nobody could take (no successor accepts handoffs, or the receiver died). If the
 	// broker goes away, process() gives back those never sent and closes those in flight.
 	// Nothing is taken if it throws: Error with EMSGSIZE for a state over kMaxHandoffState,
-	// EBADF for a negative fd, ENOTCONN under plain systemd, where there is no successor.
+	// EBADF for an fd that is not open, ENOTCONN under plain systemd, where there is no successor.
 	// Stop reading a connection before handing it: bytes not yet read stay in the socket for
 	// the successor, and bytes already read belong in its state.
 	void handoff(const Connection *connections, std::size_t count);
@@ -139,9 +141,10 @@ public:
 	// longer, so close() alone does not take the fd out of an epoll set: EPOLL_CTL_DEL first.
 	void on_connection(std::function<void(int fd, std::string state)> handler);
 	// A handed-off connection that nobody took: the handler owns fd again. Without a handler
-	// the library closes it.
+	// the library closes it. Neither handler may destroy the Client.
 	void on_returned(std::function<void(int fd, std::string state)> handler);
-	// Called once handoff_pending() drops to 0.
+	// Called once handoff_pending() drops to 0. Unlike the other handlers, it may destroy the
+	// Client (its work done, the worker exits).
 	void on_handoff_done(std::function<void(const HandoffSummary &)> handler);
 
 private:

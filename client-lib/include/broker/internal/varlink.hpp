@@ -83,7 +83,8 @@ public:
 	int flush();
 
 	bool want_write() const { return !out_.empty(); }
-	// Queued messages with borrowed fds whose first byte is not written yet: they never left.
+	// Queued messages with borrowed fds that are not written whole: the peer cannot have acted
+	// on one, even if its first bytes (and so its fds) reached the peer's socket.
 	std::size_t unsent_borrowed() const;
 	std::size_t queued_bytes() const { return out_bytes_; }
 	bool broken() const { return broken_; }
@@ -95,6 +96,8 @@ public:
 
 	// True when bytes of an incomplete message are buffered (used for idle checks).
 	bool partial_input() const { return !in_.empty(); }
+	// True when next() has a whole message to give without reading.
+	bool message_ready() const { return in_.find('\0', scanned_) != std::string::npos; }
 
 private:
 	struct Outgoing {
@@ -102,6 +105,7 @@ private:
 		std::size_t offset = 0;
 		std::vector<UniqueFd> fds; // sent with the first byte, then closed
 		std::vector<int> borrowed; // sent with the first byte, never closed here
+		bool borrowing = false;    // had borrowed fds
 	};
 
 	int queue(const json &body, std::size_t nfds, Outgoing o);
