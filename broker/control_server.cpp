@@ -670,11 +670,15 @@ void ControlServer::Connection::worker_events()
 // connection it carried: the sender still holds them all.
 void ControlServer::Connection::worker_handoff(const json &params, std::vector<UniqueFd> fds)
 {
-	Instance *inst = worker();
-	if (!inst)
+	// By its Events stream, not its token: a sender may exit right after writing its batches,
+	// and its exit be handled first. What reached brokerd still goes to the successor, as the
+	// sender's own copies are gone.
+	Instance *inst = server_.supervisor_.find_by_sink(this);
+	if (!inst) {
+		if (worker())
+			close("Handoff without an Events stream on the same connection");
 		return;
-	if (inst->events != this)
-		return close("Handoff without an Events stream on the same connection");
+	}
 	auto batch = params.find("batch");
 	if (batch == params.end() || !batch->is_number_unsigned())
 		return close("Handoff without a batch id");

@@ -203,6 +203,9 @@ public:
 
 	Instance *find_by_token(std::string_view token);
 	Instance *find_by_pid(pid_t pid);
+	// The instance whose Events stream `sink` carries: still found after the process exited,
+	// until the connection closes or the instance is pruned.
+	Instance *find_by_sink(const EventSink *sink);
 	const Listener *find_listener(std::string_view name) const;
 	const std::list<Listener> &listeners() const { return listeners_; }
 
@@ -286,7 +289,6 @@ private:
 	std::vector<EventSink *> handoff_targets(const Instance &sender) const;
 	void handoff_report(const HandoffRouter::Report &r);
 	void handoff_progress(Service &svc);
-	Instance *find_by_sink(const EventSink *sink);
 	nlohmann::json progress(const Service &svc, const char *event, const Instance *inst,
 	                        const std::string &message) const;
 
