@@ -349,10 +349,16 @@ void Client::Impl::handoff_event(const json &params)
 	} catch (...) {
 		failure = std::current_exception();
 	}
-	pump();
+	try {
+		pump();
+	} catch (...) {
+		if (!failure)
+			failure = std::current_exception();
+	}
+	// Last: the done handler may destroy the Client.
+	check_done(before);
 	if (failure)
 		std::rethrow_exception(failure);
-	check_done(before);
 }
 
 // Every item reaches on_returned (or is closed without one), even when a call throws: the first
@@ -620,8 +626,8 @@ bool Client::process()
 		// Whatever waits to be sent goes on: no other event may come to move it.
 		try {
 			impl.pump();
-		} catch (const Error &) {
-			// Reported by the next call.
+		} catch (...) {
+			// Reported by the next call; the handler's exception comes first.
 		}
 		std::rethrow_exception(failure);
 	}

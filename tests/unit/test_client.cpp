@@ -3,6 +3,8 @@
 #include <broker/client.h>
 #include <broker/client.hpp>
 
+#include "fake_broker.hpp"
+
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
@@ -24,162 +26,10 @@
 #include <string>
 #include <vector>
 
-using json = nlohmann::json;
 using namespace std::chrono_literals;
+using namespace broker_test;
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-// Everything in a test waits for an event, bounded by this.
-constexpr auto kTimeout = 10s;
-
-// A tiny owning fd for the test side (the project's UniqueFd is private to the library).
-class Fd {
-public:
-	Fd() = default;
-	explicit Fd(int fd) : fd_(fd) {}
-	Fd(Fd &&o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-	Fd &operator=(Fd &&o) noexcept
-	{
-		reset(std::exchange(o.fd_, -1));
-		return *this;
-	}
-	~Fd() { reset(); }
-	int get() const { return fd_; }
-	void reset(int fd = -1)
-	{
-		if (fd_ >= 0)
-			::close(fd_);
-		fd_ = fd;
-	}
-
-private:
-	int fd_ = -1;
-};
-
-int ms_left(Clock::time_point deadline)
-{
-	auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-	return left > 0 ? static_cast<int>(left) : 0;
-}
-
-// Polls one fd until it reports `events` or the deadline passes.
-bool wait_for(int fd, short events, Clock::time_point deadline)
-{
-	for (;;) {
-		pollfd p{fd, events, 0};
-		int r = ::poll(&p, 1, ms_left(deadline));
-		if (r > 0)
-			return true;
-		if (r == 0)
-			return false;
-		if (errno != EINTR)
-			return false;
-	}
-}
-
-// An abstract AF_UNIX address unique to this process and call.
-std::string abstract_name(const char *what)
-{
-	static int n = 0;
-	return "@broker-test-client-" + std::to_string(::getpid()) + "-" + what + "-" + std::to_string(n++);
-}
-
-sockaddr_un unix_address(const std::string &name, socklen_t &len)
-{
-	sockaddr_un sa{};
-	sa.sun_family = AF_UNIX;
-	std::memcpy(sa.sun_path, name.data(), name.size());
-	sa.sun_path[0] = '\0';
-	len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + name.size());
-	return sa;
-}
-
-Fd bind_abstract(int type, const std::string &name)
-{
-	Fd fd(::socket(AF_UNIX, type | SOCK_CLOEXEC, 0));
-	REQUIRE(fd.get() >= 0);
-	socklen_t len;
-	sockaddr_un sa = unix_address(name, len);
-	REQUIRE(::bind(fd.get(), reinterpret_cast<sockaddr *>(&sa), len) == 0);
-	if (type == SOCK_STREAM)
-		REQUIRE(::listen(fd.get(), 16) == 0);
-	return fd;
-}
-
-Fd connect_abstract(const std::string &name)
-{
-	Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-	REQUIRE(fd.get() >= 0);
-	socklen_t len;
-	sockaddr_un sa = unix_address(name, len);
-	REQUIRE(::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), len) == 0);
-	return fd;
-}
-
-// The broker's side of one worker connection: NUL-framed JSON, fds with the first byte.
-class FakeBroker {
-public:
-	explicit FakeBroker(const std::string &name) : listen_(bind_abstract(SOCK_STREAM, name)) {}
-
-	bool accept(Clock::time_point deadline)
-	{
-		if (!wait_for(listen_.get(), POLLIN, deadline))
-			return false;
-		conn_ = Fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-		return conn_.get() >= 0;
-	}
-
-	// The next message, or null at end of stream or when the deadline passes.
-	json receive(Clock::time_point deadline)
-	{
-		for (;;) {
-			auto nul = buf_.find('\0');
-			if (nul != std::string::npos) {
-				json j = json::parse(buf_.substr(0, nul));
-				buf_.erase(0, nul + 1);
-				return j;
-			}
-			if (!wait_for(conn_.get(), POLLIN, deadline))
-				return nullptr;
-			char tmp[4096];
-			ssize_t n = ::recv(conn_.get(), tmp, sizeof(tmp), 0);
-			if (n <= 0)
-				return nullptr;
-			buf_.append(tmp, static_cast<std::size_t>(n));
-		}
-	}
-
-	void send(const json &body, const std::vector<int> &fds = {})
-	{
-		std::string data = body.dump();
-		data.push_back('\0');
-		iovec iov{data.data(), data.size()};
-		msghdr msg{};
-		msg.msg_iov = &iov;
-		msg.msg_iovlen = 1;
-		alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 8)] = {};
-		if (!fds.empty()) {
-			REQUIRE(fds.size() <= 8);
-			msg.msg_control = control;
-			msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-			cmsghdr *c = CMSG_FIRSTHDR(&msg);
-			c->cmsg_level = SOL_SOCKET;
-			c->cmsg_type = SCM_RIGHTS;
-			c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-			std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-		}
-		REQUIRE(::sendmsg(conn_.get(), &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(data.size()));
-	}
-
-	void close() { conn_.reset(); }
-
-private:
-	Fd listen_;
-	Fd conn_;
-	std::string buf_;
-};
 
 // The variables the library reads; a child starts from none of them.
 const char *const kEnvVars[] = {"BROKER_SOCKET", "BROKER_TOKEN", "BROKER_SERVICE", "BROKER_VERSION",

@@ -1,0 +1,883 @@
+// libbroker-client's failure paths, in process against a fake brokerd: the broker going away in
+// the middle of a handoff, handlers that throw or destroy the client, bad fds, the kernel's limit
+// on fds in flight, and a registered worker with LISTEN_FDS of its own.
+#include <broker/client.h>
+#include <broker/client.hpp>
+
+#include "fake_broker.hpp"
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <utility>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+using namespace broker_test;
+
+namespace {
+
+// The variables the library reads.
+const char *const kEnvVars[] = {"BROKER_SOCKET", "BROKER_TOKEN", "BROKER_SERVICE", "BROKER_VERSION",
+                                "BROKER_INSTANCE", "BROKER_GENERATION", "LISTEN_FDS", "LISTEN_PID",
+                                "LISTEN_FDNAMES", "NOTIFY_SOCKET"};
+
+// The tests run in this process: each starts from none of the library's variables and leaves
+// them as it found them.
+class EnvGuard {
+public:
+	EnvGuard()
+	{
+		for (const char *v : kEnvVars) {
+			if (const char *value = std::getenv(v))
+				saved_[v] = value;
+			::unsetenv(v);
+		}
+	}
+	~EnvGuard()
+	{
+		for (const char *v : kEnvVars)
+			::unsetenv(v);
+		for (const auto &[k, v] : saved_)
+			::setenv(k.c_str(), v.c_str(), 1);
+	}
+	EnvGuard(const EnvGuard &) = delete;
+	EnvGuard &operator=(const EnvGuard &) = delete;
+
+	// A worker started by brokerd: it has a token.
+	static void worker(const std::string &socket)
+	{
+		::setenv("BROKER_SOCKET", socket.c_str(), 1);
+		::setenv("BROKER_TOKEN", "sesame", 1);
+	}
+
+private:
+	std::map<std::string, std::string> saved_;
+};
+
+// A fake brokerd and a worker environment pointing at it, restored at the end.
+struct WorkerEnv {
+	EnvGuard env;
+	std::string name = abstract_name("broker");
+	FakeBroker broker{name};
+	WorkerEnv() { EnvGuard::worker(name); }
+};
+
+// The soft RLIMIT_NOFILE for one test. The library keeps its window of batches in flight within
+// half of it, so 1000 allows one batch of 253 at a time.
+class NofileLimit {
+public:
+	explicit NofileLimit(rlim_t soft)
+	{
+		REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved_) == 0);
+		rlimit r = saved_;
+		r.rlim_cur = soft;
+		REQUIRE(::setrlimit(RLIMIT_NOFILE, &r) == 0);
+	}
+	~NofileLimit() { ::setrlimit(RLIMIT_NOFILE, &saved_); }
+	NofileLimit(const NofileLimit &) = delete;
+	NofileLimit &operator=(const NofileLimit &) = delete;
+
+private:
+	rlimit saved_{};
+};
+
+// Puts a copy of `fd` at number `target` for one test, and puts back whatever was there. Made
+// before any other fd of the test, so that none of them is the one it moves aside.
+class FdAt {
+public:
+	FdAt(int target, int fd) : target_(target)
+	{
+		REQUIRE(fd != target);
+		int flags = ::fcntl(target, F_GETFD);
+		if (flags >= 0) {
+			saved_ = Fd(::fcntl(target, F_DUPFD_CLOEXEC, 100));
+			REQUIRE(saved_.get() >= 0);
+			saved_cloexec_ = flags & FD_CLOEXEC;
+		}
+		REQUIRE(::dup3(fd, target, O_CLOEXEC) == target);
+	}
+	~FdAt()
+	{
+		if (saved_.get() >= 0)
+			::dup3(saved_.get(), target_, saved_cloexec_ ? O_CLOEXEC : 0);
+		else
+			::close(target_);
+	}
+	FdAt(const FdAt &) = delete;
+	FdAt &operator=(const FdAt &) = delete;
+
+private:
+	int target_;
+	Fd saved_;
+	bool saved_cloexec_ = false;
+};
+
+// A stand-in for an established connection: any open fd passes through SCM_RIGHTS alike.
+Fd connection_fd()
+{
+	Fd fd(::memfd_create("connection", MFD_CLOEXEC));
+	REQUIRE(fd.get() >= 0);
+	return fd;
+}
+
+bool is_open(int fd)
+{
+	return ::fcntl(fd, F_GETFD) >= 0;
+}
+
+// True when both fds refer to the same open file: a received fd is the one that was sent.
+bool same_file(int a, int b)
+{
+	struct stat sa{}, sb{};
+	return ::fstat(a, &sa) == 0 && ::fstat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+std::string base64(std::string_view in)
+{
+	static constexpr char k[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	std::string out;
+	auto at = [&](std::size_t i) { return i < in.size() ? static_cast<unsigned char>(in[i]) : 0u; };
+	for (std::size_t i = 0; i < in.size(); i += 3) {
+		unsigned v = at(i) << 16 | at(i + 1) << 8 | at(i + 2);
+		out += k[v >> 18 & 63];
+		out += k[v >> 12 & 63];
+		out += i + 1 < in.size() ? k[v >> 6 & 63] : '=';
+		out += i + 2 < in.size() ? k[v & 63] : '=';
+	}
+	return out;
+}
+
+// What the fake broker answers Hello with; it may attach fds.
+using HelloReply = std::function<json(const json &hello, std::vector<int> &fds)>;
+
+json default_reply(const json &, std::vector<int> &)
+{
+	return {{"parameters",
+	         {{"service", "web"}, {"instance", "web/2/0"}, {"generation", 2}, {"sockets", json::array()}}}};
+}
+
+// Connects a worker to `broker`: `connect` (the library's from_env, C++ or C) runs here while a
+// thread plays the broker's side of Hello, since from_env waits for the reply. Then the broker
+// reads the Events call. Returns the Hello the broker saw.
+json connect_worker(FakeBroker &broker, const std::function<void()> &connect, const HelloReply &reply = default_reply)
+{
+	json hello;
+	bool answered = false;
+	std::thread t([&] {
+		auto deadline = Clock::now() + kTimeout;
+		if (!broker.accept(deadline))
+			return;
+		hello = broker.receive(deadline);
+		if (!hello.is_object())
+			return;
+		std::vector<int> fds;
+		json body = reply(hello, fds);
+		answered = broker.try_send(body, fds);
+	});
+	try {
+		connect();
+	} catch (...) {
+		t.join();
+		throw;
+	}
+	t.join();
+	REQUIRE(answered);
+	json events = broker.receive(Clock::now() + kTimeout);
+	REQUIRE(events.is_object());
+	REQUIRE(events["method"] == "io.brokerd.Worker.Events");
+	return hello;
+}
+
+std::optional<broker::Client> connect_cpp(FakeBroker &broker, const broker::ClientOptions &options = {})
+{
+	std::optional<broker::Client> c;
+	connect_worker(broker, [&] { c.emplace(broker::Client::from_env(options)); });
+	REQUIRE(c.has_value());
+	return c;
+}
+
+broker_client *connect_c(FakeBroker &broker)
+{
+	broker_client *c = nullptr;
+	connect_worker(broker, [&] { REQUIRE(broker_client_from_env(&c) == 0); });
+	REQUIRE(c != nullptr);
+	return c;
+}
+
+struct FreeClient {
+	void operator()(broker_client *c) const { broker_client_free(c); }
+};
+using CClient = std::unique_ptr<broker_client, FreeClient>;
+
+json handoff_event(const json &batch, std::size_t landed, const json &returned = json::array())
+{
+	return {{"event", "handoff"}, {"batch", batch}, {"landed", landed}, {"returned", returned}};
+}
+
+json indices(std::size_t n)
+{
+	json out = json::array();
+	for (std::size_t i = 0; i < n; i++)
+		out.push_back(i);
+	return out;
+}
+
+// Connections handed off, each with its index as its state; the library owns the fds.
+struct Handed {
+	std::vector<int> fds;
+	std::vector<broker::Connection> list;
+	std::vector<std::string> states;
+
+	explicit Handed(std::size_t n, std::size_t state_size = 0)
+	{
+		states.reserve(n);
+		for (std::size_t i = 0; i < n; i++) {
+			std::string state = std::to_string(i);
+			if (state_size > state.size())
+				state += std::string(state_size - state.size(), static_cast<char>('a' + i % 26));
+			states.push_back(std::move(state));
+			fds.push_back(connection_fd().release());
+		}
+		for (std::size_t i = 0; i < n; i++)
+			list.push_back({fds[i], states[i]});
+	}
+};
+
+// Connections given back through on_returned: the test owns them again.
+struct Returned {
+	std::vector<Fd> fds;
+	std::map<int, std::string> state_of;
+
+	void take(int fd, std::string state)
+	{
+		fds.emplace_back(fd);
+		state_of[fd] = std::move(state);
+	}
+
+	// Every handed connection came back, open, with its own state.
+	bool all_of(const Handed &h) const
+	{
+		if (fds.size() != h.fds.size())
+			return false;
+		for (std::size_t i = 0; i < h.fds.size(); i++) {
+			auto it = state_of.find(h.fds[i]);
+			if (it == state_of.end() || it->second != h.states[i] || !is_open(h.fds[i]))
+				return false;
+		}
+		return true;
+	}
+};
+
+void wait_readable(int fd)
+{
+	REQUIRE(fd >= 0);
+	REQUIRE(wait_for(fd, POLLIN, Clock::now() + kTimeout));
+}
+
+int error_code_of(const std::function<void()> &f)
+{
+	try {
+		f();
+	} catch (const broker::Error &e) {
+		return e.code();
+	}
+	return 0;
+}
+
+std::uint64_t monotonic_usec()
+{
+	timespec ts{};
+	::clock_gettime(CLOCK_MONOTONIC, &ts);
+	return static_cast<std::uint64_t>(ts.tv_sec) * 1000000u + static_cast<std::uint64_t>(ts.tv_nsec) / 1000u;
+}
+
+} // namespace
+
+TEST_CASE("brokerd returns a batch and exits with more queued: all come back, done runs, then ECONNRESET")
+{
+	NofileLimit limit(1000); // one batch in flight: 300 connections leave 47 queued
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	std::optional<broker::Client> c = connect_cpp(broker);
+
+	Returned back;
+	int done = 0;
+	broker::HandoffSummary at_done;
+	c->on_returned([&](int fd, std::string state) { back.take(fd, std::move(state)); });
+	c->on_handoff_done([&](const broker::HandoffSummary &s) {
+		done++;
+		at_done = s;
+	});
+	Handed handed(300);
+	c->handoff(handed.list.data(), handed.list.size());
+	CHECK(c->handoff_pending() == 300);
+
+	auto deadline = Clock::now() + kTimeout;
+	json h = broker.receive(deadline);
+	REQUIRE(h["method"] == "io.brokerd.Worker.Handoff");
+	REQUIRE(h["parameters"]["connections"].size() == 253);
+	CHECK(h["parameters"]["remaining"] == 47);
+	CHECK(broker.take_fds().size() == 253);
+
+	// Nobody could take them, and brokerd exits before the next batch.
+	broker.event(handoff_event(h["parameters"]["batch"], 0, indices(253)));
+	broker.close();
+	wait_readable(c->fd());
+
+	CHECK(error_code_of([&] { c->process(); }) == ECONNRESET);
+	CHECK(back.fds.size() == 300);
+	CHECK(back.all_of(handed));
+	CHECK(done == 1);
+	CHECK(at_done.handed == 300);
+	CHECK(at_done.landed == 0);
+	CHECK(at_done.returned == 300);
+	CHECK(at_done.abandoned == 0);
+	CHECK(c->handoff_pending() == 0);
+	CHECK(c->fd() == -1);
+}
+
+
+TEST_CASE("on_returned throws: every connection still reaches it, and the next batch still goes out")
+{
+	NofileLimit limit(1000);
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	std::optional<broker::Client> c = connect_cpp(broker);
+
+	Returned back;
+	int done = 0;
+	bool armed = true; // throws once, at the next call
+	c->on_returned([&](int fd, std::string state) {
+		back.take(fd, std::move(state));
+		if (std::exchange(armed, false))
+			throw std::runtime_error("returned handler failed");
+	});
+	c->on_handoff_done([&](const broker::HandoffSummary &) { done++; });
+	Handed handed(300);
+	c->handoff(handed.list.data(), handed.list.size());
+
+	auto deadline = Clock::now() + kTimeout;
+	json h1 = broker.receive(deadline);
+	REQUIRE(h1["method"] == "io.brokerd.Worker.Handoff");
+	REQUIRE(h1["parameters"]["connections"].size() == 253);
+	CHECK(broker.take_fds().size() == 253);
+	broker.event(handoff_event(h1["parameters"]["batch"], 0, indices(253)));
+	wait_readable(c->fd());
+
+	CHECK_THROWS_WITH_AS(c->process(), "returned handler failed", std::runtime_error);
+	CHECK(back.fds.size() == 253);
+	CHECK(c->handoff_summary().returned == 253);
+	CHECK(c->fd() != -1);
+
+	// The rest goes out with no further call: no event would come to move it.
+	json h2 = broker.receive(deadline);
+	REQUIRE(h2.is_object());
+	CHECK(h2["method"] == "io.brokerd.Worker.Handoff");
+	CHECK(h2["parameters"]["batch"] != h1["parameters"]["batch"]);
+	CHECK(h2["parameters"]["connections"].size() == 47);
+	std::vector<Fd> second = broker.take_fds();
+	REQUIRE(second.size() == 47);
+	CHECK(same_file(second[0].get(), handed.fds[253]));
+
+	// They land, and the handoff finishes.
+	broker.event(handoff_event(h2["parameters"]["batch"], 47));
+	wait_readable(c->fd());
+	CHECK(c->process());
+	CHECK(done == 1);
+	CHECK(c->handoff_pending() == 0);
+	CHECK(c->handoff_summary().landed == 47);
+	CHECK(c->handoff_summary().returned == 253);
+
+	// A throw while the last batch comes back: the done handler still runs.
+	armed = true;
+	Handed more(3);
+	c->handoff(more.list.data(), more.list.size());
+	json h3 = broker.receive(deadline);
+	REQUIRE(h3["method"] == "io.brokerd.Worker.Handoff");
+	CHECK(broker.take_fds().size() == 3);
+	broker.event(handoff_event(h3["parameters"]["batch"], 0, indices(3)));
+	wait_readable(c->fd());
+	CHECK_THROWS_WITH_AS(c->process(), "returned handler failed", std::runtime_error);
+	CHECK(back.fds.size() == 256);
+	CHECK(c->handoff_pending() == 0);
+	CHECK(done == 2);
+}
+
+TEST_CASE("on_handoff_done destroys the client, from C++ and from C")
+{
+	struct Case {
+		const char *api;
+		bool broker_exits; // done comes from the broker's answer, or from its going away
+	};
+	const Case cases[] = {{"cpp", false}, {"cpp", true}, {"c", false}, {"c", true}};
+	for (const Case &tc : cases) {
+		std::string api = tc.api;
+		CAPTURE(api);
+		CAPTURE(tc.broker_exits);
+		WorkerEnv w;
+		FakeBroker &broker = w.broker;
+
+		struct Seen {
+			int done = 0;
+			std::size_t landed = 0, abandoned = 0;
+		} seen;
+		std::optional<broker::Client> cpp;
+		broker_client *c = nullptr;
+		int fd;
+		if (api == "cpp") {
+			cpp = connect_cpp(broker);
+			cpp->on_handoff_done([&](const broker::HandoffSummary &s) {
+				seen.done++;
+				seen.landed = s.landed;
+				seen.abandoned = s.abandoned;
+				cpp.reset();
+			});
+			broker::Connection conn{connection_fd().release(), "x"};
+			cpp->handoff(&conn, 1);
+			fd = cpp->fd();
+		} else {
+			c = connect_c(broker);
+			REQUIRE(broker_client_set_handoff_done_handler(
+			                c,
+			                [](broker_client *client, size_t, size_t landed, size_t, size_t abandoned, void *userdata) {
+				                auto *s = static_cast<Seen *>(userdata);
+				                s->done++;
+				                s->landed = landed;
+				                s->abandoned = abandoned;
+				                broker_client_free(client);
+			                },
+			                &seen) == 0);
+			broker_connection conn{connection_fd().release(), "x", 1};
+			REQUIRE(broker_client_handoff(c, &conn, 1) == 0);
+			fd = broker_client_fd(c);
+		}
+
+		json h = broker.receive(Clock::now() + kTimeout);
+		REQUIRE(h["method"] == "io.brokerd.Worker.Handoff");
+		broker.take_fds();
+		if (tc.broker_exits)
+			broker.close();
+		else
+			broker.event(handoff_event(h["parameters"]["batch"], 1));
+		wait_readable(fd);
+
+		// The client is gone when process() comes back: under ASan, any touch of it fails here.
+		if (api == "cpp") {
+			int code = 0;
+			bool did = false;
+			try {
+				did = cpp->process();
+			} catch (const broker::Error &e) {
+				code = e.code();
+			}
+			CHECK_FALSE(cpp.has_value());
+			CHECK(code == (tc.broker_exits ? ECONNRESET : 0));
+			CHECK(did == !tc.broker_exits);
+		} else {
+			int r = broker_client_process(c);
+			CHECK(r == (tc.broker_exits ? -ECONNRESET : 1));
+		}
+		CHECK(seen.done == 1);
+		CHECK(seen.landed == (tc.broker_exits ? 0u : 1u));
+		CHECK(seen.abandoned == (tc.broker_exits ? 1u : 0u));
+		if (seen.done == 0 && c)
+			broker_client_free(c);
+	}
+}
+
+TEST_CASE("a handler throws with a second event already read: timeout() asks for process() at once")
+{
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	std::optional<broker::Client> c = connect_cpp(broker);
+
+	int drains = 0;
+	c->on_drain([&](const broker::DrainRequest &) {
+		if (++drains == 1)
+			throw std::runtime_error("drain handler failed");
+	});
+	// Two events in one write, so that one read takes both.
+	std::string one = json{{"parameters", {{"event", "drain"}, {"timeout_ms", 5000}}}, {"continues", true}}.dump();
+	one.push_back('\0');
+	REQUIRE(broker.try_send_raw(one + one, {}, Clock::now() + kTimeout));
+	wait_readable(c->fd());
+
+	CHECK_THROWS_WITH_AS(c->process(), "drain handler failed", std::runtime_error);
+	CHECK(drains == 1);
+	CHECK(c->timeout() == 0);
+	// The socket has nothing left to announce: only timeout() wakes the loop.
+	pollfd p{c->fd(), c->events(), 0};
+	CHECK(::poll(&p, 1, 0) == 0);
+
+	CHECK(c->process());
+	CHECK(drains == 2);
+	CHECK(c->timeout() == UINT64_MAX);
+}
+
+TEST_CASE("brokerd sends connections and exits, and the worker's ack fails: it still takes every one")
+{
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	broker::ClientOptions options;
+	options.accept_handoff = true;
+	std::optional<broker::Client> c = connect_cpp(broker, options);
+
+	std::vector<Fd> taken;
+	std::vector<std::string> states;
+	c->on_connection([&](int fd, std::string state) {
+		taken.emplace_back(fd);
+		states.push_back(std::move(state));
+	});
+
+	// One connection, then six with about 100 KB of state between them: more than one read.
+	std::vector<Fd> sent;
+	std::vector<std::string> sent_states = {"first"};
+	sent.push_back(connection_fd());
+	broker.event({{"event", "connections"},
+	              {"batch", 1},
+	              {"connections", json::array({{{"fd", 0}, {"state", base64("first")}}})}},
+	             {sent[0].get()});
+	json conns = json::array();
+	std::vector<int> fds;
+	for (int i = 0; i < 6; i++) {
+		sent_states.push_back(std::string(12000, static_cast<char>('a' + i)));
+		sent.push_back(connection_fd());
+		fds.push_back(sent.back().get());
+		conns.push_back({{"fd", i}, {"state", base64(sent_states.back())}});
+	}
+	broker.event({{"event", "connections"}, {"batch", 2}, {"connections", conns}}, fds);
+	// brokerd exits: the worker's ack of the first event finds the socket closed.
+	broker.close();
+	wait_readable(c->fd());
+
+	CHECK(error_code_of([&] { c->process(); }) == ECONNRESET);
+	REQUIRE(taken.size() == sent.size());
+	for (std::size_t i = 0; i < sent.size(); i++) {
+		CAPTURE(i);
+		CHECK(same_file(taken[i].get(), sent[i].get()));
+		CHECK(states[i] == sent_states[i]);
+	}
+	CHECK(c->fd() == -1);
+}
+
+TEST_CASE("handoff() with a closed fd: EBADF, nothing taken, the connection to brokerd stays up")
+{
+	for (std::string api : {"cpp", "c"}) {
+		CAPTURE(api);
+		WorkerEnv w;
+		FakeBroker &broker = w.broker;
+		std::optional<broker::Client> cpp;
+		CClient c;
+		if (api == "cpp")
+			cpp = connect_cpp(broker);
+		else
+			c.reset(connect_c(broker));
+
+		Fd good = connection_fd();
+		int bad = connection_fd().release();
+		::close(bad); // nothing opens an fd between here and handoff()
+		if (cpp) {
+			broker::Connection conns[] = {{good.get(), "good"}, {bad, "bad"}};
+			CHECK(error_code_of([&] { cpp->handoff(conns, 2); }) == EBADF);
+			CHECK(cpp->handoff_pending() == 0);
+			CHECK(cpp->handoff_summary().handed == 0);
+			CHECK(cpp->fd() != -1);
+		} else {
+			broker_connection conns[] = {{good.get(), "good", 4}, {bad, "bad", 3}};
+			CHECK(broker_client_handoff(c.get(), conns, 2) == -EBADF);
+			CHECK(broker_client_handoff_pending(c.get()) == 0);
+			CHECK(broker_client_fd(c.get()) != -1);
+		}
+		// The valid one is still the caller's, and nothing reached the broker.
+		CHECK(is_open(good.get()));
+		CHECK_FALSE(wait_for(broker.conn(), POLLIN, Clock::now()));
+
+		// A later handoff of the valid one goes through on the same connection.
+		int fd = good.release();
+		if (cpp) {
+			broker::Connection conn{fd, "good"};
+			cpp->handoff(&conn, 1);
+		} else {
+			broker_connection conn{fd, "good", 4};
+			REQUIRE(broker_client_handoff(c.get(), &conn, 1) == 0);
+		}
+		json h = broker.receive(Clock::now() + kTimeout);
+		REQUIRE(h.is_object());
+		CHECK(h["method"] == "io.brokerd.Worker.Handoff");
+		CHECK(h["parameters"]["connections"] == json::parse(R"([{"fd": 0, "state": "Z29vZA=="}])"));
+		std::vector<Fd> received = broker.take_fds();
+		REQUIRE(received.size() == 1);
+		CHECK(same_file(received[0].get(), fd));
+	}
+}
+
+TEST_CASE("a registered worker with LISTEN_FDS of its own asks for and uses the service's sockets")
+{
+	EnvGuard env;
+	// The worker's own socket-activated "metrics" socket, at fd 3 as systemd would put it.
+	Fd metrics(::fcntl(bind_abstract(SOCK_STREAM, abstract_name("metrics")).get(), F_DUPFD_CLOEXEC, 100));
+	REQUIRE(metrics.get() >= 0);
+	FdAt at3(3, metrics.get());
+	::setenv("LISTEN_FDS", "1", 1);
+	::setenv("LISTEN_FDNAMES", "metrics", 1);
+	::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
+
+	std::string name = abstract_name("broker");
+	FakeBroker broker(name);
+	::setenv("BROKER_SOCKET", name.c_str(), 1);
+	::setenv("BROKER_SERVICE", "api", 1);
+	std::string http_name = abstract_name("http");
+	Fd http = bind_abstract(SOCK_STREAM, http_name);
+
+	std::optional<broker::Client> c;
+	json hello = connect_worker(
+	        broker, [&] { c.emplace(broker::Client::from_env()); },
+	        [&](const json &hello, std::vector<int> &fds) {
+		        json socket = {{"name", "http"}, {"address", "unix:@" + http_name.substr(1)}, {"kind", "stream"}};
+		        // brokerd sends the fds only when asked for them.
+		        if (hello["parameters"].value("want_fds", false)) {
+			        socket["fd"] = 0;
+			        fds.push_back(http.get());
+		        }
+		        return json{{"parameters",
+		                     {{"service", "api"}, {"instance", "api/3/0"}, {"generation", 3}, {"sockets", {socket}}}}};
+	        });
+	INFO(hello.dump());
+	CHECK(hello["parameters"]["service"] == "api");
+	CHECK_FALSE(hello["parameters"].contains("token"));
+	CHECK(hello["parameters"]["want_fds"] == true);
+
+	REQUIRE(c.has_value());
+	REQUIRE(c->listeners().size() == 1);
+	CHECK(c->listeners()[0].name == "http");
+	int fd = c->listeners()[0].fd;
+	CHECK(fd != 3);
+	CHECK(same_file(fd, http.get()));
+	CHECK(c->listener("http") == fd);
+	CHECK(error_code_of([&] { c->listener("metrics"); }) == ENOENT);
+	// The worker's own socket is untouched.
+	CHECK(same_file(3, metrics.get()));
+	c.reset();
+	CHECK(same_file(3, metrics.get()));
+}
+
+namespace {
+
+// How the ETOOMANYREFS child ends: 0, or the step that went wrong.
+enum PressureExit : int {
+	kPressureOk = 0,
+	kPressureDropPrivileges = 10,
+	kPressureFirstBatch,
+	kPressureHandoffThrew,
+	kPressurePollout,
+	kPressureNoTimeout,
+	kPressureProcessThrew,
+	kPressureConnectionLost,
+	kPressureSentEarly,
+	kPressureFirstRead,
+	kPressureRetryThrew,
+	kPressureNeverSent,
+	kPressureWrongBatch,
+	kPressureUncaught = 99,
+};
+
+const char *describe(int code)
+{
+	switch (code) {
+	case kPressureOk: return "ok";
+	case kPressureDropPrivileges: return "could not drop to uid/gid 65534";
+	case kPressureFirstBatch: return "the first client's batch was not written whole";
+	case kPressureHandoffThrew: return "handoff() threw under the fds-in-flight limit";
+	case kPressurePollout: return "events() asked for POLLOUT under the fds-in-flight limit";
+	case kPressureNoTimeout: return "timeout() was UINT64_MAX under the fds-in-flight limit";
+	case kPressureProcessThrew: return "process() threw under the fds-in-flight limit";
+	case kPressureConnectionLost: return "fd() was -1 after process() under the fds-in-flight limit";
+	case kPressureSentEarly: return "the second batch reached the broker despite the limit (no ETOOMANYREFS?)";
+	case kPressureFirstRead: return "the first broker could not read its batch";
+	case kPressureRetryThrew: return "process() threw while retrying";
+	case kPressureNeverSent: return "the second batch never went out after the fds left flight";
+	case kPressureWrongBatch: return "the second broker got something else than the batch";
+	case kPressureUncaught: return "an exception or failed REQUIRE in the child";
+	default: return "killed or unknown";
+	}
+}
+
+// In a child of its own, as uid 65534 (root is exempt from the limit): a sibling client's batch
+// holds 253 fds in flight, over a soft RLIMIT_NOFILE of 200, so the second client's sendmsg gets
+// ETOOMANYREFS. That is a wait, retried from timeout(), never an error.
+int fds_in_flight_child()
+{
+	if (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0)
+		return kPressureDropPrivileges;
+	std::string name_a = abstract_name("broker-a"), name_b = abstract_name("broker-b");
+	FakeBroker fa(name_a), fb(name_b);
+	EnvGuard::worker(name_a);
+	std::optional<broker::Client> a = connect_cpp(fa);
+	EnvGuard::worker(name_b);
+	std::optional<broker::Client> b = connect_cpp(fb);
+	Handed ha(253), hb(10);
+
+	rlimit r{};
+	::getrlimit(RLIMIT_NOFILE, &r);
+	r.rlim_cur = 600;
+	::setrlimit(RLIMIT_NOFILE, &r);
+	a->handoff(ha.list.data(), ha.list.size()); // fa does not read it yet: 253 fds in flight
+	if (a->events() & POLLOUT)
+		return kPressureFirstBatch;
+
+	r.rlim_cur = 200;
+	::setrlimit(RLIMIT_NOFILE, &r);
+	try {
+		b->handoff(hb.list.data(), hb.list.size());
+	} catch (...) {
+		return kPressureHandoffThrew;
+	}
+	for (int round = 0; round < 2; round++) {
+		if (b->events() & POLLOUT)
+			return kPressurePollout;
+		if (b->timeout() == UINT64_MAX)
+			return kPressureNoTimeout;
+		if (round == 1)
+			break;
+		try {
+			b->process();
+		} catch (...) {
+			return kPressureProcessThrew;
+		}
+		if (b->fd() < 0)
+			return kPressureConnectionLost;
+	}
+	if (wait_for(fb.conn(), POLLIN, Clock::now()))
+		return kPressureSentEarly;
+
+	// The sibling's fds leave flight (they cannot be installed under this limit and close: fine).
+	json h = fa.receive(Clock::now() + kTimeout);
+	if (!h.is_object() || h["method"] != "io.brokerd.Worker.Handoff")
+		return kPressureFirstRead;
+	fa.take_fds();
+
+	// The loop waits for timeout(), not for POLLOUT, and the batch goes out.
+	auto deadline = Clock::now() + kTimeout;
+	bool sent = false;
+	while (!sent && Clock::now() < deadline) {
+		std::uint64_t at = b->timeout();
+		int wait_ms = ms_left(deadline);
+		if (at != UINT64_MAX) {
+			std::uint64_t now = monotonic_usec();
+			wait_ms = std::min<int>(wait_ms, at > now ? static_cast<int>((at - now + 999) / 1000) : 0);
+		}
+		pollfd p{b->fd(), b->events(), 0};
+		::poll(&p, 1, wait_ms);
+		try {
+			b->process();
+		} catch (...) {
+			return kPressureRetryThrew;
+		}
+		sent = wait_for(fb.conn(), POLLIN, Clock::now());
+	}
+	if (!sent)
+		return kPressureNeverSent;
+	json hbatch = fb.receive(Clock::now() + kTimeout);
+	if (!hbatch.is_object() || hbatch["method"] != "io.brokerd.Worker.Handoff" ||
+	    hbatch["parameters"]["connections"].size() != hb.fds.size())
+		return kPressureWrongBatch;
+	return kPressureOk;
+}
+
+} // namespace
+
+TEST_CASE("ETOOMANYREFS from fds in flight is a wait: no error, no POLLOUT, retried after timeout()")
+{
+	if (::geteuid() != 0) {
+		MESSAGE("skipped: needs root to run a child as uid 65534 (root is exempt from the limit)");
+		return;
+	}
+	pid_t pid = ::fork();
+	REQUIRE(pid >= 0);
+	if (pid == 0) {
+		::alarm(30); // the child's own waits have deadlines; this bounds the rest
+		int code = kPressureUncaught;
+		try {
+			code = fds_in_flight_child();
+		} catch (...) {
+		}
+		::_exit(code);
+	}
+	int status = 0;
+	REQUIRE(::waitpid(pid, &status, 0) == pid);
+	REQUIRE(WIFEXITED(status));
+	int code = WEXITSTATUS(status);
+	std::string what = describe(code);
+	INFO("child: " << what);
+	CHECK(code == kPressureOk);
+}
+
+TEST_CASE("a Handoff partly written when brokerd exits: its connections come back, none abandoned")
+{
+	struct Case {
+		const char *what;
+		std::size_t broker_reads; // bytes the broker reads (taking the fds) before it exits
+	};
+	const Case cases[] = {{"broker reads nothing", 0}, {"broker reads the first bytes and the fds", 4096}};
+	for (const Case &tc : cases) {
+		std::string what = tc.what;
+		CAPTURE(what);
+		WorkerEnv w;
+		FakeBroker &broker = w.broker;
+		std::optional<broker::Client> c = connect_cpp(broker);
+
+		// A small send buffer and large states: the one batch cannot be written whole.
+		int small = 4096;
+		REQUIRE(::setsockopt(c->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)) == 0);
+		Returned back;
+		int done = 0;
+		c->on_returned([&](int fd, std::string state) { back.take(fd, std::move(state)); });
+		c->on_handoff_done([&](const broker::HandoffSummary &) { done++; });
+		Handed handed(10, broker::Client::kMaxHandoffState);
+		c->handoff(handed.list.data(), handed.list.size());
+		REQUIRE(c->handoff_pending() == 10);
+		CHECK((c->events() & POLLOUT) != 0); // the rest of the message waits
+
+		auto deadline = Clock::now() + kTimeout;
+		// Its first bytes, and with them its fds, reached the broker's socket.
+		REQUIRE(wait_for(broker.conn(), POLLIN, deadline));
+		if (tc.broker_reads > 0) {
+			REQUIRE(broker.read_some(tc.broker_reads, deadline) > 0);
+			CHECK(broker.take_fds().size() == 10);
+		}
+		broker.close();
+		REQUIRE(wait_for(c->fd(), c->events(), deadline));
+
+		CHECK(error_code_of([&] { c->process(); }) == ECONNRESET);
+		CHECK(back.all_of(handed));
+		CHECK(c->handoff_summary().returned == 10);
+		CHECK(c->handoff_summary().abandoned == 0);
+		CHECK(c->handoff_pending() == 0);
+		CHECK(done == 1);
+		CHECK(c->fd() == -1);
+	}
+}
