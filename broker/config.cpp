@@ -3,6 +3,7 @@
 
 #include "broker/internal/limits.hpp"
 #include "broker/internal/unique_fd.hpp"
+#include "broker/internal/varlink.hpp"
 #include "broker_config.h"
 
 #include <arpa/inet.h>
@@ -18,6 +19,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <initializer_list>
 #include <set>
@@ -492,6 +494,14 @@ SocketConfig parse_socket(const std::string &name, const json &j, const std::str
 	return s;
 }
 
+// One spelling per unix socket file ("/run//x" and "/run/./x" are "/run/x"); abstract names as they are.
+std::string same_file_key(const std::string &path)
+{
+	if (path.empty() || path[0] == '@')
+		return path;
+	return std::filesystem::path(path).lexically_normal().string();
+}
+
 void parse_sockets(const json &j, Config &cfg)
 {
 	const std::string path = "sockets";
@@ -508,14 +518,18 @@ void parse_sockets(const json &j, Config &cfg)
 	          [](const SocketConfig &a, const SocketConfig &b) { return a.name < b.name; });
 
 	// Two sockets on one address: the second bind would fail at start-up, far from the cause.
+	// (Or, for a unix socket, replace the first's file.)
 	std::map<std::string, const SocketConfig *> seen;
 	for (const SocketConfig &s : cfg.sockets) {
 		std::string key;
 		switch (s.kind) {
 		case SocketKind::Systemd:
-			continue;
+			key = "systemd " + s.systemd_name;
+			break;
 		case SocketKind::Unix:
-			key = "unix " + s.path;
+			key = "unix " + same_file_key(s.path);
+			if (key == "unix " + same_file_key(cfg.control.path))
+				fail(child(child(path, s.name), "listen"), "the same path as control.path");
 			break;
 		case SocketKind::Tcp:
 		case SocketKind::Udp:
@@ -526,7 +540,9 @@ void parse_sockets(const json &j, Config &cfg)
 		}
 		auto [it, fresh] = seen.emplace(key, &s);
 		if (!fresh && !(s.reuseport && it->second->reuseport))
-			fail(child(child(path, s.name), "listen"), "same address as sockets." + it->second->name);
+			fail(child(child(path, s.name), s.kind == SocketKind::Systemd ? "systemd" : "listen"),
+			     (s.kind == SocketKind::Systemd ? "same systemd socket as sockets." : "same address as sockets.") +
+			         it->second->name);
 	}
 }
 
@@ -744,6 +760,10 @@ std::string short_reason(const char *what)
 
 json parse_json(std::string_view text)
 {
+	// Each level costs the duplicate check a path: a file nested thousands deep would cost
+	// gigabytes, in the daemon too (reload, upgrade).
+	if (!varlink::depth_within_limit(text))
+		throw ConfigError("invalid JSON: nested more than " + std::to_string(limits::kMaxJsonDepth) + " levels deep");
 	DuplicateKeys dup;
 	json root;
 	try {

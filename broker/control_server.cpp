@@ -6,6 +6,7 @@
 #include "broker/internal/varlink.hpp"
 #include "broker_config.h"
 #include "interfaces.hpp"
+#include "listener.hpp"
 #include "broker/internal/errors.hpp"
 #include "log.hpp"
 #include "state.hpp"
@@ -1052,6 +1053,9 @@ void ControlServer::bind_socket()
 		if (::lstat(path.c_str(), &st) == 0) {
 			if (!S_ISSOCK(st.st_mode))
 				throw std::runtime_error("control socket: " + path + " exists and is not a socket, refusing to replace it");
+			if (unix_socket_in_use(path))
+				throw std::runtime_error("control socket: " + path +
+				                         ": another brokerd (or something else) listens on it, refusing to replace it");
 			::unlink(path.c_str());
 		}
 	}

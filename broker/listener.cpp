@@ -183,6 +183,9 @@ Listener open_unix(const SocketConfig &cfg)
 		if (::lstat(cfg.path.c_str(), &st) == 0) {
 			if (!S_ISSOCK(st.st_mode))
 				fail(cfg, shown + ": the path exists and is not a socket, refusing to replace it");
+			if (unix_socket_in_use(cfg.path))
+				fail(cfg, shown + ": something still listens on it (another brokerd, another daemon, or "
+				          "workers left running), refusing to replace it");
 			if (::unlink(cfg.path.c_str()) < 0 && errno != ENOENT)
 				fail_errno(cfg, "unlink stale socket " + shown, errno);
 		} else if (errno != ENOENT) {
@@ -357,6 +360,23 @@ std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd f
 		l.unlink_path = cfg.path;
 	l.fd = std::move(fd);
 	return l;
+}
+
+bool unix_socket_in_use(const std::string &path)
+{
+	sockaddr_un sa{};
+	sa.sun_family = AF_UNIX;
+	if (path.empty() || path[0] == '@' || path.size() >= sizeof(sa.sun_path))
+		return false;
+	std::memcpy(sa.sun_path, path.data(), path.size());
+	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+	if (!fd)
+		return false;
+	auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+	if (::connect(fd.get(), reinterpret_cast<const sockaddr *>(&sa), len) == 0)
+		return true;
+	// EAGAIN: a full accept queue; EPROTOTYPE: a datagram socket. Both are alive.
+	return errno != ECONNREFUSED && errno != ENOENT;
 }
 
 bool unix_file_present(const std::string &path)

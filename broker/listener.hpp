@@ -43,6 +43,11 @@ std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd f
 // Whether a unix socket's path still has a socket file (always true for "@name").
 bool unix_file_present(const std::string &path);
 
+// Whether something still listens on the unix socket file at `path`: another brokerd, another
+// daemon, or workers of a brokerd that died. A file left by a process that is gone refuses the
+// connection, and may be replaced.
+bool unix_socket_in_use(const std::string &path);
+
 // The canonical address of a socket ("unix:/run/brokerd/control.sock"), or empty.
 std::string socket_address(int fd);
 

@@ -340,3 +340,31 @@ TEST_CASE("brokerd --version matches the version Status reports")
 	CHECK(v.out.find(version) != std::string::npos);
 	b.stop();
 }
+
+TEST_CASE("a second brokerd refuses a control socket or a unix socket something listens on")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	json cfg = web_config();
+	cfg["sockets"]["local"] = {{"listen", "unix:" + b.path("local.sock")}};
+	b.start(cfg);
+
+	// Its control socket, then its unix listener: each is alive, and stays the first brokerd's.
+	TempDir other;
+	const std::pair<json, std::string> cases[] = {
+		{{{"control", {{"path", b.control_path()}}}}, "another brokerd (or something else) listens on it"},
+		{{{"control", {{"path", other / "control.sock"}}}, {"sockets", {{"local", {{"listen", "unix:" + b.path("local.sock")}}}}}},
+		 "something still listens on it"},
+	};
+	for (const auto &[second, message] : cases) {
+		std::string file = other / "brokerd.json";
+		write_file(file, second.dump());
+		RunResult r = run({env("BROKERD"), "--config", file});
+		INFO("second brokerd: ", r.describe());
+		CHECK(r.exit_code != 0);
+		CHECK(r.err.find(message) != std::string::npos);
+		CHECK(b.status().contains("services"));
+	}
+	CHECK(::access(b.path("local.sock").c_str(), F_OK) == 0);
+	b.stop();
+}

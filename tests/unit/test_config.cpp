@@ -127,6 +127,13 @@ TEST_CASE("bad configs name the key path and the problem")
 		 "sockets.b.listen: same address as sockets.a"},
 		{R"({"sockets": {"a": {"listen": "unix:/run/x"}, "b": {"listen": "unix:/run/x"}}})",
 		 "sockets.b.listen: same address as sockets.a"},
+		{R"({"sockets": {"a": {"listen": "unix:/run/x"}, "b": {"listen": "unix:/run//./x"}}})",
+		 "sockets.b.listen: same address as sockets.a"},
+		{R"({"sockets": {"a": {"systemd": "web"}, "b": {"systemd": "web"}}})",
+		 "sockets.b.systemd: same systemd socket as sockets.a"},
+		{R"({"control": {"path": "/run/b/control.sock"}, "sockets": {"a": {"listen": "unix:/run/b//control.sock"}}})",
+		 "sockets.a.listen: the same path as control.path"},
+		{std::string(100, '[') + std::string(100, ']'), "invalid JSON: nested more than 64 levels deep"},
 		// sockets: options that do not apply
 		{with_socket(R"({"listen": "udp://0.0.0.0:53", "backlog": 10})"),
 		 "sockets.http.backlog: applies only to stream sockets (tcp and unix), not udp"},
