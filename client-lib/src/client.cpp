@@ -462,6 +462,8 @@ Client Client::from_env(const ClientOptions &options)
 	}
 
 	impl->stream.emplace(std::move(sync.stream()));
+	// Connections handed to this instance beyond its fd limit are refused, not the stream's end.
+	impl->stream->allow_lost_fds();
 	int r = impl->stream->enqueue(varlink::make_call(kEvents, json::object(), true));
 	if (r < 0)
 		throw Error(-r, std::string("cannot queue Events: ") + std::strerror(-r));

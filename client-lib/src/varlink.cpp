@@ -124,7 +124,16 @@ int Stream::receive()
 			received++;
 		}
 	}
-	if (msg.msg_flags & MSG_CTRUNC || in_fds_.size() > max_queued_fds_) {
+	if ((msg.msg_flags & MSG_CTRUNC) && allow_lost_fds_ && n > 0) {
+		// One read carries the fds of one message, those that fit first: the rest of that
+		// message's fds are missing from here on.
+		in_fds_.emplace_back();
+	} else if (msg.msg_flags & MSG_CTRUNC) {
+		broken_ = true;
+		in_fds_.clear();
+		return -EPROTO;
+	}
+	if (in_fds_.size() > max_queued_fds_) {
 		broken_ = true;
 		in_fds_.clear();
 		return -EPROTO;
@@ -178,7 +187,19 @@ int Stream::next(Message &out)
 		in_fds_.clear();
 		return nfds;
 	}
-	if (in_fds_.size() < static_cast<std::size_t>(nfds)) {
+	// The fds that came, up to a lost-fds mark; the mark stands for all the message still lacks.
+	std::size_t came = 0;
+	bool lost = false;
+	for (const UniqueFd &f : in_fds_) {
+		if (came == static_cast<std::size_t>(nfds))
+			break;
+		if (!f) {
+			lost = true;
+			break;
+		}
+		came++;
+	}
+	if (!lost && came < static_cast<std::size_t>(nfds)) {
 		broken_ = true;
 		in_fds_.clear();
 		return -EPROTO;
@@ -186,9 +207,13 @@ int Stream::next(Message &out)
 
 	out.body = std::move(body);
 	out.fds.clear();
-	for (int i = 0; i < nfds; i++) {
+	for (std::size_t i = 0; i < came; i++) {
 		out.fds.push_back(std::move(in_fds_.front()));
 		in_fds_.pop_front();
+	}
+	if (lost) {
+		in_fds_.pop_front();
+		out.fds.resize(static_cast<std::size_t>(nfds));
 	}
 
 	// fds arrive with the first byte of the message that owns them, so queued fds with no

@@ -451,14 +451,11 @@ TEST_CASE("a message of exactly the size limit is received")
 	}
 }
 
-TEST_CASE("fds cut off by MSG_CTRUNC are closed")
+// Receives one message of 20 fds with RLIMIT_NOFILE so low that only 3 fd numbers are free
+// below it: the kernel installs 3 of the passed fds, drops the rest and sets MSG_CTRUNC.
+int receive_short_of_fds(Stream &rx, int sender)
 {
-	// With RLIMIT_NOFILE so low that only 3 fd numbers are free below it, the kernel installs 3
-	// of the passed fds, drops the rest and sets MSG_CTRUNC.
-	Pair p = make_pair();
-	Stream rx(std::move(p.b));
-	std::size_t base = open_fds();
-	send_raw(p.a.get(), frame(with_fd_refs(20)), memfds(20));
+	send_raw(sender, frame(with_fd_refs(20)), memfds(20));
 
 	std::set<int> in_use;
 	for (const auto &e : std::filesystem::directory_iterator("/proc/self/fd"))
@@ -474,10 +471,47 @@ TEST_CASE("fds cut off by MSG_CTRUNC are closed")
 	REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
 	int r = rx.receive();
 	REQUIRE(::setrlimit(RLIMIT_NOFILE, &old) == 0);
+	return r;
+}
 
-	CHECK(r == -EPROTO);
+TEST_CASE("fds cut off by MSG_CTRUNC are closed")
+{
+	Pair p = make_pair();
+	Stream rx(std::move(p.b));
+	std::size_t base = open_fds();
+	CHECK(receive_short_of_fds(rx, p.a.get()) == -EPROTO);
 	CHECK(rx.broken());
 	CHECK(open_fds() == base);
+}
+
+TEST_CASE("with allow_lost_fds, a message short of fds comes with empty ones in their place")
+{
+	Pair p = make_pair();
+	Stream rx(std::move(p.b));
+	rx.allow_lost_fds();
+	std::size_t base = open_fds();
+	CHECK(receive_short_of_fds(rx, p.a.get()) > 0);
+	CHECK(!rx.broken());
+	Message m;
+	REQUIRE(rx.next(m) == 1);
+	REQUIRE(m.fds.size() == 20);
+	std::string got;
+	for (const UniqueFd &fd : m.fds)
+		got += fd ? '+' : '-';
+	// The first that fitted (3, or 4 with the fd the listing of /proc/self/fd used), then none.
+	std::size_t fitted = got.find('-');
+	CHECK(fitted >= 3);
+	CHECK(fitted < 20);
+	CHECK(got.find('+', fitted) == std::string::npos);
+	m.fds.clear();
+	CHECK(open_fds() == base);
+
+	// The stream goes on: the next message and its fds arrive whole.
+	send_raw(p.a.get(), frame(with_fd_refs(2)), memfds(2));
+	REQUIRE(rx.receive() > 0);
+	REQUIRE(rx.next(m) == 1);
+	CHECK(m.fds.size() == 2);
+	CHECK(m.fds[1]);
 }
 
 TEST_CASE("flush with a full socket buffer returns -EAGAIN and completes later")

@@ -56,6 +56,10 @@ public:
 	int fd() const { return fd_.get(); }
 	// Once a peer may send fds (a worker after Hello, for handoff).
 	void set_max_queued_fds(std::size_t n) { max_queued_fds_ = n; }
+	// Tolerate fds the kernel could not install (the fd limit, MSG_CTRUNC): the message that
+	// owned them comes out of next() with an empty UniqueFd in their place, instead of the
+	// stream failing. For a receiver of handed-off connections, which refuses what it lacks.
+	void allow_lost_fds() { allow_lost_fds_ = true; }
 
 	// Reads once. Returns bytes read (> 0), 0 at end of stream, -EAGAIN when nothing is
 	// available, or another negative errno (-EPROTO for MSG_CTRUNC or too many queued fds).
@@ -116,7 +120,8 @@ private:
 	std::size_t max_queued_fds_;
 	std::string in_;
 	std::size_t scanned_ = 0; // bytes of in_ known to hold no NUL
-	std::deque<UniqueFd> in_fds_;
+	std::deque<UniqueFd> in_fds_; // an empty one marks where a message's lost fds begin
+	bool allow_lost_fds_ = false;
 	std::deque<Outgoing> out_;
 	std::size_t out_bytes_ = 0;
 	bool broken_ = false;
