@@ -271,7 +271,13 @@ void ControlServer::Connection::on_io(std::uint32_t revents)
 		else if (r < 0 && r != -EAGAIN)
 			return close("");
 	}
-	if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+	// Nothing more is read while whole calls wait in the buffer: a client pipelining thousands
+	// of calls is slowed to the pace of its replies, never cut off for buffering too much. (A
+	// hang-up is read at once.)
+	bool backlog = stream_.message_ready() && !(revents & (EPOLLHUP | EPOLLERR));
+	if ((revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) && backlog) {
+		dispatch();
+	} else if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
 		int r = stream_.receive();
 		if (r == 0)
 			return close("");
@@ -367,8 +373,11 @@ void ControlServer::Connection::watch_event(const json &event)
 void ControlServer::Connection::update_events()
 {
 	bool out = stream_.want_write() && !peer_gone_;
+	// Whole calls still buffered are taken first (see on_io); the next read waits for them.
+	bool in = !stream_.message_ready();
 	if (io_)
-		sd_event_source_set_io_events(io_.get(), static_cast<std::uint32_t>(EPOLLIN) | (out ? static_cast<std::uint32_t>(EPOLLOUT) : 0u));
+		sd_event_source_set_io_events(io_.get(), (in ? static_cast<std::uint32_t>(EPOLLIN) : 0u) |
+		                                             (out ? static_cast<std::uint32_t>(EPOLLOUT) : 0u));
 }
 
 void ControlServer::Connection::reply(json parameters, bool continues)

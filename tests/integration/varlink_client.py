@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 TIMEOUT = 10.0
@@ -170,6 +171,24 @@ def run_checks(control):
     first, second = conn.receive(), conn.receive()
     check("sockets" in first.get("parameters", {}), "pipelined: the first reply answers Sockets (oneway skipped)")
     check("interfaces" in second.get("parameters", {}), "pipelined: the second reply answers GetInfo")
+    conn.close()
+
+    # Many more pipelined calls than one read holds (about 1.6 MB), written while the replies are
+    # read: every one is answered, at the pace the client reads.
+    conn = VarlinkConnection(control)
+    count = 40000
+    writer = threading.Thread(target=conn.send_raw, args=(b'{"method":"org.varlink.service.GetInfo"}\0' * count,))
+    writer.start()
+    answered = 0
+    try:
+        while answered < count:
+            if "interfaces" not in conn.receive().get("parameters", {}):
+                break
+            answered += 1
+    except (ConnectionError, OSError) as e:
+        print("pipelined: %r" % e)
+    writer.join()
+    check(answered == count, "pipelined: %d of %d calls answered" % (answered, count))
     conn.close()
 
     # The connection still works after an error, and a fresh connection works too.
