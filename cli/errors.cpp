@@ -9,6 +9,8 @@
 #include "broker/client.hpp"
 #include "broker/internal/varlink.hpp"
 
+#include <sys/stat.h>
+
 #include <cerrno>
 #include <cstring>
 
@@ -89,12 +91,20 @@ Failure connect_failure(const broker::Error &e, const std::string &path)
 {
 	switch (e.code()) {
 	case ENOENT:
-	case ECONNREFUSED:
-		// ECONNREFUSED is a socket file left behind by a broker that is gone.
+	case ECONNREFUSED: {
+		// ECONNREFUSED is a socket file left behind by a broker that is gone, or no socket at all.
+		struct stat st{};
+		if (!path.empty() && path[0] != '@' && ::lstat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode))
+			return Failure(kExitNotRunning, printable(path) + " is not a socket: brokerd is not there (see --socket)");
+		if (e.code() == ECONNREFUSED)
+			return Failure(kExitNotRunning, "brokerd is not running (nothing listens on " + printable(path) + ")");
 		return Failure(kExitNotRunning, "brokerd is not running (no control socket at " + printable(path) + ")");
+	}
 	case EACCES:
 	case EPERM:
-		return permission_denied();
+		// The file system's refusal (the socket's mode, or a directory on its path), not brokerd's.
+		return Failure(kExitPermissionDenied, "cannot connect to " + printable(path) + ": " + std::strerror(e.code()) +
+		                                    " (try as root or a member of an admin group)");
 	case EAGAIN:
 		return Failure(kExitFailure, "brokerd is too busy to accept a connection at " + printable(path) +
 		                                 "; try again");

@@ -128,6 +128,12 @@ TEST_CASE("brokerctl exit codes: not running, no such service")
 	RunResult missing = brokerctl({"--socket", dir / "nosuch.sock", "status"});
 	INFO("missing socket: ", missing.describe());
 	CHECK(missing.exit_code == 3);
+	CHECK(missing.err.find("no control socket at") != std::string::npos);
+	// A directory given for the socket: said as such, not as a missing socket.
+	RunResult not_socket = brokerctl({"--socket", dir.path(), "status"});
+	INFO("not a socket: ", not_socket.describe());
+	CHECK(not_socket.exit_code == 3);
+	CHECK(not_socket.err.find("is not a socket") != std::string::npos);
 
 	Broker b;
 	BROKER_CONTEXT(b);
