@@ -232,7 +232,7 @@ void ControlServer::Connection::close(const std::string &why)
 	if (dead_)
 		return;
 	if (!why.empty())
-		log::info("control: " + who() + ": " + why + ", closing connection");
+		log::client(log::Level::Info, "control: " + who() + ": " + why + ", closing connection");
 	dead_ = true;
 	io_.reset();
 	idle_.reset();
@@ -464,7 +464,7 @@ void ControlServer::Connection::handle(vl::Message &m)
 			if (!is_read && !is_op)
 				return error(vl::kMethodNotFound, {{"method", method}});
 			if (!(is_read ? reader_ : operator_)) {
-				log::warning("control: " + method + " from " + who() + " denied");
+				log::client(log::Level::Warning, "control: " + method + " from " + who() + " denied");
 				return error(vl::kPermissionDenied);
 			}
 			if (name == "Status" || name == "Sockets")
@@ -596,7 +596,7 @@ void ControlServer::Connection::worker_hello(const json &params)
 	if (!token.empty()) {
 		inst = server_.supervisor_.find_by_token(token);
 		if (!inst) {
-			log::warning("control: Hello with an unknown token from " + who() + " denied");
+			log::client(log::Level::Warning, "control: Hello with an unknown token from " + who() + " denied");
 			return error(errors::kInvalidToken);
 		}
 	} else {
@@ -946,7 +946,7 @@ void ControlServer::Connection::control_reexec(const json &params)
 	// Another binary runs as brokerd's user (root): only that user may name one. Configured
 	// admins may re-execute the installed brokerd.
 	if (!binary.empty() && peer_.uid != 0 && peer_.uid != ::geteuid()) {
-		log::warning("control: Reexec of " + binary + " from " + who() + " denied: only root names a binary");
+		log::client(log::Level::Warning, "control: Reexec of " + binary + " from " + who() + " denied: only root names a binary");
 		return error(vl::kPermissionDenied);
 	}
 	try {
@@ -1160,8 +1160,8 @@ void ControlServer::accept_some()
 			return;
 		}
 		if (connections_.size() >= cfg_.max_connections) {
-			log::warning("control: " + std::to_string(connections_.size()) +
-			             " connections (control.max_connections), refusing another");
+			log::client(log::Level::Warning, "control: " + std::to_string(connections_.size()) +
+			                                     " connections (control.max_connections), refusing another");
 			continue;
 		}
 		auto conn = std::make_unique<Connection>(*this, std::move(fd));
@@ -1174,8 +1174,8 @@ void ControlServer::accept_some()
 			for (const auto &c : connections_)
 				mine += !c->dead() && !c->privileged() && c->uid() == conn->uid();
 			if (mine >= limits::kMaxUnauthenticatedPerUser) {
-				log::warning("control: uid " + std::to_string(conn->uid()) + " has " + std::to_string(mine) +
-				             " connections, refusing another");
+				log::client(log::Level::Warning, "control: uid " + std::to_string(conn->uid()) + " has " +
+				                                     std::to_string(mine) + " connections, refusing another");
 				continue;
 			}
 		}

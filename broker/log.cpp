@@ -3,9 +3,11 @@
 
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -64,6 +66,29 @@ void write(Level level, std::string_view message)
 		{const_cast<char *>("\n"), 1},
 	};
 	write_all(STDERR_FILENO, iov, 3);
+}
+
+void client(Level level, std::string_view message)
+{
+	static std::uint64_t second = 0;
+	static int written = 0;
+	static unsigned long suppressed = 0;
+	timespec ts{};
+	::clock_gettime(CLOCK_MONOTONIC, &ts);
+	auto now = static_cast<std::uint64_t>(ts.tv_sec);
+	if (now != second) {
+		second = now;
+		written = 0;
+		if (suppressed > 0)
+			write(Level::Warning, "control: " + std::to_string(suppressed) + " more lines about clients suppressed");
+		suppressed = 0;
+	}
+	if (written >= kClientLinesPerSecond) {
+		suppressed++;
+		return;
+	}
+	written++;
+	write(level, message);
 }
 
 void worker_line(int target_fd, std::string_view prefix, std::string_view line)

@@ -1061,8 +1061,8 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
                                         const std::vector<gid_t> &groups, ControlError &refusal)
 {
 	auto deny = [&](const std::string &why) -> Instance * {
-		log::warning("service " + svc.name + ": registration by pid " + std::to_string(pid) + " uid " +
-		             std::to_string(uid) + " denied: " + why);
+		log::client(log::Level::Warning, "service " + svc.name + ": registration by pid " + std::to_string(pid) +
+		                                     " uid " + std::to_string(uid) + " denied: " + why);
 		refusal = {"org.varlink.service.PermissionDenied", json::object()};
 		return nullptr;
 	};

@@ -119,6 +119,37 @@ TEST_CASE("Control methods are denied to other users; GetInfo is open to everyon
 	INFO("brokerctl as nobody: ", r.describe());
 	CHECK(r.exit_code == 4);
 
+	// 500 denied calls in a row cannot flood brokerd's log: a few lines a second, then a count.
+	auto denied_lines = [&] {
+		std::string log = b.log();
+		std::size_t n = 0;
+		for (std::size_t at = log.find(" denied"); at != std::string::npos; at = log.find(" denied", at + 1))
+			n++;
+		return n;
+	};
+	std::size_t before = denied_lines();
+	constexpr int kCalls = 500;
+	nobody.stderr_path = b.path("flood.log");
+	Process flood = Process::fork_run(
+		[&] {
+			SyncClient c(control, std::chrono::seconds(10));
+			int denied = 0;
+			for (int i = 0; i < kCalls; i++) {
+				try {
+					c.call("io.brokerd.Control.Status");
+				} catch (const broker::Error &e) {
+					denied += e.varlink_error() == "org.varlink.service.PermissionDenied";
+				}
+			}
+			return denied == kCalls ? 0 : 1;
+		},
+		nobody);
+	INFO("flood: ", read_file(b.path("flood.log")));
+	CHECK(exit_code(flood) == 0);
+	std::size_t logged = denied_lines() - before;
+	CHECK(logged >= 1);
+	CHECK(logged < 100);
+
 	b.stop();
 }
 
