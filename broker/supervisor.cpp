@@ -1249,9 +1249,12 @@ std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeReque
 	if (svc.stopped || svc.removing || shutting_down_)
 		return ControlError{errors::kServiceStopped, {{"service", svc.name}}};
 	// Which kind a service is stays as it was added: the config read now may say otherwise.
-	if (req.cfg.exec.empty() || svc.cfg.exec.empty())
+	if (svc.cfg.exec.empty())
+		return ControlError{errors::kRegisteredService, {{"service", svc.name}}};
+	if (req.cfg.exec.empty())
 		return ControlError{errors::kInvalidConfig,
-		                    {{"message", "services." + svc.name + ": an external service is upgraded by registering a new version"}}};
+		                    {{"message", "services." + svc.name + ": without exec, it would become a registered service, "
+		                                 "which a running service cannot; remove it first"}}};
 	if (req.cfg.sockets != svc.cfg.sockets)
 		return ControlError{errors::kInvalidConfig,
 		                    {{"message", "services." + svc.name + ".sockets: changed; a service's sockets change with reload"}}};

@@ -100,11 +100,15 @@ TEST_CASE("reload: sockets and services come and go and kept services take their
 	CHECK(r.exit_code == 7);
 	CHECK(r.err.find("services.edge.exec: a running service cannot switch between workers brokerd starts and "
 	                 "registered ones") != std::string::npos);
-	for (std::string name : {"edge", "web"}) {
+	const std::pair<std::string, std::string> upgrades[] = {
+		{"edge", "edge is a registered service: a new version takes over by registering"},
+		{"web", "services.web: without exec, it would become a registered service"},
+	};
+	for (const auto &[name, message] : upgrades) {
 		r = brokerctl(b, {"upgrade", name});
 		INFO("brokerctl upgrade ", name, ": ", r.describe());
 		CHECK(r.exit_code == 7);
-		CHECK(r.err.find("an external service is upgraded by registering a new version") != std::string::npos);
+		CHECK(r.err.find(message) != std::string::npos);
 	}
 	CHECK(generation_answering(socket_port(b.status(), "http")) == 1);
 

@@ -17,6 +17,7 @@ inline constexpr std::string_view kUpgradeFailed = "io.brokerd.Control.UpgradeFa
 inline constexpr std::string_view kStartFailed = "io.brokerd.Control.StartFailed";
 inline constexpr std::string_view kReexecFailed = "io.brokerd.Control.ReexecFailed";
 inline constexpr std::string_view kShuttingDown = "io.brokerd.Control.ShuttingDown";
+inline constexpr std::string_view kRegisteredService = "io.brokerd.Control.RegisteredService";
 
 // io.brokerd.Worker (docs/io.brokerd.Worker.varlink).
 inline constexpr std::string_view kInvalidToken = "io.brokerd.Worker.InvalidToken";
