@@ -163,9 +163,17 @@ Credentials lookup_credentials(const config::ServiceConfig &cfg)
 
 // In the child, between fork and exec: only async-signal-safe calls. Reports errno on the
 // status pipe, whose write end sits at fd `status_fd` and closes itself at exec.
-[[noreturn]] void child_fail(int status_fd, int err)
+// What a child reports on its status pipe when it cannot become the worker: the step, and errno.
+enum class ChildStep : int { Setup, Credentials, Chdir, Exec };
+struct ChildFailure {
+	ChildStep step;
+	int err;
+};
+
+[[noreturn]] void child_fail(int status_fd, ChildStep step, int err)
 {
-	ssize_t r = ::write(status_fd, &err, sizeof(err));
+	ChildFailure f{step, err};
+	ssize_t r = ::write(status_fd, &f, sizeof(f));
 	(void)r;
 	::_exit(127);
 }
@@ -430,7 +438,7 @@ void Supervisor::spawn(Instance &inst)
 		for (int sig = 1; sig < NSIG; sig++)
 			::signal(sig, SIG_DFL);
 		if (::setsid() < 0)
-			child_fail(status_w.get(), errno);
+			child_fail(status_w.get(), ChildStep::Setup, errno);
 
 		// Lift every source above the target range first, so no dup2 overwrites one.
 		const int top = static_cast<int>(sources.size());
@@ -438,13 +446,13 @@ void Supervisor::spawn(Instance &inst)
 		for (std::size_t i = 0; i < sources.size(); i++) {
 			lifted[i] = ::fcntl(sources[i], F_DUPFD_CLOEXEC, top);
 			if (lifted[i] < 0)
-				child_fail(status_w.get(), errno);
+				child_fail(status_w.get(), ChildStep::Setup, errno);
 		}
 		int status_lifted = lifted[static_cast<std::size_t>(status_fd)];
 		for (int i = 0; i < top; i++) {
 			int flags = i == status_fd ? O_CLOEXEC : 0;
 			if (::dup3(lifted[static_cast<std::size_t>(i)], i, flags) < 0)
-				child_fail(status_lifted, errno);
+				child_fail(status_lifted, ChildStep::Setup, errno);
 		}
 		// Exactly stdio, the sockets and the status pipe (which closes at exec) remain.
 		::close_range(static_cast<unsigned>(top), ~0u, 0);
@@ -452,10 +460,10 @@ void Supervisor::spawn(Instance &inst)
 		if (creds.change) {
 			if (::setgroups(creds.groups.size(), creds.groups.data()) < 0 || ::setgid(creds.gid) < 0 ||
 			    ::setuid(creds.uid) < 0)
-				child_fail(status_fd, errno);
+				child_fail(status_fd, ChildStep::Credentials, errno);
 		}
 		if (::chdir(cwd.c_str()) < 0)
-			child_fail(status_fd, errno);
+			child_fail(status_fd, ChildStep::Chdir, errno);
 		if (nsockets > 0) {
 			// LISTEN_PID=<our pid>, formatted without allocating.
 			char digits[16];
@@ -472,7 +480,7 @@ void Supervisor::spawn(Instance &inst)
 		if (child_nofile_.rlim_cur != 0)
 			::setrlimit(RLIMIT_NOFILE, &child_nofile_);
 		::execve(program.c_str(), argv.data(), envp.data());
-		child_fail(status_fd, errno);
+		child_fail(status_fd, ChildStep::Exec, errno);
 	}
 
 	inst.child_source.reset();
@@ -526,14 +534,31 @@ void Supervisor::on_exec_status(Instance &inst, bool exiting)
 {
 	if (!inst.exec_status)
 		return;
-	int err = 0;
-	ssize_t n = ::read(inst.exec_status.get(), &err, sizeof(err));
+	ChildFailure f{};
+	ssize_t n = ::read(inst.exec_status.get(), &f, sizeof(f));
 	if (n < 0 && errno == EAGAIN)
 		return;
 	inst.exec_source.reset();
 	inst.exec_status.reset();
-		if (n == static_cast<ssize_t>(sizeof(err))) {
-		inst.exit_reason = "exec " + inst.generation->cfg.exec[0] + ": " + errno_text(err);
+	if (n == static_cast<ssize_t>(sizeof(f))) {
+		const config::ServiceConfig &cfg = inst.generation->cfg;
+		std::string step;
+		switch (f.step) {
+		case ChildStep::Setup:
+			step = "setting up the worker's process";
+			break;
+		case ChildStep::Credentials:
+			step = "switching to user " + (cfg.user.empty() ? std::string("-") : cfg.user) + " and group " +
+			       (cfg.group.empty() ? std::string("-") : cfg.group);
+			break;
+		case ChildStep::Chdir:
+			step = "chdir " + (cfg.cwd.empty() ? std::string("/") : cfg.cwd);
+			break;
+		case ChildStep::Exec:
+			step = "exec " + cfg.exec[0];
+			break;
+		}
+		inst.exit_reason = step + ": " + errno_text(f.err);
 		log::error("instance " + inst.id + ": " + inst.exit_reason);
 		return; // the child's exit follows
 	}

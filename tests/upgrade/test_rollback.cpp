@@ -14,7 +14,7 @@ struct Failing {
 	const char *what;
 	std::vector<std::string> exec;
 	std::vector<std::string> options; // before --exec
-	const char *reason;               // in brokerctl's message
+	std::string reason;               // in brokerctl's message
 };
 
 // Each case must end in exit 6 with the reason, the old generation serving alone at full
@@ -85,7 +85,7 @@ TEST_CASE("rollback: client-lib worker whose new version fails")
 	std::string http = shell_quote(env("EXAMPLE_HTTP"));
 	rollbacks_under_load(http_service(2), 0, {
 		{"/bin/false", {"/bin/false"}, {}, "exited with status 1"},
-		{"a missing program", {scratch / "no-such-program"}, {}, "No such file or directory"},
+		{"a missing program", {scratch / "no-such-program"}, {}, "exec " + (scratch / "no-such-program") + ": No such file or directory"},
 		{"a shell that prints and exits 3", {"/bin/sh", "-c", "echo 'cannot open database' >&2; exit 3"}, {},
 		 "cannot open database"},
 		{"second new instance exits 4", works_once(scratch / "once", http, "exit 4"), {}, "exited with status 4"},
