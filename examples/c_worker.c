@@ -46,6 +46,7 @@
 #define ACCEPT_BATCH 32          /* per listener per wakeup */
 #define PROCESS_BATCH 64         /* broker_client_process() calls per wakeup */
 #define IDLE_TIMEOUT_MS 30000
+#define REQUEST_TIMEOUT_MS 15000 /* one whole request; see sweep() */
 #define DRAIN_IDLE_GRACE_MS 250  /* see sweep() */
 #define LINGER_MS 2000
 #define DEFAULT_DRAIN_MS 30000   /* a signal carries no deadline */
@@ -69,6 +70,7 @@ struct conn {
 	bool handing;            /* queued for the next broker_client_handoff() call, see send_handoffs() */
 	bool gone;               /* closed or handed off: freed by reap() at the end of this wakeup */
 	uint64_t last_active;    /* ms, CLOCK_MONOTONIC */
+	uint64_t request_start;  /* since when we wait for the rest of the request in in[] */
 	uint64_t linger_until;
 };
 
@@ -135,6 +137,7 @@ static struct conn *conn_add(struct server *s, int fd)
 		return NULL;
 	c->fd = fd;
 	c->last_active = s->now;
+	c->request_start = s->now;
 	s->conns[s->n_slots++] = c;
 	s->n_open++;
 	return c;
@@ -180,6 +183,9 @@ static void conn_begin_close(struct server *s, struct conn *c)
 	}
 	c->lingering = true;
 	c->in_len = 0;
+	/* Nothing more goes out after our FIN. Dropping what did not, the poll loop cannot wait for
+	 * POLLOUT, which a socket shut down for writing reports at once and forever. */
+	c->out_len = c->out_sent = 0;
 	c->linger_until = s->now + LINGER_MS;
 }
 
@@ -189,6 +195,7 @@ static const char *reason(int status)
 	case 200: return "OK";
 	case 400: return "Bad Request";
 	case 405: return "Method Not Allowed";
+	case 408: return "Request Timeout";
 	case 413: return "Content Too Large";
 	case 431: return "Request Header Fields Too Large";
 	case 505: return "HTTP Version Not Supported";
@@ -332,6 +339,8 @@ static bool answer_one(struct server *s, struct conn *c)
 /* Sends the queued response; false when the connection is gone. */
 static bool conn_flush(struct server *s, struct conn *c)
 {
+	if (c->out_len == 0)
+		return true;
 	while (c->out_sent < c->out_len) {
 		ssize_t n = send(c->fd, c->out + c->out_sent, c->out_len - c->out_sent, MSG_NOSIGNAL);
 		if (n < 0) {
@@ -346,6 +355,8 @@ static bool conn_flush(struct server *s, struct conn *c)
 		c->last_active = s->now;
 	}
 	c->out_len = c->out_sent = 0;
+	/* What is left of the input waited for us, not for the client: its time starts now. */
+	c->request_start = s->now;
 	return true;
 }
 
@@ -447,6 +458,9 @@ static void adopt(struct server *s, int fd, const void *state, size_t state_size
 		close(fd);
 		return;
 	}
+	/* conn_add() started a fresh REQUEST_TIMEOUT_MS for a partial request in the state: the state
+	 * carries no timestamp, and each handoff follows an upgrade, so a slow client gains at most one
+	 * period per generation, which it does not choose. */
 	c->returned = returned;
 	if (state_size > sizeof c->in) {
 		/* More than this worker ever buffers (the sender was another program): a head too large. */
@@ -552,6 +566,8 @@ static void conn_event(struct server *s, struct conn *c, short revents)
 	if ((revents & (POLLIN | POLLHUP)) && c->in_len < sizeof c->in) {
 		ssize_t n = recv(c->fd, c->in + c->in_len, sizeof c->in - c->in_len, 0);
 		if (n > 0) {
+			if (c->in_len == 0)
+				c->request_start = s->now;
 			c->in_len += (size_t)n;
 			c->last_active = s->now;
 		} else if (n == 0) {
@@ -589,12 +605,17 @@ static void accept_batch(struct server *s, int listener)
 	}
 }
 
-/* Closes connections that have done nothing for IDLE_TIMEOUT_MS. While draining, a connection that
- * can move to the successor is handed off (start_drain() and conn_serve() hand them as they become
- * free; this is the safety net), and any other is closed once it has had nothing in progress for
- * DRAIN_IDLE_GRACE_MS: a keep-alive client's next request may already be on the wire, and a request
- * that arrives within the grace is still answered, with "Connection: close". A handoff has no such
- * race: bytes the client sends meanwhile wait in the socket for the successor. */
+/* Closes connections that have done nothing for IDLE_TIMEOUT_MS, and answers 408 and closes those
+ * that took REQUEST_TIMEOUT_MS to send one request: the idle timer restarts with every byte, so
+ * without a deadline per request a client trickling a byte every few seconds would hold its
+ * connection for ever, and enough of them would fill max_conns. The request clock runs only while
+ * we wait for the client (no response queued), from the request's first byte or from the end of the
+ * response before it. While draining, a connection that can move to the successor is handed off
+ * (start_drain() and conn_serve() hand them as they become free; this is the safety net), and any
+ * other is closed once it has had nothing in progress for DRAIN_IDLE_GRACE_MS: a keep-alive
+ * client's next request may already be on the wire, and a request that arrives within the grace is
+ * still answered, with "Connection: close". A handoff has no such race: bytes the client sends
+ * meanwhile wait in the socket for the successor. */
 static void sweep(struct server *s)
 {
 	for (size_t i = 0; i < s->n_slots; i++) {
@@ -608,6 +629,13 @@ static void sweep(struct server *s)
 		}
 		if (s->draining && may_hand_off(s, c) && between_responses(c)) {
 			hand_off(s, c);
+			continue;
+		}
+		if (c->in_len > 0 && c->out_len == 0 && !c->close_after && !c->peer_eof &&
+		    s->now - c->request_start >= REQUEST_TIMEOUT_MS) {
+			c->in_len = 0;
+			queue_response(s, c, 408, false, false);
+			conn_serve(s, c); /* sends it and begins the close */
 			continue;
 		}
 		uint64_t quiet = s->now - c->last_active;
@@ -720,7 +748,12 @@ static int run(struct server *s)
 		size_t first_conn = n;
 		for (size_t i = 0; i < s->n_slots; i++) {
 			struct conn *c = s->conns[i];
-			short events = c->out_len > c->out_sent ? POLLOUT : c->peer_eof ? 0 : POLLIN;
+			short events = POLLIN;
+			/* A lingering connection only reads: after shutdown(SHUT_WR) POLLOUT never ends. */
+			if (!c->lingering && c->out_len > c->out_sent)
+				events = POLLOUT;
+			else if (!c->lingering && c->peer_eof)
+				events = 0;
 			s->polled[n - first_conn] = c;
 			pfds[n++] = (struct pollfd){.fd = c->fd, .events = events};
 		}

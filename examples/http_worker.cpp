@@ -64,6 +64,7 @@ constexpr int kAcceptBatch = 64;                      // per listener per wakeup
 constexpr int kProcessBatch = 64;                     // client.process() calls per wakeup
 constexpr int kMaxEvents = 128;
 constexpr auto kIdleTimeout = 30s;                    // a connection that does nothing
+constexpr auto kRequestTimeout = 15s;                 // a whole request, head and body; see sweep()
 constexpr auto kDrainIdleGrace = 250ms;               // without handoff, see Server::sweep()
 constexpr auto kLingerTimeout = 2s;                   // after our FIN, waiting for the client's
 constexpr auto kSweepInterval = 1s;
@@ -291,6 +292,7 @@ const char *reason(int status)
 	case 400: return "Bad Request";
 	case 404: return "Not Found";
 	case 405: return "Method Not Allowed";
+	case 408: return "Request Timeout";
 	case 413: return "Content Too Large";
 	case 414: return "URI Too Long";
 	case 431: return "Request Header Fields Too Large";
@@ -342,6 +344,7 @@ struct Connection : Source {
 	bool closed = false;       // waiting to be freed after this batch of events (or handed off)
 	bool returned = false;     // a handoff nobody took: served to its end with "Connection: close"
 	Clock::time_point last_active;
+	Clock::time_point request_start; // since when we wait for the rest of the request at the front of in
 	Clock::time_point linger_until;
 	std::list<Connection>::iterator self;
 
@@ -576,6 +579,8 @@ bool Server::receive(Connection &c)
 	char buf[16 * 1024];
 	ssize_t n = recv(c.fd, buf, std::min(room, sizeof buf), 0);
 	if (n > 0) {
+		if (c.in.empty())
+			c.request_start = now_;
 		c.in.append(buf, static_cast<std::size_t>(n));
 		c.last_active = now_;
 	} else if (n == 0) {
@@ -668,6 +673,7 @@ void Server::respond(Connection &c, const Request &req)
 // Sends queued output until the socket is full; false when the connection is gone.
 bool Server::flush(Connection &c)
 {
+	bool had_output = c.pending() > 0;
 	while (c.pending() > 0) {
 		ssize_t n = send(c.fd, c.out.data() + c.out_sent, c.pending(), MSG_NOSIGNAL);
 		if (n < 0) {
@@ -684,6 +690,9 @@ bool Server::flush(Connection &c)
 	if (c.pending() == 0) {
 		c.out.clear();
 		c.out_sent = 0;
+		// What is left of the input waited for us, not for the client: its time starts now.
+		if (had_output)
+			c.request_start = now_;
 	}
 	return true;
 }
@@ -729,13 +738,18 @@ void Server::close_connection(Connection &c)
 	open_--;
 }
 
-// Closes connections that have done nothing for kIdleTimeout. While draining, a connection that
-// can move to the successor is handed off (start_drain() and serve() hand them as they become free;
-// this is the safety net), and any other is closed once it has had nothing in progress for kDrainIdleGrace. The
-// grace is for keep-alive clients whose next request may already be on the wire: closing right
-// after a response would race that request, while a request that comes within the grace is answered
-// with "Connection: close" and lets the client move to another worker without an error. A handoff
-// has no such race: bytes the client sends meanwhile wait in the socket for the successor.
+// Closes connections that have done nothing for kIdleTimeout, and answers 408 and closes those that
+// took kRequestTimeout to send one request: the idle timer restarts with every byte, so without a
+// deadline per request a client trickling a byte every few seconds would hold its connection for
+// ever, and enough of them would fill max_connections_. The request clock runs only while we wait for
+// the client (no output pending), from the request's first byte or from the end of the response
+// before it. While draining, a connection that can move to the successor is handed off (start_drain()
+// and serve() hand them as they become free; this is the safety net), and any other is closed once it
+// has had nothing in progress for kDrainIdleGrace. The grace is for keep-alive clients whose next
+// request may already be on the wire: closing right after a response would race that request, while
+// a request that comes within the grace is answered with "Connection: close" and lets the client move
+// to another worker without an error. A handoff has no such race: bytes the client sends meanwhile
+// wait in the socket for the successor.
 void Server::sweep()
 {
 	for (Connection &c : connections_) {
@@ -748,6 +762,14 @@ void Server::sweep()
 		}
 		if (draining_ && may_hand_off(c) && between_responses(c)) {
 			hand_off(c);
+			continue;
+		}
+		if (!c.in.empty() && c.pending() == 0 && !c.close_after && !c.peer_eof &&
+		    now_ - c.request_start >= kRequestTimeout) {
+			c.in.clear();
+			append_response(c.out, 408, "request timeout\n", false, false);
+			c.close_after = true;
+			serve(c); // sends it and begins the close
 			continue;
 		}
 		auto quiet = now_ - c.last_active;
@@ -819,6 +841,10 @@ void Server::adopt(int fd, std::string state, bool returned)
 	Connection &c = connections_.emplace_back(fd);
 	c.self = std::prev(connections_.end());
 	c.last_active = now_;
+	// A partial request in the state gets a fresh kRequestTimeout here: the state carries no
+	// timestamp, and each handoff follows an upgrade, so a slow client gains at most one period per
+	// generation, which it does not choose.
+	c.request_start = now_;
 	c.in = std::move(state);
 	c.returned = returned;
 	open_++;

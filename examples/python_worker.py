@@ -14,6 +14,7 @@ Without brokerd:  systemd-socket-activate -l 127.0.0.1:9090 ./python_worker.py
 """
 
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -21,15 +22,18 @@ import sys
 import time
 
 LISTEN_FDS_START = 3
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 16384  # also clipped to RLIMIT_NOFILE; see max_connections()
+RESERVED_FDS = 32        # stdio, the selector, the wakeup pair, and whatever Python opens itself
 MAX_HEAD = 8192          # request line and headers; more is 431
 ACCEPT_BATCH = 32        # per listener per wakeup
 IDLE_TIMEOUT = 30.0      # seconds
+REQUEST_TIMEOUT = 15.0   # one whole request; see Server.sweep()
 DRAIN_IDLE_GRACE = 0.25  # see Server.sweep()
 LINGER = 2.0             # after our FIN, waiting for the client's
 DRAIN_TIMEOUT = 30.0     # SIGTERM carries no deadline; brokerd's SIGKILL comes at its own
 
-REASONS = {200: "OK", 400: "Bad Request", 405: "Method Not Allowed", 413: "Content Too Large",
+REASONS = {200: "OK", 400: "Bad Request", 405: "Method Not Allowed", 408: "Request Timeout",
+           413: "Content Too Large",
            431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}
 
 
@@ -69,6 +73,23 @@ def listen_fds():
     if not listeners:
         raise SystemExit("broker-example-python: no listening stream socket to serve")
     return listeners
+
+
+def max_connections(listeners):
+    """How many connections fit in RLIMIT_NOFILE, after raising its soft limit to the hard one.
+
+    Every connection is an fd. The soft limit is often 1024, for the sake of select()'s FD_SETSIZE,
+    which the epoll selector does not have; the hard limit is what the administrator chose."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:
+            log(f"cannot raise RLIMIT_NOFILE to {hard}: {e}, ignoring")
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft - len(listeners) - RESERVED_FDS))
 
 
 def notify(message):
@@ -148,6 +169,7 @@ class Connection:
         self.close_after = False  # the queued response says "Connection: close"
         self.lingering = False    # our FIN is out; discarding input until the client's
         self.last_active = now
+        self.request_start = now  # since when we wait for the rest of the request in inbuf
         self.linger_until = 0.0
         self.events = selectors.EVENT_READ
 
@@ -156,6 +178,7 @@ class Server:
     def __init__(self, listeners, body):
         self.listeners = listeners
         self.body = body
+        self.max_connections = max_connections(listeners)
         self.selector = selectors.DefaultSelector()
         self.connections = {}
         self.accepting = False
@@ -193,13 +216,15 @@ class Server:
 
     def accept(self, listener, now):
         for _ in range(ACCEPT_BATCH):
-            if len(self.connections) >= MAX_CONNECTIONS:
+            if len(self.connections) >= self.max_connections:
                 self.stop_accepting()  # until a connection closes
                 return
             try:
                 sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except BlockingIOError:
                 return  # empty, or another worker of the service was faster
+            except (InterruptedError, ConnectionAbortedError):
+                continue  # the client gave up while queued: take the next one
             except OSError as e:
                 # EMFILE and friends: stop polling the listeners for a moment rather than spin.
                 if not self.accept_error_logged:
@@ -249,30 +274,45 @@ class Server:
             if mask & selectors.EVENT_READ and len(conn.inbuf) < MAX_HEAD:
                 data = conn.sock.recv(MAX_HEAD - len(conn.inbuf))
                 if data:
+                    if not conn.inbuf:
+                        conn.request_start = now
                     conn.inbuf += data
                     conn.last_active = now
                 else:
                     conn.peer_eof = True
-            # One response at a time: the next pipelined request waits until this one is sent.
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(conn)
+            return
+        self.serve(conn, now)
+
+    def serve(self, conn, now):
+        """Sends what is queued and answers what has arrived, one response at a time (the next
+        pipelined request waits until this one is sent), then chooses what to wait for."""
+        try:
             while True:
                 if conn.outbuf:
                     sent = conn.sock.send(conn.outbuf)
                     conn.outbuf = conn.outbuf[sent:]
                     conn.last_active = now
                     if conn.outbuf:
-                        self.want(conn, selectors.EVENT_WRITE)
-                        return
+                        break
+                    # What is left of the input waited for us, not for the client: its time starts now.
+                    conn.request_start = now
                 if conn.close_after:
                     self.begin_close(conn, now)
                     return
                 if not self.answer_one(conn):
                     break
         except (BlockingIOError, InterruptedError):
-            return
+            pass  # the socket is full, maybe with nothing of the response taken: wait for room
         except OSError:
             self.close(conn)
             return
-        if conn.peer_eof:
+        if conn.outbuf:
+            self.want(conn, selectors.EVENT_WRITE)
+        elif conn.peer_eof:
             self.close(conn)
         else:
             self.want(conn, selectors.EVENT_READ)
@@ -299,14 +339,26 @@ class Server:
         return True
 
     def sweep(self, now):
-        """Closes connections that did nothing for IDLE_TIMEOUT. While draining, it also closes every
-        connection with nothing in progress once it has been quiet for DRAIN_IDLE_GRACE: a keep-alive
-        client's next request may already be on the wire, and one that arrives within the grace is
-        still answered, with "Connection: close"."""
+        """Closes connections that did nothing for IDLE_TIMEOUT, and answers 408 and closes those that
+        took REQUEST_TIMEOUT to send one request: the idle timer restarts with every byte, so without
+        a deadline per request a client trickling a byte every few seconds would hold its connection
+        for ever, and enough of them would fill max_connections. The request clock runs only while we
+        wait for the client (no response queued), from the request's first byte or from the end of the
+        response before it. While draining, it also closes every connection with nothing in progress
+        once it has been quiet for DRAIN_IDLE_GRACE: a keep-alive client's next request may already
+        be on the wire, and one that arrives within the grace is still answered, with
+        "Connection: close"."""
         for conn in list(self.connections.values()):
             if conn.lingering:
                 if now >= conn.linger_until:
                     self.close(conn)
+                continue
+            if (conn.inbuf and not conn.outbuf and not conn.close_after and not conn.peer_eof
+                    and now - conn.request_start >= REQUEST_TIMEOUT):
+                conn.inbuf.clear()
+                conn.outbuf = response(408, b"", False, False)
+                conn.close_after = True
+                self.serve(conn, now)  # sends it and begins the close
                 continue
             quiet = now - conn.last_active
             idle = not conn.inbuf and not conn.outbuf
@@ -334,14 +386,15 @@ class Server:
             wake += [self.next_sweep, self.deadline]
         elif self.connections:
             wake.append(self.next_sweep)
-        if not self.accepting and not self.draining and len(self.connections) < MAX_CONNECTIONS:
+        if not self.accepting and not self.draining and len(self.connections) < self.max_connections:
             wake.append(self.resume_at)
         return max(0.0, min(wake) - now) if wake else None
 
     def run(self):
         self.start_accepting()
         notify(f"READY=1\nSTATUS=serving on {len(self.listeners)} sockets")
-        log(f"listening on {len(self.listeners)} sockets (pid {os.getpid()})")
+        log(f"listening on {len(self.listeners)} sockets (pid {os.getpid()}, "
+            f"at most {self.max_connections} connections)")
         now = time.monotonic()
         while not (self.draining and not self.connections):
             events = self.selector.select(self.timeout(now))
@@ -362,7 +415,7 @@ class Server:
                 self.signal = None
             if now >= self.next_sweep:
                 self.sweep(now)
-            if (not self.accepting and not self.draining and len(self.connections) < MAX_CONNECTIONS
+            if (not self.accepting and not self.draining and len(self.connections) < self.max_connections
                     and now >= self.resume_at):
                 self.start_accepting()
             if self.draining and self.connections and now >= self.deadline:
