@@ -173,11 +173,19 @@ def run_checks(control):
     check("interfaces" in second.get("parameters", {}), "pipelined: the second reply answers GetInfo")
     conn.close()
 
-    # Many more pipelined calls than one read holds (about 1.6 MB), written while the replies are
-    # read: every one is answered, at the pace the client reads.
+    # Many more pipelined calls than brokerd buffers (about 1.2 MB against its 1 MiB limit),
+    # written while the replies are read: every one is answered, at the pace the client reads.
+    # Written in pieces: sendall's timeout covers a whole call, and brokerd takes its time.
     conn = VarlinkConnection(control)
-    count = 40000
-    writer = threading.Thread(target=conn.send_raw, args=(b'{"method":"org.varlink.service.GetInfo"}\0' * count,))
+    count = 30000
+    calls = b'{"method":"org.varlink.service.GetInfo"}\0' * count
+    piece = 64 * 1024
+
+    def write_calls():
+        for at in range(0, len(calls), piece):
+            conn.send_raw(calls[at:at + piece])
+
+    writer = threading.Thread(target=write_calls)
     writer.start()
     answered = 0
     try:
