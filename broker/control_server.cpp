@@ -782,7 +782,13 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 	Service *svc = service_param(params, allowed);
 	if (!svc)
 		return;
-	auto bad = [&](const char *p) { error(vl::kInvalidParameter, {{"parameter", p}}); };
+	// Varlink's InvalidParameter names the parameter; "message" says what is wrong with it.
+	auto bad = [&](const char *p, const std::string &why = {}) {
+		json e = {{"parameter", p}};
+		if (!why.empty())
+			e["message"] = why;
+		error(vl::kInvalidParameter, e);
+	};
 	bool wait = true;
 	if (auto it = params.find("wait"); it != params.end() && !it->is_null()) {
 		if (!it->is_boolean())
@@ -812,11 +818,11 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 		}
 		if (auto it = params.find("exec"); it != params.end() && !it->is_null()) {
 			if (!it->is_array() || it->empty())
-				return bad("exec");
+				return bad("exec", "expected a list of strings, the program first");
 			req.cfg.exec.clear();
 			for (const auto &a : *it) {
-				if (!a.is_string() || a.get<std::string>().empty())
-					return bad("exec");
+				if (!a.is_string() || a.get<std::string>().empty() || a.get<std::string>().find('\0') != std::string::npos)
+					return bad("exec", "each argument must be a non-empty string without NUL");
 				req.cfg.exec.push_back(a.get<std::string>());
 			}
 		}
@@ -827,19 +833,23 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 				const std::string &k = e.key();
 				bool valid = !k.empty() && !std::isdigit(static_cast<unsigned char>(k[0])) &&
 				             std::all_of(k.begin(), k.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
-				if (!e->is_string() || !valid || k.starts_with("BROKER_") || k.starts_with("LISTEN_") || k == "NOTIFY_SOCKET")
-					return bad("env");
+				if (!valid)
+					return bad("env", "\"" + k + "\" is not a variable name (letters, digits and _, not first a digit)");
+				if (k.starts_with("BROKER_") || k.starts_with("LISTEN_") || k == "NOTIFY_SOCKET")
+					return bad("env", k + ": BROKER_*, LISTEN_* and NOTIFY_SOCKET are set by brokerd");
+				if (!e->is_string() || e->get<std::string>().find('\0') != std::string::npos)
+					return bad("env", k + ": the value must be a string without NUL");
 				req.cfg.env[k] = e->get<std::string>();
 			}
 		}
 		if (auto it = params.find("version"); it != params.end() && !it->is_null()) {
-			if (!it->is_string())
-				return bad("version");
+			if (!it->is_string() || it->get<std::string>().find('\0') != std::string::npos)
+				return bad("version", "expected a string without NUL");
 			req.cfg.version = it->get<std::string>();
 		}
 		if (auto it = params.find("batch"); it != params.end() && !it->is_null()) {
 			if (!it->is_number_unsigned() || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > 1024)
-				return bad("batch");
+				return bad("batch", "expected a number of instances from 1 to 1024");
 			req.cfg.upgrade_batch = it->get<unsigned>();
 		}
 		if (auto it = params.find("all_at_once"); it != params.end() && !it->is_null()) {
@@ -852,11 +862,11 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 			if (it == params.end() || it->is_null())
 				continue;
 			if (!it->is_number_unsigned() || it->get<std::uint64_t>() > 365ull * 24 * 3600 * 1000)
-				return bad(key);
+				return bad(key, "expected milliseconds, at most 365 days");
 			auto ms = std::chrono::milliseconds(it->get<std::uint64_t>());
 			if (key[0] == 's') {
 				if (ms.count() == 0)
-					return bad(key);
+					return bad(key, "a start timeout must be above 0");
 				req.cfg.start_timeout = ms;
 			} else {
 				req.cfg.drain_timeout = ms;

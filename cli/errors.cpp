@@ -176,10 +176,12 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 	    error == broker::varlink::kInterfaceNotFound)
 		return Failure(kExitFailure, "this brokerd does not support " + std::string(method) +
 		                                 " (is it older than brokerctl?)");
-	if (error == broker::varlink::kInvalidParameter)
+	if (error == broker::varlink::kInvalidParameter) {
+		std::string why = printable(text(error_parameters, "message", ""));
 		return Failure(kExitFailure, "brokerd rejected parameter " +
 		                                 in_quotes(text(error_parameters, "parameter", "")) + " of " +
-		                                 std::string(method));
+		                                 std::string(method) + (why.empty() ? "" : ": " + why));
+	}
 	std::string detail;
 	if (error_parameters.is_object() && !error_parameters.empty())
 		detail = " " + error_parameters.dump(-1, ' ', false, json::error_handler_t::replace);

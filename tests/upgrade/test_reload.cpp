@@ -125,6 +125,21 @@ TEST_CASE("reload: sockets and services come and go and kept services take their
 	CHECK(wait_until([&] { return !find_named(b.status()["sockets"], "api"); }, 30s));
 	CHECK(!service_of(b.status(), "web2"));
 	CHECK(generation_answering(socket_port(b.status(), "http")) == 1);
+
+	// What an upgrade's options may not say is refused with the reason, and nothing starts.
+	const std::pair<std::vector<std::string>, std::string> refused[] = {
+		{{"--env", "LISTEN_X=1"}, "LISTEN_X: BROKER_*, LISTEN_* and NOTIFY_SOCKET are set by brokerd"},
+		{{"--batch", "2000"}, "expected a number of instances from 1 to 1024"},
+	};
+	for (const auto &[options, message] : refused) {
+		std::vector<std::string> args = {"upgrade", "web"};
+		args.insert(args.end(), options.begin(), options.end());
+		r = brokerctl(b, args);
+		INFO("brokerctl upgrade web ", options[0], ": ", r.describe());
+		CHECK(r.exit_code != 0);
+		CHECK(r.err.find(message) != std::string::npos);
+	}
+	CHECK(generation_answering(socket_port(b.status(), "http")) == 1);
 	b.stop();
 }
 
