@@ -589,7 +589,7 @@ ServiceConfig parse_service(const std::string &name, const json &j, const std::s
 	if (auto *v = member(j, "instances"))
 		s.instances = static_cast<unsigned>(uint_at(*v, child(path, "instances"), 1, 1024));
 	if (auto *v = member(j, "version"))
-		s.version = string_at(*v, child(path, "version"));
+		s.version = text_at(*v, child(path, "version"));
 	if (auto *v = member(j, "ready"))
 		s.ready = choice_at<ReadyMode>(*v, child(path, "ready"),
 		                               {{"broker", ReadyMode::Broker},

@@ -163,6 +163,7 @@ TEST_CASE("bad configs name the key path and the problem")
 		{with_service(R"({"exec": []})"), "services.web.exec: expected a non-empty array", Match::Contains},
 		{with_service(R"({"exec": ["/bin/app", ""]})"), "services.web.exec[1]: expected a non-empty string, got \"\""},
 		{with_service(R"({"exec": ["/bin/app\u0000x"]})"), "services.web.exec[0]: must not contain a NUL byte"},
+		{with_service(R"({"exec": ["/bin/app"], "version": "1\u00002"})"), "services.web.version: must not contain a NUL byte"},
 		{with_service(R"({"exec": ["/bin/app"], "foo": 1})"), "services.web.foo: unknown key"},
 		{with_service(R"({"exec": ["/bin/app"], "instance": 2})"),
 		 "services.web.instance: unknown key (did you mean \"instances\"?)"},
