@@ -416,4 +416,49 @@ void print_summary(const std::string &title, std::size_t connections, std::size_
 	std::fflush(stdout);
 }
 
+HandoffRun handoff_upgrade(Broker &b, std::uint16_t port, std::size_t connections, std::size_t half_every,
+                           const std::function<bool(const Answer &)> &accept, const std::string &title,
+                           const std::function<void(const json &)> &upgraded)
+{
+	// Established and idle at a generation 1 instance, each after one answer.
+	Clients clients(connections);
+	Tally opening;
+	clients.open_all(port, opening);
+	auto old_pids = answers_by_pid(clients, opening, 1, accept);
+	INFO("opening: ", opening.describe());
+	REQUIRE(opening.failures() == 0);
+	CHECK(old_pids.size() == 2); // both instances serve
+
+	// Half a request on some: the workers read it, and must hand it over as state.
+	std::size_t halves = send_half_requests(port, clients, half_every);
+
+	Upgraded up = upgrade(b, "web");
+	INFO("progress:\n", up.transcript);
+	CHECK(up.handoff_events >= 1);
+	check_serves_alone(b, "web", 2, 2);
+
+	json st = b.status("web");
+	INFO("Status: ", st.dump());
+	std::set<pid_t> new_pids;
+	for (const auto &inst : generation_instances(st, "web", 2))
+		new_pids.insert(inst.value("pid", 0));
+	if (upgraded)
+		upgraded(st);
+
+	// The rest of each request, on the same connections: every one answered by generation 2.
+	for (std::size_t i = 0; i < clients.size(); i++)
+		clients.request(i, i % half_every == 0 ? kRestOfRequest : kRequest);
+	Tally after;
+	clients.run(after);
+	HandoffRun run;
+	run.answering = answers_by_pid(clients, after, 2, [&](const Answer &a) { return new_pids.count(a.pid) > 0 && accept(a); });
+	for (const auto &[pid, n] : run.answering)
+		run.answered += n;
+	run.counts = handoff_counts(st, "web");
+	print_summary(title, connections, halves, run.counts, up.ms, up.handoff_events, run.answered);
+	INFO("after the upgrade: ", after.describe());
+	CHECK(after.failures() == 0);
+	return run;
+}
+
 } // namespace utest::handoff

@@ -121,4 +121,18 @@ HandoffCounts handoff_counts(const json &status, const std::string &service);
 void print_summary(const std::string &title, std::size_t connections, std::size_t halves,
                    const HandoffCounts &counts, long long upgrade_ms, std::size_t events, std::size_t answered);
 
+// The handoff tests' common run, on service "web" (2 instances) listening on `port`: `connections`
+// keep-alive connections, each answered once by generation 1 (both instances serving), half a
+// request on every `half_every`th, one upgrade with handoff progress, then the rest of each request
+// on the same connections. `accept` adds the test's own conditions on every answer; `upgraded`
+// sees Status once generation 2 serves alone. Checks that no request failed and prints the summary.
+struct HandoffRun {
+	std::map<pid_t, std::size_t> answering; // generation 2's answers by pid
+	std::size_t answered = 0;
+	HandoffCounts counts;
+};
+HandoffRun handoff_upgrade(Broker &b, std::uint16_t port, std::size_t connections, std::size_t half_every,
+                           const std::function<bool(const Answer &)> &accept, const std::string &title,
+                           const std::function<void(const json &)> &upgraded = {});
+
 } // namespace utest::handoff

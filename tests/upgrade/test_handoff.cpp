@@ -37,46 +37,10 @@ TEST_CASE("handoff: 8000 keep-alive connections move to the new generation in on
 	std::uint16_t port = socket_port(st, "http");
 	check_serves_alone(b, "web", 1, 2);
 
-	// Established and idle at a generation 1 instance, each after one answer.
-	Clients clients(kConnections);
-	Tally opening;
-	clients.open_all(port, opening);
-	auto old_pids = answers_by_pid(clients, opening, 1, [](const Answer &) { return true; });
-	INFO("opening: ", opening.describe());
-	REQUIRE(opening.failures() == 0);
-	CHECK(old_pids.size() == 2); // both instances serve
-
-	// Half a request on some: the workers read it, and must hand it over as state.
-	std::size_t halves = send_half_requests(port, clients, kHalfEvery);
-
-	Upgraded up = upgrade(b, "web");
-	INFO("progress:\n", up.transcript);
-	CHECK(up.handoff_events >= 1);
-	check_serves_alone(b, "web", 2, 2);
-
-	st = b.status("web");
-	INFO("Status: ", st.dump());
-	std::set<pid_t> new_pids;
-	for (const auto &inst : generation_instances(st, "web", 2))
-		new_pids.insert(inst.value("pid", 0));
-
-	// The rest of each request, on the same connections: every one answered by generation 2.
-	for (std::size_t i = 0; i < clients.size(); i++)
-		clients.request(i, i % kHalfEvery == 0 ? kRestOfRequest : kRequest);
-	Tally after;
-	clients.run(after);
-	auto answering = answers_by_pid(clients, after, 2, [&](const Answer &a) { return new_pids.count(a.pid) > 0; });
-	std::size_t answered = 0;
-	for (const auto &[pid, n] : answering)
-		answered += n;
-
-	HandoffCounts counts = handoff_counts(st, "web");
-	print_summary("connection handoff in one upgrade", kConnections, halves, counts, up.ms, up.handoff_events,
-	              answered);
-
-	INFO("after the upgrade: ", after.describe());
-	CHECK(after.failures() == 0);
-	CHECK(answered == kConnections);
+	HandoffRun run = handoff_upgrade(b, port, kConnections, kHalfEvery, [](const Answer &) { return true; },
+	                                 "connection handoff in one upgrade");
+	const HandoffCounts &counts = run.counts;
+	CHECK(run.answered == kConnections);
 	CHECK(counts.handed == kConnections);
 	CHECK(counts.received == counts.handed);
 	CHECK(counts.returned == 0);

@@ -105,49 +105,12 @@ TEST_CASE("handoff: 2000 keep-alive connections of the C worker move to the new 
 	// With 1024 fds, one instance could not hold what it is handed below.
 	check_fd_limits_raised(b.status("web"), 1);
 
-	// Established and idle at a generation 1 instance, each after one answer.
-	Clients clients(kConnections);
-	Tally opening;
-	clients.open_all(port, opening);
-	auto old_pids = answers_by_pid(clients, opening, 1, [](const Answer &a) { return a.from_c; });
-	INFO("opening: ", opening.describe());
-	REQUIRE(opening.failures() == 0);
-	CHECK(old_pids.size() == 2); // both instances serve
-
-	// Half a request on some: the workers read it, and must hand it over as state.
-	std::size_t halves = send_half_requests(port, clients, kHalfEvery);
-
-	Upgraded up = upgrade(b, "web");
-	INFO("progress:\n", up.transcript);
-	CHECK(up.handoff_events >= 1);
-	check_serves_alone(b, "web", 2, 2);
-
-	st = b.status("web");
-	INFO("Status: ", st.dump());
-	std::set<pid_t> new_pids;
-	for (const auto &inst : generation_instances(st, "web", 2))
-		new_pids.insert(inst.value("pid", 0));
-	check_fd_limits_raised(st, 2);
-
-	// The rest of each request, on the same connections: every one answered by generation 2.
-	for (std::size_t i = 0; i < clients.size(); i++)
-		clients.request(i, i % kHalfEvery == 0 ? kRestOfRequest : kRequest);
-	Tally after;
-	clients.run(after);
-	auto answering = answers_by_pid(clients, after, 2,
-	                                [&](const Answer &a) { return new_pids.count(a.pid) > 0 && a.from_c; });
-	std::size_t answered = 0;
-	for (const auto &[pid, n] : answering)
-		answered += n;
-
-	HandoffCounts counts = handoff_counts(st, "web");
-	print_summary("connection handoff of the C worker in one upgrade", kConnections, halves, counts, up.ms,
-	              up.handoff_events, answered);
-
-	INFO("after the upgrade: ", after.describe());
-	CHECK(after.failures() == 0);
-	CHECK(answered == kConnections);
-	CHECK(answering.size() == 2); // the connections were split between the new instances
+	HandoffRun run = handoff_upgrade(
+		b, port, kConnections, kHalfEvery, [](const Answer &a) { return a.from_c; },
+		"connection handoff of the C worker in one upgrade", [](const json &st) { check_fd_limits_raised(st, 2); });
+	const HandoffCounts &counts = run.counts;
+	CHECK(run.answered == kConnections);
+	CHECK(run.answering.size() == 2); // the connections were split between the new instances
 	CHECK(counts.handed == kConnections);
 	CHECK(counts.received == counts.handed);
 	CHECK(counts.returned == 0);
