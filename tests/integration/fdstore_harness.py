@@ -23,36 +23,10 @@ import sys
 import tempfile
 import time
 
+from checks import check, descendants, failures, passes
+
 TIMEOUT = 20.0  # per step: brokerd's start, its worker's readiness, a drain
 HTTP_TIMEOUT = 10.0  # a ready worker answers at once
-failures = []
-passes = []
-
-
-def check(cond, what):
-    print(("ok     " if cond else "FAILED ") + what, flush=True)
-    (passes if cond else failures).append(what)
-    return cond
-
-
-def descendants(root):
-    """Pids below root, from /proc, so that nothing outlives a failed run."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open("/proc/%s/stat" % d) as f:
-                    stat = f.read()
-                parent[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
 
 
 def become_subreaper():
