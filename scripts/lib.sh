@@ -12,6 +12,9 @@ DEPS=(
 	libsystemd-dev nlohmann-json3-dev libcli11-dev doctest-dev cmake
 	python3 curl systemd procps
 )
+# What only the test suite adds: Go and Debian's varlink-go, for the Varlink interop test
+# (tests/interop), which builds a Go client offline against the packaged source.
+TEST_DEPS=(golang-go golang-github-varlink-go-dev)
 
 die() {
 	printf 'scripts/%s: error: %s\n' "$(basename "$0")" "$*" >&2
@@ -22,10 +25,11 @@ info() {
 	printf 'scripts/%s: %s\n' "$(basename "$0")" "$*" >&2
 }
 
-# Installs whatever in DEPS is missing, with one apt-get update, and only then.
+# ensure_deps [PACKAGE...]: installs whatever of DEPS and the named packages is missing, with one
+# apt-get update, and only then.
 ensure_deps() {
 	local missing=() pkg
-	for pkg in "${DEPS[@]}"; do
+	for pkg in "${DEPS[@]}" "$@"; do
 		if [[ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null)" != ii* ]]; then
 			missing+=("$pkg")
 		fi
