@@ -7,18 +7,12 @@ any third-party Varlink client would see them: one JSON object per message, NUL-
 """
 
 import json
-import os
 import re
-import shutil
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 
-from checks import check, descendants, failures, passes
+from checks import check, failures, passes, run_with_brokerd
 
 TIMEOUT = 10.0
 
@@ -79,22 +73,6 @@ def check_description(conn, interface):
     check(bool(MEMBER_RE.search(desc)), "description of %s declares methods/types/errors" % interface)
     check(desc.count("(") == desc.count(")"), "description of %s has balanced parentheses" % interface)
     return desc
-
-
-def wait_ready(notify, proc, deadline):
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("brokerd sent no READY=1")
-        if proc.poll() is not None:
-            raise RuntimeError("brokerd exited with %s before READY=1" % proc.returncode)
-        notify.settimeout(min(left, 0.5))
-        try:
-            data = notify.recv(4096)
-        except socket.timeout:
-            continue  # re-check that brokerd is alive
-        if b"READY=1" in data.split(b"\n"):
-            return
 
 
 def run_checks(control):
@@ -185,56 +163,7 @@ def run_checks(control):
 
 
 def main():
-    brokerd = os.environ["BROKERD"]
-    worker = os.environ["EXAMPLE_PYTHON"]
-    tmp = tempfile.mkdtemp(prefix="brokerd-varlink.")
-    control = os.path.join(tmp, "control.sock")
-    config = os.path.join(tmp, "brokerd.json")
-    with open(config, "w") as f:
-        json.dump({"control": {"path": control},
-                   "sockets": {"http": {"listen": "tcp://127.0.0.1:0"}},
-                   "services": {"web": {"exec": [sys.executable, worker], "sockets": ["http"],
-                                        "instances": 1, "ready": "notify"}}}, f)
-
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    name = "brokerd-varlink-test-%d" % os.getpid()
-    notify.bind("\0" + name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "BROKER_SOCKET"))}
-    env["NOTIFY_SOCKET"] = "@" + name
-    log = open(os.path.join(tmp, "brokerd.log"), "w+")
-    proc = subprocess.Popen([brokerd, "--config", config], env=env, stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=log)
-    try:
-        wait_ready(notify, proc, time.monotonic() + 20)
-        run_checks(control)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            rc = None
-        check(rc == 0, "brokerd exits 0 on SIGTERM (got %r)" % rc)
-    except Exception as e:  # report, with brokerd's log, rather than a bare traceback
-        failures.append("%s: %s" % (type(e).__name__, e))
-        print("FAILED %s: %s" % (type(e).__name__, e), flush=True)
-    finally:
-        if proc.poll() is None:
-            stray = descendants(proc.pid)
-            proc.kill()
-            proc.wait()
-            for pid in stray:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if failures:
-            log.seek(0)
-            print("--- brokerd stderr:\n" + log.read(), flush=True)
-        log.close()
-        notify.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    print("%d passed, %d failed" % (len(passes), len(failures)))
-    return 1 if failures else 0
+    return run_with_brokerd("brokerd-varlink.", run_checks)
 
 
 if __name__ == "__main__":
