@@ -74,7 +74,7 @@ std::string format_address(const sockaddr_storage &ss, socklen_t len, int type)
 			if (::if_indextoname(in6->sin6_scope_id, ifname))
 				h += std::string("%") + ifname;
 			else
-				h += "%" + std::to_string(in6->sin6_scope_id);
+				h.append(1, '%').append(std::to_string(in6->sin6_scope_id));
 		}
 		return std::string(scheme) + "[" + h + "]:" + std::to_string(ntohs(in6->sin6_port));
 	}

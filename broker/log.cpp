@@ -59,9 +59,12 @@ void write_all(int fd, iovec *iov, int n)
 
 void write(Level level, std::string_view message)
 {
-	std::string prefix = stderr_is_journal() ? "<" + std::to_string(static_cast<int>(level)) + ">" : "brokerd: ";
+	// Not `"<" + std::to_string(...)`: GCC 12 at -O3 warns falsely (-Wrestrict) on it.
+	char journal[16];
+	std::snprintf(journal, sizeof(journal), "<%d>", static_cast<int>(level));
+	std::string_view prefix = stderr_is_journal() ? std::string_view(journal) : std::string_view("brokerd: ");
 	iovec iov[3] = {
-		{prefix.data(), prefix.size()},
+		{const_cast<char *>(prefix.data()), prefix.size()},
 		{const_cast<char *>(message.data()), message.size()},
 		{const_cast<char *>("\n"), 1},
 	};

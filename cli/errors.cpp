@@ -47,7 +47,10 @@ Failure permission_denied()
 
 std::string in_quotes(std::string_view s)
 {
-	return "\"" + printable(s) + "\"";
+	std::string out = "\"";
+	out += printable(s);
+	out += '"';
+	return out;
 }
 
 // The service an error is about: its own parameter, else the one the call named.

@@ -94,7 +94,11 @@ std::string progress_bar(std::int64_t done, std::int64_t total, std::size_t widt
 	std::size_t filled = 0;
 	if (total > 0 && done > 0)
 		filled = done >= total ? width : static_cast<std::size_t>(done * static_cast<std::int64_t>(width) / total);
-	return "[" + std::string(filled, '#') + std::string(width - filled, '.') + "]";
+	std::string bar = "[";
+	bar.append(filled, '#');
+	bar.append(width - filled, '.');
+	bar += ']';
+	return bar;
 }
 
 std::string progress_line(Rollout kind, const json &progress, bool rolling_back)

@@ -153,8 +153,10 @@ std::string render_status(const json &status, std::int64_t now_usec, const std::
 
 	if (services.empty() && !service)
 		out += "\nno services configured\n";
-	for (const json *svc : services)
-		out += "\n" + render_service(*svc, now_usec);
+	for (const json *svc : services) {
+		out += '\n';
+		out += render_service(*svc, now_usec);
+	}
 	return out;
 }
 
