@@ -7,6 +7,8 @@
 #include <regex>
 #include <sstream>
 
+#include <sys/wait.h>
+
 using namespace utest;
 
 namespace {
@@ -30,7 +32,7 @@ std::vector<pid_t> start_stubborn(TestBroker &tb, const json &extra)
 	json stubborn = service(kStubborn, {"http"}, 2, "exec");
 	stubborn["drain"] = {{"timeout", kForever}};
 	json config = config_with({{"stubborn", stubborn}});
-	config.update(extra);
+	config.update(extra, /*merge_objects=*/true);
 	tb.start(config);
 	std::vector<pid_t> pids = worker_pids(tb.b.status(), "stubborn");
 	REQUIRE(pids.size() == 2);
@@ -95,6 +97,8 @@ TEST_CASE("shutdown: instances that ignore their drain are killed at the shutdow
 	}
 }
 
+// Spawned instances lose their whole session, and a registered one (not brokerd's child) its
+// process, through the pidfd brokerd took at Hello.
 TEST_CASE("shutdown: a second SIGTERM or SIGINT kills every instance at once")
 {
 	for (int second : {SIGTERM, SIGINT}) {
@@ -103,18 +107,38 @@ TEST_CASE("shutdown: a second SIGTERM or SIGINT kills every instance at once")
 		Broker &b = tb.b;
 		BROKER_CONTEXT(b);
 		// The default budget (90 s) and 365-day drains: only the second signal ends this soon.
-		std::vector<pid_t> workers = start_stubborn(tb, json::object());
+		json ext = {{"register", {{"users", {"root"}}}}, {"drain", {{"timeout", kForever}}}};
+		std::vector<pid_t> workers = start_stubborn(tb, {{"services", {{"ext", ext}}}});
+		// A registered worker that ignores SIGTERM, its drain signal (it reads no Events).
+		Process registered = Process::fork_run([&] {
+			::signal(SIGTERM, SIG_IGN);
+			broker::varlink::SyncClient c(b.control_path(), 5s);
+			c.send(broker::varlink::make_call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "v1"}}));
+			if (c.receive().body.contains("error"))
+				return 1;
+			for (;;)
+				::pause();
+		});
+		REQUIRE(wait_until([&] { return !worker_pids(b.status(), "ext").empty() || !registered.running(); }, 20s));
+		REQUIRE(worker_pids(b.status(), "ext") == std::vector<pid_t>{registered.pid()});
+
 		b.process().signal(SIGTERM);
 		bool draining = wait_until(
 			[&] {
-				auto insts = instances(b.status(), "stubborn");
-				return insts.size() == 2 && std::all_of(insts.begin(), insts.end(), [](const json &i) {
+				json st = b.status();
+				auto insts = instances(st, "stubborn");
+				auto more = instances(st, "ext");
+				insts.insert(insts.end(), more.begin(), more.end());
+				return insts.size() == 3 && std::all_of(insts.begin(), insts.end(), [](const json &i) {
 					       return i.value("state", "") == "draining";
 				       });
 			},
 			20s);
 		REQUIRE(draining);
 		check_stops(b, second, 10s, workers);
+		auto st = registered.wait(5s);
+		REQUIRE(st);
+		CHECK((WIFSIGNALED(*st) && WTERMSIG(*st) == SIGKILL));
 		CHECK(b.log().find(std::string("received SIG") + sigabbrev_np(second) + " again, killing every instance") !=
 		      std::string::npos);
 	}
