@@ -69,7 +69,10 @@ TEST_CASE("shutdown: instances that ignore their drain are killed at the shutdow
 		TestBroker tb;
 		Broker &b = tb.b;
 		BROKER_CONTEXT(b);
-		std::vector<pid_t> workers = start_stubborn(tb, shutdown);
+		// Beside them, a libbroker-client worker, told its (cut) deadline in the drain event.
+		json extra = shutdown;
+		extra["services"]["web"] = http_service(1, {{"drain", {{"timeout", kForever}}}});
+		std::vector<pid_t> workers = start_stubborn(tb, extra);
 		std::optional<StreamCall> up;
 		if (upgrading) {
 			up.emplace(b.control_path(), "io.brokerd.Control.Upgrade",
@@ -81,15 +84,21 @@ TEST_CASE("shutdown: instances that ignore their drain are killed at the shutdow
 				kRolloutDeadline);
 			INFO("progress: ", up->transcript());
 			REQUIRE(draining.has_value());
-			json st = b.status();
-			workers = worker_pids(st, "stubborn");
+			workers = worker_pids(b.status(), "stubborn");
 			REQUIRE(workers.size() >= 3);
 		}
+		std::vector<pid_t> web = worker_pids(b.status(), "web");
+		REQUIRE(web.size() == 1);
+		workers.push_back(web[0]);
 		auto begin = Clock::now();
 		check_stops(b, SIGTERM, 20s, workers);
 		CHECK(Clock::now() - begin >= kBudget);
 		std::string log = b.log();
 		CHECK(log.find("shutdown timeout, sending SIGKILL") != std::string::npos);
+		static const std::regex told(R"(web/1/0: broker-example-http: draining .*deadline in (\d+) ms)");
+		std::smatch m;
+		REQUIRE(std::regex_search(log, m, told));
+		CHECK(std::stoi(m[1]) <= 1000);
 		if (up) {
 			auto end = final_reply(*up, 10s);
 			CHECK(end.error == "io.brokerd.Control.UpgradeFailed");
