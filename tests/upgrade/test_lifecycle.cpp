@@ -190,7 +190,11 @@ TEST_CASE("startup: a service that never gets ready holds neither READY=1 nor th
 	auto took = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - begin);
 	INFO("notify: ", json(lines).dump());
 	MESSAGE("READY=1 after ", took.count(), " ms");
-	CHECK(ready_status.find("not ready: never (restarting)") != std::string::npos);
+	// Restarting, unless the machine was so slow that the healthy service took longer to get
+	// ready than the other one took to reach its crash loop.
+	CHECK((ready_status.find("not ready: never (restarting)") != std::string::npos ||
+	       ready_status.find("not ready: never (failed)") != std::string::npos));
+	CHECK(ready_status.find("web") == std::string::npos);
 	// Before READY=1, the service manager's start timeout was pushed past the start timeout.
 	auto extend = std::find_if(lines.begin(), lines.end(),
 	                           [](const std::string &l) { return l.rfind("EXTEND_TIMEOUT_USEC=", 0) == 0; });
