@@ -41,7 +41,7 @@ std::vector<pid_t> start_stubborn(TestBroker &tb, const json &extra)
 	return pids;
 }
 
-// SIGTERM (or `sig`) to brokerd; it must exit with 0 within `within`, its workers reaped.
+// `sig` to brokerd; it must exit with 0 within `within`, its workers reaped.
 void check_stops(Broker &b, int sig, std::chrono::milliseconds within, const std::vector<pid_t> &workers)
 {
 	auto begin = Clock::now();
