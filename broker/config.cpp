@@ -361,6 +361,20 @@ void parse_control(const json &j, ControlConfig &c)
 		c.max_connections = static_cast<unsigned>(uint_at(*v, child(path, "max_connections"), 1, 65536));
 }
 
+void parse_shutdown(const json &j, ShutdownConfig &c)
+{
+	const std::string path = "shutdown";
+	object_at(j, path);
+	check_keys(j, path, {"timeout"});
+	if (auto *v = member(j, "timeout")) {
+		std::string p = child(path, "timeout");
+		c.timeout = duration_at(*v, p);
+		// 0 would kill every worker at once, with no drain at all: a mistake, like a 0 start_timeout.
+		if (c.timeout.count() == 0)
+			expected(p, "a duration above 0s, like \"90s\"", *v);
+	}
+}
+
 // Fills kind, host, port and path from s.listen.
 void parse_listen(SocketConfig &s, const json &j, const std::string &path)
 {
@@ -805,11 +819,13 @@ Config parse(std::string_view text)
 {
 	json root = parse_json(text);
 	object_at(root, "");
-	check_keys(root, "", {"control", "sockets", "services"});
+	check_keys(root, "", {"control", "shutdown", "sockets", "services"});
 	Config cfg;
 	cfg.control.path = BROKER_DEFAULT_CONTROL;
 	if (auto *v = member(root, "control"))
 		parse_control(*v, cfg.control);
+	if (auto *v = member(root, "shutdown"))
+		parse_shutdown(*v, cfg.shutdown);
 	// Sockets before services: services refer to sockets by name.
 	if (auto *v = member(root, "sockets"))
 		parse_sockets(*v, cfg);

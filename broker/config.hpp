@@ -34,6 +34,13 @@ struct ControlConfig {
 	unsigned max_connections = 512;
 };
 
+// brokerd's own stop (SIGTERM or SIGINT): every instance drains, each within its drain timeout
+// or what is left of this budget, whichever ends first, and is then killed. The default is
+// systemd's DefaultTimeoutStopSec; the packaged unit's TimeoutStopSec leaves room above it.
+struct ShutdownConfig {
+	Duration timeout = std::chrono::seconds(90);
+};
+
 enum class SocketKind { Tcp, Udp, Unix, Systemd };
 
 struct SocketConfig {
@@ -77,6 +84,7 @@ struct ServiceConfig {
 
 struct Config {
 	ControlConfig control;
+	ShutdownConfig shutdown;
 	std::vector<SocketConfig> sockets;   // sorted by name
 	std::vector<ServiceConfig> services; // sorted by name
 

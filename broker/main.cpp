@@ -65,6 +65,7 @@ private:
 	UniqueFd open_listeners();
 	UniqueFd restore_listeners();
 	void setup_watchdog();
+	void extend_start();
 	void reexec(const std::string &binary, int caller);
 	void check_binary(const std::string &binary, int state_fd);
 
@@ -84,6 +85,7 @@ private:
 	EventSource watchdog_;
 	std::uint64_t watchdog_period_ = 0; // usec: half of WATCHDOG_USEC
 	bool announced_ready_ = false;
+	std::uint64_t extended_until_ = 0; // CLOCK_MONOTONIC usec the start timeout was extended to
 	std::string last_status_;
 	rlimit started_nofile_{};
 };
@@ -230,7 +232,6 @@ int Daemon::run()
 	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start,
 	                                           std::move(control_fd));
 	supervisor_->on_event = [this](const nlohmann::json &ev) { control_->broadcast(ev); };
-	supervisor_->on_change = [this] { on_change(); };
 
 	if (restoring) {
 		supervisor_->restore_state(restored_.at("services"));
@@ -251,6 +252,9 @@ int Daemon::run()
 		for (const auto &svc : cfg_.services)
 			supervisor_->add_service(svc);
 	}
+	// Readiness is judged once every service is there: one that fails at once must not make
+	// READY=1 come before the others have started.
+	supervisor_->on_change = [this] { on_change(); };
 	on_change();
 
 	r = sd_event_loop(e);
@@ -269,13 +273,15 @@ int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userd
 	return guarded("on_signal", [&]() -> int {
 		auto *d = static_cast<Daemon *>(userdata);
 		if (d->supervisor_->shutting_down()) {
+			// Whoever asks twice does not want to wait for the drain: the kill step now.
 			log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)) +
-			            " again, still draining");
+			            " again, killing every instance");
+			d->supervisor_->kill_all();
 			return 0;
 		}
 		log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)));
 		d->notifier_.send("STOPPING=1");
-		d->supervisor_->shutdown();
+		d->supervisor_->shutdown(d->cfg_.shutdown.timeout);
 		return 0;
 	});
 }
@@ -581,6 +587,21 @@ void Daemon::close_unused_listeners()
 	}
 }
 
+// Until READY=1, the service manager's start timeout (TimeoutStartSec=) is pushed past the last
+// start timeout of a first attempt: READY=1 comes by then at the latest, as every instance has
+// had its first attempt, so a start_timeout above TimeoutStartSec fails no start.
+void Daemon::extend_start()
+{
+	// From the start timeout's SIGKILL to READY=1: the exit to be reaped, and the loop to turn.
+	constexpr std::uint64_t kSlack = 5'000'000;
+	std::uint64_t until = supervisor_->first_starts_deadline();
+	if (until <= extended_until_)
+		return;
+	extended_until_ = until;
+	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	notifier_.send("EXTEND_TIMEOUT_USEC=" + std::to_string((until > now ? until - now : 0) + kSlack));
+}
+
 void Daemon::on_change()
 {
 	if (!supervisor_->shutting_down() && listeners_.size() > cfg_.sockets.size())
@@ -596,7 +617,9 @@ void Daemon::on_change()
 		log::notice("ready: " + status);
 		notifier_.send("READY=1\nSTATUS=" + status);
 		last_status_ = status;
-	} else if (announced_ready_ && status != last_status_) {
+	} else if (!announced_ready_) {
+		extend_start();
+	} else if (status != last_status_) {
 		notifier_.send("STATUS=" + status);
 		last_status_ = status;
 	}

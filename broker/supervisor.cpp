@@ -29,11 +29,6 @@ using json = nlohmann::json;
 namespace {
 
 constexpr std::uint64_t kUsecPerMsec = 1000;
-constexpr std::uint64_t kRestartBackoffMin = 100 * kUsecPerMsec;
-constexpr std::uint64_t kRestartBackoffMax = 30'000 * kUsecPerMsec;
-constexpr std::uint64_t kCrashLoopWindow = 60'000'000; // usec
-constexpr std::size_t kCrashLoopBurst = 5;             // failures within the window
-constexpr std::uint64_t kStableRun = 10'000'000;       // ready this long resets the backoff
 
 std::string errno_text(int e)
 {
@@ -739,27 +734,23 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 
 void Supervisor::schedule_restart(Instance &inst)
 {
-	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
-	if (inst.ready_since && now - inst.ready_since >= kStableRun)
-		inst.restarts = 0;
-	inst.ready_since = 0;
-	inst.crash_times.push_back(now);
-	while (!inst.crash_times.empty() && now - inst.crash_times.front() > kCrashLoopWindow)
-		inst.crash_times.pop_front();
-	if (inst.crash_times.size() > kCrashLoopBurst) {
-		std::string msg = "crash loop (" + std::to_string(inst.crash_times.size()) +
-		                  " failures within 60s), not restarting; last: " + inst.exit_reason;
+	// A start timeout is a failure like a crash: a worker that never gets ready is stopped too.
+	const config::ServiceConfig &cfg = inst.generation->cfg;
+	std::uint64_t start_timeout = cfg.ready == config::ReadyMode::Exec
+	                                      ? 0
+	                                      : static_cast<std::uint64_t>(cfg.start_timeout.count()) * kUsecPerMsec;
+	RestartBackoff::Decision d = inst.backoff.failed(now_usec(CLOCK_MONOTONIC), start_timeout);
+	if (d.crash_loop) {
+		std::string msg = "crash loop (" + std::to_string(d.failures) + " failures within " +
+		                  std::to_string(d.window / 1'000'000) + "s), not restarting; last: " + inst.exit_reason;
 		log::error("instance " + inst.id + ": " + msg);
 		emit(inst, "crash-loop", msg);
 		return;
 	}
-	std::uint64_t delay = kRestartBackoffMin << std::min(inst.restarts, 16u);
-	delay = std::min(delay, kRestartBackoffMax);
-	inst.restarts++;
-	log::info("instance " + inst.id + ": restarting in " + std::to_string(delay / kUsecPerMsec) + "ms");
+	log::info("instance " + inst.id + ": restarting in " + std::to_string(d.delay / kUsecPerMsec) + "ms");
 	// The slot counts as starting again, so readiness waits for it.
 	set_state(inst, InstanceState::Starting);
-	arm_timer(inst, delay, restart_handler);
+	arm_timer(inst, d.delay, restart_handler);
 }
 
 int Supervisor::restart_handler(sd_event_source *, std::uint64_t, void *userdata)
@@ -779,13 +770,9 @@ int Supervisor::start_timeout_handler(sd_event_source *, std::uint64_t, void *us
 		if (inst.state != InstanceState::Starting || !inst.pid)
 			return 0;
 		auto secs = std::chrono::duration_cast<std::chrono::milliseconds>(inst.generation->cfg.start_timeout).count();
-		inst.exit_reason = "was not ready within the start timeout (" + std::to_string(secs) + "ms)";
-		log::error("instance " + inst.id + ": " + inst.exit_reason + ", sending SIGKILL");
-		inst.supervisor->signal(inst, SIGKILL);
-		// With MAINPID= named, that went to the main process: its session goes too, the first
-		// process included, whose exit is what is watched until then.
-		if (!inst.external)
-			::kill(-inst.session, SIGKILL);
+		std::string why = "was not ready within the start timeout (" + std::to_string(secs) + "ms)";
+		log::error("instance " + inst.id + ": " + why + ", sending SIGKILL");
+		inst.supervisor->kill_instance(inst, std::move(why));
 		return 0;
 	});
 }
@@ -796,13 +783,22 @@ int Supervisor::drain_timeout_handler(sd_event_source *, std::uint64_t, void *us
 		auto &inst = *static_cast<Instance *>(userdata);
 		if (!inst.pid)
 			return 0;
-		log::warning("instance " + inst.id + ": drain timeout, sending SIGKILL");
-		inst.exit_reason = "killed at the drain timeout";
-		inst.supervisor->signal(inst, SIGKILL);
-		if (!inst.external)
-			::kill(-inst.session, SIGKILL);
+		Supervisor &sup = *inst.supervisor;
+		bool budget = sup.shutting_down_ && now_usec(CLOCK_MONOTONIC) >= sup.shutdown_deadline_;
+		log::warning("instance " + inst.id + (budget ? ": shutdown timeout" : ": drain timeout") + ", sending SIGKILL");
+		sup.kill_instance(inst, budget ? "killed at the shutdown timeout" : "killed at the drain timeout");
 		return 0;
 	});
+}
+
+void Supervisor::kill_instance(Instance &inst, std::string reason)
+{
+	inst.exit_reason = std::move(reason);
+	signal(inst, SIGKILL);
+	// With MAINPID= named, that went to the main process: its session goes too, the first
+	// process included, whose exit is what is watched until then.
+	if (!inst.external)
+		::kill(-inst.session, SIGKILL);
 }
 
 void Supervisor::signal(Instance &inst, int sig)
@@ -831,9 +827,9 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 	if (inst.state == InstanceState::Draining)
 		return;
 	const auto &cfg = inst.generation->cfg;
-	const config::Duration deadline = timeout.value_or(cfg.drain_timeout);
+	const std::uint64_t usec = drain_time(timeout.value_or(cfg.drain_timeout));
 	set_state(inst, InstanceState::Draining);
-	bool told = inst.events && inst.events->send_event({{"event", "drain"}, {"timeout_ms", deadline.count()}});
+	bool told = inst.events && inst.events->send_event({{"event", "drain"}, {"timeout_ms", usec / kUsecPerMsec}});
 	if (told) {
 		log::info("instance " + inst.id + ": drain requested");
 	} else {
@@ -842,7 +838,16 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 		signal(inst, cfg.drain_signal);
 	}
 	emit(inst, "draining");
-	arm_timer(inst, static_cast<std::uint64_t>(deadline.count()) * kUsecPerMsec, drain_timeout_handler);
+	arm_timer(inst, usec, drain_timeout_handler);
+}
+
+std::uint64_t Supervisor::drain_time(config::Duration timeout) const
+{
+	std::uint64_t usec = static_cast<std::uint64_t>(timeout.count()) * kUsecPerMsec;
+	if (!shutting_down_)
+		return usec;
+	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	return std::min(usec, shutdown_deadline_ > now ? shutdown_deadline_ - now : 0);
 }
 
 void Supervisor::instance_ready(Instance &inst, std::string_view how)
@@ -850,7 +855,7 @@ void Supervisor::instance_ready(Instance &inst, std::string_view how)
 	if (inst.state != InstanceState::Starting || !inst.pid)
 		return;
 	set_state(inst, InstanceState::Ready);
-	inst.ready_since = now_usec(CLOCK_MONOTONIC);
+	inst.backoff.ready(now_usec(CLOCK_MONOTONIC));
 	inst.timer.reset();
 	log::info("instance " + inst.id + ": ready (" + std::string(how) + ")");
 	Service &svc = *inst.service;
@@ -1562,12 +1567,14 @@ void Supervisor::check_waiters(Service &svc)
 	}
 }
 
-void Supervisor::shutdown()
+void Supervisor::shutdown(config::Duration budget)
 {
 	if (shutting_down_)
 		return;
 	shutting_down_ = true;
-	log::notice("shutting down: draining every instance");
+	shutdown_deadline_ = now_usec(CLOCK_MONOTONIC) + static_cast<std::uint64_t>(budget.count()) * kUsecPerMsec;
+	log::notice("shutting down: draining every instance, killing what is left in " + std::to_string(budget.count()) +
+	            "ms");
 	for (auto &svc : services_) {
 		if (svc->upgrade) {
 			for (Observer *o : std::vector(svc->upgrade->observers))
@@ -1578,10 +1585,29 @@ void Supervisor::shutdown()
 			svc->upgrade.reset();
 		}
 		for (auto &gen : svc->generations)
-			for (auto &inst : gen->instances)
-				drain(*inst);
+			for (auto &inst : gen->instances) {
+				// One already draining (an upgrade's old instance, or one that said STOPPING=1)
+				// keeps its deadline only if it comes before the budget's end.
+				std::uint64_t when = 0;
+				if (inst->state != InstanceState::Draining)
+					drain(*inst);
+				else if (inst->timer && sd_event_source_get_time(inst->timer.get(), &when) >= 0 &&
+				         when > shutdown_deadline_)
+					sd_event_source_set_time(inst->timer.get(), shutdown_deadline_);
+			}
 	}
 	changed();
+}
+
+void Supervisor::kill_all()
+{
+	for (auto &svc : services_)
+		for (auto &gen : svc->generations)
+			for (auto &inst : gen->instances)
+				if (inst->pid) {
+					inst->timer.reset();
+					kill_instance(*inst, "killed: brokerd was told to stop again");
+				}
 }
 
 bool Supervisor::stopped() const
@@ -1594,14 +1620,37 @@ bool Supervisor::stopped() const
 	return true;
 }
 
+namespace {
+
+bool first_attempt(const Instance &inst)
+{
+	return inst.state == InstanceState::Starting && !inst.retired && !inst.backoff.has_failed();
+}
+
+} // namespace
+
 bool Supervisor::settled() const
 {
 	for (const auto &svc : services_)
 		for (const auto &gen : svc->generations)
 			for (const auto &inst : gen->instances)
-				if (inst->state == InstanceState::Starting && !inst->retired)
+				if (first_attempt(*inst))
 					return false;
 	return true;
+}
+
+std::uint64_t Supervisor::first_starts_deadline() const
+{
+	std::uint64_t last = 0;
+	for (const auto &svc : services_)
+		for (const auto &gen : svc->generations)
+			for (const auto &inst : gen->instances) {
+				std::uint64_t when = 0;
+				if (first_attempt(*inst) && inst->pid && inst->timer &&
+				    sd_event_source_get_time(inst->timer.get(), &when) >= 0)
+					last = std::max(last, when);
+			}
+	return last;
 }
 
 // Instances that are gone for good leave the books; generations are kept as history.
@@ -1748,19 +1797,36 @@ json Supervisor::services_json(const std::string *only) const
 
 std::string Supervisor::summary() const
 {
-	unsigned ready = 0, total = 0, upgrading = 0;
+	constexpr unsigned kNamed = 5; // services named as not ready; the rest are counted
+	unsigned ready = 0, total = 0, upgrading = 0, not_ready = 0;
+	std::string names;
 	for (const auto &svc : services_) {
 		if (svc->upgrade)
 			upgrading++;
+		// What keeps the service short of ready, the worst of its current instances (an
+		// upgrade's new ones are the upgrade's business).
+		static constexpr const char *kWhy[] = {nullptr, "starting", "restarting", "failed"};
+		std::size_t worst = 0;
 		for (const auto &gen : svc->generations)
 			for (const auto &inst : gen->instances) {
 				total++;
 				if (inst->state == InstanceState::Ready)
 					ready++;
+				if (inst->retired || svc->stopped || gen.get() != svc->current)
+					continue;
+				std::size_t why = inst->state == InstanceState::Failed     ? 3
+				                  : inst->state != InstanceState::Starting ? 0
+				                  : inst->backoff.has_failed()             ? 2
+				                                                           : 1;
+				worst = std::max(worst, why);
 			}
+		if (worst && ++not_ready <= kNamed)
+			names += (names.empty() ? "" : ", ") + svc->name + " (" + kWhy[worst] + ")";
 	}
 	std::string s = std::to_string(services_.size()) + " service(s), " + std::to_string(ready) + "/" +
 	                std::to_string(total) + " instance(s) ready";
+	if (not_ready)
+		s += ", not ready: " + names + (not_ready > kNamed ? " and " + std::to_string(not_ready - kNamed) + " more" : "");
 	if (upgrading)
 		s += ", " + std::to_string(upgrading) + " upgrade(s) in progress";
 	if (shutting_down_)
@@ -1831,9 +1897,9 @@ json Supervisor::save_state(std::vector<int> &keep_fds) const
 				          {"external", inst->external},
 				          {"retired", inst->retired},
 				          {"restored", inst->restored},
-				          {"restarts", inst->restarts},
-				          {"crash_times", inst->crash_times},
-				          {"ready_since", inst->ready_since},
+				          {"restarts", inst->backoff.restarts},
+				          {"crash_times", inst->backoff.crash_times},
+				          {"ready_since", inst->backoff.ready_since},
 				          {"last_lines", inst->last_lines},
 				          {"accepts_handoff", inst->accepts_handoff},
 				          {"handoff", {inst->handoff.handed, inst->handoff.received, inst->handoff.returned}}};
@@ -1934,10 +2000,10 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 	inst.external = i.at("external").get<bool>();
 	inst.retired = i.at("retired").get<bool>();
 	inst.restored = i.at("restored").get<bool>();
-	inst.restarts = i.at("restarts").get<unsigned>();
+	inst.backoff.restarts = i.at("restarts").get<unsigned>();
 	for (const json &t : i.at("crash_times"))
-		inst.crash_times.push_back(t.get<std::uint64_t>());
-	inst.ready_since = i.at("ready_since").get<std::uint64_t>();
+		inst.backoff.crash_times.push_back(t.get<std::uint64_t>());
+	inst.backoff.ready_since = i.at("ready_since").get<std::uint64_t>();
 	for (const json &l : i.at("last_lines"))
 		inst.last_lines.push_back(l.get<std::string>());
 	inst.accepts_handoff = i.at("accepts_handoff").get<bool>();

@@ -6,6 +6,7 @@
 #include "event.hpp"
 #include "handoff.hpp"
 #include "listener.hpp"
+#include "restart.hpp"
 #include "rollout.hpp"
 
 #include <nlohmann/json.hpp>
@@ -110,9 +111,7 @@ struct Instance {
 	bool restored = false; // started by a rollback to refill the old generation
 	bool rollout_drained = false; // an old instance an upgrade or takeover drained: its exit is awaited
 
-	unsigned restarts = 0;                 // consecutive, for backoff
-	std::deque<std::uint64_t> crash_times; // CLOCK_MONOTONIC usec of recent failures
-	std::uint64_t ready_since = 0;         // CLOCK_MONOTONIC usec
+	RestartBackoff backoff;
 };
 
 struct Generation {
@@ -233,12 +232,21 @@ public:
 	std::optional<ControlError> stop_service(Service &svc, Observer *observer);
 	void detach_observer(Observer *observer);
 
-	// Drains every instance, then SIGKILL at its drain timeout; stopped() once all exited.
-	void shutdown();
+	// Drains every instance, then SIGKILL at its drain timeout or at the end of `budget`,
+	// whichever comes first; instances already draining keep their deadline only if it is
+	// sooner. stopped() once all exited.
+	void shutdown(config::Duration budget);
+	// The kill step now (a second SIGTERM): SIGKILL for every instance's whole session, or its
+	// process (registered, or the main pid MAINPID= named, through its pidfd).
+	void kill_all();
 	bool shutting_down() const { return shutting_down_; }
 	bool stopped() const;
-	// No instance is starting: every one is ready, or has failed for good.
+	// Every instance has had its first attempt: it got ready, or failed at least once (it may be
+	// restarting), or was stopped for good. brokerd is ready then, whatever else cannot start.
 	bool settled() const;
+	// CLOCK_MONOTONIC usec of the last start timeout of an instance still on its first attempt,
+	// or 0 when none is waiting for one.
+	std::uint64_t first_starts_deadline() const;
 
 	// Self-upgrade (brokerctl reexec). quiet(): nothing is starting, draining, restarting or
 	// rolling out, and no connection is being handed off, so that the state is only what
@@ -266,7 +274,10 @@ private:
 	void spawn(Instance &inst);
 	void set_state(Instance &inst, InstanceState s);
 	void drain(Instance &inst, std::optional<config::Duration> timeout = std::nullopt);
+	// A drain's time, cut to what is left of the shutdown budget once shutting down; usec.
+	std::uint64_t drain_time(config::Duration timeout) const;
 	void signal(Instance &inst, int sig);
+	void kill_instance(Instance &inst, std::string reason);
 	void on_exit(Instance &inst, const siginfo_t &si);
 	void on_exec_status(Instance &inst, bool exiting);
 	void on_output(Instance &inst, OutputPipe &pipe, bool eof);
@@ -312,6 +323,7 @@ private:
 	std::vector<std::unique_ptr<Service>> services_;
 	EventSource prune_source_;
 	bool shutting_down_ = false;
+	std::uint64_t shutdown_deadline_ = 0; // CLOCK_MONOTONIC usec: every instance is killed by then
 	HandoffRouter router_;
 	rlimit child_nofile_{};
 };

@@ -5,7 +5,8 @@
  * with status 0; the helper is left for brokerd to clean up.
  *
  * With an argument, the daemon writes "<daemon pid> <helper pid>\n" to that file once ready.
- * With FORKING_WORKER_NO_READY set, the first process sends MAINPID= alone (for "ready": "exec"). */
+ * With FORKING_WORKER_NO_READY set, the first process sends MAINPID= alone (for "ready": "exec").
+ * With FORKING_WORKER_IGNORE_TERM set, the daemon ignores SIGTERM (a drain it never honours). */
 #include <errno.h>
 #include <signal.h>
 #include <stddef.h>
@@ -68,7 +69,7 @@ int main(int argc, char **argv)
 		for (;;)
 			pause();
 	}
-	signal(SIGTERM, on_term);
+	signal(SIGTERM, getenv("FORKING_WORKER_IGNORE_TERM") ? SIG_IGN : on_term);
 	if (argc > 1) {
 		FILE *f = fopen(argv[1], "w");
 		if (!f || fprintf(f, "%d %d\n", (int)getpid(), (int)helper) < 0 || fclose(f) != 0) {

@@ -132,3 +132,34 @@ TEST_CASE("forking servers with exec readiness are ready once their first proces
 	CHECK(ready);
 	b.stop();
 }
+
+// A second SIGTERM reaches the daemon MAINPID= named through its pidfd, and its session with it:
+// brokerd does not wait for a drain the daemon ignores.
+TEST_CASE("a forking server that ignores its drain is killed, session and all, by a second SIGTERM")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	std::string pid_file = b.path("daemon.pids");
+	json svc = service({forking_worker(), pid_file}, {"tcp"}, 1, "notify");
+	svc["env"] = {{"FORKING_WORKER_IGNORE_TERM", "1"}};
+	svc["drain"] = {{"timeout", "8760h"}};
+	b.start({{"sockets", {{"tcp", tcp_socket()}}}, {"services", {{"fork", svc}}}});
+	std::optional<Daemon> daemon;
+	REQUIRE(wait_until([&] { return (daemon = read_daemon(pid_file, 0)).has_value(); }, 20s));
+	REQUIRE(wait_until([&] { return ready_as(b, daemon->pid); }, 20s));
+
+	b.process().signal(SIGTERM);
+	REQUIRE(wait_until(
+		[&] {
+			auto list = instances(b.status(), "fork");
+			return list.size() == 1 && list[0].value("state", "") == "draining";
+		},
+		20s));
+	CHECK(process_exists(daemon->pid));
+	b.process().signal(SIGTERM);
+	auto st = b.process().wait(10s);
+	REQUIRE_MESSAGE(st, "brokerd still runs 10s after the second SIGTERM");
+	CHECK(describe_status(*st) == "exited with 0");
+	CHECK(!process_exists(daemon->pid));
+	CHECK(!process_exists(daemon->helper));
+}

@@ -91,6 +91,13 @@ TEST_CASE("bad configs name the key path and the problem")
 		 "control.max_connections: expected an integer from 1 to 65536, got 65537"},
 		{R"({"control": {"max_conections": 10}})",
 		 "control.max_conections: unknown key (did you mean \"max_connections\"?)"},
+		// shutdown
+		{R"({"shutdown": "90s"})", "shutdown: expected an object, got \"90s\""},
+		{R"({"shutdown": {"timeout": 90}})", "shutdown.timeout: expected a duration like \"30s\", got 90"},
+		{R"({"shutdown": {"timeout": "0s"}})",
+		 "shutdown.timeout: expected a duration above 0s, like \"90s\", got \"0s\""},
+		{R"({"shutdown": {"timout": "1s"}})", "shutdown.timout: unknown key (did you mean \"timeout\"?)"},
+		{R"({"shutdwon": {}})", "shutdwon: unknown key (did you mean \"shutdown\"?)"},
 		// sockets: names and forms
 		{R"({"sockets": {"we b": {"listen": "tcp://0.0.0.0:1"}}})",
 		 "sockets[\"we b\"]: invalid name: use 1 to 64 characters of A-Z a-z 0-9 _ . -"},
@@ -334,6 +341,7 @@ TEST_CASE("defaults")
 	CHECK(cfg.control.path == BROKER_DEFAULT_CONTROL);
 	CHECK(cfg.control.mode == 0666);
 	CHECK(cfg.control.max_connections == 512);
+	CHECK(cfg.shutdown.timeout == 90s);
 	CHECK(cfg.sockets.empty());
 	CHECK(cfg.services.empty());
 
@@ -367,6 +375,7 @@ TEST_CASE("every other key, with comments, parses field by field")
 			"path": "@brokerd-test", "mode": "0600", "max_connections": 65536,
 			"admin_users": ["root"], "read_users": ["nobody", "root"], "read_groups": ["nogroup"]
 		},
+		"shutdown": { "timeout": "2m30s" },
 		"sockets": {
 			"v6": { "listen": "tcp://[::1]:9090", "ipv6_only": true, "reuseport": true, "backlog": 1 },
 			"u6": { "listen": "udp://[fe80::1]:0", "ipv6_only": false },
@@ -389,6 +398,7 @@ TEST_CASE("every other key, with comments, parses field by field")
 	CHECK(cfg.control.path == "@brokerd-test");
 	CHECK(cfg.control.mode == 0600);
 	CHECK(cfg.control.max_connections == 65536);
+	CHECK(cfg.shutdown.timeout == 150s);
 	CHECK(cfg.control.admin_users == std::vector<std::string>{"root"});
 	CHECK(cfg.control.read_users == std::vector<std::string>{"nobody", "root"});
 	CHECK(cfg.control.read_groups == std::vector<std::string>{"nogroup"});

@@ -1,0 +1,33 @@
+// Restart backoff and the crash-loop rule: when a failed instance slot restarts, and when it stops.
+#include "restart.hpp"
+
+#include <algorithm>
+
+namespace broker {
+
+std::uint64_t RestartBackoff::window(std::uint64_t start_timeout)
+{
+	return kWindow + kBurst * start_timeout;
+}
+
+RestartBackoff::Decision RestartBackoff::failed(std::uint64_t now, std::uint64_t start_timeout)
+{
+	Decision d;
+	d.window = window(start_timeout);
+	if (ready_since && now - ready_since >= kStableRun)
+		restarts = 0;
+	ready_since = 0;
+	crash_times.push_back(now);
+	while (!crash_times.empty() && now - crash_times.front() > d.window)
+		crash_times.pop_front();
+	d.failures = crash_times.size();
+	if (d.failures > kBurst) {
+		d.crash_loop = true;
+		return d;
+	}
+	d.delay = std::min(kMinDelay << std::min(restarts, 16u), kMaxDelay);
+	restarts++;
+	return d;
+}
+
+} // namespace broker
