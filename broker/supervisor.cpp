@@ -385,8 +385,10 @@ void Supervisor::spawn(Instance &inst)
 		env_strings.push_back("LOGNAME=" + cfg.user);
 	}
 	for (const auto &[k, v] : cfg.env) {
-		std::erase_if(env_strings, [&](const std::string &s) { return s.starts_with(k + "="); });
-		env_strings.push_back(k + "=" + v);
+		// Not a capture of k itself: clang before 16 cannot capture a structured binding.
+		std::string assignment = k + "=";
+		std::erase_if(env_strings, [&](const std::string &s) { return s.starts_with(assignment); });
+		env_strings.push_back(assignment + v);
 	}
 	char listen_pid[32] = "LISTEN_PID=";
 	std::vector<char *> envp;
