@@ -82,6 +82,12 @@ UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std
 		why = name + ", which connected, has exited (SO_PEERPIDFD: " + std::strerror(errno) + ")";
 		return {};
 	}
+	return process_by_pid(pid, connected_boottime_usec, why);
+}
+
+UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
+{
+	const std::string name = "pid " + std::to_string(pid);
 	UniqueFd fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
 	if (!fd) {
 		why = name + ", which connected, has exited (pidfd_open: " + std::strerror(errno) + ")";

@@ -18,6 +18,8 @@ namespace broker::peer {
 // `connected_boottime_usec` (CLOCK_BOOTTIME when brokerd accepted the connection). Returns the
 // pidfd of a live process, or sets `why` (it has exited, or its pid now names another process).
 UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std::string &why);
+// The part for kernels without SO_PEERPIDFD: the pid, checked by its start time.
+UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why);
 
 // Whether the process behind `pidfd` still runs.
 bool alive(int pidfd);
