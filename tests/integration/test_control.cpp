@@ -191,6 +191,16 @@ TEST_CASE("an admin who is not root cannot choose what brokerd runs as root")
 		if (c.expected == kDenied)
 			CHECK(read_file(b.path("admin.log")).find("only root may choose") != std::string::npos);
 	}
+	// Admins keep what does not choose a program: Restart and Rollback deploy a whole generation
+	// that root configured.
+	for (const char *method : {"io.brokerd.Control.Restart", "io.brokerd.Control.Rollback"}) {
+		SpawnOptions so;
+		so.as_nobody = true;
+		so.stderr_path = b.path("admin.log");
+		Process p = Process::fork_run([&] { return call_as_nobody(control, method, {{"service", "as-root"}}); }, so);
+		INFO(method, " as nobody: ", read_file(b.path("admin.log")));
+		CHECK(exit_code(p) == kAllowed);
+	}
 	// The allowed override runs, as the service's user.
 	json st = b.status("as-nobody");
 	json gen = member(member(st, "services")[0], "generations").back();
