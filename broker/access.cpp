@@ -19,10 +19,10 @@ const char *tier_name(Tier t)
 		return "admin";
 	case Tier::Reader:
 		return "reader";
-	case Tier::Anyone:
+	case Tier::Worker:
 		break;
 	}
-	return "anyone";
+	return "worker";
 }
 
 std::optional<Tier> required(std::string_view control_method)

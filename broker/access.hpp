@@ -12,15 +12,15 @@
 
 namespace broker::access {
 
-// Who a caller is, from its SO_PEERCRED, strongest first. Root: uid 0 or brokerd's own uid.
+// Who a caller is, from its SO_PEERCRED, weakest first. Root: uid 0 or brokerd's own uid.
 // Admin: control.admin_users and admin_groups. Reader: control.read_users and read_groups.
-// Anyone: every other peer, which may call org.varlink.service and io.brokerd.Worker (whose
+// Worker: every other peer, which may call org.varlink.service and io.brokerd.Worker (whose
 // methods authenticate by Hello).
-enum class Tier { Anyone, Reader, Admin, Root };
+enum class Tier { Worker, Reader, Admin, Root };
 const char *tier_name(Tier t);
 
 // The tier an io.brokerd.Control method needs, or nullopt for a method that does not exist.
-// Some parameters need more than the method: see reexec_binary and program_choice.
+// Some parameters need more than the method: see kReexecBinary and program_choice().
 std::optional<Tier> required(std::string_view control_method);
 
 // Reexec with a binary: the binary runs as brokerd, so only Root names one.

@@ -237,7 +237,7 @@ access::Tier ControlServer::Connection::tier() const
 {
 	if (peer_.uid == 0 || peer_.uid == ::geteuid())
 		return access::Tier::Root;
-	return operator_ ? access::Tier::Admin : reader_ ? access::Tier::Reader : access::Tier::Anyone;
+	return operator_ ? access::Tier::Admin : reader_ ? access::Tier::Reader : access::Tier::Worker;
 }
 
 void ControlServer::Connection::close(const std::string &why)

@@ -26,7 +26,7 @@ TEST_CASE("each Control method names the tier it needs")
 	}
 	CHECK(Tier::Root > Tier::Admin);
 	CHECK(Tier::Admin > Tier::Reader);
-	CHECK(Tier::Reader > Tier::Anyone);
+	CHECK(Tier::Reader > Tier::Worker);
 }
 
 TEST_CASE("only root chooses the program, arguments or environment of a service that runs as root")
