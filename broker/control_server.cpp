@@ -1052,7 +1052,8 @@ json ControlServer::Connection::save(int caller, std::vector<int> &keep_fds) con
 	          {"events", inst && inst->events == this},
 	          {"in", handoff::base64_encode(in)},
 	          {"out", handoff::base64_encode(out)},
-	          {"caller", stream_.fd() == caller}};
+	          {"caller", stream_.fd() == caller},
+	          {"connected", connected_}};
 	if (watching_)
 		j["watch"] = watch_service_;
 	return j;
@@ -1064,6 +1065,7 @@ void ControlServer::Connection::restore(const json &j)
 	auto out = handoff::base64_decode(j.at("out").get<std::string>());
 	stream_.restore(in ? std::move(*in) : std::string(), out ? std::move(*out) : std::string());
 	token_ = j.at("token").get<std::string>();
+	connected_ = j.value("connected", connected_); // a Hello still to come checks against it
 	if (!token_.empty()) {
 		idle_.reset();
 		stream_.set_max_queued_fds(limits::kMaxQueuedFds);
