@@ -1,6 +1,7 @@
 // ControlServer: accepts Varlink connections, authorizes each call, and dispatches it.
 #include "control_server.hpp"
 
+#include "access.hpp"
 #include "broker/internal/handoff.hpp"
 #include "broker/internal/limits.hpp"
 #include "broker/internal/varlink.hpp"
@@ -9,6 +10,7 @@
 #include "listener.hpp"
 #include "broker/internal/errors.hpp"
 #include "log.hpp"
+#include "peer.hpp"
 #include "state.hpp"
 #include "supervisor.hpp"
 
@@ -141,12 +143,14 @@ private:
 	void update_events();
 	void close(const std::string &why);
 	std::string who() const;
+	access::Tier tier() const;
 
 	// Method implementations; each replies or errors exactly once (unless oneway).
 	void get_info();
 	void get_interface_description(const json &params);
 	void control_status(const json &params, bool only_sockets);
 	void worker_hello(const json &params);
+	std::optional<std::string> foreign_to(const Instance &inst);
 	void worker_ready();
 	void worker_status(const json &params);
 	void worker_events();
@@ -178,6 +182,8 @@ private:
 	EventSource io_;
 	EventSource idle_;
 	ucred peer_{};
+	// CLOCK_BOOTTIME when accepted: a process that started later did not connect (see peer::process).
+	std::uint64_t connected_ = now_usec(CLOCK_BOOTTIME);
 	bool operator_ = false;
 	bool reader_ = false;
 	std::string token_;     // set by a successful Hello
@@ -225,6 +231,13 @@ bool ControlServer::Connection::start()
 std::string ControlServer::Connection::who() const
 {
 	return "pid " + std::to_string(peer_.pid) + " uid " + std::to_string(peer_.uid);
+}
+
+access::Tier ControlServer::Connection::tier() const
+{
+	if (peer_.uid == 0 || peer_.uid == ::geteuid())
+		return access::Tier::Root;
+	return operator_ ? access::Tier::Admin : reader_ ? access::Tier::Reader : access::Tier::Worker;
 }
 
 void ControlServer::Connection::close(const std::string &why)
@@ -435,7 +448,9 @@ void ControlServer::Connection::handle(vl::Message &m)
 	oneway_ = flag("oneway");
 	more_ = flag("more");
 	json params = json::object();
-	if (auto p = body.find("parameters"); p != body.end()) {
+	// Missing or null parameters are no parameters, as in systemd's sd-varlink (varlink-go
+	// sends null).
+	if (auto p = body.find("parameters"); p != body.end() && !p->is_null()) {
 		if (!p->is_object())
 			return error(vl::kInvalidParameter, {{"parameter", "parameters"}});
 		params = std::move(*p); // a Handoff batch is large: no copy
@@ -456,14 +471,10 @@ void ControlServer::Connection::handle(vl::Message &m)
 			if (name == "GetInterfaceDescription")
 				return get_interface_description(params);
 		} else if (iface == "io.brokerd.Control") {
-			static const char *const readonly[] = {"Status", "Sockets", "Watch"};
-			static const char *const operations[] = {"Upgrade", "Rollback", "Restart", "Abort",
-			                                         "Start",   "Stop",     "Reload",  "Reexec"};
-			bool is_read = std::find(std::begin(readonly), std::end(readonly), name) != std::end(readonly);
-			bool is_op = std::find(std::begin(operations), std::end(operations), name) != std::end(operations);
-			if (!is_read && !is_op)
+			std::optional<access::Tier> needed = access::required(name);
+			if (!needed)
 				return error(vl::kMethodNotFound, {{"method", method}});
-			if (!(is_read ? reader_ : operator_)) {
+			if (tier() < *needed) {
 				log::client(log::Level::Warning, "control: " + method + " from " + who() + " denied");
 				return error(vl::kPermissionDenied);
 			}
@@ -599,6 +610,11 @@ void ControlServer::Connection::worker_hello(const json &params)
 			log::client(log::Level::Warning, "control: Hello with an unknown token from " + who() + " denied");
 			return error(errors::kInvalidToken);
 		}
+		if (auto why = foreign_to(*inst)) {
+			log::client(log::Level::Warning, "control: Hello with the token of instance " + inst->id + " from " + who() +
+			                                     " denied: " + *why);
+			return error(vl::kPermissionDenied, {{"message", *why}});
+		}
 	} else {
 		// A worker started elsewhere registers for an external service, by its credentials.
 		if (service.empty())
@@ -606,10 +622,19 @@ void ControlServer::Connection::worker_hello(const json &params)
 		Service *svc = server_.supervisor_.find_service(service);
 		if (!svc)
 			return error(errors::kWorkerNoSuchService, {{"service", service}});
+		// The process is taken from the connection, never by its pid alone: signals brokerd sends
+		// it later must not reach another process that got the pid since.
+		std::string gone;
+		UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, gone);
+		if (!pidfd) {
+			log::client(log::Level::Warning, "service " + service + ": registration from " + who() + " refused: " + gone);
+			return error(errors::kPeerExited, {{"message", gone + ": a worker registers on a connection it opened itself"}});
+		}
 		std::vector<gid_t> groups = peer_groups(stream_.fd());
 		groups.push_back(peer_.gid);
 		ControlError refusal;
-		inst = server_.supervisor_.register_external(*svc, version, peer_.pid, peer_.uid, groups, refusal);
+		inst = server_.supervisor_.register_external(*svc, version, std::move(pidfd), peer_.pid, peer_.uid, groups,
+		                                             refusal);
 		if (!inst)
 			return error(refusal.name, refusal.parameters);
 		token = inst->token;
@@ -648,6 +673,32 @@ void ControlServer::Connection::worker_hello(const json &params)
 		close("send: " + errno_text(-r));
 }
 
+// A token is its instance's alone: the Hello must come from the instance's process, one it
+// started (its descendants, or the processes of the session brokerd made for it, which a
+// double-forked daemon stays in), with the instance's uid unless the instance runs as root
+// (whose children may drop privileges). Returns why the peer is not, or nullopt.
+std::optional<std::string> ControlServer::Connection::foreign_to(const Instance &inst)
+{
+	std::string why;
+	UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, why);
+	if (!pidfd)
+		return why;
+	std::vector<pid_t> roots = {inst.pid};
+	if (inst.main_pid)
+		roots.push_back(inst.main_pid);
+	bool related = peer::descends_from(peer_.pid, roots) || (inst.session > 0 && ::getsid(peer_.pid) == inst.session);
+	if (!related)
+		return "the token belongs to instance " + inst.id + ", and pid " + std::to_string(peer_.pid) +
+		       " is neither its process, nor started by it, nor in its session";
+	std::optional<uid_t> uid = peer::process_uid(inst.pid);
+	if (!uid || (*uid != 0 && *uid != peer_.uid))
+		return "the token belongs to instance " + inst.id + ", which runs as another user";
+	// The checks above read /proc by pid: they were about the peer only if it still runs.
+	if (!peer::alive(pidfd.get()))
+		return "pid " + std::to_string(peer_.pid) + ", which connected, has exited";
+	return std::nullopt;
+}
+
 void ControlServer::Connection::worker_ready()
 {
 	if (Instance *inst = worker()) {
@@ -671,8 +722,15 @@ void ControlServer::Connection::worker_events()
 {
 	if (!more_)
 		return error(vl::kExpectedMore);
-	if (Instance *inst = worker())
-		server_.supervisor_.attach_events(*inst, this);
+	Instance *inst = worker();
+	if (!inst)
+		return;
+	// One stream per instance: its drain requests and handed-off connections have one recipient.
+	if (!server_.supervisor_.attach_events(*inst, this)) {
+		log::client(log::Level::Warning, "control: instance " + inst->id + ": a second Events stream from " + who() +
+		                                     " refused, the first one stays");
+		return error(errors::kEventsInUse, {{"instance", inst->id}});
+	}
 }
 
 // Handoff is oneway: its outcome comes back as a "handoff" event on this connection's Events
@@ -873,6 +931,17 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 				req.drain_timeout = ms;
 			}
 		}
+		// exec and env choose what runs; version is a label (BROKER_VERSION) the program was
+		// configured to read, like the timeouts and batch: those stay open to admins.
+		bool chooses_program = false;
+		for (const char *key : {"exec", "env"})
+			if (auto it = params.find(key); it != params.end() && !it->is_null())
+				chooses_program = true;
+		if (auto why = chooses_program ? access::program_choice(tier(), req.cfg, ::geteuid(), ::getegid()) : std::nullopt) {
+			log::client(log::Level::Warning, "control: Upgrade of " + svc->name + " with exec or env from " + who() +
+			                                     " denied: " + *why);
+			return error(vl::kPermissionDenied, {{"message", *why}});
+		}
 	}
 
 	if (auto refusal = server_.supervisor_.begin_upgrade(*svc, std::move(req), wait && !oneway_ ? this : nullptr))
@@ -955,9 +1024,9 @@ void ControlServer::Connection::control_reexec(const json &params)
 		return error(vl::kInvalidParameter, {{"parameter", "oneway"}});
 	// Another binary runs as brokerd's user (root): only that user may name one. Configured
 	// admins may re-execute the installed brokerd.
-	if (!binary.empty() && peer_.uid != 0 && peer_.uid != ::geteuid()) {
+	if (!binary.empty() && tier() < access::kReexecBinary) {
 		log::client(log::Level::Warning, "control: Reexec of " + binary + " from " + who() + " denied: only root names a binary");
-		return error(vl::kPermissionDenied);
+		return error(vl::kPermissionDenied, {{"message", "only root names a binary: it runs as brokerd's user"}});
 	}
 	try {
 		// Returns only when brokerd could not re-execute: it goes on serving as it was.
@@ -983,7 +1052,8 @@ json ControlServer::Connection::save(int caller, std::vector<int> &keep_fds) con
 	          {"events", inst && inst->events == this},
 	          {"in", handoff::base64_encode(in)},
 	          {"out", handoff::base64_encode(out)},
-	          {"caller", stream_.fd() == caller}};
+	          {"caller", stream_.fd() == caller},
+	          {"connected", connected_}};
 	if (watching_)
 		j["watch"] = watch_service_;
 	return j;
@@ -995,6 +1065,7 @@ void ControlServer::Connection::restore(const json &j)
 	auto out = handoff::base64_decode(j.at("out").get<std::string>());
 	stream_.restore(in ? std::move(*in) : std::string(), out ? std::move(*out) : std::string());
 	token_ = j.at("token").get<std::string>();
+	connected_ = j.value("connected", connected_); // a Hello still to come checks against it
 	if (!token_.empty()) {
 		idle_.reset();
 		stream_.set_max_queued_fds(limits::kMaxQueuedFds);

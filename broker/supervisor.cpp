@@ -1,6 +1,7 @@
 // Supervisor: spawns instances with exactly their fds, tracks them with pidfds, drains them.
 #include "supervisor.hpp"
 
+#include "access.hpp"
 #include "state.hpp"
 
 #include "broker/internal/limits.hpp"
@@ -112,49 +113,8 @@ std::string describe_exit(const siginfo_t &si)
 	return std::string("killed by SIG") + (name ? name : std::to_string(si.si_status).c_str());
 }
 
-struct Credentials {
-	bool change = false;
-	uid_t uid = 0;
-	gid_t gid = 0;
-	std::vector<gid_t> groups;
-	std::string home;
-};
-
-Credentials lookup_credentials(const config::ServiceConfig &cfg)
-{
-	Credentials c;
-	if (cfg.user.empty() && cfg.group.empty())
-		return c;
-	c.change = true;
-	c.uid = ::getuid();
-	c.gid = ::getgid();
-	if (!cfg.user.empty()) {
-		passwd *pw = ::getpwnam(cfg.user.c_str());
-		if (!pw)
-			throw std::runtime_error("no such user \"" + cfg.user + "\"");
-		c.uid = pw->pw_uid;
-		c.gid = pw->pw_gid;
-		c.home = pw->pw_dir;
-		int n = 64;
-		c.groups.resize(static_cast<std::size_t>(n));
-		if (::getgrouplist(cfg.user.c_str(), c.gid, c.groups.data(), &n) < 0) {
-			c.groups.resize(static_cast<std::size_t>(n));
-			::getgrouplist(cfg.user.c_str(), c.gid, c.groups.data(), &n);
-		}
-		c.groups.resize(static_cast<std::size_t>(n));
-	}
-	if (!cfg.group.empty()) {
-		group *gr = ::getgrnam(cfg.group.c_str());
-		if (!gr)
-			throw std::runtime_error("no such group \"" + cfg.group + "\"");
-		c.gid = gr->gr_gid;
-		if (cfg.user.empty())
-			c.groups = {c.gid};
-		else
-			c.groups.push_back(c.gid);
-	}
-	return c;
-}
+using access::Credentials;
+using access::lookup_credentials;
 
 // In the child, between fork and exec: only async-signal-safe calls. Reports errno on the
 // status pipe, whose write end sits at fd `status_fd` and closes itself at exec.
@@ -924,13 +884,16 @@ void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 	log::info("instance " + inst.id + ": main pid is now " + std::to_string(pid));
 }
 
-void Supervisor::attach_events(Instance &inst, EventSink *sink)
+bool Supervisor::attach_events(Instance &inst, EventSink *sink)
 {
+	if (inst.events)
+		return false;
 	inst.events = sink;
 	inst.counted = sink;
 	// A drain decided before the stream opened must still reach the worker.
 	if (inst.state == InstanceState::Draining)
 		sink->send_event({{"event", "drain"}, {"timeout_ms", inst.generation->cfg.drain_timeout.count()}});
+	return true;
 }
 
 void Supervisor::detach_events(EventSink *sink)
@@ -1089,8 +1052,8 @@ Instance *Supervisor::find_by_pid(pid_t pid)
 
 // Registered (external) workers.
 
-Instance *Supervisor::register_external(Service &svc, const std::string &version, pid_t pid, uid_t uid,
-                                        const std::vector<gid_t> &groups, ControlError &refusal)
+Instance *Supervisor::register_external(Service &svc, const std::string &version, UniqueFd pidfd, pid_t pid,
+                                        uid_t uid, const std::vector<gid_t> &groups, ControlError &refusal)
 {
 	auto deny = [&](const std::string &why) -> Instance * {
 		log::client(log::Level::Warning, "service " + svc.name + ": registration by pid " + std::to_string(pid) +
@@ -1113,10 +1076,6 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 			allowed = true;
 	if (!allowed)
 		return deny("not allowed by services." + svc.name + ".register");
-
-	UniqueFd pidfd(pidfd_open(pid));
-	if (!pidfd)
-		return deny("pidfd_open: " + errno_text(errno));
 
 	// Join the generation of that version, or start a new one that will take over when ready.
 	Generation *gen = nullptr;

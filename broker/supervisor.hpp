@@ -195,7 +195,8 @@ public:
 	// A worker started elsewhere says Hello(service, version): checks the service's register rule
 	// against the peer's credentials, and joins the generation of that version, or creates it.
 	// Returns the new instance, or the refusal.
-	Instance *register_external(Service &svc, const std::string &version, pid_t pid, uid_t uid,
+	// `pidfd` holds the process that connected, whose pid is `pid`.
+	Instance *register_external(Service &svc, const std::string &version, UniqueFd pidfd, pid_t pid, uid_t uid,
 	                            const std::vector<gid_t> &groups, ControlError &refusal);
 	// The control connection of a registered instance closed: it counts as exited.
 	void connection_closed(std::string_view token);
@@ -214,7 +215,8 @@ public:
 	void instance_stopping(Instance &inst);
 	// MAINPID=: the worker's main process is another one of its session (a forking server).
 	void instance_main_pid(Instance &inst, pid_t pid);
-	void attach_events(Instance &inst, EventSink *sink);
+	// Opens the instance's one Events stream; false when it has one already.
+	bool attach_events(Instance &inst, EventSink *sink);
 	void detach_events(EventSink *sink);
 
 	// Connection handoff: a Handoff call from sender's Events connection, and a Received call

@@ -39,8 +39,11 @@ namespace {
 
 using namespace broker::errors;
 
-Failure permission_denied()
+// brokerd says why when the caller's tier is not the reason (an admin choosing what root runs).
+Failure permission_denied(std::string_view why = {})
 {
+	if (!why.empty())
+		return Failure(kExitPermissionDenied, "permission denied by brokerd: " + printable(why));
 	return Failure(kExitPermissionDenied,
 	               "permission denied by brokerd (try as root or a member of an admin group)");
 }
@@ -140,7 +143,7 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
                        const json &call_parameters)
 {
 	if (error == broker::varlink::kPermissionDenied)
-		return permission_denied();
+		return permission_denied(text(error_parameters, "message", ""));
 	if (error == kNoSuchService) {
 		std::string name = text(error_parameters, "service", "");
 		if (name.empty())

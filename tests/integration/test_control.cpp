@@ -45,11 +45,11 @@ RunResult brokerctl(const std::vector<std::string> &args, const SpawnOptions &op
 // Exit codes of a child that checks one call as nobody.
 enum : int { kDenied = 10, kAllowed = 11, kOtherError = 12 };
 
-int call_as_nobody(const std::string &control, const std::string &method)
+int call_as_nobody(const std::string &control, const std::string &method, const json &params = json::object())
 {
 	try {
-		SyncClient c(control, std::chrono::seconds(5));
-		json reply = c.call(method).body;
+		SyncClient c(control, std::chrono::seconds(20));
+		json reply = c.call(method, params).body;
 		std::fprintf(stderr, "%s succeeded: %s\n", method.c_str(), reply.dump().c_str());
 		return kAllowed;
 	} catch (const broker::Error &e) {
@@ -150,6 +150,74 @@ TEST_CASE("Control methods are denied to other users; GetInfo is open to everyon
 	CHECK(logged >= 1);
 	CHECK(logged < 100);
 
+	b.stop();
+}
+
+TEST_CASE("an admin who is not root cannot choose what brokerd runs as root")
+{
+	if (::geteuid() != 0) {
+		MESSAGE("skipped: needs root to run a client as nobody");
+		return;
+	}
+	Broker b;
+	BROKER_CONTEXT(b);
+	json root_svc = service({"/bin/sleep", "1000"}, {}, 1, "exec");
+	json nobody_svc = root_svc;
+	nobody_svc["user"] = "nobody";
+	b.start({{"control", {{"admin_users", {"nobody"}}}}, {"services", {{"as-root", root_svc}, {"as-nobody", nobody_svc}}}});
+	std::string control = b.control_path();
+
+	struct Case {
+		const char *service;
+		json params;
+		int expected;
+	};
+	const json exec = {"/bin/sleep", "2000"};
+	const json env = {{"GREETING", "hello"}};
+	for (const Case &c : {
+		     Case{"as-root", {{"exec", exec}}, kDenied},
+		     Case{"as-root", {{"env", env}}, kDenied},
+		     Case{"as-root", {{"version", "2"}}, kAllowed}, // a label: BROKER_VERSION
+		     Case{"as-nobody", {{"exec", exec}, {"env", env}}, kAllowed},
+	     }) {
+		json params = c.params;
+		params["service"] = c.service;
+		SpawnOptions so;
+		so.as_nobody = true;
+		so.stderr_path = b.path("admin.log");
+		Process p = Process::fork_run([&] { return call_as_nobody(control, "io.brokerd.Control.Upgrade", params); }, so);
+		INFO("Upgrade ", params.dump(), " as nobody: ", read_file(b.path("admin.log")));
+		CHECK(exit_code(p) == c.expected);
+		if (c.expected == kDenied)
+			CHECK(read_file(b.path("admin.log")).find("only root may choose") != std::string::npos);
+	}
+	// Admins keep what does not choose a program: Restart and Rollback deploy a whole generation
+	// that root configured.
+	for (const char *method : {"io.brokerd.Control.Restart", "io.brokerd.Control.Rollback"}) {
+		SpawnOptions so;
+		so.as_nobody = true;
+		so.stderr_path = b.path("admin.log");
+		Process p = Process::fork_run([&] { return call_as_nobody(control, method, {{"service", "as-root"}}); }, so);
+		INFO(method, " as nobody: ", read_file(b.path("admin.log")));
+		CHECK(exit_code(p) == kAllowed);
+	}
+	// The allowed override runs, as the service's user.
+	json st = b.status("as-nobody");
+	json gen = member(member(st, "services")[0], "generations").back();
+	CHECK(gen["exec"] == exec);
+	pid_t worker = worker_pids(st, "as-nobody").at(0);
+	CHECK(read_file("/proc/" + std::to_string(worker) + "/status").find("\nUid:\t65534\t") != std::string::npos);
+	// The denied ones changed nothing: the root service runs its configured program.
+	for (pid_t pid : worker_pids(b.status("as-root"), "as-root"))
+		CHECK(proc_cmdline(pid) == std::vector<std::string>{"/bin/sleep", "1000"});
+
+	// brokerctl says why.
+	SpawnOptions nobody;
+	nobody.as_nobody = true;
+	RunResult r = run({brokerctl_for_nobody(b), "--socket", control, "upgrade", "as-root", "--exec", "/bin/sh"}, nobody);
+	INFO("brokerctl as nobody: ", r.describe());
+	CHECK(r.exit_code == 4);
+	CHECK(r.err.find("only root may choose") != std::string::npos);
 	b.stop();
 }
 

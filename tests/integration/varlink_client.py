@@ -104,6 +104,12 @@ def run_checks(control):
     check(len(insts) == 1 and insts[0].get("state") == "ready", "web has one ready instance: %r" % insts)
     check(bool(insts) and insts[0].get("id", "").startswith("web/"), "instance id looks like web/G/I")
 
+    # "parameters": null is no parameters, as varlink-go sends it and sd-varlink reads it.
+    for method in ("org.varlink.service.GetInfo", "io.brokerd.Control.Sockets"):
+        conn.send_raw(json.dumps({"method": method, "parameters": None}).encode() + b"\0")
+        r = conn.receive()
+        check("error" not in r, "%s with \"parameters\": null succeeds (got %r)" % (method, r))
+
     # Unknown method of a known interface, and an unknown interface.
     r = conn.call("io.brokerd.Control.NoSuchMethod")
     check(r.get("error") == "org.varlink.service.MethodNotFound",

@@ -23,5 +23,7 @@ inline constexpr std::string_view kRegisteredService = "io.brokerd.Control.Regis
 inline constexpr std::string_view kInvalidToken = "io.brokerd.Worker.InvalidToken";
 inline constexpr std::string_view kNotAuthenticated = "io.brokerd.Worker.NotAuthenticated";
 inline constexpr std::string_view kWorkerNoSuchService = "io.brokerd.Worker.NoSuchService";
+inline constexpr std::string_view kPeerExited = "io.brokerd.Worker.PeerExited";
+inline constexpr std::string_view kEventsInUse = "io.brokerd.Worker.EventsInUse";
 
 } // namespace broker::errors

@@ -21,6 +21,7 @@ inline constexpr std::size_t kDefaultMaxConnections = 512;
 inline constexpr auto kUnauthenticatedIdle = 10s;           // until Hello or an operator call
 inline constexpr std::size_t kMaxUnauthenticatedPerUser = 128; // connections of one uid before Hello
 inline constexpr std::size_t kTokenBytes = 16;
+inline constexpr std::size_t kMaxAncestry = 64;              // PPid steps from a Hello's peer up to its instance
 
 // Notify socket.
 inline constexpr std::size_t kMaxNotifyMessage = 4096;

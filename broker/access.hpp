@@ -1,0 +1,48 @@
+// Access: the privilege tiers of the control socket as one table, and who a service runs as.
+#pragma once
+
+#include "config.hpp"
+
+#include <sys/types.h>
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace broker::access {
+
+// Who a caller is, from its SO_PEERCRED, weakest first. Root: uid 0 or brokerd's own uid.
+// Admin: control.admin_users and admin_groups. Reader: control.read_users and read_groups.
+// Worker: every other peer, which may call org.varlink.service and io.brokerd.Worker (whose
+// methods authenticate by Hello).
+enum class Tier { Worker, Reader, Admin, Root };
+const char *tier_name(Tier t);
+
+// The tier an io.brokerd.Control method needs, or nullopt for a method that does not exist.
+// Some parameters need more than the method: see kReexecBinary and program_choice().
+std::optional<Tier> required(std::string_view control_method);
+
+// Reexec with a binary: the binary runs as brokerd, so only Root names one.
+inline constexpr Tier kReexecBinary = Tier::Root;
+
+// The identity a service's workers run as: spawn() switches to it when `change` is set.
+struct Credentials {
+	bool change = false;
+	uid_t uid = 0;
+	gid_t gid = 0;
+	std::vector<gid_t> groups;
+	std::string home;
+};
+// Resolves cfg.user and cfg.group. Throws std::runtime_error naming an unknown user or group.
+Credentials lookup_credentials(const config::ServiceConfig &cfg);
+
+// A caller below Root never makes brokerd run a program, argument list or environment it chose
+// (an Upgrade's exec or env) as root, in root's group, or as brokerd's own user: that would be
+// root's power. Returns why such a choice is refused for `cfg`, or nullopt when `caller` may
+// make it. `broker_uid` and `broker_gid` are brokerd's own, which a service without user and
+// group runs as.
+std::optional<std::string> program_choice(Tier caller, const config::ServiceConfig &cfg, uid_t broker_uid,
+                                          gid_t broker_gid);
+
+} // namespace broker::access

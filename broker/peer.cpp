@@ -1,0 +1,132 @@
+// Peer: who is at the other end of a control connection, checked against pid reuse.
+#include "peer.hpp"
+
+#include "broker/internal/limits.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77 // Linux 6.5
+#endif
+
+namespace broker::peer {
+
+namespace {
+
+// One line of /proc/<pid>/status, after "<key>:".
+std::optional<std::string> status_field(pid_t pid, std::string_view key)
+{
+	std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+	std::string line;
+	while (std::getline(in, line))
+		if (line.size() > key.size() && line.compare(0, key.size(), key) == 0 && line[key.size()] == ':')
+			return line.substr(key.size() + 1);
+	return std::nullopt;
+}
+
+// /proc/<pid>/stat field 22: when the process started, in clock ticks since boot.
+std::optional<std::uint64_t> start_ticks(pid_t pid)
+{
+	std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+	std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+	// The name (field 2) may hold spaces and parentheses: count fields after its last ')'.
+	std::size_t close = stat.rfind(')');
+	if (close == std::string::npos)
+		return std::nullopt;
+	std::istringstream fields(stat.substr(close + 1));
+	std::string f;
+	for (int n = 3; n <= 22 && fields >> f; n++)
+		if (n == 22)
+			return std::strtoull(f.c_str(), nullptr, 10);
+	return std::nullopt;
+}
+
+} // namespace
+
+bool alive(int pidfd)
+{
+	// A pidfd is readable once its process has exited (or was reaped).
+	pollfd p{pidfd, POLLIN, 0};
+	return ::poll(&p, 1, 0) == 0;
+}
+
+UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
+{
+	const std::string name = "pid " + std::to_string(pid);
+	if (pid <= 0) {
+		why = "the peer's pid is not visible from brokerd's pid namespace";
+		return {};
+	}
+	int raw = -1;
+	socklen_t len = sizeof(raw);
+	if (::getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &raw, &len) == 0) {
+		UniqueFd fd(raw);
+		if (!alive(fd.get())) {
+			why = name + ", which connected, has exited";
+			return {};
+		}
+		return fd;
+	}
+	if (errno != ENOPROTOOPT) {
+		// The kernel has SO_PEERPIDFD but no process to give (before 6.16: it was reaped).
+		why = name + ", which connected, has exited (SO_PEERPIDFD: " + std::strerror(errno) + ")";
+		return {};
+	}
+	return process_by_pid(pid, connected_boottime_usec, why);
+}
+
+UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
+{
+	const std::string name = "pid " + std::to_string(pid);
+	UniqueFd fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+	if (!fd) {
+		why = name + ", which connected, has exited (pidfd_open: " + std::strerror(errno) + ")";
+		return {};
+	}
+	// The pidfd now holds whichever process has that pid. It is the one that connected if it
+	// started before the connection and still runs after its start time was read.
+	auto ticks = start_ticks(pid);
+	const auto hz = static_cast<std::uint64_t>(::sysconf(_SC_CLK_TCK));
+	if (!ticks || hz == 0 || !alive(fd.get())) {
+		why = name + ", which connected, has exited";
+		return {};
+	}
+	if (*ticks * 1000000 / hz > connected_boottime_usec) {
+		why = name + ", which connected, has exited, and the pid names a process started since";
+		return {};
+	}
+	return fd;
+}
+
+bool descends_from(pid_t pid, const std::vector<pid_t> &ancestors)
+{
+	for (std::size_t step = 0; step < limits::kMaxAncestry && pid > 1; step++) {
+		if (std::find(ancestors.begin(), ancestors.end(), pid) != ancestors.end())
+			return true;
+		auto ppid = status_field(pid, "PPid");
+		if (!ppid)
+			return false;
+		pid = static_cast<pid_t>(std::strtol(ppid->c_str(), nullptr, 10));
+	}
+	return false;
+}
+
+std::optional<uid_t> process_uid(pid_t pid)
+{
+	auto uids = status_field(pid, "Uid");
+	if (!uids)
+		return std::nullopt;
+	return static_cast<uid_t>(std::strtoul(uids->c_str(), nullptr, 10));
+}
+
+} // namespace broker::peer

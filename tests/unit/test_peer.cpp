@@ -1,0 +1,78 @@
+// Peer identity without SO_PEERPIDFD: a pid is trusted by its start time; ancestry by PPid.
+#include "peer.hpp"
+
+#include <doctest/doctest.h>
+
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <string>
+
+namespace peer = broker::peer;
+
+namespace {
+
+std::uint64_t boottime_usec()
+{
+	timespec ts{};
+	::clock_gettime(CLOCK_BOOTTIME, &ts);
+	return static_cast<std::uint64_t>(ts.tv_sec) * 1000000u + static_cast<std::uint64_t>(ts.tv_nsec) / 1000u;
+}
+
+} // namespace
+
+TEST_CASE("without SO_PEERPIDFD, a pid stands for the process that connected only if it started before and still runs")
+{
+	int release[2];
+	REQUIRE(::pipe2(release, O_CLOEXEC) == 0);
+	const std::uint64_t before_fork = boottime_usec() - 1000000; // a connection well before it started
+	pid_t child = ::fork();
+	REQUIRE(child >= 0);
+	if (child == 0) {
+		::close(release[1]);
+		char c;
+		(void)!::read(release[0], &c, 1);
+		::_exit(0);
+	}
+	::close(release[0]);
+	const std::uint64_t after_fork = boottime_usec();
+
+	struct Case {
+		const char *name;
+		std::uint64_t connected;
+		bool trusted;
+	};
+	for (const Case &c : {Case{"connected after it started", after_fork, true},
+	                      Case{"connected before it started: its pid was reused", before_fork, false}}) {
+		std::string why;
+		broker::UniqueFd fd = peer::process_by_pid(child, c.connected, why);
+		INFO(c.name, ": ", why);
+		CHECK(static_cast<bool>(fd) == c.trusted);
+		CHECK(why.empty() == c.trusted);
+	}
+	CHECK(peer::descends_from(child, {::getpid()}));
+	CHECK(peer::descends_from(child, {child}));
+	CHECK_FALSE(peer::descends_from(::getpid(), {child}));
+	CHECK(peer::process_uid(child) == ::getuid());
+
+	// Exited (a zombie), then reaped: neither stands for anyone.
+	broker::UniqueFd held = [&] {
+		std::string why;
+		return peer::process_by_pid(child, after_fork, why);
+	}();
+	REQUIRE(held);
+	::close(release[1]);
+	siginfo_t si{};
+	REQUIRE(::waitid(P_PID, static_cast<id_t>(child), &si, WEXITED | WNOWAIT) == 0);
+	CHECK_FALSE(peer::alive(held.get()));
+	std::string why;
+	CHECK_FALSE(peer::process_by_pid(child, after_fork, why));
+	CHECK(why.find("has exited") != std::string::npos);
+	REQUIRE(::waitpid(child, nullptr, 0) == child);
+	why.clear();
+	CHECK_FALSE(peer::process_by_pid(child, after_fork, why));
+	CHECK(why.find("has exited") != std::string::npos);
+}
