@@ -124,9 +124,10 @@ public:
 	uid_t uid() const { return peer_.uid; }
 	std::size_t buffer_bytes() const { return stream_.buffer_bytes(); }
 	bool is_operator() const { return operator_; }
-	// The connection an instance's Events stream runs on: one for each instance, so it is
-	// not counted against its user's connections.
-	bool instance_connection() const { return instance_conn_; }
+	// The connection the Events stream of an instance brokerd spawned runs on: the config
+	// bounds those, so they are not counted against their user's connections. (Registered
+	// instances are, as every Hello of an allowed user makes one.)
+	bool uncounted() const { return instance_conn_ && spawned_instance_; }
 	// The largest message it may send.
 	std::size_t max_input() const
 	{
@@ -203,7 +204,8 @@ private:
 	bool peer_gone_ = false; // writing failed: reading on until the end of its input
 	bool waiting_ = false;  // an upgrade, start or stop will reply; later calls wait their turn
 	bool watching_ = false;
-	bool instance_conn_ = false;
+	bool instance_conn_ = false;   // it carries its instance's Events stream
+	bool spawned_instance_ = false; // and that instance is one brokerd spawned
 	std::string watch_service_;
 	EventSource resume_;
 };
@@ -274,7 +276,8 @@ void ControlServer::Connection::apply_limits()
 // Just opened an Events stream: this is its instance's connection, and no other one is.
 void ControlServer::Connection::claim_instance()
 {
-	if (dead_ || token_.empty() || !server_.supervisor_.find_by_sink(this))
+	Instance *inst = dead_ || token_.empty() ? nullptr : server_.supervisor_.find_by_sink(this);
+	if (!inst)
 		return;
 	for (auto &c : server_.connections_)
 		if (c.get() != this && c->instance_conn_ && c->token_ == token_) {
@@ -282,6 +285,7 @@ void ControlServer::Connection::claim_instance()
 			c->apply_limits();
 		}
 	instance_conn_ = true;
+	spawned_instance_ = !inst->external;
 }
 
 std::string ControlServer::Connection::who() const
@@ -1082,6 +1086,7 @@ void ControlServer::Connection::restore(const json &j)
 		if (inst && j.at("events").get<bool>()) {
 			server_.supervisor_.attach_events(*inst, this);
 			instance_conn_ = true;
+			spawned_instance_ = !inst->external;
 		}
 	}
 	if (j.at("caller").get<bool>()) {
@@ -1273,7 +1278,7 @@ std::optional<std::string> ControlServer::refusal(const Connection &conn) const
 		if (c->dead())
 			continue;
 		live++;
-		mine += c->uid() == conn.uid() && !c->instance_connection();
+		mine += c->uid() == conn.uid() && !c->uncounted();
 	}
 	if (live >= cfg_.max_connections)
 		return "brokerd has " + std::to_string(live) + " connections, its most (control.max_connections)";
