@@ -314,7 +314,7 @@ int ControlServer::Connection::idle_handler(sd_event_source *, std::uint64_t, vo
 {
 	return guarded("idle_handler", [&]() -> int {
 		auto *c = static_cast<Connection *>(userdata);
-		if (c->reader_ && !c->watching_)
+		if (c->reader_ && !c->watching_ && c->token_.empty())
 			c->close("no call for " + std::to_string(limits::kReaderIdle.count()) + "s");
 		else if (!c->reader_ && c->token_.empty())
 			c->close("no Hello within " + std::to_string(limits::kUnauthenticatedIdle.count()) + "s");
@@ -381,7 +381,7 @@ void ControlServer::Connection::dispatch()
 		handle(m);
 		if (events)
 			claim_instance();
-		if (!dead_ && reader_ && !operator_)
+		if (!dead_ && reader_ && !operator_ && token_.empty())
 			rearm_idle(limits::kReaderIdle);
 		apply_limits();
 	}
@@ -1282,7 +1282,7 @@ std::optional<std::string> ControlServer::refusal(const Connection &conn) const
 	}
 	if (live >= cfg_.max_connections)
 		return "brokerd has " + std::to_string(live) + " connections, its most (control.max_connections)";
-	if (!conn.is_operator() && live >= cfg_.max_connections - cfg_.reserved_connections)
+	if (!conn.is_operator() && live + std::min(cfg_.reserved_connections, cfg_.max_connections) >= cfg_.max_connections)
 		return "brokerd has " + std::to_string(live) + " connections; the other " +
 		       std::to_string(cfg_.reserved_connections) + " are kept for operators (control.reserved_connections)";
 	bool owner = conn.uid() == 0 || conn.uid() == ::geteuid();
