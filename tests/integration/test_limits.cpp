@@ -323,3 +323,33 @@ TEST_CASE("slots kept for operators: a user holding every other slot does not lo
 	reader.kill();
 	b.stop();
 }
+
+TEST_CASE("a worker saying Hello with its token on 300 connections holds only its user's share")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	json cfg = empty_config();
+	std::string flood = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "itest-hello-flood").string();
+	cfg["services"]["flood"] = {{"exec", {flood, "300"}}, {"user", "daemon"}, {"ready", "exec"}};
+	b.start(cfg);
+	std::size_t held = 0;
+	std::string then;
+	REQUIRE_MESSAGE(wait_until(
+				[&] {
+					std::string log = b.log();
+					std::size_t at = log.find("hello-flood: ");
+					if (at == std::string::npos)
+						return false;
+					std::istringstream line(log.substr(at + 13, log.find('\n', at) - at - 13));
+					line >> held;
+					std::getline(line, then);
+					return true;
+				},
+				60s),
+	                "the worker did not report");
+	CHECK(held == 128);
+	CHECK(then.find("io.brokerd.Control.TooManyConnections") != std::string::npos);
+	CHECK(then.find("control.max_connections_per_user") != std::string::npos);
+	CHECK(b.status()["pid"] == b.pid());
+	b.stop();
+}
