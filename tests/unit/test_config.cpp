@@ -89,14 +89,14 @@ TEST_CASE("bad configs name the key path and the problem")
 		 "control.max_connections: expected an integer from 1 to 65536, got 0"},
 		{R"({"control": {"max_connections": 65537}})",
 		 "control.max_connections: expected an integer from 1 to 65536, got 65537"},
-		{R"({"control": {"max_conections": 10}})",
-		 "control.max_conections: unknown key (did you mean \"max_connections\"?)"},
 		{R"({"control": {"max_connections_per_user": 0}})",
 		 "control.max_connections_per_user: expected an integer from 1 to 65536, got 0"},
 		{R"({"control": {"max_connections": 40, "reserved_connections": 40}})",
 		 "control.reserved_connections: expected an integer from 0 to 39, got 40"},
 		{R"({"control": {"reserved_connections": -1}})",
 		 "control.reserved_connections: expected an integer from 0 to 511, got -1"},
+		{R"({"control": {"max_conections": 10}})",
+		 "control.max_conections: unknown key (did you mean \"max_connections\"?)"},
 		// sockets: names and forms
 		{R"({"sockets": {"we b": {"listen": "tcp://0.0.0.0:1"}}})",
 		 "sockets[\"we b\"]: invalid name: use 1 to 64 characters of A-Z a-z 0-9 _ . -"},
@@ -341,9 +341,9 @@ TEST_CASE("defaults")
 	Config cfg = parse("{}");
 	CHECK(cfg.control.path == BROKER_DEFAULT_CONTROL);
 	CHECK(cfg.control.mode == 0666);
-	CHECK(cfg.control.max_connections == 512);
 	CHECK(cfg.control.max_connections_per_user == 128);
 	CHECK(cfg.control.reserved_connections == 16);
+	CHECK(cfg.control.max_connections == 512);
 	CHECK(cfg.sockets.empty());
 	CHECK(cfg.services.empty());
 	// Operators keep at most a quarter of a small number of connections unless told otherwise.
@@ -401,10 +401,10 @@ TEST_CASE("every other key, with comments, parses field by field")
 	)jsonc");
 
 	CHECK(cfg.control.path == "@brokerd-test");
-	CHECK(cfg.control.mode == 0600);
-	CHECK(cfg.control.max_connections == 65536);
 	CHECK(cfg.control.max_connections_per_user == 3);
 	CHECK(cfg.control.reserved_connections == 0);
+	CHECK(cfg.control.mode == 0600);
+	CHECK(cfg.control.max_connections == 65536);
 	CHECK(cfg.control.admin_users == std::vector<std::string>{"root"});
 	CHECK(cfg.control.read_users == std::vector<std::string>{"nobody", "root"});
 	CHECK(cfg.control.read_groups == std::vector<std::string>{"nogroup"});

@@ -22,13 +22,13 @@ inline constexpr std::size_t kDefaultMaxConnectionsPerUser = 128; // of one uid 
 inline constexpr std::size_t kDefaultReservedConnections = 16; // for operators, at most a quarter of all
 inline constexpr auto kUnauthenticatedIdle = 10s;           // until Hello or an operator call
 inline constexpr auto kReaderIdle = 60s;                    // a reader with no call in progress, no Watch
-inline constexpr std::size_t kTokenBytes = 16;
 // A message from a peer that is neither an operator nor a worker's Events connection (the one
 // that sends Handoff batches): Hello, Status and the like are small.
 inline constexpr std::size_t kMaxSmallMessage = 16u << 10;
 inline constexpr std::size_t kMaxUnreadOutput = 64u << 10;  // queued to a peer: its calls wait
 inline constexpr std::size_t kMaxWatchQueue = 256u << 10;   // queued to a Watch stream: closed
 inline constexpr std::size_t kTrimAfterFreeing = 1u << 20;  // buffer bytes freed, then malloc_trim
+inline constexpr std::size_t kTokenBytes = 16;
 
 // Notify socket.
 inline constexpr std::size_t kMaxNotifyMessage = 4096;
