@@ -337,7 +337,8 @@ void parse_control(const json &j, ControlConfig &c)
 	const std::string path = "control";
 	object_at(j, path);
 	check_keys(j, path,
-	           {"path", "mode", "admin_users", "admin_groups", "read_users", "read_groups", "max_connections"});
+	           {"path", "mode", "admin_users", "admin_groups", "read_users", "read_groups", "max_connections",
+	            "max_connections_per_user", "reserved_connections"});
 	if (auto *v = member(j, "path")) {
 		std::string p = child(path, "path");
 		c.path = string_at(*v, p, "an absolute path or \"@name\"");
@@ -359,6 +360,14 @@ void parse_control(const json &j, ControlConfig &c)
 		c.read_groups = account_names_at(*v, child(path, "read_groups"));
 	if (auto *v = member(j, "max_connections"))
 		c.max_connections = static_cast<unsigned>(uint_at(*v, child(path, "max_connections"), 1, 65536));
+	if (auto *v = member(j, "max_connections_per_user"))
+		c.max_connections_per_user =
+			static_cast<unsigned>(uint_at(*v, child(path, "max_connections_per_user"), 1, 65536));
+	// Operators keep a few slots, and the others keep most of them.
+	c.reserved_connections = std::min(c.reserved_connections, c.max_connections / 4);
+	if (auto *v = member(j, "reserved_connections"))
+		c.reserved_connections =
+			static_cast<unsigned>(uint_at(*v, child(path, "reserved_connections"), 0, c.max_connections - 1));
 }
 
 void parse_shutdown(const json &j, ShutdownConfig &c)

@@ -1,6 +1,8 @@
 // brokerd's configuration: the schema of brokerd.json, loaded and validated in one place.
 #pragma once
 
+#include "broker/internal/limits.hpp"
+
 #include <sys/types.h>
 
 #include <chrono>
@@ -31,7 +33,9 @@ struct ControlConfig {
 	std::vector<std::string> admin_groups;
 	std::vector<std::string> read_users; // may also call Status and Sockets
 	std::vector<std::string> read_groups;
-	unsigned max_connections = 512;
+	unsigned max_connections = limits::kDefaultMaxConnections;
+	unsigned max_connections_per_user = limits::kDefaultMaxConnectionsPerUser; // not root's, not brokerd's
+	unsigned reserved_connections = limits::kDefaultReservedConnections; // of max_connections, for operators
 };
 
 // brokerd's own stop (SIGTERM or SIGINT): every instance drains, each within its drain timeout

@@ -16,6 +16,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <malloc.h>
 #include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -119,10 +120,21 @@ public:
 	}
 
 	bool start();
+	// Tells a peer past a connection limit why it is closed (and the log, rate-limited).
+	void refuse(const std::string &why);
 	bool dead() const { return dead_; }
 	uid_t uid() const { return peer_.uid; }
-	// Operators and readers by their credentials, workers once their Hello succeeded.
-	bool privileged() const { return reader_ || !token_.empty(); }
+	std::size_t buffer_bytes() const { return stream_.buffer_bytes(); }
+	bool is_operator() const { return operator_; }
+	// The connection the Events stream of an instance brokerd spawned runs on: the config
+	// bounds those, so they are not counted against their user's connections. (Registered
+	// instances are, as every Hello of an allowed user makes one.)
+	bool uncounted() const { return instance_conn_ && spawned_instance_; }
+	// The largest message it may send.
+	std::size_t max_input() const
+	{
+		return operator_ || instance_conn_ ? limits::kMaxMessageSize : limits::kMaxSmallMessage;
+	}
 	using EventSink::send_event;
 	bool send_event(const json &parameters, std::vector<UniqueFd> fds) override;
 	void watch_event(const json &event);
@@ -141,6 +153,11 @@ private:
 	void done_waiting();
 	void schedule_resume();
 	void update_events();
+	void apply_limits();
+	void claim_instance();
+	void rearm_idle(std::chrono::microseconds after);
+	// Its replies wait to be read: it sends no more calls until they drain.
+	bool output_backlog() const { return !peer_gone_ && stream_.queued_bytes() > limits::kMaxUnreadOutput; }
 	void close(const std::string &why);
 	std::string who() const;
 	access::Tier tier() const;
@@ -193,6 +210,8 @@ private:
 	bool peer_gone_ = false; // writing failed: reading on until the end of its input
 	bool waiting_ = false;  // an upgrade, start or stop will reply; later calls wait their turn
 	bool watching_ = false;
+	bool instance_conn_ = false;   // it carries its instance's Events stream
+	bool spawned_instance_ = false; // and that instance is one brokerd spawned
 	std::string watch_service_;
 	EventSource resume_;
 };
@@ -218,14 +237,61 @@ bool ControlServer::Connection::start()
 	if (sd_event_add_io(server_.event_, &s, stream_.fd(), EPOLLIN, io_handler, this) < 0)
 		return false;
 	io_.reset(s);
-	if (!reader_) {
-		// Until a worker says Hello, an unprivileged peer holds a slot on borrowed time.
-		std::uint64_t when = now_usec(CLOCK_MONOTONIC) +
-		                     std::chrono::duration_cast<std::chrono::microseconds>(limits::kUnauthenticatedIdle).count();
-		if (sd_event_add_time(server_.event_, &s, CLOCK_MONOTONIC, when, 100000, idle_handler, this) >= 0)
-			idle_.reset(s);
-	}
+	// Until a worker says Hello, an unprivileged peer holds a slot on borrowed time; a reader
+	// between calls too.
+	if (!reader_)
+		rearm_idle(limits::kUnauthenticatedIdle);
+	else if (!operator_)
+		rearm_idle(limits::kReaderIdle);
+	apply_limits();
 	return true;
+}
+
+void ControlServer::Connection::rearm_idle(std::chrono::microseconds after)
+{
+	std::uint64_t when = now_usec(CLOCK_MONOTONIC) + after.count();
+	if (idle_) {
+		sd_event_source_set_time(idle_.get(), when);
+		sd_event_source_set_enabled(idle_.get(), SD_EVENT_ONESHOT);
+		return;
+	}
+	sd_event_source *s = nullptr;
+	if (sd_event_add_time(server_.event_, &s, CLOCK_MONOTONIC, when, 100000, idle_handler, this) >= 0)
+		idle_.reset(s);
+}
+
+void ControlServer::Connection::refuse(const std::string &why)
+{
+	log::client(log::Level::Warning, "control: " + who() + ": " + why + ", refusing the connection");
+	// Written once, without waiting: a client that called first reads it as its reply.
+	if (stream_.enqueue(vl::make_error(errors::kTooManyConnections, {{"message", why}})) == 0)
+		(void)stream_.flush();
+}
+
+// What a peer may send and be sent, by what it is.
+void ControlServer::Connection::apply_limits()
+{
+	// Large messages are for operators, and for a worker's Handoff batches on its Events
+	// connection; everyone else is read no further ahead than a small one.
+	stream_.set_max_input(max_input());
+	// An event stream cannot wait for its reader: a Watch that falls this far behind is closed.
+	// (A worker's Events carry handoff batches, which the HandoffRouter already holds back.)
+	stream_.set_max_write_queue(watching_ ? limits::kMaxWatchQueue : limits::kMaxWriteQueue);
+}
+
+// Just opened an Events stream: this is its instance's connection, and no other one is.
+void ControlServer::Connection::claim_instance()
+{
+	Instance *inst = dead_ || token_.empty() ? nullptr : server_.supervisor_.find_by_sink(this);
+	if (!inst)
+		return;
+	for (auto &c : server_.connections_)
+		if (c.get() != this && c->instance_conn_ && c->token_ == token_) {
+			c->instance_conn_ = false;
+			c->apply_limits();
+		}
+	instance_conn_ = true;
+	spawned_instance_ = !inst->external;
 }
 
 std::string ControlServer::Connection::who() const
@@ -261,7 +327,9 @@ int ControlServer::Connection::idle_handler(sd_event_source *, std::uint64_t, vo
 {
 	return guarded("idle_handler", [&]() -> int {
 		auto *c = static_cast<Connection *>(userdata);
-		if (c->token_.empty())
+		if (c->reader_ && !c->watching_ && c->token_.empty())
+			c->close("no call for " + std::to_string(limits::kReaderIdle.count()) + "s");
+		else if (!c->reader_ && c->token_.empty())
 			c->close("no Hello within " + std::to_string(limits::kUnauthenticatedIdle.count()) + "s");
 		return 0;
 	});
@@ -284,13 +352,18 @@ void ControlServer::Connection::on_io(std::uint32_t revents)
 		else if (r < 0 && r != -EAGAIN)
 			return close("");
 	}
-	// Nothing more is read while whole calls wait in the buffer: a client pipelining thousands
-	// of calls is slowed to the pace of its replies, never cut off for buffering too much. (A
-	// hang-up is read at once.)
-	bool backlog = stream_.message_ready() && !(revents & (EPOLLHUP | EPOLLERR));
+	// Nothing more is read while whole calls wait in the buffer, nor while its replies wait to
+	// be read: a client pipelining thousands of calls is slowed to the pace of its replies,
+	// never cut off for buffering too much, and holds little of brokerd's memory. (A hang-up
+	// is read at once.)
+	bool backlog = (stream_.message_ready() || output_backlog()) && !(revents & (EPOLLHUP | EPOLLERR));
 	if ((revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) && backlog) {
 		dispatch();
-	} else if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+	} else if (!(revents & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+		// Its replies drained: the calls that waited for that go on.
+		if (stream_.message_ready())
+			dispatch();
+	} else {
 		int r = stream_.receive();
 		if (r == 0)
 			return close("");
@@ -308,17 +381,26 @@ void ControlServer::Connection::on_io(std::uint32_t revents)
 void ControlServer::Connection::dispatch()
 {
 	// Calls are answered in order: while one waits for the supervisor, the rest stay queued.
-	for (int i = 0; i < kMessagesPerWakeup && !dead_ && !waiting_; i++) {
+	for (int i = 0; i < kMessagesPerWakeup && !dead_ && !waiting_ && !output_backlog(); i++) {
 		vl::Message m;
 		int r = stream_.next(m);
 		if (r == 0)
 			return;
 		if (r < 0)
-			return close("protocol error: " + errno_text(-r));
+			return close(r == -EMSGSIZE ? "protocol error: a message over " + std::to_string(max_input()) + " bytes"
+			                            : "protocol error: " + errno_text(-r));
+		auto method = m.body.find("method");
+		bool events = method != m.body.end() && *method == "io.brokerd.Worker.Events";
 		handle(m);
+		if (events)
+			claim_instance();
+		if (!dead_ && reader_ && !operator_ && token_.empty())
+			rearm_idle(limits::kReaderIdle);
+		apply_limits();
 	}
-	// More may be buffered, with no new EPOLLIN to announce them: come back next turn.
-	if (!dead_ && !waiting_ && stream_.partial_input())
+	// More may be buffered, with no new EPOLLIN to announce them: come back next turn (or once
+	// its replies drained, see on_io).
+	if (!dead_ && !waiting_ && !output_backlog() && stream_.partial_input())
 		schedule_resume();
 }
 
@@ -386,8 +468,9 @@ void ControlServer::Connection::watch_event(const json &event)
 void ControlServer::Connection::update_events()
 {
 	bool out = stream_.want_write() && !peer_gone_;
-	// Whole calls still buffered are taken first (see on_io); the next read waits for them.
-	bool in = !stream_.message_ready();
+	// Whole calls still buffered are taken first (see on_io), and the replies not yet read
+	// drain first: the next read waits for them.
+	bool in = !stream_.message_ready() && !output_backlog();
 	if (io_)
 		sd_event_source_set_io_events(io_.get(), (in ? static_cast<std::uint32_t>(EPOLLIN) : 0u) |
 		                                             (out ? static_cast<std::uint32_t>(EPOLLOUT) : 0u));
@@ -427,7 +510,8 @@ bool ControlServer::Connection::sent(int r, const char *what)
 		return false;
 	}
 	if (r < 0 && r != -EAGAIN) {
-		close(r == -ENOBUFS ? std::string("too slow reading replies") : std::string(what) + ": " + errno_text(-r));
+		close(r == -ENOBUFS ? std::string(watching_ ? "too slow reading Watch events" : "too slow reading replies")
+		                    : std::string(what) + ": " + errno_text(-r));
 		return false;
 	}
 	update_events();
@@ -1070,8 +1154,11 @@ void ControlServer::Connection::restore(const json &j)
 		idle_.reset();
 		stream_.set_max_queued_fds(limits::kMaxQueuedFds);
 		Instance *inst = server_.supervisor_.find_by_token(token_);
-		if (inst && j.at("events").get<bool>())
+		if (inst && j.at("events").get<bool>()) {
 			server_.supervisor_.attach_events(*inst, this);
+			instance_conn_ = true;
+			spawned_instance_ = !inst->external;
+		}
 	}
 	if (j.at("caller").get<bool>()) {
 		// The answer to the Reexec call, from the brokerd it asked for.
@@ -1083,6 +1170,7 @@ void ControlServer::Connection::restore(const json &j)
 		waiting_ = true;
 		watch_service_ = j.at("watch").get<std::string>();
 	}
+	apply_limits();
 	update_events();
 	schedule_resume();
 }
@@ -1240,28 +1328,39 @@ void ControlServer::accept_some()
 				log::warning("control: accept: " + errno_text(errno) + ", ignoring");
 			return;
 		}
-		if (connections_.size() >= cfg_.max_connections) {
-			log::client(log::Level::Warning, "control: " + std::to_string(connections_.size()) +
-			                                     " connections (control.max_connections), refusing another");
-			continue;
-		}
 		auto conn = std::make_unique<Connection>(*this, std::move(fd));
 		if (!conn->start())
 			continue;
-		if (!conn->privileged()) {
-			// One user's connections that have not said Hello cannot take every slot from
-			// workers and operators.
-			std::size_t mine = 0;
-			for (const auto &c : connections_)
-				mine += !c->dead() && !c->privileged() && c->uid() == conn->uid();
-			if (mine >= limits::kMaxUnauthenticatedPerUser) {
-				log::client(log::Level::Warning, "control: uid " + std::to_string(conn->uid()) + " has " +
-				                                     std::to_string(mine) + " connections, refusing another");
-				continue;
-			}
+		if (auto why = refusal(*conn)) {
+			conn->refuse(*why);
+			continue;
 		}
 		connections_.push_back(std::move(conn));
 	}
+}
+
+// Why a new connection may not have a slot: one user cannot take them all (workers of other
+// users still say Hello), and none but root and the operators take the last few (root's
+// `brokerctl status` always gets in).
+std::optional<std::string> ControlServer::refusal(const Connection &conn) const
+{
+	std::size_t live = 0, mine = 0;
+	for (const auto &c : connections_) {
+		if (c->dead())
+			continue;
+		live++;
+		mine += c->uid() == conn.uid() && !c->uncounted();
+	}
+	if (live >= cfg_.max_connections)
+		return "brokerd has " + std::to_string(live) + " connections, its most (control.max_connections)";
+	if (!conn.is_operator() && live + std::min(cfg_.reserved_connections, cfg_.max_connections) >= cfg_.max_connections)
+		return "brokerd has " + std::to_string(live) + " connections; the other " +
+		       std::to_string(cfg_.reserved_connections) + " are kept for operators (control.reserved_connections)";
+	bool owner = conn.uid() == 0 || conn.uid() == ::geteuid();
+	if (!owner && mine >= cfg_.max_connections_per_user)
+		return "uid " + std::to_string(conn.uid()) + " has " + std::to_string(mine) +
+		       " connections, the most for one user (control.max_connections_per_user)";
+	return std::nullopt;
 }
 
 void ControlServer::schedule_sweep()
@@ -1279,8 +1378,20 @@ int ControlServer::sweep_handler(sd_event_source *, void *userdata)
 {
 	return guarded("sweep_handler", [&]() -> int {
 		auto *server = static_cast<ControlServer *>(userdata);
-		server->connections_.remove_if([](const auto &c) { return c->dead(); });
+		std::size_t freed = 0;
+		server->connections_.remove_if([&](const auto &c) {
+			if (c->dead())
+				freed += c->buffer_bytes();
+			return c->dead();
+		});
 		server->sweep_.reset();
+		// glibc keeps what is freed in its arenas: a flood of large buffers would stay brokerd's
+		// for good.
+		server->freed_since_trim_ += freed;
+		if (server->freed_since_trim_ >= limits::kTrimAfterFreeing) {
+			server->freed_since_trim_ = 0;
+			::malloc_trim(0);
+		}
 		return 0;
 	});
 }

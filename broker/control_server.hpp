@@ -13,6 +13,7 @@
 #include <functional>
 #include <list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,7 @@ private:
 	static int accept_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
 	static int sweep_handler(sd_event_source *s, void *userdata);
 	void accept_some();
+	std::optional<std::string> refusal(const Connection &conn) const;
 	void bind_socket();
 	void schedule_sweep();
 
@@ -90,6 +92,7 @@ private:
 	std::string unlink_path_;
 	bool adopted_ = false;
 	std::list<std::unique_ptr<Connection>> connections_;
+	std::size_t freed_since_trim_ = 0; // buffer bytes of closed connections since the last malloc_trim
 };
 
 } // namespace broker

@@ -175,6 +175,9 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 		                                          "(upgrade, rollback and restart do not apply)");
 	if (error == kShuttingDown)
 		return Failure(kExitNotStarted, "brokerd is shutting down");
+	if (error == kTooManyConnections)
+		return Failure(kExitFailure, "brokerd refused the connection: " +
+		                                 printable(text(error_parameters, "message", "no reason given")));
 	if (error == kStartFailed)
 		return Failure(kExitNotStarted, service + " could not be started: " +
 		                                    printable(text(error_parameters, "reason", "no reason given")));

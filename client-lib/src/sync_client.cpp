@@ -84,6 +84,8 @@ void SyncClient::send(const json &body, std::vector<UniqueFd> fds)
 		r = stream_.flush();
 		if (r == 0)
 			return;
+		if ((r == -EPIPE || r == -ECONNRESET) && peer_left_message())
+			return; // receive() gives it: brokerd said why it closed (a connection limit)
 		if (r != -EAGAIN)
 			throw Error(-r, "send: " + errno_text(-r));
 		auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
@@ -93,6 +95,16 @@ void SyncClient::send(const json &body, std::vector<UniqueFd> fds)
 		if (::poll(&p, 1, static_cast<int>(left.count())) < 0 && errno != EINTR)
 			throw Error(errno, "poll: " + errno_text(errno));
 	}
+}
+
+bool SyncClient::peer_left_message()
+{
+	while (!stream_.message_ready()) {
+		int r = stream_.receive();
+		if (r <= 0)
+			return false;
+	}
+	return true;
 }
 
 Message SyncClient::receive()

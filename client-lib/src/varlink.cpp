@@ -3,12 +3,16 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
 namespace broker::varlink {
 
 namespace {
+
+// Bytes one receive() reads at most.
+constexpr std::size_t kReadChunk = 1 << 16;
 
 // Collects fd indices under members named "fd"; returns false on a non-integer or negative one.
 // A null "fd" is an unset `?int` (as the Worker interface's Listener.fd is when no fds were
@@ -88,7 +92,7 @@ bool depth_within_limit(std::string_view text)
 }
 
 Stream::Stream(UniqueFd fd, std::size_t max_message, std::size_t max_queued_fds)
-	: fd_(std::move(fd)), max_message_(max_message), max_queued_fds_(max_queued_fds)
+	: fd_(std::move(fd)), max_message_(max_message), max_input_(max_message), max_queued_fds_(max_queued_fds)
 {
 }
 
@@ -97,9 +101,11 @@ int Stream::receive()
 	if (broken_)
 		return -EPROTO;
 
-	char buf[65536];
+	char buf[kReadChunk];
 	alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * limits::kMaxFdsPerMessage)];
-	iovec iov{buf, sizeof(buf)};
+	// A peer held to small messages is read no further ahead than one of them.
+	std::size_t chunk = std::min(sizeof(buf), max_input_ + 1);
+	iovec iov{buf, chunk};
 	msghdr msg{};
 	msg.msg_iov = &iov;
 	msg.msg_iovlen = 1;
@@ -147,7 +153,7 @@ int Stream::receive()
 
 	in_.append(buf, static_cast<std::size_t>(n));
 	// Bytes a caller has not taken yet are bounded too, even while it takes none.
-	if (in_.size() > max_message_ + sizeof(buf)) {
+	if (in_.size() > max_input_ + chunk) {
 		broken_ = true;
 		in_fds_.clear();
 		return -EMSGSIZE;
@@ -163,14 +169,14 @@ int Stream::next(Message &out)
 	std::size_t end = in_.find('\0', scanned_);
 	if (end == std::string::npos) {
 		scanned_ = in_.size();
-		if (in_.size() > max_message_) {
+		if (in_.size() > max_input_) {
 			broken_ = true;
 			in_fds_.clear();
 			return -EMSGSIZE;
 		}
 		return 0;
 	}
-	if (end > max_message_) {
+	if (end > max_input_) {
 		broken_ = true;
 		in_fds_.clear();
 		return -EMSGSIZE;
@@ -180,6 +186,9 @@ int Stream::next(Message &out)
 	json body = depth_within_limit(text) ? json::parse(text, nullptr, false) : json(json::value_t::discarded);
 	in_.erase(0, end + 1);
 	scanned_ = 0;
+	// One large message must not keep its buffer for the life of the stream.
+	if (in_.empty() && in_.capacity() > 2 * kReadChunk)
+		std::string().swap(in_);
 
 	int nfds = body.is_discarded() ? -EBADMSG : count_fd_refs(body);
 	if (nfds < 0) {
@@ -267,7 +276,7 @@ int Stream::queue_text(Outgoing o)
 {
 	if (o.data.size() > max_message_)
 		return -EMSGSIZE;
-	if (out_bytes_ + o.data.size() + 1 > limits::kMaxWriteQueue)
+	if (out_bytes_ + o.data.size() + 1 > max_write_queue_)
 		return -ENOBUFS;
 	o.data.push_back('\0');
 	out_bytes_ += o.data.size();

@@ -89,6 +89,12 @@ TEST_CASE("bad configs name the key path and the problem")
 		 "control.max_connections: expected an integer from 1 to 65536, got 0"},
 		{R"({"control": {"max_connections": 65537}})",
 		 "control.max_connections: expected an integer from 1 to 65536, got 65537"},
+		{R"({"control": {"max_connections_per_user": 0}})",
+		 "control.max_connections_per_user: expected an integer from 1 to 65536, got 0"},
+		{R"({"control": {"max_connections": 40, "reserved_connections": 40}})",
+		 "control.reserved_connections: expected an integer from 0 to 39, got 40"},
+		{R"({"control": {"reserved_connections": -1}})",
+		 "control.reserved_connections: expected an integer from 0 to 511, got -1"},
 		{R"({"control": {"max_conections": 10}})",
 		 "control.max_conections: unknown key (did you mean \"max_connections\"?)"},
 		// shutdown
@@ -277,6 +283,8 @@ TEST_CASE("the DESIGN.md example parses field by field")
 	CHECK(cfg.control.admin_groups == std::vector<std::string>{"brokerd"});
 	CHECK(cfg.control.admin_users.empty());
 	CHECK(cfg.control.max_connections == 512);
+	CHECK(cfg.control.max_connections_per_user == 128);
+	CHECK(cfg.control.reserved_connections == 16);
 
 	REQUIRE(cfg.sockets.size() == 4);
 	CHECK(cfg.sockets[0].name == "api");
@@ -340,10 +348,15 @@ TEST_CASE("defaults")
 	Config cfg = parse("{}");
 	CHECK(cfg.control.path == BROKER_DEFAULT_CONTROL);
 	CHECK(cfg.control.mode == 0666);
+	CHECK(cfg.control.max_connections_per_user == 128);
+	CHECK(cfg.control.reserved_connections == 16);
 	CHECK(cfg.control.max_connections == 512);
 	CHECK(cfg.shutdown.timeout == 90s);
 	CHECK(cfg.sockets.empty());
 	CHECK(cfg.services.empty());
+	// Operators keep at most a quarter of a small number of connections unless told otherwise.
+	CHECK(parse(R"({"control": {"max_connections": 10}})").control.reserved_connections == 2);
+	CHECK(parse(R"({"control": {"max_connections": 3}})").control.reserved_connections == 0);
 
 	cfg = parse(R"({"sockets": {"s": {"listen": "tcp://127.0.0.1:0"}}, "services": {"x": {"exec": ["/bin/true"]}}})");
 	const SocketConfig &s = cfg.sockets.at(0);
@@ -373,6 +386,7 @@ TEST_CASE("every other key, with comments, parses field by field")
 	{
 		"control": {
 			"path": "@brokerd-test", "mode": "0600", "max_connections": 65536,
+			"max_connections_per_user": 3, "reserved_connections": 0,
 			"admin_users": ["root"], "read_users": ["nobody", "root"], "read_groups": ["nogroup"]
 		},
 		"shutdown": { "timeout": "2m30s" },
@@ -396,6 +410,8 @@ TEST_CASE("every other key, with comments, parses field by field")
 	)jsonc");
 
 	CHECK(cfg.control.path == "@brokerd-test");
+	CHECK(cfg.control.max_connections_per_user == 3);
+	CHECK(cfg.control.reserved_connections == 0);
 	CHECK(cfg.control.mode == 0600);
 	CHECK(cfg.control.max_connections == 65536);
 	CHECK(cfg.shutdown.timeout == 150s);

@@ -451,6 +451,51 @@ TEST_CASE("a message of exactly the size limit is received")
 	}
 }
 
+TEST_CASE("a stream held to small messages from its peer reads no further ahead, and still sends large ones")
+{
+	json body = make_reply({{"pad", std::string(20, 'x')}});
+	const std::size_t max = body.dump().size();
+	for (std::size_t size : {max, max + 1}) {
+		CAPTURE(size);
+		Pair p = make_pair();
+		Stream rx(std::move(p.b));
+		rx.set_max_input(max);
+		send_raw(p.a.get(), frame(make_reply({{"pad", std::string(20 + size - max, 'x')}})));
+		std::vector<Message> got;
+		int r = pump(rx, got);
+		CHECK(r == (size == max ? 0 : -EMSGSIZE));
+		CHECK(got.size() == (size == max ? 1u : 0u));
+	}
+
+	Pair p = make_pair();
+	Stream rx(std::move(p.b));
+	rx.set_max_input(max);
+	// A message without its NUL, far over the limit: one read takes no more than the limit and
+	// a byte, and the stream ends there.
+	send_raw(p.a.get(), std::string(16 * max, 'a'));
+	CHECK(rx.receive() == static_cast<int>(max + 1));
+	Message m;
+	CHECK(rx.next(m) == -EMSGSIZE);
+	// Replies are held to the size given at construction, not to the peer's limit.
+	Pair q = make_pair();
+	Stream tx(std::move(q.a));
+	tx.set_max_input(max);
+	CHECK(tx.enqueue(make_reply({{"pad", std::string(100 * max, 'x')}})) == 0);
+}
+
+TEST_CASE("set_max_write_queue bounds what waits for a peer that does not read")
+{
+	Pair p = make_pair();
+	Stream tx(std::move(p.a));
+	json reply = make_reply({{"pad", std::string(1000, 'x')}});
+	const std::size_t each = reply.dump().size() + 1;
+	tx.set_max_write_queue(3 * each);
+	for (int i = 0; i < 3; i++)
+		CHECK(tx.enqueue(reply) == 0);
+	CHECK(tx.enqueue(reply) == -ENOBUFS);
+	CHECK(tx.queued_bytes() == 3 * each);
+}
+
 // Receives one message of 20 fds with RLIMIT_NOFILE so low that only 3 fd numbers are free
 // below it: the kernel installs 3 of the passed fds, drops the rest and sets MSG_CTRUNC.
 int receive_short_of_fds(Stream &rx, int sender)

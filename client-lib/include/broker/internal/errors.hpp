@@ -18,6 +18,8 @@ inline constexpr std::string_view kStartFailed = "io.brokerd.Control.StartFailed
 inline constexpr std::string_view kReexecFailed = "io.brokerd.Control.ReexecFailed";
 inline constexpr std::string_view kShuttingDown = "io.brokerd.Control.ShuttingDown";
 inline constexpr std::string_view kRegisteredService = "io.brokerd.Control.RegisteredService";
+// Sent on a connection past a limit, before brokerd closes it; any interface's caller reads it.
+inline constexpr std::string_view kTooManyConnections = "io.brokerd.Control.TooManyConnections";
 
 // io.brokerd.Worker (docs/io.brokerd.Worker.varlink).
 inline constexpr std::string_view kInvalidToken = "io.brokerd.Worker.InvalidToken";

@@ -18,8 +18,16 @@ inline constexpr std::size_t kMaxJsonDepth = 64;            // nesting of object
 
 // Control server.
 inline constexpr std::size_t kDefaultMaxConnections = 512;
+inline constexpr std::size_t kDefaultMaxConnectionsPerUser = 128; // of one uid but root's and brokerd's
+inline constexpr std::size_t kDefaultReservedConnections = 16; // for operators, at most a quarter of all
 inline constexpr auto kUnauthenticatedIdle = 10s;           // until Hello or an operator call
-inline constexpr std::size_t kMaxUnauthenticatedPerUser = 128; // connections of one uid before Hello
+inline constexpr auto kReaderIdle = 60s;                    // a reader with no call in progress, no Watch
+// A message from a peer that is neither an operator nor a worker's Events connection (the one
+// that sends Handoff batches): Hello, Status and the like are small.
+inline constexpr std::size_t kMaxSmallMessage = 16u << 10;
+inline constexpr std::size_t kMaxUnreadOutput = 64u << 10;  // queued to a peer: its calls wait
+inline constexpr std::size_t kMaxWatchQueue = 256u << 10;   // queued to a Watch stream: closed
+inline constexpr std::size_t kTrimAfterFreeing = 1u << 20;  // buffer bytes freed, then malloc_trim
 inline constexpr std::size_t kTokenBytes = 16;
 inline constexpr std::size_t kMaxAncestry = 64;              // PPid steps from a Hello's peer up to its instance
 

@@ -26,6 +26,8 @@ public:
 
 	// Lower level, for "more" and "oneway" calls: send a whole message, read the next one.
 	// receive() does not interpret error replies; it throws only on I/O errors and timeouts.
+	// When brokerd closed the connection after writing a message (the error a connection past
+	// a limit gets), send() returns and receive() gives that message.
 	void send(const json &body, std::vector<UniqueFd> fds = {});
 	Message receive();
 
@@ -33,6 +35,8 @@ public:
 	void set_timeout(std::chrono::milliseconds t) { timeout_ = t; }
 
 private:
+	bool peer_left_message();
+
 	Stream stream_;
 	std::chrono::milliseconds timeout_;
 };

@@ -56,6 +56,12 @@ public:
 	int fd() const { return fd_.get(); }
 	// Once a peer may send fds (a worker after Hello, for handoff).
 	void set_max_queued_fds(std::size_t n) { max_queued_fds_ = n; }
+	// The largest message the peer may send (the constructor's max_message bounds both ways):
+	// a server gives a peer that has no use for large messages a smaller one, and reads no
+	// more than that ahead.
+	void set_max_input(std::size_t n) { max_input_ = n; }
+	// Bytes queued to the peer past which enqueue() fails with -ENOBUFS.
+	void set_max_write_queue(std::size_t n) { max_write_queue_ = n; }
 	// Tolerate fds the kernel could not install (the fd limit, MSG_CTRUNC): the message that
 	// owned them comes out of next() with an empty UniqueFd in their place, instead of the
 	// stream failing. For a receiver of handed-off connections, which refuses what it lacks.
@@ -91,6 +97,8 @@ public:
 	// on one, even if its first bytes (and so its fds) reached the peer's socket.
 	std::size_t unsent_borrowed() const;
 	std::size_t queued_bytes() const { return out_bytes_; }
+	// Heap the buffers hold, for accounting (capacity, not just content).
+	std::size_t buffer_bytes() const { return in_.capacity() + out_bytes_; }
 	bool broken() const { return broken_; }
 
 	// For brokerd's re-exec: the bytes received and not yet taken, and those queued and not
@@ -117,6 +125,8 @@ private:
 
 	UniqueFd fd_;
 	std::size_t max_message_;
+	std::size_t max_input_;
+	std::size_t max_write_queue_ = limits::kMaxWriteQueue;
 	std::size_t max_queued_fds_;
 	std::string in_;
 	std::size_t scanned_ = 0; // bytes of in_ known to hold no NUL
