@@ -89,6 +89,7 @@ private:
 	EventSource pause_; // re-enables accepting after running out of fds
 	std::string unlink_path_;
 	bool adopted_ = false;
+	bool refuses_fds_ = false; // SO_PASSRIGHTS off on the listener, so on what it accepts
 	std::list<std::unique_ptr<Connection>> connections_;
 };
 

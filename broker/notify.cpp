@@ -2,6 +2,7 @@
 #include "notify.hpp"
 
 #include "broker/internal/limits.hpp"
+#include "closer.hpp"
 #include "log.hpp"
 #include "supervisor.hpp"
 
@@ -40,6 +41,8 @@ NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kep
 	int one = 1;
 	if (::setsockopt(fd_.get(), SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0)
 		throw std::runtime_error(std::string("notify socket: SO_PASSCRED: ") + std::strerror(errno));
+	// Workers have no fd store here: a datagram with fds fails in the sender with EPERM.
+	closer::pass_rights(fd_.get(), false);
 
 	sd_event_source *s = nullptr;
 	int r = sd_event_add_io(event, &s, fd_.get(), EPOLLIN, handler, this);
@@ -85,12 +88,12 @@ void NotifySocket::receive()
 			if (c->cmsg_type == SCM_CREDENTIALS && c->cmsg_len == CMSG_LEN(sizeof(ucred))) {
 				cred = reinterpret_cast<const ucred *>(CMSG_DATA(c));
 			} else if (c->cmsg_type == SCM_RIGHTS) {
-				// Received fds are ours: close them (the fd store is not offered to workers).
+				// Received fds are ours (a kernel without SO_PASSRIGHTS): closed off the loop.
 				std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 				for (std::size_t i = 0; i < count; i++) {
 					int fd;
 					std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-					UniqueFd drop(fd);
+					UniqueFd::from_peer(fd).reset();
 				}
 				had_fds = true;
 			}
