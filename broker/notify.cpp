@@ -76,7 +76,7 @@ void NotifySocket::receive()
 			if (errno == EINTR)
 				continue;
 			if (errno != EAGAIN)
-				log::warning(std::string("notify socket: ") + std::strerror(errno) + ", ignoring");
+				log::client(log::Level::Warning, std::string("notify socket: ") + std::strerror(errno) + ", ignoring");
 			return;
 		}
 
@@ -99,21 +99,21 @@ void NotifySocket::receive()
 			}
 		}
 		if (!cred) {
-			log::warning("notify socket: message without credentials, ignoring");
+			log::client(log::Level::Warning, "notify socket: message without credentials, ignoring");
 			continue;
 		}
 		std::string who = "pid " + std::to_string(cred->pid);
 		if (static_cast<std::size_t>(n) > limits::kMaxNotifyMessage || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
-			log::warning("notify socket: oversized message from " + who + ", ignoring");
+			log::client(log::Level::Warning, "notify socket: oversized message from " + who + ", ignoring");
 			continue;
 		}
 		Instance *inst = supervisor_.find_by_pid(cred->pid);
 		if (!inst) {
-			log::warning("notify socket: message from " + who + ", which is no instance, ignoring");
+			log::client(log::Level::Warning, "notify socket: message from " + who + ", which is no instance, ignoring");
 			continue;
 		}
 		if (had_fds)
-			log::warning("instance " + inst->id + ": notify message carried fds, closed them");
+			log::client(log::Level::Warning, "instance " + inst->id + ": notify message carried fds, closed them");
 
 		std::string_view text(buf, static_cast<std::size_t>(n));
 		while (!text.empty()) {

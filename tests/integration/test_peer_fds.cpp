@@ -19,6 +19,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <atomic>
 #include <fstream>
 #include <memory>
@@ -356,7 +357,7 @@ std::optional<Outcome> run_attack(Broker &b, const std::function<Outcome(const N
 	        calls, " calls");
 	hold_wr.reset();
 	auto st = attacker.wait(10s);
-	MESSAGE("attacker: ", read_file(b.path("attacker.log")));
+	INFO("attacker: ", read_file(b.path("attacker.log")));
 	CHECK(outcome.has_value());
 	CHECK(st.has_value());
 	return outcome;
@@ -432,4 +433,38 @@ TEST_CASE("a peer's fd whose close() blocks cannot stop brokerd's event loop")
 		b.stop();
 		}
 	}
+}
+
+TEST_CASE("a flood of bad notify datagrams cannot flood brokerd's log")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start({{"sockets", {{"http", tcp_socket()}}},
+	         {"services", {{"web", service({env("EXAMPLE_HTTP")}, {"http"}, 1, "broker")}}}});
+	std::vector<pid_t> pids = worker_pids(b.status("web"), "web");
+	REQUIRE(pids.size() == 1);
+	std::string address = notify_address(pids[0]);
+	REQUIRE(address.starts_with("@"));
+	auto lines = [&] {
+		std::string log = b.log();
+		return static_cast<std::size_t>(std::count(log.begin(), log.end(), '\n'));
+	};
+	std::size_t before = lines();
+
+	// From the test itself, which is no instance: every datagram is refused with a reason.
+	UniqueFd s(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+	sockaddr_un sa{};
+	sa.sun_family = AF_UNIX;
+	std::memcpy(sa.sun_path + 1, address.data() + 1, address.size() - 1);
+	auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + address.size());
+	constexpr int kDatagrams = 5000;
+	for (int i = 0; i < kDatagrams; i++)
+		REQUIRE(::sendto(s.get(), "READY=1", 7, 0, reinterpret_cast<sockaddr *>(&sa), len) == 7);
+	int unread = -1;
+	CHECK(wait_until([&] { return ::ioctl(s.get(), SIOCOUTQ, &unread) == 0 && unread == 0; }, 20s));
+	std::size_t logged = lines() - before;
+	MESSAGE(logged, " lines for ", kDatagrams, " datagrams");
+	CHECK(logged >= 1);
+	CHECK(logged < 200);
+	b.stop();
 }
