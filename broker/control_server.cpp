@@ -672,7 +672,10 @@ void ControlServer::Connection::worker_status(const json &params)
 	if (it == params.end() || !it->is_string())
 		return error(vl::kInvalidParameter, {{"parameter", "text"}});
 	if (Instance *inst = worker()) {
-		server_.supervisor_.instance_status(*inst, it->get<std::string>());
+		if (auto why = server_.supervisor_.instance_status(*inst, it->get<std::string>())) {
+			log::client(log::Level::Warning, "instance " + inst->id + ": status text refused: " + *why);
+			return error(vl::kInvalidParameter, {{"parameter", "text"}});
+		}
 		reply(json::object());
 	}
 }

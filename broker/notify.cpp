@@ -10,12 +10,27 @@
 #include <sys/un.h>
 
 #include <cerrno>
-#include <cstdlib>
+#include <charconv>
 #include <cstring>
 #include <stdexcept>
 #include <string_view>
 
 namespace broker {
+
+namespace {
+
+// A whole decimal number in pid_t's range, above 0; anything else (a sign, a suffix, "123xyz",
+// 4294967297) is 0.
+pid_t parse_pid(std::string_view text)
+{
+	pid_t pid = 0;
+	auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), pid);
+	if (ec != std::errc() || end != text.data() + text.size() || pid <= 0)
+		return 0;
+	return pid;
+}
+
+} // namespace
 
 NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kept) : supervisor_(supervisor)
 {
@@ -122,12 +137,18 @@ void NotifySocket::receive()
 			text = nl == std::string_view::npos ? std::string_view{} : text.substr(nl + 1);
 			if (line == "READY=1")
 				supervisor_.instance_ready(*inst, "READY=1");
-			else if (line.starts_with("STATUS="))
-				supervisor_.instance_status(*inst, std::string(line.substr(7)));
+			else if (line.starts_with("STATUS=")) {
+				if (auto why = supervisor_.instance_status(*inst, std::string(line.substr(7))))
+					log::client(log::Level::Warning, "instance " + inst->id + ": STATUS= " + *why + ", ignoring");
+			}
 			else if (line == "STOPPING=1")
 				supervisor_.instance_stopping(*inst);
-			else if (line.starts_with("MAINPID="))
-				supervisor_.instance_main_pid(*inst, static_cast<pid_t>(std::atoi(std::string(line.substr(8)).c_str())));
+			else if (line.starts_with("MAINPID=")) {
+				if (pid_t pid = parse_pid(line.substr(8)); pid > 0)
+					supervisor_.instance_main_pid(*inst, pid);
+				else
+					log::client(log::Level::Warning, "instance " + inst->id + ": MAINPID= is not a process id, ignoring");
+			}
 			// Other assignments (WATCHDOG=1, ERRNO=, ...) are not for us.
 			if (!supervisor_.find_by_pid(cred->pid))
 				break;

@@ -6,6 +6,7 @@
 #include "broker/internal/limits.hpp"
 #include "broker/internal/errors.hpp"
 #include "log.hpp"
+#include "status_text.hpp"
 
 #include <fcntl.h>
 #include <grp.h>
@@ -869,11 +870,12 @@ void Supervisor::instance_ready(Instance &inst, std::string_view how)
 	changed();
 }
 
-void Supervisor::instance_status(Instance &inst, std::string text)
+std::optional<std::string> Supervisor::instance_status(Instance &inst, std::string text)
 {
-	if (text.size() > limits::kMaxStatusText)
-		text.resize(limits::kMaxStatusText);
+	if (auto why = check_status_text(text))
+		return why;
 	inst.status_text = std::move(text);
+	return std::nullopt;
 }
 
 void Supervisor::instance_stopping(Instance &inst)
@@ -889,15 +891,13 @@ void Supervisor::instance_stopping(Instance &inst)
 
 void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 {
-	// Only a process of the instance's own session may become its main process.
-	if (pid <= 0 || inst.external || ::getsid(pid) != inst.session) {
-		log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) +
-		             " is not a process of its session, ignoring");
-		return;
-	}
-	UniqueFd pidfd(pidfd_open(pid));
-	if (!pidfd) {
-		log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) + ": " + errno_text(errno) + ", ignoring");
+	// Only a process of the instance's own session may become its main process. The pidfd is
+	// opened first, and the process it names is still alive after the session check: a pid
+	// reused in between is never adopted.
+	UniqueFd pidfd(pid > 0 && !inst.external ? pidfd_open(pid) : -1);
+	if (!pidfd || ::getsid(pid) != inst.session || pidfd_send_signal(pidfd.get(), 0) < 0) {
+		log::client(log::Level::Warning, "instance " + inst.id + ": MAINPID=" + std::to_string(pid) +
+		                                     " is not a process of its session, ignoring");
 		return;
 	}
 	if (inst.forked) {

@@ -211,7 +211,8 @@ public:
 
 	// Reports from workers, through the control or notify socket.
 	void instance_ready(Instance &inst, std::string_view how);
-	void instance_status(Instance &inst, std::string text);
+	// The text as check_status_text() takes it; returns why it is refused (the caller says so).
+	std::optional<std::string> instance_status(Instance &inst, std::string text);
 	void instance_stopping(Instance &inst);
 	// MAINPID=: the worker's main process is another one of its session (a forking server).
 	void instance_main_pid(Instance &inst, pid_t pid);

@@ -1,0 +1,146 @@
+// Integration: what workers report (STATUS=, MAINPID=, Worker.Status) is checked as docs/protocol.md says.
+#include "harness.hpp"
+
+#include "broker/client.hpp"
+#include "broker/internal/sync_client.hpp"
+
+#include <doctest/doctest.h>
+
+#include <csignal>
+#include <cstdio>
+#include <string>
+
+#include <poll.h>
+#include <unistd.h>
+
+using namespace itest;
+using broker::varlink::SyncClient;
+
+namespace {
+
+// Forks a child that waits in the instance's session, sends the datagram given in hex (with
+// {child} and {child32} for the child's pid and that pid plus 2^32), then READY=1, and waits.
+const char *const kNotifier = R"(
+import os, signal, socket, sys
+addr = os.environ["NOTIFY_SOCKET"]
+if addr.startswith("@"):
+    addr = "\0" + addr[1:]
+child = os.fork()
+if child == 0:
+    while True:
+        signal.pause()
+msg = bytes.fromhex(sys.argv[1])
+msg = msg.replace(b"{child32}", str(child + 2**32).encode()).replace(b"{child}", str(child).encode())
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(msg, addr)
+s.sendto(b"READY=1", addr)
+while True:
+    signal.pause()
+)";
+
+std::string hex(const std::string &bytes)
+{
+	static const char digits[] = "0123456789abcdef";
+	std::string out;
+	for (unsigned char c : bytes) {
+		out += digits[c >> 4];
+		out += digits[c & 15];
+	}
+	return out;
+}
+
+} // namespace
+
+TEST_CASE("notify socket: MAINPID= is a whole pid of the session; STATUS= is one line of valid UTF-8, cut on a character")
+{
+	std::string two_byte = "a";
+	for (int i = 0; i < 300; i++)
+		two_byte += "\xC3\xA9";
+	struct Case {
+		std::string name;
+		std::string message;
+		bool adopted;                      // the child became the main process (integration-forking
+		                                   // has the cases where it does)
+		std::optional<std::string> status; // what Status shows
+	};
+	const Case cases[] = {
+		{"MAINPID= with a suffix", "MAINPID={child}xyz", false, {}},
+		{"MAINPID= beyond pid_t", "MAINPID={child32}", false, {}},
+		{"MAINPID= with a sign", "MAINPID=+{child}", false, {}},
+		{"STATUS= plain", "STATUS=serving", false, "serving"},
+		{"STATUS= longer than 512 bytes", "STATUS=" + two_byte, false, two_byte.substr(0, 511)},
+		{"STATUS= not UTF-8", "STATUS=caf\xC3", false, {}},
+		{"STATUS= with an escape sequence", "STATUS=\x1B[31mred", false, {}},
+	};
+	for (const Case &c : cases) {
+		SUBCASE(c.name.c_str()) {
+		Broker b;
+		BROKER_CONTEXT(b);
+		b.start({{"sockets", {{"http", tcp_socket()}}},
+		         {"services", {{"w", service({"python3", "-c", kNotifier, hex(c.message)}, {"http"}, 1, "notify")}}}});
+		json inst = instances(b.status("w"), "w").at(0);
+		CHECK(inst.value("state", "") == "ready");
+		if (c.status)
+			CHECK(inst.value("status", "") == *c.status);
+		else
+			CHECK(!inst.contains("status"));
+		bool adopted = b.log().find("main pid is now") != std::string::npos;
+		CHECK(adopted == c.adopted);
+		if (!c.adopted && !c.status)
+			CHECK(b.log().find("ignoring") != std::string::npos);
+		b.stop();
+		}
+	}
+}
+
+TEST_CASE("Worker.Status refuses a text that is not one line of valid UTF-8")
+{
+	if (::geteuid() != 0) {
+		MESSAGE("skipped: the registered service names root");
+		return;
+	}
+	Broker b;
+	BROKER_CONTEXT(b);
+	json ext = {{"instances", 1}, {"ready", "broker"}, {"register", {{"users", {"root"}}}}};
+	b.start({{"services", {{"ext", ext}}}});
+	struct Case {
+		const char *name;
+		std::string text;
+		bool taken;
+	};
+	const Case cases[] = {
+		{"plain", "serving", true},
+		{"escape sequence", "\x1B[31mred", false},
+		{"newline", "one\ntwo", false},
+	};
+	// A worker of its own: brokerd stops a registered worker when the service stops.
+	SpawnOptions so;
+	so.stderr_path = b.path("worker.log");
+	Process worker = Process::fork_run(
+		[&] {
+			::signal(SIGTERM, SIG_DFL); // how brokerd stops it, not a crash of the test
+			SyncClient c(b.control_path(), std::chrono::seconds(10));
+			c.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "1"}});
+			int wrong = 0;
+			for (const Case &t : cases) {
+				std::string error;
+				try {
+					c.call("io.brokerd.Worker.Status", {{"text", t.text}});
+				} catch (const broker::Error &e) {
+					error = e.varlink_error();
+				}
+				bool ok = error == (t.taken ? "" : "org.varlink.service.InvalidParameter");
+				std::fprintf(stderr, "%s: %s%s\n", t.name, error.empty() ? "taken" : error.c_str(), ok ? "" : " (wrong)");
+				wrong += !ok;
+			}
+			// Stays registered until brokerd stops it.
+			pollfd p{c.stream().fd(), POLLIN, 0};
+			return ::poll(&p, 1, -1) >= 0 ? wrong : 100;
+		},
+		so);
+	CHECK(wait_until([&] { return read_file(b.path("worker.log")).find("newline") != std::string::npos; }, 10s));
+	INFO("worker: ", read_file(b.path("worker.log")));
+	CHECK(read_file(b.path("worker.log")).find("wrong") == std::string::npos);
+	CHECK(instances(b.status("ext"), "ext").at(0).value("status", "") == "serving");
+	b.stop();
+}
