@@ -7,6 +7,7 @@
 #include "supervisor.hpp"
 
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 
 #include <cerrno>
@@ -21,6 +22,23 @@ namespace {
 
 // A whole decimal number in pid_t's range, above 0; anything else (a sign, a suffix, "123xyz",
 // 4294967297) is 0.
+#ifndef SO_PASSPIDFD
+#define SO_PASSPIDFD 76
+#endif
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+
+// Whether two pidfds name the same process. Since Linux 6.9 (pidfs) each process has its own
+// inode; before, every pidfd shares one, and the sender's pid is all there is to go by.
+bool same_process(int a, int b)
+{
+	struct stat sa{}, sb{};
+	if (::fstat(a, &sa) < 0 || ::fstat(b, &sb) < 0)
+		return true;
+	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
 pid_t parse_pid(std::string_view text)
 {
 	pid_t pid = 0;
@@ -58,6 +76,8 @@ NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kep
 		throw std::runtime_error(std::string("notify socket: SO_PASSCRED: ") + std::strerror(errno));
 	// Workers have no fd store here: a datagram with fds fails in the sender with EPERM.
 	closer::pass_rights(fd_.get(), false);
+	// The sender's pidfd with each datagram (Linux 6.5+): a pid reused since is told apart.
+	(void)::setsockopt(fd_.get(), SOL_SOCKET, SO_PASSPIDFD, &one, sizeof(one));
 
 	sd_event_source *s = nullptr;
 	int r = sd_event_add_io(event, &s, fd_.get(), EPOLLIN, handler, this);
@@ -79,7 +99,7 @@ void NotifySocket::receive()
 	// Bounded per wakeup; the rest waits for the next turn of the loop.
 	for (int round = 0; round < 64; round++) {
 		char buf[limits::kMaxNotifyMessage + 1];
-		alignas(cmsghdr) char control[CMSG_SPACE(sizeof(ucred)) + CMSG_SPACE(sizeof(int) * 16)];
+		alignas(cmsghdr) char control[CMSG_SPACE(sizeof(ucred)) + CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(int) * 16)];
 		iovec iov{buf, sizeof(buf)};
 		msghdr msg{};
 		msg.msg_iov = &iov;
@@ -97,11 +117,16 @@ void NotifySocket::receive()
 
 		const ucred *cred = nullptr;
 		bool had_fds = false;
+		UniqueFd sender; // stays invalid when the sender is gone (a negative errno comes instead)
 		for (cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
 			if (c->cmsg_level != SOL_SOCKET)
 				continue;
 			if (c->cmsg_type == SCM_CREDENTIALS && c->cmsg_len == CMSG_LEN(sizeof(ucred))) {
 				cred = reinterpret_cast<const ucred *>(CMSG_DATA(c));
+			} else if (c->cmsg_type == SCM_PIDFD && c->cmsg_len == CMSG_LEN(sizeof(int))) {
+				int fd;
+				std::memcpy(&fd, CMSG_DATA(c), sizeof(int));
+				sender.reset(fd);
 			} else if (c->cmsg_type == SCM_RIGHTS) {
 				// Received fds are ours (a kernel without SO_PASSRIGHTS): closed off the loop.
 				std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -125,6 +150,11 @@ void NotifySocket::receive()
 		Instance *inst = supervisor_.find_by_pid(cred->pid);
 		if (!inst) {
 			log::client(log::Level::Warning, "notify socket: message from " + who + ", which is no instance, ignoring");
+			continue;
+		}
+		if (int own = supervisor_.pidfd_of(*inst, cred->pid); sender && own >= 0 && !same_process(sender.get(), own)) {
+			log::client(log::Level::Warning, "instance " + inst->id + ": notify message from " + who +
+			                                     ", another process than its own by that pid, ignoring");
 			continue;
 		}
 		if (had_fds)

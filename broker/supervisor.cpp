@@ -1080,6 +1080,15 @@ Instance *Supervisor::find_by_pid(pid_t pid)
 	return nullptr;
 }
 
+int Supervisor::pidfd_of(const Instance &inst, pid_t pid) const
+{
+	if (pid == inst.main_pid || ((inst.external || inst.forked) && pid == inst.pid))
+		return inst.pidfd.get();
+	if (pid == inst.pid && inst.child_source)
+		return sd_event_source_get_child_pidfd(inst.child_source.get());
+	return -1;
+}
+
 // Registered (external) workers.
 
 Instance *Supervisor::register_external(Service &svc, const std::string &version, pid_t pid, uid_t uid,

@@ -203,6 +203,8 @@ public:
 
 	Instance *find_by_token(std::string_view token);
 	Instance *find_by_pid(pid_t pid);
+	// The pidfd brokerd holds for `pid`, one of the instance's processes, or -1.
+	int pidfd_of(const Instance &inst, pid_t pid) const;
 	// The instance whose Events stream `sink` carries: still found after the process exited,
 	// until the connection closes or the instance is pruned.
 	Instance *find_by_sink(const EventSink *sink);

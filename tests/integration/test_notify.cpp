@@ -7,10 +7,20 @@
 #include <doctest/doctest.h>
 
 #include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <cstdio>
 #include <string>
 
+#include <fcntl.h>
+#include <linux/sockios.h>
 #include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 using namespace itest;
@@ -142,5 +152,81 @@ TEST_CASE("Worker.Status refuses a text that is not one line of valid UTF-8")
 	INFO("worker: ", read_file(b.path("worker.log")));
 	CHECK(read_file(b.path("worker.log")).find("wrong") == std::string::npos);
 	CHECK(instances(b.status("ext"), "ext").at(0).value("status", "") == "serving");
+	b.stop();
+}
+
+TEST_CASE("a notify message from a process that took a main pid over is not the instance's")
+{
+	if (::geteuid() != 0) {
+		MESSAGE("skipped: needs root to choose the next pid (ns_last_pid)");
+		return;
+	}
+	Broker b;
+	BROKER_CONTEXT(b);
+	std::string pid_file = b.path("daemon.pids");
+	std::string worker = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "itest-forking-worker").string();
+	b.start({{"sockets", {{"tcp", tcp_socket()}}},
+	         {"services", {{"fork", service({worker, pid_file}, {"tcp"}, 1, "notify")}}}});
+	pid_t daemon = 0;
+	REQUIRE(wait_until([&] { return (std::istringstream(read_file(pid_file)) >> daemon) && daemon > 0; }, 20s));
+	REQUIRE(wait_until([&] { return instances(b.status("fork"), "fork").at(0).value("pid", 0) == daemon; }, 20s));
+	std::string notify = [&] {
+		std::ifstream in("/proc/" + std::to_string(daemon) + "/environ");
+		std::string entry;
+		while (std::getline(in, entry, '\0'))
+			if (entry.starts_with("NOTIFY_SOCKET="))
+				return entry.substr(14);
+		return std::string();
+	}();
+	REQUIRE(notify.starts_with("@"));
+
+	// While brokerd is stopped, the main process dies and another process gets its pid (the
+	// daemon was reparented to this test, which reaps it), and reports as if it were it.
+	REQUIRE(::kill(b.pid(), SIGSTOP) == 0);
+	REQUIRE(::kill(daemon, SIGKILL) == 0);
+	REQUIRE(::waitpid(daemon, nullptr, 0) == daemon);
+	bool sent = false;
+	for (int attempt = 0; attempt < 5 && !sent; attempt++) {
+		std::ofstream("/proc/sys/kernel/ns_last_pid") << daemon - 1;
+		int ready[2];
+		REQUIRE(::pipe2(ready, O_CLOEXEC) == 0);
+		UniqueFd ready_rd(ready[0]), ready_wr(ready[1]);
+		Process impostor = Process::fork_run([&] {
+			::signal(SIGTERM, SIG_DFL);
+			if (::getpid() != daemon)
+				return 3;
+			UniqueFd s(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+			sockaddr_un sa{};
+			sa.sun_family = AF_UNIX;
+			std::memcpy(sa.sun_path + 1, notify.data() + 1, notify.size() - 1);
+			auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + notify.size());
+			const char msg[] = "STATUS=taken over";
+			if (::sendto(s.get(), msg, sizeof msg - 1, 0, reinterpret_cast<sockaddr *>(&sa), len) < 0)
+				return 4;
+			char byte = 1;
+			if (::write(ready_wr.get(), &byte, 1) != 1)
+				return 5;
+			// Until brokerd has read it.
+			int unread = -1;
+			return wait_until([&] { return ::ioctl(s.get(), SIOCOUTQ, &unread) == 0 && unread == 0; }, 20s) ? 0 : 6;
+		});
+		ready_wr.reset();
+		char byte = 0;
+		sent = ::read(ready_rd.get(), &byte, 1) == 1;
+		if (sent) {
+			REQUIRE(::kill(b.pid(), SIGCONT) == 0);
+			auto st = impostor.wait(20s);
+			CHECK((st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0));
+		}
+	}
+	::kill(b.pid(), SIGCONT);
+	REQUIRE_MESSAGE(sent, "could not get pid ", daemon, " again");
+	for (const json &i : instances(b.status("fork"), "fork"))
+		CHECK(i.value("status", "") != "taken over");
+	MESSAGE("brokerd on the impostor: ", [&] {
+		std::string log = b.log();
+		std::size_t at = log.find("pid " + std::to_string(daemon) + ",");
+		return at == std::string::npos ? std::string("(nothing)") : log.substr(at, log.find('\n', at) - at);
+	}());
 	b.stop();
 }
