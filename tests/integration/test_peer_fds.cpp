@@ -225,7 +225,12 @@ Outcome attack_control(const std::string &control, const NewCarrier &new_carrier
 		// brokerd closes the connection once it reaches the call with the fd.
 		while (read_message(conns.back().get(), buf)) {
 		}
+		return o;
 	}
+	// Refused by the kernel: nothing reached brokerd, and the connection goes on.
+	send_all(conns.back().get(), call("org.varlink.service.GetInfo"));
+	if (!read_message(conns.back().get(), buf))
+		throw std::runtime_error("no reply to GetInfo after the refused fd");
 	return o;
 }
 
