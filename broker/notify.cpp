@@ -18,16 +18,14 @@
 
 namespace broker {
 
-namespace {
-
-// A whole decimal number in pid_t's range, above 0; anything else (a sign, a suffix, "123xyz",
-// 4294967297) is 0.
 #ifndef SO_PASSPIDFD
 #define SO_PASSPIDFD 76
 #endif
 #ifndef SCM_PIDFD
 #define SCM_PIDFD 0x04
 #endif
+
+namespace {
 
 // Whether two pidfds name the same process. Since Linux 6.9 (pidfs) each process has its own
 // inode; before, every pidfd shares one, and the sender's pid is all there is to go by.
@@ -39,6 +37,8 @@ bool same_process(int a, int b)
 	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
+// A whole decimal number in pid_t's range, above 0; anything else (a sign, a suffix, "123xyz",
+// 4294967297) is 0.
 pid_t parse_pid(std::string_view text)
 {
 	pid_t pid = 0;
