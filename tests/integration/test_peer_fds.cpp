@@ -431,7 +431,12 @@ TEST_CASE("a peer's fd whose close() blocks cannot stop brokerd's event loop")
 		std::string notify = notify_address(pids[0]);
 		REQUIRE(notify.starts_with("@"));
 
+		std::size_t fds_before = fd_count(b.pid());
 		std::optional<Outcome> outcome = run_attack(b, [&](const NewCarrier &carrier) { return c.attack(b.control_path(), notify, carrier); });
+		// Once the attacker is gone, so is its lingering socket: everything brokerd took closes.
+		std::size_t fds_after = 0;
+		INFO("brokerd's fds: ", fds_before, " before, ", fds_after, " after");
+		CHECK(wait_until([&] { return (fds_after = fd_count(b.pid())) <= fds_before; }, 20s));
 		if (c.refusable && kernel_refuses_fds())
 			CHECK(outcome == kRefused);
 		CHECK(instances(b.status(), "web").size() == 1);
