@@ -6,7 +6,7 @@
 #include "broker/internal/limits.hpp"
 #include "broker/internal/errors.hpp"
 #include "log.hpp"
-#include "status_text.hpp"
+#include "broker/internal/status_text.hpp"
 
 #include <fcntl.h>
 #include <grp.h>

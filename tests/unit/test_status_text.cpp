@@ -1,5 +1,5 @@
 // Unit: the status text rule (docs/protocol.md), shared by the notify socket and the Worker interface.
-#include "status_text.hpp"
+#include "broker/internal/status_text.hpp"
 
 #include "broker/internal/limits.hpp"
 

@@ -1,5 +1,6 @@
 // The rule for a worker's status text, for the notify socket's STATUS= and the Worker interface alike.
 #pragma once
+#include "broker/internal/internal.hpp"
 
 #include <optional>
 #include <string>

@@ -1,5 +1,5 @@
 // The rule for a worker's status text, for the notify socket's STATUS= and the Worker interface alike.
-#include "status_text.hpp"
+#include "broker/internal/status_text.hpp"
 
 #include "broker/internal/limits.hpp"
 
