@@ -6,6 +6,7 @@
 #include "broker/internal/limits.hpp"
 #include "broker/internal/varlink.hpp"
 #include "broker_config.h"
+#include "closer.hpp"
 #include "interfaces.hpp"
 #include "listener.hpp"
 #include "broker/internal/errors.hpp"
@@ -313,6 +314,8 @@ void ControlServer::Connection::close(const std::string &why)
 	if (!why.empty())
 		log::client(log::Level::Info, "control: " + who() + ": " + why + ", closing connection");
 	dead_ = true;
+	// The peer sees the end now, though the socket itself may close later, off the loop.
+	::shutdown(stream_.fd(), SHUT_RDWR);
 	io_.reset();
 	idle_.reset();
 	resume_.reset();
@@ -728,6 +731,13 @@ void ControlServer::Connection::worker_hello(const json &params)
 	inst->accepts_handoff = accept_handoff;
 	// A worker may hand off connections from now on: two messages' worth may be in flight.
 	stream_.set_max_queued_fds(limits::kMaxQueuedFds);
+	try {
+		closer::pass_rights(stream_.fd(), true);
+		stream_.fd_from_peer(); // fds in flight on it close with it
+	} catch (const std::exception &e) {
+		close(std::string("cannot take handoffs: ") + e.what());
+		return;
+	}
 
 	json sockets = json::array();
 	std::vector<UniqueFd> fds;
@@ -797,7 +807,10 @@ void ControlServer::Connection::worker_status(const json &params)
 	if (it == params.end() || !it->is_string())
 		return error(vl::kInvalidParameter, {{"parameter", "text"}});
 	if (Instance *inst = worker()) {
-		server_.supervisor_.instance_status(*inst, it->get<std::string>());
+		if (auto why = server_.supervisor_.instance_status(*inst, it->get<std::string>())) {
+			log::client(log::Level::Warning, "instance " + inst->id + ": status text refused: " + *why);
+			return error(vl::kInvalidParameter, {{"parameter", "text"}});
+		}
 		reply(json::object());
 	}
 }
@@ -1192,7 +1205,7 @@ void ControlServer::restore_state(const json &state)
 	adopted_ = state.at("adopted").get<bool>();
 	unlink_path_ = state.at("unlink_path").get<std::string>();
 	for (const json &j : state.at("connections")) {
-		UniqueFd fd(j.at("fd").get<int>());
+		UniqueFd fd = UniqueFd::from_peer(j.at("fd").get<int>());
 		state::set_cloexec(fd.get(), true);
 		auto conn = std::make_unique<Connection>(*this, std::move(fd));
 		if (!conn->start()) {
@@ -1269,6 +1282,11 @@ ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, 
 		bind_socket();
 	}
 
+	// Only a worker's Handoff carries fds: the connections it accepts refuse them until Hello.
+	refuses_fds_ = closer::pass_rights(fd_.get(), false);
+	if (!refuses_fds_)
+		log::info("control socket: the kernel cannot refuse fds (no SO_PASSRIGHTS), they are closed off the loop");
+
 	sd_event_source *s = nullptr;
 	int r = sd_event_add_io(event_, &s, fd_.get(), EPOLLIN, accept_handler, this);
 	if (r < 0)
@@ -1303,7 +1321,9 @@ int ControlServer::accept_handler(sd_event_source *, int, std::uint32_t, void *u
 void ControlServer::accept_some()
 {
 	for (int i = 0; i < kAcceptPerWakeup; i++) {
-		UniqueFd fd(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+		// Where fds can reach its queue, its close may drop the last copy of one.
+		int accepted = ::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+		UniqueFd fd = refuses_fds_ ? UniqueFd(accepted) : UniqueFd::from_peer(accepted);
 		if (!fd) {
 			if (errno == EINTR || errno == ECONNABORTED)
 				continue;

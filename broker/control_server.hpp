@@ -91,6 +91,7 @@ private:
 	EventSource pause_; // re-enables accepting after running out of fds
 	std::string unlink_path_;
 	bool adopted_ = false;
+	bool refuses_fds_ = false; // SO_PASSRIGHTS off on the listener, so on what it accepts
 	std::list<std::unique_ptr<Connection>> connections_;
 	std::size_t freed_since_trim_ = 0; // buffer bytes of closed connections since the last malloc_trim
 };

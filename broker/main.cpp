@@ -1,5 +1,6 @@
 // brokerd: owns the listening sockets and the workers of every service, and serves the control socket.
 #include "broker_config.h"
+#include "closer.hpp"
 #include "config.hpp"
 #include "control_server.hpp"
 #include "event.hpp"
@@ -175,6 +176,7 @@ int Daemon::run()
 	start_usec_ = restoring ? restored_.at("start_usec").get<std::uint64_t>() : now_usec(CLOCK_MONOTONIC);
 	const std::uint64_t start = start_usec_;
 	UniqueFd control_fd = restoring ? restore_listeners() : open_listeners();
+	closer::start();
 
 	sd_event *e = nullptr;
 	int r = sd_event_new(&e);

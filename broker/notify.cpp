@@ -2,19 +2,53 @@
 #include "notify.hpp"
 
 #include "broker/internal/limits.hpp"
+#include "closer.hpp"
 #include "log.hpp"
 #include "supervisor.hpp"
 
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 
 #include <cerrno>
-#include <cstdlib>
+#include <charconv>
 #include <cstring>
 #include <stdexcept>
 #include <string_view>
 
 namespace broker {
+
+#ifndef SO_PASSPIDFD
+#define SO_PASSPIDFD 76
+#endif
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+
+namespace {
+
+// Whether two pidfds name the same process. Since Linux 6.9 (pidfs) each process has its own
+// inode; before, every pidfd shares one, and the sender's pid is all there is to go by.
+bool same_process(int a, int b)
+{
+	struct stat sa{}, sb{};
+	if (::fstat(a, &sa) < 0 || ::fstat(b, &sb) < 0)
+		return true;
+	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+// A whole decimal number in pid_t's range, above 0; anything else (a sign, a suffix, "123xyz",
+// 4294967297) is 0.
+pid_t parse_pid(std::string_view text)
+{
+	pid_t pid = 0;
+	auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), pid);
+	if (ec != std::errc() || end != text.data() + text.size() || pid <= 0)
+		return 0;
+	return pid;
+}
+
+} // namespace
 
 NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kept) : supervisor_(supervisor)
 {
@@ -40,6 +74,10 @@ NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kep
 	int one = 1;
 	if (::setsockopt(fd_.get(), SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0)
 		throw std::runtime_error(std::string("notify socket: SO_PASSCRED: ") + std::strerror(errno));
+	// Workers have no fd store here: a datagram with fds fails in the sender with EPERM.
+	closer::pass_rights(fd_.get(), false);
+	// The sender's pidfd with each datagram (Linux 6.5+): a pid reused since is told apart.
+	(void)::setsockopt(fd_.get(), SOL_SOCKET, SO_PASSPIDFD, &one, sizeof(one));
 
 	sd_event_source *s = nullptr;
 	int r = sd_event_add_io(event, &s, fd_.get(), EPOLLIN, handler, this);
@@ -61,7 +99,7 @@ void NotifySocket::receive()
 	// Bounded per wakeup; the rest waits for the next turn of the loop.
 	for (int round = 0; round < 64; round++) {
 		char buf[limits::kMaxNotifyMessage + 1];
-		alignas(cmsghdr) char control[CMSG_SPACE(sizeof(ucred)) + CMSG_SPACE(sizeof(int) * 16)];
+		alignas(cmsghdr) char control[CMSG_SPACE(sizeof(ucred)) + CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(int) * 16)];
 		iovec iov{buf, sizeof(buf)};
 		msghdr msg{};
 		msg.msg_iov = &iov;
@@ -73,44 +111,54 @@ void NotifySocket::receive()
 			if (errno == EINTR)
 				continue;
 			if (errno != EAGAIN)
-				log::warning(std::string("notify socket: ") + std::strerror(errno) + ", ignoring");
+				log::client(log::Level::Warning, std::string("notify socket: ") + std::strerror(errno) + ", ignoring");
 			return;
 		}
 
 		const ucred *cred = nullptr;
 		bool had_fds = false;
+		UniqueFd sender; // stays invalid when the sender is gone (a negative errno comes instead)
 		for (cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
 			if (c->cmsg_level != SOL_SOCKET)
 				continue;
 			if (c->cmsg_type == SCM_CREDENTIALS && c->cmsg_len == CMSG_LEN(sizeof(ucred))) {
 				cred = reinterpret_cast<const ucred *>(CMSG_DATA(c));
+			} else if (c->cmsg_type == SCM_PIDFD && c->cmsg_len == CMSG_LEN(sizeof(int))) {
+				int fd;
+				std::memcpy(&fd, CMSG_DATA(c), sizeof(int));
+				sender.reset(fd);
 			} else if (c->cmsg_type == SCM_RIGHTS) {
-				// Received fds are ours: close them (the fd store is not offered to workers).
+				// Received fds are ours (a kernel without SO_PASSRIGHTS): closed off the loop.
 				std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 				for (std::size_t i = 0; i < count; i++) {
 					int fd;
 					std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-					UniqueFd drop(fd);
+					UniqueFd::from_peer(fd).reset();
 				}
 				had_fds = true;
 			}
 		}
 		if (!cred) {
-			log::warning("notify socket: message without credentials, ignoring");
+			log::client(log::Level::Warning, "notify socket: message without credentials, ignoring");
 			continue;
 		}
 		std::string who = "pid " + std::to_string(cred->pid);
 		if (static_cast<std::size_t>(n) > limits::kMaxNotifyMessage || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
-			log::warning("notify socket: oversized message from " + who + ", ignoring");
+			log::client(log::Level::Warning, "notify socket: oversized message from " + who + ", ignoring");
 			continue;
 		}
 		Instance *inst = supervisor_.find_by_pid(cred->pid);
 		if (!inst) {
-			log::warning("notify socket: message from " + who + ", which is no instance, ignoring");
+			log::client(log::Level::Warning, "notify socket: message from " + who + ", which is no instance, ignoring");
+			continue;
+		}
+		if (int own = supervisor_.pidfd_of(*inst, cred->pid); sender && own >= 0 && !same_process(sender.get(), own)) {
+			log::client(log::Level::Warning, "instance " + inst->id + ": notify message from " + who +
+			                                     ", another process than its own by that pid, ignoring");
 			continue;
 		}
 		if (had_fds)
-			log::warning("instance " + inst->id + ": notify message carried fds, closed them");
+			log::client(log::Level::Warning, "instance " + inst->id + ": notify message carried fds, closed them");
 
 		std::string_view text(buf, static_cast<std::size_t>(n));
 		while (!text.empty()) {
@@ -119,12 +167,18 @@ void NotifySocket::receive()
 			text = nl == std::string_view::npos ? std::string_view{} : text.substr(nl + 1);
 			if (line == "READY=1")
 				supervisor_.instance_ready(*inst, "READY=1");
-			else if (line.starts_with("STATUS="))
-				supervisor_.instance_status(*inst, std::string(line.substr(7)));
+			else if (line.starts_with("STATUS=")) {
+				if (auto why = supervisor_.instance_status(*inst, std::string(line.substr(7))))
+					log::client(log::Level::Warning, "instance " + inst->id + ": STATUS= " + *why + ", ignoring");
+			}
 			else if (line == "STOPPING=1")
 				supervisor_.instance_stopping(*inst);
-			else if (line.starts_with("MAINPID="))
-				supervisor_.instance_main_pid(*inst, static_cast<pid_t>(std::atoi(std::string(line.substr(8)).c_str())));
+			else if (line.starts_with("MAINPID=")) {
+				if (pid_t pid = parse_pid(line.substr(8)); pid > 0)
+					supervisor_.instance_main_pid(*inst, pid);
+				else
+					log::client(log::Level::Warning, "instance " + inst->id + ": MAINPID= is not a process id, ignoring");
+			}
 			// Other assignments (WATCHDOG=1, ERRNO=, ...) are not for us.
 			if (!supervisor_.find_by_pid(cred->pid))
 				break;

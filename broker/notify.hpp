@@ -11,8 +11,10 @@ namespace broker {
 class Supervisor;
 
 // A datagram socket in the abstract namespace (an autobound name, so two brokers never clash).
-// Each message is attributed to its instance by the sender's SCM_CREDENTIALS pid; messages from
-// unknown pids, with fds, or over the size limit are dropped and logged.
+// Each message is attributed to its instance by the sender's SCM_CREDENTIALS pid, and its
+// SCM_PIDFD must name that instance's own process; messages from unknown pids or other processes,
+// or over the size limit, are dropped and logged (rate-limited). Fds are refused by the kernel
+// (SO_PASSRIGHTS), or closed off the loop where it cannot.
 class NotifySocket {
 public:
 	// Binds a new socket, or serves `kept` (a re-executed brokerd's).

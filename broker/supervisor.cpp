@@ -7,6 +7,7 @@
 #include "broker/internal/limits.hpp"
 #include "broker/internal/errors.hpp"
 #include "log.hpp"
+#include "broker/internal/status_text.hpp"
 
 #include <fcntl.h>
 #include <grp.h>
@@ -836,11 +837,12 @@ void Supervisor::instance_ready(Instance &inst, std::string_view how)
 	changed();
 }
 
-void Supervisor::instance_status(Instance &inst, std::string text)
+std::optional<std::string> Supervisor::instance_status(Instance &inst, std::string text)
 {
-	if (text.size() > limits::kMaxStatusText)
-		text.resize(limits::kMaxStatusText);
+	if (auto why = check_status_text(text))
+		return why;
 	inst.status_text = std::move(text);
+	return std::nullopt;
 }
 
 void Supervisor::instance_stopping(Instance &inst)
@@ -856,15 +858,13 @@ void Supervisor::instance_stopping(Instance &inst)
 
 void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 {
-	// Only a process of the instance's own session may become its main process.
-	if (pid <= 0 || inst.external || ::getsid(pid) != inst.session) {
-		log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) +
-		             " is not a process of its session, ignoring");
-		return;
-	}
-	UniqueFd pidfd(pidfd_open(pid));
-	if (!pidfd) {
-		log::warning("instance " + inst.id + ": MAINPID=" + std::to_string(pid) + ": " + errno_text(errno) + ", ignoring");
+	// Only a process of the instance's own session may become its main process. The pidfd is
+	// opened first, and the process it names is still alive after the session check: a pid
+	// reused in between is never adopted.
+	UniqueFd pidfd(pid > 0 && !inst.external ? pidfd_open(pid) : -1);
+	if (!pidfd || ::getsid(pid) != inst.session || pidfd_send_signal(pidfd.get(), 0) < 0) {
+		log::client(log::Level::Warning, "instance " + inst.id + ": MAINPID=" + std::to_string(pid) +
+		                                     " is not a process of its session, ignoring");
 		return;
 	}
 	if (inst.forked) {
@@ -1048,6 +1048,15 @@ Instance *Supervisor::find_by_pid(pid_t pid)
 				if (inst->pid && (inst->pid == pid || inst->main_pid == pid))
 					return inst.get();
 	return nullptr;
+}
+
+int Supervisor::pidfd_of(const Instance &inst, pid_t pid) const
+{
+	if (pid == inst.main_pid || ((inst.external || inst.forked) && pid == inst.pid))
+		return inst.pidfd.get();
+	if (pid == inst.pid && inst.child_source)
+		return sd_event_source_get_child_pidfd(inst.child_source.get());
+	return -1;
 }
 
 // Registered (external) workers.

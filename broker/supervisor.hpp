@@ -203,6 +203,8 @@ public:
 
 	Instance *find_by_token(std::string_view token);
 	Instance *find_by_pid(pid_t pid);
+	// The pidfd brokerd holds for `pid`, one of the instance's processes, or -1.
+	int pidfd_of(const Instance &inst, pid_t pid) const;
 	// The instance whose Events stream `sink` carries: still found after the process exited,
 	// until the connection closes or the instance is pruned.
 	Instance *find_by_sink(const EventSink *sink);
@@ -211,7 +213,8 @@ public:
 
 	// Reports from workers, through the control or notify socket.
 	void instance_ready(Instance &inst, std::string_view how);
-	void instance_status(Instance &inst, std::string text);
+	// The text as check_status_text() takes it; returns why it is refused (the caller says so).
+	std::optional<std::string> instance_status(Instance &inst, std::string text);
 	void instance_stopping(Instance &inst);
 	// MAINPID=: the worker's main process is another one of its session (a forking server).
 	void instance_main_pid(Instance &inst, pid_t pid);

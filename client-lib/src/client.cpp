@@ -3,6 +3,7 @@
 
 #include "broker/internal/handoff.hpp"
 #include "broker/internal/limits.hpp"
+#include "broker/internal/status_text.hpp"
 #include "broker/internal/sync_client.hpp"
 #include "broker/internal/unique_fd.hpp"
 #include "broker/internal/varlink.hpp"
@@ -526,6 +527,10 @@ void Client::status(std::string_view text)
 		throw Error(EINVAL, "status text must be one line");
 	if (text.size() > limits::kMaxStatusText)
 		throw Error(EMSGSIZE, "status text is longer than " + std::to_string(limits::kMaxStatusText) + " bytes");
+	// brokerd's rule (a oneway call would be refused unseen).
+	std::string checked(text);
+	if (auto why = check_status_text(checked))
+		throw Error(EINVAL, "status text: " + *why);
 	if (impl_->brokered) {
 		impl_->send(kStatus, json{{"text", text}});
 		return;

@@ -126,7 +126,7 @@ int Stream::receive()
 		for (std::size_t i = 0; i < count; i++) {
 			int fd;
 			std::memcpy(&fd, data + i * sizeof(int), sizeof(int));
-			in_fds_.emplace_back(fd);
+			in_fds_.push_back(UniqueFd::from_peer(fd));
 			received++;
 		}
 	}

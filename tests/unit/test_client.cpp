@@ -256,6 +256,11 @@ TEST_CASE("plain systemd: listeners from LISTEN_FDS, C++ and C")
 			} catch (const broker::Error &e) {
 				out["two_lines"] = error_json(e);
 			}
+			try {
+				c.status("\x1B[31mred");
+			} catch (const broker::Error &e) {
+				out["escape"] = error_json(e);
+			}
 			broker::Client moved = std::move(c);
 			out["moved_x"] = moved.listener("x");
 		}
@@ -318,6 +323,7 @@ TEST_CASE("plain systemd: listeners from LISTEN_FDS, C++ and C")
 	CHECK(r["y"] == 4);
 	CHECK(r["z"]["code"] == ENOENT);
 	CHECK(r["two_lines"]["code"] == EINVAL);
+	CHECK(r["escape"]["code"] == EINVAL);
 	CHECK(r["moved_x"] == 3);
 	CHECK(r["open_after"] == true);
 	CHECK(r["env_kept"] == true);

@@ -603,3 +603,42 @@ TEST_CASE("flush with a full socket buffer returns -EAGAIN and completes later")
 	}
 	CHECK(inodes(got.back().fds) == fd_inodes);
 }
+
+TEST_CASE("received fds are a peer's: wherever they are dropped, they go to peer_fd_closer")
+{
+	static std::vector<int> handed;
+	handed.clear();
+	broker::peer_fd_closer = [](int fd) noexcept {
+		handed.push_back(fd);
+		::close(fd);
+	};
+	struct Restore {
+		~Restore() { broker::peer_fd_closer = nullptr; }
+	} restore;
+
+	Pair p = make_pair();
+	Stream rx(std::move(p.b));
+	{
+		auto fds = memfds(2);
+		send_raw(p.a.get(), frame(with_fd_refs(2)), fds);
+	}
+	std::vector<Message> got;
+	REQUIRE(pump(rx, got) == 0);
+	REQUIRE(got.size() == 1);
+	REQUIRE(got[0].fds.size() == 2);
+	int first = got[0].fds[0].get(), second = got[0].fds[1].get();
+	CHECK(got[0].fds[0].is_from_peer());
+	UniqueFd moved = std::move(got[0].fds[0]); // a move keeps the mark
+	CHECK(moved.is_from_peer());
+	moved.reset();
+	got.clear();
+	CHECK(handed == std::vector<int>{first, second});
+
+	// Our own fds close inline, and release() takes the mark off.
+	UniqueFd own(::memfd_create("framing-test", MFD_CLOEXEC));
+	own.reset();
+	UniqueFd released = UniqueFd::from_peer(::memfd_create("framing-test", MFD_CLOEXEC));
+	int raw = released.release();
+	::close(raw);
+	CHECK(handed.size() == 2);
+}

@@ -99,7 +99,8 @@ public:
 	// Tells the broker this instance is serving. Under plain systemd this is READY=1 to
 	// NOTIFY_SOCKET when it is set. Never blocks.
 	void ready();
-	// A one-line status shown by `brokerctl status` (STATUS= under plain systemd).
+	// A one-line status shown by `brokerctl status` (STATUS= under plain systemd): at most 512
+	// bytes of valid UTF-8 without control characters, or Error with EMSGSIZE or EINVAL.
 	void status(std::string_view text);
 
 	// Event-loop integration, in the sd-bus style: poll fd() for events(), wake up by

@@ -8,14 +8,32 @@
 
 namespace broker {
 
+// Where fds from a peer go when dropped. Null (the library's case): closed inline. brokerd sets
+// its closer thread here (broker/closer.hpp), as such a close can block its event loop.
+inline void (*peer_fd_closer)(int fd) noexcept = nullptr;
+
 class UniqueFd {
 public:
 	UniqueFd() = default;
 	explicit UniqueFd(int fd) noexcept : fd_(fd) {}
-	UniqueFd(UniqueFd &&o) noexcept : fd_(o.release()) {}
+	// An fd a peer gave us (SCM_RIGHTS), or a socket peers can queue fds on: its last close()
+	// may block for as long as the peer likes (a TCP socket lingering on unsent data, a file on
+	// FUSE, in-flight fds of the same kind), so it closes through peer_fd_closer. Moves keep
+	// the mark; release() drops it.
+	static UniqueFd from_peer(int fd) noexcept
+	{
+		UniqueFd u(fd);
+		u.peer_ = fd >= 0;
+		return u;
+	}
+	UniqueFd(UniqueFd &&o) noexcept : fd_(std::exchange(o.fd_, -1)), peer_(std::exchange(o.peer_, false)) {}
 	UniqueFd &operator=(UniqueFd &&o) noexcept
 	{
-		reset(o.release());
+		if (this != &o) {
+			reset();
+			fd_ = std::exchange(o.fd_, -1);
+			peer_ = std::exchange(o.peer_, false);
+		}
 		return *this;
 	}
 	UniqueFd(const UniqueFd &) = delete;
@@ -26,17 +44,29 @@ public:
 	bool valid() const noexcept { return fd_ >= 0; }
 	explicit operator bool() const noexcept { return valid(); }
 
-	[[nodiscard]] int release() noexcept { return std::exchange(fd_, -1); }
+	bool is_from_peer() const noexcept { return peer_; }
+
+	[[nodiscard]] int release() noexcept
+	{
+		peer_ = false;
+		return std::exchange(fd_, -1);
+	}
 
 	void reset(int fd = -1) noexcept
 	{
 		int old = std::exchange(fd_, fd);
-		if (old >= 0)
+		bool peer = std::exchange(peer_, false);
+		if (old < 0)
+			return;
+		if (peer && peer_fd_closer)
+			peer_fd_closer(old);
+		else
 			::close(old);
 	}
 
 private:
 	int fd_ = -1;
+	bool peer_ = false;
 };
 
 } // namespace broker

@@ -47,6 +47,8 @@ int count_fd_refs_in(const json &parameters);
 // Received fds are queued in arrival order and each message takes exactly as many as it
 // references. MSG_CTRUNC, missing or surplus fds, a message over the size limit, or invalid JSON
 // are protocol errors: every fd involved is closed and the stream is unusable afterwards.
+// Received fds are marked UniqueFd::from_peer, so that wherever they are dropped, brokerd closes
+// them off its event loop.
 class Stream {
 public:
 	// max_queued_fds bounds the fds a peer may have in flight; 0 refuses any fd at all.
@@ -54,6 +56,8 @@ public:
 	                std::size_t max_queued_fds = limits::kMaxQueuedFds);
 
 	int fd() const { return fd_.get(); }
+	// The socket may hold fds in flight when it closes: see UniqueFd::from_peer.
+	void fd_from_peer() { fd_ = UniqueFd::from_peer(fd_.release()); }
 	// Once a peer may send fds (a worker after Hello, for handoff).
 	void set_max_queued_fds(std::size_t n) { max_queued_fds_ = n; }
 	// The largest message the peer may send (the constructor's max_message bounds both ways):
