@@ -390,7 +390,7 @@ void Supervisor::spawn(Instance &inst)
 		env_strings.push_back("LOGNAME=" + cfg.user);
 	}
 	for (const auto &[k, v] : cfg.env) {
-		std::erase_if(env_strings, [&](const std::string &s) { return s.starts_with(k + "="); });
+		std::erase_if(env_strings, [&key = k](const std::string &s) { return s.starts_with(key + "="); });
 		env_strings.push_back(k + "=" + v);
 	}
 	char listen_pid[32] = "LISTEN_PID=";
