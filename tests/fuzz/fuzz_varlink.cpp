@@ -18,7 +18,6 @@
 #include <string>
 #include <vector>
 
-using broker::UniqueFd;
 using namespace broker;
 using json = nlohmann::json;
 
