@@ -103,7 +103,7 @@ std::string encode(const json &body)
 // What Stream::next() does with one message's text.
 json decode(const std::string &text)
 {
-	json body = vl::depth_within_limit(text) ? json::parse(text, nullptr, false) : json(json::value_t::discarded);
+	json body = vl::parse(text);
 	if (body.is_discarded() || vl::count_fd_refs(body) < 0)
 		throw std::runtime_error("bad message");
 	return body;

@@ -713,11 +713,17 @@ void parse_services(const json &j, Config &cfg)
 // The parser callback tracks where it is, to name the duplicate's path.
 class DuplicateKeys {
 public:
-	bool operator()(int, json::parse_event_t event, json &parsed)
+	bool operator()(int depth, json::parse_event_t event, json &parsed)
 	{
 		switch (event) {
 		case json::parse_event_t::object_start:
 		case json::parse_event_t::array_start: {
+			// Each level costs a path here: a file nested thousands deep would cost gigabytes,
+			// in the daemon too (reload, upgrade). The parser's depth counts what it parses,
+			// so comments hide nothing; the parse stops here.
+			if (!varlink::depth_allowed(depth))
+				throw ConfigError("invalid JSON: nested more than " + std::to_string(limits::kMaxJsonDepth) +
+				                  " levels deep");
 			Frame f;
 			f.array = event == json::parse_event_t::array_start;
 			f.path = frames_.empty() ? std::string() : here(frames_.back());
@@ -783,10 +789,6 @@ std::string short_reason(const char *what)
 
 json parse_json(std::string_view text)
 {
-	// Each level costs the duplicate check a path: a file nested thousands deep would cost
-	// gigabytes, in the daemon too (reload, upgrade).
-	if (!varlink::depth_within_limit(text))
-		throw ConfigError("invalid JSON: nested more than " + std::to_string(limits::kMaxJsonDepth) + " levels deep");
 	DuplicateKeys dup;
 	json root;
 	try {

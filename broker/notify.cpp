@@ -50,6 +50,23 @@ pid_t parse_pid(std::string_view text)
 
 } // namespace
 
+NotifyLine take_notify_line(std::string_view &text)
+{
+	std::size_t nl = text.find('\n');
+	std::string_view line = text.substr(0, nl);
+	text = nl == std::string_view::npos ? std::string_view{} : text.substr(nl + 1);
+	if (line == "READY=1")
+		return {NotifyLine::Kind::Ready, {}};
+	if (line.starts_with("STATUS="))
+		return {NotifyLine::Kind::Status, line.substr(7)};
+	if (line == "STOPPING=1")
+		return {NotifyLine::Kind::Stopping, {}};
+	if (line.starts_with("MAINPID="))
+		return {NotifyLine::Kind::MainPid, line.substr(8)};
+	// Other assignments (WATCHDOG=1, ERRNO=, ...) are not for us.
+	return {};
+}
+
 NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kept) : supervisor_(supervisor)
 {
 	sockaddr_un sa{};
@@ -162,24 +179,20 @@ void NotifySocket::receive()
 
 		std::string_view text(buf, static_cast<std::size_t>(n));
 		while (!text.empty()) {
-			std::size_t nl = text.find('\n');
-			std::string_view line = text.substr(0, nl);
-			text = nl == std::string_view::npos ? std::string_view{} : text.substr(nl + 1);
-			if (line == "READY=1")
+			NotifyLine line = take_notify_line(text);
+			if (line.kind == NotifyLine::Kind::Ready)
 				supervisor_.instance_ready(*inst, "READY=1");
-			else if (line.starts_with("STATUS=")) {
-				if (auto why = supervisor_.instance_status(*inst, std::string(line.substr(7))))
+			else if (line.kind == NotifyLine::Kind::Status) {
+				if (auto why = supervisor_.instance_status(*inst, std::string(line.value)))
 					log::client(log::Level::Warning, "instance " + inst->id + ": STATUS= " + *why + ", ignoring");
-			}
-			else if (line == "STOPPING=1")
+			} else if (line.kind == NotifyLine::Kind::Stopping) {
 				supervisor_.instance_stopping(*inst);
-			else if (line.starts_with("MAINPID=")) {
-				if (pid_t pid = parse_pid(line.substr(8)); pid > 0)
+			} else if (line.kind == NotifyLine::Kind::MainPid) {
+				if (pid_t pid = parse_pid(line.value); pid > 0)
 					supervisor_.instance_main_pid(*inst, pid);
 				else
 					log::client(log::Level::Warning, "instance " + inst->id + ": MAINPID= is not a process id, ignoring");
 			}
-			// Other assignments (WATCHDOG=1, ERRNO=, ...) are not for us.
 			if (!supervisor_.find_by_pid(cred->pid))
 				break;
 		}

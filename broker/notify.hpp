@@ -5,10 +5,22 @@
 #include "event.hpp"
 
 #include <string>
+#include <string_view>
 
 namespace broker {
 
 class Supervisor;
+
+// What one line of a notify datagram asks of brokerd (sd_notify(3): "KEY=value" lines).
+struct NotifyLine {
+	enum class Kind { Ready, Status, Stopping, MainPid, Other };
+	Kind kind = Kind::Other;
+	std::string_view value; // what follows "STATUS=" or "MAINPID="
+};
+
+// Takes the first line off `text` (up to a '\n', which is dropped) and reads it. Pure, so the
+// datagram's grammar is tested and fuzzed without a socket or a supervisor.
+NotifyLine take_notify_line(std::string_view &text);
 
 // A datagram socket in the abstract namespace (an autobound name, so two brokers never clash).
 // Each message is attributed to its instance by the sender's SCM_CREDENTIALS pid, and its

@@ -133,8 +133,12 @@ json read(int raw)
 	json state = json::parse(text, nullptr, false);
 	if (!state.is_object())
 		throw std::runtime_error("re-exec state: not a JSON object");
-	if (state.value("format", 0) != kFormat)
-		throw std::runtime_error("re-exec state: format " + std::to_string(state.value("format", 0)) +
+	// An integer, exactly: value() would throw nlohmann's own error for a string, and read 1.5 as 1.
+	auto format = state.find("format");
+	bool known = format != state.end() && format->is_number_integer();
+	if (!known || *format != kFormat)
+		throw std::runtime_error("re-exec state: " +
+		                         (known ? "format " + std::to_string(format->get<long long>()) : std::string("no format")) +
 		                         ", this brokerd reads format " + std::to_string(kFormat));
 	return state;
 }

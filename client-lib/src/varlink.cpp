@@ -67,28 +67,21 @@ int count_fd_refs_in(const json &parameters)
 	return static_cast<int>(refs.size());
 }
 
-bool depth_within_limit(std::string_view text)
+json parse(std::string_view text)
 {
-	std::size_t depth = 0;
-	bool in_string = false, escaped = false;
-	for (char c : text) {
-		if (in_string) {
-			if (escaped)
-				escaped = false;
-			else if (c == '\\')
-				escaped = true;
-			else if (c == '"')
-				in_string = false;
-		} else if (c == '"') {
-			in_string = true;
-		} else if (c == '{' || c == '[') {
-			if (++depth > limits::kMaxJsonDepth)
-				return false;
-		} else if ((c == '}' || c == ']') && depth > 0) {
-			depth--;
-		}
+	struct TooDeep {};
+	auto bound = [](int depth, json::parse_event_t event, json &) {
+		if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
+		    !depth_allowed(depth))
+			throw TooDeep{};
+		return true;
+	};
+	try {
+		return json::parse(text, bound);
+	} catch (const json::exception &) {
+	} catch (const TooDeep &) {
 	}
-	return true;
+	return json(json::value_t::discarded);
 }
 
 Stream::Stream(UniqueFd fd, std::size_t max_message, std::size_t max_queued_fds)
@@ -183,7 +176,7 @@ int Stream::next(Message &out)
 	}
 
 	std::string_view text(in_.data(), end);
-	json body = depth_within_limit(text) ? json::parse(text, nullptr, false) : json(json::value_t::discarded);
+	json body = parse(text);
 	in_.erase(0, end + 1);
 	scanned_ = 0;
 	// One large message must not keep its buffer for the life of the stream.

@@ -7,6 +7,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -493,6 +494,40 @@ TEST_CASE("two reuseport sockets may share an address")
 		"d": {"listen": "tcp://0.0.0.0:0"},
 		"e": {"listen": "tcp://0.0.0.0:0"}}})");
 	CHECK(cfg.sockets.size() == 5);
+}
+
+TEST_CASE("nesting is counted as the parser sees it, comments and all")
+{
+	// A quote inside a comment once hid the brackets after it from a separate text scan, so the
+	// parser went 20000 levels deep and the duplicate-key check held a path for each: gigabytes.
+	std::string deep = std::string(20000, '[') + std::string(20000, ']');
+	struct Case {
+		std::string text;
+	};
+	const Case hidden[] = {
+		{"/*\"*/" + deep},
+		{"//\"\n" + deep},
+		{R"({"services": /* " */ {"web": )" + deep + "}}"},
+		{R"({"a": "\"" /* " */, "b": )" + deep + "}"},
+	};
+	for (const Case &c : hidden) {
+		CAPTURE(c.text.substr(0, 40));
+		rusage before{}, after{};
+		getrusage(RUSAGE_SELF, &before);
+		CHECK(error_of(c.text) == "invalid JSON: nested more than 64 levels deep");
+		getrusage(RUSAGE_SELF, &after);
+		// ru_maxrss is in KiB: the refusal costs next to nothing, where the whole parse cost 600 MB.
+		CHECK(after.ru_maxrss - before.ru_maxrss < 32 * 1024);
+	}
+
+	// Brackets inside comments and strings are no nesting at all.
+	std::string commented = "/* " + std::string(100, '[') + " */ // " + std::string(100, '{') + "\n" +
+	                        R"({"sockets": {"http": {"listen": "unix:/run/)" + std::string(90, '[') + R"("}}})";
+	CHECK(parse(commented).sockets.size() == 1);
+
+	// Exactly the limit parses; one more level is refused.
+	CHECK(error_of(std::string(64, '[') + std::string(64, ']')) == "top level: expected an object, got an array");
+	CHECK(error_of(std::string(65, '[') + std::string(65, ']')) == "invalid JSON: nested more than 64 levels deep");
 }
 
 TEST_CASE("parse_duration")

@@ -401,6 +401,9 @@ TEST_CASE("protocol errors close every fd involved and end the stream")
 		{"too large, sent in pieces", big, 1, -EMSGSIZE, 16, 64},
 		{"too large without any NUL", std::string(100, 'x'), 1, -EMSGSIZE, 0, 64},
 		{"too large without any NUL, in pieces", std::string(100, 'x'), 0, -EMSGSIZE, 30, 64},
+		{"nested 65 levels", "{\"parameters\":" + std::string(64, '[') + std::string(64, ']') + "}\0"s, 1, -EBADMSG},
+		{"nested thousands of levels", "{\"p\":" + std::string(5000, '[') + std::string(5000, ']') + "}\0"s, 0, -EBADMSG},
+		{"a comment (Varlink has none)", "{/*\"*/\"parameters\":{}}\0"s, 0, -EBADMSG},
 	};
 	for (const Case &c : cases) {
 		CAPTURE(c.what);
@@ -428,6 +431,19 @@ TEST_CASE("protocol errors close every fd involved and end the stream")
 		CHECK(rx.next(m) < 0);
 		CHECK(open_fds() == base);
 	}
+}
+
+TEST_CASE("nesting up to the depth limit is received, as the parser counts it")
+{
+	Pair p = make_pair();
+	Stream rx(std::move(p.b));
+	// 64 levels in all; brackets inside strings are no nesting.
+	std::string text = "{\"parameters\":{\"s\":\"[[[{{{\\\"[[\",\"a\":" + std::string(62, '[') + std::string(62, ']') + "}}";
+	send_raw(p.a.get(), text + "\0"s);
+	std::vector<Message> got;
+	CHECK(pump(rx, got) == 0);
+	REQUIRE(got.size() == 1);
+	CHECK(got[0].body["parameters"]["s"] == "[[[{{{\"[[");
 }
 
 TEST_CASE("a message of exactly the size limit is received")

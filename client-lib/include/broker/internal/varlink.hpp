@@ -30,9 +30,18 @@ struct Message {
 	std::vector<UniqueFd> fds;
 };
 
-// True when the JSON text nests objects and arrays no deeper than limits::kMaxJsonDepth. Checked
-// before parsing, since every recursive walk of a message is bounded by it.
-bool depth_within_limit(std::string_view text);
+// Whether an object or array that starts at a parser callback's `depth` (0 at the top level) is
+// within limits::kMaxJsonDepth levels. Every recursive walk of parsed JSON is bounded by it. It is
+// checked by the parser's own callback, never by a separate scan of the text, which would not see
+// what the parser sees (a quote inside a comment of a config hid the nesting after it).
+constexpr bool depth_allowed(int depth)
+{
+	return depth >= 0 && static_cast<std::size_t>(depth) < limits::kMaxJsonDepth;
+}
+
+// A message's JSON text, parsed, or a discarded value when it is not valid JSON or nests deeper
+// than depth_allowed(); the parse stops at the first level too deep.
+json parse(std::string_view text);
 
 // Counts the fds a message references. By protocol rule (docs/protocol.md), an fd is referenced
 // by an integer member named "fd" anywhere inside "parameters"; the indices used must be exactly
