@@ -157,8 +157,14 @@ private:
 	void apply_limits();
 	void claim_instance();
 	void rearm_idle(std::chrono::microseconds after);
-	// Its replies wait to be read: it sends no more calls until they drain.
-	bool output_backlog() const { return !peer_gone_ && stream_.queued_bytes() > limits::kMaxUnreadOutput; }
+	// Its replies wait to be read: it sends no more calls until they drain. Not an instance's
+	// Events connection: its output is events, which the HandoffRouter holds back by itself, and
+	// what it sends (Received, Handoff) is what lets them drain; held back, a receiver's
+	// acknowledgements were read only once it had read nearly every event.
+	bool output_backlog() const
+	{
+		return !peer_gone_ && !instance_conn_ && stream_.queued_bytes() > limits::kMaxUnreadOutput;
+	}
 	void close(const std::string &why);
 	std::string who() const;
 	access::Tier tier() const;
