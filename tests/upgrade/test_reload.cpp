@@ -104,7 +104,9 @@ TEST_CASE("reload: sockets and services come and go and kept services take their
 		{"edge", "edge is a registered service: a new version takes over by registering"},
 		{"web", "services.web: without exec, it would become a registered service"},
 	};
-	for (const auto &[name, message] : upgrades) {
+	// Not structured bindings: INFO captures them, which clang before 16 cannot.
+	for (const auto &upgrade : upgrades) {
+		const std::string &name = upgrade.first, &message = upgrade.second;
 		r = brokerctl(b, {"upgrade", name});
 		INFO("brokerctl upgrade ", name, ": ", r.describe());
 		CHECK(r.exit_code == 7);
@@ -131,7 +133,9 @@ TEST_CASE("reload: sockets and services come and go and kept services take their
 		{{"--env", "LISTEN_X=1"}, "LISTEN_X: BROKER_*, LISTEN_* and NOTIFY_SOCKET are set by brokerd"},
 		{{"--batch", "2000"}, "expected a number of instances from 1 to 1024"},
 	};
-	for (const auto &[options, message] : refused) {
+	for (const auto &refusal : refused) {
+		const auto &options = refusal.first;
+		const std::string &message = refusal.second;
 		std::vector<std::string> args = {"upgrade", "web"};
 		args.insert(args.end(), options.begin(), options.end());
 		r = brokerctl(b, args);
