@@ -778,6 +778,17 @@ std::uint16_t free_port()
 	return ntohs(sa.sin_port);
 }
 
+UniqueFd unix_connect(const std::string &path)
+{
+	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+	sockaddr_un sa{};
+	sa.sun_family = AF_UNIX;
+	std::strncpy(sa.sun_path, path.c_str(), sizeof sa.sun_path - 1);
+	if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), sizeof sa) < 0)
+		return {};
+	return fd;
+}
+
 UniqueFd tcp_connect(std::uint16_t port, std::chrono::milliseconds timeout)
 {
 	UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));

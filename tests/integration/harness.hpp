@@ -187,6 +187,10 @@ std::size_t fd_count(pid_t pid);
 // A free TCP port on 127.0.0.1: bound to port 0, read, closed.
 std::uint16_t free_port();
 
+// A blocking connection to a unix socket (brokerd's control socket); an invalid fd, with errno
+// set, when it fails.
+UniqueFd unix_connect(const std::string &path);
+
 // A connected TCP socket to 127.0.0.1:port (blocking connect under a deadline).
 UniqueFd tcp_connect(std::uint16_t port, std::chrono::milliseconds timeout = 5s);
 

@@ -57,18 +57,6 @@ std::size_t socket_count(pid_t pid)
 	return n;
 }
 
-// A blocking connect to the control socket; an invalid fd when it fails.
-UniqueFd connect_control(const std::string &path)
-{
-	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-	sockaddr_un sa{};
-	sa.sun_family = AF_UNIX;
-	std::strncpy(sa.sun_path, path.c_str(), sizeof sa.sun_path - 1);
-	if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), sizeof sa) < 0)
-		return {};
-	return fd;
-}
-
 // A child's "I am done, now holding on" byte, waited for with a deadline.
 class Signal {
 public:
@@ -115,7 +103,7 @@ int hold_connections(const std::string &control, int n, Signal &done)
 {
 	std::vector<UniqueFd> held;
 	for (int i = 0; i < n; i++)
-		if (UniqueFd fd = connect_control(control))
+		if (UniqueFd fd = unix_connect(control))
 			held.push_back(std::move(fd));
 	std::fprintf(stderr, "holding %zu connections\n", held.size());
 	done.raise();
@@ -137,7 +125,7 @@ int memory_attack(const std::string &control, int n, Signal &done)
 
 	std::vector<UniqueFd> fds;
 	for (int i = 0; i < n; i++) {
-		UniqueFd fd = connect_control(control);
+		UniqueFd fd = unix_connect(control);
 		if (!fd)
 			break;
 		::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) | O_NONBLOCK);

@@ -114,11 +114,8 @@ UniqueFd carrier_of(UniqueFd lingering)
 
 UniqueFd connect_control(const std::string &path)
 {
-	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-	sockaddr_un sa{};
-	sa.sun_family = AF_UNIX;
-	std::strncpy(sa.sun_path, path.c_str(), sizeof sa.sun_path - 1);
-	if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), sizeof sa) < 0)
+	UniqueFd fd = unix_connect(path);
+	if (!fd)
 		throw std::runtime_error("connect " + path + ": " + std::strerror(errno));
 	timeval tv{30, 0};
 	::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
