@@ -1,5 +1,6 @@
 // Integration: the control socket and brokerctl — permissions, exit codes, output, fd hygiene, config checks.
 #include "harness.hpp"
+#include "../skip.hpp"
 
 #include "broker/client.hpp"
 #include "broker/internal/sync_client.hpp"
@@ -83,10 +84,8 @@ UniqueFd raw_connect(const std::string &path)
 
 TEST_CASE("Control methods are denied to other users; GetInfo is open to everyone")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to run a client as nobody");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a client as nobody");
 	Broker b;
 	BROKER_CONTEXT(b);
 	b.start(web_config());
@@ -155,10 +154,8 @@ TEST_CASE("Control methods are denied to other users; GetInfo is open to everyon
 
 TEST_CASE("an admin who is not root cannot choose what brokerd runs as root")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to run a client as nobody");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a client as nobody");
 	Broker b;
 	BROKER_CONTEXT(b);
 	json root_svc = service({"/bin/sleep", "1000"}, {}, 1, "exec");

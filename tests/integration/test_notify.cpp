@@ -1,5 +1,6 @@
 // Integration: what workers report (STATUS=, MAINPID=, Worker.Status) is checked as docs/protocol.md says.
 #include "harness.hpp"
+#include "../skip.hpp"
 
 #include "broker/client.hpp"
 #include "broker/internal/sync_client.hpp"
@@ -105,10 +106,8 @@ TEST_CASE("notify socket: MAINPID= is a whole pid of the session; STATUS= is one
 
 TEST_CASE("Worker.Status refuses a text that is not one line of valid UTF-8")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: the registered service names root");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root: the service's register rule names root");
 	Broker b;
 	BROKER_CONTEXT(b);
 	json ext = {{"instances", 1}, {"ready", "broker"}, {"register", {{"users", {"root"}}}}};
@@ -157,10 +156,8 @@ TEST_CASE("Worker.Status refuses a text that is not one line of valid UTF-8")
 
 TEST_CASE("a notify message from a process that took a main pid over is not the instance's")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to choose the next pid (ns_last_pid)");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to choose the next pid (ns_last_pid)");
 	Broker b;
 	BROKER_CONTEXT(b);
 	std::string pid_file = b.path("daemon.pids");

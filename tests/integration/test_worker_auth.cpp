@@ -1,6 +1,7 @@
 // Integration: how a worker proves who it is. A registration holds the process that connected,
 // a token works only for its own instance's processes, and an instance has one Events stream.
 #include "harness.hpp"
+#include "../skip.hpp"
 
 #include "broker/client.hpp"
 #include "broker/internal/sync_client.hpp"
@@ -114,10 +115,8 @@ TEST_CASE("a registration whose process has exited, or whose pid names another p
 	}
 	SUBCASE("recycled")
 	{
-		if (::geteuid() != 0) {
-			MESSAGE("skipped: needs root to create a process with a given pid (clone3 set_tid)");
-			return;
-		}
+		if (::geteuid() != 0)
+			TEST_SKIP("needs root to create a process with a given pid (clone3 set_tid)");
 		// The registrant exits and a new process gets its pid before brokerd reads the Hello:
 		// brokerd must not take the newcomer for the worker (it would later SIGTERM and SIGKILL it).
 		pid_t child = 0;
@@ -147,10 +146,8 @@ TEST_CASE("a registration whose process has exited, or whose pid names another p
 
 TEST_CASE("a token works only for its instance's processes, and an instance has one Events stream")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to run a client as nobody");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a client as nobody");
 	Broker b;
 	BROKER_CONTEXT(b);
 	std::string results = b.path("token-results.json");
