@@ -231,7 +231,11 @@ TEST_CASE("a worker's own process is refused every token but its instance's, and
 	REQUIRE(others[0] != other_pid);
 	std::string other_token = environ_value(others[0], "BROKER_TOKEN");
 	std::string own = environ_value(worker_pids(st, "probe").at(0), "BROKER_TOKEN");
-	for (const std::string &t : {retired, other_token, own})
+	// A live instance's token, given by another brokerd.
+	Broker second;
+	second.start({{"services", {{"probe", other}}}});
+	std::string elsewhere = environ_value(worker_pids(second.status("probe"), "probe").at(0), "BROKER_TOKEN");
+	for (const std::string &t : {retired, other_token, own, elsewhere})
 		REQUIRE(t.find_first_not_of("0123456789abcdef") == std::string::npos);
 	REQUIRE(own.size() == 32);
 	std::string upper = own;
@@ -248,6 +252,7 @@ TEST_CASE("a worker's own process is refused every token but its instance's, and
 		{"unknown", "00112233445566778899aabbccddeeff", "io.brokerd.Worker.InvalidToken"},
 		{"retired", retired, "io.brokerd.Worker.InvalidToken"},
 		{"another instance's", other_token, "org.varlink.service.PermissionDenied"},
+		{"another brokerd's", elsewhere, "io.brokerd.Worker.InvalidToken"},
 		{"truncated", own.substr(0, 31), "io.brokerd.Worker.InvalidToken"},
 		{"extended", own + "0", "io.brokerd.Worker.InvalidToken"},
 		{"upper case", upper, "io.brokerd.Worker.InvalidToken"},
@@ -275,6 +280,7 @@ TEST_CASE("a worker's own process is refused every token but its instance's, and
 		if (c.hello != "ok")
 			CHECK(got[c.name][1] == "io.brokerd.Worker.NotAuthenticated");
 	}
+	second.stop();
 	CHECK(b.log().find("Hello with the token of instance " + instances(st, "other").at(0).value("id", "") +
 	                   " from pid " + std::to_string(worker_pids(st, "probe").at(0))) != std::string::npos);
 	b.stop();
