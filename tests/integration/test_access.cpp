@@ -179,6 +179,37 @@ int until_closed(const std::string &control, bool busy)
 	return 2;
 }
 
+// One GetInfo call of exactly `size` bytes (its NUL not counted) on a new connection: "answered",
+// or "closed" when brokerd ended the connection without a reply.
+std::string message_of_size(const std::string &control, std::size_t size)
+{
+	const std::string head = R"({"method":"org.varlink.service.GetInfo","parameters":{"pad":")", tail = R"("}})";
+	std::string call = head + std::string(size - head.size() - tail.size(), 'a') + tail + '\0';
+	UniqueFd fd = unix_connect(control);
+	if (!fd)
+		return std::string("connect: ") + std::strerror(errno);
+	timeval tv{10, 0};
+	::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+	for (std::size_t off = 0; off < call.size();) {
+		ssize_t n = ::send(fd.get(), call.data() + off, call.size() - off, MSG_NOSIGNAL);
+		if (n <= 0)
+			break; // closed before it took the whole message; what it said is still there to read
+		off += static_cast<std::size_t>(n);
+	}
+	std::string in;
+	char buf[4096];
+	while (in.find('\0') == std::string::npos) {
+		ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
+		if (n == 0 || (n < 0 && (errno == ECONNRESET || errno == EPIPE)))
+			return in.empty() ? "closed" : "closed after " + in;
+		if (n < 0)
+			return std::string("recv: ") + std::strerror(errno);
+		in.append(buf, static_cast<std::size_t>(n));
+	}
+	return in.rfind(R"({"parameters":)", 0) == 0 ? "answered" : in;
+}
+
 } // namespace
 
 TEST_CASE("each tier by user and by supplementary group may do its calls and no more; reexec --binary is root's")
@@ -421,5 +452,38 @@ TEST_CASE("a client that stops reading its replies is paused, not cut off: once 
 	CHECK(replies == kCalls);
 	CHECK(wrong == 0);
 	CHECK(in.empty());
+	b.stop();
+}
+
+TEST_CASE("a message over its sender's limit closes the connection: 16 KiB for a peer that is no operator, 1 MiB for root")
+{
+	REQUIRE_MESSAGE(::geteuid() == 0, "runs a client as nobody: needs root");
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start({{"sockets", json::object()}, {"services", json::object()}});
+	const std::string control = b.control_path();
+	constexpr std::size_t kSmall = 16 << 10, kLarge = 1 << 20;
+
+	Process nobody = run_as(b, {kNobody, kNogroup, {}}, "sizes", [&] {
+		json out = {message_of_size(control, kSmall), message_of_size(control, kSmall + 1)};
+		std::printf("%s\n", out.dump().c_str());
+		return 0;
+	});
+	int code = exit_code(nobody);
+	INFO("nobody: ", read_file(b.path("sizes.err")));
+	REQUIRE(code == 0);
+	CHECK(json::parse(read_file(b.path("sizes.out"))) == json{"answered", "closed"});
+
+	CHECK(message_of_size(control, kSmall + 1) == "answered");
+	CHECK(message_of_size(control, kLarge) == "answered");
+	CHECK(message_of_size(control, kLarge + 1) == "closed");
+	std::istringstream log(b.log());
+	std::size_t small = 0, large = 0;
+	for (std::string line; std::getline(log, line);) {
+		small += line.find("uid 65534: protocol error: a message over 16384 bytes") != std::string::npos;
+		large += line.find("uid 0: protocol error: a message over 1048576 bytes") != std::string::npos;
+	}
+	CHECK(small == 1);
+	CHECK(large == 1);
 	b.stop();
 }
