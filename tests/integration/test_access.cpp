@@ -1,5 +1,6 @@
 // Integration: who may do what on the control socket (the tiers of control.admin_* and read_*,
-// by user and by group), root's own choice of binary, and the connection limits in all.
+// by user and by group), root's own choice of binary, and the limits every caller meets: all
+// connections, message size, time before Hello, replies it does not read.
 #include "harness.hpp"
 
 #include "broker/client.hpp"
