@@ -567,6 +567,26 @@ TEST_CASE("what cannot begin is refused with exit 7 and changes nothing; rollbac
 	for (pid_t pid : third)
 		CHECK(read_file("/proc/" + std::to_string(pid) + "/environ").find("MARK=two") == std::string::npos);
 
+	// While an upgrade runs, rollback and stop are refused as well as a second upgrade (the test
+	// upgrade-concurrent-upgrade has those); abort ends it.
+	RunResult held = ctl(b, {"upgrade", "web", "--no-wait", "--start-timeout", "1m", "--exec", "/bin/sleep", "60"});
+	INFO("upgrade --no-wait: ", held.describe());
+	REQUIRE(held.exit_code == 0);
+	for (const char *command : {"rollback", "stop"}) {
+		RunResult out = ctl(b, {command, "web"});
+		INFO(command, " during an upgrade: ", out.describe());
+		CHECK(out.exit_code == 7);
+		CHECK(out.err.find("an upgrade of web to gen 4 is in progress") != std::string::npos);
+	}
+	REQUIRE(ctl(b, {"abort", "web"}).exit_code == 0);
+	CHECK(wait_until(
+		[&] {
+			const json *svc = find_named(b.status("web")["services"], "web");
+			return svc && (!svc->contains("upgrade") || (*svc)["upgrade"].is_null());
+		},
+		30s));
+	CHECK(worker_pids(b.status("web"), "web") == third);
+
 	// Stop returns once every instance has exited; a stopped service refuses the rest until start.
 	RunResult stop = ctl(b, {"stop", "web"});
 	INFO("stop: ", stop.describe());
@@ -584,7 +604,7 @@ TEST_CASE("what cannot begin is refused with exit 7 and changes nothing; rollbac
 	RunResult start = ctl(b, {"start", "web"});
 	INFO("start: ", start.describe());
 	REQUIRE(start.exit_code == 0);
-	CHECK(generation_answering(port) == 4);
+	CHECK(generation_answering(port) == 5);
 	RunResult again = ctl(b, {"start", "web"});
 	INFO("start again: ", again.describe());
 	CHECK(again.exit_code == 7);
