@@ -713,3 +713,54 @@ TEST_CASE("a registered service without a register rule lets nobody register, ro
 	CHECK(log_count(b, "not allowed by services.ext.register") == 1);
 	b.stop();
 }
+
+TEST_CASE("a Watch stream that falls 256 KiB behind is closed as too slow, and brokerd serves on")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	json ext = {{"instances", 1}, {"ready", "exec"}, {"register", {{"users", {"root"}}}}};
+	b.start({{"services", {{"ext", ext}}}});
+	std::string control = b.control_path();
+
+	// Events: registrations of "ext" that come and go, 20 at a time, from a child that ignores
+	// the SIGTERM brokerd drains a registered worker with. Each makes a few hundred bytes of them.
+	SpawnOptions so;
+	so.stderr_path = b.path("registrations.log");
+	Process events = Process::fork_run(
+		[&] {
+			::signal(SIGTERM, SIG_IGN);
+			for (int round = 0; round < 200; round++) {
+				std::vector<std::unique_ptr<SyncClient>> held;
+				for (int i = 0; i < 20; i++) {
+					held.push_back(std::make_unique<SyncClient>(control, std::chrono::seconds(10)));
+					held.back()->call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "1"}});
+				}
+			}
+			return 0;
+		},
+		so);
+
+	// A Watch read until its first event, so that it surely streams, and never after.
+	SyncClient watch(control, std::chrono::seconds(20));
+	watch.send(broker::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
+	broker::varlink::Message first = watch.receive();
+	INFO("first Watch reply: ", first.body.dump());
+	CHECK(!first.body.contains("error"));
+	CHECK(wait_until([&] { return log_count(b, "too slow reading Watch events") == 1; }, 60s));
+	events.kill();
+	INFO("registrations: ", read_file(b.path("registrations.log")));
+
+	// What the kernel still held is there to read, then the end of the stream (not a wait for
+	// more events: the registrations have stopped).
+	bool ended = false;
+	try {
+		for (;;)
+			watch.receive();
+	} catch (const broker::Error &e) {
+		ended = std::string(e.what()).find("connection closed by the broker") != std::string::npos;
+		MESSAGE("Watch after the close: ", std::string(e.what()));
+	}
+	CHECK(ended);
+	CHECK(b.status()["pid"] == b.pid());
+	b.stop();
+}
