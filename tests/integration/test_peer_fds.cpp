@@ -22,7 +22,6 @@
 #include <cstring>
 #include <algorithm>
 #include <atomic>
-#include <fstream>
 #include <memory>
 #include <thread>
 
@@ -371,16 +370,6 @@ bool kernel_refuses_fds()
 	UniqueFd s(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
 	int zero = 0;
 	return ::setsockopt(s.get(), SOL_SOCKET, SO_PASSRIGHTS, &zero, sizeof zero) == 0;
-}
-
-std::string notify_address(pid_t worker)
-{
-	std::ifstream in("/proc/" + std::to_string(worker) + "/environ");
-	std::string entry;
-	while (std::getline(in, entry, '\0'))
-		if (entry.starts_with("NOTIFY_SOCKET="))
-			return entry.substr(14);
-	return {};
 }
 
 } // namespace
