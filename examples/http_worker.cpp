@@ -939,10 +939,11 @@ void Server::start_drain(const char *why, Clock::time_point deadline)
 	for (Connection &c : connections_)
 		if (may_hand_off(c) && between_responses(c))
 			hand_off(c);
+	// From the clock now, not now_: the library took the deadline after the loop last read it.
 	std::string left = "no deadline";
 	if (known)
 		left = "deadline in " +
-		       std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now_).count()) + " ms";
+		       std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count()) + " ms";
 	std::string handed;
 	if (client_.brokered())
 		handed = ", " + std::to_string(outgoing_.size()) + " of them handed off";
