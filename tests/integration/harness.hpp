@@ -230,7 +230,10 @@ const json &member(const json &obj, const char *key);
 // /proc helpers.
 std::map<int, std::string> proc_fds(pid_t pid);        // fd -> readlink target
 std::vector<std::string> proc_cmdline(pid_t pid);
-bool process_exists(pid_t pid);                        // and is not a zombie
+// Whether it runs: a zombie died and counts as gone. A check that a process went proves nothing
+// once the harness has killed everything (stop(), kill_all()): take a pidfd_of() it while it runs
+// and check exits_within() or reaped() before.
+bool process_exists(pid_t pid);
 std::optional<std::uint64_t> socket_inode(const std::string &link_target); // "socket:[N]"
 std::set<std::uint64_t> socket_inodes(pid_t pid);      // of every socket the process holds
 std::map<std::uint64_t, std::uint16_t> tcp_listeners(); // inode -> port, from /proc/net/tcp{,6}
