@@ -2,10 +2,10 @@
 //
 // One process, one epoll loop, --connections slots. Each slot runs one request at a time:
 //   close      a new TCP connection per request, sending "Connection: close";
-//   keepalive  one persistent connection per slot. It is replaced only when the server said
-//              "Connection: close" (or answered HTTP/1.0 without keep-alive) or closed it while no
-//              request was outstanding; neither is a failure. A reset or EOF while a request is
-//              outstanding is.
+//   keepalive  one persistent connection per slot. It is replaced when the server said
+//              "Connection: close" (or answered HTTP/1.0 without keep-alive), or ended it while no
+//              request was outstanding (see "Idle connections"). A reset or EOF while a request is
+//              outstanding is a failure of that request.
 //
 // Accounting: every request that starts ends as exactly one ok or one failure, so that
 // requests == ok + sum(failures) always holds. A request starts when its slot begins it (the
@@ -24,9 +24,21 @@
 // each connect_other and reset failure ("errno": {"reset": {"ECONNRESET": 3}}), and, with the
 // body's "gen N" and "pid N", the distinct generations and server processes that answered.
 //
+// Idle connections (keepalive): a server may close a keep-alive connection between requests, and
+// a client then opens a new one (RFC 9112 9.3). What decides is whether any byte of the next
+// request went out first. Before each reuse the connection is checked (a MSG_PEEK recv), as a
+// careful client does, so:
+//   idle_closes  a clean FIN on an idle connection, before any byte of the next request: an
+//                orderly close, not a failure. The next request opens a new connection.
+//   idle_resets  a reset (or another socket error), or bytes nobody asked for, on an idle
+//                connection: a failure, of the connection rather than of a request, so it is
+//                counted apart from the requests. A real client may have its next request on the
+//                way, or its state in the connection; a server that drains resets nothing.
+// A close that comes once the next request was sent is that request's eof or reset: a failure.
+//
 // Phases: SIGUSR1 says an upgrade began, SIGUSR2 that it ended. A request counts as "upgrade" when
 // any part of its life overlapped an upgrade window, else as "steady"; its failures are split
-// the same way.
+// the same way. An idle close or reset counts in the phase it happened in.
 //
 // Shutdown: when --duration ends, or on the first SIGINT/SIGTERM, no new request starts and the
 // requests in flight run to completion, or to their own --timeout, where they count as timeout.
@@ -429,6 +441,7 @@ private:
 	void send_request(std::size_t index);
 	void receive(std::size_t index);
 	void on_idle_event(std::size_t index);
+	bool idle_connection_ended(std::size_t index, bool peek);
 	void succeed(std::size_t index, const Head &head);
 	void fail(std::size_t index, Failure why, int error = 0);
 	void finish(std::size_t index, bool keep_connection);
@@ -461,10 +474,12 @@ private:
 	std::array<Histogram, kPhaseCount> latency_;
 	std::uint64_t connections_opened_ = 0;
 	std::uint64_t reconnects_ = 0;  // keep-alive: a new connection after a clean close
-	std::uint64_t idle_closes_ = 0; // keep-alive: the server closed a connection while idle
+	std::array<std::uint64_t, kPhaseCount> idle_closes_{}; // keep-alive: a clean FIN while idle
+	std::array<std::uint64_t, kPhaseCount> idle_resets_{}; // keep-alive: a reset or stray bytes while idle
 	std::set<std::uint64_t> generations_;
 	std::set<std::uint64_t> pids_;
 	std::map<Failure, std::map<int, std::uint64_t>> errors_; // errno behind connect_other and reset
+	std::map<int, std::uint64_t> idle_errors_;               // errno behind idle_resets
 };
 
 constexpr std::uint64_t kSignalKey = ~std::uint64_t{0};
@@ -518,7 +533,7 @@ void Loadgen::start(std::size_t index)
 	s.sent = 0;
 	s.in.clear();
 
-	if (s.state == State::Idle) {
+	if (s.state == State::Idle && !idle_connection_ended(index, true)) {
 		s.state = State::Sending;
 		return send_request(index);
 	}
@@ -647,18 +662,37 @@ void Loadgen::receive(std::size_t index)
 	// Incomplete: wait for more, or for the timeout.
 }
 
-// A keep-alive connection between requests: the server may close it, which is not a failure.
+// A keep-alive connection between requests: the server may close it with a FIN (see the header).
 void Loadgen::on_idle_event(std::size_t index)
+{
+	idle_connection_ended(index, false);
+}
+
+// Whether the server ended an idle connection, which is then closed here and counted as an idle
+// close (a clean FIN) or an idle reset (anything else). With `peek`, the check before a reuse:
+// it takes nothing off the socket.
+bool Loadgen::idle_connection_ended(std::size_t index, bool peek)
 {
 	Slot &s = slots_[index];
 	char buf[512];
-	ssize_t n = recv(s.sock.get(), buf, sizeof buf, 0);
-	if (n < 0 && (errno == EAGAIN || errno == EINTR))
-		return;
+	ssize_t n;
+	do
+		n = recv(s.sock.get(), buf, peek ? 1 : sizeof buf, MSG_DONTWAIT | (peek ? MSG_PEEK : 0));
+	while (n < 0 && errno == EINTR);
+	if (n < 0 && errno == EAGAIN)
+		return false;
 	// EOF, a reset, or bytes nobody asked for: this connection is done either way.
-	idle_closes_++;
+	Phase phase = in_upgrade_ ? Upgrade : Steady;
+	if (n == 0) {
+		idle_closes_[phase]++;
+	} else {
+		idle_resets_[phase]++;
+		if (n < 0)
+			idle_errors_[errno]++;
+	}
 	close_connection(s);
 	s.state = State::Closed;
+	return true;
 }
 
 void Loadgen::succeed(std::size_t index, const Head &head)
@@ -835,6 +869,12 @@ void Loadgen::run()
 		stopped_at_ = finished_at_;
 }
 
+std::string errno_name(int err)
+{
+	const char *name = strerrorname_np(err);
+	return name ? name : std::to_string(err);
+}
+
 json latency_json(const Histogram &h)
 {
 	return {{"count", h.count()},
@@ -876,15 +916,18 @@ void Loadgen::report() const
 			json counts = json::object();
 			for (int f = 0; f < kFailureCount; f++)
 				counts[kFailureNames[f]] = failures_[p][f];
-			by_phase[kPhaseNames[p]] = {{"ok", ok_[p]}, {"failures", counts}};
+			by_phase[kPhaseNames[p]] = {{"ok", ok_[p]},
+						    {"failures", counts},
+						    {"idle_resets", idle_resets_[p]},
+						    {"idle_closes", idle_closes_[p]}};
 		}
 		out["failures"] = by_type;
 		json errors = json::object();
 		for (const auto &[why, counts] : errors_)
-			for (const auto &[err, n] : counts) {
-				const char *name = strerrorname_np(err);
-				errors[kFailureNames[why]][name ? name : std::to_string(err)] = n;
-			}
+			for (const auto &[err, n] : counts)
+				errors[kFailureNames[why]][errno_name(err)] = n;
+		for (const auto &[err, n] : idle_errors_)
+			errors["idle_reset"][errno_name(err)] = n;
 		out["errno"] = errors;
 		out["phases"] = by_phase;
 		out["latency_us"] = {{"steady", latency_json(latency_[Steady])},
@@ -894,7 +937,8 @@ void Loadgen::report() const
 		out["upgrade_windows"] = upgrade_windows_;
 		out["connections_opened"] = connections_opened_;
 		out["reconnects"] = reconnects_;
-		out["idle_closes"] = idle_closes_;
+		out["idle_resets"] = idle_resets_[Steady] + idle_resets_[Upgrade];
+		out["idle_closes"] = idle_closes_[Steady] + idle_closes_[Upgrade];
 		out["duration_s"] = std::round(seconds * 1000) / 1000;
 		out["load_duration_s"] = std::round(load_seconds * 1000) / 1000;
 		out["requests_per_s"] = load_seconds > 0 ? std::round(static_cast<double>(started_) / load_seconds) : 0;
@@ -912,6 +956,14 @@ void Loadgen::report() const
 		std::printf("%-16s %10llu %10llu\n", kFailureNames[f],
 			    static_cast<unsigned long long>(failures_[Steady][f]),
 			    static_cast<unsigned long long>(failures_[Upgrade][f]));
+	if (opts_.keepalive) {
+		std::printf("%-16s %10llu %10llu   (a connection reset while idle: a failure)\n", "idle_reset",
+			    static_cast<unsigned long long>(idle_resets_[Steady]),
+			    static_cast<unsigned long long>(idle_resets_[Upgrade]));
+		std::printf("%-16s %10llu %10llu   (a clean FIN while idle: orderly, not a failure)\n", "idle_close",
+			    static_cast<unsigned long long>(idle_closes_[Steady]),
+			    static_cast<unsigned long long>(idle_closes_[Upgrade]));
+	}
 	std::printf("\n%-10s %10s %10s %10s %10s %10s\n", "latency us", "count", "p50", "p99", "p99.9", "max");
 	for (int p = 0; p < kPhaseCount; p++) {
 		const Histogram &h = latency_[p];
@@ -922,18 +974,19 @@ void Loadgen::report() const
 			    static_cast<unsigned long long>(h.percentile(0.999)),
 			    static_cast<unsigned long long>(h.max()));
 	}
-	std::printf("\nupgrade windows %llu, connections opened %llu, reconnects %llu, idle closes %llu\n",
+	std::printf("\nupgrade windows %llu, connections opened %llu, reconnects %llu\n",
 		    static_cast<unsigned long long>(upgrade_windows_),
-		    static_cast<unsigned long long>(connections_opened_), static_cast<unsigned long long>(reconnects_),
-		    static_cast<unsigned long long>(idle_closes_));
-	for (const auto &[why, counts] : errors_) {
-		std::printf("%s errors:", kFailureNames[why]);
-		for (const auto &[err, n] : counts) {
-			const char *name = strerrorname_np(err);
-			std::printf(" %s %llu", name ? name : std::to_string(err).c_str(), static_cast<unsigned long long>(n));
-		}
+		    static_cast<unsigned long long>(connections_opened_), static_cast<unsigned long long>(reconnects_));
+	auto print_errors = [](const char *what, const std::map<int, std::uint64_t> &counts) {
+		std::printf("%s errors:", what);
+		for (const auto &[err, n] : counts)
+			std::printf(" %s %llu", errno_name(err).c_str(), static_cast<unsigned long long>(n));
 		std::printf("\n");
-	}
+	};
+	for (const auto &[why, counts] : errors_)
+		print_errors(kFailureNames[why], counts);
+	if (!idle_errors_.empty())
+		print_errors("idle_reset", idle_errors_);
 	std::printf("generations seen:");
 	for (auto g : generations_)
 		std::printf(" %llu", static_cast<unsigned long long>(g));
@@ -970,6 +1023,10 @@ int main(int argc, char **argv)
 
 	CLI::App app{"broker-loadgen: HTTP/1.1 GET load against a loopback server, counting every failure a "
 		     "client can see. SIGUSR1 marks the start of an upgrade window, SIGUSR2 its end."};
+	app.footer("Keep-alive connections between requests: a clean FIN before any byte of the next request is an "
+		   "orderly close (idle_closes, not a failure; the next request opens a new connection). A reset, "
+		   "or bytes nobody asked for, on an idle connection is a failure (idle_resets, counted apart from "
+		   "the requests). A close once the next request was sent fails that request (eof or reset).");
 	Options opts;
 	std::string target, mode = "close", duration_text, timeout_text = "2s";
 	app.add_option("--target", target, "HOST:PORT, a loopback address")->required();

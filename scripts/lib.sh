@@ -12,9 +12,11 @@ DEPS=(
 	libsystemd-dev nlohmann-json3-dev libcli11-dev doctest-dev cmake
 	python3 curl systemd procps
 )
-# What only the test suite adds: Go and Debian's varlink-go, for the Varlink interop test
-# (tests/interop), which builds a Go client offline against the packaged source.
-TEST_DEPS=(golang-go golang-github-varlink-go-dev)
+# What only the test suite adds, so that as root no test skips: Go and Debian's varlink-go, for
+# the Varlink interop test (tests/interop), which builds a Go client offline against the packaged
+# source; man and groff, for install-consumer's man page checks (systemd-analyze, and the systemd
+# tools of the integration tests, come with systemd above).
+TEST_DEPS=(golang-go golang-github-varlink-go-dev man-db groff-base)
 
 die() {
 	printf 'scripts/%s: error: %s\n' "$(basename "$0")" "$*" >&2

@@ -941,6 +941,16 @@ std::size_t fd_count(pid_t pid)
 	return proc_fds(pid).size();
 }
 
+std::string notify_address(pid_t pid)
+{
+	std::ifstream in("/proc/" + std::to_string(pid) + "/environ");
+	std::string entry;
+	while (std::getline(in, entry, '\0'))
+		if (entry.starts_with("NOTIFY_SOCKET="))
+			return entry.substr(14);
+	return {};
+}
+
 std::vector<std::string> proc_cmdline(pid_t pid)
 {
 	std::string raw = read_file("/proc/" + std::to_string(pid) + "/cmdline");

@@ -238,6 +238,7 @@ std::optional<std::uint64_t> socket_inode(const std::string &link_target); // "s
 std::set<std::uint64_t> socket_inodes(pid_t pid);      // of every socket the process holds
 std::map<std::uint64_t, std::uint16_t> tcp_listeners(); // inode -> port, from /proc/net/tcp{,6}
 std::size_t fd_count(pid_t pid);
+std::string notify_address(pid_t pid);                  // its NOTIFY_SOCKET ("@name"), or empty
 
 // A free TCP port on 127.0.0.1: bound to port 0, read, closed.
 std::uint16_t free_port();

@@ -1,5 +1,6 @@
 // Integration: the control socket and brokerctl — permissions, exit codes, output, fd hygiene, config checks.
 #include "harness.hpp"
+#include "../skip.hpp"
 
 #include "broker/client.hpp"
 #include "broker/internal/sync_client.hpp"
@@ -12,6 +13,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -83,10 +86,8 @@ UniqueFd raw_connect(const std::string &path)
 
 TEST_CASE("Control methods are denied to other users; GetInfo is open to everyone")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to run a client as nobody");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a client as nobody");
 	Broker b;
 	BROKER_CONTEXT(b);
 	b.start(web_config());
@@ -155,10 +156,8 @@ TEST_CASE("Control methods are denied to other users; GetInfo is open to everyon
 
 TEST_CASE("an admin who is not root cannot choose what brokerd runs as root")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to run a client as nobody");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a client as nobody");
 	Broker b;
 	BROKER_CONTEXT(b);
 	json root_svc = service({"/bin/sleep", "1000"}, {}, 1, "exec");
@@ -471,5 +470,294 @@ TEST_CASE("a second brokerd refuses a control socket or a unix socket something 
 		CHECK(b.status().contains("services"));
 	}
 	CHECK(::access(b.path("local.sock").c_str(), F_OK) == 0);
+	b.stop();
+}
+
+namespace {
+
+RunResult ctl(const Broker &b, const std::vector<std::string> &args)
+{
+	std::vector<std::string> argv = {"--socket", b.control_path()};
+	argv.insert(argv.end(), args.begin(), args.end());
+	return brokerctl(argv);
+}
+
+// The config file brokerd reads at upgrade and reload, with its control socket kept.
+void write_config(const Broker &b, json cfg)
+{
+	cfg["control"] = {{"path", b.control_path()}};
+	write_file(b.config_path(), cfg.dump(2));
+}
+
+// "hello from web gen N ...": N, or 0 when the answer is not that.
+int generation_answering(std::uint16_t port)
+{
+	HttpResponse r = http_get(port);
+	int gen = 0;
+	return r.status == 200 && std::sscanf(r.body.c_str(), "hello from web gen %d", &gen) == 1 ? gen : 0;
+}
+
+// How many times brokerd's log says `text`.
+std::size_t log_count(const Broker &b, const std::string &text)
+{
+	std::string log = b.log();
+	std::size_t n = 0;
+	for (std::size_t at = log.find(text); at != std::string::npos; at = log.find(text, at + 1))
+		n++;
+	return n;
+}
+
+} // namespace
+
+TEST_CASE("what cannot begin is refused with exit 7 and changes nothing; rollback, stop and start do what they say")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	json cfg = web_config();
+	cfg["sockets"]["other"] = tcp_socket();
+	cfg["services"]["ext"] = {{"instances", 1}, {"ready", "exec"}, {"register", {{"users", {"root"}}}}};
+	b.start(cfg);
+	std::uint16_t port = socket_port(b.status(), "http");
+	std::vector<pid_t> first = worker_pids(b.status("web"), "web");
+	REQUIRE(first.size() == 2);
+
+	struct Refused {
+		const char *what;
+		std::function<void(json &)> edit; // of the config file, before the call
+		std::vector<std::string> args;
+		std::string message;
+	};
+	const Refused refused[] = {
+		{"rollback without a previous generation", [](json &) {}, {"rollback", "web"},
+		 "web has no previous generation to roll back to"},
+		{"an invalid config file", [](json &c) { c["services"]["web"]["drain"] = {{"timeout", "soon"}}; },
+		 {"upgrade", "web"}, "services.web.drain.timeout"},
+		{"a config file without the service", [](json &c) { c["services"].erase("web"); }, {"upgrade", "web"},
+		 "services.web: not in the config file any more"},
+		{"other sockets", [](json &c) { c["services"]["web"]["sockets"] = {"http", "other"}; }, {"upgrade", "web"},
+		 "services.web.sockets: changed"},
+		{"a restart of a registered service", [](json &) {}, {"restart", "ext"}, "ext is a registered service"},
+	};
+	for (const Refused &r : refused) {
+		json edited = cfg;
+		r.edit(edited);
+		write_config(b, edited);
+		RunResult out = ctl(b, r.args);
+		INFO(r.what, ": ", out.describe());
+		CHECK(out.exit_code == 7);
+		CHECK(out.err.find(r.message) != std::string::npos);
+		CHECK(worker_pids(b.status("web"), "web") == first);
+		CHECK(generation_answering(port) == 1);
+	}
+	write_config(b, cfg);
+
+	// Rollback deploys the previous generation's configuration again, as a new generation.
+	RunResult up = ctl(b, {"upgrade", "web", "--env", "MARK=two"});
+	INFO("upgrade: ", up.describe());
+	REQUIRE(up.exit_code == 0);
+	RunResult back = ctl(b, {"rollback", "web"});
+	INFO("rollback: ", back.describe());
+	REQUIRE(back.exit_code == 0);
+	CHECK(generation_answering(port) == 3);
+	std::vector<pid_t> third = worker_pids(b.status("web"), "web");
+	REQUIRE(third.size() == 2);
+	for (pid_t pid : third)
+		CHECK(read_file("/proc/" + std::to_string(pid) + "/environ").find("MARK=two") == std::string::npos);
+
+	// While an upgrade runs, rollback and stop are refused as well as a second upgrade (the test
+	// upgrade-concurrent-upgrade has those); abort ends it.
+	RunResult held = ctl(b, {"upgrade", "web", "--no-wait", "--start-timeout", "1m", "--exec", "/bin/sleep", "60"});
+	INFO("upgrade --no-wait: ", held.describe());
+	REQUIRE(held.exit_code == 0);
+	for (const char *command : {"rollback", "stop"}) {
+		RunResult out = ctl(b, {command, "web"});
+		INFO(command, " during an upgrade: ", out.describe());
+		CHECK(out.exit_code == 7);
+		CHECK(out.err.find("an upgrade of web to gen 4 is in progress") != std::string::npos);
+	}
+	REQUIRE(ctl(b, {"abort", "web"}).exit_code == 0);
+	// The rollback ends as the new instance is told to drain; gone, it leaves generation 3 alone.
+	CHECK(wait_until(
+		[&] {
+			json st = b.status("web");
+			const json *svc = find_named(st["services"], "web");
+			return svc && (!svc->contains("upgrade") || (*svc)["upgrade"].is_null()) &&
+			       worker_pids(st, "web") == third;
+		},
+		30s));
+
+	// Stop returns once every instance has exited; a stopped service refuses the rest until start.
+	RunResult stop = ctl(b, {"stop", "web"});
+	INFO("stop: ", stop.describe());
+	REQUIRE(stop.exit_code == 0);
+	for (pid_t pid : third)
+		CHECK_MESSAGE(!process_exists(pid), "worker ", pid, " still runs after brokerctl stop returned");
+	for (const std::vector<std::string> &args : {std::vector<std::string>{"upgrade", "web"},
+	                                             std::vector<std::string>{"rollback", "web"},
+	                                             std::vector<std::string>{"restart", "web"}}) {
+		RunResult out = ctl(b, args);
+		INFO(args[0], " of a stopped service: ", out.describe());
+		CHECK(out.exit_code == 7);
+		CHECK(out.err.find("web is stopped") != std::string::npos);
+	}
+	RunResult start = ctl(b, {"start", "web"});
+	INFO("start: ", start.describe());
+	REQUIRE(start.exit_code == 0);
+	CHECK(generation_answering(port) == 5);
+	RunResult again = ctl(b, {"start", "web"});
+	INFO("start again: ", again.describe());
+	CHECK(again.exit_code == 7);
+	CHECK(again.err.find("web is already running") != std::string::npos);
+	b.stop();
+}
+
+TEST_CASE("SIGHUP reloads the config file as brokerctl reload does, and an invalid file changes nothing")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	json cfg = web_config();
+	b.start(cfg);
+
+	cfg["sockets"]["api"] = tcp_socket();
+	write_config(b, cfg);
+	REQUIRE(::kill(b.pid(), SIGHUP) == 0);
+	CHECK(wait_until([&] { return find_named(b.status()["sockets"], "api") != nullptr; }, 20s));
+
+	json bad = cfg;
+	bad["sockets"].erase("api");
+	bad["services"]["web"]["instances"] = "three";
+	write_config(b, bad);
+	REQUIRE(::kill(b.pid(), SIGHUP) == 0);
+	CHECK(wait_until([&] { return log_count(b, "reload failed, keeping the running config") == 1; }, 20s));
+	CHECK(b.log().find("services.web.instances") != std::string::npos);
+	json st = b.status();
+	CHECK(find_named(st["sockets"], "api") != nullptr);
+	CHECK(instances(st, "web").size() == 2);
+	b.stop();
+}
+
+TEST_CASE("restart: always starts again an instance that exits 0; on-failure and no do not")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	auto exiting = [](const char *status, const char *restart) {
+		json s = service({"/bin/sh", "-c", std::string("exit ") + status}, {}, 1, "exec");
+		s["restart"] = restart;
+		return s;
+	};
+	b.start({{"services",
+	          {{"always", exiting("0", "always")}, {"on-failure", exiting("0", "on-failure")}, {"no", exiting("1", "no")}}}});
+	// Its third start comes 100 ms and 200 ms of backoff after its first exit, the others' first
+	// restart would have come 100 ms after theirs.
+	CHECK(wait_until([&] { return log_count(b, "instance always/1/0: started pid") >= 3; }, 20s));
+	CHECK(log_count(b, "instance on-failure/1/0: started pid") == 1);
+	CHECK(log_count(b, "instance no/1/0: started pid") == 1);
+	b.stop();
+}
+
+TEST_CASE("a worker that sends STOPPING=1 drains under its drain timeout, and is killed at it")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	const char *stopper = R"(
+import os, signal, socket
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+addr = os.environ["NOTIFY_SOCKET"]
+if addr.startswith("@"):
+    addr = "\0" + addr[1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", addr)
+s.sendto(b"STOPPING=1", addr)
+while True:
+    signal.pause()
+)";
+	json svc = service({"python3", "-c", stopper}, {}, 1, "notify");
+	svc["drain"] = {{"timeout", "5s"}};
+	svc["restart"] = "no";
+	b.start({{"services", {{"stopper", svc}}}});
+	std::vector<pid_t> pids = worker_pids(b.status("stopper"), "stopper");
+	REQUIRE(pids.size() == 1);
+	REQUIRE(pids[0] > 0);
+	CHECK(wait_until([&] { return !process_exists(pids[0]); }, 20s));
+	CHECK(log_count(b, "instance stopper/1/0: drain timeout, sending SIGKILL") == 1);
+	b.stop();
+}
+
+TEST_CASE("a registered service without a register rule lets nobody register, root included")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start({{"services", {{"ext", {{"instances", 1}, {"ready", "exec"}}}}}});
+	std::string control = b.control_path();
+	SpawnOptions so;
+	so.stderr_path = b.path("hello.log");
+	Process p = Process::fork_run(
+		[&] {
+			try {
+				SyncClient c(control, std::chrono::seconds(10));
+				c.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "1"}});
+				std::fprintf(stderr, "Hello succeeded\n");
+				return 1;
+			} catch (const broker::Error &e) {
+				std::fprintf(stderr, "Hello failed: %s\n", e.varlink_error().c_str());
+				return e.varlink_error() == "org.varlink.service.PermissionDenied" ? 0 : 2;
+			}
+		},
+		so);
+	INFO("as root: ", read_file(b.path("hello.log")));
+	CHECK(exit_code(p) == 0);
+	CHECK(instances(b.status("ext"), "ext").empty());
+	CHECK(log_count(b, "not allowed by services.ext.register") == 1);
+	b.stop();
+}
+
+TEST_CASE("a Watch stream that falls 256 KiB behind is closed as too slow, and brokerd serves on")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	json ext = {{"instances", 1}, {"ready", "exec"}, {"register", {{"users", {"root"}}}}};
+	b.start({{"services", {{"ext", ext}}}});
+	std::string control = b.control_path();
+
+	// Events: registrations of "ext" that come and go, 20 at a time, from a child that ignores
+	// the SIGTERM brokerd drains a registered worker with. Each makes a few hundred bytes of them.
+	SpawnOptions so;
+	so.stderr_path = b.path("registrations.log");
+	Process events = Process::fork_run(
+		[&] {
+			::signal(SIGTERM, SIG_IGN);
+			for (int round = 0; round < 200; round++) {
+				std::vector<std::unique_ptr<SyncClient>> held;
+				for (int i = 0; i < 20; i++) {
+					held.push_back(std::make_unique<SyncClient>(control, std::chrono::seconds(10)));
+					held.back()->call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "1"}});
+				}
+			}
+			return 0;
+		},
+		so);
+
+	// A Watch read until its first event, so that it surely streams, and never after.
+	SyncClient watch(control, std::chrono::seconds(20));
+	watch.send(broker::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
+	broker::varlink::Message first = watch.receive();
+	INFO("first Watch reply: ", first.body.dump());
+	CHECK(!first.body.contains("error"));
+	CHECK(wait_until([&] { return log_count(b, "too slow reading Watch events") == 1; }, 60s));
+	events.kill();
+	INFO("registrations: ", read_file(b.path("registrations.log")));
+
+	// What the kernel still held is there to read, then the end of the stream (not a wait for
+	// more events: the registrations have stopped).
+	bool ended = false;
+	try {
+		for (;;)
+			watch.receive();
+	} catch (const broker::Error &e) {
+		ended = std::string(e.what()).find("connection closed by the broker") != std::string::npos;
+		MESSAGE("Watch after the close: ", std::string(e.what()));
+	}
+	CHECK(ended);
+	CHECK(b.status()["pid"] == b.pid());
 	b.stop();
 }

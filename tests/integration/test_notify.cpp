@@ -1,5 +1,6 @@
 // Integration: what workers report (STATUS=, MAINPID=, Worker.Status) is checked as docs/protocol.md says.
 #include "harness.hpp"
+#include "../skip.hpp"
 
 #include "broker/client.hpp"
 #include "broker/internal/sync_client.hpp"
@@ -19,6 +20,7 @@
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -44,6 +46,53 @@ msg = msg.replace(b"{child32}", str(child + 2**32).encode()).replace(b"{child}",
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.sendto(msg, addr)
 s.sendto(b"READY=1", addr)
+while True:
+    signal.pause()
+)";
+
+// Sends one datagram to an abstract "@name" and waits until brokerd has read it (until then it
+// counts against the sender's send buffer). Returns 0, or which step failed.
+int send_notify(const std::string &address, const std::string &message)
+{
+	UniqueFd s(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+	sockaddr_un sa{};
+	sa.sun_family = AF_UNIX;
+	std::memcpy(sa.sun_path + 1, address.data() + 1, address.size() - 1);
+	auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + address.size());
+	if (::sendto(s.get(), message.data(), message.size(), 0, reinterpret_cast<sockaddr *>(&sa), len) < 0)
+		return 1;
+	int unread = -1;
+	return wait_until([&] { return ::ioctl(s.get(), SIOCOUTQ, &unread) == 0 && unread == 0; }, 20s) ? 0 : 2;
+}
+
+// A notify worker that never speaks for itself until told: a child it forked (in its session, not
+// its main process) sends READY=1 and STATUS=, and once brokerd has read that the worker writes
+// "CHILD-PID WAIT-STATUS" to argv[1]; it sends READY=1 itself once the fifo argv[2] is opened
+// and closed by the test.
+const char *const kQuietWorker = R"(
+import fcntl, os, signal, socket, struct, sys, termios, time
+addr = os.environ["NOTIFY_SOCKET"]
+if addr.startswith("@"):
+    addr = "\0" + addr[1:]
+def send(msg):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.sendto(msg, addr)
+    deadline = time.monotonic() + 20
+    while struct.unpack("i", fcntl.ioctl(s, termios.TIOCOUTQ, b"\0" * 4))[0] != 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+child = os.fork()
+if child == 0:
+    os._exit(0 if send(b"READY=1\nSTATUS=from a child") else 1)
+_, st = os.waitpid(child, 0)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write("%d %d" % (child, st))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+with open(sys.argv[2]) as f:
+    f.read()
+send(b"READY=1")
 while True:
     signal.pause()
 )";
@@ -105,10 +154,8 @@ TEST_CASE("notify socket: MAINPID= is a whole pid of the session; STATUS= is one
 
 TEST_CASE("Worker.Status refuses a text that is not one line of valid UTF-8")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: the registered service names root");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root: the service's register rule names root");
 	Broker b;
 	BROKER_CONTEXT(b);
 	json ext = {{"instances", 1}, {"ready", "broker"}, {"register", {{"users", {"root"}}}}};
@@ -157,10 +204,8 @@ TEST_CASE("Worker.Status refuses a text that is not one line of valid UTF-8")
 
 TEST_CASE("a notify message from a process that took a main pid over is not the instance's")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to choose the next pid (ns_last_pid)");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to choose the next pid (ns_last_pid)");
 	Broker b;
 	BROKER_CONTEXT(b);
 	std::string pid_file = b.path("daemon.pids");
@@ -170,14 +215,7 @@ TEST_CASE("a notify message from a process that took a main pid over is not the 
 	pid_t daemon = 0;
 	REQUIRE(wait_until([&] { return (std::istringstream(read_file(pid_file)) >> daemon) && daemon > 0; }, 20s));
 	REQUIRE(wait_until([&] { return instances(b.status("fork"), "fork").at(0).value("pid", 0) == daemon; }, 20s));
-	std::string notify = [&] {
-		std::ifstream in("/proc/" + std::to_string(daemon) + "/environ");
-		std::string entry;
-		while (std::getline(in, entry, '\0'))
-			if (entry.starts_with("NOTIFY_SOCKET="))
-				return entry.substr(14);
-		return std::string();
-	}();
+	std::string notify = notify_address(daemon);
 	REQUIRE(notify.starts_with("@"));
 
 	// While brokerd is stopped, the main process dies and another process gets its pid (the
@@ -228,5 +266,56 @@ TEST_CASE("a notify message from a process that took a main pid over is not the 
 		std::size_t at = log.find("pid " + std::to_string(daemon) + ",");
 		return at == std::string::npos ? std::string("(nothing)") : log.substr(at, log.find('\n', at) - at);
 	}());
+	b.stop();
+}
+
+TEST_CASE("notify socket: READY=1 from a process that is not the instance's own does not make it ready")
+{
+	if (::geteuid() != 0)
+		TEST_SKIP("sends as nobody: needs root");
+	Broker b;
+	BROKER_CONTEXT(b);
+	std::string child_file = b.path("child"), go = b.path("go");
+	REQUIRE(::mkfifo(go.c_str(), 0600) == 0);
+	BrokerOptions opts;
+	opts.wait_ready = false; // brokerd says READY=1 once its instance is ready
+	b.start({{"sockets", {{"http", tcp_socket()}}},
+	         {"services", {{"w", service({"python3", "-c", kQuietWorker, child_file, go}, {"http"}, 1, "notify")}}}},
+	        opts);
+	pid_t child = 0;
+	int child_status = -1;
+	REQUIRE(wait_until([&] { return static_cast<bool>(std::istringstream(read_file(child_file)) >> child >> child_status); }, 20s));
+	CHECK(child_status == 0);
+	json inst = instances(b.status("w"), "w").at(0);
+	pid_t worker = inst.value("pid", 0);
+	std::string address = notify_address(worker);
+	REQUIRE(address.starts_with("@"));
+
+	// Besides the worker's own child: this test (root, outside the instance's session) and a
+	// process of another user.
+	CHECK(send_notify(address, "READY=1\nSTATUS=from the test") == 0);
+	SpawnOptions nobody;
+	nobody.as_nobody = true;
+	pid_t stranger = 0;
+	Process p = Process::fork_run([&] { return send_notify(address, "READY=1\nSTATUS=from nobody"); }, nobody);
+	stranger = p.pid();
+	auto st = p.wait(20s);
+	CHECK((st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0));
+
+	inst = instances(b.status("w"), "w").at(0);
+	CHECK(inst.value("state", "") == "starting");
+	CHECK(!inst.contains("status"));
+	for (pid_t sender : {child, ::getpid(), stranger}) {
+		CAPTURE(sender);
+		CHECK(b.log().find("notify socket: message from pid " + std::to_string(sender) + ", which is no instance, ignoring") !=
+		      std::string::npos);
+	}
+
+	// The worker itself: ready.
+	REQUIRE(wait_until([&] { return UniqueFd(::open(go.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC)).get() >= 0; }, 20s));
+	b.wait_ready(20s);
+	inst = instances(b.status("w"), "w").at(0);
+	CHECK(inst.value("state", "") == "ready");
+	CHECK(inst.value("pid", 0) == worker);
 	b.stop();
 }

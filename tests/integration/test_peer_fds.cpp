@@ -1,5 +1,6 @@
 // Integration: fds a peer gives brokerd never close on its event loop, so no local user can stop it.
 #include "harness.hpp"
+#include "../skip.hpp"
 
 #include "broker/internal/sync_client.hpp"
 
@@ -21,7 +22,6 @@
 #include <cstring>
 #include <algorithm>
 #include <atomic>
-#include <fstream>
 #include <memory>
 #include <thread>
 
@@ -372,24 +372,12 @@ bool kernel_refuses_fds()
 	return ::setsockopt(s.get(), SOL_SOCKET, SO_PASSRIGHTS, &zero, sizeof zero) == 0;
 }
 
-std::string notify_address(pid_t worker)
-{
-	std::ifstream in("/proc/" + std::to_string(worker) + "/environ");
-	std::string entry;
-	while (std::getline(in, entry, '\0'))
-		if (entry.starts_with("NOTIFY_SOCKET="))
-			return entry.substr(14);
-	return {};
-}
-
 } // namespace
 
 TEST_CASE("a peer's fd whose close() blocks cannot stop brokerd's event loop")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to run the attacker as nobody");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run the attacker as nobody");
 	using Attack = std::function<Outcome(const std::string &control, const std::string &notify, const NewCarrier &)>;
 	struct Case {
 		std::string name;
@@ -436,6 +424,8 @@ TEST_CASE("a peer's fd whose close() blocks cannot stop brokerd's event loop")
 		CHECK(wait_until([&] { return (fds_after = fd_count(b.pid())) <= fds_before; }, 20s));
 		if (c.refusable && kernel_refuses_fds())
 			CHECK(outcome == kRefused);
+		else if (c.refusable)
+			record_skip("the kernel has no SO_PASSRIGHTS (Linux 6.16): not checked that it refused the fd up front");
 		CHECK(instances(b.status(), "web").size() == 1);
 		b.stop();
 		}

@@ -1,5 +1,6 @@
 // Integration: unmodified systemd tools on both sides of brokerd (socket-proxyd as a worker, socket-activate as launcher).
 #include "harness.hpp"
+#include "../skip.hpp"
 
 #include "broker/internal/sync_client.hpp"
 
@@ -28,10 +29,8 @@ std::string proxyd_ready_mode()
 
 TEST_CASE("systemd-socket-proxyd runs unmodified under brokerd (LISTEN_FDS)")
 {
-	if (!executable(kSocketProxyd)) {
-		MESSAGE("skipped: ", kSocketProxyd, " is not installed (Debian package systemd)");
-		return;
-	}
+	if (!executable(kSocketProxyd))
+		TEST_SKIP(kSocketProxyd + " is not installed (Debian package systemd)");
 	Broker b;
 	BROKER_CONTEXT(b);
 	std::string ready = proxyd_ready_mode();
@@ -96,10 +95,8 @@ TEST_CASE("systemd-socket-proxyd runs unmodified under brokerd (LISTEN_FDS)")
 
 TEST_CASE("brokerd under systemd-socket-activate adopts the listener it is given")
 {
-	if (!executable("/usr/bin/systemd-socket-activate")) {
-		MESSAGE("skipped: systemd-socket-activate is not installed");
-		return;
-	}
+	if (!executable("/usr/bin/systemd-socket-activate"))
+		TEST_SKIP("/usr/bin/systemd-socket-activate is not installed (Debian package systemd)");
 	Broker b;
 	BROKER_CONTEXT(b);
 	std::uint16_t port = free_port();
@@ -163,10 +160,8 @@ TEST_CASE("brokerd under systemd-socket-activate adopts the listener it is given
 
 TEST_CASE("brokerd under systemd-socket-activate adopts its control socket")
 {
-	if (!executable("/usr/bin/systemd-socket-activate")) {
-		MESSAGE("skipped: systemd-socket-activate is not installed");
-		return;
-	}
+	if (!executable("/usr/bin/systemd-socket-activate"))
+		TEST_SKIP("/usr/bin/systemd-socket-activate is not installed (Debian package systemd)");
 	Broker b;
 	BROKER_CONTEXT(b);
 	std::uint16_t port = free_port();
@@ -202,10 +197,10 @@ TEST_CASE("brokerd under systemd-socket-activate adopts its control socket")
 
 TEST_CASE("an unmodified sd_notify client (systemd-notify) marks its instance ready")
 {
-	if (!executable("/usr/bin/systemd-notify") || ::geteuid() != 0) {
-		MESSAGE("skipped: needs systemd-notify, and root to send another pid's credentials");
-		return;
-	}
+	if (!executable("/usr/bin/systemd-notify"))
+		TEST_SKIP("/usr/bin/systemd-notify is not installed (Debian package systemd)");
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to send another pid's credentials");
 	Broker b;
 	BROKER_CONTEXT(b);
 	// systemd-notify runs as a child of the instance, so it sends the main pid in its credentials

@@ -1,6 +1,7 @@
 // Integration: how a worker proves who it is. A registration holds the process that connected,
 // a token works only for its own instance's processes, and an instance has one Events stream.
 #include "harness.hpp"
+#include "../skip.hpp"
 
 #include "broker/client.hpp"
 #include "broker/internal/sync_client.hpp"
@@ -11,11 +12,13 @@
 #include <linux/sched.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 using namespace itest;
@@ -114,10 +117,8 @@ TEST_CASE("a registration whose process has exited, or whose pid names another p
 	}
 	SUBCASE("recycled")
 	{
-		if (::geteuid() != 0) {
-			MESSAGE("skipped: needs root to create a process with a given pid (clone3 set_tid)");
-			return;
-		}
+		if (::geteuid() != 0)
+			TEST_SKIP("needs root to create a process with a given pid (clone3 set_tid)");
 		// The registrant exits and a new process gets its pid before brokerd reads the Hello:
 		// brokerd must not take the newcomer for the worker (it would later SIGTERM and SIGKILL it).
 		pid_t child = 0;
@@ -147,10 +148,8 @@ TEST_CASE("a registration whose process has exited, or whose pid names another p
 
 TEST_CASE("a token works only for its instance's processes, and an instance has one Events stream")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to run a client as nobody");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a client as nobody");
 	Broker b;
 	BROKER_CONTEXT(b);
 	std::string results = b.path("token-results.json");
@@ -201,5 +200,85 @@ TEST_CASE("a token works only for its instance's processes, and an instance has 
 	SyncClient op(b.control_path(), 20s);
 	op.call("io.brokerd.Control.Stop", {{"service", "tok"}});
 	CHECK(json::parse(read_file(results)).value("drained_on", "") == "first");
+	b.stop();
+}
+
+// A worker's own process is the one a token could work for: every token brokerd did not give its
+// instance, or gave an instance that is gone, is refused there with the documented error, and the
+// connection stays unauthenticated (its Events call is refused too).
+TEST_CASE("a worker's own process is refused every token but its instance's, and gets nothing for one")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	std::string cases_fifo = b.path("cases.fifo"), results = b.path("results.json");
+	REQUIRE(::mkfifo(cases_fifo.c_str(), 0600) == 0);
+	json probe = service({"python3", env("SOURCE_ROOT") + "/tests/integration/token_probe.py", cases_fifo, results}, {}, 1, "exec");
+	json other = service({"sleep", "infinity"}, {}, 1, "exec");
+	b.start({{"services", {{"probe", probe}, {"other", other}}}});
+
+	pid_t other_pid = worker_pids(b.status("other"), "other").at(0);
+	std::string retired = environ_value(other_pid, "BROKER_TOKEN");
+	// Restart replies once the new instance serves and the old one is gone.
+	SyncClient op(b.control_path(), 30s);
+	op.call("io.brokerd.Control.Restart", {{"service", "other"}});
+	json st = b.status();
+	INFO("Status: ", st.dump());
+	std::vector<pid_t> others = worker_pids(st, "other");
+	REQUIRE(others.size() == 1);
+	REQUIRE(others[0] != other_pid);
+	std::string other_token = environ_value(others[0], "BROKER_TOKEN");
+	std::string own = environ_value(worker_pids(st, "probe").at(0), "BROKER_TOKEN");
+	// A live instance's token, given by another brokerd.
+	Broker second;
+	second.start({{"services", {{"probe", other}}}});
+	std::string elsewhere = environ_value(worker_pids(second.status("probe"), "probe").at(0), "BROKER_TOKEN");
+	for (const std::string &t : {retired, other_token, own, elsewhere})
+		REQUIRE(t.find_first_not_of("0123456789abcdef") == std::string::npos);
+	REQUIRE(own.size() == 32);
+	std::string upper = own;
+	std::transform(upper.begin(), upper.end(), upper.begin(), ::toupper);
+	REQUIRE(upper != own);
+
+	struct Case {
+		std::string name;
+		json token;
+		std::string hello; // the error Hello gets, or "ok"
+	};
+	const Case cases[] = {
+		{"own", own, "ok"},
+		{"unknown", "00112233445566778899aabbccddeeff", "io.brokerd.Worker.InvalidToken"},
+		{"retired", retired, "io.brokerd.Worker.InvalidToken"},
+		{"another instance's", other_token, "org.varlink.service.PermissionDenied"},
+		{"another brokerd's", elsewhere, "io.brokerd.Worker.InvalidToken"},
+		{"truncated", own.substr(0, 31), "io.brokerd.Worker.InvalidToken"},
+		{"extended", own + "0", "io.brokerd.Worker.InvalidToken"},
+		{"upper case", upper, "io.brokerd.Worker.InvalidToken"},
+		{"with a NUL", own + std::string(1, '\0'), "io.brokerd.Worker.InvalidToken"},
+		{"a number", 42, "org.varlink.service.InvalidParameter"},
+		{"empty", "", "org.varlink.service.InvalidParameter"},
+	};
+	json sent = json::object();
+	for (const Case &c : cases)
+		sent[c.name] = {{"token", c.token}, {"want_fds", true}};
+	{
+		// The worker opened the FIFO for reading at its start: the open waits for it.
+		UniqueFd w;
+		REQUIRE(wait_until([&] { return (w = UniqueFd(::open(cases_fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC))).valid(); }, 20s));
+		std::string text = sent.dump();
+		REQUIRE(::write(w.get(), text.data(), text.size()) == static_cast<ssize_t>(text.size()));
+	}
+	REQUIRE_MESSAGE(wait_until([&] { return ::access(results.c_str(), F_OK) == 0; }, 60s), "the probe wrote no results");
+	json got = json::parse(read_file(results));
+	INFO("the probe's results: ", got.dump());
+	for (const Case &c : cases) {
+		CAPTURE(c.name);
+		REQUIRE(got.contains(c.name));
+		CHECK(got[c.name][0] == c.hello);
+		if (c.hello != "ok")
+			CHECK(got[c.name][1] == "io.brokerd.Worker.NotAuthenticated");
+	}
+	second.stop();
+	CHECK(b.log().find("Hello with the token of instance " + instances(st, "other").at(0).value("id", "") +
+	                   " from pid " + std::to_string(worker_pids(st, "probe").at(0))) != std::string::npos);
 	b.stop();
 }

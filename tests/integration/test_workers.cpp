@@ -3,6 +3,7 @@
 
 #include <doctest/doctest.h>
 
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -248,4 +249,52 @@ TEST_CASE("a unix-socket listener serves HTTP and its file is removed at shutdow
 
 	b.stop();
 	CHECK_MESSAGE(::access(path.c_str(), F_OK) != 0, "socket file ", path, " left behind");
+}
+
+// README: "Each worker runs in its own session, so none is left orphaned": brokerd signals and
+// kills a worker's whole session, which must hold nothing of brokerd's (or the test's).
+TEST_CASE("every spawned worker leads its own session and process group, apart from brokerd's")
+{
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start({{"sockets", {{"http", tcp_socket()}}},
+	         {"services",
+	          {{"web", service({env("EXAMPLE_HTTP")}, {"http"}, 2, "broker")},
+	           {"plain", service({"sleep", "infinity"}, {}, 2, "exec")}}}});
+	const pid_t broker_sid = ::getsid(b.pid());
+	const pid_t broker_pgid = ::getpgid(b.pid());
+	REQUIRE(broker_sid > 0);
+	REQUIRE(broker_pgid > 0);
+
+	auto check_own_session = [&](pid_t pid) {
+		INFO("worker ", pid, " (brokerd ", b.pid(), ": sid ", broker_sid, ", pgid ", broker_pgid, ")");
+		CHECK(::getsid(pid) == pid);
+		CHECK(::getpgid(pid) == pid);
+		CHECK(::getsid(pid) != broker_sid);
+		CHECK(::getpgid(pid) != broker_pgid);
+	};
+	json st = b.status();
+	INFO("Status: ", st.dump());
+	std::vector<pid_t> pids = worker_pids(st, "web");
+	std::vector<pid_t> plain = worker_pids(st, "plain");
+	pids.insert(pids.end(), plain.begin(), plain.end());
+	REQUIRE(pids.size() == 4);
+	for (pid_t pid : pids)
+		check_own_session(pid);
+
+	// A worker brokerd restarts after it was killed gets its own session too.
+	REQUIRE(::kill(plain.at(0), SIGKILL) == 0);
+	pid_t restarted = 0;
+	REQUIRE_MESSAGE(wait_until(
+				[&] {
+					for (const json &i : instances(b.status("plain"), "plain"))
+						if (i.value("state", "") == "ready" && i.value("pid", 0) > 0 &&
+						    i.value("pid", 0) != plain[0] && i.value("pid", 0) != plain[1])
+							restarted = i.value("pid", 0);
+					return restarted > 0;
+				},
+				20s),
+	                "brokerd did not restart the killed worker");
+	check_own_session(restarted);
+	b.stop();
 }

@@ -9,6 +9,7 @@ any third-party Varlink client would see them: one JSON object per message, NUL-
 import json
 import re
 import socket
+import struct
 import sys
 import threading
 
@@ -94,7 +95,9 @@ def run_checks(control):
     status = conn.call("io.brokerd.Control.Status")
     check("error" not in status, "Status succeeds: %s" % status.get("error"))
     sp = status.get("parameters", {})
-    check(isinstance(sp.get("pid"), int) and sp["pid"] > 0, "Status has brokerd's pid")
+    # The control socket's listener is brokerd's: its pid is the connection's peer.
+    peer_pid = struct.unpack("3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    check(sp.get("pid") == peer_pid, "Status has brokerd's pid (%r, the peer is %d)" % (sp.get("pid"), peer_pid))
     socks = {s["name"]: s for s in sp.get("sockets", [])}
     check("http" in socks and socks["http"]["address"].startswith("tcp://127.0.0.1:"),
           "Status lists socket http with its address")

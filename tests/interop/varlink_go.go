@@ -117,7 +117,7 @@ func main() {
 			}
 		}
 	}
-	check(ready > 0, "Status shows service %s with a ready instance", svc)
+	check(ready == 1, "Status shows service %s with its one instance ready: %d", svc, ready)
 
 	err = conn.Call(ctx, "io.brokerd.Control.NoSuchMethod", nil, nil)
 	var nomethod *varlink.MethodNotFound

@@ -22,14 +22,14 @@ GOPATH = "/usr/share/gocode"
 VARLINK_GO = os.path.join(GOPATH, "src", "github.com", "varlink", "go", "varlink")
 
 
-def build_client(out_dir):
-    out = os.path.join(out_dir, "varlink-go-client")
+def build_client(out_dir, source="varlink_go.go", name="varlink-go-client"):
+    out = os.path.join(out_dir, name)
     env = dict(os.environ)
     env.update({"GOPATH": GOPATH, "GO111MODULE": "off", "GOPROXY": "off", "GOFLAGS": "",
                 "GOCACHE": os.environ.get("GO_CACHE_DIR") or os.path.join(out_dir, "go-cache")})
-    r = subprocess.run(["go", "build", "-o", out, os.path.join(HERE, "varlink_go.go")], env=env,
+    r = subprocess.run(["go", "build", "-o", out, os.path.join(HERE, source)], env=env,
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
-    if not check(r.returncode == 0, "the Go client builds against Debian's varlink-go"):
+    if not check(r.returncode == 0, "%s builds against Debian's varlink-go" % source):
         print(r.stdout + r.stderr, flush=True)
         return None
     return out

@@ -5,13 +5,23 @@
 
 #include "fake_broker.hpp"
 
+#include "../skip.hpp"
+
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -21,6 +31,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <string>
@@ -128,7 +139,8 @@ public:
 		int status = 0;
 		REQUIRE(::waitpid(pid_, &status, 0) == pid_);
 		pid_ = -1;
-		CHECK(WIFEXITED(status));
+		CHECK_MESSAGE(WIFEXITED(status), "the worker was killed by signal ", WTERMSIG(status),
+		              std::string(WTERMSIG(status) == SIGSYS ? " (SIGSYS: it started a thread or a process)" : ""));
 		CHECK(WEXITSTATUS(status) == 0);
 		return data.empty() ? json() : json::parse(data);
 	}
@@ -161,14 +173,28 @@ std::uint64_t monotonic_usec()
 	return static_cast<std::uint64_t>(ts.tv_sec) * 1000000u + static_cast<std::uint64_t>(ts.tv_nsec) / 1000u;
 }
 
+// A drain request's deadline, in microseconds after two moments: the start of the process()
+// call that handed it over ("from_call"), and the handler's own start ("from_handler"). The
+// library sets it as it reads the event, in between, so a timeout_ms of T gives
+// from_call >= T * 1000 >= from_handler however slow the machine is.
+json drain_seen(std::int64_t deadline_us, std::int64_t called_us, std::int64_t now_us)
+{
+	return {{"from_call", deadline_us - called_us}, {"from_handler", deadline_us - now_us}};
+}
+
+std::int64_t usec_of(Clock::time_point t)
+{
+	return std::chrono::duration_cast<std::chrono::microseconds>(t.time_since_epoch()).count();
+}
+
 // Runs the worker's event loop, the way a worker would, until the broker goes away. Records the
-// drain requests (as milliseconds left until their deadline) and the error that ended the loop.
+// drain requests (see drain_seen()) and the error that ended the loop.
 json cpp_event_loop(broker::Client &c)
 {
 	json out = {{"drains", json::array()}};
+	Clock::time_point called;
 	c.on_drain([&](const broker::DrainRequest &req) {
-		out["drains"].push_back(
-		        std::chrono::duration_cast<std::chrono::milliseconds>(req.deadline - Clock::now()).count());
+		out["drains"].push_back(drain_seen(usec_of(req.deadline), usec_of(called), usec_of(Clock::now())));
 	});
 	auto deadline = Clock::now() + kTimeout;
 	try {
@@ -176,7 +202,7 @@ json cpp_event_loop(broker::Client &c)
 			out["timeout_is_none"] = c.timeout() == UINT64_MAX;
 			if (!wait_for(c.fd(), c.events(), deadline))
 				break;
-			while (c.process()) {
+			for (called = Clock::now(); c.process(); called = Clock::now()) {
 			}
 		}
 		out["ended"] = "deadline";
@@ -186,11 +212,27 @@ json cpp_event_loop(broker::Client &c)
 	return out;
 }
 
+// Runs the worker's event loop until process() throws, as it does once the broker is gone: the
+// error's code, or 0 when the deadline passed first.
+int cpp_event_loop_until_error(broker::Client &c)
+{
+	auto deadline = Clock::now() + kTimeout;
+	try {
+		while (wait_for(c.fd(), c.events(), deadline))
+			while (c.process()) {
+			}
+	} catch (const broker::Error &e) {
+		return e.code();
+	}
+	return 0;
+}
+
 json c_event_loop(broker_client *c)
 {
 	struct Seen {
 		json drains = json::array();
 		broker_client *client;
+		std::uint64_t called_usec = 0; // when the current broker_client_process() began
 	} seen{json::array(), c};
 	int r = broker_client_set_drain_handler(
 	        c,
@@ -198,8 +240,9 @@ json c_event_loop(broker_client *c)
 		        auto *s = static_cast<Seen *>(userdata);
 		        if (client != s->client)
 			        s->drains.push_back("wrong client");
-		        s->drains.push_back((static_cast<long long>(deadline_usec) -
-		                             static_cast<long long>(monotonic_usec())) / 1000);
+		        s->drains.push_back(drain_seen(static_cast<std::int64_t>(deadline_usec),
+		                                       static_cast<std::int64_t>(s->called_usec),
+		                                       static_cast<std::int64_t>(monotonic_usec())));
 	        },
 	        &seen);
 	json out = {{"set_handler", r}};
@@ -208,7 +251,8 @@ json c_event_loop(broker_client *c)
 	while (Clock::now() < deadline && ended == 0) {
 		if (!wait_for(broker_client_fd(c), static_cast<short>(broker_client_events(c)), deadline))
 			break;
-		while ((r = broker_client_process(c)) > 0) {
+		for (seen.called_usec = monotonic_usec(); (r = broker_client_process(c)) > 0;
+		     seen.called_usec = monotonic_usec()) {
 		}
 		if (r < 0)
 			ended = r;
@@ -216,6 +260,128 @@ json c_event_loop(broker_client *c)
 	out["drains"] = seen.drains;
 	out["ended"] = {{"code", -ended}};
 	return out;
+}
+
+// Every place a library could speak without being asked, watched in a worker's child for one life
+// of the library: stdout and stderr go to a memfd; in a mount namespace of the child's own,
+// /dev/log and the journal's socket are sockets the child reads, and the console, the kernel log
+// and the tty are empty files; a seccomp filter kills the child (SIGSYS) if anything clones, so a
+// thread that comes and goes is caught too; checkpoint() counts the threads there are.
+class Traps {
+public:
+	// Sets them all, or returns what failed (the life is not run then).
+	std::string set()
+	{
+		std::fflush(nullptr); // the parent's buffered output, inherited, is not the library's
+		if (::unshare(CLONE_NEWNS) < 0 || ::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) < 0)
+			return std::string("mount namespace: ") + std::strerror(errno);
+		for (const char *dir : {"/dev", "/run"})
+			if (::mount("tmpfs", dir, "tmpfs", 0, "mode=0755") < 0)
+				return std::string("tmpfs on ") + dir + ": " + std::strerror(errno);
+		::mkdir("/run/systemd", 0755);
+		::mkdir("/run/systemd/journal", 0755);
+		for (const char *path : {"/dev/log", "/run/systemd/journal/socket"}) {
+			Fd s(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+			sockaddr_un sa{};
+			sa.sun_family = AF_UNIX;
+			std::strcpy(sa.sun_path, path);
+			if (::bind(s.get(), reinterpret_cast<sockaddr *>(&sa), sizeof sa) < 0)
+				return std::string("bind ") + path + ": " + std::strerror(errno);
+			sockets_.emplace_back(path, std::move(s));
+		}
+		for (const char *path : {"/dev/console", "/dev/kmsg", "/dev/tty"})
+			if (Fd(::open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0666)).get() < 0)
+				return std::string("create ") + path + ": " + std::strerror(errno);
+		output_ = Fd(::memfd_create("output", MFD_CLOEXEC));
+		if (output_.get() < 0 || ::dup2(output_.get(), 1) < 0 || ::dup2(output_.get(), 2) < 0)
+			return std::string("memfd: ") + std::strerror(errno);
+		sock_filter filter[] = {
+		        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+		        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone, 3, 0),
+		        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone3, 2, 0),
+#ifdef __NR_vfork
+		        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_vfork, 1, 0),
+#else
+		        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone, 1, 0),
+#endif
+		        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+		};
+		sock_fprog prog{static_cast<unsigned short>(std::size(filter)), filter};
+		if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0)
+			return std::string("seccomp: ") + std::strerror(errno);
+		return {};
+	}
+
+	static int threads()
+	{
+		int n = 0;
+		for ([[maybe_unused]] const auto &e : std::filesystem::directory_iterator("/proc/self/task"))
+			n++;
+		return n;
+	}
+	void checkpoint() { threads_.push_back(threads()); }
+
+	// What each trap caught, as text; empty where nothing came.
+	json caught()
+	{
+		std::fflush(nullptr);
+		json out = {{"threads", threads_}};
+		out["stdout and stderr"] = contents(output_.get());
+		for (const auto &[path, s] : sockets_) {
+			std::string got;
+			char buf[4096];
+			for (ssize_t n; (n = ::recv(s.get(), buf, sizeof buf, 0)) >= 0;)
+				got += std::string(buf, static_cast<std::size_t>(n)) + "\n";
+			out[path] = got;
+		}
+		for (const char *path : {"/dev/console", "/dev/kmsg", "/dev/tty"})
+			out[path] = contents(Fd(::open(path, O_RDONLY | O_CLOEXEC)).get());
+		return out;
+	}
+
+private:
+	static std::string contents(int fd)
+	{
+		std::string out;
+		char buf[4096];
+		for (ssize_t n; (n = ::pread(fd, buf, sizeof buf, static_cast<off_t>(out.size()))) > 0;)
+			out.append(buf, static_cast<std::size_t>(n));
+		return out;
+	}
+
+	std::vector<std::pair<std::string, Fd>> sockets_;
+	Fd output_;
+	std::vector<int> threads_;
+};
+
+// Runs `life` under Traps in a worker's child and returns {"life": what it returned, "caught": ...}.
+json trapped(const std::function<json(Traps &)> &life)
+{
+	Traps traps;
+	if (std::string why = traps.set(); !why.empty())
+		return {{"traps", why}};
+	json out;
+	try {
+		out["life"] = life(traps);
+	} catch (const broker::Error &e) {
+		out["life"] = {{"uncaught", error_json(e)}};
+	}
+	out["caught"] = traps.caught();
+	return out;
+}
+
+// What Traps must have seen after `checkpoints` checkpoints: one thread at each, nothing said.
+void check_silent(const json &r, std::size_t checkpoints)
+{
+	REQUIRE(r.is_object());
+	REQUIRE(r.value("traps", "") == "");
+	const json &caught = r["caught"];
+	CHECK(caught["threads"] == std::vector<int>(checkpoints, 1));
+	for (std::string trap : {"stdout and stderr", "/dev/log", "/run/systemd/journal/socket", "/dev/console", "/dev/kmsg", "/dev/tty"}) {
+		CAPTURE(trap);
+		CHECK(caught[trap] == "");
+	}
 }
 
 } // namespace
@@ -520,11 +686,12 @@ TEST_CASE("brokered: Hello, fds, Ready, Status, drain, end of stream")
 			CHECK(r["status"] == 0);
 			CHECK(r["loop"]["set_handler"] == 0);
 		}
+		// The deadline is the event's timeout_ms after the moment the library read it.
 		json &drains = r["loop"]["drains"];
 		REQUIRE(drains.size() == 1);
-		REQUIRE(drains[0].is_number_integer());
-		CHECK(drains[0].get<long long>() > 3000);
-		CHECK(drains[0].get<long long>() <= 5000);
+		REQUIRE(drains[0].is_object());
+		CHECK(drains[0]["from_call"].get<long long>() >= 5'000'000);
+		CHECK(drains[0]["from_handler"].get<long long>() <= 5'000'000);
 		CHECK(r["loop"]["ended"]["code"] == ECONNRESET);
 		// Received fds are the Client's and close with it; inherited ones belong to the process.
 		CHECK(r["listener_open_after"] == tc.inherited);
@@ -655,4 +822,159 @@ TEST_CASE("brokered: no broker listening")
 	json r = w.result();
 	REQUIRE(r.is_object());
 	CHECK(r["c"] == -ECONNREFUSED);
+}
+
+TEST_CASE("the library starts no thread and never writes to stdout, stderr, syslog, the journal or the console")
+{
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root for a mount namespace of its own (unshare CLONE_NEWNS)");
+	// A brokered life: Hello with fds, Ready, Status, refusals, connections handed to it, a drain
+	// on which it hands three on (two land, one comes back), an unknown event, end of stream.
+	std::string name = abstract_name("broker");
+	FakeBroker broker(name);
+	std::string listen_name = abstract_name("http");
+	Fd http = bind_abstract(SOCK_STREAM, listen_name);
+	int a[2], b[2], c[2];
+	REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, a) == 0);
+	REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, b) == 0);
+	REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, c) == 0);
+	Fd a0(a[0]), a1(a[1]), b0(b[0]), b1(b[1]), c0(c[0]), c1(c[1]);
+	// Its own connections to hand off, at fds 3, 4 and 5.
+	Worker w({{"BROKER_SOCKET", name}, {"BROKER_TOKEN", "t"}}, {a1.get(), b1.get(), c1.get()}, [] {
+		return trapped([](Traps &traps) {
+			json out = {{"errors", json::array()}, {"connections", json::array()}, {"returned", json::array()}};
+			broker::ClientOptions options;
+			options.accept_handoff = true;
+			broker::Client cl = broker::Client::from_env(options);
+			traps.checkpoint();
+			out["listener"] = cl.listener("http") >= 0;
+			auto refused = [&](const std::function<void()> &call) {
+				try {
+					call();
+					out["errors"].push_back(0);
+				} catch (const broker::Error &e) {
+					out["errors"].push_back(e.code());
+				}
+			};
+			refused([&] { cl.listener("nope"); });
+			cl.ready();
+			cl.status("serving");
+			refused([&] { cl.status("two\nlines"); });
+			refused([&] {
+				broker::Connection closed{63, "x"};
+				cl.handoff(&closed, 1);
+			});
+			cl.on_connection([&](int fd, std::string state) {
+				traps.checkpoint();
+				out["connections"].push_back(state);
+				::close(fd);
+			});
+			cl.on_returned([&](int fd, std::string state) {
+				out["returned"].push_back({fd, state});
+				::close(fd);
+			});
+			cl.on_handoff_done([&](const broker::HandoffSummary &s) {
+				traps.checkpoint();
+				out["done"] = {s.handed, s.landed, s.returned, s.abandoned};
+			});
+			cl.on_drain([&](const broker::DrainRequest &) {
+				traps.checkpoint();
+				broker::Connection mine[] = {{3, "one"}, {4, "two"}, {5, ""}};
+				cl.handoff(mine, 3);
+			});
+			out["loop"] = cpp_event_loop_until_error(cl);
+			traps.checkpoint();
+			return out;
+		});
+	});
+
+	auto deadline = Clock::now() + kTimeout;
+	REQUIRE(broker.accept(deadline));
+	json hello = broker.receive(deadline);
+	CHECK(hello["parameters"]["accept_handoff"] == true);
+	broker.send({{"parameters", {{"service", "web"}, {"instance", "web/2/0"}, {"generation", 2},
+	                             {"sockets", {{{"name", "http"}, {"address", "unix:@" + listen_name.substr(1)}, {"kind", "stream"}, {"fd", 0}}}}}}},
+	            {http.get()});
+	CHECK(broker.receive(deadline)["method"] == "io.brokerd.Worker.Events");
+	CHECK(broker.receive(deadline)["method"] == "io.brokerd.Worker.Ready");
+	CHECK(broker.receive(deadline)["method"] == "io.brokerd.Worker.Status");
+	// Two connections for it, one with state ("abc"), and their acknowledgement.
+	int d[2], e[2];
+	REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, d) == 0);
+	REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, e) == 0);
+	Fd d0(d[0]), d1(d[1]), e0(e[0]), e1(e[1]);
+	broker.event({{"event", "connections"}, {"batch", 7}, {"connections", {{{"fd", 0}, {"state", "YWJj"}}, {{"fd", 1}}}}},
+	             {d1.get(), e1.get()});
+	json received = broker.receive(deadline);
+	CHECK(received["method"] == "io.brokerd.Worker.Received");
+	CHECK(received["parameters"] == json{{"batch", 7}});
+	// Drained, it hands its three on: the third comes back.
+	broker.event({{"event", "drain"}, {"timeout_ms", 5000}});
+	json handoff = broker.receive(deadline);
+	CHECK(handoff["method"] == "io.brokerd.Worker.Handoff");
+	CHECK(broker.take_fds().size() == 3);
+	broker.event({{"event", "handoff"}, {"batch", handoff["parameters"]["batch"]}, {"landed", 2}, {"returned", {2}}});
+	broker.event({{"event", "rebalance"}});
+	// End of stream: the worker reads what is buffered first.
+	broker.close();
+
+	json r = w.result();
+	INFO(r.dump());
+	check_silent(r, 6);
+	const json &life = r["life"];
+	CHECK(life["listener"] == true);
+	CHECK(life["errors"] == json{ENOENT, EINVAL, EBADF});
+	CHECK(life["connections"] == json{"abc", ""});
+	CHECK(life["returned"] == json{{5, ""}});
+	CHECK(life["done"] == json{3, 2, 1, 0});
+	CHECK(life["loop"] == ECONNRESET);
+}
+
+TEST_CASE("the library starts no thread and never writes to stdout, stderr or syslog under plain systemd")
+{
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root for a mount namespace of its own (unshare CLONE_NEWNS)");
+	int a[2];
+	REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, a) == 0);
+	Fd a0(a[0]), a1(a[1]);
+	std::string notify_name = abstract_name("notify");
+	Fd notify = bind_abstract(SOCK_DGRAM, notify_name);
+	Env env = {{"LISTEN_FDS", "1"}, {"LISTEN_PID", "$PID"}, {"LISTEN_FDNAMES", "x"}, {"NOTIFY_SOCKET", notify_name}};
+	Worker w(env, {a1.get()}, [] {
+		return trapped([](Traps &traps) {
+			json out = {{"errors", json::array()}};
+			{
+				broker::Client cl = broker::Client::from_env();
+				traps.checkpoint();
+				cl.ready();
+				cl.status("serving");
+				for (const std::function<void()> &call : std::vector<std::function<void()>>{
+				             [&] { cl.listener("nope"); }, [&] { cl.status("\x1B[31mred"); },
+				             [&] {
+					             broker::Connection mine{3, ""};
+					             cl.handoff(&mine, 1);
+				             }}) {
+					try {
+						call();
+						out["errors"].push_back(0);
+					} catch (const broker::Error &e) {
+						out["errors"].push_back(e.code());
+					}
+				}
+				out["process"] = cl.process();
+			}
+			broker_client *c = nullptr;
+			out["c"] = {broker_client_from_env(&c), broker_client_ready(c), broker_client_status(c, "two\nlines"),
+			            broker_client_listener(c, "nope")};
+			broker_client_free(c);
+			traps.checkpoint();
+			return out;
+		});
+	});
+	json r = w.result();
+	INFO(r.dump());
+	check_silent(r, 2);
+	CHECK(r["life"]["errors"] == json{ENOENT, EINVAL, ENOTCONN});
+	CHECK(r["life"]["process"] == false);
+	CHECK(r["life"]["c"] == json{0, 0, -EINVAL, -ENOENT});
 }

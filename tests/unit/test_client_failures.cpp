@@ -5,6 +5,7 @@
 #include <broker/client.hpp>
 
 #include "fake_broker.hpp"
+#include "../skip.hpp"
 
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
@@ -812,10 +813,8 @@ int fds_in_flight_child()
 
 TEST_CASE("ETOOMANYREFS from fds in flight is a wait: no error, no POLLOUT, retried after timeout()")
 {
-	if (::geteuid() != 0) {
-		MESSAGE("skipped: needs root to run a child as uid 65534 (root is exempt from the limit)");
-		return;
-	}
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a child as uid 65534 (root is exempt from the limit)");
 	pid_t pid = ::fork();
 	REQUIRE(pid >= 0);
 	if (pid == 0) {

@@ -1,5 +1,6 @@
 // Unit tests of broker/listener: binding, canonical addresses, unix socket files, systemd adoption.
 #include "listener.hpp"
+#include "../skip.hpp"
 
 #include <doctest/doctest.h>
 
@@ -239,10 +240,8 @@ TEST_CASE("udp binds and receives datagrams")
 
 TEST_CASE("IPv6 addresses are bracketed and IPV6_V6ONLY follows the config")
 {
-	if (!have_ipv6_loopback()) {
-		MESSAGE("no IPv6 loopback on this machine: skipped");
-		return;
-	}
+	if (!have_ipv6_loopback())
+		TEST_SKIP("no IPv6 loopback (::1) on this machine");
 	Listener l = open(tcp("v6", "::1"));
 	std::uint16_t port = port_of(l.fd.get());
 	CHECK(l.address == "tcp://[::1]:" + std::to_string(port));

@@ -113,12 +113,12 @@ ServerSockets server_sockets(std::uint16_t port, const std::set<unsigned> &clien
 	return out;
 }
 
+} // namespace
+
 std::uint64_t count_of(const json &obj, const char *key)
 {
 	return obj.is_object() ? obj.value(key, std::uint64_t{0}) : 0;
 }
-
-} // namespace
 
 void Tally::note(std::size_t &counter, std::size_t conn, const std::string &what)
 {

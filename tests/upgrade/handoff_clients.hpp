@@ -108,6 +108,9 @@ struct Upgraded {
 };
 Upgraded upgrade(Broker &b, const std::string &service);
 
+// One count of a HandoffInfo (in Status or a Watch event), 0 when absent.
+std::uint64_t count_of(const json &obj, const char *key);
+
 // A service's handoff counts in Status, and the instances' sums.
 struct HandoffCounts {
 	std::uint64_t handed = 0, received = 0, returned = 0;

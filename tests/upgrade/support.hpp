@@ -59,20 +59,24 @@ struct TestBroker {
 };
 
 // One broker-loadgen process (the LOADGEN environment variable) against 127.0.0.1:port. It runs
-// until finish(); begin_upgrade()/end_upgrade() mark the upgrade windows it reports apart.
+// until finish(); begin_upgrade()/end_upgrade() mark the upgrade windows it reports apart, and
+// return once broker-loadgen has taken the signal, so that every window is one it counted.
 class Loadgen {
 public:
 	Loadgen(const Broker &b, std::uint16_t port, const std::string &mode, const std::string &expect,
 	        int connections = 8, int rate = 0);
 	Loadgen(Loadgen &&) = default;
 
-	void begin_upgrade() { proc_.signal(SIGUSR1); }
-	void end_upgrade() { proc_.signal(SIGUSR2); }
+	void begin_upgrade() { signal_taken(SIGUSR1); }
+	void end_upgrade() { signal_taken(SIGUSR2); }
 	// Stops the load (in-flight requests complete) and returns broker-loadgen's JSON report.
 	json finish();
 	const std::string &mode() const { return mode_; }
 
 private:
+	// Sends sig and waits until broker-loadgen has read it from its signalfd.
+	void signal_taken(int sig);
+
 	std::string mode_;
 	std::string out_path_;
 	Process proc_;
@@ -85,12 +89,15 @@ public:
 	Load(const Broker &b, std::uint16_t port, const std::string &expect, int rate = 0);
 	void begin_upgrade();
 	void end_upgrade();
-	// Stops both and CHECKs that every request they made succeeded, and that some ran during
-	// the upgrade windows; returns the generations that answered (the "gen N" of the bodies).
+	// Stops both and CHECKs that every request they made succeeded, that no idle keep-alive
+	// connection was reset, and, when an upgrade window was marked, that each counted every
+	// window and had requests succeed in them; returns the generations that answered (the
+	// "gen N" of the bodies).
 	std::set<int> finish_and_check();
 
 private:
 	std::vector<Loadgen> gens_;
+	int windows_ = 0; // begin_upgrade() calls
 };
 
 // brokerctl --socket <control> args..., to completion.

@@ -1,5 +1,6 @@
 // Registered workers of an external service: each new version takes over under load; strangers are denied.
 #include "support.hpp"
+#include "../skip.hpp"
 
 #include <doctest/doctest.h>
 
@@ -144,7 +145,7 @@ TEST_CASE("external: five versions of a registered worker take over in turn unde
 
 	// A peer the register rule does not name: PermissionDenied, no fd, and nothing changes.
 	if (::geteuid() != 0) {
-		MESSAGE("skipped the check as nobody: needs root");
+		record_skip("the Hello of a peer the register rule does not name: needs root to run it as nobody");
 	} else {
 		SpawnOptions so;
 		so.as_nobody = true;

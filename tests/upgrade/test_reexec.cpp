@@ -1,12 +1,17 @@
 // brokerctl reexec: brokerd upgrades itself under load, keeping its pid, listeners, workers and
 // their connections; an exec that cannot work leaves it serving as it was.
+#include "handoff_clients.hpp"
 #include "support.hpp"
 
 #include "broker_config.h"
 
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 
 using namespace utest;
 
@@ -26,6 +31,67 @@ std::string write_program(Broker &b, const std::string &name, const std::string 
 	write_file(path, text);
 	REQUIRE(::chmod(path.c_str(), 0755) == 0);
 	return path;
+}
+
+namespace vl = broker::varlink;
+
+// One byte at a time between the test and a child it forked (both ends stay open in both).
+struct Beacon {
+	UniqueFd r, w;
+	Beacon()
+	{
+		int p[2];
+		REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+		r.reset(p[0]);
+		w.reset(p[1]);
+	}
+	void send() { (void)!::write(w.get(), "x", 1); }
+	bool receive(std::chrono::milliseconds timeout)
+	{
+		pollfd p{r.get(), POLLIN, 0};
+		char c;
+		return ::poll(&p, 1, static_cast<int>(timeout.count())) == 1 && ::read(r.get(), &c, 1) == 1;
+	}
+};
+
+// Reads a registered worker's Events stream until an event named `name`; its message, or one
+// with an empty body when the stream ended or the deadline passed.
+vl::Message next_event(vl::SyncClient &c, const std::string &name)
+{
+	c.set_timeout(60s);
+	try {
+		for (;;) {
+			vl::Message m = c.receive();
+			if (member(m.body, "parameters").value("event", "") == name)
+				return m;
+		}
+	} catch (const std::exception &e) {
+		std::fprintf(stderr, "waiting for a %s event: %s\n", name.c_str(), e.what());
+		return {};
+	}
+}
+
+// The pids of the running instances of "ext".
+std::vector<pid_t> live_pids(const json &status)
+{
+	std::vector<pid_t> out;
+	for (pid_t p : worker_pids(status, "ext"))
+		if (p > 0)
+			out.push_back(p);
+	return out;
+}
+
+// Hello for service "ext" as `version`, then Events and Ready: a registered worker, ready.
+vl::Message register_worker(vl::SyncClient &c, const std::string &version, bool accept_handoff)
+{
+	c.send(vl::make_call("io.brokerd.Worker.Hello", {{"service", "ext"},
+	                                                 {"version", version},
+	                                                 {"want_fds", !accept_handoff},
+	                                                 {"accept_handoff", accept_handoff}}));
+	vl::Message hello = c.receive();
+	c.send(vl::make_call("io.brokerd.Worker.Events", json::object(), true));
+	c.send(vl::make_call("io.brokerd.Worker.Ready", json::object(), false, true));
+	return hello;
 }
 
 } // namespace
@@ -122,4 +188,129 @@ TEST_CASE("reexec: a binary that cannot carry on is refused and brokerd serves o
 	CHECK(brokerctl(b, {"abort", "web"}).exit_code == 0);
 	CHECK(generation_answering(port) == 1);
 	b.stop();
+}
+
+// A handoff whose receiver has not acknowledged it lives only in brokerd's router: a re-exec then
+// would lose it (the receiver's acknowledgement would name a batch the new brokerd never sent).
+// So Reexec is refused until it settles, and then carries the receiver and its connection over.
+TEST_CASE("reexec: refused while a handoff is in flight; done once it settles; no connection lost")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json ext = {{"sockets", {"http"}}, {"instances", 1}, {"ready", "broker"},
+	            {"drain", {{"timeout", "60s"}}}, {"register", {{"users", {"root"}}}}};
+	tb.start(config_with({{"ext", ext}}));
+	const std::string control = b.control_path();
+	std::uint16_t port = socket_port(b.status(), "http");
+
+	// The sender: version 1, which takes one client connection, and on its drain hands it off
+	// (with state) and exits at once, leaving brokerd's copy the only one in flight.
+	SpawnOptions so;
+	so.stderr_path = b.path("sender.log");
+	Process sender = Process::fork_run(
+		[&] {
+			vl::SyncClient c(control, 20s);
+			vl::Message hello = register_worker(c, "v1", false);
+			if (hello.fds.size() != 1)
+				return 10;
+			pollfd p{hello.fds[0].get(), POLLIN, 0};
+			if (::poll(&p, 1, 20000) != 1)
+				return 11;
+			UniqueFd conn(::accept4(hello.fds[0].get(), nullptr, nullptr, SOCK_CLOEXEC));
+			if (!conn || next_event(c, "drain").body.is_null())
+				return 12;
+			std::vector<UniqueFd> fds;
+			fds.push_back(std::move(conn));
+			c.send(vl::make_call("io.brokerd.Worker.Handoff",
+			                     {{"batch", 1}, {"remaining", 0}, {"connections", {{{"fd", 0}, {"state", "aGk="}}}}},
+			                     false, true),
+			       std::move(fds));
+			return 0;
+		},
+		so);
+	REQUIRE_MESSAGE(wait_until([&] { return live_pids(b.status("ext")) == std::vector<pid_t>{sender.pid()}; }, 20s),
+	                read_file(b.path("sender.log")));
+	UniqueFd client = tcp_connect(port);
+
+	// The receiver: version 2, which takes over, receives the connection and holds its
+	// acknowledgement until told; then, told again, answers on the connection.
+	Beacon received, acknowledge, answer;
+	so.stderr_path = b.path("receiver.log");
+	Process receiver = Process::fork_run(
+		[&] {
+			vl::SyncClient c(control, 20s);
+			if (register_worker(c, "v2", true).body.contains("error"))
+				return 20;
+			vl::Message m = next_event(c, "connections");
+			const json &conns = member(member(m.body, "parameters"), "connections");
+			if (m.fds.size() != 1 || conns.size() != 1 || conns[0].value("state", "") != "aGk=")
+				return 21;
+			received.send();
+			if (!acknowledge.receive(60s))
+				return 22;
+			std::uint64_t batch = m.body["parameters"]["batch"].get<std::uint64_t>();
+			c.send(vl::make_call("io.brokerd.Worker.Received", {{"batch", batch}, {"refused", json::array()}}, false,
+			                     true));
+			if (!answer.receive(60s))
+				return 23;
+			const std::string line = "served by the successor\n";
+			if (::send(m.fds[0].get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size()))
+				return 24;
+			// Its Events stream came through the re-exec: brokerd's stop drains it there.
+			return next_event(c, "drain").body.is_null() ? 25 : 0;
+		},
+		so);
+	INFO("receiver: ", read_file(b.path("receiver.log")));
+	REQUIRE(received.receive(60s));
+	auto sent = sender.wait(30s);
+	INFO("sender: ", read_file(b.path("sender.log")));
+	REQUIRE(sent);
+	REQUIRE(describe_status(*sent) == "exited with 0");
+
+	// At rest but for the handoff: the receiver serves alone, and the connection is in flight.
+	json st;
+	REQUIRE_MESSAGE(wait_until(
+				[&] {
+					st = b.status("ext");
+					const json *svc = service_of(st, "ext");
+					return svc && (!svc->contains("upgrade") || svc->at("upgrade").is_null()) &&
+					       live_pids(st) == std::vector<pid_t>{receiver.pid()};
+				},
+				20s),
+	                "the takeover did not end: ", st.dump());
+	auto counts = handoff::handoff_counts(st, "ext");
+	CHECK(counts.handed == 1);
+	CHECK(counts.received == 0);
+	RunResult busy = brokerctl(b, {"reexec"});
+	INFO("brokerctl reexec: ", busy.describe());
+	CHECK(busy.exit_code == 7);
+	CHECK(busy.err.find("not now: connections are being handed off") != std::string::npos);
+
+	acknowledge.send();
+	CHECK(wait_until([&] { return handoff::handoff_counts(b.status("ext"), "ext").received == 1; }, 20s));
+	RunResult done = brokerctl(b, {"reexec"});
+	INFO("brokerctl reexec: ", done.describe());
+	CHECK(done.exit_code == 0);
+	CHECK(b.status().value("pid", 0) == b.pid());
+
+	// The connection the sender took lives on in the receiver.
+	answer.send();
+	std::string got;
+	auto deadline = Clock::now() + 20s;
+	while (got.find('\n') == std::string::npos && Clock::now() < deadline) {
+		pollfd p{client.get(), POLLIN, 0};
+		char buf[256];
+		if (::poll(&p, 1, 1000) == 1) {
+			ssize_t n = ::recv(client.get(), buf, sizeof buf, 0);
+			if (n <= 0)
+				break;
+			got.append(buf, static_cast<std::size_t>(n));
+		}
+	}
+	CHECK(got == "served by the successor\n");
+	b.stop();
+	auto st_receiver = receiver.wait(10s);
+	REQUIRE(st_receiver);
+	CHECK(describe_status(*st_receiver) == "exited with 0");
 }

@@ -5,6 +5,9 @@
 
 #include <sys/stat.h>
 
+#include <regex>
+#include <sstream>
+
 using namespace utest;
 
 namespace {
@@ -15,10 +18,27 @@ struct Failing {
 	std::vector<std::string> exec;
 	std::vector<std::string> options; // before --exec
 	std::string reason;               // in brokerctl's message
+	// The new instance that fails: 0, before any old instance drained, or 1, once the first new
+	// one replaced an old one, which the rollback must then start again (the refill).
+	int failing_index = 0;
 };
 
-// Each case must end in exit 6 with the reason, the old generation serving alone at full
-// capacity, and no request failing. A last, good upgrade shows the service is not stuck.
+// The old generation's instances that became ready during the call: those a rollback restored.
+int restored_ready(const std::string &out, int generation)
+{
+	// "web/1/2 ready (pid 4849)", then the counts when stdout is not a terminal.
+	static const std::regex ready(R"(^web/(\d+)/\d+ ready \(pid \d+\)(;.*)?$)");
+	int n = 0;
+	std::istringstream lines(out);
+	std::smatch m;
+	for (std::string line; std::getline(lines, line);)
+		n += std::regex_match(line, m, ready) && std::stoi(m[1]) == generation;
+	return n;
+}
+
+// Each case must end in exit 6 with the reason, the failed instance, the old instances it had
+// drained started again, the old generation serving alone at full capacity, and no request
+// failing. A last, good upgrade shows the service is not stuck.
 void rollbacks_under_load(const json &web, int rate, const std::vector<Failing> &cases)
 {
 	TestBroker tb;
@@ -30,7 +50,9 @@ void rollbacks_under_load(const json &web, int rate, const std::vector<Failing> 
 	Load load(b, port, "hello from web gen ", rate);
 
 	int generation = 1;
+	int failed_gen = generation; // each failed upgrade takes a generation number
 	for (const auto &c : cases) {
+		failed_gen++;
 		INFO("new version: ", std::string(c.what));
 		std::vector<std::string> args = {"upgrade", "web"};
 		args.insert(args.end(), c.options.begin(), c.options.end());
@@ -43,6 +65,12 @@ void rollbacks_under_load(const json &web, int rate, const std::vector<Failing> 
 		CHECK(r.exit_code == 6);
 		CHECK(r.err.find("rolled back") != std::string::npos);
 		CHECK(r.err.find(c.reason) != std::string::npos);
+		// Which instance failed decides the path: a failure of the second one must have gone
+		// through the refill of the old instance the first one replaced.
+		std::string failed = "web/" + std::to_string(failed_gen) + "/" + std::to_string(c.failing_index);
+		CHECK_MESSAGE(r.err.find("failed instance: " + failed + "\n") != std::string::npos, "expected ", failed,
+		              " to fail");
+		CHECK(restored_ready(r.out, generation) == c.failing_index);
 		// The error reply comes once the old generation is back at full capacity.
 		json st = b.status("web");
 		INFO("Status: ", st.dump());
@@ -88,7 +116,7 @@ TEST_CASE("rollback: client-lib worker whose new version fails")
 		{"a missing program", {scratch / "no-such-program"}, {}, "exec " + (scratch / "no-such-program") + ": No such file or directory"},
 		{"a shell that prints and exits 3", {"/bin/sh", "-c", "echo 'cannot open database' >&2; exit 3"}, {},
 		 "cannot open database"},
-		{"second new instance exits 4", works_once(scratch / "once", http, "exit 4"), {}, "exited with status 4"},
+		{"second new instance exits 4", works_once(scratch / "once", http, "exit 4"), {}, "exited with status 4", 1},
 	});
 }
 
@@ -99,8 +127,10 @@ TEST_CASE("rollback: notify worker whose new version never gets ready")
 	rollbacks_under_load(python_service(2), 1000, {
 		{"never sends READY=1", {"sleep", "1000"}, {"--start-timeout", "1s"}, "start timeout"},
 		{"exits at once", {"/bin/sh", "-c", "exit 1"}, {}, "exited with status 1"},
+		// The start timeout is the first new instance's too: generous, so that a slow Python
+		// start does not fail it first (which the checks above would report).
 		{"second new instance never ready", works_once(scratch / "once", python, "exec sleep 1000"),
-		 {"--start-timeout", "1500ms"}, "start timeout"},
+		 {"--start-timeout", "5s"}, "start timeout", 1},
 	});
 }
 
