@@ -10,7 +10,6 @@ or that no config entry names, is released with FDSTOREREMOVE=1.
 """
 
 import array
-import ctypes
 import fcntl
 import json
 import os
@@ -23,17 +22,10 @@ import sys
 import tempfile
 import time
 
-from checks import check, descendants, failures, passes
+from checks import Strays, check, descendants, failures, passes
 
 TIMEOUT = 20.0  # per step: brokerd's start, its worker's readiness, a drain
 HTTP_TIMEOUT = 10.0  # a ready worker answers at once
-
-
-def become_subreaper():
-    """Workers that brokerd leaves behind become our children, so the final check sees them."""
-    PR_SET_CHILD_SUBREAPER = 36
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def socket_inode(fd):
@@ -392,16 +384,18 @@ def events_since(manager, seen, kind):
     return [d for k, d in manager.events[seen:] if k == kind]
 
 
-def stop(b, label, workers):
+def stop(b, label, workers, strays):
     seen = len(b.manager.events)
+    strays.note(b.pid)
     rc = b.stop()
     check(rc == 0, "%s: brokerd exits 0 on SIGTERM (got %r)" % (label, rc))
     check(("STOPPING", "") in b.manager.events[seen:], "%s: brokerd sent STOPPING=1" % label)
     left = [p for p in workers if os.path.exists("/proc/%d" % p)]
     check(not left, "%s: its workers are gone with it (%s)" % (label, left))
+    strays.check(label)
 
 
-def run(tmp, manager, runs):
+def run(tmp, manager, runs, strays):
     brokerd = os.environ["BROKERD"]
     worker = os.environ["EXAMPLE_HTTP"]
     control = os.path.join(tmp, "control.sock")
@@ -421,7 +415,7 @@ def run(tmp, manager, runs):
     workers, _ = check_running(b, manager, control, port, "first start")
 
     # 2. Down: the store keeps the listener, so a client's connection waits in its accept queue.
-    stop(b, "first stop", workers)
+    stop(b, "first stop", workers, strays)
     check(sorted(manager.names()) == ["control", "http"],
           "first stop: the store still holds http and control (%s)" % manager.names())
     # brokerd removes the socket files it bound when it stops (design.md, "The fd store"), so the
@@ -465,7 +459,7 @@ def run(tmp, manager, runs):
               (status, body.strip()))
 
     # 4. The config moved http to another port: the stored one is released, a new one bound and stored.
-    stop(b, "second stop", workers)
+    stop(b, "second stop", workers, strays)
     old_port, port = port, free_port()
     while port == old_port:
         port = free_port()
@@ -492,7 +486,7 @@ def run(tmp, manager, runs):
     check(status is None, "mismatch: the old port %d no longer accepts" % old_port)
 
     # 5. A stored fd that no config entry names is released.
-    stop(b, "third stop", workers)
+    stop(b, "third stop", workers, strays)
     stale = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     stale.bind(("127.0.0.1", 0))
     stale.listen(4)
@@ -509,7 +503,7 @@ def run(tmp, manager, runs):
     workers, _ = check_running(b, manager, control, port, "stale")
     leaked = [p for p in workers if stale_ino in process_socket_inodes(p)]
     check(not leaked, "stale: no worker inherited it (%s)" % leaked)
-    stop(b, "last stop", workers)
+    stop(b, "last stop", workers, strays)
 
     check(events_since(manager, 0, "DUPLICATE") == [],
           "no run pushed a socket the store already held (%s)" % events_since(manager, 0, "DUPLICATE"))
@@ -518,39 +512,24 @@ def run(tmp, manager, runs):
 
 
 def main():
-    if not check(become_subreaper(), "the harness is a child subreaper, so that no worker escapes the checks"):
+    strays = Strays()
+    if not check(strays.subreaper, "the harness is a child subreaper, so that no worker escapes the checks"):
         return 1
     tmp = tempfile.mkdtemp(prefix="brokerd-fdstore.")
     manager = ServiceManager()
     runs = []
     try:
-        run(tmp, manager, runs)
+        run(tmp, manager, runs, strays)
     except Exception as e:  # report, with brokerd's logs, rather than a bare traceback
         failures.append("%s: %s" % (type(e).__name__, e))
         print("FAILED %s: %s" % (type(e).__name__, e), flush=True)
     finally:
         for _, b in runs:
             if b.status is None:
-                stray = descendants(b.pid)
+                strays.note(b.pid)
                 b.kill()
-                for pid in stray:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        # Orphans are ours (subreaper): kill and reap whatever is left, and count it as a failure.
-        left = descendants(os.getpid())
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in left:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        check(not left, "every brokerd and worker process is gone (%s)" % left)
+        # Orphans are ours (subreaper): whatever is left is killed, reaped and reported.
+        strays.check("the end", quiet=bool(failures))
         if failures:
             for label, b in runs:
                 print("--- brokerd log (%s):\n%s" % (label, b.log()), flush=True)

@@ -96,23 +96,6 @@ std::set<pid_t> &own_children()
 	return s;
 }
 
-pid_t parent_of(pid_t pid)
-{
-	std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-	std::string line;
-	if (!std::getline(f, line))
-		return -1;
-	// The comm field may hold spaces and parentheses: the ppid follows the last ')'.
-	auto close = line.rfind(')');
-	if (close == std::string::npos)
-		return -1;
-	std::istringstream rest(line.substr(close + 2));
-	char state = 0;
-	pid_t ppid = -1;
-	rest >> state >> ppid;
-	return ppid;
-}
-
 std::vector<pid_t> all_pids()
 {
 	std::vector<pid_t> out;
@@ -129,24 +112,92 @@ std::vector<pid_t> all_pids()
 	return out;
 }
 
-// Every descendant of `root`, and every child of the test process it did not spawn itself.
-std::vector<pid_t> strays(pid_t root)
+// What /proc/PID/stat says of a process, and whether it is on its way out.
+struct ProcStat {
+	pid_t pid = 0;
+	pid_t ppid = 0;
+	pid_t sid = 0;
+	char state = '?';
+	unsigned long flags = 0;
+	unsigned long long start = 0; // clock ticks after boot
+
+	bool dead() const { return state == 'Z' || state == 'X' || state == 'x'; }
+};
+
+std::optional<ProcStat> proc_stat(pid_t pid)
 {
-	std::map<pid_t, pid_t> parent;
-	for (pid_t p : all_pids())
-		parent[p] = parent_of(p);
-	std::vector<pid_t> out;
-	pid_t self = ::getpid();
-	for (auto [p, pp] : parent) {
-		if (p == root)
-			continue;
-		bool stray = pp == self && !own_children().count(p);
-		for (pid_t a = pp; !stray && a > 1; a = parent.count(a) ? parent[a] : -1)
-			stray = a == root;
-		if (stray)
-			out.push_back(p);
+	std::string line = read_file("/proc/" + std::to_string(pid) + "/stat");
+	// The comm field may hold spaces and parentheses: the fields go on after the last ')'.
+	auto close = line.rfind(')');
+	if (close == std::string::npos || close + 2 >= line.size())
+		return std::nullopt;
+	std::istringstream rest(line.substr(close + 2));
+	ProcStat st;
+	st.pid = pid;
+	std::string skip;
+	rest >> st.state >> st.ppid >> skip >> st.sid >> skip >> skip >> st.flags;
+	for (int field = 10; field <= 22; ++field) // minflt .. starttime
+		rest >> skip;
+	try {
+		st.start = std::stoull(skip);
+	} catch (const std::exception &) {
+		return std::nullopt;
 	}
-	return out;
+	return rest ? std::optional<ProcStat>(st) : std::nullopt;
+}
+
+// Exiting (PF_EXITING), or with a SIGKILL pending: it goes without anyone's help.
+bool dying(pid_t pid)
+{
+	constexpr unsigned long kPfExiting = 0x4;
+	auto st = proc_stat(pid);
+	if (!st || st->dead() || (st->flags & kPfExiting))
+		return true;
+	std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
+	std::string line;
+	while (std::getline(in, line))
+		if (line.rfind("SigPnd:", 0) == 0 || line.rfind("ShdPnd:", 0) == 0)
+			if ((std::stoull(line.substr(7), nullptr, 16) >> (SIGKILL - 1)) & 1)
+				return true;
+	return false;
+}
+
+std::string cmdline_text(pid_t pid)
+{
+	std::string out;
+	for (const auto &arg : proc_cmdline(pid))
+		out += (out.empty() ? "" : " ") + arg;
+	return out.empty() ? "(no command line)" : out;
+}
+
+// Failures the running test case reported, counted as doctest reports them to its listeners.
+std::atomic<int> failures_in_case{0};
+
+struct FailureCounter : doctest::IReporter {
+	explicit FailureCounter(const doctest::ContextOptions &) {}
+	void report_query(const doctest::QueryData &) override {}
+	void test_run_start() override {}
+	void test_run_end(const doctest::TestRunStats &) override {}
+	void test_case_start(const doctest::TestCaseData &) override { failures_in_case = 0; }
+	void test_case_reenter(const doctest::TestCaseData &) override { failures_in_case = 0; }
+	void test_case_end(const doctest::CurrentTestCaseStats &) override {}
+	void test_case_exception(const doctest::TestCaseException &) override { failures_in_case++; }
+	void subcase_start(const doctest::SubcaseSignature &) override {}
+	void subcase_end() override {}
+	void log_assert(const doctest::AssertData &a) override { failures_in_case += a.m_failed; }
+	void log_message(const doctest::MessageData &m) override
+	{
+		failures_in_case += (m.m_severity & (doctest::assertType::is_check | doctest::assertType::is_require)) != 0;
+	}
+	void test_case_skipped(const doctest::TestCaseData &) override {}
+};
+
+// Brokers alive in the test process, so that an orphan reparented to the test is charged to the
+// one whose worker's session it belongs to.
+std::set<const Broker *> &live_brokers()
+{
+	static std::set<const Broker *> s;
+	return s;
 }
 
 std::vector<std::string> build_env(const std::vector<std::string> &add, const std::vector<std::string> &unset)
@@ -213,6 +264,8 @@ UniqueFd open_output(const std::string &path)
 }
 
 } // namespace
+
+REGISTER_LISTENER("itest-failures", 2, FailureCounter);
 
 // ---------------------------------------------------------------------------------------------
 
@@ -467,6 +520,7 @@ Broker::Broker()
 	notify_.reset(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
 	if (!notify_)
 		fail_errno("socket");
+	live_brokers().insert(this);
 	sockaddr_un sa{};
 	sa.sun_family = AF_UNIX;
 	std::memcpy(sa.sun_path + 1, notify_name_.data(), notify_name_.size());
@@ -477,7 +531,17 @@ Broker::Broker()
 
 Broker::~Broker()
 {
+	// A test that did not stop brokerd gets a graceful stop, so that what it would leave behind
+	// is seen; a test that failed already is cleaned up at once.
+	bool failed = failure_reported() || std::uncaught_exceptions() > 0;
+	if (proc_.running() && !failed) {
+		note_all_sessions();
+		proc_.signal(SIGTERM);
+		if (!proc_.wait(20s))
+			FAIL_CHECK("brokerd (pid " << proc_.pid() << "), which the test did not stop, still ran 20 s after SIGTERM");
+	}
 	kill_all();
+	live_brokers().erase(this);
 }
 
 void Broker::start(json config, const BrokerOptions &opts)
@@ -564,25 +628,34 @@ json Broker::status(const std::optional<std::string> &service)
 			for (const auto &i : member(g, "instances"))
 				if (i.value("pid", 0) > 0)
 					last_worker_pids_.push_back(i["pid"].get<pid_t>());
+	note_sessions(last_worker_pids_);
 	return p;
 }
 
 void Broker::stop(std::chrono::milliseconds timeout)
 {
+	if (shut_down(timeout))
+		check_strays();
+	else
+		kill_all();
+}
+
+bool Broker::shut_down(std::chrono::milliseconds timeout)
+{
 	REQUIRE(proc_.running());
 	auto workers = last_worker_pids_;
+	note_all_sessions();
 	proc_.signal(SIGTERM);
 	auto st = proc_.wait(timeout);
 	if (!st) {
 		FAIL_CHECK("brokerd did not exit within " << timeout.count() << " ms of SIGTERM");
-		kill_all();
-		return;
+		return false;
 	}
 	CHECK_MESSAGE(describe_status(*st) == "exited with 0", "brokerd ", describe_status(*st), " after SIGTERM");
 	CHECK_MESSAGE(::access(control_path().c_str(), F_OK) != 0, "control socket file left behind");
 	for (pid_t w : workers)
 		CHECK_MESSAGE(!process_exists(w), "worker ", w, " outlived brokerd");
-	kill_all(); // reaps anything left, so a failure above orphans nothing
+	return true;
 }
 
 std::string Broker::log() const
@@ -595,34 +668,198 @@ std::string Broker::report() const
 	return "brokerd (pid " + std::to_string(proc_.pid()) + ") stderr:\n" + log();
 }
 
-void Broker::kill_all()
-{
-	pid_t root = proc_.pid();
-	// brokerd first, so it starts no replacements; then whatever it leaves, until nothing does.
-	if (proc_.running()) {
-		auto before = strays(root);
-		std::vector<UniqueFd> held;
-		for (pid_t p : before)
-			held.emplace_back(pidfd_open(p, 0));
-		proc_.kill();
-		for (auto &fd : held)
-			if (fd)
-				pidfd_send_signal(fd.get(), SIGKILL, nullptr, 0);
+// A snapshot of /proc, and who the test process is.
+struct Broker::Scan {
+	std::map<pid_t, ProcStat> procs;
+	pid_t self = ::getpid();
+
+	Scan()
+	{
+		for (pid_t p : all_pids())
+			if (auto st = proc_stat(p))
+				procs[p] = *st;
 	}
+	const ProcStat *find(pid_t pid) const
+	{
+		auto it = procs.find(pid);
+		return it == procs.end() ? nullptr : &it->second;
+	}
+};
+
+void Broker::note_sessions(const std::vector<pid_t> &pids)
+{
+	static const pid_t test_session = ::getsid(0);
+	for (pid_t p : pids) {
+		pid_t sid = ::getsid(p);
+		if (sid <= 0 || sid == test_session || sessions_.count(sid))
+			continue;
+		auto leader = proc_stat(sid);
+		sessions_[sid] = leader ? leader->start : 0;
+	}
+}
+
+void Broker::note_all_sessions()
+{
+	if (!proc_.running())
+		return;
+	std::vector<pid_t> pids;
+	for (const auto &p : leftovers(Scan()))
+		pids.push_back(p.pid);
+	note_sessions(pids);
+}
+
+bool Broker::owns_session(pid_t sid, const Scan &scan) const
+{
+	auto it = sessions_.find(sid);
+	if (it == sessions_.end())
+		return false;
+	// While a session has members its id is not handed out again: a process with that pid now
+	// is its leader (same start time), or came after the session ended.
+	const ProcStat *leader = scan.find(sid);
+	return !leader || leader->start == it->second;
+}
+
+std::vector<StrayProcess> Broker::leftovers(const Scan &scan) const
+{
+	pid_t root = proc_.running() ? proc_.pid() : -1;
+	auto orphan_is_mine = [&](const ProcStat &top) {
+		if (own_children().count(top.pid))
+			return false; // a Process the test holds, and what it started
+		for (const Broker *other : live_brokers())
+			if (other != this && other->owns_session(top.sid, scan))
+				return false;
+		return true;
+	};
+	std::vector<StrayProcess> out;
+	for (const auto &[pid, st] : scan.procs) {
+		if (pid == scan.self || pid == root || st.dead())
+			continue;
+		bool mine = owns_session(st.sid, scan);
+		const ProcStat *below = &st;
+		for (int depth = 0; !mine && depth < 4096; ++depth) {
+			if (below->ppid == root) {
+				mine = true;
+			} else if (below->ppid == scan.self) {
+				mine = orphan_is_mine(*below);
+				break;
+			}
+			below = scan.find(below->ppid);
+			if (!below)
+				break;
+		}
+		if (mine)
+			out.push_back({pid, st.ppid, st.sid, cmdline_text(pid)});
+	}
+	return out;
+}
+
+std::vector<StrayProcess> Broker::reap_strays()
+{
+	std::vector<StrayProcess> found;
+	std::set<pid_t> seen;
 	for (int round = 0; round < 20; ++round) {
-		auto left = strays(root);
+		auto left = leftovers(Scan());
 		if (left.empty())
 			break;
-		for (pid_t p : left) {
-			UniqueFd fd(pidfd_open(p, 0));
+		for (const auto &p : left) {
+			UniqueFd fd(pidfd_open(p.pid, 0));
 			if (!fd)
-				continue;
-			pidfd_send_signal(fd.get(), SIGKILL, nullptr, 0);
-			poll_one(fd.get(), POLLIN, Clock::now() + 5s);
+				continue; // gone meanwhile
+			// One that brokerd SIGKILLed on its way out is dying, not left behind.
+			bool stray = !dying(p.pid) || !exits_within(fd.get(), 10s);
+			if (stray) {
+				if (seen.insert(p.pid).second)
+					found.push_back(p);
+				pidfd_send_signal(fd.get(), SIGKILL, nullptr, 0);
+				exits_within(fd.get(), 10s);
+			}
 			siginfo_t si{};
 			::waitid(P_PIDFD, fd.get(), &si, WEXITED | WNOHANG); // ours only once reparented
 		}
 	}
+	// Orphans that died on their own are the test's zombies now.
+	Scan scan;
+	for (const auto &[pid, st] : scan.procs)
+		if (st.ppid == scan.self && st.dead() && !own_children().count(pid))
+			::waitpid(pid, nullptr, WNOHANG);
+	return found;
+}
+
+void Broker::report_strays(const std::string &what, const std::vector<StrayProcess> &strays)
+{
+	if (strays.empty())
+		return;
+	std::string msg = std::to_string(strays.size()) + " stray process" + (strays.size() == 1 ? "" : "es") + " " +
+	                  what + " (brokerd pid " + std::to_string(proc_.pid()) + ", the test pid " +
+	                  std::to_string(::getpid()) + "), killed now:\n" + describe(strays);
+	if (failure_reported() || std::uncaught_exceptions() > 0)
+		MESSAGE(msg);
+	else
+		FAIL_CHECK(msg);
+}
+
+void Broker::check_strays()
+{
+	REQUIRE_MESSAGE(!proc_.running(), "check_strays() while brokerd runs");
+	report_strays("outlived brokerd", reap_strays());
+}
+
+void Broker::kill_all()
+{
+	if (proc_.running()) {
+		note_all_sessions();
+		std::string msg = "brokerd (pid " + std::to_string(proc_.pid()) + ") still ran at the end of the test, killed now";
+		if (failure_reported() || std::uncaught_exceptions() > 0)
+			MESSAGE(msg);
+		else
+			FAIL_CHECK(msg);
+		proc_.kill();
+	}
+	report_strays("left at the end of the test", reap_strays());
+}
+
+std::string describe(const std::vector<StrayProcess> &strays)
+{
+	std::string out;
+	for (const auto &p : strays)
+		out += "  pid " + std::to_string(p.pid) + ", parent " + std::to_string(p.parent) + ", session " +
+		       std::to_string(p.session) + ": " + p.cmdline + "\n";
+	return out;
+}
+
+bool failure_reported()
+{
+	return failures_in_case > 0;
+}
+
+UniqueFd pidfd_of(pid_t pid)
+{
+	return UniqueFd(pidfd_open(pid, 0));
+}
+
+bool exits_within(int pidfd, std::chrono::milliseconds timeout)
+{
+	return poll_one(pidfd, POLLIN, Clock::now() + timeout);
+}
+
+bool reaped(int pidfd)
+{
+	// A pidfd's fdinfo says "Pid: -1" once the process is released, zombie no more.
+	std::istringstream in(read_file("/proc/self/fdinfo/" + std::to_string(pidfd)));
+	std::string line;
+	while (std::getline(in, line))
+		if (line.rfind("Pid:", 0) == 0)
+			return std::stoi(line.substr(4)) == -1;
+	return false;
+}
+
+std::vector<pid_t> session_members(pid_t sid)
+{
+	std::vector<pid_t> out;
+	for (pid_t p : all_pids())
+		if (auto st = proc_stat(p); st && st->sid == sid && !st->dead())
+			out.push_back(p);
+	return out;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -110,6 +110,30 @@ RunResult run(const std::vector<std::string> &argv, const SpawnOptions &opts = {
 // /proc) every few milliseconds. Returns whether `pred` became true.
 bool wait_until(const std::function<bool()> &pred, std::chrono::milliseconds timeout);
 
+// Whether the running test case (its current subcase) has reported a failure: a failed assertion,
+// FAIL or an exception. Clean-up that finds something wrong after that reports it as a MESSAGE, so
+// that one failure is not buried under its consequences.
+bool failure_reported();
+
+// A pidfd on a process the test did not start (a worker), opened while it runs, so that its exit
+// can be waited for later without mistaking a reused pid for it. Invalid when it is already gone.
+UniqueFd pidfd_of(pid_t pid);
+// Whether the process behind `pidfd` has died within `timeout`: an unreaped zombie counts, it died.
+bool exits_within(int pidfd, std::chrono::milliseconds timeout);
+// Whether the process behind `pidfd` is gone and reaped by its parent (no zombie left of it).
+bool reaped(int pidfd);
+// The live processes of session `sid` (its leader included while it runs).
+std::vector<pid_t> session_members(pid_t sid);
+
+// A process left behind: what a stray report says of it.
+struct StrayProcess {
+	pid_t pid = 0;
+	pid_t parent = 0;
+	pid_t session = 0;
+	std::string cmdline;
+};
+std::string describe(const std::vector<StrayProcess> &strays);
+
 // What brokerd gets started with.
 struct BrokerOptions {
 	std::vector<std::string> prefix;     // a launcher run in front, e.g. systemd-socket-activate
@@ -119,7 +143,13 @@ struct BrokerOptions {
 };
 
 // One brokerd under test, in its own temp dir with its config, control socket and stderr log.
-// On destruction anything still running (brokerd, its workers, orphans) is killed and reaped.
+//
+// Strays: when brokerd is gone, nothing it started may be left. A process is this brokerd's when
+// it descends from brokerd, or from an orphan reparented to the test process (a subreaper) that is
+// not a Process the test holds, or belongs to the session of a worker it started. stop(),
+// check_strays() and the destructor FAIL on each one still alive (pid, parent, session, command
+// line) and then kill and reap it: a test passes only if it leaves nothing behind. A process
+// already dying (SIGKILL pending, or exiting) is waited for, not reported.
 class Broker {
 public:
 	Broker();
@@ -147,22 +177,44 @@ public:
 	json status(const std::optional<std::string> &service = {});
 
 	// SIGTERM, then waits for the exit and CHECKs it was exit status 0, that the control
-	// socket file is gone and that no worker it reported survives it.
+	// socket file is gone and that no worker it reported survives it; then check_strays().
 	void stop(std::chrono::milliseconds timeout = 20s);
+	// stop() without check_strays(): for a test that looks at what brokerd left before the
+	// harness cleans up. Returns whether brokerd exited within the timeout.
+	bool shut_down(std::chrono::milliseconds timeout = 20s);
+	// FAILs with a report of every process of this brokerd still alive (see Strays above), then
+	// kills and reaps them. brokerd must have exited (stopped by the test, or by itself).
+	void check_strays();
+	// For a test that leaves processes behind on purpose (brokerd SIGKILLed): kills and reaps
+	// what is left of this brokerd and returns it, for the test to assert on; no failure.
+	std::vector<StrayProcess> reap_strays();
 
 	// brokerd's stderr so far, for failure reports.
 	std::string log() const;
 	std::string report() const;
 
-	// Kills brokerd, every descendant of it and any orphan that was reparented to the test.
+	// Kills brokerd, every descendant of it and any orphan that was reparented to the test. A
+	// failure when it finds anything (brokerd still running, a stray), unless the test already
+	// failed: then a MESSAGE. The destructor gives a brokerd still running a graceful stop first
+	// (SIGTERM, 20 s), unless the test failed.
 	void kill_all();
 
 private:
+	struct Scan;
+	std::vector<StrayProcess> leftovers(const Scan &scan) const;
+	bool owns_session(pid_t sid, const Scan &scan) const;
+	void note_sessions(const std::vector<pid_t> &pids);
+	void note_all_sessions(); // of every process below brokerd, before it stops
+	void report_strays(const std::string &what, const std::vector<StrayProcess> &strays);
+
 	TempDir dir_;
 	UniqueFd notify_;
 	std::string notify_name_;
 	Process proc_;
 	std::vector<pid_t> last_worker_pids_;
+	// Sessions of its workers seen so far: session id -> the start time of its leader when seen
+	// (0: gone already), so that a reused pid is not taken for the leader.
+	std::map<pid_t, unsigned long long> sessions_;
 };
 
 // Attaches brokerd's stderr to every failure report of the enclosing scope.
@@ -178,7 +230,10 @@ const json &member(const json &obj, const char *key);
 // /proc helpers.
 std::map<int, std::string> proc_fds(pid_t pid);        // fd -> readlink target
 std::vector<std::string> proc_cmdline(pid_t pid);
-bool process_exists(pid_t pid);                        // and is not a zombie
+// Whether it runs: a zombie died and counts as gone. A check that a process went proves nothing
+// once the harness has killed everything (stop(), kill_all()): take a pidfd_of() it while it runs
+// and check exits_within() or reaped() before.
+bool process_exists(pid_t pid);
 std::optional<std::uint64_t> socket_inode(const std::string &link_target); // "socket:[N]"
 std::set<std::uint64_t> socket_inodes(pid_t pid);      // of every socket the process holds
 std::map<std::uint64_t, std::uint16_t> tcp_listeners(); // inode -> port, from /proc/net/tcp{,6}

@@ -82,12 +82,14 @@ TEST_CASE("a forking server: brokerd follows MAINPID, restarts it when it dies a
 	// Its death is seen through its pidfd: the helper left in its session goes with it, and the
 	// slot starts again under its restart policy. Returns the daemon that replaced `old`.
 	auto kill_and_restart = [&](const Daemon &old) {
+		UniqueFd helper = pidfd_of(old.helper);
+		REQUIRE(helper);
 		REQUIRE(::kill(old.pid, SIGKILL) == 0);
 		std::optional<Daemon> next;
 		REQUIRE_MESSAGE(wait_until([&] { return (next = read_daemon(pid_file, old.pid)).has_value(); }, 20s),
 		                "the forking server was not restarted after its main process died");
 		CHECK(wait_until([&] { return ready_as(b, next->pid); }, 20s));
-		CHECK(wait_until([&] { return !process_exists(old.helper); }, 20s));
+		CHECK(exits_within(helper.get(), 20s));
 		CHECK(b.log().find("pid " + std::to_string(old.pid) + " exited unexpectedly") != std::string::npos);
 		CHECK(answer(port) == "pid " + std::to_string(next->pid) + "\n");
 		return *next;
@@ -101,10 +103,16 @@ TEST_CASE("a forking server: brokerd follows MAINPID, restarts it when it dies a
 	CHECK(ready_as(b, second.pid));
 	Daemon third = kill_and_restart(second);
 
-	// brokerd's shutdown drains it through its pidfd and leaves nothing of its session behind.
-	b.stop();
-	CHECK(!process_exists(third.pid));
-	CHECK(!process_exists(third.helper));
+	// brokerd's shutdown drains it through its pidfd and leaves nothing of its session behind:
+	// the daemon is gone before brokerd exits, the helper at once (its SIGKILL may be pending),
+	// both seen before the harness kills anything.
+	UniqueFd daemon = pidfd_of(third.pid), helper = pidfd_of(third.helper);
+	REQUIRE(daemon);
+	REQUIRE(helper);
+	REQUIRE(b.shut_down());
+	CHECK(exits_within(daemon.get(), 0ms));
+	CHECK(exits_within(helper.get(), 5s));
+	b.check_strays();
 }
 
 TEST_CASE("forking servers with exec readiness are ready once their first process is gone")
@@ -147,6 +155,9 @@ TEST_CASE("a forking server that ignores its drain is killed, session and all, b
 	std::optional<Daemon> daemon;
 	REQUIRE(wait_until([&] { return (daemon = read_daemon(pid_file, 0)).has_value(); }, 20s));
 	REQUIRE(wait_until([&] { return ready_as(b, daemon->pid); }, 20s));
+	UniqueFd daemon_fd = pidfd_of(daemon->pid), helper_fd = pidfd_of(daemon->helper);
+	REQUIRE(daemon_fd);
+	REQUIRE(helper_fd);
 
 	b.process().signal(SIGTERM);
 	REQUIRE(wait_until(
@@ -160,6 +171,7 @@ TEST_CASE("a forking server that ignores its drain is killed, session and all, b
 	auto st = b.process().wait(10s);
 	REQUIRE_MESSAGE(st, "brokerd still runs 10s after the second SIGTERM");
 	CHECK(describe_status(*st) == "exited with 0");
-	CHECK(!process_exists(daemon->pid));
-	CHECK(!process_exists(daemon->helper));
+	CHECK(exits_within(daemon_fd.get(), 0ms));
+	CHECK(exits_within(helper_fd.get(), 5s));
+	b.check_strays();
 }

@@ -51,7 +51,7 @@ private:
 
 // A brokerd under test whose notify socket is always read (see NotifyDrain).
 struct TestBroker {
-	NotifyDrain notify; // outlives brokerd, which the Broker's destructor kills
+	NotifyDrain notify; // outlives brokerd, which the Broker's destructor stops if the test did not
 	Broker b;
 
 	// Broker::start, with brokerd's NOTIFY_SOCKET pointing at `notify`; waits for READY=1.

@@ -37,27 +37,6 @@ sys.exit(w.main())
 	return path;
 }
 
-// The live processes (not zombies) of the session `sid`, from /proc/PID/stat.
-std::vector<pid_t> session_members(pid_t sid)
-{
-	std::vector<pid_t> out;
-	for (const auto &entry : std::filesystem::directory_iterator("/proc")) {
-		std::string name = entry.path().filename().string();
-		if (name.find_first_not_of("0123456789") != std::string::npos)
-			continue;
-		std::string stat = read_file(entry.path().string() + "/stat");
-		auto close = stat.rfind(')');
-		if (close == std::string::npos)
-			continue;
-		std::istringstream in(stat.substr(close + 1));
-		std::string state;
-		long ppid = 0, pgrp = 0, session = 0;
-		if (in >> state >> ppid >> pgrp >> session && state != "Z" && session == sid)
-			out.push_back(static_cast<pid_t>(std::stol(name)));
-	}
-	return out;
-}
-
 } // namespace
 
 TEST_CASE("drain: kill -9 of an old instance mid-drain")

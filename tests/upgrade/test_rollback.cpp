@@ -137,6 +137,8 @@ TEST_CASE("rollback: notify worker whose new version never gets ready")
 // kill -9 of a new instance mid-upgrade: the second new instance is held before it execs the
 // worker (on a FIFO nobody writes), so it has accepted no connection when it dies; the first
 // one already replaced an old instance, so the rollback must restore it and drain the new one.
+// The held instance leaves a process in its session (a sleep in the background), which brokerd
+// takes with it.
 TEST_CASE("rollback: kill -9 of a new instance mid-upgrade")
 {
 	TestBroker tb;
@@ -148,7 +150,7 @@ TEST_CASE("rollback: kill -9 of a new instance mid-upgrade")
 	REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
 	std::string http = shell_quote(env("EXAMPLE_HTTP"));
 	std::vector<std::string> exec =
-		works_once(b.path("once"), http, "read line < " + shell_quote(fifo) + "; exec " + http);
+		works_once(b.path("once"), http, "sleep 1000 & read line < " + shell_quote(fifo) + "; exec " + http);
 
 	Load load(b, port, "hello from web gen ");
 	load.begin_upgrade();
@@ -163,6 +165,19 @@ TEST_CASE("rollback: kill -9 of a new instance mid-upgrade")
 	REQUIRE(started.has_value());
 	pid_t victim = started->parameters["progress"].value("pid", 0);
 	REQUIRE(victim > 0);
+	pid_t sleeper = 0;
+	REQUIRE(wait_until(
+		[&] {
+			for (pid_t p : session_members(victim))
+				if (proc_cmdline(p) == std::vector<std::string>{"sleep", "1000"})
+					sleeper = p;
+			return sleeper > 0;
+		},
+		20s));
+	UniqueFd victim_fd = pidfd_of(victim);
+	UniqueFd left_fd = pidfd_of(sleeper);
+	REQUIRE(victim_fd);
+	REQUIRE(left_fd);
 	REQUIRE(kill9(victim));
 
 	StreamCall::Reply end = final_reply(up);
@@ -181,7 +196,10 @@ TEST_CASE("rollback: kill -9 of a new instance mid-upgrade")
 	CHECK(rollback);
 	CHECK(restored);
 	check_serves_alone(b, "web", 1, 2);
-	CHECK(!process_exists(victim));
+	// brokerd reaped the instance it judged, and the rest of its session went with it, seen
+	// before anything of the harness kills.
+	CHECK(reaped(victim_fd.get()));
+	CHECK(exits_within(left_fd.get(), 10s));
 	CHECK(generation_answering(port) == 1);
 
 	load.finish_and_check();
