@@ -537,6 +537,10 @@ TEST_CASE("what cannot begin is refused with exit 7 and changes nothing; rollbac
 		{"other sockets", [](json &c) { c["services"]["web"]["sockets"] = {"http", "other"}; }, {"upgrade", "web"},
 		 "services.web.sockets: changed"},
 		{"a restart of a registered service", [](json &) {}, {"restart", "ext"}, "ext is a registered service"},
+		{"an upgrade of a registered service", [](json &) {}, {"upgrade", "ext"}, "ext is a registered service"},
+		// brokerd keeps no generation of a registered service to go back to.
+		{"a rollback of a registered service", [](json &) {}, {"rollback", "ext"},
+		 "ext has no previous generation to roll back to"},
 	};
 	for (const Refused &r : refused) {
 		json edited = cfg;
@@ -608,6 +612,32 @@ TEST_CASE("what cannot begin is refused with exit 7 and changes nothing; rollbac
 	INFO("start again: ", again.describe());
 	CHECK(again.exit_code == 7);
 	CHECK(again.err.find("web is already running") != std::string::npos);
+
+	// A registered service stops and starts too: start only accepts registrations again, since
+	// brokerd runs none of its workers.
+	RunResult ext_stop = ctl(b, {"stop", "ext"});
+	INFO("stop ext: ", ext_stop.describe());
+	CHECK(ext_stop.exit_code == 0);
+	{
+		// The test process is root, whom the rule lists: only the stop keeps it out.
+		SyncClient worker(b.control_path(), 10s);
+		std::string outcome = "ok";
+		try {
+			worker.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"want_fds", false}});
+		} catch (const broker::Error &e) {
+			outcome = e.varlink_error();
+		}
+		CHECK(outcome == "org.varlink.service.PermissionDenied");
+		CHECK(log_count(b, "denied: the service is stopped") == 1);
+	}
+	RunResult ext_start = ctl(b, {"start", "ext"});
+	INFO("start ext: ", ext_start.describe());
+	CHECK(ext_start.exit_code == 0);
+	CHECK(log_count(b, "service ext: accepting registrations again") == 1);
+	RunResult ext_again = ctl(b, {"start", "ext"});
+	INFO("start ext again: ", ext_again.describe());
+	CHECK(ext_again.exit_code == 7);
+	CHECK(ext_again.err.find("ext is already running") != std::string::npos);
 	b.stop();
 }
 
