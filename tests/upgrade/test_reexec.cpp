@@ -314,3 +314,97 @@ TEST_CASE("reexec: refused while a handoff is in flight; done once it settles; n
 	REQUIRE(st_receiver);
 	CHECK(describe_status(*st_receiver) == "exited with 0");
 }
+
+// Reexec carries only what is at rest: an instance that drains (its worker ignores the drain,
+// 30 s to go) or starts (its worker holds READY=1 until told) makes it refuse with exit 7 and
+// what is busy, and brokerd keeps its pid and serves on; once it is quiet, the reexec is done.
+TEST_CASE("reexec: refused while an instance drains or while one starts and done once it is quiet")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json stubborn = service({"/bin/sh", "-c", "trap '' TERM; exec sleep 1000"}, {"http"}, 1, "exec");
+	stubborn["drain"] = {{"timeout", "30s"}};
+	json cfg = config_with({{"web", http_service(1)}, {"stubborn", stubborn}});
+	tb.start(cfg);
+	std::uint16_t port = socket_port(b.status(), "http");
+	std::vector<pid_t> web = sorted_pids(b);
+	std::vector<pid_t> held = worker_pids(b.status(), "stubborn");
+	REQUIRE(held.size() == 1);
+	REQUIRE(wait_until([&] { return ignores(held[0], SIGTERM); }, 20s));
+	auto state_of = [&](const std::string &svc) {
+		auto insts = instances(b.status(), svc);
+		return insts.size() == 1 ? insts[0].value("state", "") : std::string("none");
+	};
+	auto refused = [&](const std::string &why) {
+		RunResult r = brokerctl(b, {"reexec"});
+		INFO("brokerctl reexec: ", r.describe());
+		CHECK(r.exit_code == 7);
+		CHECK(r.err.find("not now: " + why + "; try again once it is done") != std::string::npos);
+		CHECK(b.process().running());
+		CHECK(b.status().value("pid", 0) == b.pid());
+		CHECK(generation_answering(port) == 1);
+		CHECK(sorted_pids(b) == web);
+	};
+	auto done = [&] {
+		RunResult r = brokerctl(b, {"reexec"});
+		INFO("brokerctl reexec: ", r.describe());
+		CHECK(r.exit_code == 0);
+		CHECK(r.out.find("pid " + std::to_string(b.pid())) != std::string::npos);
+		CHECK(b.status().value("pid", 0) == b.pid());
+		CHECK(generation_answering(port) == 1);
+		CHECK(sorted_pids(b) == web);
+	};
+
+	// Draining: brokerctl stop waits for the drain, which the worker ignores.
+	Process stop = Process::fork_run([&] { return brokerctl(b, {"stop", "stubborn"}).exit_code; });
+	REQUIRE(wait_until([&] { return state_of("stubborn") == "draining"; }, 20s));
+	refused("instance stubborn/1/0 is draining");
+	CHECK(worker_pids(b.status(), "stubborn") == held);
+	REQUIRE(kill9(held[0]));
+	auto stopped = stop.wait(20s);
+	REQUIRE(stopped);
+	CHECK(describe_status(*stopped) == "exited with 0");
+	done();
+
+	// Starting: a reload adds a service whose worker sends READY=1 only once the test writes
+	// to its FIFO.
+	const std::string fifo = b.path("go");
+	REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+	const char *slow_script = R"(
+import os, socket, sys, time
+with open(sys.argv[1], "rb") as f:
+    f.read(1)
+addr = os.environ["NOTIFY_SOCKET"]
+if addr.startswith("@"):
+    addr = "\0" + addr[1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", addr)
+while True:
+    time.sleep(1000)
+)";
+	json slow = service({"python3", "-c", slow_script, fifo}, {"http"}, 1, "notify");
+	slow["start_timeout"] = "60s";
+	cfg["services"]["slow"] = slow;
+	cfg["control"] = {{"path", b.control_path()}};
+	write_file(b.config_path(), cfg.dump(2));
+	RunResult r = brokerctl(b, {"reload"});
+	INFO("brokerctl reload: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	REQUIRE(state_of("slow") == "starting");
+	refused("instance slow/1/0 is starting");
+	// The worker opens the FIFO to read it: until then, a non-blocking open for writing fails.
+	UniqueFd go;
+	REQUIRE(wait_until(
+		[&] {
+			go.reset(::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+			return bool(go);
+		},
+		20s));
+	REQUIRE(::write(go.get(), "x", 1) == 1);
+	REQUIRE(wait_until([&] { return state_of("slow") == "ready"; }, 20s));
+	std::vector<pid_t> slow_pids = worker_pids(b.status(), "slow");
+	done();
+	CHECK(worker_pids(b.status(), "slow") == slow_pids);
+	b.stop();
+}

@@ -4,6 +4,11 @@
 
 #include <doctest/doctest.h>
 
+#include <cerrno>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
 using namespace utest;
 
 namespace {
@@ -180,4 +185,97 @@ TEST_CASE("reload: refused once brokerd is shutting down")
 	auto exit = b.process().wait(20s);
 	REQUIRE(exit.has_value());
 	CHECK(describe_status(*exit) == "exited with 0");
+}
+
+// A removed socket stays open, the same listener still accepting, while a removed service that
+// uses it drains, and closes as the last of its workers goes: checked at these two moments, by
+// Status, by a connection the old worker answers, and by the inode brokerd holds.
+TEST_CASE("reload: a removed socket stays open while a draining worker uses it and closes right after")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	// Ignores its drain and answers every connection on fd 3 until it is killed.
+	const char *answer = R"(
+import signal, socket
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket(fileno=3)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"old worker\n")
+    c.close()
+)";
+	json slow = service({"python3", "-c", answer}, {"api"}, 1, "exec");
+	slow["drain"] = {{"timeout", "30s"}};
+	json cfg = config_with({{"web", http_service(1)}});
+	cfg["sockets"]["api"] = tcp_socket();
+	cfg["services"]["slow"] = slow;
+	tb.start(cfg);
+	std::vector<pid_t> pids = worker_pids(b.status(), "slow");
+	REQUIRE(pids.size() == 1);
+	REQUIRE(wait_until([&] { return ignores(pids[0], SIGTERM); }, 20s));
+	std::uint16_t port = socket_port(b.status(), "api");
+	std::optional<std::uint64_t> inode;
+	for (const auto &[ino, p] : tcp_listeners())
+		if (p == port)
+			inode = ino;
+	REQUIRE(inode.has_value());
+	REQUIRE(socket_inodes(b.pid()).count(*inode) == 1);
+
+	// Removed, with its only service, which drains and holds it.
+	cfg["sockets"].erase("api");
+	cfg["services"].erase("slow");
+	write_config(b, cfg);
+	RunResult r = brokerctl(b, {"reload", "--json"});
+	INFO("brokerctl reload: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	CHECK(json::parse(r.out)["removed_sockets"] == json::array({"api"}));
+	json st;
+	REQUIRE_MESSAGE(wait_until(
+				[&] {
+					st = b.status();
+					auto insts = instances(st, "slow");
+					return insts.size() == 1 && insts[0].value("state", "") == "draining";
+				},
+				20s),
+	                st.dump());
+	CHECK(find_named(st["sockets"], "api"));
+	CHECK(socket_inodes(b.pid()).count(*inode) == 1);
+	CHECK(tcp_listeners().count(*inode) == 1);
+	{
+		UniqueFd c = tcp_connect(port);
+		std::string got;
+		char buf[64];
+		ssize_t n;
+		pollfd p{c.get(), POLLIN, 0};
+		while (got.find('\n') == std::string::npos && ::poll(&p, 1, 10000) == 1 &&
+		       (n = ::recv(c.get(), buf, sizeof buf, 0)) > 0)
+			got.append(buf, static_cast<std::size_t>(n));
+		CHECK(got == "old worker\n");
+	}
+
+	// The last user goes: the Status that no longer shows the service no longer shows the
+	// socket either, and nothing listens on its port.
+	REQUIRE(kill9(pids[0]));
+	REQUIRE_MESSAGE(wait_until(
+				[&] {
+					st = b.status();
+					return !service_of(st, "slow");
+				},
+				20s),
+	                st.dump());
+	CHECK(!find_named(st["sockets"], "api"));
+	CHECK(socket_inodes(b.pid()).count(*inode) == 0);
+	CHECK(tcp_listeners().count(*inode) == 0);
+	UniqueFd refused(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+	sockaddr_in sa{};
+	sa.sin_family = AF_INET;
+	sa.sin_port = htons(port);
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	int rc = ::connect(refused.get(), reinterpret_cast<sockaddr *>(&sa), sizeof sa);
+	int err = errno;
+	CHECK(rc == -1);
+	CHECK(err == ECONNREFUSED);
+	CHECK(generation_answering(socket_port(st, "http")) == 1);
+	b.stop();
 }
