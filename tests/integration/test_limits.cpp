@@ -345,3 +345,97 @@ TEST_CASE("a worker saying Hello with its token on 300 connections holds only it
 	CHECK(b.status()["pid"] == b.pid());
 	b.stop();
 }
+
+namespace {
+
+// A reader's three connections: one calling Status every 20 s, one Watch stream, then one
+// that never sends a byte. Waits up to `limit` for brokerd to close the idle one, then checks the
+// other two are still served. 0 when all held, what went wrong on stderr otherwise.
+int reader_idle(const std::string &control, std::chrono::seconds limit, Signal &started)
+{
+	using clock = std::chrono::steady_clock;
+	try {
+		SyncClient caller(control, 10s);
+		caller.call("io.brokerd.Control.Status");
+		SyncClient watch(control, 10s);
+		// No reply until an event, and with no service there is none: the stream stays silent.
+		watch.send(broker::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
+		UniqueFd idle = unix_connect(control);
+		const clock::time_point t0 = clock::now();
+		started.raise();
+		clock::time_point next_call = t0 + 20s;
+		int calls = 0;
+		for (;;) {
+			clock::time_point now = clock::now();
+			if (now >= t0 + limit) {
+				std::fprintf(stderr, "the idle connection was still open after %llds\n",
+				             static_cast<long long>(limit.count()));
+				return 1;
+			}
+			auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(std::min(next_call, t0 + limit) - now);
+			pollfd p{idle.get(), POLLIN, 0};
+			int r = ::poll(&p, 1, static_cast<int>(wait.count()) + 1);
+			if (r == 1) {
+				char c;
+				ssize_t n = ::recv(idle.get(), &c, 1, MSG_DONTWAIT);
+				if (n > 0) {
+					std::fprintf(stderr, "the idle connection was sent a byte\n");
+					return 1;
+				}
+				break; // its end: closed by brokerd
+			}
+			if (clock::now() >= next_call) {
+				caller.call("io.brokerd.Control.Status"); // throws if brokerd closed it
+				calls++;
+				next_call += 20s;
+			}
+		}
+		double after = std::chrono::duration<double>(clock::now() - t0).count();
+		std::fprintf(stderr, "idle connection closed after %.1f s, %d calls on the other one\n", after, calls);
+		// The caller is still served, and the Watch stream still open with nothing sent on it
+		// (not an error, not its end).
+		caller.call("io.brokerd.Control.Status");
+		char c;
+		ssize_t n = ::recv(watch.stream().fd(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+		if (n >= 0 || errno != EAGAIN) {
+			std::fprintf(stderr, "the Watch stream was %s\n", n > 0 ? "sent a reply" : "closed");
+			return 1;
+		}
+		return 0;
+	} catch (const broker::Error &e) {
+		std::fprintf(stderr, "a call failed: %s\n", e.what());
+		return 1;
+	}
+}
+
+} // namespace
+
+TEST_CASE("a reader's connection idle for 60 s is closed; one calling every 20 s, a Watch and root's are not")
+{
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a client as nobody");
+	Broker b;
+	BROKER_CONTEXT(b);
+	json cfg = empty_config();
+	cfg["control"] = {{"read_users", {"nobody"}}};
+	b.start(cfg);
+	// Root's connection, idle from here to the end.
+	SyncClient root(b.control_path(), 10s);
+	CHECK(root.call("io.brokerd.Control.Status").body["parameters"]["pid"] == b.pid());
+
+	Signal started;
+	std::string control = b.control_path();
+	// The limit is 60 s; brokerd's timer has 0.1 s of accuracy, the slack is for a loaded machine.
+	Process reader = run_as(kNobody, [&] { return reader_idle(control, 80s, started); }, b.path("reader.log"));
+	REQUIRE_MESSAGE(started.wait(30s), read_file(b.path("reader.log")));
+	auto st = reader.wait(100s);
+	std::string said = read_file(b.path("reader.log"));
+	MESSAGE("reader: ", said);
+	CHECK((st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0));
+	// brokerd closed exactly one connection for its idleness, and said why.
+	CHECK(log_lines(b, {"uid 65534", "no call for 60s, closing connection"}) == 1);
+	CHECK(log_lines(b, {"closing connection"}) == 1);
+	// Root's connection, idle all along, is served.
+	CHECK(root.call("io.brokerd.Control.Status").body["parameters"]["pid"] == b.pid());
+	b.stop();
+}
