@@ -439,3 +439,67 @@ TEST_CASE("a reader's connection idle for 60 s is closed; one calling every 20 s
 	CHECK(root.call("io.brokerd.Control.Status").body["parameters"]["pid"] == b.pid());
 	b.stop();
 }
+
+namespace {
+
+// A registered worker that opens its Events stream and never reads it: on that connection (which
+// brokerd always reads) it pipelines `calls` introspection calls, about 7 KiB of reply each, then
+// waits up to 60 s for brokerd to end the connection. 0 when brokerd ended it.
+int events_never_read(const std::string &control, int calls)
+{
+	::signal(SIGTERM, SIG_IGN); // brokerd stops a registered worker whose connection closed
+	try {
+		SyncClient c(control, 10s);
+		c.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "v1"}});
+		c.send(broker::varlink::make_call("io.brokerd.Worker.Events", json::object(), true));
+		const std::string call = broker::varlink::make_call("org.varlink.service.GetInterfaceDescription",
+		                                                    {{"interface", "io.brokerd.Control"}})
+		                             .dump() +
+		                         '\0';
+		int fd = c.stream().fd();
+		int sent = 0;
+		for (; sent < calls; sent++) {
+			pollfd p{fd, POLLOUT, 0};
+			if (::poll(&p, 1, 30000) != 1 ||
+			    ::send(fd, call.data(), call.size(), MSG_NOSIGNAL | MSG_DONTWAIT) != static_cast<ssize_t>(call.size()))
+				break; // brokerd ended the connection (EPIPE), or took no more
+		}
+		pollfd p{fd, POLLRDHUP, 0};
+		bool ended = ::poll(&p, 1, 60000) == 1 && (p.revents & (POLLRDHUP | POLLHUP));
+		std::fprintf(stderr, "%d calls sent, %s\n", sent, ended ? "then the end of the connection" : "still open");
+		return ended ? 0 : 1;
+	} catch (const broker::Error &e) {
+		std::fprintf(stderr, "failed: %s\n", e.what());
+		return 1;
+	}
+}
+
+} // namespace
+
+TEST_CASE("a worker's Events connection that falls 8 MiB behind is closed as too slow, and brokerd serves on")
+{
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a worker as daemon");
+	Broker b;
+	BROKER_CONTEXT(b);
+	json cfg = empty_config();
+	cfg["services"]["ext"] = {{"register", {{"users", {"daemon"}}}}};
+	b.start(cfg);
+	b.status();
+	std::uint64_t before = status_kib(b.pid(), "VmRSS");
+
+	// 6000 replies of about 7 KiB: some 40 MiB asked for, five times the limit.
+	std::string control = b.control_path();
+	Process worker = run_as(kDaemon, [&] { return events_never_read(control, 6000); }, b.path("worker.log"));
+	auto st = worker.wait(120s);
+	MESSAGE("worker: ", read_file(b.path("worker.log")));
+	CHECK((st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0));
+	CHECK(log_lines(b, {"uid 1:", "too slow reading replies, closing connection"}) == 1);
+	std::uint64_t peak = status_kib(b.pid(), "VmHWM");
+	CHECK(b.status()["pid"] == b.pid());
+	// What it queued is given back.
+	std::uint64_t after = 0;
+	CHECK(wait_until([&] { return (after = status_kib(b.pid(), "VmRSS")) < before + (kSanitized ? 8 : 4) * 1024; }, 20s));
+	MESSAGE("VmRSS before ", before, " KiB, peak ", peak, " KiB, after ", after, " KiB");
+	b.stop();
+}
