@@ -11,6 +11,9 @@
 //              HT_CRASH_AFTER=N, once it has taken N (acknowledging the batches before)
 //   refuse     does not accept handoffs (no accept_handoff in Hello)
 //   nohandler  says accept_handoff but sets no on_connection handler
+//   stall      accepts handoffs, and once ready reads nothing more from brokerd: when the first
+//              batch comes in, it pipelines 2400 introspection calls on that connection (brokerd
+//              always reads it), some 16 MiB of replies, and exits once brokerd closes it
 // HT_SENDER_EXIT: when set, it _exits right after handoff() returns, as a sender killed mid-transfer.
 // HT_STATE_PAD: bytes of padding added to each connection's state, to fill the batches.
 // HT_REPORT_DIR: where it writes report-<pid>.json when it exits: its HandoffSummary and what it
@@ -143,6 +146,8 @@ public:
 		}
 		client_->ready();
 		report_status();
+		if (mode_ == "stall")
+			return stall();
 
 		while (!done()) {
 			std::vector<pollfd> fds;
@@ -180,6 +185,44 @@ public:
 	}
 
 private:
+	// Flushes what the library has to send, then waits for brokerd's next message without
+	// reading it, asks for replies it never reads, and waits for brokerd to end the connection:
+	// a brokerd that never does leaves the upgrade waiting on it.
+	int stall()
+	{
+		int fd = client_->fd();
+		for (pollfd p{fd, POLLOUT, 0}; client_->events() & POLLOUT; p.revents = 0) {
+			::poll(&p, 1, 10000);
+			client_->process();
+		}
+		pollfd in{fd, POLLIN, 0};
+		if (::poll(&in, 1, -1) != 1)
+			return 1;
+		const std::string call = "{\"method\":\"org.varlink.service.GetInterfaceDescription\","
+		                         "\"parameters\":{\"interface\":\"io.brokerd.Control\"}}" +
+		                         std::string(1, '\0');
+		unsigned long calls = 0;
+		while (calls < 2400) {
+			ssize_t w = ::send(fd, call.data(), call.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+			if (w == static_cast<ssize_t>(call.size())) {
+				calls++;
+				continue;
+			}
+			if (w < 0 && errno == EAGAIN) {
+				pollfd out{fd, POLLOUT, 0};
+				if (::poll(&out, 1, 30000) == 1)
+					continue;
+			}
+			break;
+		}
+		std::fprintf(stderr, "htest-worker: stalled, %lu calls sent\n", calls);
+		pollfd end{fd, POLLRDHUP, 0};
+		while (!(end.revents & (POLLRDHUP | POLLHUP)))
+			::poll(&end, 1, -1);
+		std::fprintf(stderr, "htest-worker: brokerd ended the connection\n");
+		return 0;
+	}
+
 	bool done() const { return draining_ && client_->handoff_pending() == 0 && conns_.empty(); }
 
 	void accept_from(int listener)

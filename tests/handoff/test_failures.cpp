@@ -381,6 +381,13 @@ TEST_CASE("handoff: a receiver that dies after taking some")
 	all_closed("crash", 1000, {{"HT_CRASH_AFTER", "300"}}, false, true);
 }
 
+TEST_CASE("handoff: a receiver whose Events connection falls 8 MiB behind")
+{
+	// It stops reading at the first batch and asks for replies it never reads: brokerd closes
+	// its Events connection as too slow, and the batch it held comes back to the sender.
+	all_closed("stall", 1000, json::object(), false, false);
+}
+
 TEST_CASE("handoff: a successor that does not accept handoffs")
 {
 	all_closed("refuse", 500, json::object(), true, false);

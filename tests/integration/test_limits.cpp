@@ -345,3 +345,161 @@ TEST_CASE("a worker saying Hello with its token on 300 connections holds only it
 	CHECK(b.status()["pid"] == b.pid());
 	b.stop();
 }
+
+namespace {
+
+// A reader's three connections: one calling Status every 20 s, one Watch stream, then one
+// that never sends a byte. Waits up to `limit` for brokerd to close the idle one, then checks the
+// other two are still served. 0 when all held, what went wrong on stderr otherwise.
+int reader_idle(const std::string &control, std::chrono::seconds limit, Signal &started)
+{
+	using clock = std::chrono::steady_clock;
+	try {
+		SyncClient caller(control, 10s);
+		caller.call("io.brokerd.Control.Status");
+		SyncClient watch(control, 10s);
+		// No reply until an event, and with no service there is none: the stream stays silent.
+		watch.send(broker::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
+		UniqueFd idle = unix_connect(control);
+		const clock::time_point t0 = clock::now();
+		started.raise();
+		clock::time_point next_call = t0 + 20s;
+		int calls = 0;
+		for (;;) {
+			clock::time_point now = clock::now();
+			if (now >= t0 + limit) {
+				std::fprintf(stderr, "the idle connection was still open after %llds\n",
+				             static_cast<long long>(limit.count()));
+				return 1;
+			}
+			auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(std::min(next_call, t0 + limit) - now);
+			pollfd p{idle.get(), POLLIN, 0};
+			int r = ::poll(&p, 1, static_cast<int>(wait.count()) + 1);
+			if (r == 1) {
+				char c;
+				ssize_t n = ::recv(idle.get(), &c, 1, MSG_DONTWAIT);
+				if (n > 0) {
+					std::fprintf(stderr, "the idle connection was sent a byte\n");
+					return 1;
+				}
+				break; // its end: closed by brokerd
+			}
+			if (clock::now() >= next_call) {
+				caller.call("io.brokerd.Control.Status"); // throws if brokerd closed it
+				calls++;
+				next_call += 20s;
+			}
+		}
+		double after = std::chrono::duration<double>(clock::now() - t0).count();
+		std::fprintf(stderr, "idle connection closed after %.1f s, %d calls on the other one\n", after, calls);
+		// The caller is still served, and the Watch stream still open with nothing sent on it
+		// (not an error, not its end).
+		caller.call("io.brokerd.Control.Status");
+		char c;
+		ssize_t n = ::recv(watch.stream().fd(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+		if (n >= 0 || errno != EAGAIN) {
+			std::fprintf(stderr, "the Watch stream was %s\n", n > 0 ? "sent a reply" : "closed");
+			return 1;
+		}
+		return 0;
+	} catch (const broker::Error &e) {
+		std::fprintf(stderr, "a call failed: %s\n", e.what());
+		return 1;
+	}
+}
+
+} // namespace
+
+TEST_CASE("a reader's connection idle for 60 s is closed; one calling every 20 s, a Watch and root's are not")
+{
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a client as nobody");
+	Broker b;
+	BROKER_CONTEXT(b);
+	json cfg = empty_config();
+	cfg["control"] = {{"read_users", {"nobody"}}};
+	b.start(cfg);
+	// Root's connection, idle from here to the end.
+	SyncClient root(b.control_path(), 10s);
+	CHECK(root.call("io.brokerd.Control.Status").body["parameters"]["pid"] == b.pid());
+
+	Signal started;
+	std::string control = b.control_path();
+	// The limit is 60 s; brokerd's timer has 0.1 s of accuracy, the slack is for a loaded machine.
+	Process reader = run_as(kNobody, [&] { return reader_idle(control, 80s, started); }, b.path("reader.log"));
+	REQUIRE_MESSAGE(started.wait(30s), read_file(b.path("reader.log")));
+	auto st = reader.wait(100s);
+	std::string said = read_file(b.path("reader.log"));
+	MESSAGE("reader: ", said);
+	CHECK((st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0));
+	// brokerd closed exactly one connection for its idleness, and said why.
+	CHECK(log_lines(b, {"uid 65534", "no call for 60s, closing connection"}) == 1);
+	CHECK(log_lines(b, {"closing connection"}) == 1);
+	// Root's connection, idle all along, is served.
+	CHECK(root.call("io.brokerd.Control.Status").body["parameters"]["pid"] == b.pid());
+	b.stop();
+}
+
+namespace {
+
+// A registered worker that opens its Events stream and never reads it: on that connection (which
+// brokerd always reads) it pipelines `calls` introspection calls, about 7 KiB of reply each, then
+// waits up to 60 s for brokerd to end the connection. 0 when brokerd ended it.
+int events_never_read(const std::string &control, int calls)
+{
+	::signal(SIGTERM, SIG_IGN); // brokerd stops a registered worker whose connection closed
+	try {
+		SyncClient c(control, 10s);
+		c.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "v1"}});
+		c.send(broker::varlink::make_call("io.brokerd.Worker.Events", json::object(), true));
+		const std::string call = broker::varlink::make_call("org.varlink.service.GetInterfaceDescription",
+		                                                    {{"interface", "io.brokerd.Control"}})
+		                             .dump() +
+		                         '\0';
+		int fd = c.stream().fd();
+		int sent = 0;
+		for (; sent < calls; sent++) {
+			pollfd p{fd, POLLOUT, 0};
+			if (::poll(&p, 1, 30000) != 1 ||
+			    ::send(fd, call.data(), call.size(), MSG_NOSIGNAL | MSG_DONTWAIT) != static_cast<ssize_t>(call.size()))
+				break; // brokerd ended the connection (EPIPE), or took no more
+		}
+		pollfd p{fd, POLLRDHUP, 0};
+		bool ended = ::poll(&p, 1, 60000) == 1 && (p.revents & (POLLRDHUP | POLLHUP));
+		std::fprintf(stderr, "%d calls sent, %s\n", sent, ended ? "then the end of the connection" : "still open");
+		return ended ? 0 : 1;
+	} catch (const broker::Error &e) {
+		std::fprintf(stderr, "failed: %s\n", e.what());
+		return 1;
+	}
+}
+
+} // namespace
+
+TEST_CASE("a worker's Events connection that falls 8 MiB behind is closed as too slow, and brokerd serves on")
+{
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root to run a worker as daemon");
+	Broker b;
+	BROKER_CONTEXT(b);
+	json cfg = empty_config();
+	cfg["services"]["ext"] = {{"register", {{"users", {"daemon"}}}}};
+	b.start(cfg);
+	b.status();
+	std::uint64_t before = status_kib(b.pid(), "VmRSS");
+
+	// 6000 replies of about 7 KiB: some 40 MiB asked for, five times the limit.
+	std::string control = b.control_path();
+	Process worker = run_as(kDaemon, [&] { return events_never_read(control, 6000); }, b.path("worker.log"));
+	auto st = worker.wait(120s);
+	MESSAGE("worker: ", read_file(b.path("worker.log")));
+	CHECK((st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0));
+	CHECK(log_lines(b, {"uid 1:", "too slow reading replies, closing connection"}) == 1);
+	std::uint64_t peak = status_kib(b.pid(), "VmHWM");
+	CHECK(b.status()["pid"] == b.pid());
+	// What it queued is given back.
+	std::uint64_t after = 0;
+	CHECK(wait_until([&] { return (after = status_kib(b.pid(), "VmRSS")) < before + (kSanitized ? 8 : 4) * 1024; }, 20s));
+	MESSAGE("VmRSS before ", before, " KiB, peak ", peak, " KiB, after ", after, " KiB");
+	b.stop();
+}
