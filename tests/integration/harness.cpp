@@ -1012,6 +1012,32 @@ std::map<std::uint64_t, std::uint16_t> tcp_listeners()
 	return out;
 }
 
+Beacon::Beacon()
+{
+	int p[2];
+	if (::pipe2(p, O_CLOEXEC) < 0)
+		fail_errno("pipe2");
+	read_.reset(p[0]);
+	write_.reset(p[1]);
+}
+
+void Beacon::send()
+{
+	(void)!::write(write_.get(), "x", 1);
+}
+
+bool Beacon::receive(std::chrono::milliseconds timeout)
+{
+	char c;
+	return poll_one(read_.get(), POLLIN, Clock::now() + timeout) && ::read(read_.get(), &c, 1) == 1;
+}
+
+bool Beacon::from_child(std::chrono::milliseconds timeout)
+{
+	write_.reset();
+	return receive(timeout);
+}
+
 std::uint16_t free_port()
 {
 	UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));

@@ -240,6 +240,21 @@ std::map<std::uint64_t, std::uint16_t> tcp_listeners(); // inode -> port, from /
 std::size_t fd_count(pid_t pid);
 std::string notify_address(pid_t pid);                  // its NOTIFY_SOCKET ("@name"), or empty
 
+// One byte at a time between the test and a child it forked, through a pipe both hold.
+class Beacon {
+public:
+	Beacon();
+	void send(); // in either process
+	// Waits for a byte until `timeout`; false on timeout or when no process can send any more.
+	bool receive(std::chrono::milliseconds timeout);
+	// In the parent, for a byte from its child: closes its own sending end first, so that a
+	// child that exits without sending ends the wait at once.
+	bool from_child(std::chrono::milliseconds timeout);
+
+private:
+	UniqueFd read_, write_;
+};
+
 // A free TCP port on 127.0.0.1: bound to port 0, read, closed.
 std::uint16_t free_port();
 

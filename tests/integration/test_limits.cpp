@@ -58,31 +58,6 @@ std::size_t socket_count(pid_t pid)
 	return n;
 }
 
-// A child's "I am done, now holding on" byte, waited for with a deadline.
-class Signal {
-public:
-	Signal()
-	{
-		int p[2];
-		REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
-		read_.reset(p[0]);
-		write_.reset(p[1]);
-	}
-	// In the child.
-	void raise() { (void)!::write(write_.get(), "x", 1); }
-	// In the parent.
-	bool wait(std::chrono::milliseconds timeout)
-	{
-		write_.reset();
-		pollfd p{read_.get(), POLLIN, 0};
-		char c;
-		return ::poll(&p, 1, static_cast<int>(timeout.count())) == 1 && ::read(read_.get(), &c, 1) == 1;
-	}
-
-private:
-	UniqueFd read_, write_;
-};
-
 // Runs `fn` as `uid` (its own group, no supplementary groups) in a child.
 Process run_as(uid_t uid, const std::function<int()> &fn, const std::string &log)
 {
@@ -100,14 +75,14 @@ Process run_as(uid_t uid, const std::function<int()> &fn, const std::string &log
 }
 
 // Opens up to `n` connections and holds them until killed.
-int hold_connections(const std::string &control, int n, Signal &done)
+int hold_connections(const std::string &control, int n, Beacon &done)
 {
 	std::vector<UniqueFd> held;
 	for (int i = 0; i < n; i++)
 		if (UniqueFd fd = unix_connect(control))
 			held.push_back(std::move(fd));
 	std::fprintf(stderr, "holding %zu connections\n", held.size());
-	done.raise();
+	done.send();
 	for (;;)
 		::pause(); // until the test kills us
 }
@@ -115,7 +90,7 @@ int hold_connections(const std::string &control, int n, Signal &done)
 // The audit's attacks: on half the connections, GetInterfaceDescription pipelined with no reply
 // ever read; on the other half, nearly 1 MiB of a message without its NUL. Writes until brokerd
 // takes no more for 2 s, then holds the connections until killed.
-int memory_attack(const std::string &control, int n, Signal &done)
+int memory_attack(const std::string &control, int n, Beacon &done)
 {
 	std::string calls;
 	const std::string call =
@@ -164,7 +139,7 @@ int memory_attack(const std::string &control, int n, Signal &done)
 		}
 	}
 	std::fprintf(stderr, "%zu connections, %zu bytes written\n", fds.size(), total);
-	done.raise();
+	done.send();
 	for (;;)
 		::pause(); // until the test kills us
 }
@@ -193,10 +168,10 @@ int hello(const std::string &control)
 // nobody holding `n` connections to `b` (until the Process is killed), once it opened them all.
 Process hold_as_nobody(Broker &b, int n)
 {
-	Signal done;
+	Beacon done;
 	std::string control = b.control_path();
 	Process p = run_as(kNobody, [&] { return hold_connections(control, n, done); }, b.path("holder.log"));
-	REQUIRE_MESSAGE(done.wait(60s), read_file(b.path("holder.log")));
+	REQUIRE_MESSAGE(done.from_child(60s), read_file(b.path("holder.log")));
 	return p;
 }
 
@@ -230,10 +205,10 @@ TEST_CASE("a user pipelining calls it never reads the replies of, on 120 connect
 	std::uint64_t before = status_kib(b.pid(), "VmRSS");
 	std::size_t sockets_before = socket_count(b.pid());
 
-	Signal done;
+	Beacon done;
 	std::string control = b.control_path();
 	Process attacker = run_as(kNobody, [&] { return memory_attack(control, 120, done); }, b.path("attacker.log"));
-	REQUIRE_MESSAGE(done.wait(120s), "the attack did not finish writing: ", read_file(b.path("attacker.log")));
+	REQUIRE_MESSAGE(done.from_child(120s), "the attack did not finish writing: ", read_file(b.path("attacker.log")));
 	INFO("attacker: ", read_file(b.path("attacker.log")));
 
 	// During the attack brokerd answers root.
@@ -351,7 +326,7 @@ namespace {
 // A reader's three connections: one calling Status every 20 s, one Watch stream, then one
 // that never sends a byte. Waits up to `limit` for brokerd to close the idle one, then checks the
 // other two are still served. 0 when all held, what went wrong on stderr otherwise.
-int reader_idle(const std::string &control, std::chrono::seconds limit, Signal &started)
+int reader_idle(const std::string &control, std::chrono::seconds limit, Beacon &started)
 {
 	using clock = std::chrono::steady_clock;
 	try {
@@ -362,7 +337,7 @@ int reader_idle(const std::string &control, std::chrono::seconds limit, Signal &
 		watch.send(broker::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
 		UniqueFd idle = unix_connect(control);
 		const clock::time_point t0 = clock::now();
-		started.raise();
+		started.send();
 		clock::time_point next_call = t0 + 20s;
 		int calls = 0;
 		for (;;) {
@@ -423,11 +398,11 @@ TEST_CASE("a reader's connection idle for 60 s is closed; one calling every 20 s
 	SyncClient root(b.control_path(), 10s);
 	CHECK(root.call("io.brokerd.Control.Status").body["parameters"]["pid"] == b.pid());
 
-	Signal started;
+	Beacon started;
 	std::string control = b.control_path();
 	// The limit is 60 s; brokerd's timer has 0.1 s of accuracy, the slack is for a loaded machine.
 	Process reader = run_as(kNobody, [&] { return reader_idle(control, 80s, started); }, b.path("reader.log"));
-	REQUIRE_MESSAGE(started.wait(30s), read_file(b.path("reader.log")));
+	REQUIRE_MESSAGE(started.from_child(30s), read_file(b.path("reader.log")));
 	auto st = reader.wait(100s);
 	std::string said = read_file(b.path("reader.log"));
 	MESSAGE("reader: ", said);

@@ -417,6 +417,15 @@ json http_service(int instances, const json &extra)
 	return s;
 }
 
+const std::vector<std::string> kIgnoresTerm = {"/bin/sh", "-c", "trap '' TERM; exec sleep 1000"};
+
+json stubborn_service(const std::string &drain_timeout)
+{
+	json s = service(kIgnoresTerm, {"http"}, 1, "exec");
+	s["drain"] = {{"timeout", drain_timeout}};
+	return s;
+}
+
 json python_service(int instances, const json &extra)
 {
 	json s = service({"python3", env("EXAMPLE_PYTHON")}, {"http"}, instances, "notify");

@@ -165,6 +165,10 @@ json config_with(const json &services);
 // The example workers as services on socket "http".
 json http_service(int instances, const json &extra = json::object());   // EXAMPLE_HTTP, ready broker
 json python_service(int instances, const json &extra = json::object()); // EXAMPLE_PYTHON, ready notify
+// A worker that ignores SIGTERM, so it drains until its drain timeout kills it.
+extern const std::vector<std::string> kIgnoresTerm;
+// One instance of it on socket "http", ready at exec, with the given drain timeout.
+json stubborn_service(const std::string &drain_timeout);
 
 std::string shell_quote(const std::string &s);
 

@@ -14,7 +14,6 @@ using namespace utest;
 namespace {
 
 // A worker that ignores SIGTERM, its drain signal.
-const std::vector<std::string> kStubborn = {"/bin/sh", "-c", "trap '' TERM; exec sleep 1000"};
 // Far beyond any test's patience, as an operator's "drain for as long as it takes".
 constexpr const char *kForever = "8760h";
 constexpr std::uint64_t kForeverMs = 365ull * 24 * 3600 * 1000;
@@ -29,7 +28,7 @@ bool gone(pid_t pid)
 // Starts two stubborn instances and waits until both ignore SIGTERM; returns their pids.
 std::vector<pid_t> start_stubborn(TestBroker &tb, const json &extra)
 {
-	json stubborn = service(kStubborn, {"http"}, 2, "exec");
+	json stubborn = service(kIgnoresTerm, {"http"}, 2, "exec");
 	stubborn["drain"] = {{"timeout", kForever}};
 	json config = config_with({{"stubborn", stubborn}});
 	config.update(extra, /*merge_objects=*/true);

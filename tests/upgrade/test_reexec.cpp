@@ -35,25 +35,6 @@ std::string write_program(Broker &b, const std::string &name, const std::string 
 
 namespace vl = broker::varlink;
 
-// One byte at a time between the test and a child it forked (both ends stay open in both).
-struct Beacon {
-	UniqueFd r, w;
-	Beacon()
-	{
-		int p[2];
-		REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
-		r.reset(p[0]);
-		w.reset(p[1]);
-	}
-	void send() { (void)!::write(w.get(), "x", 1); }
-	bool receive(std::chrono::milliseconds timeout)
-	{
-		pollfd p{r.get(), POLLIN, 0};
-		char c;
-		return ::poll(&p, 1, static_cast<int>(timeout.count())) == 1 && ::read(r.get(), &c, 1) == 1;
-	}
-};
-
 // Reads a registered worker's Events stream until an event named `name`; its message, or one
 // with an empty body when the stream ended or the deadline passed.
 vl::Message next_event(vl::SyncClient &c, const std::string &name)
@@ -323,8 +304,7 @@ TEST_CASE("reexec: refused while an instance drains or while one starts and done
 	TestBroker tb;
 	Broker &b = tb.b;
 	BROKER_CONTEXT(b);
-	json stubborn = service({"/bin/sh", "-c", "trap '' TERM; exec sleep 1000"}, {"http"}, 1, "exec");
-	stubborn["drain"] = {{"timeout", "30s"}};
+	json stubborn = stubborn_service("30s");
 	json cfg = config_with({{"web", http_service(1)}, {"stubborn", stubborn}});
 	tb.start(cfg);
 	std::uint16_t port = socket_port(b.status(), "http");

@@ -158,8 +158,7 @@ TEST_CASE("reload: refused once brokerd is shutting down")
 	TestBroker tb;
 	Broker &b = tb.b;
 	BROKER_CONTEXT(b);
-	json stubborn = service({"/bin/sh", "-c", "trap '' TERM; exec sleep 1000"}, {"http"}, 1, "exec");
-	stubborn["drain"] = {{"timeout", "60s"}};
+	json stubborn = stubborn_service("60s");
 	json cfg = config_with({{"stubborn", stubborn}});
 	tb.start(cfg);
 	std::vector<pid_t> pids = worker_pids(b.status(), "stubborn");
