@@ -180,13 +180,14 @@ class ServiceManager:
 
 
 class Brokerd:
-    """One run of brokerd, started as systemd starts a service: the stored fds at 3 and up."""
+    """One run of brokerd, started as systemd starts a service: the stored fds at 3 and up, then
+    unit's [name, fd], the sockets of socket units (Sockets=), which the store does not hold."""
 
-    def __init__(self, binary, config, manager, log_path):
+    def __init__(self, binary, config, manager, log_path, unit=()):
         self.manager = manager
         self.log_path = log_path
-        names = manager.names()
-        fds = [fd for _, fd in manager.store]
+        names = manager.names() + [n for n, _ in unit]
+        fds = [fd for _, fd in manager.store] + [fd for _, fd in unit]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "BROKER_", "WATCHDOG_"))}
         env["NOTIFY_SOCKET"] = manager.address
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -373,6 +374,17 @@ def check_running(b, manager, control, port, label):
     return workers, params or {}
 
 
+def check_answered(queued, workers, what):
+    """The response on queued, a connection made while no brokerd ran, is a 200 from one of workers."""
+    if queued is None:
+        return
+    try:
+        status, body = http_read(queued)
+    except OSError as e:
+        status, body = None, str(e)
+    check(status == 200 and served_by(body, workers), "%s (%s %r)" % (what, status, body.strip()))
+
+
 def socket_origin(params, name):
     for s in params.get("sockets", []):
         if s.get("name") == name:
@@ -449,14 +461,7 @@ def run(tmp, manager, runs, strays):
     workers, params = check_running(b, manager, control, port, "restart")
     origin, _ = socket_origin(params, "http")
     check(origin == "fdstore", "restart: Status shows http with origin fdstore (%r)" % origin)
-    if queued is not None:
-        try:
-            status, body = http_read(queued)
-        except OSError as e:
-            status, body = None, str(e)
-        check(status == 200 and served_by(body, workers),
-              "restart: the request queued while brokerd was down is answered 200 by the new worker (%s %r)" %
-              (status, body.strip()))
+    check_answered(queued, workers, "restart: the request queued while brokerd was down is answered 200 by the new worker")
 
     # 4. The config moved http to another port: the stored one is released, a new one bound and stored.
     stop(b, "second stop", workers, strays)
@@ -511,15 +516,16 @@ def run(tmp, manager, runs, strays):
     check(not manager.errors, "every notify message was well-formed (%s)" % manager.errors)
 
 
-def main():
+def main(phases=None, prefix="brokerd-fdstore."):
+    """Runs phases(tmp, manager, runs, strays) (this file's run by default), then reaps and reports."""
     strays = Strays()
     if not check(strays.subreaper, "the harness is a child subreaper, so that no worker escapes the checks"):
         return 1
-    tmp = tempfile.mkdtemp(prefix="brokerd-fdstore.")
+    tmp = tempfile.mkdtemp(prefix=prefix)
     manager = ServiceManager()
     runs = []
     try:
-        run(tmp, manager, runs, strays)
+        (phases or run)(tmp, manager, runs, strays)
     except Exception as e:  # report, with brokerd's logs, rather than a bare traceback
         failures.append("%s: %s" % (type(e).__name__, e))
         print("FAILED %s: %s" % (type(e).__name__, e), flush=True)
