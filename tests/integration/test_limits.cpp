@@ -472,9 +472,14 @@ TEST_CASE("a worker's Events connection that falls 8 MiB behind is closed as too
 	CHECK(log_lines(b, {"uid 1:", "too slow reading replies, closing connection"}) == 1);
 	std::uint64_t peak = status_kib(b.pid(), "VmHWM");
 	CHECK(b.status()["pid"] == b.pid());
-	// What it queued is given back.
+	// What it queued is given back. Under AddressSanitizer freed memory stays in its quarantine
+	// and RSS does not come down (52 MB, then 96 MB, and 96 MB after): there only the peak is
+	// bounded, with room for ASan's overhead on the 8 MiB queued; the plain build checks both.
 	std::uint64_t after = 0;
-	CHECK(wait_until([&] { return (after = status_kib(b.pid(), "VmRSS")) < before + (kSanitized ? 8 : 4) * 1024; }, 20s));
+	if (kSanitized)
+		CHECK(peak < before + 64 * 1024);
+	else
+		CHECK(wait_until([&] { return (after = status_kib(b.pid(), "VmRSS")) < before + 4 * 1024; }, 20s));
 	MESSAGE("VmRSS before ", before, " KiB, peak ", peak, " KiB, after ", after, " KiB");
 	b.stop();
 }
