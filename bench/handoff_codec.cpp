@@ -26,10 +26,10 @@
 //                     next (parse and fd matching), the fds closed
 // Exit status 0 (times are never judged), 1 on an error, 2 on a usage error.
 
-#include "broker/internal/handoff.hpp"
-#include "broker/internal/limits.hpp"
-#include "broker/internal/unique_fd.hpp"
-#include "broker/internal/varlink.hpp"
+#include "proto/handoff.hpp"
+#include "proto/limits.hpp"
+#include "proto/unique_fd.hpp"
+#include "proto/varlink.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -52,12 +52,12 @@
 
 namespace {
 
-using broker::UniqueFd;
+using proto::UniqueFd;
 using json = nlohmann::json;
-namespace vl = broker::varlink;
-namespace ho = broker::handoff;
+namespace vl = proto::varlink;
+namespace ho = proto::handoff;
 
-constexpr std::size_t kBatch = broker::limits::kMaxFdsPerMessage;
+constexpr std::size_t kBatch = proto::limits::kMaxFdsPerMessage;
 constexpr unsigned kMaxIterations = 1000000;
 
 std::int64_t now_ns()
@@ -235,7 +235,7 @@ std::vector<Step> run(std::size_t state_bytes, unsigned iterations, const std::v
 		    }
 	    }));
 
-	vl::Stream out(std::move(a)), in(std::move(b), broker::limits::kMaxMessageSize, 2 * kBatch);
+	vl::Stream out(std::move(a)), in(std::move(b), proto::limits::kMaxMessageSize, 2 * kBatch);
 	json call_body = vl::make_call("io.brokerd.Worker.Handoff", params, false, true);
 	add("hop.varlink", time_step(iterations, [] {}, [&] {
 		    if (out.enqueue_borrowed(call_body, fds) < 0 || out.flush() < 0)

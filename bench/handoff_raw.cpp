@@ -33,8 +33,8 @@
 // missing, surplus or not an established TCP socket, a truncated control message, a timeout),
 // 2 on a usage error or an N the fd limit cannot hold.
 
-#include "broker/internal/limits.hpp"
-#include "broker/internal/unique_fd.hpp"
+#include "proto/limits.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -63,13 +63,13 @@
 
 namespace {
 
-using broker::UniqueFd;
+using proto::UniqueFd;
 using json = nlohmann::json;
 
 constexpr int kExitRuntime = 1;
 constexpr int kExitUsage = 2;
 
-constexpr std::size_t kMaxBatch = broker::limits::kMaxFdsPerMessage; // SCM_MAX_FD
+constexpr std::size_t kMaxBatch = proto::limits::kMaxFdsPerMessage; // SCM_MAX_FD
 constexpr std::size_t kFdReserve = 32;       // stdio, listener, socketpairs, slack
 constexpr std::size_t kMaxCount = 1000000;   // --counts sanity cap; RLIMIT_NOFILE is the real one
 constexpr unsigned kMaxRepeat = 100;

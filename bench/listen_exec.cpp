@@ -8,7 +8,7 @@
 // LISTEN_FDNAMES=http, then becomes the worker (same pid, so signals reach it directly). Unlike it,
 // it can set SO_REUSEPORT, so that two generations can listen on the port at once.
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -69,7 +69,7 @@ int main(int argc, char **argv)
 	    inet_pton(AF_INET, host.c_str(), &sin.sin_addr) != 1 || (ntohl(sin.sin_addr.s_addr) >> 24) != 127)
 		return usage();
 
-	broker::UniqueFd sock(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+	proto::UniqueFd sock(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
 	if (!sock)
 		return die("socket");
 	int one = 1;

@@ -48,7 +48,7 @@
 // Exit status: 0 when it ran (the caller judges the numbers), 2 on a usage error, 1 when the
 // load could not run at all (e.g. epoll failed).
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -84,7 +84,7 @@
 
 namespace {
 
-using broker::UniqueFd;
+using proto::UniqueFd;
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;

@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <stdexcept>
 
-namespace broker::access {
+namespace brokerd::access {
 
 const char *tier_name(Tier t)
 {
@@ -103,4 +103,4 @@ std::optional<std::string> program_choice(Tier caller, const config::ServiceConf
 	return std::nullopt;
 }
 
-} // namespace broker::access
+} // namespace brokerd::access

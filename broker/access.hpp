@@ -10,7 +10,7 @@
 #include <string_view>
 #include <vector>
 
-namespace broker::access {
+namespace brokerd::access {
 
 // Who a caller is, from its SO_PEERCRED, weakest first. Root: uid 0 or brokerd's own uid.
 // Admin: control.admin_users and admin_groups. Reader: control.read_users and read_groups.
@@ -45,4 +45,4 @@ Credentials lookup_credentials(const config::ServiceConfig &cfg);
 std::optional<std::string> program_choice(Tier caller, const config::ServiceConfig &cfg, uid_t broker_uid,
                                           gid_t broker_gid);
 
-} // namespace broker::access
+} // namespace brokerd::access

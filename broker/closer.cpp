@@ -8,7 +8,7 @@
 // runs.
 #include "closer.hpp"
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 #include "log.hpp"
 
 #include <fcntl.h>
@@ -27,7 +27,7 @@
 #define SO_PASSRIGHTS 83
 #endif
 
-namespace broker::closer {
+namespace brokerd::closer {
 
 namespace {
 
@@ -70,7 +70,7 @@ void start()
 	int p[2];
 	if (::pipe2(p, O_CLOEXEC) < 0)
 		throw std::runtime_error(std::string("closer: pipe: ") + std::strerror(errno));
-	UniqueFd rd(p[0]), wr(p[1]);
+	proto::UniqueFd rd(p[0]), wr(p[1]);
 	if (::fcntl(wr.get(), F_SETFL, O_NONBLOCK) < 0)
 		throw std::runtime_error(std::string("closer: ") + std::strerror(errno));
 	rlimit nofile{};
@@ -98,7 +98,7 @@ void start()
 	pthread_setname_np(thread, "brokerd-closer");
 	(void)rd.release(); // the thread's until brokerd exits or re-executes
 	g_pipe = wr.release();
-	peer_fd_closer = close_later;
+	proto::peer_fd_closer = close_later;
 }
 
 bool pass_rights(int fd, bool allow)
@@ -111,4 +111,4 @@ bool pass_rights(int fd, bool allow)
 	throw std::runtime_error(std::string("SO_PASSRIGHTS: ") + std::strerror(errno));
 }
 
-} // namespace broker::closer
+} // namespace brokerd::closer

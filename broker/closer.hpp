@@ -1,9 +1,9 @@
 // Closer: fds a peer gave brokerd close on a thread of their own, never on the event loop.
 #pragma once
 
-namespace broker::closer {
+namespace brokerd::closer {
 
-// Starts the closer thread and routes every UniqueFd::from_peer that is dropped to it. Once, in
+// Starts the closer thread and routes every proto::UniqueFd::from_peer that is dropped to it. Once, in
 // brokerd, after the fd limit is raised: its pipe holds as many fd numbers as brokerd may have
 // open, so a write to it never waits. Throws std::runtime_error when it cannot.
 void start();
@@ -14,4 +14,4 @@ void start();
 // option (fds then arrive and are closed by the closer), throws on any other error.
 bool pass_rights(int fd, bool allow);
 
-} // namespace broker::closer
+} // namespace brokerd::closer

@@ -1,9 +1,9 @@
 // brokerd.json: parsed, checked against the schema and turned into Config, with errors that name the key path.
 #include "config.hpp"
 
-#include "broker/internal/limits.hpp"
-#include "broker/internal/unique_fd.hpp"
-#include "broker/internal/varlink.hpp"
+#include "proto/limits.hpp"
+#include "proto/unique_fd.hpp"
+#include "proto/varlink.hpp"
 #include "broker_config.h"
 
 #include <arpa/inet.h>
@@ -27,7 +27,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace broker::config {
+namespace brokerd::config {
 
 namespace {
 
@@ -596,8 +596,8 @@ ServiceConfig parse_service(const std::string &name, const json &j, const std::s
 		std::string p = child(path, "sockets");
 		if (!v->is_array())
 			expected(p, "an array of socket names", *v);
-		if (v->size() > limits::kMaxSocketsPerService)
-			fail(p, "at most " + std::to_string(limits::kMaxSocketsPerService) + " sockets per service");
+		if (v->size() > proto::limits::kMaxSocketsPerService)
+			fail(p, "at most " + std::to_string(proto::limits::kMaxSocketsPerService) + " sockets per service");
 		std::set<std::string> seen;
 		for (std::size_t i = 0; i < v->size(); ++i) {
 			std::string ep = element(p, i);
@@ -721,8 +721,8 @@ public:
 			// Each level costs a path here: a file nested thousands deep would cost gigabytes,
 			// in the daemon too (reload, upgrade). The parser's depth counts what it parses,
 			// so comments hide nothing; the parse stops here.
-			if (!varlink::depth_allowed(depth))
-				throw ConfigError("invalid JSON: nested more than " + std::to_string(limits::kMaxJsonDepth) +
+			if (!proto::varlink::depth_allowed(depth))
+				throw ConfigError("invalid JSON: nested more than " + std::to_string(proto::limits::kMaxJsonDepth) +
 				                  " levels deep");
 			Frame f;
 			f.array = event == json::parse_event_t::array_start;
@@ -881,7 +881,7 @@ Config load(const std::string &path, std::string &text)
 {
 	text.clear();
 	{
-		UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
+		proto::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
 		if (!fd)
 			throw ConfigError("cannot read " + path + ": " + std::generic_category().message(errno));
 		char buf[65536];
@@ -995,4 +995,4 @@ std::optional<int> parse_signal(std::string_view text)
 	return std::nullopt;
 }
 
-} // namespace broker::config
+} // namespace brokerd::config

@@ -1,7 +1,7 @@
 // brokerd's configuration: the schema of brokerd.json, loaded and validated in one place.
 #pragma once
 
-#include "broker/internal/limits.hpp"
+#include "proto/limits.hpp"
 
 #include <sys/types.h>
 
@@ -14,7 +14,7 @@
 #include <string_view>
 #include <vector>
 
-namespace broker::config {
+namespace brokerd::config {
 
 using Duration = std::chrono::milliseconds;
 
@@ -33,9 +33,9 @@ struct ControlConfig {
 	std::vector<std::string> admin_groups;
 	std::vector<std::string> read_users; // may also call Status and Sockets
 	std::vector<std::string> read_groups;
-	unsigned max_connections = limits::kDefaultMaxConnections;
-	unsigned max_connections_per_user = limits::kDefaultMaxConnectionsPerUser; // not root's, not brokerd's
-	unsigned reserved_connections = limits::kDefaultReservedConnections; // of max_connections, for operators
+	unsigned max_connections = proto::limits::kDefaultMaxConnections;
+	unsigned max_connections_per_user = proto::limits::kDefaultMaxConnectionsPerUser; // not root's, not brokerd's
+	unsigned reserved_connections = proto::limits::kDefaultReservedConnections; // of max_connections, for operators
 };
 
 // brokerd's own stop (SIGTERM or SIGINT): every instance drains, each within its drain timeout
@@ -114,4 +114,4 @@ std::optional<Duration> parse_duration(std::string_view text);
 // "SIGTERM", "TERM", "15". Returns nullopt for unknown names.
 std::optional<int> parse_signal(std::string_view text);
 
-} // namespace broker::config
+} // namespace brokerd::config

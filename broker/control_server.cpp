@@ -2,14 +2,14 @@
 #include "control_server.hpp"
 
 #include "access.hpp"
-#include "broker/internal/handoff.hpp"
-#include "broker/internal/limits.hpp"
-#include "broker/internal/varlink.hpp"
+#include "proto/handoff.hpp"
+#include "proto/limits.hpp"
+#include "proto/varlink.hpp"
 #include "broker_config.h"
 #include "closer.hpp"
 #include "interfaces.hpp"
 #include "listener.hpp"
-#include "broker/internal/errors.hpp"
+#include "proto/errors.hpp"
 #include "log.hpp"
 #include "peer.hpp"
 #include "state.hpp"
@@ -30,10 +30,10 @@
 #include <cstring>
 #include <stdexcept>
 
-namespace broker {
+namespace brokerd {
 
 using json = nlohmann::json;
-namespace vl = varlink;
+namespace vl = proto::varlink;
 
 namespace {
 
@@ -110,8 +110,8 @@ class ControlServer::Connection final : public EventSink, public Observer {
 public:
 	// Only an authenticated worker may send fds (Handoff): anyone else sending any is cut off
 	// at once.
-	Connection(ControlServer &server, UniqueFd fd)
-		: server_(server), stream_(std::move(fd), limits::kMaxMessageSize, 0)
+	Connection(ControlServer &server, proto::UniqueFd fd)
+		: server_(server), stream_(std::move(fd), proto::limits::kMaxMessageSize, 0)
 	{
 	}
 	~Connection()
@@ -134,10 +134,10 @@ public:
 	// The largest message it may send.
 	std::size_t max_input() const
 	{
-		return operator_ || instance_conn_ ? limits::kMaxMessageSize : limits::kMaxSmallMessage;
+		return operator_ || instance_conn_ ? proto::limits::kMaxMessageSize : proto::limits::kMaxSmallMessage;
 	}
 	using EventSink::send_event;
-	bool send_event(const json &parameters, std::vector<UniqueFd> fds) override;
+	bool send_event(const json &parameters, std::vector<proto::UniqueFd> fds) override;
 	void watch_event(const json &event);
 
 	// Observer: the upgrade, start or stop this connection waits for.
@@ -163,7 +163,7 @@ private:
 	// acknowledgements were read only once it had read nearly every event.
 	bool output_backlog() const
 	{
-		return !peer_gone_ && !instance_conn_ && stream_.queued_bytes() > limits::kMaxUnreadOutput;
+		return !peer_gone_ && !instance_conn_ && stream_.queued_bytes() > proto::limits::kMaxUnreadOutput;
 	}
 	void close(const std::string &why);
 	std::string who() const;
@@ -178,7 +178,7 @@ private:
 	void worker_ready();
 	void worker_status(const json &params);
 	void worker_events();
-	void worker_handoff(const json &params, std::vector<UniqueFd> fds);
+	void worker_handoff(const json &params, std::vector<proto::UniqueFd> fds);
 	void worker_received(const json &params);
 	void control_upgrade(const json &params, const std::string &kind);
 	void control_abort(const json &params);
@@ -247,9 +247,9 @@ bool ControlServer::Connection::start()
 	// Until a worker says Hello, an unprivileged peer holds a slot on borrowed time; a reader
 	// between calls too.
 	if (!reader_)
-		rearm_idle(limits::kUnauthenticatedIdle);
+		rearm_idle(proto::limits::kUnauthenticatedIdle);
 	else if (!operator_)
-		rearm_idle(limits::kReaderIdle);
+		rearm_idle(proto::limits::kReaderIdle);
 	apply_limits();
 	return true;
 }
@@ -271,7 +271,7 @@ void ControlServer::Connection::refuse(const std::string &why)
 {
 	log::client(log::Level::Warning, "control: " + who() + ": " + why + ", refusing the connection");
 	// Written once, without waiting: a client that called first reads it as its reply.
-	if (stream_.enqueue(vl::make_error(errors::kTooManyConnections, {{"message", why}})) == 0)
+	if (stream_.enqueue(vl::make_error(proto::errors::kTooManyConnections, {{"message", why}})) == 0)
 		(void)stream_.flush();
 }
 
@@ -283,7 +283,7 @@ void ControlServer::Connection::apply_limits()
 	stream_.set_max_input(max_input());
 	// An event stream cannot wait for its reader: a Watch that falls this far behind is closed.
 	// (A worker's Events carry handoff batches, which the HandoffRouter already holds back.)
-	stream_.set_max_write_queue(watching_ ? limits::kMaxWatchQueue : limits::kMaxWriteQueue);
+	stream_.set_max_write_queue(watching_ ? proto::limits::kMaxWatchQueue : proto::limits::kMaxWriteQueue);
 }
 
 // Just opened an Events stream: this is its instance's connection, and no other one is.
@@ -337,9 +337,9 @@ int ControlServer::Connection::idle_handler(sd_event_source *, std::uint64_t, vo
 	return guarded("idle_handler", [&]() -> int {
 		auto *c = static_cast<Connection *>(userdata);
 		if (c->reader_ && !c->watching_ && c->token_.empty())
-			c->close("no call for " + std::to_string(limits::kReaderIdle.count()) + "s");
+			c->close("no call for " + std::to_string(proto::limits::kReaderIdle.count()) + "s");
 		else if (!c->reader_ && c->token_.empty())
-			c->close("no Hello within " + std::to_string(limits::kUnauthenticatedIdle.count()) + "s");
+			c->close("no Hello within " + std::to_string(proto::limits::kUnauthenticatedIdle.count()) + "s");
 		return 0;
 	});
 }
@@ -404,7 +404,7 @@ void ControlServer::Connection::dispatch()
 		if (events)
 			claim_instance();
 		if (!dead_ && reader_ && !operator_ && token_.empty())
-			rearm_idle(limits::kReaderIdle);
+			rearm_idle(proto::limits::kReaderIdle);
 		apply_limits();
 	}
 	// More may be buffered, with no new EPOLLIN to announce them: come back next turn (or once
@@ -499,7 +499,7 @@ void ControlServer::Connection::error(std::string_view name, json parameters)
 	sent(stream_.enqueue(vl::make_error(name, std::move(parameters))), "send");
 }
 
-bool ControlServer::Connection::send_event(const json &parameters, std::vector<UniqueFd> fds)
+bool ControlServer::Connection::send_event(const json &parameters, std::vector<proto::UniqueFd> fds)
 {
 	if (dead_ || peer_gone_)
 		return false;
@@ -652,7 +652,7 @@ void ControlServer::Connection::control_status(const json &params, bool only_soc
 
 	json services = server_.supervisor_.services_json(narrowed ? &service : nullptr);
 	if (services.is_null())
-		return error(errors::kNoSuchService, {{"service", service}});
+		return error(proto::errors::kNoSuchService, {{"service", service}});
 	reply({{"version", BROKER_VERSION},
 	       {"pid", ::getpid()},
 	       {"uptime_usec", now_usec(CLOCK_MONOTONIC) - server_.start_usec_},
@@ -663,12 +663,12 @@ void ControlServer::Connection::control_status(const json &params, bool only_soc
 Instance *ControlServer::Connection::worker()
 {
 	if (token_.empty()) {
-		error(errors::kNotAuthenticated);
+		error(proto::errors::kNotAuthenticated);
 		return nullptr;
 	}
 	Instance *inst = server_.supervisor_.find_by_token(token_);
 	if (!inst)
-		error(errors::kInvalidToken);
+		error(proto::errors::kInvalidToken);
 	return inst;
 }
 
@@ -701,7 +701,7 @@ void ControlServer::Connection::worker_hello(const json &params)
 		inst = server_.supervisor_.find_by_token(token);
 		if (!inst) {
 			log::client(log::Level::Warning, "control: Hello with an unknown token from " + who() + " denied");
-			return error(errors::kInvalidToken);
+			return error(proto::errors::kInvalidToken);
 		}
 		if (auto why = foreign_to(*inst)) {
 			log::client(log::Level::Warning, "control: Hello with the token of instance " + inst->id + " from " + who() +
@@ -714,14 +714,14 @@ void ControlServer::Connection::worker_hello(const json &params)
 			return error(vl::kInvalidParameter, {{"parameter", "service"}});
 		Service *svc = server_.supervisor_.find_service(service);
 		if (!svc)
-			return error(errors::kWorkerNoSuchService, {{"service", service}});
+			return error(proto::errors::kWorkerNoSuchService, {{"service", service}});
 		// The process is taken from the connection, never by its pid alone: signals brokerd sends
 		// it later must not reach another process that got the pid since.
 		std::string gone;
-		UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, gone);
+		proto::UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, gone);
 		if (!pidfd) {
 			log::client(log::Level::Warning, "service " + service + ": registration from " + who() + " refused: " + gone);
-			return error(errors::kPeerExited, {{"message", gone + ": a worker registers on a connection it opened itself"}});
+			return error(proto::errors::kPeerExited, {{"message", gone + ": a worker registers on a connection it opened itself"}});
 		}
 		std::vector<gid_t> groups = peer_groups(stream_.fd());
 		groups.push_back(peer_.gid);
@@ -736,7 +736,7 @@ void ControlServer::Connection::worker_hello(const json &params)
 	idle_.reset();
 	inst->accepts_handoff = accept_handoff;
 	// A worker may hand off connections from now on: two messages' worth may be in flight.
-	stream_.set_max_queued_fds(limits::kMaxQueuedFds);
+	stream_.set_max_queued_fds(proto::limits::kMaxQueuedFds);
 	try {
 		closer::pass_rights(stream_.fd(), true);
 		stream_.fd_from_peer(); // fds in flight on it close with it
@@ -746,11 +746,11 @@ void ControlServer::Connection::worker_hello(const json &params)
 	}
 
 	json sockets = json::array();
-	std::vector<UniqueFd> fds;
+	std::vector<proto::UniqueFd> fds;
 	for (const Listener *l : inst->service->sockets) {
 		json s = {{"name", l->name}, {"address", l->address}, {"kind", l->kind}};
 		if (want_fds) {
-			UniqueFd dup(::fcntl(l->fd.get(), F_DUPFD_CLOEXEC, 3));
+			proto::UniqueFd dup(::fcntl(l->fd.get(), F_DUPFD_CLOEXEC, 3));
 			if (!dup) {
 				log::error("instance " + inst->id + ": cannot duplicate socket " + l->name + ": " + errno_text(errno));
 				return error(vl::kInvalidParameter, {{"parameter", "want_fds"}});
@@ -780,7 +780,7 @@ void ControlServer::Connection::worker_hello(const json &params)
 std::optional<std::string> ControlServer::Connection::foreign_to(const Instance &inst)
 {
 	std::string why;
-	UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, why);
+	proto::UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, why);
 	if (!pidfd)
 		return why;
 	std::vector<pid_t> roots = {inst.pid};
@@ -832,14 +832,14 @@ void ControlServer::Connection::worker_events()
 	if (!server_.supervisor_.attach_events(*inst, this)) {
 		log::client(log::Level::Warning, "control: instance " + inst->id + ": a second Events stream from " + who() +
 		                                     " refused, the first one stays");
-		return error(errors::kEventsInUse, {{"instance", inst->id}});
+		return error(proto::errors::kEventsInUse, {{"instance", inst->id}});
 	}
 }
 
 // Handoff is oneway: its outcome comes back as a "handoff" event on this connection's Events
 // stream, so one connection carries everything. A call that cannot be understood returns every
 // connection it carried: the sender still holds them all.
-void ControlServer::Connection::worker_handoff(const json &params, std::vector<UniqueFd> fds)
+void ControlServer::Connection::worker_handoff(const json &params, std::vector<proto::UniqueFd> fds)
 {
 	// By its Events stream, not its token: a sender may exit right after writing its batches,
 	// and its exit be handled first. What reached brokerd still goes to the successor, as the
@@ -879,9 +879,9 @@ void ControlServer::Connection::worker_handoff(const json &params, std::vector<U
 		// count_fd_refs() proved the indices are exactly 0..n-1.
 		items[c.at("fd").get<std::size_t>()].fd = std::move(fds[c.at("fd").get<std::size_t>()]);
 		if (auto st = c.find("state"); st != c.end() && !st->is_null()) {
-			if (!st->is_string() || !handoff::base64_valid(st->get_ref<const std::string &>(), handoff::kMaxState))
+			if (!st->is_string() || !proto::handoff::base64_valid(st->get_ref<const std::string &>(), proto::handoff::kMaxState))
 				return refuse("connection " + std::to_string(i) + ": state must be base64 of at most " +
-				              std::to_string(handoff::kMaxState) + " bytes");
+				              std::to_string(proto::handoff::kMaxState) + " bytes");
 			items[c.at("fd").get<std::size_t>()].state = st->get<std::string>();
 		}
 		for (auto m = c.begin(); m != c.end(); ++m)
@@ -898,7 +898,7 @@ void ControlServer::Connection::worker_received(const json &params)
 	// back, those connections would be served twice. The router checks that this connection was
 	// sent the batch.
 	if (token_.empty())
-		return error(errors::kNotAuthenticated);
+		return error(proto::errors::kNotAuthenticated);
 	auto batch = params.find("batch");
 	if (batch == params.end() || !batch->is_number_unsigned())
 		return close("Received without a batch id");
@@ -931,7 +931,7 @@ Service *ControlServer::Connection::service_param(const json &params, const std:
 	}
 	Service *svc = server_.supervisor_.find_service(it->get<std::string>());
 	if (!svc)
-		error(errors::kNoSuchService, {{"service", *it}});
+		error(proto::errors::kNoSuchService, {{"service", *it}});
 	return svc;
 }
 
@@ -961,7 +961,7 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 	req.kind = kind;
 	if (kind == "rollback") {
 		if (!svc->previous)
-			return error(errors::kNoPreviousGeneration, {{"service", svc->name}});
+			return error(proto::errors::kNoPreviousGeneration, {{"service", svc->name}});
 		req.cfg = *svc->previous;
 	} else if (kind == "restart") {
 		req.cfg = svc->current ? svc->current->cfg : svc->cfg;
@@ -971,11 +971,11 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 			config::Config cfg = server_.hooks_.read_config();
 			const config::ServiceConfig *sc = cfg.find_service(svc->name);
 			if (!sc)
-				return error(errors::kInvalidConfig,
+				return error(proto::errors::kInvalidConfig,
 				             {{"message", "services." + svc->name + ": not in the config file any more (reload removes it)"}});
 			req.cfg = *sc;
 		} catch (const std::exception &e) {
-			return error(errors::kInvalidConfig, {{"message", e.what()}});
+			return error(proto::errors::kInvalidConfig, {{"message", e.what()}});
 		}
 		if (auto it = params.find("exec"); it != params.end() && !it->is_null()) {
 			if (!it->is_array() || it->empty())
@@ -1089,11 +1089,11 @@ void ControlServer::Connection::control_reload(const json &params)
 		return error(vl::kInvalidParameter, {{"parameter", params.begin().key()}});
 	// Sockets bound and services started now would only be torn down again, or outlive the rest.
 	if (server_.supervisor_.shutting_down())
-		return error(errors::kShuttingDown);
+		return error(proto::errors::kShuttingDown);
 	try {
 		reply(server_.hooks_.reload());
 	} catch (const std::exception &e) {
-		error(errors::kInvalidConfig, {{"message", e.what()}});
+		error(proto::errors::kInvalidConfig, {{"message", e.what()}});
 	}
 }
 
@@ -1108,7 +1108,7 @@ void ControlServer::Connection::control_watch(const json &params)
 	if (!more_)
 		return error(vl::kExpectedMore);
 	if (!watch_service_.empty() && !server_.supervisor_.find_service(watch_service_))
-		return error(errors::kNoSuchService, {{"service", watch_service_}});
+		return error(proto::errors::kNoSuchService, {{"service", watch_service_}});
 	watching_ = true;
 	// The stream stays open; every event is one reply. Later calls on this connection wait.
 	waiting_ = true;
@@ -1134,10 +1134,10 @@ void ControlServer::Connection::control_reexec(const json &params)
 	try {
 		// Returns only when brokerd could not re-execute: it goes on serving as it was.
 		server_.hooks_.reexec(binary, stream_.fd());
-		error(errors::kReexecFailed, {{"message", "re-exec returned without an error"}});
+		error(proto::errors::kReexecFailed, {{"message", "re-exec returned without an error"}});
 	} catch (const std::exception &e) {
 		log::error(std::string("reexec: ") + e.what() + "; carrying on");
-		error(errors::kReexecFailed, {{"message", e.what()}});
+		error(proto::errors::kReexecFailed, {{"message", e.what()}});
 	}
 }
 
@@ -1153,8 +1153,8 @@ json ControlServer::Connection::save(int caller, std::vector<int> &keep_fds) con
 	json j = {{"fd", stream_.fd()},
 	          {"token", token_},
 	          {"events", inst && inst->events == this},
-	          {"in", handoff::base64_encode(in)},
-	          {"out", handoff::base64_encode(out)},
+	          {"in", proto::handoff::base64_encode(in)},
+	          {"out", proto::handoff::base64_encode(out)},
 	          {"caller", stream_.fd() == caller},
 	          {"connected", connected_}};
 	if (watching_)
@@ -1164,14 +1164,14 @@ json ControlServer::Connection::save(int caller, std::vector<int> &keep_fds) con
 
 void ControlServer::Connection::restore(const json &j)
 {
-	auto in = handoff::base64_decode(j.at("in").get<std::string>());
-	auto out = handoff::base64_decode(j.at("out").get<std::string>());
+	auto in = proto::handoff::base64_decode(j.at("in").get<std::string>());
+	auto out = proto::handoff::base64_decode(j.at("out").get<std::string>());
 	stream_.restore(in ? std::move(*in) : std::string(), out ? std::move(*out) : std::string());
 	token_ = j.at("token").get<std::string>();
 	connected_ = j.value("connected", connected_); // a Hello still to come checks against it
 	if (!token_.empty()) {
 		idle_.reset();
-		stream_.set_max_queued_fds(limits::kMaxQueuedFds);
+		stream_.set_max_queued_fds(proto::limits::kMaxQueuedFds);
 		Instance *inst = server_.supervisor_.find_by_token(token_);
 		if (inst && j.at("events").get<bool>()) {
 			server_.supervisor_.attach_events(*inst, this);
@@ -1211,7 +1211,7 @@ void ControlServer::restore_state(const json &state)
 	adopted_ = state.at("adopted").get<bool>();
 	unlink_path_ = state.at("unlink_path").get<std::string>();
 	for (const json &j : state.at("connections")) {
-		UniqueFd fd = UniqueFd::from_peer(j.at("fd").get<int>());
+		proto::UniqueFd fd = proto::UniqueFd::from_peer(j.at("fd").get<int>());
 		state::set_cloexec(fd.get(), true);
 		auto conn = std::make_unique<Connection>(*this, std::move(fd));
 		if (!conn->start()) {
@@ -1272,7 +1272,7 @@ void ControlServer::bind_socket()
 }
 
 ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor,
-                             DaemonHooks hooks, std::uint64_t start_usec, UniqueFd adopted)
+                             DaemonHooks hooks, std::uint64_t start_usec, proto::UniqueFd adopted)
 	: event_(event), cfg_(cfg), rules_(AccessRules::resolve(cfg)), supervisor_(supervisor), hooks_(std::move(hooks)),
 	  start_usec_(start_usec)
 {
@@ -1329,7 +1329,7 @@ void ControlServer::accept_some()
 	for (int i = 0; i < kAcceptPerWakeup; i++) {
 		// Where fds can reach its queue, its close may drop the last copy of one.
 		int accepted = ::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-		UniqueFd fd = refuses_fds_ ? UniqueFd(accepted) : UniqueFd::from_peer(accepted);
+		proto::UniqueFd fd = refuses_fds_ ? proto::UniqueFd(accepted) : proto::UniqueFd::from_peer(accepted);
 		if (!fd) {
 			if (errno == EINTR || errno == ECONNABORTED)
 				continue;
@@ -1414,7 +1414,7 @@ int ControlServer::sweep_handler(sd_event_source *, void *userdata)
 		// glibc keeps what is freed in its arenas: a flood of large buffers would stay brokerd's
 		// for good.
 		server->freed_since_trim_ += freed;
-		if (server->freed_since_trim_ >= limits::kTrimAfterFreeing) {
+		if (server->freed_since_trim_ >= proto::limits::kTrimAfterFreeing) {
 			server->freed_since_trim_ = 0;
 			::malloc_trim(0);
 		}
@@ -1422,4 +1422,4 @@ int ControlServer::sweep_handler(sd_event_source *, void *userdata)
 	});
 }
 
-} // namespace broker
+} // namespace brokerd

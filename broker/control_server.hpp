@@ -1,7 +1,7 @@
 // ControlServer: the Varlink control socket, serving io.brokerd.Control and io.brokerd.Worker.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 #include "config.hpp"
 #include "event.hpp"
 
@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-namespace broker {
+namespace brokerd {
 
 class Supervisor;
 
@@ -46,7 +46,7 @@ public:
 	// Serves `adopted` (a listening socket at cfg.path, from systemd) when given, or binds
 	// cfg.path (replacing a stale socket file, never anything else).
 	ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor, DaemonHooks hooks,
-	              std::uint64_t start_usec, UniqueFd adopted = {});
+	              std::uint64_t start_usec, proto::UniqueFd adopted = {});
 	// The listening socket, for the fd store.
 	int fd() const { return fd_.get(); }
 	bool adopted() const { return adopted_; }
@@ -85,7 +85,7 @@ private:
 	Supervisor &supervisor_;
 	DaemonHooks hooks_;
 	std::uint64_t start_usec_;
-	UniqueFd fd_;
+	proto::UniqueFd fd_;
 	EventSource source_;
 	EventSource sweep_;
 	EventSource pause_; // re-enables accepting after running out of fds
@@ -96,4 +96,4 @@ private:
 	std::size_t freed_since_trim_ = 0; // buffer bytes of closed connections since the last malloc_trim
 };
 
-} // namespace broker
+} // namespace brokerd

@@ -11,7 +11,7 @@
 #include <memory>
 #include <string>
 
-namespace broker {
+namespace brokerd {
 
 struct EventSourceUnref {
 	void operator()(sd_event_source *s) const { sd_event_source_disable_unref(s); }
@@ -39,4 +39,4 @@ inline std::uint64_t now_usec(clockid_t clock)
 	return static_cast<std::uint64_t>(ts.tv_sec) * 1000000u + static_cast<std::uint64_t>(ts.tv_nsec) / 1000u;
 }
 
-} // namespace broker
+} // namespace brokerd

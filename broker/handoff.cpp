@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-namespace broker {
+namespace brokerd {
 
 using json = nlohmann::json;
 
@@ -193,7 +193,7 @@ void HandoffRouter::send(std::uint64_t id)
 {
 	Forward &f = forwards_.at(id);
 	json conns = json::array();
-	std::vector<UniqueFd> fds;
+	std::vector<proto::UniqueFd> fds;
 	fds.reserve(f.items.size());
 	for (auto &item : f.items) {
 		json conn = {{"fd", fds.size()}};
@@ -239,4 +239,4 @@ std::size_t HandoffRouter::batches_in_flight(const EventSink &sender) const
 		std::count_if(batches_.begin(), batches_.end(), [&](const auto &kv) { return kv.second.sender == &sender; }));
 }
 
-} // namespace broker
+} // namespace brokerd

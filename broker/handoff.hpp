@@ -2,7 +2,7 @@
 // accounts for every one of them until it has landed or gone back to its sender.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -16,14 +16,14 @@
 #include <string>
 #include <vector>
 
-namespace broker {
+namespace brokerd {
 
 // Where a worker's events go: the control connection that holds its Events stream. fds travel
 // with the event and are closed once sent. Returns false when the connection is gone (it may
 // have closed, and told its owners so, from inside the call).
 class EventSink {
 public:
-	virtual bool send_event(const nlohmann::json &parameters, std::vector<UniqueFd> fds) = 0;
+	virtual bool send_event(const nlohmann::json &parameters, std::vector<proto::UniqueFd> fds) = 0;
 	bool send_event(const nlohmann::json &parameters) { return send_event(parameters, {}); }
 
 protected:
@@ -33,7 +33,7 @@ protected:
 // One connection of a Handoff call: the broker's copy of its fd, and its state as sent
 // (base64, checked by the caller).
 struct HandoffItem {
-	UniqueFd fd;
+	proto::UniqueFd fd;
 	std::string state;
 };
 
@@ -126,4 +126,4 @@ private:
 	std::size_t rotation_ = 0; // which receiver gets the first chunk next, for evenness
 };
 
-} // namespace broker
+} // namespace brokerd

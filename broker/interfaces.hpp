@@ -4,7 +4,7 @@
 #include <string_view>
 #include <vector>
 
-namespace broker {
+namespace brokerd {
 
 struct InterfaceText {
 	std::string_view name;
@@ -14,4 +14,4 @@ struct InterfaceText {
 // org.varlink.service, io.brokerd.Control and io.brokerd.Worker, embedded at build time.
 const std::vector<InterfaceText> &interface_texts();
 
-} // namespace broker
+} // namespace brokerd

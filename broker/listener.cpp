@@ -17,7 +17,7 @@
 #include <stdexcept>
 #include <string>
 
-namespace broker {
+namespace brokerd {
 
 namespace {
 
@@ -135,7 +135,7 @@ Listener open_inet(const SocketConfig &cfg)
 
 	// No SOCK_NONBLOCK: the open file description is shared with every worker, and workers
 	// that accept in blocking mode must keep working. The broker itself never accepts.
-	UniqueFd fd(::socket(family, type | SOCK_CLOEXEC, 0));
+	proto::UniqueFd fd(::socket(family, type | SOCK_CLOEXEC, 0));
 	if (!fd)
 		fail_errno(cfg, "socket " + shown, errno);
 	if (stream)
@@ -193,7 +193,7 @@ Listener open_unix(const SocketConfig &cfg)
 		}
 	}
 
-	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+	proto::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
 	if (!fd)
 		fail_errno(cfg, "socket " + shown, errno);
 	if (::bind(fd.get(), reinterpret_cast<const sockaddr *>(&un), addrlen) < 0)
@@ -274,7 +274,7 @@ Listener adopt_systemd(const SocketConfig &cfg, InheritedFds &inherited)
 	auto it = inherited.by_name.find(cfg.systemd_name);
 	if (it == inherited.by_name.end())
 		fail(cfg, "systemd passed no socket named \"" + cfg.systemd_name + "\"");
-	UniqueFd fd = std::move(it->second);
+	proto::UniqueFd fd = std::move(it->second);
 	inherited.by_name.erase(it);
 
 	std::string shown = "systemd socket \"" + cfg.systemd_name + "\" (fd " + std::to_string(fd.get()) + ")";
@@ -321,7 +321,7 @@ bool same_inet_address(const SocketConfig &cfg, int fd)
 
 } // namespace
 
-std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd fd, std::string &why)
+std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, proto::UniqueFd fd, std::string &why)
 {
 	std::string shown = "stored socket \"" + cfg.name + "\" (fd " + std::to_string(fd.get()) + ")";
 	Probed p;
@@ -369,7 +369,7 @@ bool unix_socket_in_use(const std::string &path)
 	if (path.empty() || path[0] == '@' || path.size() >= sizeof(sa.sun_path))
 		return false;
 	std::memcpy(sa.sun_path, path.data(), path.size());
-	UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+	proto::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
 	if (!fd)
 		return false;
 	auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
@@ -411,7 +411,7 @@ InheritedFds InheritedFds::from_environment()
 	InheritedFds inherited;
 	for (int i = 0; i < n; i++) {
 		const char *name = names && names[i] ? names[i] : "unknown";
-		inherited.by_name.emplace(name, UniqueFd(SD_LISTEN_FDS_START + i));
+		inherited.by_name.emplace(name, proto::UniqueFd(SD_LISTEN_FDS_START + i));
 	}
 	if (names) {
 		for (char **p = names; *p; p++)
@@ -445,4 +445,4 @@ void remove_socket_file(const Listener &l)
 		::unlink(l.unlink_path.c_str());
 }
 
-} // namespace broker
+} // namespace brokerd

@@ -1,7 +1,7 @@
 // Listener: a socket brokerd binds (or adopts from systemd) once and owns for its whole life.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 #include "config.hpp"
 
 #include <map>
@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
-namespace broker {
+namespace brokerd {
 
 struct Listener {
 	std::string name;
-	UniqueFd fd;
+	proto::UniqueFd fd;
 	std::string address;     // canonical, with the real port: "tcp://127.0.0.1:8080", "unix:/run/x.sock"
 	std::string kind;        // "tcp", "udp" or "unix"
 	std::string origin;      // "bound", "systemd" (a socket unit's) or "fdstore" (kept by the service manager)
@@ -23,7 +23,7 @@ struct Listener {
 // The fds systemd passed (LISTEN_FDS/LISTEN_FDNAMES), by name, each CLOEXEC. Entries are taken
 // out as they are adopted; whatever remains is unused.
 struct InheritedFds {
-	std::multimap<std::string, UniqueFd> by_name;
+	std::multimap<std::string, proto::UniqueFd> by_name;
 
 	// Reads and unsets LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
 	static InheritedFds from_environment();
@@ -38,7 +38,7 @@ Listener open_listener(const config::SocketConfig &cfg, InheritedFds &inherited)
 // A socket the service manager kept for us in its fd store (FDSTORE=1, FDNAME=cfg.name) and passed
 // back in LISTEN_FDS: adopted, with its accept queue, when it is what cfg describes (same kind and
 // address; backlog reapplied). Otherwise nullopt, `why` says how it differs, and fd is closed.
-std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, UniqueFd fd, std::string &why);
+std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, proto::UniqueFd fd, std::string &why);
 
 // Whether a unix socket's path still has a socket file (always true for "@name").
 bool unix_file_present(const std::string &path);
@@ -54,4 +54,4 @@ std::string socket_address(int fd);
 // Removes the socket file brokerd created for `l`, if any, and only if it still is a socket.
 void remove_socket_file(const Listener &l);
 
-} // namespace broker
+} // namespace brokerd

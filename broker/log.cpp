@@ -12,7 +12,7 @@
 #include <cstdlib>
 #include <string>
 
-namespace broker::log {
+namespace brokerd::log {
 
 namespace {
 
@@ -105,4 +105,4 @@ void worker_line(int target_fd, std::string_view prefix, std::string_view line)
 	write_all(target_fd, iov, 4);
 }
 
-} // namespace broker::log
+} // namespace brokerd::log

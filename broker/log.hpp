@@ -3,7 +3,7 @@
 
 #include <string_view>
 
-namespace broker::log {
+namespace brokerd::log {
 
 enum class Level { Error = 3, Warning = 4, Notice = 5, Info = 6, Debug = 7 };
 
@@ -24,4 +24,4 @@ void client(Level level, std::string_view message);
 // Writes a worker's output line to fd 1 or 2, prefixed with the instance's name.
 void worker_line(int target_fd, std::string_view prefix, std::string_view line);
 
-} // namespace broker::log
+} // namespace brokerd::log

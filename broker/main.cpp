@@ -31,7 +31,7 @@
 #include <memory>
 #include <optional>
 
-namespace broker {
+namespace brokerd {
 namespace {
 
 struct EventUnref {
@@ -61,10 +61,10 @@ private:
 	void on_change();
 	nlohmann::json reload();
 	void close_unused_listeners();
-	UniqueFd adopt_control_socket(InheritedFds &inherited);
+	proto::UniqueFd adopt_control_socket(InheritedFds &inherited);
 	void store_fd(const std::string &name, int fd);
-	UniqueFd open_listeners();
-	UniqueFd restore_listeners();
+	proto::UniqueFd open_listeners();
+	proto::UniqueFd restore_listeners();
 	void setup_watchdog();
 	void extend_start();
 	void reexec(const std::string &binary, int caller);
@@ -99,7 +99,7 @@ Daemon::Daemon(nlohmann::json restored) : restored_(std::move(restored))
 }
 
 // Binds or adopts every configured socket; returns the control socket if systemd passed one.
-UniqueFd Daemon::open_listeners()
+proto::UniqueFd Daemon::open_listeners()
 {
 	// Connections being handed off pass through brokerd, up to 16 batches of 253 per draining
 	// worker: raise the soft fd limit to the hard one, as the service manager recommends, and
@@ -113,13 +113,13 @@ UniqueFd Daemon::open_listeners()
 
 	// systemd's fds first, before anything else could take their numbers' meaning.
 	InheritedFds inherited = InheritedFds::from_environment();
-	UniqueFd control_fd = adopt_control_socket(inherited);
+	proto::UniqueFd control_fd = adopt_control_socket(inherited);
 	for (const auto &s : cfg_.sockets) {
 		// A socket kept in the fd store by an earlier brokerd comes back under its own name,
 		// with whatever its accept queue holds.
 		auto stored = s.kind == config::SocketKind::Systemd ? inherited.by_name.end() : inherited.by_name.find(s.name);
 		if (stored != inherited.by_name.end()) {
-			UniqueFd fd = std::move(stored->second);
+			proto::UniqueFd fd = std::move(stored->second);
 			inherited.by_name.erase(stored);
 			std::string why;
 			if (auto l = adopt_stored(s, std::move(fd), why)) {
@@ -146,7 +146,7 @@ UniqueFd Daemon::open_listeners()
 }
 
 // Everything the previous brokerd held, at the same fd numbers; CLOEXEC again at once.
-UniqueFd Daemon::restore_listeners()
+proto::UniqueFd Daemon::restore_listeners()
 {
 	const nlohmann::json &st = restored_;
 	started_nofile_.rlim_cur = st.at("nofile").at(0).get<rlim_t>();
@@ -162,7 +162,7 @@ UniqueFd Daemon::restore_listeners()
 		l.unlink_path = j.at("unlink_path").get<std::string>();
 		listeners_.push_back(std::move(l));
 	}
-	UniqueFd control_fd(st.at("control").at("fd").get<int>());
+	proto::UniqueFd control_fd(st.at("control").at("fd").get<int>());
 	state::set_cloexec(control_fd.get(), true);
 	watchdog_usec_ = st.at("watchdog_usec").get<std::uint64_t>();
 	announced_ready_ = st.at("announced_ready").get<bool>();
@@ -175,7 +175,7 @@ int Daemon::run()
 	const bool restoring = !restored_.is_null();
 	start_usec_ = restoring ? restored_.at("start_usec").get<std::uint64_t>() : now_usec(CLOCK_MONOTONIC);
 	const std::uint64_t start = start_usec_;
-	UniqueFd control_fd = restoring ? restore_listeners() : open_listeners();
+	proto::UniqueFd control_fd = restoring ? restore_listeners() : open_listeners();
 	closer::start();
 
 	sd_event *e = nullptr;
@@ -219,7 +219,7 @@ int Daemon::run()
 
 	supervisor_ = std::make_unique<Supervisor>(e, listeners_, cfg_.control.path);
 	supervisor_->set_child_nofile(started_nofile_);
-	UniqueFd notify_fd;
+	proto::UniqueFd notify_fd;
 	if (restoring) {
 		notify_fd.reset(restored_.at("notify_fd").get<int>());
 		state::set_cloexec(notify_fd.get(), true);
@@ -382,12 +382,12 @@ nlohmann::json Daemon::reload()
 // The control socket, when systemd passes one named "control" (brokerd.socket, or ours from the
 // fd store) at control.path. One elsewhere is released: brokerctl and the workers look for
 // control.path.
-UniqueFd Daemon::adopt_control_socket(InheritedFds &inherited)
+proto::UniqueFd Daemon::adopt_control_socket(InheritedFds &inherited)
 {
 	auto it = inherited.by_name.find("control");
 	if (it == inherited.by_name.end())
 		return {};
-	UniqueFd fd = std::move(it->second);
+	proto::UniqueFd fd = std::move(it->second);
 	inherited.by_name.erase(it);
 	std::string have = socket_address(fd.get());
 	std::string want = "unix:" + cfg_.control.path;
@@ -435,8 +435,8 @@ void Daemon::check_binary(const std::string &binary, int state_fd)
 	int pipefd[2];
 	if (::pipe2(pipefd, O_CLOEXEC) < 0)
 		throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
-	UniqueFd rd(pipefd[0]), wr(pipefd[1]);
-	UniqueFd devnull(::open("/dev/null", O_RDWR | O_CLOEXEC));
+	proto::UniqueFd rd(pipefd[0]), wr(pipefd[1]);
+	proto::UniqueFd devnull(::open("/dev/null", O_RDWR | O_CLOEXEC));
 	std::string path = binary;
 	char arg[] = "--check-state";
 	char *argv[] = {path.data(), arg, nullptr};
@@ -485,7 +485,7 @@ void Daemon::check_binary(const std::string &binary, int state_fd)
 		}
 	}
 	// It closed its output: it exits now, or is made to at the deadline.
-	UniqueFd child(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+	proto::UniqueFd child(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
 	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
 	pollfd p{child.get(), POLLIN, 0};
 	if (child && (now >= deadline || ::poll(&p, 1, static_cast<int>((deadline - now) / 1000) + 1) <= 0))
@@ -550,7 +550,7 @@ void Daemon::reexec(const std::string &requested, int caller)
 	                     {"notify_fd", notify_->fd()},
 	                     {"services", supervisor_->save_state(keep)},
 	                     {"control", control_->save_state(caller, keep)}};
-	UniqueFd memfd = state::write(st);
+	proto::UniqueFd memfd = state::write(st);
 	check_binary(binary, memfd.get());
 	keep.push_back(memfd.get());
 	std::string fd_arg = std::to_string(memfd.get());
@@ -628,7 +628,7 @@ void Daemon::on_change()
 }
 
 } // namespace
-} // namespace broker
+} // namespace brokerd
 
 int main(int argc, char **argv)
 {
@@ -658,19 +658,19 @@ int main(int argc, char **argv)
 	if (check_state) {
 		// The state a running brokerd would hand over, on stdin: it must parse here, config and all.
 		try {
-			broker::state::check(broker::state::read(0));
+			brokerd::state::check(brokerd::state::read(0));
 		} catch (const std::exception &e) {
 			std::cout << e.what() << "\n";
 			return 1;
 		}
-		std::cout << broker::state::kFormat << "\n";
+		std::cout << brokerd::state::kFormat << "\n";
 		return 0;
 	}
 
 	if (check_path) {
 		try {
-			broker::config::load(*check_path);
-			broker::AccessRules::resolve(broker::config::load(*check_path).control);
+			brokerd::config::load(*check_path);
+			brokerd::AccessRules::resolve(brokerd::config::load(*check_path).control);
 		} catch (const std::exception &e) {
 			std::cerr << "brokerd: " << e.what() << "\n";
 			return 1;
@@ -691,15 +691,15 @@ int main(int argc, char **argv)
 
 	try {
 		if (restore_fd) {
-			broker::Daemon daemon(broker::state::read(*restore_fd));
+			brokerd::Daemon daemon(brokerd::state::read(*restore_fd));
 			return daemon.run();
 		}
 		std::string text;
-		broker::config::Config cfg = broker::config::load(config_path, text);
-		broker::Daemon daemon(config_path, std::move(cfg), std::move(text));
+		brokerd::config::Config cfg = brokerd::config::load(config_path, text);
+		brokerd::Daemon daemon(config_path, std::move(cfg), std::move(text));
 		return daemon.run();
 	} catch (const std::exception &e) {
-		broker::log::error(e.what());
+		brokerd::log::error(e.what());
 		return 1;
 	}
 }

@@ -1,7 +1,7 @@
 // NotifySocket: READY=1, STATUS=, STOPPING=1 from workers, checked against their credentials.
 #include "notify.hpp"
 
-#include "broker/internal/limits.hpp"
+#include "proto/limits.hpp"
 #include "closer.hpp"
 #include "log.hpp"
 #include "supervisor.hpp"
@@ -16,7 +16,7 @@
 #include <stdexcept>
 #include <string_view>
 
-namespace broker {
+namespace brokerd {
 
 #ifndef SO_PASSPIDFD
 #define SO_PASSPIDFD 76
@@ -67,7 +67,7 @@ NotifyLine take_notify_line(std::string_view &text)
 	return {};
 }
 
-NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kept) : supervisor_(supervisor)
+NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, proto::UniqueFd kept) : supervisor_(supervisor)
 {
 	sockaddr_un sa{};
 	if (kept) {
@@ -117,7 +117,7 @@ void NotifySocket::receive()
 {
 	// Bounded per wakeup; the rest waits for the next turn of the loop.
 	for (int round = 0; round < 64; round++) {
-		char buf[limits::kMaxNotifyMessage + 1];
+		char buf[proto::limits::kMaxNotifyMessage + 1];
 		alignas(cmsghdr) char control[CMSG_SPACE(sizeof(ucred)) + CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(int) * 16)];
 		iovec iov{buf, sizeof(buf)};
 		msghdr msg{};
@@ -136,7 +136,7 @@ void NotifySocket::receive()
 
 		const ucred *cred = nullptr;
 		bool had_fds = false;
-		UniqueFd sender; // stays invalid when the sender is gone (a negative errno comes instead)
+		proto::UniqueFd sender; // stays invalid when the sender is gone (a negative errno comes instead)
 		for (cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
 			if (c->cmsg_level != SOL_SOCKET)
 				continue;
@@ -152,7 +152,7 @@ void NotifySocket::receive()
 				for (std::size_t i = 0; i < count; i++) {
 					int fd;
 					std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-					UniqueFd::from_peer(fd).reset();
+					proto::UniqueFd::from_peer(fd).reset();
 				}
 				had_fds = true;
 			}
@@ -162,7 +162,7 @@ void NotifySocket::receive()
 			continue;
 		}
 		std::string who = "pid " + std::to_string(cred->pid);
-		if (static_cast<std::size_t>(n) > limits::kMaxNotifyMessage || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+		if (static_cast<std::size_t>(n) > proto::limits::kMaxNotifyMessage || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
 			log::client(log::Level::Warning, "notify socket: oversized message from " + who + ", ignoring");
 			continue;
 		}
@@ -201,4 +201,4 @@ void NotifySocket::receive()
 	}
 }
 
-} // namespace broker
+} // namespace brokerd

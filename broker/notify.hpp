@@ -1,13 +1,13 @@
 // NotifySocket: the sd_notify endpoint brokerd gives workers as NOTIFY_SOCKET.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 #include "event.hpp"
 
 #include <string>
 #include <string_view>
 
-namespace broker {
+namespace brokerd {
 
 class Supervisor;
 
@@ -30,7 +30,7 @@ NotifyLine take_notify_line(std::string_view &text);
 class NotifySocket {
 public:
 	// Binds a new socket, or serves `kept` (a re-executed brokerd's).
-	NotifySocket(sd_event *event, Supervisor &supervisor, UniqueFd kept = {});
+	NotifySocket(sd_event *event, Supervisor &supervisor, proto::UniqueFd kept = {});
 	int fd() const { return fd_.get(); }
 
 	// "@xxxxx", the value for NOTIFY_SOCKET.
@@ -43,9 +43,9 @@ private:
 	static int handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
 
 	Supervisor &supervisor_;
-	UniqueFd fd_;
+	proto::UniqueFd fd_;
 	EventSource source_;
 	std::string address_;
 };
 
-} // namespace broker
+} // namespace brokerd

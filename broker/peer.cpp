@@ -1,7 +1,7 @@
 // Peer: who is at the other end of a control connection, checked against pid reuse.
 #include "peer.hpp"
 
-#include "broker/internal/limits.hpp"
+#include "proto/limits.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -19,7 +19,7 @@
 #define SO_PEERPIDFD 77 // Linux 6.5
 #endif
 
-namespace broker::peer {
+namespace brokerd::peer {
 
 namespace {
 
@@ -60,7 +60,7 @@ bool alive(int pidfd)
 	return ::poll(&p, 1, 0) == 0;
 }
 
-UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
+proto::UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
 {
 	const std::string name = "pid " + std::to_string(pid);
 	if (pid <= 0) {
@@ -70,7 +70,7 @@ UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std
 	int raw = -1;
 	socklen_t len = sizeof(raw);
 	if (::getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &raw, &len) == 0) {
-		UniqueFd fd(raw);
+		proto::UniqueFd fd(raw);
 		if (!alive(fd.get())) {
 			why = name + ", which connected, has exited";
 			return {};
@@ -85,10 +85,10 @@ UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std
 	return process_by_pid(pid, connected_boottime_usec, why);
 }
 
-UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
+proto::UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
 {
 	const std::string name = "pid " + std::to_string(pid);
-	UniqueFd fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+	proto::UniqueFd fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
 	if (!fd) {
 		why = name + ", which connected, has exited (pidfd_open: " + std::strerror(errno) + ")";
 		return {};
@@ -110,7 +110,7 @@ UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::s
 
 bool descends_from(pid_t pid, const std::vector<pid_t> &ancestors)
 {
-	for (std::size_t step = 0; step < limits::kMaxAncestry && pid > 1; step++) {
+	for (std::size_t step = 0; step < proto::limits::kMaxAncestry && pid > 1; step++) {
 		if (std::find(ancestors.begin(), ancestors.end(), pid) != ancestors.end())
 			return true;
 		auto ppid = status_field(pid, "PPid");
@@ -129,4 +129,4 @@ std::optional<uid_t> process_uid(pid_t pid)
 	return static_cast<uid_t>(std::strtoul(uids->c_str(), nullptr, 10));
 }
 
-} // namespace broker::peer
+} // namespace brokerd::peer

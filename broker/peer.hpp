@@ -1,7 +1,7 @@
 // Peer: the process at the other end of a unix connection, held by a pidfd, and its ancestry.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <sys/types.h>
 
@@ -10,25 +10,25 @@
 #include <string>
 #include <vector>
 
-namespace broker::peer {
+namespace brokerd::peer {
 
 // The process that connected `sock` (whose SO_PEERCRED pid is `pid`), held by a pidfd so that
 // signals never reach another process that reuses its pid. From SO_PEERPIDFD where the kernel
 // has it (6.5); otherwise pidfd_open(pid), trusted only if that process started no later than
 // `connected_boottime_usec` (CLOCK_BOOTTIME when brokerd accepted the connection). Returns the
 // pidfd of a live process, or sets `why` (it has exited, or its pid now names another process).
-UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std::string &why);
+proto::UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std::string &why);
 // The part for kernels without SO_PEERPIDFD: the pid, checked by its start time.
-UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why);
+proto::UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why);
 
 // Whether the process behind `pidfd` still runs.
 bool alive(int pidfd);
 
 // Whether `pid` is one of `ancestors` or descends from one of them, following PPid in /proc at
-// most limits::kMaxAncestry steps (an orphan's parent is a subreaper or init: it is not found).
+// most proto::limits::kMaxAncestry steps (an orphan's parent is a subreaper or init: it is not found).
 bool descends_from(pid_t pid, const std::vector<pid_t> &ancestors);
 
 // The real uid of a running process, from /proc.
 std::optional<uid_t> process_uid(pid_t pid);
 
-} // namespace broker::peer
+} // namespace brokerd::peer

@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-namespace broker {
+namespace brokerd {
 
 std::uint64_t RestartBackoff::window(std::uint64_t start_timeout)
 {
@@ -30,4 +30,4 @@ RestartBackoff::Decision RestartBackoff::failed(std::uint64_t now, std::uint64_t
 	return d;
 }
 
-} // namespace broker
+} // namespace brokerd

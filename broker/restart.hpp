@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <deque>
 
-namespace broker {
+namespace brokerd {
 
 struct RestartBackoff {
 	static constexpr std::uint64_t kMinDelay = 100'000;     // the first restart's; doubled for each next one
@@ -39,4 +39,4 @@ struct RestartBackoff {
 	std::uint64_t ready_since = 0;         // 0: not ready since the last failure
 };
 
-} // namespace broker
+} // namespace brokerd

@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-namespace broker {
+namespace brokerd {
 
 const char *phase_name(RolloutPhase p)
 {
@@ -120,4 +120,4 @@ RolloutStep Rollout::restored_ready()
 	return step;
 }
 
-} // namespace broker
+} // namespace brokerd

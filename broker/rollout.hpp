@@ -3,7 +3,7 @@
 
 #include <string>
 
-namespace broker {
+namespace brokerd {
 
 enum class RolloutPhase {
 	Rolling,     // starting new instances batch by batch, draining old ones behind them
@@ -75,4 +75,4 @@ private:
 	unsigned restored_ready_ = 0;
 };
 
-} // namespace broker
+} // namespace brokerd

@@ -10,7 +10,7 @@
 #include <cstring>
 #include <stdexcept>
 
-namespace broker::state {
+namespace brokerd::state {
 
 using json = nlohmann::json;
 
@@ -94,10 +94,10 @@ void set_cloexec(int fd, bool on)
 		::fcntl(fd, F_SETFD, on ? flags | FD_CLOEXEC : flags & ~FD_CLOEXEC);
 }
 
-UniqueFd write(const json &state)
+proto::UniqueFd write(const json &state)
 {
 	std::string text = state.dump(-1, ' ', false, json::error_handler_t::replace);
-	UniqueFd fd(::memfd_create("brokerd-state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+	proto::UniqueFd fd(::memfd_create("brokerd-state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
 	if (!fd)
 		throw std::runtime_error(std::string("memfd_create: ") + std::strerror(errno));
 	std::size_t done = 0;
@@ -116,7 +116,7 @@ UniqueFd write(const json &state)
 
 json read(int raw)
 {
-	UniqueFd fd(raw);
+	proto::UniqueFd fd(raw);
 	struct stat st{};
 	if (::fstat(fd.get(), &st) < 0)
 		throw std::runtime_error(std::string("re-exec state: fd ") + std::to_string(raw) + ": " + std::strerror(errno));
@@ -143,4 +143,4 @@ json read(int raw)
 	return state;
 }
 
-} // namespace broker::state
+} // namespace brokerd::state

@@ -1,7 +1,7 @@
 // The state a brokerd hands to the brokerd it re-executes (brokerctl reexec), in a memfd.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 #include "config.hpp"
 
 #include <nlohmann/json.hpp>
@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-namespace broker::state {
+namespace brokerd::state {
 
 // Bumped whenever the layout changes: a brokerd refuses state of another format, and the old
 // one asks the new binary which format it reads before it execs it.
@@ -20,7 +20,7 @@ nlohmann::json service_config(const config::ServiceConfig &cfg);
 config::ServiceConfig service_config(const nlohmann::json &j);
 
 // A sealed memfd holding `state` as JSON, inheritable across execve.
-UniqueFd write(const nlohmann::json &state);
+proto::UniqueFd write(const nlohmann::json &state);
 // Reads and closes the state memfd; throws std::runtime_error (including on another format).
 nlohmann::json read(int fd);
 
@@ -30,4 +30,4 @@ void check(const nlohmann::json &state);
 // Inheritable across execve, or not.
 void set_cloexec(int fd, bool on);
 
-} // namespace broker::state
+} // namespace brokerd::state

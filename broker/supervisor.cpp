@@ -4,10 +4,10 @@
 #include "access.hpp"
 #include "state.hpp"
 
-#include "broker/internal/limits.hpp"
-#include "broker/internal/errors.hpp"
+#include "proto/limits.hpp"
+#include "proto/errors.hpp"
 #include "log.hpp"
-#include "broker/internal/status_text.hpp"
+#include "proto/status_text.hpp"
 
 #include <fcntl.h>
 #include <grp.h>
@@ -24,7 +24,7 @@
 
 extern char **environ;
 
-namespace broker {
+namespace brokerd {
 
 using json = nlohmann::json;
 
@@ -49,7 +49,7 @@ int pidfd_send_signal(int pidfd, int sig)
 
 std::string random_token()
 {
-	unsigned char bytes[limits::kTokenBytes];
+	unsigned char bytes[proto::limits::kTokenBytes];
 	std::size_t got = 0;
 	while (got < sizeof(bytes)) {
 		ssize_t n = ::getrandom(bytes + got, sizeof(bytes) - got, 0);
@@ -223,10 +223,10 @@ void Supervisor::remove_service(const std::string &name)
 		json err = {{"service", name}, {"generation", up->to->number},
 		            {"reason", "the service was removed from the config"}, {"output", json::array()}};
 		for (Observer *o : up->observers)
-			o->failed(errors::kUpgradeFailed, err);
+			o->failed(proto::errors::kUpgradeFailed, err);
 	}
 	for (Observer *o : std::exchange(svc->start_waiters, {}))
-		o->failed(errors::kStartFailed, {{"service", name}, {"reason", "the service was removed from the config"}});
+		o->failed(proto::errors::kStartFailed, {{"service", name}, {"reason", "the service was removed from the config"}});
 	for (Observer *o : std::exchange(svc->stop_waiters, {}))
 		o->finished(json::object());
 	for (auto &gen : svc->generations)
@@ -368,14 +368,14 @@ void Supervisor::spawn(Instance &inst)
 	int out_pipe[2], err_pipe[2], status_pipe[2];
 	if (::pipe2(out_pipe, O_CLOEXEC) < 0)
 		return fail("pipe: " + errno_text(errno));
-	UniqueFd out_r(out_pipe[0]), out_w(out_pipe[1]);
+	proto::UniqueFd out_r(out_pipe[0]), out_w(out_pipe[1]);
 	if (::pipe2(err_pipe, O_CLOEXEC) < 0)
 		return fail("pipe: " + errno_text(errno));
-	UniqueFd err_r(err_pipe[0]), err_w(err_pipe[1]);
+	proto::UniqueFd err_r(err_pipe[0]), err_w(err_pipe[1]);
 	if (::pipe2(status_pipe, O_CLOEXEC) < 0)
 		return fail("pipe: " + errno_text(errno));
-	UniqueFd status_r(status_pipe[0]), status_w(status_pipe[1]);
-	UniqueFd devnull(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+	proto::UniqueFd status_r(status_pipe[0]), status_w(status_pipe[1]);
+	proto::UniqueFd devnull(::open("/dev/null", O_RDONLY | O_CLOEXEC));
 	if (!devnull)
 		return fail("open /dev/null: " + errno_text(errno));
 
@@ -442,7 +442,7 @@ void Supervisor::spawn(Instance &inst)
 	}
 
 	inst.child_source.reset();
-	UniqueFd pidfd(pidfd_open(pid));
+	proto::UniqueFd pidfd(pidfd_open(pid));
 	sd_event_source *s = nullptr;
 	int r = pidfd ? sd_event_add_child_pidfd(event_, &s, pidfd.get(), WEXITED, child_handler, &inst) : -errno;
 	if (r < 0) {
@@ -553,14 +553,14 @@ void Supervisor::on_output(Instance &inst, OutputPipe &pipe, bool eof)
 		std::size_t start = 0;
 		for (;;) {
 			std::size_t nl = pipe.partial.find('\n', start);
-			bool cut = nl == std::string::npos && pipe.partial.size() - start >= limits::kMaxOutputLine;
+			bool cut = nl == std::string::npos && pipe.partial.size() - start >= proto::limits::kMaxOutputLine;
 			if (nl == std::string::npos && !cut)
 				break;
-			std::size_t end = cut ? start + limits::kMaxOutputLine : nl;
+			std::size_t end = cut ? start + proto::limits::kMaxOutputLine : nl;
 			std::string_view line(pipe.partial.data() + start, end - start);
 			log::worker_line(pipe.target, inst.id, line);
 			inst.last_lines.emplace_back(line);
-			if (inst.last_lines.size() > limits::kKeptOutputLines)
+			if (inst.last_lines.size() > proto::limits::kKeptOutputLines)
 				inst.last_lines.pop_front();
 			start = cut ? end : nl + 1;
 		}
@@ -839,7 +839,7 @@ void Supervisor::instance_ready(Instance &inst, std::string_view how)
 
 std::optional<std::string> Supervisor::instance_status(Instance &inst, std::string text)
 {
-	if (auto why = check_status_text(text))
+	if (auto why = proto::check_status_text(text))
 		return why;
 	inst.status_text = std::move(text);
 	return std::nullopt;
@@ -861,7 +861,7 @@ void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 	// Only a process of the instance's own session may become its main process. The pidfd is
 	// opened first, and the process it names is still alive after the session check: a pid
 	// reused in between is never adopted.
-	UniqueFd pidfd(pid > 0 && !inst.external ? pidfd_open(pid) : -1);
+	proto::UniqueFd pidfd(pid > 0 && !inst.external ? pidfd_open(pid) : -1);
 	if (!pidfd || ::getsid(pid) != inst.session || pidfd_send_signal(pidfd.get(), 0) < 0) {
 		log::client(log::Level::Warning, "instance " + inst.id + ": MAINPID=" + std::to_string(pid) +
 		                                     " is not a process of its session, ignoring");
@@ -1061,7 +1061,7 @@ int Supervisor::pidfd_of(const Instance &inst, pid_t pid) const
 
 // Registered (external) workers.
 
-Instance *Supervisor::register_external(Service &svc, const std::string &version, UniqueFd pidfd, pid_t pid,
+Instance *Supervisor::register_external(Service &svc, const std::string &version, proto::UniqueFd pidfd, pid_t pid,
                                         uid_t uid, const std::vector<gid_t> &groups, ControlError &refusal)
 {
 	auto deny = [&](const std::string &why) -> Instance * {
@@ -1093,7 +1093,7 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 			gen = g.get();
 	if (!gen) {
 		if (svc.upgrade) {
-			refusal = {errors::kUpgradeInProgress,
+			refusal = {proto::errors::kUpgradeInProgress,
 			           {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
 			log::warning("service " + svc.name + ": registration of version \"" + version +
 			             "\" refused: a takeover is in progress");
@@ -1244,19 +1244,19 @@ void Supervisor::connection_closed(std::string_view token)
 std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer)
 {
 	if (svc.upgrade)
-		return ControlError{errors::kUpgradeInProgress,
+		return ControlError{proto::errors::kUpgradeInProgress,
 		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
 	if (svc.stopped || svc.removing || shutting_down_)
-		return ControlError{errors::kServiceStopped, {{"service", svc.name}}};
+		return ControlError{proto::errors::kServiceStopped, {{"service", svc.name}}};
 	// Which kind a service is stays as it was added: the config read now may say otherwise.
 	if (svc.cfg.exec.empty())
-		return ControlError{errors::kRegisteredService, {{"service", svc.name}}};
+		return ControlError{proto::errors::kRegisteredService, {{"service", svc.name}}};
 	if (req.cfg.exec.empty())
-		return ControlError{errors::kInvalidConfig,
+		return ControlError{proto::errors::kInvalidConfig,
 		                    {{"message", "services." + svc.name + ": without exec, it would become a registered service, "
 		                                 "which a running service cannot; remove it first"}}};
 	if (req.cfg.sockets != svc.cfg.sockets)
-		return ControlError{errors::kInvalidConfig,
+		return ControlError{proto::errors::kInvalidConfig,
 		                    {{"message", "services." + svc.name + ".sockets: changed; a service's sockets change with reload"}}};
 
 	Generation *from = svc.current;
@@ -1292,7 +1292,7 @@ std::optional<ControlError> Supervisor::abort_upgrade(Service &svc)
 {
 	Upgrade *up = svc.upgrade.get();
 	if (!up || up->rollout.phase() != RolloutPhase::Rolling)
-		return ControlError{errors::kNoUpgradeInProgress, {{"service", svc.name}}};
+		return ControlError{proto::errors::kNoUpgradeInProgress, {{"service", svc.name}}};
 	log::notice("service " + svc.name + ": upgrade to gen " + std::to_string(up->to->number) + " aborted by the operator");
 	apply(svc, up->rollout.fail("aborted by the operator"));
 	return std::nullopt;
@@ -1400,7 +1400,7 @@ void Supervisor::finish_upgrade(Service &svc)
 		if (!up->failed_instance.empty())
 			err["instance"] = up->failed_instance;
 		for (Observer *o : std::vector(up->observers))
-			o->failed(errors::kUpgradeFailed, err);
+			o->failed(proto::errors::kUpgradeFailed, err);
 	}
 	// Whatever still runs outside the current generation goes now: a new instance kept serving
 	// through a rollback, or an old-version worker that registered during a takeover. A refill is
@@ -1463,7 +1463,7 @@ void Supervisor::detach_observer(Observer *observer)
 std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *observer)
 {
 	if (!svc.stopped || svc.removing || shutting_down_)
-		return ControlError{errors::kServiceStopped, {{"service", svc.name}}};
+		return ControlError{proto::errors::kServiceStopped, {{"service", svc.name}}};
 	svc.stopped = false;
 	if (svc.cfg.exec.empty()) {
 		// An external service starts when its workers register again.
@@ -1491,9 +1491,9 @@ std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *ob
 std::optional<ControlError> Supervisor::stop_service(Service &svc, Observer *observer)
 {
 	if (svc.stopped || svc.removing || shutting_down_)
-		return ControlError{errors::kServiceStopped, {{"service", svc.name}}};
+		return ControlError{proto::errors::kServiceStopped, {{"service", svc.name}}};
 	if (svc.upgrade)
-		return ControlError{errors::kUpgradeInProgress,
+		return ControlError{proto::errors::kUpgradeInProgress,
 		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
 	svc.stopped = true;
 	log::notice("service " + svc.name + ": stopping");
@@ -1532,7 +1532,7 @@ void Supervisor::check_waiters(Service &svc)
 			if (ready)
 				o->finished(json::object());
 			else
-				o->failed(errors::kStartFailed, {{"service", svc.name}, {"reason", "no instance became ready"}});
+				o->failed(proto::errors::kStartFailed, {{"service", svc.name}, {"reason", "no instance became ready"}});
 		}
 	}
 }
@@ -1548,7 +1548,7 @@ void Supervisor::shutdown(config::Duration budget)
 	for (auto &svc : services_) {
 		if (svc->upgrade) {
 			for (Observer *o : std::vector(svc->upgrade->observers))
-				o->failed(errors::kUpgradeFailed, {{"service", svc->name},
+				o->failed(proto::errors::kUpgradeFailed, {{"service", svc->name},
 				                                               {"generation", svc->upgrade->to->number},
 				                                               {"reason", "brokerd is shutting down"},
 				                                               {"output", json::array()}});
@@ -2001,7 +2001,7 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 	// Children stay children across execve: a spawned worker is watched as before, and one that
 	// exited meanwhile is a zombie that sd-event reaps at once.
 	if (!inst.external && !inst.forked) {
-		UniqueFd pidfd(pidfd_open(inst.pid));
+		proto::UniqueFd pidfd(pidfd_open(inst.pid));
 		int r = pidfd ? sd_event_add_child_pidfd(event_, &s, pidfd.get(), WEXITED, child_handler, &inst) : -errno;
 		if (r < 0)
 			throw std::runtime_error("instance " + inst.id + ": cannot watch pid " + std::to_string(inst.pid) + ": " +
@@ -2027,4 +2027,4 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 		inst.child_source.reset(s);
 }
 
-} // namespace broker
+} // namespace brokerd

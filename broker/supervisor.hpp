@@ -1,7 +1,7 @@
 // Supervisor: services, their generations and instances; spawning, readiness, upgrades, drain.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 #include "config.hpp"
 #include "event.hpp"
 #include "handoff.hpp"
@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-namespace broker {
+namespace brokerd {
 
 class Supervisor;
 struct Service;
@@ -66,7 +66,7 @@ const char *state_name(InstanceState s);
 
 // A worker's stdout or stderr pipe, copied line by line to brokerd's own with the instance's name.
 struct OutputPipe {
-	UniqueFd fd;
+	proto::UniqueFd fd;
 	EventSource source;
 	std::string partial;
 	int target = 2;
@@ -87,7 +87,7 @@ struct Instance {
 	pid_t session = 0;        // of a spawned instance: the session (and group) its first process leads
 	bool forked = false;      // that first process exited and pid is the main pid it named, not our child
 	EventSource child_source; // owns the pidfd; kept until the slot respawns
-	UniqueFd exec_status;     // read end: errno if exec failed, EOF when it succeeded
+	proto::UniqueFd exec_status;     // read end: errno if exec failed, EOF when it succeeded
 	EventSource exec_source;
 	EventSource timer; // start timeout, drain deadline or restart backoff
 	OutputPipe out, err;
@@ -105,7 +105,7 @@ struct Instance {
 	std::uint64_t handoff_remaining = 0; // what it said it is about to hand, for progress
 
 	bool external = false;   // registered with Hello, not spawned: watched through pidfd
-	UniqueFd pidfd;          // external, forked or MAINPID (a spawned one's pidfd lives in child_source)
+	proto::UniqueFd pidfd;          // external, forked or MAINPID (a spawned one's pidfd lives in child_source)
 
 	bool retired = false;  // drained on purpose: never restarted, pruned once exited
 	bool restored = false; // started by a rollback to refill the old generation
@@ -196,7 +196,7 @@ public:
 	// against the peer's credentials, and joins the generation of that version, or creates it.
 	// Returns the new instance, or the refusal.
 	// `pidfd` holds the process that connected, whose pid is `pid`.
-	Instance *register_external(Service &svc, const std::string &version, UniqueFd pidfd, pid_t pid, uid_t uid,
+	Instance *register_external(Service &svc, const std::string &version, proto::UniqueFd pidfd, pid_t pid, uid_t uid,
 	                            const std::vector<gid_t> &groups, ControlError &refusal);
 	// The control connection of a registered instance closed: it counts as exited.
 	void connection_closed(std::string_view token);
@@ -213,7 +213,7 @@ public:
 
 	// Reports from workers, through the control or notify socket.
 	void instance_ready(Instance &inst, std::string_view how);
-	// The text as check_status_text() takes it; returns why it is refused (the caller says so).
+	// The text as proto::check_status_text() takes it; returns why it is refused (the caller says so).
 	std::optional<std::string> instance_status(Instance &inst, std::string text);
 	void instance_stopping(Instance &inst);
 	// MAINPID=: the worker's main process is another one of its session (a forking server).
@@ -333,4 +333,4 @@ private:
 	rlimit child_nofile_{};
 };
 
-} // namespace broker
+} // namespace brokerd

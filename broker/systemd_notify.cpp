@@ -11,7 +11,7 @@
 #include <cstring>
 #include <string>
 
-namespace broker {
+namespace brokerd {
 
 SystemdNotifier::SystemdNotifier()
 {
@@ -68,4 +68,4 @@ bool SystemdNotifier::send_with_fd(std::string_view message, int fd)
 	return false;
 }
 
-} // namespace broker
+} // namespace brokerd

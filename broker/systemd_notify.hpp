@@ -1,14 +1,14 @@
 // SystemdNotifier: brokerd's own sd_notify messages to its service manager, never blocking.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <sys/socket.h>
 #include <sys/un.h>
 
 #include <string_view>
 
-namespace broker {
+namespace brokerd {
 
 // sd_notify() blocks when the manager's queue is full, which would stop the event loop. This
 // sends non-blocking on one socket kept for the daemon's life; a message the manager cannot take
@@ -25,10 +25,10 @@ public:
 	bool send_with_fd(std::string_view message, int fd);
 
 private:
-	UniqueFd fd_;
+	proto::UniqueFd fd_;
 	sockaddr_un addr_{};
 	socklen_t addr_len_ = 0;
 	bool warned_ = false;
 };
 
-} // namespace broker
+} // namespace brokerd

@@ -6,7 +6,7 @@
 #include "errors.hpp"
 #include "format.hpp"
 
-#include "broker/internal/limits.hpp"
+#include "proto/limits.hpp"
 #include "broker_config.h"
 
 #include <CLI/CLI.hpp>
@@ -72,7 +72,7 @@ int run(int argc, char **argv)
 
 	Options opts;
 	opts.socket = BROKER_DEFAULT_CONTROL;
-	std::string timeout_text = format_duration(broker::limits::kDefaultCallTimeout);
+	std::string timeout_text = format_duration(proto::limits::kDefaultCallTimeout);
 
 	app.add_option("--socket", opts.socket, "brokerd's control socket (\"@name\" for an abstract one)")
 		->envname("BROKERCTL_SOCKET")

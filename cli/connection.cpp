@@ -3,14 +3,13 @@
 
 #include "errors.hpp"
 
-#include "broker/client.hpp"
 
 #include <climits>
 
 namespace brokerctl {
 
 using json = nlohmann::json;
-namespace varlink = broker::varlink;
+namespace varlink = proto::varlink;
 
 Connection::Connection(std::string path, std::chrono::milliseconds timeout)
 	: path_(std::move(path)), timeout_(timeout)
@@ -24,7 +23,7 @@ varlink::SyncClient &Connection::client()
 	if (!client_) {
 		try {
 			client_ = std::make_unique<varlink::SyncClient>(path_, timeout_);
-		} catch (const broker::Error &e) {
+		} catch (const proto::varlink::Error &e) {
 			throw connect_failure(e, path_);
 		}
 	}
@@ -36,7 +35,7 @@ void Connection::send(std::string_view method, const json &parameters, bool more
 	varlink::SyncClient &c = client();
 	try {
 		c.send(varlink::make_call(method, parameters, more));
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		throw io_failure(e, method, timeout_);
 	}
 }
@@ -46,7 +45,7 @@ json Connection::receive(std::string_view method, const json &parameters, bool &
 	varlink::Message m;
 	try {
 		m = client().receive();
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		throw io_failure(e, method, timeout_);
 	}
 	// Fds are never part of a Control reply; any the broker sent close with `m`.

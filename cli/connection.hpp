@@ -2,7 +2,7 @@
 // turned into a brokerctl::Failure with its exit code.
 #pragma once
 
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -41,14 +41,14 @@ public:
 	const std::string &path() const { return path_; }
 
 private:
-	broker::varlink::SyncClient &client();
+	proto::varlink::SyncClient &client();
 	void send(std::string_view method, const nlohmann::json &parameters, bool more);
 	nlohmann::json receive(std::string_view method, const nlohmann::json &parameters, bool &continues);
 	void set_wait(Wait wait);
 
 	std::string path_;
 	std::chrono::milliseconds timeout_;
-	std::unique_ptr<broker::varlink::SyncClient> client_;
+	std::unique_ptr<proto::varlink::SyncClient> client_;
 };
 
 } // namespace brokerctl

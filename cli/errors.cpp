@@ -1,13 +1,13 @@
 // brokerctl's exit codes and failure messages (see errors.hpp).
 #include "errors.hpp"
 
-#include "broker/internal/errors.hpp"
+#include "proto/errors.hpp"
 
 #include "format.hpp"
 #include "reply.hpp"
 
-#include "broker/client.hpp"
-#include "broker/internal/varlink.hpp"
+#include "proto/sync_client.hpp"
+#include "proto/varlink.hpp"
 
 #include <sys/stat.h>
 
@@ -37,7 +37,7 @@ const char *const kExitCodesHelp =
 
 namespace {
 
-using namespace broker::errors;
+using namespace proto::errors;
 
 // brokerd says why when the caller's tier is not the reason (an admin choosing what root runs).
 Failure permission_denied(std::string_view why = {})
@@ -93,7 +93,7 @@ Failure upgrade_failed(std::string_view method, const json &e, const json &call_
 
 } // namespace
 
-Failure connect_failure(const broker::Error &e, const std::string &path)
+Failure connect_failure(const proto::varlink::Error &e, const std::string &path)
 {
 	switch (e.code()) {
 	case ENOENT:
@@ -120,7 +120,7 @@ Failure connect_failure(const broker::Error &e, const std::string &path)
 	}
 }
 
-Failure io_failure(const broker::Error &e, std::string_view method, std::chrono::milliseconds timeout)
+Failure io_failure(const proto::varlink::Error &e, std::string_view method, std::chrono::milliseconds timeout)
 {
 	switch (e.code()) {
 	case ETIMEDOUT:
@@ -142,7 +142,7 @@ Failure io_failure(const broker::Error &e, std::string_view method, std::chrono:
 Failure remote_failure(std::string_view error, const json &error_parameters, std::string_view method,
                        const json &call_parameters)
 {
-	if (error == broker::varlink::kPermissionDenied)
+	if (error == proto::varlink::kPermissionDenied)
 		return permission_denied(text(error_parameters, "message", ""));
 	if (error == kNoSuchService) {
 		std::string name = text(error_parameters, "service", "");
@@ -181,11 +181,11 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 	if (error == kStartFailed)
 		return Failure(kExitNotStarted, service + " could not be started: " +
 		                                    printable(text(error_parameters, "reason", "no reason given")));
-	if (error == broker::varlink::kMethodNotFound || error == broker::varlink::kMethodNotImplemented ||
-	    error == broker::varlink::kInterfaceNotFound)
+	if (error == proto::varlink::kMethodNotFound || error == proto::varlink::kMethodNotImplemented ||
+	    error == proto::varlink::kInterfaceNotFound)
 		return Failure(kExitFailure, "this brokerd does not support " + std::string(method) +
 		                                 " (is it older than brokerctl?)");
-	if (error == broker::varlink::kInvalidParameter) {
+	if (error == proto::varlink::kInvalidParameter) {
 		std::string why = printable(text(error_parameters, "message", ""));
 		return Failure(kExitFailure, "brokerd rejected parameter " +
 		                                 in_quotes(text(error_parameters, "parameter", "")) + " of " +

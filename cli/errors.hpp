@@ -8,7 +8,7 @@
 #include <string>
 #include <string_view>
 
-namespace broker {
+namespace proto::varlink {
 class Error;
 }
 
@@ -40,10 +40,10 @@ private:
 };
 
 // connect() to the control socket failed.
-Failure connect_failure(const broker::Error &e, const std::string &path);
+Failure connect_failure(const proto::varlink::Error &e, const std::string &path);
 
 // Sending the call or waiting for its reply failed (timeout, broker went away, bad framing).
-Failure io_failure(const broker::Error &e, std::string_view method, std::chrono::milliseconds timeout);
+Failure io_failure(const proto::varlink::Error &e, std::string_view method, std::chrono::milliseconds timeout);
 
 // The broker answered with a Varlink error. `method` and `parameters` are those of the call, for
 // errors whose own parameters leave out what the operator asked for.

@@ -1,12 +1,12 @@
 // broker::Client: the worker's side of io.brokerd.Worker, with a plain systemd fallback.
 #include "broker/client.hpp"
 
-#include "broker/internal/handoff.hpp"
-#include "broker/internal/limits.hpp"
-#include "broker/internal/status_text.hpp"
-#include "broker/internal/sync_client.hpp"
-#include "broker/internal/unique_fd.hpp"
-#include "broker/internal/varlink.hpp"
+#include "proto/handoff.hpp"
+#include "proto/limits.hpp"
+#include "proto/status_text.hpp"
+#include "proto/sync_client.hpp"
+#include "proto/unique_fd.hpp"
+#include "proto/varlink.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -26,7 +26,7 @@
 
 namespace broker {
 
-using varlink::json;
+using proto::varlink::json;
 
 namespace {
 
@@ -37,7 +37,7 @@ constexpr std::string_view kStatus = "io.brokerd.Worker.Status";
 constexpr std::string_view kHandoff = "io.brokerd.Worker.Handoff";
 constexpr std::string_view kReceived = "io.brokerd.Worker.Received";
 
-static_assert(Client::kMaxHandoffState == handoff::kMaxState);
+static_assert(Client::kMaxHandoffState == proto::handoff::kMaxState);
 
 // An unset and an empty variable mean the same: nothing configured.
 const char *env(const char *name)
@@ -124,11 +124,11 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	std::string instance;
 	std::uint64_t generation = 0;
 	std::vector<Listener> listeners;
-	std::vector<UniqueFd> owned; // fds received with Hello; inherited ones are not ours
-	std::optional<varlink::Stream> stream;
+	std::vector<proto::UniqueFd> owned; // fds received with Hello; inherited ones are not ours
+	std::optional<proto::varlink::Stream> stream;
 	std::function<void(const DrainRequest &)> on_drain;
 
-	handoff::Sender sender;
+	proto::handoff::Sender sender;
 	HandoffSummary summary;
 	std::function<void(int, std::string)> on_connection;
 	std::function<void(int, std::string)> on_returned;
@@ -137,11 +137,11 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	void send(std::string_view method, json parameters);
 	void flush_now();
 	int flush_or_defer();
-	void dispatch(varlink::Message &m);
+	void dispatch(proto::varlink::Message &m);
 	void pump();
-	void connections_event(const json &params, std::vector<UniqueFd> &fds);
+	void connections_event(const json &params, std::vector<proto::UniqueFd> &fds);
 	void handoff_event(const json &params);
-	void give_back(std::vector<handoff::Item> items);
+	void give_back(std::vector<proto::handoff::Item> items);
 	void check_done(std::size_t pending_before);
 	[[noreturn]] void lost(const Error &error);
 };
@@ -196,7 +196,7 @@ void Client::Impl::send(std::string_view method, json parameters)
 {
 	if (!stream)
 		throw_closed();
-	int r = stream->enqueue(varlink::make_call(method, std::move(parameters), false, true));
+	int r = stream->enqueue(proto::varlink::make_call(method, std::move(parameters), false, true));
 	if (r < 0)
 		throw Error(-r, std::string("cannot queue ") + std::string(method) + ": " + std::strerror(-r));
 	flush_now();
@@ -234,12 +234,12 @@ int Client::Impl::flush_or_defer()
 	return r;
 }
 
-void Client::Impl::dispatch(varlink::Message &m)
+void Client::Impl::dispatch(proto::varlink::Message &m)
 {
 	auto err = m.body.find("error");
 	if (err != m.body.end()) {
 		std::string name = err->is_string() ? err->get<std::string>() : "invalid error reply";
-		throw Error(varlink::errno_for_error(name), "brokerd: " + name, name);
+		throw Error(proto::varlink::errno_for_error(name), "brokerd: " + name, name);
 	}
 	auto params = m.body.find("parameters");
 	if (params == m.body.end() || !params->is_object())
@@ -266,7 +266,7 @@ void Client::Impl::pump()
 	if (!stream)
 		throw_closed();
 	while (auto b = sender.next()) {
-		int r = stream->enqueue_borrowed(varlink::make_call(kHandoff, std::move(b->parameters), false, true),
+		int r = stream->enqueue_borrowed(proto::varlink::make_call(kHandoff, std::move(b->parameters), false, true),
 		                                 std::move(b->fds));
 		if (r < 0) {
 			// Not sent: it waits in the queue for the next try, still ours.
@@ -281,7 +281,7 @@ void Client::Impl::pump()
 
 // Connections handed to this instance. Each is the handler's from the moment it is called; any
 // the instance cannot take are closed and reported, and their sender still holds them.
-void Client::Impl::connections_event(const json &params, std::vector<UniqueFd> &fds)
+void Client::Impl::connections_event(const json &params, std::vector<proto::UniqueFd> &fds)
 {
 	auto batch = params.find("batch");
 	auto conns = params.find("connections");
@@ -296,10 +296,10 @@ void Client::Impl::connections_event(const json &params, std::vector<UniqueFd> &
 			refused.push_back(i);
 			continue;
 		}
-		UniqueFd conn = std::move(fds[fd->get<std::size_t>()]);
+		proto::UniqueFd conn = std::move(fds[fd->get<std::size_t>()]);
 		std::optional<std::string> state = std::string();
 		if (auto st = c.find("state"); st != c.end() && st->is_string())
-			state = handoff::base64_decode(st->get<std::string>());
+			state = proto::handoff::base64_decode(st->get<std::string>());
 		if (!conn || !state || !on_connection || failure) {
 			refused.push_back(i);
 			continue;
@@ -337,7 +337,7 @@ void Client::Impl::handoff_event(const json &params)
 			back.push_back(i.get<std::uint64_t>());
 		}
 	}
-	handoff::Sender::Completion done;
+	proto::handoff::Sender::Completion done;
 	std::size_t before = sender.pending();
 	if (!ok || !sender.complete(batch->get<std::uint64_t>(), landed->get<std::uint64_t>(), back, done))
 		throw Error(EBADMSG, "invalid handoff event from brokerd");
@@ -364,7 +364,7 @@ void Client::Impl::handoff_event(const json &params)
 
 // Every item reaches on_returned (or is closed without one), even when a call throws: the first
 // exception is rethrown once all are given.
-void Client::Impl::give_back(std::vector<handoff::Item> items)
+void Client::Impl::give_back(std::vector<proto::handoff::Item> items)
 {
 	summary.returned += items.size();
 	std::exception_ptr failure;
@@ -431,8 +431,15 @@ Client Client::from_env(const ClientOptions &options)
 	if (options.accept_handoff)
 		hello["accept_handoff"] = true;
 
-	varlink::SyncClient sync(socket);
-	varlink::Message reply = sync.call(kHello, std::move(hello));
+	// The protocol core throws its own error type; the library's callers get broker::Error.
+	std::optional<proto::varlink::SyncClient> sync;
+	proto::varlink::Message reply;
+	try {
+		sync.emplace(socket);
+		reply = sync->call(kHello, std::move(hello));
+	} catch (const proto::varlink::Error &e) {
+		throw Error(e.code(), e.what(), e.varlink_error());
+	}
 
 	const json &params = member(reply.body, "parameters", json::value_t::object);
 	impl->brokered = true;
@@ -440,7 +447,7 @@ Client Client::from_env(const ClientOptions &options)
 	impl->instance = member(params, "instance", json::value_t::string).get<std::string>();
 	impl->generation = member(params, "generation", json::value_t::number_unsigned).get<std::uint64_t>();
 	const json &sockets = member(params, "sockets", json::value_t::array);
-	if (sockets.size() > limits::kMaxSocketsPerService)
+	if (sockets.size() > proto::limits::kMaxSocketsPerService)
 		throw bad_reply("too many sockets");
 
 	if (inherited) {
@@ -462,10 +469,10 @@ Client Client::from_env(const ClientOptions &options)
 		}
 	}
 
-	impl->stream.emplace(std::move(sync.stream()));
+	impl->stream.emplace(std::move(sync->stream()));
 	// Connections handed to this instance beyond its fd limit are refused, not the stream's end.
 	impl->stream->allow_lost_fds();
-	int r = impl->stream->enqueue(varlink::make_call(kEvents, json::object(), true));
+	int r = impl->stream->enqueue(proto::varlink::make_call(kEvents, json::object(), true));
 	if (r < 0)
 		throw Error(-r, std::string("cannot queue Events: ") + std::strerror(-r));
 	impl->flush_now();
@@ -525,11 +532,11 @@ void Client::status(std::string_view text)
 	// One line: a newline would start another assignment in the notify protocol.
 	if (text.find_first_of(std::string_view("\n\0", 2)) != std::string_view::npos)
 		throw Error(EINVAL, "status text must be one line");
-	if (text.size() > limits::kMaxStatusText)
-		throw Error(EMSGSIZE, "status text is longer than " + std::to_string(limits::kMaxStatusText) + " bytes");
+	if (text.size() > proto::limits::kMaxStatusText)
+		throw Error(EMSGSIZE, "status text is longer than " + std::to_string(proto::limits::kMaxStatusText) + " bytes");
 	// brokerd's rule (a oneway call would be refused unseen).
 	std::string checked(text);
-	if (auto why = check_status_text(checked))
+	if (auto why = proto::check_status_text(checked))
 		throw Error(EINVAL, "status text: " + *why);
 	if (impl_->brokered) {
 		impl_->send(kStatus, json{{"text", text}});
@@ -575,7 +582,7 @@ bool Client::process()
 	Impl &impl = *impl_;
 	// A handler may destroy the Client: from then on nothing of it may be touched.
 	std::shared_ptr<bool> alive = impl.alive;
-	varlink::Stream &s = *impl.stream;
+	proto::varlink::Stream &s = *impl.stream;
 	bool did = false;
 	bool eof = false;
 	impl.in_process = true;
@@ -602,7 +609,7 @@ bool Client::process()
 			impl.lost(Error(-r, std::string("receive from brokerd: ") + std::strerror(-r)));
 		}
 		for (;;) {
-			varlink::Message m;
+			proto::varlink::Message m;
 			int n = s.next(m);
 			if (n == 0)
 				break;
@@ -695,14 +702,14 @@ void Client::handoff(const Connection *list, std::size_t count)
 	// half of it.
 	rlimit nofile{};
 	if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY)
-		impl_->sender.set_window(nofile.rlim_cur / 2 / limits::kMaxFdsPerMessage);
+		impl_->sender.set_window(nofile.rlim_cur / 2 / proto::limits::kMaxFdsPerMessage);
 	// Everything that allocates first, with no fd owned yet; then every fd at once.
 	std::vector<int> fds;
 	fds.reserve(connections.size());
 	std::size_t queued = 0;
 	try {
 		for (const Connection &c : connections) {
-			impl_->sender.add(handoff::Item{UniqueFd(), std::string(c.state)});
+			impl_->sender.add(proto::handoff::Item{proto::UniqueFd(), std::string(c.state)});
 			queued++;
 			fds.push_back(c.fd);
 		}

@@ -10,7 +10,7 @@
 
 #include <string_view>
 
-using namespace broker;
+using namespace brokerd;
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size)
 {

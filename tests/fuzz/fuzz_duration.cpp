@@ -15,7 +15,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size
 {
 	std::string_view text(reinterpret_cast<const char *>(data), size);
 	auto cli = brokerctl::parse_duration(text);
-	auto cfg = broker::config::parse_duration(text);
+	auto cfg = brokerd::config::parse_duration(text);
 	if (cfg)
 		fuzz::check(cfg->count() >= 0, "the config's parser gave a negative duration");
 	if (!cli)

@@ -5,7 +5,7 @@
 // decode back. Sender: driven by a script of calls with arbitrary answers, it never loses or
 // duplicates a connection (queued + in flight + landed + returned + dropped = added) and leaves
 // no fd open.
-#include "broker/internal/handoff.hpp"
+#include "proto/handoff.hpp"
 #include "fuzz.hpp"
 
 #include <fuzzer/FuzzedDataProvider.h>

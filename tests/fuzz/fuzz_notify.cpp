@@ -5,12 +5,12 @@
 #include "fuzz.hpp"
 #include "notify.hpp"
 
-#include "broker/internal/limits.hpp"
+#include "proto/limits.hpp"
 
 #include <algorithm>
 #include <string_view>
 
-using namespace broker;
+using namespace brokerd;
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size)
 {

@@ -11,7 +11,7 @@
 
 #include <stdexcept>
 
-using namespace broker;
+using namespace brokerd;
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size)
 {

@@ -5,7 +5,7 @@
 // fds it references; every refusal must be one of the documented errors; and once the Stream is
 // gone no fd is left open. A received message is sent back through Stream::enqueue and must
 // arrive unchanged.
-#include "broker/internal/varlink.hpp"
+#include "proto/varlink.hpp"
 #include "fuzz.hpp"
 
 #include <fuzzer/FuzzedDataProvider.h>

@@ -13,10 +13,10 @@
 #include <numeric>
 #include <set>
 
-using broker::EventSink;
-using broker::HandoffItem;
-using broker::HandoffRouter;
-using broker::UniqueFd;
+using brokerd::EventSink;
+using brokerd::HandoffItem;
+using brokerd::HandoffRouter;
+using proto::UniqueFd;
 using json = nlohmann::json;
 
 namespace {

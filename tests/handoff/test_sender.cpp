@@ -1,7 +1,7 @@
 // handoff::Sender and base64 unit tests: batch sizes, the window, completions and abandoning.
-#include "broker/internal/handoff.hpp"
-#include "broker/internal/limits.hpp"
-#include "broker/internal/varlink.hpp"
+#include "proto/handoff.hpp"
+#include "proto/limits.hpp"
+#include "proto/varlink.hpp"
 
 #include "open_fds.hpp"
 
@@ -13,8 +13,8 @@
 #include <random>
 #include <set>
 
-using namespace broker;
-using namespace broker::handoff;
+using namespace proto;
+using namespace proto::handoff;
 using json = nlohmann::json;
 
 namespace {

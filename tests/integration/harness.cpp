@@ -1,8 +1,7 @@
 // Integration-test harness: processes, temp dirs, brokerd's lifecycle, Status, HTTP and /proc.
 #include "harness.hpp"
 
-#include "broker/client.hpp"
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -617,7 +616,7 @@ std::optional<std::string> Broker::next_notify(std::chrono::milliseconds timeout
 
 json Broker::status(const std::optional<std::string> &service)
 {
-	broker::varlink::SyncClient c(control_path(), 10s);
+	proto::varlink::SyncClient c(control_path(), 10s);
 	json params = json::object();
 	if (service)
 		params["service"] = *service;

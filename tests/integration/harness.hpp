@@ -1,7 +1,7 @@
 // Integration-test harness: real brokerd processes on real sockets, waited on by event and deadline.
 #pragma once
 
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -21,7 +21,7 @@ namespace itest {
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
-using broker::UniqueFd;
+using proto::UniqueFd;
 
 // A required environment variable (BROKERD, EXAMPLE_HTTP, ...); throws when it is unset.
 std::string env(const char *name);

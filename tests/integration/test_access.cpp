@@ -4,8 +4,7 @@
 #include "harness.hpp"
 #include "../skip.hpp"
 
-#include "broker/client.hpp"
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -24,8 +23,8 @@
 #include <sstream>
 
 using namespace itest;
-using broker::varlink::SyncClient;
-namespace vl = broker::varlink;
+using proto::varlink::SyncClient;
+namespace vl = proto::varlink;
 
 namespace {
 

@@ -2,8 +2,7 @@
 #include "harness.hpp"
 #include "../skip.hpp"
 
-#include "broker/client.hpp"
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -19,7 +18,7 @@
 #include <filesystem>
 
 using namespace itest;
-using broker::varlink::SyncClient;
+using proto::varlink::SyncClient;
 
 namespace {
 
@@ -55,7 +54,7 @@ int call_as_nobody(const std::string &control, const std::string &method, const 
 		json reply = c.call(method, params).body;
 		std::fprintf(stderr, "%s succeeded: %s\n", method.c_str(), reply.dump().c_str());
 		return kAllowed;
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		std::fprintf(stderr, "%s failed: %s (%s)\n", method.c_str(), e.what(), e.varlink_error().c_str());
 		return e.varlink_error() == "org.varlink.service.PermissionDenied" ? kDenied : kOtherError;
 	}
@@ -138,7 +137,7 @@ TEST_CASE("Control methods are denied to other users; GetInfo is open to everyon
 			for (int i = 0; i < kCalls; i++) {
 				try {
 					c.call("io.brokerd.Control.Status");
-				} catch (const broker::Error &e) {
+				} catch (const proto::varlink::Error &e) {
 					denied += e.varlink_error() == "org.varlink.service.PermissionDenied";
 				}
 			}
@@ -624,7 +623,7 @@ TEST_CASE("what cannot begin is refused with exit 7 and changes nothing; rollbac
 		std::string outcome = "ok";
 		try {
 			worker.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"want_fds", false}});
-		} catch (const broker::Error &e) {
+		} catch (const proto::varlink::Error &e) {
 			outcome = e.varlink_error();
 		}
 		CHECK(outcome == "org.varlink.service.PermissionDenied");
@@ -728,7 +727,7 @@ TEST_CASE("a registered service without a register rule lets nobody register, ro
 				c.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "1"}});
 				std::fprintf(stderr, "Hello succeeded\n");
 				return 1;
-			} catch (const broker::Error &e) {
+			} catch (const proto::varlink::Error &e) {
 				std::fprintf(stderr, "Hello failed: %s\n", e.varlink_error().c_str());
 				return e.varlink_error() == "org.varlink.service.PermissionDenied" ? 0 : 2;
 			}
@@ -769,8 +768,8 @@ TEST_CASE("a Watch stream that falls 256 KiB behind is closed as too slow, and b
 
 	// A Watch read until its first event, so that it surely streams, and never after.
 	SyncClient watch(control, std::chrono::seconds(20));
-	watch.send(broker::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
-	broker::varlink::Message first = watch.receive();
+	watch.send(proto::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
+	proto::varlink::Message first = watch.receive();
 	INFO("first Watch reply: ", first.body.dump());
 	CHECK(!first.body.contains("error"));
 	CHECK(wait_until([&] { return log_count(b, "too slow reading Watch events") == 1; }, 60s));
@@ -783,7 +782,7 @@ TEST_CASE("a Watch stream that falls 256 KiB behind is closed as too slow, and b
 	try {
 		for (;;)
 			watch.receive();
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		ended = std::string(e.what()).find("connection closed by the broker") != std::string::npos;
 		MESSAGE("Watch after the close: ", std::string(e.what()));
 	}

@@ -2,8 +2,7 @@
 #include "harness.hpp"
 #include "../skip.hpp"
 
-#include "broker/client.hpp"
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -23,7 +22,7 @@
 #include <sstream>
 
 using namespace itest;
-using broker::varlink::SyncClient;
+using proto::varlink::SyncClient;
 
 namespace {
 
@@ -159,7 +158,7 @@ int hello(const std::string &control)
 		json reply = c.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "v1"}}).body;
 		std::fprintf(stderr, "Hello: %s\n", reply.dump().c_str());
 		return reply["parameters"].value("service", "") == "ext" ? 0 : 1;
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		std::fprintf(stderr, "Hello failed: %s\n", e.what());
 		return 1;
 	}
@@ -334,7 +333,7 @@ int reader_idle(const std::string &control, std::chrono::seconds limit, Beacon &
 		caller.call("io.brokerd.Control.Status");
 		SyncClient watch(control, 10s);
 		// No reply until an event, and with no service there is none: the stream stays silent.
-		watch.send(broker::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
+		watch.send(proto::varlink::make_call("io.brokerd.Control.Watch", json::object(), true));
 		UniqueFd idle = unix_connect(control);
 		const clock::time_point t0 = clock::now();
 		started.send();
@@ -377,7 +376,7 @@ int reader_idle(const std::string &control, std::chrono::seconds limit, Beacon &
 			return 1;
 		}
 		return 0;
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		std::fprintf(stderr, "a call failed: %s\n", e.what());
 		return 1;
 	}
@@ -426,8 +425,8 @@ int events_never_read(const std::string &control, int calls)
 	try {
 		SyncClient c(control, 10s);
 		c.call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "v1"}});
-		c.send(broker::varlink::make_call("io.brokerd.Worker.Events", json::object(), true));
-		const std::string call = broker::varlink::make_call("org.varlink.service.GetInterfaceDescription",
+		c.send(proto::varlink::make_call("io.brokerd.Worker.Events", json::object(), true));
+		const std::string call = proto::varlink::make_call("org.varlink.service.GetInterfaceDescription",
 		                                                    {{"interface", "io.brokerd.Control"}})
 		                             .dump() +
 		                         '\0';
@@ -443,7 +442,7 @@ int events_never_read(const std::string &control, int calls)
 		bool ended = ::poll(&p, 1, 60000) == 1 && (p.revents & (POLLRDHUP | POLLHUP));
 		std::fprintf(stderr, "%d calls sent, %s\n", sent, ended ? "then the end of the connection" : "still open");
 		return ended ? 0 : 1;
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		std::fprintf(stderr, "failed: %s\n", e.what());
 		return 1;
 	}

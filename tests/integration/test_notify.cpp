@@ -2,8 +2,7 @@
 #include "harness.hpp"
 #include "../skip.hpp"
 
-#include "broker/client.hpp"
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -26,7 +25,7 @@
 #include <unistd.h>
 
 using namespace itest;
-using broker::varlink::SyncClient;
+using proto::varlink::SyncClient;
 
 namespace {
 
@@ -183,7 +182,7 @@ TEST_CASE("Worker.Status refuses a text that is not one line of valid UTF-8")
 				std::string error;
 				try {
 					c.call("io.brokerd.Worker.Status", {{"text", t.text}});
-				} catch (const broker::Error &e) {
+				} catch (const proto::varlink::Error &e) {
 					error = e.varlink_error();
 				}
 				bool ok = error == (t.taken ? "" : "org.varlink.service.InvalidParameter");

@@ -2,7 +2,7 @@
 #include "harness.hpp"
 #include "../skip.hpp"
 
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -26,7 +26,7 @@
 #include <thread>
 
 using namespace itest;
-using broker::varlink::SyncClient;
+using proto::varlink::SyncClient;
 
 namespace {
 

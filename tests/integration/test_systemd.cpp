@@ -2,7 +2,7 @@
 #include "harness.hpp"
 #include "../skip.hpp"
 
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -177,8 +177,8 @@ TEST_CASE("brokerd under systemd-socket-activate adopts its control socket")
 	// A Status call made before brokerd runs: the connection starts brokerd, waits in the
 	// control socket's accept queue, and is answered by the brokerd that adopted the socket.
 	REQUIRE(wait_until([&] { return ::access(b.control_path().c_str(), F_OK) == 0 || !b.process().running(); }, 10s));
-	broker::varlink::SyncClient early(b.control_path());
-	broker::varlink::Message reply = early.call("io.brokerd.Control.Status", json::object());
+	proto::varlink::SyncClient early(b.control_path());
+	proto::varlink::Message reply = early.call("io.brokerd.Control.Status", json::object());
 	const json &st = reply.body["parameters"];
 	INFO("Status: ", st.dump());
 	CHECK(st.value("pid", 0) == b.pid());

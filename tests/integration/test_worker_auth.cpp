@@ -3,8 +3,7 @@
 #include "harness.hpp"
 #include "../skip.hpp"
 
-#include "broker/client.hpp"
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -22,7 +21,7 @@
 #include <cstring>
 
 using namespace itest;
-using broker::varlink::SyncClient;
+using proto::varlink::SyncClient;
 
 namespace {
 
@@ -32,7 +31,7 @@ std::string hello_outcome(SyncClient &c, const json &params)
 	try {
 		c.call("io.brokerd.Worker.Hello", params);
 		return "ok";
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		MESSAGE("Hello ", params.dump(), ": ", std::string(e.what()));
 		return e.varlink_error().empty() ? std::string("error: ") + e.what() : e.varlink_error();
 	}

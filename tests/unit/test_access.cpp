@@ -5,8 +5,8 @@
 
 #include <string>
 
-using broker::access::Tier;
-namespace access = broker::access;
+using brokerd::access::Tier;
+namespace access = brokerd::access;
 
 TEST_CASE("each Control method names the tier it needs")
 {
@@ -52,7 +52,7 @@ TEST_CASE("only root chooses the program, arguments or environment of a service 
 		     Case{"no-such-user-brokerd-test", "", Tier::Admin, kRootBroker, false},
 		     Case{"root", "root", Tier::Root, kRootBroker, true},
 	     }) {
-		broker::config::ServiceConfig cfg;
+		brokerd::config::ServiceConfig cfg;
 		cfg.name = "web";
 		cfg.user = c.user;
 		cfg.group = c.group;

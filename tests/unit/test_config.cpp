@@ -15,7 +15,7 @@
 #include <cstdlib>
 #include <string>
 
-using namespace broker::config;
+using namespace brokerd::config;
 using namespace std::chrono_literals;
 
 namespace {

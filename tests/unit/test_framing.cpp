@@ -1,5 +1,5 @@
 // Unit tests of the Varlink framing: message boundaries, fd passing, limits and protocol errors.
-#include "broker/internal/varlink.hpp"
+#include "proto/varlink.hpp"
 
 #include <doctest/doctest.h>
 
@@ -21,9 +21,9 @@
 #include <utility>
 #include <vector>
 
-using broker::UniqueFd;
-using namespace broker::varlink;
-namespace limits = broker::limits;
+using proto::UniqueFd;
+using namespace proto::varlink;
+namespace limits = proto::limits;
 
 namespace {
 
@@ -624,12 +624,12 @@ TEST_CASE("received fds are a peer's: wherever they are dropped, they go to peer
 {
 	static std::vector<int> handed;
 	handed.clear();
-	broker::peer_fd_closer = [](int fd) noexcept {
+	proto::peer_fd_closer = [](int fd) noexcept {
 		handed.push_back(fd);
 		::close(fd);
 	};
 	struct Restore {
-		~Restore() { broker::peer_fd_closer = nullptr; }
+		~Restore() { proto::peer_fd_closer = nullptr; }
 	} restore;
 
 	Pair p = make_pair();

@@ -25,11 +25,11 @@
 #include <string>
 #include <vector>
 
-using broker::InheritedFds;
-using broker::Listener;
-using broker::UniqueFd;
-using broker::config::SocketConfig;
-using broker::config::SocketKind;
+using brokerd::InheritedFds;
+using brokerd::Listener;
+using proto::UniqueFd;
+using brokerd::config::SocketConfig;
+using brokerd::config::SocketKind;
 
 namespace {
 
@@ -73,13 +73,13 @@ SocketConfig systemd(const std::string &name, const std::string &systemd_name)
 Listener open(const SocketConfig &cfg)
 {
 	InheritedFds none;
-	return broker::open_listener(cfg, none);
+	return brokerd::open_listener(cfg, none);
 }
 
 std::string open_error(const SocketConfig &cfg, InheritedFds &inherited)
 {
 	try {
-		broker::open_listener(cfg, inherited);
+		brokerd::open_listener(cfg, inherited);
 	} catch (const std::runtime_error &e) {
 		return e.what();
 	}
@@ -313,9 +313,9 @@ TEST_CASE("unix socket on a path")
 		CHECK(connect_unix(path) == 0);
 		check_accepts(l);
 
-		broker::remove_socket_file(l);
+		brokerd::remove_socket_file(l);
 		CHECK(!fs::exists(path));
-		broker::remove_socket_file(l); // already gone: nothing to do
+		brokerd::remove_socket_file(l); // already gone: nothing to do
 	}
 	SUBCASE("a stale socket file is replaced")
 	{
@@ -338,7 +338,7 @@ TEST_CASE("unix socket on a path")
 		Listener l = open(unix_socket("api", path));
 		REQUIRE(::unlink(path.c_str()) == 0);
 		std::ofstream(path) << "someone else's";
-		broker::remove_socket_file(l);
+		brokerd::remove_socket_file(l);
 		CHECK(read_file(path) == "someone else's");
 	}
 	SUBCASE("without a mode the umask decides")
@@ -513,7 +513,7 @@ TEST_CASE("systemd sockets are adopted by name, with their type checked")
 		EXPECT(inherited.by_name.find("web")->second.get() == 3);
 		EXPECT(cloexec(3) && cloexec(4) && cloexec(5));
 
-		Listener l = broker::open_listener(systemd("http", "web"), inherited);
+		Listener l = brokerd::open_listener(systemd("http", "web"), inherited);
 		EXPECT(l.fd.get() == 3);
 		EXPECT(l.name == "http");
 		EXPECT(l.origin == "systemd");
@@ -523,7 +523,7 @@ TEST_CASE("systemd sockets are adopted by name, with their type checked")
 		EXPECT(inherited.by_name.count("web") == 0);
 
 		// The config names a socket, not its type: a datagram socket is adopted as well.
-		Listener d = broker::open_listener(systemd("dns", "dns"), inherited);
+		Listener d = brokerd::open_listener(systemd("dns", "dns"), inherited);
 		EXPECT(d.fd.get() == 4);
 		EXPECT(d.kind == "udp");
 		EXPECT(d.address == "udp://127.0.0.1:" + std::to_string(port_of(4)));
@@ -553,7 +553,7 @@ TEST_CASE("systemd sockets without LISTEN_FDNAMES are named \"unknown\"")
 		InheritedFds inherited = InheritedFds::from_environment();
 		EXPECT(inherited.by_name.size() == 1);
 		EXPECT(inherited.by_name.count("unknown") == 1);
-		Listener l = broker::open_listener(systemd("http", "unknown"), inherited);
+		Listener l = brokerd::open_listener(systemd("http", "unknown"), inherited);
 		EXPECT(l.fd.get() == 3);
 		return {};
 	});

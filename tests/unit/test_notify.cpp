@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-using namespace broker;
+using namespace brokerd;
 using Kind = NotifyLine::Kind;
 
 TEST_CASE("a notify datagram reads as sd_notify writes it")

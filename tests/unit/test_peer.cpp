@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <string>
 
-namespace peer = broker::peer;
+namespace peer = brokerd::peer;
 
 namespace {
 
@@ -48,7 +48,7 @@ TEST_CASE("without SO_PEERPIDFD, a pid stands for the process that connected onl
 	for (const Case &c : {Case{"connected after it started", after_fork, true},
 	                      Case{"connected before it started: its pid was reused", before_fork, false}}) {
 		std::string why;
-		broker::UniqueFd fd = peer::process_by_pid(child, c.connected, why);
+		proto::UniqueFd fd = peer::process_by_pid(child, c.connected, why);
 		INFO(c.name, ": ", why);
 		CHECK(static_cast<bool>(fd) == c.trusted);
 		CHECK(why.empty() == c.trusted);
@@ -59,7 +59,7 @@ TEST_CASE("without SO_PEERPIDFD, a pid stands for the process that connected onl
 	CHECK(peer::process_uid(child) == ::getuid());
 
 	// Exited (a zombie), then reaped: neither stands for anyone.
-	broker::UniqueFd held = [&] {
+	proto::UniqueFd held = [&] {
 		std::string why;
 		return peer::process_by_pid(child, after_fork, why);
 	}();

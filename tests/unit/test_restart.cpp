@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-using broker::RestartBackoff;
+using brokerd::RestartBackoff;
 
 namespace {
 

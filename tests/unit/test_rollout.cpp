@@ -6,9 +6,9 @@
 #include <string>
 #include <vector>
 
-using broker::Rollout;
-using broker::RolloutPhase;
-using broker::RolloutStep;
+using brokerd::Rollout;
+using brokerd::RolloutPhase;
+using brokerd::RolloutStep;
 
 namespace {
 
@@ -175,7 +175,7 @@ TEST_CASE("rollout: event sequences")
 			CAPTURE(e.event);
 			RolloutStep got = feed(r, e.event);
 			CHECK_MESSAGE(got == e.step, "got " << show(got) << ", want " << show(e.step));
-			CHECK(broker::phase_name(r.phase()) == std::string(broker::phase_name(e.phase)));
+			CHECK(brokerd::phase_name(r.phase()) == std::string(brokerd::phase_name(e.phase)));
 			i++;
 		}
 	}

@@ -10,7 +10,7 @@
 #include <stdexcept>
 #include <string>
 
-using namespace broker;
+using namespace brokerd;
 
 namespace {
 

@@ -1,13 +1,13 @@
 // Unit: the status text rule (docs/protocol.md), shared by the notify socket and the Worker interface.
-#include "broker/internal/status_text.hpp"
+#include "proto/status_text.hpp"
 
-#include "broker/internal/limits.hpp"
+#include "proto/limits.hpp"
 
 #include <doctest/doctest.h>
 
 #include <string>
 
-using broker::check_status_text;
+using proto::check_status_text;
 
 TEST_CASE("status text: valid UTF-8 without control characters, cut on a character boundary")
 {
@@ -26,9 +26,9 @@ TEST_CASE("status text: valid UTF-8 without control characters, cut on a charact
 		{"plain", "serving, 12 connections", true, "serving, 12 connections"},
 		{"empty", "", true, ""},
 		{"UTF-8", "caf\xC3\xA9 \xE2\x9C\x93 \xF0\x9F\x9A\x80", true, "caf\xC3\xA9 \xE2\x9C\x93 \xF0\x9F\x9A\x80"},
-		{"long ASCII is cut at the limit", long_ascii, true, std::string(broker::limits::kMaxStatusText, 'a')},
+		{"long ASCII is cut at the limit", long_ascii, true, std::string(proto::limits::kMaxStatusText, 'a')},
 		{"long UTF-8 is cut before a character that would cross the limit", long_two_byte, true,
-		 long_two_byte.substr(0, broker::limits::kMaxStatusText - 1)},
+		 long_two_byte.substr(0, proto::limits::kMaxStatusText - 1)},
 		{"newline", "one\ntwo", false, {}},
 		{"escape sequence", "\x1B[31mred", false, {}},
 		{"NUL", std::string("a\0b", 3), false, {}},

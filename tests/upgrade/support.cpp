@@ -1,7 +1,6 @@
 // Upgrade tests' helpers: load in the background, brokerctl, streamed calls, and what Status must show.
 #include "support.hpp"
 
-#include "broker/client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -228,7 +227,7 @@ RunResult brokerctl(const Broker &b, const std::vector<std::string> &args, std::
 StreamCall::StreamCall(const std::string &control, const std::string &method, json params)
 	: client_(control, 10s)
 {
-	client_.send(broker::varlink::make_call(method, std::move(params), true));
+	client_.send(proto::varlink::make_call(method, std::move(params), true));
 }
 
 std::optional<StreamCall::Reply> StreamCall::next(std::chrono::milliseconds timeout)
@@ -236,10 +235,10 @@ std::optional<StreamCall::Reply> StreamCall::next(std::chrono::milliseconds time
 	if (ended_)
 		return std::nullopt;
 	client_.set_timeout(timeout);
-	broker::varlink::Message m;
+	proto::varlink::Message m;
 	try {
 		m = client_.receive();
-	} catch (const broker::Error &e) {
+	} catch (const proto::varlink::Error &e) {
 		if (e.code() == ETIMEDOUT)
 			return std::nullopt;
 		throw;

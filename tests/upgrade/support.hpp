@@ -3,7 +3,7 @@
 
 #include "../integration/harness.hpp"
 
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <condition_variable>
 #include <csignal>
@@ -123,7 +123,7 @@ public:
 	bool ended() const { return ended_; }
 
 private:
-	broker::varlink::SyncClient client_;
+	proto::varlink::SyncClient client_;
 	std::vector<Reply> seen_;
 	bool ended_ = false;
 };

@@ -96,9 +96,9 @@ TEST_CASE("control: a second upgrade is refused while one runs; abort rolls back
 		CHECK(second.err.find("upgrade of web to gen 2 is in progress") != std::string::npos);
 	}
 	// The Varlink error names the upgrade that runs.
-	broker::varlink::SyncClient c(b.control_path(), 10s);
-	c.send(broker::varlink::make_call("io.brokerd.Control.Upgrade", {{"service", "web"}}));
-	broker::varlink::Message m = c.receive();
+	proto::varlink::SyncClient c(b.control_path(), 10s);
+	c.send(proto::varlink::make_call("io.brokerd.Control.Upgrade", {{"service", "web"}}));
+	proto::varlink::Message m = c.receive();
 	INFO("second Upgrade: ", m.body.dump());
 	CHECK(m.body.value("error", "") == "io.brokerd.Control.UpgradeInProgress");
 	CHECK(m.body["parameters"].value("service", "") == "web");

@@ -17,10 +17,10 @@ enum : int { kDeniedNoFd = 10, kAllowed = 11, kOtherError = 12 };
 
 int hello_as_nobody(const std::string &control)
 {
-	broker::varlink::SyncClient c(control, 5s);
-	c.send(broker::varlink::make_call("io.brokerd.Worker.Hello",
+	proto::varlink::SyncClient c(control, 5s);
+	c.send(proto::varlink::make_call("io.brokerd.Worker.Hello",
 	                                  {{"service", "ext"}, {"version", "intruder"}, {"want_fds", true}}));
-	broker::varlink::Message m = c.receive();
+	proto::varlink::Message m = c.receive();
 	std::fprintf(stderr, "Hello as uid %d: %s, %zu fds\n", static_cast<int>(::getuid()), m.body.dump().c_str(),
 	             m.fds.size());
 	if (m.body.value("error", "") == "org.varlink.service.PermissionDenied")

@@ -120,8 +120,8 @@ TEST_CASE("shutdown: a second SIGTERM or SIGINT kills every instance at once")
 		// A registered worker that ignores SIGTERM, its drain signal (it reads no Events).
 		Process registered = Process::fork_run([&] {
 			::signal(SIGTERM, SIG_IGN);
-			broker::varlink::SyncClient c(b.control_path(), 5s);
-			c.send(broker::varlink::make_call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "v1"}}));
+			proto::varlink::SyncClient c(b.control_path(), 5s);
+			c.send(proto::varlink::make_call("io.brokerd.Worker.Hello", {{"service", "ext"}, {"version", "v1"}}));
 			if (c.receive().body.contains("error"))
 				return 1;
 			for (;;)

@@ -33,7 +33,7 @@ std::string write_program(Broker &b, const std::string &name, const std::string 
 	return path;
 }
 
-namespace vl = broker::varlink;
+namespace vl = proto::varlink;
 
 // Reads a registered worker's Events stream until an event named `name`; its message, or one
 // with an empty body when the stream ended or the deadline passed.

@@ -1,7 +1,7 @@
 // Every transition keeps the listener brokerd bound at the start, and a rolling upgrade never lowers the ready count.
 #include "support.hpp"
 
-#include "broker/internal/sync_client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -402,7 +402,7 @@ void add_status(Seen &seen, const json &st, std::size_t floor)
 					seen.generations.insert(g.value("number", 0));
 }
 
-json status_on(broker::varlink::SyncClient &c)
+json status_on(proto::varlink::SyncClient &c)
 {
 	return c.call("io.brokerd.Control.Status", {{"service", "web"}}).body.value("parameters", json::object());
 }
@@ -432,7 +432,7 @@ TEST_CASE("transitions: a rolling upgrade of 3 instances with batch 1 never has 
 	std::string sampler_error;
 	std::thread sampler([&] {
 		try {
-			broker::varlink::SyncClient c(b.control_path(), 10s);
+			proto::varlink::SyncClient c(b.control_path(), 10s);
 			while (!stop) {
 				json st = status_on(c);
 				add_status(polled, st, kInstances);
@@ -451,7 +451,7 @@ TEST_CASE("transitions: a rolling upgrade of 3 instances with batch 1 never has 
 	std::string watcher_error;
 	std::thread watcher([&] {
 		try {
-			broker::varlink::SyncClient c(b.control_path(), 10s);
+			proto::varlink::SyncClient c(b.control_path(), 10s);
 			while (done < kUpgrades) {
 				auto e = watch.next(200ms);
 				if (watch.ended())

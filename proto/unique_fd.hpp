@@ -1,12 +1,11 @@
 // UniqueFd: the one owning file-descriptor type. Everything else borrows a plain int.
 #pragma once
-#include "broker/internal/internal.hpp"
 
 #include <unistd.h>
 
 #include <utility>
 
-namespace broker {
+namespace proto {
 
 // Where fds from a peer go when dropped. Null (the library's case): closed inline. brokerd sets
 // its closer thread here (broker/closer.hpp), as such a close can block its event loop.
@@ -69,4 +68,4 @@ private:
 	bool peer_ = false;
 };
 
-} // namespace broker
+} // namespace proto

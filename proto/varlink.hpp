@@ -1,8 +1,7 @@
 // Varlink framing over AF_UNIX stream sockets: NUL-terminated JSON plus SCM_RIGHTS fd passing.
 #pragma once
-#include "broker/internal/internal.hpp"
-#include "broker/internal/limits.hpp"
-#include "broker/internal/unique_fd.hpp"
+#include "proto/limits.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -12,7 +11,7 @@
 #include <string_view>
 #include <vector>
 
-namespace broker::varlink {
+namespace proto::varlink {
 
 using json = nlohmann::json;
 
@@ -155,4 +154,4 @@ json make_call(std::string_view method, json parameters, bool more = false, bool
 json make_reply(json parameters, bool continues = false);
 json make_error(std::string_view error, json parameters = json::object());
 
-} // namespace broker::varlink
+} // namespace proto::varlink

@@ -1,11 +1,10 @@
 // Limits on every resource a peer controls, in one place.
 #pragma once
-#include "broker/internal/internal.hpp"
 
 #include <chrono>
 #include <cstddef>
 
-namespace broker::limits {
+namespace proto::limits {
 
 using namespace std::chrono_literals;
 
@@ -43,4 +42,4 @@ inline constexpr std::size_t kKeptOutputLines = 20;         // per instance, for
 // Clients.
 inline constexpr auto kDefaultCallTimeout = 30s;
 
-} // namespace broker::limits
+} // namespace proto::limits

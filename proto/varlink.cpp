@@ -1,5 +1,5 @@
 // Varlink framing: NUL-terminated JSON messages with fds queued in order (see varlink.hpp).
-#include "broker/internal/varlink.hpp"
+#include "proto/varlink.hpp"
 
 #include <sys/socket.h>
 
@@ -7,7 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
-namespace broker::varlink {
+namespace proto::varlink {
 
 namespace {
 
@@ -381,4 +381,4 @@ json make_error(std::string_view error, json parameters)
 	return {{"error", error}, {"parameters", parameters.is_null() ? json::object() : std::move(parameters)}};
 }
 
-} // namespace broker::varlink
+} // namespace proto::varlink

@@ -1,11 +1,11 @@
 // The rule for a worker's status text, for the notify socket's STATUS= and the Worker interface alike.
-#include "broker/internal/status_text.hpp"
+#include "proto/status_text.hpp"
 
-#include "broker/internal/limits.hpp"
+#include "proto/limits.hpp"
 
 #include <cstdint>
 
-namespace broker {
+namespace proto {
 
 namespace {
 
@@ -50,4 +50,4 @@ std::optional<std::string> check_status_text(std::string &text)
 	return std::nullopt;
 }
 
-} // namespace broker
+} // namespace proto

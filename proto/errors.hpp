@@ -1,10 +1,9 @@
 // The error names of io.brokerd.Control and io.brokerd.Worker, shared by brokerd and its clients.
 #pragma once
-#include "broker/internal/internal.hpp"
 
 #include <string_view>
 
-namespace broker::errors {
+namespace proto::errors {
 
 // io.brokerd.Control (docs/io.brokerd.Control.varlink).
 inline constexpr std::string_view kNoSuchService = "io.brokerd.Control.NoSuchService";
@@ -28,4 +27,4 @@ inline constexpr std::string_view kWorkerNoSuchService = "io.brokerd.Worker.NoSu
 inline constexpr std::string_view kPeerExited = "io.brokerd.Worker.PeerExited";
 inline constexpr std::string_view kEventsInUse = "io.brokerd.Worker.EventsInUse";
 
-} // namespace broker::errors
+} // namespace proto::errors

@@ -1,13 +1,13 @@
 // Connection handoff, the worker's side: base64 for the state, and the batch window.
-#include "broker/internal/handoff.hpp"
+#include "proto/handoff.hpp"
 
-#include "broker/internal/limits.hpp"
+#include "proto/limits.hpp"
 
 #include <algorithm>
 #include <array>
 #include <iterator>
 
-namespace broker::handoff {
+namespace proto::handoff {
 
 using nlohmann::json;
 
@@ -205,4 +205,4 @@ std::size_t Sender::pending() const
 	return n;
 }
 
-} // namespace broker::handoff
+} // namespace proto::handoff

@@ -1,8 +1,7 @@
 // The worker's side of connection handoff: batching, the window of batches in flight, and
 // matching the broker's answers to the connections still held. No I/O here.
 #pragma once
-#include "broker/internal/internal.hpp"
-#include "broker/internal/unique_fd.hpp"
+#include "proto/unique_fd.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -15,7 +14,7 @@
 #include <string_view>
 #include <vector>
 
-namespace broker::handoff {
+namespace proto::handoff {
 
 inline constexpr std::size_t kMaxState = 16384;  // bytes of one connection's state
 inline constexpr std::size_t kWindow = 8;        // batches in flight, of the broker's 16
@@ -87,4 +86,4 @@ private:
 	std::size_t window_ = kWindow;
 };
 
-} // namespace broker::handoff
+} // namespace proto::handoff

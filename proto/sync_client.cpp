@@ -1,7 +1,5 @@
 // SyncClient: blocking Varlink calls under a deadline (see sync_client.hpp).
-#include "broker/internal/sync_client.hpp"
-
-#include "broker/client.hpp"
+#include "proto/sync_client.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -12,7 +10,7 @@
 #include <cerrno>
 #include <cstring>
 
-namespace broker::varlink {
+namespace proto::varlink {
 
 namespace {
 
@@ -153,4 +151,4 @@ Message SyncClient::call(std::string_view method, json parameters, std::vector<U
 	return m;
 }
 
-} // namespace broker::varlink
+} // namespace proto::varlink
