@@ -1,15 +1,15 @@
 // brokerd: owns the listening sockets and the workers of every service, and serves the control socket.
 #include "broker_config.h"
-#include "closer.hpp"
-#include "config.hpp"
-#include "control_server.hpp"
-#include "event.hpp"
-#include "listener.hpp"
-#include "log.hpp"
-#include "notify.hpp"
-#include "state.hpp"
-#include "supervisor.hpp"
-#include "systemd_notify.hpp"
+#include "os/closer.hpp"
+#include "config/config.hpp"
+#include "control/server.hpp"
+#include "os/event.hpp"
+#include "os/listener.hpp"
+#include "os/log.hpp"
+#include "os/notify.hpp"
+#include "daemon/state.hpp"
+#include "supervisor/supervisor.hpp"
+#include "os/systemd_notify.hpp"
 
 #include <systemd/sd-daemon.h>
 

@@ -4,9 +4,9 @@
 // Any text is either a Config or a ConfigError: another exception is a message the operator
 // cannot act on. A valid config's services go through the re-exec state codec and come back the
 // same.
-#include "config.hpp"
+#include "config/config.hpp"
 #include "fuzz.hpp"
-#include "state.hpp"
+#include "daemon/state.hpp"
 
 #include <string_view>
 

@@ -3,7 +3,7 @@
 //
 // Never more than a year; where both parsers accept a text they agree; what format_duration
 // prints for a parsed value parses again, to no more than that value.
-#include "config.hpp"
+#include "config/config.hpp"
 #include "format.hpp"
 #include "fuzz.hpp"
 

@@ -3,7 +3,7 @@
 // Every call takes at least one byte off the datagram, and values never hold a newline or reach
 // outside the datagram.
 #include "fuzz.hpp"
-#include "notify.hpp"
+#include "os/notify.hpp"
 
 #include "proto/limits.hpp"
 

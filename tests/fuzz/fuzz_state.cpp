@@ -4,7 +4,7 @@
 // Any bytes either pass or give a std::runtime_error that says what is wrong; the fd is closed
 // either way.
 #include "fuzz.hpp"
-#include "state.hpp"
+#include "daemon/state.hpp"
 
 #include <sys/mman.h>
 #include <unistd.h>

@@ -1,5 +1,5 @@
 // HandoffRouter unit tests: chunking, acknowledgement and accounting, with fake event sinks.
-#include "handoff.hpp"
+#include "handoff/router.hpp"
 
 #include "open_fds.hpp"
 

@@ -2,10 +2,10 @@
 """brokerd's Varlink interface files against Debian's varlink-go IDL parser and a real brokerd:
 builds tests/interop/varlink_idl.go offline (as varlink_go.py does), runs it as nobody against
 brokerd with docs/io.brokerd.Control.varlink, docs/io.brokerd.Worker.varlink and
-broker/org.varlink.service.varlink (see the .go file for its checks), then compares the methods
+broker/control/org.varlink.service.varlink (see the .go file for its checks), then compares the methods
 each file declares with those brokerd's source dispatches: the Control table in
-broker/access.cpp (every name in it reaches a handler), and the Worker and org.varlink.service
-names in broker/control_server.cpp's dispatch.
+broker/control/access.cpp (every name in it reaches a handler), and the Worker and org.varlink.service
+names in broker/control/server.cpp's dispatch.
 
 Exits 77 (meson's skip) only when go or the varlink-go source is not installed; scripts/test
 installs both, so CI always runs it.
@@ -27,15 +27,15 @@ from varlink_go import VARLINK_GO, build_client  # noqa: E402
 ROOT = os.environ["SOURCE_ROOT"]
 FILES = [os.path.join(ROOT, "docs", "io.brokerd.Control.varlink"),
          os.path.join(ROOT, "docs", "io.brokerd.Worker.varlink"),
-         os.path.join(ROOT, "broker", "org.varlink.service.varlink")]
+         os.path.join(ROOT, "broker", "control", "org.varlink.service.varlink")]
 NOBODY = 65534
 
 
 def dispatched():
     """The method names brokerd's source dispatches, by interface."""
-    with open(os.path.join(ROOT, "broker", "access.cpp")) as f:
+    with open(os.path.join(ROOT, "broker", "control", "access.cpp")) as f:
         access = f.read()
-    with open(os.path.join(ROOT, "broker", "control_server.cpp")) as f:
+    with open(os.path.join(ROOT, "broker", "control", "server.cpp")) as f:
         server = f.read()
 
     def branch(iface):

@@ -1,5 +1,5 @@
 // The access table and the program-choice rule, as tables of callers, methods and services.
-#include "access.hpp"
+#include "control/access.hpp"
 
 #include <doctest/doctest.h>
 

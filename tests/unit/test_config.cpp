@@ -1,5 +1,5 @@
 // Unit tests for brokerd.json: every validation rule and its message, good configs field by field, durations, signals.
-#include "config.hpp"
+#include "config/config.hpp"
 
 #include "broker_config.h"
 

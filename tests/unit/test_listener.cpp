@@ -1,5 +1,5 @@
 // Unit tests of broker/listener: binding, canonical addresses, unix socket files, systemd adoption.
-#include "listener.hpp"
+#include "os/listener.hpp"
 #include "../skip.hpp"
 
 #include <doctest/doctest.h>

@@ -1,5 +1,5 @@
 // Unit tests of the notify datagram's grammar (take_notify_line), line by line.
-#include "notify.hpp"
+#include "os/notify.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,5 +1,5 @@
 // Peer identity without SO_PEERPIDFD: a pid is trusted by its start time; ancestry by PPid.
-#include "peer.hpp"
+#include "os/peer.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,5 +1,5 @@
 // The restart backoff and the crash-loop rule as a table: how a slot's failures are spaced, and when it stops.
-#include "restart.hpp"
+#include "supervisor/restart.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,5 +1,5 @@
 // The upgrade state machine as a table: event sequences and the steps and phases they lead to.
-#include "rollout.hpp"
+#include "upgrade/rollout.hpp"
 
 #include <doctest/doctest.h>
 

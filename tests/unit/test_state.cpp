@@ -1,6 +1,6 @@
 // Unit tests of the re-exec state reader (state::read and state::check, as `brokerd
 // --check-state` runs them): whatever the bytes, a refusal is a runtime_error that says why.
-#include "state.hpp"
+#include "daemon/state.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,5 +1,5 @@
 // Listener: binds brokerd's sockets, or adopts them from systemd, and names them canonically.
-#include "listener.hpp"
+#include "os/listener.hpp"
 
 #include <arpa/inet.h>
 #include <net/if.h>

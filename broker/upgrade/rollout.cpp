@@ -1,5 +1,5 @@
 // Rollout: batch by batch, new instances first, old ones drained only behind ready replacements.
-#include "rollout.hpp"
+#include "upgrade/rollout.hpp"
 
 #include <algorithm>
 

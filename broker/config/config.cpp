@@ -1,5 +1,5 @@
 // brokerd.json: parsed, checked against the schema and turned into Config, with errors that name the key path.
-#include "config.hpp"
+#include "config/config.hpp"
 
 #include "proto/limits.hpp"
 #include "proto/unique_fd.hpp"

@@ -1,7 +1,7 @@
 // SystemdNotifier: READY=1, STATUS=, RELOADING=1, STOPPING=1 to NOTIFY_SOCKET without blocking.
-#include "systemd_notify.hpp"
+#include "os/systemd_notify.hpp"
 
-#include "log.hpp"
+#include "os/log.hpp"
 
 #include <sys/uio.h>
 

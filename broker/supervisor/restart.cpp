@@ -1,5 +1,5 @@
 // Restart backoff and the crash-loop rule: when a failed instance slot restarts, and when it stops.
-#include "restart.hpp"
+#include "supervisor/restart.hpp"
 
 #include <algorithm>
 

@@ -2,8 +2,8 @@
 #pragma once
 
 #include "proto/unique_fd.hpp"
-#include "config.hpp"
-#include "event.hpp"
+#include "config/config.hpp"
+#include "os/event.hpp"
 
 #include <sys/types.h>
 

@@ -2,7 +2,7 @@
 #pragma once
 
 #include "proto/unique_fd.hpp"
-#include "config.hpp"
+#include "config/config.hpp"
 
 #include <map>
 #include <optional>

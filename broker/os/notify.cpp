@@ -1,10 +1,10 @@
 // NotifySocket: READY=1, STATUS=, STOPPING=1 from workers, checked against their credentials.
-#include "notify.hpp"
+#include "os/notify.hpp"
 
 #include "proto/limits.hpp"
-#include "closer.hpp"
-#include "log.hpp"
-#include "supervisor.hpp"
+#include "os/closer.hpp"
+#include "os/log.hpp"
+#include "supervisor/supervisor.hpp"
 
 #include <sys/socket.h>
 #include <sys/stat.h>

@@ -1,5 +1,5 @@
 // Access: which tier may call what, and the rule that keeps root's programs root's choice.
-#include "access.hpp"
+#include "control/access.hpp"
 
 #include <grp.h>
 #include <pwd.h>

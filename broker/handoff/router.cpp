@@ -1,5 +1,5 @@
 // HandoffRouter: chunking, forwarding and acknowledgement of handed-off connections.
-#include "handoff.hpp"
+#include "handoff/router.hpp"
 
 #include <algorithm>
 

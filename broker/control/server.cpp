@@ -1,19 +1,19 @@
 // ControlServer: accepts Varlink connections, authorizes each call, and dispatches it.
-#include "control_server.hpp"
+#include "control/server.hpp"
 
-#include "access.hpp"
+#include "control/access.hpp"
 #include "proto/handoff.hpp"
 #include "proto/limits.hpp"
 #include "proto/varlink.hpp"
 #include "broker_config.h"
-#include "closer.hpp"
-#include "interfaces.hpp"
-#include "listener.hpp"
+#include "os/closer.hpp"
+#include "control/interfaces.hpp"
+#include "os/listener.hpp"
 #include "proto/errors.hpp"
-#include "log.hpp"
-#include "peer.hpp"
-#include "state.hpp"
-#include "supervisor.hpp"
+#include "os/log.hpp"
+#include "os/peer.hpp"
+#include "daemon/state.hpp"
+#include "supervisor/supervisor.hpp"
 
 #include <fcntl.h>
 #include <grp.h>

@@ -2,12 +2,12 @@
 #pragma once
 
 #include "proto/unique_fd.hpp"
-#include "config.hpp"
-#include "event.hpp"
-#include "handoff.hpp"
-#include "listener.hpp"
-#include "restart.hpp"
-#include "rollout.hpp"
+#include "config/config.hpp"
+#include "os/event.hpp"
+#include "handoff/router.hpp"
+#include "os/listener.hpp"
+#include "supervisor/restart.hpp"
+#include "upgrade/rollout.hpp"
 
 #include <nlohmann/json.hpp>
 

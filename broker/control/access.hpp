@@ -1,7 +1,7 @@
 // Access: the privilege tiers of the control socket as one table, and who a service runs as.
 #pragma once
 
-#include "config.hpp"
+#include "config/config.hpp"
 
 #include <sys/types.h>
 

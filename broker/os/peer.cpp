@@ -1,5 +1,5 @@
 // Peer: who is at the other end of a control connection, checked against pid reuse.
-#include "peer.hpp"
+#include "os/peer.hpp"
 
 #include "proto/limits.hpp"
 

@@ -1,5 +1,5 @@
 // Logging for brokerd: stderr lines with "<N>" level prefixes when journald reads them.
-#include "log.hpp"
+#include "os/log.hpp"
 
 #include <sys/stat.h>
 #include <sys/uio.h>

@@ -2,7 +2,7 @@
 #pragma once
 
 #include "proto/unique_fd.hpp"
-#include "event.hpp"
+#include "os/event.hpp"
 
 #include <string>
 #include <string_view>

@@ -1,5 +1,5 @@
 // Re-exec state: service configs as JSON, and the memfd that carries the whole state.
-#include "state.hpp"
+#include "daemon/state.hpp"
 
 #include <fcntl.h>
 #include <sys/mman.h>

@@ -1,7 +1,7 @@
 // RAII for sd-event objects, and guarded(): sd-event handlers must not throw.
 #pragma once
 
-#include "log.hpp"
+#include "os/log.hpp"
 
 #include <systemd/sd-event.h>
 

@@ -6,10 +6,10 @@
 // stop supervision, drain deadlines and every control call. The thread does nothing but read fd
 // numbers from a pipe and close them: no allocation, no lock, as brokerd forks workers while it
 // runs.
-#include "closer.hpp"
+#include "os/closer.hpp"
 
 #include "proto/unique_fd.hpp"
-#include "log.hpp"
+#include "os/log.hpp"
 
 #include <fcntl.h>
 #include <pthread.h>

@@ -1,12 +1,12 @@
 // Supervisor: spawns instances with exactly their fds, tracks them with pidfds, drains them.
-#include "supervisor.hpp"
+#include "supervisor/supervisor.hpp"
 
-#include "access.hpp"
-#include "state.hpp"
+#include "control/access.hpp"
+#include "daemon/state.hpp"
 
 #include "proto/limits.hpp"
 #include "proto/errors.hpp"
-#include "log.hpp"
+#include "os/log.hpp"
 #include "proto/status_text.hpp"
 
 #include <fcntl.h>
