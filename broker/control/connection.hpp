@@ -1,0 +1,147 @@
+// ControlServer::Connection: one client of the control socket, its stream and the calls it makes.
+#pragma once
+
+#include "control/access.hpp"
+#include "control/server.hpp"
+#include "proto/limits.hpp"
+#include "proto/varlink.hpp"
+#include "supervisor/supervisor.hpp"
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace brokerd {
+
+// strerror(e) as a string.
+std::string errno_text(int e);
+// The supplementary groups of a socket's peer (SO_PEERGROUPS), or none when they cannot be read.
+std::vector<gid_t> peer_groups(int fd);
+
+// One client: its stream, its credentials, and whether it is an operator, a reader or a worker.
+class ControlServer::Connection final : public EventSink, public Observer {
+public:
+	// Only an authenticated worker may send fds (Handoff): anyone else sending any is cut off
+	// at once.
+	Connection(ControlServer &server, proto::UniqueFd fd)
+		: server_(server), stream_(std::move(fd), proto::limits::kMaxMessageSize, 0)
+	{
+	}
+	~Connection()
+	{
+		server_.supervisor_.detach_events(this);
+		server_.supervisor_.detach_observer(this);
+	}
+
+	bool start();
+	// Tells a peer past a connection limit why it is closed (and the log, rate-limited).
+	void refuse(const std::string &why);
+	bool dead() const { return dead_; }
+	uid_t uid() const { return peer_.uid; }
+	std::size_t buffer_bytes() const { return stream_.buffer_bytes(); }
+	bool is_operator() const { return operator_; }
+	// The connection the Events stream of an instance brokerd spawned runs on: the config
+	// bounds those, so they are not counted against their user's connections. (Registered
+	// instances are, as every Hello of an allowed user makes one.)
+	bool uncounted() const { return instance_conn_ && spawned_instance_; }
+	// The largest message it may send.
+	std::size_t max_input() const
+	{
+		return operator_ || instance_conn_ ? proto::limits::kMaxMessageSize : proto::limits::kMaxSmallMessage;
+	}
+	using EventSink::send_event;
+	bool send_event(const nlohmann::json &parameters, std::vector<proto::UniqueFd> fds) override;
+	void watch_event(const nlohmann::json &event);
+
+	// Observer: the upgrade, start or stop this connection waits for.
+	void progress(const nlohmann::json &parameters) override;
+	void finished(const nlohmann::json &parameters) override;
+	void failed(std::string_view error, const nlohmann::json &parameters) override;
+
+private:
+	static int io_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
+	static int idle_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+	void on_io(std::uint32_t revents);
+	void dispatch();
+	void handle(proto::varlink::Message &m);
+	void done_waiting();
+	void schedule_resume();
+	void update_events();
+	void apply_limits();
+	void claim_instance();
+	void rearm_idle(std::chrono::microseconds after);
+	// Its replies wait to be read: it sends no more calls until they drain. Not an instance's
+	// Events connection: its output is events, which the HandoffRouter holds back by itself, and
+	// what it sends (Received, Handoff) is what lets them drain; held back, a receiver's
+	// acknowledgements were read only once it had read nearly every event.
+	bool output_backlog() const
+	{
+		return !peer_gone_ && !instance_conn_ && stream_.queued_bytes() > proto::limits::kMaxUnreadOutput;
+	}
+	void close(const std::string &why);
+	std::string who() const;
+	access::Tier tier() const;
+
+	// Method implementations; each replies or errors exactly once (unless oneway).
+	void get_info();
+	void get_interface_description(const nlohmann::json &params);
+	void control_status(const nlohmann::json &params, bool only_sockets);
+	void worker_hello(const nlohmann::json &params);
+	std::optional<std::string> foreign_to(const Instance &inst);
+	void worker_ready();
+	void worker_status(const nlohmann::json &params);
+	void worker_events();
+	void worker_handoff(const nlohmann::json &params, std::vector<proto::UniqueFd> fds);
+	void worker_received(const nlohmann::json &params);
+	void control_upgrade(const nlohmann::json &params, const std::string &kind);
+	void control_abort(const nlohmann::json &params);
+	void control_start_stop(const nlohmann::json &params, bool start);
+	void control_reload(const nlohmann::json &params);
+	void control_watch(const nlohmann::json &params);
+	void control_reexec(const nlohmann::json &params);
+
+public:
+	// Re-exec: what the next brokerd needs to carry this connection on (null: it is closing).
+	// Throws std::runtime_error when it cannot be carried (fds in flight).
+	nlohmann::json save(int caller, std::vector<int> &keep_fds) const;
+	void restore(const nlohmann::json &j);
+
+private:
+	Service *service_param(const nlohmann::json &params, const std::vector<std::string> &allowed);
+
+	Instance *worker();
+	void reply(nlohmann::json parameters, bool continues = false);
+	void error(std::string_view name, nlohmann::json parameters = nlohmann::json::object());
+	bool sent(int r, const char *what);
+
+	ControlServer &server_;
+	proto::varlink::Stream stream_;
+	EventSource io_;
+	EventSource idle_;
+	ucred peer_{};
+	// CLOCK_BOOTTIME when accepted: a process that started later did not connect (see peer::process).
+	std::uint64_t connected_ = now_usec(CLOCK_BOOTTIME);
+	bool operator_ = false;
+	bool reader_ = false;
+	std::string token_;     // set by a successful Hello
+	bool oneway_ = false;   // the call being handled wants no reply
+	bool more_ = false;
+	bool dead_ = false;
+	bool peer_gone_ = false; // writing failed: reading on until the end of its input
+	bool waiting_ = false;  // an upgrade, start or stop will reply; later calls wait their turn
+	bool watching_ = false;
+	bool instance_conn_ = false;   // it carries its instance's Events stream
+	bool spawned_instance_ = false; // and that instance is one brokerd spawned
+	std::string watch_service_;
+	EventSource resume_;
+};
+
+} // namespace brokerd

@@ -1,0 +1,270 @@
+// io.brokerd.Control: Status, Sockets, Upgrade, Rollback, Restart, Abort, Start, Stop, Reload, Watch, Reexec.
+#include "control/connection.hpp"
+
+#include "broker_config.h"
+#include "proto/errors.hpp"
+#include "os/log.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+
+namespace brokerd {
+
+using json = nlohmann::json;
+namespace vl = proto::varlink;
+
+void ControlServer::Connection::control_status(const json &params, bool only_sockets)
+{
+	std::string service;
+	bool narrowed = false;
+	for (auto it = params.begin(); it != params.end(); ++it) {
+		if (!only_sockets && it.key() == "service" && it->is_string()) {
+			service = it->get<std::string>();
+			narrowed = true;
+		} else if (!(it.key() == "service" && it->is_null())) {
+			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
+		}
+	}
+	json sockets = json::array();
+	for (const auto &l : server_.supervisor_.listeners())
+		sockets.push_back({{"name", l.name}, {"address", l.address}, {"kind", l.kind}, {"origin", l.origin}});
+	if (only_sockets)
+		return reply({{"sockets", std::move(sockets)}});
+
+	json services = server_.supervisor_.services_json(narrowed ? &service : nullptr);
+	if (services.is_null())
+		return error(proto::errors::kNoSuchService, {{"service", service}});
+	reply({{"version", BROKER_VERSION},
+	       {"pid", ::getpid()},
+	       {"uptime_usec", now_usec(CLOCK_MONOTONIC) - server_.start_usec_},
+	       {"sockets", std::move(sockets)},
+	       {"services", std::move(services)}});
+}
+
+Service *ControlServer::Connection::service_param(const json &params, const std::vector<std::string> &allowed)
+{
+	for (auto it = params.begin(); it != params.end(); ++it)
+		if (it.key() != "service" && std::find(allowed.begin(), allowed.end(), it.key()) == allowed.end()) {
+			error(vl::kInvalidParameter, {{"parameter", it.key()}});
+			return nullptr;
+		}
+	auto it = params.find("service");
+	if (it == params.end() || !it->is_string()) {
+		error(vl::kInvalidParameter, {{"parameter", "service"}});
+		return nullptr;
+	}
+	Service *svc = server_.supervisor_.find_service(it->get<std::string>());
+	if (!svc)
+		error(proto::errors::kNoSuchService, {{"service", *it}});
+	return svc;
+}
+
+void ControlServer::Connection::control_upgrade(const json &params, const std::string &kind)
+{
+	std::vector<std::string> allowed = {"wait"};
+	if (kind == "upgrade")
+		allowed = {"wait", "exec", "env", "version", "batch", "all_at_once", "start_timeout_ms", "drain_timeout_ms"};
+	Service *svc = service_param(params, allowed);
+	if (!svc)
+		return;
+	// Varlink's InvalidParameter names the parameter; "message" says what is wrong with it.
+	auto bad = [&](const char *p, const std::string &why = {}) {
+		json e = {{"parameter", p}};
+		if (!why.empty())
+			e["message"] = why;
+		error(vl::kInvalidParameter, e);
+	};
+	bool wait = true;
+	if (auto it = params.find("wait"); it != params.end() && !it->is_null()) {
+		if (!it->is_boolean())
+			return bad("wait");
+		wait = it->get<bool>();
+	}
+
+	UpgradeRequest req;
+	req.kind = kind;
+	if (kind == "rollback") {
+		if (!svc->previous)
+			return error(proto::errors::kNoPreviousGeneration, {{"service", svc->name}});
+		req.cfg = *svc->previous;
+	} else if (kind == "restart") {
+		req.cfg = svc->current ? svc->current->cfg : svc->cfg;
+	} else {
+		// A new generation starts from the config file as it is now.
+		try {
+			config::Config cfg = server_.hooks_.read_config();
+			const config::ServiceConfig *sc = cfg.find_service(svc->name);
+			if (!sc)
+				return error(proto::errors::kInvalidConfig,
+				             {{"message", "services." + svc->name + ": not in the config file any more (reload removes it)"}});
+			req.cfg = *sc;
+		} catch (const std::exception &e) {
+			return error(proto::errors::kInvalidConfig, {{"message", e.what()}});
+		}
+		if (auto it = params.find("exec"); it != params.end() && !it->is_null()) {
+			if (!it->is_array() || it->empty())
+				return bad("exec", "expected a list of strings, the program first");
+			req.cfg.exec.clear();
+			for (const auto &a : *it) {
+				if (!a.is_string() || a.get<std::string>().empty() || a.get<std::string>().find('\0') != std::string::npos)
+					return bad("exec", "each argument must be a non-empty string without NUL");
+				req.cfg.exec.push_back(a.get<std::string>());
+			}
+		}
+		if (auto it = params.find("env"); it != params.end() && !it->is_null()) {
+			if (!it->is_object())
+				return bad("env");
+			for (auto e = it->begin(); e != it->end(); ++e) {
+				const std::string &k = e.key();
+				bool valid = !k.empty() && !std::isdigit(static_cast<unsigned char>(k[0])) &&
+				             std::all_of(k.begin(), k.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
+				if (!valid)
+					return bad("env", "\"" + k + "\" is not a variable name (letters, digits and _, not first a digit)");
+				if (k.starts_with("BROKER_") || k.starts_with("LISTEN_") || k == "NOTIFY_SOCKET")
+					return bad("env", k + ": BROKER_*, LISTEN_* and NOTIFY_SOCKET are set by brokerd");
+				if (!e->is_string() || e->get<std::string>().find('\0') != std::string::npos)
+					return bad("env", k + ": the value must be a string without NUL");
+				req.cfg.env[k] = e->get<std::string>();
+			}
+		}
+		if (auto it = params.find("version"); it != params.end() && !it->is_null()) {
+			if (!it->is_string() || it->get<std::string>().find('\0') != std::string::npos)
+				return bad("version", "expected a string without NUL");
+			req.cfg.version = it->get<std::string>();
+		}
+		if (auto it = params.find("batch"); it != params.end() && !it->is_null()) {
+			if (!it->is_number_unsigned() || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > 1024)
+				return bad("batch", "expected a number of instances from 1 to 1024");
+			req.cfg.upgrade_batch = it->get<unsigned>();
+		}
+		if (auto it = params.find("all_at_once"); it != params.end() && !it->is_null()) {
+			if (!it->is_boolean())
+				return bad("all_at_once");
+			req.all_at_once = it->get<bool>();
+		}
+		for (const char *key : {"start_timeout_ms", "drain_timeout_ms"}) {
+			auto it = params.find(key);
+			if (it == params.end() || it->is_null())
+				continue;
+			if (!it->is_number_unsigned() || it->get<std::uint64_t>() > 365ull * 24 * 3600 * 1000)
+				return bad(key, "expected milliseconds, at most 365 days");
+			auto ms = std::chrono::milliseconds(it->get<std::uint64_t>());
+			if (key[0] == 's') {
+				if (ms.count() == 0)
+					return bad(key, "a start timeout must be above 0");
+				req.cfg.start_timeout = ms;
+			} else {
+				req.cfg.drain_timeout = ms;
+				req.drain_timeout = ms;
+			}
+		}
+		// exec and env choose what runs; version is a label (BROKER_VERSION) the program was
+		// configured to read, like the timeouts and batch: those stay open to admins.
+		bool chooses_program = false;
+		for (const char *key : {"exec", "env"})
+			if (auto it = params.find(key); it != params.end() && !it->is_null())
+				chooses_program = true;
+		if (auto why = chooses_program ? access::program_choice(tier(), req.cfg, ::geteuid(), ::getegid()) : std::nullopt) {
+			log::client(log::Level::Warning, "control: Upgrade of " + svc->name + " with exec or env from " + who() +
+			                                     " denied: " + *why);
+			return error(vl::kPermissionDenied, {{"message", *why}});
+		}
+	}
+
+	if (auto refusal = server_.supervisor_.begin_upgrade(*svc, std::move(req), wait && !oneway_ ? this : nullptr))
+		return error(refusal->name, refusal->parameters);
+	if (!wait) {
+		json p = {{"event", "accepted"}, {"service", svc->name}};
+		if (svc->upgrade)
+			p["generation"] = svc->upgrade->to->number;
+		return reply({{"progress", p}});
+	}
+	if (svc->upgrade && !oneway_)
+		waiting_ = true; // the supervisor answers when the rollout ends
+}
+
+void ControlServer::Connection::control_abort(const json &params)
+{
+	Service *svc = service_param(params, {});
+	if (!svc)
+		return;
+	if (auto refusal = server_.supervisor_.abort_upgrade(*svc))
+		return error(refusal->name, refusal->parameters);
+	reply(json::object());
+}
+
+void ControlServer::Connection::control_start_stop(const json &params, bool start)
+{
+	Service *svc = service_param(params, {});
+	if (!svc)
+		return;
+	Observer *me = oneway_ ? nullptr : this;
+	waiting_ = me != nullptr;
+	auto refusal = start ? server_.supervisor_.start_service(*svc, me) : server_.supervisor_.stop_service(*svc, me);
+	if (refusal) {
+		waiting_ = false;
+		error(refusal->name, refusal->parameters);
+	}
+}
+
+void ControlServer::Connection::control_reload(const json &params)
+{
+	if (!params.empty())
+		return error(vl::kInvalidParameter, {{"parameter", params.begin().key()}});
+	// Sockets bound and services started now would only be torn down again, or outlive the rest.
+	if (server_.supervisor_.shutting_down())
+		return error(proto::errors::kShuttingDown);
+	try {
+		reply(server_.hooks_.reload());
+	} catch (const std::exception &e) {
+		error(proto::errors::kInvalidConfig, {{"message", e.what()}});
+	}
+}
+
+void ControlServer::Connection::control_watch(const json &params)
+{
+	for (auto it = params.begin(); it != params.end(); ++it) {
+		if (it.key() == "service" && it->is_string())
+			watch_service_ = it->get<std::string>();
+		else if (!(it.key() == "service" && it->is_null()))
+			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
+	}
+	if (!more_)
+		return error(vl::kExpectedMore);
+	if (!watch_service_.empty() && !server_.supervisor_.find_service(watch_service_))
+		return error(proto::errors::kNoSuchService, {{"service", watch_service_}});
+	watching_ = true;
+	// The stream stays open; every event is one reply. Later calls on this connection wait.
+	waiting_ = true;
+}
+
+void ControlServer::Connection::control_reexec(const json &params)
+{
+	std::string binary;
+	for (auto it = params.begin(); it != params.end(); ++it) {
+		if (it.key() == "binary" && it->is_string() && !it->get<std::string>().empty())
+			binary = it->get<std::string>();
+		else if (!(it.key() == "binary" && it->is_null()))
+			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
+	}
+	if (oneway_)
+		return error(vl::kInvalidParameter, {{"parameter", "oneway"}});
+	// Another binary runs as brokerd's user (root): only that user may name one. Configured
+	// admins may re-execute the installed brokerd.
+	if (!binary.empty() && tier() < access::kReexecBinary) {
+		log::client(log::Level::Warning, "control: Reexec of " + binary + " from " + who() + " denied: only root names a binary");
+		return error(vl::kPermissionDenied, {{"message", "only root names a binary: it runs as brokerd's user"}});
+	}
+	try {
+		// Returns only when brokerd could not re-execute: it goes on serving as it was.
+		server_.hooks_.reexec(binary, stream_.fd());
+		error(proto::errors::kReexecFailed, {{"message", "re-exec returned without an error"}});
+	} catch (const std::exception &e) {
+		log::error(std::string("reexec: ") + e.what() + "; carrying on");
+		error(proto::errors::kReexecFailed, {{"message", e.what()}});
+	}
+}
+
+} // namespace brokerd

@@ -1,0 +1,275 @@
+// io.brokerd.Worker: Hello, Ready, Status, Events, Handoff and Received.
+#include "control/connection.hpp"
+
+#include "proto/errors.hpp"
+#include "proto/handoff.hpp"
+#include "os/closer.hpp"
+#include "os/log.hpp"
+#include "os/peer.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+namespace brokerd {
+
+using json = nlohmann::json;
+namespace vl = proto::varlink;
+
+Instance *ControlServer::Connection::worker()
+{
+	if (token_.empty()) {
+		error(proto::errors::kNotAuthenticated);
+		return nullptr;
+	}
+	Instance *inst = server_.supervisor_.find_by_token(token_);
+	if (!inst)
+		error(proto::errors::kInvalidToken);
+	return inst;
+}
+
+void ControlServer::Connection::worker_hello(const json &params)
+{
+	std::string token, service, version;
+	bool want_fds = false, accept_handoff = false;
+	for (auto it = params.begin(); it != params.end(); ++it) {
+		const std::string &k = it.key();
+		if (it->is_null())
+			continue;
+		if (k == "token" && it->is_string())
+			token = it->get<std::string>();
+		else if (k == "want_fds" && it->is_boolean())
+			want_fds = it->get<bool>();
+		else if (k == "accept_handoff" && it->is_boolean())
+			accept_handoff = it->get<bool>();
+		else if (k == "service" && it->is_string())
+			service = it->get<std::string>();
+		else if (k == "version" && it->is_string())
+			version = it->get<std::string>();
+		else
+			return error(vl::kInvalidParameter, {{"parameter", k}});
+	}
+	if (!token_.empty())
+		return error(vl::kInvalidParameter, {{"parameter", "token"}}); // one Hello per connection
+
+	Instance *inst = nullptr;
+	if (!token.empty()) {
+		inst = server_.supervisor_.find_by_token(token);
+		if (!inst) {
+			log::client(log::Level::Warning, "control: Hello with an unknown token from " + who() + " denied");
+			return error(proto::errors::kInvalidToken);
+		}
+		if (auto why = foreign_to(*inst)) {
+			log::client(log::Level::Warning, "control: Hello with the token of instance " + inst->id + " from " + who() +
+			                                     " denied: " + *why);
+			return error(vl::kPermissionDenied, {{"message", *why}});
+		}
+	} else {
+		// A worker started elsewhere registers for an external service, by its credentials.
+		if (service.empty())
+			return error(vl::kInvalidParameter, {{"parameter", "service"}});
+		Service *svc = server_.supervisor_.find_service(service);
+		if (!svc)
+			return error(proto::errors::kWorkerNoSuchService, {{"service", service}});
+		// The process is taken from the connection, never by its pid alone: signals brokerd sends
+		// it later must not reach another process that got the pid since.
+		std::string gone;
+		proto::UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, gone);
+		if (!pidfd) {
+			log::client(log::Level::Warning, "service " + service + ": registration from " + who() + " refused: " + gone);
+			return error(proto::errors::kPeerExited, {{"message", gone + ": a worker registers on a connection it opened itself"}});
+		}
+		std::vector<gid_t> groups = peer_groups(stream_.fd());
+		groups.push_back(peer_.gid);
+		ControlError refusal;
+		inst = server_.supervisor_.register_external(*svc, version, std::move(pidfd), peer_.pid, peer_.uid, groups,
+		                                             refusal);
+		if (!inst)
+			return error(refusal.name, refusal.parameters);
+		token = inst->token;
+	}
+	token_ = token;
+	idle_.reset();
+	inst->accepts_handoff = accept_handoff;
+	// A worker may hand off connections from now on: two messages' worth may be in flight.
+	stream_.set_max_queued_fds(proto::limits::kMaxQueuedFds);
+	try {
+		closer::pass_rights(stream_.fd(), true);
+		stream_.fd_from_peer(); // fds in flight on it close with it
+	} catch (const std::exception &e) {
+		close(std::string("cannot take handoffs: ") + e.what());
+		return;
+	}
+
+	json sockets = json::array();
+	std::vector<proto::UniqueFd> fds;
+	for (const Listener *l : inst->service->sockets) {
+		json s = {{"name", l->name}, {"address", l->address}, {"kind", l->kind}};
+		if (want_fds) {
+			proto::UniqueFd dup(::fcntl(l->fd.get(), F_DUPFD_CLOEXEC, 3));
+			if (!dup) {
+				log::error("instance " + inst->id + ": cannot duplicate socket " + l->name + ": " + errno_text(errno));
+				return error(vl::kInvalidParameter, {{"parameter", "want_fds"}});
+			}
+			s["fd"] = fds.size();
+			fds.push_back(std::move(dup));
+		}
+		sockets.push_back(std::move(s));
+	}
+	json params_out = {{"service", inst->service->name},
+	                   {"instance", inst->id},
+	                   {"generation", inst->generation->number},
+	                   {"sockets", std::move(sockets)}};
+	if (oneway_)
+		return;
+	int r = stream_.enqueue(vl::make_reply(std::move(params_out)), std::move(fds));
+	if (r == 0)
+		r = stream_.flush();
+	if (r < 0 && r != -EAGAIN)
+		close("send: " + errno_text(-r));
+}
+
+// A token is its instance's alone: the Hello must come from the instance's process, one it
+// started (its descendants, or the processes of the session brokerd made for it, which a
+// double-forked daemon stays in), with the instance's uid unless the instance runs as root
+// (whose children may drop privileges). Returns why the peer is not, or nullopt.
+std::optional<std::string> ControlServer::Connection::foreign_to(const Instance &inst)
+{
+	std::string why;
+	proto::UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, why);
+	if (!pidfd)
+		return why;
+	std::vector<pid_t> roots = {inst.pid};
+	if (inst.main_pid)
+		roots.push_back(inst.main_pid);
+	bool related = peer::descends_from(peer_.pid, roots) || (inst.session > 0 && ::getsid(peer_.pid) == inst.session);
+	if (!related)
+		return "the token belongs to instance " + inst.id + ", and pid " + std::to_string(peer_.pid) +
+		       " is neither its process, nor started by it, nor in its session";
+	std::optional<uid_t> uid = peer::process_uid(inst.pid);
+	if (!uid || (*uid != 0 && *uid != peer_.uid))
+		return "the token belongs to instance " + inst.id + ", which runs as another user";
+	// The checks above read /proc by pid: they were about the peer only if it still runs.
+	if (!peer::alive(pidfd.get()))
+		return "pid " + std::to_string(peer_.pid) + ", which connected, has exited";
+	return std::nullopt;
+}
+
+void ControlServer::Connection::worker_ready()
+{
+	if (Instance *inst = worker()) {
+		server_.supervisor_.instance_ready(*inst, "Ready");
+		reply(json::object());
+	}
+}
+
+void ControlServer::Connection::worker_status(const json &params)
+{
+	auto it = params.find("text");
+	if (it == params.end() || !it->is_string())
+		return error(vl::kInvalidParameter, {{"parameter", "text"}});
+	if (Instance *inst = worker()) {
+		if (auto why = server_.supervisor_.instance_status(*inst, it->get<std::string>())) {
+			log::client(log::Level::Warning, "instance " + inst->id + ": status text refused: " + *why);
+			return error(vl::kInvalidParameter, {{"parameter", "text"}});
+		}
+		reply(json::object());
+	}
+}
+
+void ControlServer::Connection::worker_events()
+{
+	if (!more_)
+		return error(vl::kExpectedMore);
+	Instance *inst = worker();
+	if (!inst)
+		return;
+	// One stream per instance: its drain requests and handed-off connections have one recipient.
+	if (!server_.supervisor_.attach_events(*inst, this)) {
+		log::client(log::Level::Warning, "control: instance " + inst->id + ": a second Events stream from " + who() +
+		                                     " refused, the first one stays");
+		return error(proto::errors::kEventsInUse, {{"instance", inst->id}});
+	}
+}
+
+// Handoff is oneway: its outcome comes back as a "handoff" event on this connection's Events
+// stream, so one connection carries everything. A call that cannot be understood returns every
+// connection it carried: the sender still holds them all.
+void ControlServer::Connection::worker_handoff(const json &params, std::vector<proto::UniqueFd> fds)
+{
+	// By its Events stream, not its token: a sender may exit right after writing its batches,
+	// and its exit be handled first. What reached brokerd still goes to the successor, as the
+	// sender's own copies are gone.
+	Instance *inst = server_.supervisor_.find_by_sink(this);
+	if (!inst) {
+		if (worker())
+			close("Handoff without an Events stream on the same connection");
+		return;
+	}
+	auto batch = params.find("batch");
+	if (batch == params.end() || !batch->is_number_unsigned())
+		return close("Handoff without a batch id");
+	std::uint64_t id = batch->get<std::uint64_t>();
+	auto refuse = [&](const std::string &why) {
+		log::warning("instance " + inst->id + ": Handoff batch " + std::to_string(id) + ": " + why);
+		send_event(all_returned(id, fds.size(), why));
+	};
+	auto conns = params.find("connections");
+	if (conns == params.end() || !conns->is_array() || conns->size() != fds.size())
+		return refuse("\"connections\" must list one entry per fd");
+	std::uint64_t remaining = 0;
+	if (auto r = params.find("remaining"); r != params.end() && !r->is_null()) {
+		if (!r->is_number_unsigned())
+			return refuse("\"remaining\" must be a count");
+		remaining = r->get<std::uint64_t>();
+	}
+	for (auto it = params.begin(); it != params.end(); ++it)
+		if (it.key() != "batch" && it.key() != "connections" && it.key() != "remaining")
+			return refuse("unknown parameter \"" + it.key() + "\"");
+
+	std::vector<HandoffItem> items(fds.size());
+	for (std::size_t i = 0; i < conns->size(); i++) {
+		const json &c = (*conns)[i];
+		if (!c.is_object())
+			return refuse("connection " + std::to_string(i) + " is not an object");
+		// count_fd_refs() proved the indices are exactly 0..n-1.
+		items[c.at("fd").get<std::size_t>()].fd = std::move(fds[c.at("fd").get<std::size_t>()]);
+		if (auto st = c.find("state"); st != c.end() && !st->is_null()) {
+			if (!st->is_string() || !proto::handoff::base64_valid(st->get_ref<const std::string &>(), proto::handoff::kMaxState))
+				return refuse("connection " + std::to_string(i) + ": state must be base64 of at most " +
+				              std::to_string(proto::handoff::kMaxState) + " bytes");
+			items[c.at("fd").get<std::size_t>()].state = st->get<std::string>();
+		}
+		for (auto m = c.begin(); m != c.end(); ++m)
+			if (m.key() != "fd" && m.key() != "state")
+				return refuse("connection " + std::to_string(i) + ": unknown member \"" + m.key() + "\"");
+	}
+	server_.supervisor_.handoff(*inst, *this, id, std::move(items), remaining);
+}
+
+void ControlServer::Connection::worker_received(const json &params)
+{
+	// Not worker(): a receiver may die right after acknowledging, and its exit may be handled
+	// before its last words are read. What it acknowledged it had, and closed as it died; given
+	// back, those connections would be served twice. The router checks that this connection was
+	// sent the batch.
+	if (token_.empty())
+		return error(proto::errors::kNotAuthenticated);
+	auto batch = params.find("batch");
+	if (batch == params.end() || !batch->is_number_unsigned())
+		return close("Received without a batch id");
+	std::vector<std::uint64_t> refused;
+	if (auto r = params.find("refused"); r != params.end() && !r->is_null()) {
+		if (!r->is_array())
+			return close("Received: \"refused\" must be a list of indices");
+		for (const json &i : *r) {
+			if (!i.is_number_unsigned())
+				return close("Received: \"refused\" must be a list of indices");
+			refused.push_back(i.get<std::uint64_t>());
+		}
+	}
+	if (auto why = server_.supervisor_.handoff_received(*this, batch->get<std::uint64_t>(), refused))
+		return close("Received: " + *why);
+	reply(json::object());
+}
+
+} // namespace brokerd
