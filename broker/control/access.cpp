@@ -1,5 +1,7 @@
-// Access: which tier may call what, and the rule that keeps root's programs root's choice.
+// Access: the tier of a caller, and the rules that keep root's programs root's choice.
 #include "control/access.hpp"
+
+#include "control/methods.hpp"
 
 #include <grp.h>
 #include <pwd.h>
@@ -8,7 +10,35 @@
 #include <algorithm>
 #include <stdexcept>
 
-namespace brokerd::access {
+namespace brokerd {
+
+AccessRules AccessRules::resolve(const config::ControlConfig &cfg)
+{
+	AccessRules r;
+	auto users = [](const std::vector<std::string> &names, std::vector<uid_t> &out, const char *key) {
+		for (const auto &n : names) {
+			passwd *pw = ::getpwnam(n.c_str());
+			if (!pw)
+				throw std::runtime_error(std::string("control.") + key + ": no such user \"" + n + "\"");
+			out.push_back(pw->pw_uid);
+		}
+	};
+	auto groups = [](const std::vector<std::string> &names, std::vector<gid_t> &out, const char *key) {
+		for (const auto &n : names) {
+			group *gr = ::getgrnam(n.c_str());
+			if (!gr)
+				throw std::runtime_error(std::string("control.") + key + ": no such group \"" + n + "\"");
+			out.push_back(gr->gr_gid);
+		}
+	};
+	users(cfg.admin_users, r.admin_uids, "admin_users");
+	groups(cfg.admin_groups, r.admin_gids, "admin_groups");
+	users(cfg.read_users, r.read_uids, "read_users");
+	groups(cfg.read_groups, r.read_gids, "read_groups");
+	return r;
+}
+
+namespace access {
 
 const char *tier_name(Tier t)
 {
@@ -25,22 +55,32 @@ const char *tier_name(Tier t)
 	return "worker";
 }
 
+Tier tier_of(const AccessRules &rules, uid_t uid, const std::vector<gid_t> &groups, uid_t broker_uid)
+{
+	auto has = [](const auto &v, auto x) { return std::find(v.begin(), v.end(), x) != v.end(); };
+	auto in_groups = [&](const std::vector<gid_t> &allowed) {
+		return std::any_of(groups.begin(), groups.end(), [&](gid_t g) { return has(allowed, g); });
+	};
+	if (uid == 0 || uid == broker_uid)
+		return Tier::Root;
+	if (has(rules.admin_uids, uid) || in_groups(rules.admin_gids))
+		return Tier::Admin;
+	if (has(rules.read_uids, uid) || in_groups(rules.read_gids))
+		return Tier::Reader;
+	return Tier::Worker;
+}
+
 std::optional<Tier> required(std::string_view control_method)
 {
-	// The table of docs/protocol.md's "Authorization" section.
-	static constexpr struct {
-		std::string_view method;
-		Tier tier;
-	} table[] = {
-		{"Status", Tier::Reader},  {"Sockets", Tier::Reader}, {"Watch", Tier::Reader},
-		{"Upgrade", Tier::Admin},  {"Rollback", Tier::Admin}, {"Restart", Tier::Admin},
-		{"Abort", Tier::Admin},    {"Start", Tier::Admin},    {"Stop", Tier::Admin},
-		{"Reload", Tier::Admin},   {"Reexec", Tier::Admin},
-	};
-	for (const auto &row : table)
-		if (row.method == control_method)
-			return row.tier;
-	return std::nullopt;
+	return control::required("io.brokerd.Control." + std::string(control_method));
+}
+
+std::optional<std::string> reexec_binary(Tier caller)
+{
+	// Configured admins may re-execute the installed brokerd.
+	if (caller == Tier::Root)
+		return std::nullopt;
+	return "only root names a binary: it runs as brokerd's user";
 }
 
 Credentials lookup_credentials(const config::ServiceConfig &cfg)
@@ -103,4 +143,5 @@ std::optional<std::string> program_choice(Tier caller, const config::ServiceConf
 	return std::nullopt;
 }
 
-} // namespace brokerd::access
+} // namespace access
+} // namespace brokerd

@@ -1,4 +1,6 @@
-// Access: the privilege tiers of the control socket as one table, and who a service runs as.
+// Access: the privilege tiers of the control socket, the rules that place a caller in one, the
+// parameters only root may give, and who a service runs as. Which tier each method needs is
+// control/methods.cpp's table.
 #pragma once
 
 #include "config/config.hpp"
@@ -10,7 +12,20 @@
 #include <string_view>
 #include <vector>
 
-namespace brokerd::access {
+namespace brokerd {
+
+// Who may call what, resolved from the config's names once at start.
+struct AccessRules {
+	std::vector<uid_t> admin_uids;
+	std::vector<gid_t> admin_gids;
+	std::vector<uid_t> read_uids;
+	std::vector<gid_t> read_gids;
+
+	// Throws std::runtime_error naming an unknown user or group.
+	static AccessRules resolve(const config::ControlConfig &cfg);
+};
+
+namespace access {
 
 // Who a caller is, from its SO_PEERCRED, weakest first. Root: uid 0 or brokerd's own uid.
 // Admin: control.admin_users and admin_groups. Reader: control.read_users and read_groups.
@@ -19,12 +34,18 @@ namespace brokerd::access {
 enum class Tier { Worker, Reader, Admin, Root };
 const char *tier_name(Tier t);
 
-// The tier an io.brokerd.Control method needs, or nullopt for a method that does not exist.
-// Some parameters need more than the method: see kReexecBinary and program_choice().
+// The tier an io.brokerd.Control method needs (by its name without the interface), or nullopt
+// for a method that does not exist: control/methods.cpp's table says.
 std::optional<Tier> required(std::string_view control_method);
 
+// The tier of a peer with `uid` and `groups` (its primary group among them), under `rules`.
+// `broker_uid` is brokerd's own, which is Root like uid 0.
+Tier tier_of(const AccessRules &rules, uid_t uid, const std::vector<gid_t> &groups, uid_t broker_uid);
+
+// Some parameters need more than their method's tier. Each returns why `caller` may not give
+// it, or nullopt.
 // Reexec with a binary: the binary runs as brokerd, so only Root names one.
-inline constexpr Tier kReexecBinary = Tier::Root;
+std::optional<std::string> reexec_binary(Tier caller);
 
 // The identity a service's workers run as: spawn() switches to it when `change` is set.
 struct Credentials {
@@ -45,4 +66,5 @@ Credentials lookup_credentials(const config::ServiceConfig &cfg);
 std::optional<std::string> program_choice(Tier caller, const config::ServiceConfig &cfg, uid_t broker_uid,
                                           gid_t broker_gid);
 
-} // namespace brokerd::access
+} // namespace access
+} // namespace brokerd

@@ -7,7 +7,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -50,15 +49,9 @@ bool ControlServer::Connection::start()
 		log::warning("control: SO_PEERCRED: " + errno_text(errno) + ", closing connection");
 		return false;
 	}
-	const AccessRules &r = server_.rules_;
-	auto has = [](const auto &v, auto x) { return std::find(v.begin(), v.end(), x) != v.end(); };
 	std::vector<gid_t> groups = peer_groups(stream_.fd());
 	groups.push_back(peer_.gid);
-	auto in_groups = [&](const std::vector<gid_t> &allowed) {
-		return std::any_of(groups.begin(), groups.end(), [&](gid_t g) { return has(allowed, g); });
-	};
-	operator_ = peer_.uid == 0 || peer_.uid == ::geteuid() || has(r.admin_uids, peer_.uid) || in_groups(r.admin_gids);
-	reader_ = operator_ || has(r.read_uids, peer_.uid) || in_groups(r.read_gids);
+	tier_ = access::tier_of(server_.rules_, peer_.uid, groups, ::geteuid());
 
 	sd_event_source *s = nullptr;
 	if (sd_event_add_io(server_.event_, &s, stream_.fd(), EPOLLIN, io_handler, this) < 0)
@@ -66,9 +59,9 @@ bool ControlServer::Connection::start()
 	io_.reset(s);
 	// Until a worker says Hello, an unprivileged peer holds a slot on borrowed time; a reader
 	// between calls too.
-	if (!reader_)
+	if (tier_ < access::Tier::Reader)
 		rearm_idle(proto::limits::kUnauthenticatedIdle);
-	else if (!operator_)
+	else if (tier_ == access::Tier::Reader)
 		rearm_idle(proto::limits::kReaderIdle);
 	apply_limits();
 	return true;
@@ -126,13 +119,6 @@ std::string ControlServer::Connection::who() const
 	return "pid " + std::to_string(peer_.pid) + " uid " + std::to_string(peer_.uid);
 }
 
-access::Tier ControlServer::Connection::tier() const
-{
-	if (peer_.uid == 0 || peer_.uid == ::geteuid())
-		return access::Tier::Root;
-	return operator_ ? access::Tier::Admin : reader_ ? access::Tier::Reader : access::Tier::Worker;
-}
-
 void ControlServer::Connection::close(const std::string &why)
 {
 	if (dead_)
@@ -156,9 +142,9 @@ int ControlServer::Connection::idle_handler(sd_event_source *, std::uint64_t, vo
 {
 	return guarded("idle_handler", [&]() -> int {
 		auto *c = static_cast<Connection *>(userdata);
-		if (c->reader_ && !c->watching_ && c->token_.empty())
+		if (c->tier_ >= access::Tier::Reader && !c->watching_ && c->token_.empty())
 			c->close("no call for " + std::to_string(proto::limits::kReaderIdle.count()) + "s");
-		else if (!c->reader_ && c->token_.empty())
+		else if (c->tier_ < access::Tier::Reader && c->token_.empty())
 			c->close("no Hello within " + std::to_string(proto::limits::kUnauthenticatedIdle.count()) + "s");
 		return 0;
 	});
@@ -218,12 +204,8 @@ void ControlServer::Connection::dispatch()
 		if (r < 0)
 			return close(r == -EMSGSIZE ? "protocol error: a message over " + std::to_string(max_input()) + " bytes"
 			                            : "protocol error: " + errno_text(-r));
-		auto method = m.body.find("method");
-		bool events = method != m.body.end() && *method == "io.brokerd.Worker.Events";
 		handle(m);
-		if (events)
-			claim_instance();
-		if (!dead_ && reader_ && !operator_ && token_.empty())
+		if (!dead_ && tier_ == access::Tier::Reader && token_.empty())
 			rearm_idle(proto::limits::kReaderIdle);
 		apply_limits();
 	}

@@ -1,7 +1,10 @@
-// ControlServer::Connection: one client of the control socket, its stream and the calls it makes.
+// ControlServer::Connection: one client of the control socket: its transport (connection.cpp), the
+// calls it makes (methods.cpp's table, and their handlers), and its state across a re-exec
+// (serialize.cpp).
 #pragma once
 
 #include "control/access.hpp"
+#include "control/methods.hpp"
 #include "control/server.hpp"
 #include "proto/limits.hpp"
 #include "proto/varlink.hpp"
@@ -26,7 +29,7 @@ std::string errno_text(int e);
 // The supplementary groups of a socket's peer (SO_PEERGROUPS), or none when they cannot be read.
 std::vector<gid_t> peer_groups(int fd);
 
-// One client: its stream, its credentials, and whether it is an operator, a reader or a worker.
+// One client: its stream, its credentials, and its tier.
 class ControlServer::Connection final : public EventSink, public Observer {
 public:
 	// Only an authenticated worker may send fds (Handoff): anyone else sending any is cut off
@@ -47,7 +50,7 @@ public:
 	bool dead() const { return dead_; }
 	uid_t uid() const { return peer_.uid; }
 	std::size_t buffer_bytes() const { return stream_.buffer_bytes(); }
-	bool is_operator() const { return operator_; }
+	bool is_operator() const { return tier_ >= access::Tier::Admin; }
 	// The connection the Events stream of an instance brokerd spawned runs on: the config
 	// bounds those, so they are not counted against their user's connections. (Registered
 	// instances are, as every Hello of an allowed user makes one.)
@@ -55,7 +58,7 @@ public:
 	// The largest message it may send.
 	std::size_t max_input() const
 	{
-		return operator_ || instance_conn_ ? proto::limits::kMaxMessageSize : proto::limits::kMaxSmallMessage;
+		return is_operator() || instance_conn_ ? proto::limits::kMaxMessageSize : proto::limits::kMaxSmallMessage;
 	}
 	using EventSink::send_event;
 	bool send_event(const nlohmann::json &parameters, std::vector<proto::UniqueFd> fds) override;
@@ -88,25 +91,40 @@ private:
 	}
 	void close(const std::string &why);
 	std::string who() const;
-	access::Tier tier() const;
 
-	// Method implementations; each replies or errors exactly once (unless oneway).
-	void get_info();
-	void get_interface_description(const nlohmann::json &params);
-	void control_status(const nlohmann::json &params, bool only_sockets);
-	void worker_hello(const nlohmann::json &params);
+	// The handlers of methods.cpp's table, reached only through it (it checks the caller's tier
+	// first): org.varlink.service (introspection.cpp), io.brokerd.Worker (worker_methods.cpp) and
+	// io.brokerd.Control (control_methods.cpp).
+	friend std::span<const control::Method> control::methods();
+	void get_info(control::Call &call);
+	void get_interface_description(control::Call &call);
+	void worker_hello(control::Call &call);
+	void worker_ready(control::Call &call);
+	void worker_status(control::Call &call);
+	void worker_events(control::Call &call);
+	void worker_handoff(control::Call &call);
+	void worker_received(control::Call &call);
+	void control_status(control::Call &call);
+	void control_sockets(control::Call &call);
+	void control_watch(control::Call &call);
+	void control_upgrade(control::Call &call);
+	void control_rollback(control::Call &call);
+	void control_restart(control::Call &call);
+	void control_abort(control::Call &call);
+	void control_start(control::Call &call);
+	void control_stop(control::Call &call);
+	void control_reload(control::Call &call);
+	void control_reexec(control::Call &call);
+
+	// What the handlers share.
+	Instance *hello_token(const std::string &token);
+	Instance *hello_register(const std::string &service, const std::string &version);
+	void hello_reply(const Instance &inst, bool want_fds);
 	std::optional<std::string> foreign_to(const Instance &inst);
-	void worker_ready();
-	void worker_status(const nlohmann::json &params);
-	void worker_events();
-	void worker_handoff(const nlohmann::json &params, std::vector<proto::UniqueFd> fds);
-	void worker_received(const nlohmann::json &params);
-	void control_upgrade(const nlohmann::json &params, const std::string &kind);
-	void control_abort(const nlohmann::json &params);
-	void control_start_stop(const nlohmann::json &params, bool start);
-	void control_reload(const nlohmann::json &params);
-	void control_watch(const nlohmann::json &params);
-	void control_reexec(const nlohmann::json &params);
+	void status(const nlohmann::json &params, bool only_sockets);
+	void upgrade(const nlohmann::json &params, const std::string &kind);
+	bool new_generation(const Service &svc, const nlohmann::json &params, UpgradeRequest &req);
+	void start_stop(const nlohmann::json &params, bool start);
 
 public:
 	// Re-exec: what the next brokerd needs to carry this connection on (null: it is closing).
@@ -129,8 +147,7 @@ private:
 	ucred peer_{};
 	// CLOCK_BOOTTIME when accepted: a process that started later did not connect (see peer::process).
 	std::uint64_t connected_ = now_usec(CLOCK_BOOTTIME);
-	bool operator_ = false;
-	bool reader_ = false;
+	access::Tier tier_ = access::Tier::Worker; // by its SO_PEERCRED when accepted
 	std::string token_;     // set by a successful Hello
 	bool oneway_ = false;   // the call being handled wants no reply
 	bool more_ = false;

@@ -15,7 +15,102 @@ namespace brokerd {
 using json = nlohmann::json;
 namespace vl = proto::varlink;
 
-void ControlServer::Connection::control_status(const json &params, bool only_sockets)
+namespace {
+
+// Varlink's InvalidParameter names the parameter; "message" says what is wrong with it.
+json bad(const char *parameter, const std::string &why = {})
+{
+	json e = {{"parameter", parameter}};
+	if (!why.empty())
+		e["message"] = why;
+	return e;
+}
+
+// An Upgrade's "env", into cfg. Returns InvalidParameter's parameters when it is wrong.
+std::optional<json> env_override(const json &env, config::ServiceConfig &cfg)
+{
+	if (!env.is_object())
+		return bad("env");
+	for (auto e = env.begin(); e != env.end(); ++e) {
+		const std::string &k = e.key();
+		bool valid = !k.empty() && !std::isdigit(static_cast<unsigned char>(k[0])) &&
+		             std::all_of(k.begin(), k.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
+		if (!valid)
+			return bad("env", "\"" + k + "\" is not a variable name (letters, digits and _, not first a digit)");
+		if (k.starts_with("BROKER_") || k.starts_with("LISTEN_") || k == "NOTIFY_SOCKET")
+			return bad("env", k + ": BROKER_*, LISTEN_* and NOTIFY_SOCKET are set by brokerd");
+		if (!e->is_string() || e->get<std::string>().find('\0') != std::string::npos)
+			return bad("env", k + ": the value must be a string without NUL");
+		cfg.env[k] = e->get<std::string>();
+	}
+	return std::nullopt;
+}
+
+// An Upgrade's overrides of the config file, into req. Returns InvalidParameter's parameters
+// for the first that is wrong.
+std::optional<json> apply_overrides(const json &params, UpgradeRequest &req)
+{
+	if (auto it = params.find("exec"); it != params.end() && !it->is_null()) {
+		if (!it->is_array() || it->empty())
+			return bad("exec", "expected a list of strings, the program first");
+		req.cfg.exec.clear();
+		for (const auto &a : *it) {
+			if (!a.is_string() || a.get<std::string>().empty() || a.get<std::string>().find('\0') != std::string::npos)
+				return bad("exec", "each argument must be a non-empty string without NUL");
+			req.cfg.exec.push_back(a.get<std::string>());
+		}
+	}
+	if (auto it = params.find("env"); it != params.end() && !it->is_null()) {
+		if (auto wrong = env_override(*it, req.cfg))
+			return wrong;
+	}
+	if (auto it = params.find("version"); it != params.end() && !it->is_null()) {
+		if (!it->is_string() || it->get<std::string>().find('\0') != std::string::npos)
+			return bad("version", "expected a string without NUL");
+		req.cfg.version = it->get<std::string>();
+	}
+	if (auto it = params.find("batch"); it != params.end() && !it->is_null()) {
+		if (!it->is_number_unsigned() || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > 1024)
+			return bad("batch", "expected a number of instances from 1 to 1024");
+		req.cfg.upgrade_batch = it->get<unsigned>();
+	}
+	if (auto it = params.find("all_at_once"); it != params.end() && !it->is_null()) {
+		if (!it->is_boolean())
+			return bad("all_at_once");
+		req.all_at_once = it->get<bool>();
+	}
+	for (const char *key : {"start_timeout_ms", "drain_timeout_ms"}) {
+		auto it = params.find(key);
+		if (it == params.end() || it->is_null())
+			continue;
+		if (!it->is_number_unsigned() || it->get<std::uint64_t>() > 365ull * 24 * 3600 * 1000)
+			return bad(key, "expected milliseconds, at most 365 days");
+		auto ms = std::chrono::milliseconds(it->get<std::uint64_t>());
+		if (key[0] == 's') {
+			if (ms.count() == 0)
+				return bad(key, "a start timeout must be above 0");
+			req.cfg.start_timeout = ms;
+		} else {
+			req.cfg.drain_timeout = ms;
+			req.drain_timeout = ms;
+		}
+	}
+	return std::nullopt;
+}
+
+} // namespace
+
+void ControlServer::Connection::control_status(control::Call &call)
+{
+	status(call.params, false);
+}
+
+void ControlServer::Connection::control_sockets(control::Call &call)
+{
+	status(call.params, true);
+}
+
+void ControlServer::Connection::status(const json &params, bool only_sockets)
 {
 	std::string service;
 	bool narrowed = false;
@@ -61,7 +156,22 @@ Service *ControlServer::Connection::service_param(const json &params, const std:
 	return svc;
 }
 
-void ControlServer::Connection::control_upgrade(const json &params, const std::string &kind)
+void ControlServer::Connection::control_upgrade(control::Call &call)
+{
+	upgrade(call.params, "upgrade");
+}
+
+void ControlServer::Connection::control_rollback(control::Call &call)
+{
+	upgrade(call.params, "rollback");
+}
+
+void ControlServer::Connection::control_restart(control::Call &call)
+{
+	upgrade(call.params, "restart");
+}
+
+void ControlServer::Connection::upgrade(const json &params, const std::string &kind)
 {
 	std::vector<std::string> allowed = {"wait"};
 	if (kind == "upgrade")
@@ -69,17 +179,10 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 	Service *svc = service_param(params, allowed);
 	if (!svc)
 		return;
-	// Varlink's InvalidParameter names the parameter; "message" says what is wrong with it.
-	auto bad = [&](const char *p, const std::string &why = {}) {
-		json e = {{"parameter", p}};
-		if (!why.empty())
-			e["message"] = why;
-		error(vl::kInvalidParameter, e);
-	};
 	bool wait = true;
 	if (auto it = params.find("wait"); it != params.end() && !it->is_null()) {
 		if (!it->is_boolean())
-			return bad("wait");
+			return error(vl::kInvalidParameter, bad("wait"));
 		wait = it->get<bool>();
 	}
 
@@ -91,86 +194,8 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 		req.cfg = *svc->previous;
 	} else if (kind == "restart") {
 		req.cfg = svc->current ? svc->current->cfg : svc->cfg;
-	} else {
-		// A new generation starts from the config file as it is now.
-		try {
-			config::Config cfg = server_.hooks_.read_config();
-			const config::ServiceConfig *sc = cfg.find_service(svc->name);
-			if (!sc)
-				return error(proto::errors::kInvalidConfig,
-				             {{"message", "services." + svc->name + ": not in the config file any more (reload removes it)"}});
-			req.cfg = *sc;
-		} catch (const std::exception &e) {
-			return error(proto::errors::kInvalidConfig, {{"message", e.what()}});
-		}
-		if (auto it = params.find("exec"); it != params.end() && !it->is_null()) {
-			if (!it->is_array() || it->empty())
-				return bad("exec", "expected a list of strings, the program first");
-			req.cfg.exec.clear();
-			for (const auto &a : *it) {
-				if (!a.is_string() || a.get<std::string>().empty() || a.get<std::string>().find('\0') != std::string::npos)
-					return bad("exec", "each argument must be a non-empty string without NUL");
-				req.cfg.exec.push_back(a.get<std::string>());
-			}
-		}
-		if (auto it = params.find("env"); it != params.end() && !it->is_null()) {
-			if (!it->is_object())
-				return bad("env");
-			for (auto e = it->begin(); e != it->end(); ++e) {
-				const std::string &k = e.key();
-				bool valid = !k.empty() && !std::isdigit(static_cast<unsigned char>(k[0])) &&
-				             std::all_of(k.begin(), k.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
-				if (!valid)
-					return bad("env", "\"" + k + "\" is not a variable name (letters, digits and _, not first a digit)");
-				if (k.starts_with("BROKER_") || k.starts_with("LISTEN_") || k == "NOTIFY_SOCKET")
-					return bad("env", k + ": BROKER_*, LISTEN_* and NOTIFY_SOCKET are set by brokerd");
-				if (!e->is_string() || e->get<std::string>().find('\0') != std::string::npos)
-					return bad("env", k + ": the value must be a string without NUL");
-				req.cfg.env[k] = e->get<std::string>();
-			}
-		}
-		if (auto it = params.find("version"); it != params.end() && !it->is_null()) {
-			if (!it->is_string() || it->get<std::string>().find('\0') != std::string::npos)
-				return bad("version", "expected a string without NUL");
-			req.cfg.version = it->get<std::string>();
-		}
-		if (auto it = params.find("batch"); it != params.end() && !it->is_null()) {
-			if (!it->is_number_unsigned() || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > 1024)
-				return bad("batch", "expected a number of instances from 1 to 1024");
-			req.cfg.upgrade_batch = it->get<unsigned>();
-		}
-		if (auto it = params.find("all_at_once"); it != params.end() && !it->is_null()) {
-			if (!it->is_boolean())
-				return bad("all_at_once");
-			req.all_at_once = it->get<bool>();
-		}
-		for (const char *key : {"start_timeout_ms", "drain_timeout_ms"}) {
-			auto it = params.find(key);
-			if (it == params.end() || it->is_null())
-				continue;
-			if (!it->is_number_unsigned() || it->get<std::uint64_t>() > 365ull * 24 * 3600 * 1000)
-				return bad(key, "expected milliseconds, at most 365 days");
-			auto ms = std::chrono::milliseconds(it->get<std::uint64_t>());
-			if (key[0] == 's') {
-				if (ms.count() == 0)
-					return bad(key, "a start timeout must be above 0");
-				req.cfg.start_timeout = ms;
-			} else {
-				req.cfg.drain_timeout = ms;
-				req.drain_timeout = ms;
-			}
-		}
-		// exec and env choose what runs; version is a label (BROKER_VERSION) the program was
-		// configured to read, like the timeouts and batch: those stay open to admins.
-		bool chooses_program = false;
-		for (const char *key : {"exec", "env"})
-			if (auto it = params.find(key); it != params.end() && !it->is_null())
-				chooses_program = true;
-		if (auto why = chooses_program ? access::program_choice(tier(), req.cfg, ::geteuid(), ::getegid()) : std::nullopt) {
-			log::client(log::Level::Warning, "control: Upgrade of " + svc->name + " with exec or env from " + who() +
-			                                     " denied: " + *why);
-			return error(vl::kPermissionDenied, {{"message", *why}});
-		}
+	} else if (!new_generation(*svc, params, req)) {
+		return;
 	}
 
 	if (auto refusal = server_.supervisor_.begin_upgrade(*svc, std::move(req), wait && !oneway_ ? this : nullptr))
@@ -185,9 +210,45 @@ void ControlServer::Connection::control_upgrade(const json &params, const std::s
 		waiting_ = true; // the supervisor answers when the rollout ends
 }
 
-void ControlServer::Connection::control_abort(const json &params)
+// An Upgrade's new generation: the config file as it is now, with the call's overrides.
+// Replies the error itself when there is one.
+bool ControlServer::Connection::new_generation(const Service &svc, const json &params, UpgradeRequest &req)
 {
-	Service *svc = service_param(params, {});
+	try {
+		config::Config cfg = server_.hooks_.read_config();
+		const config::ServiceConfig *sc = cfg.find_service(svc.name);
+		if (!sc) {
+			error(proto::errors::kInvalidConfig,
+			      {{"message", "services." + svc.name + ": not in the config file any more (reload removes it)"}});
+			return false;
+		}
+		req.cfg = *sc;
+	} catch (const std::exception &e) {
+		error(proto::errors::kInvalidConfig, {{"message", e.what()}});
+		return false;
+	}
+	if (auto wrong = apply_overrides(params, req)) {
+		error(vl::kInvalidParameter, *wrong);
+		return false;
+	}
+	// exec and env choose what runs; version is a label (BROKER_VERSION) the program was
+	// configured to read, like the timeouts and batch: those stay open to admins.
+	bool chooses_program = false;
+	for (const char *key : {"exec", "env"})
+		if (auto it = params.find(key); it != params.end() && !it->is_null())
+			chooses_program = true;
+	if (auto why = chooses_program ? access::program_choice(tier_, req.cfg, ::geteuid(), ::getegid()) : std::nullopt) {
+		log::client(log::Level::Warning, "control: Upgrade of " + svc.name + " with exec or env from " + who() +
+		                                     " denied: " + *why);
+		error(vl::kPermissionDenied, {{"message", *why}});
+		return false;
+	}
+	return true;
+}
+
+void ControlServer::Connection::control_abort(control::Call &call)
+{
+	Service *svc = service_param(call.params, {});
 	if (!svc)
 		return;
 	if (auto refusal = server_.supervisor_.abort_upgrade(*svc))
@@ -195,7 +256,17 @@ void ControlServer::Connection::control_abort(const json &params)
 	reply(json::object());
 }
 
-void ControlServer::Connection::control_start_stop(const json &params, bool start)
+void ControlServer::Connection::control_start(control::Call &call)
+{
+	start_stop(call.params, true);
+}
+
+void ControlServer::Connection::control_stop(control::Call &call)
+{
+	start_stop(call.params, false);
+}
+
+void ControlServer::Connection::start_stop(const json &params, bool start)
 {
 	Service *svc = service_param(params, {});
 	if (!svc)
@@ -209,8 +280,9 @@ void ControlServer::Connection::control_start_stop(const json &params, bool star
 	}
 }
 
-void ControlServer::Connection::control_reload(const json &params)
+void ControlServer::Connection::control_reload(control::Call &call)
 {
+	const json &params = call.params;
 	if (!params.empty())
 		return error(vl::kInvalidParameter, {{"parameter", params.begin().key()}});
 	// Sockets bound and services started now would only be torn down again, or outlive the rest.
@@ -223,8 +295,9 @@ void ControlServer::Connection::control_reload(const json &params)
 	}
 }
 
-void ControlServer::Connection::control_watch(const json &params)
+void ControlServer::Connection::control_watch(control::Call &call)
 {
+	const json &params = call.params;
 	for (auto it = params.begin(); it != params.end(); ++it) {
 		if (it.key() == "service" && it->is_string())
 			watch_service_ = it->get<std::string>();
@@ -240,8 +313,9 @@ void ControlServer::Connection::control_watch(const json &params)
 	waiting_ = true;
 }
 
-void ControlServer::Connection::control_reexec(const json &params)
+void ControlServer::Connection::control_reexec(control::Call &call)
 {
+	const json &params = call.params;
 	std::string binary;
 	for (auto it = params.begin(); it != params.end(); ++it) {
 		if (it.key() == "binary" && it->is_string() && !it->get<std::string>().empty())
@@ -251,11 +325,10 @@ void ControlServer::Connection::control_reexec(const json &params)
 	}
 	if (oneway_)
 		return error(vl::kInvalidParameter, {{"parameter", "oneway"}});
-	// Another binary runs as brokerd's user (root): only that user may name one. Configured
-	// admins may re-execute the installed brokerd.
-	if (!binary.empty() && tier() < access::kReexecBinary) {
+	// Another binary runs as brokerd's user (root): only that user may name one.
+	if (auto why = binary.empty() ? std::nullopt : access::reexec_binary(tier_)) {
 		log::client(log::Level::Warning, "control: Reexec of " + binary + " from " + who() + " denied: only root names a binary");
-		return error(vl::kPermissionDenied, {{"message", "only root names a binary: it runs as brokerd's user"}});
+		return error(vl::kPermissionDenied, {{"message", *why}});
 	}
 	try {
 		// Returns only when brokerd could not re-execute: it goes on serving as it was.

@@ -9,7 +9,7 @@ namespace brokerd {
 using json = nlohmann::json;
 namespace vl = proto::varlink;
 
-void ControlServer::Connection::get_info()
+void ControlServer::Connection::get_info(control::Call &)
 {
 	json ifaces = json::array();
 	for (const auto &t : interface_texts())
@@ -21,8 +21,9 @@ void ControlServer::Connection::get_info()
 	       {"interfaces", ifaces}});
 }
 
-void ControlServer::Connection::get_interface_description(const json &params)
+void ControlServer::Connection::get_interface_description(control::Call &call)
 {
+	const json &params = call.params;
 	auto it = params.find("interface");
 	if (it == params.end() || !it->is_string())
 		return error(vl::kInvalidParameter, {{"parameter", "interface"}});

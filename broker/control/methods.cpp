@@ -1,10 +1,66 @@
 // The control socket's methods: who may call each, and the handler that answers it.
-#include "control/connection.hpp"
+#include "control/methods.hpp"
 
-#include "proto/errors.hpp"
+#include "control/connection.hpp"
 #include "os/log.hpp"
 
 namespace brokerd {
+
+namespace control {
+
+std::span<const Method> methods()
+{
+	using enum access::Tier;
+	// docs/protocol.md's "Authorization" table, row by row; Worker is anyone (the Worker methods
+	// but Hello then need a Hello on the connection, see worker_methods.cpp).
+	static const Method table[] = {
+		{"org.varlink.service.GetInfo", Worker, false, &Connection::get_info},
+		{"org.varlink.service.GetInterfaceDescription", Worker, false, &Connection::get_interface_description},
+		{"io.brokerd.Worker.Hello", Worker, false, &Connection::worker_hello},
+		{"io.brokerd.Worker.Ready", Worker, false, &Connection::worker_ready},
+		{"io.brokerd.Worker.Status", Worker, false, &Connection::worker_status},
+		{"io.brokerd.Worker.Events", Worker, false, &Connection::worker_events},
+		{"io.brokerd.Worker.Handoff", Worker, true, &Connection::worker_handoff},
+		{"io.brokerd.Worker.Received", Worker, false, &Connection::worker_received},
+		{"io.brokerd.Control.Status", Reader, false, &Connection::control_status},
+		{"io.brokerd.Control.Sockets", Reader, false, &Connection::control_sockets},
+		{"io.brokerd.Control.Watch", Reader, false, &Connection::control_watch},
+		{"io.brokerd.Control.Upgrade", Admin, false, &Connection::control_upgrade},
+		{"io.brokerd.Control.Rollback", Admin, false, &Connection::control_rollback},
+		{"io.brokerd.Control.Restart", Admin, false, &Connection::control_restart},
+		{"io.brokerd.Control.Abort", Admin, false, &Connection::control_abort},
+		{"io.brokerd.Control.Start", Admin, false, &Connection::control_start},
+		{"io.brokerd.Control.Stop", Admin, false, &Connection::control_stop},
+		{"io.brokerd.Control.Reload", Admin, false, &Connection::control_reload},
+		{"io.brokerd.Control.Reexec", Admin, false, &Connection::control_reexec},
+	};
+	return table;
+}
+
+const Method *find_method(std::string_view name)
+{
+	for (const Method &m : methods())
+		if (m.name == name)
+			return &m;
+	return nullptr;
+}
+
+std::optional<access::Tier> required(std::string_view name)
+{
+	const Method *m = find_method(name);
+	return m ? std::optional(m->tier) : std::nullopt;
+}
+
+bool serves_interface(std::string_view interface)
+{
+	for (const Method &m : methods())
+		if (m.name.size() > interface.size() && m.name.starts_with(interface) && m.name[interface.size()] == '.' &&
+		    m.name.find('.', interface.size() + 1) == std::string_view::npos)
+			return true;
+	return false;
+}
+
+} // namespace control
 
 using json = nlohmann::json;
 namespace vl = proto::varlink;
@@ -22,72 +78,36 @@ void ControlServer::Connection::handle(vl::Message &m)
 	};
 	oneway_ = flag("oneway");
 	more_ = flag("more");
-	json params = json::object();
+	control::Call call{json::object(), {}};
 	// Missing or null parameters are no parameters, as in systemd's sd-varlink (varlink-go
 	// sends null).
 	if (auto p = body.find("parameters"); p != body.end() && !p->is_null()) {
 		if (!p->is_object())
 			return error(vl::kInvalidParameter, {{"parameter", "parameters"}});
-		params = std::move(*p); // a Handoff batch is large: no copy
+		call.params = std::move(*p); // a Handoff batch is large: no copy
 	}
-	if (!m.fds.empty() && method != "io.brokerd.Worker.Handoff") {
+	const control::Method *row = control::find_method(method);
+	if (!m.fds.empty() && !(row && row->takes_fds)) {
 		// No other method takes fds; they close with the message.
 		return error(vl::kInvalidParameter, {{"parameter", "fd"}});
 	}
-
-	std::size_t dot = method.rfind('.');
-	std::string iface = dot == std::string::npos ? std::string{} : method.substr(0, dot);
-	std::string name = dot == std::string::npos ? method : method.substr(dot + 1);
-
-	try {
-		if (iface == "org.varlink.service") {
-			if (name == "GetInfo")
-				return get_info();
-			if (name == "GetInterfaceDescription")
-				return get_interface_description(params);
-		} else if (iface == "io.brokerd.Control") {
-			std::optional<access::Tier> needed = access::required(name);
-			if (!needed)
-				return error(vl::kMethodNotFound, {{"method", method}});
-			if (tier() < *needed) {
-				log::client(log::Level::Warning, "control: " + method + " from " + who() + " denied");
-				return error(vl::kPermissionDenied);
-			}
-			if (name == "Status" || name == "Sockets")
-				return control_status(params, name == "Sockets");
-			if (name == "Watch")
-				return control_watch(params);
-			if (name == "Upgrade" || name == "Rollback" || name == "Restart") {
-				std::string kind = name == "Upgrade" ? "upgrade" : name == "Rollback" ? "rollback" : "restart";
-				return control_upgrade(params, kind);
-			}
-			if (name == "Abort")
-				return control_abort(params);
-			if (name == "Start" || name == "Stop")
-				return control_start_stop(params, name == "Start");
-			if (name == "Reexec")
-				return control_reexec(params);
-			return control_reload(params);
-		} else if (iface == "io.brokerd.Worker") {
-			if (name == "Hello")
-				return worker_hello(params);
-			if (name == "Ready")
-				return worker_ready();
-			if (name == "Status")
-				return worker_status(params);
-			if (name == "Events")
-				return worker_events();
-			if (name == "Handoff")
-				return worker_handoff(params, std::move(m.fds));
-			if (name == "Received")
-				return worker_received(params);
-		} else {
+	if (!row) {
+		std::size_t dot = method.rfind('.');
+		std::string iface = dot == std::string::npos ? std::string{} : method.substr(0, dot);
+		if (!control::serves_interface(iface))
 			return error(vl::kInterfaceNotFound, {{"interface", iface}});
-		}
 		return error(vl::kMethodNotFound, {{"method", method}});
+	}
+	if (tier_ < row->tier) {
+		log::client(log::Level::Warning, "control: " + method + " from " + who() + " denied");
+		return error(vl::kPermissionDenied);
+	}
+	call.fds = std::move(m.fds);
+	try {
+		(this->*row->handler)(call);
 	} catch (const json::exception &) {
 		// A parameter of the wrong type surfaced while reading it.
-		return error(vl::kInvalidParameter, {{"parameter", "parameters"}});
+		error(vl::kInvalidParameter, {{"parameter", "parameters"}});
 	}
 }
 

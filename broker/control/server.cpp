@@ -7,9 +7,7 @@
 #include "os/log.hpp"
 
 #include <fcntl.h>
-#include <grp.h>
 #include <malloc.h>
-#include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -45,32 +43,6 @@ void make_parent_directory(const std::string &path)
 }
 
 } // namespace
-
-AccessRules AccessRules::resolve(const config::ControlConfig &cfg)
-{
-	AccessRules r;
-	auto users = [](const std::vector<std::string> &names, std::vector<uid_t> &out, const char *key) {
-		for (const auto &n : names) {
-			passwd *pw = ::getpwnam(n.c_str());
-			if (!pw)
-				throw std::runtime_error(std::string("control.") + key + ": no such user \"" + n + "\"");
-			out.push_back(pw->pw_uid);
-		}
-	};
-	auto groups = [](const std::vector<std::string> &names, std::vector<gid_t> &out, const char *key) {
-		for (const auto &n : names) {
-			group *gr = ::getgrnam(n.c_str());
-			if (!gr)
-				throw std::runtime_error(std::string("control.") + key + ": no such group \"" + n + "\"");
-			out.push_back(gr->gr_gid);
-		}
-	};
-	users(cfg.admin_users, r.admin_uids, "admin_users");
-	groups(cfg.admin_groups, r.admin_gids, "admin_groups");
-	users(cfg.read_users, r.read_uids, "read_users");
-	groups(cfg.read_groups, r.read_gids, "read_groups");
-	return r;
-}
 
 void ControlServer::broadcast(const json &event)
 {

@@ -3,6 +3,7 @@
 
 #include "proto/unique_fd.hpp"
 #include "config/config.hpp"
+#include "control/access.hpp"
 #include "os/event.hpp"
 
 #include <sys/types.h>
@@ -20,17 +21,6 @@
 namespace brokerd {
 
 class Supervisor;
-
-// Who may call what, resolved from the config's names once at start.
-struct AccessRules {
-	std::vector<uid_t> admin_uids;
-	std::vector<gid_t> admin_gids;
-	std::vector<uid_t> read_uids;
-	std::vector<gid_t> read_gids;
-
-	// Throws std::runtime_error naming an unknown user or group.
-	static AccessRules resolve(const config::ControlConfig &cfg);
-};
 
 // What only the daemon can do: read its config file, and apply it.
 struct DaemonHooks {

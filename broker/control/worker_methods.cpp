@@ -27,8 +27,9 @@ Instance *ControlServer::Connection::worker()
 	return inst;
 }
 
-void ControlServer::Connection::worker_hello(const json &params)
+void ControlServer::Connection::worker_hello(control::Call &call)
 {
+	const json &params = call.params;
 	std::string token, service, version;
 	bool want_fds = false, accept_handoff = false;
 	for (auto it = params.begin(); it != params.end(); ++it) {
@@ -51,43 +52,10 @@ void ControlServer::Connection::worker_hello(const json &params)
 	if (!token_.empty())
 		return error(vl::kInvalidParameter, {{"parameter", "token"}}); // one Hello per connection
 
-	Instance *inst = nullptr;
-	if (!token.empty()) {
-		inst = server_.supervisor_.find_by_token(token);
-		if (!inst) {
-			log::client(log::Level::Warning, "control: Hello with an unknown token from " + who() + " denied");
-			return error(proto::errors::kInvalidToken);
-		}
-		if (auto why = foreign_to(*inst)) {
-			log::client(log::Level::Warning, "control: Hello with the token of instance " + inst->id + " from " + who() +
-			                                     " denied: " + *why);
-			return error(vl::kPermissionDenied, {{"message", *why}});
-		}
-	} else {
-		// A worker started elsewhere registers for an external service, by its credentials.
-		if (service.empty())
-			return error(vl::kInvalidParameter, {{"parameter", "service"}});
-		Service *svc = server_.supervisor_.find_service(service);
-		if (!svc)
-			return error(proto::errors::kWorkerNoSuchService, {{"service", service}});
-		// The process is taken from the connection, never by its pid alone: signals brokerd sends
-		// it later must not reach another process that got the pid since.
-		std::string gone;
-		proto::UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, gone);
-		if (!pidfd) {
-			log::client(log::Level::Warning, "service " + service + ": registration from " + who() + " refused: " + gone);
-			return error(proto::errors::kPeerExited, {{"message", gone + ": a worker registers on a connection it opened itself"}});
-		}
-		std::vector<gid_t> groups = peer_groups(stream_.fd());
-		groups.push_back(peer_.gid);
-		ControlError refusal;
-		inst = server_.supervisor_.register_external(*svc, version, std::move(pidfd), peer_.pid, peer_.uid, groups,
-		                                             refusal);
-		if (!inst)
-			return error(refusal.name, refusal.parameters);
-		token = inst->token;
-	}
-	token_ = token;
+	Instance *inst = token.empty() ? hello_register(service, version) : hello_token(token);
+	if (!inst)
+		return;
+	token_ = inst->token;
 	idle_.reset();
 	inst->accepts_handoff = accept_handoff;
 	// A worker may hand off connections from now on: two messages' worth may be in flight.
@@ -99,15 +67,70 @@ void ControlServer::Connection::worker_hello(const json &params)
 		close(std::string("cannot take handoffs: ") + e.what());
 		return;
 	}
+	hello_reply(*inst, want_fds);
+}
 
+// A worker brokerd spawned, by the token in its environment. Replies the error itself.
+Instance *ControlServer::Connection::hello_token(const std::string &token)
+{
+	Instance *inst = server_.supervisor_.find_by_token(token);
+	if (!inst) {
+		log::client(log::Level::Warning, "control: Hello with an unknown token from " + who() + " denied");
+		error(proto::errors::kInvalidToken);
+		return nullptr;
+	}
+	if (auto why = foreign_to(*inst)) {
+		log::client(log::Level::Warning, "control: Hello with the token of instance " + inst->id + " from " + who() +
+		                                     " denied: " + *why);
+		error(vl::kPermissionDenied, {{"message", *why}});
+		return nullptr;
+	}
+	return inst;
+}
+
+// A worker started elsewhere registers for an external service, by its credentials. Replies
+// the error itself.
+Instance *ControlServer::Connection::hello_register(const std::string &service, const std::string &version)
+{
+	if (service.empty()) {
+		error(vl::kInvalidParameter, {{"parameter", "service"}});
+		return nullptr;
+	}
+	Service *svc = server_.supervisor_.find_service(service);
+	if (!svc) {
+		error(proto::errors::kWorkerNoSuchService, {{"service", service}});
+		return nullptr;
+	}
+	// The process is taken from the connection, never by its pid alone: signals brokerd sends
+	// it later must not reach another process that got the pid since.
+	std::string gone;
+	proto::UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, gone);
+	if (!pidfd) {
+		log::client(log::Level::Warning, "service " + service + ": registration from " + who() + " refused: " + gone);
+		error(proto::errors::kPeerExited, {{"message", gone + ": a worker registers on a connection it opened itself"}});
+		return nullptr;
+	}
+	std::vector<gid_t> groups = peer_groups(stream_.fd());
+	groups.push_back(peer_.gid);
+	ControlError refusal;
+	Instance *inst =
+		server_.supervisor_.register_external(*svc, version, std::move(pidfd), peer_.pid, peer_.uid, groups, refusal);
+	if (!inst)
+		error(refusal.name, refusal.parameters);
+	return inst;
+}
+
+// Hello's reply: the instance's sockets, with their fds when it wants them.
+void ControlServer::Connection::hello_reply(const Instance &inst, bool want_fds)
+{
 	json sockets = json::array();
 	std::vector<proto::UniqueFd> fds;
-	for (const Listener *l : inst->service->sockets) {
+	for (const Listener *l : inst.service->sockets) {
 		json s = {{"name", l->name}, {"address", l->address}, {"kind", l->kind}};
 		if (want_fds) {
 			proto::UniqueFd dup(::fcntl(l->fd.get(), F_DUPFD_CLOEXEC, 3));
 			if (!dup) {
-				log::error("instance " + inst->id + ": cannot duplicate socket " + l->name + ": " + errno_text(errno));
+				log::error("instance " + inst.id + ": cannot duplicate socket " + l->name + ": " + errno_text(errno));
 				return error(vl::kInvalidParameter, {{"parameter", "want_fds"}});
 			}
 			s["fd"] = fds.size();
@@ -115,9 +138,9 @@ void ControlServer::Connection::worker_hello(const json &params)
 		}
 		sockets.push_back(std::move(s));
 	}
-	json params_out = {{"service", inst->service->name},
-	                   {"instance", inst->id},
-	                   {"generation", inst->generation->number},
+	json params_out = {{"service", inst.service->name},
+	                   {"instance", inst.id},
+	                   {"generation", inst.generation->number},
 	                   {"sockets", std::move(sockets)}};
 	if (oneway_)
 		return;
@@ -154,7 +177,7 @@ std::optional<std::string> ControlServer::Connection::foreign_to(const Instance 
 	return std::nullopt;
 }
 
-void ControlServer::Connection::worker_ready()
+void ControlServer::Connection::worker_ready(control::Call &)
 {
 	if (Instance *inst = worker()) {
 		server_.supervisor_.instance_ready(*inst, "Ready");
@@ -162,8 +185,9 @@ void ControlServer::Connection::worker_ready()
 	}
 }
 
-void ControlServer::Connection::worker_status(const json &params)
+void ControlServer::Connection::worker_status(control::Call &call)
 {
+	const json &params = call.params;
 	auto it = params.find("text");
 	if (it == params.end() || !it->is_string())
 		return error(vl::kInvalidParameter, {{"parameter", "text"}});
@@ -176,7 +200,7 @@ void ControlServer::Connection::worker_status(const json &params)
 	}
 }
 
-void ControlServer::Connection::worker_events()
+void ControlServer::Connection::worker_events(control::Call &)
 {
 	if (!more_)
 		return error(vl::kExpectedMore);
@@ -189,13 +213,16 @@ void ControlServer::Connection::worker_events()
 		                                     " refused, the first one stays");
 		return error(proto::errors::kEventsInUse, {{"instance", inst->id}});
 	}
+	claim_instance();
 }
 
 // Handoff is oneway: its outcome comes back as a "handoff" event on this connection's Events
 // stream, so one connection carries everything. A call that cannot be understood returns every
 // connection it carried: the sender still holds them all.
-void ControlServer::Connection::worker_handoff(const json &params, std::vector<proto::UniqueFd> fds)
+void ControlServer::Connection::worker_handoff(control::Call &call)
 {
+	const json &params = call.params;
+	std::vector<proto::UniqueFd> &fds = call.fds;
 	// By its Events stream, not its token: a sender may exit right after writing its batches,
 	// and its exit be handled first. What reached brokerd still goes to the successor, as the
 	// sender's own copies are gone.
@@ -246,8 +273,9 @@ void ControlServer::Connection::worker_handoff(const json &params, std::vector<p
 	server_.supervisor_.handoff(*inst, *this, id, std::move(items), remaining);
 }
 
-void ControlServer::Connection::worker_received(const json &params)
+void ControlServer::Connection::worker_received(control::Call &call)
 {
+	const json &params = call.params;
 	// Not worker(): a receiver may die right after acknowledging, and its exit may be handled
 	// before its last words are read. What it acknowledged it had, and closed as it died; given
 	// back, those connections would be served twice. The router checks that this connection was

@@ -3,9 +3,8 @@
 builds tests/interop/varlink_idl.go offline (as varlink_go.py does), runs it as nobody against
 brokerd with docs/io.brokerd.Control.varlink, docs/io.brokerd.Worker.varlink and
 broker/control/org.varlink.service.varlink (see the .go file for its checks), then compares the methods
-each file declares with those brokerd's source dispatches: the Control table in
-broker/control/access.cpp (every name in it reaches a handler), and the Worker and org.varlink.service
-names in broker/control/server.cpp's dispatch.
+each file declares with those brokerd dispatches: the rows of the method table in
+broker/control/methods.cpp, the one place that authorizes and dispatches a call.
 
 Exits 77 (meson's skip) only when go or the varlink-go source is not installed; scripts/test
 installs both, so CI always runs it.
@@ -32,20 +31,14 @@ NOBODY = 65534
 
 
 def dispatched():
-    """The method names brokerd's source dispatches, by interface."""
-    with open(os.path.join(ROOT, "broker", "control", "access.cpp")) as f:
-        access = f.read()
-    with open(os.path.join(ROOT, "broker", "control", "server.cpp")) as f:
-        server = f.read()
-
-    def branch(iface):
-        start = server.index('iface == "%s"' % iface)
-        end = server.index("} else", start)
-        return sorted(re.findall(r'name == "(\w+)"', server[start:end]))
-
-    return {"io.brokerd.Control": sorted(re.findall(r'\{"(\w+)", Tier::\w+\}', access)),
-            "io.brokerd.Worker": branch("io.brokerd.Worker"),
-            "org.varlink.service": branch("org.varlink.service")}
+    """The method names of brokerd's method table, by interface."""
+    with open(os.path.join(ROOT, "broker", "control", "methods.cpp")) as f:
+        table = f.read()
+    rows = re.findall(r'\{"([\w.]+)\.(\w+)", \w+, (?:true|false), &Connection::\w+\}', table)
+    names = {}
+    for iface, method in rows:
+        names.setdefault(iface, []).append(method)
+    return {iface: sorted(methods) for iface, methods in names.items()}
 
 
 def main():
