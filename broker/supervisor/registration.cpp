@@ -18,6 +18,22 @@ namespace brokerd {
 using json = nlohmann::json;
 using namespace process;
 
+namespace {
+
+// A service's register rule, default-deny: the peer must be a listed user or in a listed group.
+bool may_register(const config::ServiceConfig &cfg, uid_t uid, const std::vector<gid_t> &groups)
+{
+	for (const auto &name : cfg.register_users)
+		if (passwd *pw = ::getpwnam(name.c_str()); pw && pw->pw_uid == uid)
+			return true;
+	for (const auto &name : cfg.register_groups)
+		if (group *gr = ::getgrnam(name.c_str()); gr && std::find(groups.begin(), groups.end(), gr->gr_gid) != groups.end())
+			return true;
+	return false;
+}
+
+} // namespace
+
 bool Supervisor::attach_events(Instance &inst, EventSink *sink)
 {
 	if (inst.events)
@@ -103,15 +119,7 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 	if (svc.removing || svc.stopped || shutting_down_)
 		return deny("the service is stopped");
 
-	// Default-deny: the peer must be a listed user or in a listed group.
-	bool allowed = false;
-	for (const auto &name : svc.cfg.register_users)
-		if (passwd *pw = ::getpwnam(name.c_str()); pw && pw->pw_uid == uid)
-			allowed = true;
-	for (const auto &name : svc.cfg.register_groups)
-		if (group *gr = ::getgrnam(name.c_str()); gr && std::find(groups.begin(), groups.end(), gr->gr_gid) != groups.end())
-			allowed = true;
-	if (!allowed)
+	if (!may_register(svc.cfg, uid, groups))
 		return deny("not allowed by services." + svc.name + ".register");
 
 	// Join the generation of that version, or start a new one that will take over when ready.
@@ -130,30 +138,10 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 		config::ServiceConfig cfg = svc.cfg;
 		cfg.version = version;
 		gen = &new_generation(svc, cfg);
-		if (!svc.current || svc.current->instances.empty()) {
+		if (!svc.current || svc.current->instances.empty())
 			svc.current = gen;
-		} else {
-			// A new version takes over the way an upgrade does, but its instances arrive by Hello.
-			unsigned old_total = 0;
-			for (const auto &inst : svc.current->instances)
-				if (!inst->retired)
-					old_total++;
-			auto up = std::make_unique<Upgrade>(Rollout(old_total, cfg.instances, cfg.upgrade_batch, false));
-			up->from = svc.current;
-			up->to = gen;
-			up->kind = "takeover";
-			up->started = now_usec(CLOCK_MONOTONIC);
-			up->service = &svc;
-			up->supervisor = this;
-			up->last_progress = up->started;
-			svc.upgrade = std::move(up);
-			std::string what = "takeover of " + svc.name + " by version \"" + version + "\" (gen " +
-			                   std::to_string(gen->number) + ")";
-			log::notice(what);
-			emit_service(svc, "upgrade", what);
-			svc.upgrade->rollout.begin();
-			check_registrations(*svc.upgrade);
-		}
+		else
+			begin_takeover(svc, *gen);
 	}
 
 	Instance &inst = add_instance(*gen);
@@ -173,6 +161,32 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 		arm_timer(inst, static_cast<std::uint64_t>(gen->cfg.start_timeout.count()) * kUsecPerMsec, start_timeout_handler);
 	changed();
 	return &inst;
+}
+
+// A new version takes over the way an upgrade does, but its instances arrive by Hello.
+void Supervisor::begin_takeover(Service &svc, Generation &gen)
+{
+	const config::ServiceConfig &cfg = gen.cfg;
+	const std::string &version = cfg.version;
+	unsigned old_total = 0;
+	for (const auto &inst : svc.current->instances)
+		if (!inst->retired)
+			old_total++;
+	auto up = std::make_unique<Upgrade>(Rollout(old_total, cfg.instances, cfg.upgrade_batch, false));
+	up->from = svc.current;
+	up->to = &gen;
+	up->kind = "takeover";
+	up->started = now_usec(CLOCK_MONOTONIC);
+	up->service = &svc;
+	up->supervisor = this;
+	up->last_progress = up->started;
+	svc.upgrade = std::move(up);
+	std::string what = "takeover of " + svc.name + " by version \"" + version + "\" (gen " +
+	                   std::to_string(gen.number) + ")";
+	log::notice(what);
+	emit_service(svc, "upgrade", what);
+	svc.upgrade->rollout.begin();
+	check_registrations(*svc.upgrade);
 }
 
 int Supervisor::registration_handler(sd_event_source *, std::uint64_t, void *userdata)

@@ -1,11 +1,11 @@
-// Spawner: starts an instance's process with exactly its fds, environment and credentials, and reads
-// what it reports on its exec-status and output pipes.
-#include "supervisor/supervisor.hpp"
+// Spawner: plans an instance's process (exactly its fds, environment and credentials), forks and
+// execs it, and reads what it reports on its exec-status and output pipes.
+#include "supervisor/spawner.hpp"
 
-#include "control/access.hpp"
 #include "os/log.hpp"
 #include "proto/limits.hpp"
 #include "supervisor/process.hpp"
+#include "supervisor/supervisor.hpp"
 
 #include <fcntl.h>
 #include <grp.h>
@@ -65,8 +65,6 @@ bool inherited_variable(std::string_view entry)
 using access::Credentials;
 using access::lookup_credentials;
 
-// In the child, between fork and exec: only async-signal-safe calls. Reports errno on the
-// status pipe, whose write end sits at fd `status_fd` and closes itself at exec.
 // What a child reports on its status pipe when it cannot become the worker: the step, and errno.
 enum class ChildStep : int { Setup, Credentials, Chdir, Exec };
 struct ChildFailure {
@@ -82,7 +80,152 @@ struct ChildFailure {
 	::_exit(127);
 }
 
+constexpr std::string_view kListenPid = "LISTEN_PID=";
+
+// Writes `pid` in decimal at `out`, which has room for it, without allocating.
+void format_pid(char *out, pid_t pid)
+{
+	char digits[16];
+	int n = 0;
+	for (pid_t p = pid; p > 0; p /= 10)
+		digits[n++] = static_cast<char>('0' + p % 10);
+	while (n > 0)
+		*out++ = digits[--n];
+	*out = '\0';
+}
+
+// In the child, between fork and exec: only async-signal-safe calls, and no allocation (every
+// buffer is in the plan). Reports a failure on the status pipe, whose write end is the plan's
+// last fd and closes itself at exec.
+[[noreturn]] void exec_child(SpawnPlan &plan)
+{
+	sigset_t all;
+	sigemptyset(&all);
+	sigprocmask(SIG_SETMASK, &all, nullptr);
+	for (int sig = 1; sig < NSIG; sig++)
+		::signal(sig, SIG_DFL);
+	const int top = static_cast<int>(plan.fds.size());
+	const int status_fd = top - 1;
+	if (::setsid() < 0)
+		child_fail(plan.fds[static_cast<std::size_t>(status_fd)], ChildStep::Setup, errno);
+
+	// Lift every source above the target range first, so no dup2 overwrites one.
+	for (std::size_t i = 0; i < plan.fds.size(); i++) {
+		plan.lifted[i] = ::fcntl(plan.fds[i], F_DUPFD_CLOEXEC, top);
+		if (plan.lifted[i] < 0)
+			child_fail(plan.fds[static_cast<std::size_t>(status_fd)], ChildStep::Setup, errno);
+	}
+	int status_lifted = plan.lifted[static_cast<std::size_t>(status_fd)];
+	for (int i = 0; i < top; i++) {
+		int flags = i == status_fd ? O_CLOEXEC : 0;
+		if (::dup3(plan.lifted[static_cast<std::size_t>(i)], i, flags) < 0)
+			child_fail(status_lifted, ChildStep::Setup, errno);
+	}
+	// Exactly stdio, the sockets and the status pipe (which closes at exec) remain.
+	::close_range(static_cast<unsigned>(top), ~0u, 0);
+
+	const Credentials &creds = plan.creds;
+	if (creds.change) {
+		if (::setgroups(creds.groups.size(), creds.groups.data()) < 0 || ::setgid(creds.gid) < 0 ||
+		    ::setuid(creds.uid) < 0)
+			child_fail(status_fd, ChildStep::Credentials, errno);
+	}
+	if (::chdir(plan.cwd.c_str()) < 0)
+		child_fail(status_fd, ChildStep::Chdir, errno);
+	if (plan.listen_pid >= 0)
+		format_pid(plan.envp[static_cast<std::size_t>(plan.listen_pid)] + kListenPid.size(), ::getpid());
+	// The fd limit brokerd was started with, not the one it raised for itself: a worker
+	// starts as the service manager would have started it.
+	if (plan.nofile.rlim_cur != 0)
+		::setrlimit(RLIMIT_NOFILE, &plan.nofile);
+	::execve(plan.program.c_str(), plan.argv.data(), plan.envp.data());
+	child_fail(status_fd, ChildStep::Exec, errno);
+}
+
+// The worker's environment: what it inherits of brokerd's, then what brokerd tells it, then the
+// service's own env, which overrides both.
+std::vector<std::string> worker_env(const SpawnInputs &in)
+{
+	const config::ServiceConfig &cfg = in.cfg;
+	std::vector<std::string> env;
+	for (char **e = in.inherited; e && *e; e++)
+		if (inherited_variable(*e))
+			env.emplace_back(*e);
+	std::string fdnames;
+	for (const auto &name : in.socket_names)
+		fdnames += (fdnames.empty() ? "" : ":") + name;
+	if (!in.socket_names.empty()) {
+		env.push_back("LISTEN_FDS=" + std::to_string(in.socket_names.size()));
+		env.push_back("LISTEN_FDNAMES=" + fdnames);
+	}
+	env.push_back("NOTIFY_SOCKET=" + in.notify_address);
+	env.push_back("BROKER_SOCKET=" + in.control_path);
+	env.push_back("BROKER_TOKEN=" + in.token);
+	env.push_back("BROKER_SERVICE=" + in.service);
+	env.push_back("BROKER_INSTANCE=" + in.instance);
+	env.push_back("BROKER_GENERATION=" + std::to_string(in.generation));
+	if (!cfg.version.empty())
+		env.push_back("BROKER_VERSION=" + cfg.version);
+	if (in.creds.change && !cfg.user.empty()) {
+		std::erase_if(env, [](const std::string &s) {
+			return s.starts_with("HOME=") || s.starts_with("USER=") || s.starts_with("LOGNAME=");
+		});
+		env.push_back("HOME=" + in.creds.home);
+		env.push_back("USER=" + cfg.user);
+		env.push_back("LOGNAME=" + cfg.user);
+	}
+	for (const auto &[k, v] : cfg.env) {
+		// Not a capture of k itself: clang before 16 cannot capture a structured binding.
+		std::string assignment = k + "=";
+		std::erase_if(env, [&](const std::string &s) { return s.starts_with(assignment); });
+		env.push_back(assignment + v);
+	}
+	return env;
+}
+
 } // namespace
+
+SpawnPlan plan_spawn(const SpawnInputs &in)
+{
+	SpawnPlan plan;
+	plan.program = in.program;
+	plan.args = in.cfg.exec;
+	plan.env = worker_env(in);
+	if (!in.socket_names.empty()) {
+		// Room for any pid's digits, written by the child.
+		plan.listen_pid = static_cast<int>(plan.env.size());
+		plan.env.push_back(std::string(kListenPid) + std::string(16, '\0'));
+	}
+	for (auto &a : plan.args)
+		plan.argv.push_back(a.data());
+	plan.argv.push_back(nullptr);
+	for (auto &e : plan.env)
+		plan.envp.push_back(e.data());
+	plan.envp.push_back(nullptr);
+	plan.cwd = in.cfg.cwd.empty() ? "/" : in.cfg.cwd;
+	plan.creds = in.creds;
+	plan.nofile = in.nofile;
+	plan.fds = {-1, -1, -1};
+	plan.fds.insert(plan.fds.end(), in.socket_fds.begin(), in.socket_fds.end());
+	plan.fds.push_back(-1);
+	plan.lifted.assign(plan.fds.size(), -1);
+	return plan;
+}
+
+std::optional<std::string> open_child_pipes(ChildPipes &p)
+{
+	for (auto [r, w] : {std::pair{&p.out_r, &p.out_w}, std::pair{&p.err_r, &p.err_w}, std::pair{&p.status_r, &p.status_w}}) {
+		int fds[2];
+		if (::pipe2(fds, O_CLOEXEC) < 0)
+			return "pipe: " + errno_text(errno);
+		r->reset(fds[0]);
+		w->reset(fds[1]);
+	}
+	p.devnull.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+	if (!p.devnull)
+		return "open /dev/null: " + errno_text(errno);
+	return std::nullopt;
+}
 
 void Supervisor::spawn(Instance &inst)
 {
@@ -108,142 +251,57 @@ void Supervisor::spawn(Instance &inst)
 
 	if (cfg.exec.empty())
 		return fail("the service has no exec: its workers register themselves");
-	std::string program = resolve_program(cfg.exec[0]);
-	if (program.empty())
+	SpawnInputs in(cfg);
+	in.program = resolve_program(cfg.exec[0]);
+	if (in.program.empty())
 		return fail("program \"" + cfg.exec[0] + "\" not found in PATH");
-
-	Credentials creds;
 	try {
-		creds = lookup_credentials(cfg);
+		in.creds = lookup_credentials(cfg);
 	} catch (const std::exception &e) {
 		return fail(e.what());
 	}
-
+	in.inherited = environ;
+	for (const Listener *l : svc.sockets) {
+		in.socket_names.push_back(l->name);
+		in.socket_fds.push_back(l->fd.get());
+	}
+	in.notify_address = notify_address_;
+	in.control_path = control_path_;
+	in.token = inst.token;
+	in.service = svc.name;
+	in.instance = inst.id;
+	in.generation = inst.generation->number;
+	in.nofile = child_nofile_;
 	// Everything the child needs is built here, before fork.
-	std::vector<std::string> env_strings;
-	for (char **e = environ; *e; e++)
-		if (inherited_variable(*e))
-			env_strings.emplace_back(*e);
-	std::string fdnames;
-	for (const Listener *l : svc.sockets)
-		fdnames += (fdnames.empty() ? "" : ":") + l->name;
-	std::size_t nsockets = svc.sockets.size();
-	if (nsockets > 0) {
-		env_strings.push_back("LISTEN_FDS=" + std::to_string(nsockets));
-		env_strings.push_back("LISTEN_FDNAMES=" + fdnames);
-	}
-	env_strings.push_back("NOTIFY_SOCKET=" + notify_address_);
-	env_strings.push_back("BROKER_SOCKET=" + control_path_);
-	env_strings.push_back("BROKER_TOKEN=" + inst.token);
-	env_strings.push_back("BROKER_SERVICE=" + svc.name);
-	env_strings.push_back("BROKER_INSTANCE=" + inst.id);
-	env_strings.push_back("BROKER_GENERATION=" + std::to_string(inst.generation->number));
-	if (!cfg.version.empty())
-		env_strings.push_back("BROKER_VERSION=" + cfg.version);
-	if (creds.change && !cfg.user.empty()) {
-		std::erase_if(env_strings, [](const std::string &s) {
-			return s.starts_with("HOME=") || s.starts_with("USER=") || s.starts_with("LOGNAME=");
-		});
-		env_strings.push_back("HOME=" + creds.home);
-		env_strings.push_back("USER=" + cfg.user);
-		env_strings.push_back("LOGNAME=" + cfg.user);
-	}
-	for (const auto &[k, v] : cfg.env) {
-		// Not a capture of k itself: clang before 16 cannot capture a structured binding.
-		std::string assignment = k + "=";
-		std::erase_if(env_strings, [&](const std::string &s) { return s.starts_with(assignment); });
-		env_strings.push_back(assignment + v);
-	}
-	char listen_pid[32] = "LISTEN_PID=";
-	std::vector<char *> envp;
-	for (auto &s : env_strings)
-		envp.push_back(s.data());
-	if (nsockets > 0)
-		envp.push_back(listen_pid);
-	envp.push_back(nullptr);
-	std::vector<std::string> args = cfg.exec;
-	std::vector<char *> argv;
-	for (auto &a : args)
-		argv.push_back(a.data());
-	argv.push_back(nullptr);
-	std::string cwd = cfg.cwd.empty() ? "/" : cfg.cwd;
-
-	int out_pipe[2], err_pipe[2], status_pipe[2];
-	if (::pipe2(out_pipe, O_CLOEXEC) < 0)
-		return fail("pipe: " + errno_text(errno));
-	proto::UniqueFd out_r(out_pipe[0]), out_w(out_pipe[1]);
-	if (::pipe2(err_pipe, O_CLOEXEC) < 0)
-		return fail("pipe: " + errno_text(errno));
-	proto::UniqueFd err_r(err_pipe[0]), err_w(err_pipe[1]);
-	if (::pipe2(status_pipe, O_CLOEXEC) < 0)
-		return fail("pipe: " + errno_text(errno));
-	proto::UniqueFd status_r(status_pipe[0]), status_w(status_pipe[1]);
-	proto::UniqueFd devnull(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-	if (!devnull)
-		return fail("open /dev/null: " + errno_text(errno));
-
-	// Sources to move into place: 0, 1, 2, then the sockets at 3.., then the status pipe.
-	std::vector<int> sources = {devnull.get(), out_w.get(), err_w.get()};
-	for (const Listener *l : svc.sockets)
-		sources.push_back(l->fd.get());
-	sources.push_back(status_w.get());
-	const int status_fd = static_cast<int>(sources.size()) - 1;
+	SpawnPlan plan = plan_spawn(in);
+	ChildPipes pipes;
+	if (auto why = open_child_pipes(pipes))
+		return fail(*why);
+	plan.fds[0] = pipes.devnull.get();
+	plan.fds[1] = pipes.out_w.get();
+	plan.fds[2] = pipes.err_w.get();
+	plan.fds.back() = pipes.status_w.get();
 
 	pid_t pid = ::fork();
 	if (pid < 0)
 		return fail("fork: " + errno_text(errno));
-	if (pid == 0) {
-		sigset_t all;
-		sigemptyset(&all);
-		sigprocmask(SIG_SETMASK, &all, nullptr);
-		for (int sig = 1; sig < NSIG; sig++)
-			::signal(sig, SIG_DFL);
-		if (::setsid() < 0)
-			child_fail(status_w.get(), ChildStep::Setup, errno);
+	if (pid == 0)
+		exec_child(plan);
+	if (auto why = watch_child(inst, pid))
+		return fail(*why);
+	watch_pipes(inst, pipes);
 
-		// Lift every source above the target range first, so no dup2 overwrites one.
-		const int top = static_cast<int>(sources.size());
-		std::vector<int> lifted(sources.size());
-		for (std::size_t i = 0; i < sources.size(); i++) {
-			lifted[i] = ::fcntl(sources[i], F_DUPFD_CLOEXEC, top);
-			if (lifted[i] < 0)
-				child_fail(status_w.get(), ChildStep::Setup, errno);
-		}
-		int status_lifted = lifted[static_cast<std::size_t>(status_fd)];
-		for (int i = 0; i < top; i++) {
-			int flags = i == status_fd ? O_CLOEXEC : 0;
-			if (::dup3(lifted[static_cast<std::size_t>(i)], i, flags) < 0)
-				child_fail(status_lifted, ChildStep::Setup, errno);
-		}
-		// Exactly stdio, the sockets and the status pipe (which closes at exec) remain.
-		::close_range(static_cast<unsigned>(top), ~0u, 0);
+	log::info("instance " + inst.id + ": started pid " + std::to_string(pid) + " (" + plan.program + ")");
+	emit(inst, "started");
+	if (cfg.ready != config::ReadyMode::Exec)
+		arm_timer(inst, static_cast<std::uint64_t>(cfg.start_timeout.count()) * kUsecPerMsec,
+		          start_timeout_handler);
+	changed();
+}
 
-		if (creds.change) {
-			if (::setgroups(creds.groups.size(), creds.groups.data()) < 0 || ::setgid(creds.gid) < 0 ||
-			    ::setuid(creds.uid) < 0)
-				child_fail(status_fd, ChildStep::Credentials, errno);
-		}
-		if (::chdir(cwd.c_str()) < 0)
-			child_fail(status_fd, ChildStep::Chdir, errno);
-		if (nsockets > 0) {
-			// LISTEN_PID=<our pid>, formatted without allocating.
-			char digits[16];
-			int n = 0;
-			for (pid_t p = ::getpid(); p > 0; p /= 10)
-				digits[n++] = static_cast<char>('0' + p % 10);
-			char *w = listen_pid + std::strlen(listen_pid);
-			while (n > 0)
-				*w++ = digits[--n];
-			*w = '\0';
-		}
-		// The fd limit brokerd was started with, not the one it raised for itself: a worker
-		// starts as the service manager would have started it.
-		if (child_nofile_.rlim_cur != 0)
-			::setrlimit(RLIMIT_NOFILE, &child_nofile_);
-		::execve(program.c_str(), argv.data(), envp.data());
-		child_fail(status_fd, ChildStep::Exec, errno);
-	}
-
+// A child just forked: watched through its pidfd from now on, or killed when it cannot be.
+std::optional<std::string> Supervisor::watch_child(Instance &inst, pid_t pid)
+{
 	inst.child_source.reset();
 	proto::UniqueFd pidfd(pidfd_open(pid));
 	sd_event_source *s = nullptr;
@@ -252,7 +310,7 @@ void Supervisor::spawn(Instance &inst)
 		// Only fd exhaustion gets here; never lose a child we cannot watch.
 		::kill(pid, SIGKILL);
 		::waitpid(pid, nullptr, 0);
-		return fail("cannot watch child: " + errno_text(-r));
+		return "cannot watch child: " + errno_text(-r);
 	}
 	// The source owns the pidfd from here on, so it closes only after sd-event reaped the child.
 	sd_event_source_set_child_pidfd_own(s, 1);
@@ -260,12 +318,19 @@ void Supervisor::spawn(Instance &inst)
 	inst.child_source.reset(s);
 	inst.pid = pid;
 	inst.session = pid;
+	return std::nullopt;
+}
 
-	inst.exec_status = std::move(status_r);
+// The parent's ends of a new child's exec-status and output pipes.
+void Supervisor::watch_pipes(Instance &inst, ChildPipes &pipes)
+{
+	sd_event_source *s = nullptr;
+	inst.exec_status = std::move(pipes.status_r);
 	if (sd_event_add_io(event_, &s, inst.exec_status.get(), EPOLLIN, exec_handler, &inst) >= 0)
 		inst.exec_source.reset(s);
 
-	for (auto [pipe, fd, target] : {std::tuple{&inst.out, &out_r, 1}, std::tuple{&inst.err, &err_r, 2}}) {
+	for (auto [pipe, fd, target] :
+	     {std::tuple{&inst.out, &pipes.out_r, 1}, std::tuple{&inst.err, &pipes.err_r, 2}}) {
 		::fcntl(fd->get(), F_SETFL, O_NONBLOCK);
 		pipe->fd = std::move(*fd);
 		pipe->partial.clear();
@@ -273,13 +338,6 @@ void Supervisor::spawn(Instance &inst)
 		if (sd_event_add_io(event_, &s, pipe->fd.get(), EPOLLIN, output_handler, &inst) >= 0)
 			pipe->source.reset(s);
 	}
-
-	log::info("instance " + inst.id + ": started pid " + std::to_string(pid) + " (" + program + ")");
-	emit(inst, "started");
-	if (cfg.ready != config::ReadyMode::Exec)
-		arm_timer(inst, static_cast<std::uint64_t>(cfg.start_timeout.count()) * kUsecPerMsec,
-		          start_timeout_handler);
-	changed();
 }
 
 int Supervisor::exec_handler(sd_event_source *, int, std::uint32_t, void *userdata)

@@ -23,6 +23,8 @@
 
 namespace brokerd {
 
+struct ChildPipes;
+
 // Whoever waits for an upgrade, a start or a stop: a control connection. progress() gets every
 // step (Progress parameters); finished() gets the last one, or an error name and its parameters.
 class Observer {
@@ -157,6 +159,8 @@ private:
 	Generation &new_generation(Service &svc, const config::ServiceConfig &cfg);
 	Instance &add_instance(Generation &gen);
 	void spawn(Instance &inst);
+	std::optional<std::string> watch_child(Instance &inst, pid_t pid);
+	void watch_pipes(Instance &inst, ChildPipes &pipes);
 	void set_state(Instance &inst, InstanceState s);
 	void drain(Instance &inst, std::optional<config::Duration> timeout = std::nullopt);
 	// A drain's time, cut to what is left of the shutdown budget once shutting down; usec.
@@ -197,6 +201,7 @@ private:
 	static int drain_timeout_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int restart_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int registration_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
+	void begin_takeover(Service &svc, Generation &gen);
 	void check_registrations(Upgrade &up);
 	static int prune_handler(sd_event_source *s, void *userdata);
 	void restore_instance(Instance &inst, const nlohmann::json &j);
