@@ -15,7 +15,7 @@ std::vector<EventSink *> Supervisor::handoff_targets(const Instance &sender) con
 	if (!next || next->number <= sender.generation->number || svc.removing)
 		return out;
 	for (const auto &inst : next->instances)
-		if (inst->state == InstanceState::Ready && inst->accepts_handoff && inst->events && !inst->retired)
+		if (inst->state == InstanceState::Ready && inst->accepts_handoff && inst->events && !inst->retired())
 			out.push_back(inst->events);
 	return out;
 }

@@ -114,7 +114,7 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 		inst.exit_reason = how;
 	// Expected only when brokerd asked it to go: a worker that drains on its own (STOPPING=1) and
 	// exits is judged like any other exit.
-	bool expected = inst.retired || shutting_down_;
+	bool expected = inst.retired() || shutting_down_;
 	std::string pid = std::to_string(inst.pid);
 	if (expected)
 		log::info("instance " + inst.id + ": pid " + pid + " " + how);
@@ -125,10 +125,10 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 
 void Supervisor::after_exit(Instance &inst, bool clean)
 {
-	bool expected = inst.retired || shutting_down_;
+	bool expected = inst.retired() || shutting_down_;
 	if (inst.external) {
 		// A registered instance is never restarted by us: whoever started it decides.
-		inst.retired = true;
+		inst.retire();
 		inst.child_source.reset();
 		inst.pidfd.reset();
 	} else if (inst.forked) {
@@ -152,12 +152,12 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 		// A new instance that dies before the upgrade is done fails the upgrade.
 		up->failed_instance = inst.id;
 		up->failed_output.assign(inst.last_lines.begin(), inst.last_lines.end());
-		inst.retired = true;
+		inst.retire();
 		step = up->rollout.fail("instance " + inst.id + " " + inst.exit_reason);
 	} else if (up && inst.generation == up->from && up->rollout.phase() == RolloutPhase::Rolling) {
 		// Only the exit of one it drained counts as such. A registered worker gone on its own is
 		// one fewer to drain (a spawned one restarts, or its empty slot is drained later).
-		if (inst.rollout_drained)
+		if (inst.purpose == InstancePurpose::RolloutDrained)
 			step = up->rollout.old_exited();
 		else if (inst.external)
 			step = up->rollout.old_lost();
@@ -167,22 +167,23 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 
 	if (step) {
 		apply(svc, *step);
-	} else if (!expected && !shutting_down_ && !inst.retired && !svc.stopped) {
+	} else if (!expected && !shutting_down_ && !inst.retired() && !svc.stopped) {
 		const auto policy = inst.generation->cfg.restart;
 		bool restart = policy == config::RestartPolicy::Always ||
 		               (policy == config::RestartPolicy::OnFailure && !clean);
 		if (restart)
 			schedule_restart(inst);
-		if (up && inst.restored && inst.generation == up->from && up->rollout.phase() == RolloutPhase::RollingBack) {
+		if (up && inst.purpose == InstancePurpose::Restored && inst.generation == up->from &&
+		    up->rollout.phase() == RolloutPhase::RollingBack) {
 			// A refill that failed must not hold the rollback open: it ends short, and the slot
 			// goes on under its restart policy.
 			log::error("instance " + inst.id + ": could not be restored, the rollback ends short of full capacity");
-			inst.restored = false;
+			inst.purpose = InstancePurpose::Serving;
 			apply(svc, up->rollout.restored_ready());
 		}
 	}
-	if (inst.state != InstanceState::Starting)
-		inst.retired = inst.retired || inst.generation != svc.current || svc.removing;
+	if (inst.state != InstanceState::Starting && (inst.generation != svc.current || svc.removing))
+		inst.retire();
 	schedule_prune();
 	check_waiters(svc);
 	changed();
@@ -213,7 +214,7 @@ int Supervisor::restart_handler(sd_event_source *, std::uint64_t, void *userdata
 {
 	return guarded("restart_handler", [&]() -> int {
 		auto &inst = *static_cast<Instance *>(userdata);
-		if (!inst.supervisor->shutting_down_ && !inst.retired)
+		if (!inst.supervisor->shutting_down_ && !inst.retired())
 			inst.supervisor->spawn(inst);
 		return 0;
 	});
@@ -276,7 +277,7 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 		inst.timer.reset();
 		if (inst.state == InstanceState::Starting)
 			set_state(inst, InstanceState::Exited);
-		inst.retired = true;
+		inst.retire();
 		schedule_prune();
 		return;
 	}
@@ -317,12 +318,12 @@ void Supervisor::instance_ready(Instance &inst, std::string_view how)
 	Service &svc = *inst.service;
 	Upgrade *up = svc.upgrade.get();
 	std::optional<RolloutStep> step;
-	if (up && !inst.retired && inst.generation == up->to)
+	if (up && !inst.retired() && inst.generation == up->to)
 		step = up->rollout.new_ready();
-	else if (up && inst.generation == up->from && inst.restored)
+	else if (up && inst.generation == up->from && inst.purpose == InstancePurpose::Restored)
 		step = up->rollout.restored_ready();
 	emit(inst, "ready");
-	if (shutting_down_ || inst.retired || svc.stopped)
+	if (shutting_down_ || inst.retired() || svc.stopped)
 		drain(inst);
 	else if (step)
 		apply(svc, *step);

@@ -37,6 +37,14 @@ struct HandoffCounts {
 };
 
 enum class InstanceState { Starting, Ready, Draining, Exited, Failed };
+
+// What an instance is there for, beside its state: what its readiness and its exit mean.
+enum class InstancePurpose {
+	Serving,        // an ordinary instance: restarted under its policy
+	Restored,       // started by a rollback to refill the old generation; its readiness feeds it
+	Retired,        // drained on purpose: never restarted, pruned once exited
+	RolloutDrained, // retired by an upgrade or takeover, which awaits its exit
+};
 const char *state_name(InstanceState s);
 
 // A worker's stdout or stderr pipe, copied line by line to brokerd's own with the instance's name.
@@ -82,9 +90,18 @@ struct Instance {
 	bool external = false;   // registered with Hello, not spawned: watched through pidfd
 	proto::UniqueFd pidfd;          // external, forked or MAINPID (a spawned one's pidfd lives in child_source)
 
-	bool retired = false;  // drained on purpose: never restarted, pruned once exited
-	bool restored = false; // started by a rollback to refill the old generation
-	bool rollout_drained = false; // an old instance an upgrade or takeover drained: its exit is awaited
+	InstancePurpose purpose = InstancePurpose::Serving;
+	// Drained on purpose: never restarted, pruned once exited.
+	bool retired() const
+	{
+		return purpose == InstancePurpose::Retired || purpose == InstancePurpose::RolloutDrained;
+	}
+	// Retired from now on; one an upgrade drained stays so, as the upgrade awaits its exit.
+	void retire()
+	{
+		if (!retired())
+			purpose = InstancePurpose::Retired;
+	}
 
 	RestartBackoff backoff;
 };

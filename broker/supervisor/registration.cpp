@@ -170,7 +170,7 @@ void Supervisor::begin_takeover(Service &svc, Generation &gen)
 	const std::string &version = cfg.version;
 	unsigned old_total = 0;
 	for (const auto &inst : svc.current->instances)
-		if (!inst->retired)
+		if (!inst->retired())
 			old_total++;
 	auto up = std::make_unique<Upgrade>(Rollout(old_total, cfg.instances, cfg.upgrade_batch, false));
 	up->from = svc.current;
@@ -217,7 +217,7 @@ void Supervisor::check_registrations(Upgrade &up)
 	}
 	unsigned registered = 0, starting = 0;
 	for (const auto &inst : up.to->instances)
-		if (!inst->retired) {
+		if (!inst->retired()) {
 			registered++;
 			starting += inst->state == InstanceState::Starting;
 		}
@@ -256,7 +256,7 @@ void Supervisor::external_exit(Instance &inst, const std::string &how)
 {
 	if (!inst.pid)
 		return;
-	bool expected = inst.retired || shutting_down_;
+	bool expected = inst.retired() || shutting_down_;
 	if (inst.exit_reason.empty())
 		inst.exit_reason = how;
 	if (inst.forked)

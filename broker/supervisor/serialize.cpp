@@ -65,8 +65,8 @@ json Supervisor::save_state(std::vector<int> &keep_fds) const
 				          {"status", inst->status_text},
 				          {"exit_reason", inst->exit_reason},
 				          {"external", inst->external},
-				          {"retired", inst->retired},
-				          {"restored", inst->restored},
+				          {"retired", inst->retired()},
+				          {"restored", inst->purpose == InstancePurpose::Restored},
 				          {"restarts", inst->backoff.restarts},
 				          {"crash_times", inst->backoff.crash_times},
 				          {"ready_since", inst->backoff.ready_since},
@@ -168,8 +168,9 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 	inst.status_text = i.at("status").get<std::string>();
 	inst.exit_reason = i.at("exit_reason").get<std::string>();
 	inst.external = i.at("external").get<bool>();
-	inst.retired = i.at("retired").get<bool>();
-	inst.restored = i.at("restored").get<bool>();
+	inst.purpose = i.at("retired").get<bool>()    ? InstancePurpose::Retired
+	               : i.at("restored").get<bool>() ? InstancePurpose::Restored
+	                                              : InstancePurpose::Serving;
 	inst.backoff.restarts = i.at("restarts").get<unsigned>();
 	for (const json &t : i.at("crash_times"))
 		inst.backoff.crash_times.push_back(t.get<std::uint64_t>());
@@ -217,7 +218,7 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 		// Nothing names it safely any more. A registered worker is never restarted by us anyway.
 		log::warning("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " came without its pidfd, forgetting it");
 		inst.pid = 0;
-		inst.retired = true;
+		inst.retire();
 		inst.token.clear();
 		set_state(inst, InstanceState::Exited);
 		schedule_prune();

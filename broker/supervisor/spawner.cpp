@@ -239,7 +239,6 @@ void Supervisor::spawn(Instance &inst)
 	inst.main_pid = 0;
 	inst.session = 0;
 	inst.forked = false;
-	inst.rollout_drained = false;
 	inst.pidfd.reset();
 
 	auto fail = [&](const std::string &why) {

@@ -69,7 +69,7 @@ json Supervisor::services_json(const std::string *only) const
 					i["handoff"] = {{"handed", inst->handoff.handed},
 					                {"received", inst->handoff.received},
 					                {"returned", inst->handoff.returned}};
-				if (gen.get() == svc->current && !inst->retired && inst->state == InstanceState::Failed)
+				if (gen.get() == svc->current && !inst->retired() && inst->state == InstanceState::Failed)
 					failed = true;
 				insts.push_back(std::move(i));
 			}
@@ -111,7 +111,7 @@ std::string Supervisor::summary() const
 				total++;
 				if (inst->state == InstanceState::Ready)
 					ready++;
-				if (inst->retired || svc->stopped || gen.get() != svc->current)
+				if (inst->retired() || svc->stopped || gen.get() != svc->current)
 					continue;
 				std::size_t why = inst->state == InstanceState::Failed     ? 3
 				                  : inst->state != InstanceState::Starting ? 0

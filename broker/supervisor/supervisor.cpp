@@ -90,7 +90,7 @@ void Supervisor::remove_service(const std::string &name)
 		o->finished(json::object());
 	for (auto &gen : svc->generations)
 		for (auto &inst : gen->instances) {
-			inst->retired = true;
+			inst->retire();
 			drain(*inst);
 		}
 	schedule_prune();
@@ -183,7 +183,7 @@ namespace {
 
 bool first_attempt(const Instance &inst)
 {
-	return inst.state == InstanceState::Starting && !inst.retired && !inst.backoff.has_failed();
+	return inst.state == InstanceState::Starting && !inst.retired() && !inst.backoff.has_failed();
 }
 
 } // namespace
@@ -240,7 +240,7 @@ void Supervisor::prune()
 	for (auto &svc : services_) {
 		for (auto &gen : svc->generations)
 			std::erase_if(gen->instances, [](const std::unique_ptr<Instance> &inst) {
-				return inst->retired && !inst->pid && inst->state != InstanceState::Starting;
+				return inst->retired() && !inst->pid && inst->state != InstanceState::Starting;
 			});
 		// Keep the current generation, the one an upgrade uses, and a few of history.
 		while (svc->generations.size() > kKeptGenerations) {

@@ -33,7 +33,7 @@ std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeReque
 	unsigned old_total = 0;
 	if (from)
 		for (const auto &inst : from->instances)
-			if (!inst->retired)
+			if (!inst->retired())
 				old_total++;
 
 	auto up = std::make_unique<Upgrade>(Rollout(old_total, req.cfg.instances, req.cfg.upgrade_batch, req.all_at_once));
@@ -83,7 +83,7 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 		// New instances that serve keep serving until a restored old one replaces each, so
 		// capacity never dips; the rest go now.
 		for (auto &inst : up->to->instances) {
-			inst->retired = true;
+			inst->retire();
 			if (inst->state != InstanceState::Ready)
 				drain(*inst);
 		}
@@ -107,7 +107,7 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 			continue;
 		}
 		Instance &inst = add_instance(*up->from);
-		inst.restored = true;
+		inst.purpose = InstancePurpose::Restored;
 		spawn(inst);
 	}
 	// Registered services grow by Hello, not by spawning.
@@ -121,12 +121,11 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 		Instance *pick = nullptr;
 		auto rank = [](const Instance &i) { return std::pair(i.state == InstanceState::Ready, -static_cast<int>(i.index)); };
 		for (auto &inst : up->from->instances)
-			if (!inst->retired && (!pick || rank(*inst) < rank(*pick)))
+			if (!inst->retired() && (!pick || rank(*inst) < rank(*pick)))
 				pick = inst.get();
 		if (!pick)
 			break;
-		pick->retired = true;
-		pick->rollout_drained = true;
+		pick->purpose = InstancePurpose::RolloutDrained;
 		bool running = pick->pid != 0;
 		drain(*pick, up->drain_timeout);
 		if (!running)
@@ -177,10 +176,11 @@ void Supervisor::finish_upgrade(Service &svc)
 	// an ordinary instance from now on: a later rollback must not count it as its own.
 	for (auto &gen : svc.generations)
 		for (auto &inst : gen->instances) {
-			inst->restored = false;
+			if (inst->purpose == InstancePurpose::Restored)
+				inst->purpose = InstancePurpose::Serving;
 			if (gen.get() == svc.current)
 				continue;
-			inst->retired = true;
+			inst->retire();
 			if (inst->pid && inst->state != InstanceState::Draining)
 				drain(*inst);
 		}
@@ -240,7 +240,7 @@ std::optional<ControlError> Supervisor::stop_service(Service &svc, Observer *obs
 		svc.stop_waiters.push_back(observer);
 	for (auto &gen : svc.generations)
 		for (auto &inst : gen->instances) {
-			inst->retired = true;
+			inst->retire();
 			drain(*inst);
 		}
 	check_waiters(svc);
@@ -254,7 +254,7 @@ void Supervisor::check_waiters(Service &svc)
 	for (auto &gen : svc.generations)
 		for (auto &inst : gen->instances) {
 			running = running || inst->pid;
-			if (gen.get() == svc.current && !inst->retired) {
+			if (gen.get() == svc.current && !inst->retired()) {
 				starting = starting || inst->state == InstanceState::Starting;
 				ready = ready || inst->state == InstanceState::Ready;
 			}
