@@ -1,0 +1,159 @@
+// The supervisor's model: services, their generations and instances, and an upgrade in progress.
+#pragma once
+
+#include "proto/unique_fd.hpp"
+#include "config/config.hpp"
+#include "os/event.hpp"
+#include "os/listener.hpp"
+#include "handoff/router.hpp"
+#include "supervisor/restart.hpp"
+#include "upgrade/rollout.hpp"
+
+#include <sys/types.h>
+
+#include <array>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace brokerd {
+
+class Supervisor;
+class Observer;
+struct Service;
+struct Generation;
+
+// Connections handed off, for Status, Watch and upgrade progress. handed: sent by draining
+// instances; received: taken by their successors; returned: back with their sender.
+struct HandoffCounts {
+	std::uint64_t handed = 0;
+	std::uint64_t received = 0;
+	std::uint64_t returned = 0;
+
+	bool empty() const { return handed == 0 && received == 0 && returned == 0; }
+};
+
+enum class InstanceState { Starting, Ready, Draining, Exited, Failed };
+
+// What an instance is there for, beside its state: what its readiness and its exit mean.
+enum class InstancePurpose {
+	Serving,        // an ordinary instance: restarted under its policy
+	Restored,       // started by a rollback to refill the old generation; its readiness feeds it
+	Retired,        // drained on purpose: never restarted, pruned once exited
+	RolloutDrained, // retired by an upgrade or takeover, which awaits its exit
+};
+const char *state_name(InstanceState s);
+
+// A worker's stdout or stderr pipe, copied line by line to brokerd's own with the instance's name.
+struct OutputPipe {
+	proto::UniqueFd fd;
+	EventSource source;
+	std::string partial;
+	int target = 2;
+};
+
+// One instance slot of a generation: the process currently running in it, if any.
+struct Instance {
+	Supervisor *supervisor = nullptr;
+	Service *service = nullptr;
+	Generation *generation = nullptr;
+	unsigned index = 0;
+	std::string id; // "web/1/0"
+
+	InstanceState state = InstanceState::Starting;
+	std::uint64_t since = 0; // CLOCK_REALTIME usec of the last state change
+	pid_t pid = 0;
+	pid_t main_pid = 0;       // from MAINPID=, when not pid itself
+	pid_t session = 0;        // of a spawned instance: the session (and group) its first process leads
+	bool forked = false;      // that first process exited and pid is the main pid it named, not our child
+	EventSource child_source; // owns the pidfd; kept until the slot respawns
+	proto::UniqueFd exec_status;     // read end: errno if exec failed, EOF when it succeeded
+	EventSource exec_source;
+	EventSource timer; // start timeout, drain deadline or restart backoff
+	OutputPipe out, err;
+	std::deque<std::string> last_lines;
+	std::string status_text;
+	std::string token;
+	EventSink *events = nullptr;
+	// The same connection for handoff counts: kept past the process's exit until the connection
+	// closes, as an acknowledgement may still be read from it.
+	EventSink *counted = nullptr;
+	std::string exit_reason;
+
+	bool accepts_handoff = false;       // said so in Hello
+	HandoffCounts handoff;              // as a sender (handed, returned) and a receiver (received)
+	std::uint64_t handoff_remaining = 0; // what it said it is about to hand, for progress
+
+	bool external = false;   // registered with Hello, not spawned: watched through pidfd
+	proto::UniqueFd pidfd;          // external, forked or MAINPID (a spawned one's pidfd lives in child_source)
+
+	InstancePurpose purpose = InstancePurpose::Serving;
+	// Drained on purpose: never restarted, pruned once exited.
+	bool retired() const
+	{
+		return purpose == InstancePurpose::Retired || purpose == InstancePurpose::RolloutDrained;
+	}
+	// Retired from now on; one an upgrade drained stays so, as the upgrade awaits its exit.
+	void retire()
+	{
+		if (!retired())
+			purpose = InstancePurpose::Retired;
+	}
+
+	RestartBackoff backoff;
+};
+
+struct Generation {
+	Service *service = nullptr;
+	std::uint64_t number = 0;
+	config::ServiceConfig cfg;
+	std::vector<std::unique_ptr<Instance>> instances;
+	unsigned next_index = 0;
+};
+
+// An upgrade in progress: from the current generation to a new one.
+struct Upgrade {
+	explicit Upgrade(Rollout r) : rollout(std::move(r)) {}
+
+	Rollout rollout;
+	Generation *from = nullptr; // may be null for a service that had no generation running
+	Generation *to = nullptr;
+	std::string kind; // "upgrade", "rollback" or "restart"
+	std::optional<config::Duration> drain_timeout; // the operator's, for the old instances too
+	std::vector<Observer *> observers;
+	std::uint64_t started = 0; // CLOCK_MONOTONIC usec
+	std::string failed_instance;
+	std::vector<std::string> failed_output;
+	HandoffCounts handoff;
+
+	// A takeover's instances arrive by Hello, on their owner's schedule: it fails once it has
+	// waited a start_timeout for a registration with nothing else moving. What it had seen at the
+	// last check (instances registered, ready, old exited), and when that last changed.
+	Service *service = nullptr;
+	Supervisor *supervisor = nullptr;
+	EventSource registration_timer;
+	std::array<unsigned, 3> seen{};
+	std::uint64_t last_progress = 0; // CLOCK_MONOTONIC usec
+};
+
+struct Service {
+	std::string name;
+	config::ServiceConfig cfg; // as configured (the next upgrade starts from a re-read one)
+	std::vector<const Listener *> sockets;
+	std::vector<std::unique_ptr<Generation>> generations;
+	Generation *current = nullptr;
+	std::optional<config::ServiceConfig> previous; // what a rollback deploys
+	std::uint64_t next_generation = 1;
+	std::unique_ptr<Upgrade> upgrade;
+	bool stopped = false;
+	bool removing = false; // removed from the config: drained, then forgotten
+	std::vector<Observer *> start_waiters;
+	std::vector<Observer *> stop_waiters;
+	HandoffCounts handoff;                 // since the broker started
+	std::uint64_t handoff_reported = 0;    // CLOCK_MONOTONIC usec of the last progress event
+};
+
+} // namespace brokerd

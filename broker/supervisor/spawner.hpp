@@ -1,0 +1,68 @@
+// Spawner: what a worker's process starts with, computed in full before fork, so that the child
+// only moves fds into place, switches credentials and execs.
+#pragma once
+
+#include "proto/unique_fd.hpp"
+#include "config/config.hpp"
+#include "control/access.hpp"
+
+#include <sys/resource.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace brokerd {
+
+// What plan_spawn() needs, gathered by the caller (resolving the program and the credentials
+// touches the system; planning does not).
+struct SpawnInputs {
+	explicit SpawnInputs(const config::ServiceConfig &c) : cfg(c) {}
+
+	const config::ServiceConfig &cfg;
+	std::string program;             // cfg.exec[0], resolved
+	char **inherited = nullptr;      // brokerd's own: what a worker inherits of it
+	std::vector<std::string> socket_names;
+	std::vector<int> socket_fds;     // the listeners' fds, for the worker's 3..
+	std::string notify_address;
+	std::string control_path;
+	std::string token;
+	std::string service;
+	std::string instance;
+	std::uint64_t generation = 0;
+	access::Credentials creds;
+	rlimit nofile{};                 // rlim_cur 0: left as it is
+};
+
+// Everything the child uses, every buffer allocated: the child allocates nothing.
+struct SpawnPlan {
+	std::string program;
+	std::vector<std::string> args; // what argv points into
+	std::vector<std::string> env;  // what envp points into
+	std::vector<char *> argv;      // null-terminated
+	std::vector<char *> envp;      // null-terminated
+	// The index in env of "LISTEN_PID=" with room for the digits the child writes, or -1.
+	int listen_pid = -1;
+	std::string cwd;
+	access::Credentials creds;
+	rlimit nofile{};
+	// The child's fds in order: 0, 1, 2, the sockets at 3.., and last the status pipe's write
+	// end (the spawner fills in stdio and the status pipe). lifted: room for their copies.
+	std::vector<int> fds;
+	std::vector<int> lifted;
+};
+
+// The worker's argv, environment (inherited, LISTEN_*, NOTIFY_SOCKET, BROKER_*, the user's HOME,
+// USER and LOGNAME, then cfg.env), cwd, credentials and fds. Pure: no system call.
+SpawnPlan plan_spawn(const SpawnInputs &in);
+
+// The pipes of a child being spawned: its stdout, stderr and exec status, and /dev/null for its
+// stdin. All close-on-exec.
+struct ChildPipes {
+	proto::UniqueFd out_r, out_w, err_r, err_w, status_r, status_w, devnull;
+};
+// Returns why they could not all be opened.
+std::optional<std::string> open_child_pipes(ChildPipes &p);
+
+} // namespace brokerd
