@@ -98,7 +98,6 @@ int Daemon::run()
 {
 	const bool restoring = !restored_.is_null();
 	start_usec_ = restoring ? restored_.at("start_usec").get<std::uint64_t>() : now_usec(CLOCK_MONOTONIC);
-	const std::uint64_t start = start_usec_;
 	proto::UniqueFd control_fd = restoring ? restore_listeners() : open_listeners();
 	closer::start();
 
@@ -107,8 +106,42 @@ int Daemon::run()
 	if (r < 0)
 		throw std::runtime_error(std::string("sd_event_new: ") + std::strerror(-r));
 	event_.reset(e);
+	add_signals();
 
+	// The service manager's watchdog (WATCHDOG_USEC): fed at half its period from the loop, so a
+	// stuck loop is exactly what it catches. sd_watchdog_enabled() unsets the variables, so a
+	// re-executed brokerd learns the period from its predecessor.
+	if (!restoring && notifier_.enabled() && sd_watchdog_enabled(1, &watchdog_usec_) <= 0)
+		watchdog_usec_ = 0;
+	setup_watchdog();
+
+	compose(std::move(control_fd));
+	if (restoring)
+		carry_on();
+	else
+		start_services();
+	// Readiness is judged once every service is there: one that fails at once must not make
+	// READY=1 come before the others have started.
+	supervisor_->on_change = [this] { on_change(); };
+	on_change();
+
+	r = sd_event_loop(e);
+	if (r < 0)
+		throw std::runtime_error(std::string("event loop: ") + std::strerror(-r));
+
+	control_.reset();
+	for (const auto &l : listeners_)
+		remove_socket_file(l);
+	log::notice("stopped");
+	return r;
+}
+
+// SIGTERM and SIGINT stop brokerd; SIGHUP reloads the config.
+void Daemon::add_signals()
+{
+	sd_event *e = event_.get();
 	sd_event_source *s = nullptr;
+	int r = 0;
 	if ((r = sd_event_add_signal(e, &s, SIGTERM, on_signal, this)) < 0)
 		throw std::runtime_error(std::string("signal: ") + std::strerror(-r));
 	sigterm_.reset(s);
@@ -133,18 +166,16 @@ int Daemon::run()
 	if ((r = sd_event_add_signal(e, &s, SIGHUP, on_hup, this)) < 0)
 		throw std::runtime_error(std::string("signal: ") + std::strerror(-r));
 	sighup_.reset(s);
+}
 
-	// The service manager's watchdog (WATCHDOG_USEC): fed at half its period from the loop, so a
-	// stuck loop is exactly what it catches. sd_watchdog_enabled() unsets the variables, so a
-	// re-executed brokerd learns the period from its predecessor.
-	if (!restoring && notifier_.enabled() && sd_watchdog_enabled(1, &watchdog_usec_) <= 0)
-		watchdog_usec_ = 0;
-	setup_watchdog();
-
+// The supervisor, the workers' notify socket and the control server, wired to each other.
+void Daemon::compose(proto::UniqueFd control_fd)
+{
+	sd_event *e = event_.get();
 	supervisor_ = std::make_unique<Supervisor>(e, listeners_, cfg_.control.path);
 	supervisor_->set_child_nofile(started_nofile_);
 	proto::UniqueFd notify_fd;
-	if (restoring) {
+	if (!restored_.is_null()) {
 		notify_fd.reset(restored_.at("notify_fd").get<int>());
 		state::set_cloexec(notify_fd.get(), true);
 	}
@@ -155,43 +186,35 @@ int Daemon::run()
 	hooks.read_config = [this] { return config::load(config_path_); };
 	hooks.reload = [this] { return reload(); };
 	hooks.reexec = [this](const std::string &binary, int caller) { reexec(binary, caller); };
-	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start,
+	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start_usec_,
 	                                           std::move(control_fd));
 	supervisor_->on_event = [this](const nlohmann::json &ev) { control_->broadcast(ev); };
+}
 
-	if (restoring) {
-		supervisor_->restore_state(restored_.at("services"));
-		control_->restore_state(restored_.at("control"));
-		log::notice("re-executed: brokerd " BROKER_VERSION " carries on with " +
-		            std::to_string(restored_.at("services").size()) + " service(s), " +
-		            std::to_string(control_->connections()) + " worker connection(s)");
-		restored_ = nullptr;
-	} else {
-		log::info("control socket: " + cfg_.control.path + (control_->adopted() ? " (adopted from systemd)" : ""));
-		// The service manager keeps what we bound in its fd store, so that a brokerd it
-		// restarts after a crash finds the same sockets, accept queues and all.
-		if (!control_->adopted())
-			store_fd("control", control_->fd());
-		for (const auto &l : listeners_)
-			if (l.origin == "bound")
-				store_fd(l.name, l.fd.get());
-		for (const auto &svc : cfg_.services)
-			supervisor_->add_service(svc);
-	}
-	// Readiness is judged once every service is there: one that fails at once must not make
-	// READY=1 come before the others have started.
-	supervisor_->on_change = [this] { on_change(); };
-	on_change();
+// After a re-exec: the services and connections the previous brokerd had, as they were.
+void Daemon::carry_on()
+{
+	supervisor_->restore_state(restored_.at("services"));
+	control_->restore_state(restored_.at("control"));
+	log::notice("re-executed: brokerd " BROKER_VERSION " carries on with " +
+	            std::to_string(restored_.at("services").size()) + " service(s), " +
+	            std::to_string(control_->connections()) + " worker connection(s)");
+	restored_ = nullptr;
+}
 
-	r = sd_event_loop(e);
-	if (r < 0)
-		throw std::runtime_error(std::string("event loop: ") + std::strerror(-r));
-
-	control_.reset();
+// A fresh start: the fd store gets what we bound, and every configured service starts.
+void Daemon::start_services()
+{
+	log::info("control socket: " + cfg_.control.path + (control_->adopted() ? " (adopted from systemd)" : ""));
+	// The service manager keeps what we bound in its fd store, so that a brokerd it
+	// restarts after a crash finds the same sockets, accept queues and all.
+	if (!control_->adopted())
+		store_fd("control", control_->fd());
 	for (const auto &l : listeners_)
-		remove_socket_file(l);
-	log::notice("stopped");
-	return r;
+		if (l.origin == "bound")
+			store_fd(l.name, l.fd.get());
+	for (const auto &svc : cfg_.services)
+		supervisor_->add_service(svc);
 }
 
 int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userdata)

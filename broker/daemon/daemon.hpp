@@ -3,7 +3,9 @@
 #pragma once
 
 #include "config/config.hpp"
+#include "control/access.hpp"
 #include "control/server.hpp"
+#include "daemon/reload.hpp"
 #include "os/event.hpp"
 #include "os/listener.hpp"
 #include "os/notify.hpp"
@@ -18,6 +20,7 @@
 #include <list>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace brokerd {
 
@@ -44,9 +47,15 @@ public:
 	int run();
 
 private:
+	void add_signals();
+	void compose(proto::UniqueFd control_fd);
+	void carry_on();
+	void start_services();
 	static int on_signal(sd_event_source *s, const signalfd_siginfo *si, void *userdata);
 	void on_change();
 	nlohmann::json reload();
+	RunningState running_for_reload(const config::Config &next) const;
+	nlohmann::json apply_reload(const ReloadPlan &plan, config::Config next, std::string next_text, AccessRules rules);
 	void close_unused_listeners();
 	proto::UniqueFd adopt_control_socket(InheritedFds &inherited);
 	void store_fd(const std::string &name, int fd);
@@ -55,7 +64,7 @@ private:
 	void setup_watchdog();
 	void extend_start();
 	void reexec(const std::string &binary, int caller);
-	void check_binary(const std::string &binary, int state_fd);
+	nlohmann::json save_state(int caller, std::vector<int> &keep) const;
 
 	std::string config_path_;
 	config::Config cfg_;

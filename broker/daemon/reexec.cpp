@@ -1,4 +1,6 @@
 // brokerctl reexec: brokerd hands its state to a new binary and execs it, in the same process.
+#include "daemon/reexec.hpp"
+
 #include "daemon/daemon.hpp"
 
 #include "broker_config.h"
@@ -17,18 +19,11 @@
 
 namespace brokerd {
 
-// Runs `binary --check-state` on the very state it would get, and checks that it reads it: a
-// binary that is missing, does not run, reads another format or rejects the config is refused
-// before anything is handed over.
-void Daemon::check_binary(const std::string &binary, int state_fd)
+namespace {
+
+// The check, its stdin the state and its stdout and stderr `out`, in an empty environment.
+pid_t spawn_check(const std::string &binary, int state_fd, int out)
 {
-	if (::access(binary.c_str(), X_OK) < 0)
-		throw std::runtime_error(binary + ": " + std::strerror(errno));
-	int pipefd[2];
-	if (::pipe2(pipefd, O_CLOEXEC) < 0)
-		throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
-	proto::UniqueFd rd(pipefd[0]), wr(pipefd[1]);
-	proto::UniqueFd devnull(::open("/dev/null", O_RDWR | O_CLOEXEC));
 	std::string path = binary;
 	char arg[] = "--check-state";
 	char *argv[] = {path.data(), arg, nullptr};
@@ -41,24 +36,21 @@ void Daemon::check_binary(const std::string &binary, int state_fd)
 		sigemptyset(&none);
 		sigprocmask(SIG_SETMASK, &none, nullptr);
 		::dup2(state_fd, 0);
-		::dup2(wr.get(), 1);
-		::dup2(wr.get(), 2);
+		::dup2(out, 1);
+		::dup2(out, 2);
 		::execve(argv[0], argv, envp);
 		::_exit(127);
 	}
-	wr.reset();
-	// A few seconds at most: the answer is one line, printed before anything else happens.
+	return pid;
+}
+
+// What the check prints, until it closes its output or the deadline, when it is killed.
+std::string read_answer(int rd, pid_t pid, std::uint64_t deadline)
+{
 	std::string out;
-	// Bounded by 5 s, and by half the watchdog's feeding period: the loop waits meanwhile.
-	std::uint64_t bound = 5'000'000;
-	if (watchdog_period_ > 0) {
-		notifier_.send("WATCHDOG=1");
-		bound = std::min<std::uint64_t>(bound, watchdog_period_ / 2);
-	}
-	std::uint64_t deadline = now_usec(CLOCK_MONOTONIC) + bound;
 	for (;;) {
 		std::uint64_t now = now_usec(CLOCK_MONOTONIC);
-		pollfd p{rd.get(), POLLIN, 0};
+		pollfd p{rd, POLLIN, 0};
 		int n = now < deadline ? ::poll(&p, 1, static_cast<int>((deadline - now) / 1000) + 1) : 0;
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -67,7 +59,7 @@ void Daemon::check_binary(const std::string &binary, int state_fd)
 			break;
 		}
 		char buf[256];
-		ssize_t got = ::read(rd.get(), buf, sizeof(buf));
+		ssize_t got = ::read(rd, buf, sizeof(buf));
 		if (got <= 0)
 			break;
 		out.append(buf, static_cast<std::size_t>(got));
@@ -76,7 +68,12 @@ void Daemon::check_binary(const std::string &binary, int state_fd)
 			break;
 		}
 	}
-	// It closed its output: it exits now, or is made to at the deadline.
+	return out;
+}
+
+// It closed its output: it exits now, or is made to at the deadline. Returns its wait status.
+int reap(pid_t pid, std::uint64_t deadline)
+{
 	proto::UniqueFd child(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
 	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
 	pollfd p{child.get(), POLLIN, 0};
@@ -85,6 +82,41 @@ void Daemon::check_binary(const std::string &binary, int state_fd)
 	int status = 0;
 	while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
 	}
+	return status;
+}
+
+} // namespace
+
+std::string reexec_binary(const std::string &requested)
+{
+	if (!requested.empty())
+		return requested;
+	char self[PATH_MAX];
+	ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+	if (n < 0)
+		throw std::runtime_error(std::string("/proc/self/exe: ") + std::strerror(errno));
+	std::string binary(self, static_cast<std::size_t>(n));
+	// A package upgrade replaced the file we run from: the new one is at the same path.
+	const std::string deleted = " (deleted)";
+	if (binary.size() > deleted.size() && binary.ends_with(deleted))
+		binary.resize(binary.size() - deleted.size());
+	return binary;
+}
+
+void check_binary(const std::string &binary, int state_fd, std::uint64_t bound_usec)
+{
+	if (::access(binary.c_str(), X_OK) < 0)
+		throw std::runtime_error(binary + ": " + std::strerror(errno));
+	int pipefd[2];
+	if (::pipe2(pipefd, O_CLOEXEC) < 0)
+		throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
+	proto::UniqueFd rd(pipefd[0]), wr(pipefd[1]);
+	pid_t pid = spawn_check(binary, state_fd, wr.get());
+	wr.reset();
+	// The answer is one line, printed before anything else happens.
+	std::uint64_t deadline = now_usec(CLOCK_MONOTONIC) + bound_usec;
+	std::string out = read_answer(rd.get(), pid, deadline);
+	int status = reap(pid, deadline);
 	out = out.substr(0, out.find('\n')); // its first line says it
 	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
 		throw std::runtime_error(binary + " --check-state did not run (" +
@@ -105,45 +137,16 @@ void Daemon::reexec(const std::string &requested, int caller)
 	std::string why;
 	if (!supervisor_->quiet(why))
 		throw std::runtime_error("not now: " + why + "; try again once it is done");
-	std::string binary = requested;
-	if (binary.empty()) {
-		char self[PATH_MAX];
-		ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
-		if (n < 0)
-			throw std::runtime_error(std::string("/proc/self/exe: ") + std::strerror(errno));
-		binary.assign(self, static_cast<std::size_t>(n));
-		// A package upgrade replaced the file we run from: the new one is at the same path.
-		const std::string deleted = " (deleted)";
-		if (binary.size() > deleted.size() && binary.ends_with(deleted))
-			binary.resize(binary.size() - deleted.size());
-	}
+	std::string binary = reexec_binary(requested);
 	std::vector<int> keep;
-	nlohmann::json listeners = nlohmann::json::array();
-	for (const auto &l : listeners_) {
-		listeners.push_back({{"name", l.name},
-		                     {"fd", l.fd.get()},
-		                     {"address", l.address},
-		                     {"kind", l.kind},
-		                     {"origin", l.origin},
-		                     {"unlink_path", l.unlink_path}});
-		keep.push_back(l.fd.get());
+	proto::UniqueFd memfd = state::write(save_state(caller, keep));
+	// The loop waits meanwhile: bounded by 5 s, and by half the watchdog's feeding period.
+	std::uint64_t bound = 5'000'000;
+	if (watchdog_period_ > 0) {
+		notifier_.send("WATCHDOG=1");
+		bound = std::min<std::uint64_t>(bound, watchdog_period_ / 2);
 	}
-	keep.push_back(notify_->fd());
-	nlohmann::json st = {{"format", state::kFormat},
-	                     {"version", BROKER_VERSION},
-	                     {"config_path", config_path_},
-	                     {"config_text", cfg_text_},
-	                     {"start_usec", start_usec_},
-	                     {"nofile", {started_nofile_.rlim_cur, started_nofile_.rlim_max}},
-	                     {"watchdog_usec", watchdog_usec_},
-	                     {"announced_ready", announced_ready_},
-	                     {"last_status", last_status_},
-	                     {"listeners", std::move(listeners)},
-	                     {"notify_fd", notify_->fd()},
-	                     {"services", supervisor_->save_state(keep)},
-	                     {"control", control_->save_state(caller, keep)}};
-	proto::UniqueFd memfd = state::write(st);
-	check_binary(binary, memfd.get());
+	check_binary(binary, memfd.get(), bound);
 	keep.push_back(memfd.get());
 	std::string fd_arg = std::to_string(memfd.get());
 	std::string config_arg = config_path_;
@@ -158,6 +161,35 @@ void Daemon::reexec(const std::string &requested, int caller)
 	for (int fd : keep)
 		state::set_cloexec(fd, true);
 	throw std::runtime_error("execve " + binary + ": " + std::strerror(err));
+}
+
+// Everything the next brokerd carries on with; the fds it needs go to `keep`.
+nlohmann::json Daemon::save_state(int caller, std::vector<int> &keep) const
+{
+	nlohmann::json listeners = nlohmann::json::array();
+	for (const auto &l : listeners_) {
+		listeners.push_back({{"name", l.name},
+		                     {"fd", l.fd.get()},
+		                     {"address", l.address},
+		                     {"kind", l.kind},
+		                     {"origin", l.origin},
+		                     {"unlink_path", l.unlink_path}});
+		keep.push_back(l.fd.get());
+	}
+	keep.push_back(notify_->fd());
+	return {{"format", state::kFormat},
+	        {"version", BROKER_VERSION},
+	        {"config_path", config_path_},
+	        {"config_text", cfg_text_},
+	        {"start_usec", start_usec_},
+	        {"nofile", {started_nofile_.rlim_cur, started_nofile_.rlim_max}},
+	        {"watchdog_usec", watchdog_usec_},
+	        {"announced_ready", announced_ready_},
+	        {"last_status", last_status_},
+	        {"listeners", std::move(listeners)},
+	        {"notify_fd", notify_->fd()},
+	        {"services", supervisor_->save_state(keep)},
+	        {"control", control_->save_state(caller, keep)}};
 }
 
 } // namespace brokerd
