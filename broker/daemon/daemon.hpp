@@ -1,0 +1,90 @@
+// The daemon: composes the event loop, the listeners, the supervisor, the notify and control
+// sockets, and speaks to the service manager (READY=, STATUS=, the fd store, the watchdog).
+#pragma once
+
+#include "config/config.hpp"
+#include "control/access.hpp"
+#include "control/server.hpp"
+#include "daemon/reload.hpp"
+#include "os/event.hpp"
+#include "os/listener.hpp"
+#include "os/notify.hpp"
+#include "os/systemd_notify.hpp"
+#include "supervisor/supervisor.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <sys/resource.h>
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace brokerd {
+
+struct EventUnref {
+	void operator()(sd_event *e) const { sd_event_unref(e); }
+};
+
+class Daemon {
+public:
+	Daemon(std::string config_path, config::Config cfg, std::string cfg_text)
+		: config_path_(std::move(config_path)), cfg_(std::move(cfg)), cfg_text_(std::move(cfg_text))
+	{
+	}
+	// Carries on from a previous brokerd's state (brokerctl reexec).
+	explicit Daemon(nlohmann::json restored);
+	~Daemon()
+	{
+		// The notify socket goes before the supervisor, which must not read it any more.
+		if (supervisor_)
+			supervisor_->read_notifications = nullptr;
+	}
+	Daemon(const Daemon &) = delete;
+	Daemon &operator=(const Daemon &) = delete;
+	int run();
+
+private:
+	void add_signals();
+	void compose(proto::UniqueFd control_fd);
+	void carry_on();
+	void start_services();
+	static int on_signal(sd_event_source *s, const signalfd_siginfo *si, void *userdata);
+	void on_change();
+	nlohmann::json reload();
+	RunningState running_for_reload(const config::Config &next) const;
+	nlohmann::json apply_reload(const ReloadPlan &plan, config::Config next, std::string next_text, AccessRules rules);
+	void close_unused_listeners();
+	proto::UniqueFd adopt_control_socket(InheritedFds &inherited);
+	void store_fd(const std::string &name, int fd);
+	proto::UniqueFd open_listeners();
+	proto::UniqueFd restore_listeners();
+	void setup_watchdog();
+	void extend_start();
+	void reexec(const std::string &binary, int caller);
+	nlohmann::json save_state(int caller, std::vector<int> &keep) const;
+
+	std::string config_path_;
+	config::Config cfg_;
+	std::string cfg_text_;     // the file as cfg_ was parsed from it, for a re-exec
+	nlohmann::json restored_;  // a previous brokerd's state, until run() has used it
+	std::uint64_t start_usec_ = 0;
+	std::uint64_t watchdog_usec_ = 0;
+	std::unique_ptr<sd_event, EventUnref> event_;
+	std::list<Listener> listeners_; // stable addresses: services point at their listeners
+	std::unique_ptr<Supervisor> supervisor_;
+	std::unique_ptr<NotifySocket> notify_;
+	std::unique_ptr<ControlServer> control_;
+	SystemdNotifier notifier_;
+	EventSource sigterm_, sigint_, sighup_;
+	EventSource watchdog_;
+	std::uint64_t watchdog_period_ = 0; // usec: half of WATCHDOG_USEC
+	bool announced_ready_ = false;
+	std::uint64_t extended_until_ = 0; // CLOCK_MONOTONIC usec the start timeout was extended to
+	std::string last_status_;
+	rlimit started_nofile_{};
+};
+
+} // namespace brokerd
