@@ -905,41 +905,6 @@ Config load(const std::string &path, std::string &text)
 	}
 }
 
-std::optional<Duration> parse_duration(std::string_view text)
-{
-	// Milliseconds whose microseconds still fit in 64 bits, so callers may convert for sd-event.
-	constexpr std::int64_t kMax = INT64_MAX / 1000;
-	if (text.empty())
-		return std::nullopt;
-	std::int64_t total = 0;
-	std::size_t i = 0;
-	while (i < text.size()) {
-		std::int64_t n = 0;
-		std::size_t digits = i;
-		for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
-			int d = text[i] - '0';
-			if (n > (kMax - d) / 10)
-				return std::nullopt;
-			n = n * 10 + d;
-		}
-		if (i == digits)
-			return std::nullopt;
-		std::size_t unit_start = i;
-		while (i < text.size() && text[i] >= 'a' && text[i] <= 'z')
-			++i;
-		std::string_view unit = text.substr(unit_start, i - unit_start);
-		std::int64_t scale = unit == "ms"  ? 1
-		                     : unit == "s" ? 1000
-		                     : unit == "m" ? 60'000
-		                     : unit == "h" ? 3'600'000
-		                                   : 0;
-		if (scale == 0 || n > (kMax - total) / scale)
-			return std::nullopt;
-		total += n * scale;
-	}
-	return Duration(total);
-}
-
 std::optional<int> parse_signal(std::string_view text)
 {
 	if (text.empty() || text.size() > 32)

@@ -1,4 +1,4 @@
-// Unit tests for brokerd.json: every validation rule and its message, good configs field by field, durations, signals.
+// Unit tests for brokerd.json: every validation rule and its message, good configs field by field, signals.
 #include "config/config.hpp"
 
 #include "broker_config.h"
@@ -528,50 +528,6 @@ TEST_CASE("nesting is counted as the parser sees it, comments and all")
 	// Exactly the limit parses; one more level is refused.
 	CHECK(error_of(std::string(64, '[') + std::string(64, ']')) == "top level: expected an object, got an array");
 	CHECK(error_of(std::string(65, '[') + std::string(65, ']')) == "invalid JSON: nested more than 64 levels deep");
-}
-
-TEST_CASE("parse_duration")
-{
-	const struct {
-		std::string text;
-		std::optional<Duration> value;
-	} cases[] = {
-		{"250ms", 250ms},
-		{"30s", 30s},
-		{"5m", 5min},
-		{"1h", 1h},
-		{"1m30s", 90s},
-		{"1h2m3s4ms", 1h + 2min + 3s + 4ms},
-		{"30s1m", 90s},
-		{"0s", 0s},
-		{"0ms", 0ms},
-		{"007s", 7s},
-		{"1000ms", 1s},
-		{"9223372036854775ms", Duration(9223372036854775)},
-		{"2562047788h", 2562047788h},
-		{"", std::nullopt},
-		{"30", std::nullopt},
-		{"1m30", std::nullopt},
-		{"-1s", std::nullopt},
-		{"+1s", std::nullopt},
-		{"1.5s", std::nullopt},
-		{"1d", std::nullopt},
-		{"1us", std::nullopt},
-		{"1S", std::nullopt},
-		{"1 s", std::nullopt},
-		{" 1s", std::nullopt},
-		{"s", std::nullopt},
-		{"ms", std::nullopt},
-		{"soon", std::nullopt},
-		{"9223372036854776ms", std::nullopt},
-		{"99999999999999999999s", std::nullopt},
-		{"2562047789h", std::nullopt},
-		{"2562047788h2562047788h", std::nullopt},
-	};
-	for (const auto &c : cases) {
-		CAPTURE(c.text);
-		CHECK(parse_duration(c.text) == c.value);
-	}
 }
 
 TEST_CASE("parse_signal")
