@@ -326,12 +326,6 @@ bool valid_env_name(std::string_view k)
 	});
 }
 
-bool reserved_env_name(std::string_view k)
-{
-	return k == "LISTEN_FDS" || k == "LISTEN_PID" || k == "LISTEN_FDNAMES" || k == "NOTIFY_SOCKET" ||
-	       k.starts_with("BROKER_");
-}
-
 void parse_control(const json &j, ControlConfig &c)
 {
 	const std::string path = "control";
@@ -645,7 +639,7 @@ ServiceConfig parse_service(const std::string &name, const json &j, const std::s
 		object_at(*v, p);
 		check_keys(*v, p, {"batch"});
 		if (auto *b = member(*v, "batch"))
-			s.upgrade_batch = static_cast<unsigned>(uint_at(*b, child(p, "batch"), 1, UINT_MAX));
+			s.upgrade_batch = static_cast<unsigned>(uint_at(*b, child(p, "batch"), 1, proto::limits::kMaxBatch));
 	}
 	if (auto *v = member(j, "restart"))
 		s.restart = choice_at<RestartPolicy>(*v, child(path, "restart"),
@@ -903,6 +897,13 @@ Config load(const std::string &path, std::string &text)
 	} catch (const ConfigError &e) {
 		throw ConfigError(path + ": " + e.what());
 	}
+}
+
+bool reserved_env_name(std::string_view name)
+{
+	// Every LISTEN_*, not only the three sd_listen_fds reads: systemd has grown more of them
+	// (LISTEN_FDNAMES came later), and a worker may read one brokerd does not set.
+	return name.starts_with("LISTEN_") || name == "NOTIFY_SOCKET" || name.starts_with("BROKER_");
 }
 
 std::optional<int> parse_signal(std::string_view text)

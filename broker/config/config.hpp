@@ -112,6 +112,9 @@ std::optional<RestartPolicy> parse_restart(std::string_view name);
 
 // The protocol's duration grammar (proto/duration.hpp): "250ms", "30s", "5m", "1h", "2d", "1m30s".
 using proto::parse_duration;
+// A variable brokerd sets for its workers, which neither the config nor an Upgrade call's env may
+// set: every LISTEN_*, NOTIFY_SOCKET and every BROKER_*.
+bool reserved_env_name(std::string_view name);
 // "SIGTERM", "TERM", "15". Returns nullopt for unknown names.
 std::optional<int> parse_signal(std::string_view text);
 
