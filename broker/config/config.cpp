@@ -4,14 +4,12 @@
 
 #include "proto/limits.hpp"
 #include "proto/unique_fd.hpp"
-#include "proto/varlink.hpp"
 #include "broker_config.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
-#include <signal.h>
 #include <string.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -21,7 +19,6 @@
 #include <climits>
 #include <cstdint>
 #include <filesystem>
-#include <functional>
 #include <initializer_list>
 #include <set>
 #include <system_error>
@@ -491,107 +488,6 @@ void parse_services(const json &j, Config &cfg)
 	          [](const ServiceConfig &a, const ServiceConfig &b) { return a.name < b.name; });
 }
 
-// nlohmann keeps the last of two equal keys without a word; in a config that hides a mistake.
-// The parser callback tracks where it is, to name the duplicate's path.
-class DuplicateKeys {
-public:
-	bool operator()(int depth, json::parse_event_t event, json &parsed)
-	{
-		switch (event) {
-		case json::parse_event_t::object_start:
-		case json::parse_event_t::array_start: {
-			// Each level costs a path here: a file nested thousands deep would cost gigabytes,
-			// in the daemon too (reload, upgrade). The parser's depth counts what it parses,
-			// so comments hide nothing; the parse stops here.
-			if (!proto::varlink::depth_allowed(depth))
-				throw ConfigError("invalid JSON: nested more than " + std::to_string(proto::limits::kMaxJsonDepth) +
-				                  " levels deep");
-			Frame f;
-			f.array = event == json::parse_event_t::array_start;
-			f.path = frames_.empty() ? std::string() : here(frames_.back());
-			frames_.push_back(std::move(f));
-			break;
-		}
-		case json::parse_event_t::key: {
-			Frame &f = frames_.back();
-			f.key = parsed.get<std::string>();
-			if (!f.keys.insert(f.key).second && error_.empty())
-				error_ = child(f.path, f.key) + ": duplicate key";
-			break;
-		}
-		case json::parse_event_t::object_end:
-		case json::parse_event_t::array_end:
-			frames_.pop_back();
-			[[fallthrough]];
-		case json::parse_event_t::value:
-			if (!frames_.empty() && frames_.back().array)
-				++frames_.back().index;
-			break;
-		}
-		return true;
-	}
-
-	const std::string &error() const { return error_; }
-
-private:
-	struct Frame {
-		bool array = false;
-		std::string path;
-		std::string key;
-		std::size_t index = 0;
-		std::set<std::string> keys;
-	};
-
-	static std::string here(const Frame &f) { return f.array ? element(f.path, f.index) : child(f.path, f.key); }
-
-	std::vector<Frame> frames_;
-	std::string error_;
-};
-
-// nlohmann's what() is "[json.exception.parse_error.101] parse error at line 1, column 2: syntax
-// error while parsing value - invalid literal; last read: 'x'"; keep the part after the position.
-std::string short_reason(const char *what)
-{
-	std::string_view s = what;
-	if (auto bracket = s.find("] "); bracket != std::string_view::npos)
-		s.remove_prefix(bracket + 2);
-	if (auto colon = s.find(": "); colon != std::string_view::npos)
-		s.remove_prefix(colon + 2);
-	if (s.starts_with("syntax error while parsing "))
-		if (auto dash = s.find(" - "); dash != std::string_view::npos)
-			s.remove_prefix(dash + 3);
-	// The line and column say where; the echo of the token read so far only adds noise.
-	std::string reason(s);
-	if (auto last = reason.find("; last read: '"); last != std::string::npos) {
-		auto end = reason.find("'; ", last + 14);
-		reason.erase(last, end == std::string::npos ? std::string::npos : end + 1 - last);
-	}
-	return reason;
-}
-
-json parse_json(std::string_view text)
-{
-	DuplicateKeys dup;
-	json root;
-	try {
-		root = json::parse(text, std::ref(dup), true, /*ignore_comments=*/true);
-	} catch (const json::parse_error &e) {
-		// e.byte counts from 1 and points at the character that broke the parse (or one past the end).
-		std::size_t offset = std::min<std::size_t>(e.byte > 0 ? e.byte - 1 : 0, text.size());
-		std::string_view before = text.substr(0, offset);
-		std::size_t line = 1 + static_cast<std::size_t>(std::count(before.begin(), before.end(), '\n'));
-		auto nl = before.rfind('\n');
-		std::size_t column = nl == std::string_view::npos ? offset + 1 : offset - nl;
-		throw ConfigError("invalid JSON at line " + std::to_string(line) + ", column " + std::to_string(column) +
-		                  ": " + short_reason(e.what()));
-	} catch (const json::exception &e) {
-		throw ConfigError("invalid JSON: " + short_reason(e.what()));
-	}
-	if (!dup.error().empty())
-		throw ConfigError(dup.error());
-	return root;
-}
-
 } // namespace
 
 const SocketConfig *Config::find_socket(std::string_view name) const
@@ -692,61 +588,6 @@ bool reserved_env_name(std::string_view name)
 	// Every LISTEN_*, not only the three sd_listen_fds reads: systemd has grown more of them
 	// (LISTEN_FDNAMES came later), and a worker may read one brokerd does not set.
 	return name.starts_with("LISTEN_") || name == "NOTIFY_SOCKET" || name.starts_with("BROKER_");
-}
-
-std::optional<int> parse_signal(std::string_view text)
-{
-	if (text.empty() || text.size() > 32)
-		return std::nullopt;
-	auto known = [](int sig) { return sig > 0 && (sigabbrev_np(sig) || (sig >= SIGRTMIN && sig <= SIGRTMAX)); };
-	if (std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-		int n = 0;
-		for (char c : text) {
-			n = n * 10 + (c - '0');
-			if (n >= 1000)
-				return std::nullopt;
-		}
-		return known(n) ? std::optional<int>(n) : std::nullopt;
-	}
-
-	std::string name(text);
-	std::transform(name.begin(), name.end(), name.begin(),
-	               [](char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 'a' + 'A') : c; });
-	if (name.starts_with("SIG"))
-		name.erase(0, 3);
-	for (int sig = 1; sig < SIGRTMIN; ++sig)
-		if (const char *abbrev = sigabbrev_np(sig); abbrev && name == abbrev)
-			return sig;
-	// Older names that sigabbrev_np does not return.
-	if (name == "IOT")
-		return SIGABRT;
-	if (name == "POLL")
-		return SIGIO;
-	if (name == "CLD")
-		return SIGCHLD;
-	// RTMIN, RTMIN+n, RTMAX, RTMAX-n, as kill(1) spells them.
-	auto offset = [](std::string_view rest) -> std::optional<int> {
-		if (rest.empty() || rest.size() > 2 ||
-		    !std::all_of(rest.begin(), rest.end(), [](char c) { return c >= '0' && c <= '9'; }))
-			return std::nullopt;
-		int n = 0;
-		for (char c : rest)
-			n = n * 10 + (c - '0');
-		return n;
-	};
-	std::optional<int> sig;
-	std::string_view rest = std::string_view(name).substr(std::min<std::size_t>(name.size(), 6));
-	if (name == "RTMIN")
-		sig = SIGRTMIN;
-	else if (name == "RTMAX")
-		sig = SIGRTMAX;
-	else if (auto n = offset(rest); n && name.starts_with("RTMIN+"))
-		sig = SIGRTMIN + *n;
-	else if (n && name.starts_with("RTMAX-"))
-		sig = SIGRTMAX - *n;
-	if (sig && *sig >= SIGRTMIN && *sig <= SIGRTMAX)
-		return sig;
-	return std::nullopt;
 }
 
 } // namespace brokerd::config

@@ -1,8 +1,13 @@
 // Typed values read out of brokerd.json's JSON (see values.hpp).
 #include "config/values.hpp"
 
+#include "proto/limits.hpp"
+#include "proto/varlink.hpp"
+
 #include <algorithm>
 #include <climits>
+#include <functional>
+#include <set>
 #include <system_error>
 
 namespace brokerd::config::values {
@@ -44,6 +49,85 @@ std::size_t edit_distance(std::string_view a, std::string_view b)
 		}
 	}
 	return row[b.size()];
+}
+
+
+// nlohmann keeps the last of two equal keys without a word; in a config that hides a mistake.
+// The parser callback tracks where it is, to name the duplicate's path.
+class DuplicateKeys {
+public:
+	bool operator()(int depth, json::parse_event_t event, json &parsed)
+	{
+		switch (event) {
+		case json::parse_event_t::object_start:
+		case json::parse_event_t::array_start: {
+			// Each level costs a path here: a file nested thousands deep would cost gigabytes,
+			// in the daemon too (reload, upgrade). The parser's depth counts what it parses,
+			// so comments hide nothing; the parse stops here.
+			if (!proto::varlink::depth_allowed(depth))
+				throw ConfigError("invalid JSON: nested more than " + std::to_string(proto::limits::kMaxJsonDepth) +
+				                  " levels deep");
+			Frame f;
+			f.array = event == json::parse_event_t::array_start;
+			f.path = frames_.empty() ? std::string() : here(frames_.back());
+			frames_.push_back(std::move(f));
+			break;
+		}
+		case json::parse_event_t::key: {
+			Frame &f = frames_.back();
+			f.key = parsed.get<std::string>();
+			if (!f.keys.insert(f.key).second && error_.empty())
+				error_ = child(f.path, f.key) + ": duplicate key";
+			break;
+		}
+		case json::parse_event_t::object_end:
+		case json::parse_event_t::array_end:
+			frames_.pop_back();
+			[[fallthrough]];
+		case json::parse_event_t::value:
+			if (!frames_.empty() && frames_.back().array)
+				++frames_.back().index;
+			break;
+		}
+		return true;
+	}
+
+	const std::string &error() const { return error_; }
+
+private:
+	struct Frame {
+		bool array = false;
+		std::string path;
+		std::string key;
+		std::size_t index = 0;
+		std::set<std::string> keys;
+	};
+
+	static std::string here(const Frame &f) { return f.array ? element(f.path, f.index) : child(f.path, f.key); }
+
+	std::vector<Frame> frames_;
+	std::string error_;
+};
+
+// nlohmann's what() is "[json.exception.parse_error.101] parse error at line 1, column 2: syntax
+// error while parsing value - invalid literal; last read: 'x'"; keep the part after the position.
+std::string short_reason(const char *what)
+{
+	std::string_view s = what;
+	if (auto bracket = s.find("] "); bracket != std::string_view::npos)
+		s.remove_prefix(bracket + 2);
+	if (auto colon = s.find(": "); colon != std::string_view::npos)
+		s.remove_prefix(colon + 2);
+	if (s.starts_with("syntax error while parsing "))
+		if (auto dash = s.find(" - "); dash != std::string_view::npos)
+			s.remove_prefix(dash + 3);
+	// The line and column say where; the echo of the token read so far only adds noise.
+	std::string reason(s);
+	if (auto last = reason.find("; last read: '"); last != std::string::npos) {
+		auto end = reason.find("'; ", last + 14);
+		reason.erase(last, end == std::string::npos ? std::string::npos : end + 1 - last);
+	}
+	return reason;
 }
 
 } // namespace
@@ -207,6 +291,30 @@ std::vector<std::string> account_names_at(const json &j, const std::string &path
 		names.push_back(name);
 	}
 	return names;
+}
+
+
+json parse_json(std::string_view text)
+{
+	DuplicateKeys dup;
+	json root;
+	try {
+		root = json::parse(text, std::ref(dup), true, /*ignore_comments=*/true);
+	} catch (const json::parse_error &e) {
+		// e.byte counts from 1 and points at the character that broke the parse (or one past the end).
+		std::size_t offset = std::min<std::size_t>(e.byte > 0 ? e.byte - 1 : 0, text.size());
+		std::string_view before = text.substr(0, offset);
+		std::size_t line = 1 + static_cast<std::size_t>(std::count(before.begin(), before.end(), '\n'));
+		auto nl = before.rfind('\n');
+		std::size_t column = nl == std::string_view::npos ? offset + 1 : offset - nl;
+		throw ConfigError("invalid JSON at line " + std::to_string(line) + ", column " + std::to_string(column) +
+		                  ": " + short_reason(e.what()));
+	} catch (const json::exception &e) {
+		throw ConfigError("invalid JSON: " + short_reason(e.what()));
+	}
+	if (!dup.error().empty())
+		throw ConfigError(dup.error());
+	return root;
 }
 
 } // namespace brokerd::config::values

@@ -19,6 +19,10 @@ namespace brokerd::config::values {
 
 using json = nlohmann::json;
 
+// brokerd.json's text as JSON: comments allowed; a syntax error (with its line and column), a
+// duplicate key (with its path) or nesting past proto::limits::kMaxJsonDepth is a ConfigError.
+json parse_json(std::string_view text);
+
 // A name of letters, digits, '_', '.' and '-', not empty: written bare in a key path.
 bool is_plain(std::string_view s);
 // A string as JSON would write it, cut short so that a pasted blob does not flood the message.
