@@ -348,89 +348,46 @@ void parse_sockets(const json &j, Config &cfg)
 	}
 }
 
-ServiceConfig parse_service(const std::string &name, const json &j, const std::string &path, const Config &cfg)
+// The service's sockets, by name, in fd order: each one configured, none twice.
+std::vector<std::string> service_sockets(const json &v, const std::string &p, const Config &cfg)
 {
-	object_at(j, path);
-	check_keys(j, path,
-	           {"exec", "sockets", "instances", "version", "ready", "start_timeout", "drain", "upgrade", "restart",
-	            "user", "group", "cwd", "env", "register"});
-	ServiceConfig s;
-	s.name = name;
+	std::vector<std::string> sockets;
+	if (!v.is_array())
+		expected(p, "an array of socket names", v);
+	if (v.size() > proto::limits::kMaxSocketsPerService)
+		fail(p, "at most " + std::to_string(proto::limits::kMaxSocketsPerService) + " sockets per service");
+	std::set<std::string> seen;
+	for (std::size_t i = 0; i < v.size(); ++i) {
+		std::string ep = element(p, i);
+		const std::string &sock = string_at(v[i], ep, "a socket name");
+		if (!cfg.find_socket(sock))
+			fail(ep, "no socket named " + quote(sock));
+		if (!seen.insert(sock).second)
+			fail(ep, "socket " + quote(sock) + " is listed twice");
+		sockets.push_back(sock);
+	}
+	return sockets;
+}
 
-	const json *exec = member(j, "exec");
-	if (exec) {
-		std::string p = child(path, "exec");
-		if (!exec->is_array() || exec->empty())
-			expected(p, "a non-empty array of strings (the program and its arguments)", *exec);
-		for (std::size_t i = 0; i < exec->size(); ++i)
-			s.exec.push_back(nonempty_text_at((*exec)[i], element(p, i), "a non-empty string"));
-	} else {
-		// Only spawned workers have these: an external service's workers bring their own.
-		for (const char *opt : {"user", "group", "cwd", "env", "restart"})
-			if (member(j, opt))
-				fail(child(path, opt), "applies only to services with \"exec\"; this one is external");
+void parse_drain(const json &v, const std::string &p, ServiceConfig &s)
+{
+	object_at(v, p);
+	check_keys(v, p, {"timeout", "signal"});
+	if (auto *t = member(v, "timeout"))
+		s.drain_timeout = duration_at(*t, child(p, "timeout"));
+	if (auto *sig = member(v, "signal")) {
+		std::string sp = child(p, "signal");
+		constexpr std::string_view what = "a signal name like \"SIGTERM\"";
+		auto n = parse_signal(string_at(*sig, sp, what));
+		if (!n)
+			expected(sp, what, *sig);
+		s.drain_signal = *n;
 	}
+}
 
-	if (auto *v = member(j, "sockets")) {
-		std::string p = child(path, "sockets");
-		if (!v->is_array())
-			expected(p, "an array of socket names", *v);
-		if (v->size() > proto::limits::kMaxSocketsPerService)
-			fail(p, "at most " + std::to_string(proto::limits::kMaxSocketsPerService) + " sockets per service");
-		std::set<std::string> seen;
-		for (std::size_t i = 0; i < v->size(); ++i) {
-			std::string ep = element(p, i);
-			const std::string &sock = string_at((*v)[i], ep, "a socket name");
-			if (!cfg.find_socket(sock))
-				fail(ep, "no socket named " + quote(sock));
-			if (!seen.insert(sock).second)
-				fail(ep, "socket " + quote(sock) + " is listed twice");
-			s.sockets.push_back(sock);
-		}
-	}
-	if (auto *v = member(j, "instances"))
-		s.instances = static_cast<unsigned>(uint_at(*v, child(path, "instances"), 1, 1024));
-	if (auto *v = member(j, "version"))
-		s.version = text_at(*v, child(path, "version"));
-	if (auto *v = member(j, "ready"))
-		s.ready = choice_at<ReadyMode>(*v, child(path, "ready"),
-		                               {{"broker", ReadyMode::Broker},
-		                                {"notify", ReadyMode::Notify},
-		                                {"exec", ReadyMode::Exec}});
-	if (auto *v = member(j, "start_timeout")) {
-		std::string p = child(path, "start_timeout");
-		s.start_timeout = duration_at(*v, p);
-		// No instance can be ready in no time; 0 is a mistake, not "no timeout".
-		if (s.start_timeout.count() == 0)
-			expected(p, "a duration above 0s, like \"30s\"", *v);
-	}
-	if (auto *v = member(j, "drain")) {
-		std::string p = child(path, "drain");
-		object_at(*v, p);
-		check_keys(*v, p, {"timeout", "signal"});
-		if (auto *t = member(*v, "timeout"))
-			s.drain_timeout = duration_at(*t, child(p, "timeout"));
-		if (auto *sig = member(*v, "signal")) {
-			std::string sp = child(p, "signal");
-			constexpr std::string_view what = "a signal name like \"SIGTERM\"";
-			auto n = parse_signal(string_at(*sig, sp, what));
-			if (!n)
-				expected(sp, what, *sig);
-			s.drain_signal = *n;
-		}
-	}
-	if (auto *v = member(j, "upgrade")) {
-		std::string p = child(path, "upgrade");
-		object_at(*v, p);
-		check_keys(*v, p, {"batch"});
-		if (auto *b = member(*v, "batch"))
-			s.upgrade_batch = static_cast<unsigned>(uint_at(*b, child(p, "batch"), 1, proto::limits::kMaxBatch));
-	}
-	if (auto *v = member(j, "restart"))
-		s.restart = choice_at<RestartPolicy>(*v, child(path, "restart"),
-		                                     {{"no", RestartPolicy::No},
-		                                      {"on-failure", RestartPolicy::OnFailure},
-		                                      {"always", RestartPolicy::Always}});
+// The options only a spawned worker has: its user, group, working directory and environment.
+void parse_spawn_options(const json &j, const std::string &path, ServiceConfig &s)
+{
 	if (auto *v = member(j, "user")) {
 		std::string p = child(path, "user");
 		s.user = nonempty_text_at(*v, p, "a user name");
@@ -461,6 +418,64 @@ ServiceConfig parse_service(const std::string &name, const json &j, const std::s
 			s.env.emplace(key, text_at(item.value(), kp));
 		}
 	}
+}
+
+ServiceConfig parse_service(const std::string &name, const json &j, const std::string &path, const Config &cfg)
+{
+	object_at(j, path);
+	check_keys(j, path,
+	           {"exec", "sockets", "instances", "version", "ready", "start_timeout", "drain", "upgrade", "restart",
+	            "user", "group", "cwd", "env", "register"});
+	ServiceConfig s;
+	s.name = name;
+
+	const json *exec = member(j, "exec");
+	if (exec) {
+		std::string p = child(path, "exec");
+		if (!exec->is_array() || exec->empty())
+			expected(p, "a non-empty array of strings (the program and its arguments)", *exec);
+		for (std::size_t i = 0; i < exec->size(); ++i)
+			s.exec.push_back(nonempty_text_at((*exec)[i], element(p, i), "a non-empty string"));
+	} else {
+		// Only spawned workers have these: an external service's workers bring their own.
+		for (const char *opt : {"user", "group", "cwd", "env", "restart"})
+			if (member(j, opt))
+				fail(child(path, opt), "applies only to services with \"exec\"; this one is external");
+	}
+
+	if (auto *v = member(j, "sockets"))
+		s.sockets = service_sockets(*v, child(path, "sockets"), cfg);
+	if (auto *v = member(j, "instances"))
+		s.instances = static_cast<unsigned>(uint_at(*v, child(path, "instances"), 1, 1024));
+	if (auto *v = member(j, "version"))
+		s.version = text_at(*v, child(path, "version"));
+	if (auto *v = member(j, "ready"))
+		s.ready = choice_at<ReadyMode>(*v, child(path, "ready"),
+		                               {{"broker", ReadyMode::Broker},
+		                                {"notify", ReadyMode::Notify},
+		                                {"exec", ReadyMode::Exec}});
+	if (auto *v = member(j, "start_timeout")) {
+		std::string p = child(path, "start_timeout");
+		s.start_timeout = duration_at(*v, p);
+		// No instance can be ready in no time; 0 is a mistake, not "no timeout".
+		if (s.start_timeout.count() == 0)
+			expected(p, "a duration above 0s, like \"30s\"", *v);
+	}
+	if (auto *v = member(j, "drain"))
+		parse_drain(*v, child(path, "drain"), s);
+	if (auto *v = member(j, "upgrade")) {
+		std::string p = child(path, "upgrade");
+		object_at(*v, p);
+		check_keys(*v, p, {"batch"});
+		if (auto *b = member(*v, "batch"))
+			s.upgrade_batch = static_cast<unsigned>(uint_at(*b, child(p, "batch"), 1, proto::limits::kMaxBatch));
+	}
+	if (auto *v = member(j, "restart"))
+		s.restart = choice_at<RestartPolicy>(*v, child(path, "restart"),
+		                                     {{"no", RestartPolicy::No},
+		                                      {"on-failure", RestartPolicy::OnFailure},
+		                                      {"always", RestartPolicy::Always}});
+	parse_spawn_options(j, path, s);
 	if (auto *v = member(j, "register")) {
 		std::string p = child(path, "register");
 		if (exec)
