@@ -9,6 +9,8 @@
 #include "render.hpp"
 #include "reply.hpp"
 
+#include "proto/names.hpp"
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -27,17 +29,8 @@ using json = nlohmann::json;
 
 namespace {
 
-constexpr std::string_view kStatus = "io.brokerd.Control.Status";
-constexpr std::string_view kSockets = "io.brokerd.Control.Sockets";
-constexpr std::string_view kUpgrade = "io.brokerd.Control.Upgrade";
-constexpr std::string_view kRollback = "io.brokerd.Control.Rollback";
-constexpr std::string_view kRestart = "io.brokerd.Control.Restart";
-constexpr std::string_view kAbort = "io.brokerd.Control.Abort";
-constexpr std::string_view kStart = "io.brokerd.Control.Start";
-constexpr std::string_view kStop = "io.brokerd.Control.Stop";
-constexpr std::string_view kReload = "io.brokerd.Control.Reload";
-constexpr std::string_view kWatch = "io.brokerd.Control.Watch";
-constexpr std::string_view kReexec = "io.brokerd.Control.Reexec";
+// The methods brokerctl calls and the errors it raises, as docs/io.brokerd.Control.varlink declares them.
+using namespace proto::names::control;
 
 std::int64_t realtime_usec()
 {
@@ -197,7 +190,7 @@ int run_status(const Options &opts, const Arguments &args, Connection &broker, s
 			for (const json &svc : *it)
 				found = found || (svc.is_object() && svc.value("name", json()) == *args.service);
 		if (!found)
-			throw remote_failure("io.brokerd.Control.NoSuchService", json::object(), kStatus, params);
+			throw remote_failure(kNoSuchService, json::object(), kStatus, params);
 	}
 
 	if (opts.json)

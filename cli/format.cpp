@@ -2,28 +2,12 @@
 #include "format.hpp"
 
 #include <algorithm>
-#include <array>
 #include <cstdio>
 #include <ctime>
 
 namespace brokerctl {
 
 namespace {
-
-struct Unit {
-	std::string_view suffix;
-	std::int64_t usec;
-};
-
-// Largest first; parse_duration tries "ms" before "m" so "5ms" is not five minutes and an "s".
-constexpr std::array kUnits{
-	Unit{"d", 86'400'000'000},
-	Unit{"h", 3'600'000'000},
-	Unit{"m", 60'000'000},
-	Unit{"s", 1'000'000},
-};
-
-constexpr std::int64_t kMaxParsedUsec = 366LL * 86'400'000'000;
 
 bool is_shell_safe(char c)
 {
@@ -32,30 +16,6 @@ bool is_shell_safe(char c)
 }
 
 } // namespace
-
-std::string format_duration(std::chrono::microseconds d)
-{
-	std::int64_t us = d.count();
-	if (us < 1'000'000) {
-		std::int64_t ms = us > 0 ? us / 1000 : 0;
-		return ms == 0 ? "0s" : std::to_string(ms) + "ms";
-	}
-	std::string out;
-	int shown = 0;
-	for (const Unit &u : kUnits) {
-		std::int64_t n = us / u.usec;
-		us %= u.usec;
-		if (shown == 0 && n == 0)
-			continue;
-		// The second unit is printed only when non-zero ("1h", not "1h0m"), but it still counts:
-		// "1h" for 1h0m59s, since seconds under hours are noise.
-		if (n != 0)
-			out += std::to_string(n) + std::string(u.suffix);
-		if (++shown == 2)
-			break;
-	}
-	return out;
-}
 
 std::string format_elapsed(std::chrono::microseconds d)
 {
@@ -97,45 +57,6 @@ std::string format_ago(std::int64_t since_usec, std::int64_t now_usec)
 	// Whole seconds, so "59s ago" does not jump to "1m0s" early and sub-second noise is hidden.
 	std::int64_t secs = (now_usec - since_usec) / 1'000'000;
 	return format_duration(std::chrono::seconds(secs)) + " ago";
-}
-
-std::optional<std::chrono::milliseconds> parse_duration(std::string_view text)
-{
-	if (text.empty())
-		return std::nullopt;
-	std::int64_t total_usec = 0;
-	std::size_t i = 0;
-	while (i < text.size()) {
-		std::int64_t n = 0;
-		std::size_t digits = 0;
-		for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i, ++digits) {
-			n = n * 10 + (text[i] - '0');
-			if (n > kMaxParsedUsec)
-				return std::nullopt;
-		}
-		if (digits == 0)
-			return std::nullopt;
-		std::string_view rest = text.substr(i);
-		std::int64_t unit_usec = 0;
-		if (rest.starts_with("ms")) {
-			unit_usec = 1000;
-			i += 2;
-		} else {
-			for (const Unit &u : kUnits) {
-				if (rest.starts_with(u.suffix)) {
-					unit_usec = u.usec;
-					i += u.suffix.size();
-					break;
-				}
-			}
-		}
-		if (unit_usec == 0)
-			return std::nullopt;
-		if (n > (kMaxParsedUsec - total_usec) / unit_usec)
-			return std::nullopt;
-		total_usec += n * unit_usec;
-	}
-	return std::chrono::milliseconds(total_usec / 1000);
 }
 
 std::string printable(std::string_view text)

@@ -1,6 +1,8 @@
 // Text building blocks for brokerctl's human output: durations, relative times, aligned tables.
 #pragma once
 
+#include "proto/duration.hpp"
+
 #include <chrono>
 #include <cstdint>
 #include <optional>
@@ -10,9 +12,9 @@
 
 namespace brokerctl {
 
-// The two largest non-zero units, so it reads at a glance: "250ms", "12s", "3m12s", "2h5m",
-// "3d4h". Negative durations print as "0s".
-std::string format_duration(std::chrono::microseconds d);
+// The duration grammar, both ways, is the protocol's: "250ms", "30s", "1m30s", "2d".
+using proto::format_duration;
+using proto::parse_duration;
 
 // Time an operation took, as the final line of an upgrade shows it: tenths of a second under a
 // minute ("0.4s", "3.2s", "59.9s"), format_duration above ("3m12s").
@@ -25,10 +27,6 @@ std::string format_local_time(std::int64_t usec);
 // A CLOCK_REALTIME instant (microseconds) relative to now, to the second: "12s ago", "3m12s ago".
 // Under a second, or in the future because clocks disagree, it is "just now"; 0 means unknown: "-".
 std::string format_ago(std::int64_t since_usec, std::int64_t now_usec);
-
-// The config's duration grammar: "250ms", "30s", "5m", "1h", "2d", "1m30s". nullopt for anything
-// else, including values over a year (so callers never meet an overflow).
-std::optional<std::chrono::milliseconds> parse_duration(std::string_view text);
 
 // Text from the broker (names, worker status lines) may hold anything a worker sent. Control
 // characters become '?', so printing it cannot move the cursor or retitle the terminal.

@@ -1,4 +1,4 @@
-// Unit tests of brokerctl's pure helpers: durations, relative times, tables, status views, argument
+// Unit tests of brokerctl's pure helpers: elapsed and relative times, tables, status views, argument
 // values, and the progress and watch displays.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
@@ -17,33 +17,6 @@
 using namespace brokerctl;
 using namespace std::chrono_literals;
 using json = nlohmann::json;
-
-TEST_CASE("format_duration shows the two largest units")
-{
-	struct Case {
-		std::chrono::microseconds in;
-		const char *out;
-	};
-	const Case cases[] = {
-		{0us, "0s"},
-		{-5s, "0s"},
-		{999us, "0s"},
-		{250ms, "250ms"},
-		{1s, "1s"},
-		{1500ms, "1s"},
-		{59s, "59s"},
-		{60s, "1m"},
-		{3min + 12s, "3m12s"},
-		{1h, "1h"},
-		{1h + 59s, "1h"},
-		{2h + 5min + 3s, "2h5m"},
-		{24h * 3 + 4h + 5min, "3d4h"},
-	};
-	for (const Case &c : cases) {
-		CAPTURE(c.in.count());
-		CHECK(format_duration(c.in) == c.out);
-	}
-}
 
 TEST_CASE("format_ago is relative to now, to the second")
 {
@@ -64,38 +37,6 @@ TEST_CASE("format_ago is relative to now, to the second")
 		CAPTURE(c.since);
 		CHECK(format_ago(c.since, now) == c.out);
 	}
-}
-
-TEST_CASE("parse_duration reads the config's grammar")
-{
-	struct Case {
-		const char *in;
-		std::optional<std::chrono::milliseconds> out;
-	};
-	const Case cases[] = {
-		{"250ms", 250ms},
-		{"30s", 30s},
-		{"5m", 5min},
-		{"1h", 1h},
-		{"2d", 48h},
-		{"1m30s", 90s},
-		{"5m12ms", 5min + 12ms},
-		{"", std::nullopt},
-		{"30", std::nullopt},
-		{"s", std::nullopt},
-		{"-1s", std::nullopt},
-		{"1.5s", std::nullopt},
-		{"10us", std::nullopt},
-		{"1s ", std::nullopt},
-		{"99999999999999999999s", std::nullopt},
-		{"400d", std::nullopt},
-	};
-	for (const Case &c : cases) {
-		CAPTURE(c.in);
-		CHECK(parse_duration(c.in) == c.out);
-	}
-	// What format_duration prints, parse_duration reads back.
-	CHECK(parse_duration(format_duration(3min + 12s)) == 3min + 12s);
 }
 
 TEST_CASE("printable defuses terminal control characters")

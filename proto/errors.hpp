@@ -1,30 +1,31 @@
-// The error names of io.brokerd.Control and io.brokerd.Worker, shared by brokerd and its clients.
+// The error names of io.brokerd.Control and io.brokerd.Worker, shared by brokerd and its clients,
+// as the .varlink files declare them (proto/names.hpp, generated).
 #pragma once
 
-#include <string_view>
+#include "proto/names.hpp"
 
 namespace proto::errors {
 
 // io.brokerd.Control (docs/io.brokerd.Control.varlink).
-inline constexpr std::string_view kNoSuchService = "io.brokerd.Control.NoSuchService";
-inline constexpr std::string_view kInvalidConfig = "io.brokerd.Control.InvalidConfig";
-inline constexpr std::string_view kUpgradeInProgress = "io.brokerd.Control.UpgradeInProgress";
-inline constexpr std::string_view kNoUpgradeInProgress = "io.brokerd.Control.NoUpgradeInProgress";
-inline constexpr std::string_view kNoPreviousGeneration = "io.brokerd.Control.NoPreviousGeneration";
-inline constexpr std::string_view kServiceStopped = "io.brokerd.Control.ServiceStopped";
-inline constexpr std::string_view kUpgradeFailed = "io.brokerd.Control.UpgradeFailed";
-inline constexpr std::string_view kStartFailed = "io.brokerd.Control.StartFailed";
-inline constexpr std::string_view kReexecFailed = "io.brokerd.Control.ReexecFailed";
-inline constexpr std::string_view kShuttingDown = "io.brokerd.Control.ShuttingDown";
-inline constexpr std::string_view kRegisteredService = "io.brokerd.Control.RegisteredService";
+inline constexpr auto kNoSuchService = names::control::kNoSuchService;
+inline constexpr auto kInvalidConfig = names::control::kInvalidConfig;
+inline constexpr auto kUpgradeInProgress = names::control::kUpgradeInProgress;
+inline constexpr auto kNoUpgradeInProgress = names::control::kNoUpgradeInProgress;
+inline constexpr auto kNoPreviousGeneration = names::control::kNoPreviousGeneration;
+inline constexpr auto kServiceStopped = names::control::kServiceStopped;
+inline constexpr auto kUpgradeFailed = names::control::kUpgradeFailed;
+inline constexpr auto kStartFailed = names::control::kStartFailed;
+inline constexpr auto kReexecFailed = names::control::kReexecFailed;
+inline constexpr auto kShuttingDown = names::control::kShuttingDown;
+inline constexpr auto kRegisteredService = names::control::kRegisteredService;
 // Sent on a connection past a limit, before brokerd closes it; any interface's caller reads it.
-inline constexpr std::string_view kTooManyConnections = "io.brokerd.Control.TooManyConnections";
+inline constexpr auto kTooManyConnections = names::control::kTooManyConnections;
 
 // io.brokerd.Worker (docs/io.brokerd.Worker.varlink).
-inline constexpr std::string_view kInvalidToken = "io.brokerd.Worker.InvalidToken";
-inline constexpr std::string_view kNotAuthenticated = "io.brokerd.Worker.NotAuthenticated";
-inline constexpr std::string_view kWorkerNoSuchService = "io.brokerd.Worker.NoSuchService";
-inline constexpr std::string_view kPeerExited = "io.brokerd.Worker.PeerExited";
-inline constexpr std::string_view kEventsInUse = "io.brokerd.Worker.EventsInUse";
+inline constexpr auto kInvalidToken = names::worker::kInvalidToken;
+inline constexpr auto kNotAuthenticated = names::worker::kNotAuthenticated;
+inline constexpr auto kWorkerNoSuchService = names::worker::kNoSuchService;
+inline constexpr auto kPeerExited = names::worker::kPeerExited;
+inline constexpr auto kEventsInUse = names::worker::kEventsInUse;
 
 } // namespace proto::errors

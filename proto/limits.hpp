@@ -39,6 +39,9 @@ inline constexpr std::size_t kMaxSocketsPerService = kMaxFdsPerMessage;
 inline constexpr std::size_t kMaxOutputLine = 4096;         // longer lines are split
 inline constexpr std::size_t kKeptOutputLines = 20;         // per instance, for failure reports
 
+// Upgrades: new instances started at a time (upgrade.batch, and an Upgrade call's batch).
+inline constexpr unsigned kMaxBatch = 1024;
+
 // Clients.
 inline constexpr auto kDefaultCallTimeout = 30s;
 

@@ -1,6 +1,7 @@
 // Varlink framing over AF_UNIX stream sockets: NUL-terminated JSON plus SCM_RIGHTS fd passing.
 #pragma once
 #include "proto/limits.hpp"
+#include "proto/names.hpp"
 #include "proto/unique_fd.hpp"
 
 #include <nlohmann/json.hpp>
@@ -15,13 +16,13 @@ namespace proto::varlink {
 
 using json = nlohmann::json;
 
-// Standard errors of org.varlink.service.
-inline constexpr std::string_view kInterfaceNotFound = "org.varlink.service.InterfaceNotFound";
-inline constexpr std::string_view kMethodNotFound = "org.varlink.service.MethodNotFound";
-inline constexpr std::string_view kMethodNotImplemented = "org.varlink.service.MethodNotImplemented";
-inline constexpr std::string_view kInvalidParameter = "org.varlink.service.InvalidParameter";
-inline constexpr std::string_view kPermissionDenied = "org.varlink.service.PermissionDenied";
-inline constexpr std::string_view kExpectedMore = "org.varlink.service.ExpectedMore";
+// Standard errors of org.varlink.service (broker/control/org.varlink.service.varlink).
+inline constexpr auto kInterfaceNotFound = names::service::kInterfaceNotFound;
+inline constexpr auto kMethodNotFound = names::service::kMethodNotFound;
+inline constexpr auto kMethodNotImplemented = names::service::kMethodNotImplemented;
+inline constexpr auto kInvalidParameter = names::service::kInvalidParameter;
+inline constexpr auto kPermissionDenied = names::service::kPermissionDenied;
+inline constexpr auto kExpectedMore = names::service::kExpectedMore;
 
 // One received message with exactly the fds its parameters reference, in index order.
 struct Message {

@@ -1,16 +1,15 @@
 // brokerd.json: parsed, checked against the schema and turned into Config, with errors that name the key path.
 #include "config/config.hpp"
+#include "config/values.hpp"
 
 #include "proto/limits.hpp"
 #include "proto/unique_fd.hpp"
-#include "proto/varlink.hpp"
 #include "broker_config.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
-#include <signal.h>
 #include <string.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -20,7 +19,6 @@
 #include <climits>
 #include <cstdint>
 #include <filesystem>
-#include <functional>
 #include <initializer_list>
 #include <set>
 #include <system_error>
@@ -32,226 +30,13 @@ namespace brokerd::config {
 namespace {
 
 using json = nlohmann::json;
+using namespace values;
 
 // A config file is a few KiB; the cap only stops a wrong path (a device, a huge log) from eating memory.
 constexpr std::size_t kMaxConfigFile = 16u << 20;
 // Longest sun_path, without the terminating NUL (paths) or the leading NUL (abstract names).
 constexpr std::size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
 constexpr std::size_t kMaxName = 64;
-
-bool is_name_char(char c)
-{
-	return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' ||
-	       c == '.' || c == '-';
-}
-
-bool is_plain(std::string_view s)
-{
-	return !s.empty() && std::all_of(s.begin(), s.end(), is_name_char);
-}
-
-// A string as JSON would write it, cut short so that a pasted blob does not flood the message.
-std::string quote(std::string_view s)
-{
-	constexpr std::size_t kMaxShown = 80;
-	bool cut = s.size() > kMaxShown;
-	std::string text = json(std::string(s.substr(0, cut ? kMaxShown : s.size())))
-	                           .dump(-1, ' ', false, json::error_handler_t::replace);
-	return cut ? text + "..." : text;
-}
-
-// Key paths read like `services.web.drain.timeout`. Keys that would make that ambiguous or
-// unreadable (spaces, quotes, empty) are written as `env["A B"]`.
-std::string child(const std::string &path, std::string_view key)
-{
-	if (!is_plain(key))
-		return path + "[" + quote(key) + "]";
-	return path.empty() ? std::string(key) : path + "." + std::string(key);
-}
-
-std::string element(const std::string &path, std::size_t index)
-{
-	return path + "[" + std::to_string(index) + "]";
-}
-
-[[noreturn]] void fail(const std::string &path, const std::string &message)
-{
-	throw ConfigError((path.empty() ? std::string("top level") : path) + ": " + message);
-}
-
-std::string describe(const json &j)
-{
-	switch (j.type()) {
-	case json::value_t::object:
-		return j.empty() ? "{}" : "an object";
-	case json::value_t::array:
-		return j.empty() ? "[]" : "an array";
-	case json::value_t::string:
-		return quote(j.get_ref<const std::string &>());
-	default:
-		return j.dump();
-	}
-}
-
-[[noreturn]] void expected(const std::string &path, std::string_view what, const json &got)
-{
-	fail(path, "expected " + std::string(what) + ", got " + describe(got));
-}
-
-std::size_t edit_distance(std::string_view a, std::string_view b)
-{
-	std::vector<std::size_t> row(b.size() + 1);
-	for (std::size_t j = 0; j <= b.size(); ++j)
-		row[j] = j;
-	for (std::size_t i = 1; i <= a.size(); ++i) {
-		std::size_t diagonal = row[0];
-		row[0] = i;
-		for (std::size_t j = 1; j <= b.size(); ++j) {
-			std::size_t above = row[j];
-			row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-			diagonal = above;
-		}
-	}
-	return row[b.size()];
-}
-
-const json &object_at(const json &j, const std::string &path)
-{
-	if (!j.is_object())
-		expected(path, "an object", j);
-	return j;
-}
-
-// Rejects keys the schema does not know: a typo must not silently fall back to a default.
-void check_keys(const json &obj, const std::string &path, std::initializer_list<std::string_view> known)
-{
-	for (const auto &item : obj.items()) {
-		const std::string &key = item.key();
-		if (std::find(known.begin(), known.end(), key) != known.end())
-			continue;
-		std::string message = "unknown key";
-		std::string_view best;
-		std::size_t best_distance = 3;
-		for (std::string_view k : known) {
-			std::size_t d = edit_distance(key, k);
-			if (d < best_distance) {
-				best_distance = d;
-				best = k;
-			}
-		}
-		if (!best.empty() && best_distance < key.size())
-			message += " (did you mean \"" + std::string(best) + "\"?)";
-		fail(child(path, key), message);
-	}
-}
-
-const json *member(const json &obj, const char *key)
-{
-	auto it = obj.find(key);
-	return it == obj.end() ? nullptr : &*it;
-}
-
-const std::string &string_at(const json &j, const std::string &path, std::string_view what = "a string")
-{
-	if (!j.is_string())
-		expected(path, what, j);
-	return j.get_ref<const std::string &>();
-}
-
-// Strings that end up in argv, environ, paths or names: a NUL byte would silently cut them.
-const std::string &text_at(const json &j, const std::string &path, std::string_view what = "a string")
-{
-	const std::string &s = string_at(j, path, what);
-	if (s.find('\0') != std::string::npos)
-		fail(path, "must not contain a NUL byte");
-	return s;
-}
-
-const std::string &nonempty_text_at(const json &j, const std::string &path, std::string_view what)
-{
-	const std::string &s = text_at(j, path, what);
-	if (s.empty())
-		expected(path, what, j);
-	return s;
-}
-
-bool bool_at(const json &j, const std::string &path)
-{
-	if (!j.is_boolean())
-		expected(path, "true or false", j);
-	return j.get<bool>();
-}
-
-std::uint64_t uint_at(const json &j, const std::string &path, std::uint64_t lo, std::uint64_t hi)
-{
-	// Negative numbers parse as number_integer and fractions as number_float: both are rejected.
-	if (!j.is_number_unsigned() || j.get<std::uint64_t>() < lo || j.get<std::uint64_t>() > hi) {
-		std::string what = hi == UINT_MAX ? "an integer of at least " + std::to_string(lo)
-		                                  : "an integer from " + std::to_string(lo) + " to " +
-		                                            std::to_string(hi);
-		expected(path, what, j);
-	}
-	return j.get<std::uint64_t>();
-}
-
-// A JSON number would be read as decimal (660 is not 0660), so modes are octal strings.
-mode_t mode_at(const json &j, const std::string &path)
-{
-	constexpr std::string_view what = "an octal mode from \"0000\" to \"0777\", like \"0660\"";
-	const std::string &s = string_at(j, path, what);
-	if (s.empty() || s.size() > 4 || !std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '7'; }))
-		expected(path, what, j);
-	mode_t mode = 0;
-	for (char c : s)
-		mode = mode * 8 + static_cast<mode_t>(c - '0');
-	if (mode > 0777)
-		expected(path, what, j);
-	return mode;
-}
-
-Duration duration_at(const json &j, const std::string &path)
-{
-	constexpr std::string_view what = "a duration like \"30s\"";
-	auto d = parse_duration(string_at(j, path, what));
-	if (!d)
-		expected(path, what, j);
-	return *d;
-}
-
-template <typename T>
-T choice_at(const json &j, const std::string &path, std::initializer_list<std::pair<std::string_view, T>> choices)
-{
-	std::string what;
-	std::size_t i = 0;
-	for (const auto &[name, value] : choices) {
-		if (i > 0)
-			what += i + 1 == choices.size() ? " or " : ", ";
-		what += "\"" + std::string(name) + "\"";
-		++i;
-	}
-	const std::string &s = string_at(j, path, what);
-	for (const auto &[name, value] : choices)
-		if (s == name)
-			return value;
-	expected(path, what, j);
-}
-
-// User and group names as the control server and the register rules compare them. Whether they
-// exist is not checked: a name that does not resolve grants nothing.
-std::vector<std::string> account_names_at(const json &j, const std::string &path)
-{
-	constexpr std::string_view what = "a user or group name";
-	if (!j.is_array())
-		expected(path, "an array of names", j);
-	std::vector<std::string> names;
-	for (std::size_t i = 0; i < j.size(); ++i) {
-		const std::string &name = nonempty_text_at(j[i], element(path, i), what);
-		if (std::any_of(name.begin(), name.end(), [](char c) { return c == ':' || c == '/' || c <= ' '; }))
-			expected(element(path, i), what, j[i]);
-		names.push_back(name);
-	}
-	return names;
-}
 
 // The problem with a unix socket address (a path or "@abstract"), or an empty string.
 std::string socket_path_problem(std::string_view p)
@@ -324,12 +109,6 @@ bool valid_env_name(std::string_view k)
 	return std::all_of(k.begin(), k.end(), [](char c) {
 		return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
 	});
-}
-
-bool reserved_env_name(std::string_view k)
-{
-	return k == "LISTEN_FDS" || k == "LISTEN_PID" || k == "LISTEN_FDNAMES" || k == "NOTIFY_SOCKET" ||
-	       k.starts_with("BROKER_");
 }
 
 void parse_control(const json &j, ControlConfig &c)
@@ -569,89 +348,46 @@ void parse_sockets(const json &j, Config &cfg)
 	}
 }
 
-ServiceConfig parse_service(const std::string &name, const json &j, const std::string &path, const Config &cfg)
+// The service's sockets, by name, in fd order: each one configured, none twice.
+std::vector<std::string> service_sockets(const json &v, const std::string &p, const Config &cfg)
 {
-	object_at(j, path);
-	check_keys(j, path,
-	           {"exec", "sockets", "instances", "version", "ready", "start_timeout", "drain", "upgrade", "restart",
-	            "user", "group", "cwd", "env", "register"});
-	ServiceConfig s;
-	s.name = name;
+	std::vector<std::string> sockets;
+	if (!v.is_array())
+		expected(p, "an array of socket names", v);
+	if (v.size() > proto::limits::kMaxSocketsPerService)
+		fail(p, "at most " + std::to_string(proto::limits::kMaxSocketsPerService) + " sockets per service");
+	std::set<std::string> seen;
+	for (std::size_t i = 0; i < v.size(); ++i) {
+		std::string ep = element(p, i);
+		const std::string &sock = string_at(v[i], ep, "a socket name");
+		if (!cfg.find_socket(sock))
+			fail(ep, "no socket named " + quote(sock));
+		if (!seen.insert(sock).second)
+			fail(ep, "socket " + quote(sock) + " is listed twice");
+		sockets.push_back(sock);
+	}
+	return sockets;
+}
 
-	const json *exec = member(j, "exec");
-	if (exec) {
-		std::string p = child(path, "exec");
-		if (!exec->is_array() || exec->empty())
-			expected(p, "a non-empty array of strings (the program and its arguments)", *exec);
-		for (std::size_t i = 0; i < exec->size(); ++i)
-			s.exec.push_back(nonempty_text_at((*exec)[i], element(p, i), "a non-empty string"));
-	} else {
-		// Only spawned workers have these: an external service's workers bring their own.
-		for (const char *opt : {"user", "group", "cwd", "env", "restart"})
-			if (member(j, opt))
-				fail(child(path, opt), "applies only to services with \"exec\"; this one is external");
+void parse_drain(const json &v, const std::string &p, ServiceConfig &s)
+{
+	object_at(v, p);
+	check_keys(v, p, {"timeout", "signal"});
+	if (auto *t = member(v, "timeout"))
+		s.drain_timeout = duration_at(*t, child(p, "timeout"));
+	if (auto *sig = member(v, "signal")) {
+		std::string sp = child(p, "signal");
+		constexpr std::string_view what = "a signal name like \"SIGTERM\"";
+		auto n = parse_signal(string_at(*sig, sp, what));
+		if (!n)
+			expected(sp, what, *sig);
+		s.drain_signal = *n;
 	}
+}
 
-	if (auto *v = member(j, "sockets")) {
-		std::string p = child(path, "sockets");
-		if (!v->is_array())
-			expected(p, "an array of socket names", *v);
-		if (v->size() > proto::limits::kMaxSocketsPerService)
-			fail(p, "at most " + std::to_string(proto::limits::kMaxSocketsPerService) + " sockets per service");
-		std::set<std::string> seen;
-		for (std::size_t i = 0; i < v->size(); ++i) {
-			std::string ep = element(p, i);
-			const std::string &sock = string_at((*v)[i], ep, "a socket name");
-			if (!cfg.find_socket(sock))
-				fail(ep, "no socket named " + quote(sock));
-			if (!seen.insert(sock).second)
-				fail(ep, "socket " + quote(sock) + " is listed twice");
-			s.sockets.push_back(sock);
-		}
-	}
-	if (auto *v = member(j, "instances"))
-		s.instances = static_cast<unsigned>(uint_at(*v, child(path, "instances"), 1, 1024));
-	if (auto *v = member(j, "version"))
-		s.version = text_at(*v, child(path, "version"));
-	if (auto *v = member(j, "ready"))
-		s.ready = choice_at<ReadyMode>(*v, child(path, "ready"),
-		                               {{"broker", ReadyMode::Broker},
-		                                {"notify", ReadyMode::Notify},
-		                                {"exec", ReadyMode::Exec}});
-	if (auto *v = member(j, "start_timeout")) {
-		std::string p = child(path, "start_timeout");
-		s.start_timeout = duration_at(*v, p);
-		// No instance can be ready in no time; 0 is a mistake, not "no timeout".
-		if (s.start_timeout.count() == 0)
-			expected(p, "a duration above 0s, like \"30s\"", *v);
-	}
-	if (auto *v = member(j, "drain")) {
-		std::string p = child(path, "drain");
-		object_at(*v, p);
-		check_keys(*v, p, {"timeout", "signal"});
-		if (auto *t = member(*v, "timeout"))
-			s.drain_timeout = duration_at(*t, child(p, "timeout"));
-		if (auto *sig = member(*v, "signal")) {
-			std::string sp = child(p, "signal");
-			constexpr std::string_view what = "a signal name like \"SIGTERM\"";
-			auto n = parse_signal(string_at(*sig, sp, what));
-			if (!n)
-				expected(sp, what, *sig);
-			s.drain_signal = *n;
-		}
-	}
-	if (auto *v = member(j, "upgrade")) {
-		std::string p = child(path, "upgrade");
-		object_at(*v, p);
-		check_keys(*v, p, {"batch"});
-		if (auto *b = member(*v, "batch"))
-			s.upgrade_batch = static_cast<unsigned>(uint_at(*b, child(p, "batch"), 1, UINT_MAX));
-	}
-	if (auto *v = member(j, "restart"))
-		s.restart = choice_at<RestartPolicy>(*v, child(path, "restart"),
-		                                     {{"no", RestartPolicy::No},
-		                                      {"on-failure", RestartPolicy::OnFailure},
-		                                      {"always", RestartPolicy::Always}});
+// The options only a spawned worker has: its user, group, working directory and environment.
+void parse_spawn_options(const json &j, const std::string &path, ServiceConfig &s)
+{
 	if (auto *v = member(j, "user")) {
 		std::string p = child(path, "user");
 		s.user = nonempty_text_at(*v, p, "a user name");
@@ -682,6 +418,64 @@ ServiceConfig parse_service(const std::string &name, const json &j, const std::s
 			s.env.emplace(key, text_at(item.value(), kp));
 		}
 	}
+}
+
+ServiceConfig parse_service(const std::string &name, const json &j, const std::string &path, const Config &cfg)
+{
+	object_at(j, path);
+	check_keys(j, path,
+	           {"exec", "sockets", "instances", "version", "ready", "start_timeout", "drain", "upgrade", "restart",
+	            "user", "group", "cwd", "env", "register"});
+	ServiceConfig s;
+	s.name = name;
+
+	const json *exec = member(j, "exec");
+	if (exec) {
+		std::string p = child(path, "exec");
+		if (!exec->is_array() || exec->empty())
+			expected(p, "a non-empty array of strings (the program and its arguments)", *exec);
+		for (std::size_t i = 0; i < exec->size(); ++i)
+			s.exec.push_back(nonempty_text_at((*exec)[i], element(p, i), "a non-empty string"));
+	} else {
+		// Only spawned workers have these: an external service's workers bring their own.
+		for (const char *opt : {"user", "group", "cwd", "env", "restart"})
+			if (member(j, opt))
+				fail(child(path, opt), "applies only to services with \"exec\"; this one is external");
+	}
+
+	if (auto *v = member(j, "sockets"))
+		s.sockets = service_sockets(*v, child(path, "sockets"), cfg);
+	if (auto *v = member(j, "instances"))
+		s.instances = static_cast<unsigned>(uint_at(*v, child(path, "instances"), 1, 1024));
+	if (auto *v = member(j, "version"))
+		s.version = text_at(*v, child(path, "version"));
+	if (auto *v = member(j, "ready"))
+		s.ready = choice_at<ReadyMode>(*v, child(path, "ready"),
+		                               {{"broker", ReadyMode::Broker},
+		                                {"notify", ReadyMode::Notify},
+		                                {"exec", ReadyMode::Exec}});
+	if (auto *v = member(j, "start_timeout")) {
+		std::string p = child(path, "start_timeout");
+		s.start_timeout = duration_at(*v, p);
+		// No instance can be ready in no time; 0 is a mistake, not "no timeout".
+		if (s.start_timeout.count() == 0)
+			expected(p, "a duration above 0s, like \"30s\"", *v);
+	}
+	if (auto *v = member(j, "drain"))
+		parse_drain(*v, child(path, "drain"), s);
+	if (auto *v = member(j, "upgrade")) {
+		std::string p = child(path, "upgrade");
+		object_at(*v, p);
+		check_keys(*v, p, {"batch"});
+		if (auto *b = member(*v, "batch"))
+			s.upgrade_batch = static_cast<unsigned>(uint_at(*b, child(p, "batch"), 1, proto::limits::kMaxBatch));
+	}
+	if (auto *v = member(j, "restart"))
+		s.restart = choice_at<RestartPolicy>(*v, child(path, "restart"),
+		                                     {{"no", RestartPolicy::No},
+		                                      {"on-failure", RestartPolicy::OnFailure},
+		                                      {"always", RestartPolicy::Always}});
+	parse_spawn_options(j, path, s);
 	if (auto *v = member(j, "register")) {
 		std::string p = child(path, "register");
 		if (exec)
@@ -707,107 +501,6 @@ void parse_services(const json &j, Config &cfg)
 	}
 	std::sort(cfg.services.begin(), cfg.services.end(),
 	          [](const ServiceConfig &a, const ServiceConfig &b) { return a.name < b.name; });
-}
-
-// nlohmann keeps the last of two equal keys without a word; in a config that hides a mistake.
-// The parser callback tracks where it is, to name the duplicate's path.
-class DuplicateKeys {
-public:
-	bool operator()(int depth, json::parse_event_t event, json &parsed)
-	{
-		switch (event) {
-		case json::parse_event_t::object_start:
-		case json::parse_event_t::array_start: {
-			// Each level costs a path here: a file nested thousands deep would cost gigabytes,
-			// in the daemon too (reload, upgrade). The parser's depth counts what it parses,
-			// so comments hide nothing; the parse stops here.
-			if (!proto::varlink::depth_allowed(depth))
-				throw ConfigError("invalid JSON: nested more than " + std::to_string(proto::limits::kMaxJsonDepth) +
-				                  " levels deep");
-			Frame f;
-			f.array = event == json::parse_event_t::array_start;
-			f.path = frames_.empty() ? std::string() : here(frames_.back());
-			frames_.push_back(std::move(f));
-			break;
-		}
-		case json::parse_event_t::key: {
-			Frame &f = frames_.back();
-			f.key = parsed.get<std::string>();
-			if (!f.keys.insert(f.key).second && error_.empty())
-				error_ = child(f.path, f.key) + ": duplicate key";
-			break;
-		}
-		case json::parse_event_t::object_end:
-		case json::parse_event_t::array_end:
-			frames_.pop_back();
-			[[fallthrough]];
-		case json::parse_event_t::value:
-			if (!frames_.empty() && frames_.back().array)
-				++frames_.back().index;
-			break;
-		}
-		return true;
-	}
-
-	const std::string &error() const { return error_; }
-
-private:
-	struct Frame {
-		bool array = false;
-		std::string path;
-		std::string key;
-		std::size_t index = 0;
-		std::set<std::string> keys;
-	};
-
-	static std::string here(const Frame &f) { return f.array ? element(f.path, f.index) : child(f.path, f.key); }
-
-	std::vector<Frame> frames_;
-	std::string error_;
-};
-
-// nlohmann's what() is "[json.exception.parse_error.101] parse error at line 1, column 2: syntax
-// error while parsing value - invalid literal; last read: 'x'"; keep the part after the position.
-std::string short_reason(const char *what)
-{
-	std::string_view s = what;
-	if (auto bracket = s.find("] "); bracket != std::string_view::npos)
-		s.remove_prefix(bracket + 2);
-	if (auto colon = s.find(": "); colon != std::string_view::npos)
-		s.remove_prefix(colon + 2);
-	if (s.starts_with("syntax error while parsing "))
-		if (auto dash = s.find(" - "); dash != std::string_view::npos)
-			s.remove_prefix(dash + 3);
-	// The line and column say where; the echo of the token read so far only adds noise.
-	std::string reason(s);
-	if (auto last = reason.find("; last read: '"); last != std::string::npos) {
-		auto end = reason.find("'; ", last + 14);
-		reason.erase(last, end == std::string::npos ? std::string::npos : end + 1 - last);
-	}
-	return reason;
-}
-
-json parse_json(std::string_view text)
-{
-	DuplicateKeys dup;
-	json root;
-	try {
-		root = json::parse(text, std::ref(dup), true, /*ignore_comments=*/true);
-	} catch (const json::parse_error &e) {
-		// e.byte counts from 1 and points at the character that broke the parse (or one past the end).
-		std::size_t offset = std::min<std::size_t>(e.byte > 0 ? e.byte - 1 : 0, text.size());
-		std::string_view before = text.substr(0, offset);
-		std::size_t line = 1 + static_cast<std::size_t>(std::count(before.begin(), before.end(), '\n'));
-		auto nl = before.rfind('\n');
-		std::size_t column = nl == std::string_view::npos ? offset + 1 : offset - nl;
-		throw ConfigError("invalid JSON at line " + std::to_string(line) + ", column " + std::to_string(column) +
-		                  ": " + short_reason(e.what()));
-	} catch (const json::exception &e) {
-		throw ConfigError("invalid JSON: " + short_reason(e.what()));
-	}
-	if (!dup.error().empty())
-		throw ConfigError(dup.error());
-	return root;
 }
 
 } // namespace
@@ -905,94 +598,11 @@ Config load(const std::string &path, std::string &text)
 	}
 }
 
-std::optional<Duration> parse_duration(std::string_view text)
+bool reserved_env_name(std::string_view name)
 {
-	// Milliseconds whose microseconds still fit in 64 bits, so callers may convert for sd-event.
-	constexpr std::int64_t kMax = INT64_MAX / 1000;
-	if (text.empty())
-		return std::nullopt;
-	std::int64_t total = 0;
-	std::size_t i = 0;
-	while (i < text.size()) {
-		std::int64_t n = 0;
-		std::size_t digits = i;
-		for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
-			int d = text[i] - '0';
-			if (n > (kMax - d) / 10)
-				return std::nullopt;
-			n = n * 10 + d;
-		}
-		if (i == digits)
-			return std::nullopt;
-		std::size_t unit_start = i;
-		while (i < text.size() && text[i] >= 'a' && text[i] <= 'z')
-			++i;
-		std::string_view unit = text.substr(unit_start, i - unit_start);
-		std::int64_t scale = unit == "ms"  ? 1
-		                     : unit == "s" ? 1000
-		                     : unit == "m" ? 60'000
-		                     : unit == "h" ? 3'600'000
-		                                   : 0;
-		if (scale == 0 || n > (kMax - total) / scale)
-			return std::nullopt;
-		total += n * scale;
-	}
-	return Duration(total);
-}
-
-std::optional<int> parse_signal(std::string_view text)
-{
-	if (text.empty() || text.size() > 32)
-		return std::nullopt;
-	auto known = [](int sig) { return sig > 0 && (sigabbrev_np(sig) || (sig >= SIGRTMIN && sig <= SIGRTMAX)); };
-	if (std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-		int n = 0;
-		for (char c : text) {
-			n = n * 10 + (c - '0');
-			if (n >= 1000)
-				return std::nullopt;
-		}
-		return known(n) ? std::optional<int>(n) : std::nullopt;
-	}
-
-	std::string name(text);
-	std::transform(name.begin(), name.end(), name.begin(),
-	               [](char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 'a' + 'A') : c; });
-	if (name.starts_with("SIG"))
-		name.erase(0, 3);
-	for (int sig = 1; sig < SIGRTMIN; ++sig)
-		if (const char *abbrev = sigabbrev_np(sig); abbrev && name == abbrev)
-			return sig;
-	// Older names that sigabbrev_np does not return.
-	if (name == "IOT")
-		return SIGABRT;
-	if (name == "POLL")
-		return SIGIO;
-	if (name == "CLD")
-		return SIGCHLD;
-	// RTMIN, RTMIN+n, RTMAX, RTMAX-n, as kill(1) spells them.
-	auto offset = [](std::string_view rest) -> std::optional<int> {
-		if (rest.empty() || rest.size() > 2 ||
-		    !std::all_of(rest.begin(), rest.end(), [](char c) { return c >= '0' && c <= '9'; }))
-			return std::nullopt;
-		int n = 0;
-		for (char c : rest)
-			n = n * 10 + (c - '0');
-		return n;
-	};
-	std::optional<int> sig;
-	std::string_view rest = std::string_view(name).substr(std::min<std::size_t>(name.size(), 6));
-	if (name == "RTMIN")
-		sig = SIGRTMIN;
-	else if (name == "RTMAX")
-		sig = SIGRTMAX;
-	else if (auto n = offset(rest); n && name.starts_with("RTMIN+"))
-		sig = SIGRTMIN + *n;
-	else if (n && name.starts_with("RTMAX-"))
-		sig = SIGRTMAX - *n;
-	if (sig && *sig >= SIGRTMIN && *sig <= SIGRTMAX)
-		return sig;
-	return std::nullopt;
+	// Every LISTEN_*, not only the three sd_listen_fds reads: systemd has grown more of them
+	// (LISTEN_FDNAMES came later), and a worker may read one brokerd does not set.
+	return name.starts_with("LISTEN_") || name == "NOTIFY_SOCKET" || name.starts_with("BROKER_");
 }
 
 } // namespace brokerd::config

@@ -1,6 +1,7 @@
 // brokerd's configuration: the schema of brokerd.json, loaded and validated in one place.
 #pragma once
 
+#include "proto/duration.hpp"
 #include "proto/limits.hpp"
 
 #include <sys/types.h>
@@ -109,8 +110,11 @@ const char *restart_name(RestartPolicy policy);
 std::optional<ReadyMode> parse_ready(std::string_view name);
 std::optional<RestartPolicy> parse_restart(std::string_view name);
 
-// "250ms", "30s", "5m", "1h", "1m30s". Returns nullopt for anything else.
-std::optional<Duration> parse_duration(std::string_view text);
+// The protocol's duration grammar (proto/duration.hpp): "250ms", "30s", "5m", "1h", "2d", "1m30s".
+using proto::parse_duration;
+// A variable brokerd sets for its workers, which neither the config nor an Upgrade call's env may
+// set: every LISTEN_*, NOTIFY_SOCKET and every BROKER_*.
+bool reserved_env_name(std::string_view name);
 // "SIGTERM", "TERM", "15". Returns nullopt for unknown names.
 std::optional<int> parse_signal(std::string_view text);
 

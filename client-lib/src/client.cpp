@@ -3,6 +3,7 @@
 
 #include "proto/handoff.hpp"
 #include "proto/limits.hpp"
+#include "proto/names.hpp"
 #include "proto/status_text.hpp"
 #include "proto/sync_client.hpp"
 #include "proto/unique_fd.hpp"
@@ -30,12 +31,8 @@ using proto::varlink::json;
 
 namespace {
 
-constexpr std::string_view kHello = "io.brokerd.Worker.Hello";
-constexpr std::string_view kEvents = "io.brokerd.Worker.Events";
-constexpr std::string_view kReady = "io.brokerd.Worker.Ready";
-constexpr std::string_view kStatus = "io.brokerd.Worker.Status";
-constexpr std::string_view kHandoff = "io.brokerd.Worker.Handoff";
-constexpr std::string_view kReceived = "io.brokerd.Worker.Received";
+// The methods a worker calls, as docs/io.brokerd.Worker.varlink declares them.
+using namespace proto::names::worker;
 
 static_assert(Client::kMaxHandoffState == proto::handoff::kMaxState);
 
