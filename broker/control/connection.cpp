@@ -1,8 +1,9 @@
 // ControlServer::Connection: one client's transport: reading, framing, limits, timers, replies, closing.
 #include "control/connection.hpp"
 
-#include "proto/errors.hpp"
+#include "control/encode.hpp"
 #include "os/log.hpp"
+#include "proto/errors.hpp"
 
 #include <sys/socket.h>
 #include <unistd.h>
@@ -241,37 +242,43 @@ void ControlServer::Connection::schedule_resume()
 	}
 }
 
-void ControlServer::Connection::progress(const json &parameters)
+void ControlServer::Connection::progress(const Event &event)
 {
 	if (more_)
-		reply({{"progress", parameters}}, true);
+		reply({{"progress", encode::progress(event)}}, true);
 	update_events();
 }
 
-void ControlServer::Connection::finished(const json &parameters)
+void ControlServer::Connection::finished(const Event *last)
 {
-	if (parameters.empty())
-		reply(json::object());
+	if (last)
+		reply({{"progress", encode::progress(*last)}});
 	else
-		reply({{"progress", parameters}});
+		reply(json::object());
 	update_events();
 	done_waiting();
 }
 
-void ControlServer::Connection::failed(std::string_view name, const json &parameters)
+void ControlServer::Connection::failed(const Refusal &why)
 {
-	error(name, parameters);
+	refused(why);
 	update_events();
 	done_waiting();
 }
 
-void ControlServer::Connection::watch_event(const json &event)
+void ControlServer::Connection::refused(const Refusal &why)
+{
+	auto [name, parameters] = encode::refusal(why);
+	error(name, std::move(parameters));
+}
+
+void ControlServer::Connection::watch_event(const Event &event)
 {
 	if (!watching_ || dead_)
 		return;
-	if (!watch_service_.empty() && event.value("service", "") != watch_service_)
+	if (!watch_service_.empty() && event.service != watch_service_)
 		return;
-	reply(event, true);
+	reply(encode::watch_event(event), true);
 	if (!dead_)
 		update_events();
 }
@@ -306,6 +313,24 @@ bool ControlServer::Connection::send_event(const json &parameters, std::vector<p
 	if (dead_ || peer_gone_)
 		return false;
 	return sent(stream_.enqueue_reply(parameters, true, std::move(fds)), "cannot send event");
+}
+
+bool ControlServer::Connection::send_drain(std::uint64_t timeout_ms)
+{
+	return send_event(encode::drain(timeout_ms));
+}
+
+bool ControlServer::Connection::send_connections(std::uint64_t batch, std::vector<HandoffItem> items)
+{
+	std::vector<proto::UniqueFd> fds;
+	json event = encode::connections(batch, std::move(items), fds);
+	return send_event(event, std::move(fds));
+}
+
+bool ControlServer::Connection::send_handoff_result(std::uint64_t batch, std::size_t landed,
+                                                    const std::vector<std::uint64_t> &returned, const std::string &why)
+{
+	return send_event(encode::handoff_result(batch, landed, returned, why));
 }
 
 // After enqueueing: writes what the socket takes. A peer that has gone may still have sent

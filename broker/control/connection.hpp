@@ -60,14 +60,19 @@ public:
 	{
 		return is_operator() || instance_conn_ ? proto::limits::kMaxMessageSize : proto::limits::kMaxSmallMessage;
 	}
-	using EventSink::send_event;
-	bool send_event(const nlohmann::json &parameters, std::vector<proto::UniqueFd> fds) override;
-	void watch_event(const nlohmann::json &event);
+	// EventSink: the instance's Events stream, when this connection carries it.
+	bool send_drain(std::uint64_t timeout_ms) override;
+	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) override;
+	bool send_handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
+	                         const std::string &why = {}) override;
+	void watch_event(const Event &event);
 
 	// Observer: the upgrade, start or stop this connection waits for.
-	void progress(const nlohmann::json &parameters) override;
-	void finished(const nlohmann::json &parameters) override;
-	void failed(std::string_view error, const nlohmann::json &parameters) override;
+	void progress(const Event &event) override;
+	void finished(const Event *last) override;
+	void failed(const Refusal &why) override;
+	// An error reply that a refusal is.
+	void refused(const Refusal &why);
 
 private:
 	static int io_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
@@ -138,6 +143,7 @@ private:
 	Instance *worker();
 	void reply(nlohmann::json parameters, bool continues = false);
 	void error(std::string_view name, nlohmann::json parameters = nlohmann::json::object());
+	bool send_event(const nlohmann::json &parameters, std::vector<proto::UniqueFd> fds = {});
 	bool sent(int r, const char *what);
 
 	ControlServer &server_;

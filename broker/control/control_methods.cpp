@@ -1,5 +1,6 @@
 // io.brokerd.Control: Status, Sockets, Upgrade, Rollback, Restart, Abort, Start, Stop, Reload, Watch, Reexec.
 #include "control/connection.hpp"
+#include "control/encode.hpp"
 
 #include "broker_config.h"
 #include "proto/errors.hpp"
@@ -128,7 +129,7 @@ void ControlServer::Connection::status(const json &params, bool only_sockets)
 	if (only_sockets)
 		return reply({{"sockets", std::move(sockets)}});
 
-	json services = server_.supervisor_.services_json(narrowed ? &service : nullptr);
+	json services = encode::services(server_.supervisor_, narrowed ? &service : nullptr);
 	if (services.is_null())
 		return error(proto::errors::kNoSuchService, {{"service", service}});
 	reply({{"version", BROKER_VERSION},
@@ -198,14 +199,11 @@ void ControlServer::Connection::upgrade(const json &params, const std::string &k
 		return;
 	}
 
-	if (auto refusal = server_.supervisor_.begin_upgrade(*svc, std::move(req), wait && !oneway_ ? this : nullptr))
-		return error(refusal->name, refusal->parameters);
-	if (!wait) {
-		json p = {{"event", "accepted"}, {"service", svc->name}};
-		if (svc->upgrade)
-			p["generation"] = svc->upgrade->to->number;
-		return reply({{"progress", p}});
-	}
+	auto begun = server_.supervisor_.begin_upgrade(*svc, std::move(req), wait && !oneway_ ? this : nullptr);
+	if (const Refusal *why = std::get_if<Refusal>(&begun))
+		return refused(*why);
+	if (!wait)
+		return reply({{"progress", encode::progress(std::get<Event>(begun))}});
 	if (svc->upgrade && !oneway_)
 		waiting_ = true; // the supervisor answers when the rollout ends
 }
@@ -251,8 +249,8 @@ void ControlServer::Connection::control_abort(control::Call &call)
 	Service *svc = service_param(call.params, {});
 	if (!svc)
 		return;
-	if (auto refusal = server_.supervisor_.abort_upgrade(*svc))
-		return error(refusal->name, refusal->parameters);
+	if (auto why = server_.supervisor_.abort_upgrade(*svc))
+		return refused(*why);
 	reply(json::object());
 }
 
@@ -273,10 +271,10 @@ void ControlServer::Connection::start_stop(const json &params, bool start)
 		return;
 	Observer *me = oneway_ ? nullptr : this;
 	waiting_ = me != nullptr;
-	auto refusal = start ? server_.supervisor_.start_service(*svc, me) : server_.supervisor_.stop_service(*svc, me);
-	if (refusal) {
+	auto why = start ? server_.supervisor_.start_service(*svc, me) : server_.supervisor_.stop_service(*svc, me);
+	if (why) {
 		waiting_ = false;
-		error(refusal->name, refusal->parameters);
+		refused(*why);
 	}
 }
 

@@ -44,7 +44,7 @@ void make_parent_directory(const std::string &path)
 
 } // namespace
 
-void ControlServer::broadcast(const json &event)
+void ControlServer::broadcast(const Event &event)
 {
 	for (auto &c : connections_)
 		c->watch_event(event);

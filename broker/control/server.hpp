@@ -5,6 +5,7 @@
 #include "config/config.hpp"
 #include "control/access.hpp"
 #include "os/event.hpp"
+#include "supervisor/events.hpp"
 
 #include <sys/types.h>
 
@@ -49,7 +50,7 @@ public:
 	// New access rules after a reload.
 	void set_rules(AccessRules rules) { rules_ = std::move(rules); }
 	// Sends an event to every Watch stream that wants it.
-	void broadcast(const nlohmann::json &event);
+	void broadcast(const Event &event);
 
 	// Re-exec: the listening socket and every connection (their fds go to keep_fds): workers'
 	// with their Events streams, Watch streams, and the caller's, which the next brokerd

@@ -112,12 +112,12 @@ Instance *ControlServer::Connection::hello_register(const std::string &service, 
 	}
 	std::vector<gid_t> groups = peer_groups(stream_.fd());
 	groups.push_back(peer_.gid);
-	ControlError refusal;
-	Instance *inst =
-		server_.supervisor_.register_external(*svc, version, std::move(pidfd), peer_.pid, peer_.uid, groups, refusal);
-	if (!inst)
-		error(refusal.name, refusal.parameters);
-	return inst;
+	auto registered = server_.supervisor_.register_external(*svc, version, std::move(pidfd), peer_.pid, peer_.uid, groups);
+	if (const Refusal *why = std::get_if<Refusal>(&registered)) {
+		refused(*why);
+		return nullptr;
+	}
+	return std::get<Instance *>(registered);
 }
 
 // Hello's reply: the instance's sockets, with their fds when it wants them.
@@ -238,7 +238,10 @@ void ControlServer::Connection::worker_handoff(control::Call &call)
 	std::uint64_t id = batch->get<std::uint64_t>();
 	auto refuse = [&](const std::string &why) {
 		log::warning("instance " + inst->id + ": Handoff batch " + std::to_string(id) + ": " + why);
-		send_event(all_returned(id, fds.size(), why));
+		std::vector<std::uint64_t> all(fds.size());
+		for (std::size_t i = 0; i < all.size(); i++)
+			all[i] = i;
+		send_handoff_result(id, 0, all, why);
 	};
 	auto conns = params.find("connections");
 	if (conns == params.end() || !conns->is_array() || conns->size() != fds.size())

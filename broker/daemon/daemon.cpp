@@ -6,6 +6,7 @@
 #include "daemon/state.hpp"
 #include "os/closer.hpp"
 #include "os/log.hpp"
+#include "supervisor/serialize.hpp"
 
 #include <systemd/sd-daemon.h>
 
@@ -188,13 +189,13 @@ void Daemon::compose(proto::UniqueFd control_fd)
 	hooks.reexec = [this](const std::string &binary, int caller) { reexec(binary, caller); };
 	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start_usec_,
 	                                           std::move(control_fd));
-	supervisor_->on_event = [this](const nlohmann::json &ev) { control_->broadcast(ev); };
+	supervisor_->on_event = [this](const Event &ev) { control_->broadcast(ev); };
 }
 
 // After a re-exec: the services and connections the previous brokerd had, as they were.
 void Daemon::carry_on()
 {
-	supervisor_->restore_state(restored_.at("services"));
+	Serializer::restore(*supervisor_, restored_.at("services"));
 	control_->restore_state(restored_.at("control"));
 	log::notice("re-executed: brokerd " BROKER_VERSION " carries on with " +
 	            std::to_string(restored_.at("services").size()) + " service(s), " +

@@ -6,6 +6,7 @@
 #include "broker_config.h"
 #include "daemon/state.hpp"
 #include "os/log.hpp"
+#include "supervisor/serialize.hpp"
 
 #include <fcntl.h>
 #include <limits.h>
@@ -188,7 +189,7 @@ nlohmann::json Daemon::save_state(int caller, std::vector<int> &keep) const
 	        {"last_status", last_status_},
 	        {"listeners", std::move(listeners)},
 	        {"notify_fd", notify_->fd()},
-	        {"services", supervisor_->save_state(keep)},
+	        {"services", Serializer::save(*supervisor_, keep)},
 	        {"control", control_->save_state(caller, keep)}};
 }
 

@@ -3,7 +3,7 @@
 #pragma once
 
 #include "config/config.hpp"
-#include "daemon/running_service.hpp"
+#include "config/invariants.hpp"
 
 #include <string>
 #include <variant>

@@ -3,8 +3,6 @@
 
 namespace brokerd {
 
-using json = nlohmann::json;
-
 // The ready instances of the generation that succeeds the sender's and said accept_handoff:
 // during an upgrade the one being rolled out, otherwise the current one, if newer.
 std::vector<EventSink *> Supervisor::handoff_targets(const Instance &sender) const
@@ -67,30 +65,18 @@ void Supervisor::handoff_report(const HandoffRouter::Report &r)
 void Supervisor::handoff_progress(Service &svc)
 {
 	const HandoffCounts &c = svc.upgrade ? svc.upgrade->handoff : svc.handoff;
-	json counts = handoff_json(svc, c);
-	bool settled = c.handed == c.received + c.returned && counts["expected"] == c.handed;
+	HandoffTotals totals = handoff_totals(svc, c);
+	bool settled = c.handed == c.received + c.returned && totals.expected == c.handed;
 	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
 	if (!settled && now - svc.handoff_reported < 100000)
 		return;
 	svc.handoff_reported = now;
-	std::string message = "migrating connections " + std::to_string(c.received) + "/" +
-	                      std::to_string(counts["expected"].get<std::uint64_t>());
+	std::string message = "migrating connections " + std::to_string(c.received) + "/" + std::to_string(totals.expected);
 	if (c.returned)
 		message += ", " + std::to_string(c.returned) + " returned";
-	if (Upgrade *up = svc.upgrade.get()) {
-		json p = progress(svc, "handoff", nullptr, message);
-		for (Observer *o : std::vector(up->observers))
-			o->progress(p);
-	}
-	if (on_event) {
-		json e = {{"event", "handoff"}, {"time", now_usec(CLOCK_REALTIME)}, {"service", svc.name},
-		          {"message", message}, {"handoff", counts}};
-		if (svc.upgrade)
-			e["generation"] = svc.upgrade->to->number;
-		else if (svc.current)
-			e["generation"] = svc.current->number;
-		on_event(e);
-	}
+	if (Upgrade *up = svc.upgrade.get())
+		notify_observers(*up, progress(svc, EventKind::Handoff, nullptr, message));
+	emit_service(svc, EventKind::Handoff, message, totals);
 }
 
 } // namespace brokerd

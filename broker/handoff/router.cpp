@@ -5,25 +5,15 @@
 
 namespace brokerd {
 
-using json = nlohmann::json;
-
-json all_returned(std::uint64_t batch, std::size_t count, const std::string &why)
-{
-	json returned = json::array();
-	for (std::size_t i = 0; i < count; i++)
-		returned.push_back(i);
-	json event = {{"event", "handoff"}, {"batch", batch}, {"landed", 0}, {"returned", std::move(returned)}};
-	if (!why.empty())
-		event["message"] = why;
-	return event;
-}
-
 void HandoffRouter::reject(const std::string &service, EventSink &sender, std::uint64_t batch, std::size_t count,
                            const std::string &why)
 {
 	if (on_report)
 		on_report(Report{service, &sender, nullptr, 0, count});
-	sender.send_event(all_returned(batch, count, why));
+	std::vector<std::uint64_t> returned(count);
+	for (std::size_t i = 0; i < count; i++)
+		returned[i] = i;
+	sender.send_handoff_result(batch, 0, returned, why);
 }
 
 void HandoffRouter::submit(const std::string &service, EventSink &sender, std::uint64_t batch,
@@ -151,7 +141,7 @@ void HandoffRouter::settle(std::uint64_t key)
 	if (!b.sender)
 		return; // the sender left; its copies closed with it
 	std::sort(b.returned.begin(), b.returned.end());
-	b.sender->send_event({{"event", "handoff"}, {"batch", b.id}, {"landed", b.landed}, {"returned", b.returned}});
+	b.sender->send_handoff_result(b.id, b.landed, b.returned);
 }
 
 void HandoffRouter::forget(EventSink &sink)
@@ -192,24 +182,14 @@ void HandoffRouter::send_held(EventSink *receiver)
 void HandoffRouter::send(std::uint64_t id)
 {
 	Forward &f = forwards_.at(id);
-	json conns = json::array();
-	std::vector<proto::UniqueFd> fds;
-	fds.reserve(f.items.size());
-	for (auto &item : f.items) {
-		json conn = {{"fd", fds.size()}};
-		if (!item.state.empty())
-			conn["state"] = std::move(item.state);
-		conns.push_back(std::move(conn));
-		fds.push_back(std::move(item.fd));
-	}
+	std::vector<HandoffItem> items = std::move(f.items);
 	f.items.clear();
 	f.sent = true;
 	EventSink *receiver = f.receiver;
 	receivers_[receiver].unacked_bytes += f.bytes;
-	json event = {{"event", "connections"}, {"batch", id}, {"connections", std::move(conns)}};
 	// Our copies close once written. A receiver that cannot take the event gives the chunk
 	// back; if its connection closed on the way, forget() has done that already.
-	if (!receiver->send_event(event, std::move(fds)) && forwards_.count(id))
+	if (!receiver->send_connections(id, std::move(items)) && forwards_.count(id))
 		resolve(id);
 }
 

@@ -4,8 +4,6 @@
 
 #include "proto/unique_fd.hpp"
 
-#include <nlohmann/json.hpp>
-
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -18,18 +16,6 @@
 
 namespace brokerd {
 
-// Where a worker's events go: the control connection that holds its Events stream. fds travel
-// with the event and are closed once sent. Returns false when the connection is gone (it may
-// have closed, and told its owners so, from inside the call).
-class EventSink {
-public:
-	virtual bool send_event(const nlohmann::json &parameters, std::vector<proto::UniqueFd> fds) = 0;
-	bool send_event(const nlohmann::json &parameters) { return send_event(parameters, {}); }
-
-protected:
-	~EventSink() = default;
-};
-
 // One connection of a Handoff call: the broker's copy of its fd, and its state as sent
 // (base64, checked by the caller).
 struct HandoffItem {
@@ -37,9 +23,24 @@ struct HandoffItem {
 	std::string state;
 };
 
-// The "handoff" event that gives a whole batch of `count` connections back to its sender, with
-// why (the sender still holds them all).
-nlohmann::json all_returned(std::uint64_t batch, std::size_t count, const std::string &why);
+// Where a worker's events go: the control connection that holds its Events stream, which puts
+// them on the wire (control/encode.cpp). Each returns false when the connection is gone (it may
+// have closed, and told its owners so, from inside the call).
+class EventSink {
+public:
+	// Stop accepting, finish, and exit within timeout_ms.
+	virtual bool send_drain(std::uint64_t timeout_ms) = 0;
+	// A chunk of connections for a receiver; their fds travel with the event and are closed
+	// once sent.
+	virtual bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) = 0;
+	// A batch's result for its sender: how many landed, and which came back (indices into its
+	// call), with why when all came back.
+	virtual bool send_handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
+	                                 const std::string &why = {}) = 0;
+
+protected:
+	~EventSink() = default;
+};
 
 // A sender's Handoff call is a batch. The router splits it into one chunk per receiver, sends
 // each chunk as a "connections" event, and closes its own copies once sent: it holds fds only

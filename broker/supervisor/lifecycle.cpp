@@ -16,7 +16,6 @@
 
 namespace brokerd {
 
-using json = nlohmann::json;
 using namespace process;
 
 namespace {
@@ -162,7 +161,7 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 		else if (inst.external)
 			step = up->rollout.old_lost();
 	}
-	emit(inst, expected || clean ? "exited" : "failed", inst.exit_reason);
+	emit(inst, expected || clean ? EventKind::Exited : EventKind::Failed, inst.exit_reason);
 	inst.pid = 0;
 
 	if (step) {
@@ -201,7 +200,7 @@ void Supervisor::schedule_restart(Instance &inst)
 		std::string msg = "crash loop (" + std::to_string(d.failures) + " failures within " +
 		                  std::to_string(d.window / 1'000'000) + "s), not restarting; last: " + inst.exit_reason;
 		log::error("instance " + inst.id + ": " + msg);
-		emit(inst, "crash-loop", msg);
+		emit(inst, EventKind::CrashLoop, msg);
 		return;
 	}
 	log::info("instance " + inst.id + ": restarting in " + std::to_string(d.delay / kUsecPerMsec) + "ms");
@@ -286,7 +285,7 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 	const auto &cfg = inst.generation->cfg;
 	const std::uint64_t usec = drain_time(timeout.value_or(cfg.drain_timeout));
 	set_state(inst, InstanceState::Draining);
-	bool told = inst.events && inst.events->send_event({{"event", "drain"}, {"timeout_ms", usec / kUsecPerMsec}});
+	bool told = inst.events && inst.events->send_drain(usec / kUsecPerMsec);
 	if (told) {
 		log::info("instance " + inst.id + ": drain requested");
 	} else {
@@ -294,7 +293,7 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 		log::info("instance " + inst.id + ": draining with SIG" + (name ? name : std::to_string(cfg.drain_signal)));
 		signal(inst, cfg.drain_signal);
 	}
-	emit(inst, "draining");
+	emit(inst, EventKind::Draining);
 	arm_timer(inst, usec, drain_timeout_handler);
 }
 
@@ -322,7 +321,7 @@ void Supervisor::instance_ready(Instance &inst, std::string_view how)
 		step = up->rollout.new_ready();
 	else if (up && inst.generation == up->from && inst.purpose == InstancePurpose::Restored)
 		step = up->rollout.restored_ready();
-	emit(inst, "ready");
+	emit(inst, EventKind::Ready);
 	if (shutting_down_ || inst.retired() || svc.stopped)
 		drain(inst);
 	else if (step)
@@ -343,7 +342,7 @@ void Supervisor::instance_stopping(Instance &inst)
 {
 	if (inst.state == InstanceState::Ready || inst.state == InstanceState::Starting) {
 		set_state(inst, InstanceState::Draining);
-		emit(inst, "draining", "STOPPING=1");
+		emit(inst, EventKind::Draining, "STOPPING=1");
 		arm_timer(inst, static_cast<std::uint64_t>(inst.generation->cfg.drain_timeout.count()) * kUsecPerMsec,
 		          drain_timeout_handler);
 		changed();

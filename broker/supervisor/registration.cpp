@@ -3,7 +3,6 @@
 #include "supervisor/supervisor.hpp"
 
 #include "os/log.hpp"
-#include "proto/errors.hpp"
 #include "supervisor/process.hpp"
 
 #include <grp.h>
@@ -15,7 +14,6 @@
 
 namespace brokerd {
 
-using json = nlohmann::json;
 using namespace process;
 
 namespace {
@@ -42,7 +40,7 @@ bool Supervisor::attach_events(Instance &inst, EventSink *sink)
 	inst.counted = sink;
 	// A drain decided before the stream opened must still reach the worker.
 	if (inst.state == InstanceState::Draining)
-		sink->send_event({{"event", "drain"}, {"timeout_ms", inst.generation->cfg.drain_timeout.count()}});
+		sink->send_drain(static_cast<std::uint64_t>(inst.generation->cfg.drain_timeout.count()));
 	return true;
 }
 
@@ -105,14 +103,15 @@ int Supervisor::pidfd_of(const Instance &inst, pid_t pid) const
 	return -1;
 }
 
-Instance *Supervisor::register_external(Service &svc, const std::string &version, proto::UniqueFd pidfd, pid_t pid,
-                                        uid_t uid, const std::vector<gid_t> &groups, ControlError &refusal)
+std::variant<Instance *, Refusal> Supervisor::register_external(Service &svc, const std::string &version,
+                                                                 proto::UniqueFd pidfd, pid_t pid, uid_t uid,
+                                                                 const std::vector<gid_t> &groups)
 {
-	auto deny = [&](const std::string &why) -> Instance * {
+	// Why is logged, never told: a peer learns nothing of the rule it fails.
+	auto deny = [&](const std::string &why) {
 		log::client(log::Level::Warning, "service " + svc.name + ": registration by pid " + std::to_string(pid) +
 		                                     " uid " + std::to_string(uid) + " denied: " + why);
-		refusal = {"org.varlink.service.PermissionDenied", json::object()};
-		return nullptr;
+		return Refusal::of(Refusal::Kind::PermissionDenied);
 	};
 	if (!svc.cfg.exec.empty())
 		return deny("the service is started by brokerd (it has exec)");
@@ -129,11 +128,9 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 			gen = g.get();
 	if (!gen) {
 		if (svc.upgrade) {
-			refusal = {proto::errors::kUpgradeInProgress,
-			           {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
 			log::warning("service " + svc.name + ": registration of version \"" + version +
 			             "\" refused: a takeover is in progress");
-			return nullptr;
+			return Refusal::of(Refusal::Kind::UpgradeInProgress, svc.name, svc.upgrade->to->number);
 		}
 		config::ServiceConfig cfg = svc.cfg;
 		cfg.version = version;
@@ -154,7 +151,7 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 	if (sd_event_add_io(event_, &s, inst.pidfd.get(), EPOLLIN, external_handler, &inst) >= 0)
 		inst.child_source.reset(s);
 	log::info("instance " + inst.id + ": registered pid " + std::to_string(pid) + " (version \"" + version + "\")");
-	emit(inst, "started");
+	emit(inst, EventKind::Started);
 	if (gen->cfg.ready == config::ReadyMode::Exec)
 		instance_ready(inst, "registered");
 	else
@@ -184,7 +181,7 @@ void Supervisor::begin_takeover(Service &svc, Generation &gen)
 	std::string what = "takeover of " + svc.name + " by version \"" + version + "\" (gen " +
 	                   std::to_string(gen.number) + ")";
 	log::notice(what);
-	emit_service(svc, "upgrade", what);
+	emit_service(svc, EventKind::Upgrade, what);
 	svc.upgrade->rollout.begin();
 	check_registrations(*svc.upgrade);
 }

@@ -1,54 +1,17 @@
-// The state a re-executed brokerd carries on from: when it may be saved, saving it, restoring it.
-#include "supervisor/supervisor.hpp"
+// The supervisor's state as JSON, for the brokerd a reexec starts: saving it, and reading it back.
+#include "supervisor/serialize.hpp"
 
 #include "daemon/state.hpp"
-#include "os/log.hpp"
-#include "supervisor/process.hpp"
-
-#include <sys/wait.h>
+#include "supervisor/supervisor.hpp"
 
 namespace brokerd {
 
 using json = nlohmann::json;
-using namespace process;
 
-bool Supervisor::quiet(std::string &why) const
-{
-	if (shutting_down_) {
-		why = "brokerd is shutting down";
-		return false;
-	}
-	if (router_.batches_in_flight() > 0) {
-		why = "connections are being handed off";
-		return false;
-	}
-	for (const auto &svc : services_) {
-		if (svc->upgrade) {
-			why = "an upgrade of " + svc->name + " is in progress";
-			return false;
-		}
-		if (svc->removing) {
-			why = "service " + svc->name + " is being removed";
-			return false;
-		}
-		for (const auto &gen : svc->generations)
-			for (const auto &inst : gen->instances) {
-				bool running = inst->pid > 0;
-				if (inst->state == InstanceState::Starting || inst->state == InstanceState::Draining ||
-				    (inst->timer && !running) || inst->exec_source) {
-					why = "instance " + inst->id + " is " + (inst->state == InstanceState::Draining ? "draining"
-					                                         : running ? "starting" : "waiting to restart");
-					return false;
-				}
-			}
-	}
-	return true;
-}
-
-json Supervisor::save_state(std::vector<int> &keep_fds) const
+json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 {
 	json services = json::array();
-	for (const auto &svc : services_) {
+	for (const auto &svc : supervisor.services()) {
 		json gens = json::array();
 		for (const auto &gen : svc->generations) {
 			json insts = json::array();
@@ -106,53 +69,7 @@ json Supervisor::save_state(std::vector<int> &keep_fds) const
 	return services;
 }
 
-void Supervisor::restore_state(const json &services)
-{
-	auto counts = [](const json &j) {
-		return HandoffCounts{j.at(0).get<std::uint64_t>(), j.at(1).get<std::uint64_t>(), j.at(2).get<std::uint64_t>()};
-	};
-	for (const json &sv : services) {
-		auto svc = std::make_unique<Service>();
-		svc->name = sv.at("name").get<std::string>();
-		svc->cfg = state::service_config(sv.at("cfg"));
-		for (const auto &name : svc->cfg.sockets) {
-			const Listener *l = find_listener(name);
-			if (!l)
-				throw std::runtime_error("re-exec state: service " + svc->name + " uses socket " + name +
-				                         ", which was not passed on");
-			svc->sockets.push_back(l);
-		}
-		svc->next_generation = sv.at("next_generation").get<std::uint64_t>();
-		svc->stopped = sv.at("stopped").get<bool>();
-		svc->handoff = counts(sv.at("handoff"));
-		if (sv.contains("previous"))
-			svc->previous = state::service_config(sv.at("previous"));
-		for (const json &g : sv.at("generations")) {
-			auto gen = std::make_unique<Generation>();
-			gen->service = svc.get();
-			gen->number = g.at("number").get<std::uint64_t>();
-			gen->cfg = state::service_config(g.at("cfg"));
-			gen->next_index = g.at("next_index").get<unsigned>();
-			for (const json &i : g.at("instances")) {
-				auto inst = std::make_unique<Instance>();
-				inst->supervisor = this;
-				inst->service = svc.get();
-				inst->generation = gen.get();
-				restore_instance(*inst, i);
-				gen->instances.push_back(std::move(inst));
-			}
-			if (!sv.at("current").is_null() && sv.at("current").get<std::uint64_t>() == gen->number)
-				svc->current = gen.get();
-			svc->generations.push_back(std::move(gen));
-		}
-		log::info("service " + svc->name + ": carried on" +
-		          (svc->current ? " at gen " + std::to_string(svc->current->number) : std::string()));
-		services_.push_back(std::move(svc));
-	}
-	changed();
-}
-
-void Supervisor::restore_instance(Instance &inst, const json &i)
+static void decode_instance(Instance &inst, const json &i)
 {
 	inst.index = i.at("index").get<unsigned>();
 	inst.id = i.at("id").get<std::string>();
@@ -185,7 +102,6 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 		inst.pidfd.reset(i.at("pidfd").get<int>());
 		state::set_cloexec(inst.pidfd.get(), true);
 	}
-	sd_event_source *s = nullptr;
 	for (auto [pipe, key, target] : {std::tuple{&inst.out, "out", 1}, std::tuple{&inst.err, "err", 2}}) {
 		if (!i.contains(key))
 			continue;
@@ -193,39 +109,49 @@ void Supervisor::restore_instance(Instance &inst, const json &i)
 		state::set_cloexec(pipe->fd.get(), true);
 		pipe->partial = i.at(key).at("partial").get<std::string>();
 		pipe->target = target;
-		if (sd_event_add_io(event_, &s, pipe->fd.get(), EPOLLIN, output_handler, &inst) >= 0)
-			pipe->source.reset(s);
 	}
-	if (inst.pid <= 0)
-		return;
+}
 
-	// Children stay children across execve: a spawned worker is watched as before, and one that
-	// exited meanwhile is a zombie that sd-event reaps at once.
-	if (!inst.external && !inst.forked) {
-		proto::UniqueFd pidfd(pidfd_open(inst.pid));
-		int r = pidfd ? sd_event_add_child_pidfd(event_, &s, pidfd.get(), WEXITED, child_handler, &inst) : -errno;
-		if (r < 0)
-			throw std::runtime_error("instance " + inst.id + ": cannot watch pid " + std::to_string(inst.pid) + ": " +
-			                         errno_text(-r));
-		sd_event_source_set_child_pidfd_own(s, 1);
-		(void)pidfd.release();
-		inst.child_source.reset(s);
-		if (inst.main_pid > 0 && !inst.pidfd)
-			inst.main_pid = 0; // no way to name it safely any more: the session's SIGKILL remains
-		return;
+void Serializer::restore(Supervisor &supervisor, const json &services)
+{
+	auto counts = [](const json &j) {
+		return HandoffCounts{j.at(0).get<std::uint64_t>(), j.at(1).get<std::uint64_t>(), j.at(2).get<std::uint64_t>()};
+	};
+	for (const json &sv : services) {
+		auto svc = std::make_unique<Service>();
+		svc->name = sv.at("name").get<std::string>();
+		svc->cfg = state::service_config(sv.at("cfg"));
+		for (const auto &name : svc->cfg.sockets) {
+			const Listener *l = supervisor.find_listener(name);
+			if (!l)
+				throw std::runtime_error("re-exec state: service " + svc->name + " uses socket " + name +
+				                         ", which was not passed on");
+			svc->sockets.push_back(l);
+		}
+		svc->next_generation = sv.at("next_generation").get<std::uint64_t>();
+		svc->stopped = sv.at("stopped").get<bool>();
+		svc->handoff = counts(sv.at("handoff"));
+		if (sv.contains("previous"))
+			svc->previous = state::service_config(sv.at("previous"));
+		for (const json &g : sv.at("generations")) {
+			auto gen = std::make_unique<Generation>();
+			gen->service = svc.get();
+			gen->number = g.at("number").get<std::uint64_t>();
+			gen->cfg = state::service_config(g.at("cfg"));
+			gen->next_index = g.at("next_index").get<unsigned>();
+			for (const json &i : g.at("instances")) {
+				auto inst = std::make_unique<Instance>();
+				inst->service = svc.get();
+				inst->generation = gen.get();
+				decode_instance(*inst, i);
+				gen->instances.push_back(std::move(inst));
+			}
+			if (!sv.at("current").is_null() && sv.at("current").get<std::uint64_t>() == gen->number)
+				svc->current = gen.get();
+			svc->generations.push_back(std::move(gen));
+		}
+		supervisor.adopt(std::move(svc));
 	}
-	if (!inst.pidfd) {
-		// Nothing names it safely any more. A registered worker is never restarted by us anyway.
-		log::warning("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " came without its pidfd, forgetting it");
-		inst.pid = 0;
-		inst.retire();
-		inst.token.clear();
-		set_state(inst, InstanceState::Exited);
-		schedule_prune();
-		return;
-	}
-	if (sd_event_add_io(event_, &s, inst.pidfd.get(), EPOLLIN, external_handler, &inst) >= 0)
-		inst.child_source.reset(s);
 }
 
 } // namespace brokerd

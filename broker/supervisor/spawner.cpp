@@ -19,7 +19,6 @@ extern char **environ;
 
 namespace brokerd {
 
-using json = nlohmann::json;
 using namespace process;
 
 namespace {
@@ -291,7 +290,7 @@ void Supervisor::spawn(Instance &inst)
 	watch_pipes(inst, pipes);
 
 	log::info("instance " + inst.id + ": started pid " + std::to_string(pid) + " (" + plan.program + ")");
-	emit(inst, "started");
+	emit(inst, EventKind::Started);
 	if (cfg.ready != config::ReadyMode::Exec)
 		arm_timer(inst, static_cast<std::uint64_t>(cfg.start_timeout.count()) * kUsecPerMsec,
 		          start_timeout_handler);

@@ -1,97 +1,87 @@
-// What the supervisor tells: Watch events, upgrade progress, the Status call's services, the
-// summary for STATUS=.
+// What the supervisor tells, as types: Watch events, upgrade progress, the snapshots Status shows,
+// and the summary for STATUS=. control/encode.cpp puts them on the wire.
 #include "supervisor/supervisor.hpp"
 
 #include <algorithm>
 
 namespace brokerd {
 
-using json = nlohmann::json;
+void Supervisor::notify_observers(const Upgrade &up, const Event &e)
+{
+	for (Observer *o : std::vector(up.observers))
+		o->progress(e);
+}
 
-void Supervisor::emit(const Instance &inst, const char *event, const std::string &message)
+void Supervisor::emit(const Instance &inst, EventKind kind, const std::string &message)
 {
 	if (Upgrade *up = inst.service->upgrade.get()) {
-		if (inst.generation == up->to || inst.generation == up->from) {
-			json p = progress(*inst.service, event, &inst, message);
-			for (Observer *o : std::vector(up->observers))
-				o->progress(p);
-		}
+		if (inst.generation == up->to || inst.generation == up->from)
+			notify_observers(*up, progress(*inst.service, kind, &inst, message));
 	}
 	if (!on_event)
 		return;
-	json e = {{"event", event},
-	          {"time", now_usec(CLOCK_REALTIME)},
-	          {"service", inst.service->name},
-	          {"generation", inst.generation->number},
-	          {"instance", inst.id},
-	          {"pid", inst.pid},
-	          {"state", state_name(inst.state)}};
-	if (!message.empty())
-		e["message"] = message;
+	Event e;
+	e.kind = kind;
+	e.time = now_usec(CLOCK_REALTIME);
+	e.service = inst.service->name;
+	e.generation = inst.generation->number;
+	e.instance = inst.id;
+	e.pid = inst.pid;
+	e.state = inst.state;
+	e.message = message;
 	on_event(e);
 }
 
-void Supervisor::emit_service(const Service &svc, const char *event, const std::string &message)
+// The generation a service's event names: the upgrade's new one, or else the current one.
+static std::optional<std::uint64_t> service_generation(const Service &svc)
 {
-	if (!on_event)
-		return;
-	json e = {{"event", event}, {"time", now_usec(CLOCK_REALTIME)}, {"service", svc.name}};
 	if (svc.upgrade)
-		e["generation"] = svc.upgrade->to->number;
-	else if (svc.current)
-		e["generation"] = svc.current->number;
-	if (!message.empty())
-		e["message"] = message;
+		return svc.upgrade->to->number;
+	if (svc.current)
+		return svc.current->number;
+	return std::nullopt;
+}
+
+void Supervisor::emit_service(const Service &svc, EventKind kind, const std::string &message,
+                              std::optional<HandoffTotals> handoff)
+{
+	if (!on_event)
+		return;
+	Event e;
+	e.kind = kind;
+	e.time = now_usec(CLOCK_REALTIME);
+	e.service = svc.name;
+	e.generation = service_generation(svc);
+	e.message = message;
+	e.handoff = handoff;
 	on_event(e);
 }
 
-json Supervisor::services_json(const std::string *only) const
+Event Supervisor::progress(const Service &svc, EventKind kind, const Instance *inst, const std::string &message) const
 {
-	json services = json::array();
-	for (const auto &svc : services_) {
-		if (only && svc->name != *only)
-			continue;
-		json gens = json::array();
-		bool failed = false;
-		for (const auto &gen : svc->generations) {
-			if (gen->instances.empty() && gen.get() != svc->current)
-				continue;
-			json insts = json::array();
-			for (const auto &inst : gen->instances) {
-				json i = {{"id", inst->id},
-				          {"index", inst->index},
-				          {"pid", inst->pid},
-				          {"state", state_name(inst->state)},
-				          {"since", inst->since}};
-				if (!inst->status_text.empty())
-					i["status"] = inst->status_text;
-				if (!inst->handoff.empty())
-					i["handoff"] = {{"handed", inst->handoff.handed},
-					                {"received", inst->handoff.received},
-					                {"returned", inst->handoff.returned}};
-				if (gen.get() == svc->current && !inst->retired() && inst->state == InstanceState::Failed)
-					failed = true;
-				insts.push_back(std::move(i));
-			}
-			gens.push_back({{"number", gen->number},
-			                {"version", gen->cfg.version},
-			                {"exec", gen->cfg.exec},
-			                {"instances", std::move(insts)}});
-		}
-		json s = {{"name", svc->name},
-		          {"sockets", svc->cfg.sockets},
-		          {"ready", config::ready_name(svc->cfg.ready)},
-		          {"state", svc->stopped ? "stopped" : failed ? "failed" : "running"},
-		          {"generations", std::move(gens)}};
-		if (svc->upgrade)
-			s["upgrade"] = upgrade_json(*svc->upgrade);
-		if (!svc->handoff.empty())
-			s["handoff"] = handoff_json(*svc, svc->handoff);
-		services.push_back(std::move(s));
+	Event e;
+	e.kind = kind;
+	e.service = svc.name;
+	if (svc.upgrade)
+		e.upgrade = snapshot(*svc.upgrade);
+	if (inst) {
+		e.instance = inst->id;
+		e.pid = inst->pid;
+		e.state = inst->state;
 	}
-	if (only && services.empty())
-		return nullptr;
-	return services;
+	e.message = message;
+	return e;
+}
+
+ServiceState service_state(const Service &svc)
+{
+	if (svc.stopped)
+		return ServiceState::Stopped;
+	if (svc.current)
+		for (const auto &inst : svc.current->instances)
+			if (!inst->retired() && inst->state == InstanceState::Failed)
+				return ServiceState::Failed;
+	return ServiceState::Running;
 }
 
 std::string Supervisor::summary() const
@@ -133,44 +123,30 @@ std::string Supervisor::summary() const
 	return s;
 }
 
-json Supervisor::upgrade_json(const Upgrade &up) const
+UpgradeSnapshot snapshot(const Upgrade &up)
 {
 	const Rollout &r = up.rollout;
-	return {{"generation", up.to->number},
-	        {"from", up.from ? up.from->number : 0},
-	        {"phase", phase_name(r.phase())},
-	        {"started", r.new_started()},
-	        {"ready", r.new_ready_count()},
-	        {"drained", r.old_exited_count()},
-	        {"total_new", r.new_total()},
-	        {"total_old", r.old_total()},
-	        {"handoff", handoff_json(*up.to->service, up.handoff)}};
+	UpgradeSnapshot u;
+	u.generation = up.to->number;
+	u.from = up.from ? up.from->number : 0;
+	u.phase = r.phase();
+	u.started = r.new_started();
+	u.ready = r.new_ready_count();
+	u.drained = r.old_exited_count();
+	u.total_new = r.new_total();
+	u.total_old = r.old_total();
+	u.handoff = handoff_totals(*up.to->service, up.handoff);
+	return u;
 }
 
-json Supervisor::progress(const Service &svc, const char *event, const Instance *inst, const std::string &message) const
-{
-	json p = {{"event", event}, {"service", svc.name}};
-	if (svc.upgrade) {
-		p["generation"] = svc.upgrade->to->number;
-		p["upgrade"] = upgrade_json(*svc.upgrade);
-	}
-	if (inst) {
-		p["instance"] = inst->id;
-		p["pid"] = inst->pid;
-	}
-	if (!message.empty())
-		p["message"] = message;
-	return p;
-}
-
-json Supervisor::handoff_json(const Service &svc, const HandoffCounts &c) const
+HandoffTotals handoff_totals(const Service &svc, const HandoffCounts &c)
 {
 	std::uint64_t remaining = 0;
 	for (const auto &gen : svc.generations)
 		for (const auto &inst : gen->instances)
 			if (inst->state != InstanceState::Exited && inst->state != InstanceState::Failed)
 				remaining += inst->handoff_remaining;
-	return {{"handed", c.handed}, {"received", c.received}, {"returned", c.returned}, {"expected", c.handed + remaining}};
+	return {c, c.handed + remaining};
 }
 
 } // namespace brokerd

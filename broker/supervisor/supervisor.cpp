@@ -2,14 +2,12 @@
 #include "supervisor/supervisor.hpp"
 
 #include "os/log.hpp"
-#include "proto/errors.hpp"
 #include "supervisor/process.hpp"
 
 #include <algorithm>
 
 namespace brokerd {
 
-using json = nlohmann::json;
 using namespace process;
 
 Supervisor::Supervisor(sd_event *event, const std::list<Listener> &listeners, std::string control_path)
@@ -79,15 +77,15 @@ void Supervisor::remove_service(const std::string &name)
 	log::notice("service " + name + ": removed from the config, draining it");
 	// Nobody may be left waiting on a service that is going away.
 	if (auto up = std::move(svc->upgrade)) {
-		json err = {{"service", name}, {"generation", up->to->number},
-		            {"reason", "the service was removed from the config"}, {"output", json::array()}};
+		Refusal failed = Refusal::failure(Refusal::Kind::UpgradeFailed, name, "the service was removed from the config",
+		                                  up->to->number);
 		for (Observer *o : up->observers)
-			o->failed(proto::errors::kUpgradeFailed, err);
+			o->failed(failed);
 	}
 	for (Observer *o : std::exchange(svc->start_waiters, {}))
-		o->failed(proto::errors::kStartFailed, {{"service", name}, {"reason", "the service was removed from the config"}});
+		o->failed(Refusal::failure(Refusal::Kind::StartFailed, name, "the service was removed from the config"));
 	for (Observer *o : std::exchange(svc->stop_waiters, {}))
-		o->finished(json::object());
+		o->finished(nullptr);
 	for (auto &gen : svc->generations)
 		for (auto &inst : gen->instances) {
 			inst->retire();
@@ -137,10 +135,8 @@ void Supervisor::shutdown(config::Duration budget)
 	for (auto &svc : services_) {
 		if (svc->upgrade) {
 			for (Observer *o : std::vector(svc->upgrade->observers))
-				o->failed(proto::errors::kUpgradeFailed, {{"service", svc->name},
-				                                               {"generation", svc->upgrade->to->number},
-				                                               {"reason", "brokerd is shutting down"},
-				                                               {"output", json::array()}});
+				o->failed(Refusal::failure(Refusal::Kind::UpgradeFailed, svc->name, "brokerd is shutting down",
+				                           svc->upgrade->to->number));
 			svc->upgrade.reset();
 		}
 		for (auto &gen : svc->generations)

@@ -6,9 +6,8 @@
 #include "os/event.hpp"
 #include "handoff/router.hpp"
 #include "os/listener.hpp"
+#include "supervisor/events.hpp"
 #include "supervisor/model.hpp"
-
-#include <nlohmann/json.hpp>
 
 #include <sys/resource.h>
 #include <sys/types.h>
@@ -19,32 +18,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <variant>
 #include <vector>
 
 namespace brokerd {
 
 struct ChildPipes;
-
-// Whoever waits for an upgrade, a start or a stop: a control connection. progress() gets every
-// step (Progress parameters); finished() gets the last one, or an error name and its parameters.
-class Observer {
-public:
-	virtual void progress(const nlohmann::json &parameters) = 0;
-	virtual void finished(const nlohmann::json &parameters) = 0;
-	virtual void failed(std::string_view error, const nlohmann::json &parameters) = 0;
-
-protected:
-	~Observer() = default;
-};
-
-// A refusal of an operator request: a Varlink error name and its parameters.
-struct ControlError {
-	ControlError() = default;
-	ControlError(std::string_view n, nlohmann::json p) : name(n), parameters(std::move(p)) {}
-
-	std::string name;
-	nlohmann::json parameters;
-};
 
 struct UpgradeRequest {
 	config::ServiceConfig cfg;
@@ -78,8 +57,8 @@ public:
 	// against the peer's credentials, and joins the generation of that version, or creates it.
 	// Returns the new instance, or the refusal.
 	// `pidfd` holds the process that connected, whose pid is `pid`.
-	Instance *register_external(Service &svc, const std::string &version, proto::UniqueFd pidfd, pid_t pid, uid_t uid,
-	                            const std::vector<gid_t> &groups, ControlError &refusal);
+	std::variant<Instance *, Refusal> register_external(Service &svc, const std::string &version, proto::UniqueFd pidfd,
+	                                                    pid_t pid, uid_t uid, const std::vector<gid_t> &groups);
 	// The control connection of a registered instance closed: it counts as exited.
 	void connection_closed(std::string_view token);
 
@@ -112,11 +91,12 @@ public:
 	                                            const std::vector<std::uint64_t> &refused);
 
 	// Operator requests. Each returns the refusal, or nullopt once the work has begun; the
-	// observer (may be null) hears the progress and the end.
-	std::optional<ControlError> begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer);
-	std::optional<ControlError> abort_upgrade(Service &svc);
-	std::optional<ControlError> start_service(Service &svc, Observer *observer);
-	std::optional<ControlError> stop_service(Service &svc, Observer *observer);
+	// observer (may be null) hears the progress and the end. begin_upgrade returns its first
+	// progress event (Accepted) once begun, which the observer heard too.
+	std::variant<Event, Refusal> begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer);
+	std::optional<Refusal> abort_upgrade(Service &svc);
+	std::optional<Refusal> start_service(Service &svc, Observer *observer);
+	std::optional<Refusal> stop_service(Service &svc, Observer *observer);
 	void detach_observer(Observer *observer);
 
 	// Drains every instance, then SIGKILL at its drain timeout or at the end of `budget`,
@@ -141,17 +121,18 @@ public:
 	// must inherit to keep_fds; restore_state() carries on from them in the new process,
 	// before any service is added.
 	bool quiet(std::string &why) const;
-	nlohmann::json save_state(std::vector<int> &keep_fds) const;
-	void restore_state(const nlohmann::json &services);
+	// save_state() and restore_state() are the Serializer's (supervisor/serialize.hpp).
+	// A service it restored: its instances are watched again, and it serves as before.
+	void adopt(std::unique_ptr<Service> svc);
 
-	// io.brokerd.Control.Status's services; null json for an unknown service.
-	nlohmann::json services_json(const std::string *only) const;
+	// For Status: every service, in the order they were added.
+	const std::vector<std::unique_ptr<Service>> &services() const { return services_; }
 	std::string summary() const;
 
 	// Called after any state change, so the daemon can update READY=/STATUS= and finish a shutdown.
 	std::function<void()> on_change;
-	// Every event, for Watch: {event, time, service, generation, instance, pid, state, message}.
-	std::function<void(const nlohmann::json &)> on_event;
+	// Every event, for Watch.
+	std::function<void(const Event &)> on_event;
 	// Reads what workers sent the notify socket so far; called before an exit is judged.
 	std::function<void()> read_notifications;
 
@@ -174,8 +155,10 @@ private:
 	// The instance's process is gone (or never started): restart, fail an upgrade, or retire.
 	void after_exit(Instance &inst, bool clean);
 	void arm_timer(Instance &inst, std::uint64_t usec_from_now, int (*cb)(sd_event_source *, std::uint64_t, void *));
-	void emit(const Instance &inst, const char *event, const std::string &message = {});
-	void emit_service(const Service &svc, const char *event, const std::string &message);
+	void emit(const Instance &inst, EventKind kind, const std::string &message = {});
+	void emit_service(const Service &svc, EventKind kind, const std::string &message,
+	                  std::optional<HandoffTotals> handoff = std::nullopt);
+	void notify_observers(const Upgrade &up, const Event &e);
 	void changed();
 	void schedule_prune();
 	void prune();
@@ -184,13 +167,11 @@ private:
 	// Upgrades: feed the rollout, then carry out what it asks.
 	void apply(Service &svc, const RolloutStep &step);
 	void finish_upgrade(Service &svc);
-	nlohmann::json upgrade_json(const Upgrade &up) const;
-	nlohmann::json handoff_json(const Service &svc, const HandoffCounts &counts) const;
 	std::vector<EventSink *> handoff_targets(const Instance &sender) const;
 	void handoff_report(const HandoffRouter::Report &r);
 	void handoff_progress(Service &svc);
-	nlohmann::json progress(const Service &svc, const char *event, const Instance *inst,
-	                        const std::string &message) const;
+	// An event of the service's upgrade, for its observers.
+	Event progress(const Service &svc, EventKind kind, const Instance *inst, const std::string &message) const;
 
 	static int child_handler(sd_event_source *s, const siginfo_t *si, void *userdata);
 	static int external_handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
@@ -204,7 +185,7 @@ private:
 	void begin_takeover(Service &svc, Generation &gen);
 	void check_registrations(Upgrade &up);
 	static int prune_handler(sd_event_source *s, void *userdata);
-	void restore_instance(Instance &inst, const nlohmann::json &j);
+	void watch_restored(Instance &inst);
 
 	sd_event *event_;
 	const std::list<Listener> &listeners_;

@@ -2,32 +2,35 @@
 // operator's start and stop with their waiters.
 #include "supervisor/supervisor.hpp"
 
+#include "config/invariants.hpp"
 #include "os/log.hpp"
-#include "proto/errors.hpp"
 
 #include <cstdio>
 
 namespace brokerd {
 
-using json = nlohmann::json;
+using Kind = Refusal::Kind;
 
-std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer)
+std::variant<Event, Refusal> Supervisor::begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer)
 {
 	if (svc.upgrade)
-		return ControlError{proto::errors::kUpgradeInProgress,
-		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
+		return Refusal::of(Kind::UpgradeInProgress, svc.name, svc.upgrade->to->number);
 	if (svc.stopped || svc.removing || shutting_down_)
-		return ControlError{proto::errors::kServiceStopped, {{"service", svc.name}}};
+		return Refusal::of(Kind::ServiceStopped, svc.name);
 	// Which kind a service is stays as it was added: the config read now may say otherwise.
 	if (svc.cfg.exec.empty())
-		return ControlError{proto::errors::kRegisteredService, {{"service", svc.name}}};
-	if (req.cfg.exec.empty())
-		return ControlError{proto::errors::kInvalidConfig,
-		                    {{"message", "services." + svc.name + ": without exec, it would become a registered service, "
-		                                 "which a running service cannot; remove it first"}}};
-	if (req.cfg.sockets != svc.cfg.sockets)
-		return ControlError{proto::errors::kInvalidConfig,
-		                    {{"message", "services." + svc.name + ".sockets: changed; a service's sockets change with reload"}}};
+		return Refusal::of(Kind::RegisteredService, svc.name);
+	switch (running_change({svc.name, svc.removing, svc.cfg.sockets, false}, req.cfg.sockets, req.cfg.exec.empty())) {
+	case RunningChange::ExecKind:
+		return Refusal::invalid_config("services." + svc.name + ": without exec, it would become a registered service, "
+		                               "which a running service cannot; remove it first");
+	case RunningChange::Sockets:
+		return Refusal::invalid_config("services." + svc.name +
+		                               ".sockets: changed; a service's sockets change with reload");
+	case RunningChange::Draining: // stopped, above
+	case RunningChange::None:
+		break;
+	}
 
 	Generation *from = svc.current;
 	unsigned old_total = 0;
@@ -51,18 +54,18 @@ std::optional<ControlError> Supervisor::begin_upgrade(Service &svc, UpgradeReque
 	                   " to gen " + std::to_string(ref.to->number);
 	log::notice(what + ": " + std::to_string(req.cfg.instances) + " new instance(s), batch " +
 	            std::to_string(req.cfg.upgrade_batch) + (req.all_at_once ? ", all at once" : ""));
-	emit_service(svc, "upgrade", what);
-	for (Observer *o : std::vector(ref.observers))
-		o->progress(progress(svc, "accepted", nullptr, what));
+	emit_service(svc, EventKind::Upgrade, what);
+	Event accepted = progress(svc, EventKind::Accepted, nullptr, what);
+	notify_observers(ref, accepted);
 	apply(svc, ref.rollout.begin());
-	return std::nullopt;
+	return accepted;
 }
 
-std::optional<ControlError> Supervisor::abort_upgrade(Service &svc)
+std::optional<Refusal> Supervisor::abort_upgrade(Service &svc)
 {
 	Upgrade *up = svc.upgrade.get();
 	if (!up || up->rollout.phase() != RolloutPhase::Rolling)
-		return ControlError{proto::errors::kNoUpgradeInProgress, {{"service", svc.name}}};
+		return Refusal::of(Kind::NoUpgradeInProgress, svc.name);
 	log::notice("service " + svc.name + ": upgrade to gen " + std::to_string(up->to->number) + " aborted by the operator");
 	apply(svc, up->rollout.fail("aborted by the operator"));
 	return std::nullopt;
@@ -77,9 +80,8 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 	if (step.stop_new) {
 		log::warning("service " + svc.name + ": " + up->kind + " to gen " + std::to_string(up->to->number) +
 		             " failed (" + up->rollout.reason() + "), rolling back");
-		for (Observer *o : std::vector(up->observers))
-			o->progress(progress(svc, "rollback", nullptr, up->rollout.reason()));
-		emit_service(svc, "rollback", up->rollout.reason());
+		notify_observers(*up, progress(svc, EventKind::Rollback, nullptr, up->rollout.reason()));
+		emit_service(svc, EventKind::Rollback, up->rollout.reason());
 		// New instances that serve keep serving until a restored old one replaces each, so
 		// capacity never dips; the rest go now.
 		for (auto &inst : up->to->instances) {
@@ -152,24 +154,20 @@ void Supervisor::finish_upgrade(Service &svc)
 		svc.current = up->to;
 		log::notice("service " + svc.name + ": now at gen " + std::to_string(up->to->number) + " (" + up->kind +
 		            " took " + took + ")");
-		emit_service(svc, "done", up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took);
-		json p = progress(svc, "done", nullptr, took);
-		p["generation"] = up->to->number;
-		p["upgrade"] = upgrade_json(*up);
+		emit_service(svc, EventKind::Done, up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took);
+		Event done = progress(svc, EventKind::Done, nullptr, took);
+		done.upgrade = snapshot(*up);
 		for (Observer *o : std::vector(up->observers))
-			o->finished(p);
+			o->finished(&done);
 	} else {
 		log::notice("service " + svc.name + ": rolled back to gen " +
 		            (up->from ? std::to_string(up->from->number) : std::string("-")) + " in " + took);
-		emit_service(svc, "rolled-back", up->rollout.reason());
-		json err = {{"service", svc.name},
-		            {"generation", up->to->number},
-		            {"reason", up->rollout.reason()},
-		            {"output", up->failed_output}};
-		if (!up->failed_instance.empty())
-			err["instance"] = up->failed_instance;
+		emit_service(svc, EventKind::RolledBack, up->rollout.reason());
+		Refusal failed = Refusal::failure(Kind::UpgradeFailed, svc.name, up->rollout.reason(), up->to->number);
+		failed.instance = up->failed_instance;
+		failed.output = up->failed_output;
 		for (Observer *o : std::vector(up->observers))
-			o->failed(proto::errors::kUpgradeFailed, err);
+			o->failed(failed);
 	}
 	// Whatever still runs outside the current generation goes now: a new instance kept serving
 	// through a rollback, or an old-version worker that registered during a takeover. A refill is
@@ -198,17 +196,17 @@ void Supervisor::detach_observer(Observer *observer)
 	}
 }
 
-std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *observer)
+std::optional<Refusal> Supervisor::start_service(Service &svc, Observer *observer)
 {
 	if (!svc.stopped || svc.removing || shutting_down_)
-		return ControlError{proto::errors::kServiceStopped, {{"service", svc.name}}};
+		return Refusal::of(Kind::ServiceStopped, svc.name);
 	svc.stopped = false;
 	if (svc.cfg.exec.empty()) {
 		// An external service starts when its workers register again.
 		log::notice("service " + svc.name + ": accepting registrations again");
-		emit_service(svc, "start", "");
+		emit_service(svc, EventKind::Start, "");
 		if (observer)
-			observer->finished(json::object());
+			observer->finished(nullptr);
 		changed();
 		return std::nullopt;
 	}
@@ -216,7 +214,7 @@ std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *ob
 	Generation &gen = new_generation(svc, cfg);
 	svc.current = &gen;
 	log::notice("service " + svc.name + ": starting gen " + std::to_string(gen.number));
-	emit_service(svc, "start", "gen " + std::to_string(gen.number));
+	emit_service(svc, EventKind::Start, "gen " + std::to_string(gen.number));
 	if (observer)
 		svc.start_waiters.push_back(observer);
 	for (unsigned i = 0; i < cfg.instances; i++)
@@ -226,16 +224,15 @@ std::optional<ControlError> Supervisor::start_service(Service &svc, Observer *ob
 	return std::nullopt;
 }
 
-std::optional<ControlError> Supervisor::stop_service(Service &svc, Observer *observer)
+std::optional<Refusal> Supervisor::stop_service(Service &svc, Observer *observer)
 {
 	if (svc.stopped || svc.removing || shutting_down_)
-		return ControlError{proto::errors::kServiceStopped, {{"service", svc.name}}};
+		return Refusal::of(Kind::ServiceStopped, svc.name);
 	if (svc.upgrade)
-		return ControlError{proto::errors::kUpgradeInProgress,
-		                    {{"service", svc.name}, {"generation", svc.upgrade->to->number}}};
+		return Refusal::of(Kind::UpgradeInProgress, svc.name, svc.upgrade->to->number);
 	svc.stopped = true;
 	log::notice("service " + svc.name + ": stopping");
-	emit_service(svc, "stop", "");
+	emit_service(svc, EventKind::Stop, "");
 	if (observer)
 		svc.stop_waiters.push_back(observer);
 	for (auto &gen : svc.generations)
@@ -262,15 +259,15 @@ void Supervisor::check_waiters(Service &svc)
 	if (!svc.stop_waiters.empty() && !running) {
 		auto waiters = std::exchange(svc.stop_waiters, {});
 		for (Observer *o : waiters)
-			o->finished(json::object());
+			o->finished(nullptr);
 	}
 	if (!svc.start_waiters.empty() && !starting) {
 		auto waiters = std::exchange(svc.start_waiters, {});
 		for (Observer *o : waiters) {
 			if (ready)
-				o->finished(json::object());
+				o->finished(nullptr);
 			else
-				o->failed(proto::errors::kStartFailed, {{"service", svc.name}, {"reason", "no instance became ready"}});
+				o->failed(Refusal::failure(Kind::StartFailed, svc.name, "no instance became ready"));
 		}
 	}
 }

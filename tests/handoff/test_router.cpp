@@ -1,6 +1,8 @@
 // HandoffRouter unit tests: chunking, acknowledgement and accounting, with fake event sinks.
 #include "handoff/router.hpp"
 
+#include "control/encode.hpp"
+
 #include "open_fds.hpp"
 
 #include <doctest/doctest.h>
@@ -28,12 +30,25 @@ ino_t inode(int fd)
 	return st.st_ino;
 }
 
-// Records what the router sends: every event and the fds it carried. fail makes send_event
-// return false as a closed connection does; during runs inside the call, before anything else.
+// Records what the router sends, as the control connection would put it on the wire: every event
+// and the fds it carried. fail makes a send return false as a closed connection does; during runs
+// inside the call, before anything else.
 class FakeSink final : public EventSink {
 public:
-	using EventSink::send_event;
-	bool send_event(const json &parameters, std::vector<UniqueFd> fds) override
+	bool send_drain(std::uint64_t timeout_ms) override { return record(brokerd::encode::drain(timeout_ms), {}); }
+	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) override
+	{
+		std::vector<UniqueFd> fds;
+		json event = brokerd::encode::connections(batch, std::move(items), fds);
+		return record(event, std::move(fds));
+	}
+	bool send_handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
+	                         const std::string &why) override
+	{
+		return record(brokerd::encode::handoff_result(batch, landed, returned, why), {});
+	}
+
+	bool record(const json &parameters, std::vector<UniqueFd> fds)
 	{
 		if (during)
 			during();

@@ -1,4 +1,5 @@
-// What a running service's settings may not change: one rule for reload and the Upgrade call.
+// A running service's invariants: what its settings may not change, one rule for reload and the
+// Upgrade call.
 #pragma once
 
 #include <string>

@@ -1,0 +1,239 @@
+// The encoder: typed events, snapshots and refusals as Varlink JSON.
+#include "control/encode.hpp"
+
+#include "proto/errors.hpp"
+#include "proto/varlink.hpp"
+
+namespace brokerd::encode {
+
+using json = nlohmann::json;
+
+const char *event_name(EventKind kind)
+{
+	switch (kind) {
+	case EventKind::Started:
+		return "started";
+	case EventKind::Ready:
+		return "ready";
+	case EventKind::Draining:
+		return "draining";
+	case EventKind::Exited:
+		return "exited";
+	case EventKind::Failed:
+		return "failed";
+	case EventKind::CrashLoop:
+		return "crash-loop";
+	case EventKind::Upgrade:
+		return "upgrade";
+	case EventKind::Accepted:
+		return "accepted";
+	case EventKind::Rollback:
+		return "rollback";
+	case EventKind::Done:
+		return "done";
+	case EventKind::RolledBack:
+		return "rolled-back";
+	case EventKind::Start:
+		return "start";
+	case EventKind::Stop:
+		return "stop";
+	case EventKind::Handoff:
+		return "handoff";
+	}
+	return "unknown";
+}
+
+json handoff(const HandoffTotals &h)
+{
+	return {{"handed", h.counts.handed},
+	        {"received", h.counts.received},
+	        {"returned", h.counts.returned},
+	        {"expected", h.expected}};
+}
+
+json upgrade(const UpgradeSnapshot &u)
+{
+	return {{"generation", u.generation},
+	        {"from", u.from},
+	        {"phase", phase_name(u.phase)},
+	        {"started", u.started},
+	        {"ready", u.ready},
+	        {"drained", u.drained},
+	        {"total_new", u.total_new},
+	        {"total_old", u.total_old},
+	        {"handoff", handoff(u.handoff)}};
+}
+
+static const char *service_state_name(ServiceState s)
+{
+	switch (s) {
+	case ServiceState::Stopped:
+		return "stopped";
+	case ServiceState::Failed:
+		return "failed";
+	case ServiceState::Running:
+		break;
+	}
+	return "running";
+}
+
+static json instance(const Instance &inst)
+{
+	json i = {{"id", inst.id},
+	          {"index", inst.index},
+	          {"pid", inst.pid},
+	          {"state", state_name(inst.state)},
+	          {"since", inst.since}};
+	if (!inst.status_text.empty())
+		i["status"] = inst.status_text;
+	if (!inst.handoff.empty())
+		i["handoff"] = {{"handed", inst.handoff.handed},
+		                {"received", inst.handoff.received},
+		                {"returned", inst.handoff.returned}};
+	return i;
+}
+
+static json service(const Service &svc)
+{
+	json gens = json::array();
+	for (const auto &gen : svc.generations) {
+		if (gen->instances.empty() && gen.get() != svc.current)
+			continue;
+		json insts = json::array();
+		for (const auto &inst : gen->instances)
+			insts.push_back(instance(*inst));
+		gens.push_back({{"number", gen->number},
+		                {"version", gen->cfg.version},
+		                {"exec", gen->cfg.exec},
+		                {"instances", std::move(insts)}});
+	}
+	json s = {{"name", svc.name},
+	          {"sockets", svc.cfg.sockets},
+	          {"ready", config::ready_name(svc.cfg.ready)},
+	          {"state", service_state_name(service_state(svc))},
+	          {"generations", std::move(gens)}};
+	if (svc.upgrade)
+		s["upgrade"] = upgrade(snapshot(*svc.upgrade));
+	if (!svc.handoff.empty())
+		s["handoff"] = handoff(handoff_totals(svc, svc.handoff));
+	return s;
+}
+
+json services(const Supervisor &supervisor, const std::string *only)
+{
+	json out = json::array();
+	for (const auto &svc : supervisor.services())
+		if (!only || svc->name == *only)
+			out.push_back(service(*svc));
+	if (only && out.empty())
+		return nullptr;
+	return out;
+}
+
+json watch_event(const Event &e)
+{
+	json j = {{"event", event_name(e.kind)}, {"time", e.time}, {"service", e.service}};
+	if (e.generation)
+		j["generation"] = *e.generation;
+	if (!e.instance.empty()) {
+		j["instance"] = e.instance;
+		j["pid"] = e.pid;
+		j["state"] = state_name(e.state);
+	}
+	if (!e.message.empty())
+		j["message"] = e.message;
+	if (e.handoff)
+		j["handoff"] = handoff(*e.handoff);
+	return j;
+}
+
+json progress(const Event &e)
+{
+	json j = {{"event", event_name(e.kind)}, {"service", e.service}};
+	if (e.upgrade) {
+		j["generation"] = e.upgrade->generation;
+		j["upgrade"] = upgrade(*e.upgrade);
+	}
+	if (!e.instance.empty()) {
+		j["instance"] = e.instance;
+		j["pid"] = e.pid;
+	}
+	if (!e.message.empty())
+		j["message"] = e.message;
+	return j;
+}
+
+json drain(std::uint64_t timeout_ms)
+{
+	return {{"event", "drain"}, {"timeout_ms", timeout_ms}};
+}
+
+json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vector<proto::UniqueFd> &fds)
+{
+	json conns = json::array();
+	fds.reserve(fds.size() + items.size());
+	for (auto &item : items) {
+		json conn = {{"fd", fds.size()}};
+		if (!item.state.empty())
+			conn["state"] = std::move(item.state);
+		conns.push_back(std::move(conn));
+		fds.push_back(std::move(item.fd));
+	}
+	return {{"event", "connections"}, {"batch", batch}, {"connections", std::move(conns)}};
+}
+
+json handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
+                    const std::string &why)
+{
+	json event = {{"event", "handoff"}, {"batch", batch}, {"landed", landed}, {"returned", returned}};
+	if (!why.empty())
+		event["message"] = why;
+	return event;
+}
+
+std::pair<std::string_view, json> refusal(const Refusal &r)
+{
+	using K = Refusal::Kind;
+	json p = json::object();
+	auto with_service = [&] { p["service"] = r.service; };
+	switch (r.kind) {
+	case K::PermissionDenied:
+		if (!r.message.empty())
+			p["message"] = r.message;
+		return {proto::varlink::kPermissionDenied, p};
+	case K::InvalidConfig:
+		p["message"] = r.message;
+		return {proto::errors::kInvalidConfig, p};
+	case K::UpgradeInProgress:
+		with_service();
+		p["generation"] = r.generation.value_or(0);
+		return {proto::errors::kUpgradeInProgress, p};
+	case K::NoUpgradeInProgress:
+		with_service();
+		return {proto::errors::kNoUpgradeInProgress, p};
+	case K::NoPreviousGeneration:
+		with_service();
+		return {proto::errors::kNoPreviousGeneration, p};
+	case K::ServiceStopped:
+		with_service();
+		return {proto::errors::kServiceStopped, p};
+	case K::RegisteredService:
+		with_service();
+		return {proto::errors::kRegisteredService, p};
+	case K::UpgradeFailed:
+		with_service();
+		p["generation"] = r.generation.value_or(0);
+		p["reason"] = r.reason;
+		p["output"] = r.output;
+		if (!r.instance.empty())
+			p["instance"] = r.instance;
+		return {proto::errors::kUpgradeFailed, p};
+	case K::StartFailed:
+		with_service();
+		p["reason"] = r.reason;
+		return {proto::errors::kStartFailed, p};
+	}
+	return {proto::varlink::kPermissionDenied, p};
+}
+
+} // namespace brokerd::encode

@@ -1,0 +1,48 @@
+// The encoder: the one place where the supervisor's typed events, snapshots and refusals become
+// Varlink JSON (docs/protocol.md gives each shape).
+#pragma once
+
+#include "handoff/router.hpp"
+#include "supervisor/events.hpp"
+#include "supervisor/supervisor.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace brokerd::encode {
+
+// The "event" member's value.
+const char *event_name(EventKind kind);
+
+// A Watch stream's event: {event, time, service, generation?, instance?, pid?, state?, message?,
+// handoff?}.
+nlohmann::json watch_event(const Event &e);
+
+// An upgrade's Progress parameters: {event, service, generation?, upgrade?, instance?, pid?,
+// message?}.
+nlohmann::json progress(const Event &e);
+
+// Status's "services": every service, or only the one named; null for an unknown one.
+nlohmann::json services(const Supervisor &supervisor, const std::string *only);
+
+// Status's and Progress's "upgrade" and "handoff" members.
+nlohmann::json upgrade(const UpgradeSnapshot &u);
+nlohmann::json handoff(const HandoffTotals &h);
+
+// A worker's Events stream: the drain request; a chunk of connections for a receiver (each
+// item's fd moves into `fds`, in order, and the event refers to it by index); a batch's result
+// for its sender (which connections landed, and which came back, by index into its call).
+nlohmann::json drain(std::uint64_t timeout_ms);
+nlohmann::json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vector<proto::UniqueFd> &fds);
+nlohmann::json handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
+                              const std::string &why = {});
+
+// The Varlink error a refusal is, and its parameters.
+std::pair<std::string_view, nlohmann::json> refusal(const Refusal &r);
+
+} // namespace brokerd::encode
