@@ -6,8 +6,6 @@
 #include "proto/errors.hpp"
 #include "supervisor/process.hpp"
 
-#include <grp.h>
-#include <pwd.h>
 #include <signal.h>
 
 #include <algorithm>
@@ -17,22 +15,6 @@ namespace brokerd {
 
 using json = nlohmann::json;
 using namespace process;
-
-namespace {
-
-// A service's register rule, default-deny: the peer must be a listed user or in a listed group.
-bool may_register(const config::ServiceConfig &cfg, uid_t uid, const std::vector<gid_t> &groups)
-{
-	for (const auto &name : cfg.register_users)
-		if (passwd *pw = ::getpwnam(name.c_str()); pw && pw->pw_uid == uid)
-			return true;
-	for (const auto &name : cfg.register_groups)
-		if (group *gr = ::getgrnam(name.c_str()); gr && std::find(groups.begin(), groups.end(), gr->gr_gid) != groups.end())
-			return true;
-	return false;
-}
-
-} // namespace
 
 bool Supervisor::attach_events(Instance &inst, EventSink *sink)
 {
@@ -119,7 +101,7 @@ Instance *Supervisor::register_external(Service &svc, const std::string &version
 	if (svc.removing || svc.stopped || shutting_down_)
 		return deny("the service is stopped");
 
-	if (!may_register(svc.cfg, uid, groups))
+	if (!svc.cfg.accounts.may_register(uid, groups))
 		return deny("not allowed by services." + svc.name + ".register");
 
 	// Join the generation of that version, or start a new one that will take over when ready.
