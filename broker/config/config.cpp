@@ -8,8 +8,6 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
-#include <grp.h>
-#include <pwd.h>
 #include <string.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -59,47 +57,6 @@ void check_name(const std::string &name, const std::string &path)
 {
 	if (name.empty() || name.size() > kMaxName || !is_plain(name))
 		fail(path, "invalid name: use 1 to " + std::to_string(kMaxName) + " characters of A-Z a-z 0-9 _ . -");
-}
-
-void check_user(const std::string &name, const std::string &path)
-{
-	long hint = sysconf(_SC_GETPW_R_SIZE_MAX);
-	std::vector<char> buf(hint > 0 ? static_cast<std::size_t>(hint) : 16384);
-	for (;;) {
-		passwd pw;
-		passwd *result = nullptr;
-		int err = getpwnam_r(name.c_str(), &pw, buf.data(), buf.size(), &result);
-		if (err == ERANGE && buf.size() < (1u << 20)) {
-			buf.resize(buf.size() * 2);
-			continue;
-		}
-		if (result)
-			return;
-		// glibc reports "not found" as 0 or, from some NSS modules, ENOENT/ESRCH.
-		if (err == 0 || err == ENOENT || err == ESRCH)
-			fail(path, "no such user " + quote(name));
-		fail(path, "cannot look up user " + quote(name) + ": " + std::generic_category().message(err));
-	}
-}
-
-void check_group(const std::string &name, const std::string &path)
-{
-	long hint = sysconf(_SC_GETGR_R_SIZE_MAX);
-	std::vector<char> buf(hint > 0 ? static_cast<std::size_t>(hint) : 16384);
-	for (;;) {
-		group gr;
-		group *result = nullptr;
-		int err = getgrnam_r(name.c_str(), &gr, buf.data(), buf.size(), &result);
-		if (err == ERANGE && buf.size() < (1u << 20)) {
-			buf.resize(buf.size() * 2);
-			continue;
-		}
-		if (result)
-			return;
-		if (err == 0 || err == ENOENT || err == ESRCH)
-			fail(path, "no such group " + quote(name));
-		fail(path, "cannot look up group " + quote(name) + ": " + std::generic_category().message(err));
-	}
 }
 
 bool valid_env_name(std::string_view k)
@@ -390,13 +347,11 @@ void parse_spawn_options(const json &j, const std::string &path, ServiceConfig &
 {
 	if (auto *v = member(j, "user")) {
 		std::string p = child(path, "user");
-		s.user = nonempty_text_at(*v, p, "a user name");
-		check_user(s.user, p);
+		s.user = nonempty_text_at(*v, p, "a user name"); // resolve_accounts() looks it up
 	}
 	if (auto *v = member(j, "group")) {
 		std::string p = child(path, "group");
 		s.group = nonempty_text_at(*v, p, "a group name");
-		check_group(s.group, p);
 	}
 	if (auto *v = member(j, "cwd")) {
 		std::string p = child(path, "cwd");
@@ -519,7 +474,7 @@ const ServiceConfig *Config::find_service(std::string_view name) const
 	return it != services.end() && it->name == name ? &*it : nullptr;
 }
 
-Config parse(std::string_view text)
+Config parse(std::string_view text, const Resolver &resolver)
 {
 	json root = parse_json(text);
 	object_at(root, "");
@@ -535,6 +490,7 @@ Config parse(std::string_view text)
 		parse_sockets(*v, cfg);
 	if (auto *v = member(root, "services"))
 		parse_services(*v, cfg);
+	resolve_accounts(cfg, resolver);
 	return cfg;
 }
 
@@ -564,13 +520,13 @@ std::optional<RestartPolicy> parse_restart(std::string_view name)
 	return std::nullopt;
 }
 
-Config load(const std::string &path)
+Config load(const std::string &path, const Resolver &resolver)
 {
 	std::string text;
-	return load(path, text);
+	return load(path, text, resolver);
 }
 
-Config load(const std::string &path, std::string &text)
+Config load(const std::string &path, std::string &text, const Resolver &resolver)
 {
 	text.clear();
 	{
@@ -592,7 +548,7 @@ Config load(const std::string &path, std::string &text)
 		}
 	}
 	try {
-		return parse(text);
+		return parse(text, resolver);
 	} catch (const ConfigError &e) {
 		throw ConfigError(path + ": " + e.what());
 	}

@@ -1,6 +1,7 @@
 // brokerd's configuration: the schema of brokerd.json, loaded and validated in one place.
 #pragma once
 
+#include "config/accounts.hpp"
 #include "proto/duration.hpp"
 #include "proto/limits.hpp"
 
@@ -85,6 +86,7 @@ struct ServiceConfig {
 	std::map<std::string, std::string> env;
 	std::vector<std::string> register_users; // external services: who may Hello
 	std::vector<std::string> register_groups;
+	Accounts accounts;                   // the names above, resolved when the config was loaded
 };
 
 struct Config {
@@ -97,12 +99,25 @@ struct Config {
 	const ServiceConfig *find_service(std::string_view name) const;
 };
 
-// Parses JSON with comments. Throws ConfigError naming the key path.
-Config parse(std::string_view text);
+// Parses JSON with comments, and resolves its user and group names (resolve_accounts). Throws
+// ConfigError naming the key path.
+Config parse(std::string_view text, const Resolver &resolver = Resolver::system());
 // Reads and parses a file; errors are prefixed with the file name.
-Config load(const std::string &path);
+Config load(const std::string &path, const Resolver &resolver = Resolver::system());
 // The same, keeping the file's text (a re-exec passes it on, to parse the very same config).
-Config load(const std::string &path, std::string &text);
+Config load(const std::string &path, std::string &text, const Resolver &resolver = Resolver::system());
+
+// Resolves every service's user, group and register names, each distinct name once, into its
+// `accounts`: once per load (at start, at a reload, at an Upgrade call), never per spawn or
+// Hello. Throws ConfigError naming a service's user or group that does not resolve; a register
+// name that does not matches nobody.
+void resolve_accounts(Config &cfg, const Resolver &resolver = Resolver::system());
+// The same for one service's config that a re-exec restores, which was valid when loaded: a user
+// or group gone since is kept in accounts.unknown, and its instances fail at spawn with it.
+void resolve_accounts(ServiceConfig &cfg, const Resolver &resolver = Resolver::system());
+// At a reload: a running generation's config (`running`) with the same user and group as the
+// one loaded takes its credentials, so that its next spawn sees an account created since.
+void refresh_accounts(ServiceConfig &running, const ServiceConfig &loaded);
 
 // The config's names of the ready modes and restart policies ("broker", "on-failure"), both ways.
 const char *ready_name(ReadyMode mode);

@@ -3,32 +3,28 @@
 
 #include "control/methods.hpp"
 
-#include <grp.h>
-#include <pwd.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <stdexcept>
 
 namespace brokerd {
 
-AccessRules AccessRules::resolve(const config::ControlConfig &cfg)
+AccessRules AccessRules::resolve(const config::ControlConfig &cfg, const config::Resolver &accounts)
 {
 	AccessRules r;
-	auto users = [](const std::vector<std::string> &names, std::vector<uid_t> &out, const char *key) {
+	auto users = [&](const std::vector<std::string> &names, std::vector<uid_t> &out, const char *key) {
 		for (const auto &n : names) {
-			passwd *pw = ::getpwnam(n.c_str());
-			if (!pw)
+			auto user = accounts.user(n);
+			if (!user)
 				throw std::runtime_error(std::string("control.") + key + ": no such user \"" + n + "\"");
-			out.push_back(pw->pw_uid);
+			out.push_back(user->uid);
 		}
 	};
-	auto groups = [](const std::vector<std::string> &names, std::vector<gid_t> &out, const char *key) {
+	auto groups = [&](const std::vector<std::string> &names, std::vector<gid_t> &out, const char *key) {
 		for (const auto &n : names) {
-			group *gr = ::getgrnam(n.c_str());
-			if (!gr)
+			auto gid = accounts.group(n);
+			if (!gid)
 				throw std::runtime_error(std::string("control.") + key + ": no such group \"" + n + "\"");
-			out.push_back(gr->gr_gid);
+			out.push_back(*gid);
 		}
 	};
 	users(cfg.admin_users, r.admin_uids, "admin_users");
@@ -83,42 +79,6 @@ std::optional<std::string> reexec_binary(Tier caller)
 	return "only root names a binary: it runs as brokerd's user";
 }
 
-Credentials lookup_credentials(const config::ServiceConfig &cfg)
-{
-	Credentials c;
-	if (cfg.user.empty() && cfg.group.empty())
-		return c;
-	c.change = true;
-	c.uid = ::getuid();
-	c.gid = ::getgid();
-	if (!cfg.user.empty()) {
-		passwd *pw = ::getpwnam(cfg.user.c_str());
-		if (!pw)
-			throw std::runtime_error("no such user \"" + cfg.user + "\"");
-		c.uid = pw->pw_uid;
-		c.gid = pw->pw_gid;
-		c.home = pw->pw_dir;
-		int n = 64;
-		c.groups.resize(static_cast<std::size_t>(n));
-		if (::getgrouplist(cfg.user.c_str(), c.gid, c.groups.data(), &n) < 0) {
-			c.groups.resize(static_cast<std::size_t>(n));
-			::getgrouplist(cfg.user.c_str(), c.gid, c.groups.data(), &n);
-		}
-		c.groups.resize(static_cast<std::size_t>(n));
-	}
-	if (!cfg.group.empty()) {
-		group *gr = ::getgrnam(cfg.group.c_str());
-		if (!gr)
-			throw std::runtime_error("no such group \"" + cfg.group + "\"");
-		c.gid = gr->gr_gid;
-		if (cfg.user.empty())
-			c.groups = {c.gid};
-		else
-			c.groups.push_back(c.gid);
-	}
-	return c;
-}
-
 std::optional<std::string> program_choice(Tier caller, const config::ServiceConfig &cfg, uid_t broker_uid,
                                           gid_t broker_gid)
 {
@@ -128,12 +88,11 @@ std::optional<std::string> program_choice(Tier caller, const config::ServiceConf
 	const std::string only_root = ": only root may choose the program, arguments or environment it runs";
 	if (cfg.user.empty())
 		return who + " has no \"user\", so it runs as brokerd's own user" + only_root;
-	Credentials c;
-	try {
-		c = lookup_credentials(cfg);
-	} catch (const std::exception &e) {
-		return who + ": " + e.what() + only_root;
-	}
+	if (!cfg.accounts.unknown.empty())
+		return who + ": " + cfg.accounts.unknown + only_root;
+	if (!cfg.accounts.resolved)
+		return who + ": its user was never resolved" + only_root;
+	const config::Credentials &c = cfg.accounts.creds;
 	if (c.uid == 0 || c.uid == broker_uid)
 		return who + " runs as user \"" + cfg.user + "\", uid " + std::to_string(c.uid) + only_root;
 	bool root_group = c.gid == 0 || c.gid == broker_gid ||

@@ -1,5 +1,5 @@
 // Access: the privilege tiers of the control socket, the rules that place a caller in one, the
-// parameters only root may give, and who a service runs as. Which tier each method needs is
+// parameters only root may give. Which tier each method needs is
 // control/methods.cpp's table.
 #pragma once
 
@@ -22,7 +22,8 @@ struct AccessRules {
 	std::vector<gid_t> read_gids;
 
 	// Throws std::runtime_error naming an unknown user or group.
-	static AccessRules resolve(const config::ControlConfig &cfg);
+	static AccessRules resolve(const config::ControlConfig &cfg,
+	                           const config::Resolver &accounts = config::Resolver::system());
 };
 
 namespace access {
@@ -47,22 +48,11 @@ Tier tier_of(const AccessRules &rules, uid_t uid, const std::vector<gid_t> &grou
 // Reexec with a binary: the binary runs as brokerd, so only Root names one.
 std::optional<std::string> reexec_binary(Tier caller);
 
-// The identity a service's workers run as: spawn() switches to it when `change` is set.
-struct Credentials {
-	bool change = false;
-	uid_t uid = 0;
-	gid_t gid = 0;
-	std::vector<gid_t> groups;
-	std::string home;
-};
-// Resolves cfg.user and cfg.group. Throws std::runtime_error naming an unknown user or group.
-Credentials lookup_credentials(const config::ServiceConfig &cfg);
-
 // A caller below Root never makes brokerd run a program, argument list or environment it chose
 // (an Upgrade's exec or env) as root, in root's group, or as brokerd's own user: that would be
 // root's power. Returns why such a choice is refused for `cfg`, or nullopt when `caller` may
 // make it. `broker_uid` and `broker_gid` are brokerd's own, which a service without user and
-// group runs as.
+// group runs as. Reads the ids `cfg`'s load resolved: no lookup.
 std::optional<std::string> program_choice(Tier caller, const config::ServiceConfig &cfg, uid_t broker_uid,
                                           gid_t broker_gid);
 

@@ -63,6 +63,8 @@ config::ServiceConfig service_config(const json &j)
 		c.env = j.at("env").get<std::map<std::string, std::string>>();
 		c.register_users = j.at("register_users").get<std::vector<std::string>>();
 		c.register_groups = j.at("register_groups").get<std::vector<std::string>>();
+		// A re-exec loads the config again: names resolve here, as at start, not per spawn.
+		config::resolve_accounts(c);
 		return c;
 	} catch (const json::exception &e) {
 		throw std::runtime_error(std::string("re-exec state: a service's config: ") + e.what());

@@ -5,8 +5,6 @@
 #include "os/log.hpp"
 #include "supervisor/process.hpp"
 
-#include <grp.h>
-#include <pwd.h>
 #include <signal.h>
 
 #include <algorithm>
@@ -15,22 +13,6 @@
 namespace brokerd {
 
 using namespace process;
-
-namespace {
-
-// A service's register rule, default-deny: the peer must be a listed user or in a listed group.
-bool may_register(const config::ServiceConfig &cfg, uid_t uid, const std::vector<gid_t> &groups)
-{
-	for (const auto &name : cfg.register_users)
-		if (passwd *pw = ::getpwnam(name.c_str()); pw && pw->pw_uid == uid)
-			return true;
-	for (const auto &name : cfg.register_groups)
-		if (group *gr = ::getgrnam(name.c_str()); gr && std::find(groups.begin(), groups.end(), gr->gr_gid) != groups.end())
-			return true;
-	return false;
-}
-
-} // namespace
 
 bool Supervisor::attach_events(Instance &inst, EventSink *sink)
 {
@@ -118,7 +100,7 @@ std::variant<Instance *, Refusal> Supervisor::register_external(Service &svc, co
 	if (svc.removing || svc.stopped || shutting_down_)
 		return deny("the service is stopped");
 
-	if (!may_register(svc.cfg, uid, groups))
+	if (!svc.cfg.accounts.may_register(uid, groups))
 		return deny("not allowed by services." + svc.name + ".register");
 
 	// Join the generation of that version, or start a new one that will take over when ready.

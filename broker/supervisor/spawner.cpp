@@ -61,9 +61,6 @@ bool inherited_variable(std::string_view entry)
 	return true;
 }
 
-using access::Credentials;
-using access::lookup_credentials;
-
 // What a child reports on its status pipe when it cannot become the worker: the step, and errno.
 enum class ChildStep : int { Setup, Credentials, Chdir, Exec };
 struct ChildFailure {
@@ -123,7 +120,7 @@ void format_pid(char *out, pid_t pid)
 	// Exactly stdio, the sockets and the status pipe (which closes at exec) remain.
 	::close_range(static_cast<unsigned>(top), ~0u, 0);
 
-	const Credentials &creds = plan.creds;
+	const config::Credentials &creds = plan.creds;
 	if (creds.change) {
 		if (::setgroups(creds.groups.size(), creds.groups.data()) < 0 || ::setgid(creds.gid) < 0 ||
 		    ::setuid(creds.uid) < 0)
@@ -165,11 +162,12 @@ std::vector<std::string> worker_env(const SpawnInputs &in)
 	env.push_back("BROKER_GENERATION=" + std::to_string(in.generation));
 	if (!cfg.version.empty())
 		env.push_back("BROKER_VERSION=" + cfg.version);
-	if (in.creds.change && !cfg.user.empty()) {
+	const config::Credentials &creds = cfg.accounts.creds;
+	if (creds.change && !cfg.user.empty()) {
 		std::erase_if(env, [](const std::string &s) {
 			return s.starts_with("HOME=") || s.starts_with("USER=") || s.starts_with("LOGNAME=");
 		});
-		env.push_back("HOME=" + in.creds.home);
+		env.push_back("HOME=" + creds.home);
 		env.push_back("USER=" + cfg.user);
 		env.push_back("LOGNAME=" + cfg.user);
 	}
@@ -202,7 +200,7 @@ SpawnPlan plan_spawn(const SpawnInputs &in)
 		plan.envp.push_back(e.data());
 	plan.envp.push_back(nullptr);
 	plan.cwd = in.cfg.cwd.empty() ? "/" : in.cfg.cwd;
-	plan.creds = in.creds;
+	plan.creds = in.cfg.accounts.creds;
 	plan.nofile = in.nofile;
 	plan.fds = {-1, -1, -1};
 	plan.fds.insert(plan.fds.end(), in.socket_fds.begin(), in.socket_fds.end());
@@ -253,11 +251,11 @@ void Supervisor::spawn(Instance &inst)
 	in.program = resolve_program(cfg.exec[0]);
 	if (in.program.empty())
 		return fail("program \"" + cfg.exec[0] + "\" not found in PATH");
-	try {
-		in.creds = lookup_credentials(cfg);
-	} catch (const std::exception &e) {
-		return fail(e.what());
-	}
+	// Resolved when the config was loaded: no lookup here, on the loop.
+	if (!cfg.accounts.unknown.empty())
+		return fail(cfg.accounts.unknown);
+	if (!cfg.accounts.resolved && (!cfg.user.empty() || !cfg.group.empty()))
+		return fail("its user and group were never resolved");
 	in.inherited = environ;
 	for (const Listener *l : svc.sockets) {
 		in.socket_names.push_back(l->name);

@@ -4,7 +4,6 @@
 
 #include "proto/unique_fd.hpp"
 #include "config/config.hpp"
-#include "control/access.hpp"
 
 #include <sys/resource.h>
 
@@ -15,8 +14,8 @@
 
 namespace brokerd {
 
-// What plan_spawn() needs, gathered by the caller (resolving the program and the credentials
-// touches the system; planning does not).
+// What plan_spawn() needs, gathered by the caller (resolving the program touches the system;
+// planning does not). The credentials are cfg.accounts', resolved when the config was loaded.
 struct SpawnInputs {
 	explicit SpawnInputs(const config::ServiceConfig &c) : cfg(c) {}
 
@@ -31,7 +30,6 @@ struct SpawnInputs {
 	std::string service;
 	std::string instance;
 	std::uint64_t generation = 0;
-	access::Credentials creds;
 	rlimit nofile{};                 // rlim_cur 0: left as it is
 };
 
@@ -45,7 +43,7 @@ struct SpawnPlan {
 	// The index in env of "LISTEN_PID=" with room for the digits the child writes, or -1.
 	int listen_pid = -1;
 	std::string cwd;
-	access::Credentials creds;
+	config::Credentials creds;
 	rlimit nofile{};
 	// The child's fds in order: 0, 1, 2, the sockets at 3.., and last the status pipe's write
 	// end (the spawner fills in stdio and the status pipe). lifted: room for their copies.

@@ -120,8 +120,15 @@ Instance &Supervisor::add_instance(Generation &gen)
 
 void Supervisor::update_service(const config::ServiceConfig &cfg)
 {
-	if (Service *svc = find_service(cfg.name); svc && !svc->removing)
-		svc->cfg = cfg;
+	Service *svc = find_service(cfg.name);
+	if (!svc || svc->removing)
+		return;
+	svc->cfg = cfg;
+	// Names resolve once per load: the running generations' next spawns see this load's accounts.
+	for (auto &gen : svc->generations)
+		config::refresh_accounts(gen->cfg, cfg);
+	if (svc->previous)
+		config::refresh_accounts(*svc->previous, cfg);
 }
 
 void Supervisor::shutdown(config::Duration budget)

@@ -56,6 +56,7 @@ TEST_CASE("only root chooses the program, arguments or environment of a service 
 		cfg.name = "web";
 		cfg.user = c.user;
 		cfg.group = c.group;
+		brokerd::config::resolve_accounts(cfg); // as a load does
 		auto why = access::program_choice(c.caller, cfg, c.broker_uid, c.broker_uid == 0 ? 0 : 65534);
 		INFO("user \"", c.user, "\" group \"", c.group, "\" caller ", access::tier_name(c.caller), ": ",
 		     why.value_or("allowed"));

@@ -66,13 +66,6 @@ SpawnPlan plan_for(const Case &c, const brokerd::config::ServiceConfig &cfg, std
 	in.service = "web";
 	in.instance = "web/3/1";
 	in.generation = 3;
-	if (!c.user.empty()) {
-		in.creds.change = true;
-		in.creds.uid = 33;
-		in.creds.gid = 33;
-		in.creds.groups = {33, 4};
-		in.creds.home = "/home/www";
-	}
 	in.nofile = {1024, 4096};
 	return plan_spawn(in);
 }
@@ -87,6 +80,8 @@ TEST_CASE("the spawn plan: the worker's environment, argv, cwd and fds")
 		cfg.exec = {"worker", "--port", "8080"};
 		cfg.env = c.env;
 		cfg.user = c.user;
+		if (!c.user.empty()) // as the config's load resolved it
+			cfg.accounts.creds = {true, 33, 33, {33, 4}, "/home/www"};
 		std::vector<std::string> env_storage = c.inherited;
 		std::vector<char *> inherited;
 		for (auto &e : env_storage)
