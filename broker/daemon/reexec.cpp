@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace brokerd {
@@ -31,24 +32,82 @@ std::string reexec_binary(const std::string &requested)
 	return binary;
 }
 
-// brokerctl reexec: the state goes into a memfd, every fd the next brokerd needs loses CLOEXEC,
-// and brokerd execs itself (the same pid: children stay children, and the service manager
-// sees the same main process). Returns only when it could not: everything is as before.
-void Daemon::reexec(const std::string &requested, int caller)
+// brokerctl reexec, begun: the binary is checked on the very state it would get, off the loop
+// (brokerd serves on meanwhile), and reexec_checked() carries on from its verdict. Throws
+// std::runtime_error when it is refused at once; otherwise `failed` hears why it did not happen.
+void Daemon::reexec(const std::string &requested, int caller, ReexecFailed failed)
 {
+	if (reexec_)
+		throw std::runtime_error("a reexec is already being checked");
 	std::string why;
 	if (!supervisor_->quiet(why))
 		throw std::runtime_error("not now: " + why + "; try again once it is done");
-	std::string binary = reexec_binary(requested);
+	auto pending = std::make_unique<PendingReexec>();
+	pending->binary = reexec_binary(requested);
+	pending->caller = caller;
+	pending->failed = std::move(failed);
+	pending->cfg_text = cfg_text_;
 	std::vector<int> keep;
 	proto::UniqueFd memfd = state::write(save_state(caller, keep));
-	// The loop waits meanwhile: bounded by 5 s, and by half the watchdog's feeding period.
+	// 5 s, and a quarter of WATCHDOG_USEC: a binary slower than that to answer would
+	// leave the watchdog unfed once it runs in our place.
 	std::uint64_t bound = 5'000'000;
-	if (watchdog_period_ > 0) {
-		notifier_.send("WATCHDOG=1");
+	if (watchdog_period_ > 0)
 		bound = std::min<std::uint64_t>(bound, watchdog_period_ / 2);
+	pending->check = std::make_unique<BinaryCheck>(event_.get(), pending->binary, memfd.get(), bound,
+	                                               [this](const std::string &error) { reexec_checked(error); });
+	log::info("reexec: checking " + pending->binary + " (pid " + std::to_string(pending->check->pid()) + ")");
+	reexec_ = std::move(pending);
+}
+
+// The check ended. The loop ran meanwhile: brokerd must still be quiet, and the state is saved
+// afresh for the exec.
+void Daemon::reexec_checked(const std::string &error)
+{
+	std::unique_ptr<PendingReexec> pending = std::move(reexec_);
+	std::string why = error;
+	std::string busy;
+	if (why.empty() && !supervisor_->quiet(busy))
+		why = "not now: " + busy + "; try again once it is done";
+	else if (why.empty() && cfg_text_ != pending->cfg_text)
+		why = "the config was reloaded while " + pending->binary + " was being checked; try again";
+	if (why.empty()) {
+		try {
+			exec(pending->binary, pending->caller);
+		} catch (const std::exception &e) {
+			why = e.what();
+		}
 	}
-	check_binary(binary, memfd.get(), bound);
+	pending->failed(why);
+}
+
+// SIGTERM or SIGINT: shutdown wins over a reexec being checked; its check is killed and reaped.
+void Daemon::cancel_reexec(const std::string &why)
+{
+	if (std::unique_ptr<PendingReexec> pending = std::move(reexec_)) {
+		pending->check.reset();
+		pending->failed(why);
+	}
+}
+
+// Its caller went away while the binary was being checked: nobody would hear how it went, and
+// an interrupted brokerctl reexec means "not now". The check is killed and reaped.
+void Daemon::drop_reexec()
+{
+	std::unique_ptr<PendingReexec> pending = std::move(reexec_);
+	if (!pending)
+		return;
+	pending->check.reset();
+	log::notice("reexec: its caller went away while " + pending->binary + " was being checked; dropped it");
+}
+
+// The state goes into a memfd, every fd the next brokerd needs loses CLOEXEC, and brokerd execs
+// the binary (the same pid: children stay children, and the service manager sees the same main
+// process). Returns only when it could not: everything is as before.
+void Daemon::exec(std::string binary, int caller)
+{
+	std::vector<int> keep;
+	proto::UniqueFd memfd = state::write(save_state(caller, keep));
 	keep.push_back(memfd.get());
 	std::string fd_arg = std::to_string(memfd.get());
 	std::string config_arg = config_path_;

@@ -388,3 +388,122 @@ while True:
 	CHECK(worker_pids(b.status(), "slow") == slow_pids);
 	b.stop();
 }
+
+namespace {
+
+// The pid a check script wrote to `path` ($$: the check itself), once it is there; 0 if not in 20 s.
+pid_t check_pid(const std::string &path)
+{
+	pid_t pid = 0;
+	wait_until(
+		[&] {
+			std::string text = read_file(path);
+			if (text.find('\n') == std::string::npos)
+				return false;
+			pid = static_cast<pid_t>(std::stoi(text));
+			return true;
+		},
+		20s);
+	return pid;
+}
+
+// Killed and reaped: not even a zombie is left.
+bool gone(pid_t pid)
+{
+	return ::kill(pid, 0) < 0 && errno == ESRCH;
+}
+
+} // namespace
+
+// The check of the new binary runs off brokerd's loop: a binary that takes 3 s to answer it
+// leaves Status answered at once, and a second Reexec refused at once; then the reexec is done.
+TEST_CASE("reexec: brokerd serves on while the new binary is checked and refuses a second reexec meanwhile")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	tb.start(config_with({{"web", http_service(1)}}));
+	std::uint16_t port = socket_port(b.status(), "http");
+	std::vector<pid_t> workers = sorted_pids(b);
+	const std::string checking = b.path("checking");
+	std::string slow = write_program(b, "slow-brokerd",
+	                                 "#!/bin/sh\nif [ \"$1\" = --check-state ]; then\n  echo $$ > " + checking +
+	                                         "\n  /bin/sleep 3\nfi\nexec " + env("BROKERD") + " \"$@\"\n");
+
+	const std::string out = b.path("reexec.out");
+	Process reexec = Process::fork_run([&] {
+		RunResult r = brokerctl(b, {"reexec", "--binary", slow});
+		write_file(out, r.describe());
+		return r.exit_code;
+	});
+	REQUIRE(check_pid(checking) > 0);
+
+	auto t0 = Clock::now();
+	json st = b.status();
+	auto took = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0);
+	CHECK_MESSAGE(took < 1s, "Status took ", took.count(), " ms while the binary was being checked");
+	CHECK(reexec.running()); // the check was still going on
+	RunResult second = brokerctl(b, {"reexec"});
+	INFO("second brokerctl reexec: ", second.describe());
+	CHECK(second.exit_code == 7);
+	CHECK(second.err.find("a reexec is already being checked") != std::string::npos);
+	CHECK(reexec.running());
+
+	auto done = reexec.wait(30s);
+	INFO("brokerctl reexec: ", read_file(out));
+	REQUIRE(done);
+	CHECK(describe_status(*done) == "exited with 0");
+	CHECK(read_file(out).find("pid " + std::to_string(b.pid())) != std::string::npos);
+	st = b.status();
+	CHECK(st.value("pid", 0) == b.pid());
+	CHECK(sorted_pids(b) == workers);
+	CHECK(generation_answering(port) == 1);
+	CHECK(b.log().find("re-executed: brokerd") != std::string::npos);
+	b.stop();
+}
+
+// A check that never answers: its caller going away drops the reexec (the check is killed and
+// reaped at once, and the next reexec goes ahead); a SIGTERM during it makes brokerd shut down
+// at once, the caller told so, the check killed and reaped.
+TEST_CASE("reexec: a check whose caller goes away is dropped and a shutdown kills the check")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	tb.start(config_with({{"web", http_service(1)}}));
+	std::vector<pid_t> workers = sorted_pids(b);
+	const std::string checking = b.path("checking");
+	std::string hang = write_program(b, "hanging-brokerd", "#!/bin/sh\necho $$ > " + checking + "\nexec /bin/sleep 60\n");
+
+	// The caller goes away.
+	std::optional<vl::SyncClient> caller(std::in_place, b.control_path(), 10s);
+	caller->send(vl::make_call("io.brokerd.Control.Reexec", {{"binary", hang}}));
+	pid_t check = check_pid(checking);
+	REQUIRE(check > 0);
+	caller.reset();
+	CHECK(wait_until([&] { return b.log().find("its caller went away") != std::string::npos; }, 3s));
+	CHECK(gone(check));
+	CHECK(b.status().value("pid", 0) == b.pid());
+	RunResult next = brokerctl(b, {"reexec"});
+	INFO("brokerctl reexec: ", next.describe());
+	CHECK(next.exit_code == 0);
+	CHECK(sorted_pids(b) == workers);
+
+	// SIGTERM during the check.
+	REQUIRE(::unlink(checking.c_str()) == 0);
+	const std::string err = b.path("reexec.err");
+	Process reexec = Process::fork_run([&] {
+		RunResult r = brokerctl(b, {"reexec", "--binary", hang});
+		write_file(err, r.err);
+		return r.exit_code;
+	});
+	check = check_pid(checking);
+	REQUIRE(check > 0);
+	b.stop();
+	CHECK(gone(check));
+	auto told = reexec.wait(20s);
+	INFO("brokerctl reexec: ", read_file(err));
+	REQUIRE(told);
+	CHECK(describe_status(*told) == "exited with 7");
+	CHECK(read_file(err).find("brokerd is shutting down") != std::string::npos);
+}
