@@ -413,6 +413,16 @@ bool gone(pid_t pid)
 	return ::kill(pid, 0) < 0 && errno == ESRCH;
 }
 
+// The pipes and pidfds brokerd holds: a check adds its output pipe and its pidfd.
+std::size_t pipes_and_pidfds(pid_t pid)
+{
+	std::size_t n = 0;
+	for (const auto &[fd, target] : proc_fds(pid))
+		if (target.starts_with("pipe:") || target.starts_with("anon_inode:[pidfd]") || target.starts_with("pidfd:"))
+			++n;
+	return n;
+}
+
 } // namespace
 
 // The check of the new binary runs off brokerd's loop: a binary that takes 3 s to answer it
@@ -475,14 +485,17 @@ TEST_CASE("reexec: a check whose caller goes away is dropped and a shutdown kill
 	const std::string checking = b.path("checking");
 	std::string hang = write_program(b, "hanging-brokerd", "#!/bin/sh\necho $$ > " + checking + "\nexec /bin/sleep 60\n");
 
-	// The caller goes away.
+	// The caller goes away: the check is killed and reaped, and its pipe and pidfd closed.
+	const std::size_t fds = pipes_and_pidfds(b.pid());
 	std::optional<vl::SyncClient> caller(std::in_place, b.control_path(), 10s);
 	caller->send(vl::make_call("io.brokerd.Control.Reexec", {{"binary", hang}}));
 	pid_t check = check_pid(checking);
 	REQUIRE(check > 0);
+	CHECK(pipes_and_pidfds(b.pid()) == fds + 2);
 	caller.reset();
 	CHECK(wait_until([&] { return b.log().find("its caller went away") != std::string::npos; }, 3s));
 	CHECK(gone(check));
+	CHECK(pipes_and_pidfds(b.pid()) == fds);
 	CHECK(b.status().value("pid", 0) == b.pid());
 	RunResult next = brokerctl(b, {"reexec"});
 	INFO("brokerctl reexec: ", next.describe());
@@ -499,8 +512,9 @@ TEST_CASE("reexec: a check whose caller goes away is dropped and a shutdown kill
 	});
 	check = check_pid(checking);
 	REQUIRE(check > 0);
-	b.stop();
+	CHECK(b.shut_down());
 	CHECK(gone(check));
+	b.check_strays();
 	auto told = reexec.wait(20s);
 	INFO("brokerctl reexec: ", read_file(err));
 	REQUIRE(told);
