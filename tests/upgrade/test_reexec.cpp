@@ -521,3 +521,54 @@ TEST_CASE("reexec: a check whose caller goes away is dropped and a shutdown kill
 	CHECK(describe_status(*told) == "exited with 7");
 	CHECK(read_file(err).find("brokerd is shutting down") != std::string::npos);
 }
+
+// The loop runs during the check, so something may begin meanwhile: a drain that starts while
+// the binary is checked makes the reexec refuse once the check is done, as it would have at once.
+TEST_CASE("reexec: a drain that begins while the binary is checked makes the reexec refuse")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	tb.start(config_with({{"web", http_service(1)}, {"stubborn", stubborn_service("30s")}}));
+	std::vector<pid_t> held = worker_pids(b.status(), "stubborn");
+	REQUIRE(held.size() == 1);
+	REQUIRE(wait_until([&] { return ignores(held[0], SIGTERM); }, 20s));
+	// The check waits for a line on a FIFO: it answers once the drain has begun.
+	const std::string checking = b.path("checking"), go = b.path("go");
+	REQUIRE(::mkfifo(go.c_str(), 0600) == 0);
+	std::string held_back = write_program(b, "held-brokerd",
+	                                      "#!/bin/sh\nif [ \"$1\" = --check-state ]; then\n  echo $$ > " + checking +
+	                                              "\n  read line < " + go + "\nfi\nexec " + env("BROKERD") + " \"$@\"\n");
+
+	const std::string err = b.path("reexec.err");
+	Process reexec = Process::fork_run([&] {
+		RunResult r = brokerctl(b, {"reexec", "--binary", held_back});
+		write_file(err, r.err);
+		return r.exit_code;
+	});
+	REQUIRE(check_pid(checking) > 0);
+	Process stop = Process::fork_run([&] { return brokerctl(b, {"stop", "stubborn"}).exit_code; });
+	REQUIRE(wait_until([&] { return instances(b.status(), "stubborn").at(0).value("state", "") == "draining"; }, 20s));
+	UniqueFd fifo;
+	REQUIRE(wait_until(
+		[&] {
+			fifo.reset(::open(go.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+			return bool(fifo);
+		},
+		20s));
+	REQUIRE(::write(fifo.get(), "go\n", 3) == 3);
+
+	auto refused = reexec.wait(30s);
+	INFO("brokerctl reexec: ", read_file(err));
+	REQUIRE(refused);
+	CHECK(describe_status(*refused) == "exited with 7");
+	CHECK(read_file(err).find("not now: instance stubborn/1/0 is draining; try again once it is done") !=
+	      std::string::npos);
+	CHECK(b.status().value("pid", 0) == b.pid());
+	CHECK(b.log().find("re-executing") == std::string::npos);
+	REQUIRE(kill9(held[0]));
+	auto stopped = stop.wait(20s);
+	REQUIRE(stopped);
+	CHECK(describe_status(*stopped) == "exited with 0");
+	b.stop();
+}
