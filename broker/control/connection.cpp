@@ -134,6 +134,10 @@ void ControlServer::Connection::close(const std::string &why)
 	resume_.reset();
 	if (!token_.empty())
 		server_.supervisor_.connection_closed(token_);
+	if (reexec_pending_) {
+		reexec_pending_ = false;
+		server_.hooks_.drop_reexec();
+	}
 	server_.supervisor_.detach_events(this);
 	server_.supervisor_.detach_observer(this);
 	server_.schedule_sweep();

@@ -161,6 +161,7 @@ private:
 	bool peer_gone_ = false; // writing failed: reading on until the end of its input
 	bool waiting_ = false;  // an upgrade, start or stop will reply; later calls wait their turn
 	bool watching_ = false;
+	bool reexec_pending_ = false; // its Reexec is being checked: closing drops it
 	bool instance_conn_ = false;   // it carries its instance's Events stream
 	bool spawned_instance_ = false; // and that instance is one brokerd spawned
 	std::string watch_service_;

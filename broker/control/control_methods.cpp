@@ -328,13 +328,18 @@ void ControlServer::Connection::control_reexec(control::Call &call)
 		log::client(log::Level::Warning, "control: Reexec of " + binary + " from " + who() + " denied: only root names a binary");
 		return error(vl::kPermissionDenied, {{"message", *why}});
 	}
+	// The answer comes later, as an Upgrade's does: from the next brokerd, or not_done when
+	// brokerd could not re-execute and serves on as it was. Later calls wait their turn.
+	auto not_done = [this](const std::string &why) {
+		reexec_pending_ = false;
+		log::error("reexec: " + why + "; carrying on");
+		failed(proto::errors::kReexecFailed, {{"message", why}});
+	};
+	waiting_ = reexec_pending_ = true;
 	try {
-		// Returns only when brokerd could not re-execute: it goes on serving as it was.
-		server_.hooks_.reexec(binary, stream_.fd());
-		error(proto::errors::kReexecFailed, {{"message", "re-exec returned without an error"}});
+		server_.hooks_.reexec(binary, stream_.fd(), not_done);
 	} catch (const std::exception &e) {
-		log::error(std::string("reexec: ") + e.what() + "; carrying on");
-		error(proto::errors::kReexecFailed, {{"message", e.what()}});
+		not_done(e.what());
 	}
 }
 

@@ -27,9 +27,14 @@ class Supervisor;
 struct DaemonHooks {
 	std::function<config::Config()> read_config; // throws config::ConfigError
 	std::function<nlohmann::json()> reload;      // throws config::ConfigError or std::runtime_error
-	// Re-executes brokerd (binary, the caller's socket fd): returns only when it failed, with
-	// the reason in the exception; the new brokerd answers the caller.
-	std::function<void(const std::string &binary, int caller)> reexec;
+	// Starts re-executing brokerd (binary, the caller's socket fd): throws std::runtime_error
+	// when it is refused at once. Else the binary is checked off the loop, and then either
+	// `failed` is called with the reason, or brokerd execs it and the new brokerd answers the
+	// caller. One at a time: another is refused while one is being checked.
+	std::function<void(const std::string &binary, int caller, std::function<void(const std::string &why)> failed)>
+		reexec;
+	// The caller of the reexec being checked went away: it is dropped, and `failed` not called.
+	std::function<void()> drop_reexec;
 };
 
 class ControlServer {

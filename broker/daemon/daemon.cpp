@@ -186,7 +186,10 @@ void Daemon::compose(proto::UniqueFd control_fd)
 	DaemonHooks hooks;
 	hooks.read_config = [this] { return config::load(config_path_); };
 	hooks.reload = [this] { return reload(); };
-	hooks.reexec = [this](const std::string &binary, int caller) { reexec(binary, caller); };
+	hooks.reexec = [this](const std::string &binary, int caller, ReexecFailed failed) {
+		reexec(binary, caller, std::move(failed));
+	};
+	hooks.drop_reexec = [this] { drop_reexec(); };
 	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start_usec_,
 	                                           std::move(control_fd));
 	supervisor_->on_event = [this](const Event &ev) { control_->broadcast(ev); };
@@ -230,6 +233,7 @@ int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userd
 			return 0;
 		}
 		log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)));
+		d->cancel_reexec("brokerd is shutting down");
 		d->notifier_.send("STOPPING=1");
 		d->supervisor_->shutdown(d->cfg_.shutdown.timeout);
 		return 0;

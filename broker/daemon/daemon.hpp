@@ -5,6 +5,7 @@
 #include "config/config.hpp"
 #include "control/access.hpp"
 #include "control/server.hpp"
+#include "daemon/binary_check.hpp"
 #include "daemon/reload.hpp"
 #include "os/event.hpp"
 #include "os/listener.hpp"
@@ -17,6 +18,7 @@
 #include <sys/resource.h>
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <string>
@@ -63,7 +65,12 @@ private:
 	proto::UniqueFd restore_listeners();
 	void setup_watchdog();
 	void extend_start();
-	void reexec(const std::string &binary, int caller);
+	using ReexecFailed = std::function<void(const std::string &why)>;
+	void reexec(const std::string &binary, int caller, ReexecFailed failed);
+	void reexec_checked(const std::string &error);
+	void cancel_reexec(const std::string &why);
+	void drop_reexec();
+	void exec(std::string binary, int caller);
 	nlohmann::json save_state(int caller, std::vector<int> &keep) const;
 
 	std::string config_path_;
@@ -77,6 +84,15 @@ private:
 	std::unique_ptr<Supervisor> supervisor_;
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;
+	// brokerctl reexec, while its binary is being checked (one at a time).
+	struct PendingReexec {
+		std::string binary;
+		int caller = -1;          // the caller's connection, which the next brokerd answers
+		ReexecFailed failed;      // tells the caller why not
+		std::string cfg_text;     // the config the binary was checked with
+		std::unique_ptr<BinaryCheck> check;
+	};
+	std::unique_ptr<PendingReexec> reexec_; // destroyed before control_, whose connection it tells
 	SystemdNotifier notifier_;
 	EventSource sigterm_, sigint_, sighup_;
 	EventSource watchdog_;

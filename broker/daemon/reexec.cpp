@@ -1,6 +1,7 @@
 // brokerctl reexec: brokerd hands its state to a new binary and execs it, in the same process.
 #include "daemon/reexec.hpp"
 
+#include "daemon/binary_check.hpp"
 #include "daemon/daemon.hpp"
 
 #include "broker_config.h"
@@ -8,85 +9,13 @@
 #include "os/log.hpp"
 #include "supervisor/serialize.hpp"
 
-#include <fcntl.h>
 #include <limits.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace brokerd {
-
-namespace {
-
-// The check, its stdin the state and its stdout and stderr `out`, in an empty environment.
-pid_t spawn_check(const std::string &binary, int state_fd, int out)
-{
-	std::string path = binary;
-	char arg[] = "--check-state";
-	char *argv[] = {path.data(), arg, nullptr};
-	char *envp[] = {nullptr};
-	pid_t pid = ::fork();
-	if (pid < 0)
-		throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
-	if (pid == 0) {
-		sigset_t none;
-		sigemptyset(&none);
-		sigprocmask(SIG_SETMASK, &none, nullptr);
-		::dup2(state_fd, 0);
-		::dup2(out, 1);
-		::dup2(out, 2);
-		::execve(argv[0], argv, envp);
-		::_exit(127);
-	}
-	return pid;
-}
-
-// What the check prints, until it closes its output or the deadline, when it is killed.
-std::string read_answer(int rd, pid_t pid, std::uint64_t deadline)
-{
-	std::string out;
-	for (;;) {
-		std::uint64_t now = now_usec(CLOCK_MONOTONIC);
-		pollfd p{rd, POLLIN, 0};
-		int n = now < deadline ? ::poll(&p, 1, static_cast<int>((deadline - now) / 1000) + 1) : 0;
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0) {
-			::kill(pid, SIGKILL);
-			break;
-		}
-		char buf[256];
-		ssize_t got = ::read(rd, buf, sizeof(buf));
-		if (got <= 0)
-			break;
-		out.append(buf, static_cast<std::size_t>(got));
-		if (out.size() > 1024) {
-			::kill(pid, SIGKILL); // the answer is one short line
-			break;
-		}
-	}
-	return out;
-}
-
-// It closed its output: it exits now, or is made to at the deadline. Returns its wait status.
-int reap(pid_t pid, std::uint64_t deadline)
-{
-	proto::UniqueFd child(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
-	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
-	pollfd p{child.get(), POLLIN, 0};
-	if (child && (now >= deadline || ::poll(&p, 1, static_cast<int>((deadline - now) / 1000) + 1) <= 0))
-		::kill(pid, SIGKILL);
-	int status = 0;
-	while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-	}
-	return status;
-}
-
-} // namespace
 
 std::string reexec_binary(const std::string &requested)
 {
@@ -104,50 +33,82 @@ std::string reexec_binary(const std::string &requested)
 	return binary;
 }
 
-void check_binary(const std::string &binary, int state_fd, std::uint64_t bound_usec)
+// brokerctl reexec, begun: the binary is checked on the very state it would get, off the loop
+// (brokerd serves on meanwhile), and reexec_checked() carries on from its verdict. Throws
+// std::runtime_error when it is refused at once; otherwise `failed` hears why it did not happen.
+void Daemon::reexec(const std::string &requested, int caller, ReexecFailed failed)
 {
-	if (::access(binary.c_str(), X_OK) < 0)
-		throw std::runtime_error(binary + ": " + std::strerror(errno));
-	int pipefd[2];
-	if (::pipe2(pipefd, O_CLOEXEC) < 0)
-		throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
-	proto::UniqueFd rd(pipefd[0]), wr(pipefd[1]);
-	pid_t pid = spawn_check(binary, state_fd, wr.get());
-	wr.reset();
-	// The answer is one line, printed before anything else happens.
-	std::uint64_t deadline = now_usec(CLOCK_MONOTONIC) + bound_usec;
-	std::string out = read_answer(rd.get(), pid, deadline);
-	int status = reap(pid, deadline);
-	out = out.substr(0, out.find('\n')); // its first line says it
-	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-		throw std::runtime_error(binary + " --check-state did not run (" +
-		                         (WIFEXITED(status) ? "exit " + std::to_string(WEXITSTATUS(status))
-		                                            : std::string("killed by a signal")) +
-		                         (out.empty() ? std::string() : ": " + out.substr(0, 300)) +
-		                         "): not a brokerd that can carry on from this one");
-	if (out != std::to_string(state::kFormat))
-		throw std::runtime_error(binary + " reads re-exec state format \"" + out.substr(0, 40) +
-		                         "\", this brokerd writes format " + std::to_string(state::kFormat));
-}
-
-// brokerctl reexec: the state goes into a memfd, every fd the next brokerd needs loses CLOEXEC,
-// and brokerd execs itself (the same pid: children stay children, and the service manager
-// sees the same main process). Returns only when it could not: everything is as before.
-void Daemon::reexec(const std::string &requested, int caller)
-{
+	if (reexec_)
+		throw std::runtime_error("a reexec is already being checked");
 	std::string why;
 	if (!supervisor_->quiet(why))
 		throw std::runtime_error("not now: " + why + "; try again once it is done");
-	std::string binary = reexec_binary(requested);
+	auto pending = std::make_unique<PendingReexec>();
+	pending->binary = reexec_binary(requested);
+	pending->caller = caller;
+	pending->failed = std::move(failed);
+	pending->cfg_text = cfg_text_;
 	std::vector<int> keep;
 	proto::UniqueFd memfd = state::write(save_state(caller, keep));
-	// The loop waits meanwhile: bounded by 5 s, and by half the watchdog's feeding period.
+	// 5 s, and a quarter of WATCHDOG_USEC: a binary slower than that to answer would
+	// leave the watchdog unfed once it runs in our place.
 	std::uint64_t bound = 5'000'000;
-	if (watchdog_period_ > 0) {
-		notifier_.send("WATCHDOG=1");
+	if (watchdog_period_ > 0)
 		bound = std::min<std::uint64_t>(bound, watchdog_period_ / 2);
+	pending->check = std::make_unique<BinaryCheck>(event_.get(), pending->binary, memfd.get(), bound,
+	                                               [this](const std::string &error) { reexec_checked(error); });
+	log::info("reexec: checking " + pending->binary + " (pid " + std::to_string(pending->check->pid()) + ")");
+	reexec_ = std::move(pending);
+}
+
+// The check ended. The loop ran meanwhile: brokerd must still be quiet, and the state is saved
+// afresh for the exec.
+void Daemon::reexec_checked(const std::string &error)
+{
+	std::unique_ptr<PendingReexec> pending = std::move(reexec_);
+	std::string why = error;
+	std::string busy;
+	if (why.empty() && !supervisor_->quiet(busy))
+		why = "not now: " + busy + "; try again once it is done";
+	else if (why.empty() && cfg_text_ != pending->cfg_text)
+		why = "the config was reloaded while " + pending->binary + " was being checked; try again";
+	if (why.empty()) {
+		try {
+			exec(pending->binary, pending->caller);
+		} catch (const std::exception &e) {
+			why = e.what();
+		}
 	}
-	check_binary(binary, memfd.get(), bound);
+	pending->failed(why);
+}
+
+// SIGTERM or SIGINT: shutdown wins over a reexec being checked; its check is killed and reaped.
+void Daemon::cancel_reexec(const std::string &why)
+{
+	if (std::unique_ptr<PendingReexec> pending = std::move(reexec_)) {
+		pending->check.reset();
+		pending->failed(why);
+	}
+}
+
+// Its caller went away while the binary was being checked: nobody would hear how it went, and
+// an interrupted brokerctl reexec means "not now". The check is killed and reaped.
+void Daemon::drop_reexec()
+{
+	std::unique_ptr<PendingReexec> pending = std::move(reexec_);
+	if (!pending)
+		return;
+	pending->check.reset();
+	log::notice("reexec: its caller went away while " + pending->binary + " was being checked; dropped it");
+}
+
+// The state goes into a memfd, every fd the next brokerd needs loses CLOEXEC, and brokerd execs
+// the binary (the same pid: children stay children, and the service manager sees the same main
+// process). Returns only when it could not: everything is as before.
+void Daemon::exec(std::string binary, int caller)
+{
+	std::vector<int> keep;
+	proto::UniqueFd memfd = state::write(save_state(caller, keep));
 	keep.push_back(memfd.get());
 	std::string fd_arg = std::to_string(memfd.get());
 	std::string config_arg = config_path_;

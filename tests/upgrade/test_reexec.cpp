@@ -388,3 +388,187 @@ while True:
 	CHECK(worker_pids(b.status(), "slow") == slow_pids);
 	b.stop();
 }
+
+namespace {
+
+// The pid a check script wrote to `path` ($$: the check itself), once it is there; 0 if not in 20 s.
+pid_t check_pid(const std::string &path)
+{
+	pid_t pid = 0;
+	wait_until(
+		[&] {
+			std::string text = read_file(path);
+			if (text.find('\n') == std::string::npos)
+				return false;
+			pid = static_cast<pid_t>(std::stoi(text));
+			return true;
+		},
+		20s);
+	return pid;
+}
+
+// Killed and reaped: not even a zombie is left.
+bool gone(pid_t pid)
+{
+	return ::kill(pid, 0) < 0 && errno == ESRCH;
+}
+
+// The pipes and pidfds brokerd holds: a check adds its output pipe and its pidfd.
+std::size_t pipes_and_pidfds(pid_t pid)
+{
+	std::size_t n = 0;
+	for (const auto &[fd, target] : proc_fds(pid))
+		if (target.starts_with("pipe:") || target.starts_with("anon_inode:[pidfd]") || target.starts_with("pidfd:"))
+			++n;
+	return n;
+}
+
+} // namespace
+
+// The check of the new binary runs off brokerd's loop: a binary that takes 3 s to answer it
+// leaves Status answered at once, and a second Reexec refused at once; then the reexec is done.
+TEST_CASE("reexec: brokerd serves on while the new binary is checked and refuses a second reexec meanwhile")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	tb.start(config_with({{"web", http_service(1)}}));
+	std::uint16_t port = socket_port(b.status(), "http");
+	std::vector<pid_t> workers = sorted_pids(b);
+	const std::string checking = b.path("checking");
+	std::string slow = write_program(b, "slow-brokerd",
+	                                 "#!/bin/sh\nif [ \"$1\" = --check-state ]; then\n  echo $$ > " + checking +
+	                                         "\n  /bin/sleep 3\nfi\nexec " + env("BROKERD") + " \"$@\"\n");
+
+	const std::string out = b.path("reexec.out");
+	Process reexec = Process::fork_run([&] {
+		RunResult r = brokerctl(b, {"reexec", "--binary", slow});
+		write_file(out, r.describe());
+		return r.exit_code;
+	});
+	REQUIRE(check_pid(checking) > 0);
+
+	auto t0 = Clock::now();
+	json st = b.status();
+	auto took = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0);
+	CHECK_MESSAGE(took < 1s, "Status took ", took.count(), " ms while the binary was being checked");
+	CHECK(reexec.running()); // the check was still going on
+	RunResult second = brokerctl(b, {"reexec"});
+	INFO("second brokerctl reexec: ", second.describe());
+	CHECK(second.exit_code == 7);
+	CHECK(second.err.find("a reexec is already being checked") != std::string::npos);
+	CHECK(reexec.running());
+
+	auto done = reexec.wait(30s);
+	INFO("brokerctl reexec: ", read_file(out));
+	REQUIRE(done);
+	CHECK(describe_status(*done) == "exited with 0");
+	CHECK(read_file(out).find("pid " + std::to_string(b.pid())) != std::string::npos);
+	st = b.status();
+	CHECK(st.value("pid", 0) == b.pid());
+	CHECK(sorted_pids(b) == workers);
+	CHECK(generation_answering(port) == 1);
+	CHECK(b.log().find("re-executed: brokerd") != std::string::npos);
+	b.stop();
+}
+
+// A check that never answers: its caller going away drops the reexec (the check is killed and
+// reaped at once, and the next reexec goes ahead); a SIGTERM during it makes brokerd shut down
+// at once, the caller told so, the check killed and reaped.
+TEST_CASE("reexec: a check whose caller goes away is dropped and a shutdown kills the check")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	tb.start(config_with({{"web", http_service(1)}}));
+	std::vector<pid_t> workers = sorted_pids(b);
+	const std::string checking = b.path("checking");
+	std::string hang = write_program(b, "hanging-brokerd", "#!/bin/sh\necho $$ > " + checking + "\nexec /bin/sleep 60\n");
+
+	// The caller goes away: the check is killed and reaped, and its pipe and pidfd closed.
+	const std::size_t fds = pipes_and_pidfds(b.pid());
+	std::optional<vl::SyncClient> caller(std::in_place, b.control_path(), 10s);
+	caller->send(vl::make_call("io.brokerd.Control.Reexec", {{"binary", hang}}));
+	pid_t check = check_pid(checking);
+	REQUIRE(check > 0);
+	CHECK(pipes_and_pidfds(b.pid()) == fds + 2);
+	caller.reset();
+	CHECK(wait_until([&] { return b.log().find("its caller went away") != std::string::npos; }, 3s));
+	CHECK(gone(check));
+	CHECK(pipes_and_pidfds(b.pid()) == fds);
+	CHECK(b.status().value("pid", 0) == b.pid());
+	RunResult next = brokerctl(b, {"reexec"});
+	INFO("brokerctl reexec: ", next.describe());
+	CHECK(next.exit_code == 0);
+	CHECK(sorted_pids(b) == workers);
+
+	// SIGTERM during the check.
+	REQUIRE(::unlink(checking.c_str()) == 0);
+	const std::string err = b.path("reexec.err");
+	Process reexec = Process::fork_run([&] {
+		RunResult r = brokerctl(b, {"reexec", "--binary", hang});
+		write_file(err, r.err);
+		return r.exit_code;
+	});
+	check = check_pid(checking);
+	REQUIRE(check > 0);
+	CHECK(b.shut_down());
+	CHECK(gone(check));
+	b.check_strays();
+	auto told = reexec.wait(20s);
+	INFO("brokerctl reexec: ", read_file(err));
+	REQUIRE(told);
+	CHECK(describe_status(*told) == "exited with 7");
+	CHECK(read_file(err).find("brokerd is shutting down") != std::string::npos);
+}
+
+// The loop runs during the check, so something may begin meanwhile: a drain that starts while
+// the binary is checked makes the reexec refuse once the check is done, as it would have at once.
+TEST_CASE("reexec: a drain that begins while the binary is checked makes the reexec refuse")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	tb.start(config_with({{"web", http_service(1)}, {"stubborn", stubborn_service("30s")}}));
+	std::vector<pid_t> held = worker_pids(b.status(), "stubborn");
+	REQUIRE(held.size() == 1);
+	REQUIRE(wait_until([&] { return ignores(held[0], SIGTERM); }, 20s));
+	// The check waits for a line on a FIFO: it answers once the drain has begun.
+	const std::string checking = b.path("checking"), go = b.path("go");
+	REQUIRE(::mkfifo(go.c_str(), 0600) == 0);
+	std::string held_back = write_program(b, "held-brokerd",
+	                                      "#!/bin/sh\nif [ \"$1\" = --check-state ]; then\n  echo $$ > " + checking +
+	                                              "\n  read line < " + go + "\nfi\nexec " + env("BROKERD") + " \"$@\"\n");
+
+	const std::string err = b.path("reexec.err");
+	Process reexec = Process::fork_run([&] {
+		RunResult r = brokerctl(b, {"reexec", "--binary", held_back});
+		write_file(err, r.err);
+		return r.exit_code;
+	});
+	REQUIRE(check_pid(checking) > 0);
+	Process stop = Process::fork_run([&] { return brokerctl(b, {"stop", "stubborn"}).exit_code; });
+	REQUIRE(wait_until([&] { return instances(b.status(), "stubborn").at(0).value("state", "") == "draining"; }, 20s));
+	UniqueFd fifo;
+	REQUIRE(wait_until(
+		[&] {
+			fifo.reset(::open(go.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+			return bool(fifo);
+		},
+		20s));
+	REQUIRE(::write(fifo.get(), "go\n", 3) == 3);
+
+	auto refused = reexec.wait(30s);
+	INFO("brokerctl reexec: ", read_file(err));
+	REQUIRE(refused);
+	CHECK(describe_status(*refused) == "exited with 7");
+	CHECK(read_file(err).find("not now: instance stubborn/1/0 is draining; try again once it is done") !=
+	      std::string::npos);
+	CHECK(b.status().value("pid", 0) == b.pid());
+	CHECK(b.log().find("re-executing") == std::string::npos);
+	REQUIRE(kill9(held[0]));
+	auto stopped = stop.wait(20s);
+	REQUIRE(stopped);
+	CHECK(describe_status(*stopped) == "exited with 0");
+	b.stop();
+}
