@@ -333,7 +333,9 @@ void ControlServer::Connection::control_reexec(control::Call &call)
 	auto not_done = [this](const std::string &why) {
 		reexec_pending_ = false;
 		log::error("reexec: " + why + "; carrying on");
-		failed(proto::errors::kReexecFailed, {{"message", why}});
+		error(proto::errors::kReexecFailed, {{"message", why}});
+		update_events();
+		done_waiting();
 	};
 	waiting_ = reexec_pending_ = true;
 	try {
