@@ -113,6 +113,44 @@ int NotifySocket::handler(sd_event_source *, int, std::uint32_t, void *userdata)
 	});
 }
 
+namespace {
+
+// What came beside a notify message: the sender's credentials, its pidfd (invalid when it has
+// gone), and whether it sent fds, which are closed off the loop.
+struct Ancillary {
+	const ucred *cred = nullptr;
+	proto::UniqueFd sender;
+	bool had_fds = false;
+};
+
+Ancillary read_ancillary(msghdr &msg)
+{
+	Ancillary a;
+	for (cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+		if (c->cmsg_level != SOL_SOCKET)
+			continue;
+		if (c->cmsg_type == SCM_CREDENTIALS && c->cmsg_len == CMSG_LEN(sizeof(ucred))) {
+			a.cred = reinterpret_cast<const ucred *>(CMSG_DATA(c));
+		} else if (c->cmsg_type == SCM_PIDFD && c->cmsg_len == CMSG_LEN(sizeof(int))) {
+			int fd;
+			std::memcpy(&fd, CMSG_DATA(c), sizeof(int));
+			a.sender.reset(fd);
+		} else if (c->cmsg_type == SCM_RIGHTS) {
+			// Received fds are ours (a kernel without SO_PASSRIGHTS): closed off the loop.
+			std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			for (std::size_t i = 0; i < count; i++) {
+				int fd;
+				std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+				proto::UniqueFd::from_peer(fd).reset();
+			}
+			a.had_fds = true;
+		}
+	}
+	return a;
+}
+
+} // namespace
+
 void NotifySocket::receive()
 {
 	// Bounded per wakeup; the rest waits for the next turn of the loop.
@@ -134,29 +172,8 @@ void NotifySocket::receive()
 			return;
 		}
 
-		const ucred *cred = nullptr;
-		bool had_fds = false;
-		proto::UniqueFd sender; // stays invalid when the sender is gone (a negative errno comes instead)
-		for (cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
-			if (c->cmsg_level != SOL_SOCKET)
-				continue;
-			if (c->cmsg_type == SCM_CREDENTIALS && c->cmsg_len == CMSG_LEN(sizeof(ucred))) {
-				cred = reinterpret_cast<const ucred *>(CMSG_DATA(c));
-			} else if (c->cmsg_type == SCM_PIDFD && c->cmsg_len == CMSG_LEN(sizeof(int))) {
-				int fd;
-				std::memcpy(&fd, CMSG_DATA(c), sizeof(int));
-				sender.reset(fd);
-			} else if (c->cmsg_type == SCM_RIGHTS) {
-				// Received fds are ours (a kernel without SO_PASSRIGHTS): closed off the loop.
-				std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-				for (std::size_t i = 0; i < count; i++) {
-					int fd;
-					std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-					proto::UniqueFd::from_peer(fd).reset();
-				}
-				had_fds = true;
-			}
-		}
+		Ancillary anc = read_ancillary(msg);
+		const ucred *cred = anc.cred;
 		if (!cred) {
 			log::client(log::Level::Warning, "notify socket: message without credentials, ignoring");
 			continue;
@@ -171,33 +188,38 @@ void NotifySocket::receive()
 			log::client(log::Level::Warning, "notify socket: message from " + who + ", which is no instance, ignoring");
 			continue;
 		}
-		if (int own = supervisor_.pidfd_of(*inst, cred->pid); sender && own >= 0 && !same_process(sender.get(), own)) {
+		if (int own = supervisor_.pidfd_of(*inst, cred->pid); anc.sender && own >= 0 && !same_process(anc.sender.get(), own)) {
 			log::client(log::Level::Warning, "instance " + inst->id + ": notify message from " + who +
 			                                     ", another process than its own by that pid, ignoring");
 			continue;
 		}
-		if (had_fds)
+		if (anc.had_fds)
 			log::client(log::Level::Warning, "instance " + inst->id + ": notify message carried fds, closed them");
 
-		std::string_view text(buf, static_cast<std::size_t>(n));
-		while (!text.empty()) {
-			NotifyLine line = take_notify_line(text);
-			if (line.kind == NotifyLine::Kind::Ready)
-				supervisor_.instance_ready(*inst, "READY=1");
-			else if (line.kind == NotifyLine::Kind::Status) {
-				if (auto why = supervisor_.instance_status(*inst, std::string(line.value)))
-					log::client(log::Level::Warning, "instance " + inst->id + ": STATUS= " + *why + ", ignoring");
-			} else if (line.kind == NotifyLine::Kind::Stopping) {
-				supervisor_.instance_stopping(*inst);
-			} else if (line.kind == NotifyLine::Kind::MainPid) {
-				if (pid_t pid = parse_pid(line.value); pid > 0)
-					supervisor_.instance_main_pid(*inst, pid);
-				else
-					log::client(log::Level::Warning, "instance " + inst->id + ": MAINPID= is not a process id, ignoring");
-			}
-			if (!supervisor_.find_by_pid(cred->pid))
-				break;
+		apply(*inst, cred->pid, std::string_view(buf, static_cast<std::size_t>(n)));
+	}
+}
+
+void NotifySocket::apply(Instance &inst, pid_t pid, std::string_view text)
+{
+	while (!text.empty()) {
+		NotifyLine line = take_notify_line(text);
+		if (line.kind == NotifyLine::Kind::Ready)
+			supervisor_.instance_ready(inst, "READY=1");
+		else if (line.kind == NotifyLine::Kind::Status) {
+			if (auto why = supervisor_.instance_status(inst, std::string(line.value)))
+				log::client(log::Level::Warning, "instance " + inst.id + ": STATUS= " + *why + ", ignoring");
+		} else if (line.kind == NotifyLine::Kind::Stopping) {
+			supervisor_.instance_stopping(inst);
+		} else if (line.kind == NotifyLine::Kind::MainPid) {
+			if (pid_t main = parse_pid(line.value); main > 0)
+				supervisor_.instance_main_pid(inst, main);
+			else
+				log::client(log::Level::Warning, "instance " + inst.id + ": MAINPID= is not a process id, ignoring");
 		}
+		// A line may end the instance (its pid gone from it): the rest is no longer its.
+		if (!supervisor_.find_by_pid(pid))
+			break;
 	}
 }
 

@@ -4,12 +4,15 @@
 #include "proto/unique_fd.hpp"
 #include "os/event.hpp"
 
+#include <sys/types.h>
+
 #include <string>
 #include <string_view>
 
 namespace brokerd {
 
 class Supervisor;
+struct Instance;
 
 // What one line of a notify datagram asks of brokerd (sd_notify(3): "KEY=value" lines).
 struct NotifyLine {
@@ -41,6 +44,8 @@ public:
 
 private:
 	static int handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
+	// The lines of one message from `pid`, one of inst's processes, in order.
+	void apply(Instance &inst, pid_t pid, std::string_view text);
 
 	Supervisor &supervisor_;
 	proto::UniqueFd fd_;

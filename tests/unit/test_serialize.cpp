@@ -1,0 +1,147 @@
+// The supervisor's reexec state: what Serializer::save writes, Serializer::restore reads back into
+// the same model, and Supervisor::adopt serves it on.
+#include "supervisor/serialize.hpp"
+#include "supervisor/supervisor.hpp"
+
+#include <doctest/doctest.h>
+
+#include <systemd/sd-event.h>
+
+#include <list>
+#include <memory>
+
+using namespace brokerd;
+using json = nlohmann::json;
+
+namespace {
+
+config::ServiceConfig service_config(const std::string &version)
+{
+	config::ServiceConfig cfg;
+	cfg.name = "web";
+	cfg.exec = {"/bin/worker", "--version", version};
+	cfg.sockets = {"http"};
+	cfg.instances = 2;
+	cfg.version = version;
+	cfg.env = {{"MODE", version}};
+	cfg.drain_timeout = std::chrono::seconds(7);
+	return cfg;
+}
+
+// A service as a run leaves it: two generations (the second current), what a rollback would
+// deploy, handoff counters, and instances that exited, failed and crashed before.
+std::unique_ptr<Service> service_after_a_run()
+{
+	auto svc = std::make_unique<Service>();
+	svc->name = "web";
+	svc->cfg = service_config("2");
+	svc->previous = service_config("1");
+	svc->next_generation = 3;
+	svc->handoff = {40, 37, 3};
+	for (std::uint64_t number : {1, 2}) {
+		auto gen = std::make_unique<Generation>();
+		gen->service = svc.get();
+		gen->number = number;
+		gen->cfg = service_config(std::to_string(number));
+		gen->next_index = 2;
+		for (unsigned index : {0u, 1u}) {
+			auto inst = std::make_unique<Instance>();
+			inst->service = svc.get();
+			inst->generation = gen.get();
+			inst->index = index;
+			inst->id = "web/" + std::to_string(number) + "/" + std::to_string(index);
+			inst->state = index == 0 ? InstanceState::Exited : InstanceState::Failed;
+			inst->since = 1700000000000000 + number * 10 + index;
+			inst->token = "token-" + inst->id;
+			inst->status_text = "serving " + inst->id;
+			inst->exit_reason = index == 0 ? "exited with status 0" : "killed by SIGSEGV";
+			inst->purpose = number == 1 ? InstancePurpose::Retired : InstancePurpose::Serving;
+			inst->backoff.restarts = index + 1;
+			inst->backoff.crash_times = {100, 200 + index};
+			inst->backoff.ready_since = 50;
+			inst->last_lines = {"line one", "line two of " + inst->id};
+			inst->accepts_handoff = number == 2;
+			inst->handoff = {number * 10, number * 5, number};
+			gen->instances.push_back(std::move(inst));
+		}
+		svc->generations.push_back(std::move(gen));
+	}
+	svc->current = svc->generations.back().get();
+	return svc;
+}
+
+} // namespace
+
+TEST_CASE("serialize: a saved supervisor restores to the same model, and saves the same again")
+{
+	sd_event *event = nullptr;
+	REQUIRE(sd_event_new(&event) >= 0);
+	std::list<Listener> listeners;
+	listeners.push_back(Listener{"http", {}, "tcp://127.0.0.1:8080", "tcp", "bound", ""});
+	{
+		Supervisor before(event, listeners, "/run/brokerd/control.sock");
+		before.adopt(service_after_a_run());
+		std::vector<int> keep;
+		json saved = Serializer::save(before, keep);
+		CHECK(keep.empty()); // no process runs, so no pidfd or pipe is carried
+
+		Supervisor after(event, listeners, "/run/brokerd/control.sock");
+		Serializer::restore(after, saved);
+		std::vector<int> keep_again;
+		CHECK(Serializer::save(after, keep_again) == saved);
+
+		// The model itself, not only its JSON.
+		REQUIRE(after.services().size() == 1);
+		const Service &svc = *after.services().front();
+		CHECK(svc.name == "web");
+		CHECK(svc.next_generation == 3);
+		CHECK(svc.handoff.handed == 40);
+		CHECK(svc.handoff.received == 37);
+		CHECK(svc.handoff.returned == 3);
+		REQUIRE(svc.previous);
+		CHECK(svc.previous->version == "1");
+		CHECK(svc.previous->exec == std::vector<std::string>{"/bin/worker", "--version", "1"});
+		REQUIRE(svc.sockets.size() == 1);
+		CHECK(svc.sockets[0] == &listeners.front());
+		REQUIRE(svc.generations.size() == 2);
+		REQUIRE(svc.current == svc.generations[1].get());
+		CHECK(svc.current->cfg.env == std::map<std::string, std::string>{{"MODE", "2"}});
+		CHECK(svc.current->cfg.drain_timeout == std::chrono::seconds(7));
+		const Instance &failed = *svc.current->instances[1];
+		CHECK(failed.id == "web/2/1");
+		CHECK(failed.supervisor == &after);
+		CHECK(failed.state == InstanceState::Failed);
+		CHECK(failed.exit_reason == "killed by SIGSEGV");
+		CHECK(failed.backoff.restarts == 2);
+		CHECK(failed.backoff.crash_times == std::deque<std::uint64_t>{100, 201});
+		CHECK(failed.last_lines == std::deque<std::string>{"line one", "line two of web/2/1"});
+		CHECK(failed.accepts_handoff);
+		CHECK(failed.handoff.handed == 20);
+		CHECK(failed.token == "token-web/2/1");
+		CHECK(svc.generations[0]->instances[0]->retired());
+		CHECK_FALSE(failed.retired());
+	}
+	sd_event_unref(event);
+}
+
+TEST_CASE("serialize: a state naming a socket that was not passed on is refused")
+{
+	sd_event *event = nullptr;
+	REQUIRE(sd_event_new(&event) >= 0);
+	std::list<Listener> listeners;
+	listeners.push_back(Listener{"http", {}, "tcp://127.0.0.1:8080", "tcp", "bound", ""});
+	{
+		Supervisor before(event, listeners, "/run/brokerd/control.sock");
+		before.adopt(service_after_a_run());
+		std::vector<int> keep;
+		json saved = Serializer::save(before, keep);
+
+		std::list<Listener> none;
+		Supervisor after(event, none, "/run/brokerd/control.sock");
+		CHECK_THROWS_WITH_AS(Serializer::restore(after, saved),
+		                     "re-exec state: service web uses socket http, which was not passed on",
+		                     std::runtime_error);
+		CHECK(after.services().empty());
+	}
+	sd_event_unref(event);
+}
