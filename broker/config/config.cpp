@@ -59,15 +59,6 @@ void check_name(const std::string &name, const std::string &path)
 		fail(path, "invalid name: use 1 to " + std::to_string(kMaxName) + " characters of A-Z a-z 0-9 _ . -");
 }
 
-bool valid_env_name(std::string_view k)
-{
-	if (k.empty() || (k[0] >= '0' && k[0] <= '9'))
-		return false;
-	return std::all_of(k.begin(), k.end(), [](char c) {
-		return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
-	});
-}
-
 void parse_control(const json &j, ControlConfig &c)
 {
 	const std::string path = "control";
@@ -552,6 +543,15 @@ Config load(const std::string &path, std::string &text, const Resolver &resolver
 	} catch (const ConfigError &e) {
 		throw ConfigError(path + ": " + e.what());
 	}
+}
+
+bool valid_env_name(std::string_view k)
+{
+	if (k.empty() || (k[0] >= '0' && k[0] <= '9'))
+		return false;
+	return std::all_of(k.begin(), k.end(), [](char c) {
+		return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
+	});
 }
 
 bool reserved_env_name(std::string_view name)

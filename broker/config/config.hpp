@@ -125,6 +125,9 @@ const char *restart_name(RestartPolicy policy);
 std::optional<ReadyMode> parse_ready(std::string_view name);
 std::optional<RestartPolicy> parse_restart(std::string_view name);
 
+// Letters, digits and _, not first a digit: what the config and the Upgrade call take as a name.
+bool valid_env_name(std::string_view name);
+
 // The protocol's duration grammar (proto/duration.hpp): "250ms", "30s", "5m", "1h", "2d", "1m30s".
 using proto::parse_duration;
 // A variable brokerd sets for its workers, which neither the config nor an Upgrade call's env may

@@ -3,7 +3,9 @@
 #include "control/encode.hpp"
 
 #include "broker_config.h"
+#include "proto/duration.hpp"
 #include "proto/errors.hpp"
+#include "proto/limits.hpp"
 #include "os/log.hpp"
 
 #include <unistd.h>
@@ -34,11 +36,9 @@ std::optional<json> env_override(const json &env, config::ServiceConfig &cfg)
 		return bad("env");
 	for (auto e = env.begin(); e != env.end(); ++e) {
 		const std::string &k = e.key();
-		bool valid = !k.empty() && !std::isdigit(static_cast<unsigned char>(k[0])) &&
-		             std::all_of(k.begin(), k.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
-		if (!valid)
+		if (!config::valid_env_name(k))
 			return bad("env", "\"" + k + "\" is not a variable name (letters, digits and _, not first a digit)");
-		if (k.starts_with("BROKER_") || k.starts_with("LISTEN_") || k == "NOTIFY_SOCKET")
+		if (config::reserved_env_name(k))
 			return bad("env", k + ": BROKER_*, LISTEN_* and NOTIFY_SOCKET are set by brokerd");
 		if (!e->is_string() || e->get<std::string>().find('\0') != std::string::npos)
 			return bad("env", k + ": the value must be a string without NUL");
@@ -71,8 +71,8 @@ std::optional<json> apply_overrides(const json &params, UpgradeRequest &req)
 		req.cfg.version = it->get<std::string>();
 	}
 	if (auto it = params.find("batch"); it != params.end() && !it->is_null()) {
-		if (!it->is_number_unsigned() || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > 1024)
-			return bad("batch", "expected a number of instances from 1 to 1024");
+		if (!it->is_number_unsigned() || it->get<std::uint64_t>() < 1 || it->get<std::uint64_t>() > proto::limits::kMaxBatch)
+			return bad("batch", "expected a number of instances from 1 to " + std::to_string(proto::limits::kMaxBatch));
 		req.cfg.upgrade_batch = it->get<unsigned>();
 	}
 	if (auto it = params.find("all_at_once"); it != params.end() && !it->is_null()) {
@@ -84,8 +84,9 @@ std::optional<json> apply_overrides(const json &params, UpgradeRequest &req)
 		auto it = params.find(key);
 		if (it == params.end() || it->is_null())
 			continue;
-		if (!it->is_number_unsigned() || it->get<std::uint64_t>() > 365ull * 24 * 3600 * 1000)
-			return bad(key, "expected milliseconds, at most 365 days");
+		constexpr auto max = static_cast<std::uint64_t>(proto::kMaxDuration.count());
+		if (!it->is_number_unsigned() || it->get<std::uint64_t>() > max)
+			return bad(key, "expected milliseconds, at most " + proto::format_duration(proto::kMaxDuration));
 		auto ms = std::chrono::milliseconds(it->get<std::uint64_t>());
 		if (key[0] == 's') {
 			if (ms.count() == 0)
