@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-using namespace broker;
+using namespace proto;
 
 namespace {
 

@@ -14,7 +14,7 @@ using namespace brokerd;
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size)
 {
-	if (size > limits::kMaxNotifyMessage)
+	if (size > proto::limits::kMaxNotifyMessage)
 		return 0; // NotifySocket drops these before reading a line
 	std::string_view datagram(reinterpret_cast<const char *>(data), size);
 	std::string_view text = datagram;

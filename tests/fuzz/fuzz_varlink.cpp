@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-using namespace broker;
+using namespace proto;
 using json = nlohmann::json;
 
 namespace {
