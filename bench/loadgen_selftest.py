@@ -106,9 +106,15 @@ def wait_delivered(conn):
 
 def wait_no_connection(pid):
     """Returns once the load generator holds no socket: it closed the one connection it had."""
+    def is_socket(fd):
+        # The fd may close between listing and reading it: that is the close awaited.
+        try:
+            return os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            return False
+
     def none():
-        return not any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-                       for fd in os.listdir(f"/proc/{pid}/fd"))
+        return not any(is_socket(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
     wait_for(none, "the load generator did not close its connection")
 
 
