@@ -70,7 +70,7 @@ bool ControlServer::Connection::start()
 
 void ControlServer::Connection::rearm_idle(std::chrono::microseconds after)
 {
-	std::uint64_t when = now_usec(CLOCK_MONOTONIC) + after.count();
+	usec_t when = now_usec(CLOCK_MONOTONIC) + usec(after);
 	if (idle_) {
 		sd_event_source_set_time(idle_.get(), when);
 		sd_event_source_set_enabled(idle_.get(), SD_EVENT_ONESHOT);
@@ -112,7 +112,7 @@ void ControlServer::Connection::claim_instance()
 			c->apply_limits();
 		}
 	instance_conn_ = true;
-	spawned_instance_ = !inst->external;
+	spawned_instance_ = !inst->registered();
 }
 
 std::string ControlServer::Connection::who() const
@@ -319,9 +319,9 @@ bool ControlServer::Connection::send_event(const json &parameters, std::vector<p
 	return sent(stream_.enqueue_reply(parameters, true, std::move(fds)), "cannot send event");
 }
 
-bool ControlServer::Connection::send_drain(std::uint64_t timeout_ms)
+bool ControlServer::Connection::send_drain(usec_t timeout)
 {
-	return send_event(encode::drain(timeout_ms));
+	return send_event(encode::drain(msec(timeout)));
 }
 
 bool ControlServer::Connection::send_connections(std::uint64_t batch, std::vector<HandoffItem> items)

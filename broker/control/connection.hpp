@@ -61,7 +61,7 @@ public:
 		return is_operator() || instance_conn_ ? proto::limits::kMaxMessageSize : proto::limits::kMaxSmallMessage;
 	}
 	// EventSink: the instance's Events stream, when this connection carries it.
-	bool send_drain(std::uint64_t timeout_ms) override;
+	bool send_drain(usec_t timeout) override;
 	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) override;
 	bool send_handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
 	                         const std::string &why = {}) override;
@@ -152,7 +152,7 @@ private:
 	EventSource idle_;
 	ucred peer_{};
 	// CLOCK_BOOTTIME when accepted: a process that started later did not connect (see peer::process).
-	std::uint64_t connected_ = now_usec(CLOCK_BOOTTIME);
+	usec_t connected_ = now_usec(CLOCK_BOOTTIME);
 	access::Tier tier_ = access::Tier::Worker; // by its SO_PEERCRED when accepted
 	std::string token_;     // set by a successful Hello
 	bool oneway_ = false;   // the call being handled wants no reply

@@ -49,7 +49,7 @@ void ControlServer::Connection::restore(const json &j)
 		if (inst && j.at("events").get<bool>()) {
 			server_.supervisor_.attach_events(*inst, this);
 			instance_conn_ = true;
-			spawned_instance_ = !inst->external;
+			spawned_instance_ = !inst->registered();
 		}
 	}
 	if (j.at("caller").get<bool>()) {

@@ -91,7 +91,7 @@ void ControlServer::bind_socket()
 }
 
 ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor,
-                             DaemonHooks hooks, std::uint64_t start_usec, proto::UniqueFd adopted)
+                             DaemonHooks hooks, usec_t start_usec, proto::UniqueFd adopted)
 	: event_(event), cfg_(cfg), rules_(AccessRules::resolve(cfg)), supervisor_(supervisor), hooks_(std::move(hooks)),
 	  start_usec_(start_usec)
 {

@@ -42,7 +42,7 @@ public:
 	// Serves `adopted` (a listening socket at cfg.path, from systemd) when given, or binds
 	// cfg.path (replacing a stale socket file, never anything else).
 	ControlServer(sd_event *event, const config::ControlConfig &cfg, Supervisor &supervisor, DaemonHooks hooks,
-	              std::uint64_t start_usec, proto::UniqueFd adopted = {});
+	              usec_t start_usec, proto::UniqueFd adopted = {});
 	// The listening socket, for the fd store.
 	int fd() const { return fd_.get(); }
 	bool adopted() const { return adopted_; }
@@ -80,7 +80,7 @@ private:
 	AccessRules rules_;
 	Supervisor &supervisor_;
 	DaemonHooks hooks_;
-	std::uint64_t start_usec_;
+	usec_t start_usec_;
 	proto::UniqueFd fd_;
 	EventSource source_;
 	EventSource sweep_;

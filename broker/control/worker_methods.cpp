@@ -103,13 +103,13 @@ Instance *ControlServer::Connection::hello_register(const std::string &service, 
 	}
 	// The process is taken from the connection, never by its pid alone: signals brokerd sends
 	// it later must not reach another process that got the pid since.
-	std::string gone;
-	proto::UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, gone);
-	if (!pidfd) {
-		log::client(log::Level::Warning, "service " + service + ": registration from " + who() + " refused: " + gone);
-		error(proto::errors::kPeerExited, {{"message", gone + ": a worker registers on a connection it opened itself"}});
+	auto process = peer::process(stream_.fd(), peer_.pid, connected_);
+	if (auto *gone = std::get_if<Failure>(&process)) {
+		log::client(log::Level::Warning, "service " + service + ": registration from " + who() + " refused: " + gone->why);
+		error(proto::errors::kPeerExited, {{"message", gone->why + ": a worker registers on a connection it opened itself"}});
 		return nullptr;
 	}
+	proto::UniqueFd pidfd = std::move(std::get<proto::UniqueFd>(process));
 	std::vector<gid_t> groups = peer_groups(stream_.fd());
 	groups.push_back(peer_.gid);
 	auto registered = server_.supervisor_.register_external(*svc, version, std::move(pidfd), peer_.pid, peer_.uid, groups);
@@ -157,10 +157,10 @@ void ControlServer::Connection::hello_reply(const Instance &inst, bool want_fds)
 // (whose children may drop privileges). Returns why the peer is not, or nullopt.
 std::optional<std::string> ControlServer::Connection::foreign_to(const Instance &inst)
 {
-	std::string why;
-	proto::UniqueFd pidfd = peer::process(stream_.fd(), peer_.pid, connected_, why);
-	if (!pidfd)
-		return why;
+	auto process = peer::process(stream_.fd(), peer_.pid, connected_);
+	if (auto *gone = std::get_if<Failure>(&process))
+		return gone->why;
+	const proto::UniqueFd &pidfd = std::get<proto::UniqueFd>(process);
 	std::vector<pid_t> roots = {inst.pid};
 	if (inst.main_pid)
 		roots.push_back(inst.main_pid);

@@ -50,7 +50,7 @@ void check_event(int r, const char *what)
 
 } // namespace
 
-BinaryCheck::BinaryCheck(sd_event *event, std::string binary, int state_fd, std::uint64_t bound_usec, Done done)
+BinaryCheck::BinaryCheck(sd_event *event, std::string binary, int state_fd, usec_t bound, Done done)
 	: binary_(std::move(binary)), done_(std::move(done))
 {
 	if (::access(binary_.c_str(), X_OK) < 0)
@@ -76,7 +76,7 @@ BinaryCheck::BinaryCheck(sd_event *event, std::string binary, int state_fd, std:
 		check_event(sd_event_add_io(event, &s, pidfd_.get(), EPOLLIN, on_exit, this), "watching the check");
 		exit_.reset(s);
 		// The answer is one line, printed before anything else happens.
-		check_event(sd_event_add_time_relative(event, &s, CLOCK_MONOTONIC, bound_usec, 0, on_deadline, this),
+		check_event(sd_event_add_time_relative(event, &s, CLOCK_MONOTONIC, bound, 0, on_deadline, this),
 		            "the check's deadline");
 		deadline_.reset(s);
 	} catch (...) {

@@ -16,7 +16,7 @@ namespace brokerd {
 // Runs `binary --check-state` on the very state it would get (`state_fd`, read from its stdin),
 // and checks that it reads it: a binary that does not run, reads another format or rejects the
 // config is refused. The loop goes on meanwhile: the check's output and exit are watched from
-// it, and at `bound_usec` the check is killed.
+// it, and at `bound` the check is killed.
 class BinaryCheck {
 public:
 	// The verdict: empty when the binary reads this brokerd's state, else why not. Called once,
@@ -25,7 +25,7 @@ public:
 
 	// Starts the check. Throws std::runtime_error when it cannot (a binary that is missing or
 	// not executable, no pipe, no fork).
-	BinaryCheck(sd_event *event, std::string binary, int state_fd, std::uint64_t bound_usec, Done done);
+	BinaryCheck(sd_event *event, std::string binary, int state_fd, usec_t bound, Done done);
 	// A check still running is killed and reaped; `done` is not called.
 	~BinaryCheck();
 	BinaryCheck(const BinaryCheck &) = delete;

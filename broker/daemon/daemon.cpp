@@ -46,13 +46,13 @@ proto::UniqueFd Daemon::open_listeners()
 		if (stored != inherited.by_name.end()) {
 			proto::UniqueFd fd = std::move(stored->second);
 			inherited.by_name.erase(stored);
-			std::string why;
-			if (auto l = adopt_stored(s, std::move(fd), why)) {
+			auto stored_listener = adopt_stored(s, std::move(fd));
+			if (auto *l = std::get_if<Listener>(&stored_listener)) {
 				listeners_.push_back(std::move(*l));
 				continue;
 			}
-			log::warning("socket " + s.name + ": not adopting the service manager's stored socket: " + why +
-			             "; releasing it");
+			log::warning("socket " + s.name + ": not adopting the service manager's stored socket: " +
+			             std::get<Failure>(stored_listener).why + "; releasing it");
 			notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + s.name);
 		}
 		listeners_.push_back(open_listener(s, inherited));
@@ -318,7 +318,7 @@ void Daemon::extend_start()
 	if (until <= extended_until_)
 		return;
 	extended_until_ = until;
-	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	usec_t now = now_usec(CLOCK_MONOTONIC);
 	notifier_.send("EXTEND_TIMEOUT_USEC=" + std::to_string((until > now ? until - now : 0) + kSlack));
 }
 

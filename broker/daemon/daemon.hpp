@@ -77,8 +77,8 @@ private:
 	config::Config cfg_;
 	std::string cfg_text_;     // the file as cfg_ was parsed from it, for a re-exec
 	nlohmann::json restored_;  // a previous brokerd's state, until run() has used it
-	std::uint64_t start_usec_ = 0;
-	std::uint64_t watchdog_usec_ = 0;
+	usec_t start_usec_ = 0;
+	usec_t watchdog_usec_ = 0;
 	std::unique_ptr<sd_event, EventUnref> event_;
 	std::list<Listener> listeners_; // stable addresses: services point at their listeners
 	std::unique_ptr<Supervisor> supervisor_;
@@ -96,9 +96,9 @@ private:
 	SystemdNotifier notifier_;
 	EventSource sigterm_, sigint_, sighup_;
 	EventSource watchdog_;
-	std::uint64_t watchdog_period_ = 0; // usec: half of WATCHDOG_USEC
+	usec_t watchdog_period_ = 0; // half of WATCHDOG_USEC
 	bool announced_ready_ = false;
-	std::uint64_t extended_until_ = 0; // CLOCK_MONOTONIC usec the start timeout was extended to
+	usec_t extended_until_ = 0; // CLOCK_MONOTONIC: the start timeout was extended to then
 	std::string last_status_;
 	rlimit started_nofile_{};
 };

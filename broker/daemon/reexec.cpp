@@ -40,9 +40,8 @@ void Daemon::reexec(const std::string &requested, int caller, ReexecFailed faile
 {
 	if (reexec_)
 		throw std::runtime_error("a reexec is already being checked");
-	std::string why;
-	if (!supervisor_->quiet(why))
-		throw std::runtime_error("not now: " + why + "; try again once it is done");
+	if (auto why = supervisor_->busy())
+		throw std::runtime_error("not now: " + *why + "; try again once it is done");
 	auto pending = std::make_unique<PendingReexec>();
 	pending->binary = reexec_binary(requested);
 	pending->caller = caller;
@@ -67,9 +66,9 @@ void Daemon::reexec_checked(const std::string &error)
 {
 	std::unique_ptr<PendingReexec> pending = std::move(reexec_);
 	std::string why = error;
-	std::string busy;
-	if (why.empty() && !supervisor_->quiet(busy))
-		why = "not now: " + busy + "; try again once it is done";
+	std::optional<std::string> busy = why.empty() ? supervisor_->busy() : std::nullopt;
+	if (busy)
+		why = "not now: " + *busy + "; try again once it is done";
 	else if (why.empty() && cfg_text_ != pending->cfg_text)
 		why = "the config was reloaded while " + pending->binary + " was being checked; try again";
 	if (why.empty()) {

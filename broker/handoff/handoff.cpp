@@ -67,7 +67,7 @@ void Supervisor::handoff_progress(Service &svc)
 	const HandoffCounts &c = svc.upgrade ? svc.upgrade->handoff : svc.handoff;
 	HandoffTotals totals = handoff_totals(svc, c);
 	bool settled = c.handed == c.received + c.returned && totals.expected == c.handed;
-	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	usec_t now = now_usec(CLOCK_MONOTONIC);
 	if (!settled && now - svc.handoff_reported < 100000)
 		return;
 	svc.handoff_reported = now;

@@ -2,6 +2,7 @@
 // accounts for every one of them until it has landed or gone back to its sender.
 #pragma once
 
+#include "os/time.hpp"
 #include "proto/unique_fd.hpp"
 
 #include <cstddef>
@@ -28,8 +29,8 @@ struct HandoffItem {
 // have closed, and told its owners so, from inside the call).
 class EventSink {
 public:
-	// Stop accepting, finish, and exit within timeout_ms.
-	virtual bool send_drain(std::uint64_t timeout_ms) = 0;
+	// Stop accepting, finish, and exit within timeout.
+	virtual bool send_drain(usec_t timeout) = 0;
 	// A chunk of connections for a receiver; their fds travel with the event and are closed
 	// once sent.
 	virtual bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) = 0;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "os/log.hpp"
+#include "os/time.hpp"
 
 #include <systemd/sd-event.h>
 
@@ -30,13 +31,6 @@ int guarded(const char *where, F &&body) noexcept
 		log::error(std::string(where) + ": unknown exception, ignoring");
 	}
 	return 0;
-}
-
-inline std::uint64_t now_usec(clockid_t clock)
-{
-	timespec ts{};
-	clock_gettime(clock, &ts);
-	return static_cast<std::uint64_t>(ts.tv_sec) * 1000000u + static_cast<std::uint64_t>(ts.tv_nsec) / 1000u;
 }
 
 } // namespace brokerd

@@ -321,15 +321,14 @@ bool same_inet_address(const SocketConfig &cfg, int fd)
 
 } // namespace
 
-std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, proto::UniqueFd fd, std::string &why)
+Result<Listener> adopt_stored(const config::SocketConfig &cfg, proto::UniqueFd fd)
 {
 	std::string shown = "stored socket \"" + cfg.name + "\" (fd " + std::to_string(fd.get()) + ")";
 	Probed p;
 	try {
 		p = probe(cfg, fd.get(), shown);
 	} catch (const std::exception &e) {
-		why = e.what();
-		return std::nullopt;
+		return Failure{e.what()};
 	}
 	std::string want_kind = cfg.kind == SocketKind::Tcp ? "tcp" : cfg.kind == SocketKind::Udp ? "udp" : "unix";
 	bool same = p.kind == want_kind;
@@ -337,20 +336,14 @@ std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, proto::Uni
 		same = p.address == configured_address(cfg);
 	else if (same)
 		same = same_inet_address(cfg, fd.get());
-	if (!same) {
-		why = "the fd store holds " + p.kind + " " + p.address + ", the config wants " + configured_address(cfg);
-		return std::nullopt;
-	}
+	if (!same)
+		return Failure{"the fd store holds " + p.kind + " " + p.address + ", the config wants " + configured_address(cfg)};
 	// A socket whose file is gone (removed when brokerd stopped, or by anyone) is unreachable.
-	if (cfg.kind == SocketKind::Unix && !unix_file_present(cfg.path)) {
-		why = "its file " + cfg.path + " is gone";
-		return std::nullopt;
-	}
+	if (cfg.kind == SocketKind::Unix && !unix_file_present(cfg.path))
+		return Failure{"its file " + cfg.path + " is gone"};
 	// The backlog may have changed in the config; listen() again applies it to the same queue.
-	if (p.type == SOCK_STREAM && ::listen(fd.get(), cfg.backlog) < 0) {
-		why = std::string("listen: ") + std::strerror(errno);
-		return std::nullopt;
-	}
+	if (p.type == SOCK_STREAM && ::listen(fd.get(), cfg.backlog) < 0)
+		return Failure{std::string("listen: ") + std::strerror(errno)};
 	Listener l;
 	l.name = cfg.name;
 	l.kind = p.kind;

@@ -1,6 +1,7 @@
 // Listener: a socket brokerd binds (or adopts from systemd) once and owns for its whole life.
 #pragma once
 
+#include "os/result.hpp"
 #include "proto/unique_fd.hpp"
 #include "config/config.hpp"
 
@@ -37,8 +38,8 @@ Listener open_listener(const config::SocketConfig &cfg, InheritedFds &inherited)
 
 // A socket the service manager kept for us in its fd store (FDSTORE=1, FDNAME=cfg.name) and passed
 // back in LISTEN_FDS: adopted, with its accept queue, when it is what cfg describes (same kind and
-// address; backlog reapplied). Otherwise nullopt, `why` says how it differs, and fd is closed.
-std::optional<Listener> adopt_stored(const config::SocketConfig &cfg, proto::UniqueFd fd, std::string &why);
+// address; backlog reapplied). Otherwise how it differs, and fd is closed.
+Result<Listener> adopt_stored(const config::SocketConfig &cfg, proto::UniqueFd fd);
 
 // Whether a unix socket's path still has a socket file (always true for "@name").
 bool unix_file_present(const std::string &path);

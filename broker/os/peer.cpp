@@ -60,51 +60,40 @@ bool alive(int pidfd)
 	return ::poll(&p, 1, 0) == 0;
 }
 
-proto::UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
+Result<proto::UniqueFd> process(int sock, pid_t pid, usec_t connected_boottime)
 {
 	const std::string name = "pid " + std::to_string(pid);
-	if (pid <= 0) {
-		why = "the peer's pid is not visible from brokerd's pid namespace";
-		return {};
-	}
+	if (pid <= 0)
+		return Failure{"the peer's pid is not visible from brokerd's pid namespace"};
 	int raw = -1;
 	socklen_t len = sizeof(raw);
 	if (::getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &raw, &len) == 0) {
 		proto::UniqueFd fd(raw);
-		if (!alive(fd.get())) {
-			why = name + ", which connected, has exited";
-			return {};
-		}
+		if (!alive(fd.get()))
+			return Failure{name + ", which connected, has exited"};
 		return fd;
 	}
 	if (errno != ENOPROTOOPT) {
 		// The kernel has SO_PEERPIDFD but no process to give (before 6.16: it was reaped).
-		why = name + ", which connected, has exited (SO_PEERPIDFD: " + std::strerror(errno) + ")";
-		return {};
+		return Failure{name + ", which connected, has exited (SO_PEERPIDFD: " + std::strerror(errno) + ")"};
 	}
-	return process_by_pid(pid, connected_boottime_usec, why);
+	return process_by_pid(pid, connected_boottime);
 }
 
-proto::UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why)
+Result<proto::UniqueFd> process_by_pid(pid_t pid, usec_t connected_boottime)
 {
 	const std::string name = "pid " + std::to_string(pid);
 	proto::UniqueFd fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
-	if (!fd) {
-		why = name + ", which connected, has exited (pidfd_open: " + std::strerror(errno) + ")";
-		return {};
-	}
+	if (!fd)
+		return Failure{name + ", which connected, has exited (pidfd_open: " + std::strerror(errno) + ")"};
 	// The pidfd now holds whichever process has that pid. It is the one that connected if it
 	// started before the connection and still runs after its start time was read.
 	auto ticks = start_ticks(pid);
 	const auto hz = static_cast<std::uint64_t>(::sysconf(_SC_CLK_TCK));
-	if (!ticks || hz == 0 || !alive(fd.get())) {
-		why = name + ", which connected, has exited";
-		return {};
-	}
-	if (*ticks * 1000000 / hz > connected_boottime_usec) {
-		why = name + ", which connected, has exited, and the pid names a process started since";
-		return {};
-	}
+	if (!ticks || hz == 0 || !alive(fd.get()))
+		return Failure{name + ", which connected, has exited"};
+	if (*ticks * 1000000 / hz > connected_boottime)
+		return Failure{name + ", which connected, has exited, and the pid names a process started since"};
 	return fd;
 }
 

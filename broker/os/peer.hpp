@@ -1,6 +1,8 @@
 // Peer: the process at the other end of a unix connection, held by a pidfd, and its ancestry.
 #pragma once
 
+#include "os/result.hpp"
+#include "os/time.hpp"
 #include "proto/unique_fd.hpp"
 
 #include <sys/types.h>
@@ -15,11 +17,12 @@ namespace brokerd::peer {
 // The process that connected `sock` (whose SO_PEERCRED pid is `pid`), held by a pidfd so that
 // signals never reach another process that reuses its pid. From SO_PEERPIDFD where the kernel
 // has it (6.5); otherwise pidfd_open(pid), trusted only if that process started no later than
-// `connected_boottime_usec` (CLOCK_BOOTTIME when brokerd accepted the connection). Returns the
-// pidfd of a live process, or sets `why` (it has exited, or its pid now names another process).
-proto::UniqueFd process(int sock, pid_t pid, std::uint64_t connected_boottime_usec, std::string &why);
+// `connected_boottime` (CLOCK_BOOTTIME when brokerd accepted the connection). Returns the
+// pidfd of a live process, or why there is none (it has exited, or its pid now names another
+// process).
+Result<proto::UniqueFd> process(int sock, pid_t pid, usec_t connected_boottime);
 // The part for kernels without SO_PEERPIDFD: the pid, checked by its start time.
-proto::UniqueFd process_by_pid(pid_t pid, std::uint64_t connected_boottime_usec, std::string &why);
+Result<proto::UniqueFd> process_by_pid(pid_t pid, usec_t connected_boottime);
 
 // Whether the process behind `pidfd` still runs.
 bool alive(int pidfd);

@@ -1,5 +1,5 @@
 // Taking over processes brokerd did not start in this run: a service restored from a saved state
-// (reexec) is watched again, and whether brokerd may save its state now (quiet).
+// (reexec) is watched again, and whether brokerd may save its state now (busy).
 #include "supervisor/supervisor.hpp"
 
 #include "os/log.hpp"
@@ -11,37 +11,29 @@ namespace brokerd {
 
 using namespace process;
 
-bool Supervisor::quiet(std::string &why) const
+std::optional<std::string> Supervisor::busy() const
 {
-	if (shutting_down_) {
-		why = "brokerd is shutting down";
-		return false;
-	}
-	if (router_.batches_in_flight() > 0) {
-		why = "connections are being handed off";
-		return false;
-	}
+	if (shutting_down_)
+		return "brokerd is shutting down";
+	if (router_.batches_in_flight() > 0)
+		return "connections are being handed off";
 	for (const auto &svc : services_) {
-		if (svc->upgrade) {
-			why = "an upgrade of " + svc->name + " is in progress";
-			return false;
-		}
-		if (svc->removing) {
-			why = "service " + svc->name + " is being removed";
-			return false;
-		}
+		if (svc->upgrade)
+			return "an upgrade of " + svc->name + " is in progress";
+		if (svc->removing)
+			return "service " + svc->name + " is being removed";
 		for (const auto &gen : svc->generations)
 			for (const auto &inst : gen->instances) {
 				bool running = inst->pid > 0;
-				if (inst->state == InstanceState::Starting || inst->state == InstanceState::Draining ||
-				    (inst->timer && !running) || inst->exec_source) {
-					why = "instance " + inst->id + " is " + (inst->state == InstanceState::Draining ? "draining"
-					                                         : running ? "starting" : "waiting to restart");
-					return false;
-				}
+				if (inst->state == InstanceState::Starting || inst->state == InstanceState::Restarting ||
+				    inst->state == InstanceState::Draining || (inst->timer && !running) || inst->exec_source)
+					return "instance " + inst->id + " is " +
+					       (inst->state == InstanceState::Draining ? "draining"
+					        : running                              ? "starting"
+					                                               : "waiting to restart");
 			}
 	}
-	return true;
+	return std::nullopt;
 }
 
 // A service restored from a saved state: its instances are watched again.
@@ -69,7 +61,7 @@ void Supervisor::watch_restored(Instance &inst)
 
 	// Children stay children across execve: a spawned worker is watched as before, and one that
 	// exited meanwhile is a zombie that sd-event reaps at once.
-	if (!inst.external && !inst.forked) {
+	if (inst.origin == InstanceOrigin::Spawned) {
 		proto::UniqueFd pidfd(pidfd_open(inst.pid));
 		int r = pidfd ? sd_event_add_child_pidfd(event_, &s, pidfd.get(), WEXITED, child_handler, &inst) : -errno;
 		if (r < 0)

@@ -58,7 +58,7 @@ struct UpgradeSnapshot {
 // upgrade's observers get those of the upgrade, with the upgrade's snapshot.
 struct Event {
 	EventKind kind = EventKind::Started;
-	std::uint64_t time = 0; // CLOCK_REALTIME usec
+	usec_t time = 0; // CLOCK_REALTIME
 	std::string service;
 	// The instance's generation for an instance's event; for a service's, the upgrade's new one
 	// or else the current one; none when the service has none.

@@ -34,6 +34,7 @@ const char *state_name(InstanceState s)
 {
 	switch (s) {
 	case InstanceState::Starting:
+	case InstanceState::Restarting: // on its way up, as far as anyone watching can tell
 		return "starting";
 	case InstanceState::Ready:
 		return "ready";
@@ -53,11 +54,10 @@ void Supervisor::set_state(Instance &inst, InstanceState s)
 	inst.since = now_usec(CLOCK_REALTIME);
 }
 
-void Supervisor::arm_timer(Instance &inst, std::uint64_t usec_from_now,
-                           int (*cb)(sd_event_source *, std::uint64_t, void *))
+void Supervisor::arm_timer(Instance &inst, usec_t after, int (*cb)(sd_event_source *, std::uint64_t, void *))
 {
 	sd_event_source *s = nullptr;
-	std::uint64_t when = now_usec(CLOCK_MONOTONIC) + usec_from_now;
+	usec_t when = now_usec(CLOCK_MONOTONIC) + after;
 	int r = sd_event_add_time(event_, &s, CLOCK_MONOTONIC, when, 1000, cb, &inst);
 	if (r < 0) {
 		log::error("instance " + inst.id + ": cannot add timer: " + errno_text(-r));
@@ -93,7 +93,7 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 		log::info("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " exited, main pid " +
 		          std::to_string(inst.main_pid) + " continues");
 		inst.pid = std::exchange(inst.main_pid, 0);
-		inst.forked = true; // watched through its pidfd from now on, like a registered worker
+		inst.origin = InstanceOrigin::Forked; // watched through its pidfd from now on, like a registered worker
 		sd_event_source *s = nullptr;
 		if (sd_event_add_io(event_, &s, inst.pidfd.get(), EPOLLIN, external_handler, &inst) >= 0) {
 			inst.child_source.reset(s);
@@ -125,16 +125,21 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 void Supervisor::after_exit(Instance &inst, bool clean)
 {
 	bool expected = inst.retired() || shutting_down_;
-	if (inst.external) {
+	switch (inst.origin) {
+	case InstanceOrigin::Registered:
 		// A registered instance is never restarted by us: whoever started it decides.
 		inst.retire();
 		inst.child_source.reset();
 		inst.pidfd.reset();
-	} else if (inst.forked) {
+		break;
+	case InstanceOrigin::Forked:
 		// A forking server's main process: the slot restarts under its policy like any other.
 		inst.child_source.reset();
 		inst.pidfd.reset();
-		inst.forked = false;
+		inst.origin = InstanceOrigin::Spawned;
+		break;
+	case InstanceOrigin::Spawned:
+		break;
 	}
 	inst.timer.reset();
 	inst.events = nullptr;
@@ -158,7 +163,7 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 		// one fewer to drain (a spawned one restarts, or its empty slot is drained later).
 		if (inst.purpose == InstancePurpose::RolloutDrained)
 			step = up->rollout.old_exited();
-		else if (inst.external)
+		else if (inst.registered())
 			step = up->rollout.old_lost();
 	}
 	emit(inst, expected || clean ? EventKind::Exited : EventKind::Failed, inst.exit_reason);
@@ -181,7 +186,7 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 			apply(svc, up->rollout.restored_ready());
 		}
 	}
-	if (inst.state != InstanceState::Starting && (inst.generation != svc.current || svc.removing))
+	if (inst.state != InstanceState::Restarting && (inst.generation != svc.current || svc.removing))
 		inst.retire();
 	schedule_prune();
 	check_waiters(svc);
@@ -192,9 +197,7 @@ void Supervisor::schedule_restart(Instance &inst)
 {
 	// A start timeout is a failure like a crash: a worker that never gets ready is stopped too.
 	const config::ServiceConfig &cfg = inst.generation->cfg;
-	std::uint64_t start_timeout = cfg.ready == config::ReadyMode::Exec
-	                                      ? 0
-	                                      : static_cast<std::uint64_t>(cfg.start_timeout.count()) * kUsecPerMsec;
+	usec_t start_timeout = cfg.ready == config::ReadyMode::Exec ? 0 : usec(cfg.start_timeout);
 	RestartBackoff::Decision d = inst.backoff.failed(now_usec(CLOCK_MONOTONIC), start_timeout);
 	if (d.crash_loop) {
 		std::string msg = "crash loop (" + std::to_string(d.failures) + " failures within " +
@@ -203,9 +206,9 @@ void Supervisor::schedule_restart(Instance &inst)
 		emit(inst, EventKind::CrashLoop, msg);
 		return;
 	}
-	log::info("instance " + inst.id + ": restarting in " + std::to_string(d.delay / kUsecPerMsec) + "ms");
+	log::info("instance " + inst.id + ": restarting in " + std::to_string(msec(d.delay)) + "ms");
 	// The slot counts as starting again, so readiness waits for it.
-	set_state(inst, InstanceState::Starting);
+	set_state(inst, InstanceState::Restarting);
 	arm_timer(inst, d.delay, restart_handler);
 }
 
@@ -253,7 +256,7 @@ void Supervisor::kill_instance(Instance &inst, std::string reason)
 	signal(inst, SIGKILL);
 	// With MAINPID= named, that went to the main process: its session goes too, the first
 	// process included, whose exit is what is watched until then.
-	if (!inst.external)
+	if (!inst.registered())
 		::kill(-inst.session, SIGKILL);
 }
 
@@ -261,7 +264,7 @@ void Supervisor::signal(Instance &inst, int sig)
 {
 	if (!inst.pid || !inst.child_source)
 		return;
-	int pidfd = inst.external || inst.forked || inst.main_pid ? inst.pidfd.get()
+	int pidfd = inst.watched_by_pidfd() || inst.main_pid ? inst.pidfd.get()
 	                                                          : sd_event_source_get_child_pidfd(inst.child_source.get());
 	if (pidfd < 0)
 		return;
@@ -274,7 +277,7 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 	if (!inst.pid) {
 		// Not running (failed, or waiting to restart): nothing to drain, and no restart either.
 		inst.timer.reset();
-		if (inst.state == InstanceState::Starting)
+		if (inst.state == InstanceState::Restarting)
 			set_state(inst, InstanceState::Exited);
 		inst.retire();
 		schedule_prune();
@@ -283,9 +286,9 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 	if (inst.state == InstanceState::Draining)
 		return;
 	const auto &cfg = inst.generation->cfg;
-	const std::uint64_t usec = drain_time(timeout.value_or(cfg.drain_timeout));
+	const usec_t time = drain_time(timeout.value_or(cfg.drain_timeout));
 	set_state(inst, InstanceState::Draining);
-	bool told = inst.events && inst.events->send_drain(usec / kUsecPerMsec);
+	bool told = inst.events && inst.events->send_drain(time);
 	if (told) {
 		log::info("instance " + inst.id + ": drain requested");
 	} else {
@@ -294,16 +297,15 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 		signal(inst, cfg.drain_signal);
 	}
 	emit(inst, EventKind::Draining);
-	arm_timer(inst, usec, drain_timeout_handler);
+	arm_timer(inst, time, drain_timeout_handler);
 }
 
-std::uint64_t Supervisor::drain_time(config::Duration timeout) const
+usec_t Supervisor::drain_time(config::Duration timeout) const
 {
-	std::uint64_t usec = static_cast<std::uint64_t>(timeout.count()) * kUsecPerMsec;
 	if (!shutting_down_)
-		return usec;
-	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
-	return std::min(usec, shutdown_deadline_ > now ? shutdown_deadline_ - now : 0);
+		return usec(timeout);
+	usec_t now = now_usec(CLOCK_MONOTONIC);
+	return std::min(usec(timeout), shutdown_deadline_ > now ? shutdown_deadline_ - now : 0);
 }
 
 void Supervisor::instance_ready(Instance &inst, std::string_view how)
@@ -343,8 +345,7 @@ void Supervisor::instance_stopping(Instance &inst)
 	if (inst.state == InstanceState::Ready || inst.state == InstanceState::Starting) {
 		set_state(inst, InstanceState::Draining);
 		emit(inst, EventKind::Draining, "STOPPING=1");
-		arm_timer(inst, static_cast<std::uint64_t>(inst.generation->cfg.drain_timeout.count()) * kUsecPerMsec,
-		          drain_timeout_handler);
+		arm_timer(inst, usec(inst.generation->cfg.drain_timeout), drain_timeout_handler);
 		changed();
 	}
 }
@@ -354,13 +355,13 @@ void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 	// Only a process of the instance's own session may become its main process. The pidfd is
 	// opened first, and the process it names is still alive after the session check: a pid
 	// reused in between is never adopted.
-	proto::UniqueFd pidfd(pid > 0 && !inst.external ? pidfd_open(pid) : -1);
+	proto::UniqueFd pidfd(pid > 0 && !inst.registered() ? pidfd_open(pid) : -1);
 	if (!pidfd || ::getsid(pid) != inst.session || pidfd_send_signal(pidfd.get(), 0) < 0) {
 		log::client(log::Level::Warning, "instance " + inst.id + ": MAINPID=" + std::to_string(pid) +
 		                                     " is not a process of its session, ignoring");
 		return;
 	}
-	if (inst.forked) {
+	if (inst.origin == InstanceOrigin::Forked) {
 		// Its main process handed over to another (a binary upgrade): watch that one instead.
 		sd_event_source *s = nullptr;
 		int r = sd_event_add_io(event_, &s, pidfd.get(), EPOLLIN, external_handler, &inst);

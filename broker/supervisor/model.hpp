@@ -36,7 +36,16 @@ struct HandoffCounts {
 	bool empty() const { return handed == 0 && received == 0 && returned == 0; }
 };
 
-enum class InstanceState { Starting, Ready, Draining, Exited, Failed };
+// Restarting: no process, waiting for its restart backoff; the wire calls it "starting", as it
+// counts as one that is on its way up.
+enum class InstanceState { Starting, Restarting, Ready, Draining, Exited, Failed };
+
+// Where an instance's process came from: how brokerd watches it, signals it, and what its exit means.
+enum class InstanceOrigin {
+	Spawned,    // brokerd's child, watched as a child: its pidfd lives in child_source
+	Forked,     // spawned, but that first process exited and pid is the main pid it named (MAINPID=)
+	Registered, // started elsewhere and said Hello: never restarted by brokerd
+};
 
 // What an instance is there for, beside its state: what its readiness and its exit mean.
 enum class InstancePurpose {
@@ -64,11 +73,11 @@ struct Instance {
 	std::string id; // "web/1/0"
 
 	InstanceState state = InstanceState::Starting;
-	std::uint64_t since = 0; // CLOCK_REALTIME usec of the last state change
+	usec_t since = 0; // CLOCK_REALTIME, of the last state change
 	pid_t pid = 0;
 	pid_t main_pid = 0;       // from MAINPID=, when not pid itself
 	pid_t session = 0;        // of a spawned instance: the session (and group) its first process leads
-	bool forked = false;      // that first process exited and pid is the main pid it named, not our child
+	InstanceOrigin origin = InstanceOrigin::Spawned;
 	EventSource child_source; // owns the pidfd; kept until the slot respawns
 	proto::UniqueFd exec_status;     // read end: errno if exec failed, EOF when it succeeded
 	EventSource exec_source;
@@ -87,8 +96,10 @@ struct Instance {
 	HandoffCounts handoff;              // as a sender (handed, returned) and a receiver (received)
 	std::uint64_t handoff_remaining = 0; // what it said it is about to hand, for progress
 
-	bool external = false;   // registered with Hello, not spawned: watched through pidfd
-	proto::UniqueFd pidfd;          // external, forked or MAINPID (a spawned one's pidfd lives in child_source)
+	proto::UniqueFd pidfd; // registered, forked or MAINPID (a spawned one's pidfd lives in child_source)
+	bool registered() const { return origin == InstanceOrigin::Registered; }
+	// Watched through pidfd rather than as brokerd's child.
+	bool watched_by_pidfd() const { return origin != InstanceOrigin::Spawned; }
 
 	InstancePurpose purpose = InstancePurpose::Serving;
 	// Drained on purpose: never restarted, pruned once exited.
@@ -124,7 +135,7 @@ struct Upgrade {
 	std::string kind; // "upgrade", "rollback" or "restart"
 	std::optional<config::Duration> drain_timeout; // the operator's, for the old instances too
 	std::vector<Observer *> observers;
-	std::uint64_t started = 0; // CLOCK_MONOTONIC usec
+	usec_t started = 0; // CLOCK_MONOTONIC
 	std::string failed_instance;
 	std::vector<std::string> failed_output;
 	HandoffCounts handoff;
@@ -136,7 +147,7 @@ struct Upgrade {
 	Supervisor *supervisor = nullptr;
 	EventSource registration_timer;
 	std::array<unsigned, 3> seen{};
-	std::uint64_t last_progress = 0; // CLOCK_MONOTONIC usec
+	usec_t last_progress = 0; // CLOCK_MONOTONIC
 };
 
 struct Service {
@@ -153,7 +164,7 @@ struct Service {
 	std::vector<Observer *> start_waiters;
 	std::vector<Observer *> stop_waiters;
 	HandoffCounts handoff;                 // since the broker started
-	std::uint64_t handoff_reported = 0;    // CLOCK_MONOTONIC usec of the last progress event
+	usec_t handoff_reported = 0;           // CLOCK_MONOTONIC, of the last progress event
 };
 
 } // namespace brokerd

@@ -8,8 +8,6 @@
 
 namespace brokerd::process {
 
-constexpr std::uint64_t kUsecPerMsec = 1000;
-
 std::string errno_text(int e);
 int pidfd_open(pid_t pid);
 int pidfd_send_signal(int pidfd, int sig);

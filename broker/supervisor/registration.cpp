@@ -22,7 +22,7 @@ bool Supervisor::attach_events(Instance &inst, EventSink *sink)
 	inst.counted = sink;
 	// A drain decided before the stream opened must still reach the worker.
 	if (inst.state == InstanceState::Draining)
-		sink->send_drain(static_cast<std::uint64_t>(inst.generation->cfg.drain_timeout.count()));
+		sink->send_drain(usec(inst.generation->cfg.drain_timeout));
 	return true;
 }
 
@@ -78,7 +78,7 @@ Instance *Supervisor::find_by_pid(pid_t pid)
 
 int Supervisor::pidfd_of(const Instance &inst, pid_t pid) const
 {
-	if (pid == inst.main_pid || ((inst.external || inst.forked) && pid == inst.pid))
+	if (pid == inst.main_pid || (inst.watched_by_pidfd() && pid == inst.pid))
 		return inst.pidfd.get();
 	if (pid == inst.pid && inst.child_source)
 		return sd_event_source_get_child_pidfd(inst.child_source.get());
@@ -124,7 +124,7 @@ std::variant<Instance *, Refusal> Supervisor::register_external(Service &svc, co
 	}
 
 	Instance &inst = add_instance(*gen);
-	inst.external = true;
+	inst.origin = InstanceOrigin::Registered;
 	inst.pid = pid;
 	inst.pidfd = std::move(pidfd);
 	inst.token = random_token();
@@ -137,7 +137,7 @@ std::variant<Instance *, Refusal> Supervisor::register_external(Service &svc, co
 	if (gen->cfg.ready == config::ReadyMode::Exec)
 		instance_ready(inst, "registered");
 	else
-		arm_timer(inst, static_cast<std::uint64_t>(gen->cfg.start_timeout.count()) * kUsecPerMsec, start_timeout_handler);
+		arm_timer(inst, usec(gen->cfg.start_timeout), start_timeout_handler);
 	changed();
 	return &inst;
 }
@@ -188,7 +188,7 @@ void Supervisor::check_registrations(Upgrade &up)
 	up.registration_timer.reset();
 	if (r.phase() != RolloutPhase::Rolling || svc.upgrade.get() != &up)
 		return;
-	std::uint64_t now = now_usec(CLOCK_MONOTONIC);
+	usec_t now = now_usec(CLOCK_MONOTONIC);
 	std::array<unsigned, 3> seen{up.to->next_index, r.new_ready_count(), r.old_exited_count()};
 	if (seen != up.seen) {
 		up.seen = seen;
@@ -201,10 +201,9 @@ void Supervisor::check_registrations(Upgrade &up)
 			starting += inst->state == InstanceState::Starting;
 		}
 	bool waiting = registered < r.new_started() && starting == 0 && r.old_exited_count() == r.old_drained();
-	const auto timeout = up.to->cfg.start_timeout;
-	const std::uint64_t limit = static_cast<std::uint64_t>(std::chrono::microseconds(timeout).count());
+	const usec_t limit = usec(up.to->cfg.start_timeout);
 	if (waiting && now - up.last_progress >= limit) {
-		auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count();
+		std::uint64_t ms = msec(limit);
 		std::string why = std::to_string(registered) + " of " + std::to_string(r.new_started()) + " instance(s) of version \"" +
 		                  up.to->cfg.version + "\" registered, none more within the start timeout (" +
 		                  std::to_string(ms) + "ms)";
@@ -238,7 +237,7 @@ void Supervisor::external_exit(Instance &inst, const std::string &how)
 	bool expected = inst.retired() || shutting_down_;
 	if (inst.exit_reason.empty())
 		inst.exit_reason = how;
-	if (inst.forked)
+	if (inst.origin == InstanceOrigin::Forked)
 		::kill(-inst.session, SIGKILL); // what else its session still runs goes with it
 	std::string msg = "instance " + inst.id + ": pid " + std::to_string(inst.pid) + " " + how;
 	if (expected)
@@ -251,7 +250,7 @@ void Supervisor::external_exit(Instance &inst, const std::string &how)
 void Supervisor::connection_closed(std::string_view token)
 {
 	Instance *inst = find_by_token(token);
-	if (!inst || !inst->external)
+	if (!inst || !inst->registered())
 		return;
 	// It counts as exited; a process still alive is told to drain, so that nothing serves
 	// unsupervised on the service's sockets.

@@ -5,12 +5,12 @@
 
 namespace brokerd {
 
-std::uint64_t RestartBackoff::window(std::uint64_t start_timeout)
+usec_t RestartBackoff::window(usec_t start_timeout)
 {
 	return kWindow + kBurst * start_timeout;
 }
 
-RestartBackoff::Decision RestartBackoff::failed(std::uint64_t now, std::uint64_t start_timeout)
+RestartBackoff::Decision RestartBackoff::failed(usec_t now, usec_t start_timeout)
 {
 	Decision d;
 	d.window = window(start_timeout);

@@ -23,11 +23,11 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				          {"pid", inst->pid},
 				          {"main_pid", inst->main_pid},
 				          {"session", inst->session},
-				          {"forked", inst->forked},
+				          {"forked", inst->origin == InstanceOrigin::Forked},
 				          {"token", inst->token},
 				          {"status", inst->status_text},
 				          {"exit_reason", inst->exit_reason},
-				          {"external", inst->external},
+				          {"external", inst->registered()},
 				          {"retired", inst->retired()},
 				          {"restored", inst->purpose == InstancePurpose::Restored},
 				          {"restarts", inst->backoff.restarts},
@@ -80,11 +80,14 @@ static void decode_instance(Instance &inst, const json &i)
 	inst.main_pid = i.at("main_pid").get<pid_t>();
 	// Absent from the state of a brokerd that predates them.
 	inst.session = i.value("session", inst.pid);
-	inst.forked = i.value("forked", false);
 	inst.token = i.at("token").get<std::string>();
 	inst.status_text = i.at("status").get<std::string>();
 	inst.exit_reason = i.at("exit_reason").get<std::string>();
-	inst.external = i.at("external").get<bool>();
+	// The origin as two flags, the state format of every brokerd so far ("forked" absent from
+	// the oldest).
+	inst.origin = i.at("external").get<bool>() ? InstanceOrigin::Registered
+	              : i.value("forked", false)   ? InstanceOrigin::Forked
+	                                           : InstanceOrigin::Spawned;
 	inst.purpose = i.at("retired").get<bool>()    ? InstancePurpose::Retired
 	               : i.at("restored").get<bool>() ? InstancePurpose::Restored
 	                                              : InstancePurpose::Serving;

@@ -12,7 +12,7 @@ class Supervisor;
 
 struct Serializer {
 	// Every service, generation and instance; the fds the next brokerd must inherit are added to
-	// keep_fds. Call it only when Supervisor::quiet() says so.
+	// keep_fds. Call it only when Supervisor::busy() says nothing is.
 	static nlohmann::json save(const Supervisor &supervisor, std::vector<int> &keep_fds);
 	// In the next brokerd, before any service is added. Throws std::runtime_error (or
 	// nlohmann::json's exceptions) on a state it cannot read.

@@ -209,6 +209,14 @@ SpawnPlan plan_spawn(const SpawnInputs &in)
 	return plan;
 }
 
+pid_t fork_and_exec(SpawnPlan &plan)
+{
+	pid_t pid = ::fork();
+	if (pid == 0)
+		exec_child(plan);
+	return pid;
+}
+
 std::optional<std::string> open_child_pipes(ChildPipes &p)
 {
 	for (auto [r, w] : {std::pair{&p.out_r, &p.out_w}, std::pair{&p.err_r, &p.err_w}, std::pair{&p.status_r, &p.status_w}}) {
@@ -235,7 +243,7 @@ void Supervisor::spawn(Instance &inst)
 	inst.timer.reset();
 	inst.main_pid = 0;
 	inst.session = 0;
-	inst.forked = false;
+	inst.origin = InstanceOrigin::Spawned;
 	inst.pidfd.reset();
 
 	auto fail = [&](const std::string &why) {
@@ -278,11 +286,9 @@ void Supervisor::spawn(Instance &inst)
 	plan.fds[2] = pipes.err_w.get();
 	plan.fds.back() = pipes.status_w.get();
 
-	pid_t pid = ::fork();
+	pid_t pid = launcher_(plan);
 	if (pid < 0)
 		return fail("fork: " + errno_text(errno));
-	if (pid == 0)
-		exec_child(plan);
 	if (auto why = watch_child(inst, pid))
 		return fail(*why);
 	watch_pipes(inst, pipes);
@@ -290,8 +296,7 @@ void Supervisor::spawn(Instance &inst)
 	log::info("instance " + inst.id + ": started pid " + std::to_string(pid) + " (" + plan.program + ")");
 	emit(inst, EventKind::Started);
 	if (cfg.ready != config::ReadyMode::Exec)
-		arm_timer(inst, static_cast<std::uint64_t>(cfg.start_timeout.count()) * kUsecPerMsec,
-		          start_timeout_handler);
+		arm_timer(inst, usec(cfg.start_timeout), start_timeout_handler);
 	changed();
 }
 

@@ -6,8 +6,10 @@
 #include "config/config.hpp"
 
 #include <sys/resource.h>
+#include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -54,6 +56,13 @@ struct SpawnPlan {
 // The worker's argv, environment (inherited, LISTEN_*, NOTIFY_SOCKET, BROKER_*, the user's HOME,
 // USER and LOGNAME, then cfg.env), cwd, credentials and fds. Pure: no system call.
 SpawnPlan plan_spawn(const SpawnInputs &in);
+
+// Starts the process a plan describes and returns its pid, or -1 with errno. brokerd's is
+// fork_and_exec(); a unit test of the lifecycle puts its own in (Supervisor::set_launcher), which
+// forks a child that runs the test's code in place of the worker.
+using Launcher = std::function<pid_t(SpawnPlan &plan)>;
+// Forks; the child moves the plan's fds into place, switches credentials and execs, never returning.
+pid_t fork_and_exec(SpawnPlan &plan);
 
 // The pipes of a child being spawned: its stdout, stderr and exec status, and /dev/null for its
 // stdin. All close-on-exec.

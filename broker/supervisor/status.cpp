@@ -103,10 +103,11 @@ std::string Supervisor::summary() const
 					ready++;
 				if (inst->retired() || svc->stopped || gen.get() != svc->current)
 					continue;
-				std::size_t why = inst->state == InstanceState::Failed     ? 3
-				                  : inst->state != InstanceState::Starting ? 0
-				                  : inst->backoff.has_failed()             ? 2
-				                                                           : 1;
+				std::size_t why = inst->state == InstanceState::Failed       ? 3
+				                  : inst->state == InstanceState::Restarting ? 2
+				                  : inst->state != InstanceState::Starting   ? 0
+				                  : inst->backoff.has_failed()               ? 2
+				                                                             : 1;
 				worst = std::max(worst, why);
 			}
 		if (worst && ++not_ready <= kNamed)

@@ -136,7 +136,7 @@ void Supervisor::shutdown(config::Duration budget)
 	if (shutting_down_)
 		return;
 	shutting_down_ = true;
-	shutdown_deadline_ = now_usec(CLOCK_MONOTONIC) + static_cast<std::uint64_t>(budget.count()) * kUsecPerMsec;
+	shutdown_deadline_ = now_usec(CLOCK_MONOTONIC) + usec(budget);
 	log::notice("shutting down: draining every instance, killing what is left in " + std::to_string(budget.count()) +
 	            "ms");
 	for (auto &svc : services_) {
@@ -243,7 +243,8 @@ void Supervisor::prune()
 	for (auto &svc : services_) {
 		for (auto &gen : svc->generations)
 			std::erase_if(gen->instances, [](const std::unique_ptr<Instance> &inst) {
-				return inst->retired() && !inst->pid && inst->state != InstanceState::Starting;
+				return inst->retired() && !inst->pid && inst->state != InstanceState::Starting &&
+				       inst->state != InstanceState::Restarting;
 			});
 		// Keep the current generation, the one an upgrade uses, and a few of history.
 		while (svc->generations.size() > kKeptGenerations) {

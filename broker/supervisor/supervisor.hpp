@@ -8,6 +8,7 @@
 #include "os/listener.hpp"
 #include "supervisor/events.hpp"
 #include "supervisor/model.hpp"
+#include "supervisor/spawner.hpp"
 
 #include <sys/resource.h>
 #include <sys/types.h>
@@ -23,8 +24,6 @@
 
 namespace brokerd {
 
-struct ChildPipes;
-
 struct UpgradeRequest {
 	config::ServiceConfig cfg;
 	bool all_at_once = false;
@@ -39,6 +38,9 @@ public:
 
 	// RLIMIT_NOFILE for spawned workers: the limits brokerd started with (it raises its own).
 	void set_child_nofile(const rlimit &limit) { child_nofile_ = limit; }
+
+	// How processes start: fork_and_exec() unless a unit test puts its own in.
+	void set_launcher(Launcher launcher) { launcher_ = std::move(launcher); }
 
 	// NOTIFY_SOCKET for the workers; set before the first service is added.
 	void set_notify_address(std::string address) { notify_address_ = std::move(address); }
@@ -113,14 +115,12 @@ public:
 	bool settled() const;
 	// CLOCK_MONOTONIC usec of the last start timeout of an instance still on its first attempt,
 	// or 0 when none is waiting for one.
-	std::uint64_t first_starts_deadline() const;
+	usec_t first_starts_deadline() const;
 
-	// Self-upgrade (brokerctl reexec). quiet(): nothing is starting, draining, restarting or
-	// rolling out, and no connection is being handed off, so that the state is only what
-	// save_state() writes; why says what is busy. save_state() adds the fds the next brokerd
-	// must inherit to keep_fds; restore_state() carries on from them in the new process,
-	// before any service is added.
-	bool quiet(std::string &why) const;
+	// Self-upgrade (brokerctl reexec). busy(): what is starting, draining, restarting or
+	// rolling out, or being handed off, or nullopt when nothing is, so that the state is only
+	// what the Serializer writes.
+	std::optional<std::string> busy() const;
 	// save_state() and restore_state() are the Serializer's (supervisor/serialize.hpp).
 	// A service it restored: its instances are watched again, and it serves as before.
 	void adopt(std::unique_ptr<Service> svc);
@@ -144,8 +144,8 @@ private:
 	void watch_pipes(Instance &inst, ChildPipes &pipes);
 	void set_state(Instance &inst, InstanceState s);
 	void drain(Instance &inst, std::optional<config::Duration> timeout = std::nullopt);
-	// A drain's time, cut to what is left of the shutdown budget once shutting down; usec.
-	std::uint64_t drain_time(config::Duration timeout) const;
+	// A drain's time, cut to what is left of the shutdown budget once shutting down.
+	usec_t drain_time(config::Duration timeout) const;
 	void signal(Instance &inst, int sig);
 	void kill_instance(Instance &inst, std::string reason);
 	void on_exit(Instance &inst, const siginfo_t &si);
@@ -154,7 +154,7 @@ private:
 	void schedule_restart(Instance &inst);
 	// The instance's process is gone (or never started): restart, fail an upgrade, or retire.
 	void after_exit(Instance &inst, bool clean);
-	void arm_timer(Instance &inst, std::uint64_t usec_from_now, int (*cb)(sd_event_source *, std::uint64_t, void *));
+	void arm_timer(Instance &inst, usec_t after, int (*cb)(sd_event_source *, std::uint64_t, void *));
 	void emit(const Instance &inst, EventKind kind, const std::string &message = {});
 	void emit_service(const Service &svc, EventKind kind, const std::string &message,
 	                  std::optional<HandoffTotals> handoff = std::nullopt);
@@ -194,9 +194,10 @@ private:
 	std::vector<std::unique_ptr<Service>> services_;
 	EventSource prune_source_;
 	bool shutting_down_ = false;
-	std::uint64_t shutdown_deadline_ = 0; // CLOCK_MONOTONIC usec: every instance is killed by then
+	usec_t shutdown_deadline_ = 0; // CLOCK_MONOTONIC: every instance is killed by then
 	HandoffRouter router_;
 	rlimit child_nofile_{};
+	Launcher launcher_ = fork_and_exec;
 };
 
 } // namespace brokerd

@@ -252,7 +252,8 @@ void Supervisor::check_waiters(Service &svc)
 		for (auto &inst : gen->instances) {
 			running = running || inst->pid;
 			if (gen.get() == svc.current && !inst->retired()) {
-				starting = starting || inst->state == InstanceState::Starting;
+				starting = starting || inst->state == InstanceState::Starting ||
+				           inst->state == InstanceState::Restarting;
 				ready = ready || inst->state == InstanceState::Ready;
 			}
 		}

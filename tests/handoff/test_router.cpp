@@ -35,7 +35,7 @@ ino_t inode(int fd)
 // inside the call, before anything else.
 class FakeSink final : public EventSink {
 public:
-	bool send_drain(std::uint64_t timeout_ms) override { return record(brokerd::encode::drain(timeout_ms), {}); }
+	bool send_drain(brokerd::usec_t timeout) override { return record(brokerd::encode::drain(brokerd::msec(timeout)), {}); }
 	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) override
 	{
 		std::vector<UniqueFd> fds;

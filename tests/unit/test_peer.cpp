@@ -12,6 +12,7 @@
 #include <string>
 
 namespace peer = brokerd::peer;
+using brokerd::Failure;
 
 namespace {
 
@@ -47,11 +48,12 @@ TEST_CASE("without SO_PEERPIDFD, a pid stands for the process that connected onl
 	};
 	for (const Case &c : {Case{"connected after it started", after_fork, true},
 	                      Case{"connected before it started: its pid was reused", before_fork, false}}) {
-		std::string why;
-		proto::UniqueFd fd = peer::process_by_pid(child, c.connected, why);
-		INFO(c.name, ": ", why);
-		CHECK(static_cast<bool>(fd) == c.trusted);
-		CHECK(why.empty() == c.trusted);
+		auto fd = peer::process_by_pid(child, c.connected);
+		const auto *failure = std::get_if<Failure>(&fd);
+		INFO(c.name, ": ", failure ? failure->why : std::string());
+		CHECK(std::holds_alternative<proto::UniqueFd>(fd) == c.trusted);
+		if (!c.trusted)
+			CHECK(failure->why.find("the pid names a process started since") != std::string::npos);
 	}
 	CHECK(peer::descends_from(child, {::getpid()}));
 	CHECK(peer::descends_from(child, {child}));
@@ -59,20 +61,18 @@ TEST_CASE("without SO_PEERPIDFD, a pid stands for the process that connected onl
 	CHECK(peer::process_uid(child) == ::getuid());
 
 	// Exited (a zombie), then reaped: neither stands for anyone.
-	proto::UniqueFd held = [&] {
-		std::string why;
-		return peer::process_by_pid(child, after_fork, why);
-	}();
-	REQUIRE(held);
+	auto process = peer::process_by_pid(child, after_fork);
+	REQUIRE(std::holds_alternative<proto::UniqueFd>(process));
+	const proto::UniqueFd &held = std::get<proto::UniqueFd>(process);
 	::close(release[1]);
 	siginfo_t si{};
 	REQUIRE(::waitid(P_PID, static_cast<id_t>(child), &si, WEXITED | WNOWAIT) == 0);
 	CHECK_FALSE(peer::alive(held.get()));
-	std::string why;
-	CHECK_FALSE(peer::process_by_pid(child, after_fork, why));
-	CHECK(why.find("has exited") != std::string::npos);
+	auto why = [&] {
+		auto r = peer::process_by_pid(child, after_fork);
+		return std::holds_alternative<Failure>(r) ? std::get<Failure>(r).why : std::string("a pidfd");
+	};
+	CHECK(why().find("has exited") != std::string::npos);
 	REQUIRE(::waitpid(child, nullptr, 0) == child);
-	why.clear();
-	CHECK_FALSE(peer::process_by_pid(child, after_fork, why));
-	CHECK(why.find("has exited") != std::string::npos);
+	CHECK(why().find("has exited") != std::string::npos);
 }
