@@ -6,9 +6,8 @@
 // duplicates a connection (queued + in flight + landed + returned + dropped = added) and leaves
 // no fd open.
 #include "proto/handoff.hpp"
+#include "data_provider.hpp"
 #include "fuzz.hpp"
-
-#include <fuzzer/FuzzedDataProvider.h>
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -39,7 +38,7 @@ void codec(std::string_view text)
 // Opened before any input, so it is not taken for a leak.
 const int devnull = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
 
-void sender(FuzzedDataProvider &in)
+void sender(fuzz::DataProvider &in)
 {
 	handoff::Sender s;
 	std::size_t added = 0, landed = 0, returned = 0, dropped = 0;
@@ -124,7 +123,7 @@ void sender(FuzzedDataProvider &in)
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size)
 {
 	const int base = fuzz::lowest_free_fd();
-	FuzzedDataProvider in(data, size);
+	fuzz::DataProvider in(data, size);
 	if (in.ConsumeBool()) {
 		codec(in.ConsumeRemainingBytesAsString());
 	} else {

@@ -6,9 +6,8 @@
 // gone no fd is left open. A received message is sent back through Stream::enqueue and must
 // arrive unchanged.
 #include "proto/varlink.hpp"
+#include "data_provider.hpp"
 #include "fuzz.hpp"
-
-#include <fuzzer/FuzzedDataProvider.h>
 
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -93,7 +92,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t *data, std::size_t size
 	static const int attached = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
 	const int base = fuzz::lowest_free_fd();
 	{
-		FuzzedDataProvider in(data, size);
+		fuzz::DataProvider in(data, size);
 		std::size_t max_message = in.ConsumeBool() ? limits::kMaxMessageSize : in.ConsumeIntegralInRange(1, 512);
 		bool lose = in.ConsumeBool();
 
