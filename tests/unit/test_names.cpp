@@ -3,7 +3,8 @@
 // error they declare must be generated, with its full name, and nothing else; so must the values
 // of every field that has a fixed set (a Varlink enum, or a string whose doc comment says "FIELD
 // is one of ..."). Every name in proto/errors.hpp and proto::varlink's standard errors must be an
-// error some file declares.
+// error some file declares, and brokerd's encoder, brokerctl and the worker library must take
+// event and state names from names.hpp, not spell them again.
 #include "proto/errors.hpp"
 #include "proto/names.hpp"
 #include "proto/varlink.hpp"
@@ -11,6 +12,7 @@
 #include <doctest/doctest.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <regex>
@@ -214,4 +216,38 @@ TEST_CASE("names.hpp has the values of every field with a fixed set in the .varl
 	CHECK(control::instance_state::kStarting == "starting");
 	CHECK(worker::events_event::kDrain == "drain");
 	CHECK(worker::events_event::kValues.size() == 3);
+}
+
+TEST_CASE("brokerd's encoder, brokerctl and the worker library spell no event or state name themselves")
+{
+	// Where these names are read or written: compared (== "done"), returned (return "running";) or
+	// put into an event ({"event", "drain"}). Elsewhere the same words are member names ("ready",
+	// "handoff"), which are not these lists' business.
+	namespace fs = std::filesystem;
+	fs::path root = source_root();
+	std::vector<fs::path> files = {root / "broker" / "control" / "encode.cpp"};
+	for (const char *dir : {"cli", "client-lib/src"})
+		for (const auto &entry : fs::directory_iterator(root / dir))
+			if (entry.path().filename().string().rfind("test_", 0) != 0 &&
+			    (entry.path().extension() == ".cpp" || entry.path().extension() == ".hpp"))
+				files.push_back(entry.path());
+	CHECK(files.size() > 10);
+
+	std::set<std::string> names;
+	for (const auto &list : proto::names::kValueLists)
+		names.insert(list.values.begin(), list.values.end());
+	static const std::regex spelled(R"re((?:[!=]=\s*|return\s+|\{\s*"event"\s*,\s*)"([a-z-]+)"|"([a-z-]+)"\s*[!=]=)re");
+	for (const fs::path &file : files) {
+		std::ifstream in(file);
+		REQUIRE_MESSAGE(in, "cannot read " << file);
+		int n = 0;
+		for (std::string line; std::getline(in, line);) {
+			++n;
+			for (std::sregex_iterator it(line.begin(), line.end(), spelled), end; it != end; ++it) {
+				std::string word = (*it)[1].matched ? (*it)[1].str() : (*it)[2].str();
+				CHECK_MESSAGE(names.count(word) == 0, fs::relative(file, root).string() << ":" << n << ": \"" << word
+				                                                                       << "\" is in proto/names.hpp");
+			}
+		}
+	}
 }
