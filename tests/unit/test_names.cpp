@@ -4,10 +4,13 @@
 // of every field that has a fixed set (a Varlink enum, or a string whose doc comment says "FIELD
 // is one of ..."). Every name in proto/errors.hpp and proto::varlink's standard errors must be an
 // error some file declares, and brokerd's encoder, brokerctl and the worker library must take
-// event and state names from names.hpp, not spell them again.
+// event and state names from names.hpp, not spell them again; the supervisor's names of an
+// instance's states, which the encoder sends, must be the declared ones.
 #include "proto/errors.hpp"
 #include "proto/names.hpp"
 #include "proto/varlink.hpp"
+#include "control/encode.hpp"
+#include "supervisor/model.hpp"
 
 #include <doctest/doctest.h>
 
@@ -207,6 +210,7 @@ TEST_CASE("names.hpp has the values of every field with a fixed set in the .varl
 	CHECK(files.count("io.brokerd.Control.ServiceInfo.state") == 1);
 	CHECK(files.count("io.brokerd.Control.InstanceState") == 1);
 	CHECK(files.count("io.brokerd.Worker.Events.event") == 1);
+	CHECK(files.count("io.brokerd.Control.UpgradeInfo.phase") == 1);
 	CHECK(control::progress_event::kAccepted == "accepted");
 	CHECK(control::progress_event::kCrashLoop == "crash-loop");
 	CHECK(control::progress_event::kValues.size() == 10);
@@ -216,6 +220,39 @@ TEST_CASE("names.hpp has the values of every field with a fixed set in the .varl
 	CHECK(control::instance_state::kStarting == "starting");
 	CHECK(worker::events_event::kDrain == "drain");
 	CHECK(worker::events_event::kValues.size() == 3);
+	CHECK(control::upgrade_info_phase::kRollingBack == "rolling-back");
+	CHECK(control::socket_info_origin::kFdstore == "fdstore");
+}
+
+TEST_CASE("an instance's state goes on the wire as a value of io.brokerd.Control.InstanceState")
+{
+	namespace state = proto::names::control::instance_state;
+	using S = brokerd::InstanceState;
+	const std::pair<S, std::string_view> cases[] = {
+		{S::Starting, state::kStarting}, {S::Ready, state::kReady},   {S::Draining, state::kDraining},
+		{S::Exited, state::kExited},     {S::Failed, state::kFailed},
+	};
+	for (auto [s, value] : cases)
+		CHECK(std::string_view(brokerd::state_name(s)) == value);
+}
+
+TEST_CASE("an upgrade's phase goes on the wire as a value of io.brokerd.Control.UpgradeInfo.phase")
+{
+	namespace phase = proto::names::control::upgrade_info_phase;
+	using P = brokerd::RolloutPhase;
+	const std::pair<P, std::string_view> cases[] = {
+		{P::Rolling, phase::kRolling},
+		{P::RollingBack, phase::kRollingBack},
+		{P::Done, phase::kDone},
+		{P::RolledBack, phase::kRolledBack},
+	};
+	for (auto [p, value] : cases) {
+		brokerd::UpgradeSnapshot u;
+		u.phase = p;
+		CHECK(brokerd::encode::upgrade(u).at("phase") == value);
+		// The rollout names its phases itself (for logs and tests); the encoder sends that name.
+		CHECK(std::string_view(brokerd::phase_name(p)) == value);
+	}
 }
 
 TEST_CASE("brokerd's encoder, brokerctl and the worker library spell no event or state name themselves")
