@@ -16,10 +16,14 @@ namespace worker_names = proto::names::worker::events_event;
 
 // An instance's events, and an upgrade's rollback, done and handoff, go to Watch streams and to
 // the upgrade's callers under one name, which both lists of io.brokerd.Control.varlink declare.
-static_assert(progress_names::kStarted == watch_names::kStarted && progress_names::kReady == watch_names::kReady &&
-              progress_names::kDraining == watch_names::kDraining && progress_names::kExited == watch_names::kExited &&
-              progress_names::kFailed == watch_names::kFailed && progress_names::kCrashLoop == watch_names::kCrashLoop &&
-              progress_names::kRollback == watch_names::kRollback && progress_names::kDone == watch_names::kDone &&
+static_assert(progress_names::kStarted == watch_names::kStarted &&
+              progress_names::kReady == watch_names::kReady &&
+              progress_names::kDraining == watch_names::kDraining &&
+              progress_names::kExited == watch_names::kExited &&
+              progress_names::kFailed == watch_names::kFailed &&
+              progress_names::kCrashLoop == watch_names::kCrashLoop &&
+              progress_names::kRollback == watch_names::kRollback &&
+              progress_names::kDone == watch_names::kDone &&
               progress_names::kHandoff == watch_names::kHandoff);
 
 std::string_view event_name(EventKind kind)
