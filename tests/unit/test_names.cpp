@@ -5,11 +5,12 @@
 // is one of ..."). Every name in proto/errors.hpp and proto::varlink's standard errors must be an
 // error some file declares, and brokerd's encoder, brokerctl and the worker library must take
 // event and state names from names.hpp, not spell them again; the supervisor's names of an
-// instance's states, which the encoder sends, must be the declared ones.
+// instance's states and the rollout's of its phases, which the encoder sends, must be the
+// declared ones.
+#include "control/encode.hpp"
 #include "proto/errors.hpp"
 #include "proto/names.hpp"
 #include "proto/varlink.hpp"
-#include "control/encode.hpp"
 #include "supervisor/model.hpp"
 
 #include <doctest/doctest.h>
@@ -61,7 +62,8 @@ Interface read_interface(const std::string &relative)
 	std::string doc;
 	for (std::string line; std::getline(in, line);) {
 		std::size_t hash = line.find('#');
-		std::string comment = hash == std::string::npos ? "" : line.substr(line.find_first_not_of("# ", hash));
+		std::size_t text = line.find_first_not_of("# ", hash);
+		std::string comment = text == std::string::npos ? "" : line.substr(text);
 		line = line.substr(0, hash);
 		std::istringstream words(line);
 		std::string kind, name;
