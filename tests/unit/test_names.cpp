@@ -68,7 +68,7 @@ Interface read_interface(const std::string &relative)
 		std::istringstream words(line);
 		std::string kind, name;
 		if (!(words >> kind)) {
-			doc = comment.empty() ? "" : doc + " " + comment;
+			doc = hash == std::string::npos ? "" : doc + " " + comment; // a blank line ends a comment
 			continue;
 		}
 		words >> name;
