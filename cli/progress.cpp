@@ -4,6 +4,8 @@
 #include "format.hpp"
 #include "reply.hpp"
 
+#include "proto/names.hpp"
+
 #include <ostream>
 
 namespace brokerctl {
@@ -11,6 +13,9 @@ namespace brokerctl {
 using json = nlohmann::json;
 
 namespace {
+
+// The events of an upgrade's progress that brokerctl shows in a way of their own.
+namespace progress_event = proto::names::control::progress_event;
 
 // Erases the terminal's current line: back to its start, then clear to its end.
 constexpr std::string_view kEraseLine = "\r\x1b[K";
@@ -118,7 +123,7 @@ std::string event_line(const json &progress)
 	std::string event = printable(text(progress, "event", "?"));
 	std::string message = printable(text(progress, "message", ""));
 	std::string out;
-	if (event == "rollback") {
+	if (event == progress_event::kRollback) {
 		out = "rolling back " + service_of(progress) + " to gen " + number_text(member(progress, "upgrade"), "from");
 	} else {
 		std::string instance = printable(text(progress, "instance", ""));
@@ -134,7 +139,7 @@ std::string event_line(const json &progress)
 bool is_notable(std::string_view event)
 {
 	// Migration progress only moves the live line's counts.
-	return event != "accepted" && event != "done" && event != "handoff";
+	return event != progress_event::kAccepted && event != progress_event::kDone && event != progress_event::kHandoff;
 }
 
 std::string accepted_line(Rollout kind, const json &progress)
@@ -170,7 +175,7 @@ bool ProgressDisplay::update(const json &reply, std::chrono::microseconds elapse
 {
 	const json &progress = progress_of(reply);
 	std::string event = text(progress, "event", "");
-	bool done = event == "done";
+	bool done = event == progress_event::kDone;
 
 	if (mode_ == Mode::Json) {
 		out_ << reply.dump(-1, ' ', false, json::error_handler_t::replace) << '\n';
@@ -178,16 +183,16 @@ bool ProgressDisplay::update(const json &reply, std::chrono::microseconds elapse
 		clear();
 		out_ << done_line(kind_, progress, elapsed) << '\n';
 	} else if (mode_ == Mode::Lines) {
-		if (event == "accepted")
+		if (event == progress_event::kAccepted)
 			out_ << accepted_line(kind_, progress) << '\n';
-		else if (event == "handoff")
+		else if (event == progress_event::kHandoff)
 			out_ << service_of(progress) << ": " << migration(member(progress, "upgrade")) << '\n';
-		else if (event == "rollback")
+		else if (event == progress_event::kRollback)
 			out_ << event_line(progress) << '\n';
 		else
 			out_ << event_line(progress) << "; " << counts(member(progress, "upgrade")) << '\n';
 	} else {
-		if (event == "rollback")
+		if (event == progress_event::kRollback)
 			rolling_back_ = true;
 		if (is_notable(event)) {
 			out_ << kEraseLine << event_line(progress) << '\n';

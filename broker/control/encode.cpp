@@ -2,43 +2,61 @@
 #include "control/encode.hpp"
 
 #include "proto/errors.hpp"
+#include "proto/names.hpp"
 #include "proto/varlink.hpp"
 
 namespace brokerd::encode {
 
 using json = nlohmann::json;
 
-const char *event_name(EventKind kind)
+namespace control_names = proto::names::control;
+namespace progress_names = control_names::progress_event;
+namespace watch_names = control_names::watch_event;
+namespace worker_names = proto::names::worker::events_event;
+
+// An instance's events, and an upgrade's rollback, done and handoff, go to Watch streams and to
+// the upgrade's callers under one name, which both lists of io.brokerd.Control.varlink declare.
+static_assert(progress_names::kStarted == watch_names::kStarted &&
+              progress_names::kReady == watch_names::kReady &&
+              progress_names::kDraining == watch_names::kDraining &&
+              progress_names::kExited == watch_names::kExited &&
+              progress_names::kFailed == watch_names::kFailed &&
+              progress_names::kCrashLoop == watch_names::kCrashLoop &&
+              progress_names::kRollback == watch_names::kRollback &&
+              progress_names::kDone == watch_names::kDone &&
+              progress_names::kHandoff == watch_names::kHandoff);
+
+std::string_view event_name(EventKind kind)
 {
 	switch (kind) {
 	case EventKind::Started:
-		return "started";
+		return watch_names::kStarted;
 	case EventKind::Ready:
-		return "ready";
+		return watch_names::kReady;
 	case EventKind::Draining:
-		return "draining";
+		return watch_names::kDraining;
 	case EventKind::Exited:
-		return "exited";
+		return watch_names::kExited;
 	case EventKind::Failed:
-		return "failed";
+		return watch_names::kFailed;
 	case EventKind::CrashLoop:
-		return "crash-loop";
+		return watch_names::kCrashLoop;
 	case EventKind::Upgrade:
-		return "upgrade";
+		return watch_names::kUpgrade;
 	case EventKind::Accepted:
-		return "accepted";
+		return progress_names::kAccepted;
 	case EventKind::Rollback:
-		return "rollback";
+		return watch_names::kRollback;
 	case EventKind::Done:
-		return "done";
+		return watch_names::kDone;
 	case EventKind::RolledBack:
-		return "rolled-back";
+		return watch_names::kRolledBack;
 	case EventKind::Start:
-		return "start";
+		return watch_names::kStart;
 	case EventKind::Stop:
-		return "stop";
+		return watch_names::kStop;
 	case EventKind::Handoff:
-		return "handoff";
+		return watch_names::kHandoff;
 	}
 	return "unknown";
 }
@@ -64,17 +82,18 @@ json upgrade(const UpgradeSnapshot &u)
 	        {"handoff", handoff(u.handoff)}};
 }
 
-static const char *service_state_name(ServiceState s)
+static std::string_view service_state_name(ServiceState s)
 {
+	namespace state = control_names::service_info_state;
 	switch (s) {
 	case ServiceState::Stopped:
-		return "stopped";
+		return state::kStopped;
 	case ServiceState::Failed:
-		return "failed";
+		return state::kFailed;
 	case ServiceState::Running:
 		break;
 	}
-	return "running";
+	return state::kRunning;
 }
 
 static json instance(const Instance &inst)
@@ -165,7 +184,7 @@ json progress(const Event &e)
 
 json drain(std::uint64_t timeout_ms)
 {
-	return {{"event", "drain"}, {"timeout_ms", timeout_ms}};
+	return {{"event", worker_names::kDrain}, {"timeout_ms", timeout_ms}};
 }
 
 json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vector<proto::UniqueFd> &fds)
@@ -179,13 +198,13 @@ json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vecto
 		conns.push_back(std::move(conn));
 		fds.push_back(std::move(item.fd));
 	}
-	return {{"event", "connections"}, {"batch", batch}, {"connections", std::move(conns)}};
+	return {{"event", worker_names::kConnections}, {"batch", batch}, {"connections", std::move(conns)}};
 }
 
 json handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
                     const std::string &why)
 {
-	json event = {{"event", "handoff"}, {"batch", batch}, {"landed", landed}, {"returned", returned}};
+	json event = {{"event", worker_names::kHandoff}, {"batch", batch}, {"landed", landed}, {"returned", returned}};
 	if (!why.empty())
 		event["message"] = why;
 	return event;

@@ -16,8 +16,8 @@
 
 namespace brokerd::encode {
 
-// The "event" member's value.
-const char *event_name(EventKind kind);
+// The "event" member's value, on a Watch stream and in an upgrade's progress alike.
+std::string_view event_name(EventKind kind);
 
 // A Watch stream's event: {event, time, service, generation?, instance?, pid?, state?, message?,
 // handoff?}.

@@ -245,13 +245,15 @@ void Client::Impl::dispatch(proto::varlink::Message &m)
 	if (event == params->end() || !event->is_string())
 		return;
 	// Events this version does not know are skipped, so a newer broker can add them.
-	if (*event == "drain") {
+	namespace events = proto::names::worker::events_event;
+	const std::string &name = event->get_ref<const std::string &>();
+	if (name == events::kDrain) {
 		DrainRequest req{deadline_after(params->value("timeout_ms", json()))};
 		if (on_drain)
 			on_drain(req);
-	} else if (*event == "connections") {
+	} else if (name == events::kConnections) {
 		connections_event(*params, m.fds);
-	} else if (*event == "handoff") {
+	} else if (name == events::kHandoff) {
 		handoff_event(*params);
 	}
 }
