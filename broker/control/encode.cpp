@@ -61,6 +61,41 @@ std::string_view event_name(EventKind kind)
 	return "unknown";
 }
 
+std::string_view instance_state(InstanceState s)
+{
+	namespace state = control_names::instance_state;
+	switch (s) {
+	case InstanceState::Starting:
+	case InstanceState::Restarting: // on its way up, as far as anyone watching can tell
+		return state::kStarting;
+	case InstanceState::Ready:
+		return state::kReady;
+	case InstanceState::Draining:
+		return state::kDraining;
+	case InstanceState::Exited:
+		return state::kExited;
+	case InstanceState::Failed:
+		break;
+	}
+	return state::kFailed;
+}
+
+std::string_view phase(RolloutPhase p)
+{
+	namespace phase = control_names::upgrade_info_phase;
+	switch (p) {
+	case RolloutPhase::Rolling:
+		return phase::kRolling;
+	case RolloutPhase::RollingBack:
+		return phase::kRollingBack;
+	case RolloutPhase::Done:
+		return phase::kDone;
+	case RolloutPhase::RolledBack:
+		break;
+	}
+	return phase::kRolledBack;
+}
+
 json handoff(const HandoffTotals &h)
 {
 	return {{"handed", h.counts.handed},
@@ -73,7 +108,7 @@ json upgrade(const UpgradeSnapshot &u)
 {
 	return {{"generation", u.generation},
 	        {"from", u.from},
-	        {"phase", phase_name(u.phase)},
+	        {"phase", phase(u.phase)},
 	        {"started", u.started},
 	        {"ready", u.ready},
 	        {"drained", u.drained},
@@ -101,7 +136,7 @@ static json instance(const Instance &inst)
 	json i = {{"id", inst.id},
 	          {"index", inst.index},
 	          {"pid", inst.pid},
-	          {"state", state_name(inst.state)},
+	          {"state", instance_state(inst.state)},
 	          {"since", inst.since}};
 	if (!inst.status_text.empty())
 		i["status"] = inst.status_text;
@@ -157,7 +192,7 @@ json watch_event(const Event &e)
 	if (!e.instance.empty()) {
 		j["instance"] = e.instance;
 		j["pid"] = e.pid;
-		j["state"] = state_name(e.state);
+		j["state"] = instance_state(e.state);
 	}
 	if (!e.message.empty())
 		j["message"] = e.message;

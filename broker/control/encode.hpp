@@ -18,6 +18,9 @@ namespace brokerd::encode {
 
 // The "event" member's value, on a Watch stream and in an upgrade's progress alike.
 std::string_view event_name(EventKind kind);
+// An instance's state and an upgrade's phase, as io.brokerd.Control.varlink names them.
+std::string_view instance_state(InstanceState s);
+std::string_view phase(RolloutPhase p);
 
 // A Watch stream's event: {event, time, service, generation?, instance?, pid?, state?, message?,
 // handoff?}.

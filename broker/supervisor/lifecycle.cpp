@@ -30,24 +30,6 @@ std::string describe_exit(const siginfo_t &si)
 
 } // namespace
 
-const char *state_name(InstanceState s)
-{
-	switch (s) {
-	case InstanceState::Starting:
-	case InstanceState::Restarting: // on its way up, as far as anyone watching can tell
-		return "starting";
-	case InstanceState::Ready:
-		return "ready";
-	case InstanceState::Draining:
-		return "draining";
-	case InstanceState::Exited:
-		return "exited";
-	case InstanceState::Failed:
-		return "failed";
-	}
-	return "unknown";
-}
-
 void Supervisor::set_state(Instance &inst, InstanceState s)
 {
 	inst.state = s;

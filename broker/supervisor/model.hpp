@@ -54,7 +54,6 @@ enum class InstancePurpose {
 	Retired,        // drained on purpose: never restarted, pruned once exited
 	RolloutDrained, // retired by an upgrade or takeover, which awaits its exit
 };
-const char *state_name(InstanceState s);
 
 // A worker's stdout or stderr pipe, copied line by line to brokerd's own with the instance's name.
 struct OutputPipe {

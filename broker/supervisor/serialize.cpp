@@ -8,6 +8,26 @@ namespace brokerd {
 
 using json = nlohmann::json;
 
+// An instance's state as the saved state names it. A re-exec happens only when no instance is
+// starting, restarting or draining (Supervisor::busy), so only the last three come back.
+static const char *state_format_name(InstanceState s)
+{
+	switch (s) {
+	case InstanceState::Starting:
+	case InstanceState::Restarting:
+		return "starting";
+	case InstanceState::Ready:
+		return "ready";
+	case InstanceState::Draining:
+		return "draining";
+	case InstanceState::Exited:
+		return "exited";
+	case InstanceState::Failed:
+		break;
+	}
+	return "failed";
+}
+
 json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 {
 	json services = json::array();
@@ -18,7 +38,7 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 			for (const auto &inst : gen->instances) {
 				json i = {{"index", inst->index},
 				          {"id", inst->id},
-				          {"state", state_name(inst->state)},
+				          {"state", state_format_name(inst->state)},
 				          {"since", inst->since},
 				          {"pid", inst->pid},
 				          {"main_pid", inst->main_pid},

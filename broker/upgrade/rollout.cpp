@@ -5,21 +5,6 @@
 
 namespace brokerd {
 
-const char *phase_name(RolloutPhase p)
-{
-	switch (p) {
-	case RolloutPhase::Rolling:
-		return "rolling";
-	case RolloutPhase::RollingBack:
-		return "rolling-back";
-	case RolloutPhase::Done:
-		return "done";
-	case RolloutPhase::RolledBack:
-		return "rolled-back";
-	}
-	return "unknown";
-}
-
 Rollout::Rollout(unsigned old_total, unsigned new_total, unsigned batch, bool all_at_once)
 	: old_total_(old_total), new_total_(std::max(new_total, 1u)), batch_(std::max(batch, 1u)),
 	  all_at_once_(all_at_once)

@@ -12,8 +12,6 @@ enum class RolloutPhase {
 	RolledBack,  // the old generation serves at full capacity again
 };
 
-const char *phase_name(RolloutPhase p);
-
 // What the supervisor must do after an event. Counts, not instances: the supervisor picks which.
 struct RolloutStep {
 	unsigned start_new = 0;   // spawn this many instances of the new generation

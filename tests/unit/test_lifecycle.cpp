@@ -2,6 +2,7 @@
 // drain timeouts, stop, and an upgrade, with a fake launcher in place of fork and exec. Each
 // "worker" is a child of this test that runs a few lines of the test's own code; everything else
 // is brokerd's: the pidfd watch, the signals, the timers, the restart policy.
+#include "control/encode.hpp"
 #include "supervisor/supervisor.hpp"
 
 #include <doctest/doctest.h>
@@ -194,7 +195,7 @@ TEST_CASE_FIXTURE(Fixture, "lifecycle: a crashed instance waits for its backoff 
 
 	run_until([&] { return count(EventKind::Failed) == 1; }, "the first start's failure");
 	CHECK(inst.state == InstanceState::Restarting);
-	CHECK(std::string(state_name(inst.state)) == "starting");
+	CHECK(encode::instance_state(inst.state) == "starting"); // on the wire
 	CHECK(inst.pid == 0);
 	CHECK(inst.exit_reason == "exited with status 3");
 	CHECK(inst.timer);
