@@ -97,6 +97,33 @@ Result<proto::UniqueFd> process_by_pid(pid_t pid, usec_t connected_boottime)
 	return fd;
 }
 
+std::optional<ProcessIdentity> identity(pid_t pid)
+{
+	if (pid <= 0)
+		return std::nullopt;
+	auto ticks = start_ticks(pid);
+	if (!ticks)
+		return std::nullopt;
+	return ProcessIdentity{pid, *ticks};
+}
+
+Result<proto::UniqueFd> reopen(const ProcessIdentity &id)
+{
+	const std::string name = "pid " + std::to_string(id.pid);
+	if (id.pid <= 0)
+		return Failure{name + " names no process"};
+	proto::UniqueFd fd(static_cast<int>(::syscall(SYS_pidfd_open, id.pid, 0)));
+	if (!fd)
+		return Failure{name + " has exited (pidfd_open: " + std::strerror(errno) + ")"};
+	auto ticks = start_ticks(id.pid);
+	if (!ticks || !alive(fd.get()))
+		return Failure{name + " has exited"};
+	if (*ticks != id.start_ticks)
+		return Failure{name + " names another process by now (started at tick " + std::to_string(*ticks) +
+		               ", not " + std::to_string(id.start_ticks) + ")"};
+	return fd;
+}
+
 bool descends_from(pid_t pid, const std::vector<pid_t> &ancestors)
 {
 	for (std::size_t step = 0; step < proto::limits::kMaxAncestry && pid > 1; step++) {

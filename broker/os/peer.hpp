@@ -27,6 +27,20 @@ Result<proto::UniqueFd> process_by_pid(pid_t pid, usec_t connected_boottime);
 // Whether the process behind `pidfd` still runs.
 bool alive(int pidfd);
 
+// A process as a saved state names it, so that a brokerd started after a crash finds it again:
+// its pid, and when it started (/proc/PID/stat field 22, clock ticks since boot), which a process
+// that got the pid since does not share.
+struct ProcessIdentity {
+	pid_t pid = 0;
+	std::uint64_t start_ticks = 0;
+	bool operator==(const ProcessIdentity &) const = default;
+};
+// The identity of a running process; nullopt once it is gone.
+std::optional<ProcessIdentity> identity(pid_t pid);
+// A pidfd for the process `id` names, if it still runs. The pidfd is opened first and the start
+// time checked after, so a pid reused in between is never taken. Otherwise why not.
+Result<proto::UniqueFd> reopen(const ProcessIdentity &id);
+
 // Whether `pid` is one of `ancestors` or descends from one of them, following PPid in /proc at
 // most proto::limits::kMaxAncestry steps (an orphan's parent is a subreaper or init: it is not found).
 bool descends_from(pid_t pid, const std::vector<pid_t> &ancestors);

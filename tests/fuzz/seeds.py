@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the targets that read their input through fuzz::DataProvider
-(varlink, handoff), so that each seed is the script its name says.
+(varlink, handoff), so that each seed is the script its name says, and those of persist, whose
+slot headers carry checksums no one writes by hand.
 
 usage: tests/fuzz/seeds.py [CORPUS_DIR]   (default: tests/fuzz/corpus beside this script)
 
@@ -11,7 +12,9 @@ text is read some other way: a Varlink message whose last byte is taken for a co
 and the fds meant to travel with it never go. Here each seed is the calls of one run, encoded.
 """
 import pathlib
+import struct
 import sys
+import zlib
 
 KMAX_BATCH_ID = (1 << 64) - 1
 
@@ -155,9 +158,37 @@ HANDOFF_SEEDS = {
 }
 
 
+def persist_slot(seq, payload, fmt=1):
+    """One slot of the crash state (broker/daemon/persist.hpp): its 64-byte header, then payload."""
+    h = bytearray(64)
+    h[0:8] = b"BRKDST01"
+    struct.pack_into("<I", h, 8, fmt)
+    struct.pack_into("<QQI", h, 16, seq, len(payload), zlib.crc32(payload))
+    struct.pack_into("<I", h, 12, zlib.crc32(bytes(h)))
+    return bytes(h) + payload
+
+
+def persist_seed(slot0, slot1):
+    """fuzz_persist's input: a little-endian u16 length of slot 0's bytes, then both slots."""
+    return struct.pack("<H", len(slot0)) + slot0 + slot1
+
+
+PERSIST_OLD = b'{"format":1,"services":[]}'
+PERSIST_NEW = b'{"format":1,"services":[{"name":"web"}]}'
+PERSIST = {
+    "empty": persist_seed(b"", b""),
+    "one-slot": persist_seed(b"", persist_slot(1, PERSIST_OLD)),
+    "two-slots": persist_seed(persist_slot(2, PERSIST_NEW), persist_slot(1, PERSIST_OLD)),
+    "torn-newest": persist_seed(persist_slot(2, PERSIST_NEW)[:-3] + b"XYZ", persist_slot(1, PERSIST_OLD)),
+    "other-format": persist_seed(b"", persist_slot(1, PERSIST_OLD, fmt=2)),
+    "wrong-slot-seq": persist_seed(persist_slot(1, PERSIST_OLD), b""),
+    "not-a-state": persist_seed(b'{"services":[]}', b""),
+}
+
+
 def main():
     root = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "corpus"
-    for target, seeds in (("varlink", VARLINK), ("handoff", HANDOFF_SEEDS)):
+    for target, seeds in (("varlink", VARLINK), ("handoff", HANDOFF_SEEDS), ("persist", PERSIST)):
         for name, data in seeds.items():
             (root / target / name).write_bytes(data)
 
