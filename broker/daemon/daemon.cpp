@@ -11,6 +11,8 @@
 #include <systemd/sd-daemon.h>
 
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstring>
 
@@ -117,6 +119,7 @@ int Daemon::run()
 	setup_watchdog();
 
 	compose(std::move(control_fd));
+	keep_crash_state();
 	if (restoring)
 		carry_on();
 	else
@@ -322,8 +325,48 @@ void Daemon::extend_start()
 	notifier_.send("EXTEND_TIMEOUT_USEC=" + std::to_string((until > now ? until - now : 0) + kSlack));
 }
 
+// The crash state: kept from now on, written as things change (daemon/crash_state.hpp).
+void Daemon::keep_crash_state()
+{
+	auto file = persist::StateFile::create();
+	if (auto *f = std::get_if<Failure>(&file)) {
+		log::warning("crash state: " + f->why + "; none is kept");
+		return;
+	}
+	crash_state_ = std::make_unique<CrashState>(event_.get(), std::move(std::get<persist::StateFile>(file)),
+	                                            [this] { return crash_snapshot(); });
+}
+
+// What a brokerd started after a crash of this one needs: the config, the listeners and the
+// services, as a re-exec carries them. Fd numbers in the services are this process's and mean
+// nothing after it; a listener is known again by its address and its inode.
+std::string Daemon::crash_snapshot() const
+{
+	nlohmann::json listeners = nlohmann::json::array();
+	for (const auto &l : listeners_) {
+		struct stat st {};
+		::fstat(l.fd.get(), &st);
+		listeners.push_back({{"name", l.name},
+		                     {"address", l.address},
+		                     {"kind", l.kind},
+		                     {"origin", l.origin},
+		                     {"inode", st.st_ino}});
+	}
+	std::vector<int> unused;
+	return nlohmann::json{{"format", 1},
+	                      {"version", BROKER_VERSION},
+	                      {"pid", ::getpid()},
+	                      {"config_path", config_path_},
+	                      {"config_text", cfg_text_},
+	                      {"listeners", std::move(listeners)},
+	                      {"services", Serializer::save(*supervisor_, unused)}}
+	        .dump();
+}
+
 void Daemon::on_change()
 {
+	if (crash_state_)
+		crash_state_->changed();
 	if (!supervisor_->shutting_down() && listeners_.size() > cfg_.sockets.size())
 		close_unused_listeners();
 	if (supervisor_->shutting_down()) {

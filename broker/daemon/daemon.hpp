@@ -6,6 +6,7 @@
 #include "control/access.hpp"
 #include "control/server.hpp"
 #include "daemon/binary_check.hpp"
+#include "daemon/crash_state.hpp"
 #include "daemon/reload.hpp"
 #include "os/event.hpp"
 #include "os/listener.hpp"
@@ -72,6 +73,8 @@ private:
 	void drop_reexec();
 	void exec(std::string binary, int caller);
 	nlohmann::json save_state(int caller, std::vector<int> &keep) const;
+	void keep_crash_state();
+	std::string crash_snapshot() const;
 
 	std::string config_path_;
 	config::Config cfg_;
@@ -84,6 +87,7 @@ private:
 	std::unique_ptr<Supervisor> supervisor_;
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;
+	std::unique_ptr<CrashState> crash_state_; // null when no memfd could be had
 	// brokerctl reexec, while its binary is being checked (one at a time).
 	struct PendingReexec {
 		std::string binary;

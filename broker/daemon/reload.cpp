@@ -142,6 +142,8 @@ nlohmann::json Daemon::apply_reload(const ReloadPlan &plan, config::Config next,
 	for (const auto &name : plan.update_services)
 		supervisor_->update_service(*cfg_.find_service(name));
 	close_unused_listeners();
+	if (crash_state_)
+		crash_state_->changed(); // the config text, whether or not a service changed
 	return {{"added_sockets", plan.open_sockets},
 	        {"removed_sockets", plan.removed_sockets},
 	        {"added_services", plan.add_services},

@@ -240,9 +240,10 @@ int Supervisor::prune_handler(sd_event_source *, void *userdata)
 void Supervisor::prune()
 {
 	constexpr std::size_t kKeptGenerations = 8;
+	std::size_t pruned = 0;
 	for (auto &svc : services_) {
 		for (auto &gen : svc->generations)
-			std::erase_if(gen->instances, [](const std::unique_ptr<Instance> &inst) {
+			pruned += std::erase_if(gen->instances, [](const std::unique_ptr<Instance> &inst) {
 				return inst->retired() && !inst->pid && inst->state != InstanceState::Starting &&
 				       inst->state != InstanceState::Restarting;
 			});
@@ -265,8 +266,9 @@ void Supervisor::prune()
 				return false;
 		return true;
 	});
-	// A removed service is gone for good now: the sockets only it used may close.
-	if (gone > 0)
+	// A removed service is gone for good now: the sockets only it used may close. What is kept
+	// of the books (the crash state among them) changed with any instance gone.
+	if (gone > 0 || pruned > 0)
 		changed();
 }
 
