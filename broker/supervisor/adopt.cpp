@@ -70,14 +70,17 @@ void Supervisor::watch_restored(Instance &inst)
 		sd_event_source_set_child_pidfd_own(s, 1);
 		(void)pidfd.release();
 		inst.child_source.reset(s);
-		if (inst.main_pid > 0 && !inst.pidfd)
+		if (inst.main_pid > 0 && !inst.pidfd) {
 			inst.main_pid = 0; // no way to name it safely any more: the session's SIGKILL remains
+			inst.main_pid_start = 0;
+		}
 		return;
 	}
 	if (!inst.pidfd) {
 		// Nothing names it safely any more. A registered worker is never restarted by us anyway.
 		log::warning("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " came without its pidfd, forgetting it");
 		inst.pid = 0;
+		inst.pid_start = 0;
 		inst.retire();
 		inst.token.clear();
 		set_state(inst, InstanceState::Exited);

@@ -75,6 +75,7 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 		log::info("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " exited, main pid " +
 		          std::to_string(inst.main_pid) + " continues");
 		inst.pid = std::exchange(inst.main_pid, 0);
+		inst.pid_start = std::exchange(inst.main_pid_start, 0);
 		inst.origin = InstanceOrigin::Forked; // watched through its pidfd from now on, like a registered worker
 		sd_event_source *s = nullptr;
 		if (sd_event_add_io(event_, &s, inst.pidfd.get(), EPOLLIN, external_handler, &inst) >= 0) {
@@ -150,6 +151,7 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 	}
 	emit(inst, expected || clean ? EventKind::Exited : EventKind::Failed, inst.exit_reason);
 	inst.pid = 0;
+	inst.pid_start = 0;
 
 	if (step) {
 		apply(svc, *step);
@@ -353,8 +355,10 @@ void Supervisor::instance_main_pid(Instance &inst, pid_t pid)
 		}
 		inst.child_source.reset(s);
 		inst.pid = pid;
+		inst.pid_start = start_time(pid);
 	} else {
 		inst.main_pid = pid == inst.pid ? 0 : pid;
+		inst.main_pid_start = inst.main_pid ? start_time(pid) : 0;
 	}
 	inst.pidfd = std::move(pidfd);
 	log::info("instance " + inst.id + ": main pid is now " + std::to_string(pid));

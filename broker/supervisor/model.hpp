@@ -75,6 +75,10 @@ struct Instance {
 	usec_t since = 0; // CLOCK_REALTIME, of the last state change
 	pid_t pid = 0;
 	pid_t main_pid = 0;       // from MAINPID=, when not pid itself
+	// When pid and main_pid started (/proc/PID/stat field 22), read when brokerd learnt each
+	// while it surely named that process: with the pid, what the crash state names a process by.
+	std::uint64_t pid_start = 0;
+	std::uint64_t main_pid_start = 0;
 	pid_t session = 0;        // of a spawned instance: the session (and group) its first process leads
 	InstanceOrigin origin = InstanceOrigin::Spawned;
 	EventSource child_source; // owns the pidfd; kept until the slot respawns

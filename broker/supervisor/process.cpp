@@ -1,6 +1,7 @@
 // Process helpers the supervisor's parts share: pidfds, instance tokens, errno text.
 #include "supervisor/process.hpp"
 
+#include "os/peer.hpp"
 #include "proto/limits.hpp"
 
 #include <sys/random.h>
@@ -26,6 +27,12 @@ int pidfd_open(pid_t pid)
 int pidfd_send_signal(int pidfd, int sig)
 {
 	return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0));
+}
+
+std::uint64_t start_time(pid_t pid)
+{
+	auto id = peer::identity(pid);
+	return id ? id->start_ticks : 0;
 }
 
 std::string random_token()

@@ -11,6 +11,8 @@ namespace brokerd::process {
 std::string errno_text(int e);
 int pidfd_open(pid_t pid);
 int pidfd_send_signal(int pidfd, int sig);
+// When `pid` started (peer::ProcessIdentity's start_ticks), or 0 once it is gone.
+std::uint64_t start_time(pid_t pid);
 // A new instance's secret: limits::kTokenBytes random bytes, in hex.
 std::string random_token();
 

@@ -126,6 +126,7 @@ std::variant<Instance *, Refusal> Supervisor::register_external(Service &svc, co
 	Instance &inst = add_instance(*gen);
 	inst.origin = InstanceOrigin::Registered;
 	inst.pid = pid;
+	inst.pid_start = start_time(pid);
 	inst.pidfd = std::move(pidfd);
 	inst.token = random_token();
 	set_state(inst, InstanceState::Starting);

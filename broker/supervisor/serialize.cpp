@@ -42,6 +42,8 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				          {"since", inst->since},
 				          {"pid", inst->pid},
 				          {"main_pid", inst->main_pid},
+				          {"pid_start", inst->pid_start},
+				          {"main_pid_start", inst->main_pid_start},
 				          {"session", inst->session},
 				          {"forked", inst->origin == InstanceOrigin::Forked},
 				          {"token", inst->token},
@@ -98,6 +100,9 @@ static void decode_instance(Instance &inst, const json &i)
 	inst.since = i.at("since").get<std::uint64_t>();
 	inst.pid = i.at("pid").get<pid_t>();
 	inst.main_pid = i.at("main_pid").get<pid_t>();
+	// Absent from the state of a brokerd that predates them.
+	inst.pid_start = i.value("pid_start", std::uint64_t{0});
+	inst.main_pid_start = i.value("main_pid_start", std::uint64_t{0});
 	// Absent from the state of a brokerd that predates them.
 	inst.session = i.value("session", inst.pid);
 	inst.token = i.at("token").get<std::string>();

@@ -242,6 +242,7 @@ void Supervisor::spawn(Instance &inst)
 	inst.token = random_token();
 	inst.timer.reset();
 	inst.main_pid = 0;
+	inst.main_pid_start = 0;
 	inst.session = 0;
 	inst.origin = InstanceOrigin::Spawned;
 	inst.pidfd.reset();
@@ -318,6 +319,7 @@ std::optional<std::string> Supervisor::watch_child(Instance &inst, pid_t pid)
 	(void)pidfd.release();
 	inst.child_source.reset(s);
 	inst.pid = pid;
+	inst.pid_start = start_time(pid); // our child, not reaped yet: the pid is surely its
 	inst.session = pid;
 	return std::nullopt;
 }

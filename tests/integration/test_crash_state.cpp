@@ -1,9 +1,10 @@
 // Integration: brokerd keeps its crash state (daemon/crash_state.*, daemon/persist.*) up to date:
-// the memfd it holds names the instances Status shows, after its start, after an upgrade and after
-// a reload, and it is not rewritten while nothing changes.
+// the memfd it holds names the instances Status shows, each by pid and start time, after its start,
+// after an upgrade and after a reload, and it is not rewritten while nothing changes.
 #include "harness.hpp"
 
 #include "daemon/persist.hpp"
+#include "os/peer.hpp"
 
 #include <doctest/doctest.h>
 
@@ -73,6 +74,21 @@ std::set<pid_t> running_pids(const json &state, std::uint64_t generation)
 	return out;
 }
 
+// Every running instance of the state names its process by pid and start time, as /proc has them.
+void check_identities(const json &state)
+{
+	for (const json &svc : state.at("services"))
+		for (const json &gen : svc.at("generations"))
+			for (const json &inst : gen.at("instances")) {
+				auto pid = inst.at("pid").get<pid_t>();
+				if (pid <= 0)
+					continue;
+				auto id = brokerd::peer::identity(pid);
+				REQUIRE(id);
+				CHECK(inst.at("pid_start").get<std::uint64_t>() == id->start_ticks);
+			}
+}
+
 std::set<pid_t> as_set(const std::vector<pid_t> &v)
 {
 	return {v.begin(), v.end()};
@@ -93,6 +109,7 @@ TEST_CASE("crash state: the memfd brokerd keeps names the instances Status shows
 	// answers Status may come first.
 	CHECK(wait_until([&] { return running_pids((r = read_state(b.pid())).state, 1) == first; }, 10s));
 	CHECK(r.state.at("pid") == b.pid());
+	check_identities(r.state);
 	CHECK(r.state.at("services").at(0).at("current") == 1);
 	const json &http = r.state.at("listeners").at(0);
 	CHECK(http.at("name") == "http");
@@ -115,6 +132,7 @@ TEST_CASE("crash state: the memfd brokerd keeps names the instances Status shows
 	CHECK(after.seq > r.seq);
 	CHECK(after.state.at("services").at(0).at("current") == 2);
 	CHECK(running_pids(after.state, 2) == second);
+	check_identities(after.state);
 
 	// Nothing changes: nothing is written. Status is a call, not a change.
 	for (int i = 0; i < 5; i++)

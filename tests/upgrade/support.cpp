@@ -102,11 +102,12 @@ bool NotifyDrain::wait_ready(std::chrono::milliseconds timeout)
 	return cv_.wait_for(lock, timeout, [&] { return ready_; });
 }
 
-void TestBroker::start(const json &config)
+void TestBroker::start(const json &config, const std::vector<std::string> &env)
 {
 	BrokerOptions opts;
 	// env(1) execs brokerd in place, so the harness still holds brokerd's pid.
 	opts.prefix = {"env", "NOTIFY_SOCKET=" + notify.address()};
+	opts.prefix.insert(opts.prefix.end(), env.begin(), env.end());
 	opts.wait_ready = false;
 	b.start(config, opts);
 	bool ready = wait_until([&] { return notify.wait_ready(50ms) || !b.process().running() || !process_exists(b.pid()); }, 20s);

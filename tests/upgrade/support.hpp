@@ -54,8 +54,9 @@ struct TestBroker {
 	NotifyDrain notify; // outlives brokerd, which the Broker's destructor stops if the test did not
 	Broker b;
 
-	// Broker::start, with brokerd's NOTIFY_SOCKET pointing at `notify`; waits for READY=1.
-	void start(const json &config);
+	// Broker::start, with brokerd's NOTIFY_SOCKET pointing at `notify` and `env` ("K=V") added
+	// to its environment; waits for READY=1.
+	void start(const json &config, const std::vector<std::string> &env = {});
 };
 
 // One broker-loadgen process (the LOADGEN environment variable) against 127.0.0.1:port. It runs
