@@ -353,14 +353,15 @@ std::string Daemon::crash_snapshot() const
 		                     {"inode", st.st_ino}});
 	}
 	std::vector<int> unused;
-	return nlohmann::json{{"format", 1},
-	                      {"version", BROKER_VERSION},
-	                      {"pid", ::getpid()},
-	                      {"config_path", config_path_},
-	                      {"config_text", cfg_text_},
-	                      {"listeners", std::move(listeners)},
-	                      {"services", Serializer::save(*supervisor_, unused)}}
-	        .dump();
+	nlohmann::json state = {{"format", 1},
+	                        {"version", BROKER_VERSION},
+	                        {"pid", ::getpid()},
+	                        {"config_path", config_path_},
+	                        {"config_text", cfg_text_},
+	                        {"listeners", std::move(listeners)},
+	                        {"services", Serializer::save(*supervisor_, unused)}};
+	// A worker's last lines of output are its bytes, not always UTF-8.
+	return state.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 void Daemon::on_change()

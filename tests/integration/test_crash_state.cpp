@@ -154,3 +154,29 @@ TEST_CASE("crash state: the memfd brokerd keeps names the instances Status shows
 	CHECK(reloaded.seq > after.seq);
 	b.stop();
 }
+
+TEST_CASE("crash state: a worker's output that is not UTF-8 does not stop the state being written")
+{
+	Broker b;
+	json svc = service({"/bin/sh", "-c", "printf 'bad \\377 byte\\n'; exec sleep 1000"}, {}, 1, "exec");
+	b.start({{"services", {{"raw", svc}}}});
+	BROKER_CONTEXT(b);
+	// The line is in the instance's last lines, and a change after it (the upgrade) is written.
+	auto last_lines = [](const json &state) {
+		for (const json &gen : state.at("services").at(0).at("generations"))
+			for (const json &inst : gen.at("instances"))
+				if (!inst.at("last_lines").empty())
+					return inst.at("last_lines").at(0).get<std::string>();
+		return std::string();
+	};
+	RunResult up = brokerctl(b, {"upgrade", "raw"});
+	REQUIRE_MESSAGE(up.exit_code == 0, up.describe());
+	Read r;
+	CHECK(wait_until([&] {
+		r = read_state(b.pid());
+		return r.state.at("services").at(0).at("current") == 2 && last_lines(r.state).starts_with("bad ");
+	}, 10s));
+	CHECK(last_lines(r.state) == "bad \xEF\xBF\xBD byte"); // U+FFFD for the byte that is not UTF-8
+	CHECK(b.log().find("crash state") == std::string::npos);
+	b.stop();
+}
