@@ -70,21 +70,30 @@ std::unique_ptr<Service> service_after_a_run()
 	return svc;
 }
 
-} // namespace
-
-TEST_CASE("serialize: a saved supervisor restores to the same model, and saves the same again")
-{
-	sd_event *event = nullptr;
-	REQUIRE(sd_event_new(&event) >= 0);
-	std::list<Listener> listeners;
-	listeners.push_back(Listener{"http", {}, "tcp://127.0.0.1:8080", "tcp", "bound", ""});
+// A loop, the socket "http", and the state a supervisor that went through a run saves.
+struct SavedRun {
+	SavedRun()
 	{
+		REQUIRE(sd_event_new(&event) >= 0);
+		listeners.push_back(Listener{"http", {}, "tcp://127.0.0.1:8080", "tcp", "bound", ""});
 		Supervisor before(event, listeners, "/run/brokerd/control.sock");
 		before.adopt(service_after_a_run());
-		std::vector<int> keep;
-		json saved = Serializer::save(before, keep);
-		CHECK(keep.empty()); // no process runs, so no pidfd or pipe is carried
+		saved = Serializer::save(before, keep);
+	}
+	~SavedRun() { sd_event_unref(event); }
 
+	sd_event *event = nullptr;
+	std::list<Listener> listeners;
+	std::vector<int> keep;
+	json saved;
+};
+
+} // namespace
+
+TEST_CASE_FIXTURE(SavedRun, "serialize: a saved supervisor restores to the same model, and saves the same again")
+{
+	CHECK(keep.empty()); // no process runs, so no pidfd or pipe is carried
+	{
 		Supervisor after(event, listeners, "/run/brokerd/control.sock");
 		Serializer::restore(after, saved);
 		std::vector<int> keep_again;
@@ -121,21 +130,11 @@ TEST_CASE("serialize: a saved supervisor restores to the same model, and saves t
 		CHECK(svc.generations[0]->instances[0]->retired());
 		CHECK_FALSE(failed.retired());
 	}
-	sd_event_unref(event);
 }
 
-TEST_CASE("serialize: a state naming a socket that was not passed on is refused")
+TEST_CASE_FIXTURE(SavedRun, "serialize: a state naming a socket that was not passed on is refused")
 {
-	sd_event *event = nullptr;
-	REQUIRE(sd_event_new(&event) >= 0);
-	std::list<Listener> listeners;
-	listeners.push_back(Listener{"http", {}, "tcp://127.0.0.1:8080", "tcp", "bound", ""});
 	{
-		Supervisor before(event, listeners, "/run/brokerd/control.sock");
-		before.adopt(service_after_a_run());
-		std::vector<int> keep;
-		json saved = Serializer::save(before, keep);
-
 		std::list<Listener> none;
 		Supervisor after(event, none, "/run/brokerd/control.sock");
 		CHECK_THROWS_WITH_AS(Serializer::restore(after, saved),
@@ -143,5 +142,4 @@ TEST_CASE("serialize: a state naming a socket that was not passed on is refused"
 		                     std::runtime_error);
 		CHECK(after.services().empty());
 	}
-	sd_event_unref(event);
 }
