@@ -24,13 +24,12 @@ std::optional<std::string> Supervisor::busy() const
 			return "service " + svc->name + " is being removed";
 		for (const auto &gen : svc->generations)
 			for (const auto &inst : gen->instances) {
-				bool running = inst->pid > 0;
-				if (inst->state == InstanceState::Starting || inst->state == InstanceState::Restarting ||
-				    inst->state == InstanceState::Draining || (inst->timer && !running) || inst->exec_source)
-					return "instance " + inst->id + " is " +
-					       (inst->state == InstanceState::Draining ? "draining"
-					        : running                              ? "starting"
-					                                               : "waiting to restart");
+				if (inst->state == InstanceState::Restarting)
+					return "instance " + inst->id + " is waiting to restart";
+				if (inst->state == InstanceState::Draining)
+					return "instance " + inst->id + " is draining";
+				if (inst->state == InstanceState::Starting || inst->exec_source)
+					return "instance " + inst->id + " is starting";
 			}
 	}
 	return std::nullopt;
