@@ -133,11 +133,14 @@ void ControlServer::Connection::status(const json &params, bool only_sockets)
 	json services = encode::services(server_.supervisor_, narrowed ? &service : nullptr);
 	if (services.is_null())
 		return error(proto::errors::kNoSuchService, {{"service", service}});
-	reply({{"version", BROKER_VERSION},
-	       {"pid", ::getpid()},
-	       {"uptime_usec", now_usec(CLOCK_MONOTONIC) - server_.start_usec_},
-	       {"sockets", std::move(sockets)},
-	       {"services", std::move(services)}});
+	json r = {{"version", BROKER_VERSION},
+	          {"pid", ::getpid()},
+	          {"uptime_usec", now_usec(CLOCK_MONOTONIC) - server_.start_usec_},
+	          {"sockets", std::move(sockets)},
+	          {"services", std::move(services)}};
+	if (json recovered = encode::recovery(server_.supervisor_.recovery()); !recovered.is_null())
+		r["recovered"] = std::move(recovered);
+	reply(std::move(r));
 }
 
 Service *ControlServer::Connection::service_param(const json &params, const std::vector<std::string> &allowed)

@@ -173,6 +173,17 @@ static json service(const Service &svc)
 	return s;
 }
 
+json recovery(const Supervisor::Recovery &r)
+{
+	if (!r.crashed_pid)
+		return nullptr;
+	return {{"crashed_pid", r.crashed_pid},
+	        {"at", r.at},
+	        {"kept", r.kept},
+	        {"lost", r.lost},
+	        {"interrupted", r.interrupted}};
+}
+
 json services(const Supervisor &supervisor, const std::string *only)
 {
 	json out = json::array();

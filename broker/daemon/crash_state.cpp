@@ -32,6 +32,12 @@ int CrashState::on_turn(sd_event_source *, void *userdata)
 	});
 }
 
+void CrashState::write_last(const std::string &text)
+{
+	snapshot_ = [text] { return text; };
+	write();
+}
+
 void CrashState::write()
 {
 	sd_event_source_set_enabled(turn_.get(), SD_EVENT_OFF);

@@ -26,6 +26,8 @@ public:
 	void changed();
 	// Writes now, if anything changed since the last write.
 	void write();
+	// The last write, at a clean stop: `text` in place of the snapshot, and no more after it.
+	void write_last(const std::string &text);
 
 	int fd() const { return file_.fd(); }
 	// How many times it was written (the newest slot's seq).

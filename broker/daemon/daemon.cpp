@@ -6,6 +6,7 @@
 #include "daemon/state.hpp"
 #include "os/closer.hpp"
 #include "os/log.hpp"
+#include "os/peer.hpp"
 #include "supervisor/serialize.hpp"
 
 #include <systemd/sd-daemon.h>
@@ -38,8 +39,10 @@ proto::UniqueFd Daemon::open_listeners()
 			log::warning(std::string("cannot raise the fd limit: ") + std::strerror(errno));
 	}
 
-	// systemd's fds first, before anything else could take their numbers' meaning.
+	// systemd's fds first, before anything else could take their numbers' meaning. A crash state
+	// among them brings the config the crashed brokerd ran.
 	InheritedFds inherited = InheritedFds::from_environment();
+	take_crash_state(inherited);
 	proto::UniqueFd control_fd = adopt_control_socket(inherited);
 	for (const auto &s : cfg_.sockets) {
 		// A socket kept in the fd store by an earlier brokerd comes back under its own name,
@@ -101,6 +104,8 @@ int Daemon::run()
 {
 	const bool restoring = !restored_.is_null();
 	start_usec_ = restoring ? restored_.at("start_usec").get<std::uint64_t>() : now_usec(CLOCK_MONOTONIC);
+	if (auto self = peer::identity(::getpid()))
+		pid_start_ = self->start_ticks;
 	proto::UniqueFd control_fd = restoring ? restore_listeners() : open_listeners();
 	closer::start();
 
@@ -122,8 +127,11 @@ int Daemon::run()
 	keep_crash_state();
 	if (restoring)
 		carry_on();
+	else if (crash_ && !crash_->state.is_null())
+		recover();
 	else
 		start_services();
+	crash_.reset();
 	// Readiness is judged once every service is there: one that fails at once must not make
 	// READY=1 come before the others have started.
 	supervisor_->on_change = [this] { on_change(); };
@@ -136,6 +144,14 @@ int Daemon::run()
 	control_.reset();
 	for (const auto &l : listeners_)
 		remove_socket_file(l);
+	// Every worker is gone: a brokerd started next finds nothing to carry on with.
+	if (crash_state_)
+		crash_state_->write_last(nlohmann::json{{"format", kCrashFormat},
+		                                        {"version", BROKER_VERSION},
+		                                        {"pid", ::getpid()},
+		                                        {"pid_start", pid_start_},
+		                                        {"stopped", true}}
+		                             .dump());
 	log::notice("stopped");
 	return r;
 }
@@ -182,10 +198,21 @@ void Daemon::compose(proto::UniqueFd control_fd)
 	if (!restored_.is_null()) {
 		notify_fd.reset(restored_.at("notify_fd").get<int>());
 		state::set_cloexec(notify_fd.get(), true);
+	} else if (crash_ && !crash_->state.is_null()) {
+		// The workers' NOTIFY_SOCKET: what they sent while brokerd was down waits in it.
+		notify_fd = std::move(crash_->notify);
 	}
 	notify_ = std::make_unique<NotifySocket>(e, *supervisor_, std::move(notify_fd));
 	supervisor_->set_notify_address(notify_->address());
 	supervisor_->read_notifications = [this] { notify_->receive(); };
+	notify_->persist = [this] {
+		if (crash_state_)
+			crash_state_->write();
+	};
+	supervisor_->keep_fd = [this](const std::string &name, int fd) { return store_fd(name, fd); };
+	supervisor_->release_fd = [this](const std::string &name) {
+		notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + name);
+	};
 	DaemonHooks hooks;
 	hooks.read_config = [this] { return config::load(config_path_); };
 	hooks.reload = [this] { return reload(); };
@@ -220,6 +247,8 @@ void Daemon::start_services()
 	for (const auto &l : listeners_)
 		if (l.origin == "bound")
 			store_fd(l.name, l.fd.get());
+	// What workers send while brokerd is down waits in its queue.
+	store_fd("notify", notify_->fd());
 	for (const auto &svc : cfg_.services)
 		supervisor_->add_service(svc);
 }
@@ -289,10 +318,14 @@ void Daemon::setup_watchdog()
 	}
 }
 
-void Daemon::store_fd(const std::string &name, int fd)
+bool Daemon::store_fd(const std::string &name, int fd, bool poll)
 {
-	if (notifier_.enabled() && !notifier_.send_with_fd("FDSTORE=1\nFDNAME=" + name, fd))
-		log::warning("socket " + name + ": the service manager did not take it into its fd store");
+	if (!notifier_.enabled())
+		return false;
+	if (notifier_.send_with_fd("FDSTORE=1\nFDNAME=" + name + (poll ? "" : "\nFDPOLL=0"), fd))
+		return true;
+	log::warning(name + ": the service manager did not take it into its fd store");
+	return false;
 }
 
 void Daemon::close_unused_listeners()
@@ -328,13 +361,32 @@ void Daemon::extend_start()
 // The crash state: kept from now on, written as things change (daemon/crash_state.hpp).
 void Daemon::keep_crash_state()
 {
+	auto snapshot = [this] { return crash_snapshot(); };
+	if (crash_) {
+		// The crashed brokerd's: in the fd store already, written on after its newest slot.
+		crash_state_ = std::make_unique<CrashState>(event_.get(), std::move(crash_->file), snapshot);
+		return;
+	}
+	if (!restored_.is_null() && restored_.contains("crash_state_fd")) {
+		// A re-exec carries the one in the fd store over.
+		proto::UniqueFd fd(restored_.at("crash_state_fd").get<int>());
+		state::set_cloexec(fd.get(), true);
+		auto kept = persist::StateFile::adopt(std::move(fd));
+		if (auto *f = std::get_if<persist::StateFile>(&kept)) {
+			crash_state_ = std::make_unique<CrashState>(event_.get(), std::move(*f), snapshot);
+			return;
+		}
+		log::warning("crash state: the one carried over is refused: " + std::get<Failure>(kept).why + "; a new one replaces it");
+		notifier_.send("FDSTOREREMOVE=1\nFDNAME=state");
+	}
 	auto file = persist::StateFile::create();
 	if (auto *f = std::get_if<Failure>(&file)) {
 		log::warning("crash state: " + f->why + "; none is kept");
 		return;
 	}
-	crash_state_ = std::make_unique<CrashState>(event_.get(), std::move(std::get<persist::StateFile>(file)),
-	                                            [this] { return crash_snapshot(); });
+	crash_state_ = std::make_unique<CrashState>(event_.get(), std::move(std::get<persist::StateFile>(file)), snapshot);
+	// A memfd is no pollable fd: the service manager must keep it without watching it.
+	store_fd("state", crash_state_->fd(), false);
 }
 
 // What a brokerd started after a crash of this one needs: the config, the listeners and the
@@ -353,9 +405,10 @@ std::string Daemon::crash_snapshot() const
 		                     {"inode", st.st_ino}});
 	}
 	std::vector<int> unused;
-	nlohmann::json state = {{"format", 1},
+	nlohmann::json state = {{"format", kCrashFormat},
 	                        {"version", BROKER_VERSION},
 	                        {"pid", ::getpid()},
+	                        {"pid_start", pid_start_},
 	                        {"config_path", config_path_},
 	                        {"config_text", cfg_text_},
 	                        {"listeners", std::move(listeners)},
@@ -377,6 +430,9 @@ void Daemon::on_change()
 	}
 	std::string status = supervisor_->summary();
 	if (!announced_ready_ && supervisor_->settled()) {
+		// What the service manager hears of is in the crash state first.
+		if (crash_state_)
+			crash_state_->write();
 		announced_ready_ = true;
 		log::notice("ready: " + status);
 		notifier_.send("READY=1\nSTATUS=" + status);

@@ -12,6 +12,7 @@
 #include "os/listener.hpp"
 #include "os/notify.hpp"
 #include "os/systemd_notify.hpp"
+#include "supervisor/serialize.hpp"
 #include "supervisor/supervisor.hpp"
 
 #include <nlohmann/json.hpp>
@@ -26,6 +27,9 @@
 #include <vector>
 
 namespace brokerd {
+
+// The format of the JSON in the crash state's slots (Daemon::crash_snapshot); another is refused.
+inline constexpr int kCrashFormat = 1;
 
 struct EventUnref {
 	void operator()(sd_event *e) const { sd_event_unref(e); }
@@ -61,7 +65,9 @@ private:
 	nlohmann::json apply_reload(const ReloadPlan &plan, config::Config next, std::string next_text, AccessRules rules);
 	void close_unused_listeners();
 	proto::UniqueFd adopt_control_socket(InheritedFds &inherited);
-	void store_fd(const std::string &name, int fd);
+	// Into the service manager's fd store; whether it took it. `poll`: whether it may watch the
+	// fd for a hangup (which drops it), as it cannot a memfd.
+	bool store_fd(const std::string &name, int fd, bool poll = true);
 	proto::UniqueFd open_listeners();
 	proto::UniqueFd restore_listeners();
 	void setup_watchdog();
@@ -75,12 +81,15 @@ private:
 	nlohmann::json save_state(int caller, std::vector<int> &keep) const;
 	void keep_crash_state();
 	std::string crash_snapshot() const;
+	void take_crash_state(InheritedFds &inherited);
+	void recover();
 
 	std::string config_path_;
 	config::Config cfg_;
 	std::string cfg_text_;     // the file as cfg_ was parsed from it, for a re-exec
 	nlohmann::json restored_;  // a previous brokerd's state, until run() has used it
 	usec_t start_usec_ = 0;
+	std::uint64_t pid_start_ = 0; // our own start time, by which the crash state names its writer
 	usec_t watchdog_usec_ = 0;
 	std::unique_ptr<sd_event, EventUnref> event_;
 	std::list<Listener> listeners_; // stable addresses: services point at their listeners
@@ -88,6 +97,17 @@ private:
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;
 	std::unique_ptr<CrashState> crash_state_; // null when no memfd could be had
+	// After a crash of the brokerd before: what it kept in the fd store, until recover() used it
+	// (daemon/recovery.cpp).
+	struct CrashRestart {
+		explicit CrashRestart(persist::StateFile f) : file(std::move(f)) {}
+		persist::StateFile file;
+		nlohmann::json state; // null when the memfd was never written: a clean start
+		proto::UniqueFd notify;
+		Serializer::CrashFds fds;
+		pid_t crashed_pid = 0;
+	};
+	std::unique_ptr<CrashRestart> crash_;
 	// brokerctl reexec, while its binary is being checked (one at a time).
 	struct PendingReexec {
 		std::string binary;

@@ -138,7 +138,12 @@ nlohmann::json Daemon::save_state(int caller, std::vector<int> &keep) const
 		keep.push_back(l.fd.get());
 	}
 	keep.push_back(notify_->fd());
-	return {{"format", state::kFormat},
+	nlohmann::json extra = nlohmann::json::object();
+	if (crash_state_) {
+		extra["crash_state_fd"] = crash_state_->fd();
+		keep.push_back(crash_state_->fd());
+	}
+	nlohmann::json st = {{"format", state::kFormat},
 	        {"version", BROKER_VERSION},
 	        {"config_path", config_path_},
 	        {"config_text", cfg_text_},
@@ -151,6 +156,8 @@ nlohmann::json Daemon::save_state(int caller, std::vector<int> &keep) const
 	        {"notify_fd", notify_->fd()},
 	        {"services", Serializer::save(*supervisor_, keep)},
 	        {"control", control_->save_state(caller, keep)}};
+	st.update(extra);
+	return st;
 }
 
 } // namespace brokerd

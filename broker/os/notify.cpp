@@ -4,6 +4,7 @@
 #include "proto/limits.hpp"
 #include "os/closer.hpp"
 #include "os/log.hpp"
+#include "os/peer.hpp"
 #include "supervisor/supervisor.hpp"
 
 #include <sys/socket.h>
@@ -26,16 +27,6 @@ namespace brokerd {
 #endif
 
 namespace {
-
-// Whether two pidfds name the same process. Since Linux 6.9 (pidfs) each process has its own
-// inode; before, every pidfd shares one, and the sender's pid is all there is to go by.
-bool same_process(int a, int b)
-{
-	struct stat sa{}, sb{};
-	if (::fstat(a, &sa) < 0 || ::fstat(b, &sb) < 0)
-		return true;
-	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
 
 // A whole decimal number in pid_t's range, above 0; anything else (a sign, a suffix, "123xyz",
 // 4294967297) is 0.
@@ -163,7 +154,10 @@ void NotifySocket::receive()
 		msg.msg_iovlen = 1;
 		msg.msg_control = control;
 		msg.msg_controllen = sizeof(control);
-		ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC | MSG_TRUNC);
+		// Peeked, and taken off the queue only once handled and what it changed is in the crash
+		// state: a brokerd killed in between finds it again in the socket the fd store kept
+		// (each line means the same when read twice).
+		ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC | MSG_TRUNC | MSG_PEEK);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -171,39 +165,51 @@ void NotifySocket::receive()
 				log::client(log::Level::Warning, std::string("notify socket: ") + std::strerror(errno) + ", ignoring");
 			return;
 		}
-
-		Ancillary anc = read_ancillary(msg);
-		const ucred *cred = anc.cred;
-		if (!cred) {
-			log::client(log::Level::Warning, "notify socket: message without credentials, ignoring");
-			continue;
+		handle(msg, buf, n);
+		char discard;
+		while (::recv(fd_.get(), &discard, 1, MSG_DONTWAIT | MSG_TRUNC) < 0 && errno == EINTR) {
 		}
-		std::string who = "pid " + std::to_string(cred->pid);
-		if (static_cast<std::size_t>(n) > proto::limits::kMaxNotifyMessage || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
-			log::client(log::Level::Warning, "notify socket: oversized message from " + who + ", ignoring");
-			continue;
-		}
-		Instance *inst = supervisor_.find_by_pid(cred->pid);
-		if (!inst) {
-			log::client(log::Level::Warning, "notify socket: message from " + who + ", which is no instance, ignoring");
-			continue;
-		}
-		if (int own = supervisor_.pidfd_of(*inst, cred->pid); anc.sender && own >= 0 && !same_process(anc.sender.get(), own)) {
-			log::client(log::Level::Warning, "instance " + inst->id + ": notify message from " + who +
-			                                     ", another process than its own by that pid, ignoring");
-			continue;
-		}
-		if (anc.had_fds)
-			log::client(log::Level::Warning, "instance " + inst->id + ": notify message carried fds, closed them");
-
-		apply(*inst, cred->pid, std::string_view(buf, static_cast<std::size_t>(n)));
 	}
 }
 
-void NotifySocket::apply(Instance &inst, pid_t pid, std::string_view text)
+// One message, peeked: checked, then applied.
+void NotifySocket::handle(msghdr &msg, const char *buf, ssize_t n)
 {
+	Ancillary anc = read_ancillary(msg);
+	const ucred *cred = anc.cred;
+	if (!cred) {
+		log::client(log::Level::Warning, "notify socket: message without credentials, ignoring");
+		return;
+	}
+	std::string who = "pid " + std::to_string(cred->pid);
+	if (static_cast<std::size_t>(n) > proto::limits::kMaxNotifyMessage || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+		log::client(log::Level::Warning, "notify socket: oversized message from " + who + ", ignoring");
+		return;
+	}
+	Instance *inst = supervisor_.find_by_pid(cred->pid);
+	if (!inst) {
+		log::client(log::Level::Warning, "notify socket: message from " + who + ", which is no instance, ignoring");
+		return;
+	}
+	if (int own = supervisor_.pidfd_of(*inst, cred->pid); anc.sender && own >= 0 && !peer::same_process(anc.sender.get(), own)) {
+		log::client(log::Level::Warning, "instance " + inst->id + ": notify message from " + who +
+		                                     ", another process than its own by that pid, ignoring");
+		return;
+	}
+	if (anc.had_fds)
+		log::client(log::Level::Warning, "instance " + inst->id + ": notify message carried fds, closed them");
+
+	if (apply(*inst, cred->pid, std::string_view(buf, static_cast<std::size_t>(n))) && persist)
+		persist();
+}
+
+bool NotifySocket::apply(Instance &inst, pid_t pid, std::string_view text)
+{
+	bool lasting = false;
 	while (!text.empty()) {
 		NotifyLine line = take_notify_line(text);
+		lasting |= line.kind == NotifyLine::Kind::Ready || line.kind == NotifyLine::Kind::Stopping ||
+		           line.kind == NotifyLine::Kind::MainPid;
 		if (line.kind == NotifyLine::Kind::Ready)
 			supervisor_.instance_ready(inst, "READY=1");
 		else if (line.kind == NotifyLine::Kind::Status) {
@@ -221,6 +227,7 @@ void NotifySocket::apply(Instance &inst, pid_t pid, std::string_view text)
 		if (!supervisor_.find_by_pid(pid))
 			break;
 	}
+	return lasting;
 }
 
 } // namespace brokerd

@@ -4,8 +4,10 @@
 #include "proto/unique_fd.hpp"
 #include "os/event.hpp"
 
+#include <sys/socket.h>
 #include <sys/types.h>
 
+#include <functional>
 #include <string>
 #include <string_view>
 
@@ -42,10 +44,16 @@ public:
 	// Handles what is queued now (a bounded number of messages; the rest at the next wakeup).
 	void receive();
 
+	// Called after a message that changed what the crash state holds (READY=1, STOPPING=1,
+	// MAINPID=), before it leaves the queue: it must be written by then.
+	std::function<void()> persist;
+
 private:
 	static int handler(sd_event_source *s, int fd, std::uint32_t revents, void *userdata);
-	// The lines of one message from `pid`, one of inst's processes, in order.
-	void apply(Instance &inst, pid_t pid, std::string_view text);
+	void handle(msghdr &msg, const char *buf, ssize_t n);
+	// The lines of one message from `pid`, one of inst's processes, in order. Returns whether one
+	// changed what the crash state holds.
+	bool apply(Instance &inst, pid_t pid, std::string_view text);
 
 	Supervisor &supervisor_;
 	proto::UniqueFd fd_;

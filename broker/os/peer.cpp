@@ -6,12 +6,14 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -34,8 +36,8 @@ std::optional<std::string> status_field(pid_t pid, std::string_view key)
 	return std::nullopt;
 }
 
-// /proc/<pid>/stat field 22: when the process started, in clock ticks since boot.
-std::optional<std::uint64_t> start_ticks(pid_t pid)
+// A numeric field of /proc/<pid>/stat (counted from 1, as proc(5) does; 3 and up).
+std::optional<std::uint64_t> stat_field(pid_t pid, int field)
 {
 	std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
 	std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -45,13 +47,27 @@ std::optional<std::uint64_t> start_ticks(pid_t pid)
 		return std::nullopt;
 	std::istringstream fields(stat.substr(close + 1));
 	std::string f;
-	for (int n = 3; n <= 22 && fields >> f; n++)
-		if (n == 22)
+	for (int n = 3; n <= field && fields >> f; n++)
+		if (n == field)
 			return std::strtoull(f.c_str(), nullptr, 10);
 	return std::nullopt;
 }
 
+// Field 22: when the process started, in clock ticks since boot.
+std::optional<std::uint64_t> start_ticks(pid_t pid)
+{
+	return stat_field(pid, 22);
+}
+
 } // namespace
+
+bool same_process(int a, int b)
+{
+	struct stat sa {}, sb{};
+	if (::fstat(a, &sa) < 0 || ::fstat(b, &sb) < 0)
+		return true;
+	return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
 
 bool alive(int pidfd)
 {
@@ -122,6 +138,23 @@ Result<proto::UniqueFd> reopen(const ProcessIdentity &id)
 		return Failure{name + " names another process by now (started at tick " + std::to_string(*ticks) +
 		               ", not " + std::to_string(id.start_ticks) + ")"};
 	return fd;
+}
+
+std::vector<pid_t> session_members(pid_t session)
+{
+	std::vector<pid_t> members;
+	std::error_code ec;
+	for (const auto &entry : std::filesystem::directory_iterator("/proc", ec)) {
+		const std::string name = entry.path().filename().string();
+		char *end = nullptr;
+		long pid = std::strtol(name.c_str(), &end, 10);
+		if (pid <= 0 || *end)
+			continue;
+		// Field 6: the session id.
+		if (auto sid = stat_field(static_cast<pid_t>(pid), 6); sid && static_cast<pid_t>(*sid) == session)
+			members.push_back(static_cast<pid_t>(pid));
+	}
+	return members;
 }
 
 bool descends_from(pid_t pid, const std::vector<pid_t> &ancestors)

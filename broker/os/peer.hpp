@@ -26,6 +26,10 @@ Result<proto::UniqueFd> process_by_pid(pid_t pid, usec_t connected_boottime);
 
 // Whether the process behind `pidfd` still runs.
 bool alive(int pidfd);
+// Whether two pidfds name the same process. Since Linux 6.9 (pidfs) each process has its own
+// inode; before, every pidfd shares one, and this is true: the callers' other checks (the pid)
+// stand alone then.
+bool same_process(int a, int b);
 
 // A process as a saved state names it, so that a brokerd started after a crash finds it again:
 // its pid, and when it started (/proc/PID/stat field 22, clock ticks since boot), which a process
@@ -40,6 +44,11 @@ std::optional<ProcessIdentity> identity(pid_t pid);
 // A pidfd for the process `id` names, if it still runs. The pidfd is opened first and the start
 // time checked after, so a pid reused in between is never taken. Otherwise why not.
 Result<proto::UniqueFd> reopen(const ProcessIdentity &id);
+
+// Every process of the session `session` (whose id is its leader's pid). A session id stays
+// taken while any process has it, so these are surely the leader's session even after the leader
+// died; a process may of course leave it (setsid) or join it just after the scan.
+std::vector<pid_t> session_members(pid_t session);
 
 // Whether `pid` is one of `ancestors` or descends from one of them, following PPid in /proc at
 // most proto::limits::kMaxAncestry steps (an orphan's parent is a subreaper or init: it is not found).

@@ -56,11 +56,15 @@ enum class InstancePurpose {
 };
 
 // A worker's stdout or stderr pipe, copied line by line to brokerd's own with the instance's name.
+// Its read end is also kept in the service manager's fd store as "pipe.<inode>" (stored): a worker
+// never writes into a pipe nobody holds, even while brokerd is down.
 struct OutputPipe {
 	proto::UniqueFd fd;
 	EventSource source;
 	std::string partial;
 	int target = 2;
+	std::uint64_t inode = 0;
+	bool stored = false;
 };
 
 // One instance slot of a generation: the process currently running in it, if any.
@@ -118,6 +122,12 @@ struct Instance {
 	}
 
 	RestartBackoff backoff;
+	// From a crash state: when the dead brokerd's timer for it was due (CLOCK_MONOTONIC), until
+	// Supervisor::readopt() arms it again.
+	usec_t restored_deadline = 0;
+	// A registered worker found again after a crash of brokerd, until its process says Hello
+	// again (register_external): that Hello is this registration's, not a new one.
+	bool awaiting_hello = false;
 };
 
 struct Generation {

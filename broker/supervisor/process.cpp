@@ -4,6 +4,7 @@
 #include "os/peer.hpp"
 #include "proto/limits.hpp"
 
+#include <signal.h>
 #include <sys/random.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -33,6 +34,20 @@ std::uint64_t start_time(pid_t pid)
 {
 	auto id = peer::identity(pid);
 	return id ? id->start_ticks : 0;
+}
+
+void kill_session(pid_t session)
+{
+	if (session <= 1)
+		return;
+	for (pid_t pid : peer::session_members(session)) {
+		int fd = pidfd_open(pid);
+		if (fd < 0)
+			continue;
+		if (::getsid(pid) == session)
+			pidfd_send_signal(fd, SIGKILL);
+		::close(fd);
+	}
 }
 
 std::string random_token()

@@ -3,6 +3,7 @@
 #include "supervisor/supervisor.hpp"
 
 #include "os/log.hpp"
+#include "os/peer.hpp"
 #include "supervisor/process.hpp"
 
 #include <signal.h>
@@ -20,9 +21,18 @@ bool Supervisor::attach_events(Instance &inst, EventSink *sink)
 		return false;
 	inst.events = sink;
 	inst.counted = sink;
-	// A drain decided before the stream opened must still reach the worker.
-	if (inst.state == InstanceState::Draining)
-		sink->send_drain(usec(inst.generation->cfg.drain_timeout));
+	// A drain decided before the stream opened must still reach the worker, with the time left
+	// until its deadline: a worker that says Hello again after a crash of brokerd was told once
+	// already, and the SIGKILL comes at the same deadline.
+	if (inst.state == InstanceState::Draining) {
+		usec_t left = usec(inst.generation->cfg.drain_timeout);
+		std::uint64_t deadline = 0;
+		if (inst.timer && sd_event_source_get_time(inst.timer.get(), &deadline) >= 0) {
+			usec_t now = now_usec(CLOCK_MONOTONIC);
+			left = deadline > now ? deadline - now : 0;
+		}
+		sink->send_drain(left);
+	}
 	return true;
 }
 
@@ -85,6 +95,23 @@ int Supervisor::pidfd_of(const Instance &inst, pid_t pid) const
 	return -1;
 }
 
+// A registered worker that says Hello again after a crash of brokerd, from the very process the
+// crash state named (the pidfd brokerd found it by, and the one it connected with, are the same
+// process): its registration carries on, with its generation, state and drain deadline.
+Instance *Supervisor::find_awaiting_hello(Service &svc, const std::string &version, int pidfd, pid_t pid)
+{
+	for (auto &gen : svc.generations)
+		for (auto &inst : gen->instances) {
+			if (!inst->awaiting_hello || inst->pid != pid || gen->cfg.version != version || !inst->pidfd ||
+			    !peer::same_process(inst->pidfd.get(), pidfd))
+				continue;
+			inst->awaiting_hello = false;
+			log::info("instance " + inst->id + ": registered pid " + std::to_string(pid) + " is back after the crash");
+			return inst.get();
+		}
+	return nullptr;
+}
+
 std::variant<Instance *, Refusal> Supervisor::register_external(Service &svc, const std::string &version,
                                                                  proto::UniqueFd pidfd, pid_t pid, uid_t uid,
                                                                  const std::vector<gid_t> &groups)
@@ -102,6 +129,8 @@ std::variant<Instance *, Refusal> Supervisor::register_external(Service &svc, co
 
 	if (!svc.cfg.accounts.may_register(uid, groups))
 		return deny("not allowed by services." + svc.name + ".register");
+	if (Instance *again = find_awaiting_hello(svc, version, pidfd.get(), pid))
+		return again;
 
 	// Join the generation of that version, or start a new one that will take over when ready.
 	Generation *gen = nullptr;

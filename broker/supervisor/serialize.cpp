@@ -9,13 +9,14 @@ namespace brokerd {
 using json = nlohmann::json;
 
 // An instance's state as the saved state names it. A re-exec happens only when no instance is
-// starting, restarting or draining (Supervisor::busy), so only the last three come back.
+// starting, restarting or draining (Supervisor::busy); a crash state has them all.
 static const char *state_format_name(InstanceState s)
 {
 	switch (s) {
 	case InstanceState::Starting:
-	case InstanceState::Restarting:
 		return "starting";
+	case InstanceState::Restarting:
+		return "restarting";
 	case InstanceState::Ready:
 		return "ready";
 	case InstanceState::Draining:
@@ -58,6 +59,12 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				          {"last_lines", inst->last_lines},
 				          {"accepts_handoff", inst->accepts_handoff},
 				          {"handoff", {inst->handoff.handed, inst->handoff.received, inst->handoff.returned}}};
+				// The start, drain or restart timer's deadline (CLOCK_MONOTONIC, which a crash
+				// restart on the same boot shares), or 0.
+				std::uint64_t deadline = 0;
+				if (inst->timer)
+					sd_event_source_get_time(inst->timer.get(), &deadline);
+				i["deadline"] = deadline;
 				// A registered or MAINPID process is not our child: only its pidfd, carried
 				// over, keeps naming it (its pid could be reused).
 				if (inst->pidfd) {
@@ -67,7 +74,10 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				for (auto [pipe, key] : {std::pair{&inst->out, "out"}, std::pair{&inst->err, "err"}}) {
 					if (!pipe->fd)
 						continue;
-					i[key] = {{"fd", pipe->fd.get()}, {"partial", pipe->partial}};
+					i[key] = {{"fd", pipe->fd.get()},
+					          {"partial", pipe->partial},
+					          {"inode", pipe->inode},
+					          {"stored", pipe->stored}};
 					keep_fds.push_back(pipe->fd.get());
 				}
 				insts.push_back(std::move(i));
@@ -83,6 +93,7 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 		           {"current", svc->current ? json(svc->current->number) : json()},
 		           {"next_generation", svc->next_generation},
 		           {"stopped", svc->stopped},
+		           {"removing", svc->removing},
 		           {"handoff", {svc->handoff.handed, svc->handoff.received, svc->handoff.returned}}};
 		if (svc->previous)
 			sv["previous"] = state::service_config(*svc->previous);
@@ -91,12 +102,51 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 	return services;
 }
 
-static void decode_instance(Instance &inst, const json &i)
+static InstanceState decode_state(const std::string &st)
+{
+	for (InstanceState s : {InstanceState::Starting, InstanceState::Restarting, InstanceState::Ready,
+	                        InstanceState::Draining, InstanceState::Exited})
+		if (st == state_format_name(s))
+			return s;
+	return InstanceState::Failed;
+}
+
+// An instance's fds: the numbers a re-exec carried over, or what the fd store kept after a crash.
+static void decode_fds(Instance &inst, const json &i, Serializer::CrashFds *crash)
+{
+	if (i.contains("pidfd") && !crash) {
+		inst.pidfd.reset(i.at("pidfd").get<int>());
+		state::set_cloexec(inst.pidfd.get(), true);
+	}
+	for (auto [pipe, key, target] : {std::tuple{&inst.out, "out", 1}, std::tuple{&inst.err, "err", 2}}) {
+		if (!i.contains(key))
+			continue;
+		const json &p = i.at(key);
+		pipe->inode = p.value("inode", std::uint64_t{0});
+		pipe->stored = p.value("stored", false);
+		pipe->target = target;
+		if (!crash) {
+			pipe->fd.reset(p.at("fd").get<int>());
+			state::set_cloexec(pipe->fd.get(), true);
+			pipe->partial = p.at("partial").get<std::string>();
+			continue;
+		}
+		// The line it was in the middle of was the dead brokerd's.
+		auto kept = pipe->stored ? crash->pipes.find(pipe->inode) : crash->pipes.end();
+		if (kept == crash->pipes.end()) {
+			pipe->stored = false;
+			continue;
+		}
+		pipe->fd = std::move(kept->second);
+		crash->pipes.erase(kept);
+	}
+}
+
+static void decode_instance(Instance &inst, const json &i, Serializer::CrashFds *crash)
 {
 	inst.index = i.at("index").get<unsigned>();
 	inst.id = i.at("id").get<std::string>();
-	std::string st = i.at("state").get<std::string>();
-	inst.state = st == "ready" ? InstanceState::Ready : st == "exited" ? InstanceState::Exited : InstanceState::Failed;
+	inst.state = decode_state(i.at("state").get<std::string>());
 	inst.since = i.at("since").get<std::uint64_t>();
 	inst.pid = i.at("pid").get<pid_t>();
 	inst.main_pid = i.at("main_pid").get<pid_t>();
@@ -125,22 +175,21 @@ static void decode_instance(Instance &inst, const json &i)
 	inst.accepts_handoff = i.at("accepts_handoff").get<bool>();
 	const json &h = i.at("handoff");
 	inst.handoff = HandoffCounts{h.at(0).get<std::uint64_t>(), h.at(1).get<std::uint64_t>(), h.at(2).get<std::uint64_t>()};
-
-	if (i.contains("pidfd")) {
-		inst.pidfd.reset(i.at("pidfd").get<int>());
-		state::set_cloexec(inst.pidfd.get(), true);
-	}
-	for (auto [pipe, key, target] : {std::tuple{&inst.out, "out", 1}, std::tuple{&inst.err, "err", 2}}) {
-		if (!i.contains(key))
-			continue;
-		pipe->fd.reset(i.at(key).at("fd").get<int>());
-		state::set_cloexec(pipe->fd.get(), true);
-		pipe->partial = i.at(key).at("partial").get<std::string>();
-		pipe->target = target;
-	}
+	inst.restored_deadline = i.value("deadline", std::uint64_t{0});
+	decode_fds(inst, i, crash);
 }
 
 void Serializer::restore(Supervisor &supervisor, const json &services)
+{
+	restore_services(supervisor, services, nullptr);
+}
+
+void Serializer::restore_crashed(Supervisor &supervisor, const json &services, CrashFds &fds)
+{
+	restore_services(supervisor, services, &fds);
+}
+
+void Serializer::restore_services(Supervisor &supervisor, const json &services, CrashFds *crash)
 {
 	auto counts = [](const json &j) {
 		return HandoffCounts{j.at(0).get<std::uint64_t>(), j.at(1).get<std::uint64_t>(), j.at(2).get<std::uint64_t>()};
@@ -158,6 +207,7 @@ void Serializer::restore(Supervisor &supervisor, const json &services)
 		}
 		svc->next_generation = sv.at("next_generation").get<std::uint64_t>();
 		svc->stopped = sv.at("stopped").get<bool>();
+		svc->removing = sv.value("removing", false);
 		svc->handoff = counts(sv.at("handoff"));
 		if (sv.contains("previous"))
 			svc->previous = state::service_config(sv.at("previous"));
@@ -171,14 +221,17 @@ void Serializer::restore(Supervisor &supervisor, const json &services)
 				auto inst = std::make_unique<Instance>();
 				inst->service = svc.get();
 				inst->generation = gen.get();
-				decode_instance(*inst, i);
+				decode_instance(*inst, i, crash);
 				gen->instances.push_back(std::move(inst));
 			}
 			if (!sv.at("current").is_null() && sv.at("current").get<std::uint64_t>() == gen->number)
 				svc->current = gen.get();
 			svc->generations.push_back(std::move(gen));
 		}
-		supervisor.adopt(std::move(svc));
+		if (crash)
+			supervisor.readopt(std::move(svc));
+		else
+			supervisor.adopt(std::move(svc));
 	}
 }
 

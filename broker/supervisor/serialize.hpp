@@ -1,9 +1,14 @@
-// The supervisor's state as JSON, for the brokerd a reexec starts. The only part of the supervisor
-// that knows a wire format; what it reads back, Supervisor::adopt() watches again.
+// The supervisor's state as JSON, for the brokerd a reexec starts and for the crash state. The
+// only part of the supervisor that knows a wire format; what it reads back, Supervisor::adopt()
+// watches again, or Supervisor::readopt() after a crash.
 #pragma once
+
+#include "proto/unique_fd.hpp"
 
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
+#include <map>
 #include <vector>
 
 namespace brokerd {
@@ -17,6 +22,17 @@ struct Serializer {
 	// In the next brokerd, before any service is added. Throws std::runtime_error (or
 	// nlohmann::json's exceptions) on a state it cannot read.
 	static void restore(Supervisor &supervisor, const nlohmann::json &services);
+
+	// What a brokerd started after a crash has in place of the fd numbers a state names, which
+	// were the dead brokerd's: the workers' output pipes the fd store kept, by inode. restore()
+	// takes those it names; the processes are found again by their identity (pid, start time).
+	struct CrashFds {
+		std::map<std::uint64_t, proto::UniqueFd> pipes;
+	};
+	static void restore_crashed(Supervisor &supervisor, const nlohmann::json &services, CrashFds &fds);
+
+private:
+	static void restore_services(Supervisor &supervisor, const nlohmann::json &services, CrashFds *crash);
 };
 
 } // namespace brokerd

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -77,6 +78,7 @@ struct ChildFailure {
 }
 
 constexpr std::string_view kListenPid = "LISTEN_PID=";
+constexpr int kPipeSize = 1 << 20; // pipe-max-size's default
 
 // Writes `pid` in decimal at `out`, which has room for it, without allocating.
 void format_pid(char *out, pid_t pid)
@@ -209,6 +211,11 @@ SpawnPlan plan_spawn(const SpawnInputs &in)
 	return plan;
 }
 
+std::string pipe_store_name(std::uint64_t inode)
+{
+	return std::string(kPipeStorePrefix) + std::to_string(inode);
+}
+
 pid_t fork_and_exec(SpawnPlan &plan)
 {
 	pid_t pid = ::fork();
@@ -335,12 +342,36 @@ void Supervisor::watch_pipes(Instance &inst, ChildPipes &pipes)
 	for (auto [pipe, fd, target] :
 	     {std::tuple{&inst.out, &pipes.out_r, 1}, std::tuple{&inst.err, &pipes.err_r, 2}}) {
 		::fcntl(fd->get(), F_SETFL, O_NONBLOCK);
+		// Room for what a worker writes while brokerd is down and restarting (the default is
+		// 64 KiB); allocated only as it fills.
+		::fcntl(fd->get(), F_SETPIPE_SZ, kPipeSize);
+		close_pipe(*pipe); // the previous process's, if it still had not reached its end
 		pipe->fd = std::move(*fd);
 		pipe->partial.clear();
 		pipe->target = target;
 		if (sd_event_add_io(event_, &s, pipe->fd.get(), EPOLLIN, output_handler, &inst) >= 0)
 			pipe->source.reset(s);
+		keep_pipe(*pipe);
 	}
+}
+
+void Supervisor::keep_pipe(OutputPipe &pipe)
+{
+	struct stat st {};
+	if (!keep_fd || ::fstat(pipe.fd.get(), &st) < 0)
+		return;
+	pipe.inode = st.st_ino;
+	pipe.stored = keep_fd(pipe_store_name(pipe.inode), pipe.fd.get());
+}
+
+void Supervisor::close_pipe(OutputPipe &pipe)
+{
+	if (pipe.stored && release_fd)
+		release_fd(pipe_store_name(pipe.inode));
+	pipe.stored = false;
+	pipe.inode = 0;
+	pipe.source.reset();
+	pipe.fd.reset();
 }
 
 int Supervisor::exec_handler(sd_event_source *, int, std::uint32_t, void *userdata)
@@ -434,8 +465,7 @@ void Supervisor::on_output(Instance &inst, OutputPipe &pipe, bool eof)
 		if (!pipe.partial.empty())
 			log::worker_line(pipe.target, inst.id, pipe.partial);
 		pipe.partial.clear();
-		pipe.source.reset();
-		pipe.fd.reset();
+		close_pipe(pipe);
 	}
 }
 

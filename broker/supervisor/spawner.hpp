@@ -72,4 +72,9 @@ struct ChildPipes {
 // Returns why they could not all be opened.
 std::optional<std::string> open_child_pipes(ChildPipes &p);
 
+// The name of a worker's output pipe (its read end) in the service manager's fd store: by the
+// pipe's inode, as slot ids repeat across respawns and FDSTOREREMOVE drops every fd of a name.
+inline constexpr std::string_view kPipeStorePrefix = "pipe.";
+std::string pipe_store_name(std::uint64_t inode);
+
 } // namespace brokerd

@@ -243,9 +243,13 @@ void Supervisor::prune()
 	std::size_t pruned = 0;
 	for (auto &svc : services_) {
 		for (auto &gen : svc->generations)
-			pruned += std::erase_if(gen->instances, [](const std::unique_ptr<Instance> &inst) {
-				return inst->retired() && !inst->pid && inst->state != InstanceState::Starting &&
-				       inst->state != InstanceState::Restarting;
+			pruned += std::erase_if(gen->instances, [this](const std::unique_ptr<Instance> &inst) {
+				bool gone = inst->retired() && !inst->pid && inst->state != InstanceState::Starting &&
+				            inst->state != InstanceState::Restarting;
+				if (gone) // what a child of the worker may still write goes nowhere now
+					for (OutputPipe *pipe : {&inst->out, &inst->err})
+						close_pipe(*pipe);
+				return gone;
 			});
 		// Keep the current generation, the one an upgrade uses, and a few of history.
 		while (svc->generations.size() > kKeptGenerations) {

@@ -124,6 +124,29 @@ public:
 	// save_state() and restore_state() are the Serializer's (supervisor/serialize.hpp).
 	// A service it restored: its instances are watched again, and it serves as before.
 	void adopt(std::unique_ptr<Service> svc);
+	// A service from the crash state of a brokerd that was killed (Serializer::restore_crashed):
+	// each process is found again by its identity and watched through a pidfd; one that is gone
+	// counts as exited with an unknown status and its slot goes on under its restart policy; the
+	// timers go on to the dead brokerd's deadlines. An upgrade the crash interrupted ends as
+	// recover_upgrade() says.
+	void readopt(std::unique_ptr<Service> svc);
+
+	// What readopt() found: processes watched again, instances whose process was gone (their ids),
+	// and how each interrupted upgrade ended.
+	struct Recovery {
+		pid_t crashed_pid = 0; // 0: this brokerd did not start after a crash
+		usec_t at = 0;         // CLOCK_REALTIME
+		unsigned kept = 0;
+		std::vector<std::string> lost;
+		std::vector<std::string> interrupted;
+	};
+	const Recovery &recovery() const { return recovery_; }
+	// Before the crashed brokerd's services are readopted.
+	void begin_recovery(pid_t crashed_pid)
+	{
+		recovery_.crashed_pid = crashed_pid;
+		recovery_.at = now_usec(CLOCK_REALTIME);
+	}
 
 	// For Status: every service, in the order they were added.
 	const std::vector<std::unique_ptr<Service>> &services() const { return services_; }
@@ -135,6 +158,11 @@ public:
 	std::function<void(const Event &)> on_event;
 	// Reads what workers sent the notify socket so far; called before an exit is judged.
 	std::function<void()> read_notifications;
+	// The service manager's fd store, when there is one: the read ends of the workers' output
+	// pipes are kept there (as "pipe.<inode>"), so that they outlive a crash of brokerd and a
+	// worker never gets EPIPE from logging. keep_fd says whether the store took it.
+	std::function<bool(const std::string &name, int fd)> keep_fd;
+	std::function<void(const std::string &name)> release_fd;
 
 private:
 	Generation &new_generation(Service &svc, const config::ServiceConfig &cfg);
@@ -151,6 +179,9 @@ private:
 	void on_exit(Instance &inst, const siginfo_t &si);
 	void on_exec_status(Instance &inst, bool exiting);
 	void on_output(Instance &inst, OutputPipe &pipe, bool eof);
+	// A pipe's read end goes into the fd store, or leaves it and closes.
+	void keep_pipe(OutputPipe &pipe);
+	void close_pipe(OutputPipe &pipe);
 	void schedule_restart(Instance &inst);
 	// The instance's process is gone (or never started): restart, fail an upgrade, or retire.
 	void after_exit(Instance &inst, bool clean);
@@ -183,9 +214,14 @@ private:
 	static int restart_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	static int registration_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	void begin_takeover(Service &svc, Generation &gen);
+	Instance *find_awaiting_hello(Service &svc, const std::string &version, int pidfd, pid_t pid);
 	void check_registrations(Upgrade &up);
 	static int prune_handler(sd_event_source *s, void *userdata);
 	void watch_restored(Instance &inst);
+	// Whether its process was still there.
+	bool readopt(Instance &inst);
+	void lost_while_down(Instance &inst, const std::string &why);
+	void recover_upgrade(Service &svc);
 
 	sd_event *event_;
 	const std::list<Listener> &listeners_;
@@ -198,6 +234,7 @@ private:
 	HandoffRouter router_;
 	rlimit child_nofile_{};
 	Launcher launcher_ = fork_and_exec;
+	Recovery recovery_;
 };
 
 } // namespace brokerd

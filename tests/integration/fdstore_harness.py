@@ -48,6 +48,16 @@ def process_socket_inodes(pid):
     return out
 
 
+def sockets(names):
+    """The listeners and control socket among stored names: not the crash state, the workers'
+    notify socket or their output pipes ("pipe.<inode>"), which brokerd stores too."""
+    return sorted(n for n in names if n not in ("state", "notify") and not n.startswith("pipe."))
+
+
+def pipes(names):
+    return [n for n in names if n.startswith("pipe.")]
+
+
 # fdname_is_valid() in systemd: printable ASCII without ':', at most 255 bytes.
 FDNAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e ]{1,255}$")
 
@@ -68,8 +78,9 @@ class ServiceManager:
         self.sock.bind("\0" + self.name)
         self.sock.setblocking(False)
         self.store = []        # [name, fd], in the order systemd passes them back
+        self.unpolled = set()  # stored fds sent with FDPOLL=0
         self.main_pid = None
-        self.events = []       # ("READY"|"STOPPING"|"STORE"|"REMOVE"|"DUPLICATE"|"STATUS", detail)
+        self.events = []       # ("READY"|"STOPPING"|"STORE"|"REMOVE"|"HUP"|"DUPLICATE"|"STATUS", detail)
         self.foreign = 0       # messages from other pids
         self.errors = []       # what systemd would have logged and rejected
 
@@ -84,7 +95,7 @@ class ServiceManager:
         fds = [fd for n, fd in self.store if n == name]
         return fds[0] if len(fds) == 1 else None
 
-    def add(self, name, fd):
+    def add(self, name, fd, poll=True):
         ino = socket_inode(fd)
         for n, have in self.store:
             if socket_inode(have) == ino:
@@ -92,22 +103,39 @@ class ServiceManager:
                 self.events.append(("DUPLICATE", name))
                 return
         self.store.append([name, fd])
+        if not poll:
+            self.unpolled.add(fd)
         self.events.append(("STORE", name))
 
     def remove(self, name):
+        self._drop(lambda n, fd: n == name)
+        self.events.append(("REMOVE", name))
+
+    def _drop(self, which):
         keep = []
         for n, fd in self.store:
-            if n == name:
+            if which(n, fd):
+                self.unpolled.discard(fd)
                 os.close(fd)
             else:
                 keep.append([n, fd])
         self.store = keep
-        self.events.append(("REMOVE", name))
+
+    def drop_hung_up(self):
+        """As systemd, which watches each stored fd (unless FDPOLL=0) and drops one that reports
+        POLLHUP or POLLERR: a pipe whose writers all closed."""
+        p = select.poll()
+        polled = [fd for _, fd in self.store if fd not in self.unpolled]
+        for fd in polled:
+            p.register(fd, 0)
+        hung = {fd for fd, ev in p.poll(0) if ev & (select.POLLHUP | select.POLLERR)}
+        for n, fd in self.store:
+            if fd in hung:
+                self.events.append(("HUP", n))
+        self._drop(lambda n, fd: fd in hung)
 
     def clear(self):
-        for _, fd in self.store:
-            os.close(fd)
-        self.store = []
+        self._drop(lambda n, fd: True)
 
     def receive_one(self):
         """One datagram, or False when none is waiting."""
@@ -163,7 +191,7 @@ class ServiceManager:
                 self.errors.append("FDSTORE=1 FDNAME=%s without an fd" % name)
             else:
                 for fd in fds:
-                    self.add(name, fd)
+                    self.add(name, fd, poll=fields.get("FDPOLL") != "0")
         elif fds:
             self.errors.append("fds passed without FDSTORE=1: %r" % data)
             for fd in fds:
@@ -173,6 +201,7 @@ class ServiceManager:
     def drain(self):
         while self.receive_one():
             pass
+        self.drop_hung_up()
 
     def close(self):
         self.clear()
@@ -351,8 +380,9 @@ def check_running(b, manager, control, port, label):
     sockets brokerd listens on, a port that serves, and a control socket that answers Status."""
     workers = set(descendants(b.pid))
     check(len(workers) == 1, "%s: brokerd runs its one worker (%s)" % (label, sorted(workers)))
-    check(sorted(manager.names()) == ["control", "http"],
-          "%s: the store holds exactly http and control (%s)" % (label, manager.names()))
+    check(sockets(manager.names()) == ["control", "http"],
+          "%s: the store holds exactly the sockets http and control (%s)" % (label, manager.names()))
+    check_kept(manager, workers, label)
     held = process_socket_inodes(b.pid)
     http_fd = manager.fd("http")
     if http_fd is not None:
@@ -372,6 +402,16 @@ def check_running(b, manager, control, port, label):
     params, err = varlink_status(control)
     check(params is not None, "%s: Status on the control socket answers (%s)" % (label, err))
     return workers, params or {}
+
+
+def check_kept(manager, workers, label):
+    """Beside the sockets, the store holds one crash state, one notify socket (the very one whose
+    address the workers have), and each worker's stdout and stderr pipe."""
+    names = manager.names()
+    check(names.count("state") == 1 and names.count("notify") == 1,
+          "%s: the store holds one crash state and one notify socket (%s)" % (label, names))
+    check(len(pipes(names)) == 2 * len(workers), "%s: and the output pipes of %d worker(s) (%s)" %
+          (label, len(workers), names))
 
 
 def check_answered(queued, workers, what):
@@ -428,8 +468,10 @@ def run(tmp, manager, runs, strays):
 
     # 2. Down: the store keeps the listener, so a client's connection waits in its accept queue.
     stop(b, "first stop", workers, strays)
-    check(sorted(manager.names()) == ["control", "http"],
+    check(sockets(manager.names()) == ["control", "http"],
           "first stop: the store still holds http and control (%s)" % manager.names())
+    check(pipes(manager.names()) == [] and "state" in manager.names(),
+          "first stop: the workers' pipes left it, the crash state did not (%s)" % manager.names())
     # brokerd removes the socket files it bound when it stops (design.md, "The fd store"), so the
     # stored control socket can no longer be reached: the restart must bind it afresh.
     check(not os.path.exists(control), "first stop: brokerd removed the control socket file it had bound")
@@ -455,9 +497,12 @@ def run(tmp, manager, runs, strays):
           "restart: the log says the stored control socket was not adopted, as its file is gone")
     check("(adopted from systemd)" not in log, "restart: the control socket was bound afresh, not adopted")
     released = events_since(manager, seen, "REMOVE")
-    check(released == ["control"], "restart: only the stored control socket released (%s)" % released)
-    check(events_since(manager, seen, "STORE") == ["control"],
+    check(sockets(released) == ["control"], "restart: of the sockets, only the stored control released (%s)" % released)
+    check("notify" in released and "state" not in released,
+          "restart: after a clean stop the old notify socket is released, the crash state kept (%s)" % released)
+    check(sockets(events_since(manager, seen, "STORE")) == ["control"],
           "restart: the control socket bound afresh is stored (%s)" % events_since(manager, seen, "STORE"))
+    check("the brokerd before stopped cleanly; starting afresh" in log, "restart: the log says it starts afresh")
     workers, params = check_running(b, manager, control, port, "restart")
     origin, _ = socket_origin(params, "http")
     check(origin == "fdstore", "restart: Status shows http with origin fdstore (%r)" % origin)

@@ -18,7 +18,7 @@ import sys
 from checks import check, descendants
 from fdstore_harness import (HTTP_TIMEOUT, Brokerd, check_answered, events_since, free_port, http_connect_and_send,
                              http_get, main, process_socket_inodes, served_by, socket_inode, socket_origin, stop,
-                             varlink_status)
+                             varlink_status, sockets, check_kept)
 
 
 def write_config(path, control, port):
@@ -35,8 +35,9 @@ def check_running(b, manager, port, unit, label):
     unit_port = unit.getsockname()[1]
     workers = set(descendants(b.pid))
     check(len(workers) == 1, "%s: brokerd runs its one worker (%s)" % (label, sorted(workers)))
-    check(sorted(manager.names()) == ["control", "http"],
-          "%s: the store holds exactly http and control (%s)" % (label, manager.names()))
+    check(sockets(manager.names()) == ["control", "http"],
+          "%s: the store holds exactly the sockets http and control (%s)" % (label, manager.names()))
+    check_kept(manager, workers, label)
     unit_ino = socket_inode(unit.fileno())
     stored = [n for n, fd in manager.store if socket_inode(fd) == unit_ino]
     check(stored == [], "%s: the socket unit's socket is in the store under no name (%s)" % (label, stored))
@@ -71,7 +72,7 @@ def run(tmp, manager, runs, strays, unit):
     b = start("first start")
     b.wait_ready()
     stored = events_since(manager, 0, "STORE")
-    check(sorted(stored) == ["control", "http"],
+    check(sockets(stored) == ["control", "http"],
           "first start: brokerd pushed FDSTORE=1 for http and control, and not for web (%s)" % stored)
     check("socket web: adopted " in b.log(), "first start: the log says web was adopted from systemd")
     workers, params = check_running(b, manager, port, unit, "first start")
@@ -81,7 +82,7 @@ def run(tmp, manager, runs, strays, unit):
     # 2. Down: the socket unit still holds web, so a client's connection waits in its queue.
     stop(b, "first stop", workers, strays)
     removed = events_since(manager, 0, "REMOVE")
-    check(removed == [], "first stop: nothing released from the store (%s)" % removed)
+    check(sockets(removed) == [], "first stop: no socket released from the store (%s)" % removed)
     try:
         queued = http_connect_and_send(unit.getsockname()[1])
     except OSError as e:
@@ -100,8 +101,8 @@ def run(tmp, manager, runs, strays, unit):
     check("socket web: adopted " in log, "restart: the log says web was adopted from systemd")
     stored = events_since(manager, seen, "STORE")
     check("web" not in stored, "restart: brokerd did not push web into the store (%s)" % stored)
-    check(events_since(manager, seen, "REMOVE") == ["control"],
-          "restart: only the stored control socket released (%s)" % events_since(manager, seen, "REMOVE"))
+    check(sockets(events_since(manager, seen, "REMOVE")) == ["control"],
+          "restart: of the sockets, only the stored control released (%s)" % events_since(manager, seen, "REMOVE"))
     check(socket_inode(unit.fileno()) == unit_ino, "restart: the socket unit's socket is the same inode")
     workers, params = check_running(b, manager, port, unit, "restart")
     origin, _ = socket_origin(params, "http")

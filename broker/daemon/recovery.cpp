@@ -1,0 +1,156 @@
+// A brokerd started after a crash of the one before: the service manager passes back what that one
+// kept in its fd store (the crash state, the notify socket, the workers' output pipes, beside the
+// listeners and the control socket), and this brokerd carries on with the same workers.
+#include "daemon/daemon.hpp"
+
+#include "broker_config.h"
+#include "daemon/persist.hpp"
+#include "os/log.hpp"
+#include "os/peer.hpp"
+#include "supervisor/spawner.hpp"
+
+#include <unistd.h>
+
+#include <charconv>
+
+namespace brokerd {
+
+namespace {
+
+std::vector<proto::UniqueFd> take_named(InheritedFds &inherited, const std::string &name)
+{
+	std::vector<proto::UniqueFd> fds;
+	auto [first, last] = inherited.by_name.equal_range(name);
+	for (auto it = first; it != last; ++it)
+		fds.push_back(std::move(it->second));
+	inherited.by_name.erase(first, last);
+	return fds;
+}
+
+} // namespace
+
+// What the store passed that only a crash restart uses comes out of `inherited` here. A crash
+// state this brokerd can carry on from replaces the config it was started with by the one the
+// state ran (as a reexec does); one it cannot is refused with why, and brokerd starts clean,
+// leaving whatever the brokerd before started as it is: nothing it cannot name is killed.
+void Daemon::take_crash_state(InheritedFds &inherited)
+{
+	std::vector<proto::UniqueFd> states = take_named(inherited, "state");
+	std::vector<proto::UniqueFd> notify = take_named(inherited, "notify");
+	Serializer::CrashFds fds;
+	for (auto it = inherited.by_name.begin(); it != inherited.by_name.end();) {
+		std::string_view name = it->first;
+		std::uint64_t inode = 0;
+		if (!name.starts_with(kPipeStorePrefix) ||
+		    std::from_chars(name.data() + kPipeStorePrefix.size(), name.data() + name.size(), inode).ec != std::errc()) {
+			++it;
+			continue;
+		}
+		fds.pipes[inode] = std::move(it->second);
+		it = inherited.by_name.erase(it);
+	}
+	// Without a state to carry on from, the rest means nothing either.
+	auto release_rest = [&] {
+		notifier_.send("FDSTOREREMOVE=1\nFDNAME=notify");
+		for (const auto &[inode, fd] : fds.pipes)
+			notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + pipe_store_name(inode));
+	};
+	auto release_all = [&] {
+		notifier_.send("FDSTOREREMOVE=1\nFDNAME=state");
+		release_rest();
+	};
+	if (states.empty()) {
+		if (!notify.empty() || !fds.pipes.empty())
+			log::warning("the fd store holds a notify socket or output pipes but no crash state; releasing them");
+		release_all();
+		return;
+	}
+	auto refuse = [&](const std::string &why) {
+		log::error("crash state refused: " + why +
+		           "; starting clean, and leaving the processes of the brokerd before as they are");
+		release_all();
+	};
+	if (states.size() > 1)
+		return refuse("the fd store holds " + std::to_string(states.size()) + " of them");
+
+	auto loaded = persist::read(states[0].get());
+	if (auto *f = std::get_if<Failure>(&loaded))
+		return refuse(f->why);
+	auto file = persist::StateFile::adopt(std::move(states[0]));
+	if (auto *f = std::get_if<Failure>(&file))
+		return refuse(f->why);
+	auto crash = std::make_unique<CrashRestart>(std::move(std::get<persist::StateFile>(file)));
+	const auto &slot = std::get<std::optional<persist::Loaded>>(loaded);
+	if (!slot) {
+		// Killed before it wrote one: nothing to carry on with, but the memfd serves on.
+		log::notice("the crash state in the fd store was never written; starting clean");
+		release_rest();
+		crash_ = std::move(crash);
+		return;
+	}
+	peer::ProcessIdentity writer;
+	std::string text;
+	try {
+		crash->state = nlohmann::json::parse(slot->payload);
+		const nlohmann::json &st = crash->state;
+		int format = st.at("format").get<int>();
+		if (format == kCrashFormat && st.value("stopped", false)) {
+			// It stopped cleanly, its workers with it; the memfd serves on.
+			log::info("the brokerd before stopped cleanly; starting afresh");
+			crash->state = nullptr;
+			release_rest();
+			crash_ = std::move(crash);
+			return;
+		}
+		if (format != kCrashFormat)
+			return refuse("it is format " + std::to_string(format) + " (of brokerd " +
+			              st.value("version", std::string("?")) + "), this brokerd " BROKER_VERSION " reads format " +
+			              std::to_string(kCrashFormat));
+		std::string path = st.at("config_path").get<std::string>();
+		if (path != config_path_)
+			return refuse("it is the state of a brokerd with config " + path + ", not " + config_path_);
+		writer = {st.at("pid").get<pid_t>(), st.at("pid_start").get<std::uint64_t>()};
+		text = st.at("config_text").get<std::string>();
+	} catch (const nlohmann::json::exception &e) {
+		return refuse(std::string("it does not read as a state: ") + e.what());
+	}
+	if (peer::identity(writer.pid) == writer)
+		throw std::runtime_error("the brokerd that keeps the crash state, pid " + std::to_string(writer.pid) +
+		                         ", still runs: two cannot supervise the same workers");
+	try {
+		cfg_ = config::parse(text);
+	} catch (const std::exception &e) {
+		return refuse(std::string("its config: ") + e.what());
+	}
+	cfg_text_ = std::move(text);
+	crash->crashed_pid = writer.pid;
+	crash->notify = notify.empty() ? proto::UniqueFd() : std::move(notify[0]);
+	crash->fds = std::move(fds);
+	crash_ = std::move(crash);
+}
+
+// The services of the crashed brokerd, their processes found again; what is not in the store
+// yet (a socket bound afresh, as the store had lost it) goes in.
+void Daemon::recover()
+{
+	CrashRestart &crash = *crash_;
+	if (!control_->adopted())
+		store_fd("control", control_->fd());
+	for (const auto &l : listeners_)
+		if (l.origin == "bound")
+			store_fd(l.name, l.fd.get());
+	if (!crash.notify)
+		store_fd("notify", notify_->fd());
+	supervisor_->begin_recovery(crash.crashed_pid);
+	Serializer::restore_crashed(*supervisor_, crash.state.at("services"), crash.fds);
+	for (const auto &[inode, fd] : crash.fds.pipes)
+		notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + pipe_store_name(inode));
+	crash.fds.pipes.clear();
+	crash.state = nullptr;
+	const Supervisor::Recovery &r = supervisor_->recovery();
+	log::notice("carrying on after a crash of brokerd pid " + std::to_string(crash.crashed_pid) + ": " +
+	            std::to_string(r.kept) + " process(es) found again, " + std::to_string(r.lost.size()) +
+	            " gone meanwhile");
+}
+
+} // namespace brokerd

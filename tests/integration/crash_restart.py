@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""brokerd killed with SIGKILL and started again with the service manager's fd store, as systemd's
+Restart=on-failure does: the workers outlive it and the new brokerd carries on with them.
+
+The harness plays systemd (fdstore_harness.ServiceManager). Workers are the Python example, an
+unmodified LISTEN_FDS/NOTIFY_SOCKET server. Each phase kills brokerd, checks that the workers
+serve meanwhile, starts brokerd again and checks what it found: the same pids, the same stored
+fds, the crash recorded in Status, and an upgrade that works afterwards.
+"""
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from checks import check, exits_within
+from fdstore_harness import (Brokerd, free_port, http_get, main, pipes, sockets, socket_inode,
+                             varlink_status)
+
+WORKER = os.environ["EXAMPLE_PYTHON"]
+
+
+# A worker that says READY=1, and on SIGUSR1 a STATUS= naming it: a message it may send while
+# brokerd is down, which the notify socket kept in the fd store holds for the next brokerd.
+PROBE = """
+import os, signal, socket
+def notify(text):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = os.environ["NOTIFY_SOCKET"]
+    s.sendto(text.encode(), "\\0" + path[1:] if path.startswith("@") else path)
+signal.signal(signal.SIGUSR1, lambda *_: notify("STATUS=told while brokerd was down"))
+notify("READY=1")
+while True:
+    signal.pause()
+"""
+
+
+def write_config(path, control, port, probe):
+    with open(path, "w") as f:
+        json.dump({"control": {"path": control},
+                   "sockets": {"http": {"listen": "tcp://127.0.0.1:%d" % port}},
+                   "services": {"web": {"exec": [WORKER], "sockets": ["http"], "instances": 2,
+                                        "ready": "notify", "restart": "on-failure"},
+                                "probe": {"exec": [sys.executable, probe], "sockets": [], "instances": 1,
+                                          "ready": "notify"}}}, f)
+
+
+def instances(params, service="web", key=None):
+    """[(id, pid, state)] of the service's instances, from Status parameters; with key, that member."""
+    for svc in params.get("services", []):
+        if svc.get("name") == service:
+            return [i.get(key) if key else (i["id"], i["pid"], i["state"])
+                    for g in svc["generations"] for i in g["instances"]]
+    return []
+
+
+def pids_of(params):
+    return sorted(p for _, p, s in instances(params) if s == "ready")
+
+
+def fd_kinds(pid):
+    """brokerd's fds by kind ("socket", "pipe", "anon_inode:[timerfd]", a path...)."""
+    kinds = collections.Counter()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("/"):
+            target = "a log" if target.endswith(".log") else target  # each run has its own log
+        kinds[re.sub(r":\[\d+\]$", "", target)] += 1
+    return kinds
+
+
+def served_by_one_of(port, pids, label):
+    status, body = http_get(port)
+    check(status == 200 and any(("pid %d " % p) in body for p in pids),
+          "%s: port %d serves 200 from one of %s (%s %r)" % (label, port, pids, status, body.strip()))
+
+
+def store_inodes(manager):
+    return {n: socket_inode(fd) for n, fd in manager.store}
+
+
+def run(tmp, manager, runs, strays):
+    brokerd = os.environ["BROKERD"]
+    brokerctl = os.environ["BROKERCTL"]
+    control = os.path.join(tmp, "control.sock")
+    config = os.path.join(tmp, "brokerd.json")
+    port = free_port()
+    probe = os.path.join(tmp, "probe.py")
+    with open(probe, "w") as f:
+        f.write(PROBE)
+    write_config(config, control, port, probe)
+
+    def start(label):
+        b = Brokerd(brokerd, config, manager, os.path.join(tmp, "brokerd-%d.log" % (len(runs) + 1)))
+        runs.append((label, b))
+        b.wait_ready()
+        strays.note(b.pid)
+        params, err = varlink_status(control)
+        check(params is not None, "%s: Status answers (%s)" % (label, err))
+        return b, params or {}
+
+    # 1. At rest: killed, and found again.
+    b, params = start("first start")
+    workers = pids_of(params)
+    check(len(workers) == 2, "first start: 2 ready workers (%s)" % workers)
+    check("recovered" not in params, "first start: Status says nothing of a crash")
+    fds_first = fd_kinds(b.pid)
+    before = store_inodes(manager)
+    check(sockets(before) == ["control", "http"] and "state" in before and "notify" in before and
+          len(pipes(before)) == 6, "first start: the store holds the sockets, the state, notify and 6 pipes (%s)" %
+          sorted(before))
+
+    crashed = b.pid
+    b.kill()
+    served_by_one_of(port, workers, "brokerd dead")
+    check(all(os.path.exists("/proc/%d" % p) for p in workers), "brokerd dead: both workers still run")
+    os.kill(instances(params, "probe", "pid")[0], signal.SIGUSR1)
+
+    seen = len(manager.events)
+    b, params = start("after the crash")
+    check(pids_of(params) == workers, "after the crash: the same two pids serve, ready (%s, was %s)" %
+          (instances(params), workers))
+    check(instances(params, "probe", "status") == ["told while brokerd was down"],
+          "after the crash: a STATUS= sent while brokerd was down reached the new one (%s)" %
+          instances(params, "probe", "status"))
+    rec = params.get("recovered") or {}
+    check(rec.get("crashed_pid") == crashed and rec.get("kept") == 3 and rec.get("lost") == [] and
+          rec.get("interrupted") == [], "after the crash: Status says it carried on from pid %d with 3 kept (%s)" %
+          (crashed, rec))
+    log = b.log()
+    check("carrying on after a crash of brokerd pid %d: 3 process(es) found again, 0 gone meanwhile" % crashed in log,
+          "after the crash: the log says so")
+    after = store_inodes(manager)
+    check(after == before, "after the crash: the store holds the very same fds, none replaced (%s)" % sorted(after))
+    stored = [d for k, d in manager.events[seen:] if k in ("STORE", "REMOVE")]
+    check(sockets(stored) == ["control"] or stored == [],
+          "after the crash: nothing pushed or released but a control socket bound afresh (%s)" % stored)
+    # sd-event makes some of its fds (a timerfd, a signalfd) only once it needs them. The Status
+    # connection just closed may still be open on brokerd's side: waited for, with a deadline.
+    deadline = time.monotonic() + 10
+    while (more := fd_kinds(b.pid) - fds_first) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check(not more, "after the crash: brokerd holds no more fds of any kind than after its first start (more: %s)" %
+          dict(more))
+    served_by_one_of(port, workers, "after the crash")
+
+    # An upgrade afterwards: the adopted workers drain and exit, their output still reaches brokerd.
+    r = subprocess.run([brokerctl, "--socket", control, "upgrade", "web"], capture_output=True, text=True, timeout=60)
+    check(r.returncode == 0, "after the crash: brokerctl upgrade web exits 0 (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
+    check(all(exits_within(p, 30) for p in workers), "after the crash: the adopted workers exited after the upgrade")
+    params, _ = varlink_status(control)
+    new = pids_of(params or {})
+    check(len(new) == 2 and not set(new) & set(workers), "after the crash: 2 new workers serve gen 2 (%s)" % new)
+    check("web/1/0: broker-example-python: draining" in b.log(),
+          "after the crash: an adopted worker's output reaches the new brokerd through the kept pipe")
+    workers = new
+
+    # 2. A worker dies while brokerd is down: restarted under its policy when brokerd is back.
+    crashed = b.pid
+    b.kill()
+    victim_id, victim = next((i, p) for i, p, st in instances(params) if st == "ready")
+    survivor = next(p for p in workers if p != victim)
+    os.kill(victim, signal.SIGKILL)
+    check(exits_within(victim, 10), "worker killed while brokerd is down: it is gone")
+    b, params = start("after a worker died meanwhile")
+    rec = params.get("recovered") or {}
+    check(rec.get("kept") == 2 and rec.get("lost") == [victim_id],
+          "worker died meanwhile: Status counts 2 kept and names %s lost (%s)" % (victim_id, rec))
+    log = b.log()
+    check("instance %s: pid %d has exited while brokerd was down" % (victim_id, victim) in log,
+          "worker died meanwhile: the log says its process ended while brokerd was down")
+    seen_ready = b.wait_for("a restarted worker", lambda: len(pids_of(varlink_status(control)[0] or {})) == 2,
+                            time.monotonic() + 20)
+    params, _ = varlink_status(control)
+    now = pids_of(params or {})
+    check(seen_ready and survivor in now and victim not in now,
+          "worker died meanwhile: the survivor serves on, the slot restarted (%s)" % now)
+    workers = now + instances(params, "probe", "pid")
+
+    # 3. Killed while a new generation starts: its instance never got ready, so the upgrade ends
+    # rolled back to the last complete generation, which serves on at full capacity.
+    hang = os.path.join(tmp, "hang.py")
+    with open(hang, "w") as f:
+        f.write("import signal\nwhile True:\n    signal.pause()\n")
+    r = subprocess.run([brokerctl, "--socket", control, "upgrade", "web", "--no-wait", "--start-timeout", "60s",
+                        "--exec", sys.executable, hang], capture_output=True, text=True, timeout=60)
+    check(r.returncode == 0, "mid-upgrade: the upgrade to a never-ready exec began (%d: %s%s)" %
+          (r.returncode, r.stdout, r.stderr))
+
+    def starting():
+        p = varlink_status(control)[0] or {}
+        return [pid for _, pid, st in instances(p) if st == "starting" and pid > 0]
+    b.wait_for("a new instance starting", lambda: starting() != [], time.monotonic() + 20)
+    new_pid = starting()[0]
+    serving = pids_of(varlink_status(control)[0] or {})
+    crashed = b.pid
+    b.kill()
+    b, params = start("after a crash mid-upgrade")
+    rec = params.get("recovered") or {}
+    check(rec.get("interrupted") == ["web: an upgrade the crash interrupted: rolled back to gen 2"],
+          "mid-upgrade: Status says the interrupted upgrade rolled back (%s)" % rec)
+    check(exits_within(new_pid, 20), "mid-upgrade: the new generation's instance was drained and exited")
+    b.wait_for("gen 3 gone", lambda: [g["number"] for svc in (varlink_status(control)[0] or {}).get("services", [])
+                                      if svc["name"] == "web" for g in svc["generations"]] == [2],
+               time.monotonic() + 20)
+    params, _ = varlink_status(control)
+    check(pids_of(params) == serving, "mid-upgrade: gen 2's same workers serve at full capacity (%s, were %s)" %
+          (instances(params), serving))
+    r = subprocess.run([brokerctl, "--socket", control, "upgrade", "web"], capture_output=True, text=True, timeout=60)
+    check(r.returncode == 0, "mid-upgrade: an upgrade afterwards works (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
+    params, _ = varlink_status(control)
+    workers = pids_of(params) + instances(params, "probe", "pid")
+
+    # 4. A state that cannot be read is refused: brokerd starts clean and kills nothing.
+    b.kill()
+    state_fd = manager.fd("state")
+    os.pwrite(state_fd, b"garbage!" * 8, 0)
+    os.pwrite(state_fd, b"garbage!" * 8, 8 << 20)
+    b, params = start("after a corrupt state")
+    log = b.log()
+    check("crash state refused:" in log and "starting clean" in log, "corrupt state: refused, with why, in the log")
+    check(all(os.path.exists("/proc/%d" % p) for p in workers), "corrupt state: the old workers were not killed")
+    check(len(pids_of(params)) == 2 and not set(pids_of(params) + instances(params, "probe", "pid")) & set(workers),
+          "corrupt state: brokerd started its own 2 workers (%s)" % pids_of(params))
+    check("recovered" not in params, "corrupt state: Status says nothing was recovered")
+    # The old ones are nobody's now: the test ends them, as the operator would.
+    for p in workers:
+        os.kill(p, signal.SIGKILL)
+        exits_within(p, 10)
+
+    # 5. A clean stop after all that: nothing left, no pipe in the store, the state says stopped.
+    strays.note(b.pid)
+    rc = b.stop()
+    check(rc == 0, "last stop: brokerd exits 0 (%r)" % rc)
+    check(pipes(manager.names()) == [], "last stop: no output pipe left in the store (%s)" % manager.names())
+    strays.check("last stop")
+    check(not manager.errors, "every notify message was well-formed (%s)" % manager.errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, prefix="brokerd-crash."))
