@@ -17,6 +17,9 @@ CrashState::CrashState(sd_event *event, persist::StateFile file, Snapshot snapsh
 		throw std::runtime_error(std::string("crash state: sd_event_add_defer: ") + std::strerror(-r));
 	turn_.reset(s);
 	sd_event_source_set_enabled(s, SD_EVENT_OFF);
+	// Before anything else pending: children wait for their go byte until the state naming
+	// them is written (Supervisor's go source, at the default priority).
+	sd_event_source_set_priority(s, SD_EVENT_PRIORITY_IMPORTANT);
 }
 
 void CrashState::changed()

@@ -104,6 +104,15 @@ void format_pid(char *out, pid_t pid)
 		::signal(sig, SIG_DFL);
 	const int top = static_cast<int>(plan.fds.size());
 	const int status_fd = top - 1;
+	if (plan.go_read >= 0) {
+		::close(plan.go_write);
+		char go = 0;
+		ssize_t r;
+		while ((r = ::read(plan.go_read, &go, 1)) < 0 && errno == EINTR) {
+		}
+		if (r != 1)
+			child_fail(plan.fds[static_cast<std::size_t>(status_fd)], ChildStep::Setup, ECANCELED);
+	}
 	if (::setsid() < 0)
 		child_fail(plan.fds[static_cast<std::size_t>(status_fd)], ChildStep::Setup, errno);
 
@@ -211,6 +220,19 @@ SpawnPlan plan_spawn(const SpawnInputs &in)
 	return plan;
 }
 
+int Supervisor::go_handler(sd_event_source *, void *userdata)
+{
+	return guarded("go_handler", [&]() -> int {
+		auto *sup = static_cast<Supervisor *>(userdata);
+		for (proto::UniqueFd &go : std::exchange(sup->pending_go_, {})) {
+			char byte = 'g';
+			ssize_t r = ::write(go.get(), &byte, 1);
+			(void)r; // a child that is gone already does not need it
+		}
+		return 0;
+	});
+}
+
 std::string pipe_store_name(std::uint64_t inode)
 {
 	return std::string(kPipeStorePrefix) + std::to_string(inode);
@@ -226,7 +248,8 @@ pid_t fork_and_exec(SpawnPlan &plan)
 
 std::optional<std::string> open_child_pipes(ChildPipes &p)
 {
-	for (auto [r, w] : {std::pair{&p.out_r, &p.out_w}, std::pair{&p.err_r, &p.err_w}, std::pair{&p.status_r, &p.status_w}}) {
+	for (auto [r, w] : {std::pair{&p.out_r, &p.out_w}, std::pair{&p.err_r, &p.err_w}, std::pair{&p.status_r, &p.status_w},
+	                    std::pair{&p.go_r, &p.go_w}}) {
 		int fds[2];
 		if (::pipe2(fds, O_CLOEXEC) < 0)
 			return "pipe: " + errno_text(errno);
@@ -293,6 +316,8 @@ void Supervisor::spawn(Instance &inst)
 	plan.fds[1] = pipes.out_w.get();
 	plan.fds[2] = pipes.err_w.get();
 	plan.fds.back() = pipes.status_w.get();
+	plan.go_read = pipes.go_r.get();
+	plan.go_write = pipes.go_w.get();
 
 	pid_t pid = launcher_(plan);
 	if (pid < 0)
@@ -300,6 +325,10 @@ void Supervisor::spawn(Instance &inst)
 	if (auto why = watch_child(inst, pid))
 		return fail(*why);
 	watch_pipes(inst, pipes);
+	// Let go once the crash state names it: at the end of this turn of the loop, after the
+	// state's own write (which runs first, at a higher priority).
+	pending_go_.push_back(std::move(pipes.go_w));
+	sd_event_source_set_enabled(go_source_.get(), SD_EVENT_ONESHOT);
 
 	log::info("instance " + inst.id + ": started pid " + std::to_string(pid) + " (" + plan.program + ")");
 	emit(inst, EventKind::Started);

@@ -51,6 +51,12 @@ struct SpawnPlan {
 	// end (the spawner fills in stdio and the status pipe). lifted: room for their copies.
 	std::vector<int> fds;
 	std::vector<int> lifted;
+	// The go pipe (the spawner fills it in; -1: none). The child closes its copy of the write
+	// end and waits for one byte on the read end before anything else: the parent writes it once
+	// the crash state names the child. EOF instead (brokerd died before) ends the child with
+	// status 127, so no worker ever runs that no state names.
+	int go_read = -1;
+	int go_write = -1;
 };
 
 // The worker's argv, environment (inherited, LISTEN_*, NOTIFY_SOCKET, BROKER_*, the user's HOME,
@@ -64,10 +70,10 @@ using Launcher = std::function<pid_t(SpawnPlan &plan)>;
 // Forks; the child moves the plan's fds into place, switches credentials and execs, never returning.
 pid_t fork_and_exec(SpawnPlan &plan);
 
-// The pipes of a child being spawned: its stdout, stderr and exec status, and /dev/null for its
-// stdin. All close-on-exec.
+// The pipes of a child being spawned: its stdout, stderr, exec status and go pipe (SpawnPlan),
+// and /dev/null for its stdin. All close-on-exec.
 struct ChildPipes {
-	proto::UniqueFd out_r, out_w, err_r, err_w, status_r, status_w, devnull;
+	proto::UniqueFd out_r, out_w, err_r, err_w, status_r, status_w, go_r, go_w, devnull;
 };
 // Returns why they could not all be opened.
 std::optional<std::string> open_child_pipes(ChildPipes &p);

@@ -5,6 +5,7 @@
 #include "supervisor/process.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 namespace brokerd {
 
@@ -14,6 +15,12 @@ Supervisor::Supervisor(sd_event *event, const std::list<Listener> &listeners, st
 	: event_(event), listeners_(listeners), control_path_(std::move(control_path))
 {
 	router_.on_report = [this](const HandoffRouter::Report &r) { handoff_report(r); };
+	sd_event_source *s = nullptr;
+	int r = sd_event_add_defer(event_, &s, go_handler, this);
+	if (r < 0)
+		throw std::runtime_error(std::string("sd_event_add_defer: ") + std::strerror(-r));
+	go_source_.reset(s);
+	sd_event_source_set_enabled(s, SD_EVENT_OFF);
 }
 
 Supervisor::~Supervisor() = default;

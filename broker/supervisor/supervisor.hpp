@@ -234,6 +234,11 @@ private:
 	HandoffRouter router_;
 	rlimit child_nofile_{};
 	Launcher launcher_ = fork_and_exec;
+	// The go pipes of children spawned in this turn of the loop (SpawnPlan::go_write), written
+	// by go_source_ at its end.
+	std::vector<proto::UniqueFd> pending_go_;
+	EventSource go_source_;
+	static int go_handler(sd_event_source *s, void *userdata);
 	Recovery recovery_;
 };
 

@@ -4,6 +4,9 @@
 
 #include <doctest/doctest.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <map>
 #include <string>
 #include <vector>
@@ -143,4 +146,71 @@ TEST_CASE("the spawn plan holds every buffer the child uses, and a move keeps th
 	const std::string &slot = plan.env[static_cast<std::size_t>(plan.listen_pid)];
 	CHECK(slot.size() >= std::string("LISTEN_PID=").size() + 8);
 	CHECK(std::string(slot.c_str()) == "LISTEN_PID=");
+}
+
+namespace {
+
+// Runs `sh -c script` through fork_and_exec with a go pipe, which `let_go` says whether to write
+// before closing. Returns the child's exit status and what its status pipe reported (bytes).
+struct GoRun {
+	int status = -1;
+	std::size_t reported = 0;
+};
+
+GoRun run_with_go(const std::string &script, bool let_go)
+{
+	brokerd::config::ServiceConfig cfg;
+	cfg.exec = {"sh", "-c", script};
+	SpawnInputs in(cfg);
+	in.program = "/bin/sh";
+	std::vector<char *> inherited = {nullptr};
+	in.inherited = inherited.data();
+	SpawnPlan plan = plan_spawn(in);
+	brokerd::ChildPipes pipes;
+	REQUIRE_FALSE(brokerd::open_child_pipes(pipes));
+	plan.fds[0] = pipes.devnull.get();
+	plan.fds[1] = pipes.devnull.get();
+	plan.fds[2] = pipes.devnull.get();
+	plan.fds.back() = pipes.status_w.get();
+	plan.go_read = pipes.go_r.get();
+	plan.go_write = pipes.go_w.get();
+	pid_t pid = brokerd::fork_and_exec(plan);
+	REQUIRE(pid > 0);
+	pipes.status_w.reset();
+	pipes.go_r.reset();
+	if (let_go)
+		REQUIRE(::write(pipes.go_w.get(), "g", 1) == 1);
+	pipes.go_w.reset(); // as when brokerd dies
+	GoRun run;
+	char buf[64];
+	ssize_t n;
+	while ((n = ::read(pipes.status_r.get(), buf, sizeof buf)) > 0)
+		run.reported += static_cast<std::size_t>(n);
+	int st = 0;
+	REQUIRE(::waitpid(pid, &st, 0) == pid);
+	run.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+	return run;
+}
+
+} // namespace
+
+TEST_CASE("the go pipe: a child runs only once brokerd lets it go, and ends if brokerd dies first")
+{
+	char dir[] = "/tmp/brokerd-go-XXXXXX";
+	REQUIRE(::mkdtemp(dir));
+	std::string ran = std::string(dir) + "/ran";
+	std::string script = "echo ran > " + ran;
+
+	GoRun never = run_with_go(script, false);
+	CHECK(never.status == 127);
+	CHECK(never.reported > 0); // why, on the status pipe: cancelled before setup
+	CHECK(::access(ran.c_str(), F_OK) != 0);
+
+	GoRun go = run_with_go(script, true);
+	CHECK(go.status == 0);
+	CHECK(go.reported == 0); // the status pipe closed at exec, with nothing on it
+	CHECK(::access(ran.c_str(), F_OK) == 0);
+
+	::unlink(ran.c_str());
+	::rmdir(dir);
 }
