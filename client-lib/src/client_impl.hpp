@@ -77,6 +77,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	std::uint64_t attempt_at = 0;     // Waiting: the next connect()
 	std::uint64_t hello_deadline = 0; // Hello: give this connection up and try again
 	unsigned failures = 0;            // attempts failed since the loss, for the backoff
+	int last_fd = -1;                 // the number of the connection closed last
 	std::minstd_rand jitter; // seeded per process in from_env(): no fd, no syscall beyond getpid()
 
 	void send(std::string_view method, json parameters);
@@ -94,6 +95,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	void disconnected(const Error &error);
 	bool attempt();
 	void retry_later();
+	void close_stream();
 	std::uint64_t backoff(unsigned n);
 	void hello_reply(const proto::varlink::Message &m);
 	void remember_token(const json &params);

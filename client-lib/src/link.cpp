@@ -6,6 +6,7 @@
 #include "proto/names.hpp"
 #include "proto/sync_client.hpp"
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
@@ -66,7 +67,7 @@ void Client::Impl::disconnected(const Error &error)
 	sender.requeue_newest(stream->unsent_borrowed());
 	// Nothing queued may go out after this: its borrowed fds are about to be closed or given
 	// back, and their numbers reused.
-	stream.reset();
+	close_stream();
 	peer_gone = false;
 	retry_at = 0;
 	summary.abandoned += sender.drop_in_flight();
@@ -112,9 +113,16 @@ std::uint64_t Client::Impl::backoff(unsigned n)
 	return d - d / 2 + std::uniform_int_distribution<std::uint64_t>(0, d / 2)(jitter);
 }
 
+void Client::Impl::close_stream()
+{
+	if (stream)
+		last_fd = stream->fd();
+	stream.reset();
+}
+
 void Client::Impl::retry_later()
 {
-	stream.reset();
+	close_stream();
 	peer_gone = false;
 	retry_at = 0;
 	phase = Phase::Waiting;
@@ -141,6 +149,10 @@ bool Client::Impl::attempt()
 	else
 		len += 1;
 	proto::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+	// A caller that polls fd() re-registers when the number changes: never give it the number
+	// of the connection before, which it may still take for the one it registered.
+	if (fd && fd.get() == last_fd)
+		fd = proto::UniqueFd(::fcntl(fd.get(), F_DUPFD_CLOEXEC, last_fd + 1));
 	if (!fd || (::connect(fd.get(), reinterpret_cast<sockaddr *>(&sa), len) < 0 && errno != EINPROGRESS)) {
 		retry_later();
 		return true;
@@ -214,7 +226,7 @@ void Client::Impl::remember_token(const json &params)
 
 void Client::Impl::reject(const Error &error)
 {
-	stream.reset();
+	close_stream();
 	peer_gone = false;
 	retry_at = 0;
 	phase = Phase::Rejected;

@@ -1022,12 +1022,17 @@ TEST_CASE("brokerd restarts: Lost, the listener kept, Hello again with the token
 	// the next attempt comes.
 	FakeBroker again(w.name);
 	json hello = accept_hello(*c, again);
+	int unanswered = c->fd();
+	CHECK(unanswered >= 0);
 	again.close();
 	REQUIRE(drive(*c, [&] { return c->fd() == -1; }));
 	CHECK(links.size() == 1);
 	CHECK(c->link() == broker::Link::Lost);
 
 	hello = accept_hello(*c, again);
+	// A loop that re-registers when the number changes must see it change.
+	CHECK(c->fd() >= 0);
+	CHECK(c->fd() != unanswered);
 	// The same Hello as at start, without asking for the sockets it holds.
 	CHECK(hello["method"] == "io.brokerd.Worker.Hello");
 	CHECK(hello["parameters"] == json{{"token", "sesame"}, {"want_fds", false}});

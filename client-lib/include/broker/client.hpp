@@ -128,8 +128,8 @@ public:
 	// after it wait for the next call, which timeout() asks for at once.
 	// fd() and events() may change after any call: while the link is Lost, fd() is -1 and
 	// timeout() is the next attempt to reconnect, which process() makes with a non-blocking
-	// connect(). A new connection may reuse the old fd's number, but process() always returns
-	// once with fd() == -1 between two connections: re-register whenever fd() changes.
+	// connect(). A new connection never has the number of the one before it, so re-registering
+	// whenever fd() changes is enough.
 	int fd() const noexcept;
 	short events() const noexcept;
 	std::uint64_t timeout() const noexcept;
