@@ -94,7 +94,8 @@ BROKER_C_EXPORT size_t broker_client_handoff_pending(const broker_client *client
 /* A connection handed to this instance, or one of ours that nobody took: the handler owns fd;
  * state is valid only during the call. Set the connection handler before broker_client_ready():
  * connections that arrive without one go back to their sender. When broker_client_process()
- * fails because brokerd went away, the returned and done handlers have run inside that call. */
+ * finds brokerd gone, the returned and done handlers run inside that call, before the link
+ * handler. */
 typedef void (*broker_connection_handler)(broker_client *client, int fd, const void *state, size_t state_size,
                                           void *userdata);
 BROKER_C_EXPORT int broker_client_set_connection_handler(broker_client *client, broker_connection_handler handler,
