@@ -1257,3 +1257,50 @@ TEST_CASE("C: brokerd restarts, then one refuses: the link handler sees Lost, Co
 	CHECK(broker_client_process(raw) == 0);
 	CHECK(broker_client_from_env_with_flags(nullptr, BROKER_CLIENT_NO_RECONNECT) == -EINVAL);
 }
+
+TEST_CASE("a registered worker reconnects with its service, or with the token a Hello reply gave it")
+{
+	struct Case {
+		const char *what;
+		json token; // in the first Hello's reply, when a string
+		json again; // the Hello on reconnect
+	};
+	const Case cases[] = {
+	        {"no token", nullptr, {{"service", "web"}, {"version", "2.1"}, {"want_fds", false}}},
+	        {"a token in the reply", "t-42", {{"token", "t-42"}, {"want_fds", false}, {"accept_handoff", true}}},
+	};
+	for (const Case &tc : cases) {
+		std::string what = tc.what;
+		CAPTURE(what);
+		EnvGuard env;
+		std::string name = abstract_name("broker");
+		::setenv("BROKER_SOCKET", name.c_str(), 1);
+		::setenv("BROKER_SERVICE", "web", 1);
+		::setenv("BROKER_VERSION", "2.1", 1);
+		FakeBroker broker(name);
+		broker::ClientOptions options = quick_reconnect();
+		options.accept_handoff = true;
+		std::optional<broker::Client> c;
+		json first = connect_worker(broker, [&] { c.emplace(broker::Client::from_env(options)); },
+		                            [&](const json &, std::vector<int> &) {
+			                            json r = hello_reply();
+			                            if (tc.token.is_string())
+				                            r["parameters"]["token"] = tc.token;
+			                            return r;
+		                            });
+		CHECK(first["parameters"] == json{{"service", "web"}, {"version", "2.1"}, {"want_fds", true}, {"accept_handoff", true}});
+		REQUIRE(c.has_value());
+		broker.go_away();
+		REQUIRE(drive(*c, [&] { return c->link() == broker::Link::Lost && c->fd() == -1; }));
+
+		FakeBroker again(name);
+		json hello = accept_hello(*c, again);
+		json expect = tc.again;
+		if (!tc.token.is_string())
+			expect["accept_handoff"] = true;
+		CHECK(hello["parameters"] == expect);
+		again.send(hello_reply());
+		REQUIRE(drive(*c, [&] { return c->link() == broker::Link::Connected; }));
+		CHECK(again.receive(Clock::now() + kTimeout)["method"] == "io.brokerd.Worker.Events");
+	}
+}
