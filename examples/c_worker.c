@@ -16,6 +16,8 @@
  *   - a connection that nobody could take comes back (the returned handler) and is served to its
  *     end with "Connection: close", as every connection is when draining under plain systemd.
  * It exits once it holds no connection and no handoff is pending, or at the deadline.
+ * If brokerd goes away it keeps serving while the library reconnects; it drains only if a brokerd
+ * refuses it (BROKER_LINK_REJECTED, which broker_client_process() reports as an error).
  *
  * Without brokerd:  systemd-socket-activate -l 127.0.0.1:9090 broker-example-c */
 
@@ -249,7 +251,7 @@ static char *next_line(char **cursor)
  * and never a connection that already came back once (nobody takes it; it is served to its end). */
 static bool may_hand_off(const struct server *s, const struct conn *c)
 {
-	return s->brokered && !s->broker_lost && !c->returned;
+	return s->brokered && broker_client_link(s->client) == BROKER_LINK_CONNECTED && !c->returned;
 }
 
 /* Answers the request at the front of c->in. Returns false while it is incomplete. */
@@ -548,6 +550,18 @@ static void on_drain(broker_client *client, uint64_t deadline_usec, void *userda
 	start_drain(userdata, "requested by brokerd", deadline_usec == UINT64_MAX ? UINT64_MAX : deadline_usec / 1000);
 }
 
+/* Called from broker_client_process(). Lost: serve on while the library finds brokerd again.
+ * Rejected: process_broker() sees the error and drains. */
+static void on_link(broker_client *client, int link, int error, void *userdata)
+{
+	(void)client;
+	(void)userdata;
+	if (link == BROKER_LINK_LOST)
+		logmsg("lost the broker connection: %s; serving on, reconnecting", strerror(-error));
+	else if (link == BROKER_LINK_CONNECTED)
+		logmsg("reconnected to the broker");
+}
+
 /* ---- The event loop ---- */
 
 static void conn_event(struct server *s, struct conn *c, short revents)
@@ -668,11 +682,11 @@ static void process_broker(struct server *s)
 		if (r == 0)
 			return;
 		if (r < 0) {
-			/* Without the broker nobody would tell this instance to drain: retire it now. The
-			 * library has given back what it never sent, and closed what was in flight. */
-			logmsg("lost the broker connection: %s", strerror(-r));
+			/* The link ended for good (a brokerd refused this instance, see on_link): nobody
+			 * would tell it to drain, so it retires now. */
+			logmsg("the broker connection ended: %s", strerror(-r));
 			s->broker_lost = true;
-			start_drain(s, "the broker connection was lost", s->now + DEFAULT_DRAIN_MS);
+			start_drain(s, "the broker connection ended", s->now + DEFAULT_DRAIN_MS);
 			return;
 		}
 	}
@@ -883,8 +897,9 @@ static int setup(struct server *s)
 		/* Handed-in connections come to on_connection; ours that nobody took to on_returned. */
 		if ((r = broker_client_set_connection_handler(s->client, on_connection, s)) < 0 ||
 		    (r = broker_client_set_returned_handler(s->client, on_returned, s)) < 0 ||
-		    (r = broker_client_set_handoff_done_handler(s->client, on_handoff_done, s)) < 0) {
-			logmsg("cannot set the handoff handlers: %s", strerror(-r));
+		    (r = broker_client_set_handoff_done_handler(s->client, on_handoff_done, s)) < 0 ||
+		    (r = broker_client_set_link_handler(s->client, on_link, s)) < 0) {
+			logmsg("cannot set the handoff and link handlers: %s", strerror(-r));
 			return r;
 		}
 	}

@@ -13,6 +13,8 @@
 //   - a connection that nobody could take comes back (on_returned) and is served to its end with
 //     "Connection: close", as every connection is when draining under plain systemd.
 // The instance exits once it holds no connection and has no handoff unanswered, or at the deadline.
+// If brokerd goes away (killed, crashed), it keeps serving and the library reconnects; it drains only
+// if a brokerd refuses it (the link is Rejected), as nothing would ever ask it to otherwise.
 //
 // Routes: GET or HEAD of "/" (any query string) answers 200 with one line,
 // "hello from web gen 1 pid 1234"; any other path answers 404 and any other method 405, so a load
@@ -786,7 +788,7 @@ void Server::sweep()
 // never a connection that already came back once (nobody takes it; it is served to its end here).
 bool Server::may_hand_off(const Connection &c) const
 {
-	return client_.brokered() && !broker_lost_ && !c.returned;
+	return client_.brokered() && client_.link() == broker::Link::Connected && !c.returned;
 }
 
 // Nothing of ours in flight on c: no unsent response, no close under way. Its input holds at most a
@@ -886,13 +888,14 @@ void Server::process_broker()
 		}
 		watch_broker();
 	} catch (const broker::Error &e) {
-		// Without the broker this instance would never be told to drain: retire it now, gracefully.
-		log("lost the broker connection: %s", e.what());
+		// The link ended for good (a brokerd refused this instance, see on_link in run()): nothing
+		// would ever tell it to drain, so it retires now, gracefully.
+		log("the broker connection ended: %s", e.what());
 		if (broker_source_.fd >= 0)
 			epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, broker_source_.fd, nullptr);
 		broker_source_.fd = -1;
 		broker_lost_ = true;
-		start_drain("the broker connection was lost", now_ + kDefaultDrainTimeout);
+		start_drain("the broker connection ended", now_ + kDefaultDrainTimeout);
 	}
 }
 
@@ -997,6 +1000,13 @@ int Server::run()
 		client_.on_handoff_done([](const broker::HandoffSummary &s) {
 			log("handoff settled: %zu connections handed, %zu taken by the successor, %zu returned", s.handed,
 			    s.landed, s.returned);
+		});
+		// Lost: serve on while the library finds brokerd again. Rejected: process_broker() drains.
+		client_.on_link([](broker::Link link, const broker::Error *why) {
+			if (link == broker::Link::Lost)
+				log("lost the broker connection: %s; serving on, reconnecting", why ? why->what() : "");
+			else if (link == broker::Link::Connected)
+				log("reconnected to the broker");
 		});
 	}
 	watch_broker();

@@ -1,7 +1,6 @@
 // broker::Client: the worker's side of io.brokerd.Worker, with a plain systemd fallback.
-#include "broker/client.hpp"
+#include "client_impl.hpp"
 
-#include "proto/handoff.hpp"
 #include "proto/limits.hpp"
 #include "proto/names.hpp"
 #include "proto/status_text.hpp"
@@ -17,6 +16,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstdlib>
@@ -89,6 +89,10 @@ Error bad_reply(const std::string &what)
 	return Error(EBADMSG, "invalid Hello reply from brokerd: " + what);
 }
 
+} // namespace
+
+namespace detail {
+
 const json &member(const json &object, const char *key, json::value_t type)
 {
 	auto it = object.find(key);
@@ -100,56 +104,7 @@ const json &member(const json &object, const char *key, json::value_t type)
 	return *it;
 }
 
-} // namespace
-
-// Hidden explicitly: a nested class would otherwise inherit Client's exported visibility.
-struct __attribute__((visibility("hidden"))) Client::Impl {
-	Impl() = default;
-	Impl(const Impl &) = delete;
-	Impl &operator=(const Impl &) = delete;
-	~Impl() { *alive = false; }
-
-	// Shared with a running process(), which must stop touching anything once a handler has
-	// destroyed the Client (on_handoff_done may).
-	std::shared_ptr<bool> alive = std::make_shared<bool>(true);
-	bool in_process = false; // a disconnect seen while sending is reported by process(), at its end
-	bool peer_gone = false;
-	std::uint64_t retry_at = 0; // CLOCK_MONOTONIC usec: the kernel's fds-in-flight limit was hit
-
-	bool brokered = false;
-	std::string service;
-	std::string instance;
-	std::uint64_t generation = 0;
-	std::vector<Listener> listeners;
-	std::vector<proto::UniqueFd> owned; // fds received with Hello; inherited ones are not ours
-	std::optional<proto::varlink::Stream> stream;
-	std::function<void(const DrainRequest &)> on_drain;
-
-	proto::handoff::Sender sender;
-	HandoffSummary summary;
-	std::function<void(int, std::string)> on_connection;
-	std::function<void(int, std::string)> on_returned;
-	std::function<void(const HandoffSummary &)> on_handoff_done;
-
-	void send(std::string_view method, json parameters);
-	void flush_now();
-	int flush_or_defer();
-	void dispatch(proto::varlink::Message &m);
-	void pump();
-	void connections_event(const json &params, std::vector<proto::UniqueFd> &fds);
-	void handoff_event(const json &params);
-	void give_back(std::vector<proto::handoff::Item> items);
-	void check_done(std::size_t pending_before);
-	[[noreturn]] void lost(const Error &error);
-};
-
-namespace {
-
-// What a moved-from Client reports, so that its const accessors stay well defined.
-const std::string kEmpty;
-const std::vector<Listener> kNoListeners;
-
-[[noreturn]] void throw_closed()
+void throw_closed()
 {
 	throw Error(ECONNRESET, "brokerd closed the connection");
 }
@@ -165,6 +120,19 @@ std::uint64_t now_usec()
 	::clock_gettime(CLOCK_MONOTONIC, &ts);
 	return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000 + static_cast<std::uint64_t>(ts.tv_nsec) / 1000;
 }
+
+} // namespace detail
+
+using detail::is_disconnect;
+using detail::member;
+using detail::now_usec;
+using detail::throw_closed;
+
+namespace {
+
+// What a moved-from Client reports, so that its const accessors stay well defined.
+const std::string kEmpty;
+const std::vector<Listener> kNoListeners;
 
 // How long to wait before writing again when the kernel refuses more fds in flight.
 constexpr std::uint64_t kFdPressureRetry = 10'000;
@@ -205,8 +173,9 @@ void Client::Impl::flush_now()
 		throw_closed();
 	int r = flush_or_defer();
 	if (is_disconnect(r)) {
-		// Inside process(), what brokerd sent before it went is still to be read and handled.
-		if (in_process)
+		// Inside process(), what brokerd sent before it went is still to be read and handled;
+		// with reconnect on, the next process() finds the loss (timeout() asks for it at once).
+		if (in_process || options.reconnect)
 			return;
 		throw_closed();
 	}
@@ -397,6 +366,25 @@ Client Client::from_env()
 	return from_env(ClientOptions{});
 }
 
+namespace detail {
+
+// ClientOptions as programs built before reconnect know it; they call the symbol below, which
+// the abi_tag on today's ClientOptions keeps apart from the new one. They get the new default.
+struct OptionsV0 {
+	bool accept_handoff;
+};
+
+} // namespace detail
+
+// Not declared in the header: only old binaries call it.
+BROKER_EXPORT Client from_env_v0(const detail::OptionsV0 &old) __asm__("_ZN6broker6Client8from_envERKNS_13ClientOptionsE");
+Client from_env_v0(const detail::OptionsV0 &old)
+{
+	ClientOptions options;
+	options.accept_handoff = old.accept_handoff;
+	return Client::from_env(options);
+}
+
 Client Client::from_env(const ClientOptions &options)
 {
 	auto impl = std::make_unique<Impl>();
@@ -429,6 +417,12 @@ Client Client::from_env(const ClientOptions &options)
 	hello["want_fds"] = !inherited;
 	if (options.accept_handoff)
 		hello["accept_handoff"] = true;
+	// A reconnect says the same, but holds its sockets already.
+	impl->options = options;
+	impl->socket_path = socket;
+	impl->hello = hello;
+	impl->hello["want_fds"] = false;
+	impl->jitter.seed(static_cast<std::uint_fast32_t>(::getpid()) ^ static_cast<std::uint_fast32_t>(now_usec()));
 
 	// The protocol core throws its own error type; the library's callers get broker::Error.
 	std::optional<proto::varlink::SyncClient> sync;
@@ -445,6 +439,7 @@ Client Client::from_env(const ClientOptions &options)
 	impl->service = member(params, "service", json::value_t::string).get<std::string>();
 	impl->instance = member(params, "instance", json::value_t::string).get<std::string>();
 	impl->generation = member(params, "generation", json::value_t::number_unsigned).get<std::uint64_t>();
+	impl->remember_token(params);
 	const json &sockets = member(params, "sockets", json::value_t::array);
 	if (sockets.size() > proto::limits::kMaxSocketsPerService)
 		throw bad_reply("too many sockets");
@@ -516,7 +511,8 @@ void Client::ready()
 	if (!impl_)
 		throw Error(EBADF, "moved-from Client");
 	if (impl_->brokered) {
-		impl_->send(kReady, json::object());
+		impl_->said_ready = true;
+		impl_->tell(kReady, json::object());
 		return;
 	}
 	int r = sd_notify(0, "READY=1");
@@ -538,7 +534,8 @@ void Client::status(std::string_view text)
 	if (auto why = proto::check_status_text(checked))
 		throw Error(EINVAL, "status text: " + *why);
 	if (impl_->brokered) {
-		impl_->send(kStatus, json{{"text", text}});
+		impl_->last_status = checked;
+		impl_->tell(kStatus, json{{"text", text}});
 		return;
 	}
 	std::string msg = "STATUS=" + std::string(text);
@@ -564,21 +561,36 @@ short Client::events() const noexcept
 
 std::uint64_t Client::timeout() const noexcept
 {
-	if (!impl_ || !impl_->stream)
-		return std::numeric_limits<std::uint64_t>::max();
-	// A message already read (left when a handler threw) has no poll event to announce it.
-	if (impl_->stream->message_ready())
+	constexpr std::uint64_t none = std::numeric_limits<std::uint64_t>::max();
+	if (!impl_)
+		return none;
+	if (impl_->phase == Impl::Phase::Waiting)
+		return impl_->attempt_at;
+	if (!impl_->stream)
+		return none;
+	// A message already read (left when a handler threw) has no poll event to announce it, nor
+	// has a loss seen while writing.
+	if (impl_->stream->message_ready() || impl_->peer_gone)
 		return 0;
-	if (impl_->retry_at)
-		return impl_->retry_at;
-	return std::numeric_limits<std::uint64_t>::max();
+	std::uint64_t t = impl_->retry_at ? impl_->retry_at : none;
+	if (impl_->phase == Impl::Phase::Hello)
+		t = std::min(t, impl_->hello_deadline);
+	return t;
 }
 
 bool Client::process()
 {
-	if (!impl_ || !impl_->stream)
+	if (!impl_)
 		return false;
 	Impl &impl = *impl_;
+	if (impl.phase == Impl::Phase::Waiting)
+		return impl.attempt();
+	if (!impl.stream)
+		return false;
+	if (impl.phase == Impl::Phase::Hello && now_usec() >= impl.hello_deadline) {
+		impl.retry_later(); // a brokerd that accepts but never answers is as good as none
+		return true;
+	}
 	// A handler may destroy the Client: from then on nothing of it may be touched.
 	std::shared_ptr<bool> alive = impl.alive;
 	proto::varlink::Stream &s = *impl.stream;
@@ -590,7 +602,8 @@ bool Client::process()
 	int r = impl.flush_or_defer();
 	if (r < 0 && r != -EAGAIN && !is_disconnect(r)) {
 		impl.in_process = false;
-		impl.lost(Error(-r, std::string("send to brokerd: ") + std::strerror(-r)));
+		impl.disconnected(Error(-r, std::string("send to brokerd: ") + std::strerror(-r)));
+		return true;
 	}
 	did = s.queued_bytes() != before;
 
@@ -605,7 +618,8 @@ bool Client::process()
 			eof = true;
 		else if (r != -EAGAIN) {
 			impl.in_process = false;
-			impl.lost(Error(-r, std::string("receive from brokerd: ") + std::strerror(-r)));
+			impl.disconnected(Error(-r, std::string("receive from brokerd: ") + std::strerror(-r)));
+			return true;
 		}
 		for (;;) {
 			proto::varlink::Message m;
@@ -614,11 +628,17 @@ bool Client::process()
 				break;
 			if (n < 0) {
 				impl.in_process = false;
-				impl.lost(Error(-n, std::string("protocol error from brokerd: ") + std::strerror(-n)));
+				impl.disconnected(Error(-n, std::string("protocol error from brokerd: ") + std::strerror(-n)));
+				return true;
 			}
 			did = true;
 			try {
-				impl.dispatch(m);
+				// The first message on a new connection answers its Hello; a refusal ends the
+				// link (and the stream) and comes out as failure.
+				if (impl.phase == Impl::Phase::Hello)
+					impl.hello_reply(m);
+				else
+					impl.dispatch(m);
 			} catch (...) {
 				failure = std::current_exception();
 			}
@@ -631,7 +651,7 @@ bool Client::process()
 			if (failure)
 				break;
 		}
-		more = !failure && !eof && impl.peer_gone && r > 0;
+		more = !failure && !eof && impl.peer_gone && r > 0 && impl.stream;
 	}
 	impl.in_process = false;
 
@@ -644,32 +664,23 @@ bool Client::process()
 		}
 		std::rethrow_exception(failure);
 	}
-	if (eof || impl.peer_gone)
-		impl.lost(Error(ECONNRESET, "brokerd closed the connection"));
+	if (eof || impl.peer_gone) {
+		impl.disconnected(Error(ECONNRESET, "brokerd closed the connection"));
+		return true;
+	}
 	return did;
 }
 
-// The connection to brokerd is unusable: what was never sent is ours again; what was in flight
-// may be served already, so it closes. Then the error goes to the caller.
-void Client::Impl::lost(const Error &error)
+Link Client::link() const noexcept
 {
-	std::size_t before = sender.pending();
-	sender.requeue_newest(stream->unsent_borrowed());
-	// Nothing queued may go out after this: its borrowed fds are about to be closed or given
-	// back, and their numbers reused.
-	stream.reset();
-	summary.abandoned += sender.drop_in_flight();
-	std::exception_ptr failure;
-	try {
-		give_back(sender.take_unsent());
-	} catch (...) {
-		failure = std::current_exception(); // the handler's own error comes first; fd() says the rest
-	}
-	Error copy = error; // the caller's may live in what on_handoff_done destroys
-	check_done(before);
-	if (failure)
-		std::rethrow_exception(failure);
-	throw copy;
+	return impl_ ? impl_->link() : Link::Lost;
+}
+
+void Client::on_link(std::function<void(Link, const Error *)> handler)
+{
+	if (!impl_)
+		throw Error(EBADF, "moved-from Client");
+	impl_->on_link = std::move(handler);
 }
 
 void Client::on_drain(std::function<void(const DrainRequest &)> handler)
@@ -686,7 +697,7 @@ void Client::handoff(const Connection *list, std::size_t count)
 		throw Error(EBADF, "moved-from Client");
 	if (!impl_->brokered)
 		throw Error(ENOTCONN, "not connected to brokerd: there is no successor to hand connections to");
-	if (!impl_->stream)
+	if (impl_->phase != Impl::Phase::Connected)
 		throw Error(ENOTCONN, "the connection to brokerd is lost: there is no successor to hand connections to");
 	for (const Connection &c : connections) {
 		// A closed fd would make the whole batch's sendmsg fail, and the connection to brokerd with it.

@@ -22,6 +22,8 @@ struct broker_client {
 	void *returned_userdata = nullptr;
 	broker_handoff_done_handler handoff_done = nullptr;
 	void *handoff_done_userdata = nullptr;
+	broker_link_handler link = nullptr;
+	void *link_userdata = nullptr;
 };
 
 static_assert(BROKER_MAX_HANDOFF_STATE == broker::Client::kMaxHandoffState);
@@ -91,11 +93,12 @@ int broker_client_from_env_with_flags(broker_client **ret, unsigned flags)
 	if (!ret)
 		return -EINVAL;
 	*ret = nullptr;
-	if (flags & ~BROKER_CLIENT_ACCEPT_HANDOFF)
+	if (flags & ~(BROKER_CLIENT_ACCEPT_HANDOFF | BROKER_CLIENT_NO_RECONNECT))
 		return -EINVAL;
 	return guard([&] {
 		broker::ClientOptions options;
 		options.accept_handoff = flags & BROKER_CLIENT_ACCEPT_HANDOFF;
+		options.reconnect = !(flags & BROKER_CLIENT_NO_RECONNECT);
 		*ret = new broker_client(broker::Client::from_env(options));
 		return 0;
 	});
@@ -213,6 +216,36 @@ int broker_client_set_drain_handler(broker_client *client, broker_drain_handler 
 		}
 		client->client.on_drain([client](const broker::DrainRequest &req) {
 			client->drain(client, to_usec(req.deadline), client->drain_userdata);
+		});
+		return 0;
+	});
+}
+
+static_assert(BROKER_LINK_CONNECTED == static_cast<int>(broker::Link::Connected) &&
+              BROKER_LINK_LOST == static_cast<int>(broker::Link::Lost) &&
+              BROKER_LINK_REJECTED == static_cast<int>(broker::Link::Rejected));
+
+int broker_client_link(const broker_client *client)
+{
+	if (!client)
+		return -EINVAL;
+	return static_cast<int>(client->client.link());
+}
+
+int broker_client_set_link_handler(broker_client *client, broker_link_handler handler, void *userdata)
+{
+	if (!client)
+		return -EINVAL;
+	return guard([&] {
+		client->link = handler;
+		client->link_userdata = userdata;
+		if (!handler) {
+			client->client.on_link(nullptr);
+			return 0;
+		}
+		client->client.on_link([client](broker::Link link, const broker::Error *why) {
+			int error = why ? (why->code() > 0 ? -why->code() : -EIO) : 0;
+			client->link(client, static_cast<int>(link), error, client->link_userdata);
 		});
 		return 0;
 	});

@@ -235,7 +235,23 @@ public:
 	}
 
 	int conn() const { return conn_.get(); }
+	int listener() const { return listen_.get(); }
 	void close() { conn_.reset(); }
+	// brokerd killed: its connection and its listening socket go, and the address is free for
+	// another FakeBroker (the restarted brokerd).
+	void go_away()
+	{
+		conn_.reset();
+		listen_.reset();
+		buf_.clear();
+		fds_.clear();
+	}
+	// A connection waiting in the listener's backlog: someone called connect().
+	bool knocked() const
+	{
+		pollfd p{listen_.get(), POLLIN, 0};
+		return ::poll(&p, 1, 0) > 0;
+	}
 
 private:
 	Fd listen_;

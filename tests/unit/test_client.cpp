@@ -586,7 +586,7 @@ TEST_CASE("brokered: Hello, fds, Ready, Status, drain, end of stream")
 			if (api == "cpp") {
 				int fd;
 				{
-					broker::Client c = broker::Client::from_env();
+					broker::Client c = broker::Client::from_env(broker::ClientOptions{.reconnect = false});
 					out["brokered"] = c.brokered();
 					out["service"] = c.service();
 					out["instance"] = c.instance();
@@ -604,7 +604,7 @@ TEST_CASE("brokered: Hello, fds, Ready, Status, drain, end of stream")
 				out["listener_open_after"] = is_open(fd);
 			} else {
 				broker_client *c = nullptr;
-				out["from_env"] = broker_client_from_env(&c);
+				out["from_env"] = broker_client_from_env_with_flags(&c, BROKER_CLIENT_NO_RECONNECT);
 				if (!c)
 					return out;
 				out["brokered"] = broker_client_brokered(c) == 1;
@@ -665,7 +665,7 @@ TEST_CASE("brokered: Hello, fds, Ready, Status, drain, end of stream")
 		CHECK(std::string(buf) == "hi");
 
 		// An event from a newer broker is skipped; drain reaches the handler; then the broker
-		// goes away, which ends the loop with ECONNRESET.
+		// goes away, which ends the loop with ECONNRESET (reconnect is off).
 		broker.send({{"parameters", {{"event", "rebalance"}}}, {"continues", true}});
 		broker.send({{"parameters", {{"event", "drain"}, {"timeout_ms", 5000}}}, {"continues", true}});
 		broker.close();
@@ -845,6 +845,7 @@ TEST_CASE("the library starts no thread and never writes to stdout, stderr, sysl
 			json out = {{"errors", json::array()}, {"connections", json::array()}, {"returned", json::array()}};
 			broker::ClientOptions options;
 			options.accept_handoff = true;
+			options.reconnect = false; // the loop ends when brokerd does
 			broker::Client cl = broker::Client::from_env(options);
 			traps.checkpoint();
 			out["listener"] = cl.listener("http") >= 0;

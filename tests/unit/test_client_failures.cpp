@@ -1,6 +1,7 @@
 // libbroker-client's failure paths, in process against a fake brokerd: the broker going away in
 // the middle of a handoff, handlers that throw or destroy the client, bad fds, the kernel's limit
-// on fds in flight, and a registered worker with LISTEN_FDS of its own.
+// on fds in flight, a registered worker with LISTEN_FDS of its own, and brokerd killed and
+// started again (the link: Lost, reconnect with backoff, Connected or Rejected).
 #include <broker/client.h>
 #include <broker/client.hpp>
 
@@ -17,16 +18,19 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -221,12 +225,21 @@ std::optional<broker::Client> connect_cpp(FakeBroker &broker, const broker::Clie
 	return c;
 }
 
-broker_client *connect_c(FakeBroker &broker)
+broker_client *connect_c(FakeBroker &broker, unsigned flags = 0)
 {
 	broker_client *c = nullptr;
-	connect_worker(broker, [&] { REQUIRE(broker_client_from_env(&c) == 0); });
+	connect_worker(broker, [&] { REQUIRE(broker_client_from_env_with_flags(&c, flags) == 0); });
 	REQUIRE(c != nullptr);
 	return c;
+}
+
+// The loss of brokerd is final, as it was before reconnecting: process() throws ECONNRESET.
+broker::ClientOptions no_reconnect(bool accept_handoff = false)
+{
+	broker::ClientOptions o;
+	o.accept_handoff = accept_handoff;
+	o.reconnect = false;
+	return o;
 }
 
 struct FreeClient {
@@ -323,7 +336,7 @@ TEST_CASE("brokerd returns a batch and exits with more queued: all come back, do
 	NofileLimit limit(1000); // one batch in flight: 300 connections leave 47 queued
 	WorkerEnv w;
 	FakeBroker &broker = w.broker;
-	std::optional<broker::Client> c = connect_cpp(broker);
+	std::optional<broker::Client> c = connect_cpp(broker, no_reconnect());
 
 	Returned back;
 	int done = 0;
@@ -450,7 +463,7 @@ TEST_CASE("on_handoff_done destroys the client, from C++ and from C")
 		broker_client *c = nullptr;
 		int fd;
 		if (api == "cpp") {
-			cpp = connect_cpp(broker);
+			cpp = connect_cpp(broker, no_reconnect());
 			cpp->on_handoff_done([&](const broker::HandoffSummary &s) {
 				seen.done++;
 				seen.landed = s.landed;
@@ -461,7 +474,7 @@ TEST_CASE("on_handoff_done destroys the client, from C++ and from C")
 			cpp->handoff(&conn, 1);
 			fd = cpp->fd();
 		} else {
-			c = connect_c(broker);
+			c = connect_c(broker, BROKER_CLIENT_NO_RECONNECT);
 			REQUIRE(broker_client_set_handoff_done_handler(
 			                c,
 			                [](broker_client *client, size_t, size_t landed, size_t, size_t abandoned, void *userdata) {
@@ -543,9 +556,7 @@ TEST_CASE("brokerd sends connections and exits, and the worker's ack fails: it s
 {
 	WorkerEnv w;
 	FakeBroker &broker = w.broker;
-	broker::ClientOptions options;
-	options.accept_handoff = true;
-	std::optional<broker::Client> c = connect_cpp(broker, options);
+	std::optional<broker::Client> c = connect_cpp(broker, no_reconnect(true));
 
 	std::vector<Fd> taken;
 	std::vector<std::string> states;
@@ -847,7 +858,7 @@ TEST_CASE("a Handoff partly written when brokerd exits: its connections come bac
 		CAPTURE(what);
 		WorkerEnv w;
 		FakeBroker &broker = w.broker;
-		std::optional<broker::Client> c = connect_cpp(broker);
+		std::optional<broker::Client> c = connect_cpp(broker, no_reconnect());
 
 		// A small send buffer and large states: the one batch cannot be written whole.
 		int small = 4096;
@@ -878,5 +889,418 @@ TEST_CASE("a Handoff partly written when brokerd exits: its connections come bac
 		CHECK(c->handoff_pending() == 0);
 		CHECK(done == 1);
 		CHECK(c->fd() == -1);
+	}
+}
+
+// ---- brokerd goes away and comes back: the link ----
+
+namespace {
+
+constexpr auto kNoTimeout = std::numeric_limits<std::uint64_t>::max();
+
+// A worker's event loop, one turn: poll the library's fd (none while Lost) until its timeout()
+// at the latest, bounded by `slice` so the test's broker side gets its turn, then process().
+// Returns process()'s result; exceptions go to the caller.
+template <typename Fd_, typename Events, typename Timeout, typename Process>
+int loop_turn(Fd_ fd, Events events, Timeout timeout, Process process, std::chrono::milliseconds slice = 20ms)
+{
+	std::uint64_t t = timeout();
+	long long wait = slice.count();
+	if (t != kNoTimeout) {
+		std::uint64_t now = monotonic_usec();
+		wait = t <= now ? 0 : std::min<long long>(wait, static_cast<long long>((t - now + 999) / 1000));
+	}
+	pollfd p{fd(), static_cast<short>(events()), 0};
+	::poll(&p, fd() >= 0 ? 1 : 0, static_cast<int>(wait));
+	return process();
+}
+
+// Runs the C++ worker's loop until `done` holds or the deadline passes.
+bool drive(broker::Client &c, const std::function<bool()> &done, Clock::time_point deadline = Clock::now() + kTimeout)
+{
+	while (Clock::now() < deadline) {
+		if (done())
+			return true;
+		loop_turn([&] { return c.fd(); }, [&] { return c.events(); }, [&] { return c.timeout(); },
+		          [&] { return c.process() ? 1 : 0; });
+	}
+	return done();
+}
+
+// The same for the C API; a negative return of broker_client_process() fails the test.
+bool drive_c(broker_client *c, const std::function<bool()> &done, Clock::time_point deadline = Clock::now() + kTimeout)
+{
+	while (Clock::now() < deadline) {
+		if (done())
+			return true;
+		int r = loop_turn([&] { return broker_client_fd(c); }, [&] { return broker_client_events(c); },
+		                  [&] { return broker_client_timeout(c); }, [&] { return broker_client_process(c); });
+		REQUIRE(r >= 0);
+	}
+	return done();
+}
+
+json hello_reply(const char *instance = "web/2/0")
+{
+	return {{"parameters", {{"service", "web"}, {"instance", instance}, {"generation", 2}, {"sockets", json::array()}}}};
+}
+
+broker::ClientOptions quick_reconnect(std::chrono::milliseconds min = 10ms, std::chrono::milliseconds max = 40ms)
+{
+	broker::ClientOptions o;
+	o.reconnect_min = min;
+	o.reconnect_max = max;
+	return o;
+}
+
+// What on_link reported: the state and the error's code (0 for none).
+using Links = std::vector<std::pair<broker::Link, int>>;
+
+// Lets the worker find the restarted brokerd `b` and say Hello: the Hello b read.
+json accept_hello(broker::Client &c, FakeBroker &b)
+{
+	auto deadline = Clock::now() + kTimeout;
+	REQUIRE(drive(c, [&] { return b.accept(Clock::now()); }, deadline));
+	json hello = b.receive(deadline);
+	REQUIRE(hello.is_object());
+	return hello;
+}
+
+} // namespace
+
+TEST_CASE("brokerd restarts: Lost, the listener kept, Hello again with the token, Events, Ready and the last Status replayed, Connected")
+{
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	Fd http = bind_abstract(SOCK_STREAM, abstract_name("http"));
+	std::optional<broker::Client> c;
+	json first = connect_worker(broker, [&] { c.emplace(broker::Client::from_env(quick_reconnect())); },
+	                            [&](const json &, std::vector<int> &fds) {
+		                            fds.push_back(http.get());
+		                            json r = hello_reply();
+		                            r["parameters"]["sockets"] = {{{"name", "http"}, {"address", "unix:@x"}, {"kind", "unix"}, {"fd", 0}}};
+		                            return r;
+	                            });
+	CHECK(first["parameters"] == json{{"token", "sesame"}, {"want_fds", true}});
+	REQUIRE(c.has_value());
+	int listener = c->listener("http");
+	CHECK(same_file(listener, http.get()));
+	Links links;
+	c->on_link([&](broker::Link l, const broker::Error *e) { links.emplace_back(l, e ? e->code() : 0); });
+	std::vector<std::chrono::steady_clock::time_point> drains;
+	c->on_drain([&](const broker::DrainRequest &r) { drains.push_back(r.deadline); });
+	CHECK(c->link() == broker::Link::Connected);
+
+	auto deadline = Clock::now() + kTimeout;
+	c->ready();
+	c->status("one");
+	c->status("two");
+	CHECK(broker.receive(deadline)["method"] == "io.brokerd.Worker.Ready");
+	CHECK(broker.receive(deadline)["parameters"]["text"] == "one");
+	CHECK(broker.receive(deadline)["parameters"]["text"] == "two");
+	broker.event({{"event", "drain"}, {"timeout_ms", 60000}});
+	REQUIRE(drive(*c, [&] { return drains.size() == 1; }));
+
+	// brokerd is killed. A status written to its dead socket is no error (and no SIGPIPE).
+	broker.go_away();
+	c->status("three");
+	REQUIRE(drive(*c, [&] { return !links.empty(); }));
+	CHECK(links == Links{{broker::Link::Lost, ECONNRESET}});
+	CHECK(c->link() == broker::Link::Lost);
+	CHECK(c->fd() == -1);
+	CHECK(c->timeout() != kNoTimeout);
+	CHECK(c->listener("http") == listener);
+	CHECK(same_file(listener, http.get()));
+	// No successor is known: a handoff takes nothing.
+	Fd conn = connection_fd();
+	broker::Connection one{conn.get(), ""};
+	CHECK(error_code_of([&] { c->handoff(&one, 1); }) == ENOTCONN);
+	CHECK(is_open(conn.get()));
+	CHECK(c->handoff_pending() == 0);
+
+	// A brokerd that accepts and goes away before answering changes nothing: still Lost, and
+	// the next attempt comes.
+	FakeBroker again(w.name);
+	json hello = accept_hello(*c, again);
+	int unanswered = c->fd();
+	CHECK(unanswered >= 0);
+	again.close();
+	REQUIRE(drive(*c, [&] { return c->fd() == -1; }));
+	CHECK(links.size() == 1);
+	CHECK(c->link() == broker::Link::Lost);
+
+	hello = accept_hello(*c, again);
+	// A loop that re-registers when the number changes must see it change.
+	CHECK(c->fd() >= 0);
+	CHECK(c->fd() != unanswered);
+	// The same Hello as at start, without asking for the sockets it holds.
+	CHECK(hello["method"] == "io.brokerd.Worker.Hello");
+	CHECK(hello["parameters"] == json{{"token", "sesame"}, {"want_fds", false}});
+	CHECK(hello.value("oneway", false) == false);
+	again.send(hello_reply());
+	REQUIRE(drive(*c, [&] { return links.size() == 2; }));
+	CHECK(links[1] == std::pair{broker::Link::Connected, 0});
+	CHECK(c->link() == broker::Link::Connected);
+	CHECK(c->fd() >= 0);
+	json events = again.receive(deadline);
+	CHECK(events["method"] == "io.brokerd.Worker.Events");
+	CHECK(events["more"] == true);
+	json ready = again.receive(deadline);
+	CHECK(ready["method"] == "io.brokerd.Worker.Ready");
+	CHECK(ready["oneway"] == true);
+	json status = again.receive(deadline);
+	CHECK(status["method"] == "io.brokerd.Worker.Status");
+	CHECK(status["parameters"] == json{{"text", "three"}});
+
+	// The new brokerd sends the drain again, with what remains: the handler runs again.
+	again.event({{"event", "drain"}, {"timeout_ms", 30000}});
+	REQUIRE(drive(*c, [&] { return drains.size() == 2; }));
+	CHECK(drains[1] < drains[0]);
+	// Handoffs go to the new brokerd; the listener is still the same socket.
+	c->handoff(&one, 1);
+	conn.release();
+	json h = again.receive(deadline);
+	CHECK(h["method"] == "io.brokerd.Worker.Handoff");
+	CHECK(again.take_fds().size() == 1);
+	CHECK(same_file(c->listener("http"), http.get()));
+}
+
+TEST_CASE("while brokerd is away, process() never blocks: no listener, then a full backlog; the wait doubles up to its cap")
+{
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	constexpr std::uint64_t kMin = 40'000, kMax = 160'000; // usec
+	std::optional<broker::Client> c = connect_cpp(broker, quick_reconnect(40ms, 160ms));
+	broker.go_away();
+
+	// The wait before attempt k is min·2^k capped at max, jittered between half and all of it:
+	// scheduled inside process(), so between its start and its end.
+	const std::uint64_t nominal[] = {kMin, 2 * kMin, kMax, kMax, kMax, kMax};
+	std::uint64_t t0 = monotonic_usec();
+	wait_readable(c->fd());
+	CHECK(c->process());
+	std::uint64_t t1 = monotonic_usec();
+	for (std::size_t k = 0; k < std::size(nominal); k++) {
+		CAPTURE(k);
+		std::uint64_t at = c->timeout();
+		CHECK(at >= t0 + nominal[k] / 2);
+		CHECK(at <= t1 + nominal[k]);
+		CHECK(c->fd() == -1);
+		CHECK(c->link() == broker::Link::Lost);
+		while (monotonic_usec() < at)
+			::poll(nullptr, 0, static_cast<int>((at - monotonic_usec() + 999) / 1000));
+
+		// The first attempts find nothing at the address; the last ones a listener whose backlog
+		// is full, where a blocking connect() would wait.
+		Fd full;
+		std::vector<Fd> fillers;
+		if (k >= 3) {
+			full = Fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+			socklen_t len;
+			sockaddr_un sa = unix_address(w.name, len);
+			REQUIRE(::bind(full.get(), reinterpret_cast<sockaddr *>(&sa), len) == 0);
+			REQUIRE(::listen(full.get(), 0) == 0);
+			for (int i = 0; i < 64; i++) {
+				Fd f(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+				if (::connect(f.get(), reinterpret_cast<sockaddr *>(&sa), len) < 0) {
+					REQUIRE(errno == EAGAIN);
+					break;
+				}
+				fillers.push_back(std::move(f));
+			}
+			REQUIRE(!fillers.empty());
+		}
+		// Should process() block, this unblocks it after 2 s (and the bound below fails).
+		std::atomic<bool> returned{false};
+		std::thread watchdog([&] {
+			auto until = Clock::now() + 2s;
+			while (!returned && Clock::now() < until)
+				::poll(nullptr, 0, 10);
+			while (!returned && full.get() >= 0) {
+				Fd(::accept4(full.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+				::poll(nullptr, 0, 10);
+			}
+		});
+		t0 = monotonic_usec();
+		bool did = c->process();
+		t1 = monotonic_usec();
+		returned = true;
+		watchdog.join();
+		CHECK(did);
+		CHECK(t1 - t0 < 1'000'000); // generous: it must not wait at all
+		if (k >= 3) {
+			// Exactly the fillers wait in the backlog: the worker got no connection in.
+			std::size_t queued = 0;
+			while (Fd(::accept4(full.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK)).get() >= 0)
+				queued++;
+			CHECK(queued == fillers.size());
+		}
+	}
+}
+
+TEST_CASE("the restarted brokerd refuses the new Hello: Rejected, its error from process(), and no more attempts")
+{
+	struct Case {
+		const char *what;
+		json reply;
+		int code;
+	};
+	const Case cases[] = {
+	        {"InvalidToken", {{"error", "io.brokerd.Worker.InvalidToken"}, {"parameters", json::object()}}, EREMOTEIO},
+	        {"PermissionDenied", {{"error", "org.varlink.service.PermissionDenied"}, {"parameters", json::object()}}, EACCES},
+	        {"another instance", hello_reply("web/3/0"), ESTALE},
+	};
+	for (const Case &tc : cases) {
+		std::string what = tc.what;
+		CAPTURE(what);
+		WorkerEnv w;
+		std::optional<broker::Client> c = connect_cpp(w.broker, quick_reconnect());
+		Links links;
+		c->on_link([&](broker::Link l, const broker::Error *e) { links.emplace_back(l, e ? e->code() : 0); });
+		c->ready();
+		w.broker.go_away();
+		REQUIRE(drive(*c, [&] { return !links.empty(); }));
+
+		FakeBroker again(w.name);
+		json hello = accept_hello(*c, again);
+		CHECK(hello["parameters"]["token"] == "sesame");
+		again.send(tc.reply);
+		wait_readable(c->fd());
+		CHECK(error_code_of([&] { c->process(); }) == tc.code);
+		CHECK(links == Links{{broker::Link::Lost, ECONNRESET}, {broker::Link::Rejected, tc.code}});
+		CHECK(c->link() == broker::Link::Rejected);
+		CHECK(c->fd() == -1);
+		CHECK(c->timeout() == kNoTimeout);
+		CHECK_FALSE(c->process());
+		CHECK(error_code_of([&] { c->ready(); }) == ENOTCONN);
+		// The worker closed that connection, sent nothing after Hello, and never knocks again.
+		CHECK(again.receive(Clock::now() + kTimeout).is_null());
+		CHECK_FALSE(again.knocked());
+		CHECK(links.size() == 2);
+	}
+}
+
+TEST_CASE("reconnect off: the loss throws ECONNRESET as before, and nothing knocks at the restarted brokerd")
+{
+	WorkerEnv w;
+	std::optional<broker::Client> c = connect_cpp(w.broker, no_reconnect());
+	Links links;
+	c->on_link([&](broker::Link l, const broker::Error *e) { links.emplace_back(l, e ? e->code() : 0); });
+	w.broker.go_away();
+	FakeBroker again(w.name);
+	wait_readable(c->fd());
+	CHECK(error_code_of([&] { c->process(); }) == ECONNRESET);
+	CHECK(links == Links{{broker::Link::Lost, ECONNRESET}});
+	CHECK(c->link() == broker::Link::Lost);
+	CHECK(c->fd() == -1);
+	CHECK(c->timeout() == kNoTimeout);
+	CHECK_FALSE(c->process());
+	CHECK(error_code_of([&] { c->ready(); }) == ECONNRESET);
+	CHECK_FALSE(again.knocked());
+}
+
+TEST_CASE("C: brokerd restarts, then one refuses: the link handler sees Lost, Connected, Rejected; ready and status replayed")
+{
+	WorkerEnv w;
+	broker_client *raw = connect_c(w.broker);
+	CClient c(raw);
+	struct Seen {
+		std::vector<std::pair<int, int>> links;
+	} seen;
+	REQUIRE(broker_client_set_link_handler(
+	                raw,
+	                [](broker_client *, int link, int error, void *userdata) {
+		                static_cast<Seen *>(userdata)->links.emplace_back(link, error);
+	                },
+	                &seen) == 0);
+	CHECK(broker_client_link(raw) == BROKER_LINK_CONNECTED);
+	auto deadline = Clock::now() + kTimeout;
+	REQUIRE(broker_client_ready(raw) == 0);
+	CHECK(w.broker.receive(deadline)["method"] == "io.brokerd.Worker.Ready");
+
+	w.broker.go_away();
+	REQUIRE(drive_c(raw, [&] { return !seen.links.empty(); }));
+	CHECK(seen.links == std::vector<std::pair<int, int>>{{BROKER_LINK_LOST, -ECONNRESET}});
+	CHECK(broker_client_link(raw) == BROKER_LINK_LOST);
+	CHECK(broker_client_fd(raw) == -1);
+	CHECK(broker_client_status(raw, "while lost") == 0);
+	Fd conn = connection_fd();
+	broker_connection one{conn.get(), nullptr, 0};
+	CHECK(broker_client_handoff(raw, &one, 1) == -ENOTCONN);
+
+	{
+		FakeBroker again(w.name);
+		REQUIRE(drive_c(raw, [&] { return again.accept(Clock::now()); }));
+		json hello = again.receive(deadline);
+		CHECK(hello["parameters"] == json{{"token", "sesame"}, {"want_fds", false}});
+		again.send(hello_reply());
+		REQUIRE(drive_c(raw, [&] { return seen.links.size() == 2; }));
+		CHECK(seen.links[1] == std::pair{BROKER_LINK_CONNECTED, 0});
+		CHECK(again.receive(deadline)["method"] == "io.brokerd.Worker.Events");
+		CHECK(again.receive(deadline)["method"] == "io.brokerd.Worker.Ready");
+		CHECK(again.receive(deadline)["parameters"] == json{{"text", "while lost"}});
+		again.go_away();
+	}
+	REQUIRE(drive_c(raw, [&] { return seen.links.size() == 3; }));
+	CHECK(seen.links[2] == std::pair{BROKER_LINK_LOST, -ECONNRESET});
+
+	FakeBroker refusing(w.name);
+	REQUIRE(drive_c(raw, [&] { return refusing.accept(Clock::now()); }));
+	CHECK(refusing.receive(deadline)["method"] == "io.brokerd.Worker.Hello");
+	refusing.send({{"error", "io.brokerd.Worker.InvalidToken"}, {"parameters", json::object()}});
+	wait_readable(broker_client_fd(raw));
+	CHECK(broker_client_process(raw) == -EREMOTEIO);
+	CHECK(seen.links.size() == 4);
+	CHECK(seen.links.back() == std::pair{BROKER_LINK_REJECTED, -EREMOTEIO});
+	CHECK(broker_client_link(raw) == BROKER_LINK_REJECTED);
+	CHECK(broker_client_timeout(raw) == UINT64_MAX);
+	CHECK(broker_client_process(raw) == 0);
+	CHECK(broker_client_from_env_with_flags(nullptr, BROKER_CLIENT_NO_RECONNECT) == -EINVAL);
+}
+
+TEST_CASE("a registered worker reconnects with its service, or with the token a Hello reply gave it")
+{
+	struct Case {
+		const char *what;
+		json token; // in the first Hello's reply, when a string
+		json again; // the Hello on reconnect
+	};
+	const Case cases[] = {
+	        {"no token", nullptr, {{"service", "web"}, {"version", "2.1"}, {"want_fds", false}}},
+	        {"a token in the reply", "t-42", {{"token", "t-42"}, {"want_fds", false}, {"accept_handoff", true}}},
+	};
+	for (const Case &tc : cases) {
+		std::string what = tc.what;
+		CAPTURE(what);
+		EnvGuard env;
+		std::string name = abstract_name("broker");
+		::setenv("BROKER_SOCKET", name.c_str(), 1);
+		::setenv("BROKER_SERVICE", "web", 1);
+		::setenv("BROKER_VERSION", "2.1", 1);
+		FakeBroker broker(name);
+		broker::ClientOptions options = quick_reconnect();
+		options.accept_handoff = true;
+		std::optional<broker::Client> c;
+		json first = connect_worker(broker, [&] { c.emplace(broker::Client::from_env(options)); },
+		                            [&](const json &, std::vector<int> &) {
+			                            json r = hello_reply();
+			                            if (tc.token.is_string())
+				                            r["parameters"]["token"] = tc.token;
+			                            return r;
+		                            });
+		CHECK(first["parameters"] == json{{"service", "web"}, {"version", "2.1"}, {"want_fds", true}, {"accept_handoff", true}});
+		REQUIRE(c.has_value());
+		broker.go_away();
+		REQUIRE(drive(*c, [&] { return c->link() == broker::Link::Lost && c->fd() == -1; }));
+
+		FakeBroker again(name);
+		json hello = accept_hello(*c, again);
+		json expect = tc.again;
+		if (!tc.token.is_string())
+			expect["accept_handoff"] = true;
+		CHECK(hello["parameters"] == expect);
+		again.send(hello_reply());
+		REQUIRE(drive(*c, [&] { return c->link() == broker::Link::Connected; }));
+		CHECK(again.receive(Clock::now() + kTimeout)["method"] == "io.brokerd.Worker.Events");
 	}
 }

@@ -22,8 +22,10 @@ typedef void (*broker_drain_handler)(broker_client *client, uint64_t deadline_us
 /* Connects with BROKER_SOCKET/BROKER_TOKEN, or falls back to LISTEN_FDS. */
 BROKER_C_EXPORT int broker_client_from_env(broker_client **ret);
 /* The same, with flags: BROKER_CLIENT_ACCEPT_HANDOFF says this instance takes connections
- * handed off by its predecessors. */
+ * handed off by its predecessors; BROKER_CLIENT_NO_RECONNECT makes the loss of brokerd final, as
+ * it was before reconnecting existed (see broker_client_link()). */
 #define BROKER_CLIENT_ACCEPT_HANDOFF 0x1u
+#define BROKER_CLIENT_NO_RECONNECT 0x2u
 BROKER_C_EXPORT int broker_client_from_env_with_flags(broker_client **ret, unsigned flags);
 BROKER_C_EXPORT void broker_client_free(broker_client *client);
 
@@ -51,6 +53,27 @@ BROKER_C_EXPORT uint64_t broker_client_timeout(const broker_client *client);
 BROKER_C_EXPORT int broker_client_process(broker_client *client);
 BROKER_C_EXPORT int broker_client_set_drain_handler(broker_client *client, broker_drain_handler handler,
                                                     void *userdata);
+/* The drain handler may run again after a reconnect: a brokerd that restarted while this instance
+ * drained sends the drain again with the time that remains; the later deadline holds. */
+
+/* The connection to brokerd (see broker::Client::link() in <broker/client.hpp>).
+ * BROKER_LINK_LOST: brokerd went away; keep serving. broker_client_fd() is -1 and
+ *   broker_client_timeout() the next attempt; broker_client_process() reconnects without
+ *   blocking, says Hello with the same token, and repeats Ready and the last status. Until then
+ *   ready and status are remembered, and handoff fails with -ENOTCONN.
+ * BROKER_LINK_REJECTED: a brokerd refused this instance; no more attempts: drain and exit.
+ *   broker_client_process() returns the refusal (-EREMOTEIO, -EACCES, ...) after the handler,
+ *   as it returns -ECONNRESET on a loss with BROKER_CLIENT_NO_RECONNECT.
+ * Under plain systemd the link is always BROKER_LINK_CONNECTED. */
+#define BROKER_LINK_CONNECTED 0
+#define BROKER_LINK_LOST 1
+#define BROKER_LINK_REJECTED 2
+BROKER_C_EXPORT int broker_client_link(const broker_client *client);
+/* Called from broker_client_process() on every change of the link, with -errno saying why (0 for
+ * BROKER_LINK_CONNECTED). The handler must not free the client. */
+typedef void (*broker_link_handler)(broker_client *client, int link, int error, void *userdata);
+BROKER_C_EXPORT int broker_client_set_link_handler(broker_client *client, broker_link_handler handler,
+                                                   void *userdata);
 
 /* Connection handoff (see broker::Client::handoff in <broker/client.hpp>).
  * An established connection and the state its successor needs, at most
@@ -71,7 +94,8 @@ BROKER_C_EXPORT size_t broker_client_handoff_pending(const broker_client *client
 /* A connection handed to this instance, or one of ours that nobody took: the handler owns fd;
  * state is valid only during the call. Set the connection handler before broker_client_ready():
  * connections that arrive without one go back to their sender. When broker_client_process()
- * fails because brokerd went away, the returned and done handlers have run inside that call. */
+ * finds brokerd gone, the returned and done handlers run inside that call, before the link
+ * handler. */
 typedef void (*broker_connection_handler)(broker_client *client, int fd, const void *state, size_t state_size,
                                           void *userdata);
 BROKER_C_EXPORT int broker_client_set_connection_handler(broker_client *client, broker_connection_handler handler,

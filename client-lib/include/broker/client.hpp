@@ -62,10 +62,26 @@ struct HandoffSummary {
 	std::size_t abandoned = 0;
 };
 
-struct ClientOptions {
+// The state of the connection to brokerd (see Client::on_link()).
+enum class Link {
+	Connected, // brokerd knows this instance (always, under plain systemd: nothing to lose)
+	Lost,      // brokerd went away: keep serving; the library says Hello again with backoff
+	Rejected,  // a brokerd answered, but refused this instance: drain, it will never tell you to
+};
+
+// Built by the caller: later versions add members at the end, with defaults. The library knows
+// a program built before reconnect existed by the symbol it calls, not by this struct's size.
+struct __attribute__((abi_tag("reconnect"))) ClientOptions {
 	// Tell the broker (in Hello) that this instance takes connections handed off by its
 	// predecessors; they arrive through on_connection().
 	bool accept_handoff = false;
+	// When brokerd goes away (crashed, killed, restarted), say Hello again with the same token
+	// until one answers. Off: the loss ends the link, and process() throws Error(ECONNRESET).
+	bool reconnect = true;
+	// The wait before attempt n (0 first) is min·2^n capped at max, jittered: a random time
+	// between half and all of it, so that a host's workers do not all knock at once.
+	std::chrono::milliseconds reconnect_min{50};
+	std::chrono::milliseconds reconnect_max{2000};
 };
 
 class BROKER_EXPORT Client {
@@ -97,7 +113,8 @@ public:
 	const std::vector<Listener> &listeners() const noexcept;
 
 	// Tells the broker this instance is serving. Under plain systemd this is READY=1 to
-	// NOTIFY_SOCKET when it is set. Never blocks.
+	// NOTIFY_SOCKET when it is set. Never blocks. While the link is Lost, both are remembered
+	// and sent on reconnect; once it is Rejected, both fail with ENOTCONN.
 	void ready();
 	// A one-line status shown by `brokerctl status` (STATUS= under plain systemd): at most 512
 	// bytes of valid UTF-8 without control characters, or Error with EMSGSIZE or EINVAL.
@@ -109,14 +126,35 @@ public:
 	// may loop until it returns false. fd() is -1 under plain systemd. An exception from a
 	// handler leaves process() after the rest of that message's work is done; messages read
 	// after it wait for the next call, which timeout() asks for at once.
+	// fd() and events() may change after any call: while the link is Lost, fd() is -1 and
+	// timeout() is the next attempt to reconnect, which process() makes with a non-blocking
+	// connect(). A new connection never has the number of the one before it, so re-registering
+	// whenever fd() changes is enough.
 	int fd() const noexcept;
 	short events() const noexcept;
 	std::uint64_t timeout() const noexcept;
 	bool process();
 
 	// Called from process() when the broker asks this instance to drain. The handler must not
-	// destroy the Client.
+	// destroy the Client. It may be called again after a reconnect: a brokerd that restarted
+	// while this instance drained sends the drain again, with the time that remains; the later
+	// call's deadline is the one that holds.
 	void on_drain(std::function<void(const DrainRequest &)> handler);
+
+	// The connection to brokerd. On Lost (with ClientOptions::reconnect), the worker keeps its
+	// listeners and keeps serving: the library says Hello again with the same token, and once
+	// a brokerd accepts it, subscribes to events again, repeats Ready (if ready() was called)
+	// and the last status(), and reports Connected. Handoffs in flight at the loss were closed
+	// (HandoffSummary::abandoned); handoff() fails with ENOTCONN until Connected. ready() and
+	// status() while Lost are remembered and sent on reconnect.
+	// Rejected is final: a brokerd answered the new Hello with an error (InvalidToken,
+	// PermissionDenied, ...) or knows this worker as another instance. No more attempts; the
+	// worker should drain and exit, as nothing will ever ask it to. process() then throws that
+	// error, as it throws Error(ECONNRESET) on a loss with reconnect off, after the handler.
+	Link link() const noexcept;
+	// Called from process() on every change of link(), with why for Lost and Rejected (null for
+	// Connected). The handler must not destroy the Client.
+	void on_link(std::function<void(Link, const Error *)> handler);
 
 	// Hands established connections to the successor generation, for example on drain. The
 	// library owns every fd from now on: it sends them in batches from process(), closes each
@@ -124,7 +162,8 @@ public:
 	// those nobody could take (no successor accepts handoffs, or the receiver died). If the
 	// broker goes away, process() gives back those never sent and closes those in flight.
 	// Nothing is taken if it throws: Error with EMSGSIZE for a state over kMaxHandoffState,
-	// EBADF for an fd that is not open, ENOTCONN under plain systemd, where there is no successor.
+	// EBADF for an fd that is not open, ENOTCONN under plain systemd, where there is no successor,
+	// or while link() is not Connected.
 	// Stop reading a connection before handing it: bytes not yet read stay in the socket for
 	// the successor, and bytes already read belong in its state.
 	void handoff(const Connection *connections, std::size_t count);

@@ -1,0 +1,105 @@
+// broker::Client's state, shared by client.cpp (the calls) and link.cpp (losing brokerd and
+// finding it again). Private to the library.
+#pragma once
+
+#include "broker/client.hpp"
+
+#include "proto/handoff.hpp"
+#include "proto/unique_fd.hpp"
+#include "proto/varlink.hpp"
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace broker {
+
+namespace detail {
+
+using proto::varlink::json;
+
+std::uint64_t now_usec();
+bool is_disconnect(int r);
+[[noreturn]] void throw_closed();
+// A member of a Hello reply, of the type asked, or Error(EBADMSG).
+const json &member(const json &object, const char *key, json::value_t type);
+
+} // namespace detail
+
+// Hidden explicitly: a nested class would otherwise inherit Client's exported visibility.
+struct __attribute__((visibility("hidden"))) Client::Impl {
+	using json = proto::varlink::json;
+
+	// Where the connection to brokerd stands. Lost is Waiting (fd() -1 until attempt_at) or
+	// Hello (a new connection, its Hello not answered yet); Closed is Lost with reconnect off.
+	enum class Phase { Connected, Waiting, Hello, Rejected, Closed };
+
+	Impl() = default;
+	Impl(const Impl &) = delete;
+	Impl &operator=(const Impl &) = delete;
+	~Impl() { *alive = false; }
+
+	// Shared with a running process(), which must stop touching anything once a handler has
+	// destroyed the Client (on_handoff_done may).
+	std::shared_ptr<bool> alive = std::make_shared<bool>(true);
+	bool in_process = false; // a disconnect seen while sending is reported by process(), at its end
+	bool peer_gone = false;
+	std::uint64_t retry_at = 0; // CLOCK_MONOTONIC usec: the kernel's fds-in-flight limit was hit
+
+	bool brokered = false;
+	std::string service;
+	std::string instance;
+	std::uint64_t generation = 0;
+	std::vector<Listener> listeners;
+	std::vector<proto::UniqueFd> owned; // fds received with Hello; inherited ones are not ours
+	std::optional<proto::varlink::Stream> stream;
+	std::function<void(const DrainRequest &)> on_drain;
+
+	proto::handoff::Sender sender;
+	HandoffSummary summary;
+	std::function<void(int, std::string)> on_connection;
+	std::function<void(int, std::string)> on_returned;
+	std::function<void(const HandoffSummary &)> on_handoff_done;
+
+	// The link (link.cpp).
+	ClientOptions options;
+	std::string socket_path;
+	json hello;               // what a reconnect says: the first Hello, without asking for fds
+	Phase phase = Phase::Connected;
+	std::function<void(Link, const Error *)> on_link;
+	bool said_ready = false;  // replayed on reconnect
+	std::optional<std::string> last_status;
+	std::uint64_t attempt_at = 0;     // Waiting: the next connect()
+	std::uint64_t hello_deadline = 0; // Hello: give this connection up and try again
+	unsigned failures = 0;            // attempts failed since the loss, for the backoff
+	int last_fd = -1;                 // the number of the connection closed last
+	std::minstd_rand jitter; // seeded per process in from_env(): no fd, no syscall beyond getpid()
+
+	void send(std::string_view method, json parameters);
+	void tell(std::string_view method, json parameters);
+	void flush_now();
+	int flush_or_defer();
+	void dispatch(proto::varlink::Message &m);
+	void pump();
+	void connections_event(const json &params, std::vector<proto::UniqueFd> &fds);
+	void handoff_event(const json &params);
+	void give_back(std::vector<proto::handoff::Item> items);
+	void check_done(std::size_t pending_before);
+
+	Link link() const noexcept;
+	void disconnected(const Error &error);
+	bool attempt();
+	void retry_later();
+	void close_stream();
+	std::uint64_t backoff(unsigned n);
+	void hello_reply(const proto::varlink::Message &m);
+	void remember_token(const json &params);
+	[[noreturn]] void reject(const Error &error);
+};
+
+} // namespace broker
