@@ -12,15 +12,17 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 from checks import check, exits_within
-from fdstore_harness import (Brokerd, free_port, http_get, main, pipes, sockets, socket_inode,
+from fdstore_harness import (Brokerd, free_port, http_get, main, pipes, served_by, sockets, socket_inode,
                              varlink_status)
 
 WORKER = os.environ["EXAMPLE_PYTHON"]
+LIB_WORKER = os.environ["EXAMPLE_HTTP"]  # links libbroker-client: reconnects, hands off on drain
 
 
 # A worker that says READY=1, and on SIGUSR1 a STATUS= naming it: a message it may send while
@@ -38,12 +40,15 @@ while True:
 """
 
 
-def write_config(path, control, port, probe):
+def write_config(path, control, port, lib_port, probe):
     with open(path, "w") as f:
         json.dump({"control": {"path": control},
-                   "sockets": {"http": {"listen": "tcp://127.0.0.1:%d" % port}},
+                   "sockets": {"http": {"listen": "tcp://127.0.0.1:%d" % port},
+                               "lib": {"listen": "tcp://127.0.0.1:%d" % lib_port}},
                    "services": {"web": {"exec": [WORKER], "sockets": ["http"], "instances": 2,
                                         "ready": "notify", "restart": "on-failure"},
+                                "lib": {"exec": [LIB_WORKER], "sockets": ["lib"], "instances": 2,
+                                        "ready": "broker"},
                                 "probe": {"exec": [sys.executable, probe], "sockets": [], "instances": 1,
                                           "ready": "notify"}}}, f)
 
@@ -59,6 +64,43 @@ def instances(params, service="web", key=None):
 
 def pids_of(params):
     return sorted(p for _, p, s in instances(params) if s == "ready")
+
+
+def until(b, predicate, timeout=20):
+    """Polls predicate (which reads Status or brokerd's log: nothing to wait on) every 20 ms,
+    serving the notify socket meanwhile, until it holds or the timeout passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        b.manager.drain()
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def keepalive_get(sock):
+    """One request on an open keep-alive connection: (status, body), or (None, why)."""
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: crash-test\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None, "closed by the server (%r)" % data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        m = re.search(rb"(?i)content-length: *(\d+)", head)
+        length = int(m.group(1)) if m else 0
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None, "closed mid-body"
+            body += chunk
+        status = re.match(rb"HTTP/1\.1 (\d{3}) ", head)
+        return (int(status.group(1)) if status else None), body.decode(errors="replace")
+    except OSError as e:
+        return None, str(e)
 
 
 def fd_kinds(pid):
@@ -77,7 +119,7 @@ def fd_kinds(pid):
 
 def served_by_one_of(port, pids, label):
     status, body = http_get(port)
-    check(status == 200 and any(("pid %d " % p) in body for p in pids),
+    check(status == 200 and served_by(body, pids),
           "%s: port %d serves 200 from one of %s (%s %r)" % (label, port, pids, status, body.strip()))
 
 
@@ -90,11 +132,13 @@ def run(tmp, manager, runs, strays):
     brokerctl = os.environ["BROKERCTL"]
     control = os.path.join(tmp, "control.sock")
     config = os.path.join(tmp, "brokerd.json")
-    port = free_port()
+    port, lib_port = free_port(), free_port()
+    while lib_port == port:
+        lib_port = free_port()
     probe = os.path.join(tmp, "probe.py")
     with open(probe, "w") as f:
         f.write(PROBE)
-    write_config(config, control, port, probe)
+    write_config(config, control, port, lib_port, probe)
 
     def start(label):
         b = Brokerd(brokerd, config, manager, os.path.join(tmp, "brokerd-%d.log" % (len(runs) + 1)))
@@ -112,13 +156,22 @@ def run(tmp, manager, runs, strays):
     check("recovered" not in params, "first start: Status says nothing of a crash")
     fds_first = fd_kinds(b.pid)
     before = store_inodes(manager)
-    check(sockets(before) == ["control", "http"] and "state" in before and "notify" in before and
-          len(pipes(before)) == 6, "first start: the store holds the sockets, the state, notify and 6 pipes (%s)" %
+    check(sockets(before) == ["control", "http", "lib"] and "state" in before and "notify" in before and
+          len(pipes(before)) == 10, "first start: the store holds the sockets, the state, notify and 10 pipes (%s)" %
           sorted(before))
+
+    lib_workers = sorted(instances(params, "lib", "pid"))
+    kept = socket.create_connection(("127.0.0.1", lib_port), timeout=10)
+    status, body = keepalive_get(kept)
+    check(status == 200 and served_by(body, lib_workers),
+          "first start: a keep-alive connection to lib is served by its worker (%s %r)" % (status, body.strip()))
 
     crashed = b.pid
     b.kill()
     served_by_one_of(port, workers, "brokerd dead")
+    served_by_one_of(lib_port, lib_workers, "brokerd dead (libbroker-client workers)")
+    status, body = keepalive_get(kept)
+    check(status == 200, "brokerd dead: the keep-alive connection to lib is still served (%s %r)" % (status, body.strip()))
     check(all(os.path.exists("/proc/%d" % p) for p in workers), "brokerd dead: both workers still run")
     os.kill(instances(params, "probe", "pid")[0], signal.SIGUSR1)
 
@@ -130,11 +183,11 @@ def run(tmp, manager, runs, strays):
           "after the crash: a STATUS= sent while brokerd was down reached the new one (%s)" %
           instances(params, "probe", "status"))
     rec = params.get("recovered") or {}
-    check(rec.get("crashed_pid") == crashed and rec.get("kept") == 3 and rec.get("lost") == [] and
-          rec.get("interrupted") == [], "after the crash: Status says it carried on from pid %d with 3 kept (%s)" %
+    check(rec.get("crashed_pid") == crashed and rec.get("kept") == 5 and rec.get("lost") == [] and
+          rec.get("interrupted") == [], "after the crash: Status says it carried on from pid %d with 5 kept (%s)" %
           (crashed, rec))
     log = b.log()
-    check("carrying on after a crash of brokerd pid %d: 3 process(es) found again, 0 gone meanwhile" % crashed in log,
+    check("carrying on after a crash of brokerd pid %d: 5 process(es) found again, 0 gone meanwhile" % crashed in log,
           "after the crash: the log says so")
     after = store_inodes(manager)
     check(after == before, "after the crash: the store holds the very same fds, none replaced (%s)" % sorted(after))
@@ -149,6 +202,26 @@ def run(tmp, manager, runs, strays):
     check(not more, "after the crash: brokerd holds no more fds of any kind than after its first start (more: %s)" %
           dict(more))
     served_by_one_of(port, workers, "after the crash")
+
+    # The libbroker-client workers outlived brokerd too, and say Hello again with their tokens
+    # (each prints a line when it does: it reaches brokerd through the kept pipe).
+    check(sorted(instances(params, "lib", "pid")) == lib_workers and
+          set(instances(params, "lib", "state")) == {"ready"},
+          "after the crash: lib's same two workers are ready (%s)" % instances(params, "lib"))
+    back = until(b, lambda: b.log().count("reconnected to the broker") == 2)
+    check(back, "after the crash: both lib workers reconnected")
+    r = subprocess.run([brokerctl, "--socket", control, "upgrade", "lib"], capture_output=True, text=True, timeout=60)
+    check(r.returncode == 0, "after the crash: brokerctl upgrade lib exits 0 (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
+    log = b.log()
+    check(all("instance lib/1/%d: drain requested" % i in log for i in (0, 1)),
+          "after the crash: the old lib workers were told to drain on their new Events stream, not signalled")
+    params, _ = varlink_status(control)
+    lib_new = sorted(instances(params or {}, "lib", "pid"))
+    status, body = keepalive_get(kept)
+    check(status == 200 and served_by(body, lib_new) and "gen 2" in body,
+          "after the crash: the keep-alive connection opened before it was handed to gen 2 (%s %r)" %
+          (status, body.strip()))
+    kept.close()
 
     # An upgrade afterwards: the adopted workers drain and exit, their output still reaches brokerd.
     r = subprocess.run([brokerctl, "--socket", control, "upgrade", "web"], capture_output=True, text=True, timeout=60)
@@ -170,13 +243,12 @@ def run(tmp, manager, runs, strays):
     check(exits_within(victim, 10), "worker killed while brokerd is down: it is gone")
     b, params = start("after a worker died meanwhile")
     rec = params.get("recovered") or {}
-    check(rec.get("kept") == 2 and rec.get("lost") == [victim_id],
-          "worker died meanwhile: Status counts 2 kept and names %s lost (%s)" % (victim_id, rec))
+    check(rec.get("kept") == 4 and rec.get("lost") == [victim_id],
+          "worker died meanwhile: Status counts 4 kept and names %s lost (%s)" % (victim_id, rec))
     log = b.log()
     check("instance %s: pid %d has exited while brokerd was down" % (victim_id, victim) in log,
           "worker died meanwhile: the log says its process ended while brokerd was down")
-    seen_ready = b.wait_for("a restarted worker", lambda: len(pids_of(varlink_status(control)[0] or {})) == 2,
-                            time.monotonic() + 20)
+    seen_ready = until(b, lambda: len(pids_of(varlink_status(control)[0] or {})) == 2)
     params, _ = varlink_status(control)
     now = pids_of(params or {})
     check(seen_ready and survivor in now and victim not in now,
@@ -196,7 +268,7 @@ def run(tmp, manager, runs, strays):
     def starting():
         p = varlink_status(control)[0] or {}
         return [pid for _, pid, st in instances(p) if st == "starting" and pid > 0]
-    b.wait_for("a new instance starting", lambda: starting() != [], time.monotonic() + 20)
+    check(until(b, lambda: starting() != []), "mid-upgrade: the new instance started")
     new_pid = starting()[0]
     serving = pids_of(varlink_status(control)[0] or {})
     crashed = b.pid
@@ -206,9 +278,8 @@ def run(tmp, manager, runs, strays):
     check(rec.get("interrupted") == ["web: an upgrade the crash interrupted: rolled back to gen 2"],
           "mid-upgrade: Status says the interrupted upgrade rolled back (%s)" % rec)
     check(exits_within(new_pid, 20), "mid-upgrade: the new generation's instance was drained and exited")
-    b.wait_for("gen 3 gone", lambda: [g["number"] for svc in (varlink_status(control)[0] or {}).get("services", [])
-                                      if svc["name"] == "web" for g in svc["generations"]] == [2],
-               time.monotonic() + 20)
+    until(b, lambda: [g["number"] for svc in (varlink_status(control)[0] or {}).get("services", [])
+                      if svc["name"] == "web" for g in svc["generations"]] == [2])
     params, _ = varlink_status(control)
     check(pids_of(params) == serving, "mid-upgrade: gen 2's same workers serve at full capacity (%s, were %s)" %
           (instances(params), serving))
@@ -216,6 +287,7 @@ def run(tmp, manager, runs, strays):
     check(r.returncode == 0, "mid-upgrade: an upgrade afterwards works (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
     params, _ = varlink_status(control)
     workers = pids_of(params) + instances(params, "probe", "pid")
+    lib_workers = instances(params, "lib", "pid")
 
     # 4. A state that cannot be read is refused: brokerd starts clean and kills nothing.
     b.kill()
@@ -229,9 +301,13 @@ def run(tmp, manager, runs, strays):
     check(len(pids_of(params)) == 2 and not set(pids_of(params) + instances(params, "probe", "pid")) & set(workers),
           "corrupt state: brokerd started its own 2 workers (%s)" % pids_of(params))
     check("recovered" not in params, "corrupt state: Status says nothing was recovered")
-    # The old ones are nobody's now: the test ends them, as the operator would.
-    for p in workers:
-        os.kill(p, signal.SIGKILL)
+    # The old ones are nobody's now: the test ends them, as the operator would. (The lib ones
+    # may be on their way out already: the new brokerd refuses their tokens, and they drain.)
+    for p in workers + lib_workers:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
         exits_within(p, 10)
 
     # 5. A clean stop after all that: nothing left, no pipe in the store, the state says stopped.
