@@ -142,8 +142,11 @@ nlohmann::json Daemon::apply_reload(const ReloadPlan &plan, config::Config next,
 	for (const auto &name : plan.update_services)
 		supervisor_->update_service(*cfg_.find_service(name));
 	close_unused_listeners();
+	// Written before the caller hears it is done: a brokerd killed after the reply carries on
+	// with the reloaded config, not the one before (the config text changed, whether or not a
+	// service did).
 	if (crash_state_)
-		crash_state_->changed(); // the config text, whether or not a service changed
+		crash_state_->write();
 	return {{"added_sockets", plan.open_sockets},
 	        {"removed_sockets", plan.removed_sockets},
 	        {"added_services", plan.add_services},

@@ -11,6 +11,7 @@ import collections
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -40,17 +41,36 @@ while True:
 """
 
 
-def write_config(path, control, port, lib_port, probe):
+# A worker that says READY=1 and ignores its drain signal: it drains until the drain deadline.
+STUBBORN = """
+import os, signal, socket
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+path = os.environ["NOTIFY_SOCKET"]
+s.sendto(b"READY=1", "\\0" + path[1:] if path.startswith("@") else path)
+while True:
+    signal.pause()
+"""
+STUBBORN_DRAIN_S = 6
+
+
+def write_config(path, control, port, lib_port, probe, stubborn=None):
+    """With stubborn (a script path), also the socket extra and the service stubborn, as a reload adds them."""
+    config = {"control": {"path": control},
+              "sockets": {"http": {"listen": "tcp://127.0.0.1:%d" % port},
+                          "lib": {"listen": "tcp://127.0.0.1:%d" % lib_port}},
+              "services": {"web": {"exec": [WORKER], "sockets": ["http"], "instances": 2,
+                                   "ready": "notify", "restart": "on-failure"},
+                           "lib": {"exec": [LIB_WORKER], "sockets": ["lib"], "instances": 2,
+                                   "ready": "broker"},
+                           "probe": {"exec": [sys.executable, probe], "sockets": [], "instances": 1,
+                                     "ready": "notify"}}}
+    if stubborn:
+        config["sockets"]["extra"] = {"listen": "tcp://127.0.0.1:0"}
+        config["services"]["stubborn"] = {"exec": [sys.executable, stubborn], "sockets": ["extra"], "instances": 1,
+                                          "ready": "notify", "drain": {"timeout": "%ds" % STUBBORN_DRAIN_S}}
     with open(path, "w") as f:
-        json.dump({"control": {"path": control},
-                   "sockets": {"http": {"listen": "tcp://127.0.0.1:%d" % port},
-                               "lib": {"listen": "tcp://127.0.0.1:%d" % lib_port}},
-                   "services": {"web": {"exec": [WORKER], "sockets": ["http"], "instances": 2,
-                                        "ready": "notify", "restart": "on-failure"},
-                                "lib": {"exec": [LIB_WORKER], "sockets": ["lib"], "instances": 2,
-                                        "ready": "broker"},
-                                "probe": {"exec": [sys.executable, probe], "sockets": [], "instances": 1,
-                                          "ready": "notify"}}}, f)
+        json.dump(config, f)
 
 
 def instances(params, service="web", key=None):
@@ -77,6 +97,22 @@ def until(b, predicate, timeout=20):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def run_brokerctl(b, brokerctl, control, *args):
+    """brokerctl ARGS against this brokerd, serving the notify socket while it runs (systemd reads
+    it all along; a queue left full would make brokerd drop what it sends): CompletedProcess."""
+    p = subprocess.Popen([brokerctl, "--socket", control, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        b.manager.drain()
+        select.select([b.manager.sock], [], [], 0.02)
+    if p.poll() is None:
+        p.kill()
+    out, err = p.communicate()
+    b.manager.drain()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def keepalive_get(sock):
@@ -210,7 +246,7 @@ def run(tmp, manager, runs, strays):
           "after the crash: lib's same two workers are ready (%s)" % instances(params, "lib"))
     back = until(b, lambda: b.log().count("reconnected to the broker") == 2)
     check(back, "after the crash: both lib workers reconnected")
-    r = subprocess.run([brokerctl, "--socket", control, "upgrade", "lib"], capture_output=True, text=True, timeout=60)
+    r = run_brokerctl(b, brokerctl, control, "upgrade", "lib")
     check(r.returncode == 0, "after the crash: brokerctl upgrade lib exits 0 (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
     log = b.log()
     check(all("instance lib/1/%d: drain requested" % i in log for i in (0, 1)),
@@ -224,7 +260,7 @@ def run(tmp, manager, runs, strays):
     kept.close()
 
     # An upgrade afterwards: the adopted workers drain and exit, their output still reaches brokerd.
-    r = subprocess.run([brokerctl, "--socket", control, "upgrade", "web"], capture_output=True, text=True, timeout=60)
+    r = run_brokerctl(b, brokerctl, control, "upgrade", "web")
     check(r.returncode == 0, "after the crash: brokerctl upgrade web exits 0 (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
     check(all(exits_within(p, 30) for p in workers), "after the crash: the adopted workers exited after the upgrade")
     params, _ = varlink_status(control)
@@ -260,8 +296,8 @@ def run(tmp, manager, runs, strays):
     hang = os.path.join(tmp, "hang.py")
     with open(hang, "w") as f:
         f.write("import signal\nwhile True:\n    signal.pause()\n")
-    r = subprocess.run([brokerctl, "--socket", control, "upgrade", "web", "--no-wait", "--start-timeout", "60s",
-                        "--exec", sys.executable, hang], capture_output=True, text=True, timeout=60)
+    r = run_brokerctl(b, brokerctl, control, "upgrade", "web", "--no-wait", "--start-timeout", "60s",
+                        "--exec", sys.executable, hang)
     check(r.returncode == 0, "mid-upgrade: the upgrade to a never-ready exec began (%d: %s%s)" %
           (r.returncode, r.stdout, r.stderr))
 
@@ -283,13 +319,55 @@ def run(tmp, manager, runs, strays):
     params, _ = varlink_status(control)
     check(pids_of(params) == serving, "mid-upgrade: gen 2's same workers serve at full capacity (%s, were %s)" %
           (instances(params), serving))
-    r = subprocess.run([brokerctl, "--socket", control, "upgrade", "web"], capture_output=True, text=True, timeout=60)
+    r = run_brokerctl(b, brokerctl, control, "upgrade", "web")
     check(r.returncode == 0, "mid-upgrade: an upgrade afterwards works (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
     params, _ = varlink_status(control)
+
+    # 4. Killed right after a reload returned: the new brokerd runs the reloaded config, with
+    # the socket the reload bound kept in the store.
+    stubborn = os.path.join(tmp, "stubborn.py")
+    with open(stubborn, "w") as f:
+        f.write(STUBBORN)
+    write_config(config, control, port, lib_port, probe, stubborn)
+    r = run_brokerctl(b, brokerctl, control, "reload")
+    check(r.returncode == 0, "mid-reload: brokerctl reload exits 0 (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
+    b.kill()
+    manager.drain()  # what brokerd sent before it died, as systemd would have read it
+    extra_ino = socket_inode(manager.fd("extra")) if manager.fd("extra") is not None else None
+    check(extra_ino is not None, "mid-reload: the reload's new socket is in the store (%s)" % manager.names())
+    b, params = start("after a crash right after a reload")
+    check(until(b, lambda: instances(varlink_status(control)[0] or {}, "stubborn", "state") == ["ready"]),
+          "mid-reload: the reloaded config's new service runs (%s)" %
+          instances(varlink_status(control)[0] or {}, "stubborn"))
+    params, _ = varlink_status(control)
+    origin = [s.get("origin") for s in (params or {}).get("sockets", []) if s.get("name") == "extra"]
+    check(origin == ["fdstore"] and socket_inode(manager.fd("extra")) == extra_ino,
+          "mid-reload: its socket is the one the reload bound, kept by the store (%s)" % origin)
+
+    # 5. Killed while an instance drains: the new brokerd keeps the drain's deadline, not a new one.
+    stubborn_pid = instances(params, "stubborn", "pid")[0]
+    stopping = subprocess.Popen([brokerctl, "--socket", control, "stop", "stubborn"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    check(until(b, lambda: instances(varlink_status(control)[0] or {}, "stubborn", "state") == ["draining"]),
+          "mid-drain: the stubborn instance drains")
+    drain_began = time.monotonic()
+    b.kill()
+    stopping.wait(timeout=10)
+    # Down for half the drain: a brokerd that started the drain timeout afresh would kill the
+    # instance half a drain timeout late.
+    time.sleep(STUBBORN_DRAIN_S / 2)
+    b, params = start("after a crash mid-drain")
+    check(instances(params, "stubborn") == [("stubborn/1/0", stubborn_pid, "draining")],
+          "mid-drain: the instance is still draining, the same pid (%s)" % instances(params, "stubborn"))
+    left = drain_began + STUBBORN_DRAIN_S + 2 - time.monotonic()
+    check(exits_within(stubborn_pid, max(left, 0)),
+          "mid-drain: it was killed at the first brokerd's drain deadline (%d s after the drain began, 2 s slack)" %
+          STUBBORN_DRAIN_S)
+    params, _ = varlink_status(control)
+
+    # 6. A state that cannot be read is refused: brokerd starts clean and kills nothing.
     workers = pids_of(params) + instances(params, "probe", "pid")
     lib_workers = instances(params, "lib", "pid")
-
-    # 4. A state that cannot be read is refused: brokerd starts clean and kills nothing.
     b.kill()
     state_fd = manager.fd("state")
     os.pwrite(state_fd, b"garbage!" * 8, 0)
@@ -310,7 +388,7 @@ def run(tmp, manager, runs, strays):
             continue
         exits_within(p, 10)
 
-    # 5. A clean stop after all that: nothing left, no pipe in the store, the state says stopped.
+    # 7. A clean stop after all that: nothing left, no pipe in the store, the state says stopped.
     strays.note(b.pid)
     rc = b.stop()
     check(rc == 0, "last stop: brokerd exits 0 (%r)" % rc)
