@@ -17,7 +17,10 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <chrono>
+#include <memory>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -360,13 +363,39 @@ int run_reexec(const Options &opts, const Arguments &args, Connection &broker, s
 	return kExitOk;
 }
 
+// How long a watch waits for a brokerd that went away to answer again: a restart after a crash
+// (Restart=on-failure) comes well within it.
+constexpr auto kWatchReconnectFor = std::chrono::seconds(30);
+
+// A brokerd that answers Status on the control socket again within kWatchReconnectFor, with that
+// reply; none when the time passed. Only "not running" is waited out: any other failure throws.
+std::unique_ptr<Connection> watch_reconnect(const Options &opts, const std::string &path, json &status)
+{
+	auto deadline = std::chrono::steady_clock::now() + kWatchReconnectFor;
+	auto pause = std::chrono::milliseconds(50);
+	for (;;) {
+		auto again = std::make_unique<Connection>(path, opts.timeout);
+		try {
+			status = again->call(kStatus);
+			return again;
+		} catch (const Failure &f) {
+			if (f.code() != kExitNotRunning && f.code() != kExitFailure)
+				throw;
+		}
+		if (std::chrono::steady_clock::now() + pause > deadline)
+			return nullptr;
+		::usleep(static_cast<useconds_t>(std::chrono::duration_cast<std::chrono::microseconds>(pause).count()));
+		pause = std::min(pause * 2, std::chrono::milliseconds(1000));
+	}
+}
+
 int run_watch(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
 {
 	json params = json::object();
 	if (args.service)
 		params["service"] = *args.service;
 	on_interrupt(exit_ok);
-	broker.stream(kWatch, params, [&](const json &event) {
+	auto print = [&](const json &event) {
 		if (opts.json)
 			print_json_line(out, event);
 		else
@@ -374,8 +403,29 @@ int run_watch(const Options &opts, const Arguments &args, Connection &broker, st
 		if (!out.flush())
 			throw Failure(kExitFailure, "cannot write to standard output");
 		return true;
-	}, Wait::Unbounded);
-	throw Failure(kExitFailure, "brokerd ended the watch");
+	};
+	// A brokerd killed and started again (Restart=on-failure) carries on with the same workers:
+	// the watch goes on with it, and says what it found.
+	std::unique_ptr<Connection> current;
+	Connection *conn = &broker;
+	for (;;) {
+		try {
+			conn->stream(kWatch, params, print, Wait::Unbounded);
+		} catch (const Failure &f) {
+			if (f.code() != kExitFailure)
+				throw;
+		}
+		print(json{{"event", "disconnected"},
+		           {"time", realtime_usec()},
+		           {"message", "brokerd went away; waiting up to " + std::to_string(kWatchReconnectFor.count()) +
+		                           "s for it to answer again"}});
+		json status;
+		current = watch_reconnect(opts, broker.path(), status);
+		if (!current)
+			throw Failure(kExitFailure, "brokerd ended the watch");
+		conn = current.get();
+		print(reconnected_event(status, realtime_usec()));
+	}
 }
 
 constexpr std::array kCommands{

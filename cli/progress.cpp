@@ -248,4 +248,32 @@ std::string watch_line(const json &event, std::int64_t now_usec)
 	return out;
 }
 
+json reconnected_event(const json &status, std::int64_t now_usec)
+{
+	json event = {{"event", "reconnected"}, {"time", now_usec}, {"pid", integer(status, "pid").value_or(0)}};
+	auto rec = status.find("recovered");
+	if (rec == status.end() || !rec->is_object()) {
+		event["message"] = "brokerd started afresh: what ran before it is not its";
+		return event;
+	}
+	std::string message = "brokerd carries on after a crash of pid " +
+	                      std::to_string(integer(*rec, "crashed_pid").value_or(0)) + ": " +
+	                      std::to_string(integer(*rec, "kept").value_or(0)) + " process(es) found again";
+	auto list = [&](const char *key, const std::string &what) {
+		auto it = rec->find(key);
+		if (it == rec->end() || !it->is_array() || it->empty())
+			return;
+		std::string items;
+		for (const json &v : *it)
+			if (v.is_string())
+				items += (items.empty() ? "" : ", ") + v.get<std::string>();
+		message += "; " + what + items;
+	};
+	list("lost", "gone meanwhile, restarted under their policy: ");
+	list("interrupted", "");
+	event["message"] = message;
+	event["recovered"] = *rec;
+	return event;
+}
+
 } // namespace brokerctl

@@ -80,4 +80,9 @@ private:
 // has none): "2024-11-25 16:40:01.123 [instance] web gen 4 web/4/0 (pid 1234) ready".
 std::string watch_line(const nlohmann::json &event, std::int64_t now_usec);
 
+// What `brokerctl watch` prints once brokerd answers again after it went away, from its Status:
+// {event: "reconnected", time, pid, message, recovered?} (recovered as Status has it, when
+// brokerd carried on after a crash).
+nlohmann::json reconnected_event(const nlohmann::json &status, std::int64_t now_usec);
+
 } // namespace brokerctl

@@ -525,3 +525,26 @@ TEST_CASE("watch_line")
 		CHECK(watch_line(c.event, 1'000'000) == c.out);
 	}
 }
+
+TEST_CASE("reconnected_event: what a watch says when brokerd answers again")
+{
+	TimeZone zone("UTC0");
+	const std::int64_t t = 1'700'000'000'123'456;
+	json afresh = reconnected_event(json{{"pid", 200}}, t);
+	CHECK(afresh == json{{"event", "reconnected"},
+	                     {"time", t},
+	                     {"pid", 200},
+	                     {"message", "brokerd started afresh: what ran before it is not its"}});
+
+	json recovered = {{"crashed_pid", 100},
+	                  {"at", t},
+	                  {"kept", 3},
+	                  {"lost", {"web/1/1"}},
+	                  {"interrupted", {"web: an upgrade the crash interrupted: rolled back to gen 1"}}};
+	json after = reconnected_event(json{{"pid", 200}, {"recovered", recovered}}, t);
+	CHECK(after["recovered"] == recovered);
+	CHECK(watch_line(after, 0) ==
+	      "2023-11-14 22:13:20.123 [reconnected] (pid 200): brokerd carries on after a crash of pid 100: 3 process(es) "
+	      "found again; gone meanwhile, restarted under their policy: web/1/1; web: an upgrade the crash "
+	      "interrupted: rolled back to gen 1");
+}

@@ -119,6 +119,12 @@ ControlServer::ControlServer(sd_event *event, const config::ControlConfig &cfg, 
 	source_.reset(s);
 }
 
+void ControlServer::own_file()
+{
+	if (!cfg_.path.empty() && cfg_.path[0] != '@')
+		unlink_path_ = cfg_.path;
+}
+
 ControlServer::~ControlServer()
 {
 	connections_.clear();

@@ -46,6 +46,10 @@ public:
 	// The listening socket, for the fd store.
 	int fd() const { return fd_.get(); }
 	bool adopted() const { return adopted_; }
+	// Whether brokerd removes the socket's file when it stops: it bound it, or took it back
+	// from the fd store after a crash of the brokerd that bound it (own_file()).
+	bool owns_file() const { return !unlink_path_.empty(); }
+	void own_file();
 	~ControlServer();
 
 	const std::string &path() const { return cfg_.path; }

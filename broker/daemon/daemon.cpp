@@ -412,6 +412,7 @@ std::string Daemon::crash_snapshot() const
 	                        {"config_path", config_path_},
 	                        {"config_text", cfg_text_},
 	                        {"listeners", std::move(listeners)},
+	                        {"control_owned", control_->owns_file()},
 	                        {"services", Serializer::save(*supervisor_, unused)}};
 	// A worker's last lines of output are its bytes, not always UTF-8.
 	return state.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);

@@ -136,6 +136,8 @@ void Daemon::recover()
 	CrashRestart &crash = *crash_;
 	if (!control_->adopted())
 		store_fd("control", control_->fd());
+	else if (crash.state.value("control_owned", false))
+		control_->own_file(); // the crashed brokerd bound it: its file goes when this one stops
 	for (const auto &l : listeners_)
 		if (l.origin == "bound")
 			store_fd(l.name, l.fd.get());

@@ -267,6 +267,10 @@ void Supervisor::external_exit(Instance &inst, const std::string &how)
 	bool expected = inst.retired() || shutting_down_;
 	if (inst.exit_reason.empty())
 		inst.exit_reason = how;
+	// What it printed last is read before its exit is judged, as for a child (on_exit).
+	for (OutputPipe *p : {&inst.out, &inst.err})
+		if (p->fd)
+			on_output(inst, *p, false);
 	if (inst.origin == InstanceOrigin::Forked)
 		::kill(-inst.session, SIGKILL); // what else its session still runs goes with it
 	std::string msg = "instance " + inst.id + ": pid " + std::to_string(inst.pid) + " " + how;

@@ -253,9 +253,12 @@ void Supervisor::prune()
 			pruned += std::erase_if(gen->instances, [this](const std::unique_ptr<Instance> &inst) {
 				bool gone = inst->retired() && !inst->pid && inst->state != InstanceState::Starting &&
 				            inst->state != InstanceState::Restarting;
-				if (gone) // what a child of the worker may still write goes nowhere now
+				if (gone) // what is in its pipes is read; what a child of it may still write goes nowhere
 					for (OutputPipe *pipe : {&inst->out, &inst->err})
-						close_pipe(*pipe);
+						if (pipe->fd) {
+							on_output(*inst, *pipe, false);
+							close_pipe(*pipe);
+						}
 				return gone;
 			});
 		// Keep the current generation, the one an upgrade uses, and a few of history.

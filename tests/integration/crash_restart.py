@@ -190,7 +190,33 @@ def run(tmp, manager, runs, strays):
     workers = pids_of(params)
     check(len(workers) == 2, "first start: 2 ready workers (%s)" % workers)
     check("recovered" not in params, "first start: Status says nothing of a crash")
+    # A watch that runs across the crash: it says brokerd went away, then what the new one found.
+    # It is streaming once it prints the events of a restart of probe.
+    watch = subprocess.Popen([brokerctl, "--socket", control, "--json", "watch"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    watch_lines, pending = [], [b""]
+
+    def watch_has(predicate, timeout=20):
+        """Reads the watch's lines (unbuffered, so that select tells the truth) until one fits."""
+        deadline = time.monotonic() + timeout
+        while not any(predicate(e) for e in watch_lines):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([watch.stdout], [], [], left)[0]:
+                return False
+            chunk = os.read(watch.stdout.fileno(), 65536)
+            if not chunk:
+                return False
+            *lines, pending[0] = (pending[0] + chunk).split(b"\n")
+            watch_lines.extend(json.loads(line) for line in lines if line.strip())
+        return True
+
+    r = run_brokerctl(b, brokerctl, control, "restart", "probe")
+    check(r.returncode == 0 and watch_has(lambda e: e.get("service") == "probe" and e.get("event") == "done"),
+          "first start: a watch sees probe restarted (%d %s)" % (r.returncode, watch_lines))
+    params, _ = varlink_status(control)
     fds_first = fd_kinds(b.pid)
+    # The old probe's pipes leave the store once brokerd read them to their end.
+    until(b, lambda: len(pipes(manager.names())) == 10)
     before = store_inodes(manager)
     check(sockets(before) == ["control", "http", "lib"] and "state" in before and "notify" in before and
           len(pipes(before)) == 10, "first start: the store holds the sockets, the state, notify and 10 pipes (%s)" %
@@ -201,6 +227,7 @@ def run(tmp, manager, runs, strays):
     status, body = keepalive_get(kept)
     check(status == 200 and served_by(body, lib_workers),
           "first start: a keep-alive connection to lib is served by its worker (%s %r)" % (status, body.strip()))
+
 
     crashed = b.pid
     b.kill()
@@ -225,6 +252,13 @@ def run(tmp, manager, runs, strays):
     log = b.log()
     check("carrying on after a crash of brokerd pid %d: 5 process(es) found again, 0 gone meanwhile" % crashed in log,
           "after the crash: the log says so")
+    check(watch_has(lambda e: e.get("event") == "reconnected") and
+          [e["event"] for e in watch_lines[-2:]] == ["disconnected", "reconnected"] and
+          watch_lines[-1].get("recovered", {}).get("crashed_pid") == crashed and watch_lines[-1].get("pid") == b.pid,
+          "after the crash: the watch said brokerd went away, then that pid %d carries on after pid %d (%s)" %
+          (b.pid, crashed, watch_lines[-2:]))
+    watch.send_signal(signal.SIGINT)
+    check(watch.wait(timeout=10) == 0, "after the crash: the watch ends with 0 on SIGINT")
     after = store_inodes(manager)
     check(after == before, "after the crash: the store holds the very same fds, none replaced (%s)" % sorted(after))
     stored = [d for k, d in manager.events[seen:] if k in ("STORE", "REMOVE")]
@@ -365,8 +399,19 @@ def run(tmp, manager, runs, strays):
           STUBBORN_DRAIN_S)
     params, _ = varlink_status(control)
 
-    # 6. A state that cannot be read is refused: brokerd starts clean and kills nothing.
-    workers = pids_of(params) + instances(params, "probe", "pid")
+    # 6. A clean stop of a brokerd that carried on after crashes: its workers go, and so does the
+    # control socket's file, which the first brokerd bound; the next start begins afresh.
+    strays.note(b.pid)
+    rc = b.stop()
+    check(rc == 0 and not os.path.exists(control),
+          "clean stop after crashes: exit 0 (%r), the control socket file is gone" % rc)
+    strays.check("clean stop after crashes")
+    b, params = start("started again after a clean stop")
+    check("recovered" not in params and "the brokerd before stopped cleanly; starting afresh" in b.log(),
+          "started again after a clean stop: afresh, as the last state said")
+
+    # 7. A state that cannot be read is refused: brokerd starts clean and kills nothing.
+    workers = pids_of(params) + instances(params, "probe", "pid") + instances(params, "stubborn", "pid")
     lib_workers = instances(params, "lib", "pid")
     b.kill()
     state_fd = manager.fd("state")
@@ -388,7 +433,16 @@ def run(tmp, manager, runs, strays):
             continue
         exits_within(p, 10)
 
-    # 7. A clean stop after all that: nothing left, no pipe in the store, the state says stopped.
+    # 8. The brokerd that started clean keeps a state of its own: killed in turn, it is followed
+    # by one that carries on with its workers (web 2, lib 2, probe 1, stubborn 1).
+    crashed = b.pid
+    b.kill()
+    b, params = start("after the clean start's brokerd crashed")
+    rec = params.get("recovered") or {}
+    check(rec.get("crashed_pid") == crashed and rec.get("kept") == 6 and rec.get("lost") == [],
+          "after a crash of the brokerd that refused the state: carried on from it with 6 kept (%s)" % rec)
+
+    # 9. A clean stop after all that: nothing left, no pipe in the store, the state says stopped.
     strays.note(b.pid)
     rc = b.stop()
     check(rc == 0, "last stop: brokerd exits 0 (%r)" % rc)
