@@ -524,4 +524,12 @@ std::string shell_quote(const std::string &s)
 	return out + "'";
 }
 
+std::string joined(const std::vector<std::string> &items)
+{
+	std::string out;
+	for (const auto &i : items)
+		out += (out.empty() ? "" : ", ") + i;
+	return out;
+}
+
 } // namespace utest

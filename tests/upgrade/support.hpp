@@ -180,5 +180,7 @@ extern const std::vector<std::string> kIgnoresTerm;
 json stubborn_service(const std::string &drain_timeout);
 
 std::string shell_quote(const std::string &s);
+// "a, b, c", for a CHECK whose values a failure prints.
+std::string joined(const std::vector<std::string> &items);
 
 } // namespace utest

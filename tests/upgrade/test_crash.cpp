@@ -48,15 +48,6 @@ std::string read_to_end(int fd, std::chrono::milliseconds timeout)
 	}
 }
 
-// "a, b, c", as a failure prints it.
-std::string joined(const std::vector<std::string> &items)
-{
-	std::string out;
-	for (const auto &i : items)
-		out += (out.empty() ? "" : ", ") + i;
-	return out;
-}
-
 std::vector<pid_t> pids_of(const std::vector<StrayProcess> &procs)
 {
 	std::vector<pid_t> out;
@@ -165,7 +156,10 @@ TEST_CASE("crash: SIGKILL of brokerd at rest under load; restarted with its fd s
 	std::vector<std::string> answered;
 	for (int g : gens)
 		answered.push_back(std::to_string(g));
-	CHECK(joined(answered) == "1, 2");
+	// increment 5: the upgrade drains the re-adopted workers, so gen 2 surely answers after it:
+	//   CHECK(joined(answered) == "1, 2");
+	// Today the orphans of gen 1 take connections beside gen 2 until the end, maybe all of them.
+	CHECK((joined(answered) == "1" || joined(answered) == "1, 2"));
 
 	// increment 5: the upgrade drained the re-adopted workers and this finds nothing; drop it.
 	// Today they are orphans that no brokerd knows of, ended here and nowhere else: the stray
