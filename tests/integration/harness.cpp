@@ -290,6 +290,13 @@ UniqueFd open_output(const std::string &path)
 	return fd;
 }
 
+// A line of the harness's own in brokerd's log, where a failure report shows it in its place.
+void mark_log(const std::string &path, const std::string &text)
+{
+	std::string line = "[harness] " + text + "\n";
+	(void)!::write(open_output(path).get(), line.data(), line.size());
+}
+
 } // namespace
 
 REGISTER_LISTENER("itest-failures", 2, FailureCounter);
@@ -841,9 +848,7 @@ void Broker::start_again(const BrokerOptions &opts)
 	std::string passed;
 	for (const auto &[name, fd] : opts.listen_fds)
 		passed += " " + name;
-	UniqueFd log = open_output(log_path());
-	std::string mark = "[harness] starting brokerd again, LISTEN_FDNAMES:" + (passed.empty() ? " (none)" : passed) + "\n";
-	(void)!::write(log.get(), mark.data(), mark.size());
+	mark_log(log_path(), "starting brokerd again, LISTEN_FDNAMES:" + (passed.empty() ? " (none)" : passed));
 	spawn(opts);
 }
 
@@ -858,9 +863,7 @@ std::vector<StrayProcess> Broker::kill9()
 	pid_t pid = proc_.pid();
 	proc_.kill();
 	REQUIRE_MESSAGE(proc_.status().has_value(), "brokerd (pid ", pid, ") not reaped within 10 s of SIGKILL");
-	UniqueFd log = open_output(log_path());
-	std::string mark = "[harness] brokerd (pid " + std::to_string(pid) + ") " + describe_status(*proc_.status()) + "\n";
-	(void)!::write(log.get(), mark.data(), mark.size());
+	mark_log(log_path(), "brokerd (pid " + std::to_string(pid) + ") " + describe_status(*proc_.status()));
 	std::vector<StrayProcess> alive;
 	for (const auto &p : started) {
 		auto st = proc_stat(p.pid);
