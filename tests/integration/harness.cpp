@@ -254,12 +254,47 @@ void setup_child(const SpawnOptions &opts, int out_fd, int err_fd)
 	}
 }
 
+constexpr std::string_view kListenPid = "LISTEN_PID=";
+
+// In the child after fork: `fds` at 3, 4, ..., inheritable, through `high` (as many slots) so that
+// none is overwritten before it is moved. Allocates nothing; _exits on failure.
+void place_listen_fds(const std::vector<int> &fds, std::vector<int> &high)
+{
+	int n = static_cast<int>(fds.size());
+	for (int i = 0; i < n; ++i)
+		if ((high[i] = ::fcntl(fds[i], F_DUPFD_CLOEXEC, 3 + n)) < 0)
+			_exit(126);
+	for (int i = 0; i < n; ++i)
+		if (::dup2(high[i], 3 + i) < 0) // the copy at 3 + i is not CLOEXEC; high[i] goes at exec
+			_exit(126);
+}
+
+// The decimal digits of v and a NUL at `out`, which has room for them; allocates nothing.
+void write_decimal(char *out, long v)
+{
+	char digits[24];
+	int n = 0;
+	do
+		digits[n++] = static_cast<char>('0' + v % 10);
+	while ((v /= 10) > 0);
+	while (n > 0)
+		*out++ = digits[--n];
+	*out = '\0';
+}
+
 UniqueFd open_output(const std::string &path)
 {
 	UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
 	if (!fd)
 		fail_errno("open " + path);
 	return fd;
+}
+
+// A line of the harness's own in brokerd's log, where a failure report shows it in its place.
+void mark_log(const std::string &path, const std::string &text)
+{
+	std::string line = "[harness] " + text + "\n";
+	(void)!::write(open_output(path).get(), line.data(), line.size());
 }
 
 } // namespace
@@ -356,9 +391,27 @@ Process Process::spawn(const std::vector<std::string> &argv, const SpawnOptions 
 	std::vector<std::string> envs = build_env(opts.env, kScrubbed);
 	for (const auto &u : opts.unset_env)
 		std::erase_if(envs, [&](const std::string &kv) { return kv.rfind(u + "=", 0) == 0; });
+	std::vector<int> listen;
+	if (!opts.listen_fds.empty()) {
+		std::string names;
+		for (const auto &[name, fd] : opts.listen_fds) {
+			names += (listen.empty() ? "" : ":") + name;
+			listen.push_back(fd);
+		}
+		envs.push_back("LISTEN_FDS=" + std::to_string(listen.size()));
+		envs.push_back("LISTEN_FDNAMES=" + names);
+		// Room for any pid, filled in by the child: it does not know its pid before the fork.
+		envs.push_back(std::string(kListenPid) + std::string(20, '\0'));
+	}
 	auto cargv = cstrings(args);
 	auto cenv = cstrings(envs);
+	char *listen_pid = listen.empty() ? nullptr : cenv[cenv.size() - 2] + kListenPid.size();
+	std::vector<int> high(listen.size()); // allocated before the fork
 	return fork_run([&] {
+		if (!listen.empty()) {
+			place_listen_fds(listen, high);
+			write_decimal(listen_pid, ::getpid());
+		}
 		::execvpe(cargv[0], cargv.data(), cenv.data());
 		return 127;
 	}, opts);
@@ -550,7 +603,11 @@ void Broker::start(json config, const BrokerOptions &opts)
 	if (!config["control"].contains("path"))
 		config["control"]["path"] = control_path();
 	write_file(config_path(), config.dump(2) + "\n");
+	spawn(opts);
+}
 
+void Broker::spawn(const BrokerOptions &opts)
+{
 	std::vector<std::string> argv = opts.prefix;
 	argv.push_back(env("BROKERD"));
 	argv.push_back("--config");
@@ -558,9 +615,10 @@ void Broker::start(json config, const BrokerOptions &opts)
 
 	SpawnOptions so;
 	so.env = opts.env;
-	so.env.push_back("NOTIFY_SOCKET=@" + notify_name_);
+	so.env.push_back("NOTIFY_SOCKET=" + (opts.notify_socket.empty() ? "@" + notify_name_ : opts.notify_socket));
 	so.stderr_path = log_path();
 	so.stdout_path = log_path();
+	so.listen_fds = opts.listen_fds;
 	proc_ = Process::spawn(argv, so);
 	if (opts.wait_ready)
 		wait_ready(opts.ready_timeout);
@@ -782,6 +840,72 @@ std::vector<StrayProcess> Broker::reap_strays()
 		if (st.ppid == scan.self && st.dead() && !own_children().count(pid))
 			::waitpid(pid, nullptr, WNOHANG);
 	return found;
+}
+
+void Broker::start_again(const BrokerOptions &opts)
+{
+	REQUIRE_MESSAGE(!proc_.running(), "start_again() while brokerd (pid ", proc_.pid(), ") runs");
+	std::string passed;
+	for (const auto &[name, fd] : opts.listen_fds)
+		passed += " " + name;
+	mark_log(log_path(), "starting brokerd again, LISTEN_FDNAMES:" + (passed.empty() ? " (none)" : passed));
+	spawn(opts);
+}
+
+std::vector<StrayProcess> Broker::kill9()
+{
+	REQUIRE_MESSAGE(proc_.running(), "kill9() while brokerd does not run");
+	note_all_sessions();
+	// Whatever descends from brokerd now is what it started; taken before the kill, as it is
+	// reparented to the test the moment brokerd dies.
+	std::vector<StrayProcess> started = leftovers(Scan());
+	last_worker_pids_.clear(); // no longer a running brokerd's: survivors_ has them
+	pid_t pid = proc_.pid();
+	proc_.kill();
+	REQUIRE_MESSAGE(proc_.status().has_value(), "brokerd (pid ", pid, ") not reaped within 10 s of SIGKILL");
+	mark_log(log_path(), "brokerd (pid " + std::to_string(pid) + ") " + describe_status(*proc_.status()));
+	std::vector<StrayProcess> alive;
+	for (const auto &p : started) {
+		auto st = proc_stat(p.pid);
+		if (!st || st->dead())
+			continue;
+		survivors_[p.pid] = st->start;
+		if (auto it = sessions_.find(st->sid); it != sessions_.end())
+			survivor_sessions_.insert(*it);
+		alive.push_back({p.pid, st->ppid, st->sid, p.cmdline});
+	}
+	return alive;
+}
+
+std::vector<StrayProcess> Broker::end_survivors()
+{
+	Scan scan;
+	auto is_survivor = [&](const ProcStat &st) {
+		auto it = survivors_.find(st.pid);
+		if (it != survivors_.end() && it->second == st.start)
+			return true;
+		auto sess = survivor_sessions_.find(st.sid);
+		if (sess == survivor_sessions_.end())
+			return false;
+		const ProcStat *leader = scan.find(st.sid);
+		return !leader || leader->start == sess->second; // not a reused session id
+	};
+	std::vector<StrayProcess> ended;
+	for (const auto &[pid, st] : scan.procs) {
+		if (st.dead() || !is_survivor(st))
+			continue;
+		UniqueFd fd(pidfd_open(pid, 0));
+		if (!fd)
+			continue; // gone meanwhile
+		ended.push_back({pid, st.ppid, st.sid, cmdline_text(pid)});
+		pidfd_send_signal(fd.get(), SIGKILL, nullptr, 0);
+		exits_within(fd.get(), 10s);
+		siginfo_t si{};
+		::waitid(P_PIDFD, fd.get(), &si, WEXITED | WNOHANG); // ours once reparented
+	}
+	survivors_.clear();
+	survivor_sessions_.clear();
+	return ended;
 }
 
 void Broker::report_strays(const std::string &what, const std::vector<StrayProcess> &strays)

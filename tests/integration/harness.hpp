@@ -61,6 +61,10 @@ struct SpawnOptions {
 	int stderr_fd = -1;
 	bool as_nobody = false;              // setgroups/setgid/setuid 65534 before exec
 	bool kill_with_parent = true;        // PR_SET_PDEATHSIG: never outlive a crashed test
+	// Socket activation as systemd does it (sd_listen_fds(3)): these fds (borrowed) at 3, 4, ...
+	// in the child, in this order, and LISTEN_FDS, LISTEN_FDNAMES (the names, colon-joined) and
+	// LISTEN_PID (the child's own pid, written after fork) in its environment. Empty: none of it.
+	std::vector<std::pair<std::string, int>> listen_fds;
 };
 
 // A child process held by a pidfd. The destructor kills and reaps it if it still runs.
@@ -140,6 +144,8 @@ struct BrokerOptions {
 	std::vector<std::string> env;        // extra "K=V"
 	bool wait_ready = true;
 	std::chrono::milliseconds ready_timeout = 20s;
+	std::string notify_socket;           // NOTIFY_SOCKET; empty: the Broker's own (see start())
+	std::vector<std::pair<std::string, int>> listen_fds; // see SpawnOptions::listen_fds
 };
 
 // One brokerd under test, in its own temp dir with its config, control socket and stderr log.
@@ -168,6 +174,20 @@ public:
 	void start(json config, const BrokerOptions &opts = {});
 	// Waits for READY=1 on the notify socket; throws if brokerd exits first or the deadline passes.
 	void wait_ready(std::chrono::milliseconds timeout);
+
+	// A crash and a restart, as under systemd (tests/upgrade/service_manager.hpp keeps the fd store
+	// they need). kill9() SIGKILLs brokerd alone and reaps it: whatever it started lives on, as
+	// its workers are meant to, and is returned. These survivors stay this Broker's: a stray check
+	// reports each one still alive once brokerd is gone, unless a restarted brokerd ends it.
+	// start_again() starts brokerd again with the config file the last start() wrote (its log
+	// goes on in the same file), after kill9() or an exit; it waits for READY=1 on the Broker's
+	// own notify socket unless told not to. end_survivors() kills and reaps the survivors of
+	// kill9() that still run (identified by pid and start time), and every process of their
+	// sessions, and returns them; no failure: for a test whose restarted brokerd does not
+	// re-adopt its predecessor's workers. Other processes are left to the stray checks.
+	std::vector<StrayProcess> kill9();
+	void start_again(const BrokerOptions &opts = {});
+	std::vector<StrayProcess> end_survivors();
 
 	// The next message brokerd sends its service manager after READY=1, or nullopt when none
 	// comes within the timeout.
@@ -206,6 +226,7 @@ private:
 	void note_sessions(const std::vector<pid_t> &pids);
 	void note_all_sessions(); // of every process below brokerd, before it stops
 	void report_strays(const std::string &what, const std::vector<StrayProcess> &strays);
+	void spawn(const BrokerOptions &opts);
 
 	TempDir dir_;
 	UniqueFd notify_;
@@ -215,6 +236,9 @@ private:
 	// Sessions of its workers seen so far: session id -> the start time of its leader when seen
 	// (0: gone already), so that a reused pid is not taken for the leader.
 	std::map<pid_t, unsigned long long> sessions_;
+	// kill9()'s survivors: pid -> start time, and their sessions (same form as sessions_).
+	std::map<pid_t, unsigned long long> survivors_;
+	std::map<pid_t, unsigned long long> survivor_sessions_;
 };
 
 // Attaches brokerd's stderr to every failure report of the enclosing scope.

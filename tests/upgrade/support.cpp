@@ -4,14 +4,13 @@
 
 #include <doctest/doctest.h>
 
-#include <poll.h>
 #include <signal.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <fstream>
@@ -49,70 +48,53 @@ std::size_t tcp_sockets(pid_t pid)
 
 } // namespace
 
-NotifyDrain::NotifyDrain()
+void TestBroker::launch(const std::function<void()> &spawn)
 {
-	static std::atomic<unsigned> counter{0};
-	name_ = "brokerd-utest-notify-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
-	fd_.reset(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-	REQUIRE(fd_);
-	sockaddr_un sa{};
-	sa.sun_family = AF_UNIX;
-	std::memcpy(sa.sun_path + 1, name_.data(), name_.size());
-	socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name_.size());
-	REQUIRE(::bind(fd_.get(), reinterpret_cast<sockaddr *>(&sa), len) == 0);
-	stop_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-	REQUIRE(stop_);
-	thread_ = std::thread([this] { run(); });
-}
-
-NotifyDrain::~NotifyDrain()
-{
-	std::uint64_t one = 1;
-	if (::write(stop_.get(), &one, sizeof one) < 0) {
-		// Cannot happen for an eventfd below its maximum; the join below would hang otherwise.
-		std::abort();
+	std::uint64_t before = notify.notified().ready;
+	notify.start_main([&] {
+		spawn();
+		return b.pid();
+	});
+	bool ready = wait_until([&] {
+		return notify.wait_ready(50ms, before) || !b.process().running() || !process_exists(b.pid());
+	}, 20s);
+	REQUIRE_MESSAGE(ready, "brokerd sent no READY=1 within 20s");
+	if (!notify.wait_ready(0ms, before)) {
+		auto st = b.process().wait(10s);
+		FAIL("brokerd ", st ? describe_status(*st) : std::string("died"), " before READY=1");
 	}
-	thread_.join();
-}
-
-void NotifyDrain::run()
-{
-	for (;;) {
-		pollfd p[2] = {{fd_.get(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
-		if (::poll(p, 2, -1) < 0 && errno != EINTR)
-			return;
-		if (p[1].revents)
-			return;
-		char buf[4096];
-		ssize_t n;
-		while ((n = ::recv(fd_.get(), buf, sizeof buf, 0)) > 0) {
-			std::string msg(buf, static_cast<std::size_t>(n));
-			if (msg == "READY=1" || msg.rfind("READY=1\n", 0) == 0 || msg.find("\nREADY=1") != std::string::npos) {
-				std::lock_guard lock(mutex_);
-				ready_ = true;
-				cv_.notify_all();
-			}
-		}
-	}
-}
-
-bool NotifyDrain::wait_ready(std::chrono::milliseconds timeout)
-{
-	std::unique_lock lock(mutex_);
-	return cv_.wait_for(lock, timeout, [&] { return ready_; });
 }
 
 void TestBroker::start(const json &config, const std::vector<std::string> &env)
 {
+	env_ = env;
 	BrokerOptions opts;
-	// env(1) execs brokerd in place, so the harness still holds brokerd's pid.
-	opts.prefix = {"env", "NOTIFY_SOCKET=" + notify.address()};
-	opts.prefix.insert(opts.prefix.end(), env.begin(), env.end());
+	opts.env = env;
+	opts.notify_socket = notify.address();
 	opts.wait_ready = false;
-	b.start(config, opts);
-	bool ready = wait_until([&] { return notify.wait_ready(50ms) || !b.process().running() || !process_exists(b.pid()); }, 20s);
-	REQUIRE_MESSAGE(ready, "brokerd sent no READY=1 within 20s");
-	REQUIRE_MESSAGE(notify.wait_ready(0ms), "brokerd exited before READY=1");
+	launch([&] { b.start(config, opts); });
+}
+
+std::vector<StrayProcess> TestBroker::kill9()
+{
+	std::vector<StrayProcess> survivors = b.kill9();
+	// What brokerd sent before it died is in the socket's queue: handled now, as systemd
+	// handles its notify messages before the main process's SIGCHLD.
+	notify.sync();
+	return survivors;
+}
+
+void TestBroker::restart()
+{
+	notify.sync();
+	auto stored = notify.copies();
+	BrokerOptions opts;
+	opts.env = env_;
+	opts.notify_socket = notify.address();
+	opts.wait_ready = false;
+	for (const auto &[name, fd] : stored)
+		opts.listen_fds.emplace_back(name, fd.get());
+	launch([&] { b.start_again(opts); });
 }
 
 Loadgen::Loadgen(const Broker &b, std::uint16_t port, const std::string &mode, const std::string &expect,
@@ -376,6 +358,107 @@ pid_t instance_pid(const json &status, const std::string &service, const std::st
 	return 0;
 }
 
+std::vector<pid_t> running_pids(const json &status, const std::string &service)
+{
+	std::vector<pid_t> out;
+	for (pid_t p : worker_pids(status, service))
+		if (p > 0)
+			out.push_back(p);
+	std::sort(out.begin(), out.end());
+	return out;
+}
+
+std::map<int, std::string> brokerd_fds(pid_t pid)
+{
+	std::map<int, std::string> fds = proc_fds(pid);
+	std::erase_if(fds, [](const auto &fd) { return fd.second == "anon_inode:[timerfd]"; });
+	return fds;
+}
+
+namespace {
+
+// Whether a process's main thread sleeps in epoll_wait, and how often it has been switched out:
+// two equal samples mean it did not run in between.
+struct Sleep {
+	bool in_epoll = false;
+	std::string switches;
+	bool operator==(const Sleep &) const = default;
+};
+
+Sleep sleep_of(pid_t pid)
+{
+	static const std::set<long> epoll_calls = {
+#ifdef SYS_epoll_wait
+		SYS_epoll_wait,
+#endif
+		SYS_epoll_pwait,
+#ifdef SYS_epoll_pwait2
+		SYS_epoll_pwait2,
+#endif
+	};
+	Sleep s;
+	std::string dir = "/proc/" + std::to_string(pid);
+	std::istringstream call(read_file(dir + "/syscall")); // "running", or the call's number first
+	long nr = -1;
+	s.in_epoll = (call >> nr) && epoll_calls.count(nr);
+	std::istringstream status(read_file(dir + "/status"));
+	std::string line;
+	while (std::getline(status, line))
+		if (line.find("ctxt_switches:") != std::string::npos)
+			s.switches += line;
+	return s;
+}
+
+} // namespace
+
+std::optional<std::map<int, std::string>> idle_fds(pid_t pid, std::chrono::milliseconds timeout)
+{
+	std::map<int, std::string> fds;
+	bool idle = wait_until(
+		[&] {
+			Sleep before = sleep_of(pid);
+			if (!before.in_epoll)
+				return false;
+			fds = brokerd_fds(pid);
+			return sleep_of(pid) == before;
+		},
+		timeout);
+	return idle ? std::optional(fds) : std::nullopt;
+}
+
+std::string listing(const std::map<int, std::string> &fds)
+{
+	std::string s;
+	for (const auto &[fd, target] : fds)
+		s += "  " + std::to_string(fd) + " -> " + target + "\n";
+	return s;
+}
+
+std::size_t rss_kb(pid_t pid)
+{
+	std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
+	std::string line;
+	while (std::getline(in, line))
+		if (line.rfind("VmRSS:", 0) == 0)
+			return std::stoull(line.substr(6));
+	return 0;
+}
+
+std::set<std::uint64_t> listening_on(std::uint16_t port)
+{
+	std::set<std::uint64_t> out;
+	for (const auto &[inode, p] : tcp_listeners())
+		if (p == port)
+			out.insert(inode);
+	return out;
+}
+
+std::uint64_t inode_of(int fd)
+{
+	struct stat st{};
+	return fd >= 0 && ::fstat(fd, &st) == 0 ? st.st_ino : 0;
+}
+
 bool kill9(pid_t pid)
 {
 	int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
@@ -439,6 +522,14 @@ std::string shell_quote(const std::string &s)
 	for (char c : s)
 		out += c == '\'' ? std::string("'\\''") : std::string(1, c);
 	return out + "'";
+}
+
+std::string joined(const std::vector<std::string> &items)
+{
+	std::string out;
+	for (const auto &i : items)
+		out += (out.empty() ? "" : ", ") + i;
+	return out;
 }
 
 } // namespace utest

@@ -2,16 +2,16 @@
 #pragma once
 
 #include "../integration/harness.hpp"
+#include "service_manager.hpp"
 
 #include "proto/sync_client.hpp"
 
-#include <condition_variable>
 #include <csignal>
-#include <mutex>
+#include <functional>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace utest {
@@ -22,41 +22,31 @@ using namespace itest;
 // event and ends as soon as it happens.
 constexpr auto kRolloutDeadline = 60s;
 
-// brokerd's NOTIFY_SOCKET, read for as long as brokerd runs. brokerd sends a STATUS= at every state
-// change with a blocking sd_notify(), and an AF_UNIX datagram socket holds only
-// net.unix.max_dgram_qlen (10 by default) unread messages: a notify socket that is read only until
-// READY=1 (as the integration harness does) stops brokerd, event loop and all, a few upgrades in.
-class NotifyDrain {
-public:
-	NotifyDrain();
-	~NotifyDrain();
-	NotifyDrain(const NotifyDrain &) = delete;
-	NotifyDrain &operator=(const NotifyDrain &) = delete;
-
-	std::string address() const { return "@" + name_; }
-	// Whether READY=1 arrived within `timeout`.
-	bool wait_ready(std::chrono::milliseconds timeout);
-
-private:
-	void run();
-
-	std::string name_;
-	UniqueFd fd_;
-	UniqueFd stop_; // eventfd
-	std::mutex mutex_;
-	std::condition_variable cv_;
-	bool ready_ = false;
-	std::thread thread_;
-};
-
-// A brokerd under test whose notify socket is always read (see NotifyDrain).
+// A brokerd under test with a service manager of its own (see ServiceManager): its notify socket
+// is always read, and what it puts into its fd store is kept, so that the test can kill it and
+// start it again as systemd would after a crash (Restart=on-failure).
 struct TestBroker {
-	NotifyDrain notify; // outlives brokerd, which the Broker's destructor stops if the test did not
+	ServiceManager notify; // outlives brokerd, which the Broker's destructor stops if the test did not
 	Broker b;
 
 	// Broker::start, with brokerd's NOTIFY_SOCKET pointing at `notify` and `env` ("K=V") added
 	// to its environment; waits for READY=1.
 	void start(const json &config, const std::vector<std::string> &env = {});
+	// SIGKILL of brokerd alone, at any moment, and its reaping (Broker::kill9()): the processes
+	// it started live on and are returned. The fd store is then complete: every message brokerd
+	// sent before it died has been handled.
+	std::vector<StrayProcess> kill9();
+	// Starts brokerd again as systemd restarts a service: the same config file, dir, environment
+	// and notify socket, and every stored fd in LISTEN_FDS (fd 3 on, in store order),
+	// LISTEN_FDNAMES and LISTEN_PID. The store stays as it is (brokerd releases what it does not
+	// want with FDSTOREREMOVE=1). Waits for the new brokerd's READY=1.
+	void restart();
+
+private:
+	// Starts brokerd through `notify` (its main pid) and waits for one more READY=1.
+	void launch(const std::function<void()> &spawn);
+
+	std::vector<std::string> env_;
 };
 
 // One broker-loadgen process (the LOADGEN environment variable) against 127.0.0.1:port. It runs
@@ -150,6 +140,24 @@ void check_serves_alone(Broker &b, const std::string &service, int generation, s
 
 // The pid of an instance by id in Status, or 0.
 pid_t instance_pid(const json &status, const std::string &service, const std::string &id);
+// The pids of every instance of the service in Status that has one, over all generations, sorted.
+std::vector<pid_t> running_pids(const json &status, const std::string &service);
+
+// brokerd's fds but for sd-event's timerfds: sd-event opens one for a clock when the first timer
+// on it is added and keeps it, so a re-executed or restarted brokerd has none until it next arms a timer.
+std::map<int, std::string> brokerd_fds(pid_t pid);
+// brokerd_fds() at a moment brokerd sleeps in its event loop's epoll_wait and did not run while
+// they were read: between two turns, so that no fd a handler holds for its turn's length (a
+// notify sender's pidfd, say) counts. nullopt when no such moment came within `timeout`.
+std::optional<std::map<int, std::string>> idle_fds(pid_t pid, std::chrono::milliseconds timeout = 10s);
+// "  fd -> target" lines, for messages.
+std::string listing(const std::map<int, std::string> &fds);
+// VmRSS of a process, in kB.
+std::size_t rss_kb(pid_t pid);
+// The inodes of the TCP sockets listening on `port`, from /proc/net/tcp{,6}.
+std::set<std::uint64_t> listening_on(std::uint16_t port);
+// The inode of an open file (a socket's is the number in "socket:[N]"), or 0.
+std::uint64_t inode_of(int fd);
 
 // SIGKILL through a pidfd (the process is brokerd's child, not ours); false if it was gone.
 bool kill9(pid_t pid);
@@ -172,5 +180,7 @@ extern const std::vector<std::string> kIgnoresTerm;
 json stubborn_service(const std::string &drain_timeout);
 
 std::string shell_quote(const std::string &s);
+// "a, b, c", for a CHECK whose values a failure prints.
+std::string joined(const std::vector<std::string> &items);
 
 } // namespace utest

@@ -39,33 +39,12 @@ std::vector<std::string> measured_env()
 	        ":quarantine_size_mb=0:allocator_release_to_os_interval_ms=0"};
 }
 
-// VmRSS of a process, in kB.
-std::size_t rss_kb(pid_t pid)
-{
-	std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
-	std::string line;
-	while (std::getline(in, line))
-		if (line.rfind("VmRSS:", 0) == 0)
-			return std::stoull(line.substr(6));
-	return 0;
-}
-
 // The inode of the socket a process holds at `fd`, or 0.
 std::uint64_t socket_at(pid_t pid, int fd)
 {
 	auto fds = proc_fds(pid);
 	auto it = fds.find(fd);
 	return it == fds.end() ? 0 : socket_inode(it->second).value_or(0);
-}
-
-// The inodes of the TCP sockets listening on `port`, from /proc/net/tcp{,6}.
-std::set<std::uint64_t> listening_on(std::uint16_t port)
-{
-	std::set<std::uint64_t> out;
-	for (const auto &[inode, p] : tcp_listeners())
-		if (p == port)
-			out.insert(inode);
-	return out;
 }
 
 // Instances of a service in state "ready", over every generation listed.
@@ -75,23 +54,6 @@ std::size_t ready_count(const json &status, const std::string &service)
 	for (const auto &i : instances(status, service))
 		n += i.value("state", "") == "ready" && i.value("pid", 0) > 0;
 	return n;
-}
-
-// brokerd's fds but for sd-event's timerfds: sd-event opens one for a clock when the first timer
-// on it is added and keeps it, so a re-executed brokerd has none until it next arms a timer.
-std::map<int, std::string> brokerd_fds(pid_t pid)
-{
-	std::map<int, std::string> fds = proc_fds(pid);
-	std::erase_if(fds, [](const auto &fd) { return fd.second == "anon_inode:[timerfd]"; });
-	return fds;
-}
-
-std::string listing(const std::map<int, std::string> &fds)
-{
-	std::string s;
-	for (const auto &[fd, target] : fds)
-		s += "  " + std::to_string(fd) + " -> " + target + "\n";
-	return s;
 }
 
 std::string text_of(const std::map<int, int> &counts)
