@@ -103,7 +103,8 @@ private:
 		explicit CrashRestart(persist::StateFile f) : file(std::move(f)) {}
 		persist::StateFile file;
 		nlohmann::json state; // null when the memfd was never written: a clean start
-		proto::UniqueFd notify;
+		proto::UniqueFd notify; // until compose() serves it
+		bool notify_kept = false;
 		Serializer::CrashFds fds;
 		pid_t crashed_pid = 0;
 	};

@@ -51,7 +51,8 @@ void Daemon::take_crash_state(InheritedFds &inherited)
 	}
 	// Without a state to carry on from, the rest means nothing either.
 	auto release_rest = [&] {
-		notifier_.send("FDSTOREREMOVE=1\nFDNAME=notify");
+		if (!notify.empty())
+			notifier_.send("FDSTOREREMOVE=1\nFDNAME=notify");
 		for (const auto &[inode, fd] : fds.pipes)
 			notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + pipe_store_name(inode));
 	};
@@ -62,7 +63,7 @@ void Daemon::take_crash_state(InheritedFds &inherited)
 	if (states.empty()) {
 		if (!notify.empty() || !fds.pipes.empty())
 			log::warning("the fd store holds a notify socket or output pipes but no crash state; releasing them");
-		release_all();
+		release_rest();
 		return;
 	}
 	auto refuse = [&](const std::string &why) {
@@ -124,6 +125,7 @@ void Daemon::take_crash_state(InheritedFds &inherited)
 	}
 	cfg_text_ = std::move(text);
 	crash->crashed_pid = writer.pid;
+	crash->notify_kept = !notify.empty();
 	crash->notify = notify.empty() ? proto::UniqueFd() : std::move(notify[0]);
 	crash->fds = std::move(fds);
 	crash_ = std::move(crash);
@@ -141,7 +143,7 @@ void Daemon::recover()
 	for (const auto &l : listeners_)
 		if (l.origin == "bound")
 			store_fd(l.name, l.fd.get());
-	if (!crash.notify)
+	if (!crash.notify_kept)
 		store_fd("notify", notify_->fd());
 	supervisor_->begin_recovery(crash.crashed_pid);
 	Serializer::restore_crashed(*supervisor_, crash.state.at("services"), crash.fds);

@@ -272,16 +272,34 @@ void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)
 	const auto &cfg = inst.generation->cfg;
 	const usec_t time = drain_time(timeout.value_or(cfg.drain_timeout));
 	set_state(inst, InstanceState::Draining);
-	bool told = inst.events && inst.events->send_drain(time);
-	if (told) {
-		log::info("instance " + inst.id + ": drain requested");
-	} else {
-		const char *name = sigabbrev_np(cfg.drain_signal);
-		log::info("instance " + inst.id + ": draining with SIG" + (name ? name : std::to_string(cfg.drain_signal)));
-		signal(inst, cfg.drain_signal);
-	}
 	emit(inst, EventKind::Draining);
 	arm_timer(inst, time, drain_timeout_handler);
+	// Told at the end of this turn of the loop, once the crash state says it drains: a brokerd
+	// killed in between is followed by one that takes its exit for the one it asked for.
+	inst.drain_untold = true;
+	hold();
+}
+
+usec_t Supervisor::drain_left(const Instance &inst) const
+{
+	std::uint64_t deadline = 0;
+	if (!inst.timer || sd_event_source_get_time(inst.timer.get(), &deadline) < 0)
+		return usec(inst.generation->cfg.drain_timeout);
+	usec_t now = now_usec(CLOCK_MONOTONIC);
+	return deadline > now ? deadline - now : 0;
+}
+
+void Supervisor::tell_drain(Instance &inst)
+{
+	inst.drain_untold = false;
+	const auto &cfg = inst.generation->cfg;
+	if (inst.events && inst.events->send_drain(drain_left(inst))) {
+		log::info("instance " + inst.id + ": drain requested");
+		return;
+	}
+	const char *name = sigabbrev_np(cfg.drain_signal);
+	log::info("instance " + inst.id + ": draining with SIG" + (name ? name : std::to_string(cfg.drain_signal)));
+	signal(inst, cfg.drain_signal);
 }
 
 usec_t Supervisor::drain_time(config::Duration timeout) const

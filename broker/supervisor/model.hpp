@@ -125,6 +125,8 @@ struct Instance {
 	// From a crash state: when the dead brokerd's timer for it was due (CLOCK_MONOTONIC), until
 	// Supervisor::readopt() arms it again.
 	usec_t restored_deadline = 0;
+	// Drained in this turn of the loop, not told yet (Supervisor::hold()).
+	bool drain_untold = false;
 	// A registered worker found again after a crash of brokerd, until its process says Hello
 	// again (register_external): that Hello is this registration's, not a new one.
 	bool awaiting_hello = false;

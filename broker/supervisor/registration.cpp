@@ -23,15 +23,10 @@ bool Supervisor::attach_events(Instance &inst, EventSink *sink)
 	inst.counted = sink;
 	// A drain decided before the stream opened must still reach the worker, with the time left
 	// until its deadline: a worker that says Hello again after a crash of brokerd was told once
-	// already, and the SIGKILL comes at the same deadline.
+	// already, and the SIGKILL comes at the same deadline. One not told yet is told now, once.
 	if (inst.state == InstanceState::Draining) {
-		usec_t left = usec(inst.generation->cfg.drain_timeout);
-		std::uint64_t deadline = 0;
-		if (inst.timer && sd_event_source_get_time(inst.timer.get(), &deadline) >= 0) {
-			usec_t now = now_usec(CLOCK_MONOTONIC);
-			left = deadline > now ? deadline - now : 0;
-		}
-		sink->send_drain(left);
+		inst.drain_untold = false;
+		sink->send_drain(drain_left(inst));
 	}
 	return true;
 }

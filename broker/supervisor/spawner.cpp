@@ -220,15 +220,26 @@ SpawnPlan plan_spawn(const SpawnInputs &in)
 	return plan;
 }
 
-int Supervisor::go_handler(sd_event_source *, void *userdata)
+void Supervisor::hold()
 {
-	return guarded("go_handler", [&]() -> int {
+	sd_event_source_set_enabled(held_source_.get(), SD_EVENT_ONESHOT);
+	changed(); // so that the crash state is written first
+}
+
+int Supervisor::held_handler(sd_event_source *, void *userdata)
+{
+	return guarded("held_handler", [&]() -> int {
 		auto *sup = static_cast<Supervisor *>(userdata);
 		for (proto::UniqueFd &go : std::exchange(sup->pending_go_, {})) {
 			char byte = 'g';
 			ssize_t r = ::write(go.get(), &byte, 1);
 			(void)r; // a child that is gone already does not need it
 		}
+		for (auto &svc : sup->services_)
+			for (auto &gen : svc->generations)
+				for (auto &inst : gen->instances)
+					if (inst->drain_untold && inst->state == InstanceState::Draining && inst->pid)
+						sup->tell_drain(*inst);
 		return 0;
 	});
 }
@@ -325,10 +336,9 @@ void Supervisor::spawn(Instance &inst)
 	if (auto why = watch_child(inst, pid))
 		return fail(*why);
 	watch_pipes(inst, pipes);
-	// Let go once the crash state names it: at the end of this turn of the loop, after the
-	// state's own write (which runs first, at a higher priority).
+	// Let go once the crash state names it (hold()).
 	pending_go_.push_back(std::move(pipes.go_w));
-	sd_event_source_set_enabled(go_source_.get(), SD_EVENT_ONESHOT);
+	hold();
 
 	log::info("instance " + inst.id + ": started pid " + std::to_string(pid) + " (" + plan.program + ")");
 	emit(inst, EventKind::Started);
@@ -486,6 +496,8 @@ void Supervisor::on_output(Instance &inst, OutputPipe &pipe, bool eof)
 			inst.last_lines.emplace_back(line);
 			if (inst.last_lines.size() > proto::limits::kKeptOutputLines)
 				inst.last_lines.pop_front();
+			if (output_kept)
+				output_kept();
 			start = cut ? end : nl + 1;
 		}
 		pipe.partial.erase(0, start);

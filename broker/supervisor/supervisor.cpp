@@ -16,11 +16,13 @@ Supervisor::Supervisor(sd_event *event, const std::list<Listener> &listeners, st
 {
 	router_.on_report = [this](const HandoffRouter::Report &r) { handoff_report(r); };
 	sd_event_source *s = nullptr;
-	int r = sd_event_add_defer(event_, &s, go_handler, this);
+	int r = sd_event_add_defer(event_, &s, held_handler, this);
 	if (r < 0)
 		throw std::runtime_error(std::string("sd_event_add_defer: ") + std::strerror(-r));
-	go_source_.reset(s);
+	held_source_.reset(s);
 	sd_event_source_set_enabled(s, SD_EVENT_OFF);
+	// After the crash state's write (SD_EVENT_PRIORITY_IMPORTANT), before anything else.
+	sd_event_source_set_priority(s, SD_EVENT_PRIORITY_IMPORTANT + 1);
 }
 
 Supervisor::~Supervisor() = default;

@@ -162,6 +162,8 @@ public:
 	// pipes are kept there (as "pipe.<inode>"), so that they outlive a crash of brokerd and a
 	// worker never gets EPIPE from logging. keep_fd says whether the store took it.
 	std::function<bool(const std::string &name, int fd)> keep_fd;
+	// A worker's output added to its last lines (kept in the crash state, which may wait for it).
+	std::function<void()> output_kept;
 	std::function<void(const std::string &name)> release_fd;
 
 private:
@@ -234,11 +236,16 @@ private:
 	HandoffRouter router_;
 	rlimit child_nofile_{};
 	Launcher launcher_ = fork_and_exec;
-	// The go pipes of children spawned in this turn of the loop (SpawnPlan::go_write), written
-	// by go_source_ at its end.
+	// What the world may learn only once the crash state says it (the state is written at the
+	// end of the turn of the loop, at the highest priority): children spawned in this turn wait
+	// for their go byte (SpawnPlan::go_write), and instances drained in it for their drain
+	// request or signal (Instance::drain_untold). held_source_ runs right after the state's write.
+	void hold();
+	static int held_handler(sd_event_source *s, void *userdata);
+	void tell_drain(Instance &inst);
+	usec_t drain_left(const Instance &inst) const;
 	std::vector<proto::UniqueFd> pending_go_;
-	EventSource go_source_;
-	static int go_handler(sd_event_source *s, void *userdata);
+	EventSource held_source_;
 	Recovery recovery_;
 };
 
