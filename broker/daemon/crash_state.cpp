@@ -9,7 +9,7 @@
 namespace brokerd {
 
 CrashState::CrashState(sd_event *event, persist::StateFile file, Snapshot snapshot)
-	: file_(std::move(file)), snapshot_(std::move(snapshot))
+	: event_(event), file_(std::move(file)), snapshot_(std::move(snapshot))
 {
 	sd_event_source *s = nullptr;
 	int r = sd_event_add_defer(event, &s, on_turn, this);
@@ -25,6 +25,28 @@ CrashState::CrashState(sd_event *event, persist::StateFile file, Snapshot snapsh
 void CrashState::changed()
 {
 	sd_event_source_set_enabled(turn_.get(), SD_EVENT_ONESHOT);
+}
+
+void CrashState::changed_soon()
+{
+	if (soon_)
+		return;
+	sd_event_source *s = nullptr;
+	if (sd_event_add_time_relative(event_, &s, CLOCK_MONOTONIC, kSoonUsec, kSoonUsec / 10, on_soon, this) < 0) {
+		changed(); // no timer to be had: now, then
+		return;
+	}
+	soon_.reset(s);
+}
+
+int CrashState::on_soon(sd_event_source *, std::uint64_t, void *userdata)
+{
+	return guarded("crash state", [&]() -> int {
+		auto *cs = static_cast<CrashState *>(userdata);
+		cs->soon_.reset();
+		cs->changed();
+		return 0;
+	});
 }
 
 int CrashState::on_turn(sd_event_source *, void *userdata)

@@ -24,6 +24,10 @@ public:
 
 	// Something changed: the state is written at the end of this turn of the loop.
 	void changed();
+	// Something changed that may wait a little (a worker's last lines of output, which come in
+	// bursts): written within kSoonUsec, once for all that came meanwhile.
+	void changed_soon();
+	static constexpr std::uint64_t kSoonUsec = 100'000;
 	// Writes now, if anything changed since the last write.
 	void write();
 	// The last write, at a clean stop: `text` in place of the snapshot, and no more after it.
@@ -35,10 +39,13 @@ public:
 
 private:
 	static int on_turn(sd_event_source *s, void *userdata);
+	static int on_soon(sd_event_source *s, std::uint64_t usec, void *userdata);
 
+	sd_event *event_;
 	persist::StateFile file_;
 	Snapshot snapshot_;
 	EventSource turn_;
+	EventSource soon_; // armed while a changed_soon() waits
 	std::string last_;
 	bool failing_ = false; // a write failed: said once, and again once one succeeds
 };

@@ -205,6 +205,10 @@ void Daemon::compose(proto::UniqueFd control_fd)
 	notify_ = std::make_unique<NotifySocket>(e, *supervisor_, std::move(notify_fd));
 	supervisor_->set_notify_address(notify_->address());
 	supervisor_->read_notifications = [this] { notify_->receive(); };
+	supervisor_->output_kept = [this] {
+		if (crash_state_)
+			crash_state_->changed_soon();
+	};
 	notify_->persist = [this] {
 		if (crash_state_)
 			crash_state_->write();

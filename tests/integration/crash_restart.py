@@ -107,7 +107,7 @@ def run_brokerctl(b, brokerctl, control, *args):
     deadline = time.monotonic() + 60
     while p.poll() is None and time.monotonic() < deadline:
         b.manager.drain()
-        select.select([b.manager.sock], [], [], 0.02)
+        select.select([b.manager.wakeup], [], [], 0.02)
     if p.poll() is None:
         p.kill()
     out, err = p.communicate()

@@ -10,6 +10,7 @@ or that no config entry names, is released with FDSTOREREMOVE=1.
 """
 
 import array
+import collections
 import fcntl
 import json
 import os
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import tempfile
 import time
 
@@ -77,6 +79,16 @@ class ServiceManager:
         self.name = "brokerd-fdstore-test-%d" % os.getpid()
         self.sock.bind("\0" + self.name)
         self.sock.setblocking(False)
+        # systemd reads its notify socket all along; a test reads this one now and then. A
+        # thread takes each datagram off the socket as it comes (its queue holds only
+        # net.unix.max_dgram_qlen of them: a full one makes brokerd drop what it sends), and
+        # drain() handles them on the test's own thread. The thread writes a byte to `wakeup`
+        # for each, for a test to select() on.
+        self.inbox = collections.deque()
+        self.wakeup, self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closing = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         self.store = []        # [name, fd], in the order systemd passes them back
         self.unpolled = set()  # stored fds sent with FDPOLL=0
         self.main_pid = None
@@ -137,13 +149,27 @@ class ServiceManager:
     def clear(self):
         self._drop(lambda n, fd: True)
 
-    def receive_one(self):
-        """One datagram, or False when none is waiting."""
+    def _read(self):
         fd_space = socket.CMSG_SPACE(253 * array.array("i").itemsize)
         cred_space = socket.CMSG_SPACE(3 * 4)
+        while not self._closing:
+            if not select.select([self.sock], [], [], 0.05)[0]:
+                continue
+            try:
+                data, ancdata, flags, _ = self.sock.recvmsg(4096, fd_space + cred_space, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, OSError):
+                continue
+            self.inbox.append((data, ancdata, flags))
+            try:
+                os.write(self._wake, b"!")
+            except BlockingIOError:
+                pass  # a full pipe wakes a waiter as well
+
+    def receive_one(self):
+        """Handles one datagram the reader took, or returns False when none is waiting."""
         try:
-            data, ancdata, flags, _ = self.sock.recvmsg(4096, fd_space + cred_space, socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
+            data, ancdata, flags = self.inbox.popleft()
+        except IndexError:
             return False
         fds, pid = [], None
         for level, kind, payload in ancdata:
@@ -199,13 +225,23 @@ class ServiceManager:
         return True
 
     def drain(self):
+        try:
+            while os.read(self.wakeup, 4096):
+                pass
+        except BlockingIOError:
+            pass
         while self.receive_one():
             pass
         self.drop_hung_up()
 
     def close(self):
+        self._closing = True
+        self._reader.join()
+        self.drain()
         self.clear()
         self.sock.close()
+        os.close(self.wakeup)
+        os.close(self._wake)
 
 
 class Brokerd:
@@ -270,7 +306,7 @@ class Brokerd:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no %s from brokerd within %ss" % (what, TIMEOUT))
-            select.select([self.manager.sock, self.pidfd], [], [], left)
+            select.select([self.manager.wakeup, self.pidfd], [], [], left)
 
     def wait_ready(self):
         seen = len(self.manager.events)
@@ -285,7 +321,7 @@ class Brokerd:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("brokerd did not exit within %ss of SIGTERM" % TIMEOUT)
-            select.select([self.manager.sock, self.pidfd], [], [], left)
+            select.select([self.manager.wakeup, self.pidfd], [], [], left)
         self.manager.drain()
         return self.status
 
