@@ -114,6 +114,17 @@ def run(tmp, manager, runs, strays):
     params, _ = varlink_status(control)
     check(ready_pids(params or {}) == workers, "sentinel killed: the workers serve on (%s)" % ready_pids(params or {}))
 
+    # brokerctl reexec: the same process carries on, with the same sentinel and its pipe.
+    stored = sentinel_inode(manager)
+    r = subprocess.run([os.environ["BROKERCTL"], "--socket", control, "reexec"], capture_output=True, text=True,
+                       timeout=60)
+    check(r.returncode == 0, "reexec: brokerctl reexec exits 0 (%d: %s%s)" % (r.returncode, r.stdout, r.stderr))
+    manager.drain()
+    check(sentinels() == [sentinel] and proc_stat(sentinel)[0] == b.pid,
+          "reexec: the same sentinel runs on, brokerd's child still (%s, was %d)" % (sentinels(), sentinel))
+    check(manager.names().count("sentinel") == 1 and sentinel_inode(manager) == stored,
+          "reexec: the store holds the same sentinel pipe, and only it (%s)" % manager.names())
+
     # (b) brokerd killed, and the store released: the unit stopped while no brokerd could drain it.
     # A process of the test with the workers' command line, in a session of its own, is left alone.
     decoy = subprocess.Popen([sys.executable, "-c", "import signal\nwhile True: signal.pause()", WORKER],
