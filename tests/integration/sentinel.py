@@ -132,8 +132,11 @@ def run(tmp, manager, runs, strays):
     strays.note(b.pid)
     b.kill()
     check(alive(sentinel) and all(alive(p) for p in workers), "stop while dead: brokerd killed, the rest still runs")
+    released = time.monotonic()
     manager.clear()
     check(all(exits_within(p, WAIT) for p in workers), "stop while dead: the workers are ended once the store is released")
+    print("note   stop while dead: the workers were gone %.1f ms after the store was released" %
+          ((time.monotonic() - released) * 1000), flush=True)
     check(exits_within(sentinel, WAIT), "stop while dead: the sentinel exits after that")
     check(decoy.poll() is None and alive(decoy.pid), "stop while dead: a process it did not start is left alone")
     log = runs[-1][1].log()
