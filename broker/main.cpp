@@ -4,6 +4,7 @@
 #include "config/config.hpp"
 #include "control/access.hpp"
 #include "daemon/daemon.hpp"
+#include "daemon/sentinel.hpp"
 #include "daemon/state.hpp"
 #include "os/log.hpp"
 
@@ -22,11 +23,14 @@ int main(int argc, char **argv)
 	std::optional<std::string> check_path;
 	bool version = false;
 	bool check_state = false;
+	bool sentinel = false;
 	std::optional<int> restore_fd;
 	app.add_option("-c,--config", config_path, "Configuration file")->capture_default_str();
 	// Internal, for brokerctl reexec: whether this binary reads a given state, and the state itself.
 	app.add_flag("--check-state", check_state)->group("");
 	app.add_option("--restore-state", restore_fd)->group("");
+	// Internal: the stop sentinel brokerd starts under a service manager (daemon/sentinel.hpp).
+	app.add_flag("--sentinel", sentinel)->group("");
 	app.add_option("--check-config", check_path, "Validate FILE and exit (0 when valid)")->type_name("FILE");
 	app.add_flag("--version", version, "Print the version and exit");
 	try {
@@ -39,6 +43,8 @@ int main(int argc, char **argv)
 		std::cout << "brokerd " << BROKER_VERSION << "\n";
 		return 0;
 	}
+	if (sentinel)
+		return brokerd::run_sentinel();
 	if (check_state) {
 		// The state a running brokerd would hand over, on stdin: it must parse here, config and all.
 		try {

@@ -43,6 +43,7 @@ proto::UniqueFd Daemon::open_listeners()
 	// among them brings the config the crashed brokerd ran.
 	InheritedFds inherited = InheritedFds::from_environment();
 	take_crash_state(inherited);
+	take_sentinel(inherited);
 	proto::UniqueFd control_fd = adopt_control_socket(inherited);
 	for (const auto &s : cfg_.sockets) {
 		// A socket kept in the fd store by an earlier brokerd comes back under its own name,
@@ -125,6 +126,7 @@ int Daemon::run()
 
 	compose(std::move(control_fd));
 	keep_crash_state();
+	keep_sentinel();
 	if (restoring)
 		carry_on();
 	else if (crash_ && !crash_->state.is_null())
@@ -152,6 +154,9 @@ int Daemon::run()
 		                                        {"pid_start", pid_start_},
 		                                        {"stopped", true}}
 		                             .dump());
+	// Nothing is left for it to end.
+	if (sentinel_)
+		sentinel_->stop();
 	log::notice("stopped");
 	return r;
 }

@@ -8,6 +8,7 @@
 #include "daemon/binary_check.hpp"
 #include "daemon/crash_state.hpp"
 #include "daemon/reload.hpp"
+#include "daemon/sentinel.hpp"
 #include "os/event.hpp"
 #include "os/listener.hpp"
 #include "os/notify.hpp"
@@ -82,6 +83,8 @@ private:
 	void keep_crash_state();
 	std::string crash_snapshot() const;
 	void take_crash_state(InheritedFds &inherited);
+	void take_sentinel(InheritedFds &inherited);
+	void keep_sentinel();
 	void recover();
 
 	std::string config_path_;
@@ -97,6 +100,7 @@ private:
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;
 	std::unique_ptr<CrashState> crash_state_; // null when no memfd could be had
+	std::unique_ptr<SentinelKeeper> sentinel_; // null without a service manager
 	// After a crash of the brokerd before: what it kept in the fd store, until recover() used it
 	// (daemon/recovery.cpp).
 	struct CrashRestart {
@@ -106,6 +110,7 @@ private:
 		proto::UniqueFd notify; // until compose() serves it
 		bool notify_kept = false;
 		Serializer::CrashFds fds;
+		proto::UniqueFd sentinel; // the write end of the sentinel that runs on
 		pid_t crashed_pid = 0;
 	};
 	std::unique_ptr<CrashRestart> crash_;

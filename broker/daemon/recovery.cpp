@@ -5,6 +5,7 @@
 
 #include "broker_config.h"
 #include "daemon/persist.hpp"
+#include "daemon/state.hpp"
 #include "os/log.hpp"
 #include "os/peer.hpp"
 #include "supervisor/spawner.hpp"
@@ -155,6 +156,49 @@ void Daemon::recover()
 	log::notice("carrying on after a crash of brokerd pid " + std::to_string(crash.crashed_pid) + ": " +
 	            std::to_string(r.kept) + " process(es) found again, " + std::to_string(r.lost.size()) +
 	            " gone meanwhile");
+}
+
+// The stop sentinel of the brokerd before (daemon/sentinel.hpp), from the store: it runs on, and
+// this brokerd keeps its write end, when this brokerd carries on with the workers it watches
+// over. Otherwise it is told that brokerd stopped cleanly (it exits, ending nothing: what the
+// state cannot name is left as it is), and its write end leaves the store.
+void Daemon::take_sentinel(InheritedFds &inherited)
+{
+	std::vector<proto::UniqueFd> ends = take_named(inherited, kSentinelStoreName);
+	if (ends.empty())
+		return;
+	if (crash_ && !crash_->state.is_null() && ends.size() == 1) {
+		crash_->sentinel = std::move(ends[0]);
+		return;
+	}
+	for (const auto &fd : ends)
+		dismiss_sentinel(fd.get());
+	notifier_.send(std::string("FDSTOREREMOVE=1\nFDNAME=") + kSentinelStoreName);
+}
+
+// Under a service manager, a sentinel watches over the workers: the one that ran before a crash
+// or a re-exec, else a new one.
+void Daemon::keep_sentinel()
+{
+	proto::UniqueFd carried;
+	pid_t child = 0;
+	if (!restored_.is_null() && restored_.contains("sentinel")) {
+		carried.reset(restored_.at("sentinel").at("fd").get<int>());
+		state::set_cloexec(carried.get(), true);
+		child = restored_.at("sentinel").at("pid").get<pid_t>();
+	} else if (crash_) {
+		carried = std::move(crash_->sentinel);
+	}
+	if (!notifier_.enabled() || !crash_state_)
+		return;
+	SentinelKeeper::Hooks hooks;
+	hooks.store = [this](int fd) { return store_fd(kSentinelStoreName, fd); };
+	hooks.release = [this] { notifier_.send(std::string("FDSTOREREMOVE=1\nFDNAME=") + kSentinelStoreName); };
+	sentinel_ = std::make_unique<SentinelKeeper>(event_.get(), crash_state_->fd(), std::move(hooks));
+	if (carried)
+		sentinel_->carry_on(std::move(carried), child);
+	else
+		sentinel_->start();
 }
 
 } // namespace brokerd

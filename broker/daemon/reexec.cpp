@@ -143,6 +143,10 @@ nlohmann::json Daemon::save_state(int caller, std::vector<int> &keep) const
 		extra["crash_state_fd"] = crash_state_->fd();
 		keep.push_back(crash_state_->fd());
 	}
+	if (sentinel_ && sentinel_->fd() >= 0) {
+		extra["sentinel"] = {{"fd", sentinel_->fd()}, {"pid", sentinel_->pid()}};
+		keep.push_back(sentinel_->fd());
+	}
 	nlohmann::json st = {{"format", state::kFormat},
 	        {"version", BROKER_VERSION},
 	        {"config_path", config_path_},

@@ -24,7 +24,7 @@ import threading
 import tempfile
 import time
 
-from checks import Strays, check, descendants, failures, passes
+from checks import Strays, check, descendants, failures, passes, proc_stat
 
 TIMEOUT = 20.0  # per step: brokerd's start, its worker's readiness, a drain
 HTTP_TIMEOUT = 10.0  # a ready worker answers at once
@@ -52,8 +52,29 @@ def process_socket_inodes(pid):
 
 def sockets(names):
     """The listeners and control socket among stored names: not the crash state, the workers'
-    notify socket or their output pipes ("pipe.<inode>"), which brokerd stores too."""
-    return sorted(n for n in names if n not in ("state", "notify") and not n.startswith("pipe."))
+    notify socket, their output pipes ("pipe.<inode>") or the stop sentinel's pipe, which brokerd
+    stores too."""
+    return sorted(n for n in names if n not in ("state", "notify", "sentinel") and not n.startswith("pipe."))
+
+
+def is_sentinel(pid):
+    """Whether pid is brokerd's stop sentinel (`brokerd --sentinel`, the brokerd binary)."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        return argv[1:2] == [b"--sentinel"] and os.readlink("/proc/%d/exe" % pid) == os.path.realpath(os.environ["BROKERD"])
+    except OSError:
+        return False
+
+
+def workers_of(pid):
+    """The processes below brokerd but its stop sentinel."""
+    return [p for p in descendants(pid) if not is_sentinel(p)]
+
+
+def sentinels():
+    """Every running stop sentinel (there is one per service manager's store)."""
+    return sorted(p for p in descendants(os.getpid()) if is_sentinel(p) and proc_stat(p) and proc_stat(p)[2] not in "ZXx")
 
 
 def pipes(names):
@@ -313,7 +334,7 @@ class Brokerd:
         self.wait_for("READY=1", lambda: ("READY", "") in self.manager.events[seen:], time.monotonic() + TIMEOUT)
 
     def stop(self):
-        """SIGTERM, as systemctl stop with KillMode=mixed; brokerd drains its workers and exits."""
+        """SIGTERM, as systemctl stop with KillMode=process; brokerd drains its workers and exits."""
         os.kill(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + TIMEOUT
         while not self.exited():
@@ -338,6 +359,20 @@ class Brokerd:
     def log(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+
+def starter(tmp, config, control, manager, runs, strays):
+    """start(label): brokerd started with the store as it is, waited for until READY=1, its
+    processes noted for strays; returns it and its Status parameters."""
+    def start(label):
+        b = Brokerd(os.environ["BROKERD"], config, manager, os.path.join(tmp, "brokerd-%d.log" % (len(runs) + 1)))
+        runs.append((label, b))
+        b.wait_ready()
+        strays.note(b.pid)
+        params, err = varlink_status(control)
+        check(params is not None, "%s: Status answers (%s)" % (label, err))
+        return b, params or {}
+    return start
 
 
 def free_port():
@@ -414,7 +449,7 @@ def served_by(body, pids):
 def check_running(b, manager, control, port, label):
     """What every start must give: a store of exactly one "http" and one "control", both the very
     sockets brokerd listens on, a port that serves, and a control socket that answers Status."""
-    workers = set(descendants(b.pid))
+    workers = set(workers_of(b.pid))
     check(len(workers) == 1, "%s: brokerd runs its one worker (%s)" % (label, sorted(workers)))
     check(sockets(manager.names()) == ["control", "http"],
           "%s: the store holds exactly the sockets http and control (%s)" % (label, manager.names()))
@@ -442,12 +477,13 @@ def check_running(b, manager, control, port, label):
 
 def check_kept(manager, workers, label):
     """Beside the sockets, the store holds one crash state, one notify socket (the very one whose
-    address the workers have), and each worker's stdout and stderr pipe."""
+    address the workers have), each worker's stdout and stderr pipe, and the stop sentinel's pipe."""
     names = manager.names()
     check(names.count("state") == 1 and names.count("notify") == 1,
           "%s: the store holds one crash state and one notify socket (%s)" % (label, names))
     check(len(pipes(names)) == 2 * len(workers), "%s: and the output pipes of %d worker(s) (%s)" %
           (label, len(workers), names))
+    check(names.count("sentinel") == 1, "%s: and the write end of one stop sentinel's pipe (%s)" % (label, names))
 
 
 def check_answered(queued, workers, what):

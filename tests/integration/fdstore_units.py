@@ -15,10 +15,10 @@ import select
 import socket
 import sys
 
-from checks import check, descendants
+from checks import check
 from fdstore_harness import (HTTP_TIMEOUT, Brokerd, check_answered, events_since, free_port, http_connect_and_send,
                              http_get, main, process_socket_inodes, served_by, socket_inode, socket_origin, stop,
-                             varlink_status, sockets, check_kept)
+                             varlink_status, sockets, check_kept, workers_of)
 
 
 def write_config(path, control, port):
@@ -33,7 +33,7 @@ def check_running(b, manager, port, unit, label):
     """Both listeners serve from brokerd's worker, brokerd holds the unit's very socket, Status
     says where each came from, and the store holds http and control and never the unit's socket."""
     unit_port = unit.getsockname()[1]
-    workers = set(descendants(b.pid))
+    workers = set(workers_of(b.pid))
     check(len(workers) == 1, "%s: brokerd runs its one worker (%s)" % (label, sorted(workers)))
     check(sockets(manager.names()) == ["control", "http"],
           "%s: the store holds exactly the sockets http and control (%s)" % (label, manager.names()))
