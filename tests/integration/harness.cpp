@@ -869,6 +869,10 @@ std::vector<StrayProcess> Broker::kill9()
 		auto st = proc_stat(p.pid);
 		if (!st || st->dead())
 			continue;
+		// brokerd's stop sentinel is no worker: the next brokerd carries on with it, and the
+		// stray checks still find it if it outlives the last stop.
+		if (p.cmdline.find(" --sentinel") != std::string::npos)
+			continue;
 		survivors_[p.pid] = st->start;
 		if (auto it = sessions_.find(st->sid); it != sessions_.end())
 			survivor_sessions_.insert(*it);
