@@ -19,7 +19,7 @@ import sys
 import time
 
 from checks import check, exits_within
-from fdstore_harness import (Brokerd, free_port, http_get, main, pipes, served_by, sockets, socket_inode,
+from fdstore_harness import (free_port, http_get, main, pipes, served_by, sockets, socket_inode, starter,
                              varlink_status)
 
 WORKER = os.environ["EXAMPLE_PYTHON"]
@@ -164,7 +164,6 @@ def store_inodes(manager):
 
 
 def run(tmp, manager, runs, strays):
-    brokerd = os.environ["BROKERD"]
     brokerctl = os.environ["BROKERCTL"]
     control = os.path.join(tmp, "control.sock")
     config = os.path.join(tmp, "brokerd.json")
@@ -176,14 +175,7 @@ def run(tmp, manager, runs, strays):
         f.write(PROBE)
     write_config(config, control, port, lib_port, probe)
 
-    def start(label):
-        b = Brokerd(brokerd, config, manager, os.path.join(tmp, "brokerd-%d.log" % (len(runs) + 1)))
-        runs.append((label, b))
-        b.wait_ready()
-        strays.note(b.pid)
-        params, err = varlink_status(control)
-        check(params is not None, "%s: Status answers (%s)" % (label, err))
-        return b, params or {}
+    start = starter(tmp, config, control, manager, runs, strays)
 
     # 1. At rest: killed, and found again.
     b, params = start("first start")

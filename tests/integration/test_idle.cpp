@@ -99,6 +99,21 @@ void wait_asleep(pid_t pid, const std::set<std::uint64_t> &sockets)
 		10s));
 }
 
+// Whether every timerfd of `pid` is disarmed (/proc/PID/fdinfo: "it_value: (0, 0)"): no timer of
+// its loop is pending, such as the crash state's write of a worker's last output lines, 100 ms
+// after them.
+bool timers_disarmed(pid_t pid)
+{
+	for (const auto &[fd, target] : proc_fds(pid)) {
+		if (target != "anon_inode:[timerfd]")
+			continue;
+		std::string info = read_file("/proc/" + std::to_string(pid) + "/fdinfo/" + std::to_string(fd));
+		if (info.find("it_value: (0, 0)") == std::string::npos)
+			return false;
+	}
+	return true;
+}
+
 // How many times brokerd's log holds `line`. Each worker logs once it is ready, through brokerd's
 // pipe: a line relayed after the window opens is a wake-up, so the tests wait for them.
 std::size_t logged(const Broker &b, const std::string &line)
@@ -147,7 +162,9 @@ TEST_CASE("idle: brokerd with two ready instances does not wake up and stays sma
 			       logged(b, "broker-example-python: listening on") == 2;
 		},
 		10s));
-	// The Status call's connection is closed, and brokerd is back asleep.
+	// The Status call's connection is closed, and brokerd is back asleep, with no timer pending.
+	wait_asleep(b.pid(), sockets);
+	REQUIRE(wait_until([&] { return timers_disarmed(b.pid()); }, 10s));
 	wait_asleep(b.pid(), sockets);
 
 	auto before = switches(b.pid());
