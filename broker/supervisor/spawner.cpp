@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -232,7 +233,7 @@ int Supervisor::held_handler(sd_event_source *, void *userdata)
 		auto *sup = static_cast<Supervisor *>(userdata);
 		for (proto::UniqueFd &go : std::exchange(sup->pending_go_, {})) {
 			char byte = 'g';
-			ssize_t r = ::write(go.get(), &byte, 1);
+			ssize_t r = ::send(go.get(), &byte, 1, MSG_NOSIGNAL | MSG_DONTWAIT);
 			(void)r; // a child that is gone already does not need it
 		}
 		for (auto &svc : sup->services_)
@@ -259,14 +260,20 @@ pid_t fork_and_exec(SpawnPlan &plan)
 
 std::optional<std::string> open_child_pipes(ChildPipes &p)
 {
-	for (auto [r, w] : {std::pair{&p.out_r, &p.out_w}, std::pair{&p.err_r, &p.err_w}, std::pair{&p.status_r, &p.status_w},
-	                    std::pair{&p.go_r, &p.go_w}}) {
+	for (auto [r, w] : {std::pair{&p.out_r, &p.out_w}, std::pair{&p.err_r, &p.err_w}, std::pair{&p.status_r, &p.status_w}}) {
 		int fds[2];
 		if (::pipe2(fds, O_CLOEXEC) < 0)
 			return "pipe: " + errno_text(errno);
 		r->reset(fds[0]);
 		w->reset(fds[1]);
 	}
+	// A socket pair, not a pipe: the go byte is sent with MSG_NOSIGNAL, and a child that died
+	// before it makes that an EPIPE, never a SIGPIPE for whoever runs the supervisor.
+	int go[2];
+	if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, go) < 0)
+		return "socketpair: " + errno_text(errno);
+	p.go_r.reset(go[0]);
+	p.go_w.reset(go[1]);
 	p.devnull.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
 	if (!p.devnull)
 		return "open /dev/null: " + errno_text(errno);

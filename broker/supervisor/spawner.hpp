@@ -51,8 +51,8 @@ struct SpawnPlan {
 	// end (the spawner fills in stdio and the status pipe). lifted: room for their copies.
 	std::vector<int> fds;
 	std::vector<int> lifted;
-	// The go pipe (the spawner fills it in; -1: none). The child closes its copy of the write
-	// end and waits for one byte on the read end before anything else: the parent writes it once
+	// The go pipe, a socket pair (the spawner fills it in; -1: none). The child closes its copy
+	// of the write end and waits for one byte on the read end before anything else: the parent writes it once
 	// the crash state names the child. EOF instead (brokerd died before) ends the child with
 	// status 127, so no worker ever runs that no state names.
 	int go_read = -1;
