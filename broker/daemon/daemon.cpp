@@ -115,6 +115,7 @@ int Daemon::run()
 	if (r < 0)
 		throw std::runtime_error(std::string("sd_event_new: ") + std::strerror(-r));
 	event_.reset(e);
+	notifier_.attach(e);
 	add_signals();
 
 	// The service manager's watchdog (WATCHDOG_USEC): fed at half its period from the loop, so a

@@ -50,12 +50,13 @@ void Daemon::take_crash_state(InheritedFds &inherited)
 		fds.pipes[inode] = std::move(it->second);
 		it = inherited.by_name.erase(it);
 	}
-	// Without a state to carry on from, the rest means nothing either.
+	// Without a state to carry on from, the notify socket means nothing either. The output
+	// pipes stay in the store (this brokerd's copies close): a worker of the brokerd before that
+	// writes to one then never gets EPIPE or SIGPIPE, and the store drops each once its writers
+	// are gone.
 	auto release_rest = [&] {
 		if (!notify.empty())
 			notifier_.send("FDSTOREREMOVE=1\nFDNAME=notify");
-		for (const auto &[inode, fd] : fds.pipes)
-			notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + pipe_store_name(inode));
 	};
 	auto release_all = [&] {
 		notifier_.send("FDSTOREREMOVE=1\nFDNAME=state");
@@ -63,7 +64,7 @@ void Daemon::take_crash_state(InheritedFds &inherited)
 	};
 	if (states.empty()) {
 		if (!notify.empty() || !fds.pipes.empty())
-			log::warning("the fd store holds a notify socket or output pipes but no crash state; releasing them");
+			log::warning("the fd store holds a notify socket or output pipes but no crash state; releasing the socket");
 		release_rest();
 		return;
 	}

@@ -2,12 +2,15 @@
 #include "os/systemd_notify.hpp"
 
 #include "os/log.hpp"
+#include "os/time.hpp"
 
+#include <fcntl.h>
 #include <sys/uio.h>
 
 #include <cerrno>
 #include <cstddef>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -38,10 +41,69 @@ void SystemdNotifier::send(std::string_view message)
 	send_with_fd(message, -1);
 }
 
+void SystemdNotifier::attach(sd_event *event)
+{
+	event_ = event;
+	schedule();
+}
+
 bool SystemdNotifier::send_with_fd(std::string_view message, int fd)
 {
 	if (!fd_)
 		return false;
+	const bool store = message.starts_with("FDSTORE=1") || message.starts_with("FDSTOREREMOVE=1");
+	if (store && !waiting_.empty()) {
+		// Behind those waiting already: the store's messages keep their order.
+		waiting_.push_back({std::string(message), proto::UniqueFd(fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 3) : -1)});
+		return true;
+	}
+	if (try_send(message, fd))
+		return true;
+	if (!store || errno != EAGAIN)
+		return false;
+	waiting_.push_back({std::string(message), proto::UniqueFd(fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 3) : -1)});
+	waiting_since_ = now_usec(CLOCK_MONOTONIC);
+	pause_ = 1000;
+	schedule();
+	return true;
+}
+
+void SystemdNotifier::schedule()
+{
+	if (!event_ || waiting_.empty() || retry_)
+		return;
+	sd_event_source *s = nullptr;
+	if (sd_event_add_time_relative(event_, &s, CLOCK_MONOTONIC, pause_, 0, on_retry, this) >= 0)
+		retry_.reset(s);
+}
+
+int SystemdNotifier::on_retry(sd_event_source *, std::uint64_t, void *userdata)
+{
+	return guarded("notify retry", [&]() -> int {
+		auto *n = static_cast<SystemdNotifier *>(userdata);
+		n->retry_.reset();
+		while (!n->waiting_.empty()) {
+			Waiting &w = n->waiting_.front();
+			if (!n->try_send(w.message, w.fd.get())) {
+				if (errno == EAGAIN && now_usec(CLOCK_MONOTONIC) - n->waiting_since_ < kStoreRetryUsec)
+					break;
+				log::warning("the service manager did not take " + std::to_string(n->waiting_.size()) +
+				             " fd store message(s) within " + std::to_string(kStoreRetryUsec / 1000) + "ms; dropped them");
+				n->waiting_.clear();
+				return 0;
+			}
+			n->waiting_.pop_front();
+			n->waiting_since_ = now_usec(CLOCK_MONOTONIC);
+			n->pause_ = 1000;
+		}
+		n->pause_ = std::min<std::uint64_t>(n->pause_ * 2, 100'000);
+		n->schedule();
+		return 0;
+	});
+}
+
+bool SystemdNotifier::try_send(std::string_view message, int fd)
+{
 	iovec iov{const_cast<char *>(message.data()), message.size()};
 	msghdr msg{};
 	msg.msg_name = &addr_;
@@ -62,9 +124,11 @@ bool SystemdNotifier::send_with_fd(std::string_view message, int fd)
 		warned_ = false;
 		return true;
 	}
+	int err = errno;
 	if (!warned_)
-		log::warning(std::string("cannot notify the service manager: ") + std::strerror(errno) + ", ignoring");
+		log::warning(std::string("cannot notify the service manager: ") + std::strerror(err) + ", ignoring");
 	warned_ = true;
+	errno = err;
 	return false;
 }
 

@@ -211,8 +211,8 @@ def run(tmp, manager, runs, strays):
     until(b, lambda: len(pipes(manager.names())) == 10)
     before = store_inodes(manager)
     check(sockets(before) == ["control", "http", "lib"] and "state" in before and "notify" in before and
-          len(pipes(before)) == 10, "first start: the store holds the sockets, the state, notify and 10 pipes (%s)" %
-          sorted(before))
+          len(pipes(before)) == 10, "first start: the store holds the sockets, the state, notify and 10 pipes (%s; %s)" %
+          (sorted(before), [e for e in manager.events if e[0] in ("STORE", "REMOVE", "HUP", "DUPLICATE")]))
 
     lib_workers = sorted(instances(params, "lib", "pid"))
     kept = socket.create_connection(("127.0.0.1", lib_port), timeout=10)
