@@ -51,12 +51,19 @@ void Supervisor::adopt(std::unique_ptr<Service> svc)
 	changed();
 }
 
-void Supervisor::watch_restored(Instance &inst)
+// The output pipes a restored instance came with, read again.
+void Supervisor::watch_output(Instance &inst)
 {
 	sd_event_source *s = nullptr;
 	for (OutputPipe *pipe : {&inst.out, &inst.err})
 		if (pipe->fd && sd_event_add_io(event_, &s, pipe->fd.get(), EPOLLIN, output_handler, &inst) >= 0)
 			pipe->source.reset(s);
+}
+
+void Supervisor::watch_restored(Instance &inst)
+{
+	watch_output(inst);
+	sd_event_source *s = nullptr;
 	if (inst.pid <= 0)
 		return;
 
@@ -130,10 +137,8 @@ void Supervisor::readopt(std::unique_ptr<Service> svc)
 
 bool Supervisor::readopt(Instance &inst)
 {
+	watch_output(inst);
 	sd_event_source *s = nullptr;
-	for (OutputPipe *pipe : {&inst.out, &inst.err})
-		if (pipe->fd && sd_event_add_io(event_, &s, pipe->fd.get(), EPOLLIN, output_handler, &inst) >= 0)
-			pipe->source.reset(s);
 	const usec_t deadline = std::exchange(inst.restored_deadline, 0);
 	const config::ServiceConfig &cfg = inst.generation->cfg;
 	if (inst.pid <= 0) {

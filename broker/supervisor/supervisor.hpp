@@ -220,6 +220,7 @@ private:
 	void check_registrations(Upgrade &up);
 	static int prune_handler(sd_event_source *s, void *userdata);
 	void watch_restored(Instance &inst);
+	void watch_output(Instance &inst);
 	// Whether its process was still there.
 	bool readopt(Instance &inst);
 	void lost_while_down(Instance &inst, const std::string &why);
