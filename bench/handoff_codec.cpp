@@ -124,7 +124,7 @@ std::vector<Step> run(std::size_t state_bytes, unsigned iterations, const std::v
 	auto fill = [&] {
 		if (batch) {
 			ho::Sender::Completion done;
-			sender.complete(batch->id, batch->fds.size(), {}, done);
+			sender.complete(batch->id, batch->fds.size(), {}, {}, done);
 			batch.reset();
 		}
 		for (int fd : fds)
@@ -250,7 +250,7 @@ std::vector<Step> run(std::size_t state_bytes, unsigned iterations, const std::v
 	    }));
 	if (batch) {
 		ho::Sender::Completion done;
-		sender.complete(batch->id, batch->fds.size(), {}, done);
+		sender.complete(batch->id, batch->fds.size(), {}, {}, done);
 	}
 	return steps;
 }

@@ -124,26 +124,29 @@ std::optional<Sender::Batch> Sender::next()
 }
 
 bool Sender::complete(std::uint64_t batch, std::uint64_t landed, const std::vector<std::uint64_t> &returned,
-                      Completion &out)
+                      const std::vector<std::uint64_t> &abandoned, Completion &out)
 {
 	auto it = in_flight_.find(batch);
 	if (it == in_flight_.end())
 		return false;
 	std::vector<Item> &items = it->second;
-	if (landed + returned.size() != items.size())
+	if (landed + returned.size() + abandoned.size() != items.size())
 		return false;
-	std::vector<bool> back(items.size(), false);
-	for (auto i : returned) {
-		if (i >= items.size() || back[i])
-			return false;
-		back[i] = true;
-	}
+	std::vector<bool> back(items.size(), false), seen(items.size(), false);
+	for (const auto *list : {&returned, &abandoned})
+		for (auto i : *list) {
+			if (i >= items.size() || seen[i])
+				return false;
+			seen[i] = true;
+			back[i] = list == &returned;
+		}
 	out.landed = landed;
+	out.abandoned = abandoned.size();
 	out.returned.clear();
 	for (std::size_t i = 0; i < items.size(); i++)
 		if (back[i])
 			out.returned.push_back(std::move(items[i]));
-	// The landed ones close here: the successor holds them now.
+	// The landed ones close here: the successor holds them now; so do the abandoned ones.
 	in_flight_.erase(it);
 	return true;
 }
@@ -195,6 +198,56 @@ std::size_t Sender::drop_in_flight()
 		n += items.size();
 	in_flight_.clear();
 	return n;
+}
+
+std::vector<Sender::InFlight> Sender::in_flight() const
+{
+	std::vector<InFlight> out;
+	for (const auto &[id, items] : in_flight_)
+		out.push_back({id, items.size()});
+	return out;
+}
+
+void Receipts::add(const json &origin, std::size_t count, const json &refused)
+{
+	auto count_of = [&](const char *key, std::uint64_t &out) {
+		auto it = origin.find(key);
+		if (it == origin.end() || !it->is_number_unsigned())
+			return false;
+		out = it->get<std::uint64_t>();
+		return true;
+	};
+	Receipt r{{}, 0, 0, 0, count, {}};
+	auto instance = origin.is_object() ? origin.find("instance") : origin.end();
+	if (instance == origin.end() || !instance->is_string() || !count_of("pid", r.pid) || !count_of("batch", r.batch) ||
+	    !count_of("first", r.first))
+		return;
+	r.instance = instance->get<std::string>();
+	for (const json &i : refused)
+		r.refused.push_back(i.get<std::uint64_t>());
+	if (list_.size() == limits::kMaxResumeReceipts)
+		list_.pop_front();
+	list_.push_back(std::move(r));
+}
+
+json Receipts::list(std::size_t max_bytes) const
+{
+	// Newest first until the size is reached, then in order.
+	std::deque<json> kept;
+	std::size_t bytes = 0;
+	for (auto it = list_.rbegin(); it != list_.rend(); ++it) {
+		json r = {{"instance", it->instance}, {"pid", it->pid}, {"batch", it->batch}, {"first", it->first}, {"count", it->count}};
+		if (!it->refused.empty())
+			r["refused"] = it->refused;
+		bytes += r.dump().size() + 1;
+		if (bytes > max_bytes)
+			break;
+		kept.push_front(std::move(r));
+	}
+	json out = json::array();
+	for (auto &r : kept)
+		out.push_back(std::move(r));
+	return out;
 }
 
 std::size_t Sender::pending() const

@@ -44,6 +44,11 @@ public:
 	struct Completion {
 		std::size_t landed = 0;
 		std::vector<Item> returned;
+		std::size_t abandoned = 0; // closed here: nobody could tell where they went
+	};
+	struct InFlight {
+		std::uint64_t batch;
+		std::size_t count;
 	};
 
 	void add(Item item) { queue_.push_back(std::move(item)); }
@@ -61,7 +66,9 @@ public:
 	// The broker's "handoff" event for a batch. Returns false, changing nothing, for an unknown
 	// batch or counts that do not add up to it.
 	bool complete(std::uint64_t batch, std::uint64_t landed, const std::vector<std::uint64_t> &returned,
-	              Completion &out);
+	              const std::vector<std::uint64_t> &abandoned, Completion &out);
+	// The batches in flight: after a restart of brokerd, those in doubt (Worker.Resume).
+	std::vector<InFlight> in_flight() const;
 
 	// A batch that could not be queued for sending goes back to the front of the queue.
 	void requeue(std::uint64_t batch);
@@ -84,6 +91,27 @@ private:
 	std::map<std::uint64_t, std::vector<Item>> in_flight_;
 	std::uint64_t next_id_ = 1;
 	std::size_t window_ = kWindow;
+};
+
+// The chunks a receiver got, as their "connections" events named their origin: the newest
+// limits::kMaxResumeReceipts, told to a brokerd that restarted (Worker.Resume) so that it can
+// settle the batches their senders hold in doubt.
+class Receipts {
+public:
+	// An event's "origin" (ignored unless well formed: a brokerd that predates it sends none),
+	// its number of connections and the indices refused.
+	void add(const nlohmann::json &origin, std::size_t count, const nlohmann::json &refused);
+	// Resume's "received", newest last, the oldest left out beyond max_bytes.
+	nlohmann::json list(std::size_t max_bytes) const;
+	std::size_t size() const { return list_.size(); }
+
+private:
+	struct Receipt {
+		std::string instance;
+		std::uint64_t pid, batch, first, count;
+		std::vector<std::uint64_t> refused;
+	};
+	std::deque<Receipt> list_;
 };
 
 } // namespace proto::handoff

@@ -42,6 +42,9 @@ inline constexpr std::size_t kKeptOutputLines = 20;         // per instance, for
 // Upgrades: new instances started at a time (upgrade.batch, and an Upgrade call's batch).
 inline constexpr unsigned kMaxBatch = 1024;
 
+// Handoff: chunks a worker remembers having received, and may list in a Resume.
+inline constexpr std::size_t kMaxResumeReceipts = 4096;
+
 // Clients.
 inline constexpr auto kDefaultCallTimeout = 30s;
 

@@ -324,17 +324,17 @@ bool ControlServer::Connection::send_drain(usec_t timeout)
 	return send_event(encode::drain(msec(timeout)));
 }
 
-bool ControlServer::Connection::send_connections(std::uint64_t batch, std::vector<HandoffItem> items)
+bool ControlServer::Connection::send_connections(std::uint64_t batch, std::vector<HandoffItem> items,
+                                                 const HandoffOrigin &origin)
 {
 	std::vector<proto::UniqueFd> fds;
-	json event = encode::connections(batch, std::move(items), fds);
+	json event = encode::connections(batch, std::move(items), fds, origin);
 	return send_event(event, std::move(fds));
 }
 
-bool ControlServer::Connection::send_handoff_result(std::uint64_t batch, std::size_t landed,
-                                                    const std::vector<std::uint64_t> &returned, const std::string &why)
+bool ControlServer::Connection::send_handoff_result(const HandoffResult &result)
 {
-	return send_event(encode::handoff_result(batch, landed, returned, why));
+	return send_event(encode::handoff_result(result));
 }
 
 // After enqueueing: writes what the socket takes. A peer that has gone may still have sent

@@ -62,9 +62,8 @@ public:
 	}
 	// EventSink: the instance's Events stream, when this connection carries it.
 	bool send_drain(usec_t timeout) override;
-	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) override;
-	bool send_handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
-	                         const std::string &why = {}) override;
+	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items, const HandoffOrigin &origin) override;
+	bool send_handoff_result(const HandoffResult &result) override;
 	void watch_event(const Event &event);
 
 	// Observer: the upgrade, start or stop this connection waits for.
@@ -109,6 +108,7 @@ private:
 	void worker_events(control::Call &call);
 	void worker_handoff(control::Call &call);
 	void worker_received(control::Call &call);
+	void worker_resume(control::Call &call);
 	void control_status(control::Call &call);
 	void control_sockets(control::Call &call);
 	void control_watch(control::Call &call);

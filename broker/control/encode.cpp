@@ -181,7 +181,14 @@ json recovery(const Supervisor::Recovery &r)
 	        {"at", r.at},
 	        {"kept", r.kept},
 	        {"lost", r.lost},
-	        {"interrupted", r.interrupted}};
+	        {"interrupted", r.interrupted},
+	        {"in_doubt",
+	         {{"batches", r.doubt_batches},
+	          {"connections", r.doubt_connections},
+	          {"landed", r.doubt_landed},
+	          {"returned", r.doubt_returned},
+	          {"abandoned", r.doubt_abandoned},
+	          {"pending", r.doubt_pending}}}};
 }
 
 json services(const Supervisor &supervisor, const std::string *only)
@@ -233,7 +240,8 @@ json drain(std::uint64_t timeout_ms)
 	return {{"event", worker_names::kDrain}, {"timeout_ms", timeout_ms}};
 }
 
-json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vector<proto::UniqueFd> &fds)
+json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vector<proto::UniqueFd> &fds,
+                 const HandoffOrigin &origin)
 {
 	json conns = json::array();
 	fds.reserve(fds.size() + items.size());
@@ -244,15 +252,22 @@ json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vecto
 		conns.push_back(std::move(conn));
 		fds.push_back(std::move(item.fd));
 	}
-	return {{"event", worker_names::kConnections}, {"batch", batch}, {"connections", std::move(conns)}};
+	json event = {{"event", worker_names::kConnections}, {"batch", batch}, {"connections", std::move(conns)}};
+	if (!origin.instance.empty())
+		event["origin"] = {{"instance", origin.instance},
+		                   {"pid", origin.pid},
+		                   {"batch", origin.batch},
+		                   {"first", origin.first}};
+	return event;
 }
 
-json handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
-                    const std::string &why)
+json handoff_result(const HandoffResult &r)
 {
-	json event = {{"event", worker_names::kHandoff}, {"batch", batch}, {"landed", landed}, {"returned", returned}};
-	if (!why.empty())
-		event["message"] = why;
+	json event = {{"event", worker_names::kHandoff}, {"batch", r.batch}, {"landed", r.landed}, {"returned", r.returned}};
+	if (!r.abandoned.empty())
+		event["abandoned"] = r.abandoned;
+	if (!r.why.empty())
+		event["message"] = r.why;
 	return event;
 }
 

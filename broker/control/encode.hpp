@@ -42,11 +42,12 @@ nlohmann::json handoff(const HandoffTotals &h);
 
 // A worker's Events stream: the drain request; a chunk of connections for a receiver (each
 // item's fd moves into `fds`, in order, and the event refers to it by index); a batch's result
-// for its sender (which connections landed, and which came back, by index into its call).
+// for its sender (which connections landed, which came back and which were abandoned, by index
+// into its call).
 nlohmann::json drain(std::uint64_t timeout_ms);
-nlohmann::json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vector<proto::UniqueFd> &fds);
-nlohmann::json handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
-                              const std::string &why = {});
+nlohmann::json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vector<proto::UniqueFd> &fds,
+                           const HandoffOrigin &origin);
+nlohmann::json handoff_result(const HandoffResult &result);
 
 // The Varlink error a refusal is, and its parameters.
 std::pair<std::string_view, nlohmann::json> refusal(const Refusal &r);

@@ -22,6 +22,7 @@ std::span<const Method> methods()
 		{"io.brokerd.Worker.Events", Worker, false, &Connection::worker_events},
 		{"io.brokerd.Worker.Handoff", Worker, true, &Connection::worker_handoff},
 		{"io.brokerd.Worker.Received", Worker, false, &Connection::worker_received},
+		{"io.brokerd.Worker.Resume", Worker, false, &Connection::worker_resume},
 		{"io.brokerd.Control.Status", Reader, false, &Connection::control_status},
 		{"io.brokerd.Control.Sockets", Reader, false, &Connection::control_sockets},
 		{"io.brokerd.Control.Watch", Reader, false, &Connection::control_watch},

@@ -238,10 +238,10 @@ void ControlServer::Connection::worker_handoff(control::Call &call)
 	std::uint64_t id = batch->get<std::uint64_t>();
 	auto refuse = [&](const std::string &why) {
 		log::warning("instance " + inst->id + ": Handoff batch " + std::to_string(id) + ": " + why);
-		std::vector<std::uint64_t> all(fds.size());
-		for (std::size_t i = 0; i < all.size(); i++)
-			all[i] = i;
-		send_handoff_result(id, 0, all, why);
+		HandoffResult all{id, 0, std::vector<std::uint64_t>(fds.size()), {}, why};
+		for (std::size_t i = 0; i < fds.size(); i++)
+			all.returned[i] = i;
+		send_handoff_result(all);
 	};
 	auto conns = params.find("connections");
 	if (conns == params.end() || !conns->is_array() || conns->size() != fds.size())
@@ -301,6 +301,84 @@ void ControlServer::Connection::worker_received(control::Call &call)
 	if (auto why = server_.supervisor_.handoff_received(*this, batch->get<std::uint64_t>(), refused))
 		return close("Received: " + *why);
 	reply(json::object());
+}
+
+// After a restart of brokerd, on the connection with the Events stream (so its "handoff" events
+// have somewhere to go): what this instance received from the brokerd before, and its batches in
+// doubt. Oneway like Handoff; a malformed one closes the connection, as the library never sends it.
+void ControlServer::Connection::worker_resume(control::Call &call)
+{
+	const json &params = call.params;
+	Instance *inst = server_.supervisor_.find_by_sink(this);
+	if (!inst) {
+		if (worker())
+			close("Resume without an Events stream on the same connection");
+		return;
+	}
+	// A member that is a count of at most max.
+	auto count_of = [](const json &j, const char *key, std::uint64_t max, std::uint64_t &out) {
+		auto it = j.is_object() ? j.find(key) : j.end();
+		if (it == j.end() || !it->is_number_unsigned() || it->get<std::uint64_t>() > max)
+			return false;
+		out = it->get<std::uint64_t>();
+		return true;
+	};
+	auto list = [&](const char *key, std::size_t max) -> std::optional<json> {
+		auto it = params.find(key);
+		if (it == params.end() || it->is_null())
+			return json::array();
+		if (!it->is_array() || it->size() > max)
+			return std::nullopt;
+		return *it;
+	};
+	for (auto it = params.begin(); it != params.end(); ++it)
+		if (it.key() != "in_doubt" && it.key() != "received")
+			return close("Resume: unknown parameter \"" + it.key() + "\"");
+	constexpr std::uint64_t kMaxChunk = proto::limits::kMaxFdsPerMessage;
+	auto doubts = list("in_doubt", HandoffRouter::kMaxBatchesInFlight);
+	auto receipts = list("received", proto::limits::kMaxResumeReceipts);
+	if (!doubts)
+		return close("Resume: \"in_doubt\" must list at most " + std::to_string(HandoffRouter::kMaxBatchesInFlight) +
+		             " batches");
+	if (!receipts)
+		return close("Resume: \"received\" must list at most " + std::to_string(proto::limits::kMaxResumeReceipts) + " chunks");
+	std::vector<HandoffDoubts::InDoubt> in_doubt;
+	for (const json &d : *doubts) {
+		HandoffDoubts::InDoubt out;
+		if (!count_of(d, "batch", UINT64_MAX, out.batch) || !count_of(d, "count", kMaxChunk, out.count) || d.size() != 2)
+			return close("Resume: a batch in doubt must be {batch, count} with at most " + std::to_string(kMaxChunk) +
+			             " connections");
+		in_doubt.push_back(out);
+	}
+	std::vector<HandoffDoubts::Receipt> received;
+	for (const json &r : *receipts) {
+		HandoffDoubts::Receipt out;
+		std::uint64_t pid = 0;
+		auto from = r.is_object() ? r.find("instance") : r.end();
+		if (from == r.end() || !from->is_string() || !count_of(r, "pid", INT32_MAX, pid) ||
+		    !count_of(r, "batch", UINT64_MAX, out.batch) || !count_of(r, "first", kMaxChunk, out.first) ||
+		    !count_of(r, "count", kMaxChunk, out.count))
+			return close("Resume: a receipt must be {instance, pid, batch, first, count, refused}, a chunk of at most " +
+			             std::to_string(kMaxChunk) + " connections");
+		if (auto ref = r.find("refused"); ref != r.end() && !ref->is_null()) {
+			if (!ref->is_array() || ref->size() > out.count)
+				return close("Resume: a receipt's \"refused\" must list indices into its chunk");
+			for (const json &i : *ref) {
+				if (!i.is_number_unsigned() || i.get<std::uint64_t>() >= out.count)
+					return close("Resume: a receipt's \"refused\" must list indices into its chunk");
+				out.refused.push_back(i.get<std::uint64_t>());
+			}
+		}
+		for (auto m = r.begin(); m != r.end(); ++m)
+			if (m.key() != "instance" && m.key() != "pid" && m.key() != "batch" && m.key() != "first" &&
+			    m.key() != "count" && m.key() != "refused")
+				return close("Resume: a receipt's member \"" + m.key() + "\" is unknown");
+		out.instance = from->get<std::string>();
+		out.pid = static_cast<pid_t>(pid);
+		received.push_back(std::move(out));
+	}
+	if (auto why = server_.supervisor_.handoff_resume(*inst, *this, std::move(received), in_doubt))
+		return close("Resume: " + *why);
 }
 
 } // namespace brokerd

@@ -1,6 +1,8 @@
 // The supervisor's side of a connection handoff: which instances receive, and the counters.
 #include "supervisor/supervisor.hpp"
 
+#include "os/log.hpp"
+
 namespace brokerd {
 
 // The ready instances of the generation that succeeds the sender's and said accept_handoff:
@@ -29,7 +31,7 @@ void Supervisor::handoff(Instance &sender, EventSink &sink, std::uint64_t batch,
 	if (svc.upgrade)
 		svc.upgrade->handoff.handed += n;
 	std::vector<EventSink *> targets = handoff_targets(sender);
-	router_.submit(svc.name, sink, batch, std::move(items), targets);
+	router_.submit(svc.name, sink, batch, std::move(items), targets, HandoffOrigin{sender.id, sender.pid, 0, 0});
 	// The router may have closed connections on the way: look the service up again.
 	if (Service *s = find_service(svc.name))
 		handoff_progress(*s);
@@ -39,6 +41,68 @@ std::optional<std::string> Supervisor::handoff_received(EventSink &sink, std::ui
                                                         const std::vector<std::uint64_t> &refused)
 {
 	return router_.received(sink, batch, refused);
+}
+
+std::optional<std::string> Supervisor::handoff_resume(Instance &inst, EventSink &sink,
+                                                      std::vector<HandoffDoubts::Receipt> received,
+                                                      const std::vector<HandoffDoubts::InDoubt> &in_doubt)
+{
+	Service &svc = *inst.service;
+	// A receiver vouches only for connections of its own service: what it says makes their
+	// senders close their copies.
+	for (const auto &r : received) {
+		bool ours = false;
+		for (const auto &gen : svc.generations)
+			for (const auto &other : gen->instances)
+				ours = ours || other->id == r.instance;
+		if (!ours)
+			return "a receipt names instance \"" + r.instance + "\", which is not of service " + svc.name;
+	}
+	if (!in_doubt.empty() || !received.empty())
+		log::notice("instance " + inst.id + ": after the restart, " + std::to_string(in_doubt.size()) +
+		            " handoff batch(es) in doubt, " + std::to_string(received.size()) + " chunk(s) received before");
+	for (const auto &d : in_doubt) {
+		recovery_.doubt_batches++;
+		recovery_.doubt_connections += d.count;
+	}
+	doubts_.resume(svc.name, inst.id, inst.pid, sink, std::move(received), in_doubt);
+	settle_doubts(doubts_.take_resolved());
+	return std::nullopt;
+}
+
+// Tells senders how their batches in doubt ended, and counts them as the router counts its own.
+// Once nobody is left to speak, the books close.
+void Supervisor::settle_doubts(std::vector<HandoffDoubts::Resolved> resolved)
+{
+	if (!doubts_.closed() && doubts_.silent() == 0 && doubts_.pending() == 0) {
+		doubts_.expire();
+		doubts_timer_.reset();
+	}
+	for (auto &r : resolved) {
+		log::notice("service " + r.service + ": handoff batch " + std::to_string(r.result.batch) +
+		            " in doubt since the restart: " + std::to_string(r.result.landed) + " landed, " +
+		            std::to_string(r.result.returned.size()) + " returned, " +
+		            std::to_string(r.result.abandoned.size()) + " abandoned");
+		recovery_.doubt_landed += r.result.landed;
+		recovery_.doubt_returned += r.result.returned.size();
+		recovery_.doubt_abandoned += r.result.abandoned.size();
+		handoff_report(HandoffRouter::Report{r.service, r.sender, nullptr, r.result.landed,
+		                                     r.result.returned.size() + r.result.abandoned.size()});
+		r.sender->send_handoff_result(r.result);
+		if (Service *svc = find_service(r.service))
+			handoff_progress(*svc);
+	}
+}
+
+int Supervisor::doubts_handler(sd_event_source *, std::uint64_t, void *userdata)
+{
+	auto *self = static_cast<Supervisor *>(userdata);
+	if (self->doubts_.silent() > 0)
+		log::warning(std::to_string(self->doubts_.silent()) + " instance(s) did not say what they received within " +
+		             std::to_string(msec(kResumeTimeout) / 1000) + " s of the restart");
+	self->doubts_timer_.reset();
+	self->settle_doubts(self->doubts_.expire());
+	return 0;
 }
 
 void Supervisor::handoff_report(const HandoffRouter::Report &r)

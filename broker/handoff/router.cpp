@@ -10,14 +10,15 @@ void HandoffRouter::reject(const std::string &service, EventSink &sender, std::u
 {
 	if (on_report)
 		on_report(Report{service, &sender, nullptr, 0, count});
-	std::vector<std::uint64_t> returned(count);
+	HandoffResult result{batch, 0, std::vector<std::uint64_t>(count), {}, why};
 	for (std::size_t i = 0; i < count; i++)
-		returned[i] = i;
-	sender.send_handoff_result(batch, 0, returned, why);
+		result.returned[i] = i;
+	sender.send_handoff_result(result);
 }
 
 void HandoffRouter::submit(const std::string &service, EventSink &sender, std::uint64_t batch,
-                           std::vector<HandoffItem> items, std::span<EventSink *const> receivers)
+                           std::vector<HandoffItem> items, std::span<EventSink *const> receivers,
+                           const HandoffOrigin &who)
 {
 	// Our copies close at the end of this call unless a receiver's queue takes them.
 	std::size_t count = items.size();
@@ -37,6 +38,8 @@ void HandoffRouter::submit(const std::string &service, EventSink &sender, std::u
 	b.service = service;
 	b.sender = &sender;
 	b.id = batch;
+	b.origin = who;
+	b.origin.batch = batch;
 	// One extra unit while we send: a receiver that fails inside send_event() resolves its chunk
 	// at once, and the batch must not settle before every chunk has gone out.
 	b.outstanding = 1;
@@ -141,7 +144,7 @@ void HandoffRouter::settle(std::uint64_t key)
 	if (!b.sender)
 		return; // the sender left; its copies closed with it
 	std::sort(b.returned.begin(), b.returned.end());
-	b.sender->send_handoff_result(b.id, b.landed, b.returned);
+	b.sender->send_handoff_result(HandoffResult{b.id, b.landed, std::move(b.returned), {}, {}});
 }
 
 void HandoffRouter::forget(EventSink &sink)
@@ -187,9 +190,11 @@ void HandoffRouter::send(std::uint64_t id)
 	f.sent = true;
 	EventSink *receiver = f.receiver;
 	receivers_[receiver].unacked_bytes += f.bytes;
+	HandoffOrigin origin = batches_.at(f.batch).origin;
+	origin.first = f.indices.empty() ? 0 : f.indices.front();
 	// Our copies close once written. A receiver that cannot take the event gives the chunk
 	// back; if its connection closed on the way, forget() has done that already.
-	if (!receiver->send_connections(id, std::move(items)) && forwards_.count(id))
+	if (!receiver->send_connections(id, std::move(items), origin) && forwards_.count(id))
 		resolve(id);
 }
 

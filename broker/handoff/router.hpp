@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/types.h>
+
 namespace brokerd {
 
 // One connection of a Handoff call: the broker's copy of its fd, and its state as sent
@@ -22,6 +24,27 @@ namespace brokerd {
 struct HandoffItem {
 	proto::UniqueFd fd;
 	std::string state;
+};
+
+// Where a chunk's connections come from, named as a receiver remembers them across a restart of
+// brokerd (HandoffDoubts): the sending instance and its process, the sender's batch id, and the
+// index in that batch of the chunk's first connection (the others follow in order).
+struct HandoffOrigin {
+	std::string instance;
+	pid_t pid = 0;
+	std::uint64_t batch = 0;
+	std::uint64_t first = 0;
+};
+
+// A batch's outcome for its sender: how many landed, and by index into its call, which came back
+// (the sender holds them) and which were abandoned (the sender closes them: after a restart of
+// brokerd, nobody could tell whether a receiver has them). why says why all came back.
+struct HandoffResult {
+	std::uint64_t batch = 0;
+	std::size_t landed = 0;
+	std::vector<std::uint64_t> returned;
+	std::vector<std::uint64_t> abandoned;
+	std::string why;
 };
 
 // Where a worker's events go: the control connection that holds its Events stream, which puts
@@ -33,11 +56,9 @@ public:
 	virtual bool send_drain(usec_t timeout) = 0;
 	// A chunk of connections for a receiver; their fds travel with the event and are closed
 	// once sent.
-	virtual bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) = 0;
-	// A batch's result for its sender: how many landed, and which came back (indices into its
-	// call), with why when all came back.
-	virtual bool send_handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
-	                                 const std::string &why = {}) = 0;
+	virtual bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items, const HandoffOrigin &origin) = 0;
+	// A batch's result for its sender.
+	virtual bool send_handoff_result(const HandoffResult &result) = 0;
 
 protected:
 	~EventSink() = default;
@@ -69,11 +90,12 @@ public:
 	};
 	std::function<void(const Report &)> on_report;
 
-	// A Handoff call from sender. receivers are the instances that may take connections, in a
-	// stable order; an empty list returns everything at once. refusal, when set, returns
-	// everything with that message (too many batches in flight, a batch id in use).
+	// A Handoff call from sender, an instance whose process is named by who (its instance and
+	// pid; batch and first are filled in here). receivers are the instances that may take
+	// connections, in a stable order; an empty list returns everything at once. Too many
+	// batches in flight, or a batch id in use, return everything with a message saying so.
 	void submit(const std::string &service, EventSink &sender, std::uint64_t batch, std::vector<HandoffItem> items,
-	            std::span<EventSink *const> receivers);
+	            std::span<EventSink *const> receivers, const HandoffOrigin &who = {});
 
 	// A Received call from receiver. Returns an error message for an unknown batch or an
 	// invalid index; nothing changes then.
@@ -98,6 +120,7 @@ private:
 		std::size_t outstanding = 0; // chunks not yet resolved
 		std::size_t landed = 0;
 		std::vector<std::uint64_t> returned; // indices into the sender's call
+		HandoffOrigin origin;                // batch and first are set per chunk
 	};
 	struct Forward {
 		std::uint64_t batch = 0; // key in batches_

@@ -129,6 +129,15 @@ void Supervisor::readopt(std::unique_ptr<Service> svc)
 				kept++;
 		}
 	recovery_.kept += kept;
+	// Handoffs the crash interrupted wait until every instance that may hold part of one has
+	// said what it got, or at most kResumeTimeout.
+	if (doubts_.silent() > 0 && !doubts_timer_) {
+		sd_event_source *s = nullptr;
+		int r = sd_event_add_time_relative(event_, &s, CLOCK_MONOTONIC, kResumeTimeout, 1000, doubts_handler, this);
+		if (r < 0)
+			log::error("cannot add the timer for handoffs in doubt: " + errno_text(-r)); // they wait for every instance
+		doubts_timer_.reset(s);
+	}
 	recover_upgrade(ref);
 	log::notice("service " + ref.name + ": " + std::to_string(kept) + " process(es) found again after the crash, " +
 	            std::to_string(recovery_.lost.size() - lost_before) + " gone while brokerd was down");
@@ -175,6 +184,9 @@ bool Supervisor::readopt(Instance &inst)
 		return false;
 	}
 	inst.child_source.reset(s);
+	// It spoke to the brokerd that died: it may hold connections of a handoff in flight.
+	if (inst.linked)
+		doubts_.expect(inst.service->name, inst.id);
 	if (inst.state == InstanceState::Starting && cfg.ready == config::ReadyMode::Exec)
 		instance_ready(inst, "exec"); // it runs: past its exec, or about to be
 	else if (inst.state == InstanceState::Starting)

@@ -127,6 +127,9 @@ void Supervisor::after_exit(Instance &inst, bool clean)
 	inst.timer.reset();
 	inst.events = nullptr;
 	inst.token.clear();
+	// Whatever it received of a handoff in doubt closed with it.
+	doubts_.gone(inst.id);
+	settle_doubts(doubts_.take_resolved());
 	inst.exec_source.reset();
 	inst.exec_status.reset();
 	set_state(inst, expected || clean ? InstanceState::Exited : InstanceState::Failed);

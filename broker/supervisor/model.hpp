@@ -100,6 +100,8 @@ struct Instance {
 	std::string exit_reason;
 
 	bool accepts_handoff = false;       // said so in Hello
+	// From a crash state: it had an Events stream, so it says Resume when it reconnects.
+	bool linked = false;
 	HandoffCounts handoff;              // as a sender (handed, returned) and a receiver (received)
 	std::uint64_t handoff_remaining = 0; // what it said it is about to hand, for progress
 

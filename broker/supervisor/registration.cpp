@@ -43,6 +43,7 @@ void Supervisor::detach_events(EventSink *sink)
 			}
 	// What it was sent and did not acknowledge goes back to the senders.
 	router_.forget(*sink);
+	doubts_.forget(*sink);
 }
 
 Instance *Supervisor::find_by_sink(const EventSink *sink)

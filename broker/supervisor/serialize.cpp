@@ -58,6 +58,7 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				          {"ready_since", inst->backoff.ready_since},
 				          {"last_lines", inst->last_lines},
 				          {"accepts_handoff", inst->accepts_handoff},
+				          {"linked", inst->events != nullptr},
 				          {"handoff", {inst->handoff.handed, inst->handoff.received, inst->handoff.returned}}};
 				// The start, drain or restart timer's deadline (CLOCK_MONOTONIC, which a crash
 				// restart on the same boot shares), or 0.
@@ -173,6 +174,7 @@ static void decode_instance(Instance &inst, const json &i, Serializer::CrashFds 
 	for (const json &l : i.at("last_lines"))
 		inst.last_lines.push_back(l.get<std::string>());
 	inst.accepts_handoff = i.at("accepts_handoff").get<bool>();
+	inst.linked = i.value("linked", false); // absent from the state of a brokerd that predates it
 	const json &h = i.at("handoff");
 	inst.handoff = HandoffCounts{h.at(0).get<std::uint64_t>(), h.at(1).get<std::uint64_t>(), h.at(2).get<std::uint64_t>()};
 	inst.restored_deadline = i.value("deadline", std::uint64_t{0});

@@ -4,6 +4,7 @@
 #include "proto/unique_fd.hpp"
 #include "config/config.hpp"
 #include "os/event.hpp"
+#include "handoff/doubts.hpp"
 #include "handoff/router.hpp"
 #include "os/listener.hpp"
 #include "supervisor/events.hpp"
@@ -91,6 +92,15 @@ public:
 	             std::uint64_t remaining);
 	std::optional<std::string> handoff_received(EventSink &sink, std::uint64_t batch,
 	                                            const std::vector<std::uint64_t> &refused);
+	// A Resume call from inst's Events connection, after a restart of brokerd: what it received
+	// from the brokerd before, and its batches in doubt. See HandoffDoubts. Returns why it is
+	// refused (receipts that name another service's instance), or nullopt.
+	std::optional<std::string> handoff_resume(Instance &inst, EventSink &sink,
+	                                          std::vector<HandoffDoubts::Receipt> received,
+	                                          const std::vector<HandoffDoubts::InDoubt> &in_doubt);
+	// How long after a crash restart the batches in doubt wait for every instance that may hold
+	// part of them to speak.
+	static constexpr usec_t kResumeTimeout = usec(std::chrono::seconds(10));
 
 	// Operator requests. Each returns the refusal, or nullopt once the work has begun; the
 	// observer (may be null) hears the progress and the end. begin_upgrade returns its first
@@ -139,8 +149,17 @@ public:
 		unsigned kept = 0;
 		std::vector<std::string> lost;
 		std::vector<std::string> interrupted;
+		// Handoffs in flight at the crash, as settled since (HandoffDoubts).
+		std::uint64_t doubt_batches = 0, doubt_connections = 0, doubt_landed = 0, doubt_returned = 0,
+		              doubt_abandoned = 0;
+		std::size_t doubt_pending = 0;
 	};
-	const Recovery &recovery() const { return recovery_; }
+	Recovery recovery() const
+	{
+		Recovery r = recovery_;
+		r.doubt_pending = doubts_.pending();
+		return r;
+	}
 	// Before the crashed brokerd's services are readopted.
 	void begin_recovery(pid_t crashed_pid)
 	{
@@ -203,6 +222,8 @@ private:
 	std::vector<EventSink *> handoff_targets(const Instance &sender) const;
 	void handoff_report(const HandoffRouter::Report &r);
 	void handoff_progress(Service &svc);
+	void settle_doubts(std::vector<HandoffDoubts::Resolved> resolved);
+	static int doubts_handler(sd_event_source *s, std::uint64_t usec, void *userdata);
 	// An event of the service's upgrade, for its observers.
 	Event progress(const Service &svc, EventKind kind, const Instance *inst, const std::string &message) const;
 
@@ -235,6 +256,8 @@ private:
 	bool shutting_down_ = false;
 	usec_t shutdown_deadline_ = 0; // CLOCK_MONOTONIC: every instance is killed by then
 	HandoffRouter router_;
+	HandoffDoubts doubts_;
+	EventSource doubts_timer_;
 	rlimit child_nofile_{};
 	Launcher launcher_ = fork_and_exec;
 	// What the world may learn only once the crash state says it (the state is written at the

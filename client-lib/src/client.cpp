@@ -279,6 +279,10 @@ void Client::Impl::connections_event(const json &params, std::vector<proto::Uniq
 			failure = std::current_exception();
 		}
 	}
+	// Remembered before the acknowledgement, which may never reach brokerd: a brokerd that
+	// restarts learns from this what landed here (Resume).
+	if (auto origin = params.find("origin"); origin != params.end())
+		receipts.add(*origin, conns->size(), refused);
 	json ack = {{"batch", *batch}};
 	if (!refused.empty())
 		ack["refused"] = std::move(refused);
@@ -291,25 +295,32 @@ void Client::Impl::handoff_event(const json &params)
 {
 	auto batch = params.find("batch");
 	auto landed = params.find("landed");
-	auto returned = params.find("returned");
-	std::vector<std::uint64_t> back;
 	bool ok = batch != params.end() && batch->is_number_unsigned() && landed != params.end() &&
 	          landed->is_number_unsigned();
-	if (ok && returned != params.end() && !returned->is_null()) {
-		ok = returned->is_array();
-		for (const json &i : ok ? *returned : json::array()) {
+	// The indices listed under key, if any.
+	auto indices = [&](const char *key) {
+		std::vector<std::uint64_t> out;
+		auto list = params.find(key);
+		if (!ok || list == params.end() || list->is_null())
+			return out;
+		ok = list->is_array();
+		for (const json &i : ok ? *list : json::array()) {
 			if (!i.is_number_unsigned()) {
 				ok = false;
 				break;
 			}
-			back.push_back(i.get<std::uint64_t>());
+			out.push_back(i.get<std::uint64_t>());
 		}
-	}
+		return out;
+	};
+	std::vector<std::uint64_t> back = indices("returned");
+	std::vector<std::uint64_t> abandoned = indices("abandoned");
 	proto::handoff::Sender::Completion done;
 	std::size_t before = sender.pending();
-	if (!ok || !sender.complete(batch->get<std::uint64_t>(), landed->get<std::uint64_t>(), back, done))
+	if (!ok || !sender.complete(batch->get<std::uint64_t>(), landed->get<std::uint64_t>(), back, abandoned, done))
 		throw Error(EBADMSG, "invalid handoff event from brokerd");
 	summary.landed += done.landed;
+	summary.abandoned += done.abandoned;
 	// A handler that throws stops nothing here: the rest is given back, and the queue moves on,
 	// as no other event would come to move it.
 	std::exception_ptr failure;

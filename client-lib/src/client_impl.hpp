@@ -61,6 +61,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	std::function<void(const DrainRequest &)> on_drain;
 
 	proto::handoff::Sender sender;
+	proto::handoff::Receipts receipts; // what this instance received, for a brokerd that restarts
 	HandoffSummary summary;
 	std::function<void(int, std::string)> on_connection;
 	std::function<void(int, std::string)> on_returned;

@@ -53,9 +53,11 @@ void Client::Impl::tell(std::string_view method, json parameters)
 	send(method, std::move(parameters));
 }
 
-// The connection to brokerd is unusable: what was never sent is ours again; what was in flight
-// may be served already, so it closes. Then the link is Lost: with reconnect, the first attempt
-// is scheduled; without, the error goes to the caller, as it always did.
+// The connection to brokerd is unusable: what was never sent is ours again. What was in flight
+// may be served already by a receiver: with reconnect it is in doubt, held until the brokerd we
+// find again says where it went (Resume); without, it closes, so that nothing is served twice.
+// Then the link is Lost: with reconnect, the first attempt is scheduled; without, the error goes
+// to the caller, as it always did.
 void Client::Impl::disconnected(const Error &error)
 {
 	if (phase == Phase::Hello) {
@@ -70,8 +72,9 @@ void Client::Impl::disconnected(const Error &error)
 	close_stream();
 	peer_gone = false;
 	retry_at = 0;
-	summary.abandoned += sender.drop_in_flight();
 	bool again = options.reconnect;
+	if (!again)
+		summary.abandoned += sender.drop_in_flight();
 	phase = again ? Phase::Waiting : Phase::Closed;
 	failures = 0;
 	attempt_at = now_usec() + backoff(0);
@@ -197,7 +200,15 @@ void Client::Impl::hello_reply(const proto::varlink::Message &m)
 
 	phase = Phase::Connected;
 	failures = 0;
+	// After Events, on the same connection: the handoffs in doubt and what came here, so that the
+	// new brokerd can settle what the old one had in flight. Said even when empty: brokerd waits
+	// for every instance that spoke to its predecessor.
+	json in_doubt = json::array();
+	for (const auto &b : sender.in_flight())
+		in_doubt.push_back({{"batch", b.batch}, {"count", b.count}});
+	json resume = {{"in_doubt", std::move(in_doubt)}, {"received", receipts.list(proto::handoff::kBatchBytes / 2)}};
 	json calls[] = {proto::varlink::make_call(kEvents, json::object(), true),
+	                proto::varlink::make_call(kResume, std::move(resume), false, true),
 	                said_ready ? proto::varlink::make_call(kReady, json::object(), false, true) : json(),
 	                last_status ? proto::varlink::make_call(kStatus, {{"text", *last_status}}, false, true) : json()};
 	for (const json &call : calls) {
@@ -230,9 +241,16 @@ void Client::Impl::reject(const Error &error)
 	peer_gone = false;
 	retry_at = 0;
 	phase = Phase::Rejected;
+	// No brokerd will say where the handoffs in doubt went: closed, as without reconnect.
+	std::size_t before = sender.pending();
+	summary.abandoned += sender.drop_in_flight();
 	Error copy = error;
+	std::shared_ptr<bool> still = alive;
 	if (on_link)
 		on_link(Link::Rejected, &copy);
+	// Last: the done handler may destroy the Client.
+	if (*still)
+		check_done(before);
 	throw copy;
 }
 

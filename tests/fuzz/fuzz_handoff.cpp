@@ -83,7 +83,7 @@ void sender(fuzz::DataProvider &in)
 				back.push_back(in.ConsumeIntegralInRange<std::uint64_t>(0, 300));
 			std::size_t before = s.pending();
 			handoff::Sender::Completion done;
-			if (s.complete(id, land, back, done)) {
+			if (s.complete(id, land, back, {}, done)) {
 				fuzz::check(done.landed == land && done.returned.size() == back.size(), "a completion other than the answer");
 				fuzz::check(std::set<std::uint64_t>(back.begin(), back.end()).size() == back.size(), "an index returned twice was taken");
 				for (const handoff::Item &item : done.returned)

@@ -36,16 +36,15 @@ ino_t inode(int fd)
 class FakeSink final : public EventSink {
 public:
 	bool send_drain(brokerd::usec_t timeout) override { return record(brokerd::encode::drain(brokerd::msec(timeout)), {}); }
-	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items) override
+	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items, const brokerd::HandoffOrigin &origin) override
 	{
 		std::vector<UniqueFd> fds;
-		json event = brokerd::encode::connections(batch, std::move(items), fds);
+		json event = brokerd::encode::connections(batch, std::move(items), fds, origin);
 		return record(event, std::move(fds));
 	}
-	bool send_handoff_result(std::uint64_t batch, std::size_t landed, const std::vector<std::uint64_t> &returned,
-	                         const std::string &why) override
+	bool send_handoff_result(const brokerd::HandoffResult &result) override
 	{
-		return record(brokerd::encode::handoff_result(batch, landed, returned, why), {});
+		return record(brokerd::encode::handoff_result(result), {});
 	}
 
 	bool record(const json &parameters, std::vector<UniqueFd> fds)

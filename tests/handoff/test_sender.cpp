@@ -102,7 +102,7 @@ TEST_CASE("sender: large states keep each call under the message limit")
 		CHECK(message_size(*b) <= limits::kMaxMessageSize);
 		total += conns(*b);
 		Sender::Completion done;
-		REQUIRE(s.complete(b->id, conns(*b), {}, done));
+		REQUIRE(s.complete(b->id, conns(*b), {}, {}, done));
 	}
 	CHECK(total == 300);
 
@@ -120,7 +120,7 @@ TEST_CASE("sender: large states keep each call under the message limit")
 		CHECK(message_size(*b) <= limits::kMaxMessageSize);
 		sent += conns(*b);
 		Sender::Completion done;
-		REQUIRE(m.complete(b->id, conns(*b), {}, done));
+		REQUIRE(m.complete(b->id, conns(*b), {}, {}, done));
 	}
 	CHECK(sent == 2000);
 }
@@ -138,7 +138,7 @@ TEST_CASE("sender: a window of 8 batches in flight")
 	CHECK_FALSE(s.next());
 
 	Sender::Completion done;
-	REQUIRE(s.complete(ids[3], 253, {}, done));
+	REQUIRE(s.complete(ids[3], 253, {}, {}, done));
 	CHECK(done.landed == 253);
 	CHECK(done.returned.empty());
 	auto b = s.next();
@@ -158,19 +158,19 @@ TEST_CASE("sender: complete() rejects what does not add up, and changes nothing"
 		REQUIRE(b);
 		std::vector<int> fds = b->fds;
 		Sender::Completion done;
-		CHECK_FALSE(s.complete(b->id + 1, 5, {}, done)); // unknown batch
-		CHECK_FALSE(s.complete(b->id, 4, {}, done));     // one missing
-		CHECK_FALSE(s.complete(b->id, 5, {0}, done));    // one too many
-		CHECK_FALSE(s.complete(b->id, 3, {0, 9}, done)); // out of range
-		CHECK_FALSE(s.complete(b->id, 3, {1, 1}, done)); // twice
-		CHECK_FALSE(s.complete(b->id, 0, {0, 1, 2, 3, 4, 5}, done));
+		CHECK_FALSE(s.complete(b->id + 1, 5, {}, {}, done)); // unknown batch
+		CHECK_FALSE(s.complete(b->id, 4, {}, {}, done));     // one missing
+		CHECK_FALSE(s.complete(b->id, 5, {0}, {}, done));    // one too many
+		CHECK_FALSE(s.complete(b->id, 3, {0, 9}, {}, done)); // out of range
+		CHECK_FALSE(s.complete(b->id, 3, {1, 1}, {}, done)); // twice
+		CHECK_FALSE(s.complete(b->id, 0, {0, 1, 2, 3, 4, 5}, {}, done));
 		CHECK(s.pending() == 5);
 		CHECK(s.in_flight_batches() == 1);
 		for (int fd : fds)
 			CHECK(is_open(fd));
 
 		// Now the right answer: returned ones come back with their state, landed ones close.
-		REQUIRE(s.complete(b->id, 3, {4, 1}, done));
+		REQUIRE(s.complete(b->id, 3, {4, 1}, {}, done));
 		CHECK(done.landed == 3);
 		REQUIRE(done.returned.size() == 2);
 		CHECK(done.returned[0].fd.get() == fds[1]);
@@ -183,7 +183,7 @@ TEST_CASE("sender: complete() rejects what does not add up, and changes nothing"
 		CHECK(is_open(fds[4]));
 		CHECK(s.pending() == 0);
 		CHECK(s.in_flight_batches() == 0);
-		CHECK_FALSE(s.complete(b->id, 3, {4, 1}, done)); // once only
+		CHECK_FALSE(s.complete(b->id, 3, {4, 1}, {}, done)); // once only
 	}
 	CHECK(open_fds() == fds_before);
 }
@@ -199,7 +199,7 @@ TEST_CASE("sender: when the broker goes, what was never sent comes back and what
 			batches++;
 		CHECK(batches == kWindow);
 		Sender::Completion done;
-		REQUIRE(s.complete(2, 253, {}, done));
+		REQUIRE(s.complete(2, 253, {}, {}, done));
 		// 7 batches in flight: they may have landed already, so they are closed, not given back.
 		CHECK(s.drop_in_flight() == 253 * 7);
 		auto back = s.take_unsent();

@@ -1045,6 +1045,12 @@ TEST_CASE("brokerd restarts: Lost, the listener kept, Hello again with the token
 	json events = again.receive(deadline);
 	CHECK(events["method"] == "io.brokerd.Worker.Events");
 	CHECK(events["more"] == true);
+	// Nothing was in flight and nothing came: the new brokerd is told so, as it waits for every
+	// instance that spoke to its predecessor.
+	json resume = again.receive(deadline);
+	CHECK(resume["method"] == "io.brokerd.Worker.Resume");
+	CHECK(resume["oneway"] == true);
+	CHECK(resume["parameters"] == json{{"in_doubt", json::array()}, {"received", json::array()}});
 	json ready = again.receive(deadline);
 	CHECK(ready["method"] == "io.brokerd.Worker.Ready");
 	CHECK(ready["oneway"] == true);
@@ -1237,6 +1243,7 @@ TEST_CASE("C: brokerd restarts, then one refuses: the link handler sees Lost, Co
 		REQUIRE(drive_c(raw, [&] { return seen.links.size() == 2; }));
 		CHECK(seen.links[1] == std::pair{BROKER_LINK_CONNECTED, 0});
 		CHECK(again.receive(deadline)["method"] == "io.brokerd.Worker.Events");
+		CHECK(again.receive(deadline)["method"] == "io.brokerd.Worker.Resume");
 		CHECK(again.receive(deadline)["method"] == "io.brokerd.Worker.Ready");
 		CHECK(again.receive(deadline)["parameters"] == json{{"text", "while lost"}});
 		again.go_away();
@@ -1303,4 +1310,125 @@ TEST_CASE("a registered worker reconnects with its service, or with the token a 
 		REQUIRE(drive(*c, [&] { return c->link() == broker::Link::Connected; }));
 		CHECK(again.receive(Clock::now() + kTimeout)["method"] == "io.brokerd.Worker.Events");
 	}
+}
+
+TEST_CASE("brokerd restarts mid-handoff: the batches in flight are held in doubt and said in Resume with what came here; the new brokerd's answer lands, returns and abandons them")
+{
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	broker::ClientOptions options = quick_reconnect();
+	options.accept_handoff = true;
+	std::optional<broker::Client> c = connect_cpp(broker, options);
+	std::vector<std::pair<int, std::string>> received, returned;
+	c->on_connection([&](int fd, std::string state) { received.emplace_back(fd, std::move(state)); });
+	c->on_returned([&](int fd, std::string state) { returned.emplace_back(fd, std::move(state)); });
+	auto deadline = Clock::now() + kTimeout;
+
+	// As a receiver: a chunk of three from web/1/0's batch 7, its third refused for want of a
+	// valid state; and one from a brokerd that names no origin, which nobody can ask about.
+	Fd in[4] = {connection_fd(), connection_fd(), connection_fd(), connection_fd()};
+	broker.event({{"event", "connections"},
+	              {"batch", 40},
+	              {"origin", {{"instance", "web/1/0"}, {"pid", 4321}, {"batch", 7}, {"first", 5}}},
+	              {"connections", {{{"fd", 0}}, {{"fd", 1}, {"state", "c3Q="}}, {{"fd", 2}, {"state", "!"}}}}},
+	             {in[0].get(), in[1].get(), in[2].get()});
+	REQUIRE(drive(*c, [&] { return received.size() == 2; }));
+	CHECK(broker.receive(deadline)["parameters"] == json{{"batch", 40}, {"refused", {2}}});
+	broker.event({{"event", "connections"}, {"batch", 41}, {"connections", {{{"fd", 0}}}}}, {in[3].get()});
+	REQUIRE(drive(*c, [&] { return received.size() == 3; }));
+	CHECK(broker.receive(deadline)["parameters"] == json{{"batch", 41}});
+
+	// As a sender: two batches, of 3 and 2, both in flight when brokerd is killed.
+	std::vector<Fd> out;
+	std::vector<int> raw;
+	for (int i = 0; i < 5; i++) {
+		out.push_back(connection_fd());
+		raw.push_back(out.back().get());
+	}
+	broker::Connection three[] = {{raw[0], "a"}, {raw[1], "b"}, {raw[2], "c"}};
+	c->handoff(three, 3);
+	json h1 = broker.receive(deadline);
+	REQUIRE(h1["method"] == "io.brokerd.Worker.Handoff");
+	broker.take_fds();
+	broker::Connection two[] = {{raw[3], "d"}, {raw[4], "e"}};
+	c->handoff(two, 2);
+	json h2 = broker.receive(deadline);
+	REQUIRE(h2["method"] == "io.brokerd.Worker.Handoff");
+	broker.take_fds();
+	for (auto &fd : out)
+		(void)fd.release(); // the library owns them now
+	broker.go_away();
+	REQUIRE(drive(*c, [&] { return c->link() == broker::Link::Lost; }));
+	// Held, not closed: a receiver may serve them already, or nobody has them.
+	CHECK(c->handoff_pending() == 5);
+	for (int fd : raw)
+		CHECK(is_open(fd));
+	CHECK(c->handoff_summary().abandoned == 0);
+
+	FakeBroker again(w.name);
+	json hello = accept_hello(*c, again);
+	CHECK(hello["parameters"]["accept_handoff"] == true);
+	again.send(hello_reply());
+	REQUIRE(drive(*c, [&] { return c->link() == broker::Link::Connected; }));
+	CHECK(again.receive(deadline)["method"] == "io.brokerd.Worker.Events");
+	json resume = again.receive(deadline);
+	CHECK(resume["method"] == "io.brokerd.Worker.Resume");
+	CHECK(resume["oneway"] == true);
+	json b1 = h1["parameters"]["batch"], b2 = h2["parameters"]["batch"];
+	CHECK(resume["parameters"]["in_doubt"] == json{{{"batch", b1}, {"count", 3}}, {{"batch", b2}, {"count", 2}}});
+	CHECK(resume["parameters"]["received"] ==
+	      json{{{"instance", "web/1/0"}, {"pid", 4321}, {"batch", 7}, {"first", 5}, {"count", 3}, {"refused", {2}}}});
+	// Still held until the new brokerd says.
+	CHECK(c->handoff_pending() == 5);
+
+	// Batch 1: the first landed, the second came back, the third nobody could tell.
+	again.event({{"event", "handoff"}, {"batch", b1}, {"landed", 1}, {"returned", {1}}, {"abandoned", {2}}});
+	REQUIRE(drive(*c, [&] { return returned.size() == 1; }));
+	CHECK(returned[0] == std::pair{raw[1], std::string("b")});
+	CHECK_FALSE(is_open(raw[0]));
+	CHECK_FALSE(is_open(raw[2]));
+	CHECK(c->handoff_pending() == 2);
+	// Counts that do not add up are refused, and change nothing.
+	again.event({{"event", "handoff"}, {"batch", b2}, {"landed", 1}, {"returned", json::array()}, {"abandoned", {1, 1}}});
+	CHECK(error_code_of([&] { drive(*c, [&] { return false; }, Clock::now() + 200ms); }) == EBADMSG);
+	CHECK(c->handoff_pending() == 2);
+	CHECK(is_open(raw[3]));
+	CHECK(is_open(raw[4]));
+	const broker::HandoffSummary &s = c->handoff_summary();
+	CHECK(s.handed == 5);
+	CHECK(s.landed == 1);
+	CHECK(s.returned == 1);
+	CHECK(s.abandoned == 1);
+	::close(returned[0].first);
+	for (auto &[fd, state] : received)
+		::close(fd);
+}
+
+TEST_CASE("brokerd restarts mid-handoff and the next one refuses this worker: the batches in doubt close, as nobody will say where they went")
+{
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	std::optional<broker::Client> c = connect_cpp(broker, quick_reconnect());
+	std::size_t done = 0;
+	c->on_handoff_done([&](const broker::HandoffSummary &) { done++; });
+	Fd conn = connection_fd();
+	int raw = conn.get();
+	broker::Connection one{conn.release(), ""};
+	c->handoff(&one, 1);
+	auto deadline = Clock::now() + kTimeout;
+	REQUIRE(broker.receive(deadline)["method"] == "io.brokerd.Worker.Handoff");
+	broker.take_fds();
+	broker.go_away();
+	REQUIRE(drive(*c, [&] { return c->link() == broker::Link::Lost; }));
+	CHECK(is_open(raw));
+
+	FakeBroker again(w.name);
+	accept_hello(*c, again);
+	again.send({{"error", "io.brokerd.Worker.InvalidToken"}, {"parameters", json::object()}});
+	CHECK(error_code_of([&] { drive(*c, [&] { return false; }, Clock::now() + kTimeout); }) != 0);
+	CHECK(c->link() == broker::Link::Rejected);
+	CHECK_FALSE(is_open(raw));
+	CHECK(c->handoff_pending() == 0);
+	CHECK(c->handoff_summary().abandoned == 1);
+	CHECK(done == 1);
 }

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <cctype>
@@ -183,6 +184,7 @@ void Clients::request(std::size_t i, const std::string &data)
 	REQUIRE(c.phase == Phase::Idle);
 	c.out = data;
 	c.sent = 0;
+	c.answer = Answer{};
 	c.phase = Phase::Sending;
 	busy_++;
 	interest(i, EPOLLOUT);
@@ -350,11 +352,30 @@ std::map<pid_t, std::size_t> answers_by_pid(const Clients &clients, Tally &t, in
 	return out;
 }
 
-std::size_t send_half_requests(std::uint16_t port, Clients &clients, std::size_t every)
+void take_nofile_limit(std::size_t connections)
+{
+	rlimit nofile{};
+	REQUIRE(::getrlimit(RLIMIT_NOFILE, &nofile) == 0);
+	REQUIRE_MESSAGE(nofile.rlim_max >= connections + 1000, "RLIMIT_NOFILE hard limit ", nofile.rlim_max,
+	                " is too low for ", connections, " connections");
+	nofile.rlim_cur = nofile.rlim_max;
+	REQUIRE(::setrlimit(RLIMIT_NOFILE, &nofile) == 0);
+}
+
+std::uint16_t start_web(TestBroker &tb)
+{
+	json web = http_service(2);
+	web["drain"] = {{"timeout", "30s"}};
+	tb.start({{"sockets", {{"http", {{"listen", "tcp://127.0.0.1:0"}, {"backlog", 4096}}}}}, {"services", {{"web", web}}}});
+	check_serves_alone(tb.b, "web", 1, 2);
+	return socket_port(tb.b.status(), "http");
+}
+
+std::size_t send_half_requests(std::uint16_t port, Clients &clients, std::size_t every, const std::string &half)
 {
 	std::size_t halves = 0;
 	for (std::size_t i = 0; i < clients.size(); i += every, halves++)
-		clients.send_only(i, kHalfRequest);
+		clients.send_only(i, half);
 	std::set<unsigned> ports = clients.local_ports();
 	REQUIRE(ports.size() == clients.size());
 	ServerSockets server;

@@ -87,6 +87,14 @@ private:
 	std::size_t busy_ = 0; // connecting, sending or waiting for an answer
 };
 
+// Every connection is an fd: takes the hard RLIMIT_NOFILE (brokerd and its workers inherit it),
+// REQUIREd to leave room for `connections` and a thousand more.
+void take_nofile_limit(std::size_t connections);
+
+// Starts `tb` with service "web": 2 instances of the C++ example, a 30 s drain, on socket "http"
+// with a backlog of 4096, and waits until generation 1 serves. Returns the port.
+std::uint16_t start_web(TestBroker &tb);
+
 // Checks the answers of the idle connections: each that is not a 200 keep-alive answer from
 // `generation` which `accept` (the test's own conditions) also takes is noted in `t` as wrong. The
 // rest are counted by the pid that gave them.
@@ -96,8 +104,9 @@ std::map<pid_t, std::size_t> answers_by_pid(const Clients &clients, Tally &t, in
 // Sends half a request (kHalfRequest) on every `every`th connection, for the workers to hand over
 // as state, and waits until the workers have read them all (so the bytes live in a worker, not in
 // the socket). REQUIREs that every connection's server side showed in /proc/net/tcp, which proves
-// its parse. Returns how many connections hold half a request.
-std::size_t send_half_requests(std::uint16_t port, Clients &clients, std::size_t every);
+// its parse. Returns how many connections hold half a request. `half` replaces kHalfRequest.
+std::size_t send_half_requests(std::uint16_t port, Clients &clients, std::size_t every,
+                               const std::string &half = kHalfRequest);
 
 // One Upgrade of a service, REQUIREd to end "done": how long it took, how many "handoff" progress
 // events it streamed, and its transcript for the test's messages.

@@ -3,8 +3,6 @@
 
 #include <doctest/doctest.h>
 
-#include <sys/resource.h>
-
 #include <cstdio>
 #include <string>
 
@@ -21,23 +19,11 @@ constexpr std::size_t kWatchedConnections = 1000;
 
 TEST_CASE("handoff: 8000 keep-alive connections move to the new generation in one upgrade")
 {
-	// Every connection is an fd here: take the hard limit. brokerd and its workers inherit it.
-	rlimit nofile{};
-	REQUIRE(::getrlimit(RLIMIT_NOFILE, &nofile) == 0);
-	REQUIRE_MESSAGE(nofile.rlim_max >= kConnections + 1000, "RLIMIT_NOFILE hard limit ", nofile.rlim_max,
-	                " is too low for ", kConnections, " connections");
-	nofile.rlim_cur = nofile.rlim_max;
-	REQUIRE(::setrlimit(RLIMIT_NOFILE, &nofile) == 0);
-
+	take_nofile_limit(kConnections);
 	TestBroker tb;
 	Broker &b = tb.b;
 	BROKER_CONTEXT(b);
-	json web = http_service(2);
-	web["drain"] = {{"timeout", "30s"}};
-	tb.start({{"sockets", {{"http", {{"listen", "tcp://127.0.0.1:0"}, {"backlog", 4096}}}}}, {"services", {{"web", web}}}});
-	json st = b.status();
-	std::uint16_t port = socket_port(st, "http");
-	check_serves_alone(b, "web", 1, 2);
+	std::uint16_t port = start_web(tb);
 
 	HandoffRun run = handoff_upgrade(b, port, kConnections, kHalfEvery, [](const Answer &) { return true; },
 	                                 "connection handoff in one upgrade");

@@ -103,7 +103,7 @@ BROKER_C_EXPORT int broker_client_set_connection_handler(broker_client *client, 
 BROKER_C_EXPORT int broker_client_set_returned_handler(broker_client *client, broker_connection_handler handler,
                                                        void *userdata);
 /* Called once no handed-off connection is pending; the counts are since the client was made
- * (see broker::HandoffSummary; abandoned: in flight when the broker went away, closed). This
+ * (see broker::HandoffSummary; abandoned: in flight when the broker went away, closed, as nobody could tell where they went). This
  * handler may free the client; the others must not. */
 typedef void (*broker_handoff_done_handler)(broker_client *client, size_t handed, size_t landed, size_t returned,
                                             size_t abandoned, void *userdata);

@@ -57,8 +57,9 @@ struct HandoffSummary {
 	std::size_t handed = 0;   // given to handoff()
 	std::size_t landed = 0;   // taken by an instance of the successor generation
 	std::size_t returned = 0; // given back through on_returned(): nobody could take them
-	// In flight when the broker went away: closed by the library, as a successor may already
-	// serve them (the acknowledgement was lost with the broker).
+	// In flight when the broker went away, and closed by the library, as a successor may already
+	// serve them: all of them without reconnect or once Rejected; with reconnect, only those the
+	// restarted brokerd could not place (a receiver that may have them never spoke again).
 	std::size_t abandoned = 0;
 };
 
@@ -144,8 +145,10 @@ public:
 	// The connection to brokerd. On Lost (with ClientOptions::reconnect), the worker keeps its
 	// listeners and keeps serving: the library says Hello again with the same token, and once
 	// a brokerd accepts it, subscribes to events again, repeats Ready (if ready() was called)
-	// and the last status(), and reports Connected. Handoffs in flight at the loss were closed
-	// (HandoffSummary::abandoned); handoff() fails with ENOTCONN until Connected. ready() and
+	// and the last status(), and reports Connected. Handoffs in flight at the loss stay pending:
+	// the library tells the new brokerd about them (and about the connections it received), and
+	// it answers as for any batch, which landed and which came back, within about 10 s; see
+	// HandoffSummary::abandoned for the exception. handoff() fails with ENOTCONN until Connected. ready() and
 	// status() while Lost are remembered and sent on reconnect.
 	// Rejected is final: a brokerd answered the new Hello with an error (InvalidToken,
 	// PermissionDenied, ...) or knows this worker as another instance. No more attempts; the
@@ -160,7 +163,8 @@ public:
 	// library owns every fd from now on: it sends them in batches from process(), closes each
 	// one once an instance of the successor has taken it, and gives back through on_returned()
 	// those nobody could take (no successor accepts handoffs, or the receiver died). If the
-	// broker goes away, process() gives back those never sent and closes those in flight.
+	// broker goes away, process() gives back those never sent; those in flight wait for the
+	// broker's return (see link()), or close without reconnect.
 	// Nothing is taken if it throws: Error with EMSGSIZE for a state over kMaxHandoffState,
 	// EBADF for an fd that is not open, ENOTCONN under plain systemd, where there is no successor,
 	// or while link() is not Connected.
