@@ -588,6 +588,11 @@ void while_draining(const Kind &kind)
 	load.begin_upgrade();
 	StreamCall upgrade(b.control_path(), "io.brokerd.Control.Upgrade", {{"service", "web"}, {"batch", 2}});
 	watch_event(watch, "draining", 1);
+	// Told once the crash state says they drain: so both old workers print, and the kill comes
+	// after the state's write (a kill between the event and the write is a kill before the
+	// drain, which rolls back, as the new instances are not ready in the state either).
+	REQUIRE_MESSAGE(wait_until([&] { return count_of(b.log(), ": draining (") == 2; }, 10s),
+	                "the two old workers did not both say they drain");
 	const pid_t crashed = b.pid();
 	std::vector<StrayProcess> survivors = tb.kill9();
 	INFO("Watch before the kill:\n", watch.transcript());
@@ -701,6 +706,34 @@ void after_reload(const Kind &kind)
 	upgrade_and_settle(tb, load, 2, start.fds, start.rss_kb, survivors, running_pids(b.status(), "added"));
 }
 
+// broker-example-http started by the test (not by brokerd), registering as `version` of the
+// service "ext"; its output goes to ext-<version>.log in brokerd's dir.
+Process registered_worker(const Broker &b, const std::string &version)
+{
+	SpawnOptions so;
+	so.env = {"BROKER_SOCKET=" + b.control_path(), "BROKER_SERVICE=ext", "BROKER_VERSION=" + version};
+	so.unset_env = {"BROKER_TOKEN", "BROKER_INSTANCE", "BROKER_GENERATION", "LISTEN_FDS", "LISTEN_PID"};
+	so.stderr_path = b.path("ext-" + version + ".log");
+	return Process::spawn({env("EXAMPLE_HTTP")}, so);
+}
+
+// The pid of the one ready instance of "ext" when it serves alone (no takeover under way, no
+// other process), or 0.
+pid_t ext_serving(Broker &b)
+{
+	json st = b.status("ext");
+	const json *svc = service_of(st, "ext");
+	if (!svc || !svc->value("upgrade", json()).is_null())
+		return 0;
+	std::vector<pid_t> pids = running_pids(st, "ext");
+	std::vector<json> ready;
+	for (const auto &g : member(*svc, "generations"))
+		for (const auto &i : member(g, "instances"))
+			if (i.value("state", "") == "ready")
+				ready.push_back(i);
+	return pids.size() == 1 && ready.size() == 1 ? pids[0] : 0;
+}
+
 } // namespace
 
 TEST_CASE("crash: SIGKILL of brokerd at rest under load; restarted with its fd store it serves on the same listener with the same workers")
@@ -741,4 +774,65 @@ TEST_CASE("crash: SIGKILL right after a reload under load with a LISTEN_FDS work
 TEST_CASE("crash: SIGKILL right after a reload under load with a libbroker-client worker keeps all of the reload")
 {
 	after_reload(kClientLib);
+}
+
+TEST_CASE("crash: SIGKILL of brokerd under load with a registered worker; it says Hello again and is the same instance")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json ext = {{"sockets", {"http"}}, {"instances", 1}, {"ready", "broker"}, {"drain", {{"timeout", "20s"}}},
+	            {"register", {{"users", {"root"}}}}};
+	tb.start(config_with({{"ext", ext}}));
+	const std::uint16_t port = socket_port(b.status(), "http");
+	Process v1 = registered_worker(b, "v1");
+	INFO("v1's output:\n", read_file(b.path("ext-v1.log")));
+	REQUIRE_MESSAGE(wait_until([&] { return ext_serving(b) == v1.pid(); }, 20s), "v1 did not register and get ready");
+	const json before = *find_named(member(b.status("ext"), "services"), "ext");
+	// Measured with the worker's connections open, as after its Hello again.
+	const Baseline start = baseline(b);
+
+	Load load(b, port, "hello from ext gen ", kRate);
+	load.begin_upgrade();
+	const pid_t crashed = b.pid();
+	std::vector<StrayProcess> survivors = tb.kill9();
+	// The worker is no child of brokerd: nothing of brokerd's survives but its sentinel.
+	CHECK(survivors.empty());
+	tb.restart();
+	// The worker's library reconnects and says Hello again from the same process: it is the same
+	// instance, not a new one, and the service has no takeover to make.
+	REQUIRE_MESSAGE(wait_until([&] { return count_of(b.log(), "is back after the crash") == 1; }, 20s),
+	                "the registered worker did not re-attach");
+	load.end_upgrade();
+	json st = b.status();
+	check_recovered(st, crashed, 1, {});
+	CHECK(ext_serving(b) == v1.pid());
+	const json *after = find_named(member(st, "services"), "ext");
+	REQUIRE(after);
+	CHECK(member(*after, "generations") == member(before, "generations"));
+	CHECK(b.log().find("instance ext/" + std::to_string(generation_answering(port)) + "/0: registered pid " +
+	                   std::to_string(v1.pid()) + " is back after the crash") != std::string::npos);
+
+	// A takeover afterwards: v2 registers, v1 drains by itself and exits.
+	load.begin_upgrade();
+	Process v2 = registered_worker(b, "v2");
+	auto exited = v1.wait(kRolloutDeadline);
+	load.end_upgrade();
+	INFO("v2's output:\n", read_file(b.path("ext-v2.log")));
+	REQUIRE_MESSAGE(exited.has_value(), "v1 did not exit after v2 took over");
+	CHECK(describe_status(*exited) == "exited with 0");
+	CHECK(wait_until([&] { return ext_serving(b) == v2.pid(); }, 20s));
+	std::optional<std::map<int, std::string>> idle;
+	bool settled = wait_until([&] { return (idle = idle_fds(b.pid(), 1s)) && idle->size() + 1 == start.fds; }, 15s);
+	CHECK_MESSAGE(settled, "brokerd holds ", idle ? idle->size() : 0, " fds after the takeover, not ", start.fds - 1,
+	              " (the first start's less its sentinel's pidfd):\n", idle ? listing(*idle) : std::string("(never idle)"));
+	CHECK(rss_kb(b.pid()) <= start.rss_kb + kRssMarginKb);
+	std::set<int> gens = load.finish_and_check();
+	CHECK(gens.size() == 2);
+
+	v2.signal(SIGTERM);
+	auto st2 = v2.wait(20s);
+	REQUIRE(st2.has_value());
+	CHECK(describe_status(*st2) == "exited with 0");
+	b.stop();
 }
