@@ -634,11 +634,22 @@ void while_draining(const Kind &kind)
 	upgrade_and_settle(tb, load, 3, start.fds - 1, start.rss_kb, survivors);
 }
 
-// Killed right after a reload that added a socket and a service on it and removed a service whose
-// instance ignores its drain signal. The restarted brokerd runs the reloaded config: the added
-// service serves on the socket the reload bound, the removed one's instance drains to the
-// deadline the reload gave it, and "web" serves on with the same workers.
-void after_reload(const Kind &kind)
+// The state letter of /proc/PID/stat ('T' when stopped), or 0.
+char process_state(pid_t pid)
+{
+	std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+	auto close = stat.rfind(')');
+	return close != std::string::npos && close + 2 < stat.size() ? stat[close + 2] : 0;
+}
+
+// A reload that adds a socket and a service on it and removes a service whose worker ignores
+// SIGTERM, and a kill of brokerd either right after the reload's reply (`answered`) or between
+// its SIGHUP and its handling (brokerd is stopped, signalled, then killed, so it never ran in
+// between). After the restart the reload is all there or not at all: the added socket from the
+// store and its service serving, the removed service's worker drained to the reload's deadline
+// and the service gone; or the config before it, until the reload is made again, which then
+// does all of that. "web" serves on with the same workers throughout.
+void crash_reload(const Kind &kind, bool answered)
 {
 	TestBroker tb;
 	Broker &b = tb.b;
@@ -661,40 +672,68 @@ void after_reload(const Kind &kind)
 	cfg["services"]["added"] = python_service(1, {{"sockets", {"extra"}}});
 	cfg["control"] = {{"path", b.control_path()}};
 	write_file(b.config_path(), cfg.dump(2));
+	auto reload = [&] {
+		RunResult r = brokerctl(b, {"reload", "--json"});
+		INFO("brokerctl reload: ", r.describe());
+		REQUIRE(r.exit_code == 0);
+		json changes = json::parse(r.out);
+		CHECK(changes["added_sockets"] == json::array({"extra"}));
+		CHECK(changes["added_services"] == json::array({"added"}));
+		CHECK(changes["removed_services"] == json::array({"gone"}));
+	};
+	auto stored_extra = [&] {
+		tb.notify.sync();
+		const std::vector<std::string> stored = tb.notify.names();
+		return std::count(stored.begin(), stored.end(), "extra");
+	};
+
 	load.begin_upgrade();
-	auto reloaded = Clock::now();
-	RunResult r = brokerctl(b, {"reload", "--json"});
 	const pid_t crashed = b.pid();
-	std::vector<StrayProcess> survivors = tb.kill9();
-	INFO("brokerctl reload: ", r.describe());
-	REQUIRE(r.exit_code == 0);
-	json changes = json::parse(r.out);
-	CHECK(changes["added_sockets"] == json::array({"extra"}));
-	CHECK(changes["added_services"] == json::array({"added"}));
-	CHECK(changes["removed_services"] == json::array({"gone"}));
+	auto reloaded = Clock::now();
+	std::vector<StrayProcess> survivors;
+	std::uint64_t extra_inode = 0;
+	if (answered) {
+		reload();
+		survivors = tb.kill9();
+		// The reload's socket went into the store before its reply.
+		REQUIRE(stored_extra() == 1);
+		extra_inode = inode_of(tb.notify.dup("extra").get());
+	} else {
+		REQUIRE(::kill(crashed, SIGSTOP) == 0);
+		REQUIRE(wait_until([&] { return process_state(crashed) == 'T'; }, 10s));
+		REQUIRE(::kill(crashed, SIGHUP) == 0);
+		survivors = tb.kill9();
+		CHECK(stored_extra() == 0);
+	}
 	INFO("survivors of brokerd:\n", describe(survivors));
-	// The reload's socket went into the store before its reply.
-	tb.notify.sync();
-	const std::vector<std::string> stored = tb.notify.names();
-	REQUIRE(std::count(stored.begin(), stored.end(), "extra") == 1);
-	const std::uint64_t extra_inode = inode_of(tb.notify.dup("extra").get());
 
 	tb.restart();
 	wait_reconnected(b, kind, 2);
 	load.end_upgrade();
 	st = b.status();
-	// web's 2, gone's draining one and added's one.
-	check_recovered(st, crashed, 4, {});
 	CHECK(running_pids(st, "web") == workers);
-	// All of the reload is there: the added socket, kept by the store, and its service.
-	const json *extra = find_named(member(st, "sockets"), "extra");
-	REQUIRE(extra);
-	CHECK(extra->value("origin", "") == "fdstore");
+	if (answered) {
+		// web's 2, gone's draining one and added's one.
+		check_recovered(st, crashed, 4, {});
+		const json *extra = find_named(member(st, "sockets"), "extra");
+		REQUIRE(extra);
+		CHECK(extra->value("origin", "") == "fdstore");
+		CHECK(listening_on(socket_port(st, "extra")) == std::set<std::uint64_t>{extra_inode});
+	} else {
+		// Nothing of it: the state's config, not the file's, with gone's worker serving on.
+		check_recovered(st, crashed, 3, {});
+		CHECK(!find_named(member(st, "sockets"), "extra"));
+		CHECK(!service_of(st, "added"));
+		CHECK(running_pids(st, "gone") == gone);
+		CHECK(stored_extra() == 0);
+		reloaded = Clock::now();
+		reload();
+		st = b.status();
+	}
 	const std::uint16_t extra_port = socket_port(st, "extra");
-	CHECK(listening_on(extra_port) == std::set<std::uint64_t>{extra_inode});
 	check_serves_alone(b, "added", 1, 1);
 	CHECK(generation_answering(extra_port) == 1);
-	// The removed service's instance drains to the reload's deadline, not one the restart began
+	// The removed service's worker drains to the reload's deadline, not one a restart began
 	// afresh: killed by 6 s after the reload (3 s slack), and the service is gone.
 	auto left = std::chrono::duration_cast<std::chrono::milliseconds>(reloaded + 9s - Clock::now());
 	check_exit(gone, std::max(left, 0ms), "the removed service's instance");
@@ -702,8 +741,11 @@ void after_reload(const Kind &kind)
 	check_serves_alone(b, "web", 1, 2);
 
 	// The reload's services: gone's instance and the start's sentinel pidfd out, the extra
-	// socket and added's instance in.
-	upgrade_and_settle(tb, load, 2, start.fds, start.rss_kb, survivors, running_pids(b.status(), "added"));
+	// socket and added's instance in. added's worker is the killed brokerd's when it reloaded.
+	std::vector<pid_t> still_served;
+	if (answered)
+		still_served = running_pids(b.status(), "added");
+	upgrade_and_settle(tb, load, 2, start.fds, start.rss_kb, survivors, still_served);
 }
 
 // broker-example-http started by the test (not by brokerd), registering as `version` of the
@@ -768,12 +810,12 @@ TEST_CASE("crash: SIGKILL while old instances drain under load with a libbroker-
 
 TEST_CASE("crash: SIGKILL right after a reload under load with a LISTEN_FDS worker keeps all of the reload")
 {
-	after_reload(kNotify);
+	crash_reload(kNotify, true);
 }
 
 TEST_CASE("crash: SIGKILL right after a reload under load with a libbroker-client worker keeps all of the reload")
 {
-	after_reload(kClientLib);
+	crash_reload(kClientLib, true);
 }
 
 TEST_CASE("crash: SIGKILL of brokerd under load with a registered worker; it says Hello again and is the same instance")
@@ -835,4 +877,9 @@ TEST_CASE("crash: SIGKILL of brokerd under load with a registered worker; it say
 	REQUIRE(st2.has_value());
 	CHECK(describe_status(*st2) == "exited with 0");
 	b.stop();
+}
+
+TEST_CASE("crash: SIGKILL between a SIGHUP and its reload under load leaves none of the reload until it is made again")
+{
+	crash_reload(kNotify, false);
 }
