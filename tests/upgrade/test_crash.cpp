@@ -375,7 +375,8 @@ std::string handoff_lines(const Broker &b)
 json slow_exec(const Kind &kind)
 {
 	json exec = json::array({"/bin/sh", "-c", "sleep 5; exec \"$0\" \"$@\""});
-	for (const auto &arg : kind.service(1, json::object())["exec"])
+	const json service = kind.service(1, json::object());
+	for (const auto &arg : service.at("exec"))
 		exec.push_back(arg);
 	return exec;
 }
@@ -565,71 +566,94 @@ std::vector<std::unique_ptr<Clog>> clog_each(std::uint16_t port, const std::vect
 	return clogs;
 }
 
-// Killed while the old generation drains: an upgrade of 2 instances with batch 2, killed on the
-// first "draining" event, when both new instances are ready. A connection to each old instance
-// whose answers are not read holds its drain up over the kill. The restarted brokerd completes
-// the upgrade: the new generation serves, the old instances drain to their end, and the answers
-// the clogged connections then read are all 200.
-void while_draining(const Kind &kind)
+// Killed while the old generation drains: an upgrade of 2 instances killed on the first
+// "draining" event, once the old workers told to drain said so (they are told after the crash
+// state's write). A connection to each old worker whose answers are not read holds its drain up
+// over the kill. With batch 2 both new instances are ready by then: the restarted brokerd
+// completes the upgrade, the new generation serves and the old workers end their drain. With
+// batch 1 (to a version that takes 5 s to begin) one old worker drains behind the first new
+// one, which takes connections, while the second new one is still starting: the restarted
+// brokerd rolls back, drains both new ones, and refills gen 1 beside the old worker that never
+// drained. Either way the held answers are all 200.
+void while_draining(const Kind &kind, int batch)
 {
 	TestBroker tb;
 	Broker &b = tb.b;
 	BROKER_CONTEXT(b);
-	INFO("worker: ", std::string(kind.name));
+	INFO("worker: ", std::string(kind.name), ", batch ", batch);
 	const Serving first = start_web(tb, config_with({{"web", kind.service(2, {{"drain", {{"timeout", "20s"}}}})}}));
 	const Baseline &start = first.start;
 	const std::uint16_t port = first.port;
 	const std::vector<pid_t> &workers = first.workers;
+	const bool completes = batch == 2;
 	json st;
 
 	Load load(b, port, "hello from web gen ", kRate);
 	std::vector<std::unique_ptr<Clog>> clogs = clog_each(port, workers);
 	StreamCall watch(b.control_path(), "io.brokerd.Control.Watch", {{"service", "web"}});
 	load.begin_upgrade();
-	StreamCall upgrade(b.control_path(), "io.brokerd.Control.Upgrade", {{"service", "web"}, {"batch", 2}});
-	watch_event(watch, "draining", 1);
-	// Told once the crash state says they drain: so both old workers print, and the kill comes
-	// after the state's write (a kill between the event and the write is a kill before the
-	// drain, which rolls back, as the new instances are not ready in the state either).
-	REQUIRE_MESSAGE(wait_until([&] { return count_of(b.log(), ": draining (") == 2; }, 10s),
-	                "the two old workers did not both say they drain");
+	json params = {{"service", "web"}, {"batch", batch}};
+	if (!completes)
+		params.update({{"exec", slow_exec(kind)}, {"start_timeout_ms", 60000}});
+	StreamCall upgrade(b.control_path(), "io.brokerd.Control.Upgrade", params);
+	const pid_t drained_first = watch_event(watch, "draining", 1).parameters.value("pid", 0);
+	// A kill between the event and the state's write would be one before the drain: the state
+	// does not have the new instances ready either, so the upgrade would roll back.
+	REQUIRE_MESSAGE(wait_until([&] { return count_of(b.log(), ": draining (") == static_cast<std::size_t>(batch); }, 10s),
+	                "the old workers told to drain did not say they drain");
 	const pid_t crashed = b.pid();
 	std::vector<StrayProcess> survivors = tb.kill9();
 	INFO("Watch before the kill:\n", watch.transcript());
 	INFO("survivors of brokerd:\n", describe(survivors));
 	std::vector<pid_t> fresh;
 	for (const auto &r : watch.seen())
-		if (is_event(r, "ready", 2))
+		if (is_event(r, "started", 2))
 			fresh.push_back(r.parameters.value("pid", 0));
 	fresh = sorted(fresh);
 	REQUIRE(fresh.size() == 2);
 	std::vector<pid_t> all = workers;
 	all.insert(all.end(), fresh.begin(), fresh.end());
-	CHECK(pids_of(survivors) == sorted(all));
+	std::vector<pid_t> alive = pids_of(survivors);
+	for (pid_t p : all)
+		CHECK_MESSAGE(std::count(alive.begin(), alive.end(), p) == 1, "pid ", p, " did not outlive brokerd");
 
 	tb.restart();
-	// Both generations' libbroker-client workers reconnect: the old ones to be told to drain again.
-	wait_reconnected(b, kind, 4);
+	// The libbroker-client workers reconnect: the old ones to be told to drain again. A new one
+	// the rollback drains is signalled at once, before it can (the second of batch 1 is still
+	// a shell).
+	wait_reconnected(b, kind, completes ? 4 : 2);
 	st = b.status();
-	check_recovered(st, crashed, 4, {"web: an upgrade the crash interrupted: completed at gen 2"});
-	// The drain goes on: once the clogged clients read, the old instances end their drain and exit.
+	check_recovered(st, crashed, 4,
+	                {completes ? "web: an upgrade the crash interrupted: completed at gen 2"
+	                           : "web: an upgrade the crash interrupted: rolled back to gen 1"});
+	// The drain goes on: once the clogged clients read, the old workers that drain end it.
+	const std::vector<pid_t> draining = completes ? workers : std::vector<pid_t>{drained_first};
 	bool drained = wait_until(
 		[&] {
 			for (auto &c : clogs)
 				c->read_some();
-			return std::none_of(workers.begin(), workers.end(), process_exists);
+			return std::none_of(draining.begin(), draining.end(), process_exists);
 		},
 		25s);
-	CHECK_MESSAGE(drained, "the old instances still run 25 s after the restart");
+	CHECK_MESSAGE(drained, "the old workers told to drain still run 25 s after the restart");
 	for (auto &c : clogs) {
 		CHECK(c->answers() > 0);
 		CHECK(c->not_ok() == std::vector<std::string>{});
 	}
 	// Handed off, a clog would hold up the next drain too: its clients go.
 	clogs.clear();
+	if (!completes)
+		check_exit(fresh, 20s, "a new instance of the rolled back upgrade");
 	load.end_upgrade();
-	check_serves_alone(b, "web", 2, 2);
-	CHECK(running_pids(b.status(), "web") == fresh);
+	check_serves_alone(b, "web", completes ? 2 : 1, 2);
+	std::vector<pid_t> serving = running_pids(b.status(), "web");
+	if (completes) {
+		CHECK(serving == fresh);
+	} else {
+		// The old worker that never drained, and one started to refill gen 1.
+		pid_t kept = workers[0] == drained_first ? workers[1] : workers[0];
+		CHECK(std::count(serving.begin(), serving.end(), kept) == 1);
+	}
 	INFO("handoffs the workers reported:\n", handoff_lines(b));
 	upgrade_and_settle(tb, load, 3, start.fds - 1, start.rss_kb, survivors);
 }
@@ -800,12 +824,12 @@ TEST_CASE("crash: SIGKILL while new instances start under load with a libbroker-
 
 TEST_CASE("crash: SIGKILL while old instances drain under load with a LISTEN_FDS worker completes the upgrade")
 {
-	while_draining(kNotify);
+	while_draining(kNotify, 2);
 }
 
 TEST_CASE("crash: SIGKILL while old instances drain under load with a libbroker-client worker completes the upgrade")
 {
-	while_draining(kClientLib);
+	while_draining(kClientLib, 2);
 }
 
 TEST_CASE("crash: SIGKILL right after a reload under load with a LISTEN_FDS worker keeps all of the reload")
@@ -882,4 +906,14 @@ TEST_CASE("crash: SIGKILL of brokerd under load with a registered worker; it say
 TEST_CASE("crash: SIGKILL between a SIGHUP and its reload under load leaves none of the reload until it is made again")
 {
 	crash_reload(kNotify, false);
+}
+
+TEST_CASE("crash: SIGKILL while an old instance drains behind a new one with batch 1 under load with a LISTEN_FDS worker rolls back")
+{
+	while_draining(kNotify, 1);
+}
+
+TEST_CASE("crash: SIGKILL while an old instance drains behind a new one with batch 1 under load with a libbroker-client worker rolls back")
+{
+	while_draining(kClientLib, 1);
 }
