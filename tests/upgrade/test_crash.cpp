@@ -127,6 +127,8 @@ std::vector<pid_t> sorted(std::vector<pid_t> pids)
 	return pids;
 }
 
+// Killed at rest: the workers serve on while no brokerd runs, and the restarted one carries on
+// with them on the very same listener, fds and memory back to what the first one held.
 void at_rest(const Kind &kind)
 {
 	TestBroker tb;
@@ -363,8 +365,9 @@ std::string handoff_lines(const Broker &b)
 	std::size_t at = 0;
 	while ((at = log.find("handoff settled", at)) != std::string::npos) {
 		std::size_t begin = log.rfind('\n', at);
+		begin = begin == std::string::npos ? 0 : begin + 1;
 		std::size_t end = log.find('\n', at);
-		out += log.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1)) + "\n";
+		out += log.substr(begin, end == std::string::npos ? std::string::npos : end - begin) + "\n";
 		at = end;
 	}
 	return out.empty() ? "(none)\n" : out;
