@@ -10,6 +10,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -203,6 +204,7 @@ private:
 	pid_t owner_pid_ = 0;
 	std::map<std::uint64_t, Stored> stored_; // by id: the order they came in
 	std::uint64_t next_id_ = kFirstStoredId;
+	std::size_t max_ = kFdHolderMax; // clipped to RLIMIT_NOFILE
 	bool full_told_ = false;
 };
 
@@ -222,6 +224,15 @@ int Holder::run()
 	signal(SIGHUP, SIG_IGN);
 	signal(SIGPIPE, SIG_IGN);
 	::close_range(kHolderOwnerFd + 1, ~0U, 0);
+	// As many as it may open, but for room for its own few.
+	constexpr rlim_t kOwnFds = 16;
+	rlimit lim{};
+	if (::getrlimit(RLIMIT_NOFILE, &lim) == 0) {
+		lim.rlim_cur = lim.rlim_max;
+		::setrlimit(RLIMIT_NOFILE, &lim);
+		::getrlimit(RLIMIT_NOFILE, &lim);
+		max_ = std::min<std::size_t>(kFdHolderMax, lim.rlim_cur > kOwnFds ? lim.rlim_cur - kOwnFds : 0);
+	}
 	epoll_.reset(::epoll_create1(EPOLL_CLOEXEC));
 	signals_.reset(::signalfd(-1, &stop, SFD_CLOEXEC | SFD_NONBLOCK));
 	if (!epoll_ || !signals_) {
@@ -377,9 +388,9 @@ void Holder::store(const std::string &name, proto::UniqueFd fd, bool poll)
 	for (const auto &[id, s] : stored_)
 		if (s.dev == st.st_dev && s.ino == st.st_ino)
 			return; // the same file as one kept: a duplicate, as systemd drops it
-	if (stored_.size() >= kFdHolderMax) {
+	if (stored_.size() >= max_) {
 		if (!full_told_)
-			log::error("fd holder: full, it keeps " + std::to_string(kFdHolderMax) + " fds already; not keeping " +
+			log::error("fd holder: full, it keeps " + std::to_string(max_) + " fds already; not keeping " +
 			           name + " (nor any more until some go)");
 		full_told_ = true;
 		return;
@@ -509,7 +520,9 @@ proto::UniqueFd FdHolderLink::ask(proto::UniqueFd fd, std::vector<Fetched> &fetc
 			throw std::runtime_error("fd holder at " + path_ + ": no answer within " + std::to_string(kReplyMs) + "ms");
 		Received m;
 		int r = receive(fd.get(), m, MSG_DONTWAIT);
-		if (r < 0 && errno == EAGAIN)
+		// A holder that turns brokerd away closes with FDGET unread: the kernel reports that as a
+		// reset once, and the answer is still there to read.
+		if (r < 0 && (errno == EAGAIN || errno == ECONNRESET))
 			continue;
 		if (r <= 0)
 			throw std::runtime_error("fd holder at " + path_ + ": the connection ended before its answer" +

@@ -139,7 +139,10 @@ def as_nobody(path, store_fd=None):
                 except OSError as e:
                     result["send_error"] = e.strerror
                 while True:
-                    data, fds, _, _ = socket.recv_fds(s, 4096, 8)
+                    try:
+                        data, fds, _, _ = socket.recv_fds(s, 4096, 8)
+                    except ConnectionResetError:
+                        continue  # closed with what it sent unread: reported once, the answer still there
                     for fd in fds:
                         os.close(fd)
                     if not data and not fds:
@@ -255,6 +258,12 @@ def run(tmp, manager, runs, strays):
           "a second brokerd: exits 1 and says brokerd pid %d uses the holder (%r: %s)" % (b.pid, rc, c.log()[-300:]))
     check(holders() == [holder], "a second brokerd: the same holder runs on (%s)" % holders())
 
+    # brokerctl reexec: the same process carries on with the same holder, and knows what it keeps.
+    r = ctl("reexec")
+    check(r.returncode == 0 and holders() == [holder],
+          "reexec: the same holder serves the re-executed brokerd (%d: %s%s; %s)" %
+          (r.returncode, r.stdout, r.stderr, holders()))
+
     # (b) The holder killed while brokerd runs: brokerd starts another and stores everything again.
     os.kill(holder, signal.SIGKILL)
     def replaced():
@@ -353,7 +362,22 @@ def run(tmp, manager, runs, strays):
           "uid %d, no brokerd: the holder still says DENIED=1 and passes no fd (%s)" % (NOBODY, out))
     os.close(rfd)
     os.close(wfd)
+
+    # The holder keeps 4096 fds at most, and says so once when it is full. Root may store while
+    # no brokerd runs: pipes with FDPOLL=0 (no writer left, so no hangup drops them).
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(path)
+        for _ in range(4096):
+            r, w = os.pipe()
+            socket.send_fds(s, [b"FDSTORE=1\nFDNAME=filler\nFDPOLL=0"], [r])
+            os.close(r)
+            os.close(w)
+        s.send(b"FDSTOREREMOVE=1\nFDNAME=filler")
+    full = "fd holder: full, it keeps 4096 fds already; not keeping filler (nor any more until some go)"
     names = fetch_names(path, "another user")
+    logs = "".join(l.log() for _, l in runs)
+    check(logs.count(full) == 1, "a full holder: it says so once (%d times)" % logs.count(full))
+    check("filler" not in names, "a full holder: FDSTOREREMOVE=1 dropped every fd of the name (%s)" % names)
     check("evil" not in names, "another user: nothing it sent was stored (%s)" % names)
     check_store(names, 4, "another user")
     check(any("fd holder: turned away pid" in l.log() and "of uid %d" % NOBODY in l.log() for _, l in runs),
