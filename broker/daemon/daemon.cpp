@@ -344,7 +344,7 @@ bool Daemon::store_fd(const std::string &name, int fd, bool poll)
 		return false;
 	if (notifier_.send_with_fd(SystemdNotifier::store_message(name, poll), fd))
 		return true;
-	log::warning(name + ": the service manager did not take it into its fd store");
+	log::warning(name + ": " + notifier_.target() + " did not take it into its fd store");
 	return false;
 }
 

@@ -38,6 +38,8 @@ public:
 	// same messages. What waited for the one before is dropped; what is kept (below) is not.
 	void use(proto::UniqueFd connected);
 	int fd() const { return fd_.get(); }
+	// "the service manager", or "the fd holder", for messages.
+	const char *target() const { return target_; }
 	// With a holder, which may die while brokerd runs, the notifier remembers what the store
 	// should hold (each FDSTORE=1 until an FDSTOREREMOVE=1 of its name), by fd number and inode:
 	// resend_kept() sends each to a new holder whose fd is still the same file in brokerd.
