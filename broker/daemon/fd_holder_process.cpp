@@ -13,6 +13,7 @@
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -71,6 +72,13 @@ private:
 
 int Holder::run()
 {
+	// Only brokerd starts it, with its listening socket and a first owner's connection.
+	if (sd_is_socket_unix(kHolderListenFd, SOCK_SEQPACKET, 1, nullptr, 0) <= 0 ||
+	    sd_is_socket_unix(kHolderOwnerFd, SOCK_SEQPACKET, 0, nullptr, 0) <= 0) {
+		log::error("fd holder: brokerd starts it, with its sockets at fds " + std::to_string(kHolderListenFd) + " and " +
+		           std::to_string(kHolderOwnerFd) + "; they are not there");
+		return 2;
+	}
 	struct stat st {};
 	if (path_[0] != '@' && ::stat(path_.c_str(), &st) == 0) {
 		path_dev_ = st.st_dev;

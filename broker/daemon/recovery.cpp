@@ -117,7 +117,8 @@ void Daemon::take_crash_state(InheritedFds &inherited)
 	} catch (const nlohmann::json::exception &e) {
 		return refuse(std::string("it does not read as a state: ") + e.what());
 	}
-	if (peer::identity(writer.pid) == writer)
+	// Alive, not merely unreaped: a brokerd killed by hand stays a zombie until its parent waits.
+	if (std::holds_alternative<proto::UniqueFd>(peer::reopen(writer)))
 		throw std::runtime_error("the brokerd that keeps the crash state, pid " + std::to_string(writer.pid) +
 		                         ", still runs: two cannot supervise the same workers");
 	try {

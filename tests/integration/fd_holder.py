@@ -20,7 +20,7 @@ import time
 
 from checks import check, exits_within, proc_stat
 from crash_restart import fd_kinds
-from fdstore_harness import (free_port, holder_fetch, holders, http_connect_and_send, http_get, http_read, main, pipes,
+from fdstore_harness import (Brokerd, free_port, holder_fetch, holders, http_connect_and_send, http_get, http_read, main, pipes,
                              process_socket_inodes, sentinels, served_by, varlink_status)
 
 WORKER = os.environ["EXAMPLE_PYTHON"]
@@ -68,6 +68,12 @@ class ByHand:
         if self.status is None:
             self.proc.kill()
             self.proc.wait()
+
+    def kill_unreaped(self):
+        """SIGKILL, and wait for its death but not reap it: a zombie, as a parent that is slow
+        to wait (a container's entry point, a busy supervisor) leaves it."""
+        self.proc.send_signal(signal.SIGKILL)
+        return exits_within(self.pid, WAIT)
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -223,7 +229,7 @@ def run(tmp, manager, runs, strays):
     fds_first = fd_kinds(a.pid)
 
     crashed = a.pid
-    a.kill()
+    check(a.kill_unreaped(), "brokerd killed: it died (left a zombie, not reaped yet)")
     check(alive(holder) and all(alive(p) for p in web + lib), "brokerd killed: the holder and every worker still run")
     check_store(fetch_names(path, "brokerd killed"), 4, "brokerd killed")
     queued = http_connect_and_send(port)  # answered by a worker of the dead brokerd's, or after
@@ -231,7 +237,8 @@ def run(tmp, manager, runs, strays):
     check(status_lib == 200 and served_by(body, lib), "brokerd killed: lib's workers serve on (%s %r)" %
           (status_lib, body.strip()))
 
-    b = start("started by hand after the crash")
+    b = start("started by hand after the crash")  # while the brokerd before is a zombie still
+    a.kill()  # reaped now
     params = status(control)
     check(pids(params, "web") == web and pids(params, "lib") == lib,
           "after the crash: the same workers are ready (%s %s, were %s %s)" %
@@ -396,6 +403,25 @@ def run(tmp, manager, runs, strays):
     strays.note(i.pid)
     check(i.stop() == 0 and not os.path.exists(path), "last stop: exit 0, the holder's socket file gone")
     strays.check("last stop")
+
+    # The crash state's own check, which the holder's BUSY=1 comes before: a second brokerd given
+    # the store of one that runs (the test's service manager passes it) exits 1 and names it. A
+    # zombie is no writer (above); a live one is.
+    def under_store(label):
+        b = Brokerd(os.environ["BROKERD"], config, manager, os.path.join(tmp, "brokerd-%d.log" % (len(runs) + 1)))
+        runs.append((label, b))
+        return b
+    first = under_store("under a service manager")
+    first.wait_ready()
+    strays.note(first.pid)
+    second = under_store("a second one, with the first one's store")
+    check(until(lambda: (manager.drain(), second.exited())[1]) and second.status == 1 and
+          "the brokerd that keeps the crash state, pid %d, still runs" % first.pid in second.log(),
+          "a second brokerd with the store of a running one: exits 1 and names it (%r: %s)" %
+          (second.status, second.log()[-300:]))
+    manager.main_pid = first.pid
+    check(first.stop() == 0 and holders() == [], "under a service manager: no holder ran, and brokerd stops cleanly")
+    strays.check("under a service manager")
 
 
 if __name__ == "__main__":
