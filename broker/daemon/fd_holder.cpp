@@ -28,7 +28,6 @@ constexpr int kStopWaitMs = 1000;
 
 } // namespace
 
-
 std::string fd_holder_path(const std::string &control_path)
 {
 	return control_path + ".fdstore";
@@ -59,7 +58,8 @@ proto::UniqueFd FdHolderLink::open(std::vector<Fetched> &fetched)
 	if (present && !allowed(st.st_uid))
 		throw std::runtime_error("fd holder: " + path_ + " belongs to " + uid_text(st.st_uid) + ", not to " +
 		                         allowed_text() + "; refusing to use it: remove it");
-	proto::UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+	// Non-blocking: a holder that takes no connection (its queue full) must not hold brokerd up.
+	proto::UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
 	if (!fd)
 		throw std::runtime_error("fd holder: socket: " + errno_text());
 	int r;
@@ -67,6 +67,8 @@ proto::UniqueFd FdHolderLink::open(std::vector<Fetched> &fetched)
 	}
 	if (r == 0)
 		return ask(std::move(fd), fetched);
+	if (errno == EAGAIN)
+		throw std::runtime_error("fd holder: the one at " + path_ + " takes no connection (its queue is full)");
 	if (errno == ECONNREFUSED && present) {
 		// A holder that died left its file: nobody listens there.
 		if (::unlink(path_.c_str()) < 0 && errno != ENOENT)
