@@ -4,6 +4,7 @@
 #include "config/config.hpp"
 #include "control/access.hpp"
 #include "daemon/daemon.hpp"
+#include "daemon/fd_holder.hpp"
 #include "daemon/sentinel.hpp"
 #include "daemon/state.hpp"
 #include "os/log.hpp"
@@ -25,12 +26,15 @@ int main(int argc, char **argv)
 	bool check_state = false;
 	bool sentinel = false;
 	std::optional<int> restore_fd;
+	std::optional<std::string> fd_holder;
 	app.add_option("-c,--config", config_path, "Configuration file")->capture_default_str();
 	// Internal, for brokerctl reexec: whether this binary reads a given state, and the state itself.
 	app.add_flag("--check-state", check_state)->group("");
 	app.add_option("--restore-state", restore_fd)->group("");
 	// Internal: the stop sentinel brokerd starts under a service manager (daemon/sentinel.hpp).
 	app.add_flag("--sentinel", sentinel)->group("");
+	// Internal: the fd holder brokerd starts without a service manager (daemon/fd_holder.hpp).
+	app.add_option("--fd-holder", fd_holder)->group("");
 	app.add_option("--check-config", check_path, "Validate FILE and exit (0 when valid)")->type_name("FILE");
 	app.add_flag("--version", version, "Print the version and exit");
 	try {
@@ -45,6 +49,8 @@ int main(int argc, char **argv)
 	}
 	if (sentinel)
 		return brokerd::run_sentinel();
+	if (fd_holder)
+		return brokerd::run_fd_holder(*fd_holder);
 	if (check_state) {
 		// The state a running brokerd would hand over, on stdin: it must parse here, config and all.
 		try {

@@ -42,6 +42,7 @@ proto::UniqueFd Daemon::open_listeners()
 	// systemd's fds first, before anything else could take their numbers' meaning. A crash state
 	// among them brings the config the crashed brokerd ran.
 	InheritedFds inherited = InheritedFds::from_environment();
+	take_fd_holder(inherited);
 	take_crash_state(inherited);
 	take_sentinel(inherited);
 	proto::UniqueFd control_fd = adopt_control_socket(inherited);
@@ -98,6 +99,8 @@ proto::UniqueFd Daemon::restore_listeners()
 	watchdog_usec_ = st.at("watchdog_usec").get<std::uint64_t>();
 	announced_ready_ = st.at("announced_ready").get<bool>();
 	last_status_ = st.at("last_status").get<std::string>();
+	if (st.contains("fd_holder"))
+		carry_fd_holder(st.at("fd_holder"));
 	return control_fd;
 }
 
@@ -116,6 +119,8 @@ int Daemon::run()
 		throw std::runtime_error(std::string("sd_event_new: ") + std::strerror(-r));
 	event_.reset(e);
 	notifier_.attach(e);
+	if (holder_)
+		holder_->watch(e, [this] { on_holder_lost(); });
 	add_signals();
 
 	// The service manager's watchdog (WATCHDOG_USEC): fed at half its period from the loop, so a
@@ -140,6 +145,8 @@ int Daemon::run()
 	supervisor_->on_change = [this] { on_change(); };
 	on_change();
 
+	if (holder_)
+		holder_->running();
 	r = sd_event_loop(e);
 	if (r < 0)
 		throw std::runtime_error(std::string("event loop: ") + std::strerror(-r));
@@ -158,6 +165,9 @@ int Daemon::run()
 	// Nothing is left for it to end.
 	if (sentinel_)
 		sentinel_->stop();
+	// Nor for the fd holder to keep.
+	if (holder_)
+		holder_->stop();
 	log::notice("stopped");
 	return r;
 }
@@ -332,9 +342,9 @@ bool Daemon::store_fd(const std::string &name, int fd, bool poll)
 {
 	if (!notifier_.enabled())
 		return false;
-	if (notifier_.send_with_fd("FDSTORE=1\nFDNAME=" + name + (poll ? "" : "\nFDPOLL=0"), fd))
+	if (notifier_.send_with_fd(SystemdNotifier::store_message(name, poll), fd))
 		return true;
-	log::warning(name + ": the service manager did not take it into its fd store");
+	log::warning(name + ": " + notifier_.target() + " did not take it into its fd store");
 	return false;
 }
 

@@ -7,6 +7,7 @@
 #include "control/server.hpp"
 #include "daemon/binary_check.hpp"
 #include "daemon/crash_state.hpp"
+#include "daemon/fd_holder.hpp"
 #include "daemon/reload.hpp"
 #include "daemon/sentinel.hpp"
 #include "os/event.hpp"
@@ -86,6 +87,11 @@ private:
 	void take_sentinel(InheritedFds &inherited);
 	void keep_sentinel();
 	void recover();
+	void take_fd_holder(InheritedFds &inherited);
+	void carry_fd_holder(const nlohmann::json &saved);
+	void on_holder_lost();
+	void restart_holder_soon();
+	void restart_holder();
 
 	std::string config_path_;
 	config::Config cfg_;
@@ -101,6 +107,10 @@ private:
 	std::unique_ptr<ControlServer> control_;
 	std::unique_ptr<CrashState> crash_state_; // null when no memfd could be had
 	std::unique_ptr<SentinelKeeper> sentinel_; // null without a service manager
+	// Without a service manager: the fd holder that plays its store (daemon/fd_holder.hpp).
+	std::unique_ptr<FdHolderLink> holder_;
+	usec_t holder_started_ = 0; // CLOCK_MONOTONIC
+	EventSource holder_again_;
 	// After a crash of the brokerd before: what it kept in the fd store, until recover() used it
 	// (daemon/recovery.cpp).
 	struct CrashRestart {

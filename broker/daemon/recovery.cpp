@@ -117,7 +117,8 @@ void Daemon::take_crash_state(InheritedFds &inherited)
 	} catch (const nlohmann::json::exception &e) {
 		return refuse(std::string("it does not read as a state: ") + e.what());
 	}
-	if (peer::identity(writer.pid) == writer)
+	// Alive, not merely unreaped: a brokerd killed by hand stays a zombie until its parent waits.
+	if (std::holds_alternative<proto::UniqueFd>(peer::reopen(writer)))
 		throw std::runtime_error("the brokerd that keeps the crash state, pid " + std::to_string(writer.pid) +
 		                         ", still runs: two cannot supervise the same workers");
 	try {
@@ -200,6 +201,85 @@ void Daemon::keep_sentinel()
 		sentinel_->carry_on(std::move(carried), child);
 	else
 		sentinel_->start();
+}
+
+} // namespace brokerd
+
+namespace brokerd {
+
+// Without a service manager, the fd holder plays its store (daemon/fd_holder.hpp): what it keeps
+// joins what LISTEN_FDS passed, as the store's fds would, and the notifier sends to it from now
+// on. A by-hand start after a crash thus carries on as one after systemd restarted brokerd.
+void Daemon::take_fd_holder(InheritedFds &inherited)
+{
+	if (notifier_.enabled())
+		return;
+	auto link = std::make_unique<FdHolderLink>(fd_holder_path(cfg_.control.path));
+	std::vector<FdHolderLink::Fetched> fetched;
+	proto::UniqueFd conn = link->open(fetched);
+	if (!conn)
+		return;
+	notifier_.use(std::move(conn));
+	for (auto &f : fetched) {
+		notifier_.remember(SystemdNotifier::store_message(f.name, f.poll), f.fd.get());
+		inherited.by_name.emplace(f.name, std::move(f.fd));
+	}
+	holder_ = std::move(link);
+	holder_started_ = now_usec(CLOCK_MONOTONIC);
+}
+
+// A re-exec carries the holder over: the same connection, and what it keeps.
+void Daemon::carry_fd_holder(const nlohmann::json &saved)
+{
+	proto::UniqueFd conn(saved.at("fd").get<int>());
+	state::set_cloexec(conn.get(), true);
+	holder_ = std::make_unique<FdHolderLink>(fd_holder_path(cfg_.control.path));
+	holder_->carry_on(conn.get(), saved.at("pid").get<pid_t>(), saved.at("child").get<bool>());
+	notifier_.use(std::move(conn));
+	for (const auto &k : saved.at("kept"))
+		notifier_.remember(k.at(0).get<std::string>(), k.at(1).get<int>());
+	holder_started_ = now_usec(CLOCK_MONOTONIC);
+}
+
+void Daemon::on_holder_lost()
+{
+	log::warning("fd holder: pid " + std::to_string(holder_->pid()) +
+	             " is gone while brokerd runs; starting another and storing everything in it again");
+	restart_holder_soon();
+}
+
+// One that cannot run is not started again in a tight loop: a second after the last start.
+void Daemon::restart_holder_soon()
+{
+	constexpr usec_t kInterval = 1'000'000;
+	usec_t at = holder_started_ + kInterval;
+	if (now_usec(CLOCK_MONOTONIC) >= at)
+		return restart_holder();
+	auto again = [](sd_event_source *, std::uint64_t, void *userdata) -> int {
+		return guarded("fd holder", [&]() -> int {
+			static_cast<Daemon *>(userdata)->restart_holder();
+			return 0;
+		});
+	};
+	sd_event_source *s = nullptr;
+	if (sd_event_add_time(event_.get(), &s, CLOCK_MONOTONIC, at, 0, again, this) >= 0)
+		holder_again_.reset(s);
+}
+
+void Daemon::restart_holder()
+{
+	holder_again_.reset();
+	holder_started_ = now_usec(CLOCK_MONOTONIC);
+	proto::UniqueFd conn = holder_->start();
+	if (!conn) {
+		log::warning("fd holder: trying again in a second");
+		return restart_holder_soon();
+	}
+	notifier_.use(std::move(conn));
+	notifier_.resend_kept();
+	holder_->watch(event_.get(), [this] { on_holder_lost(); });
+	log::notice("fd holder: pid " + std::to_string(holder_->pid()) + " keeps brokerd's " +
+	            std::to_string(notifier_.kept().size()) + " fd(s) again");
 }
 
 } // namespace brokerd

@@ -147,6 +147,13 @@ nlohmann::json Daemon::save_state(int caller, std::vector<int> &keep) const
 		extra["sentinel"] = {{"fd", sentinel_->fd()}, {"pid", sentinel_->pid()}};
 		keep.push_back(sentinel_->fd());
 	}
+	if (holder_ && notifier_.fd() >= 0) {
+		nlohmann::json kept = nlohmann::json::array();
+		for (const auto &[message, fd] : notifier_.kept())
+			kept.push_back({message, fd});
+		extra["fd_holder"] = {{"fd", notifier_.fd()}, {"pid", holder_->pid()}, {"child", holder_->child()}, {"kept", kept}};
+		keep.push_back(notifier_.fd());
+	}
 	nlohmann::json st = {{"format", state::kFormat},
 	        {"version", BROKER_VERSION},
 	        {"config_path", config_path_},

@@ -1,6 +1,7 @@
 // The stop sentinel: `brokerd --sentinel`, and brokerd's side of it (daemon/sentinel.hpp).
 #include "daemon/sentinel.hpp"
 
+#include "daemon/helper.hpp"
 #include "daemon/persist.hpp"
 #include "os/log.hpp"
 #include "os/peer.hpp"
@@ -11,7 +12,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -140,39 +140,13 @@ bool SentinelKeeper::spawn()
 	proto::UniqueFd read_end(p[0]), write_end(p[1]);
 	// Read only: its own open of the memfd, not brokerd's.
 	proto::UniqueFd state(::open(("/proc/self/fd/" + std::to_string(state_fd_)).c_str(), O_RDONLY | O_CLOEXEC));
-	// Above the numbers they go to, so that each dup2 clears CLOEXEC.
-	proto::UniqueFd high_read(::fcntl(read_end.get(), F_DUPFD_CLOEXEC, kSentinelStateFd + 1));
-	proto::UniqueFd high_state(state ? ::fcntl(state.get(), F_DUPFD_CLOEXEC, kSentinelStateFd + 1) : -1);
-	if (!state || !high_read || !high_state) {
+	if (!state) {
 		log::warning(std::string("sentinel: its fds: ") + std::strerror(errno));
 		return false;
 	}
-	posix_spawn_file_actions_t actions;
-	posix_spawn_file_actions_init(&actions);
-	posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-	posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-	posix_spawn_file_actions_adddup2(&actions, high_read.get(), kSentinelPipeFd);
-	posix_spawn_file_actions_adddup2(&actions, high_state.get(), kSentinelStateFd);
-	posix_spawnattr_t attr;
-	posix_spawnattr_init(&attr);
-	sigset_t none, all;
-	sigemptyset(&none);
-	sigfillset(&all);
-	posix_spawnattr_setsigmask(&attr, &none);
-	posix_spawnattr_setsigdefault(&attr, &all);
-	// Its own session: a kill of brokerd's process group or session never reaches it.
-	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-	std::string journal;
-	if (const char *j = std::getenv("JOURNAL_STREAM"))
-		journal = std::string("JOURNAL_STREAM=") + j;
-	char *argv[] = {const_cast<char *>("brokerd"), const_cast<char *>("--sentinel"), nullptr};
-	char *envp[] = {journal.empty() ? nullptr : journal.data(), nullptr};
-	pid_t pid = 0;
-	int r = ::posix_spawn(&pid, "/proc/self/exe", &actions, &attr, argv, envp);
-	posix_spawnattr_destroy(&attr);
-	posix_spawn_file_actions_destroy(&actions);
-	if (r != 0) {
-		log::warning(std::string("sentinel: cannot start it: ") + std::strerror(r));
+	pid_t pid = spawn_helper({"--sentinel"}, {{read_end.get(), kSentinelPipeFd}, {state.get(), kSentinelStateFd}});
+	if (pid < 0) {
+		log::warning(std::string("sentinel: cannot start it: ") + std::strerror(-pid));
 		return false;
 	}
 	if (!reap_when_done(pid)) {

@@ -1,10 +1,12 @@
-// SystemdNotifier: READY=1, STATUS=, RELOADING=1, STOPPING=1 to NOTIFY_SOCKET without blocking.
+// SystemdNotifier: READY=1, STATUS=, RELOADING=1, STOPPING=1 and the fd store's messages to
+// NOTIFY_SOCKET, or to the fd holder, without blocking.
 #include "os/systemd_notify.hpp"
 
 #include "os/log.hpp"
 #include "os/time.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 
 #include <cerrno>
@@ -47,7 +49,82 @@ void SystemdNotifier::attach(sd_event *event)
 	schedule();
 }
 
+std::string SystemdNotifier::store_message(const std::string &name, bool poll)
+{
+	return "FDSTORE=1\nFDNAME=" + name + (poll ? "" : "\nFDPOLL=0");
+}
+
+void SystemdNotifier::use(proto::UniqueFd connected)
+{
+	fd_ = std::move(connected);
+	addr_len_ = 0;
+	target_ = "the fd holder";
+	keeping_ = true;
+	warned_ = false;
+	waiting_.clear();
+	retry_.reset();
+}
+
+namespace {
+
+std::string fd_name(std::string_view message)
+{
+	std::size_t at = message.find("FDNAME=");
+	if (at == std::string_view::npos || (at > 0 && message[at - 1] != '\n'))
+		return {};
+	message.remove_prefix(at + 7);
+	return std::string(message.substr(0, message.find('\n')));
+}
+
+} // namespace
+
+void SystemdNotifier::note(std::string_view message, int fd)
+{
+	if (!keeping_)
+		return;
+	if (message.starts_with("FDSTOREREMOVE=1")) {
+		std::string name = fd_name(message);
+		std::erase_if(kept_, [&](const Kept &k) { return k.name == name; });
+	} else if (message.starts_with("FDSTORE=1") && fd >= 0) {
+		remember(std::string(message), fd);
+	}
+}
+
+void SystemdNotifier::remember(std::string message, int fd)
+{
+	struct stat st {};
+	if (::fstat(fd, &st) < 0)
+		return;
+	std::string name = fd_name(message);
+	kept_.push_back({std::move(message), std::move(name), fd, st.st_dev, st.st_ino});
+}
+
+void SystemdNotifier::resend_kept()
+{
+	// Gone from brokerd since, or another file at its number now: not brokerd's to keep.
+	std::erase_if(kept_, [](const Kept &k) {
+		struct stat st {};
+		return ::fstat(k.fd, &st) < 0 || st.st_dev != k.dev || st.st_ino != k.ino;
+	});
+	for (const auto &k : kept_)
+		deliver(k.message, k.fd);
+}
+
+std::vector<std::pair<std::string, int>> SystemdNotifier::kept() const
+{
+	std::vector<std::pair<std::string, int>> out;
+	for (const auto &k : kept_)
+		out.emplace_back(k.message, k.fd);
+	return out;
+}
+
 bool SystemdNotifier::send_with_fd(std::string_view message, int fd)
+{
+	note(message, fd);
+	return deliver(message, fd);
+}
+
+bool SystemdNotifier::deliver(std::string_view message, int fd)
 {
 	if (!fd_)
 		return false;
@@ -87,7 +164,7 @@ int SystemdNotifier::on_retry(sd_event_source *, std::uint64_t, void *userdata)
 			if (!n->try_send(w.message, w.fd.get())) {
 				if (errno == EAGAIN && now_usec(CLOCK_MONOTONIC) - n->waiting_since_ < kStoreRetryUsec)
 					break;
-				log::warning("the service manager did not take " + std::to_string(n->waiting_.size()) +
+				log::warning(std::string(n->target_) + " did not take " + std::to_string(n->waiting_.size()) +
 				             " fd store message(s) within " + std::to_string(kStoreRetryUsec / 1000) + "ms; dropped them");
 				n->waiting_.clear();
 				return 0;
@@ -102,12 +179,13 @@ int SystemdNotifier::on_retry(sd_event_source *, std::uint64_t, void *userdata)
 	});
 }
 
-bool SystemdNotifier::try_send(std::string_view message, int fd)
+bool send_message_with_fd(int sock, const sockaddr_un *addr, socklen_t addr_len, std::string_view message, int fd)
 {
 	iovec iov{const_cast<char *>(message.data()), message.size()};
 	msghdr msg{};
-	msg.msg_name = &addr_;
-	msg.msg_namelen = addr_len_;
+	// A connected socket (a holder's) takes no address.
+	msg.msg_name = addr_len ? const_cast<sockaddr_un *>(addr) : nullptr;
+	msg.msg_namelen = addr_len;
 	msg.msg_iov = &iov;
 	msg.msg_iovlen = 1;
 	alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
@@ -120,13 +198,18 @@ bool SystemdNotifier::try_send(std::string_view message, int fd)
 		c->cmsg_len = CMSG_LEN(sizeof(int));
 		std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
 	}
-	if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) {
+	return ::sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0;
+}
+
+bool SystemdNotifier::try_send(std::string_view message, int fd)
+{
+	if (send_message_with_fd(fd_.get(), &addr_, addr_len_, message, fd)) {
 		warned_ = false;
 		return true;
 	}
 	int err = errno;
 	if (!warned_)
-		log::warning(std::string("cannot notify the service manager: ") + std::strerror(err) + ", ignoring");
+		log::warning(std::string("cannot notify ") + target_ + ": " + std::strerror(err) + ", ignoring");
 	warned_ = true;
 	errno = err;
 	return false;

@@ -57,24 +57,68 @@ def sockets(names):
     return sorted(n for n in names if n not in ("state", "notify", "sentinel") and not n.startswith("pipe."))
 
 
-def is_sentinel(pid):
-    """Whether pid is brokerd's stop sentinel (`brokerd --sentinel`, the brokerd binary)."""
+def is_helper(pid, flag):
+    """Whether pid is the brokerd binary run with flag (b"--sentinel", b"--fd-holder")."""
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             argv = f.read().split(b"\0")
-        return argv[1:2] == [b"--sentinel"] and os.readlink("/proc/%d/exe" % pid) == os.path.realpath(os.environ["BROKERD"])
+        return argv[1:2] == [flag] and os.readlink("/proc/%d/exe" % pid) == os.path.realpath(os.environ["BROKERD"])
     except OSError:
         return False
 
 
+def is_sentinel(pid):
+    """Whether pid is brokerd's stop sentinel (`brokerd --sentinel`, the brokerd binary)."""
+    return is_helper(pid, b"--sentinel")
+
+
+def is_holder(pid):
+    """Whether pid is an fd holder (`brokerd --fd-holder PATH`), which brokerd starts without NOTIFY_SOCKET."""
+    return is_helper(pid, b"--fd-holder")
+
+
 def workers_of(pid):
-    """The processes below brokerd but its stop sentinel."""
-    return [p for p in descendants(pid) if not is_sentinel(p)]
+    """The processes below brokerd but its stop sentinel and its fd holder."""
+    return [p for p in descendants(pid) if not is_sentinel(p) and not is_holder(p)]
+
+
+def running_helpers(which):
+    return sorted(p for p in descendants(os.getpid()) if which(p) and proc_stat(p) and proc_stat(p)[2] not in "ZXx")
 
 
 def sentinels():
     """Every running stop sentinel (there is one per service manager's store)."""
-    return sorted(p for p in descendants(os.getpid()) if is_sentinel(p) and proc_stat(p) and proc_stat(p)[2] not in "ZXx")
+    return running_helpers(is_sentinel)
+
+
+def holders():
+    """Every running fd holder below this test."""
+    return running_helpers(is_holder)
+
+
+def holder_fetch(path, timeout=10.0):
+    """FDGET=1 to the fd holder at path, as a brokerd started by hand asks it: (refusal, [[name, fd]]),
+    refusal being None or the holder's "BUSY=1..." or "DENIED=1" answer. The caller closes the fds."""
+    kept = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.send(b"FDGET=1")
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(s, 4096, 1)
+            except ConnectionResetError:
+                continue  # closed with FDGET unread: reported once, and the answer is still there
+            text = data.decode(errors="replace")
+            if not data and not fds:
+                raise ConnectionError("the fd holder at %s closed the connection before FDEND" % path)
+            if text.startswith(("BUSY=", "DENIED=")):
+                for fd in fds:
+                    os.close(fd)
+                return text, kept
+            if text.startswith("FDEND="):
+                return None, kept
+            kept.append([text.split("\n")[0].removeprefix("FDNAME="), fds[0] if fds else None])
 
 
 def pipes(names):
