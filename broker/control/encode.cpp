@@ -181,6 +181,7 @@ json recovery(const Supervisor::Recovery &r)
 	        {"at", r.at},
 	        {"kept", r.kept},
 	        {"lost", r.lost},
+	        {"drained", r.drained},
 	        {"interrupted", r.interrupted},
 	        {"in_doubt",
 	         {{"batches", r.doubt_batches},

@@ -200,8 +200,14 @@ bool Supervisor::readopt(Instance &inst)
 // unless it was meant to go. What its session still runs goes with it, as after any exit.
 void Supervisor::lost_while_down(Instance &inst, const std::string &why)
 {
-	log::warning("instance " + inst.id + ": " + why + " while brokerd was down");
-	recovery_.lost.push_back(inst.id);
+	// One that was draining did what it was asked: not a loss.
+	if (inst.retired()) {
+		log::notice("instance " + inst.id + ": " + why + " while brokerd was down, as it was draining");
+		recovery_.drained.push_back(inst.id);
+	} else {
+		log::warning("instance " + inst.id + ": " + why + " while brokerd was down");
+		recovery_.lost.push_back(inst.id);
+	}
 	inst.exit_reason = "exited while brokerd was down (status unknown)";
 	if (!inst.registered())
 		kill_session(inst.session);

@@ -147,7 +147,8 @@ public:
 		pid_t crashed_pid = 0; // 0: this brokerd did not start after a crash
 		usec_t at = 0;         // CLOCK_REALTIME
 		unsigned kept = 0;
-		std::vector<std::string> lost;
+		std::vector<std::string> lost;    // ended while brokerd was down: restarted under their policy
+		std::vector<std::string> drained; // ended while brokerd was down, draining as asked
 		std::vector<std::string> interrupted;
 		// Handoffs in flight at the crash, as settled since (HandoffDoubts).
 		std::uint64_t doubt_batches = 0, doubt_connections = 0, doubt_landed = 0, doubt_returned = 0,

@@ -391,6 +391,30 @@ def run(tmp, manager, runs, strays):
           STUBBORN_DRAIN_S)
     params, _ = varlink_status(control)
 
+    # 5b. An instance that was draining and ends while brokerd is down did what it was asked:
+    # named drained, not lost, and not restarted.
+    r = run_brokerctl(b, brokerctl, control, "start", "stubborn")
+    check(r.returncode == 0, "drained meanwhile: brokerctl start stubborn exits 0 (%d: %s%s)" %
+          (r.returncode, r.stdout, r.stderr))
+    params, _ = varlink_status(control)
+    [(drained_id, drained_pid, _)] = instances(params, "stubborn")
+    stopping = subprocess.Popen([brokerctl, "--socket", control, "stop", "stubborn"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    check(until(b, lambda: instances(varlink_status(control)[0] or {}, "stubborn", "state") == ["draining"]),
+          "drained meanwhile: the stubborn instance drains")
+    crashed = b.pid
+    b.kill()
+    stopping.wait(timeout=10)
+    os.kill(drained_pid, signal.SIGKILL)
+    check(exits_within(drained_pid, 10), "drained meanwhile: it ended while brokerd was down")
+    b, params = start("after a draining instance ended meanwhile")
+    rec = params.get("recovered") or {}
+    check(rec.get("crashed_pid") == crashed and rec.get("lost") == [] and rec.get("drained") == [drained_id],
+          "drained meanwhile: Status names %s drained, nothing lost (%s)" % (drained_id, rec))
+    check(instances(params, "stubborn") == [], "drained meanwhile: it is not restarted (%s)" %
+          instances(params, "stubborn"))
+    params, _ = varlink_status(control)
+
     # 6. A clean stop of a brokerd that carried on after crashes: its workers go, and so does the
     # control socket's file, which the first brokerd bound; the next start begins afresh.
     strays.note(b.pid)
