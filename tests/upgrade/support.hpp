@@ -154,6 +154,13 @@ std::optional<std::map<int, std::string>> idle_fds(pid_t pid, std::chrono::milli
 std::string listing(const std::map<int, std::string> &fds);
 // VmRSS of a process, in kB.
 std::size_t rss_kb(pid_t pid);
+// How much a restarted brokerd's RSS may exceed the first one's: both are fresh processes that
+// serve the same config, so this is the allocator's slack (larger under AddressSanitizer).
+#if defined(__SANITIZE_ADDRESS__)
+constexpr std::size_t kRssMarginKb = 8 * 1024;
+#else
+constexpr std::size_t kRssMarginKb = 2 * 1024;
+#endif
 // The inodes of the TCP sockets listening on `port`, from /proc/net/tcp{,6}.
 std::set<std::uint64_t> listening_on(std::uint16_t port);
 // The inode of an open file (a socket's is the number in "socket:[N]"), or 0.

@@ -21,14 +21,6 @@ using namespace utest;
 
 namespace {
 
-// How much a restarted brokerd's RSS may exceed the first one's: both are fresh processes that
-// serve the same config, so this is the allocator's slack (larger under AddressSanitizer).
-#if defined(__SANITIZE_ADDRESS__)
-constexpr std::size_t kRssMarginKb = 8 * 1024;
-#else
-constexpr std::size_t kRssMarginKb = 2 * 1024;
-#endif
-
 // A connection to 127.0.0.1:port with a whole request written and nothing read yet.
 UniqueFd send_request(std::uint16_t port)
 {

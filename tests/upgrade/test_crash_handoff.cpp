@@ -49,6 +49,11 @@ TEST_CASE("crash: SIGKILL of brokerd mid-handoff of 2000 keep-alive connections 
 	Broker &b = tb.b;
 	BROKER_CONTEXT(b);
 	std::uint16_t port = start_web(tb);
+	// brokerd's fds and memory as it serves, before any connection.
+	auto idle = idle_fds(b.pid());
+	REQUIRE_MESSAGE(idle, "brokerd did not sleep in its event loop within 10 s of READY=1");
+	const std::size_t start_fds = idle->size();
+	const std::size_t start_rss = rss_kb(b.pid());
 
 	// Established and idle at generation 1, then handed to generation 2 in a first upgrade: its
 	// instances remember receiving them from instances that are gone by the time they say so.
@@ -175,6 +180,14 @@ TEST_CASE("crash: SIGKILL of brokerd mid-handoff of 2000 keep-alive connections 
 	check_serves_alone(b, "web", 4, 2);
 	CHECK(generation_answering(port) == 4);
 	load.finish_and_check();
+	// Once settled, brokerd holds what the first one held but its sentinel's pidfd (the
+	// sentinel is not the restarted brokerd's child), and about as much memory.
+	bool settled_fds = wait_until([&] { return (idle = idle_fds(b.pid(), 1s)) && idle->size() + 1 == start_fds; }, 15s);
+	CHECK_MESSAGE(settled_fds, "brokerd holds ", idle ? idle->size() : 0, " fds once settled, not ", start_fds - 1, ":\n",
+	              idle ? listing(*idle) : std::string("(never idle)"));
+	std::size_t rss = rss_kb(b.pid());
+	MESSAGE("brokerd's VmRSS: ", start_rss, " kB at the first start, ", rss, " kB once settled after the restart");
+	CHECK(rss <= start_rss + kRssMarginKb);
 	std::vector<StrayProcess> orphans = b.end_survivors();
 	INFO("left of the killed brokerd's workers:\n", describe(orphans));
 	CHECK(orphans.empty());
