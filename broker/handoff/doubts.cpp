@@ -15,11 +15,17 @@ void HandoffDoubts::resume(const std::string &service, const std::string &instan
                            std::vector<Receipt> received, const std::vector<InDoubt> &in_doubt)
 {
 	expected_.erase(instance);
-	if (!closed_)
+	// What it received is what it received: said again after another loss of its link, it is
+	// the same list (or a longer one, whose new part came from this brokerd, which knows it).
+	// Taken once, so that no worker grows these books by calling again and again.
+	if (!closed_ && spoke_.insert(instance).second)
 		for (auto &r : received) {
 			Key key{r.instance, r.pid, r.batch};
 			receipts_[key].push_back(std::move(r));
 		}
+	// Its batches in doubt are the ones it names now: those named before and not now were
+	// settled meanwhile.
+	std::erase_if(doubts_, [&](const auto &kv) { return std::get<0>(kv.first) == instance && std::get<1>(kv.first) == pid; });
 	for (const InDoubt &d : in_doubt)
 		doubts_[Key{instance, pid, d.batch}] = Doubt{service, &sink, d.batch, d.count};
 }
@@ -91,6 +97,7 @@ std::vector<HandoffDoubts::Resolved> HandoffDoubts::expire()
 	doubts_.clear();
 	receipts_.clear();
 	expected_.clear();
+	spoke_.clear();
 	closed_ = true;
 	return out;
 }

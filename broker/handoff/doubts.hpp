@@ -54,7 +54,8 @@ public:
 	// exits, it may hold connections of any batch of its service.
 	void expect(const std::string &service, const std::string &instance);
 	// The instance said its half: the chunks it received, and (as the process pid, on sink) the
-	// batches it sent and never heard of.
+	// batches it sent and never heard of. Its receipts count the first time only; its batches in
+	// doubt are those it names in its latest call.
 	void resume(const std::string &service, const std::string &instance, pid_t pid, EventSink &sink,
 	            std::vector<Receipt> received, const std::vector<InDoubt> &in_doubt);
 	// The instance exited, or its stream closed: it will not speak (its copies closed with it).
@@ -87,6 +88,7 @@ private:
 	std::map<std::string, std::string> expected_; // instance → service, until it speaks or goes
 	std::map<Key, std::vector<Receipt>> receipts_;
 	std::map<Key, Doubt> doubts_;
+	std::set<std::string> spoke_; // instances whose receipts are in
 	bool closed_ = false;
 };
 

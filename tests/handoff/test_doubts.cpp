@@ -124,3 +124,28 @@ TEST_CASE("doubts: receipts out of a batch's range claim nothing, and a sender w
 	d.gone("web/2/1");
 	CHECK(d.take_resolved().empty());
 }
+
+TEST_CASE("doubts: a worker that says Resume again changes nothing it said before and cannot grow the books")
+{
+	HandoffDoubts d;
+	NullSink sender, receiver;
+	d.expect("web", "web/2/0");
+	d.expect("web", "web/2/1");
+	d.resume("web", "web/2/0", 200, receiver, {receipt(1, 0, 2)}, {});
+	// Again, claiming more of the same batch: its first word stands.
+	d.resume("web", "web/2/0", 200, receiver, {receipt(1, 0, 4)}, {});
+	// A sender names batches 1 to 16, then again only 1: the others were settled meanwhile.
+	std::vector<InDoubt> many;
+	for (std::uint64_t b = 1; b <= 16; b++)
+		many.push_back(InDoubt{b, 4});
+	d.resume("web", "web/1/0", 100, sender, {}, many);
+	CHECK(d.pending() == 16);
+	for (int i = 0; i < 100; i++)
+		d.resume("web", "web/1/0", 100, sender, {}, {InDoubt{1, 4}});
+	CHECK(d.pending() == 1);
+	d.gone("web/2/1");
+	auto done = d.take_resolved();
+	REQUIRE(done.size() == 1);
+	CHECK(done[0].result.landed == 2);
+	CHECK(done[0].result.returned == Indices{2, 3});
+}
