@@ -7,6 +7,7 @@
 #include "format.hpp"
 
 #include "proto/limits.hpp"
+#include "proto/suggest.hpp"
 #include "broker_config.h"
 
 #include <CLI/CLI.hpp>
@@ -17,6 +18,7 @@
 #include <climits>
 #include <iostream>
 #include <new>
+#include <string_view>
 #include <vector>
 
 namespace {
@@ -62,8 +64,15 @@ int run(int argc, char **argv)
 		std::string message = e.what();
 		// CLI11 reports `brokerctl bogus` as a missing subcommand with "bogus" left over.
 		if (e.get_name() == "RequiredError" && a->get_subcommands().empty()) {
-			if (a->remaining_size() > 0)
-				message = "unknown command \"" + printable(a->remaining().front()) + "\"";
+			if (a->remaining_size() > 0) {
+				std::string word = a->remaining().front();
+				message = "unknown command \"" + printable(word) + "\"";
+				std::vector<std::string_view> names;
+				for (const Command &c : commands())
+					names.push_back(c.name);
+				if (auto best = proto::closest(word, names))
+					message += " (did you mean \"" + std::string(*best) + "\"?)";
+			}
 			else
 				message = "no command given";
 		}

@@ -1,5 +1,5 @@
 // Unit tests of brokerctl's pure helpers: elapsed and relative times, tables, status views, argument
-// values, and the progress and watch displays.
+// values, the progress and watch displays, and the suggestion for a mistyped word.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -7,6 +7,7 @@
 #include "format.hpp"
 #include "progress.hpp"
 #include "render.hpp"
+#include "proto/suggest.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -547,4 +548,16 @@ TEST_CASE("reconnected_event: what a watch says when brokerd answers again")
 	      "2023-11-14 22:13:20.123 [reconnected] (pid 200): brokerd carries on after a crash of pid 100: 3 process(es) "
 	      "found again; gone meanwhile, restarted under their policy: web/1/1; web: an upgrade the crash "
 	      "interrupted: rolled back to gen 1");
+}
+
+TEST_CASE("closest: the known word within two edits, the first of the closest, none for a short or far word")
+{
+	const std::string_view commands[] = {"status", "sockets", "upgrade", "rollback", "restart", "start", "stop"};
+	CHECK(proto::closest("upgrdae", commands) == "upgrade");
+	CHECK(proto::closest("stauts", commands) == "status");
+	CHECK(proto::closest("stat", commands) == "start"); // one edit from start, two from status and stop
+	CHECK(proto::closest("sotp", commands) == "stop");
+	CHECK(proto::closest("frobnicate", commands) == std::nullopt);
+	CHECK(proto::closest("xy", commands) == std::nullopt); // two edits rewrite a two-letter word
+	CHECK(proto::closest("", commands) == std::nullopt);
 }

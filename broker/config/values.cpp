@@ -2,6 +2,7 @@
 #include "config/values.hpp"
 
 #include "proto/limits.hpp"
+#include "proto/suggest.hpp"
 #include "proto/varlink.hpp"
 
 #include <algorithm>
@@ -34,22 +35,6 @@ std::string describe(const json &j)
 	}
 }
 
-std::size_t edit_distance(std::string_view a, std::string_view b)
-{
-	std::vector<std::size_t> row(b.size() + 1);
-	for (std::size_t j = 0; j <= b.size(); ++j)
-		row[j] = j;
-	for (std::size_t i = 1; i <= a.size(); ++i) {
-		std::size_t diagonal = row[0];
-		row[0] = i;
-		for (std::size_t j = 1; j <= b.size(); ++j) {
-			std::size_t above = row[j];
-			row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-			diagonal = above;
-		}
-	}
-	return row[b.size()];
-}
 
 
 // nlohmann keeps the last of two equal keys without a word; in a config that hides a mistake.
@@ -188,17 +173,8 @@ void check_keys(const json &obj, const std::string &path, std::initializer_list<
 		if (std::find(known.begin(), known.end(), key) != known.end())
 			continue;
 		std::string message = "unknown key";
-		std::string_view best;
-		std::size_t best_distance = 3;
-		for (std::string_view k : known) {
-			std::size_t d = edit_distance(key, k);
-			if (d < best_distance) {
-				best_distance = d;
-				best = k;
-			}
-		}
-		if (!best.empty() && best_distance < key.size())
-			message += " (did you mean \"" + std::string(best) + "\"?)";
+		if (auto best = proto::closest(key, std::span<const std::string_view>(known.begin(), known.size())))
+			message += " (did you mean \"" + std::string(*best) + "\"?)";
 		fail(child(path, key), message);
 	}
 }

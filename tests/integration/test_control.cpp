@@ -247,6 +247,15 @@ TEST_CASE("brokerctl exit codes: not running, no such service")
 	RunResult usage = brokerctl({"--socket", b.control_path(), "--no-such-option"});
 	INFO("bad option: ", usage.describe());
 	CHECK(usage.exit_code == 2);
+	// A misspelled command: the usage error names the one meant; a word near none names none.
+	RunResult typo = brokerctl({"--socket", b.control_path(), "upgrdae", "web"});
+	INFO("misspelled command: ", typo.describe());
+	CHECK(typo.exit_code == 2);
+	CHECK(typo.err.find("unknown command \"upgrdae\" (did you mean \"upgrade\"?)") != std::string::npos);
+	RunResult far = brokerctl({"--socket", b.control_path(), "frobnicate"});
+	INFO("unknown command: ", far.describe());
+	CHECK(far.exit_code == 2);
+	CHECK(far.err.find("unknown command \"frobnicate\"\n") != std::string::npos);
 
 	b.stop();
 }

@@ -1,0 +1,47 @@
+// The closest known word to a mistyped one (proto/suggest.hpp).
+#include "proto/suggest.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+namespace proto {
+
+namespace {
+
+std::size_t edit_distance(std::string_view a, std::string_view b)
+{
+	std::vector<std::size_t> row(b.size() + 1);
+	for (std::size_t j = 0; j <= b.size(); ++j)
+		row[j] = j;
+	for (std::size_t i = 1; i <= a.size(); ++i) {
+		std::size_t diagonal = row[0];
+		row[0] = i;
+		for (std::size_t j = 1; j <= b.size(); ++j) {
+			std::size_t above = row[j];
+			row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+			diagonal = above;
+		}
+	}
+	return row[b.size()];
+}
+
+} // namespace
+
+std::optional<std::string_view> closest(std::string_view word, std::span<const std::string_view> candidates)
+{
+	std::optional<std::string_view> best;
+	std::size_t best_distance = 3;
+	for (std::string_view c : candidates) {
+		std::size_t d = edit_distance(word, c);
+		if (d < best_distance) {
+			best_distance = d;
+			best = c;
+		}
+	}
+	if (best && best_distance >= word.size())
+		return std::nullopt;
+	return best;
+}
+
+} // namespace proto
