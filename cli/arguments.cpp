@@ -5,7 +5,7 @@
 
 namespace brokerctl {
 
-std::optional<std::vector<std::string>> take_exec(std::vector<std::string> &args)
+std::optional<std::vector<std::string>> take_exec(std::vector<std::string> &args, bool *one_word)
 {
 	constexpr std::string_view kFlag = "--exec";
 	for (std::size_t i = 1; i < args.size(); ++i) {
@@ -16,10 +16,19 @@ std::optional<std::vector<std::string>> take_exec(std::vector<std::string> &args
 		if (arg != kFlag && !inline_value)
 			continue;
 		std::vector<std::string> exec;
-		if (inline_value)
+		std::size_t end = i + 1; // one past what --exec takes
+		bool rest = !inline_value && end < args.size() && args[end] == "--";
+		if (inline_value) {
 			exec.emplace_back(arg.substr(kFlag.size() + 1));
-		exec.insert(exec.end(), args.begin() + static_cast<std::ptrdiff_t>(i) + 1, args.end());
-		args.resize(i);
+		} else if (rest) {
+			exec.assign(args.begin() + static_cast<std::ptrdiff_t>(end) + 1, args.end());
+			end = args.size();
+		} else if (end < args.size()) {
+			exec.push_back(args[end++]);
+		}
+		if (one_word)
+			*one_word = !rest;
+		args.erase(args.begin() + static_cast<std::ptrdiff_t>(i), args.begin() + static_cast<std::ptrdiff_t>(end));
 		return exec;
 	}
 	return std::nullopt;

@@ -10,12 +10,15 @@
 
 namespace brokerctl {
 
-// `--exec` takes the rest of the command line as the new argv, so a worker's own options need no
-// quoting: `brokerctl upgrade web --version 2 --exec /usr/bin/app --port 80`. Removes "--exec" and
-// everything after it from `args` (args[0] is the program) and returns that argv; "--exec=CMD ARG.."
-// starts it with CMD. A "--" before it ends the search, as it ends options. nullopt when there is
-// no --exec; an empty argv when nothing follows it (the caller's usage error).
-std::optional<std::vector<std::string>> take_exec(std::vector<std::string> &args);
+// `--exec CMD` is one word, the program alone; `--exec -- CMD ARG...` takes the rest of the command
+// line as the new argv, so a worker's own options need no quoting and are never read as
+// brokerctl's: `brokerctl upgrade web --no-wait --exec -- /usr/bin/app --port 80`. Removes what it
+// takes from `args` (args[0] is the program; what follows a one-word --exec stays, for brokerctl's
+// own options) and returns that argv; "--exec=CMD" is one word too. A "--" before it ends the
+// search, as it ends options. nullopt when there is no --exec; an empty argv when no command
+// follows it (the caller's usage error). `one_word` says which form it was, for the hint to give
+// when the words after a one-word --exec are not brokerctl's.
+std::optional<std::vector<std::string>> take_exec(std::vector<std::string> &args, bool *one_word = nullptr);
 
 // "NAME=VALUE" split at the first '=': the value may hold '=' and may be empty, the name may not,
 // and neither may hold a NUL (the broker could not pass it through execve). nullopt otherwise.

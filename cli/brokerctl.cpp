@@ -60,8 +60,12 @@ int run(int argc, char **argv)
 	app.require_subcommand(1);
 	app.get_formatter()->label("SUBCOMMAND", "COMMAND");
 	app.fallthrough(); // global options also after the subcommand: `brokerctl status --json`
-	app.failure_message([](const CLI::App *a, const CLI::Error &e) {
+	bool exec_one_word = false; // set by take_exec() below, before the parse
+	app.failure_message([&exec_one_word](const CLI::App *a, const CLI::Error &e) {
 		std::string message = e.what();
+		// The old form, `--exec /usr/bin/app --port 80`, leaves the program's own words to CLI11.
+		if (exec_one_word && (dynamic_cast<const CLI::ExtrasError *>(&e) || dynamic_cast<const CLI::ArgumentMismatch *>(&e)))
+			message += "\n--exec takes one word; give a command with arguments after --: --exec -- /usr/bin/app --port 80";
 		// CLI11 reports `brokerctl bogus` as a missing subcommand with "bogus" left over.
 		if (e.get_name() == "RequiredError" && a->get_subcommands().empty()) {
 			if (a->remaining_size() > 0) {
@@ -100,9 +104,10 @@ int run(int argc, char **argv)
 	for (const Command &c : commands())
 		c.declare(*app.add_subcommand(c.name, c.summary)->group("Commands"), args);
 
-	// `upgrade --exec` takes the rest of the command line, which CLI11 would read as options.
+	// `upgrade --exec -- CMD ARG...` takes the rest of the command line, which CLI11 would read as
+	// options; `--exec CMD` one word.
 	std::vector<std::string> words(argv, argv + argc);
-	args.exec = take_exec(words);
+	args.exec = take_exec(words, &exec_one_word);
 	std::vector<const char *> rest;
 	for (const std::string &w : words)
 		rest.push_back(w.c_str());
@@ -119,7 +124,7 @@ int run(int argc, char **argv)
 	if (args.exec && !app.got_subcommand("upgrade"))
 		throw Failure(kExitUsage, "--exec is an option of upgrade");
 	if (args.exec && args.exec->empty())
-		throw Failure(kExitUsage, "--exec needs a command: --exec /usr/bin/app --port 80");
+		throw Failure(kExitUsage, "--exec needs a command: --exec /usr/bin/app, or --exec -- /usr/bin/app --port 80");
 
 	for (const Command &c : commands()) {
 		if (!app.got_subcommand(c.name))

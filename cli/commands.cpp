@@ -146,9 +146,9 @@ void declare_upgrade(CLI::App &sub, Arguments &args)
 {
 	declare_service(sub, args);
 	// Parsed by take_exec() before CLI11 sees the command line; declared here for --help.
-	sub.add_option("--exec", "Run this command and arguments instead of the config's exec. It takes the rest of "
-	                         "the command line, so it comes last: --exec /usr/bin/app --port 80")
-		->type_name("CMD [ARG...]");
+	sub.add_option("--exec", "Run this program instead of the config's exec. With arguments, put them after --, "
+	                         "which takes the rest of the line: --exec -- /usr/bin/app --port 80")
+		->type_name("CMD | -- CMD [ARG...]");
 	sub.add_option("--env", args.env, "Set NAME=VALUE in the new generation's environment; repeat for more")
 		->type_name("NAME=VALUE")
 		->allow_extra_args(false)

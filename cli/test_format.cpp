@@ -249,24 +249,29 @@ TEST_CASE("format_local_time is local, to the millisecond")
 	CHECK(format_local_time(1'700'000'000'123'456) == "2023-11-14 23:13:20.123");
 }
 
-TEST_CASE("take_exec takes the rest of the command line")
+TEST_CASE("take_exec: one word, or the rest of the command line after --")
 {
 	using Args = std::vector<std::string>;
 	struct Case {
 		Args in;
 		Args left;
 		std::optional<Args> exec;
+		bool one_word = false;
 	};
 	const Case cases[] = {
 		{{"brokerctl", "upgrade", "web"}, {"brokerctl", "upgrade", "web"}, std::nullopt},
-		{{"brokerctl", "upgrade", "web", "--version", "2", "--exec", "/usr/bin/app", "--port", "80", "--exec"},
+		{{"brokerctl", "upgrade", "web", "--version", "2", "--exec", "--", "/usr/bin/app", "--port", "80", "--exec"},
 		 {"brokerctl", "upgrade", "web", "--version", "2"},
 		 Args{"/usr/bin/app", "--port", "80", "--exec"}},
-		{{"brokerctl", "upgrade", "web", "--exec=/usr/bin/app", "-v"},
-		 {"brokerctl", "upgrade", "web"},
-		 Args{"/usr/bin/app", "-v"}},
-		{{"brokerctl", "upgrade", "web", "--exec"}, {"brokerctl", "upgrade", "web"}, Args{}},
-		{{"brokerctl", "upgrade", "web", "--exec="}, {"brokerctl", "upgrade", "web"}, Args{""}},
+		// One word: what follows is brokerctl's again.
+		{{"brokerctl", "upgrade", "web", "--exec", "srv", "--no-wait"},
+		 {"brokerctl", "upgrade", "web", "--no-wait"},
+		 Args{"srv"},
+		 true},
+		{{"brokerctl", "upgrade", "web", "--exec=/usr/bin/app", "-v"}, {"brokerctl", "upgrade", "web", "-v"}, Args{"/usr/bin/app"}, true},
+		{{"brokerctl", "upgrade", "web", "--exec"}, {"brokerctl", "upgrade", "web"}, Args{}, true},
+		{{"brokerctl", "upgrade", "web", "--exec", "--"}, {"brokerctl", "upgrade", "web"}, Args{}},
+		{{"brokerctl", "upgrade", "web", "--exec="}, {"brokerctl", "upgrade", "web"}, Args{""}, true},
 		// Not the flag: after "--", a longer option, a value that merely contains it.
 		{{"brokerctl", "upgrade", "--", "--exec", "x"}, {"brokerctl", "upgrade", "--", "--exec", "x"}, std::nullopt},
 		{{"brokerctl", "upgrade", "--executable", "x"}, {"brokerctl", "upgrade", "--executable", "x"}, std::nullopt},
@@ -275,9 +280,12 @@ TEST_CASE("take_exec takes the rest of the command line")
 	for (const Case &c : cases) {
 		Args args = c.in;
 		CAPTURE(args.size());
-		auto exec = take_exec(args);
+		bool one_word = false;
+		auto exec = take_exec(args, &one_word);
 		CHECK(exec == c.exec);
 		CHECK(args == c.left);
+		if (exec)
+			CHECK(one_word == c.one_word);
 	}
 }
 

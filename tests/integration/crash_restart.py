@@ -323,7 +323,7 @@ def run(tmp, manager, runs, strays):
     with open(hang, "w") as f:
         f.write("import signal\nwhile True:\n    signal.pause()\n")
     r = run_brokerctl(b, brokerctl, control, "upgrade", "web", "--no-wait", "--start-timeout", "60s",
-                        "--exec", sys.executable, hang)
+                        "--exec", "--", sys.executable, hang)
     check(r.returncode == 0, "mid-upgrade: the upgrade to a never-ready exec began (%d: %s%s)" %
           (r.returncode, r.stdout, r.stderr))
 

@@ -257,6 +257,20 @@ TEST_CASE("brokerctl exit codes: not running, no such service")
 	CHECK(far.exit_code == 2);
 	CHECK(far.err.find("unknown command \"frobnicate\"\n") != std::string::npos);
 
+	// --exec takes one word, and brokerctl's own options may follow it; the form that took the
+	// rest of the line is refused with the new one as the hint, and nothing begins.
+	RunResult old_form = brokerctl({"--socket", b.control_path(), "upgrade", "web", "--exec", "/bin/sleep", "--port", "80"});
+	INFO("--exec with arguments and no --: ", old_form.describe());
+	CHECK(old_form.exit_code == 2);
+	CHECK(old_form.err.find("give a command with arguments after --: --exec -- /usr/bin/app --port 80") != std::string::npos);
+	CHECK(member(member(b.status("web"), "services")[0], "generations").size() == 1);
+	RunResult one_word = brokerctl({"--socket", b.control_path(), "upgrade", "web", "--exec", "/bin/sleep", "--no-wait"});
+	INFO("--exec WORD --no-wait: ", one_word.describe());
+	CHECK(one_word.exit_code == 0);
+	json gens = member(member(b.status("web"), "services")[0], "generations");
+	CHECK(gens.back().value("number", 0) == 2);
+	CHECK(gens.back().value("exec", json()) == json{"/bin/sleep"});
+
 	b.stop();
 }
 
@@ -578,7 +592,7 @@ TEST_CASE("what cannot begin is refused with exit 7 and changes nothing; rollbac
 
 	// While an upgrade runs, rollback and stop are refused as well as a second upgrade (the test
 	// upgrade-concurrent-upgrade has those); abort ends it.
-	RunResult held = ctl(b, {"upgrade", "web", "--no-wait", "--start-timeout", "1m", "--exec", "/bin/sleep", "60"});
+	RunResult held = ctl(b, {"upgrade", "web", "--no-wait", "--start-timeout", "1m", "--exec", "--", "/bin/sleep", "60"});
 	INFO("upgrade --no-wait: ", held.describe());
 	REQUIRE(held.exit_code == 0);
 	for (const char *command : {"rollback", "stop"}) {

@@ -79,7 +79,7 @@ TEST_CASE("control: a second upgrade is refused while one runs; abort rolls back
 	tb.start(config_with({{"web", http_service(2)}}));
 
 	std::string fifo = b.path("hold"), go = b.path("go");
-	std::vector<std::string> args = {"upgrade", "web", "--exec"};
+	std::vector<std::string> args = {"upgrade", "web", "--exec", "--"};
 	for (const auto &a : held_exec(fifo, go))
 		args.push_back(a);
 	Process first = brokerctl_background(b, args, "first");
@@ -114,7 +114,7 @@ TEST_CASE("control: a second upgrade is refused while one runs; abort rolls back
 
 	// Abort: the upgrade in progress ends as failed and rolled back.
 	std::string fifo2 = b.path("hold2"), go2 = b.path("go2");
-	args = {"upgrade", "web", "--exec"};
+	args = {"upgrade", "web", "--exec", "--"};
 	for (const auto &a : held_exec(fifo2, go2))
 		args.push_back(a);
 	Process third = brokerctl_background(b, args, "third");

@@ -159,7 +159,7 @@ TEST_CASE("reexec: a binary that cannot carry on is refused and brokerd serves o
 	}
 
 	// Busy: not while a rollout runs (here, one whose new instance never gets ready).
-	RunResult up = brokerctl(b, {"upgrade", "web", "--no-wait", "--start-timeout", "1m", "--exec", "/bin/sleep", "60"});
+	RunResult up = brokerctl(b, {"upgrade", "web", "--no-wait", "--start-timeout", "1m", "--exec", "--", "/bin/sleep", "60"});
 	INFO("brokerctl upgrade: ", up.describe());
 	REQUIRE(up.exit_code == 0);
 	RunResult busy = brokerctl(b, {"reexec"});

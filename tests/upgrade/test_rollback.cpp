@@ -57,6 +57,7 @@ void rollbacks_under_load(const json &web, int rate, const std::vector<Failing> 
 		std::vector<std::string> args = {"upgrade", "web"};
 		args.insert(args.end(), c.options.begin(), c.options.end());
 		args.push_back("--exec");
+		args.push_back("--");
 		args.insert(args.end(), c.exec.begin(), c.exec.end());
 		load.begin_upgrade();
 		RunResult r = brokerctl(b, args);

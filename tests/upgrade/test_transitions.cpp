@@ -313,7 +313,7 @@ TEST_CASE("transitions: every worker and brokerd keep the listener of the start 
 	// starts an old-generation instance again in the first one's place.
 	TempDir scratch;
 	std::string worker = shell_quote(env("EXAMPLE_HTTP"));
-	RunResult failed = brokerctl(b, {"upgrade", "web", "--exec", probe, b.path("probe-web"), "/bin/sh", "-c",
+	RunResult failed = brokerctl(b, {"upgrade", "web", "--exec", "--", probe, b.path("probe-web"), "/bin/sh", "-c",
 	                                 "if mkdir " + shell_quote(scratch / "once") + " 2>/dev/null; then exec " +
 	                                         worker + "; fi; exit 4"});
 	INFO("brokerctl upgrade: ", failed.describe());
