@@ -100,9 +100,23 @@ int run(int argc, char **argv)
 		->type_name("DURATION")
 		->check(CLI::Validator(check_timeout, ""));
 
+	// A command's help shows the options every command takes (CLI11 lists only the command's
+	// own) and leaves the exit statuses to `brokerctl --help`.
+	const std::string global_help = "Global options (before or after the command):\n"
+	                                "  --socket PATH       brokerd's control socket (default " BROKER_DEFAULT_CONTROL
+	                                "; BROKERCTL_SOCKET)\n"
+	                                "  --json              Print brokerd's reply as JSON, for scripts\n"
+	                                "  --timeout DURATION  How long to wait for brokerd's reply (default " +
+	                                timeout_text +
+	                                ")\n"
+	                                "\n"
+	                                "Exit statuses: see 'brokerctl --help'.";
 	Arguments args;
-	for (const Command &c : commands())
-		c.declare(*app.add_subcommand(c.name, c.summary)->group("Commands"), args);
+	for (const Command &c : commands()) {
+		CLI::App *sub = app.add_subcommand(c.name, c.summary)->group("Commands");
+		sub->footer(global_help);
+		c.declare(*sub, args);
+	}
 
 	// `upgrade --exec -- CMD ARG...` takes the rest of the command line, which CLI11 would read as
 	// options; `--exec CMD` one word.

@@ -257,6 +257,18 @@ TEST_CASE("brokerctl exit codes: not running, no such service")
 	CHECK(far.exit_code == 2);
 	CHECK(far.err.find("unknown command \"frobnicate\"\n") != std::string::npos);
 
+	// A command's help names the global options and leaves the exit statuses to the main help.
+	RunResult sub_help = brokerctl({"upgrade", "--help"});
+	INFO("upgrade --help: ", sub_help.describe());
+	CHECK(sub_help.exit_code == 0);
+	for (const char *global : {"--socket PATH", "--json", "--timeout DURATION"})
+		CHECK_MESSAGE(sub_help.out.find(global) != std::string::npos, global);
+	CHECK(sub_help.out.find("--drain-timeout") != std::string::npos);
+	CHECK(sub_help.out.find("Exit status:") == std::string::npos);
+	RunResult main_help = brokerctl({"--help"});
+	CHECK(main_help.exit_code == 0);
+	CHECK(main_help.out.find("Exit status:") != std::string::npos);
+
 	// --exec takes one word, and brokerctl's own options may follow it; the form that took the
 	// rest of the line is refused with the new one as the hint, and nothing begins.
 	RunResult old_form = brokerctl({"--socket", b.control_path(), "upgrade", "web", "--exec", "/bin/sleep", "--port", "80"});
