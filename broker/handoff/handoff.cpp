@@ -67,10 +67,11 @@ std::optional<std::string> Supervisor::handoff_resume(Instance &inst, EventSink 
 }
 
 // Tells senders how their batches in doubt ended, and counts them as the router counts its own.
-// Once nobody is left to speak, the books close.
+// Once nobody is left to speak, the books close: only once the crash restore opened them (the
+// timer runs), never while it still finds processes, one gone before another is expected.
 void Supervisor::settle_doubts(std::vector<HandoffDoubts::Resolved> resolved)
 {
-	if (!doubts_.closed() && doubts_.silent() == 0 && doubts_.pending() == 0) {
+	if (doubts_timer_ && !doubts_.closed() && doubts_.silent() == 0 && doubts_.pending() == 0) {
 		doubts_.expire();
 		doubts_timer_.reset();
 	}

@@ -362,11 +362,13 @@ void take_nofile_limit(std::size_t connections)
 	REQUIRE(::setrlimit(RLIMIT_NOFILE, &nofile) == 0);
 }
 
-std::uint16_t start_web(TestBroker &tb)
+std::uint16_t start_web(TestBroker &tb, const json &others)
 {
 	json web = http_service(2);
 	web["drain"] = {{"timeout", "30s"}};
-	tb.start({{"sockets", {{"http", {{"listen", "tcp://127.0.0.1:0"}, {"backlog", 4096}}}}}, {"services", {{"web", web}}}});
+	json services = others;
+	services["web"] = web;
+	tb.start({{"sockets", {{"http", {{"listen", "tcp://127.0.0.1:0"}, {"backlog", 4096}}}}}, {"services", services}});
 	check_serves_alone(tb.b, "web", 1, 2);
 	return socket_port(tb.b.status(), "http");
 }

@@ -92,8 +92,9 @@ private:
 void take_nofile_limit(std::size_t connections);
 
 // Starts `tb` with service "web": 2 instances of the C++ example, a 30 s drain, on socket "http"
-// with a backlog of 4096, and waits until generation 1 serves. Returns the port.
-std::uint16_t start_web(TestBroker &tb);
+// with a backlog of 4096, and `others` beside it, and waits until web's generation 1 serves.
+// Returns the port.
+std::uint16_t start_web(TestBroker &tb, const json &others = json::object());
 
 // Checks the answers of the idle connections: each that is not a 200 keep-alive answer from
 // `generation` which `accept` (the test's own conditions) also takes is noted in `t` as wrong. The
