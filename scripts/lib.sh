@@ -15,8 +15,11 @@ DEPS=(
 # What only the test suite adds, so that as root no test skips: Go and Debian's varlink-go, for
 # the Varlink interop test (tests/interop), which builds a Go client offline against the packaged
 # source; man and groff, for install-consumer's man page checks (systemd-analyze, and the systemd
-# tools of the integration tests, come with systemd above).
-TEST_DEPS=(golang-go golang-github-varlink-go-dev man-db groff-base)
+# tools of the integration tests, come with systemd above); promtool (in prometheus), which checks
+# the metrics text; openssh-server, for `brokerctl -H` against a local sshd; bash-completion, whose
+# loader the completion test uses; dh-python, for the Python library's Debian package.
+TEST_DEPS=(golang-go golang-github-varlink-go-dev man-db groff-base
+	prometheus openssh-server bash-completion dh-python)
 
 die() {
 	printf 'scripts/%s: error: %s\n' "$(basename "$0")" "$*" >&2
@@ -47,8 +50,17 @@ ensure_deps() {
 	fi
 	info "installing missing packages: ${missing[*]}"
 	apt-get update || die "apt-get update failed"
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" \
-		|| die "apt-get install failed for: ${missing[*]}"
+	# Some of them are servers (prometheus, sshd) whose packages start them: a policy-rc.d that
+	# answers 101 keeps invoke-rc.d and deb-systemd-invoke from starting anything while we install.
+	local policy=/usr/sbin/policy-rc.d ours=0 rc=0
+	if [[ ! -e "$policy" ]]; then
+		printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && ours=1
+	fi
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" || rc=$?
+	if ((ours)); then
+		rm -f "$policy"
+	fi
+	((rc == 0)) || die "apt-get install failed for: ${missing[*]}"
 }
 
 # build DIR [meson options...]: configures DIR with the options (set up once, or updated with

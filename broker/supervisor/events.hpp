@@ -69,6 +69,11 @@ struct Event {
 	std::string message;
 	std::optional<UpgradeSnapshot> upgrade; // while an upgrade runs, and in its Done
 	std::optional<HandoffTotals> handoff;   // a Handoff event's counts
+	// A service's event during an upgrade, and its Done and RolledBack: "upgrade", "rollback",
+	// "restart" or "takeover"; empty otherwise.
+	std::string upgrade_kind;
+	// Done and RolledBack: how long the upgrade took (none for one a crash interrupted).
+	std::optional<usec_t> duration;
 };
 
 // A service as Status shows it: stopped by the operator, failed (an instance of its current

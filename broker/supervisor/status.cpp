@@ -42,17 +42,31 @@ static std::optional<std::uint64_t> service_generation(const Service &svc)
 	return std::nullopt;
 }
 
-void Supervisor::emit_service(const Service &svc, EventKind kind, const std::string &message,
-                              std::optional<HandoffTotals> handoff)
+Event Supervisor::service_event(const Service &svc, EventKind kind, const std::string &message) const
 {
-	if (!on_event)
-		return;
 	Event e;
 	e.kind = kind;
 	e.time = now_usec(CLOCK_REALTIME);
 	e.service = svc.name;
 	e.generation = service_generation(svc);
 	e.message = message;
+	if (svc.upgrade)
+		e.upgrade_kind = svc.upgrade->kind;
+	return e;
+}
+
+void Supervisor::emit_event(const Event &e)
+{
+	if (on_event)
+		on_event(e);
+}
+
+void Supervisor::emit_service(const Service &svc, EventKind kind, const std::string &message,
+                              std::optional<HandoffTotals> handoff)
+{
+	if (!on_event)
+		return;
+	Event e = service_event(svc, kind, message);
 	e.handoff = handoff;
 	on_event(e);
 }
@@ -61,9 +75,12 @@ Event Supervisor::progress(const Service &svc, EventKind kind, const Instance *i
 {
 	Event e;
 	e.kind = kind;
+	e.time = now_usec(CLOCK_REALTIME);
 	e.service = svc.name;
-	if (svc.upgrade)
+	if (svc.upgrade) {
 		e.upgrade = snapshot(*svc.upgrade);
+		e.upgrade_kind = svc.upgrade->kind;
+	}
 	if (inst) {
 		e.instance = inst->id;
 		e.pid = inst->pid;

@@ -211,6 +211,9 @@ private:
 	void emit(const Instance &inst, EventKind kind, const std::string &message = {});
 	void emit_service(const Service &svc, EventKind kind, const std::string &message,
 	                  std::optional<HandoffTotals> handoff = std::nullopt);
+	// A service's event for Watch, with what emit_service fills in; emit_event sends any event.
+	Event service_event(const Service &svc, EventKind kind, const std::string &message) const;
+	void emit_event(const Event &e);
 	void notify_observers(const Upgrade &up, const Event &e);
 	void changed();
 	void schedule_prune();

@@ -145,7 +145,15 @@ void Supervisor::finish_upgrade(Service &svc)
 	std::unique_ptr<Upgrade> up = std::move(svc.upgrade);
 	if (!up)
 		return;
-	double secs = static_cast<double>(now_usec(CLOCK_MONOTONIC) - up->started) / 1e6;
+	const usec_t duration = now_usec(CLOCK_MONOTONIC) - up->started;
+	double secs = static_cast<double>(duration) / 1e6;
+	// The Watch event of the end, with the kind and duration of the upgrade it ends.
+	auto ended = [&](EventKind kind, const std::string &message) {
+		Event e = service_event(svc, kind, message);
+		e.upgrade_kind = up->kind;
+		e.duration = duration;
+		emit_event(e);
+	};
 	char took[32];
 	std::snprintf(took, sizeof(took), "%.2fs", secs);
 	if (up->rollout.phase() == RolloutPhase::Done) {
@@ -154,15 +162,17 @@ void Supervisor::finish_upgrade(Service &svc)
 		svc.current = up->to;
 		log::notice("service " + svc.name + ": now at gen " + std::to_string(up->to->number) + " (" + up->kind +
 		            " took " + took + ")");
-		emit_service(svc, EventKind::Done, up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took);
+		ended(EventKind::Done, up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took);
 		Event done = progress(svc, EventKind::Done, nullptr, took);
 		done.upgrade = snapshot(*up);
+		done.upgrade_kind = up->kind;
+		done.duration = duration;
 		for (Observer *o : std::vector(up->observers))
 			o->finished(&done);
 	} else {
 		log::notice("service " + svc.name + ": rolled back to gen " +
 		            (up->from ? std::to_string(up->from->number) : std::string("-")) + " in " + took);
-		emit_service(svc, EventKind::RolledBack, up->rollout.reason());
+		ended(EventKind::RolledBack, up->rollout.reason());
 		Refusal failed = Refusal::failure(Kind::UpgradeFailed, svc.name, up->rollout.reason(), up->to->number);
 		failed.instance = up->failed_instance;
 		failed.output = up->failed_output;
