@@ -5,6 +5,7 @@
 #include "connection.hpp"
 #include "errors.hpp"
 #include "format.hpp"
+#include "metrics.hpp"
 #include "progress.hpp"
 #include "render.hpp"
 #include "reply.hpp"
@@ -446,6 +447,7 @@ constexpr std::array kCommands{
 	Command{"watch", "Print brokerd's events as they happen, until interrupted", declare_watch, run_watch},
 	Command{"reexec", "Upgrade brokerd itself: it re-executes, keeping every listener, worker and connection",
 	        declare_reexec, run_reexec},
+	Command{"metrics", "Print brokerd's metrics in the Prometheus text format", declare_none, run_metrics},
 };
 
 } // namespace

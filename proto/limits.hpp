@@ -45,6 +45,10 @@ inline constexpr unsigned kMaxBatch = 1024;
 // Handoff: chunks a worker remembers having received, and may list in a Resume.
 inline constexpr std::size_t kMaxResumeReceipts = 4096;
 
+// Metrics: the text a Metrics reply carries, as a JSON string, leaving room for the rest of the
+// message; whole metric families past it are left out (the reply says truncated).
+inline constexpr std::size_t kMaxMetricsText = kMaxMessageSize - 4096;
+
 // Clients.
 inline constexpr auto kDefaultCallTimeout = 30s;
 

@@ -49,6 +49,7 @@ public:
 	void refuse(const std::string &why);
 	bool dead() const { return dead_; }
 	uid_t uid() const { return peer_.uid; }
+	access::Tier tier() const { return tier_; }
 	std::size_t buffer_bytes() const { return stream_.buffer_bytes(); }
 	bool is_operator() const { return tier_ >= access::Tier::Admin; }
 	// The connection the Events stream of an instance brokerd spawned runs on: the config
@@ -120,6 +121,7 @@ private:
 	void control_stop(control::Call &call);
 	void control_reload(control::Call &call);
 	void control_reexec(control::Call &call);
+	void control_metrics(control::Call &call); // metrics_methods.cpp
 
 	// What the handlers share.
 	Instance *hello_token(const std::string &token);

@@ -34,6 +34,7 @@ std::span<const Method> methods()
 		{"io.brokerd.Control.Stop", Admin, false, &Connection::control_stop},
 		{"io.brokerd.Control.Reload", Admin, false, &Connection::control_reload},
 		{"io.brokerd.Control.Reexec", Admin, false, &Connection::control_reexec},
+		{"io.brokerd.Control.Metrics", Reader, false, &Connection::control_metrics},
 	};
 	return table;
 }

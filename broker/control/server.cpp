@@ -50,6 +50,15 @@ void ControlServer::broadcast(const Event &event)
 		c->watch_event(event);
 }
 
+std::array<std::size_t, 4> ControlServer::connections_by_tier() const
+{
+	std::array<std::size_t, 4> out{};
+	for (const auto &c : connections_)
+		if (!c->dead())
+			out[static_cast<std::size_t>(c->tier())]++;
+	return out;
+}
+
 void ControlServer::bind_socket()
 {
 	const std::string &path = cfg_.path;

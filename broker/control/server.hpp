@@ -4,6 +4,7 @@
 #include "proto/unique_fd.hpp"
 #include "config/config.hpp"
 #include "control/access.hpp"
+#include "metrics/exposition.hpp"
 #include "os/event.hpp"
 #include "supervisor/events.hpp"
 
@@ -11,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <list>
@@ -35,6 +37,8 @@ struct DaemonHooks {
 		reexec;
 	// The caller of the reexec being checked went away: it is dropped, and `failed` not called.
 	std::function<void()> drop_reexec;
+	// Every metric family at this moment (metrics/collect.hpp), for Metrics.
+	std::function<std::vector<metrics::Family>()> metrics;
 };
 
 class ControlServer {
@@ -54,6 +58,9 @@ public:
 
 	const std::string &path() const { return cfg_.path; }
 	std::size_t connections() const { return connections_.size(); }
+	// Open connections by their caller's tier, indexed by access::Tier (worker, reader, admin,
+	// root), for the metrics.
+	std::array<std::size_t, 4> connections_by_tier() const;
 	// Removes the socket file, at shutdown.
 	void remove_socket_file();
 	// New access rules after a reload.

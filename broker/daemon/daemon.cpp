@@ -4,9 +4,11 @@
 
 #include "broker_config.h"
 #include "daemon/state.hpp"
+#include "metrics/collect.hpp"
 #include "os/closer.hpp"
 #include "os/log.hpp"
 #include "os/peer.hpp"
+#include "os/socket_stats.hpp"
 #include "supervisor/serialize.hpp"
 
 #include <systemd/sd-daemon.h>
@@ -240,9 +242,16 @@ void Daemon::compose(proto::UniqueFd control_fd)
 		reexec(binary, caller, std::move(failed));
 	};
 	hooks.drop_reexec = [this] { drop_reexec(); };
+	sock_diag_ = open_sock_diag();
+	hooks.metrics = [this] {
+		return metrics::collect({*supervisor_, counters_, control_->connections_by_tier(), sock_diag_.get()});
+	};
 	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start_usec_,
 	                                           std::move(control_fd));
-	supervisor_->on_event = [this](const Event &ev) { control_->broadcast(ev); };
+	supervisor_->on_event = [this](const Event &ev) {
+		counters_.observe(ev);
+		control_->broadcast(ev);
+	};
 }
 
 // After a re-exec: the services and connections the previous brokerd had, as they were.
@@ -250,6 +259,9 @@ void Daemon::carry_on()
 {
 	Serializer::restore(*supervisor_, restored_.at("services"));
 	control_->restore_state(restored_.at("control"));
+	// A brokerd before metrics left none: they start at 0, as after a crash.
+	if (restored_.contains("metrics"))
+		counters_ = metrics::Counters::restore(restored_.at("metrics"));
 	log::notice("re-executed: brokerd " BROKER_VERSION " carries on with " +
 	            std::to_string(restored_.at("services").size()) + " service(s), " +
 	            std::to_string(control_->connections()) + " worker connection(s)");

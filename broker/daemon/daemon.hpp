@@ -10,6 +10,7 @@
 #include "daemon/fd_holder.hpp"
 #include "daemon/reload.hpp"
 #include "daemon/sentinel.hpp"
+#include "metrics/counters.hpp"
 #include "os/event.hpp"
 #include "os/listener.hpp"
 #include "os/notify.hpp"
@@ -105,6 +106,10 @@ private:
 	std::unique_ptr<Supervisor> supervisor_;
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;
+	// What the metrics count from events (kept across a re-exec), and the sock_diag socket that
+	// reads unix listeners' accept queues.
+	metrics::Counters counters_;
+	proto::UniqueFd sock_diag_;
 	std::unique_ptr<CrashState> crash_state_; // null when no memfd could be had
 	std::unique_ptr<SentinelKeeper> sentinel_; // null without a service manager
 	// Without a service manager: the fd holder that plays its store (daemon/fd_holder.hpp).

@@ -166,7 +166,8 @@ nlohmann::json Daemon::save_state(int caller, std::vector<int> &keep) const
 	        {"listeners", std::move(listeners)},
 	        {"notify_fd", notify_->fd()},
 	        {"services", Serializer::save(*supervisor_, keep)},
-	        {"control", control_->save_state(caller, keep)}};
+	        {"control", control_->save_state(caller, keep)},
+	        {"metrics", counters_.save()}};
 	st.update(extra);
 	return st;
 }

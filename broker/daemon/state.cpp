@@ -1,6 +1,8 @@
 // Re-exec state: service configs as JSON, and the memfd that carries the whole state.
 #include "daemon/state.hpp"
 
+#include "metrics/counters.hpp"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -82,6 +84,8 @@ void check(const json &state)
 			for (const json &gen : svc.at("generations"))
 				service_config(gen.at("cfg"));
 		}
+		if (state.contains("metrics"))
+			metrics::Counters::restore(state.at("metrics"));
 	} catch (const json::exception &e) {
 		throw std::runtime_error(std::string("re-exec state: ") + e.what());
 	} catch (const config::ConfigError &e) {

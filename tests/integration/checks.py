@@ -179,13 +179,13 @@ def wait_ready(notify, proc, deadline):
             return
 
 
-def run_with_brokerd(prefix, body):
+def run_with_brokerd(prefix, body, make_config=None):
     """Starts brokerd ($BROKERD) with one service, web, of the Python example worker
     ($EXAMPLE_PYTHON) on a loopback port, as systemd would (a NOTIFY_SOCKET of our own, waited on
     for READY=1), and calls body(control socket path). Then stops brokerd with SIGTERM and checks
     it exits 0 and leaves no process behind (see Strays), killing whatever is left. Prints
     brokerd's log when a check failed, and the closing "N passed, N failed" line. Returns the exit
-    code for the script."""
+    code for the script. make_config(tmp, control), when given, returns the config instead."""
     strays = Strays()
     check(strays.subreaper, "the test is a child subreaper, so that no worker escapes the checks")
     brokerd = os.environ["BROKERD"]
@@ -194,10 +194,13 @@ def run_with_brokerd(prefix, body):
     control = os.path.join(tmp, "control.sock")
     config = os.path.join(tmp, "brokerd.json")
     with open(config, "w") as f:
-        json.dump({"control": {"path": control},
-                   "sockets": {"http": {"listen": "tcp://127.0.0.1:0"}},
-                   "services": {"web": {"exec": [sys.executable, worker], "sockets": ["http"],
-                                        "instances": 1, "ready": "notify"}}}, f)
+        if make_config:
+            json.dump(make_config(tmp, control), f)
+        else:
+            json.dump({"control": {"path": control},
+                       "sockets": {"http": {"listen": "tcp://127.0.0.1:0"}},
+                       "services": {"web": {"exec": [sys.executable, worker], "sockets": ["http"],
+                                            "instances": 1, "ready": "notify"}}}, f)
 
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     name = "%s%d" % (prefix, os.getpid())
