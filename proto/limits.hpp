@@ -48,6 +48,12 @@ inline constexpr std::size_t kMaxResumeReceipts = 4096;
 // Metrics: the text a Metrics reply carries, as a JSON string, leaving room for the rest of the
 // message; whole metric families past it are left out (the reply says truncated).
 inline constexpr std::size_t kMaxMetricsText = kMaxMessageSize - 4096;
+// The metrics.listen endpoint: connections at once (metrics.max_connections), a request's head,
+// the time from accept to the end of the reply, accepts per wakeup.
+inline constexpr unsigned kDefaultMetricsConnections = 16;
+inline constexpr std::size_t kMaxHttpRequest = 4096;
+inline constexpr auto kHttpTimeout = 10s;
+inline constexpr int kMetricsAcceptPerWakeup = 16;
 
 // Clients.
 inline constexpr auto kDefaultCallTimeout = 30s;

@@ -244,6 +244,35 @@ SocketConfig parse_socket(const std::string &name, const json &j, const std::str
 	return s;
 }
 
+void parse_metrics(const json &j, Config &cfg)
+{
+	const std::string path = "metrics";
+	object_at(j, path);
+	check_keys(j, path, {"listen", "mode", "max_connections"});
+	const json *listen = member(j, "listen");
+	if (!listen)
+		fail(path, "needs \"listen\": tcp://HOST:PORT or unix:PATH");
+	MetricsConfig m;
+	m.socket.name = "metrics";
+	m.socket.backlog = 64;
+	std::string lp = child(path, "listen");
+	m.socket.listen = string_at(*listen, lp, "tcp://HOST:PORT or unix:PATH");
+	parse_listen(m.socket, *listen, lp);
+	if (m.socket.kind == SocketKind::Udp)
+		expected(lp, "tcp://HOST:PORT or unix:PATH (HTTP needs a stream socket)", *listen);
+	if (auto *v = member(j, "mode")) {
+		std::string p = child(path, "mode");
+		if (m.socket.kind != SocketKind::Unix || m.socket.path.starts_with("@"))
+			fail(p, "applies only to a unix socket with a file path");
+		m.socket.mode = mode_at(*v, p);
+	} else if (m.socket.kind == SocketKind::Unix && !m.socket.path.starts_with("@")) {
+		m.socket.mode = 0666; // anyone may connect; the peer's tier is checked
+	}
+	if (auto *v = member(j, "max_connections"))
+		m.max_connections = static_cast<unsigned>(uint_at(*v, child(path, "max_connections"), 1, 1024));
+	cfg.metrics = std::move(m);
+}
+
 // One spelling per unix socket file ("/run//x" and "/run/./x" are "/run/x"); abstract names as they are.
 std::string same_file_key(const std::string &path)
 {
@@ -469,7 +498,7 @@ Config parse(std::string_view text, const Resolver &resolver)
 {
 	json root = parse_json(text);
 	object_at(root, "");
-	check_keys(root, "", {"control", "shutdown", "sockets", "services"});
+	check_keys(root, "", {"control", "shutdown", "sockets", "services", "metrics"});
 	Config cfg;
 	cfg.control.path = BROKER_DEFAULT_CONTROL;
 	if (auto *v = member(root, "control"))
@@ -481,6 +510,8 @@ Config parse(std::string_view text, const Resolver &resolver)
 		parse_sockets(*v, cfg);
 	if (auto *v = member(root, "services"))
 		parse_services(*v, cfg);
+	if (auto *v = member(root, "metrics"))
+		parse_metrics(*v, cfg);
 	resolve_accounts(cfg, resolver);
 	return cfg;
 }

@@ -65,6 +65,12 @@ struct SocketConfig {
 	std::optional<mode_t> mode;          // unix sockets only
 };
 
+// metrics.listen: GET /metrics over HTTP from brokerd's loop. Absent: no endpoint.
+struct MetricsConfig {
+	SocketConfig socket; // named "metrics"; tcp or unix, with mode for a unix file
+	unsigned max_connections = proto::limits::kDefaultMetricsConnections;
+};
+
 enum class ReadyMode { Broker, Notify, Exec };
 enum class RestartPolicy { No, OnFailure, Always };
 
@@ -94,6 +100,7 @@ struct Config {
 	ShutdownConfig shutdown;
 	std::vector<SocketConfig> sockets;   // sorted by name
 	std::vector<ServiceConfig> services; // sorted by name
+	std::optional<MetricsConfig> metrics;
 
 	const SocketConfig *find_socket(std::string_view name) const;
 	const ServiceConfig *find_service(std::string_view name) const;

@@ -65,6 +65,7 @@ public:
 	void remove_socket_file();
 	// New access rules after a reload.
 	void set_rules(AccessRules rules) { rules_ = std::move(rules); }
+	const AccessRules &rules() const { return rules_; }
 	// Sends an event to every Watch stream that wants it.
 	void broadcast(const Event &event);
 

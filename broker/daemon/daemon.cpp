@@ -4,7 +4,6 @@
 
 #include "broker_config.h"
 #include "daemon/state.hpp"
-#include "metrics/collect.hpp"
 #include "os/closer.hpp"
 #include "os/log.hpp"
 #include "os/peer.hpp"
@@ -133,6 +132,7 @@ int Daemon::run()
 	setup_watchdog();
 
 	compose(std::move(control_fd));
+	open_metrics();
 	keep_crash_state();
 	keep_sentinel();
 	if (restoring)
@@ -154,6 +154,7 @@ int Daemon::run()
 		throw std::runtime_error(std::string("event loop: ") + std::strerror(-r));
 
 	control_.reset();
+	close_metrics();
 	for (const auto &l : listeners_)
 		remove_socket_file(l);
 	// Every worker is gone: a brokerd started next finds nothing to carry on with.
@@ -243,9 +244,7 @@ void Daemon::compose(proto::UniqueFd control_fd)
 	};
 	hooks.drop_reexec = [this] { drop_reexec(); };
 	sock_diag_ = open_sock_diag();
-	hooks.metrics = [this] {
-		return metrics::collect({*supervisor_, counters_, control_->connections_by_tier(), sock_diag_.get()});
-	};
+	hooks.metrics = [this] { return metric_families(); };
 	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start_usec_,
 	                                           std::move(control_fd));
 	supervisor_->on_event = [this](const Event &ev) {
@@ -261,7 +260,7 @@ void Daemon::carry_on()
 	control_->restore_state(restored_.at("control"));
 	// A brokerd before metrics left none: they start at 0, as after a crash.
 	if (restored_.contains("metrics"))
-		counters_ = metrics::Counters::restore(restored_.at("metrics"));
+		counters_ = metrics::Counters::restore(restored_.at("metrics").at("counters"));
 	log::notice("re-executed: brokerd " BROKER_VERSION " carries on with " +
 	            std::to_string(restored_.at("services").size()) + " service(s), " +
 	            std::to_string(control_->connections()) + " worker connection(s)");

@@ -11,6 +11,7 @@
 #include "daemon/reload.hpp"
 #include "daemon/sentinel.hpp"
 #include "metrics/counters.hpp"
+#include "metrics/http_server.hpp"
 #include "os/event.hpp"
 #include "os/listener.hpp"
 #include "os/notify.hpp"
@@ -82,6 +83,12 @@ private:
 	void drop_reexec();
 	void exec(std::string binary, int caller);
 	nlohmann::json save_state(int caller, std::vector<int> &keep) const;
+	// daemon/metrics.cpp: the metrics.listen endpoint, bound or carried over a re-exec, and the
+	// counters and endpoint a re-exec carries.
+	std::vector<metrics::Family> metric_families() const;
+	void open_metrics();
+	void close_metrics();
+	nlohmann::json save_metrics(std::vector<int> &keep) const;
 	void keep_crash_state();
 	std::string crash_snapshot() const;
 	void take_crash_state(InheritedFds &inherited);
@@ -110,6 +117,11 @@ private:
 	// reads unix listeners' accept queues.
 	metrics::Counters counters_;
 	proto::UniqueFd sock_diag_;
+	// metrics.listen, when configured (daemon/metrics.cpp), and the socket file it bound.
+	std::unique_ptr<metrics::MetricsServer> metrics_server_;
+	std::string metrics_listen_; // as configured when it was bound
+	std::string metrics_address_;
+	std::string metrics_unlink_;
 	std::unique_ptr<CrashState> crash_state_; // null when no memfd could be had
 	std::unique_ptr<SentinelKeeper> sentinel_; // null without a service manager
 	// Without a service manager: the fd holder that plays its store (daemon/fd_holder.hpp).

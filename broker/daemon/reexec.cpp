@@ -167,7 +167,7 @@ nlohmann::json Daemon::save_state(int caller, std::vector<int> &keep) const
 	        {"notify_fd", notify_->fd()},
 	        {"services", Serializer::save(*supervisor_, keep)},
 	        {"control", control_->save_state(caller, keep)},
-	        {"metrics", counters_.save()}};
+	        {"metrics", save_metrics(keep)}};
 	st.update(extra);
 	return st;
 }

@@ -85,7 +85,7 @@ void check(const json &state)
 				service_config(gen.at("cfg"));
 		}
 		if (state.contains("metrics"))
-			metrics::Counters::restore(state.at("metrics"));
+			metrics::Counters::restore(state.at("metrics").at("counters"));
 	} catch (const json::exception &e) {
 		throw std::runtime_error(std::string("re-exec state: ") + e.what());
 	} catch (const config::ConfigError &e) {

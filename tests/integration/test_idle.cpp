@@ -143,12 +143,15 @@ TEST_CASE("idle: brokerd with two ready instances does not wake up and stays sma
 	Broker b;
 	BROKER_CONTEXT(b);
 	// Both readiness paths that hold a connection or a socket open: the client library's Events
-	// stream (web) and sd_notify (py).
+	// stream (web) and sd_notify (py); and the metrics endpoint, scraped once before the window.
+	std::uint16_t metrics_port = free_port();
 	b.start({{"sockets", {{"http", tcp_socket()}, {"py", tcp_socket()}}},
 	         {"services",
 	          {{"web", service({env("EXAMPLE_HTTP")}, {"http"}, 2, "broker")},
-	           {"py", service({"python3", env("EXAMPLE_PYTHON")}, {"py"}, 2, "notify")}}}});
+	           {"py", service({"python3", env("EXAMPLE_PYTHON")}, {"py"}, 2, "notify")}}},
+	         {"metrics", {{"listen", "tcp://127.0.0.1:" + std::to_string(metrics_port)}}}});
 	std::set<std::uint64_t> sockets = socket_inodes(b.pid());
+	CHECK(http_get(metrics_port, "/metrics").status == 200);
 	json st = b.status();
 	for (const char *svc : {"web", "py"}) {
 		auto insts = instances(st, svc);
