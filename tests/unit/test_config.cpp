@@ -51,6 +51,17 @@ struct BadCase {
 	Match match = Match::Exact;
 };
 
+// The config of `c` is refused with its message.
+void check_refused(const BadCase &c)
+{
+	CAPTURE(c.text);
+	std::string message = error_of(c.text);
+	if (c.match == Match::Exact)
+		CHECK(message == c.message);
+	else
+		CHECK_MESSAGE(message.find(c.message) != std::string::npos, message);
+}
+
 } // namespace
 
 TEST_CASE("bad configs name the key path and the problem")
@@ -253,14 +264,8 @@ TEST_CASE("bad configs name the key path and the problem")
 		{with_service(R"({"env": {"A": "1"}})"), "services.web.env: applies only to services with \"exec\"", Match::Contains},
 	};
 	static_assert(std::size(cases) >= 30);
-	for (const BadCase &c : cases) {
-		CAPTURE(c.text);
-		std::string message = error_of(c.text);
-		if (c.match == Match::Exact)
-			CHECK(message == c.message);
-		else
-			CHECK_MESSAGE(message.find(c.message) != std::string::npos, message);
-	}
+	for (const BadCase &c : cases)
+		check_refused(c);
 }
 
 TEST_CASE("the DESIGN.md example parses field by field")
@@ -625,4 +630,38 @@ TEST_CASE("load reads a file and prefixes errors with its name")
 	const char *dir = std::getenv("TMPDIR");
 	std::string d = dir && *dir ? dir : "/tmp";
 	CHECK_THROWS_WITH_AS(load(d), ("cannot read " + d + ": Is a directory").c_str(), ConfigError);
+}
+
+TEST_CASE("metrics: the endpoint's address, mode and connections, and what is refused")
+{
+	const BadCase cases[] = {
+		{R"({"metrics": {}})", "metrics: needs \"listen\": tcp://HOST:PORT or unix:PATH"},
+		{R"({"metrics": {"listen": "udp://127.0.0.1:9469"}})",
+		 "metrics.listen: expected tcp://HOST:PORT or unix:PATH (HTTP needs a stream socket), got \"udp://127.0.0.1:9469\""},
+		{R"({"metrics": {"listen": "http://x"}})", "metrics.listen: expected tcp://HOST:PORT, udp://HOST:PORT or unix:PATH",
+		 Match::Contains},
+		{R"({"metrics": {"listen": "tcp://127.0.0.1:9469", "mode": "0660"}})",
+		 "metrics.mode: applies only to a unix socket with a file path"},
+		{R"({"metrics": {"listen": "unix:@m", "mode": "0660"}})",
+		 "metrics.mode: applies only to a unix socket with a file path"},
+		{R"({"metrics": {"listen": "tcp://127.0.0.1:9469", "max_connections": 0}})", "metrics.max_connections:",
+		 Match::Contains},
+		{R"({"metrics": {"listen": "tcp://127.0.0.1:9469", "max_connection": 4}})",
+		 "metrics.max_connection: unknown key (did you mean \"max_connections\"?)"},
+	};
+	for (const BadCase &c : cases)
+		check_refused(c);
+	CHECK_FALSE(parse("{}").metrics.has_value());
+	auto tcp = parse(R"({"metrics": {"listen": "tcp://127.0.0.1:9469", "max_connections": 4}})").metrics;
+	REQUIRE(tcp.has_value());
+	CHECK(tcp->socket.kind == brokerd::config::SocketKind::Tcp);
+	CHECK(tcp->socket.port == 9469);
+	CHECK(tcp->max_connections == 4);
+	CHECK_FALSE(tcp->socket.mode.has_value());
+	auto unix_file = parse(R"({"metrics": {"listen": "unix:/run/brokerd/metrics.sock"}})").metrics;
+	REQUIRE(unix_file.has_value());
+	CHECK(unix_file->socket.path == "/run/brokerd/metrics.sock");
+	CHECK(unix_file->socket.mode == 0666);
+	CHECK(unix_file->max_connections == 16);
+	CHECK(parse(R"({"metrics": {"listen": "unix:/m.sock", "mode": "0600"}})").metrics->socket.mode == 0600);
 }
