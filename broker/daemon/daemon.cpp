@@ -140,6 +140,8 @@ int Daemon::run()
 	else
 		start_services();
 	crash_.reset();
+	// Lines a crashed brokerd read but had not passed on yet.
+	supervisor_->resume_output();
 	// Readiness is judged once every service is there: one that fails at once must not make
 	// READY=1 come before the others have started.
 	supervisor_->on_change = [this] { on_change(); };
@@ -229,6 +231,8 @@ void Daemon::compose(proto::UniqueFd control_fd)
 		if (crash_state_)
 			crash_state_->write();
 	};
+	journal_ = std::make_unique<JournalLink>(e, *supervisor_);
+	journal_->apply(cfg_.logging.journal);
 	supervisor_->keep_fd = [this](const std::string &name, int fd) { return store_fd(name, fd); };
 	supervisor_->release_fd = [this](const std::string &name) {
 		notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + name);

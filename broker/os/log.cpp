@@ -14,9 +14,6 @@
 
 namespace brokerd::log {
 
-namespace {
-
-// True when stderr is the journal stream systemd connected us to (JOURNAL_STREAM=dev:ino).
 bool stderr_is_journal()
 {
 	static const bool journal = [] {
@@ -33,6 +30,8 @@ bool stderr_is_journal()
 	}();
 	return journal;
 }
+
+namespace {
 
 void write_all(int fd, iovec *iov, int n)
 {

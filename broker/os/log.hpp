@@ -9,6 +9,10 @@ enum class Level { Error = 3, Warning = 4, Notice = 5, Info = 6, Debug = 7 };
 
 void write(Level level, std::string_view message);
 
+// Whether stderr is the journal stream the service manager connected brokerd to: JOURNAL_STREAM
+// names its device and inode.
+bool stderr_is_journal();
+
 inline void error(std::string_view m) { write(Level::Error, m); }
 inline void warning(std::string_view m) { write(Level::Warning, m); }
 inline void notice(std::string_view m) { write(Level::Notice, m); }

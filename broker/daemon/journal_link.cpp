@@ -1,0 +1,80 @@
+// JournalLink: workers' output lines to the journal, one native message each, or to stderr.
+#include "daemon/journal_link.hpp"
+
+#include "os/log.hpp"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace brokerd {
+
+void JournalLink::apply(config::JournalMode mode)
+{
+	bool want = mode == config::JournalMode::Always ||
+	            (mode == config::JournalMode::Auto && log::stderr_is_journal());
+	if (!want || journal_) {
+		if (!want && journal_) {
+			dropped_ += journal_->dropped();
+			journal_.reset();
+			log::info("journal: workers' output goes to stderr from now on");
+			supervisor_.resume_output();
+		}
+		return;
+	}
+	proto::UniqueFd fd = journal::connect_socket();
+	if (!fd) {
+		// "always" on a host without journald, or a journald that went away: said once.
+		log::warning(std::string("journal: cannot connect to ") + journal::kSocketPath + ": " + std::strerror(errno) +
+		             "; workers' output goes to stderr, ignoring");
+	} else {
+		journal_ = std::make_unique<journal::Journal>(event_, std::move(fd));
+		journal_->writable = [this] { supervisor_.resume_output(); };
+		journal_->failed = [this](int err) { refused(err); };
+		log::info("journal: workers' output goes to the journal, one message a line");
+	}
+	supervisor_.output_line = [this](const Instance &inst, int stream, std::string_view line, bool last) {
+		return output_line(inst, stream, line, last);
+	};
+}
+
+bool JournalLink::output_line(const Instance &inst, int stream, std::string_view line, bool last)
+{
+	if (!journal_) {
+		log::worker_line(stream, inst.id, line);
+		return true;
+	}
+	std::string message = journal::worker_message({.service = inst.service->name,
+	                                               .instance = inst.id,
+	                                               .generation = inst.generation->number,
+	                                               .pid = inst.pid,
+	                                               .stream = stream,
+	                                               .line = line});
+	if (last) {
+		journal_->queue(std::move(message));
+		return true;
+	}
+	switch (journal_->send(message)) {
+	case journal::Sent::Ok:
+		return true;
+	case journal::Sent::Again:
+		return false;
+	case journal::Sent::Failed:
+		refused(errno);
+		log::worker_line(stream, inst.id, line);
+		return true;
+	}
+	return true;
+}
+
+void JournalLink::refused(int err)
+{
+	if (refusal_said_)
+		return;
+	refusal_said_ = true;
+	log::warning(std::string("journal: a message was refused: ") + std::strerror(err) +
+	             "; such lines go to stderr, ignoring");
+}
+
+} // namespace brokerd
