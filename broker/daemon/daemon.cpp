@@ -246,7 +246,10 @@ void Daemon::compose(proto::UniqueFd control_fd)
 	hooks.drop_reexec = [this] { drop_reexec(); };
 	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start_usec_,
 	                                           std::move(control_fd));
-	supervisor_->on_event = [this](const Event &ev) { control_->broadcast(ev); };
+	supervisor_->on_event = [this](const Event &ev) {
+		control_->broadcast(ev);
+		journal_->event(ev);
+	};
 }
 
 // After a re-exec: the services and connections the previous brokerd had, as they were.
@@ -254,9 +257,7 @@ void Daemon::carry_on()
 {
 	Serializer::restore(*supervisor_, restored_.at("services"));
 	control_->restore_state(restored_.at("control"));
-	log::notice("re-executed: brokerd " BROKER_VERSION " carries on with " +
-	            std::to_string(restored_.at("services").size()) + " service(s), " +
-	            std::to_string(control_->connections()) + " worker connection(s)");
+	log::event(reexec_record(BROKER_VERSION, restored_.at("services").size(), control_->connections()));
 	restored_ = nullptr;
 }
 
@@ -288,7 +289,8 @@ int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userd
 			d->supervisor_->kill_all();
 			return 0;
 		}
-		log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)));
+		log::event(shutdown_record(std::string("SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)),
+		                           usec(d->cfg_.shutdown.timeout)));
 		d->cancel_reexec("brokerd is shutting down");
 		d->notifier_.send("STOPPING=1");
 		d->supervisor_->shutdown(d->cfg_.shutdown.timeout);

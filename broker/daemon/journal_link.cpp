@@ -3,6 +3,7 @@
 
 #include "os/log.hpp"
 
+#include <errno.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -18,6 +19,7 @@ void JournalLink::apply(config::JournalMode mode)
 		if (!want && journal_) {
 			dropped_ += journal_->dropped();
 			journal_.reset();
+			log::set_event_sink(nullptr);
 			log::info("journal: workers' output goes to stderr from now on");
 			supervisor_.resume_output();
 		}
@@ -32,6 +34,7 @@ void JournalLink::apply(config::JournalMode mode)
 		journal_ = std::make_unique<journal::Journal>(event_, std::move(fd));
 		journal_->writable = [this] { supervisor_.resume_output(); };
 		journal_->failed = [this](int err) { refused(err); };
+		log::set_event_sink([this](const log::EventRecord &r) { send_event(r); });
 		log::info("journal: workers' output goes to the journal, one message a line");
 	}
 	supervisor_.output_line = [this](const Instance &inst, int stream, std::string_view line, bool last) {
@@ -66,6 +69,29 @@ bool JournalLink::output_line(const Instance &inst, int stream, std::string_view
 		return true;
 	}
 	return true;
+}
+
+void JournalLink::event(const Event &e)
+{
+	std::optional<std::uint64_t> from;
+	if (e.kind == EventKind::Upgrade)
+		if (Service *svc = supervisor_.find_service(e.service); svc && svc->upgrade && svc->upgrade->from)
+			from = svc->upgrade->from->number;
+	for (const log::EventRecord &r : events_.records(e, from))
+		log::event(r);
+}
+
+// One native message, behind whatever waits: a full journal queues it (the oldest dropped and counted).
+void JournalLink::send_event(const log::EventRecord &r)
+{
+	const std::string level = std::to_string(static_cast<int>(r.level));
+	std::vector<journal::Field> fields{{"MESSAGE", r.message},
+	                                   {"MESSAGE_ID", r.message_id},
+	                                   {"PRIORITY", level},
+	                                   {"SYSLOG_IDENTIFIER", program_invocation_short_name}};
+	for (const auto &[name, value] : r.fields)
+		fields.push_back({name, value});
+	journal_->queue(journal::encode(fields));
 }
 
 void JournalLink::refused(int err)

@@ -110,7 +110,7 @@ nlohmann::json Daemon::reload()
 		notifier_.send("READY=1");
 		throw;
 	}
-	log::notice("reloaded " + config_path_);
+	log::event(reload_record(config_path_));
 	notifier_.send("READY=1");
 	return result;
 }

@@ -70,6 +70,27 @@ void write(Level level, std::string_view message)
 	write_all(STDERR_FILENO, iov, 3);
 }
 
+namespace {
+std::function<void(const EventRecord &)> &event_sink()
+{
+	static std::function<void(const EventRecord &)> sink;
+	return sink;
+}
+} // namespace
+
+void set_event_sink(std::function<void(const EventRecord &)> sink)
+{
+	event_sink() = std::move(sink);
+}
+
+void event(const EventRecord &record)
+{
+	if (event_sink())
+		event_sink()(record);
+	else
+		write(record.level, record.message);
+}
+
 void client(Level level, std::string_view message)
 {
 	static std::uint64_t second = 0;

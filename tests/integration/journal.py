@@ -226,6 +226,7 @@ def run_auto(tmp, fake, strays):
         check(got == want, "all %d lines arrive once, in order (got %d; first difference at %s)" %
               (len(want), len(got), first_bad))
 
+        run_events(b, fake)
         check(fake.stream_connections() == 0, "nothing connected to the journal's stdout socket")
         stderr = b.stderr()
         check(not any(w in stderr for w in ("boom", "plain", "on-stderr", "chatty 0", "chatty-done")),
@@ -233,6 +234,55 @@ def run_auto(tmp, fake, strays):
         check(b.stdout() == "", "nothing in brokerd's stdout")
     finally:
         b.stop(strays)
+    check(fake.until(lambda recs: len(lines_of(recs, MESSAGE_ID=SHUTDOWN)) == 1) and
+          lines_of(fake.records, MESSAGE_ID=SHUTDOWN)[0].get("BROKER_TIMEOUT_USEC") == "90000000",
+          "the shutdown's record arrives, with its budget")
+
+
+# broker/os/journal_ids.hpp: made once, never changed.
+UPGRADE_STARTED = "2e075133398a40b8b52299ec427fcaba"
+UPGRADE_DONE = "251588f3b085418aa6cf8a1ce9d04766"
+UPGRADE_ROLLED_BACK = "cd85e4c538c14a708227e1ba82f96b79"
+UPGRADE_FAILED = "7a3f2471fab84ffa9849fe046c63f17a"
+REEXEC = "8392b54eee5b4f09a3397c76753d0fa5"
+RELOAD = "2147d59758954092818a74c761079bd6"
+SHUTDOWN = "800c4727f72c4c3da713a455d7763410"
+
+
+def run_events(b, fake):
+    """brokerd's own events: one native message each, with its MESSAGE_ID and fields."""
+    started = lines_of(fake.records, MESSAGE_ID=UPGRADE_STARTED, BROKER_GENERATION="2")
+    check(len(started) == 1 and started[0].get("BROKER_FROM_GENERATION") == "1" and
+          started[0].get("BROKER_UPGRADE_KIND") == "upgrade" and started[0].get("BROKER_SERVICE") == "web",
+          "the upgrade's start: its id, generations and kind: %s" % started)
+    done = lines_of(fake.records, MESSAGE_ID=UPGRADE_DONE, BROKER_GENERATION="2")
+    check(len(done) == 1 and done[0].get("BROKER_RESULT") == "done" and
+          done[0].get("BROKER_DURATION_USEC", "").isdigit() and int(done[0]["BROKER_DURATION_USEC"]) > 0,
+          "the upgrade's end: done, with a numeric BROKER_DURATION_USEC: %s" % done)
+
+    r = b.ctl("upgrade", "web", "--exec", "/nonexistent/worker")
+    check(r.returncode == 6, "a failing upgrade exits 6 (%d)" % r.returncode)
+    check(fake.until(lambda recs: len(lines_of(recs, MESSAGE_ID=UPGRADE_ROLLED_BACK)) == 1),
+          "the rolled-back record arrives")
+    failed = lines_of(fake.records, MESSAGE_ID=UPGRADE_FAILED, BROKER_GENERATION="3")
+    back = lines_of(fake.records, MESSAGE_ID=UPGRADE_ROLLED_BACK, BROKER_GENERATION="3")
+    check(len(failed) == 1 and failed[0].get("BROKER_RESULT") == "failed" and failed[0]["PRIORITY"] == "4",
+          "the failure that turns the upgrade back has its own id: %s" % failed)
+    check(len(back) == 1 and back[0].get("BROKER_RESULT") == "rolled-back" and
+          back[0].get("BROKER_DURATION_USEC", "").isdigit() and back[0].get("BROKER_FROM_GENERATION") == "2",
+          "rolled back: its own id, result and duration: %s" % back)
+
+    r = b.ctl("reload")
+    check(r.returncode == 0, "reload: %s" % r.stderr.strip())
+    check(fake.until(lambda recs: len(lines_of(recs, MESSAGE_ID=RELOAD)) == 1), "the reload's record arrives")
+    r = b.ctl("reexec")
+    check(r.returncode == 0, "reexec: %s" % r.stderr.strip())
+    check(fake.until(lambda recs: len(lines_of(recs, MESSAGE_ID=REEXEC)) == 1) and
+          lines_of(fake.records, MESSAGE_ID=REEXEC)[0].get("SYSLOG_IDENTIFIER") == "brokerd",
+          "the new brokerd's reexec record arrives, from brokerd")
+    stderr = b.stderr()
+    check("reloaded " not in stderr and "re-executed:" not in stderr,
+          "no stderr copy of the reload and reexec records")
 
 
 def run_never(tmp, fake, strays):
