@@ -97,6 +97,18 @@ void parse_control(const json &j, ControlConfig &c)
 			static_cast<unsigned>(uint_at(*v, child(path, "reserved_connections"), 0, c.max_connections - 1));
 }
 
+void parse_logging(const json &j, LoggingConfig &c)
+{
+	const std::string path = "logging";
+	object_at(j, path);
+	check_keys(j, path, {"journal"});
+	if (auto *v = member(j, "journal"))
+		c.journal = choice_at<JournalMode>(*v, child(path, "journal"),
+		                                   {{"auto", JournalMode::Auto},
+		                                    {"always", JournalMode::Always},
+		                                    {"never", JournalMode::Never}});
+}
+
 void parse_shutdown(const json &j, ShutdownConfig &c)
 {
 	const std::string path = "shutdown";
@@ -498,13 +510,15 @@ Config parse(std::string_view text, const Resolver &resolver)
 {
 	json root = parse_json(text);
 	object_at(root, "");
-	check_keys(root, "", {"control", "shutdown", "sockets", "services", "metrics"});
+	check_keys(root, "", {"control", "shutdown", "logging", "sockets", "services", "metrics"});
 	Config cfg;
 	cfg.control.path = BROKER_DEFAULT_CONTROL;
 	if (auto *v = member(root, "control"))
 		parse_control(*v, cfg.control);
 	if (auto *v = member(root, "shutdown"))
 		parse_shutdown(*v, cfg.shutdown);
+	if (auto *v = member(root, "logging"))
+		parse_logging(*v, cfg.logging);
 	// Sockets before services: services refer to sockets by name.
 	if (auto *v = member(root, "sockets"))
 		parse_sockets(*v, cfg);

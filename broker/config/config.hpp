@@ -47,6 +47,14 @@ struct ShutdownConfig {
 	Duration timeout = std::chrono::seconds(90);
 };
 
+// Where workers' output and brokerd's own events go: the journal's native protocol, with fields
+// naming the service and instance, or brokerd's stderr. auto: when stderr is the journal stream
+// systemd gave brokerd (JOURNAL_STREAM names it); always: whenever the journal's socket exists.
+enum class JournalMode { Auto, Always, Never };
+struct LoggingConfig {
+	JournalMode journal = JournalMode::Auto;
+};
+
 enum class SocketKind { Tcp, Udp, Unix, Systemd };
 
 struct SocketConfig {
@@ -98,6 +106,7 @@ struct ServiceConfig {
 struct Config {
 	ControlConfig control;
 	ShutdownConfig shutdown;
+	LoggingConfig logging;
 	std::vector<SocketConfig> sockets;   // sorted by name
 	std::vector<ServiceConfig> services; // sorted by name
 	std::optional<MetricsConfig> metrics;

@@ -142,6 +142,8 @@ int Daemon::run()
 	else
 		start_services();
 	crash_.reset();
+	// Lines a crashed brokerd read but had not passed on yet.
+	supervisor_->resume_output();
 	// Readiness is judged once every service is there: one that fails at once must not make
 	// READY=1 come before the others have started.
 	supervisor_->on_change = [this] { on_change(); };
@@ -232,6 +234,8 @@ void Daemon::compose(proto::UniqueFd control_fd)
 		if (crash_state_)
 			crash_state_->write();
 	};
+	journal_ = std::make_unique<JournalLink>(e, *supervisor_);
+	journal_->apply(cfg_.logging.journal);
 	supervisor_->keep_fd = [this](const std::string &name, int fd) { return store_fd(name, fd); };
 	supervisor_->release_fd = [this](const std::string &name) {
 		notifier_.send("FDSTOREREMOVE=1\nFDNAME=" + name);
@@ -250,6 +254,7 @@ void Daemon::compose(proto::UniqueFd control_fd)
 	supervisor_->on_event = [this](const Event &ev) {
 		counters_.observe(ev);
 		control_->broadcast(ev);
+		journal_->event(ev);
 	};
 }
 
@@ -261,9 +266,7 @@ void Daemon::carry_on()
 	// A brokerd before metrics left none: they start at 0, as after a crash.
 	if (restored_.contains("metrics"))
 		counters_ = metrics::Counters::restore(restored_.at("metrics").at("counters"));
-	log::notice("re-executed: brokerd " BROKER_VERSION " carries on with " +
-	            std::to_string(restored_.at("services").size()) + " service(s), " +
-	            std::to_string(control_->connections()) + " worker connection(s)");
+	log::event(reexec_record(BROKER_VERSION, restored_.at("services").size(), control_->connections()));
 	restored_ = nullptr;
 }
 
@@ -295,7 +298,8 @@ int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userd
 			d->supervisor_->kill_all();
 			return 0;
 		}
-		log::notice(std::string("received SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)));
+		log::event(shutdown_record(std::string("SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)),
+		                           usec(d->cfg_.shutdown.timeout)));
 		d->cancel_reexec("brokerd is shutting down");
 		d->notifier_.send("STOPPING=1");
 		d->supervisor_->shutdown(d->cfg_.shutdown.timeout);

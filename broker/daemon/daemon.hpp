@@ -8,6 +8,7 @@
 #include "daemon/binary_check.hpp"
 #include "daemon/crash_state.hpp"
 #include "daemon/fd_holder.hpp"
+#include "daemon/journal_link.hpp"
 #include "daemon/reload.hpp"
 #include "daemon/sentinel.hpp"
 #include "metrics/counters.hpp"
@@ -110,6 +111,8 @@ private:
 	usec_t watchdog_usec_ = 0;
 	std::unique_ptr<sd_event, EventUnref> event_;
 	std::list<Listener> listeners_; // stable addresses: services point at their listeners
+	// Declared before the supervisor, whose output_line hook it set, so that it outlives it.
+	std::unique_ptr<JournalLink> journal_;
 	std::unique_ptr<Supervisor> supervisor_;
 	std::unique_ptr<NotifySocket> notify_;
 	std::unique_ptr<ControlServer> control_;

@@ -110,7 +110,7 @@ nlohmann::json Daemon::reload()
 		notifier_.send("READY=1");
 		throw;
 	}
-	log::notice("reloaded " + config_path_);
+	log::event(reload_record(config_path_));
 	notifier_.send("READY=1");
 	return result;
 }
@@ -134,6 +134,7 @@ nlohmann::json Daemon::apply_reload(const ReloadPlan &plan, config::Config next,
 	cfg_ = std::move(next);
 	cfg_text_ = std::move(next_text);
 	control_->set_rules(std::move(rules));
+	journal_->apply(cfg_.logging.journal);
 	for (const auto &name : plan.remove_services)
 		supervisor_->remove_service(name);
 	for (const auto &name : plan.add_services)

@@ -14,9 +14,6 @@
 
 namespace brokerd::log {
 
-namespace {
-
-// True when stderr is the journal stream systemd connected us to (JOURNAL_STREAM=dev:ino).
 bool stderr_is_journal()
 {
 	static const bool journal = [] {
@@ -33,6 +30,8 @@ bool stderr_is_journal()
 	}();
 	return journal;
 }
+
+namespace {
 
 void write_all(int fd, iovec *iov, int n)
 {
@@ -69,6 +68,27 @@ void write(Level level, std::string_view message)
 		{const_cast<char *>("\n"), 1},
 	};
 	write_all(STDERR_FILENO, iov, 3);
+}
+
+namespace {
+std::function<void(const EventRecord &)> &event_sink()
+{
+	static std::function<void(const EventRecord &)> sink;
+	return sink;
+}
+} // namespace
+
+void set_event_sink(std::function<void(const EventRecord &)> sink)
+{
+	event_sink() = std::move(sink);
+}
+
+void event(const EventRecord &record)
+{
+	if (event_sink())
+		event_sink()(record);
+	else
+		write(record.level, record.message);
 }
 
 void client(Level level, std::string_view message)

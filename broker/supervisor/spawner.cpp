@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <optional>
+#include <string_view>
 
 extern char **environ;
 
@@ -391,7 +393,10 @@ void Supervisor::watch_pipes(Instance &inst, ChildPipes &pipes)
 		// Room for what a worker writes while brokerd is down and restarting (the default is
 		// 64 KiB); allocated only as it fills.
 		::fcntl(fd->get(), F_SETPIPE_SZ, kPipeSize);
-		close_pipe(*pipe); // the previous process's, if it still had not reached its end
+		// The previous process's, if it still had not reached its end: what it wrote is passed on.
+		if (pipe->fd)
+			forward_output(inst, *pipe, true);
+		close_pipe(*pipe);
 		pipe->fd = std::move(*fd);
 		pipe->partial.clear();
 		pipe->target = target;
@@ -476,6 +481,39 @@ int Supervisor::output_handler(sd_event_source *s, int fd, std::uint32_t revents
 	});
 }
 
+namespace {
+
+// The line of `buf` that begins at `start`: it ends at a newline, or is cut after kMaxOutputLine
+// bytes without one, whenever those bytes arrived; none while the rest could still become a line.
+struct LineSpan {
+	std::size_t end;  // of the line's text
+	std::size_t next; // where the line after it begins
+};
+std::optional<LineSpan> next_line(std::string_view buf, std::size_t start)
+{
+	constexpr std::size_t max = proto::limits::kMaxOutputLine;
+	std::string_view rest = buf.substr(start, max + 1);
+	if (std::size_t nl = rest.find('\n'); nl != std::string_view::npos)
+		return LineSpan{start + nl, start + nl + 1};
+	if (rest.size() > max)
+		return LineSpan{start + max, start + max};
+	return std::nullopt;
+}
+
+// Where the whole lines at the start of `buf` end.
+std::size_t whole_lines(std::string_view buf)
+{
+	std::size_t at = 0;
+	while (auto l = next_line(buf, at))
+		at = l->next;
+	return at;
+}
+
+} // namespace
+
+// A pipe's `partial` holds the lines not passed on yet, all of them in last_lines already, then
+// the start of the next line. A line that cannot be passed on now (the journal is full) keeps the
+// pipe unread until resume_output(): a slow journal slows the worker that writes, and nothing else.
 void Supervisor::on_output(Instance &inst, OutputPipe &pipe, bool eof)
 {
 	// Bounded: at most a few reads per wakeup, so one chatty worker cannot starve the loop.
@@ -490,31 +528,65 @@ void Supervisor::on_output(Instance &inst, OutputPipe &pipe, bool eof)
 			eof = true;
 			break;
 		}
+		std::size_t at = whole_lines(pipe.partial);
 		pipe.partial.append(buf, static_cast<std::size_t>(n));
-		std::size_t start = 0;
-		for (;;) {
-			std::size_t nl = pipe.partial.find('\n', start);
-			bool cut = nl == std::string::npos && pipe.partial.size() - start >= proto::limits::kMaxOutputLine;
-			if (nl == std::string::npos && !cut)
-				break;
-			std::size_t end = cut ? start + proto::limits::kMaxOutputLine : nl;
-			std::string_view line(pipe.partial.data() + start, end - start);
-			log::worker_line(pipe.target, inst.id, line);
-			inst.last_lines.emplace_back(line);
+		while (auto l = next_line(pipe.partial, at)) {
+			inst.last_lines.emplace_back(pipe.partial, at, l->end - at);
 			if (inst.last_lines.size() > proto::limits::kKeptOutputLines)
 				inst.last_lines.pop_front();
 			if (output_kept)
 				output_kept();
-			start = cut ? end : nl + 1;
+			at = l->next;
 		}
-		pipe.partial.erase(0, start);
 	}
 	if (eof) {
-		if (!pipe.partial.empty())
-			log::worker_line(pipe.target, inst.id, pipe.partial);
-		pipe.partial.clear();
+		// What it wrote last without a newline is a line too, now.
+		if (whole_lines(pipe.partial) < pipe.partial.size())
+			pipe.partial += '\n';
+		forward_output(inst, pipe, true);
 		close_pipe(pipe);
+		return;
 	}
+	bool flowing = forward_output(inst, pipe, false);
+	if (pipe.source)
+		sd_event_source_set_enabled(pipe.source.get(), flowing ? SD_EVENT_ON : SD_EVENT_OFF);
+}
+
+bool Supervisor::forward_output(Instance &inst, OutputPipe &pipe, bool last)
+{
+	std::size_t at = 0;
+	bool all = true;
+	while (auto l = next_line(pipe.partial, at)) {
+		std::string_view line(pipe.partial.data() + at, l->end - at);
+		bool taken = true;
+		if (output_line)
+			taken = output_line(inst, pipe.target, line, last);
+		else
+			log::worker_line(pipe.target, inst.id, line);
+		if (!taken) {
+			all = false;
+			break;
+		}
+		at = l->next;
+	}
+	pipe.partial.erase(0, at);
+	return all;
+}
+
+void Supervisor::resume_output()
+{
+	for (auto &svc : services_)
+		for (auto &gen : svc->generations)
+			for (auto &inst : gen->instances)
+				for (OutputPipe *pipe : {&inst->out, &inst->err}) {
+					if (!pipe->fd)
+						continue;
+					bool flowing = forward_output(*inst, *pipe, false);
+					if (flowing && pipe->source)
+						sd_event_source_set_enabled(pipe->source.get(), SD_EVENT_ON);
+					if (!flowing)
+						return; // full again: the rest wait for the next wakeup
+				}
 }
 
 } // namespace brokerd

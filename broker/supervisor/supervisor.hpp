@@ -185,6 +185,13 @@ public:
 	// A worker's output added to its last lines (kept in the crash state, which may wait for it).
 	std::function<void()> output_kept;
 	std::function<void(const std::string &name)> release_fd;
+	// Where each line of a worker's output goes (stream 1 or 2): false when it cannot be taken
+	// now (the journal is full); the pipe then waits, unread, for resume_output(). `last`: the
+	// pipe ended, the line must be taken. Unset: brokerd's own stdout or stderr, with the
+	// instance's name before it.
+	std::function<bool(const Instance &inst, int stream, std::string_view line, bool last)> output_line;
+	// Lines can be taken again: the pipes that waited pass theirs on and are read again.
+	void resume_output();
 
 private:
 	Generation &new_generation(Service &svc, const config::ServiceConfig &cfg);
@@ -201,6 +208,8 @@ private:
 	void on_exit(Instance &inst, const siginfo_t &si);
 	void on_exec_status(Instance &inst, bool exiting);
 	void on_output(Instance &inst, OutputPipe &pipe, bool eof);
+	// Passes on the pipe's lines not passed on yet; false when some must wait.
+	bool forward_output(Instance &inst, OutputPipe &pipe, bool last);
 	// A pipe's read end goes into the fd store, or leaves it and closes.
 	void keep_pipe(OutputPipe &pipe);
 	void close_pipe(OutputPipe &pipe);

@@ -116,6 +116,10 @@ TEST_CASE("bad configs name the key path and the problem")
 		 "shutdown.timeout: expected a duration above 0s, like \"90s\", got \"0s\""},
 		{R"({"shutdown": {"timout": "1s"}})", "shutdown.timout: unknown key (did you mean \"timeout\"?)"},
 		{R"({"shutdwon": {}})", "shutdwon: unknown key (did you mean \"shutdown\"?)"},
+		// logging
+		{R"({"logging": {"journal": "yes"}})",
+		 "logging.journal: expected \"auto\", \"always\" or \"never\", got \"yes\""},
+		{R"({"logging": {"jornal": "auto"}})", "logging.jornal: unknown key (did you mean \"journal\"?)"},
 		// sockets: names and forms
 		{R"({"sockets": {"we b": {"listen": "tcp://0.0.0.0:1"}}})",
 		 "sockets[\"we b\"]: invalid name: use 1 to 64 characters of A-Z a-z 0-9 _ . -"},
@@ -362,6 +366,9 @@ TEST_CASE("defaults")
 	CHECK(cfg.control.reserved_connections == 16);
 	CHECK(cfg.control.max_connections == 512);
 	CHECK(cfg.shutdown.timeout == 90s);
+	CHECK(cfg.logging.journal == JournalMode::Auto);
+	CHECK(parse(R"({"logging": {"journal": "never"}})").logging.journal == JournalMode::Never);
+	CHECK(parse(R"({"logging": {"journal": "always"}})").logging.journal == JournalMode::Always);
 	CHECK(cfg.sockets.empty());
 	CHECK(cfg.services.empty());
 	// Operators keep at most a quarter of a small number of connections unless told otherwise.
