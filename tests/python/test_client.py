@@ -18,6 +18,7 @@ loop (service "sel") and once on asyncio (service "aio"):
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,9 +49,13 @@ def until(predicate, what, timeout=WAIT):
         time.sleep(0.02)
 
 
+LOGS = []  # each brokerd's log, in order of the starts
+
+
 def start_brokerd(config, log_path):
     """brokerd as an operator starts it (no service manager, its fd holder), ready once it logs so."""
-    b = ByHand(config, log_path)
+    LOGS.append("%s.%d" % (log_path, len(LOGS) + 1))
+    b = ByHand(config, LOGS[-1])
     b.wait_ready()
     return b
 
@@ -180,7 +185,7 @@ def scenario(tmp, control, service, port):
     return gen3["pid"]
 
 
-def resume_after_crash(b, config, log_path, tmp, control, service, port):
+def resume_after_crash(b, config, log_path, tmp, control, service, port, bystanders):
     """Step 4: a batch in flight when brokerd dies is settled by the Resume calls of both sides."""
     print("--- %s: brokerd killed with a batch in flight" % service, flush=True)
     [old] = until(lambda: [i for i in instances(status(control), service) if i["state"] == "ready"], "ready")
@@ -204,6 +209,15 @@ def resume_after_crash(b, config, log_path, tmp, control, service, port):
           "the receiver reconnects")
     links = [r["link"] for r in reports(tmp, receiver) if r["event"] == "link"]
     check(links[:2] == ["lost", "connected"], "%s: the receiver lost brokerd and was taken back (%r)" % (service, links))
+    for other, name in bystanders:
+        until(lambda: [r for r in reports(tmp, other) if r["event"] == "link" and r["link"] == "connected"],
+              "%s reconnects" % name)
+        check([r["link"] for r in reports(tmp, other) if r["event"] == "link"] == ["lost", "connected"],
+              "%s: a worker on the other loop finds the new brokerd too" % name)
+        [inst] = until(lambda: [i for i in instances(status(control), name) if i["pid"] == other and i["state"] == "ready"],
+                       "%s ready again" % name)
+        check(inst.get("status") == "echoing as gen %d pid %d" % (inst["generation"], other),
+              "%s: Ready and Status said again after the reconnect (%r)" % (name, inst.get("status")))
     recovered = until(lambda: status(control).get("recovered"), "recovered in Status")
     doubt = recovered.get("in_doubt", {})
     check((doubt.get("batches"), doubt.get("connections"), doubt.get("landed"), doubt.get("abandoned")) == (1, 3, 3, 0),
@@ -240,13 +254,13 @@ def main():
                    "services": services}, f)
     b = start_brokerd(config, log_path)
     try:
-        for name, port in ports.items():
-            scenario(tmp, control, name, port)
-        b = resume_after_crash(b, config, log_path, tmp, control, "sel", ports["sel"])
+        serving = {name: scenario(tmp, control, name, port) for name, port in ports.items()}
+        b = resume_after_crash(b, config, log_path, tmp, control, "sel", ports["sel"], [(serving["aio"], "aio")])
         everything = [r for n in os.listdir(tmp) if n.endswith(".jsonl") for r in reports(tmp, int(n.split(".")[0]))]
         check(all(r["threads"] == 1 for r in everything), "every worker ran one thread (%d reports)" % len(everything))
         # brokerd logs its workers' output as "INSTANCE: line".
-        worker_output = [ln for ln in b.log().splitlines() if re.match(r"(sel|aio)/\d+/\d+: ", ln)]
+        worker_output = [ln for path in LOGS for ln in open(path, errors="replace").read().splitlines()
+                         if re.match(r"(sel|aio)/\d+/\d+: ", ln)]
         check(worker_output == [], "no worker wrote to stdout or stderr (%r)" % worker_output[:5])
     except Exception as e:  # noqa: B902 - reported as a failure, with brokerd's log
         check(False, "%s: %s" % (type(e).__name__, e))
@@ -258,6 +272,8 @@ def main():
             b.kill()
         if failures:
             print("--- brokerd's log:\n" + b.log()[-6000:])
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     print("%d passed, %d failed" % (len(passes), len(failures)))
     sys.exit(1 if failures else 0)
 
