@@ -210,6 +210,7 @@ class Client:
         self.instance = ""
         self.generation = 0
         self._listeners = []
+        self._owns_listeners = False  # those a Hello reply brought; inherited ones are the process's
         self._stream = None
         self._sender = Sender()
         self._receipts = Receipts()
@@ -297,6 +298,7 @@ class Client:
                         raise Error(errno.EBADMSG, "invalid Hello reply from brokerd: a socket came without its fd")
                     c._listeners.append(Listener(s["name"], fds[s["fd"]]))
                 fds = []  # the listeners' now
+                c._owns_listeners = True
         except BaseException:
             c._stream.close()
             raise
@@ -577,8 +579,8 @@ class Client:
             self._stream = None
         self._sender.drop_in_flight()
         close_all(item.fd for item in self._sender.take_unsent())
-        if self.brokered and not _listen_fds_are_ours():
-            close_all(entry.fd for entry in self._listeners if entry.fd >= LISTEN_FDS_START)
+        if self._owns_listeners:
+            close_all(entry.fd for entry in self._listeners)
         self._listeners = []
         self._phase = _Phase.CLOSED
 
