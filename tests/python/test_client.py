@@ -50,12 +50,13 @@ def until(predicate, what, timeout=WAIT):
 
 
 LOGS = []  # each brokerd's log, in order of the starts
+RUNNING = {"brokerd": None, "stopped": []}  # what the end of the test stops, whatever failed
 
 
 def start_brokerd(config, log_path):
     """brokerd as an operator starts it (no service manager, its fd holder), ready once it logs so."""
     LOGS.append("%s.%d" % (log_path, len(LOGS) + 1))
-    b = ByHand(config, LOGS[-1])
+    b = RUNNING["brokerd"] = ByHand(config, LOGS[-1])
     b.wait_ready()
     return b
 
@@ -198,6 +199,7 @@ def resume_after_crash(b, config, log_path, tmp, control, service, port, bystand
     check(r.returncode == 0, "%s: upgrade with a receiver that stops itself (%s%s)" % (service, r.stdout, r.stderr))
     receiver = until(lambda: [p for p in (int(n.split(".")[0]) for n in os.listdir(tmp) if n.endswith(".jsonl"))
                               if events(tmp, p, "stopping")], "the receiver stops in on_connection")[0]
+    RUNNING["stopped"].append(receiver)
     until(lambda: (proc_stat(receiver) or (0, 0, "?"))[2] == "T", "receiver stopped")
     b.kill()
     b = start_brokerd(config, log_path)
@@ -268,6 +270,12 @@ def main():
             if n.endswith(".jsonl"):
                 print("--- %s:\n%s" % (n, open(os.path.join(tmp, n)).read()[-1500:]))
     finally:
+        for pid in RUNNING["stopped"]:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        b = RUNNING["brokerd"]
         if b.stop() is None:
             b.kill()
         if failures:
