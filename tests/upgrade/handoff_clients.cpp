@@ -36,8 +36,11 @@ void parse_body(const std::string &body, Answer &a)
 		a.generation = gen;
 		a.pid = pid;
 	}
-	const std::string suffix = " (C)\n";
-	a.from_c = body.size() >= suffix.size() && body.compare(body.size() - suffix.size(), suffix.size(), suffix) == 0;
+	auto ends_with = [&](const std::string &suffix) {
+		return body.size() >= suffix.size() && body.compare(body.size() - suffix.size(), suffix.size(), suffix) == 0;
+	};
+	a.from_c = ends_with(" (C)\n");
+	a.from_python = ends_with(" (python)\n");
 }
 
 // Takes one whole response off the front of `in`; false while it is incomplete.
@@ -482,6 +485,35 @@ HandoffRun handoff_upgrade(Broker &b, std::uint16_t port, std::size_t connection
 	INFO("after the upgrade: ", after.describe());
 	CHECK(after.failures() == 0);
 	return run;
+}
+
+SettledSum wait_settled(Broker &b, const std::string &program, std::size_t instances)
+{
+	const std::string mark = program + ": handoff settled: ";
+	auto sum_of = [&](const std::string &log) {
+		SettledSum sum;
+		for (auto at = log.find(mark); at != std::string::npos; at = log.find(mark, at + mark.size())) {
+			Settled s;
+			if (std::sscanf(log.c_str() + at + mark.size(),
+			                "%zu connections handed, %zu taken by the successor, %zu returned, %zu abandoned",
+			                &s.handed, &s.landed, &s.returned, &s.abandoned) != 4)
+				continue;
+			sum.handed += s.handed;
+			sum.landed += s.landed;
+			sum.returned += s.returned;
+			sum.abandoned += s.abandoned;
+			sum.lines++;
+		}
+		return sum;
+	};
+	SettledSum sum;
+	wait_until(
+		[&] {
+			sum = sum_of(b.log());
+			return sum.lines >= instances;
+		},
+		10s);
+	return sum;
 }
 
 } // namespace utest::handoff

@@ -32,13 +32,15 @@ struct Tally {
 };
 
 // One answer: the status, whether the server keeps the connection, and who its body says answered
-// ("hello from web gen 1 pid 1234", with " (C)" at the end from broker-example-c).
+// ("hello from web gen 1 pid 1234", with " (C)" at the end from broker-example-c and " (python)"
+// from broker-example-python-http).
 struct Answer {
 	int status = 0;
 	bool keep_alive = false;
 	int generation = -1;
 	pid_t pid = 0;
 	bool from_c = false;
+	bool from_python = false;
 };
 
 // Many client connections in one epoll, each driven through connect, send and one answer at a
@@ -133,6 +135,18 @@ HandoffCounts handoff_counts(const json &status, const std::string &service);
 // repeat every INFO of the test).
 void print_summary(const std::string &title, std::size_t connections, std::size_t halves,
                    const HandoffCounts &counts, long long upgrade_ms, std::size_t events, std::size_t answered);
+
+// One "handoff settled" line of an example worker's done handler (broker-example-c,
+// broker-example-python-http): "PROGRAM: handoff settled: N connections handed, N taken by the
+// successor, N returned, N abandoned".
+struct Settled {
+	std::size_t handed = 0, landed = 0, returned = 0, abandoned = 0;
+};
+struct SettledSum : Settled {
+	std::size_t lines = 0;
+};
+// The lines of `program` in b's log, summed, once `instances` of them are there (10 s at most).
+SettledSum wait_settled(Broker &b, const std::string &program, std::size_t instances);
 
 // The handoff tests' common run, on service "web" (2 instances) listening on `port`: `connections`
 // keep-alive connections, each answered once by generation 1 (both instances serving), half a

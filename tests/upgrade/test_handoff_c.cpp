@@ -58,25 +58,6 @@ void check_fd_limits_raised(const json &status, int generation)
 	}
 }
 
-// One "handoff settled" line of broker-example-c's done handler.
-struct Settled {
-	std::size_t handed = 0, landed = 0, returned = 0, abandoned = 0;
-};
-
-std::vector<Settled> settled_lines(const std::string &log)
-{
-	const std::string mark = "broker-example-c: handoff settled: ";
-	std::vector<Settled> out;
-	for (auto at = log.find(mark); at != std::string::npos; at = log.find(mark, at + mark.size())) {
-		Settled s;
-		if (std::sscanf(log.c_str() + at + mark.size(),
-		                "%zu connections handed, %zu taken by the successor, %zu returned, %zu abandoned", &s.handed,
-		                &s.landed, &s.returned, &s.abandoned) == 4)
-			out.push_back(s);
-	}
-	return out;
-}
-
 } // namespace
 
 TEST_CASE("handoff: 2000 keep-alive connections of the C worker move to the new generation in one upgrade")
@@ -118,22 +99,8 @@ TEST_CASE("handoff: 2000 keep-alive connections of the C worker move to the new 
 	CHECK(counts.by_new == counts.received);
 	CHECK(counts.by_old <= counts.handed);
 	// Each old instance said where its connections went (its done handler) before it exited.
-	std::vector<Settled> settled;
-	bool logged = wait_until(
-		[&] {
-			settled = settled_lines(b.log());
-			return settled.size() >= 2;
-		},
-		10s);
-	CHECK_MESSAGE(logged, "the old instances logged ", settled.size(), " handoff summaries");
-	Settled sum;
-	for (const Settled &s : settled) {
-		sum.handed += s.handed;
-		sum.landed += s.landed;
-		sum.returned += s.returned;
-		sum.abandoned += s.abandoned;
-	}
-	CHECK(settled.size() == 2);
+	SettledSum sum = wait_settled(b, "broker-example-c", 2);
+	CHECK(sum.lines == 2);
 	CHECK(sum.handed == kConnections);
 	CHECK(sum.landed == kConnections);
 	CHECK(sum.returned == 0);
