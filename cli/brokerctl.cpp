@@ -5,8 +5,10 @@
 #include "connection.hpp"
 #include "errors.hpp"
 #include "format.hpp"
+#include "reply.hpp"
 
 #include "proto/limits.hpp"
+#include "proto/names.hpp"
 #include "proto/suggest.hpp"
 #include "broker_config.h"
 
@@ -15,6 +17,8 @@
 
 #include <sys/un.h>
 
+#include <algorithm>
+#include <chrono>
 #include <climits>
 #include <iostream>
 #include <new>
@@ -50,6 +54,32 @@ std::string check_timeout(const std::string &text)
 	if (d->count() <= 0 || d->count() > INT_MAX)
 		return "the timeout must be between 1ms and 24d";
 	return {};
+}
+
+constexpr const char *kServicesCommand = "_services";
+
+// A completion waits for this at most, and says nothing when brokerd is not there.
+constexpr auto kServicesTimeout = std::chrono::seconds(2);
+
+// `brokerctl _services`: the names of brokerd's services, one a line, for the shell's completion.
+// It prints nothing and succeeds whatever fails (no brokerd, no permission): a completion that
+// prints errors would write them into the operator's command line.
+int print_services(const Options &opts)
+{
+	try {
+		Connection broker(opts.socket, std::min<std::chrono::milliseconds>(opts.timeout, kServicesTimeout));
+		nlohmann::json reply = broker.call(proto::names::control::kStatus);
+		std::string names;
+		for (const nlohmann::json &svc : array(reply, "services")) {
+			std::string name = text(svc, "name", "");
+			// Config names are plain words; anything else would not be one word for the shell.
+			if (!name.empty() && printable(name) == name && name.find(' ') == std::string::npos)
+				names += name + '\n';
+		}
+		std::cout << names << std::flush;
+	} catch (...) {
+	}
+	return kExitOk;
 }
 
 int run(int argc, char **argv)
@@ -117,6 +147,8 @@ int run(int argc, char **argv)
 		sub->footer(global_help);
 		c.declare(*sub, args);
 	}
+	// For the shell's completion (packaging/brokerctl.bash-completion); not in --help.
+	app.add_subcommand(kServicesCommand, "Print the services' names, one a line")->group("");
 
 	// `upgrade --exec -- CMD ARG...` takes the rest of the command line, which CLI11 would read as
 	// options; `--exec CMD` one word.
@@ -139,6 +171,9 @@ int run(int argc, char **argv)
 		throw Failure(kExitUsage, "--exec is an option of upgrade");
 	if (args.exec && args.exec->empty())
 		throw Failure(kExitUsage, "--exec needs a command: --exec /usr/bin/app, or --exec -- /usr/bin/app --port 80");
+
+	if (app.got_subcommand(kServicesCommand))
+		return print_services(opts);
 
 	for (const Command &c : commands()) {
 		if (!app.got_subcommand(c.name))

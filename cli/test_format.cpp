@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include "arguments.hpp"
+#include "errors.hpp"
 #include "format.hpp"
 #include "progress.hpp"
 #include "render.hpp"
@@ -568,4 +569,47 @@ TEST_CASE("closest: the known word within two edits, the first of the closest, n
 	CHECK(proto::closest("frobnicate", commands) == std::nullopt);
 	CHECK(proto::closest("xy", commands) == std::nullopt); // two edits rewrite a two-letter word
 	CHECK(proto::closest("", commands) == std::nullopt);
+}
+
+TEST_CASE("remote_failure: a refused parameter is a usage error naming the option that sent it")
+{
+	using brokerctl::kExitFailure;
+	using brokerctl::kExitUsage;
+	const std::string invalid = "org.varlink.service.InvalidParameter";
+	const json call = {{"service", "web"}};
+	struct Row {
+		const char *method;
+		json error;
+		brokerctl::ExitCode code;
+		const char *message;
+	};
+	const Row rows[] = {
+		{"io.brokerd.Control.Upgrade",
+		 {{"parameter", "batch"}, {"message", "expected a number of instances from 1 to 1024"}}, kExitUsage,
+		 "brokerd refused --batch of upgrade: expected a number of instances from 1 to 1024"},
+		{"io.brokerd.Control.Upgrade", {{"parameter", "drain_timeout_ms"}, {"message", "at most 24d"}}, kExitUsage,
+		 "brokerd refused --drain-timeout of upgrade: at most 24d"},
+		{"io.brokerd.Control.Upgrade", {{"parameter", "env"}, {"message", "BROKER_X: set by brokerd"}}, kExitUsage,
+		 "brokerd refused --env of upgrade: BROKER_X: set by brokerd"},
+		// A parameter the method's own row names differently.
+		{"io.brokerd.Control.Rollback", {{"parameter", "generation"}}, kExitUsage,
+		 "brokerd refused --to of rollback: this brokerd does not take it (is it older than brokerctl?)"},
+		{"io.brokerd.Control.Signal", {{"parameter", "generation"}, {"message", "no such generation"}}, kExitUsage,
+		 "brokerd refused --generation of signal: no such generation"},
+		{"io.brokerd.Control.Scale", {{"parameter", "instances"}, {"message", "from 1 to 1024"}}, kExitUsage,
+		 "brokerd refused N of scale: from 1 to 1024"},
+		// No option sends it: brokerctl and brokerd disagree, which the operator cannot fix.
+		{"io.brokerd.Control.Upgrade", {{"parameter", "fd"}}, kExitFailure,
+		 "brokerd rejected parameter \"fd\" of io.brokerd.Control.Upgrade"},
+		{"io.brokerd.Control.Status", json::object(), kExitFailure,
+		 "brokerd rejected parameter \"\" of io.brokerd.Control.Status"},
+	};
+	for (const Row &row : rows) {
+		CAPTURE(row.method);
+		CAPTURE(row.error.dump());
+		brokerctl::Failure f = brokerctl::remote_failure(invalid, row.error, row.method, call);
+		CHECK(f.code() == row.code);
+		CHECK(std::string(f.what()) == row.message);
+		CHECK(std::string(f.what()).find("brokerctl status") == std::string::npos);
+	}
 }
