@@ -35,7 +35,8 @@ const char *const kExitCodesHelp =
 	"     (reexec), and serves on as it was\n"
 	"\n"
 	"Environment:\n"
-	"  BROKERCTL_SOCKET  control socket, when --socket is not given";
+	"  BROKERCTL_SOCKET  control socket, when --socket is not given\n"
+	"  BROKERCTL_SSH     the ssh command for -H (default \"ssh\"; split at blanks)";
 
 namespace {
 

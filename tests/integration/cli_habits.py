@@ -129,12 +129,18 @@ def completion(control, tmp):
         ([BROKERCTL, "--socket", control, "upgrade", "web", "--batch", ""], [], None),  # a value, not a service
         ([BROKERCTL, "--socket", control, "sockets", ""], [], None),
         ([BROKERCTL, "--socket", os.path.join(tmp, "nothing.sock"), "upgrade", ""], [], None),
+        ([BROKERCTL, "-H", "web1", "st"], ["start", "status", "stop"], None),  # -H takes a value
+        ([BROKERCTL, "-H", "web1", ":", "22", "st"], ["start", "status", "stop"], None),  # HOST:PORT, split
+        ([BROKERCTL, "--host", "=", "web1", "--socket", control, "upgrade", ""], [], None),  # another host's services
+        ([BROKERCTL, "--host=web1", "--socket=" + control, "status", ""], [], None),  # "=" not a word break
+        ([BROKERCTL, "--socket=" + control, "status", ""], ["web"], None),
         ([BROKERCTL, "upgrade", "web", "--ba"], ["--batch"], None),
         ([BROKERCTL, "upgrade", "--d"], ["--drain-timeout"], None),
         ([BROKERCTL, "status", "--j"], ["--json"], None),
         ([BROKERCTL, "--ver"], ["--version"], None),
         ([BROKERCTL, "upgrade", "--ver"], ["--version"], None),
-        ([BROKERCTL, "reexec", "--"], ["--binary", "--help", "--json", "--socket", "--timeout"], None),
+        ([BROKERCTL, "reexec", "--"], ["--binary", "--help", "--host", "--json", "--socket", "--timeout"], None),
+        ([BROKERCTL, "-"], ["--help", "--host", "--json", "--socket", "--timeout", "--version", "-H"], None),
         ([BROKERCTL, "bogus", ""], [], None),
         ([BROKERCTL, "upgrade", "web", "--exec", "--", "cli-habits-pro"], ["cli-habits-probe"], probe_env),
         ([BROKERCTL, "upgrade", "web", "--exec", "--", "prog", os.path.join(tmp, "compl")],
