@@ -119,6 +119,8 @@ int run_bridge(const std::string &socket, std::chrono::milliseconds timeout)
 		std::array<pollfd, 3> p{};
 		p[0] = {!up.eof && up.room() ? STDIN_FILENO : -1, POLLIN, 0};
 		p[1] = {sock, static_cast<short>((!down.eof && down.room() ? POLLIN : 0) | (!up.empty() ? POLLOUT : 0)), 0};
+		if (p[1].events == 0)
+			p[1].fd = -1; // else a hang-up, reported whatever is asked, would spin this loop
 		p[2] = {!down.empty() ? STDOUT_FILENO : -1, POLLOUT, 0};
 		if (::poll(p.data(), p.size(), -1) < 0) {
 			if (errno == EINTR)

@@ -22,18 +22,24 @@ BROKERCTL = os.environ["BROKERCTL"]
 DEADLINE = 20.0
 
 
-def read_message(f, deadline):
-    """One NUL-terminated Varlink message from a pipe, or None at EOF or past the deadline."""
-    data = b""
-    while not data.endswith(b"\0"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([f], [], [], left)[0]:
-            return None
-        chunk = os.read(f.fileno(), 1)
-        if not chunk:
-            return None
-        data += chunk
-    return json.loads(data[:-1])
+class Messages:
+    """NUL-terminated Varlink messages from a pipe, read in chunks."""
+
+    def __init__(self, f):
+        self.f, self.buf = f, b""
+
+    def next(self, deadline):
+        """The next message, or None at EOF or past the deadline."""
+        while b"\0" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.f], [], [], left)[0]:
+                return None
+            chunk = os.read(self.f.fileno(), 1 << 16)
+            if not chunk:
+                return None
+            self.buf += chunk
+        data, self.buf = self.buf.split(b"\0", 1)
+        return json.loads(data)
 
 
 def call(method, **parameters):
@@ -46,10 +52,11 @@ def relays_to_brokerd(control):
     deadline = time.monotonic() + DEADLINE
     bridge.stdin.write(call("io.brokerd.Control.Status") + call("org.varlink.service.GetInfo"))
     bridge.stdin.flush()
-    status = read_message(bridge.stdout, deadline)
+    replies = Messages(bridge.stdout)
+    status = replies.next(deadline)
     names = [s.get("name") for s in status.get("parameters", {}).get("services", [])] if status else None
     check(names == ["web"], "bridge: brokerd's Status comes back, naming web (%r)" % names)
-    info = read_message(bridge.stdout, deadline)
+    info = replies.next(deadline)
     check(info is not None and info.get("parameters", {}).get("vendor") is not None,
           "bridge: a second call on the same bridge is answered (%r)" % info)
     bridge.stdin.close()  # brokerctl is done: brokerd hears the end, closes, and the bridge exits
@@ -88,15 +95,17 @@ def fake_brokerd(path, replies):
 def refuses_fds(tmp):
     path = os.path.join(tmp, "fake.sock")
     r, w = os.pipe()
-    plain = b'{"parameters":{"first":true}}\0'
+    big = "x" * (1 << 20)  # sixteen times the bridge's buffer
+    plain = json.dumps({"parameters": {"first": big}}).encode() + b"\0"
     with_fd = b'{"parameters":{"second":true}}\0'
     server = fake_brokerd(path, [(plain, []), (with_fd, [w])])
     bridge = subprocess.Popen([BROKERCTL, "--socket", path, "bridge"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     bridge.stdin.write(call("io.brokerd.Control.Status"))
     bridge.stdin.flush()
-    first = read_message(bridge.stdout, time.monotonic() + DEADLINE)
-    check(first == {"parameters": {"first": True}}, "fake brokerd: a reply without fds is relayed (%r)" % first)
+    first = Messages(bridge.stdout).next(time.monotonic() + DEADLINE)
+    check(first == {"parameters": {"first": big}},
+          "fake brokerd: a 1 MiB reply without fds is relayed whole (%r)" % (str(first)[:100],))
     bridge.stdin.write(call("io.brokerd.Control.Status"))
     bridge.stdin.flush()
     if not check(exits_within(bridge.pid, DEADLINE), "fake brokerd: the bridge ends when brokerd sends an fd"):
