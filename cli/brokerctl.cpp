@@ -5,8 +5,11 @@
 #include "connection.hpp"
 #include "errors.hpp"
 #include "format.hpp"
+#include "remote.hpp"
+#include "reply.hpp"
 
 #include "proto/limits.hpp"
+#include "proto/names.hpp"
 #include "proto/suggest.hpp"
 #include "broker_config.h"
 
@@ -15,6 +18,8 @@
 
 #include <sys/un.h>
 
+#include <algorithm>
+#include <chrono>
 #include <climits>
 #include <iostream>
 #include <new>
@@ -50,6 +55,53 @@ std::string check_timeout(const std::string &text)
 	if (d->count() <= 0 || d->count() > INT_MAX)
 		return "the timeout must be between 1ms and 24d";
 	return {};
+}
+
+constexpr const char *kServicesCommand = "_services";
+constexpr const char *kBridgeCommand = "bridge";
+
+// A completion waits for this at most, and says nothing when brokerd is not there.
+constexpr auto kServicesTimeout = std::chrono::seconds(2);
+
+// `brokerctl _services`: the names of brokerd's services, one a line, for the shell's completion.
+// It prints nothing and succeeds whatever fails (no brokerd, no permission): a completion that
+// prints errors would write them into the operator's command line.
+int print_services(const Options &opts)
+{
+	try {
+		// Over ssh, the handshake alone may take longer.
+		auto timeout = opts.remote ? opts.timeout : std::min<std::chrono::milliseconds>(opts.timeout, kServicesTimeout);
+		Connection broker(opts.socket, timeout, opts.remote);
+		nlohmann::json reply = broker.call(proto::names::control::kStatus);
+		std::string names;
+		for (const nlohmann::json &svc : array(reply, "services")) {
+			std::string name = text(svc, "name", "");
+			// Config names are plain words; anything else would not be one word for the shell.
+			if (!name.empty() && printable(name) == name && name.find(' ') == std::string::npos)
+				names += name + '\n';
+		}
+		std::cout << names << std::flush;
+	} catch (...) {
+	}
+	return kExitOk;
+}
+
+std::string check_target(const std::string &text)
+{
+	if (!parse_target(text))
+		return "expected [USER@]HOST[:PORT] (a port from 1 to 65535; an IPv6 address with a port in brackets), got \"" +
+		       printable(text) + "\"";
+	return {};
+}
+
+// Whether --socket is on the command line (and not only in BROKERCTL_SOCKET, which is this
+// host's): -H passes only that one on, for the remote brokerctl.
+bool socket_option_given(const std::vector<std::string> &words)
+{
+	for (std::size_t i = 1; i < words.size() && words[i] != "--"; ++i)
+		if (words[i] == "--socket" || words[i].starts_with("--socket="))
+			return true;
+	return false;
 }
 
 int run(int argc, char **argv)
@@ -99,6 +151,10 @@ int run(int argc, char **argv)
 		->capture_default_str()
 		->type_name("DURATION")
 		->check(CLI::Validator(check_timeout, ""));
+	std::string host;
+	app.add_option("-H,--host", host, "Run the command on HOST's brokerd, over ssh (see BROKERCTL_SSH)")
+		->type_name("[USER@]HOST[:PORT]")
+		->check(CLI::Validator(check_target, ""));
 
 	// A command's help shows the options every command takes (CLI11 lists only the command's
 	// own) and leaves the exit statuses to `brokerctl --help`.
@@ -109,6 +165,8 @@ int run(int argc, char **argv)
 	                                "  --timeout DURATION  How long to wait for brokerd's reply (default " +
 	                                timeout_text +
 	                                ")\n"
+	                                "  -H [USER@]HOST[:PORT]\n"
+	                                "                      Run the command on HOST's brokerd, over ssh\n"
 	                                "\n"
 	                                "Exit statuses: see 'brokerctl --help'.";
 	Arguments args;
@@ -117,6 +175,12 @@ int run(int argc, char **argv)
 		sub->footer(global_help);
 		c.declare(*sub, args);
 	}
+	CLI::App *bridge = app.add_subcommand(kBridgeCommand, "Relay standard input and output to brokerd's control "
+	                                                      "socket: what `brokerctl -H` runs over ssh")
+	                       ->group("Commands");
+	bridge->footer(global_help);
+	// For the shell's completion (packaging/brokerctl.bash-completion); not in --help.
+	app.add_subcommand(kServicesCommand, "Print the services' names, one a line")->group("");
 
 	// `upgrade --exec -- CMD ARG...` takes the rest of the command line, which CLI11 would read as
 	// options; `--exec CMD` one word.
@@ -135,15 +199,27 @@ int run(int argc, char **argv)
 	}
 	opts.timeout = *parse_duration(timeout_text);
 	opts.timeout_given = timeout->count() > 0;
+	if (!host.empty()) {
+		if (app.got_subcommand(bridge))
+			throw Failure(kExitUsage, "bridge is what -H runs on the other host; it takes no -H");
+		opts.remote = parse_target(host);
+		if (socket_option_given(words))
+			opts.remote->socket = opts.socket;
+	}
 	if (args.exec && !app.got_subcommand("upgrade"))
 		throw Failure(kExitUsage, "--exec is an option of upgrade");
 	if (args.exec && args.exec->empty())
 		throw Failure(kExitUsage, "--exec needs a command: --exec /usr/bin/app, or --exec -- /usr/bin/app --port 80");
 
+	if (app.got_subcommand(kServicesCommand))
+		return print_services(opts);
+	if (app.got_subcommand(bridge))
+		return run_bridge(opts.socket, opts.timeout);
+
 	for (const Command &c : commands()) {
 		if (!app.got_subcommand(c.name))
 			continue;
-		Connection broker(opts.socket, opts.timeout);
+		Connection broker(opts.socket, opts.timeout, opts.remote);
 		int code = c.run(opts, args, broker, std::cout);
 		if (!std::cout.flush())
 			throw Failure(kExitFailure, "cannot write to standard output");
@@ -169,7 +245,8 @@ int main(int argc, char **argv)
 	try {
 		return run(argc, argv);
 	} catch (const Failure &f) {
-		print_error(f.what());
+		if (*f.what()) // empty: said already, by the remote brokerctl (remote.hpp)
+			print_error(f.what());
 		return f.code();
 	} catch (const nlohmann::json::exception &e) {
 		print_error("unexpected reply from brokerd: " + json_message(e));

@@ -375,7 +375,7 @@ std::unique_ptr<Connection> watch_reconnect(const Options &opts, const std::stri
 	auto deadline = std::chrono::steady_clock::now() + kWatchReconnectFor;
 	auto pause = std::chrono::milliseconds(50);
 	for (;;) {
-		auto again = std::make_unique<Connection>(path, opts.timeout);
+		auto again = std::make_unique<Connection>(path, opts.timeout, opts.remote);
 		try {
 			status = again->call(kStatus);
 			return again;

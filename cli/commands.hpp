@@ -2,6 +2,8 @@
 // A new command is one entry plus its run function in commands.cpp.
 #pragma once
 
+#include "remote.hpp"
+
 #include <chrono>
 #include <iosfwd>
 #include <optional>
@@ -25,6 +27,8 @@ struct Options {
 	// --timeout was given: start, stop and abort then honour it too instead of waiting for the
 	// broker's own start and drain timeouts.
 	bool timeout_given = false;
+	// -H: brokerd on another host, through ssh (remote.hpp).
+	std::optional<RemoteTarget> remote;
 };
 
 // Every subcommand's own arguments; each command binds and reads only the ones it declares.

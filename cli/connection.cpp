@@ -3,23 +3,54 @@
 
 #include "errors.hpp"
 
-
+#include <cerrno>
 #include <climits>
+#include <utility>
 
 namespace brokerctl {
 
 using json = nlohmann::json;
 namespace varlink = proto::varlink;
 
-Connection::Connection(std::string path, std::chrono::milliseconds timeout)
-	: path_(std::move(path)), timeout_(timeout)
+Connection::Connection(std::string path, std::chrono::milliseconds timeout, std::optional<RemoteTarget> remote)
+	: path_(std::move(path)), timeout_(timeout), remote_(std::move(remote))
 {
 }
 
-Connection::~Connection() = default;
+Connection::~Connection()
+{
+	end_bridge();
+}
+
+// How long a bridge's ssh may take to leave once its channel is closed: it only says goodbye.
+constexpr auto kBridgeExitWait = std::chrono::seconds(5);
+
+void Connection::end_bridge()
+{
+	// Closing our end is ssh's EOF: it passes it on and exits, and the remote bridge with it.
+	client_.reset();
+	if (ssh_ > 0)
+		reap_bridge(std::exchange(ssh_, -1), *remote_, kBridgeExitWait);
+}
+
+void Connection::io_failed(const proto::varlink::Error &e, std::string_view method)
+{
+	if (ssh_ > 0 && (e.code() == ECONNRESET || e.code() == EPIPE)) {
+		client_.reset();
+		auto exit = reap_bridge(std::exchange(ssh_, -1), *remote_, kBridgeExitWait);
+		if (exit)
+			throw Failure(static_cast<ExitCode>(exit->code), exit->message);
+	}
+	throw io_failure(e, method, timeout_);
+}
 
 varlink::SyncClient &Connection::client()
 {
+	if (!client_ && remote_) {
+		Bridge bridge = spawn_bridge(*remote_);
+		ssh_ = bridge.ssh;
+		client_ = std::make_unique<varlink::SyncClient>(std::move(bridge.fd), timeout_);
+	}
 	if (!client_) {
 		try {
 			client_ = std::make_unique<varlink::SyncClient>(path_, timeout_);
@@ -36,7 +67,7 @@ void Connection::send(std::string_view method, const json &parameters, bool more
 	try {
 		c.send(varlink::make_call(method, parameters, more));
 	} catch (const proto::varlink::Error &e) {
-		throw io_failure(e, method, timeout_);
+		io_failed(e, method);
 	}
 }
 
@@ -46,7 +77,7 @@ json Connection::receive(std::string_view method, const json &parameters, bool &
 	try {
 		m = client().receive();
 	} catch (const proto::varlink::Error &e) {
-		throw io_failure(e, method, timeout_);
+		io_failed(e, method);
 	}
 	// Fds are never part of a Control reply; any the broker sent close with `m`.
 	const json &body = m.body;

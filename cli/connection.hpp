@@ -2,6 +2,8 @@
 // turned into a brokerctl::Failure with its exit code.
 #pragma once
 
+#include "remote.hpp"
+
 #include "proto/sync_client.hpp"
 
 #include <nlohmann/json.hpp>
@@ -9,6 +11,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -24,9 +27,12 @@ enum class Wait {
 
 class Connection {
 public:
-	// Connects on first use, so `--help`-like commands that never call need no broker.
-	Connection(std::string path, std::chrono::milliseconds timeout);
+	// Connects on first use, so `--help`-like commands that never call need no broker. With a
+	// remote target (-H), through `ssh HOST brokerctl bridge`, to that host's brokerd.
+	Connection(std::string path, std::chrono::milliseconds timeout, std::optional<RemoteTarget> remote = std::nullopt);
 	~Connection();
+	Connection(const Connection &) = delete;
+	Connection &operator=(const Connection &) = delete;
 
 	// One call, one reply: returns the reply's parameters (an object, possibly empty).
 	nlohmann::json call(std::string_view method, nlohmann::json parameters = nlohmann::json::object(),
@@ -45,9 +51,14 @@ private:
 	void send(std::string_view method, const nlohmann::json &parameters, bool more);
 	nlohmann::json receive(std::string_view method, const nlohmann::json &parameters, bool &continues);
 	void set_wait(Wait wait);
+	// A send or receive failed: over a bridge that ended, what ssh's exit status says instead.
+	[[noreturn]] void io_failed(const proto::varlink::Error &e, std::string_view method);
+	void end_bridge();
 
 	std::string path_;
 	std::chrono::milliseconds timeout_;
+	std::optional<RemoteTarget> remote_;
+	pid_t ssh_ = -1;
 	std::unique_ptr<proto::varlink::SyncClient> client_;
 };
 

@@ -11,6 +11,7 @@
 
 #include <sys/stat.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 
@@ -22,7 +23,8 @@ const char *const kExitCodesHelp =
 	"Exit status:\n"
 	"  0  success\n"
 	"  1  failure (the message says what)\n"
-	"  2  usage error\n"
+	"  2  usage error: the command line, or a parameter brokerd refused (the message names\n"
+	"     the option)\n"
 	"  3  brokerd is not running (no control socket, or nothing listening on it)\n"
 	"  4  permission denied (by the socket's file mode, or by brokerd)\n"
 	"  5  no such service\n"
@@ -33,7 +35,8 @@ const char *const kExitCodesHelp =
 	"     (reexec), and serves on as it was\n"
 	"\n"
 	"Environment:\n"
-	"  BROKERCTL_SOCKET  control socket, when --socket is not given";
+	"  BROKERCTL_SOCKET  control socket, when --socket is not given\n"
+	"  BROKERCTL_SSH     the ssh command for -H (default \"ssh\"; split at blanks)";
 
 namespace {
 
@@ -89,6 +92,61 @@ Failure upgrade_failed(std::string_view method, const json &e, const json &call_
 			message += "\n    " + printable(line.is_string() ? line.get<std::string>() : line.dump());
 	}
 	return Failure(kExitRolledBack, message);
+}
+
+// Which of brokerctl's words sent each Control parameter, for a refusal to name what the operator
+// typed. A method of "" matches every method; a row for one method comes before it. A new option
+// that becomes a parameter is one row here.
+struct ParameterOption {
+	std::string_view method; // the last part of the method's name: "Upgrade"
+	std::string_view parameter;
+	std::string_view option;
+};
+
+constexpr ParameterOption kParameterOptions[] = {
+	{"Rollback", "generation", "--to"},
+	{"Signal", "generation", "--generation"},
+	{"", "service", "SERVICE"},
+	{"", "exec", "--exec"},
+	{"", "env", "--env"},
+	{"", "version", "--version"},
+	{"", "batch", "--batch"},
+	{"", "all_at_once", "--all-at-once"},
+	{"", "start_timeout_ms", "--start-timeout"},
+	{"", "drain_timeout_ms", "--drain-timeout"},
+	{"", "wait", "--no-wait"},
+	{"", "binary", "--binary"},
+	{"", "instances", "N"},
+	{"", "signal", "SIG"},
+};
+
+// "io.brokerd.Control.Upgrade" -> "Upgrade".
+std::string_view method_base(std::string_view method)
+{
+	auto dot = method.rfind('.');
+	return dot == std::string_view::npos ? method : method.substr(dot + 1);
+}
+
+// InvalidParameter: brokerd refused a value the operator gave, so it is a usage error that names
+// the option. A parameter no option sends (brokerctl and brokerd disagree on the protocol) is not
+// the operator's to fix: exit 1, as any other failure.
+Failure invalid_parameter(std::string_view method, std::string_view parameter, const std::string &why)
+{
+	std::string_view base = method_base(method);
+	std::string command;
+	for (char c : base)
+		command += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+	for (const ParameterOption &row : kParameterOptions) {
+		if (row.parameter != parameter || !(row.method.empty() || row.method == base))
+			continue;
+		// brokerd explains a value it refuses; a parameter it refuses without a word is one it
+		// does not know.
+		return Failure(kExitUsage, "brokerd refused " + std::string(row.option) + " of " + command + ": " +
+		                               (why.empty() ? "this brokerd does not take it (is it older than brokerctl?)"
+		                                            : why));
+	}
+	return Failure(kExitFailure, "brokerd rejected parameter " + in_quotes(parameter) + " of " + std::string(method) +
+	                                 (why.empty() ? "" : ": " + why));
 }
 
 } // namespace
@@ -185,12 +243,9 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 	    error == proto::varlink::kInterfaceNotFound)
 		return Failure(kExitFailure, "this brokerd does not support " + std::string(method) +
 		                                 " (is it older than brokerctl?)");
-	if (error == proto::varlink::kInvalidParameter) {
-		std::string why = printable(text(error_parameters, "message", ""));
-		return Failure(kExitFailure, "brokerd rejected parameter " +
-		                                 in_quotes(text(error_parameters, "parameter", "")) + " of " +
-		                                 std::string(method) + (why.empty() ? "" : ": " + why));
-	}
+	if (error == proto::varlink::kInvalidParameter)
+		return invalid_parameter(method, text(error_parameters, "parameter", ""),
+		                         printable(text(error_parameters, "message", "")));
 	std::string detail;
 	if (error_parameters.is_object() && !error_parameters.empty())
 		detail = " " + error_parameters.dump(-1, ' ', false, json::error_handler_t::replace);

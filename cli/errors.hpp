@@ -29,7 +29,8 @@ enum ExitCode : int {
 // The --help footer that lists the codes above.
 extern const char *const kExitCodesHelp;
 
-// A failure already explained for the operator: main() prints "brokerctl: <what>" and exits.
+// A failure already explained for the operator: main() prints "brokerctl: <what>" and exits. An
+// empty message prints nothing: the remote brokerctl of -H said it already (remote.hpp).
 class Failure : public std::runtime_error {
 public:
 	Failure(ExitCode code, const std::string &message) : std::runtime_error(message), code_(code) {}

@@ -4,12 +4,16 @@
 #include <doctest/doctest.h>
 
 #include "arguments.hpp"
+#include "errors.hpp"
 #include "format.hpp"
 #include "progress.hpp"
+#include "remote.hpp"
 #include "render.hpp"
 #include "proto/suggest.hpp"
 
 #include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
 
 #include <cstdlib>
 #include <ctime>
@@ -568,4 +572,135 @@ TEST_CASE("closest: the known word within two edits, the first of the closest, n
 	CHECK(proto::closest("frobnicate", commands) == std::nullopt);
 	CHECK(proto::closest("xy", commands) == std::nullopt); // two edits rewrite a two-letter word
 	CHECK(proto::closest("", commands) == std::nullopt);
+}
+
+TEST_CASE("remote_failure: a refused parameter is a usage error naming the option that sent it")
+{
+	using brokerctl::kExitFailure;
+	using brokerctl::kExitUsage;
+	const std::string invalid = "org.varlink.service.InvalidParameter";
+	const json call = {{"service", "web"}};
+	struct Row {
+		const char *method;
+		json error;
+		brokerctl::ExitCode code;
+		const char *message;
+	};
+	const Row rows[] = {
+		{"io.brokerd.Control.Upgrade",
+		 {{"parameter", "batch"}, {"message", "expected a number of instances from 1 to 1024"}}, kExitUsage,
+		 "brokerd refused --batch of upgrade: expected a number of instances from 1 to 1024"},
+		{"io.brokerd.Control.Upgrade", {{"parameter", "drain_timeout_ms"}, {"message", "at most 24d"}}, kExitUsage,
+		 "brokerd refused --drain-timeout of upgrade: at most 24d"},
+		{"io.brokerd.Control.Upgrade", {{"parameter", "env"}, {"message", "BROKER_X: set by brokerd"}}, kExitUsage,
+		 "brokerd refused --env of upgrade: BROKER_X: set by brokerd"},
+		// A parameter the method's own row names differently.
+		{"io.brokerd.Control.Rollback", {{"parameter", "generation"}}, kExitUsage,
+		 "brokerd refused --to of rollback: this brokerd does not take it (is it older than brokerctl?)"},
+		{"io.brokerd.Control.Signal", {{"parameter", "generation"}, {"message", "no such generation"}}, kExitUsage,
+		 "brokerd refused --generation of signal: no such generation"},
+		{"io.brokerd.Control.Scale", {{"parameter", "instances"}, {"message", "from 1 to 1024"}}, kExitUsage,
+		 "brokerd refused N of scale: from 1 to 1024"},
+		// No option sends it: brokerctl and brokerd disagree, which the operator cannot fix.
+		{"io.brokerd.Control.Upgrade", {{"parameter", "fd"}}, kExitFailure,
+		 "brokerd rejected parameter \"fd\" of io.brokerd.Control.Upgrade"},
+		{"io.brokerd.Control.Status", json::object(), kExitFailure,
+		 "brokerd rejected parameter \"\" of io.brokerd.Control.Status"},
+	};
+	for (const Row &row : rows) {
+		CAPTURE(row.method);
+		CAPTURE(row.error.dump());
+		brokerctl::Failure f = brokerctl::remote_failure(invalid, row.error, row.method, call);
+		CHECK(f.code() == row.code);
+		CHECK(std::string(f.what()) == row.message);
+		CHECK(std::string(f.what()).find("brokerctl status") == std::string::npos);
+	}
+}
+
+TEST_CASE("parse_target: [USER@]HOST[:PORT], an IPv6 address with a port in brackets, nothing ssh reads as an option")
+{
+	struct Row {
+		const char *text;
+		const char *destination; // nullptr: refused
+		const char *port;        // nullptr: none
+	};
+	const Row rows[] = {
+		{"web1", "web1", nullptr},
+		{"root@web1", "root@web1", nullptr},
+		{"web1:2222", "web1", "2222"},
+		{"deploy@web1.example.com:22", "deploy@web1.example.com", "22"},
+		{"[2001:db8::1]:2222", "2001:db8::1", "2222"},
+		{"admin@[::1]", "admin@::1", nullptr},
+		{"::1", "::1", nullptr}, // colons without brackets: an address, no port
+		{"web1:65535", "web1", "65535"},
+		{"", nullptr, nullptr},
+		{"web1:", nullptr, nullptr},
+		{"web1:0", nullptr, nullptr},
+		{"web1:65536", nullptr, nullptr},
+		{"web1:22x", nullptr, nullptr},
+		{"@web1", nullptr, nullptr},
+		{"root@", nullptr, nullptr},
+		{"-oProxyCommand=x", nullptr, nullptr},
+		{"-lroot@web1", nullptr, nullptr},
+		{"root@-web1", nullptr, nullptr},
+		{"web 1", nullptr, nullptr},
+		{"web1;reboot", nullptr, nullptr}, // a ProxyCommand's %h would give it to a shell
+		{"$(reboot)", nullptr, nullptr},
+		{"fe80::1%eth0", "fe80::1%eth0", nullptr},
+		{"ops_1@web-1.example", "ops_1@web-1.example", nullptr},
+		{"[::1", nullptr, nullptr},
+		{"[::1]x", nullptr, nullptr},
+		{"a@b@c", nullptr, nullptr},
+	};
+	for (const Row &row : rows) {
+		CAPTURE(row.text);
+		auto t = brokerctl::parse_target(row.text);
+		REQUIRE(t.has_value() == (row.destination != nullptr));
+		if (!t)
+			continue;
+		CHECK(t->given == row.text);
+		CHECK(t->destination == row.destination);
+		CHECK(t->port == (row.port ? std::optional<std::string>(row.port) : std::nullopt));
+	}
+}
+
+TEST_CASE("bridge_command: BROKERCTL_SSH's words, no forwarding, the port, then -- and the remote command quoted")
+{
+	using V = std::vector<std::string>;
+	auto t = *brokerctl::parse_target("root@web1:2222");
+	CHECK(brokerctl::bridge_command(t, "") == V{"ssh", "-x", "-T", "-p", "2222", "--", "root@web1", "brokerctl bridge"});
+	t.socket = "/run/my brokerd/control.sock";
+	CHECK(brokerctl::bridge_command(t, "  ssh -F /etc/fleet/ssh_config\t-o BatchMode=yes ") ==
+	      V{"ssh", "-F", "/etc/fleet/ssh_config", "-o", "BatchMode=yes", "-x", "-T", "-p", "2222", "--", "root@web1",
+	        "brokerctl bridge --socket '/run/my brokerd/control.sock'"});
+	auto plain = *brokerctl::parse_target("web1");
+	CHECK(brokerctl::bridge_command(plain, "/usr/local/bin/fleet-ssh") ==
+	      V{"/usr/local/bin/fleet-ssh", "-x", "-T", "--", "web1", "brokerctl bridge"});
+}
+
+TEST_CASE("bridge_exit: what ssh's exit status says after the bridge closed early")
+{
+	auto t = *brokerctl::parse_target("root@web1");
+	auto exited = [](int code) { return code << 8; }; // as waitpid reports an exit
+	CHECK(!brokerctl::bridge_exit(exited(0), t)); // brokerd's own close, passed on
+	for (int code : {3, 4, 5}) {
+		auto e = brokerctl::bridge_exit(exited(code), t);
+		REQUIRE(e);
+		CHECK(e->code == code);
+		CHECK(e->message.empty()); // the remote brokerctl said it, on stderr
+	}
+	auto ssh = brokerctl::bridge_exit(exited(255), t);
+	REQUIRE(ssh);
+	CHECK(ssh->code == 1);
+	CHECK(ssh->message == "ssh to root@web1 failed (exit status 255)");
+	auto missing = brokerctl::bridge_exit(exited(127), t);
+	REQUIRE(missing);
+	CHECK(missing->message == "brokerctl was not found on root@web1 (exit status 127)");
+	auto other = brokerctl::bridge_exit(exited(1), t);
+	REQUIRE(other);
+	CHECK((other->code == 1 && other->message == "brokerctl bridge on root@web1 ended with exit status 1"));
+	auto killed = brokerctl::bridge_exit(SIGKILL, t); // as waitpid reports a death by signal
+	REQUIRE(killed);
+	CHECK((killed->code == 1 && killed->message == "ssh to root@web1 was killed by signal 9"));
+	CHECK(WIFSIGNALED(SIGKILL));
 }

@@ -17,9 +17,10 @@ DEPS=(
 # source; man and groff, for install-consumer's man page checks (systemd-analyze, and the systemd
 # tools of the integration tests, come with systemd above); promtool (in prometheus), which checks
 # the metrics text; openssh-server, for `brokerctl -H` against a local sshd; bash-completion, whose
-# loader the completion test uses; dh-python, for the Python library's Debian package.
+# loader the completion test uses; dh-python, for the Python library's Debian package;
+# ansible-core, which runs the fleet example (examples-ansible).
 TEST_DEPS=(golang-go golang-github-varlink-go-dev man-db groff-base
-	prometheus openssh-server bash-completion dh-python)
+	prometheus openssh-server bash-completion dh-python ansible-core)
 
 die() {
 	printf 'scripts/%s: error: %s\n' "$(basename "$0")" "$*" >&2

@@ -47,6 +47,7 @@ expect=(
 	"$DATADIR/brokerd/io.brokerd.Control.varlink" "$DATADIR/brokerd/io.brokerd.Worker.varlink"
 	"$MANDIR/man8/brokerd.8" "$MANDIR/man1/brokerctl.1" "$MANDIR/man5/brokerd.json.5"
 	"$MANDIR/man3/libbroker-client.3"
+	"$DATADIR/bash-completion/completions/brokerctl"
 )
 for f in "${expect[@]}"; do
 	[[ -e "$dest$f" ]] || fail "$f was not installed"
