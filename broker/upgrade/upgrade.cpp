@@ -52,8 +52,10 @@ std::variant<Event, Refusal> Supervisor::begin_upgrade(Service &svc, UpgradeRequ
 
 	std::string what = req.kind + " of " + svc.name + " from gen " + (from ? std::to_string(from->number) : "-") +
 	                   " to gen " + std::to_string(ref.to->number);
-	log::notice(what + ": " + std::to_string(req.cfg.instances) + " new instance(s), batch " +
-	            std::to_string(req.cfg.upgrade_batch) + (req.all_at_once ? ", all at once" : ""));
+	// The start itself is logged once, as the Upgrade event's record (daemon/journal_events.cpp).
+	log::info("service " + svc.name + ": gen " + std::to_string(ref.to->number) + " rolls out " +
+	          std::to_string(req.cfg.instances) + " new instance(s), batch " + std::to_string(req.cfg.upgrade_batch) +
+	          (req.all_at_once ? ", all at once" : ""));
 	emit_service(svc, EventKind::Upgrade, what);
 	Event accepted = progress(svc, EventKind::Accepted, nullptr, what);
 	notify_observers(ref, accepted);
@@ -78,8 +80,6 @@ void Supervisor::apply(Service &svc, const RolloutStep &step)
 		return;
 
 	if (step.stop_new) {
-		log::warning("service " + svc.name + ": " + up->kind + " to gen " + std::to_string(up->to->number) +
-		             " failed (" + up->rollout.reason() + "), rolling back");
 		notify_observers(*up, progress(svc, EventKind::Rollback, nullptr, up->rollout.reason()));
 		emit_service(svc, EventKind::Rollback, up->rollout.reason());
 		// New instances that serve keep serving until a restored old one replaces each, so
@@ -160,8 +160,6 @@ void Supervisor::finish_upgrade(Service &svc)
 		if (up->from)
 			svc.previous = up->from->cfg;
 		svc.current = up->to;
-		log::notice("service " + svc.name + ": now at gen " + std::to_string(up->to->number) + " (" + up->kind +
-		            " took " + took + ")");
 		ended(EventKind::Done, up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took);
 		Event done = progress(svc, EventKind::Done, nullptr, took);
 		done.upgrade = snapshot(*up);
@@ -170,8 +168,6 @@ void Supervisor::finish_upgrade(Service &svc)
 		for (Observer *o : std::vector(up->observers))
 			o->finished(&done);
 	} else {
-		log::notice("service " + svc.name + ": rolled back to gen " +
-		            (up->from ? std::to_string(up->from->number) : std::string("-")) + " in " + took);
 		ended(EventKind::RolledBack, up->rollout.reason());
 		Refusal failed = Refusal::failure(Kind::UpgradeFailed, svc.name, up->rollout.reason(), up->to->number);
 		failed.instance = up->failed_instance;

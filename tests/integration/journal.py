@@ -283,6 +283,8 @@ def run_events(b, fake):
     stderr = b.stderr()
     check("reloaded " not in stderr and "re-executed:" not in stderr,
           "no stderr copy of the reload and reexec records")
+    check(not any(w in stderr for w in ("now at gen", "rolling back", "rolled back to gen")),
+          "no stderr copy of the upgrades' records:\n" + stderr)
 
 
 def run_never(tmp, fake, strays):
@@ -297,6 +299,13 @@ def run_never(tmp, fake, strays):
             time.sleep(0.05)
         check("web/1/0: on-stderr" in b.stderr(), "never: the stderr line is on brokerd's stderr, prefixed")
         check("web/1/0: <3>boom" in b.stdout(), "never: the stdout line is on brokerd's stdout, as written")
+        r = b.ctl("restart", "web")
+        check(r.returncode == 0, "never: restart: %s" % r.stderr.strip())
+        lines = b.stderr().splitlines()
+        started = [line for line in lines if "from gen 1 to gen 2" in line]
+        ended = [line for line in lines if "gen 2 done" in line or "now at gen 2" in line]
+        check(len(started) == 1 and len(ended) == 1,
+              "never: the restart's start and its end are one stderr line each: %s" % (started + ended))
     finally:
         b.stop(strays)
     fake.read()
