@@ -15,7 +15,8 @@ namespace brokerd {
 
 std::vector<metrics::Family> Daemon::metric_families() const
 {
-	return metrics::collect({*supervisor_, counters_, control_->connections_by_tier(), sock_diag_.get()});
+	return metrics::collect(
+	        {*supervisor_, counters_, control_->connections_by_tier(), sock_diag_.get(), journal_->dropped()});
 }
 
 void Daemon::open_metrics()

@@ -177,6 +177,12 @@ std::vector<Family> collect(const Sources &sources)
 	for (access::Tier t : {access::Tier::Root, access::Tier::Admin, access::Tier::Reader, access::Tier::Worker})
 		add(control, {{"role", access::tier_name(t)}}, number(sources.connections[static_cast<std::size_t>(t)]));
 	out.push_back(std::move(control));
+	Family dropped = family("brokerd_journal_dropped_messages_total",
+	                        "Messages for the journal that brokerd dropped while the journal did not read: its own "
+	                        "events, and the last lines of workers' ended pipes.",
+	                        Type::Counter);
+	add(dropped, {}, number(sources.journal_dropped));
+	out.push_back(std::move(dropped));
 	process_families(out);
 	return out;
 }

@@ -161,6 +161,7 @@ def check_values(text, label, control, version):
         # brokerctl's own connection, and the Watch this test holds.
         ("brokerd_control_connections", {"role": "root"}, 2),
         ("brokerd_control_connections", {"role": "reader"}, 0),
+        ("brokerd_journal_dropped_messages_total", {}, 0),
     ]
     for name, labels, expected in want:
         got = value(s, name, **labels)
