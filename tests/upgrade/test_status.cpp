@@ -16,7 +16,13 @@ json config()
 	c["sockets"]["parked"] = tcp_socket();
 	json crashy = service({"/bin/sh", "-c", "echo 'crashing on purpose' >&2; exit 1"}, {}, 1, "exec");
 	crashy["restart"] = "on-failure";
+	// Ten lines of 999 bytes: Status keeps the newest 4 KiB of them, four lines.
+	json noisy = service({"/bin/sh", "-c",
+	                      "i=0; while [ $i -lt 10 ]; do i=$((i+1)); printf 'line %02d %0991d\\n' $i 0; done; exit 1"},
+	                     {}, 1, "exec");
+	noisy["restart"] = "no";
 	c["services"] = {
+		{"noisy", noisy},
 		{"web", http_service(1, {{"env", {{"MODE", "plain"}, {"KEEP", "same"}}}})},
 		{"crashy", crashy},
 		{"halted", service({"sleep", "1000"}, {}, 1, "exec")},
@@ -71,6 +77,15 @@ void check_reasons(const Broker &b, const std::string &when)
 	CHECK(inst.value("exit_reason", "") == "exited with status 1");
 	// Its last lines, those of every attempt: one each.
 	CHECK(member(inst, "output") == json(std::vector<std::string>(6, "crashing on purpose")));
+
+	json loud = instances(st, "noisy").at(0);
+	const json &lines = member(loud, "output");
+	INFO("noisy: ", loud.dump());
+	CHECK(loud.value("state", "") == "failed");
+	REQUIRE(lines.size() == 4);
+	CHECK(lines[0].get<std::string>().starts_with("line 07 "));
+	CHECK(lines[3].get<std::string>().starts_with("line 10 "));
+	CHECK(lines[3].get<std::string>().size() == 999);
 
 	const json *web = service_of(st, "web");
 	REQUIRE(web);
