@@ -204,6 +204,41 @@ int run_status(const Options &opts, const Arguments &args, Connection &broker, s
 	return kExitOk;
 }
 
+void declare_is_active(CLI::App &sub, Arguments &args)
+{
+	sub.add_option("SERVICE", args.services, "The services, as named in brokerd's config")->type_name("")->required();
+	sub.add_flag("-q,--quiet", args.quiet, "Print nothing: the exit status alone says it");
+}
+
+// One word per service, as systemctl is-active: 0 when every one is active, 5 when one is no
+// service (NoSuchService's code), else 3 (systemctl's "not active"). One Status call for all.
+int run_is_active(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	json reply = broker.call(kStatus);
+	json states = json::array();
+	int code = kExitOk;
+	for (const std::string &name : args.services) {
+		const json *found = nullptr;
+		for (const json &svc : array(reply, "services"))
+			if (text(svc, "name", "") == name)
+				found = &svc;
+		std::string_view state = active_state(found);
+		if (!found)
+			code = kExitNoSuchService;
+		else if (state != "active" && code == kExitOk)
+			code = kExitNotActive;
+		states.push_back({{"service", name}, {"state", state}});
+	}
+	if (args.quiet)
+		return code;
+	if (opts.json)
+		print_json(out, states);
+	else
+		for (const json &s : states)
+			out << s["state"].get<std::string>() << '\n';
+	return code;
+}
+
 int run_sockets(const Options &opts, const Arguments &, Connection &broker, std::ostream &out)
 {
 	json reply = broker.call(kSockets);
@@ -432,7 +467,10 @@ int run_watch(const Options &opts, const Arguments &args, Connection &broker, st
 constexpr std::array kCommands{
 	Command{"status", "Show brokerd, its sockets, and each service's generations and instances",
 	        declare_status, run_status},
-	Command{"sockets", "List the listening sockets brokerd owns", declare_none, run_sockets},
+	Command{"is-active", "Say whether each service is active, one word per line; exit 0 only if all are",
+	        declare_is_active, run_is_active},
+	Command{"sockets", "List the listening sockets brokerd owns, the services using them and their accept queues",
+	        declare_none, run_sockets},
 	Command{"upgrade", "Roll out a new generation of a service, showing its progress", declare_upgrade,
 	        run_upgrade},
 	Command{"rollback", "Deploy the previous generation's configuration again", declare_rollout, run_rollback},

@@ -49,6 +49,10 @@ struct Arguments {
 
 	// reexec
 	std::optional<std::string> binary;
+
+	// is-active
+	std::vector<std::string> services;
+	bool quiet = false;
 };
 
 struct Command {

@@ -20,6 +20,7 @@ enum ExitCode : int {
 	kExitFailure = 1,         // anything else; the message says what
 	kExitUsage = 2,           // bad command line
 	kExitNotRunning = 3,      // no broker listens on the control socket
+	kExitNotActive = 3,       // is-active: a service is not active (systemctl's code)
 	kExitPermissionDenied = 4,
 	kExitNoSuchService = 5,
 	kExitRolledBack = 6,      // the upgrade failed, and the previous generation serves again

@@ -4,6 +4,8 @@
 #include "format.hpp"
 #include "reply.hpp"
 
+#include "proto/names.hpp"
+
 #include <algorithm>
 #include <set>
 
@@ -12,6 +14,12 @@ namespace brokerctl {
 using json = nlohmann::json;
 
 namespace {
+
+namespace instance_state = proto::names::control::instance_state;
+namespace service_state = proto::names::control::service_info_state;
+
+// is-active's words are systemctl's, not the protocol's, though two are spelled alike.
+constexpr std::string_view kActiveFailed = "failed";
 
 std::vector<std::string> strings(const json &list)
 {
@@ -32,55 +40,83 @@ std::string join(const std::vector<std::string> &items, std::string_view sep)
 	return out;
 }
 
-std::string render_service(const json &svc, std::int64_t now_usec)
+// "MODE changed, TOKEN added": what a generation's env changed, by name only.
+std::string env_changes(const json &gen)
 {
-	std::vector<std::string> sockets = strings(array(svc, "sockets"));
+	std::vector<std::string> changes;
+	for (const json &c : array(gen, "env"))
+		changes.push_back(text(c, "name") + " " + text(c, "change"));
+	return changes.empty() ? "-" : join(changes, ", ");
+}
 
-	// Newest generation first: during an upgrade it is the one being rolled out.
+// Newest first: during an upgrade it is the one being rolled out.
+std::vector<const json *> newest_first(const json &svc)
+{
 	std::vector<const json *> gens;
 	for (const json &g : array(svc, "generations"))
 		gens.push_back(&g);
 	std::stable_sort(gens.begin(), gens.end(), [](const json *a, const json *b) {
 		return integer(*a, "number").value_or(0) > integer(*b, "number").value_or(0);
 	});
+	return gens;
+}
 
-	std::vector<std::string> gen_list;
-	for (const json *g : gens) {
-		std::string version = text(*g, "version", "");
-		gen_list.push_back(number_text(*g, "number") + (version.empty() ? "" : " (version " + version + ")"));
-	}
+std::string render_service(const json &svc, std::int64_t now_usec)
+{
+	std::vector<std::string> sockets = strings(array(svc, "sockets"));
+	std::vector<const json *> gens = newest_first(svc);
 
 	std::string out = "SERVICE " + printable(text(svc, "name")) + "\n";
 	out += "  sockets:      " + printable(sockets.empty() ? "-" : join(sockets, ", ")) + "\n";
 	out += "  ready:        " + printable(text(svc, "ready")) + "\n";
 	out += "  state:        " + printable(text(svc, "state")) + "\n";
-	out += "  generations:  " + printable(gen_list.empty() ? "none" : join(gen_list, ", ")) + "\n";
+	out += "  instances:    " + number_text(svc, "instances") + "\n";
 	if (const json &up = member(svc, "upgrade"); up.is_object())
 		out += "  upgrade:      " + render_upgrade_info(up) + "\n";
 	if (const json &h = member(svc, "handoff"); h.is_object())
 		out += "  handoff:      " + number_text(h, "handed") + " handed, " + number_text(h, "received") + " received, " +
 		       number_text(h, "returned") + " returned\n";
-	if (!gens.empty()) {
-		std::vector<std::string> argv = strings(array(*gens.front(), "exec"));
-		out += "  exec:         " + printable(argv.empty() ? "-" : shell_join(argv)) + "\n";
-	}
 
-	Table instances({"ID", "GEN", "PID", "STATE", "SINCE", "STATUS"});
+	Table generations({"GEN", "VERSION", "STARTED", "EXEC", "ENV"});
+	for (const json *g : gens) {
+		std::vector<std::string> argv = strings(array(*g, "exec"));
+		auto started = integer(*g, "started");
+		generations.add({number_text(*g, "number"), text(*g, "version", "-"),
+		                 started ? format_ago(*started, now_usec) : "-", argv.empty() ? "-" : shell_join(argv),
+		                 env_changes(*g)});
+	}
+	out += "  GENERATIONS\n";
+	out += generations.render("  ");
+
+	// A failed instance, or one waiting to restart, is followed by why its process ended and its
+	// last lines.
+	std::string failures;
+	Table instances({"ID", "GEN", "PID", "STATE", "SINCE", "RESTARTS", "STATUS"});
 	for (const json *g : gens) {
 		for (const json &inst : array(*g, "instances")) {
 			auto pid = integer(inst, "pid");
+			std::string state = text(inst, "state");
 			instances.add({
 				text(inst, "id"),
 				number_text(*g, "number"),
 				pid && *pid > 0 ? std::to_string(*pid) : "-",
-				text(inst, "state"),
+				state,
 				format_ago(integer(inst, "since").value_or(0), now_usec),
+				number_text(inst, "restarts"),
 				text(inst, "status", ""),
 			});
+			std::string reason = text(inst, "exit_reason", "");
+			if (state != instance_state::kFailed && !(state == instance_state::kStarting && !reason.empty()))
+				continue;
+			failures += "  " + printable(text(inst, "id")) + " " + printable(state) + ": " +
+			            printable(reason.empty() ? "no exit reason known" : reason) + "\n";
+			for (const std::string &line : strings(array(inst, "output")))
+				failures += "    " + printable(line) + "\n";
 		}
 	}
 	out += "  INSTANCES\n";
 	out += instances.render("  ");
+	out += failures;
 	return out;
 }
 
@@ -119,12 +155,55 @@ std::string render_reload(const json &reload)
 
 std::string render_sockets(const json &sockets)
 {
-	Table table({"NAME", "ADDRESS", "KIND", "ORIGIN"});
+	Table table({"NAME", "ADDRESS", "KIND", "ORIGIN", "SERVICES", "QUEUE"});
 	if (sockets.is_array()) {
-		for (const json &s : sockets)
-			table.add({text(s, "name"), text(s, "address"), text(s, "kind"), text(s, "origin")});
+		for (const json &s : sockets) {
+			std::vector<std::string> users = strings(array(s, "services"));
+			auto queue = integer(s, "queue");
+			table.add({text(s, "name"), text(s, "address"), text(s, "kind"), text(s, "origin"),
+			           users.empty() ? "-" : join(users, ","),
+			           queue ? std::to_string(*queue) + "/" + number_text(s, "queue_limit") : "-"});
+		}
 	}
 	return table.render();
+}
+
+std::string_view active_state(const json *svc)
+{
+	if (!svc || !svc->is_object())
+		return "unknown";
+	std::string state = text(*svc, "state");
+	std::vector<const json *> gens = newest_first(*svc);
+	if (state == service_state::kFailed)
+		return kActiveFailed;
+	if (state == service_state::kStopped) {
+		for (const json *g : gens)
+			for (const json &inst : array(*g, "instances"))
+				if (text(inst, "state") == instance_state::kDraining)
+					return "deactivating";
+		return "inactive";
+	}
+	if (member(*svc, "upgrade").is_object())
+		return "activating";
+	if (gens.empty())
+		return "inactive"; // registered workers, none registered yet
+	// Every instance of the current (newest) generation ready, as many as configured.
+	std::int64_t ready = 0, exited = 0;
+	const json &current = array(*gens.front(), "instances");
+	for (const json &inst : current) {
+		std::string s = text(inst, "state");
+		if (s == instance_state::kFailed)
+			return kActiveFailed;
+		if (s == instance_state::kReady)
+			ready++;
+		else if (s == instance_state::kExited)
+			exited++;
+		else
+			return "activating";
+	}
+	if (ready == 0 && exited > 0 && exited == static_cast<std::int64_t>(current.size()))
+		return "inactive"; // every instance exited cleanly, and none is restarted
+	return ready > 0 && ready >= integer(*svc, "instances").value_or(1) ? "active" : "activating";
 }
 
 std::string render_status(const json &status, std::int64_t now_usec, const std::optional<std::string> &service)

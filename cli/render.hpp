@@ -6,10 +6,17 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace brokerctl {
 
-// The SOCKETS table for a []SocketInfo.
+// A ServiceInfo (null: no such service) in one word, as systemctl is-active says it: active
+// (running, every instance of the current generation ready, no upgrade under way), activating
+// (starting, restarting, or an upgrade, rollback or restart rolling), deactivating (stopping),
+// inactive (stopped, or nothing to run), failed, or unknown.
+std::string_view active_state(const nlohmann::json *service);
+
+// The SOCKETS table for a []SocketInfo: each socket's services and accept queue ("0/4096").
 std::string render_sockets(const nlohmann::json &sockets);
 
 // An UpgradeInfo in one line, as status shows it: "gen 3 -> 4, 2/4 ready, 1/4 drained (draining)".

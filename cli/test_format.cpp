@@ -82,26 +82,39 @@ TEST_CASE("render_status")
 		{"pid", 1234},
 		{"uptime_usec", 192'000'000},
 		{"sockets",
-		 {{{"name", "http"}, {"address", "tcp://0.0.0.0:8080"}, {"kind", "tcp"}, {"origin", "bound"}},
-		  {{"name", "dns"}, {"address", "udp://[::]:5353"}, {"kind", "udp"}, {"origin", "systemd"}}}},
+		 {{{"name", "http"}, {"address", "tcp://0.0.0.0:8080"}, {"kind", "tcp"}, {"origin", "bound"},
+		   {"services", {"web"}}, {"queue", 3}, {"queue_limit", 4096}},
+		  {{"name", "dns"}, {"address", "udp://[::]:5353"}, {"kind", "udp"}, {"origin", "systemd"},
+		   {"services", json::array()}}}},
 		{"services",
 		 {{{"name", "web"},
 		   {"sockets", {"http"}},
 		   {"ready", "broker"},
 		   {"state", "running"},
+		   {"instances", 2},
 		   {"generations",
 		    {{{"number", 2},
 		      {"version", "1.0"},
 		      {"exec", {"/usr/bin/web"}},
+		      {"started", now - 600'000'000},
+		      {"env", json::array()},
 		      {"instances",
 		       {{{"id", "web/2/0"}, {"index", 0}, {"pid", 40}, {"state", "draining"},
-		         {"since", now - 2'000'000}, {"status", nullptr}}}}},
+		         {"since", now - 2'000'000}, {"status", nullptr}, {"restarts", 0}}}}},
 		     {{"number", 3},
 		      {"version", "1.1"},
 		      {"exec", {"/usr/bin/web", "--mode", "fast lane"}},
+		      {"started", now - 12'000'000},
+		      {"env", {{{"name", "MODE"}, {"change", "changed"}}, {{"name", "TOKEN"}, {"change", "added"}}}},
 		      {"instances",
 		       {{{"id", "web/3/0"}, {"index", 0}, {"pid", 4242}, {"state", "ready"},
-		         {"since", now - 12'000'000}, {"status", "serving 12 req/s"}}}}}}}},
+		         {"since", now - 12'000'000}, {"status", "serving 12 req/s"}, {"restarts", 0}},
+		        {{"id", "web/3/1"}, {"index", 1}, {"pid", 0}, {"state", "failed"},
+		         {"since", now - 3'000'000}, {"restarts", 5}, {"exit_reason", "exited with status 1"},
+		         {"output", {"listen: bad port", "giving up\x1b[2J"}}},
+		        {{"id", "web/3/2"}, {"index", 2}, {"pid", 0}, {"state", "starting"},
+		         {"since", now - 1'000'000}, {"restarts", 1}, {"exit_reason", "killed by signal 9"},
+		         {"output", json::array()}}}}}}}},
 		  {{"name", "idle"}, {"sockets", json::array()}, {"ready", "exec"}, {"generations", json::array()}}}},
 	};
 
@@ -111,28 +124,39 @@ TEST_CASE("render_status")
 		      "brokerd 0.1.0, pid 1234, up 3m12s\n"
 		      "\n"
 		      "SOCKETS\n"
-		      "NAME  ADDRESS             KIND  ORIGIN\n"
-		      "http  tcp://0.0.0.0:8080  tcp   bound\n"
-		      "dns   udp://[::]:5353     udp   systemd\n"
+		      "NAME  ADDRESS             KIND  ORIGIN   SERVICES  QUEUE\n"
+		      "http  tcp://0.0.0.0:8080  tcp   bound    web       3/4096\n"
+		      "dns   udp://[::]:5353     udp   systemd  -         -\n"
 		      "\n"
 		      "SERVICE web\n"
 		      "  sockets:      http\n"
 		      "  ready:        broker\n"
 		      "  state:        running\n"
-		      "  generations:  3 (version 1.1), 2 (version 1.0)\n"
-		      "  exec:         /usr/bin/web --mode 'fast lane'\n"
+		      "  instances:    2\n"
+		      "  GENERATIONS\n"
+		      "  GEN  VERSION  STARTED  EXEC                             ENV\n"
+		      "  3    1.1      12s ago  /usr/bin/web --mode 'fast lane'  MODE changed, TOKEN added\n"
+		      "  2    1.0      10m ago  /usr/bin/web                     -\n"
 		      "  INSTANCES\n"
-		      "  ID       GEN  PID   STATE     SINCE    STATUS\n"
-		      "  web/3/0  3    4242  ready     12s ago  serving 12 req/s\n"
-		      "  web/2/0  2    40    draining  2s ago\n"
+		      "  ID       GEN  PID   STATE     SINCE    RESTARTS  STATUS\n"
+		      "  web/3/0  3    4242  ready     12s ago  0         serving 12 req/s\n"
+		      "  web/3/1  3    -     failed    3s ago   5\n"
+		      "  web/3/2  3    -     starting  1s ago   1\n"
+		      "  web/2/0  2    40    draining  2s ago   0\n"
+		      "  web/3/1 failed: exited with status 1\n"
+		      "    listen: bad port\n"
+		      "    giving up?[2J\n"
+		      "  web/3/2 starting: killed by signal 9\n"
 		      "\n"
 		      "SERVICE idle\n"
 		      "  sockets:      -\n"
 		      "  ready:        exec\n"
 		      "  state:        -\n"
-		      "  generations:  none\n"
+		      "  instances:    -\n"
+		      "  GENERATIONS\n"
+		      "  GEN  VERSION  STARTED  EXEC  ENV\n"
 		      "  INSTANCES\n"
-		      "  ID  GEN  PID  STATE  SINCE  STATUS\n");
+		      "  ID  GEN  PID  STATE  SINCE  RESTARTS  STATUS\n");
 	}
 
 	SUBCASE("one service, with only its sockets")
@@ -149,7 +173,7 @@ TEST_CASE("render_status")
 		status["services"][0]["upgrade"] = {{"generation", 4}, {"from", 3}, {"phase", "draining"}, {"started", 3},
 		                                    {"ready", 2}, {"drained", 1}, {"total_new", 4}, {"total_old", 4}};
 		std::string out = render_status(status, now, "web");
-		CHECK(out.find("  generations:  3 (version 1.1), 2 (version 1.0)\n"
+		CHECK(out.find("  instances:    2\n"
 		               "  upgrade:      gen 3 -> 4, 2/4 ready, 1/4 drained (draining)\n") != std::string::npos);
 	}
 
@@ -159,8 +183,44 @@ TEST_CASE("render_status")
 		std::string out = render_status(odd, now);
 		CHECK(out.starts_with("brokerd -, pid -\n"));
 		CHECK(out.find("SERVICE -\n") != std::string::npos);
-		CHECK(out.find("  generations:  4\n") != std::string::npos); // no version: no "(version )"
+		CHECK(out.find("  4    -        -        -     -\n") != std::string::npos); // a generation of dashes
 		CHECK(out.find(" \n") == std::string::npos); // no trailing blanks, even for empty cells
+	}
+}
+
+TEST_CASE("active_state: one word per service, as systemctl is-active")
+{
+	auto inst = [](const char *state) { return json{{"state", state}}; };
+	auto svc = [](const char *state, json instances, json upgrade = nullptr, int count = 2) {
+		json s = {{"name", "web"}, {"state", state}, {"instances", count},
+		          {"generations", {{{"number", 3}, {"instances", std::move(instances)}},
+		                           {{"number", 2}, {"instances", {{{"state", "exited"}}}}}}}};
+		if (!upgrade.is_null())
+			s["upgrade"] = std::move(upgrade);
+		return s;
+	};
+	struct Case {
+		const char *name;
+		json service; // null: no such service
+		const char *word;
+	};
+	const Case cases[] = {
+		{"every instance ready", svc("running", {inst("ready"), inst("ready")}), "active"},
+		{"one still starting", svc("running", {inst("ready"), inst("starting")}), "activating"},
+		{"fewer than configured", svc("running", {inst("ready")}), "activating"},
+		{"an upgrade rolling", svc("running", {inst("ready"), inst("ready")}, {{"generation", 3}}), "activating"},
+		{"a crash loop", svc("failed", {inst("failed"), inst("ready")}), "failed"},
+		{"a failed instance", svc("running", {inst("ready"), inst("failed")}), "failed"},
+		{"stopping", svc("stopped", {inst("draining"), inst("exited")}), "deactivating"},
+		{"stopped", svc("stopped", {inst("exited"), inst("exited")}), "inactive"},
+		{"all exited cleanly", svc("running", {inst("exited"), inst("exited")}), "inactive"},
+		{"no generation (registered)", json{{"name", "edge"}, {"state", "running"}, {"generations", json::array()}},
+		 "inactive"},
+		{"no such service", nullptr, "unknown"},
+	};
+	for (const Case &c : cases) {
+		INFO(std::string(c.name));
+		CHECK(active_state(c.service.is_null() ? nullptr : &c.service) == c.word);
 	}
 }
 

@@ -124,9 +124,7 @@ void ControlServer::Connection::status(const json &params, bool only_sockets)
 			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
 		}
 	}
-	json sockets = json::array();
-	for (const auto &l : server_.supervisor_.listeners())
-		sockets.push_back({{"name", l.name}, {"address", l.address}, {"kind", l.kind}, {"origin", l.origin}});
+	json sockets = encode::sockets(server_.supervisor_, server_.hooks_.sock_diag);
 	if (only_sockets)
 		return reply({{"sockets", std::move(sockets)}});
 

@@ -2,8 +2,12 @@
 #include "control/encode.hpp"
 
 #include "proto/errors.hpp"
+#include "proto/limits.hpp"
 #include "proto/names.hpp"
 #include "proto/varlink.hpp"
+#include "os/socket_stats.hpp"
+
+#include <algorithm>
 
 namespace brokerd::encode {
 
@@ -16,6 +20,12 @@ namespace worker_names = proto::names::worker::events_event;
 
 // An instance's events, and an upgrade's rollback, done and handoff, go to Watch streams and to
 // the upgrade's callers under one name, which both lists of io.brokerd.Control.varlink declare.
+// The supervisor's names of an env change are the wire's.
+namespace env_change_names = control_names::env_change_change;
+static_assert(std::string_view(EnvChange::kNames[0]) == env_change_names::kAdded &&
+              std::string_view(EnvChange::kNames[1]) == env_change_names::kRemoved &&
+              std::string_view(EnvChange::kNames[2]) == env_change_names::kChanged);
+
 static_assert(progress_names::kStarted == watch_names::kStarted &&
               progress_names::kReady == watch_names::kReady &&
               progress_names::kDraining == watch_names::kDraining &&
@@ -131,13 +141,31 @@ static std::string_view service_state_name(ServiceState s)
 	return state::kRunning;
 }
 
+// An instance's last lines for Status: the newest that fit in limits::kMaxStatusOutput bytes.
+static json last_output(const std::deque<std::string> &lines)
+{
+	std::size_t bytes = 0;
+	auto first = lines.end();
+	while (first != lines.begin() && bytes + std::prev(first)->size() <= proto::limits::kMaxStatusOutput)
+		bytes += (--first)->size();
+	return json(std::vector<std::string>(first, lines.end()));
+}
+
 static json instance(const Instance &inst)
 {
 	json i = {{"id", inst.id},
 	          {"index", inst.index},
 	          {"pid", inst.pid},
 	          {"state", instance_state(inst.state)},
-	          {"since", inst.since}};
+	          {"since", inst.since},
+	          {"restarts", inst.restarts}};
+	// Why its last process ended, while it has none.
+	if (inst.state == InstanceState::Exited || inst.state == InstanceState::Failed ||
+	    inst.state == InstanceState::Restarting) {
+		if (!inst.exit_reason.empty())
+			i["exit_reason"] = inst.exit_reason;
+		i["output"] = last_output(inst.last_lines);
+	}
 	if (!inst.status_text.empty())
 		i["status"] = inst.status_text;
 	if (!inst.handoff.empty())
@@ -156,15 +184,21 @@ static json service(const Service &svc)
 		json insts = json::array();
 		for (const auto &inst : gen->instances)
 			insts.push_back(instance(*inst));
+		json env = json::array();
+		for (const EnvChange &c : gen->env)
+			env.push_back({{"name", c.name}, {"change", EnvChange::name_of(c.kind)}});
 		gens.push_back({{"number", gen->number},
 		                {"version", gen->cfg.version},
 		                {"exec", gen->cfg.exec},
+		                {"started", gen->started},
+		                {"env", std::move(env)},
 		                {"instances", std::move(insts)}});
 	}
 	json s = {{"name", svc.name},
 	          {"sockets", svc.cfg.sockets},
 	          {"ready", config::ready_name(svc.cfg.ready)},
 	          {"state", service_state_name(service_state(svc))},
+	          {"instances", svc.current ? svc.current->cfg.instances : svc.cfg.instances},
 	          {"generations", std::move(gens)}};
 	if (svc.upgrade)
 		s["upgrade"] = upgrade(snapshot(*svc.upgrade));
@@ -190,6 +224,29 @@ json recovery(const Supervisor::Recovery &r)
 	          {"returned", r.doubt_returned},
 	          {"abandoned", r.doubt_abandoned},
 	          {"pending", r.doubt_pending}}}};
+}
+
+json sockets(const Supervisor &supervisor, int diag_fd)
+{
+	json out = json::array();
+	for (const Listener &l : supervisor.listeners()) {
+		json users = json::array();
+		for (const auto &svc : supervisor.services())
+			if (std::find(svc->cfg.sockets.begin(), svc->cfg.sockets.end(), l.name) != svc->cfg.sockets.end())
+				users.push_back(svc->name);
+		json s = {{"name", l.name},
+		          {"address", l.address},
+		          {"kind", l.kind},
+		          {"origin", l.origin},
+		          {"services", std::move(users)}};
+		QueueStats q = queue_stats(l.fd.get(), diag_fd);
+		if (q.length)
+			s["queue"] = *q.length;
+		if (q.limit)
+			s["queue_limit"] = *q.limit;
+		out.push_back(std::move(s));
+	}
+	return out;
 }
 
 json services(const Supervisor &supervisor, const std::string *only)

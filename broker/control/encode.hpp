@@ -30,6 +30,10 @@ nlohmann::json watch_event(const Event &e);
 // message?}.
 nlohmann::json progress(const Event &e);
 
+// Status's and Sockets' "sockets": every listener, the services configured with it, and a stream
+// listener's accept queue as the kernel tells it (`diag_fd`: open_sock_diag()'s, or -1).
+nlohmann::json sockets(const Supervisor &supervisor, int diag_fd);
+
 // Status's "services": every service, or only the one named; null for an unknown one.
 nlohmann::json services(const Supervisor &supervisor, const std::string *only);
 

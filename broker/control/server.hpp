@@ -39,6 +39,9 @@ struct DaemonHooks {
 	std::function<void()> drop_reexec;
 	// Every metric family at this moment (metrics/collect.hpp), for Metrics.
 	std::function<std::vector<metrics::Family>()> metrics;
+	// The daemon's sock_diag socket (open_sock_diag()), for unix listeners' accept queues in
+	// Status and Sockets; -1 when there is none.
+	int sock_diag = -1;
 };
 
 class ControlServer {

@@ -248,6 +248,7 @@ void Daemon::compose(proto::UniqueFd control_fd)
 	};
 	hooks.drop_reexec = [this] { drop_reexec(); };
 	sock_diag_ = open_sock_diag();
+	hooks.sock_diag = sock_diag_.get();
 	hooks.metrics = [this] { return metric_families(); };
 	control_ = std::make_unique<ControlServer>(e, cfg_.control, *supervisor_, std::move(hooks), start_usec_,
 	                                           std::move(control_fd));

@@ -203,8 +203,10 @@ int Supervisor::restart_handler(sd_event_source *, std::uint64_t, void *userdata
 {
 	return guarded("restart_handler", [&]() -> int {
 		auto &inst = *static_cast<Instance *>(userdata);
-		if (!inst.supervisor->shutting_down_ && !inst.retired())
+		if (!inst.supervisor->shutting_down_ && !inst.retired()) {
+			inst.restarts++;
 			inst.supervisor->spawn(inst);
+		}
 		return 0;
 	});
 }

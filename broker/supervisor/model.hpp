@@ -14,9 +14,11 @@
 #include <array>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace brokerd {
@@ -98,6 +100,9 @@ struct Instance {
 	// closes, as an acknowledgement may still be read from it.
 	EventSink *counted = nullptr;
 	std::string exit_reason;
+	// Restarts of this slot under its restart policy since its generation started (Status); not
+	// the backoff's step, which a stable run resets.
+	unsigned restarts = 0;
 
 	bool accepts_handoff = false;       // said so in Hello
 	// From a crash state: it had an Events stream, so it says Resume when it reconnects.
@@ -134,12 +139,40 @@ struct Instance {
 	bool awaiting_hello = false;
 };
 
+// One variable whose value differs from the previous generation's: its name and how, never the
+// values (they may be secrets).
+struct EnvChange {
+	enum class Kind { Added, Removed, Changed };
+	// Each kind's name, for the wire (EnvChange.change) and the saved state alike.
+	static constexpr std::array<const char *, 3> kNames{"added", "removed", "changed"};
+	static const char *name_of(Kind k) { return kNames[static_cast<std::size_t>(k)]; }
+	// The kind named so; nullopt for a name this brokerd does not know.
+	static std::optional<Kind> parse(std::string_view n)
+	{
+		for (std::size_t i = 0; i < kNames.size(); i++)
+			if (n == kNames[i])
+				return static_cast<Kind>(i);
+		return std::nullopt;
+	}
+	std::string name;
+	Kind kind = Kind::Changed;
+	bool operator==(const EnvChange &) const = default;
+};
+
+// What differs from `before` to `after`, by name.
+std::vector<EnvChange> env_changes(const std::map<std::string, std::string> &before,
+                                   const std::map<std::string, std::string> &after);
+
 struct Generation {
 	Service *service = nullptr;
 	std::uint64_t number = 0;
 	config::ServiceConfig cfg;
 	std::vector<std::unique_ptr<Instance>> instances;
 	unsigned next_index = 0;
+	// For Status: when it was created (CLOCK_REALTIME), and its env against the generation it
+	// followed (none for a service's first).
+	usec_t started = 0;
+	std::vector<EnvChange> env;
 };
 
 // An upgrade in progress: from the current generation to a new one.

@@ -50,6 +50,7 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				          {"token", inst->token},
 				          {"status", inst->status_text},
 				          {"exit_reason", inst->exit_reason},
+				          {"slot_restarts", inst->restarts},
 				          {"external", inst->registered()},
 				          {"retired", inst->retired()},
 				          {"restored", inst->purpose == InstancePurpose::Restored},
@@ -83,7 +84,12 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				}
 				insts.push_back(std::move(i));
 			}
+			json env = json::array();
+			for (const EnvChange &c : gen->env)
+				env.push_back({c.name, EnvChange::name_of(c.kind)});
 			gens.push_back({{"number", gen->number},
+			                {"started", gen->started},
+			                {"env", std::move(env)},
 			                {"cfg", state::service_config(gen->cfg)},
 			                {"next_index", gen->next_index},
 			                {"instances", std::move(insts)}});
@@ -159,6 +165,7 @@ static void decode_instance(Instance &inst, const json &i, Serializer::CrashFds 
 	inst.token = i.at("token").get<std::string>();
 	inst.status_text = i.at("status").get<std::string>();
 	inst.exit_reason = i.at("exit_reason").get<std::string>();
+	inst.restarts = i.value("slot_restarts", 0u); // absent from the state of a brokerd that predates it
 	// The origin as two flags, the state format of every brokerd so far ("forked" absent from
 	// the oldest).
 	inst.origin = i.at("external").get<bool>() ? InstanceOrigin::Registered
@@ -219,6 +226,11 @@ void Serializer::restore_services(Supervisor &supervisor, const json &services, 
 			gen->number = g.at("number").get<std::uint64_t>();
 			gen->cfg = state::service_config(g.at("cfg"));
 			gen->next_index = g.at("next_index").get<unsigned>();
+			// Absent from the state of a brokerd that predates them.
+			gen->started = g.value("started", std::uint64_t{0});
+			for (const json &c : g.value("env", json::array()))
+				if (auto kind = EnvChange::parse(c.at(1).get<std::string>()))
+					gen->env.push_back({c.at(0).get<std::string>(), *kind});
 			for (const json &i : g.at("instances")) {
 				auto inst = std::make_unique<Instance>();
 				inst->service = svc.get();

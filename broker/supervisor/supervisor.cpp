@@ -110,9 +110,33 @@ Generation &Supervisor::new_generation(Service &svc, const config::ServiceConfig
 	gen->service = &svc;
 	gen->number = svc.next_generation++;
 	gen->cfg = cfg;
+	gen->started = now_usec(CLOCK_REALTIME);
+	if (svc.current)
+		gen->env = env_changes(svc.current->cfg.env, cfg.env);
 	Generation &ref = *gen;
 	svc.generations.push_back(std::move(gen));
 	return ref;
+}
+
+std::vector<EnvChange> env_changes(const std::map<std::string, std::string> &before,
+                                   const std::map<std::string, std::string> &after)
+{
+	std::vector<EnvChange> out;
+	auto b = before.begin(), a = after.begin();
+	while (b != before.end() || a != after.end()) {
+		if (a == after.end() || (b != before.end() && b->first < a->first)) {
+			out.push_back({b->first, EnvChange::Kind::Removed});
+			++b;
+		} else if (b == before.end() || a->first < b->first) {
+			out.push_back({a->first, EnvChange::Kind::Added});
+			++a;
+		} else {
+			if (a->second != b->second)
+				out.push_back({a->first, EnvChange::Kind::Changed});
+			++a, ++b;
+		}
+	}
+	return out;
 }
 
 Instance &Supervisor::add_instance(Generation &gen)

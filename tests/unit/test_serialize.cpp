@@ -44,6 +44,9 @@ std::unique_ptr<Service> service_after_a_run()
 		gen->number = number;
 		gen->cfg = service_config(std::to_string(number));
 		gen->next_index = 2;
+		gen->started = 1700000000000000 + number;
+		if (number == 2)
+			gen->env = {{"MODE", EnvChange::Kind::Changed}, {"TOKEN", EnvChange::Kind::Added}};
 		for (unsigned index : {0u, 1u}) {
 			auto inst = std::make_unique<Instance>();
 			inst->service = svc.get();
@@ -57,6 +60,7 @@ std::unique_ptr<Service> service_after_a_run()
 			inst->exit_reason = index == 0 ? "exited with status 0" : "killed by SIGSEGV";
 			inst->purpose = number == 1 ? InstancePurpose::Retired : InstancePurpose::Serving;
 			inst->backoff.restarts = index + 1;
+			inst->restarts = index + 4;
 			inst->backoff.crash_times = {100, 200 + index};
 			inst->backoff.ready_since = 50;
 			inst->last_lines = {"line one", "line two of " + inst->id};
@@ -122,6 +126,10 @@ TEST_CASE_FIXTURE(SavedRun, "serialize: a saved supervisor restores to the same 
 		CHECK(failed.state == InstanceState::Failed);
 		CHECK(failed.exit_reason == "killed by SIGSEGV");
 		CHECK(failed.backoff.restarts == 2);
+		CHECK(failed.restarts == 5);
+		CHECK(svc.current->started == 1700000000000002);
+		CHECK(svc.current->env == std::vector<EnvChange>{{"MODE", EnvChange::Kind::Changed},
+		                                                 {"TOKEN", EnvChange::Kind::Added}});
 		CHECK(failed.backoff.crash_times == std::deque<std::uint64_t>{100, 201});
 		CHECK(failed.last_lines == std::deque<std::string>{"line one", "line two of web/2/1"});
 		CHECK(failed.accepts_handoff);
@@ -142,4 +150,44 @@ TEST_CASE_FIXTURE(SavedRun, "serialize: a state naming a socket that was not pas
 		                     std::runtime_error);
 		CHECK(after.services().empty());
 	}
+}
+
+TEST_CASE_FIXTURE(SavedRun, "serialize: a state from before restarts and env changes loads without them")
+{
+	for (json &gen : saved[0]["generations"]) {
+		gen.erase("started");
+		gen.erase("env");
+		for (json &inst : gen["instances"])
+			inst.erase("slot_restarts");
+	}
+	{
+		Supervisor after(event, listeners, "/run/brokerd/control.sock");
+		Serializer::restore(after, saved);
+		const Service &svc = *after.services().front();
+		CHECK(svc.current->started == 0);
+		CHECK(svc.current->env.empty());
+		CHECK(svc.current->instances[1]->restarts == 0);
+		CHECK(svc.current->instances[1]->backoff.restarts == 2);
+	}
+}
+
+TEST_CASE("env_changes: what differs between two environments, by name")
+{
+	using K = EnvChange::Kind;
+	using Env = std::map<std::string, std::string>;
+	struct Case {
+		Env before, after;
+		std::vector<EnvChange> changes;
+	};
+	const Case cases[] = {
+		{{}, {}, {}},
+		{{{"A", "1"}}, {{"A", "1"}}, {}},
+		{{}, {{"A", "1"}}, {{"A", K::Added}}},
+		{{{"A", "1"}}, {}, {{"A", K::Removed}}},
+		{{{"A", "1"}}, {{"A", "2"}}, {{"A", K::Changed}}},
+		{{{"A", "1"}, {"B", "x"}, {"D", "d"}}, {{"B", "y"}, {"C", ""}, {"D", "d"}, {"E", "e"}},
+		 {{"A", K::Removed}, {"B", K::Changed}, {"C", K::Added}, {"E", K::Added}}},
+	};
+	for (const Case &c : cases)
+		CHECK(env_changes(c.before, c.after) == c.changes);
 }
