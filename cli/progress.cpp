@@ -155,8 +155,9 @@ std::string submitted_line(Rollout kind, const json &progress)
 
 std::string done_line(Rollout kind, const json &progress, std::chrono::microseconds elapsed)
 {
+	auto took = integer(progress, "duration_usec");
 	std::string out = service_of(progress) + ": " + words(kind).past + " " + target(kind, progress) + " in " +
-	                  format_elapsed(elapsed);
+	                  format_elapsed(took && *took >= 0 ? std::chrono::microseconds(*took) : elapsed);
 	const json &h = member(member(progress, "upgrade"), "handoff");
 	if (auto handed = integer(h, "handed"); handed && *handed > 0) {
 		out += ", " + number_text(h, "received") + "/" + std::to_string(*handed) + " connections migrated";

@@ -40,7 +40,8 @@ std::string accepted_line(Rollout kind, const nlohmann::json &progress);
 // With --no-wait, the whole output: "web: upgrade to gen 4 accepted".
 std::string submitted_line(Rollout kind, const nlohmann::json &progress);
 
-// The last line: "web: upgraded to gen 4 in 3.2s".
+// The last line: "web: upgraded to gen 4 in 3.2s", with brokerd's duration_usec, or the time the
+// caller waited (`elapsed`) from a brokerd that sends none.
 std::string done_line(Rollout kind, const nlohmann::json &progress, std::chrono::microseconds elapsed);
 
 // Shows a stream of replies ({"progress": Progress}) in one of three ways.

@@ -162,8 +162,9 @@ void Supervisor::finish_upgrade(Service &svc)
 		svc.current = up->to;
 		log::notice("service " + svc.name + ": now at gen " + std::to_string(up->to->number) + " (" + up->kind +
 		            " took " + took + ")");
-		ended(EventKind::Done, up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took);
-		Event done = progress(svc, EventKind::Done, nullptr, took);
+		const std::string message = up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took;
+		ended(EventKind::Done, message);
+		Event done = progress(svc, EventKind::Done, nullptr, message);
 		done.upgrade = snapshot(*up);
 		done.upgrade_kind = up->kind;
 		done.duration = duration;
