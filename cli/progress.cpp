@@ -2,6 +2,7 @@
 #include "progress.hpp"
 
 #include "format.hpp"
+#include "render.hpp"
 #include "reply.hpp"
 
 #include "proto/names.hpp"
@@ -246,6 +247,9 @@ std::string watch_line(const json &event, std::int64_t now_usec)
 		out += " " + subject;
 	if (std::string m = text(event, "message", ""); !m.empty())
 		out += (subject.empty() ? " " : ": ") + printable(m);
+	// A reload's changed settings, one per line under it.
+	for (const json &change : array(event, "changed"))
+		out += "\n  " + change_line(change);
 	return out;
 }
 

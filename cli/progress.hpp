@@ -78,7 +78,8 @@ private:
 };
 
 // One Watch reply as a line, with its time in the local time zone (or `now_usec` when the reply
-// has none): "2024-11-25 16:40:01.123 [instance] web gen 4 web/4/0 (pid 1234) ready".
+// has none): "2024-11-25 16:40:01.123 [instance] web gen 4 web/4/0 (pid 1234) ready". A reload's
+// changed settings follow, one per line, indented.
 std::string watch_line(const nlohmann::json &event, std::int64_t now_usec);
 
 // What `brokerctl watch` prints once brokerd answers again after it went away, from its Status:

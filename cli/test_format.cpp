@@ -559,6 +559,11 @@ TEST_CASE("watch_line")
 		 "2023-11-14 22:13:20.123 [upgrade] web gen 4: done"},
 		{{{"event", "reload"}, {"time", t}, {"message", "added service api"}},
 		 "2023-11-14 22:13:20.123 [reload] added service api"},
+		{{{"event", "reload"},
+		  {"time", t},
+		  {"message", "1 setting(s) changed"},
+		  {"changed", {{{"service", "web"}, {"key", "instances"}, {"from", "2"}, {"to", "3"}, {"when", "next-upgrade"}}}}},
+		 "2023-11-14 22:13:20.123 [reload] 1 setting(s) changed\n  web: instances 2\u21923, at the next upgrade"},
 		// No time: the caller's clock. Mistyped members are left out, text is defused.
 		{{{"event", "odd\x1b"}, {"pid", "x"}, {"service", 7}}, "1970-01-01 00:00:01.000 [odd?]"},
 	};
