@@ -2,6 +2,7 @@
 #include "progress.hpp"
 
 #include "format.hpp"
+#include "render.hpp"
 #include "reply.hpp"
 
 #include "proto/names.hpp"
@@ -155,8 +156,9 @@ std::string submitted_line(Rollout kind, const json &progress)
 
 std::string done_line(Rollout kind, const json &progress, std::chrono::microseconds elapsed)
 {
+	auto took = integer(progress, "duration_usec");
 	std::string out = service_of(progress) + ": " + words(kind).past + " " + target(kind, progress) + " in " +
-	                  format_elapsed(elapsed);
+	                  format_elapsed(took && *took >= 0 ? std::chrono::microseconds(*took) : elapsed);
 	const json &h = member(member(progress, "upgrade"), "handoff");
 	if (auto handed = integer(h, "handed"); handed && *handed > 0) {
 		out += ", " + number_text(h, "received") + "/" + std::to_string(*handed) + " connections migrated";
@@ -245,6 +247,9 @@ std::string watch_line(const json &event, std::int64_t now_usec)
 		out += " " + subject;
 	if (std::string m = text(event, "message", ""); !m.empty())
 		out += (subject.empty() ? " " : ": ") + printable(m);
+	// A reload's changed settings, one per line under it.
+	for (const json &change : array(event, "changed"))
+		out += "\n  " + change_line(change);
 	return out;
 }
 

@@ -40,7 +40,8 @@ std::string accepted_line(Rollout kind, const nlohmann::json &progress);
 // With --no-wait, the whole output: "web: upgrade to gen 4 accepted".
 std::string submitted_line(Rollout kind, const nlohmann::json &progress);
 
-// The last line: "web: upgraded to gen 4 in 3.2s".
+// The last line: "web: upgraded to gen 4 in 3.2s", with brokerd's duration_usec, or the time the
+// caller waited (`elapsed`) from a brokerd that sends none.
 std::string done_line(Rollout kind, const nlohmann::json &progress, std::chrono::microseconds elapsed);
 
 // Shows a stream of replies ({"progress": Progress}) in one of three ways.
@@ -77,7 +78,8 @@ private:
 };
 
 // One Watch reply as a line, with its time in the local time zone (or `now_usec` when the reply
-// has none): "2024-11-25 16:40:01.123 [instance] web gen 4 web/4/0 (pid 1234) ready".
+// has none): "2024-11-25 16:40:01.123 [instance] web gen 4 web/4/0 (pid 1234) ready". A reload's
+// changed settings follow, one per line, indented.
 std::string watch_line(const nlohmann::json &event, std::int64_t now_usec);
 
 // What `brokerctl watch` prints once brokerd answers again after it went away, from its Status:

@@ -29,6 +29,12 @@ std::vector<std::string> strings(const json &list)
 	return out;
 }
 
+// A setting's value as a change shows it; an empty one as "".
+std::string shown(const std::string &value)
+{
+	return value.empty() ? "\"\"" : printable(value);
+}
+
 std::string join(const std::vector<std::string> &items, std::string_view sep)
 {
 	std::string out;
@@ -150,7 +156,23 @@ std::string render_reload(const json &reload)
 		if (!names.empty())
 			out += c.label + printable(join(names, ", ")) + "\n";
 	}
-	return out.empty() ? "config reloaded: no sockets or services added or removed\n" : out;
+	for (const json &change : array(reload, "changed"))
+		out += change_line(change) + "\n";
+	return out.empty() ? "config reloaded: nothing changed\n" : out;
+}
+
+std::string change_line(const json &change)
+{
+	std::string service = text(change, "service", "");
+	std::string key = printable(text(change, "key", "?"));
+	std::string from = text(change, "from", ""), to = text(change, "to", "");
+	// env's change names variables, never values: "env: FOO added, BAR changed".
+	std::string what = key == "env" && from.empty() ? key + ": " + printable(to)
+	                                                 : key + " " + shown(from) + "\u2192" + shown(to);
+	namespace effect = proto::names::control::config_change_when;
+	std::string when = text(change, "when", "");
+	return (service.empty() ? std::string("brokerd") : printable(service)) + ": " + what + ", " +
+	       (when == effect::kNow ? "now" : when == effect::kNextUpgrade ? "at the next upgrade" : printable(when));
 }
 
 std::string render_sockets(const json &sockets)

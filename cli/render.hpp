@@ -22,8 +22,12 @@ std::string render_sockets(const nlohmann::json &sockets);
 // An UpgradeInfo in one line, as status shows it: "gen 3 -> 4, 2/4 ready, 1/4 drained (draining)".
 std::string render_upgrade_info(const nlohmann::json &upgrade);
 
-// What a Reload reply added and removed, one line per non-empty list.
+// What a Reload reply added and removed, one line per non-empty list, then one line per changed
+// setting (change_line).
 std::string render_reload(const nlohmann::json &reload);
+// One ConfigChange of a Reload reply or a reload event: "web: instances 2→3, at the next upgrade",
+// "brokerd: shutdown.timeout 90s→30s, now", "web: env: FOO added, BAR changed, at the next upgrade".
+std::string change_line(const nlohmann::json &change);
 
 // The whole Status reply: a header line, the SOCKETS table and one section per service.
 // With `service`, only that service and the sockets it uses. `now_usec` is CLOCK_REALTIME, for

@@ -239,8 +239,33 @@ TEST_CASE("render_reload lists only what changed")
 	CHECK(render_reload(reload) == "added sockets:     api, dns\n"
 	                               "added services:    api\n"
 	                               "removed services:  old?\n");
-	CHECK(render_reload({{"added_sockets", json::array()}}) ==
-	      "config reloaded: no sockets or services added or removed\n");
+	CHECK(render_reload({{"added_sockets", json::array()}, {"changed", json::array()}}) ==
+	      "config reloaded: nothing changed\n");
+}
+
+TEST_CASE("render_reload prints one line per changed setting, with when it takes effect")
+{
+	json reload = {{"added_services", {"web2"}},
+	               {"changed",
+	                {{{"service", ""}, {"key", "shutdown.timeout"}, {"from", "1m30s"}, {"to", "30s"}, {"when", "now"}},
+	                 {{"service", "web"}, {"key", "instances"}, {"from", "2"}, {"to", "3"}, {"when", "next-upgrade"}},
+	                 {{"service", "web"}, {"key", "version"}, {"from", ""}, {"to", "2"}, {"when", "next-upgrade"}},
+	                 {{"service", "web"},
+	                  {"key", "env"},
+	                  {"from", ""},
+	                  {"to", "FOO added, BAR changed"},
+	                  {"when", "next-upgrade"}},
+	                 {{"service", "edge\x1b"},
+	                  {"key", "register.users"},
+	                  {"from", "[]"},
+	                  {"to", "[\"root\"]"},
+	                  {"when", "now"}}}}};
+	CHECK(render_reload(reload) == "added services:    web2\n"
+	                               "brokerd: shutdown.timeout 1m30s\u219230s, now\n"
+	                               "web: instances 2\u21923, at the next upgrade\n"
+	                               "web: version \"\"\u21922, at the next upgrade\n"
+	                               "web: env: FOO added, BAR changed, at the next upgrade\n"
+	                               "edge?: register.users []\u2192[\"root\"], now\n");
 }
 
 TEST_CASE("format_elapsed shows tenths under a minute")
@@ -470,6 +495,10 @@ TEST_CASE("progress lines")
 	CHECK(submitted_line(Rollout::Rollback, p) == "web: rollback as gen 4 accepted");
 	CHECK(done_line(Rollout::Upgrade, p, 3200ms) == "web: upgraded to gen 4 in 3.2s");
 	CHECK(done_line(Rollout::Restart, p, 1s) == "web: restarted as gen 4 in 1.0s");
+	// brokerd's own measure, when it sends one, over the time the caller waited.
+	json timed = p;
+	timed["duration_usec"] = 2'450'000;
+	CHECK(done_line(Rollout::Upgrade, timed, 3200ms) == "web: upgraded to gen 4 in 2.5s");
 
 	// Connection handoff joins the counts once anything is expected to move.
 	json moving = counts(2, 1);
@@ -590,6 +619,11 @@ TEST_CASE("watch_line")
 		 "2023-11-14 22:13:20.123 [upgrade] web gen 4: done"},
 		{{{"event", "reload"}, {"time", t}, {"message", "added service api"}},
 		 "2023-11-14 22:13:20.123 [reload] added service api"},
+		{{{"event", "reload"},
+		  {"time", t},
+		  {"message", "1 setting(s) changed"},
+		  {"changed", {{{"service", "web"}, {"key", "instances"}, {"from", "2"}, {"to", "3"}, {"when", "next-upgrade"}}}}},
+		 "2023-11-14 22:13:20.123 [reload] 1 setting(s) changed\n  web: instances 2\u21923, at the next upgrade"},
 		// No time: the caller's clock. Mistyped members are left out, text is defused.
 		{{{"event", "odd\x1b"}, {"pid", "x"}, {"service", 7}}, "1970-01-01 00:00:01.000 [odd?]"},
 	};

@@ -280,7 +280,8 @@ void ControlServer::Connection::watch_event(const Event &event)
 {
 	if (!watching_ || dead_)
 		return;
-	if (!watch_service_.empty() && event.service != watch_service_)
+	// brokerd's own events (no service) go to every stream, narrowed or not.
+	if (!watch_service_.empty() && !event.service.empty() && event.service != watch_service_)
 		return;
 	reply(encode::watch_event(event), true);
 	if (!dead_)

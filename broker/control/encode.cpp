@@ -67,6 +67,12 @@ std::string_view event_name(EventKind kind)
 		return watch_names::kStop;
 	case EventKind::Handoff:
 		return watch_names::kHandoff;
+	case EventKind::Reload:
+		return watch_names::kReload;
+	case EventKind::Reexec:
+		return watch_names::kReexec;
+	case EventKind::Shutdown:
+		return watch_names::kShutdown;
 	}
 	return "unknown";
 }
@@ -260,26 +266,62 @@ json services(const Supervisor &supervisor, const std::string *only)
 	return out;
 }
 
+// What Watch events and progress steps say alike of an upgrade's end: its kind, and how long it
+// took in microseconds.
+static void upgrade_end(json &j, const Event &e)
+{
+	if (!e.upgrade_kind.empty())
+		j["kind"] = e.upgrade_kind;
+	if (e.duration)
+		j["duration_usec"] = *e.duration;
+}
+
+static json change(const config::Change &c)
+{
+	namespace when = control_names::config_change_when;
+	return {{"service", c.service},
+	        {"key", c.key},
+	        {"from", c.from},
+	        {"to", c.to},
+	        {"when", c.when == config::Effect::Now ? when::kNow : when::kNextUpgrade}};
+}
+
+json changes(const std::vector<config::Change> &list)
+{
+	json out = json::array();
+	for (const auto &c : list)
+		out.push_back(change(c));
+	return out;
+}
+
 json watch_event(const Event &e)
 {
-	json j = {{"event", event_name(e.kind)}, {"time", e.time}, {"service", e.service}};
+	json j = {{"event", event_name(e.kind)}, {"time", e.time}};
+	if (!e.service.empty())
+		j["service"] = e.service;
 	if (e.generation)
 		j["generation"] = *e.generation;
 	if (!e.instance.empty()) {
 		j["instance"] = e.instance;
-		j["pid"] = e.pid;
 		j["state"] = instance_state(e.state);
 	}
+	if (!e.instance.empty() || e.kind == EventKind::Reexec)
+		j["pid"] = e.pid;
+	if (!e.version.empty())
+		j["version"] = e.version;
 	if (!e.message.empty())
 		j["message"] = e.message;
 	if (e.handoff)
 		j["handoff"] = handoff(*e.handoff);
+	upgrade_end(j, e);
+	if (e.kind == EventKind::Reload)
+		j["changed"] = changes(e.changes);
 	return j;
 }
 
 json progress(const Event &e)
 {
-	json j = {{"event", event_name(e.kind)}, {"service", e.service}};
+	json j = {{"event", event_name(e.kind)}, {"time", e.time}, {"service", e.service}};
 	if (e.upgrade) {
 		j["generation"] = e.upgrade->generation;
 		j["upgrade"] = upgrade(*e.upgrade);
@@ -290,6 +332,7 @@ json progress(const Event &e)
 	}
 	if (!e.message.empty())
 		j["message"] = e.message;
+	upgrade_end(j, e);
 	return j;
 }
 

@@ -22,17 +22,20 @@ std::string_view event_name(EventKind kind);
 std::string_view instance_state(InstanceState s);
 std::string_view phase(RolloutPhase p);
 
-// A Watch stream's event: {event, time, service, generation?, instance?, pid?, state?, message?,
-// handoff?}.
+// A Watch stream's event: {event, time, service?, generation?, instance?, pid?, state?, version?,
+// message?, handoff?, kind?, duration_usec?, changed?}.
 nlohmann::json watch_event(const Event &e);
 
-// An upgrade's Progress parameters: {event, service, generation?, upgrade?, instance?, pid?,
-// message?}.
+// An upgrade's Progress parameters: {event, time, service, generation?, upgrade?, instance?, pid?,
+// message?, kind?, duration_usec?}.
 nlohmann::json progress(const Event &e);
 
 // Status's and Sockets' "sockets": every listener, the services configured with it, and a stream
 // listener's accept queue as the kernel tells it (`diag_fd`: open_sock_diag()'s, or -1).
 nlohmann::json sockets(const Supervisor &supervisor, int diag_fd);
+
+// Reload's and the reload event's "changed": []ConfigChange.
+nlohmann::json changes(const std::vector<config::Change> &list);
 
 // Status's "services": every service, or only the one named; null for an unknown one.
 nlohmann::json services(const Supervisor &supervisor, const std::string *only);

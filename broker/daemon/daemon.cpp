@@ -267,8 +267,21 @@ void Daemon::carry_on()
 	// A brokerd before metrics left none: they start at 0, as after a crash.
 	if (restored_.contains("metrics"))
 		counters_ = metrics::Counters::restore(restored_.at("metrics").at("counters"));
-	log::event(reexec_record(BROKER_VERSION, restored_.at("services").size(), control_->connections()));
+	log::EventRecord record = reexec_record(BROKER_VERSION, restored_.at("services").size(), control_->connections());
+	log::event(record);
+	Event e;
+	e.kind = EventKind::Reexec;
+	e.pid = ::getpid();
+	e.version = BROKER_VERSION;
+	e.message = record.message;
+	broadcast_own(std::move(e));
 	restored_ = nullptr;
+}
+
+void Daemon::broadcast_own(Event e)
+{
+	e.time = now_usec(CLOCK_REALTIME);
+	control_->broadcast(e);
 }
 
 // A fresh start: the fd store gets what we bound, and every configured service starts.
@@ -299,8 +312,14 @@ int Daemon::on_signal(sd_event_source *, const signalfd_siginfo *si, void *userd
 			d->supervisor_->kill_all();
 			return 0;
 		}
-		log::event(shutdown_record(std::string("SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)),
-		                           usec(d->cfg_.shutdown.timeout)));
+		log::EventRecord record = shutdown_record(std::string("SIG") + sigabbrev_np(static_cast<int>(si->ssi_signo)),
+		                                          usec(d->cfg_.shutdown.timeout));
+		log::event(record);
+		// Before any stream closes: the drain that follows ends them.
+		Event e;
+		e.kind = EventKind::Shutdown;
+		e.message = record.message;
+		d->broadcast_own(std::move(e));
 		d->cancel_reexec("brokerd is shutting down");
 		d->notifier_.send("STOPPING=1");
 		d->supervisor_->shutdown(d->cfg_.shutdown.timeout);

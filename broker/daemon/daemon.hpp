@@ -66,6 +66,8 @@ private:
 	static int on_signal(sd_event_source *s, const signalfd_siginfo *si, void *userdata);
 	void on_change();
 	nlohmann::json reload();
+	// Tells every Watch stream of brokerd's own event (reload, reexec, shutdown); e.time is set here.
+	void broadcast_own(Event e);
 	RunningState running_for_reload(const config::Config &next) const;
 	nlohmann::json apply_reload(const ReloadPlan &plan, config::Config next, std::string next_text, AccessRules rules);
 	void close_unused_listeners();

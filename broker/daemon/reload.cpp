@@ -5,6 +5,7 @@
 #include "daemon/daemon.hpp"
 
 #include "control/access.hpp"
+#include "control/encode.hpp"
 #include "os/log.hpp"
 
 #include <algorithm>
@@ -70,7 +71,27 @@ std::variant<ReloadPlan, ReloadRefusal> plan_reload(const RunningState &running,
 	for (const auto &sc : running.config.sockets)
 		if (!next.find_socket(sc.name))
 			p.removed_sockets.push_back(sc.name);
+	p.changes = config::diff(running.config, next);
 	return p;
+}
+
+std::string reload_summary(const ReloadPlan &plan)
+{
+	std::string out;
+	auto part = [&out](const char *what, const std::vector<std::string> &names) {
+		if (names.empty())
+			return;
+		out += (out.empty() ? "" : "; ") + std::string(what);
+		for (std::size_t i = 0; i < names.size(); ++i)
+			out += (i ? ", " : " ") + names[i];
+	};
+	part("added sockets", plan.open_sockets);
+	part("added services", plan.add_services);
+	part("removed services", plan.remove_services);
+	part("removed sockets", plan.removed_sockets);
+	if (!plan.changes.empty())
+		out += (out.empty() ? "" : "; ") + std::to_string(plan.changes.size()) + " setting(s) changed";
+	return out.empty() ? "nothing changed" : out;
 }
 
 RunningState Daemon::running_for_reload(const config::Config &next) const
@@ -103,14 +124,21 @@ nlohmann::json Daemon::reload()
 		notifier_.send("READY=1");
 		throw config::ConfigError(refused->message);
 	}
+	const ReloadPlan &plan = std::get<ReloadPlan>(planned);
 	nlohmann::json result;
 	try {
-		result = apply_reload(std::get<ReloadPlan>(planned), std::move(next), std::move(next_text), std::move(rules));
+		result = apply_reload(plan, std::move(next), std::move(next_text), std::move(rules));
 	} catch (...) {
 		notifier_.send("READY=1");
 		throw;
 	}
-	log::event(reload_record(config_path_));
+	log::EventRecord record = reload_record(config_path_);
+	log::event(record);
+	Event e;
+	e.kind = EventKind::Reload;
+	e.message = record.message + ": " + reload_summary(plan);
+	e.changes = plan.changes;
+	broadcast_own(std::move(e));
 	notifier_.send("READY=1");
 	return result;
 }
@@ -151,7 +179,8 @@ nlohmann::json Daemon::apply_reload(const ReloadPlan &plan, config::Config next,
 	return {{"added_sockets", plan.open_sockets},
 	        {"removed_sockets", plan.removed_sockets},
 	        {"added_services", plan.add_services},
-	        {"removed_services", plan.remove_services}};
+	        {"removed_services", plan.remove_services},
+	        {"changed", encode::changes(plan.changes)}};
 }
 
 } // namespace brokerd

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "config/config.hpp"
+#include "config/diff.hpp"
 #include "config/invariants.hpp"
 
 #include <string>
@@ -25,6 +26,7 @@ struct ReloadPlan {
 	std::vector<std::string> update_services{}; // kept: the next upgrade or registration uses the new settings
 	std::vector<std::string> remove_services{}; // drained, then forgotten
 	std::vector<std::string> removed_sockets{}; // no longer configured: closed once no service uses them
+	std::vector<config::Change> changes{};      // brokerd's and the kept services' changed settings
 };
 
 // Why the new config cannot be applied, with the key path; nothing changed.
@@ -33,5 +35,9 @@ struct ReloadRefusal {
 };
 
 std::variant<ReloadPlan, ReloadRefusal> plan_reload(const RunningState &running, const config::Config &next);
+
+// The plan in a line, for the reload event: "added sockets api; added services web2; 2 setting(s)
+// changed", or "nothing changed".
+std::string reload_summary(const ReloadPlan &plan);
 
 } // namespace brokerd

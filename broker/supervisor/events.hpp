@@ -4,6 +4,7 @@
 // these into Varlink JSON.
 #pragma once
 
+#include "config/diff.hpp"
 #include "supervisor/model.hpp"
 #include "upgrade/rollout.hpp"
 
@@ -33,6 +34,10 @@ enum class EventKind {
 	Start,
 	Stop,
 	Handoff, // connections moved between generations: the counts so far
+	// brokerd's own, for Watch (no service): the daemon sends them, not the supervisor.
+	Reload,   // the config file was applied again: what changed
+	Reexec,   // a re-executed brokerd carries on: its version and pid
+	Shutdown, // brokerd begins to stop on SIGTERM or SIGINT
 };
 
 // Connections handed off so far, and how many the senders said they are about to hand.
@@ -59,7 +64,7 @@ struct UpgradeSnapshot {
 struct Event {
 	EventKind kind = EventKind::Started;
 	usec_t time = 0; // CLOCK_REALTIME
-	std::string service;
+	std::string service; // empty for brokerd's own
 	// The instance's generation for an instance's event; for a service's, the upgrade's new one
 	// or else the current one; none when the service has none.
 	std::optional<std::uint64_t> generation;
@@ -74,6 +79,8 @@ struct Event {
 	std::string upgrade_kind;
 	// Done and RolledBack: how long the upgrade took (none for one a crash interrupted).
 	std::optional<usec_t> duration;
+	std::string version;                 // Reexec: the brokerd that carries on
+	std::vector<config::Change> changes; // Reload: the changed settings
 };
 
 // A service as Status shows it: stopped by the operator, failed (an instance of its current

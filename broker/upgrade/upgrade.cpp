@@ -160,8 +160,9 @@ void Supervisor::finish_upgrade(Service &svc)
 		if (up->from)
 			svc.previous = up->from->cfg;
 		svc.current = up->to;
-		ended(EventKind::Done, up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took);
-		Event done = progress(svc, EventKind::Done, nullptr, took);
+		const std::string message = up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took;
+		ended(EventKind::Done, message);
+		Event done = progress(svc, EventKind::Done, nullptr, message);
 		done.upgrade = snapshot(*up);
 		done.upgrade_kind = up->kind;
 		done.duration = duration;

@@ -213,11 +213,15 @@ TEST_CASE("names.hpp has the values of every field with a fixed set in the .varl
 	CHECK(files.count("io.brokerd.Control.InstanceState") == 1);
 	CHECK(files.count("io.brokerd.Worker.Events.event") == 1);
 	CHECK(files.count("io.brokerd.Control.UpgradeInfo.phase") == 1);
+	CHECK(files.count("io.brokerd.Control.ConfigChange.when") == 1);
 	CHECK(control::progress_event::kAccepted == "accepted");
 	CHECK(control::progress_event::kCrashLoop == "crash-loop");
 	CHECK(control::progress_event::kValues.size() == 10);
 	CHECK(control::watch_event::kRolledBack == "rolled-back");
-	CHECK(control::watch_event::kValues.size() == 13);
+	CHECK(control::watch_event::kValues.size() == 16);
+	CHECK(control::watch_event::kShutdown == "shutdown");
+	CHECK(control::config_change_when::kNextUpgrade == "next-upgrade");
+	CHECK(control::progress_kind::kTakeover == "takeover");
 	CHECK(control::service_info_state::kStopped == "stopped");
 	CHECK(control::instance_state::kStarting == "starting");
 	CHECK(worker::events_event::kDrain == "drain");

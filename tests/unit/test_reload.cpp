@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <string>
 #include <variant>
 #include <vector>
@@ -165,4 +166,83 @@ TEST_CASE("reload: a running service's invariants, one rule for reload and the U
 		INFO(std::string(c.name));
 		CHECK(running_change(c.running, c.sockets, c.registered) == c.change);
 	}
+}
+
+TEST_CASE("reload: the changed settings, each with when it takes effect, and never an env value")
+{
+	using config::Change;
+	constexpr auto now = config::Effect::Now, next_upgrade = config::Effect::NextUpgrade;
+	const json spawned = {{"exec", {"/bin/web"}}, {"sockets", {"http"}}, {"env", {{"TOKEN", "a"}, {"OLD", "x"}}}};
+	const struct {
+		const char *name;
+		std::function<void(json &)> edit;
+		std::vector<Change> changes;
+	} cases[] = {
+		{"nothing changed", [](json &) {}, {}},
+		{"instances", [](json &j) { j["services"]["web"]["instances"] = 3; },
+		 {{"web", "instances", "1", "3", next_upgrade}}},
+		{"exec and version, in the entry's order",
+		 [](json &j) {
+			 j["services"]["web"]["version"] = "2";
+			 j["services"]["web"]["exec"] = {"/bin/web", "--fast"};
+		 },
+		 {{"web", "exec", R"(["/bin/web"])", R"(["/bin/web","--fast"])", next_upgrade},
+		  {"web", "version", "", "2", next_upgrade}}},
+		{"timeouts in the config's grammar, the drain signal by name, batch and restart",
+		 [](json &j) {
+			 j["services"]["web"]["start_timeout"] = "1m30s";
+			 j["services"]["web"]["drain"] = {{"timeout", "1500ms"}, {"signal", "SIGINT"}};
+			 j["services"]["web"]["upgrade"] = {{"batch", 2}};
+			 j["services"]["web"]["restart"] = "always";
+		 },
+		 {{"web", "start_timeout", "30s", "1m30s", next_upgrade},
+		  {"web", "drain.timeout", "30s", "1s500ms", next_upgrade},
+		  {"web", "drain.signal", "SIGTERM", "SIGINT", next_upgrade},
+		  {"web", "upgrade.batch", "1", "2", next_upgrade},
+		  {"web", "restart", "on-failure", "always", next_upgrade}}},
+		{"env names what changed, never a value",
+		 [](json &j) {
+			 j["services"]["web"]["env"] = {{"TOKEN", "b"}, {"NEW", "y"}};
+		 },
+		 {{"web", "env", "", "NEW added, TOKEN changed, OLD removed", next_upgrade}}},
+		{"who may register applies now",
+		 [](json &j) { j["services"]["edge"]["register"]["users"] = {"root", "nobody"}; },
+		 {{"edge", "register.users", R"(["root"])", R"(["root","nobody"])", now}}},
+		{"brokerd's own settings apply now, before the services'",
+		 [](json &j) {
+			 j["shutdown"] = {{"timeout", "30s"}};
+			 j["control"] = {{"admin_users", {"root"}}};
+			 j["services"]["web"]["instances"] = 2;
+		 },
+		 {{"", "control.admin_users", "[]", R"(["root"])", now},
+		  {"", "shutdown.timeout", "1m30s", "30s", now},
+		  {"web", "instances", "1", "2", next_upgrade}}},
+		{"an added or removed service is no change of settings",
+		 [](json &j) {
+			 j["services"].erase("edge");
+			 j["services"]["web2"] = {{"exec", {"/bin/web"}}, {"sockets", {"http"}}};
+		 },
+		 {}},
+	};
+	for (const auto &c : cases) {
+		INFO(std::string(c.name));
+		json old_json = base();
+		old_json["services"]["web"] = spawned;
+		json next_json = old_json;
+		c.edit(next_json);
+		config::Config old = config::parse(old_json.dump());
+		config::Config next = config::parse(next_json.dump());
+		CHECK(config::diff(old, next) == c.changes);
+		auto got = plan_reload(RunningState{old, {"api", "http"}, {edge(), web()}}, next);
+		REQUIRE(std::holds_alternative<ReloadPlan>(got));
+		CHECK(std::get<ReloadPlan>(got).changes == c.changes);
+	}
+}
+
+TEST_CASE("reload: the summary the reload event carries")
+{
+	CHECK(reload_summary({}) == "nothing changed");
+	ReloadPlan p{.open_sockets = {"api"}, .add_services = {"web2", "web3"}, .removed_sockets = {"old"}};
+	p.changes.push_back({"web", "instances", "1", "2", config::Effect::NextUpgrade});
+	CHECK(reload_summary(p) == "added sockets api; added services web2, web3; removed sockets old; 1 setting(s) changed");
 }

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <functional>
 #include <regex>
 
 using namespace utest;
@@ -195,5 +196,151 @@ TEST_CASE("control: a crash loop is detected and not restarted")
 	CHECK(after.value("state", "") == "failed");
 	CHECK(after.value("pid", -1) == 0);
 	CHECK(after.value("since", 0) == inst.value("since", 1));
+	b.stop();
+}
+
+namespace {
+
+std::int64_t realtime_usec()
+{
+	return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
+	        .count();
+}
+
+// The first `event` a Watch stream sends (that `also` accepts), within 30 s.
+json watch_until(StreamCall &watch, const std::string &event,
+                 const std::function<bool(const json &)> &also = [](const json &) { return true; })
+{
+	auto r = watch.until(
+		[&](const StreamCall::Reply &r) { return r.parameters.value("event", "") == event && also(r.parameters); },
+		30s);
+	INFO("Watch:\n", watch.transcript());
+	REQUIRE_MESSAGE(r.has_value(), "no \"", event, "\" event");
+	return r->parameters;
+}
+
+// Returns once brokerd has taken each stream's Watch call: a Watch has no first reply, so reloads
+// of the unchanged config file are made until each stream has seen one (each waited for with a
+// deadline, as the call may reach brokerd after the reload did).
+void wait_watching(Broker &b, const std::vector<StreamCall *> &streams)
+{
+	std::vector<StreamCall *> waiting = streams;
+	const auto deadline = std::chrono::steady_clock::now() + 30s;
+	while (!waiting.empty() && std::chrono::steady_clock::now() < deadline) {
+		RunResult r = brokerctl(b, {"reload"});
+		INFO("brokerctl reload: ", r.describe());
+		REQUIRE(r.exit_code == 0);
+		std::erase_if(waiting, [](StreamCall *watch) {
+			return watch
+				->until([](const StreamCall::Reply &r) { return r.parameters.value("event", "") == "reload"; }, 2s)
+				.has_value();
+		});
+	}
+	REQUIRE_MESSAGE(waiting.empty(), "a Watch saw no reload within 30 s");
+}
+
+// An event's time: CLOCK_REALTIME in microseconds, between `after` and now.
+void check_time(const json &event, std::int64_t after)
+{
+	INFO("event: ", event.dump());
+	REQUIRE(event.contains("time"));
+	REQUIRE(event["time"].is_number_integer());
+	std::int64_t t = event["time"].get<std::int64_t>();
+	CHECK(t >= after);
+	CHECK(t <= realtime_usec());
+}
+
+} // namespace
+
+// brokerd's own events reach every Watch stream, one narrowed to a service too: a reload with its
+// changes, the reexec from the brokerd that carries on, and the shutdown before the stream ends.
+TEST_CASE("control: Watch sees reload and reexec and shutdown with their time whether narrowed or not")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json cfg = config_with({{"web", http_service(1)}});
+	tb.start(cfg);
+	const std::int64_t began = realtime_usec();
+	StreamCall all(b.control_path(), "io.brokerd.Control.Watch", json::object());
+	StreamCall web(b.control_path(), "io.brokerd.Control.Watch", {{"service", "web"}});
+	wait_watching(b, {&all, &web});
+
+	cfg["services"]["web"]["instances"] = 2;
+	cfg["control"] = {{"path", b.control_path()}};
+	write_file(b.config_path(), cfg.dump(2));
+	RunResult r = brokerctl(b, {"reload"});
+	INFO("brokerctl reload: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	for (StreamCall *watch : {&all, &web}) {
+		// Past the reloads that waited for the streams, which changed nothing.
+		json e = watch_until(*watch, "reload", [](const json &e) { return !e.value("changed", json::array()).empty(); });
+		check_time(e, began);
+		CHECK(!e.contains("service"));
+		CHECK(e.value("message", "").find(": 1 setting(s) changed") != std::string::npos);
+		CHECK(e["changed"] == json::parse(R"([{"service":"web","key":"instances","from":"1","to":"2",
+		                                       "when":"next-upgrade"}])"));
+	}
+
+	r = brokerctl(b, {"reexec"});
+	INFO("brokerctl reexec: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	for (StreamCall *watch : {&all, &web}) {
+		json e = watch_until(*watch, "reexec");
+		check_time(e, began);
+		CHECK(!e.contains("service"));
+		CHECK(e.value("pid", 0) == b.pid());
+		CHECK(!e.value("version", "").empty());
+	}
+
+	b.process().signal(SIGTERM);
+	for (StreamCall *watch : {&all, &web}) {
+		json e = watch_until(*watch, "shutdown");
+		check_time(e, began);
+		CHECK(!e.contains("service"));
+		CHECK(e.value("message", "").find("received SIGTERM, shutting down") != std::string::npos);
+	}
+	auto exit = b.process().wait(30s);
+	REQUIRE(exit.has_value());
+	CHECK(describe_status(*exit) == "exited with 0");
+}
+
+// One JSON shape for every event: each step of an upgrade's and a restart's progress, and each
+// Watch event, has its time; their done says which kind of rollout ended and how long it took.
+TEST_CASE("control: every Progress and Watch event has its time and done its kind and duration_usec")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	tb.start(config_with({{"web", http_service(2)}}));
+	const std::int64_t began = realtime_usec();
+	StreamCall watch(b.control_path(), "io.brokerd.Control.Watch", json::object());
+	wait_watching(b, {&watch});
+
+	const std::pair<const char *, const char *> rollouts[] = {{"io.brokerd.Control.Upgrade", "upgrade"},
+	                                                          {"io.brokerd.Control.Restart", "restart"}};
+	for (const auto &rollout : rollouts) {
+		const std::string kind = rollout.second;
+		INFO("rollout: ", kind);
+		StreamCall call(b.control_path(), rollout.first, {{"service", "web"}});
+		StreamCall::Reply end = final_reply(call);
+		INFO("progress:\n", call.transcript());
+		REQUIRE(end.error.empty());
+		REQUIRE(call.seen().size() >= 2);
+		for (const auto &reply : call.seen())
+			check_time(reply.parameters.at("progress"), began);
+		const json &done = end.parameters.at("progress");
+		CHECK(done.value("event", "") == "done");
+		CHECK(done.value("kind", "") == kind);
+		CHECK(done.value("duration_usec", std::int64_t{0}) > 0);
+		CHECK(done.value("duration_usec", std::int64_t{0}) <= done.value("time", std::int64_t{0}) - began);
+
+		json watched = watch_until(watch, "done");
+		CHECK(watched.value("kind", "") == kind);
+		CHECK(watched.value("duration_usec", std::int64_t{0}) > 0);
+	}
+	REQUIRE(!watch.seen().empty());
+	for (const auto &reply : watch.seen())
+		check_time(reply.parameters, began);
 	b.stop();
 }

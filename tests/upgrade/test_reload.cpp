@@ -278,3 +278,52 @@ while True:
 	CHECK(generation_answering(socket_port(st, "http")) == 1);
 	b.stop();
 }
+
+// What a reload changed in a kept service, in the reply and in brokerctl's words: each setting
+// with when it takes effect, an env variable by name only, and the running instances untouched
+// until the next upgrade, which takes the new settings.
+TEST_CASE("reload: the reply and brokerctl list each changed setting and when it takes effect")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json cfg = config_with({{"web", http_service(2)}});
+	tb.start(cfg);
+
+	cfg["services"]["web"]["instances"] = 3;
+	cfg["services"]["web"]["env"] = {{"API_TOKEN", "s3cret-value"}};
+	cfg["shutdown"] = {{"timeout", "30s"}};
+	write_config(b, cfg);
+	RunResult r = brokerctl(b, {"reload", "--json"});
+	INFO("brokerctl reload --json: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	json reply = json::parse(r.out);
+	CHECK(reply["changed"] ==
+	      json::parse(R"([{"service":"","key":"shutdown.timeout","from":"1m30s","to":"30s","when":"now"},
+	                      {"service":"web","key":"instances","from":"2","to":"3","when":"next-upgrade"},
+	                      {"service":"web","key":"env","from":"","to":"API_TOKEN added","when":"next-upgrade"}])"));
+	CHECK(r.out.find("s3cret") == std::string::npos);
+	// At the next upgrade: gen 1 still runs its 2 instances.
+	check_serves_alone(b, "web", 1, 2);
+
+	cfg["services"]["web"]["instances"] = 2;
+	cfg["services"]["web"]["env"]["API_TOKEN"] = "other-s3cret";
+	write_config(b, cfg);
+	r = brokerctl(b, {"reload"});
+	INFO("brokerctl reload: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	CHECK(r.out == "web: instances 3\u21922, at the next upgrade\n"
+	               "web: env: API_TOKEN changed, at the next upgrade\n");
+
+	// The next upgrade takes them.
+	cfg["services"]["web"]["instances"] = 3;
+	write_config(b, cfg);
+	r = brokerctl(b, {"reload"});
+	REQUIRE(r.exit_code == 0);
+	CHECK(r.out == "web: instances 2\u21923, at the next upgrade\n");
+	r = brokerctl(b, {"upgrade", "web"});
+	INFO("brokerctl upgrade: ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	check_serves_alone(b, "web", 2, 3);
+	b.stop();
+}
