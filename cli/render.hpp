@@ -18,6 +18,12 @@ std::string render_upgrade_info(const nlohmann::json &upgrade);
 // What a Reload reply added and removed, one line per non-empty list.
 std::string render_reload(const nlohmann::json &reload);
 
+// A History reply's entries as a table, oldest first: GEN, VERSION, STARTED (local time),
+// DURATION (until it ended, or until now while it serves), HOW, RESULT, BY and EXEC. BY is
+// user_name(uid), or "-" when brokerd started it from its config. `now_usec` is CLOCK_REALTIME.
+std::string render_history(const nlohmann::json &entries, std::int64_t now_usec,
+                           std::string (*user_name)(std::int64_t uid));
+
 // The whole Status reply: a header line, the SOCKETS table and one section per service.
 // With `service`, only that service and the sockets it uses. `now_usec` is CLOCK_REALTIME, for
 // the SINCE column. Missing or mistyped members print as "-" rather than failing, so an older or

@@ -33,6 +33,9 @@ nlohmann::json progress(const Event &e);
 // Status's "services": every service, or only the one named; null for an unknown one.
 nlohmann::json services(const Supervisor &supervisor, const std::string *only);
 
+// History's "entries": a service's history, oldest first (the configs' env is never shown).
+nlohmann::json history(const History &history);
+
 // Status's "recovered": how this brokerd carried on after a crash; null when it did not.
 nlohmann::json recovery(const Supervisor::Recovery &r);
 
