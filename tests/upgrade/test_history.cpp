@@ -1,5 +1,6 @@
 // A service's history: three generations asked for by two users, rollback --to the first one, the
-// refusals of generations it cannot deploy, and the history carried over by brokerctl reexec.
+// refusals of generations it cannot deploy, and the history carried over by brokerctl reexec and
+// by a crash of brokerd.
 #include "support.hpp"
 
 #include <doctest/doctest.h>
@@ -59,7 +60,7 @@ std::pair<std::string, std::vector<std::string>> worker_of(Broker &b, int genera
 
 } // namespace
 
-TEST_CASE("history: three generations by two users then rollback --to the first and reexec keeps the history")
+TEST_CASE("history: three generations by two users then rollback --to the first and reexec and a crash keep the history")
 {
 	const bool root = ::geteuid() == 0;
 	const std::int64_t other_uid = root ? 65534 : ::geteuid(); // without root, one user does it all
@@ -167,5 +168,12 @@ TEST_CASE("history: three generations by two users then rollback --to the first 
 	INFO("rollback --to 2 after reexec: ", r.describe());
 	REQUIRE(r.exit_code == 0);
 	CHECK(worker_of(b, 5).first == "2");
+
+	// A crash of brokerd: the one started again reads the history from the crash state.
+	entries = history(b);
+	REQUIRE(entries.size() == 5);
+	tb.kill9();
+	tb.restart();
+	CHECK(history(b) == entries);
 	b.stop();
 }
