@@ -77,17 +77,18 @@ void History::begin(HistoryRecord record)
 
 void History::end(std::uint64_t generation, GenerationResult result, usec_t now)
 {
-	for (HistoryRecord &r : records_)
-		if (r.generation == generation && r.result == GenerationResult::Serving) {
-			r.result = result;
-			r.ended = now;
-		}
+	end_if([generation](const HistoryRecord &r) { return r.generation == generation; }, result, now);
 }
 
 void History::end_all(GenerationResult result, usec_t now)
 {
+	end_if([](const HistoryRecord &) { return true; }, result, now);
+}
+
+void History::end_if(const std::function<bool(const HistoryRecord &)> &which, GenerationResult result, usec_t now)
+{
 	for (HistoryRecord &r : records_)
-		if (r.result == GenerationResult::Serving) {
+		if (r.result == GenerationResult::Serving && which(r)) {
 			r.result = result;
 			r.ended = now;
 		}

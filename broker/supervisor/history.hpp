@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -60,6 +61,9 @@ public:
 	const std::deque<HistoryRecord> &records() const { return records_; }
 
 private:
+	// An ended record keeps how it ended.
+	void end_if(const std::function<bool(const HistoryRecord &)> &which, GenerationResult result, usec_t now);
+
 	std::deque<HistoryRecord> records_;
 };
 
