@@ -15,6 +15,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <pwd.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -141,6 +142,13 @@ void declare_rollout(CLI::App &sub, Arguments &args)
 {
 	declare_service(sub, args);
 	declare_no_wait(sub, args);
+}
+
+void declare_rollback(CLI::App &sub, Arguments &args)
+{
+	declare_rollout(sub, args);
+	sub.add_option("--to", args.to, "Deploy this generation's configuration instead (see `brokerctl history`)")
+		->type_name("GEN");
 }
 
 void declare_upgrade(CLI::App &sub, Arguments &args)
@@ -336,7 +344,30 @@ int run_upgrade(const Options &opts, const Arguments &args, Connection &broker, 
 
 int run_rollback(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
 {
-	return run_rollout(Rollout::Rollback, kRollback, {{"service", *args.service}}, opts, args, broker, out);
+	json params = {{"service", *args.service}};
+	if (args.to)
+		params["generation"] = *args.to;
+	return run_rollout(Rollout::Rollback, kRollback, std::move(params), opts, args, broker, out);
+}
+
+// The user's name for the BY column, or the uid when it has none here.
+std::string user_name(std::int64_t uid)
+{
+	std::vector<char> buf(16384);
+	passwd pw{}, *found = nullptr;
+	if (uid >= 0 && ::getpwuid_r(static_cast<uid_t>(uid), &pw, buf.data(), buf.size(), &found) == 0 && found)
+		return found->pw_name;
+	return std::to_string(uid);
+}
+
+int run_history(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	json reply = broker.call(kHistory, {{"service", *args.service}});
+	if (opts.json)
+		print_json(out, reply);
+	else
+		out << render_history(member(reply, "entries"), realtime_usec(), user_name);
+	return kExitOk;
 }
 
 int run_restart(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
@@ -473,7 +504,10 @@ constexpr std::array kCommands{
 	        declare_none, run_sockets},
 	Command{"upgrade", "Roll out a new generation of a service, showing its progress", declare_upgrade,
 	        run_upgrade},
-	Command{"rollback", "Deploy the previous generation's configuration again", declare_rollout, run_rollback},
+	Command{"history", "List a service's generations: version, start, result, and who asked for each",
+	        declare_service, run_history},
+	Command{"rollback", "Deploy the previous generation's configuration again, or one named with --to",
+	        declare_rollback, run_rollback},
 	Command{"restart", "Replace every instance of a service with a fresh one", declare_rollout, run_restart},
 	Command{"abort", "Stop a service's upgrade in progress and roll it back", declare_service, run_abort},
 	Command{"start", "Start a stopped service; returns once its instances are ready", declare_service,

@@ -5,6 +5,7 @@
 #include "remote.hpp"
 
 #include <chrono>
+#include <cstdint>
 #include <iosfwd>
 #include <optional>
 #include <span>
@@ -46,6 +47,9 @@ struct Arguments {
 
 	// upgrade, rollback, restart
 	bool no_wait = false;
+
+	// rollback --to: a generation the service's history still knows
+	std::optional<std::uint64_t> to;
 
 	// reexec
 	std::optional<std::string> binary;

@@ -24,7 +24,7 @@ const char *const kExitCodesHelp =
 	"  0  success\n"
 	"  1  failure (the message says what)\n"
 	"  2  usage error: the command line, or a parameter brokerd refused (the message names\n"
-	"     the option)\n"
+	"     the option), or a generation rollback --to cannot deploy\n"
 	"  3  brokerd is not running (no control socket, or nothing listening on it); for\n"
 	"     is-active, a service is not active\n"
 	"  4  permission denied (by the socket's file mode, or by brokerd)\n"
@@ -224,6 +224,17 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 		                                          "`)");
 	if (error == kNoPreviousGeneration)
 		return Failure(kExitNotStarted, service + " has no previous generation to roll back to");
+	if (error == kNoSuchGeneration) {
+		std::vector<std::string> known;
+		for (const json &n : array(error_parameters, "known"))
+			known.push_back(n.is_number_integer() ? std::to_string(n.get<std::int64_t>()) : "?");
+		std::string list;
+		for (const std::string &n : known)
+			list += (list.empty() ? "" : ", ") + n;
+		return Failure(kExitUsage, service + " has no generation " + number_text(error_parameters, "generation") +
+		                               " still known; known: " + (list.empty() ? "none" : list) +
+		                               " (see `brokerctl history " + service + "`)");
+	}
 	if (error == kNoUpgradeInProgress)
 		return Failure(kExitNotStarted, "no upgrade of " + service + " is in progress");
 	if (error == kReexecFailed)

@@ -261,4 +261,27 @@ std::string render_status(const json &status, std::int64_t now_usec, const std::
 	return out;
 }
 
+std::string render_history(const json &entries, std::int64_t now_usec, std::string (*user_name)(std::int64_t uid))
+{
+	Table table({"GEN", "VERSION", "STARTED", "DURATION", "HOW", "RESULT", "BY", "EXEC"});
+	if (!entries.is_array())
+		return table.render();
+	for (const json &e : entries) {
+		std::int64_t started = integer(e, "started").value_or(0);
+		std::int64_t until = integer(e, "ended").value_or(now_usec);
+		auto uid = integer(e, "uid");
+		table.add({
+			number_text(e, "generation"),
+			text(e, "version", ""),
+			started > 0 ? format_local_time(started) : "-",
+			started > 0 && until >= started ? format_duration(std::chrono::microseconds(until - started)) : "-",
+			text(e, "how"),
+			text(e, "result"),
+			uid ? user_name(*uid) : "-",
+			shell_join(strings(array(e, "exec"))),
+		});
+	}
+	return table.render();
+}
+
 } // namespace brokerctl

@@ -29,6 +29,12 @@ std::string render_reload(const nlohmann::json &reload);
 // "brokerd: shutdown.timeout 90s→30s, now", "web: env: FOO added, BAR changed, at the next upgrade".
 std::string change_line(const nlohmann::json &change);
 
+// A History reply's entries as a table, oldest first: GEN, VERSION, STARTED (local time),
+// DURATION (until it ended, or until now while it serves), HOW, RESULT, BY and EXEC. BY is
+// user_name(uid), or "-" when brokerd started it from its config. `now_usec` is CLOCK_REALTIME.
+std::string render_history(const nlohmann::json &entries, std::int64_t now_usec,
+                           std::string (*user_name)(std::int64_t uid));
+
 // The whole Status reply: a header line, the SOCKETS table and one section per service.
 // With `service`, only that service and the sockets it uses. `now_usec` is CLOCK_REALTIME, for
 // the SINCE column. Missing or mistyped members print as "-" rather than failing, so an older or

@@ -798,3 +798,36 @@ TEST_CASE("bridge_exit: what ssh's exit status says after the bridge closed earl
 	CHECK((killed->code == 1 && killed->message == "ssh to root@web1 was killed by signal 9"));
 	CHECK(WIFSIGNALED(SIGKILL));
 }
+
+TEST_CASE("render_history: one row per generation, oldest first, durations until the end or now")
+{
+	TimeZone zone("UTC0");
+	const std::int64_t t0 = 1'700'000'000'000'000;
+	const json entries = {
+		{{"generation", 1}, {"version", "1.0"}, {"exec", {"/usr/bin/app"}}, {"started", t0},
+		 {"ended", t0 + 90'000'000}, {"how", "start"}, {"result", "replaced"}},
+		{{"generation", 2}, {"version", "1.1"}, {"exec", {"/usr/bin/app", "--fast mode"}}, {"started", t0 + 60'000'000},
+		 {"ended", t0 + 62'000'000}, {"how", "upgrade"}, {"result", "rolled-back"}, {"uid", 1000}},
+		{{"generation", 3}, {"version", ""}, {"exec", {"/usr/bin/app"}}, {"started", 0}, {"how", "rollback"},
+		 {"result", "serving"}, {"uid", 0}},
+	};
+	auto name = [](std::int64_t uid) { return uid == 0 ? std::string("root") : std::to_string(uid); };
+	CHECK(render_history(entries, t0 + 120'000'000, name) ==
+	      "GEN  VERSION  STARTED                  DURATION  HOW       RESULT       BY    EXEC\n"
+	      "1    1.0      2023-11-14 22:13:20.000  1m30s     start     replaced     -     /usr/bin/app\n"
+	      "2    1.1      2023-11-14 22:14:20.000  2s        upgrade   rolled-back  1000  /usr/bin/app '--fast mode'\n"
+	      "3             -                        -         rollback  serving      root  /usr/bin/app\n");
+	CHECK(render_history(json::object(), 0, name) == "GEN  VERSION  STARTED  DURATION  HOW  RESULT  BY  EXEC\n");
+}
+
+TEST_CASE("remote_failure: NoSuchGeneration is a usage error listing the generations still known")
+{
+	brokerctl::Failure f = brokerctl::remote_failure(
+		"io.brokerd.Control.NoSuchGeneration", {{"service", "web"}, {"generation", 7}, {"known", {3, 4, 5}}},
+		"io.brokerd.Control.Rollback", {{"service", "web"}, {"generation", 7}});
+	CHECK(f.code() == brokerctl::kExitUsage);
+	CHECK(std::string(f.what()) == "web has no generation 7 still known; known: 3, 4, 5 (see `brokerctl history web`)");
+	f = brokerctl::remote_failure("io.brokerd.Control.NoSuchGeneration", {{"generation", 1}, {"known", json::array()}},
+	                              "io.brokerd.Control.Rollback", {{"service", "web"}});
+	CHECK(std::string(f.what()) == "web has no generation 1 still known; known: none (see `brokerctl history web`)");
+}

@@ -12,6 +12,7 @@ inline constexpr auto kInvalidConfig = names::control::kInvalidConfig;
 inline constexpr auto kUpgradeInProgress = names::control::kUpgradeInProgress;
 inline constexpr auto kNoUpgradeInProgress = names::control::kNoUpgradeInProgress;
 inline constexpr auto kNoPreviousGeneration = names::control::kNoPreviousGeneration;
+inline constexpr auto kNoSuchGeneration = names::control::kNoSuchGeneration;
 inline constexpr auto kServiceStopped = names::control::kServiceStopped;
 inline constexpr auto kUpgradeFailed = names::control::kUpgradeFailed;
 inline constexpr auto kStartFailed = names::control::kStartFailed;

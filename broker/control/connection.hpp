@@ -115,6 +115,7 @@ private:
 	void control_watch(control::Call &call);
 	void control_upgrade(control::Call &call);
 	void control_rollback(control::Call &call);
+	void control_history(control::Call &call);
 	void control_restart(control::Call &call);
 	void control_abort(control::Call &call);
 	void control_start(control::Call &call);

@@ -1,4 +1,5 @@
-// io.brokerd.Control: Status, Sockets, Upgrade, Rollback, Restart, Abort, Start, Stop, Reload, Watch, Reexec.
+// io.brokerd.Control: Status, Sockets, History, Upgrade, Rollback, Restart, Abort, Start, Stop, Reload, Watch,
+// Reexec.
 #include "control/connection.hpp"
 #include "control/encode.hpp"
 
@@ -169,6 +170,12 @@ void ControlServer::Connection::control_rollback(control::Call &call)
 	upgrade(call.params, "rollback");
 }
 
+void ControlServer::Connection::control_history(control::Call &call)
+{
+	if (const Service *svc = service_param(call.params, {}))
+		reply({{"entries", encode::history(svc->history)}});
+}
+
 void ControlServer::Connection::control_restart(control::Call &call)
 {
 	upgrade(call.params, "restart");
@@ -177,7 +184,9 @@ void ControlServer::Connection::control_restart(control::Call &call)
 void ControlServer::Connection::upgrade(const json &params, const std::string &kind)
 {
 	std::vector<std::string> allowed = {"wait"};
-	if (kind == "upgrade")
+	if (kind == "rollback")
+		allowed = {"wait", "generation"};
+	else if (kind == "upgrade")
 		allowed = {"wait", "exec", "env", "version", "batch", "all_at_once", "start_timeout_ms", "drain_timeout_ms"};
 	Service *svc = service_param(params, allowed);
 	if (!svc)
@@ -191,7 +200,21 @@ void ControlServer::Connection::upgrade(const json &params, const std::string &k
 
 	UpgradeRequest req;
 	req.kind = kind;
-	if (kind == "rollback") {
+	req.by = uid();
+	if (auto it = params.find("generation"); it != params.end() && !it->is_null()) {
+		if (!it->is_number_unsigned())
+			return error(vl::kInvalidParameter, bad("generation", "expected a generation number"));
+		const std::uint64_t number = it->get<std::uint64_t>();
+		if (svc->current && svc->current->number == number)
+			return error(vl::kInvalidParameter,
+			             bad("generation", "gen " + std::to_string(number) + " is the one " + svc->name +
+			                                   " runs now; name an earlier one"));
+		const HistoryRecord *record = svc->history.find(number);
+		if (!record)
+			return error(proto::errors::kNoSuchGeneration,
+			             {{"service", svc->name}, {"generation", number}, {"known", svc->history.known()}});
+		req.cfg = record->cfg;
+	} else if (kind == "rollback") {
 		if (!svc->previous)
 			return error(proto::errors::kNoPreviousGeneration, {{"service", svc->name}});
 		req.cfg = *svc->previous;
@@ -273,7 +296,7 @@ void ControlServer::Connection::start_stop(const json &params, bool start)
 		return;
 	Observer *me = oneway_ ? nullptr : this;
 	waiting_ = me != nullptr;
-	auto why = start ? server_.supervisor_.start_service(*svc, me) : server_.supervisor_.stop_service(*svc, me);
+	auto why = start ? server_.supervisor_.start_service(*svc, me, uid()) : server_.supervisor_.stop_service(*svc, me);
 	if (why) {
 		waiting_ = false;
 		refused(*why);

@@ -372,6 +372,25 @@ json handoff_result(const HandoffResult &r)
 	return event;
 }
 
+json history(const History &history)
+{
+	json entries = json::array();
+	for (const HistoryRecord &r : history.records()) {
+		json e = {{"generation", r.generation},
+		          {"version", r.cfg.version},
+		          {"exec", r.cfg.exec},
+		          {"started", r.started},
+		          {"how", origin_name(r.how)},
+		          {"result", result_name(r.result)}};
+		if (r.ended)
+			e["ended"] = r.ended;
+		if (r.by)
+			e["uid"] = *r.by;
+		entries.push_back(std::move(e));
+	}
+	return entries;
+}
+
 std::pair<std::string_view, json> refusal(const Refusal &r)
 {
 	using K = Refusal::Kind;

@@ -40,6 +40,9 @@ nlohmann::json changes(const std::vector<config::Change> &list);
 // Status's "services": every service, or only the one named; null for an unknown one.
 nlohmann::json services(const Supervisor &supervisor, const std::string *only);
 
+// History's "entries": a service's history, oldest first (the configs' env is never shown).
+nlohmann::json history(const History &history);
+
 // Status's "recovered": how this brokerd carried on after a crash; null when it did not.
 nlohmann::json recovery(const Supervisor::Recovery &r);
 

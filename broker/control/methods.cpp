@@ -26,6 +26,7 @@ std::span<const Method> methods()
 		{"io.brokerd.Control.Status", Reader, false, &Connection::control_status},
 		{"io.brokerd.Control.Sockets", Reader, false, &Connection::control_sockets},
 		{"io.brokerd.Control.Watch", Reader, false, &Connection::control_watch},
+		{"io.brokerd.Control.History", Reader, false, &Connection::control_history},
 		{"io.brokerd.Control.Upgrade", Admin, false, &Connection::control_upgrade},
 		{"io.brokerd.Control.Rollback", Admin, false, &Connection::control_rollback},
 		{"io.brokerd.Control.Restart", Admin, false, &Connection::control_restart},

@@ -238,12 +238,16 @@ void Supervisor::recover_upgrade(Service &svc)
 	if (to && !svc.removing) {
 		bool complete = to->cfg.instances > 0 && serving(*to, true) >= to->cfg.instances;
 		std::string what;
+		const usec_t now = now_usec(CLOCK_REALTIME);
 		if (complete) {
-			if (svc.current)
+			if (svc.current) {
 				svc.previous = svc.current->cfg;
+				svc.history.end(svc.current->number, GenerationResult::Replaced, now);
+			}
 			svc.current = to;
 			what = "completed at gen " + std::to_string(to->number);
 		} else {
+			svc.history.end(to->number, GenerationResult::RolledBack, now);
 			what = "rolled back to gen " + (svc.current ? std::to_string(svc.current->number) : std::string("-"));
 		}
 		std::string msg = "an upgrade the crash interrupted: " + what;

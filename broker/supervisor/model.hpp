@@ -6,6 +6,7 @@
 #include "os/event.hpp"
 #include "os/listener.hpp"
 #include "handoff/router.hpp"
+#include "supervisor/history.hpp"
 #include "supervisor/restart.hpp"
 #include "upgrade/rollout.hpp"
 
@@ -208,6 +209,7 @@ struct Service {
 	Generation *current = nullptr;
 	std::optional<config::ServiceConfig> previous; // what a rollback deploys
 	std::uint64_t next_generation = 1;
+	History history; // one record per generation: History, and what rollback --to deploys
 	std::unique_ptr<Upgrade> upgrade;
 	bool stopped = false;
 	bool removing = false; // removed from the config: drained, then forgotten

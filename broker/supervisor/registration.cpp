@@ -141,11 +141,15 @@ std::variant<Instance *, Refusal> Supervisor::register_external(Service &svc, co
 		}
 		config::ServiceConfig cfg = svc.cfg;
 		cfg.version = version;
-		gen = &new_generation(svc, cfg);
-		if (!svc.current || svc.current->instances.empty())
-			svc.current = gen;
-		else
+		const bool takes_over = svc.current && !svc.current->instances.empty();
+		gen = &new_generation(svc, cfg, takes_over ? GenerationOrigin::Takeover : GenerationOrigin::Registration, uid);
+		if (takes_over) {
 			begin_takeover(svc, *gen);
+		} else {
+			if (svc.current) // none of its workers is left: the new version simply follows it
+				svc.history.end(svc.current->number, GenerationResult::Replaced, now_usec(CLOCK_REALTIME));
+			svc.current = gen;
+		}
 	}
 
 	Instance &inst = add_instance(*gen);

@@ -29,6 +29,51 @@ static const char *state_format_name(InstanceState s)
 	return "failed";
 }
 
+// The history's records; the config of each is what rollback --to deploys.
+static json save_history(const History &history)
+{
+	json out = json::array();
+	for (const HistoryRecord &r : history.records())
+		out.push_back({{"generation", r.generation},
+		               {"cfg", state::service_config(r.cfg)},
+		               {"started", r.started},
+		               {"ended", r.ended},
+		               {"how", origin_name(r.how)},
+		               {"result", result_name(r.result)},
+		               {"by", r.by ? json(*r.by) : json()}});
+	return out;
+}
+
+static void restore_history(Service &svc, const json &sv)
+{
+	auto it = sv.find("history");
+	if (it == sv.end()) {
+		// A brokerd that predates history: its generations still known, as well as it can tell.
+		// How and when each came, and who asked, it did not keep.
+		for (const auto &gen : svc.generations) {
+			bool current = gen.get() == svc.current;
+			GenerationOrigin how = gen->cfg.exec.empty()           ? GenerationOrigin::Registration
+			                       : gen.get() == svc.generations.front().get() ? GenerationOrigin::Start
+			                                                                    : GenerationOrigin::Upgrade;
+			GenerationResult result = current && !svc.stopped ? GenerationResult::Serving
+			                          : current                ? GenerationResult::Stopped
+			                                                   : GenerationResult::Replaced;
+			svc.history.begin({gen->number, gen->cfg, 0, 0, how, result, std::nullopt});
+		}
+		return;
+	}
+	for (const json &r : *it) {
+		auto how = origin_named(r.at("how").get<std::string>());
+		auto result = result_named(r.at("result").get<std::string>());
+		if (!how || !result)
+			throw std::runtime_error("state: service " + svc.name + ": a history record with an unknown how or result");
+		const json &by = r.at("by");
+		svc.history.begin({r.at("generation").get<std::uint64_t>(), state::service_config(r.at("cfg")),
+		                   r.at("started").get<std::uint64_t>(), r.at("ended").get<std::uint64_t>(), *how, *result,
+		                   by.is_null() ? std::nullopt : std::optional(by.get<uid_t>())});
+	}
+}
+
 json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 {
 	json services = json::array();
@@ -104,6 +149,7 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 		           {"handoff", {svc->handoff.handed, svc->handoff.received, svc->handoff.returned}}};
 		if (svc->previous)
 			sv["previous"] = state::service_config(*svc->previous);
+		sv["history"] = save_history(svc->history);
 		services.push_back(std::move(sv));
 	}
 	return services;
@@ -242,6 +288,7 @@ void Serializer::restore_services(Supervisor &supervisor, const json &services, 
 				svc->current = gen.get();
 			svc->generations.push_back(std::move(gen));
 		}
+		restore_history(*svc, sv);
 		if (crash)
 			supervisor.readopt(std::move(svc));
 		else

@@ -69,7 +69,7 @@ void Supervisor::add_service(const config::ServiceConfig &cfg)
 	services_.push_back(std::move(svc));
 	if (cfg.exec.empty())
 		return;
-	Generation &gen = new_generation(ref, cfg);
+	Generation &gen = new_generation(ref, cfg, GenerationOrigin::Start, std::nullopt);
 	ref.current = &gen;
 	log::info("service " + ref.name + " gen " + std::to_string(gen.number) + ": starting " +
 	          std::to_string(cfg.instances) + " instance(s)");
@@ -83,6 +83,7 @@ void Supervisor::remove_service(const std::string &name)
 	if (!svc || svc->removing)
 		return;
 	svc->removing = true;
+	svc->history.end_all(GenerationResult::Stopped, now_usec(CLOCK_REALTIME));
 	log::notice("service " + name + ": removed from the config, draining it");
 	// Nobody may be left waiting on a service that is going away.
 	if (auto up = std::move(svc->upgrade)) {
@@ -104,7 +105,8 @@ void Supervisor::remove_service(const std::string &name)
 	changed();
 }
 
-Generation &Supervisor::new_generation(Service &svc, const config::ServiceConfig &cfg)
+Generation &Supervisor::new_generation(Service &svc, const config::ServiceConfig &cfg, GenerationOrigin how,
+                                       std::optional<uid_t> by)
 {
 	auto gen = std::make_unique<Generation>();
 	gen->service = &svc;
@@ -113,6 +115,7 @@ Generation &Supervisor::new_generation(Service &svc, const config::ServiceConfig
 	gen->started = now_usec(CLOCK_REALTIME);
 	if (svc.current)
 		gen->env = env_changes(svc.current->cfg.env, cfg.env);
+	svc.history.begin({gen->number, cfg, gen->started, 0, how, GenerationResult::Serving, by});
 	Generation &ref = *gen;
 	svc.generations.push_back(std::move(gen));
 	return ref;

@@ -30,6 +30,7 @@ struct UpgradeRequest {
 	bool all_at_once = false;
 	std::string kind = "upgrade";
 	std::optional<config::Duration> drain_timeout; // overrides the old generation's too
+	std::optional<uid_t> by;                        // who asked, for the history
 };
 
 class Supervisor {
@@ -107,7 +108,7 @@ public:
 	// progress event (Accepted) once begun, which the observer heard too.
 	std::variant<Event, Refusal> begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer);
 	std::optional<Refusal> abort_upgrade(Service &svc);
-	std::optional<Refusal> start_service(Service &svc, Observer *observer);
+	std::optional<Refusal> start_service(Service &svc, Observer *observer, std::optional<uid_t> by = std::nullopt);
 	std::optional<Refusal> stop_service(Service &svc, Observer *observer);
 	void detach_observer(Observer *observer);
 
@@ -194,7 +195,9 @@ public:
 	void resume_output();
 
 private:
-	Generation &new_generation(Service &svc, const config::ServiceConfig &cfg);
+	// A new generation, recorded in the service's history as coming `how`, asked for `by`.
+	Generation &new_generation(Service &svc, const config::ServiceConfig &cfg, GenerationOrigin how,
+	                           std::optional<uid_t> by);
 	Instance &add_instance(Generation &gen);
 	void spawn(Instance &inst);
 	std::optional<std::string> watch_child(Instance &inst, pid_t pid);

@@ -11,6 +11,19 @@ namespace brokerd {
 
 using Kind = Refusal::Kind;
 
+namespace {
+
+GenerationOrigin origin_of(const std::string &kind)
+{
+	if (kind == "rollback")
+		return GenerationOrigin::Rollback;
+	if (kind == "restart")
+		return GenerationOrigin::Restart;
+	return GenerationOrigin::Upgrade;
+}
+
+} // namespace
+
 std::variant<Event, Refusal> Supervisor::begin_upgrade(Service &svc, UpgradeRequest req, Observer *observer)
 {
 	if (svc.upgrade)
@@ -41,7 +54,7 @@ std::variant<Event, Refusal> Supervisor::begin_upgrade(Service &svc, UpgradeRequ
 
 	auto up = std::make_unique<Upgrade>(Rollout(old_total, req.cfg.instances, req.cfg.upgrade_batch, req.all_at_once));
 	up->from = from;
-	up->to = &new_generation(svc, req.cfg);
+	up->to = &new_generation(svc, req.cfg, origin_of(req.kind), req.by);
 	up->kind = req.kind;
 	up->drain_timeout = req.drain_timeout;
 	up->started = now_usec(CLOCK_MONOTONIC);
@@ -157,8 +170,10 @@ void Supervisor::finish_upgrade(Service &svc)
 	char took[32];
 	std::snprintf(took, sizeof(took), "%.2fs", secs);
 	if (up->rollout.phase() == RolloutPhase::Done) {
-		if (up->from)
+		if (up->from) {
 			svc.previous = up->from->cfg;
+			svc.history.end(up->from->number, GenerationResult::Replaced, now_usec(CLOCK_REALTIME));
+		}
 		svc.current = up->to;
 		const std::string message = up->kind + " to gen " + std::to_string(up->to->number) + " done in " + took;
 		ended(EventKind::Done, message);
@@ -169,6 +184,7 @@ void Supervisor::finish_upgrade(Service &svc)
 		for (Observer *o : std::vector(up->observers))
 			o->finished(&done);
 	} else {
+		svc.history.end(up->to->number, GenerationResult::RolledBack, now_usec(CLOCK_REALTIME));
 		ended(EventKind::RolledBack, up->rollout.reason());
 		Refusal failed = Refusal::failure(Kind::UpgradeFailed, svc.name, up->rollout.reason(), up->to->number);
 		failed.instance = up->failed_instance;
@@ -203,7 +219,7 @@ void Supervisor::detach_observer(Observer *observer)
 	}
 }
 
-std::optional<Refusal> Supervisor::start_service(Service &svc, Observer *observer)
+std::optional<Refusal> Supervisor::start_service(Service &svc, Observer *observer, std::optional<uid_t> by)
 {
 	if (!svc.stopped || svc.removing || shutting_down_)
 		return Refusal::of(Kind::ServiceStopped, svc.name);
@@ -218,7 +234,7 @@ std::optional<Refusal> Supervisor::start_service(Service &svc, Observer *observe
 		return std::nullopt;
 	}
 	const config::ServiceConfig &cfg = svc.current ? svc.current->cfg : svc.cfg;
-	Generation &gen = new_generation(svc, cfg);
+	Generation &gen = new_generation(svc, cfg, GenerationOrigin::Start, by);
 	svc.current = &gen;
 	log::notice("service " + svc.name + ": starting gen " + std::to_string(gen.number));
 	emit_service(svc, EventKind::Start, "gen " + std::to_string(gen.number));
@@ -238,6 +254,7 @@ std::optional<Refusal> Supervisor::stop_service(Service &svc, Observer *observer
 	if (svc.upgrade)
 		return Refusal::of(Kind::UpgradeInProgress, svc.name, svc.upgrade->to->number);
 	svc.stopped = true;
+	svc.history.end_all(GenerationResult::Stopped, now_usec(CLOCK_REALTIME));
 	log::notice("service " + svc.name + ": stopping");
 	emit_service(svc, EventKind::Stop, "");
 	if (observer)
@@ -271,6 +288,8 @@ void Supervisor::check_waiters(Service &svc)
 	}
 	if (!svc.start_waiters.empty() && !starting) {
 		auto waiters = std::exchange(svc.start_waiters, {});
+		if (!ready && svc.current)
+			svc.history.end(svc.current->number, GenerationResult::Failed, now_usec(CLOCK_REALTIME));
 		for (Observer *o : waiters) {
 			if (ready)
 				o->finished(nullptr);

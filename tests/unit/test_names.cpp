@@ -175,7 +175,7 @@ TEST_CASE("every error name in proto/errors.hpp and proto/varlink.hpp is declare
 	namespace v = proto::varlink;
 	const std::string_view used[] = {
 		e::kNoSuchService, e::kInvalidConfig, e::kUpgradeInProgress, e::kNoUpgradeInProgress,
-		e::kNoPreviousGeneration, e::kServiceStopped, e::kUpgradeFailed, e::kStartFailed,
+		e::kNoPreviousGeneration, e::kNoSuchGeneration, e::kServiceStopped, e::kUpgradeFailed, e::kStartFailed,
 		e::kReexecFailed, e::kShuttingDown, e::kRegisteredService, e::kTooManyConnections,
 		e::kInvalidToken, e::kNotAuthenticated, e::kWorkerNoSuchService, e::kPeerExited,
 		e::kEventsInUse, v::kInterfaceNotFound, v::kMethodNotFound, v::kMethodNotImplemented,

@@ -71,6 +71,11 @@ std::unique_ptr<Service> service_after_a_run()
 		svc->generations.push_back(std::move(gen));
 	}
 	svc->current = svc->generations.back().get();
+	// Gen 1 from the config, replaced by gen 2, which uid 1000's upgrade began.
+	svc->history.begin({1, service_config("1"), 1700000000000000, 1700000060000000, GenerationOrigin::Start,
+	                    GenerationResult::Replaced, std::nullopt});
+	svc->history.begin({2, service_config("2"), 1700000050000000, 0, GenerationOrigin::Upgrade,
+	                    GenerationResult::Serving, 1000});
 	return svc;
 }
 
@@ -137,6 +142,53 @@ TEST_CASE_FIXTURE(SavedRun, "serialize: a saved supervisor restores to the same 
 		CHECK(failed.token == "token-web/2/1");
 		CHECK(svc.generations[0]->instances[0]->retired());
 		CHECK_FALSE(failed.retired());
+
+		// The history, each generation's config (env included) kept for rollback --to.
+		REQUIRE(svc.history.records().size() == 2);
+		const HistoryRecord &first = svc.history.records()[0], &second = svc.history.records()[1];
+		CHECK(first.generation == 1);
+		CHECK(first.how == GenerationOrigin::Start);
+		CHECK(first.result == GenerationResult::Replaced);
+		CHECK(first.started == 1700000000000000);
+		CHECK(first.ended == 1700000060000000);
+		CHECK_FALSE(first.by);
+		CHECK(first.cfg.exec == std::vector<std::string>{"/bin/worker", "--version", "1"});
+		CHECK(second.generation == 2);
+		CHECK(second.how == GenerationOrigin::Upgrade);
+		CHECK(second.result == GenerationResult::Serving);
+		CHECK(second.ended == 0);
+		CHECK(second.by == std::optional<uid_t>(1000));
+		CHECK(second.cfg.env == std::map<std::string, std::string>{{"MODE", "2"}});
+	}
+}
+
+TEST_CASE_FIXTURE(SavedRun, "serialize: a state without history, from an older brokerd, gets one record per generation")
+{
+	REQUIRE(saved.at(0).contains("history"));
+	saved.at(0).erase("history");
+	{
+		Supervisor after(event, listeners, "/run/brokerd/control.sock");
+		Serializer::restore(after, saved);
+		const History &history = after.services().front()->history;
+		REQUIRE(history.known() == std::vector<std::uint64_t>{1, 2});
+		const HistoryRecord &first = history.records()[0], &second = history.records()[1];
+		CHECK(first.how == GenerationOrigin::Start);
+		CHECK(first.result == GenerationResult::Replaced);
+		CHECK(second.how == GenerationOrigin::Upgrade);
+		CHECK(second.result == GenerationResult::Serving);
+		CHECK(first.started == 0); // not known
+		CHECK_FALSE(second.by);
+		CHECK(second.cfg.exec == std::vector<std::string>{"/bin/worker", "--version", "2"});
+	}
+}
+
+TEST_CASE_FIXTURE(SavedRun, "serialize: a history record with an unknown result is refused")
+{
+	saved.at(0).at("history").at(0)["result"] = "exploded";
+	{
+		Supervisor after(event, listeners, "/run/brokerd/control.sock");
+		CHECK_THROWS_WITH_AS(Serializer::restore(after, saved),
+		                     "state: service web: a history record with an unknown how or result", std::runtime_error);
 	}
 }
 
