@@ -44,11 +44,15 @@ struct Arguments {
 	std::optional<std::string> start_timeout;
 	std::optional<std::string> drain_timeout;
 
-	// upgrade, rollback, restart
+	// upgrade, rollback, restart, scale
 	bool no_wait = false;
 
 	// reexec
 	std::optional<std::string> binary;
+
+	// scale, signal
+	std::optional<int> instances;
+	std::optional<std::string> signal;
 };
 
 struct Command {

@@ -117,6 +117,21 @@ std::string render_reload(const json &reload)
 	return out.empty() ? "config reloaded: no sockets or services added or removed\n" : out;
 }
 
+std::string render_scale(const std::string &service, const json &scale, bool done)
+{
+	return printable(service) + (done ? ": scaled from " : ": scaling from ") + number_text(scale, "from") + " to " +
+	       number_text(scale, "to") + " instances\n";
+}
+
+std::string render_signal(const std::string &service, const std::string &signal, const json &reply)
+{
+	std::vector<std::string> ids = strings(array(reply, "signalled"));
+	if (ids.empty())
+		return printable(service) + ": no instance runs, nothing was signalled\n";
+	return printable(service) + ": " + printable(signal) + " sent to " + std::to_string(ids.size()) +
+	       (ids.size() == 1 ? " instance: " : " instances: ") + printable(join(ids, ", ")) + "\n";
+}
+
 std::string render_sockets(const json &sockets)
 {
 	Table table({"NAME", "ADDRESS", "KIND", "ORIGIN"});

@@ -98,6 +98,8 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 		           {"handoff", {svc->handoff.handed, svc->handoff.received, svc->handoff.returned}}};
 		if (svc->previous)
 			sv["previous"] = state::service_config(*svc->previous);
+		if (svc->scaled)
+			sv["scaled"] = *svc->scaled;
 		services.push_back(std::move(sv));
 	}
 	return services;
@@ -213,6 +215,13 @@ void Serializer::restore_services(Supervisor &supervisor, const json &services, 
 		svc->handoff = counts(sv.at("handoff"));
 		if (sv.contains("previous"))
 			svc->previous = state::service_config(sv.at("previous"));
+		// Absent from the state of a brokerd that predates Scale, and of a service never scaled.
+		if (sv.contains("scaled")) {
+			svc->scaled = sv.at("scaled").get<unsigned>();
+			if (*svc->scaled < 1 || *svc->scaled > config::kMaxInstances)
+				throw std::runtime_error("re-exec state: service " + svc->name + " scaled to " +
+				                         std::to_string(*svc->scaled) + " instances");
+		}
 		for (const json &g : sv.at("generations")) {
 			auto gen = std::make_unique<Generation>();
 			gen->service = svc.get();
