@@ -147,7 +147,7 @@ int run(int argc, char **argv)
 	app.add_flag("--json", opts.json, "Print brokerd's reply as JSON, for scripts");
 	auto *timeout = app.add_option("--timeout", timeout_text,
 	                               "How long to wait for brokerd's reply (rollouts and watch wait as long as "
-	                               "brokerd works; start, stop and abort too unless this is given)")
+	                               "brokerd works; start, stop, scale and abort too unless this is given)")
 		->capture_default_str()
 		->type_name("DURATION")
 		->check(CLI::Validator(check_timeout, ""));

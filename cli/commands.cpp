@@ -178,6 +178,23 @@ void declare_upgrade(CLI::App &sub, Arguments &args)
 	declare_no_wait(sub, args);
 }
 
+void declare_scale(CLI::App &sub, Arguments &args)
+{
+	declare_service(sub, args);
+	sub.add_option("N", args.instances, "How many instances the service runs from now on")->type_name("")->required();
+	sub.add_flag("--no-wait", args.no_wait, "Return at once, without waiting for the instances to be ready or gone");
+}
+
+void declare_signal(CLI::App &sub, Arguments &args)
+{
+	declare_service(sub, args);
+	sub.add_option("SIG", args.signal,
+	               "HUP, INT, QUIT, USR1, USR2, TERM, KILL, CONT, STOP, WINCH, TTIN or TTOU (with or without SIG), "
+	               "or a number from 1 to 31")
+		->type_name("")
+		->required();
+}
+
 void declare_watch(CLI::App &sub, Arguments &args)
 {
 	sub.add_option("SERVICE", args.service, "Show only this service's events")->type_name("");
@@ -405,6 +422,32 @@ int run_stop(const Options &opts, const Arguments &args, Connection &broker, std
 	return run_on_service(kStop, "stopped", opts, args, broker, out);
 }
 
+// Scale waits for the new instances' readiness, or the drained ones' exit, bounded by brokerd's
+// own start and drain timeouts: --timeout applies only when given, as for start and stop.
+int run_scale(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	json params = {{"service", *args.service}, {"instances", *args.instances}};
+	if (args.no_wait)
+		params["wait"] = false;
+	Wait wait = opts.timeout_given || args.no_wait ? Wait::Timeout : Wait::Unbounded;
+	json reply = broker.call(kScale, params, wait);
+	if (opts.json)
+		print_json(out, reply);
+	else
+		out << render_scale(*args.service, reply, !args.no_wait);
+	return kExitOk;
+}
+
+int run_signal(const Options &opts, const Arguments &args, Connection &broker, std::ostream &out)
+{
+	json reply = broker.call(kSignal, {{"service", *args.service}, {"signal", *args.signal}});
+	if (opts.json)
+		print_json(out, reply);
+	else
+		out << render_signal(*args.service, *args.signal, reply);
+	return kExitOk;
+}
+
 int run_reload(const Options &opts, const Arguments &, Connection &broker, std::ostream &out)
 {
 	json reply = broker.call(kReload);
@@ -514,6 +557,9 @@ constexpr std::array kCommands{
 	        run_start},
 	Command{"stop", "Drain every instance of a service; returns once all have exited", declare_service,
 	        run_stop},
+	Command{"scale", "Set how many instances a service runs; returns once they are ready or gone", declare_scale,
+	        run_scale},
+	Command{"signal", "Send a signal to every instance of a service", declare_signal, run_signal},
 	Command{"reload", "Re-read the config file, adding and removing sockets and services", declare_none,
 	        run_reload},
 	Command{"watch", "Print brokerd's events as they happen, until interrupted", declare_watch, run_watch},

@@ -45,7 +45,7 @@ struct Arguments {
 	std::optional<std::string> start_timeout;
 	std::optional<std::string> drain_timeout;
 
-	// upgrade, rollback, restart
+	// upgrade, rollback, restart, scale
 	bool no_wait = false;
 
 	// rollback --to: a generation the service's history still knows
@@ -57,6 +57,10 @@ struct Arguments {
 	// is-active
 	std::vector<std::string> services;
 	bool quiet = false;
+
+	// scale, signal
+	std::optional<int> instances;
+	std::optional<std::string> signal;
 };
 
 struct Command {

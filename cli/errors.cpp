@@ -240,6 +240,9 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 	if (error == kReexecFailed)
 		return Failure(kExitNotStarted, "brokerd did not re-execute, and serves on as it was: " +
 		                                    printable(text(error_parameters, "message", "no reason given")));
+	if (error == kRegisteredService && method.ends_with(".Scale"))
+		return Failure(kExitNotStarted, service + " is a registered service: its workers' owner starts and stops "
+		                                          "them (scale does not apply)");
 	if (error == kRegisteredService)
 		return Failure(kExitNotStarted, service + " is a registered service: a new version takes over by registering "
 		                                          "(upgrade, rollback and restart do not apply)");

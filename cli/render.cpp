@@ -175,6 +175,21 @@ std::string change_line(const json &change)
 	       (when == effect::kNow ? "now" : when == effect::kNextUpgrade ? "at the next upgrade" : printable(when));
 }
 
+std::string render_scale(const std::string &service, const json &scale, bool done)
+{
+	return printable(service) + (done ? ": scaled from " : ": scaling from ") + number_text(scale, "from") + " to " +
+	       number_text(scale, "to") + " instances\n";
+}
+
+std::string render_signal(const std::string &service, const std::string &signal, const json &reply)
+{
+	std::vector<std::string> ids = strings(array(reply, "signalled"));
+	if (ids.empty())
+		return printable(service) + ": no instance runs, nothing was signalled\n";
+	return printable(service) + ": " + printable(signal) + " sent to " + std::to_string(ids.size()) +
+	       (ids.size() == 1 ? " instance: " : " instances: ") + printable(join(ids, ", ")) + "\n";
+}
+
 std::string render_sockets(const json &sockets)
 {
 	Table table({"NAME", "ADDRESS", "KIND", "ORIGIN", "SERVICES", "QUEUE"});

@@ -35,6 +35,13 @@ std::string change_line(const nlohmann::json &change);
 std::string render_history(const nlohmann::json &entries, std::int64_t now_usec,
                            std::string (*user_name)(std::int64_t uid));
 
+// A Scale reply: "web: scaled from 2 to 4 instances" (done: the call waited for them), or
+// "web: scaling from 2 to 4 instances".
+std::string render_scale(const std::string &service, const nlohmann::json &scale, bool done);
+
+// A Signal reply: the instances the signal was sent to, or that none runs.
+std::string render_signal(const std::string &service, const std::string &signal, const nlohmann::json &reply);
+
 // The whole Status reply: a header line, the SOCKETS table and one section per service.
 // With `service`, only that service and the sockets it uses. `now_usec` is CLOCK_REALTIME, for
 // the SINCE column. Missing or mistyped members print as "-" rather than failing, so an older or

@@ -433,7 +433,7 @@ ServiceConfig parse_service(const std::string &name, const json &j, const std::s
 	if (auto *v = member(j, "sockets"))
 		s.sockets = service_sockets(*v, child(path, "sockets"), cfg);
 	if (auto *v = member(j, "instances"))
-		s.instances = static_cast<unsigned>(uint_at(*v, child(path, "instances"), 1, 1024));
+		s.instances = static_cast<unsigned>(uint_at(*v, child(path, "instances"), 1, kMaxInstances));
 	if (auto *v = member(j, "version"))
 		s.version = text_at(*v, child(path, "version"));
 	if (auto *v = member(j, "ready"))

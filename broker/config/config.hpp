@@ -82,6 +82,9 @@ struct MetricsConfig {
 enum class ReadyMode { Broker, Notify, Exec };
 enum class RestartPolicy { No, OnFailure, Always };
 
+// The most instances a service may run: its config's "instances", and a Scale call's.
+constexpr unsigned kMaxInstances = 1024;
+
 struct ServiceConfig {
 	std::string name;
 	std::vector<std::string> exec;       // empty: an external service, whose workers register
@@ -151,5 +154,10 @@ using proto::parse_duration;
 bool reserved_env_name(std::string_view name);
 // "SIGTERM", "TERM", "15". Returns nullopt for unknown names.
 std::optional<int> parse_signal(std::string_view text);
+// What an operator may send a service's instances (Signal): one of kOperatorSignals, with or
+// without "SIG", in any case, or a number from 1 to 31. nullopt for anything else.
+std::optional<int> operator_signal(std::string_view text);
+// Those names, for the message that refuses any other: "HUP, INT, ...".
+extern const char *const kOperatorSignals;
 
 } // namespace brokerd::config

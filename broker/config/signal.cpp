@@ -1,4 +1,5 @@
-// Signal names as kill(1) spells them, for drain.signal (see config.hpp's parse_signal).
+// Signal names as kill(1) spells them, for drain.signal (parse_signal), and those an operator may
+// send a service (operator_signal, for Signal).
 #include "config/config.hpp"
 
 #include <signal.h>
@@ -6,6 +7,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 
 namespace brokerd::config {
 
@@ -61,6 +63,41 @@ std::optional<int> parse_signal(std::string_view text)
 		sig = SIGRTMAX - *n;
 	if (sig && *sig >= SIGRTMIN && *sig <= SIGRTMAX)
 		return sig;
+	return std::nullopt;
+}
+
+namespace {
+
+// The signals a worker may be told something by: reload, reopen logs, more or fewer workers
+// (TTIN/TTOU, as einhorn and unicorn read them), stop, pause and go on.
+constexpr std::pair<std::string_view, int> kOperatorNames[] = {
+	{"HUP", SIGHUP},   {"INT", SIGINT},   {"QUIT", SIGQUIT}, {"USR1", SIGUSR1},   {"USR2", SIGUSR2},
+	{"TERM", SIGTERM}, {"KILL", SIGKILL}, {"CONT", SIGCONT}, {"STOP", SIGSTOP},   {"WINCH", SIGWINCH},
+	{"TTIN", SIGTTIN}, {"TTOU", SIGTTOU},
+};
+
+} // namespace
+
+const char *const kOperatorSignals = "HUP, INT, QUIT, USR1, USR2, TERM, KILL, CONT, STOP, WINCH, TTIN, TTOU";
+
+std::optional<int> operator_signal(std::string_view text)
+{
+	if (text.empty() || text.size() > 8)
+		return std::nullopt;
+	if (std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+		int n = 0;
+		for (char c : text)
+			n = n * 10 + (c - '0');
+		return n >= 1 && n <= 31 ? std::optional<int>(n) : std::nullopt;
+	}
+	std::string name(text);
+	std::transform(name.begin(), name.end(), name.begin(),
+	               [](char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 'a' + 'A') : c; });
+	if (name.starts_with("SIG"))
+		name.erase(0, 3);
+	for (const auto &[known, sig] : kOperatorNames)
+		if (name == known)
+			return sig;
 	return std::nullopt;
 }
 

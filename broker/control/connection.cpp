@@ -257,6 +257,8 @@ void ControlServer::Connection::finished(const Event *last)
 {
 	if (last)
 		reply({{"progress", encode::progress(*last)}});
+	else if (!finished_reply_.is_null())
+		reply(std::exchange(finished_reply_, nullptr));
 	else
 		reply(json::object());
 	update_events();
@@ -265,6 +267,7 @@ void ControlServer::Connection::finished(const Event *last)
 
 void ControlServer::Connection::failed(const Refusal &why)
 {
+	finished_reply_ = nullptr;
 	refused(why);
 	update_events();
 	done_waiting();

@@ -123,6 +123,8 @@ private:
 	void control_reload(control::Call &call);
 	void control_reexec(control::Call &call);
 	void control_metrics(control::Call &call); // metrics_methods.cpp
+	void control_scale(control::Call &call);   // scale_methods.cpp
+	void control_signal(control::Call &call);  // scale_methods.cpp
 
 	// What the handlers share.
 	Instance *hello_token(const std::string &token);
@@ -168,6 +170,9 @@ private:
 	bool instance_conn_ = false;   // it carries its instance's Events stream
 	bool spawned_instance_ = false; // and that instance is one brokerd spawned
 	std::string watch_service_;
+	// What finished() replies to a call that waited without progress events (Scale's counts);
+	// null: an empty reply (Start, Stop).
+	nlohmann::json finished_reply_;
 	EventSource resume_;
 };
 

@@ -208,6 +208,8 @@ static json service(const Service &svc)
 	          {"generations", std::move(gens)}};
 	if (svc.upgrade)
 		s["upgrade"] = upgrade(snapshot(*svc.upgrade));
+	if (svc.scaled && *svc.scaled != svc.cfg.instances)
+		s["scaled"] = true;
 	if (!svc.handoff.empty())
 		s["handoff"] = handoff(handoff_totals(svc, svc.handoff));
 	return s;

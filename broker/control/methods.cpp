@@ -36,6 +36,8 @@ std::span<const Method> methods()
 		{"io.brokerd.Control.Reload", Admin, false, &Connection::control_reload},
 		{"io.brokerd.Control.Reexec", Admin, false, &Connection::control_reexec},
 		{"io.brokerd.Control.Metrics", Reader, false, &Connection::control_metrics},
+		{"io.brokerd.Control.Scale", Admin, false, &Connection::control_scale},
+		{"io.brokerd.Control.Signal", Admin, false, &Connection::control_signal},
 	};
 	return table;
 }

@@ -249,16 +249,19 @@ void Supervisor::kill_instance(Instance &inst, std::string reason)
 		::kill(-inst.session, SIGKILL);
 }
 
-void Supervisor::signal(Instance &inst, int sig)
+bool Supervisor::signal(Instance &inst, int sig)
 {
 	if (!inst.pid || !inst.child_source)
-		return;
+		return false;
 	int pidfd = inst.watched_by_pidfd() || inst.main_pid ? inst.pidfd.get()
 	                                                          : sd_event_source_get_child_pidfd(inst.child_source.get());
 	if (pidfd < 0)
-		return;
-	if (pidfd_send_signal(pidfd, sig) < 0 && errno != ESRCH)
+		return false;
+	if (pidfd_send_signal(pidfd, sig) == 0)
+		return true;
+	if (errno != ESRCH)
 		log::warning("instance " + inst.id + ": cannot send signal: " + errno_text(errno) + ", ignoring");
+	return false;
 }
 
 void Supervisor::drain(Instance &inst, std::optional<config::Duration> timeout)

@@ -201,9 +201,20 @@ struct Upgrade {
 	usec_t last_progress = 0; // CLOCK_MONOTONIC
 };
 
+// A Scale call that waits: for the instances it started to get ready (up), or for those it
+// drained to exit.
+struct ScaleWaiter {
+	Observer *observer = nullptr;
+	std::vector<std::string> instances; // their ids
+	bool up = true;
+};
+
 struct Service {
 	std::string name;
 	config::ServiceConfig cfg; // as configured (the next upgrade starts from a re-read one)
+	// The operator's instance count (Scale): every later upgrade, restart, rollback and start
+	// runs this many, until a reload finds the config's "instances" changed.
+	std::optional<unsigned> scaled;
 	std::vector<const Listener *> sockets;
 	std::vector<std::unique_ptr<Generation>> generations;
 	Generation *current = nullptr;
@@ -215,6 +226,7 @@ struct Service {
 	bool removing = false; // removed from the config: drained, then forgotten
 	std::vector<Observer *> start_waiters;
 	std::vector<Observer *> stop_waiters;
+	std::vector<ScaleWaiter> scale_waiters;
 	HandoffCounts handoff;                 // since the broker started
 	usec_t handoff_reported = 0;           // CLOCK_MONOTONIC, of the last progress event
 };

@@ -150,6 +150,8 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 		if (svc->previous)
 			sv["previous"] = state::service_config(*svc->previous);
 		sv["history"] = save_history(svc->history);
+		if (svc->scaled)
+			sv["scaled"] = *svc->scaled;
 		services.push_back(std::move(sv));
 	}
 	return services;
@@ -266,6 +268,13 @@ void Serializer::restore_services(Supervisor &supervisor, const json &services, 
 		svc->handoff = counts(sv.at("handoff"));
 		if (sv.contains("previous"))
 			svc->previous = state::service_config(sv.at("previous"));
+		// Absent from the state of a brokerd that predates Scale, and of a service never scaled.
+		if (sv.contains("scaled")) {
+			svc->scaled = sv.at("scaled").get<unsigned>();
+			if (*svc->scaled < 1 || *svc->scaled > config::kMaxInstances)
+				throw std::runtime_error("re-exec state: service " + svc->name + " scaled to " +
+				                         std::to_string(*svc->scaled) + " instances");
+		}
 		for (const json &g : sv.at("generations")) {
 			auto gen = std::make_unique<Generation>();
 			gen->service = svc.get();

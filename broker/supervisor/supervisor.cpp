@@ -96,6 +96,11 @@ void Supervisor::remove_service(const std::string &name)
 		o->failed(Refusal::failure(Refusal::Kind::StartFailed, name, "the service was removed from the config"));
 	for (Observer *o : std::exchange(svc->stop_waiters, {}))
 		o->finished(nullptr);
+	for (ScaleWaiter &w : std::exchange(svc->scale_waiters, {}))
+		if (w.up)
+			w.observer->failed(Refusal::failure(Refusal::Kind::StartFailed, name, "the service was removed from the config"));
+		else
+			w.observer->finished(nullptr);
 	for (auto &gen : svc->generations)
 		for (auto &inst : gen->instances) {
 			inst->retire();
@@ -159,6 +164,13 @@ void Supervisor::update_service(const config::ServiceConfig &cfg)
 	Service *svc = find_service(cfg.name);
 	if (!svc || svc->removing)
 		return;
+	// A count changed in the file wins over the operator's at the next upgrade; what runs now
+	// runs on.
+	if (svc->scaled && cfg.instances != svc->cfg.instances) {
+		log::notice("service " + svc->name + ": the config's instances changed to " + std::to_string(cfg.instances) +
+		            ", which the next upgrade starts instead of the " + std::to_string(*svc->scaled) + " it was scaled to");
+		svc->scaled.reset();
+	}
 	svc->cfg = cfg;
 	// Names resolve once per load: the running generations' next spawns see this load's accounts.
 	for (auto &gen : svc->generations)

@@ -110,6 +110,20 @@ public:
 	std::optional<Refusal> abort_upgrade(Service &svc);
 	std::optional<Refusal> start_service(Service &svc, Observer *observer, std::optional<uid_t> by = std::nullopt);
 	std::optional<Refusal> stop_service(Service &svc, Observer *observer);
+	// Scale (supervisor/scale.cpp): the current generation runs `instances` from now on, and so
+	// does every later one until a reload changes the config's count. Starts the missing
+	// instances or drains the highest-index ones; the observer hears finished() once those are
+	// ready or exited, failed(StartFailed) when a new one did not get ready. Returns the count
+	// before and after, or the refusal (InvalidParameter's range is the caller's to check).
+	struct Scaled {
+		unsigned from = 0;
+		unsigned to = 0;
+		bool pending = false; // the observer hears the end; otherwise it is over already
+	};
+	std::variant<Scaled, Refusal> scale_service(Service &svc, unsigned instances, Observer *observer);
+	// Sends sig to every live instance process of every generation of the service, through the
+	// pidfd brokerd holds; returns the ids of the instances signalled.
+	std::vector<std::string> signal_service(Service &svc, int sig);
 	void detach_observer(Observer *observer);
 
 	// Drains every instance, then SIGKILL at its drain timeout or at the end of `budget`,
@@ -206,7 +220,8 @@ private:
 	void drain(Instance &inst, std::optional<config::Duration> timeout = std::nullopt);
 	// A drain's time, cut to what is left of the shutdown budget once shutting down.
 	usec_t drain_time(config::Duration timeout) const;
-	void signal(Instance &inst, int sig);
+	// Whether it was sent.
+	bool signal(Instance &inst, int sig);
 	void kill_instance(Instance &inst, std::string reason);
 	void on_exit(Instance &inst, const siginfo_t &si);
 	void on_exec_status(Instance &inst, bool exiting);
@@ -231,6 +246,9 @@ private:
 	void schedule_prune();
 	void prune();
 	void check_waiters(Service &svc);
+	void check_scale_waiters(Service &svc);
+	// A Scale's end: nullopt while it waits, else how it ended (a StartFailed, or none).
+	std::optional<std::optional<Refusal>> scale_outcome(const Service &svc, const ScaleWaiter &w) const;
 
 	// Upgrades: feed the rollout, then carry out what it asks.
 	void apply(Service &svc, const RolloutStep &step);

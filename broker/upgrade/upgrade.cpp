@@ -30,6 +30,9 @@ std::variant<Event, Refusal> Supervisor::begin_upgrade(Service &svc, UpgradeRequ
 		return Refusal::of(Kind::UpgradeInProgress, svc.name, svc.upgrade->to->number);
 	if (svc.stopped || svc.removing || shutting_down_)
 		return Refusal::of(Kind::ServiceStopped, svc.name);
+	// The operator's count holds over the file's, the previous generation's and the current one's.
+	if (svc.scaled)
+		req.cfg.instances = *svc.scaled;
 	// Which kind a service is stays as it was added: the config read now may say otherwise.
 	if (svc.cfg.exec.empty())
 		return Refusal::of(Kind::RegisteredService, svc.name);
@@ -216,6 +219,7 @@ void Supervisor::detach_observer(Observer *observer)
 			std::erase(svc->upgrade->observers, observer);
 		std::erase(svc->start_waiters, observer);
 		std::erase(svc->stop_waiters, observer);
+		std::erase_if(svc->scale_waiters, [&](const ScaleWaiter &w) { return w.observer == observer; });
 	}
 }
 
@@ -297,6 +301,7 @@ void Supervisor::check_waiters(Service &svc)
 				o->failed(Refusal::failure(Kind::StartFailed, svc.name, "no instance became ready"));
 		}
 	}
+	check_scale_waiters(svc);
 }
 
 } // namespace brokerd

@@ -594,6 +594,34 @@ TEST_CASE("parse_signal")
 	}
 }
 
+TEST_CASE("operator_signal: the names Signal takes and numbers 1 to 31")
+{
+	const struct {
+		std::string text;
+		std::optional<int> value;
+	} cases[] = {
+		{"USR1", SIGUSR1},   {"SIGusr1", SIGUSR1}, {"usr2", SIGUSR2},   {"HUP", SIGHUP},     {"SIGINT", SIGINT},
+		{"QUIT", SIGQUIT},   {"TERM", SIGTERM},    {"KILL", SIGKILL},   {"CONT", SIGCONT},   {"STOP", SIGSTOP},
+		{"WINCH", SIGWINCH}, {"TTIN", SIGTTIN},    {"SIGTTOU", SIGTTOU}, {"1", 1},           {"31", 31},
+		{"9", SIGKILL},      {"", std::nullopt},   {"0", std::nullopt}, {"32", std::nullopt}, {"-1", std::nullopt},
+		{"SIG", std::nullopt}, {"BOGUS", std::nullopt}, {"PIPE", std::nullopt}, {"CHLD", std::nullopt},
+		{"RTMIN", std::nullopt}, {"USR1 ", std::nullopt}, {"000000001", std::nullopt},
+	};
+	for (const auto &c : cases) {
+		CAPTURE(c.text);
+		CHECK(operator_signal(c.text) == c.value);
+	}
+	// The message's list names exactly what is taken.
+	std::string names = kOperatorSignals;
+	for (std::size_t at = 0; at < names.size();) {
+		std::size_t end = std::min(names.find(", ", at), names.size());
+		std::string name = names.substr(at, end - at);
+		CAPTURE(name);
+		CHECK(operator_signal(name).has_value());
+		at = end + 2;
+	}
+}
+
 namespace {
 
 // A file in $TMPDIR (or /tmp), removed when the test ends.

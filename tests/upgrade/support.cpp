@@ -207,6 +207,20 @@ RunResult brokerctl(const Broker &b, const std::vector<std::string> &args, std::
 	return run(argv, {}, timeout);
 }
 
+RunResult brokerctl_ok(const Broker &b, const std::vector<std::string> &args)
+{
+	RunResult r = brokerctl(b, args);
+	INFO("brokerctl ", joined(args), ": ", r.describe());
+	REQUIRE(r.exit_code == 0);
+	return r;
+}
+
+void write_config(const Broker &b, json cfg)
+{
+	cfg["control"] = {{"path", b.control_path()}};
+	write_file(b.config_path(), cfg.dump(2));
+}
+
 StreamCall::StreamCall(const std::string &control, const std::string &method, json params)
 	: client_(control, 10s)
 {

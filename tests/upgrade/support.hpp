@@ -93,6 +93,11 @@ private:
 
 // brokerctl --socket <control> args..., to completion.
 RunResult brokerctl(const Broker &b, const std::vector<std::string> &args, std::chrono::milliseconds timeout = 90s);
+// brokerctl, REQUIREd to exit 0.
+RunResult brokerctl_ok(const Broker &b, const std::vector<std::string> &args);
+// Writes brokerd's config file (with the control socket brokerd was started with), for a reload
+// or an upgrade to read.
+void write_config(const Broker &b, json cfg);
 
 // A streamed call (Upgrade with "more", Watch) on its own connection.
 class StreamCall {

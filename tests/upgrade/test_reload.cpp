@@ -43,12 +43,6 @@ print(json.loads(data[:-1]).get("error", "ok"))
 	return out;
 }
 
-void write_config(Broker &b, json cfg)
-{
-	cfg["control"] = {{"path", b.control_path()}};
-	write_file(b.config_path(), cfg.dump(2));
-}
-
 } // namespace
 
 TEST_CASE("reload: sockets and services come and go and kept services take their new settings")

@@ -218,20 +218,6 @@ private:
 	std::vector<Row> rows_;
 };
 
-void write_config(Broker &b, json cfg)
-{
-	cfg["control"] = {{"path", b.control_path()}};
-	write_file(b.config_path(), cfg.dump(2));
-}
-
-RunResult ok(Broker &b, const std::vector<std::string> &args)
-{
-	RunResult r = brokerctl(b, args);
-	INFO("brokerctl ", args[0], ": ", r.describe());
-	REQUIRE(r.exit_code == 0);
-	return r;
-}
-
 } // namespace
 
 TEST_CASE("transitions: every worker and brokerd keep the listener of the start through upgrades and reloads and reexec and rollback and restart")
@@ -261,10 +247,10 @@ TEST_CASE("transitions: every worker and brokerd keep the listener of the start 
 
 	// Upgrades: a client-lib worker, and a LISTEN_FDS one.
 	load.begin_upgrade();
-	ok(b, {"upgrade", "web"});
+	brokerctl_ok(b, {"upgrade", "web"});
 	next(w);
 	id.check("upgrade web (client-lib)");
-	ok(b, {"upgrade", "py"});
+	brokerctl_ok(b, {"upgrade", "py"});
 	next(p);
 	id.check("upgrade py (LISTEN_FDS, notify)");
 
@@ -274,7 +260,7 @@ TEST_CASE("transitions: every worker and brokerd keep the listener of the start 
 		held.emplace_back(port);
 		REQUIRE(held.back().get("/").body.find("gen " + std::to_string(w.generation)) != std::string::npos);
 	}
-	ok(b, {"upgrade", "web"});
+	brokerctl_ok(b, {"upgrade", "web"});
 	next(w);
 	int moved = 0;
 	for (auto &c : held)
@@ -286,26 +272,26 @@ TEST_CASE("transitions: every worker and brokerd keep the listener of the start 
 	// Reloads: one that keeps every socket, one that adds another socket, one that removes it.
 	cfg["services"]["web"]["env"] = {{"RELEASE", "r2"}};
 	write_config(b, cfg);
-	json r = json::parse(ok(b, {"reload", "--json"}).out);
+	json r = json::parse(brokerctl_ok(b, {"reload", "--json"}).out);
 	CHECK(r["added_sockets"].empty());
 	CHECK(r["removed_sockets"].empty());
 	id.check("reload, sockets kept");
 	cfg["sockets"]["extra"] = tcp_socket();
 	write_config(b, cfg);
-	r = json::parse(ok(b, {"reload", "--json"}).out);
+	r = json::parse(brokerctl_ok(b, {"reload", "--json"}).out);
 	CHECK(r["added_sockets"] == json::array({"extra"}));
 	std::uint16_t extra = socket_port(b.status(), "extra");
 	CHECK(listening_on(extra).size() == 1);
 	id.check("reload, socket added", 1);
 	cfg["sockets"].erase("extra");
 	write_config(b, cfg);
-	r = json::parse(ok(b, {"reload", "--json"}).out);
+	r = json::parse(brokerctl_ok(b, {"reload", "--json"}).out);
 	CHECK(r["removed_sockets"] == json::array({"extra"}));
 	CHECK(wait_until([&] { return listening_on(extra).empty(); }, 10s));
 	id.check("reload, socket removed");
 
 	// brokerd re-executes itself.
-	ok(b, {"reexec"});
+	brokerctl_ok(b, {"reexec"});
 	CHECK(b.status().value("pid", 0) == b.pid());
 	id.check("reexec");
 
@@ -322,12 +308,12 @@ TEST_CASE("transitions: every worker and brokerd keep the listener of the start 
 	w.started[w.generation]++;
 	id.check("upgrade web rolled back");
 
-	ok(b, {"rollback", "web"});
+	brokerctl_ok(b, {"rollback", "web"});
 	next(w);
 	id.check("rollback web");
-	ok(b, {"restart", "web"});
+	brokerctl_ok(b, {"restart", "web"});
 	next(w);
-	ok(b, {"restart", "py"});
+	brokerctl_ok(b, {"restart", "py"});
 	next(p);
 	id.check("restart web and py");
 	load.end_upgrade();
