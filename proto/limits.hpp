@@ -39,6 +39,7 @@ inline constexpr std::size_t kMaxSocketsPerService = kMaxFdsPerMessage;
 inline constexpr std::size_t kMaxOutputLine = 4096;         // longer lines are split
 inline constexpr std::size_t kKeptOutputLines = 20;         // per instance, for failure reports
 inline constexpr std::size_t kMaxStatusOutput = 4u << 10;   // bytes of those lines in Status, the newest
+inline constexpr std::size_t kMaxStatusOutputTotal = 256u << 10; // of all instances' in one Status reply
 
 // Upgrades: new instances started at a time (upgrade.batch, and an Upgrade call's batch).
 inline constexpr unsigned kMaxBatch = 1024;

@@ -147,17 +147,20 @@ static std::string_view service_state_name(ServiceState s)
 	return state::kRunning;
 }
 
-// An instance's last lines for Status: the newest that fit in limits::kMaxStatusOutput bytes.
-static json last_output(const std::deque<std::string> &lines)
+// An instance's last lines for Status: the newest that fit in limits::kMaxStatusOutput bytes and
+// in what is left of the reply's `budget` (limits::kMaxStatusOutputTotal), which they use up.
+static json last_output(const std::deque<std::string> &lines, std::size_t &budget)
 {
 	std::size_t bytes = 0;
+	const std::size_t cap = std::min(proto::limits::kMaxStatusOutput, budget);
 	auto first = lines.end();
-	while (first != lines.begin() && bytes + std::prev(first)->size() <= proto::limits::kMaxStatusOutput)
+	while (first != lines.begin() && bytes + std::prev(first)->size() <= cap)
 		bytes += (--first)->size();
+	budget -= bytes;
 	return json(std::vector<std::string>(first, lines.end()));
 }
 
-static json instance(const Instance &inst)
+static json instance(const Instance &inst, std::size_t &output_budget)
 {
 	json i = {{"id", inst.id},
 	          {"index", inst.index},
@@ -170,7 +173,7 @@ static json instance(const Instance &inst)
 	    inst.state == InstanceState::Restarting) {
 		if (!inst.exit_reason.empty())
 			i["exit_reason"] = inst.exit_reason;
-		i["output"] = last_output(inst.last_lines);
+		i["output"] = last_output(inst.last_lines, output_budget);
 	}
 	if (!inst.status_text.empty())
 		i["status"] = inst.status_text;
@@ -181,7 +184,7 @@ static json instance(const Instance &inst)
 	return i;
 }
 
-static json service(const Service &svc)
+static json service(const Service &svc, std::size_t &output_budget)
 {
 	json gens = json::array();
 	for (const auto &gen : svc.generations) {
@@ -189,7 +192,7 @@ static json service(const Service &svc)
 			continue;
 		json insts = json::array();
 		for (const auto &inst : gen->instances)
-			insts.push_back(instance(*inst));
+			insts.push_back(instance(*inst, output_budget));
 		json env = json::array();
 		for (const EnvChange &c : gen->env)
 			env.push_back({{"name", c.name}, {"change", EnvChange::name_of(c.kind)}});
@@ -260,9 +263,10 @@ json sockets(const Supervisor &supervisor, int diag_fd)
 json services(const Supervisor &supervisor, const std::string *only)
 {
 	json out = json::array();
+	std::size_t output_budget = proto::limits::kMaxStatusOutputTotal;
 	for (const auto &svc : supervisor.services())
 		if (!only || svc->name == *only)
-			out.push_back(service(*svc));
+			out.push_back(service(*svc, output_budget));
 	if (only && out.empty())
 		return nullptr;
 	return out;

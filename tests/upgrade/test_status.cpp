@@ -9,6 +9,8 @@ using namespace utest;
 
 namespace {
 
+constexpr int kNoisy = 70;
+
 // The services of the test, each in the state its name says once it settles.
 json config()
 {
@@ -16,10 +18,11 @@ json config()
 	c["sockets"]["parked"] = tcp_socket();
 	json crashy = service({"/bin/sh", "-c", "echo 'crashing on purpose' >&2; exit 1"}, {}, 1, "exec");
 	crashy["restart"] = "on-failure";
-	// Ten lines of 999 bytes: Status keeps the newest 4 KiB of them, four lines.
+	// Ten lines of 999 bytes each: Status keeps the newest 4 KiB of them, four lines, and 256 KiB
+	// in all, which 70 of them pass.
 	json noisy = service({"/bin/sh", "-c",
 	                      "i=0; while [ $i -lt 10 ]; do i=$((i+1)); printf 'line %02d %0991d\\n' $i 0; done; exit 1"},
-	                     {}, 1, "exec");
+	                     {}, kNoisy, "exec");
 	noisy["restart"] = "no";
 	c["services"] = {
 		{"noisy", noisy},
@@ -78,14 +81,23 @@ void check_reasons(const Broker &b, const std::string &when)
 	// Its last lines, those of every attempt: one each.
 	CHECK(member(inst, "output") == json(std::vector<std::string>(6, "crashing on purpose")));
 
-	json loud = instances(st, "noisy").at(0);
-	const json &lines = member(loud, "output");
-	INFO("noisy: ", loud.dump());
-	CHECK(loud.value("state", "") == "failed");
-	REQUIRE(lines.size() == 4);
-	CHECK(lines[0].get<std::string>().starts_with("line 07 "));
-	CHECK(lines[3].get<std::string>().starts_with("line 10 "));
-	CHECK(lines[3].get<std::string>().size() == 999);
+	auto noisy = instances(st, "noisy");
+	REQUIRE(noisy.size() == kNoisy);
+	const json &lines = member(noisy.front(), "output");
+	INFO("noisy: ", noisy.front().dump());
+	CHECK(noisy.front().value("state", "") == "failed");
+	CHECK(lines.size() == 4);
+	CHECK(lines.front().get<std::string>().starts_with("line 07 "));
+	CHECK(lines.back().get<std::string>().starts_with("line 10 "));
+	CHECK(lines.back().get<std::string>().size() == 999);
+	// The reply's whole budget: those past it come with no lines.
+	std::size_t bytes = 0;
+	for (const json &inst : noisy)
+		for (const json &line : member(inst, "output"))
+			bytes += line.get<std::string>().size();
+	CHECK(bytes > 250'000);
+	CHECK(bytes <= 256 * 1024);
+	CHECK(member(noisy.back(), "output") == json::array());
 
 	const json *web = service_of(st, "web");
 	REQUIRE(web);
@@ -98,7 +110,7 @@ void check_reasons(const Broker &b, const std::string &when)
 	REQUIRE(newest);
 	INFO("web: ", web->dump());
 	CHECK(newest->value("number", 0) == 2);
-	CHECK(newest->value("started", 0) > 0);
+	CHECK(newest->value("started", std::int64_t{0}) > 0);
 	// MODE changed value and TOKEN came: named, their values never shown.
 	CHECK(member(*newest, "env") ==
 	      json{{{"name", "MODE"}, {"change", "changed"}}, {{"name", "TOKEN"}, {"change", "added"}}});
