@@ -76,7 +76,10 @@ std::string render_service(const json &svc, std::int64_t now_usec)
 	out += "  sockets:      " + printable(sockets.empty() ? "-" : join(sockets, ", ")) + "\n";
 	out += "  ready:        " + printable(text(svc, "ready")) + "\n";
 	out += "  state:        " + printable(text(svc, "state")) + "\n";
-	out += "  instances:    " + number_text(svc, "instances") + "\n";
+	out += "  instances:    " + number_text(svc, "instances");
+	if (const json &scaled = member(svc, "scaled"); scaled.is_boolean() && scaled.get<bool>())
+		out += " (scaled: later upgrades keep it)";
+	out += "\n";
 	if (const json &up = member(svc, "upgrade"); up.is_object())
 		out += "  upgrade:      " + render_upgrade_info(up) + "\n";
 	if (const json &h = member(svc, "handoff"); h.is_object())

@@ -177,6 +177,13 @@ TEST_CASE("render_status")
 		               "  upgrade:      gen 3 -> 4, 2/4 ready, 1/4 drained (draining)\n") != std::string::npos);
 	}
 
+	SUBCASE("a count set by brokerctl scale says so")
+	{
+		status["services"][0]["scaled"] = true;
+		std::string out = render_status(status, now, "web");
+		CHECK(out.find("  instances:    2 (scaled: later upgrades keep it)\n") != std::string::npos);
+	}
+
 	SUBCASE("a reply with missing and mistyped members still renders")
 	{
 		json odd = {{"services", {{{"name", 7}, {"generations", {{{"number", 4}, {"instances", {json::object()}}}}}}}}};
