@@ -40,6 +40,8 @@ def body(control):
         check(r.returncode == 0, "the play upgrades web: exit 0 (%d)\n%s" % (r.returncode, r.stdout[-1500:]))
         check(web(control) == [(2, "2.0")], "web serves gen 2, version 2.0, alone (%r)" % web(control))
         check(re.search(r"changed=1 .*failed=0", r.stdout) is not None, "the recap counts one change, no failure")
+        check(re.search(r"TASK \[Check the service is active[^\n]*\n\s*ok: \[localhost\]", r.stdout) is not None,
+              "the play's last check, brokerctl is-active, passes:\n" + r.stdout[-1500:])
 
         # A new version that exits at once: brokerctl exits 6, and the play stops.
         with open(config) as f:
