@@ -174,8 +174,12 @@ std::string change_line(const json &change)
 	                                                 : key + " " + shown(from) + "\u2192" + shown(to);
 	namespace effect = proto::names::control::config_change_when;
 	std::string when = text(change, "when", "");
-	return (service.empty() ? std::string("brokerd") : printable(service)) + ": " + what + ", " +
-	       (when == effect::kNow ? "now" : when == effect::kNextUpgrade ? "at the next upgrade" : printable(when));
+	std::string said = when == effect::kNow                ? "now"
+	                   : when == effect::kNextUpgrade      ? "at the next upgrade"
+	                   : when == effect::kNextStart        ? "at brokerd's next start"
+	                   : when == effect::kNextReexec       ? "at brokerd's next reexec or start"
+	                                                       : printable(when);
+	return (service.empty() ? std::string("brokerd") : printable(service)) + ": " + what + ", " + said;
 }
 
 std::string render_scale(const std::string &service, const json &scale, bool done)

@@ -266,13 +266,21 @@ TEST_CASE("render_reload prints one line per changed setting, with when it takes
 	                  {"key", "register.users"},
 	                  {"from", "[]"},
 	                  {"to", "[\"root\"]"},
-	                  {"when", "now"}}}}};
+	                  {"when", "now"}},
+	                 {{"service", ""}, {"key", "control.mode"}, {"from", "0666"}, {"to", "0660"}, {"when", "next-start"}},
+	                 {{"service", ""},
+	                  {"key", "metrics.listen"},
+	                  {"from", ""},
+	                  {"to", "tcp://127.0.0.1:9469"},
+	                  {"when", "next-reexec"}}}}};
 	CHECK(render_reload(reload) == "added services:    web2\n"
 	                               "brokerd: shutdown.timeout 1m30s\u219230s, now\n"
 	                               "web: instances 2\u21923, at the next upgrade\n"
 	                               "web: version \"\"\u21922, at the next upgrade\n"
 	                               "web: env: FOO added, BAR changed, at the next upgrade\n"
-	                               "edge?: register.users []\u2192[\"root\"], now\n");
+	                               "edge?: register.users []\u2192[\"root\"], now\n"
+	                               "brokerd: control.mode 0666\u21920660, at brokerd's next start\n"
+	                               "brokerd: metrics.listen \"\"\u2192tcp://127.0.0.1:9469, at brokerd's next reexec or start\n");
 }
 
 TEST_CASE("format_elapsed shows tenths under a minute")

@@ -1,6 +1,7 @@
 // What a new config changes against the one in force (see diff.hpp).
 #include "config/diff.hpp"
 
+#include <cstdio>
 #include <cstring>
 #include <string_view>
 
@@ -24,6 +25,13 @@ std::string duration_text(Duration d)
 			out += std::to_string(left / u.ms) + u.name;
 			left %= u.ms;
 		}
+	return out;
+}
+
+std::string mode_text(mode_t mode)
+{
+	char out[8];
+	std::snprintf(out, sizeof(out), "%04o", static_cast<unsigned>(mode & 07777));
 	return out;
 }
 
@@ -91,9 +99,9 @@ public:
 		if (from != to)
 			out_.push_back({service_, key, from, to, when});
 	}
-	void number(const char *key, unsigned from, unsigned to)
+	void number(const char *key, unsigned from, unsigned to, Effect when = Effect::NextUpgrade)
 	{
-		text(key, std::to_string(from), std::to_string(to));
+		text(key, std::to_string(from), std::to_string(to), when);
 	}
 	void duration(const char *key, Duration from, Duration to, Effect when = Effect::NextUpgrade)
 	{
@@ -147,6 +155,24 @@ std::vector<Change> diff(const Config &old, const Config &next)
 	c.list("control.read_groups", old.control.read_groups, next.control.read_groups, Effect::Now);
 	c.duration("shutdown.timeout", old.shutdown.timeout, next.shutdown.timeout, Effect::Now);
 	c.text("logging.journal", journal_text(old.logging.journal), journal_text(next.logging.journal), Effect::Now);
+	// What only a new control socket takes: a reexec carries the one bound at the start over.
+	c.text("control.path", old.control.path, next.control.path, Effect::NextStart);
+	c.text("control.mode", mode_text(old.control.mode), mode_text(next.control.mode), Effect::NextStart);
+	c.number("control.max_connections", old.control.max_connections, next.control.max_connections, Effect::NextStart);
+	c.number("control.max_connections_per_user", old.control.max_connections_per_user,
+	         next.control.max_connections_per_user, Effect::NextStart);
+	c.number("control.reserved_connections", old.control.reserved_connections, next.control.reserved_connections,
+	         Effect::NextStart);
+	// The metrics endpoint is bound at a start or a reexec; an added or removed one is its listen.
+	const MetricsConfig none;
+	const MetricsConfig &was = old.metrics ? *old.metrics : none, &now = next.metrics ? *next.metrics : none;
+	c.text("metrics.listen", old.metrics ? was.socket.listen : "", next.metrics ? now.socket.listen : "",
+	       Effect::NextReexec);
+	if (old.metrics && next.metrics) {
+		c.text("metrics.mode", was.socket.mode ? mode_text(*was.socket.mode) : "",
+		       now.socket.mode ? mode_text(*now.socket.mode) : "", Effect::NextReexec);
+		c.number("metrics.max_connections", was.max_connections, now.max_connections, Effect::NextReexec);
+	}
 	for (const auto &svc : next.services)
 		if (const ServiceConfig *was = old.find_service(svc.name)) {
 			auto changes = diff_service(*was, svc);

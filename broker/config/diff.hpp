@@ -10,9 +10,11 @@
 namespace brokerd::config {
 
 // When a running brokerd applies a changed setting: at once (who may register or call, the
-// shutdown budget, the journal), or at the service's next upgrade (or, for a registered service,
-// its next takeover), which starts its new generation from the new settings.
-enum class Effect { Now, NextUpgrade };
+// shutdown budget, the journal), at the service's next upgrade (or, for a registered service,
+// its next takeover), which starts its new generation from the new settings, at brokerd's next
+// start (the control socket's own settings: a reexec carries the socket over as it is), or at its
+// next reexec or start (the metrics endpoint).
+enum class Effect { Now, NextUpgrade, NextStart, NextReexec };
 
 // One changed setting. service is empty for brokerd's own settings (control.*, shutdown.*,
 // logging.*); key is the setting's path inside its service's entry or in the file ("instances",

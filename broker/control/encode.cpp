@@ -285,11 +285,21 @@ static void upgrade_end(json &j, const Event &e)
 static json change(const config::Change &c)
 {
 	namespace when = control_names::config_change_when;
-	return {{"service", c.service},
-	        {"key", c.key},
-	        {"from", c.from},
-	        {"to", c.to},
-	        {"when", c.when == config::Effect::Now ? when::kNow : when::kNextUpgrade}};
+	std::string_view name = when::kNextUpgrade;
+	switch (c.when) {
+	case config::Effect::Now:
+		name = when::kNow;
+		break;
+	case config::Effect::NextStart:
+		name = when::kNextStart;
+		break;
+	case config::Effect::NextReexec:
+		name = when::kNextReexec;
+		break;
+	case config::Effect::NextUpgrade:
+		break;
+	}
+	return {{"service", c.service}, {"key", c.key}, {"from", c.from}, {"to", c.to}, {"when", name}};
 }
 
 json changes(const std::vector<config::Change> &list)

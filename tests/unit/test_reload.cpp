@@ -172,6 +172,8 @@ TEST_CASE("reload: the changed settings, each with when it takes effect, and nev
 {
 	using config::Change;
 	constexpr auto now = config::Effect::Now, next_upgrade = config::Effect::NextUpgrade;
+	constexpr auto next_start = config::Effect::NextStart, next_reexec = config::Effect::NextReexec;
+	const std::string control_path = config::parse(base().dump()).control.path; // the build's default
 	const json spawned = {{"exec", {"/bin/web"}}, {"sockets", {"http"}}, {"env", {{"TOKEN", "a"}, {"OLD", "x"}}}};
 	const struct {
 		const char *name;
@@ -217,6 +219,19 @@ TEST_CASE("reload: the changed settings, each with when it takes effect, and nev
 		 {{"", "control.admin_users", "[]", R"(["root"])", now},
 		  {"", "shutdown.timeout", "1m30s", "30s", now},
 		  {"web", "instances", "1", "2", next_upgrade}}},
+		{"the control socket's own settings wait for brokerd's next start",
+		 [](json &j) {
+			 j["control"] = {{"path", "/run/other.sock"}, {"mode", "0660"}, {"max_connections", 64},
+			                 {"reserved_connections", 4}, {"max_connections_per_user", 8}};
+		 },
+		 {{"", "control.path", control_path, "/run/other.sock", next_start},
+		  {"", "control.mode", "0666", "0660", next_start},
+		  {"", "control.max_connections", "512", "64", next_start},
+		  {"", "control.max_connections_per_user", "128", "8", next_start},
+		  {"", "control.reserved_connections", "16", "4", next_start}}},
+		{"an added metrics endpoint waits for a reexec or the next start",
+		 [](json &j) { j["metrics"] = {{"listen", "tcp://127.0.0.1:9469"}}; },
+		 {{"", "metrics.listen", "", "tcp://127.0.0.1:9469", next_reexec}}},
 		{"an added or removed service is no change of settings",
 		 [](json &j) {
 			 j["services"].erase("edge");
