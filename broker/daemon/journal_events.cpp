@@ -23,7 +23,8 @@ std::string seconds(usec_t d)
 
 } // namespace
 
-std::vector<log::EventRecord> EventJournal::records(const Event &e, std::optional<std::uint64_t> from)
+std::vector<log::EventRecord> EventJournal::records(const Event &e, std::optional<std::uint64_t> from,
+                                                    std::optional<uid_t> by)
 {
 	using log::Level;
 	namespace ids = journal::ids;
@@ -37,11 +38,14 @@ std::vector<log::EventRecord> EventJournal::records(const Event &e, std::optiona
 			r.fields.emplace_back("BROKER_FROM_GENERATION", std::to_string(*o.from));
 		if (!o.kind.empty())
 			r.fields.emplace_back("BROKER_UPGRADE_KIND", o.kind);
+		if (o.by)
+			r.fields.emplace_back("BROKER_REQUESTED_UID", std::to_string(*o.by));
 		return r;
 	};
 	switch (e.kind) {
 	case EventKind::Upgrade: {
-		Open &o = open_[e.service] = Open{from, e.generation, e.upgrade_kind.empty() ? "upgrade" : e.upgrade_kind, {}};
+		Open &o = open_[e.service] =
+		        Open{from, e.generation, e.upgrade_kind.empty() ? "upgrade" : e.upgrade_kind, {}, by};
 		out.push_back(service_record(ids::kUpgradeStarted, Level::Notice,
 		                             o.kind + " from gen " + gen(o.from) + " to gen " + gen(o.to) + " started", o));
 		break;

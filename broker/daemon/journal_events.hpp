@@ -5,6 +5,8 @@
 #include "os/log.hpp"
 #include "supervisor/events.hpp"
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -20,14 +22,17 @@ namespace brokerd {
 // and its handoff events said, for the records of its end.
 class EventJournal {
 public:
-	// `from`: for an Upgrade event, the generation the upgrade leaves (none when the service had none).
-	std::vector<log::EventRecord> records(const Event &e, std::optional<std::uint64_t> from = std::nullopt);
+	// For an Upgrade event: `from`, the generation the upgrade leaves (none when the service had
+	// none), and `by`, the uid that asked for it (none when brokerd began it: a takeover).
+	std::vector<log::EventRecord> records(const Event &e, std::optional<std::uint64_t> from = std::nullopt,
+	                                      std::optional<uid_t> by = std::nullopt);
 
 private:
 	struct Open {
 		std::optional<std::uint64_t> from, to;
 		std::string kind;
 		HandoffCounts handoff;
+		std::optional<uid_t> by;
 	};
 	std::map<std::string, Open, std::less<>> open_;
 };

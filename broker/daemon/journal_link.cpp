@@ -74,10 +74,16 @@ bool JournalLink::output_line(const Instance &inst, int stream, std::string_view
 void JournalLink::event(const Event &e)
 {
 	std::optional<std::uint64_t> from;
+	std::optional<uid_t> by;
 	if (e.kind == EventKind::Upgrade)
-		if (Service *svc = supervisor_.find_service(e.service); svc && svc->upgrade && svc->upgrade->from)
-			from = svc->upgrade->from->number;
-	for (const log::EventRecord &r : events_.records(e, from))
+		if (Service *svc = supervisor_.find_service(e.service)) {
+			if (svc->upgrade && svc->upgrade->from)
+				from = svc->upgrade->from->number;
+			// Who asked for the generation it rolls out, as its history record keeps it.
+			if (const HistoryRecord *rec = e.generation ? svc->history.find(*e.generation) : nullptr)
+				by = rec->by;
+		}
+	for (const log::EventRecord &r : events_.records(e, from, by))
 		log::event(r);
 }
 

@@ -253,8 +253,9 @@ def run_events(b, fake):
     """brokerd's own events: one native message each, with its MESSAGE_ID and fields."""
     started = lines_of(fake.records, MESSAGE_ID=UPGRADE_STARTED, BROKER_GENERATION="2")
     check(len(started) == 1 and started[0].get("BROKER_FROM_GENERATION") == "1" and
-          started[0].get("BROKER_UPGRADE_KIND") == "upgrade" and started[0].get("BROKER_SERVICE") == "web",
-          "the upgrade's start: its id, generations and kind: %s" % started)
+          started[0].get("BROKER_UPGRADE_KIND") == "upgrade" and started[0].get("BROKER_SERVICE") == "web" and
+          started[0].get("BROKER_REQUESTED_UID") == str(os.geteuid()),
+          "the upgrade's start: its id, generations, kind and who asked: %s" % started)
     done = lines_of(fake.records, MESSAGE_ID=UPGRADE_DONE, BROKER_GENERATION="2")
     check(len(done) == 1 and done[0].get("BROKER_RESULT") == "done" and
           done[0].get("BROKER_DURATION_USEC", "").isdigit() and int(done[0]["BROKER_DURATION_USEC"]) > 0,

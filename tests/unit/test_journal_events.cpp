@@ -37,7 +37,7 @@ std::map<std::string, std::string> fields(const log::EventRecord &r)
 TEST_CASE("an upgrade's records: started, then done with its duration and the handoff summary")
 {
 	EventJournal j;
-	auto started = j.records(service_event(EventKind::Upgrade, 3), 2);
+	auto started = j.records(service_event(EventKind::Upgrade, 3), 2, uid_t{1000});
 	REQUIRE(started.size() == 1);
 	CHECK(started[0].message_id == ids::kUpgradeStarted);
 	CHECK(started[0].level == log::Level::Notice);
@@ -45,7 +45,8 @@ TEST_CASE("an upgrade's records: started, then done with its duration and the ha
 	CHECK(fields(started[0]) == std::map<std::string, std::string>{{"BROKER_SERVICE", "web"},
 	                                                               {"BROKER_GENERATION", "3"},
 	                                                               {"BROKER_FROM_GENERATION", "2"},
-	                                                               {"BROKER_UPGRADE_KIND", "upgrade"}});
+	                                                               {"BROKER_UPGRADE_KIND", "upgrade"},
+	                                                               {"BROKER_REQUESTED_UID", "1000"}});
 
 	Event handoff = service_event(EventKind::Handoff, 3);
 	handoff.handoff = HandoffTotals{{10, 8, 2}, 0};
@@ -63,6 +64,7 @@ TEST_CASE("an upgrade's records: started, then done with its duration and the ha
 	                                                           {"BROKER_GENERATION", "3"},
 	                                                           {"BROKER_FROM_GENERATION", "2"},
 	                                                           {"BROKER_UPGRADE_KIND", "upgrade"},
+	                                                           {"BROKER_REQUESTED_UID", "1000"},
 	                                                           {"BROKER_RESULT", "done"},
 	                                                           {"BROKER_DURATION_USEC", "1234567"}});
 	CHECK(end[1].message_id == ids::kHandoffSummary);
@@ -80,6 +82,8 @@ TEST_CASE("an upgrade's records: started, then done with its duration and the ha
 	REQUIRE(next.size() == 1);
 	CHECK(next[0].message == "web: restart to gen 4 done in 0.50s");
 	CHECK(fields(next[0]).at("BROKER_UPGRADE_KIND") == "restart");
+	// brokerd's own (a takeover's, say) names nobody.
+	CHECK(!fields(next[0]).contains("BROKER_REQUESTED_UID"));
 }
 
 TEST_CASE("a failed upgrade's records: failed, then rolled back, each with its own id")
