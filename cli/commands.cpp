@@ -110,6 +110,16 @@ std::string check_duration(const std::string &text)
 	return {};
 }
 
+// A count or a generation is decimal, as people write them: CLI11 alone would read "010" as
+// octal 8, "0x10" as 16, and "-1" as the largest unsigned number. Leading zeros go.
+std::string decimal(std::string &text)
+{
+	if (text.empty() || text.size() > 18 || text.find_first_not_of("0123456789") != std::string::npos)
+		return "expected a decimal number, got \"" + printable(text) + "\"";
+	text.erase(0, std::min(text.find_first_not_of('0'), text.size() - 1));
+	return {};
+}
+
 std::string check_batch(const std::string &text)
 {
 	int n = 0;
@@ -148,7 +158,8 @@ void declare_rollback(CLI::App &sub, Arguments &args)
 {
 	declare_rollout(sub, args);
 	sub.add_option("--to", args.to, "Deploy this generation's configuration instead (see `brokerctl history`)")
-		->type_name("GEN");
+		->type_name("GEN")
+		->transform(CLI::Validator(decimal, ""));
 }
 
 void declare_upgrade(CLI::App &sub, Arguments &args)
@@ -166,6 +177,7 @@ void declare_upgrade(CLI::App &sub, Arguments &args)
 	auto *batch = sub.add_option("--batch", args.batch, "Start this many new instances at a time (default: "
 	                                                    "the config's upgrade.batch)")
 	                      ->type_name("N")
+	                      ->transform(CLI::Validator(decimal, ""))
 	                      ->check(CLI::Validator(check_batch, ""));
 	sub.add_flag("--all-at-once", args.all_at_once, "Start every new instance before draining any old one")
 		->excludes(batch);
@@ -181,7 +193,10 @@ void declare_upgrade(CLI::App &sub, Arguments &args)
 void declare_scale(CLI::App &sub, Arguments &args)
 {
 	declare_service(sub, args);
-	sub.add_option("N", args.instances, "How many instances the service runs from now on")->type_name("")->required();
+	sub.add_option("N", args.instances, "How many instances the service runs from now on")
+		->type_name("")
+		->required()
+		->transform(CLI::Validator(decimal, ""));
 	sub.add_flag("--no-wait", args.no_wait, "Return at once, without waiting for the instances to be ready or gone");
 }
 

@@ -147,16 +147,34 @@ static std::string_view service_state_name(ServiceState s)
 	return state::kRunning;
 }
 
-// An instance's last lines for Status: the newest that fit in limits::kMaxStatusOutput bytes and
-// in what is left of the reply's `budget` (limits::kMaxStatusOutputTotal), which they use up.
+// What a line takes inside the reply's JSON text, at most: a control byte is written "\u00XX",
+// a quote or backslash escaped, a byte past ASCII may become U+FFFD (three bytes) if it is not
+// UTF-8. A worker's output is whatever it wrote.
+static std::size_t json_size(const std::string &line)
+{
+	std::size_t n = 0;
+	for (unsigned char c : line)
+		n += c < 0x20 ? 6 : c == '"' || c == '\\' ? 2 : c >= 0x80 ? 3 : 1;
+	return n;
+}
+
+// An instance's last lines for Status: the newest that fit in limits::kMaxStatusOutput bytes as
+// written and in what is left of the reply's `budget` (limits::kMaxStatusOutputTotal) as the
+// reply writes them, which they use up: however they are made, they keep the reply small.
 static json last_output(const std::deque<std::string> &lines, std::size_t &budget)
 {
-	std::size_t bytes = 0;
-	const std::size_t cap = std::min(proto::limits::kMaxStatusOutput, budget);
+	std::size_t bytes = 0, encoded = 0;
 	auto first = lines.end();
-	while (first != lines.begin() && bytes + std::prev(first)->size() <= cap)
-		bytes += (--first)->size();
-	budget -= bytes;
+	while (first != lines.begin()) {
+		const std::string &line = *std::prev(first);
+		std::size_t size = json_size(line);
+		if (bytes + line.size() > proto::limits::kMaxStatusOutput || encoded + size > budget)
+			break;
+		bytes += line.size();
+		encoded += size;
+		--first;
+	}
+	budget -= encoded;
 	return json(std::vector<std::string>(first, lines.end()));
 }
 

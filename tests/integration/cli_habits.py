@@ -185,10 +185,29 @@ def completion(control, tmp):
         print("note   bash-completion is not installed: the loader check is left out", flush=True)
 
 
+def decimal_numbers(control):
+    # A number on the command line is decimal: "010" is ten, never octal eight; a sign, hex or
+    # anything else is a usage error before brokerd is asked.
+    r = brokerctl("--socket", control, "rollback", "web", "--to", "010")
+    check(r.returncode == 2 and "no generation 10 still known" in r.stderr,
+          "rollback --to 010 names generation 10 (exit %d: %r)" % (r.returncode, r.stderr))
+    for args in (["rollback", "web", "--to", "-1"], ["rollback", "web", "--to", "0x10"],
+                 ["scale", "web", "-1"], ["scale", "web", "0x2"], ["scale", "web", "2 "],
+                 ["upgrade", "web", "--batch", "0x2"], ["upgrade", "web", "--batch", "+2"]):
+        r = brokerctl("--socket", control, *args)
+        what = " ".join(args)
+        check(r.returncode == 2 and "decimal" in r.stderr,
+              "%s: exit 2, a decimal number expected (exit %d: %r)" % (what, r.returncode, r.stderr))
+    status = brokerctl("--socket", control, "--json", "status", "web")
+    check(status.returncode == 0 and '"number": 2' not in status.stdout,
+          "none of them began anything: web is still at gen 1 (%r)" % status.stdout[:200])
+
+
 def body(control):
     tmp = tempfile.mkdtemp(prefix="cli-habits-")
     try:
         refused_parameters(control)
+        decimal_numbers(control)
         services_command(control, tmp)
         completion(control, tmp)
     finally:

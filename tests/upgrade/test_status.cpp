@@ -24,7 +24,15 @@ json config()
 	                      "i=0; while [ $i -lt 10 ]; do i=$((i+1)); printf 'line %02d %0991d\\n' $i 0; done; exit 1"},
 	                     {}, kNoisy, "exec");
 	noisy["restart"] = "no";
+	// Four lines of 999 control bytes each: within 4 KiB as written, six times that as JSON
+	// writes them ("\u0001"), which is what the reply's 256 KiB counts.
+	json binary = service({"/bin/sh", "-c",
+	                       "i=0; while [ $i -lt 4 ]; do i=$((i+1)); head -c 999 /dev/zero | tr '\\0' '\\1'; echo; "
+	                       "done; exit 1"},
+	                      {}, 2, "exec");
+	binary["restart"] = "no";
 	c["services"] = {
+		{"binary", binary},
 		{"noisy", noisy},
 		{"web", http_service(1, {{"env", {{"MODE", "plain"}, {"KEEP", "same"}}}})},
 		{"crashy", crashy},
@@ -90,11 +98,16 @@ void check_reasons(const Broker &b, const std::string &when)
 	CHECK(lines.front().get<std::string>().starts_with("line 07 "));
 	CHECK(lines.back().get<std::string>().starts_with("line 10 "));
 	CHECK(lines.back().get<std::string>().size() == 999);
-	// The reply's whole budget: those past it come with no lines.
+	// The reply's whole budget, counted as the reply writes the lines: those past it come with no
+	// lines, and control bytes, six times their size in JSON, cannot take a reply past its limit.
+	auto binary = instances(st, "binary");
+	REQUIRE(binary.size() == 2);
+	CHECK(member(binary.front(), "output").size() == 4);
 	std::size_t bytes = 0;
-	for (const json &inst : noisy)
-		for (const json &line : member(inst, "output"))
-			bytes += line.get<std::string>().size();
+	for (const auto *list : {&binary, &noisy})
+		for (const json &inst : *list)
+			for (const json &line : member(inst, "output"))
+				bytes += line.dump().size() - 2;
 	CHECK(bytes > 250'000);
 	CHECK(bytes <= 256 * 1024);
 	CHECK(member(noisy.back(), "output") == json::array());
