@@ -398,7 +398,9 @@ int run_history(const Options &opts, const Arguments &args, Connection &broker, 
 	if (opts.json)
 		print_json(out, reply);
 	else
-		out << render_history(member(reply, "entries"), realtime_usec(), user_name);
+		// Over -H, a uid is one of brokerd's host: a name looked up here could be someone else's.
+		out << render_history(member(reply, "entries"), realtime_usec(),
+		                      opts.remote ? [](std::int64_t uid) { return std::to_string(uid); } : user_name);
 	return kExitOk;
 }
 

@@ -182,6 +182,12 @@ def over_ssh(sshd, control):
     os.killpg(watch.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches brokerctl and its ssh
     check(exits_within(watch.pid, DEADLINE) and watch.wait() == 0, "-H watch: Ctrl-C ends it, exit 0")
 
+    # A uid names a user on brokerd's host, not on this one: over -H, BY shows the number.
+    hist = remote("history", "web")
+    row = [line.split() for line in hist.stdout.splitlines() if line.split()[:1] == [str(gen)]]
+    check(hist.returncode == 0 and row and str(os.geteuid()) in row[0] and "root" not in row[0],
+          "-H history: the upgrade's BY is the uid %d, not a name looked up here (%r)" % (os.geteuid(), hist.stdout))
+
     failed = remote("upgrade", "web", "--exec", "/bin/false")
     check(failed.returncode == 6 and "failed and was rolled back" in failed.stderr,
           "-H upgrade to a program that fails: exit 6, rolled back (%d %r)" % (failed.returncode, failed.stderr))
