@@ -32,7 +32,8 @@ const char *const kExitCodesHelp =
 	"  6  the upgrade failed and was rolled back (the previous generation serves)\n"
 	"  7  the operation could not begin: an upgrade is in progress, the config is invalid,\n"
 	"     the service is stopped (or, for start, running, or failed to start), there is no\n"
-	"     previous generation, or no upgrade to abort; or brokerd could not re-execute\n"
+	"     previous generation, or no upgrade to abort; for scale, an instance it started\n"
+	"     did not become ready (the count stays); or brokerd could not re-execute\n"
 	"     (reexec), and serves on as it was\n"
 	"\n"
 	"Environment:\n"
@@ -251,6 +252,10 @@ Failure remote_failure(std::string_view error, const json &error_parameters, std
 	if (error == kTooManyConnections)
 		return Failure(kExitFailure, "brokerd refused the connection: " +
 		                                 printable(text(error_parameters, "message", "no reason given")));
+	if (error == kStartFailed && method.ends_with(".Scale"))
+		return Failure(kExitNotStarted, service + " is scaled, and the count stays, but an instance did not become "
+		                                          "ready: " +
+		                                    printable(text(error_parameters, "reason", "no reason given")));
 	if (error == kStartFailed)
 		return Failure(kExitNotStarted, service + " could not be started: " +
 		                                    printable(text(error_parameters, "reason", "no reason given")));

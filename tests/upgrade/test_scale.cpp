@@ -209,3 +209,27 @@ TEST_CASE("signal: every instance gets it and draining ones too; an exit it caus
 	// Stopping waits out the drain timeout of workers that ignore SIGTERM.
 	b.stop(60s);
 }
+
+// A scale-up whose new instance never becomes ready: exit 7, said as such, and the count stays,
+// as Status shows it.
+TEST_CASE("scale: an added instance that fails says so and the count stays")
+{
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	// The third slot's worker exits before it is ready; the first two serve.
+	json web = service({"/bin/sh", "-c", "case $BROKER_INSTANCE in */2) exit 1;; esac; exec \"$0\"", env("EXAMPLE_HTTP")},
+	                   {"http"}, 2, "broker");
+	web["restart"] = "no";
+	tb.start(config_with({{"web", web}}));
+	RunResult r = brokerctl(b, {"scale", "web", "3"});
+	INFO("brokerctl scale web 3: ", r.describe());
+	CHECK(r.exit_code == 7);
+	CHECK(r.err.find("web is scaled, and the count stays, but an instance did not become ready") != std::string::npos);
+	json st = b.status();
+	const json *svc = service_of(st, "web");
+	REQUIRE(svc);
+	CHECK(svc->value("instances", 0) == 3);
+	CHECK(svc->value("scaled", false));
+	b.stop();
+}
