@@ -107,7 +107,6 @@ struct ParameterOption {
 
 constexpr ParameterOption kParameterOptions[] = {
 	{"Rollback", "generation", "--to"},
-	{"Signal", "generation", "--generation"},
 	{"", "service", "SERVICE"},
 	{"", "exec", "--exec"},
 	{"", "env", "--env"},

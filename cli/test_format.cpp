@@ -706,8 +706,11 @@ TEST_CASE("remote_failure: a refused parameter is a usage error naming the optio
 		// A parameter the method's own row names differently.
 		{"io.brokerd.Control.Rollback", {{"parameter", "generation"}}, kExitUsage,
 		 "brokerd refused --to of rollback: this brokerd does not take it (is it older than brokerctl?)"},
-		{"io.brokerd.Control.Signal", {{"parameter", "generation"}, {"message", "no such generation"}}, kExitUsage,
-		 "brokerd refused --generation of signal: no such generation"},
+		{"io.brokerd.Control.Signal", {{"parameter", "signal"}, {"message", "expected HUP, INT or a number"}}, kExitUsage,
+		 "brokerd refused SIG of signal: expected HUP, INT or a number"},
+		// Rollback's own row is Rollback's alone.
+		{"io.brokerd.Control.Signal", {{"parameter", "generation"}}, kExitFailure,
+		 "brokerd rejected parameter \"generation\" of io.brokerd.Control.Signal"},
 		{"io.brokerd.Control.Scale", {{"parameter", "instances"}, {"message", "from 1 to 1024"}}, kExitUsage,
 		 "brokerd refused N of scale: from 1 to 1024"},
 		// No option sends it: brokerctl and brokerd disagree, which the operator cannot fix.
