@@ -59,6 +59,13 @@ public:
 	// The generation numbers still known, oldest first.
 	std::vector<std::uint64_t> known() const;
 	const std::deque<HistoryRecord> &records() const { return records_; }
+	// Each record's configuration, to bring up to date what a load of the config resolves anew
+	// (its accounts): what rollback --to deploys runs as the config in force says.
+	template <typename F> void each_config(F &&f)
+	{
+		for (HistoryRecord &r : records_)
+			f(r.cfg);
+	}
 
 private:
 	// An ended record keeps how it ended.

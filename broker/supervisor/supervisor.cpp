@@ -177,6 +177,7 @@ void Supervisor::update_service(const config::ServiceConfig &cfg)
 		config::refresh_accounts(gen->cfg, cfg);
 	if (svc->previous)
 		config::refresh_accounts(*svc->previous, cfg);
+	svc->history.each_config([&](config::ServiceConfig &old) { config::refresh_accounts(old, cfg); });
 }
 
 void Supervisor::shutdown(config::Duration budget)

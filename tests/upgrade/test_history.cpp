@@ -2,9 +2,11 @@
 // refusals of generations it cannot deploy, and the history carried over by brokerctl reexec and
 // by a crash of brokerd.
 #include "support.hpp"
+#include "../skip.hpp"
 
 #include <doctest/doctest.h>
 
+#include <grp.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -175,5 +177,57 @@ TEST_CASE("history: three generations by two users then rollback --to the first 
 	tb.kill9();
 	tb.restart();
 	CHECK(history(b) == entries);
+	b.stop();
+}
+
+namespace {
+
+// The real gid of gen `generation`'s first worker, from /proc.
+gid_t gid_of(Broker &b, int generation)
+{
+	std::vector<json> insts = generation_instances(b.status("web"), "web", generation);
+	REQUIRE(!insts.empty());
+	std::string status = read_file("/proc/" + std::to_string(insts.front().at("pid").get<pid_t>()) + "/status");
+	std::size_t at = status.find("\nGid:\t");
+	REQUIRE(at != std::string::npos);
+	return static_cast<gid_t>(std::stoul(status.substr(at + 6)));
+}
+
+} // namespace
+
+// Names resolve at each load of the config: a generation that rollback --to deploys runs with the
+// accounts the last reload resolved, as the running generations and a plain rollback do, never
+// with those of its own day (a group's gid changed since, say).
+TEST_CASE("history: rollback --to runs with the accounts of the config in force")
+{
+	if (::geteuid() != 0)
+		TEST_SKIP("needs root, for groupadd and a worker of another user");
+	const std::string group = "brokerd-utest-" + std::to_string(::getpid());
+	RunResult r = run({"groupadd", group});
+	REQUIRE_MESSAGE(r.exit_code == 0, "groupadd: ", r.describe());
+	struct Removed {
+		std::string name;
+		~Removed() { run({"groupdel", name}); }
+	} removed{group};
+	gid_t next = 60000;
+	while (::getgrgid(next) && next > 50000)
+		--next;
+
+	TestBroker tb;
+	Broker &b = tb.b;
+	BROKER_CONTEXT(b);
+	json web = service({"sleep", "1000"}, {}, 1, "exec");
+	web["user"] = "nobody";
+	web["group"] = group;
+	tb.start(config_with({{"web", web}}));
+	brokerctl_ok(b, {"upgrade", "web"});
+	const gid_t before = gid_of(b, 2);
+
+	r = run({"groupmod", "-g", std::to_string(next), group});
+	REQUIRE_MESSAGE(r.exit_code == 0, "groupmod: ", r.describe());
+	brokerctl_ok(b, {"reload"});
+	brokerctl_ok(b, {"rollback", "web", "--to", "1"});
+	INFO("the group's gid went from ", before, " to ", next);
+	CHECK(gid_of(b, 3) == next);
 	b.stop();
 }
