@@ -64,28 +64,18 @@ const char *journal_text(JournalMode mode)
 }
 
 // "FOO added, BAR changed, BAZ removed", in name order within each; empty when nothing changed.
-std::string env_changes(const std::map<std::string, std::string> &old, const std::map<std::string, std::string> &next)
+std::string env_text(const std::map<std::string, std::string> &old, const std::map<std::string, std::string> &next)
 {
-	std::string added, changed, removed;
-	auto add = [](std::string &to, const std::string &name) { to += (to.empty() ? "" : ", ") + name; };
-	for (const auto &[name, value] : next) {
-		auto it = old.find(name);
-		if (it == old.end())
-			add(added, name);
-		else if (it->second != value)
-			add(changed, name);
-	}
-	for (const auto &[name, value] : old)
-		if (!next.contains(name))
-			add(removed, name);
+	const std::vector<EnvChange> changes = env_changes(old, next);
 	std::string out;
-	auto part = [&](const std::string &names, const char *what) {
+	for (EnvChange::Kind kind : {EnvChange::Kind::Added, EnvChange::Kind::Changed, EnvChange::Kind::Removed}) {
+		std::string names;
+		for (const EnvChange &c : changes)
+			if (c.kind == kind)
+				names += (names.empty() ? "" : ", ") + c.name;
 		if (!names.empty())
-			out += (out.empty() ? "" : ", ") + names + " " + what;
-	};
-	part(added, "added");
-	part(changed, "changed");
-	part(removed, "removed");
+			out += (out.empty() ? "" : ", ") + names + " " + EnvChange::name_of(kind);
+	}
 	return out;
 }
 
@@ -120,6 +110,27 @@ private:
 
 } // namespace
 
+std::vector<EnvChange> env_changes(const std::map<std::string, std::string> &before,
+                                   const std::map<std::string, std::string> &after)
+{
+	std::vector<EnvChange> out;
+	auto b = before.begin(), a = after.begin();
+	while (b != before.end() || a != after.end()) {
+		if (a == after.end() || (b != before.end() && b->first < a->first)) {
+			out.push_back({b->first, EnvChange::Kind::Removed});
+			++b;
+		} else if (b == before.end() || a->first < b->first) {
+			out.push_back({a->first, EnvChange::Kind::Added});
+			++a;
+		} else {
+			if (a->second != b->second)
+				out.push_back({a->first, EnvChange::Kind::Changed});
+			++a, ++b;
+		}
+	}
+	return out;
+}
+
 std::vector<Change> diff_service(const ServiceConfig &old, const ServiceConfig &next)
 {
 	std::vector<Change> out;
@@ -136,7 +147,7 @@ std::vector<Change> diff_service(const ServiceConfig &old, const ServiceConfig &
 	c.text("user", old.user, next.user);
 	c.text("group", old.group, next.group);
 	c.text("cwd", old.cwd, next.cwd);
-	if (std::string env = env_changes(old.env, next.env); !env.empty())
+	if (std::string env = env_text(old.env, next.env); !env.empty())
 		out.push_back({next.name, "env", "", env, Effect::NextUpgrade});
 	// A registration is judged by the service's settings as they are now.
 	c.list("register.users", old.register_users, next.register_users, Effect::Now);

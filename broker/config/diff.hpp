@@ -4,10 +4,39 @@
 
 #include "config/config.hpp"
 
+#include <array>
+#include <cstddef>
+#include <map>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace brokerd::config {
+
+// One variable whose value differs from the one before (a generation's, or a reloaded config's): its name and how, never the
+// values (they may be secrets).
+struct EnvChange {
+	enum class Kind { Added, Removed, Changed };
+	// Each kind's name, for the wire (EnvChange.change) and the saved state alike.
+	static constexpr std::array<const char *, 3> kNames{"added", "removed", "changed"};
+	static const char *name_of(Kind k) { return kNames[static_cast<std::size_t>(k)]; }
+	// The kind named so; nullopt for a name this brokerd does not know.
+	static std::optional<Kind> parse(std::string_view n)
+	{
+		for (std::size_t i = 0; i < kNames.size(); i++)
+			if (n == kNames[i])
+				return static_cast<Kind>(i);
+		return std::nullopt;
+	}
+	std::string name;
+	Kind kind = Kind::Changed;
+	bool operator==(const EnvChange &) const = default;
+};
+
+// What differs from `before` to `after`, by name.
+std::vector<EnvChange> env_changes(const std::map<std::string, std::string> &before,
+                                   const std::map<std::string, std::string> &after);
 
 // When a running brokerd applies a changed setting: at once (who may register or call, the
 // shutdown budget, the journal), at the service's next upgrade (or, for a registered service,

@@ -3,6 +3,7 @@
 
 #include "proto/unique_fd.hpp"
 #include "config/config.hpp"
+#include "config/diff.hpp"
 #include "os/event.hpp"
 #include "os/listener.hpp"
 #include "handoff/router.hpp"
@@ -140,29 +141,9 @@ struct Instance {
 	bool awaiting_hello = false;
 };
 
-// One variable whose value differs from the previous generation's: its name and how, never the
-// values (they may be secrets).
-struct EnvChange {
-	enum class Kind { Added, Removed, Changed };
-	// Each kind's name, for the wire (EnvChange.change) and the saved state alike.
-	static constexpr std::array<const char *, 3> kNames{"added", "removed", "changed"};
-	static const char *name_of(Kind k) { return kNames[static_cast<std::size_t>(k)]; }
-	// The kind named so; nullopt for a name this brokerd does not know.
-	static std::optional<Kind> parse(std::string_view n)
-	{
-		for (std::size_t i = 0; i < kNames.size(); i++)
-			if (n == kNames[i])
-				return static_cast<Kind>(i);
-		return std::nullopt;
-	}
-	std::string name;
-	Kind kind = Kind::Changed;
-	bool operator==(const EnvChange &) const = default;
-};
-
-// What differs from `before` to `after`, by name.
-std::vector<EnvChange> env_changes(const std::map<std::string, std::string> &before,
-                                   const std::map<std::string, std::string> &after);
+// A generation's env against the one before it: config::EnvChange (config/diff.hpp).
+using config::EnvChange;
+using config::env_changes;
 
 struct Generation {
 	Service *service = nullptr;

@@ -126,27 +126,6 @@ Generation &Supervisor::new_generation(Service &svc, const config::ServiceConfig
 	return ref;
 }
 
-std::vector<EnvChange> env_changes(const std::map<std::string, std::string> &before,
-                                   const std::map<std::string, std::string> &after)
-{
-	std::vector<EnvChange> out;
-	auto b = before.begin(), a = after.begin();
-	while (b != before.end() || a != after.end()) {
-		if (a == after.end() || (b != before.end() && b->first < a->first)) {
-			out.push_back({b->first, EnvChange::Kind::Removed});
-			++b;
-		} else if (b == before.end() || a->first < b->first) {
-			out.push_back({a->first, EnvChange::Kind::Added});
-			++a;
-		} else {
-			if (a->second != b->second)
-				out.push_back({a->first, EnvChange::Kind::Changed});
-			++a, ++b;
-		}
-	}
-	return out;
-}
-
 Instance &Supervisor::add_instance(Generation &gen)
 {
 	auto inst = std::make_unique<Instance>();
