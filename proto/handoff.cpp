@@ -191,6 +191,18 @@ std::vector<Item> Sender::take_unsent()
 	return out;
 }
 
+std::vector<Item> Sender::take_front(std::size_t n)
+{
+	n = std::min(n, queue_.size());
+	std::vector<Item> out;
+	out.reserve(n);
+	for (std::size_t i = 0; i < n; i++) {
+		out.push_back(std::move(queue_.front()));
+		queue_.pop_front();
+	}
+	return out;
+}
+
 std::size_t Sender::drop_in_flight()
 {
 	std::size_t n = 0;

@@ -83,6 +83,9 @@ public:
 	void requeue_newest(std::size_t n);
 
 	std::size_t queued() const { return queue_.size(); }
+	// The direct channel sends from the queue's front itself (handoff_channel.hpp).
+	const std::deque<Item> &queue() const { return queue_; }
+	std::vector<Item> take_front(std::size_t n);
 	std::size_t in_flight_batches() const { return in_flight_.size(); }
 	std::size_t pending() const;
 

@@ -412,7 +412,7 @@ ServiceConfig parse_service(const std::string &name, const json &j, const std::s
 	object_at(j, path);
 	check_keys(j, path,
 	           {"exec", "sockets", "instances", "version", "ready", "start_timeout", "drain", "upgrade", "restart",
-	            "user", "group", "cwd", "env", "register"});
+	            "handoff", "user", "group", "cwd", "env", "register"});
 	ServiceConfig s;
 	s.name = name;
 
@@ -462,6 +462,9 @@ ServiceConfig parse_service(const std::string &name, const json &j, const std::s
 		                                     {{"no", RestartPolicy::No},
 		                                      {"on-failure", RestartPolicy::OnFailure},
 		                                      {"always", RestartPolicy::Always}});
+	if (auto *v = member(j, "handoff"))
+		s.handoff = choice_at<HandoffPath>(*v, child(path, "handoff"),
+		                                   {{"direct", HandoffPath::Direct}, {"broker", HandoffPath::Broker}});
 	parse_spawn_options(j, path, s);
 	if (auto *v = member(j, "register")) {
 		std::string p = child(path, "register");
@@ -538,6 +541,19 @@ const char *ready_name(ReadyMode mode)
 const char *restart_name(RestartPolicy policy)
 {
 	return policy == RestartPolicy::No ? "no" : policy == RestartPolicy::Always ? "always" : "on-failure";
+}
+
+const char *handoff_name(HandoffPath path)
+{
+	return path == HandoffPath::Broker ? "broker" : "direct";
+}
+
+std::optional<HandoffPath> parse_handoff(std::string_view name)
+{
+	for (HandoffPath p : {HandoffPath::Direct, HandoffPath::Broker})
+		if (name == handoff_name(p))
+			return p;
+	return std::nullopt;
 }
 
 std::optional<ReadyMode> parse_ready(std::string_view name)

@@ -81,6 +81,9 @@ struct MetricsConfig {
 
 enum class ReadyMode { Broker, Notify, Exec };
 enum class RestartPolicy { No, OnFailure, Always };
+// How a draining instance's connections reach its successor: on a channel brokerd makes between
+// the two workers (when both speak it), or through brokerd's own connections.
+enum class HandoffPath { Direct, Broker };
 
 // The most instances a service may run: its config's "instances", and a Scale call's.
 constexpr unsigned kMaxInstances = 1024;
@@ -97,6 +100,7 @@ struct ServiceConfig {
 	int drain_signal = 15;               // SIGTERM
 	unsigned upgrade_batch = 1;
 	RestartPolicy restart = RestartPolicy::OnFailure;
+	HandoffPath handoff = HandoffPath::Direct;
 	std::string user;                    // empty: the broker's own
 	std::string group;
 	std::string cwd;                     // empty: "/"
@@ -143,6 +147,8 @@ const char *ready_name(ReadyMode mode);
 const char *restart_name(RestartPolicy policy);
 std::optional<ReadyMode> parse_ready(std::string_view name);
 std::optional<RestartPolicy> parse_restart(std::string_view name);
+const char *handoff_name(HandoffPath path);
+std::optional<HandoffPath> parse_handoff(std::string_view name);
 
 // Letters, digits and _, not first a digit: what the config and the Upgrade call take as a name.
 bool valid_env_name(std::string_view name);

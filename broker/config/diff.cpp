@@ -144,6 +144,8 @@ std::vector<Change> diff_service(const ServiceConfig &old, const ServiceConfig &
 	c.text("drain.signal", signal_text(old.drain_signal), signal_text(next.drain_signal));
 	c.number("upgrade.batch", old.upgrade_batch, next.upgrade_batch);
 	c.text("restart", restart_name(old.restart), restart_name(next.restart));
+	// A generation's workers learn it in Hello.
+	c.text("handoff", handoff_name(old.handoff), handoff_name(next.handoff));
 	c.text("user", old.user, next.user);
 	c.text("group", old.group, next.group);
 	c.text("cwd", old.cwd, next.cwd);

@@ -341,6 +341,20 @@ bool ControlServer::Connection::send_handoff_result(const HandoffResult &result)
 	return send_event(encode::handoff_result(result));
 }
 
+bool ControlServer::Connection::send_peers(std::vector<HandoffPeer> ends)
+{
+	std::vector<proto::UniqueFd> fds;
+	json event = encode::peers(std::move(ends), fds);
+	return send_event(event, std::move(fds));
+}
+
+bool ControlServer::Connection::send_peer(HandoffPeer end)
+{
+	std::vector<proto::UniqueFd> fds;
+	json event = encode::peer(std::move(end), fds);
+	return send_event(event, std::move(fds));
+}
+
 // After enqueueing: writes what the socket takes. A peer that has gone may still have sent
 // something first (a worker acknowledging connections just before it died): the connection
 // stays until its input is read to the end, and closes then.

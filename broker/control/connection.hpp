@@ -65,6 +65,8 @@ public:
 	bool send_drain(usec_t timeout) override;
 	bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items, const HandoffOrigin &origin) override;
 	bool send_handoff_result(const HandoffResult &result) override;
+	bool send_peers(std::vector<HandoffPeer> ends) override;
+	bool send_peer(HandoffPeer end) override;
 	void watch_event(const Event &event);
 
 	// Observer: the upgrade, start or stop this connection waits for.
@@ -109,6 +111,8 @@ private:
 	void worker_events(control::Call &call);
 	void worker_handoff(control::Call &call);
 	void worker_received(control::Call &call);
+	void worker_peers(control::Call &call);
+	void worker_handed(control::Call &call);
 	void worker_resume(control::Call &call);
 	void control_status(control::Call &call);
 	void control_sockets(control::Call &call);
@@ -146,6 +150,7 @@ private:
 	Service *service_param(const nlohmann::json &params, const std::vector<std::string> &allowed);
 
 	Instance *worker();
+	Instance *peer_sender(const char *method);
 	void reply(nlohmann::json parameters, bool continues = false);
 	void error(std::string_view name, nlohmann::json parameters = nlohmann::json::object());
 	bool send_event(const nlohmann::json &parameters, std::vector<proto::UniqueFd> fds = {});

@@ -406,6 +406,30 @@ json handoff_result(const HandoffResult &r)
 	return event;
 }
 
+namespace {
+
+json peer_entry(HandoffPeer &end, std::vector<proto::UniqueFd> &fds)
+{
+	json j = {{"instance", end.instance}, {"pid", end.pid}, {"fd", fds.size()}};
+	fds.push_back(std::move(end.end));
+	return j;
+}
+
+} // namespace
+
+json peers(std::vector<HandoffPeer> ends, std::vector<proto::UniqueFd> &fds)
+{
+	json list = json::array();
+	for (HandoffPeer &end : ends)
+		list.push_back(peer_entry(end, fds));
+	return {{"event", worker_names::kPeers}, {"peers", std::move(list)}};
+}
+
+json peer(HandoffPeer end, std::vector<proto::UniqueFd> &fds)
+{
+	return {{"event", worker_names::kPeer}, {"peer", peer_entry(end, fds)}};
+}
+
 json history(const History &history)
 {
 	json entries = json::array();

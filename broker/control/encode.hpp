@@ -58,6 +58,10 @@ nlohmann::json drain(std::uint64_t timeout_ms);
 nlohmann::json connections(std::uint64_t batch, std::vector<HandoffItem> items, std::vector<proto::UniqueFd> &fds,
                            const HandoffOrigin &origin);
 nlohmann::json handoff_result(const HandoffResult &result);
+// Direct channels: a sender's ends, one per receiver (Peers' answer), and a receiver's one; each
+// end's fd moves to fds.
+nlohmann::json peers(std::vector<HandoffPeer> ends, std::vector<proto::UniqueFd> &fds);
+nlohmann::json peer(HandoffPeer end, std::vector<proto::UniqueFd> &fds);
 
 // The Varlink error a refusal is, and its parameters.
 std::pair<std::string_view, nlohmann::json> refusal(const Refusal &r);

@@ -22,6 +22,8 @@ std::span<const Method> methods()
 		{"io.brokerd.Worker.Events", Worker, false, &Connection::worker_events},
 		{"io.brokerd.Worker.Handoff", Worker, true, &Connection::worker_handoff},
 		{"io.brokerd.Worker.Received", Worker, false, &Connection::worker_received},
+		{"io.brokerd.Worker.Peers", Worker, false, &Connection::worker_peers},
+		{"io.brokerd.Worker.Handed", Worker, false, &Connection::worker_handed},
 		{"io.brokerd.Worker.Resume", Worker, false, &Connection::worker_resume},
 		{"io.brokerd.Control.Status", Reader, false, &Connection::control_status},
 		{"io.brokerd.Control.Sockets", Reader, false, &Connection::control_sockets},

@@ -1,4 +1,4 @@
-// io.brokerd.Worker: Hello, Ready, Status, Events, Handoff and Received.
+// io.brokerd.Worker: Hello, Ready, Status, Events, Handoff, Received, Peers, Handed and Resume.
 #include "control/connection.hpp"
 
 #include "proto/errors.hpp"
@@ -141,7 +141,8 @@ void ControlServer::Connection::hello_reply(const Instance &inst, bool want_fds)
 	json params_out = {{"service", inst.service->name},
 	                   {"instance", inst.id},
 	                   {"generation", inst.generation->number},
-	                   {"sockets", std::move(sockets)}};
+	                   {"sockets", std::move(sockets)},
+	                   {"peer_handoff", inst.generation->cfg.handoff == config::HandoffPath::Direct}};
 	if (oneway_)
 		return;
 	int r = stream_.enqueue(vl::make_reply(std::move(params_out)), std::move(fds));
@@ -200,10 +201,17 @@ void ControlServer::Connection::worker_status(control::Call &call)
 	}
 }
 
-void ControlServer::Connection::worker_events(control::Call &)
+void ControlServer::Connection::worker_events(control::Call &call)
 {
 	if (!more_)
 		return error(vl::kExpectedMore);
+	bool peer_handoff = false;
+	for (auto it = call.params.begin(); it != call.params.end(); ++it) {
+		if (it.key() == "peer_handoff" && (it->is_boolean() || it->is_null()))
+			peer_handoff = it->is_boolean() && it->get<bool>();
+		else
+			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
+	}
 	Instance *inst = worker();
 	if (!inst)
 		return;
@@ -213,6 +221,7 @@ void ControlServer::Connection::worker_events(control::Call &)
 		                                     " refused, the first one stays");
 		return error(proto::errors::kEventsInUse, {{"instance", inst->id}});
 	}
+	inst->peer_handoff = peer_handoff;
 	claim_instance();
 }
 
@@ -301,6 +310,62 @@ void ControlServer::Connection::worker_received(control::Call &call)
 	if (auto why = server_.supervisor_.handoff_received(*this, batch->get<std::uint64_t>(), refused))
 		return close("Received: " + *why);
 	reply(json::object());
+}
+
+// A sender's instance, by the Events stream on this connection that said peer_handoff: what the
+// direct channel's calls need (their answers go there). Closes the connection otherwise: the
+// library never calls them without it.
+Instance *ControlServer::Connection::peer_sender(const char *method)
+{
+	Instance *inst = server_.supervisor_.find_by_sink(this);
+	if (!inst || !inst->peer_handoff) {
+		if (worker())
+			close(std::string(method) + " without an Events stream that said peer_handoff on the same connection");
+		return nullptr;
+	}
+	return inst;
+}
+
+// Peers is oneway: the answer is a "peers" event.
+void ControlServer::Connection::worker_peers(control::Call &call)
+{
+	if (!call.params.empty())
+		return close("Peers takes no parameters");
+	if (Instance *inst = peer_sender("Peers"))
+		server_.supervisor_.handoff_peers(*inst, *this);
+}
+
+// Counts only, so a bad one closes the connection (the library never sends one) and changes
+// nothing. A receiver is named by its instance, of the sender's own service.
+void ControlServer::Connection::worker_handed(control::Call &call)
+{
+	Instance *inst = peer_sender("Handed");
+	if (!inst)
+		return;
+	Supervisor::Handed h;
+	// Each count fits in 32 bits: no call can wrap the counters.
+	auto count = [&](const char *key, std::uint64_t &out, bool optional) {
+		auto it = call.params.find(key);
+		if (it == call.params.end() || it->is_null())
+			return optional;
+		if (!it->is_number_unsigned() || it->get<std::uint64_t>() > UINT32_MAX)
+			return false;
+		out = it->get<std::uint64_t>();
+		return true;
+	};
+	auto peer = call.params.find("peer");
+	if (peer == call.params.end() || !peer->is_string() ||
+	    !peer->get_ref<const std::string &>().starts_with(inst->service->name + "/"))
+		return close("Handed: \"peer\" must name an instance of service " + inst->service->name);
+	h.peer = peer->get<std::string>();
+	if (!count("sent", h.sent, false) || !count("landed", h.landed, false) || !count("returned", h.returned, false) ||
+	    !count("remaining", h.remaining, true))
+		return close("Handed: sent, landed, returned and remaining must be counts under 2^32");
+	for (auto it = call.params.begin(); it != call.params.end(); ++it)
+		if (it.key() != "peer" && it.key() != "sent" && it.key() != "landed" && it.key() != "returned" &&
+		    it.key() != "remaining")
+			return close("Handed: unknown parameter \"" + it.key() + "\"");
+	server_.supervisor_.handoff_handed(*inst, h);
 }
 
 // After a restart of brokerd, on the connection with the Events stream (so its "handoff" events

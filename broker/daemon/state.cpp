@@ -30,6 +30,7 @@ json service_config(const config::ServiceConfig &c)
 	        {"drain_signal", c.drain_signal},
 	        {"upgrade_batch", c.upgrade_batch},
 	        {"restart", config::restart_name(c.restart)},
+	        {"handoff", config::handoff_name(c.handoff)},
 	        {"user", c.user},
 	        {"group", c.group},
 	        {"cwd", c.cwd},
@@ -59,6 +60,11 @@ config::ServiceConfig service_config(const json &j)
 		if (!restart)
 			throw std::runtime_error("re-exec state: unknown restart policy in service " + c.name);
 		c.restart = *restart;
+		// Absent from the state of a brokerd that predates it.
+		auto handoff = config::parse_handoff(j.value("handoff", "direct"));
+		if (!handoff)
+			throw std::runtime_error("re-exec state: unknown handoff path in service " + c.name);
+		c.handoff = *handoff;
 		c.user = j.at("user").get<std::string>();
 		c.group = j.at("group").get<std::string>();
 		c.cwd = j.at("cwd").get<std::string>();

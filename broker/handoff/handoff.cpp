@@ -3,21 +3,95 @@
 
 #include "os/log.hpp"
 
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
 namespace brokerd {
 
 // The ready instances of the generation that succeeds the sender's and said accept_handoff:
 // during an upgrade the one being rolled out, otherwise the current one, if newer.
-std::vector<EventSink *> Supervisor::handoff_targets(const Instance &sender) const
+std::vector<Instance *> Supervisor::handoff_receivers(const Instance &sender) const
 {
 	const Service &svc = *sender.service;
 	const Generation *next = svc.upgrade ? svc.upgrade->to : svc.current;
-	std::vector<EventSink *> out;
+	std::vector<Instance *> out;
 	if (!next || next->number <= sender.generation->number || svc.removing)
 		return out;
 	for (const auto &inst : next->instances)
 		if (inst->state == InstanceState::Ready && inst->accepts_handoff && inst->events && !inst->retired())
-			out.push_back(inst->events);
+			out.push_back(inst.get());
 	return out;
+}
+
+std::vector<EventSink *> Supervisor::handoff_targets(const Instance &sender) const
+{
+	std::vector<EventSink *> out;
+	for (Instance *inst : handoff_receivers(sender))
+		out.push_back(inst->events);
+	return out;
+}
+
+// Introduces sender to each receiver it has not met (this process, that process): a socket pair
+// each, one end to either. The path stays brokerd's (an empty list) unless every receiver speaks
+// the channel, so that a batch is never split between the two paths; and a sender introduced to
+// all of them already gets none, so that a worker asking again and again makes no more sockets.
+void Supervisor::handoff_peers(Instance &sender, EventSink &sink)
+{
+	std::vector<Instance *> receivers = handoff_receivers(sender);
+	bool direct = sender.generation->cfg.handoff == config::HandoffPath::Direct && !receivers.empty();
+	for (Instance *r : receivers)
+		direct = direct && r->peer_handoff;
+	std::vector<HandoffPeer> ends;
+	std::vector<std::string> names;
+	for (Instance *r : direct ? receivers : std::vector<Instance *>()) {
+		std::pair<std::string, pid_t> pair{r->id, r->pid};
+		if (std::find(sender.peers.begin(), sender.peers.end(), pair) != sender.peers.end())
+			continue;
+		int sv[2];
+		if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+			log::warning("instance " + sender.id + ": no direct handoff channel to " + r->id + ": socketpair: " +
+			             std::strerror(errno));
+			continue;
+		}
+		proto::UniqueFd mine(sv[0]), theirs(sv[1]);
+		if (!r->events->send_peer(HandoffPeer{sender.id, sender.pid, std::move(theirs)}))
+			continue;
+		sender.peers.push_back(std::move(pair));
+		names.push_back(r->id);
+		ends.push_back(HandoffPeer{r->id, r->pid, std::move(mine)});
+	}
+	if (!ends.empty()) {
+		std::string list;
+		for (const std::string &n : names)
+			list += (list.empty() ? "" : ", ") + n;
+		log::info("instance " + sender.id + ": direct handoff channel(s) to " + list);
+	}
+	sink.send_peers(std::move(ends));
+}
+
+// Counts as the router counts its own: handed when sent, then received or returned. A receiver
+// that has gone since counts for the service and the upgrade only.
+void Supervisor::handoff_handed(Instance &sender, const Handed &h)
+{
+	Service &svc = *sender.service;
+	sender.handoff.handed += h.sent;
+	sender.handoff.returned += h.returned;
+	sender.handoff_remaining = h.remaining;
+	for (HandoffCounts *c : {&svc.handoff, svc.upgrade ? &svc.upgrade->handoff : nullptr}) {
+		if (!c)
+			continue;
+		c->handed += h.sent;
+		c->received += h.landed;
+		c->returned += h.returned;
+	}
+	for (const auto &gen : svc.generations)
+		for (const auto &inst : gen->instances)
+			if (inst->id == h.peer)
+				inst->handoff.received += h.landed;
+	handoff_progress(svc);
 }
 
 void Supervisor::handoff(Instance &sender, EventSink &sink, std::uint64_t batch, std::vector<HandoffItem> items,

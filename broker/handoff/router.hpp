@@ -47,6 +47,13 @@ struct HandoffResult {
 	std::string why;
 };
 
+// One end of a direct handoff channel (Worker.Peers), and the instance at the other end.
+struct HandoffPeer {
+	std::string instance;
+	pid_t pid = 0;
+	proto::UniqueFd end;
+};
+
 // Where a worker's events go: the control connection that holds its Events stream, which puts
 // them on the wire (control/encode.cpp). Each returns false when the connection is gone (it may
 // have closed, and told its owners so, from inside the call).
@@ -59,6 +66,18 @@ public:
 	virtual bool send_connections(std::uint64_t batch, std::vector<HandoffItem> items, const HandoffOrigin &origin) = 0;
 	// A batch's result for its sender.
 	virtual bool send_handoff_result(const HandoffResult &result) = 0;
+	// Direct channels: a sender's, one per receiver (none: it uses Handoff), and a receiver's
+	// one from a sender. Their ends close once sent. Only a worker's Events stream has them.
+	virtual bool send_peers(std::vector<HandoffPeer> peers)
+	{
+		(void)peers;
+		return false;
+	}
+	virtual bool send_peer(HandoffPeer peer)
+	{
+		(void)peer;
+		return false;
+	}
 
 protected:
 	~EventSink() = default;

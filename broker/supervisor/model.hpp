@@ -107,6 +107,9 @@ struct Instance {
 	unsigned restarts = 0;
 
 	bool accepts_handoff = false;       // said so in Hello
+	bool peer_handoff = false;          // its Events stream speaks direct handoff channels
+	// The receivers this process was introduced to (Peers), by instance and pid: once each.
+	std::vector<std::pair<std::string, pid_t>> peers;
 	// From a crash state: it had an Events stream, so it says Resume when it reconnects.
 	bool linked = false;
 	HandoffCounts handoff;              // as a sender (handed, returned) and a receiver (received)

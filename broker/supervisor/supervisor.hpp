@@ -91,6 +91,15 @@ public:
 	// from a receiver's. See HandoffRouter.
 	void handoff(Instance &sender, EventSink &sink, std::uint64_t batch, std::vector<HandoffItem> items,
 	             std::uint64_t remaining);
+	// Direct channels (Worker.Peers): one socket pair per receiver sender has not met, their
+	// ends sent to both; an empty "peers" when the path is brokerd's (see handoff.cpp).
+	void handoff_peers(Instance &sender, EventSink &sink);
+	// What moved on them (Worker.Handed), for the counters: peer names the receiver.
+	struct Handed {
+		std::string peer;
+		std::uint64_t sent = 0, landed = 0, returned = 0, remaining = 0;
+	};
+	void handoff_handed(Instance &sender, const Handed &h);
 	std::optional<std::string> handoff_received(EventSink &sink, std::uint64_t batch,
 	                                            const std::vector<std::uint64_t> &refused);
 	// A Resume call from inst's Events connection, after a restart of brokerd: what it received
@@ -253,6 +262,7 @@ private:
 	// Upgrades: feed the rollout, then carry out what it asks.
 	void apply(Service &svc, const RolloutStep &step);
 	void finish_upgrade(Service &svc);
+	std::vector<Instance *> handoff_receivers(const Instance &sender) const;
 	std::vector<EventSink *> handoff_targets(const Instance &sender) const;
 	void handoff_report(const HandoffRouter::Report &r);
 	void handoff_progress(Service &svc);

@@ -134,9 +134,6 @@ namespace {
 const std::string kEmpty;
 const std::vector<Listener> kNoListeners;
 
-// How long to wait before writing again when the kernel refuses more fds in flight.
-constexpr std::uint64_t kFdPressureRetry = 10'000;
-
 std::chrono::steady_clock::time_point deadline_after(const json &timeout_ms)
 {
 	using namespace std::chrono;
@@ -192,7 +189,7 @@ int Client::Impl::flush_or_defer()
 	retry_at = 0;
 	int r = stream->flush();
 	if (r == -ETOOMANYREFS) {
-		retry_at = now_usec() + kFdPressureRetry;
+		retry_at = now_usec() + detail::kFdPressureRetry;
 		return -EAGAIN;
 	}
 	if (is_disconnect(r))
@@ -224,13 +221,33 @@ void Client::Impl::dispatch(proto::varlink::Message &m)
 		connections_event(*params, m.fds);
 	} else if (name == events::kHandoff) {
 		handoff_event(*params);
+	} else if (name == events::kPeers) {
+		peers_event(*params, m.fds);
+	} else if (name == events::kPeer) {
+		peer_event(*params, m.fds);
 	}
 }
 
-// Sends batches while the window has room; each is oneway, and its outcome comes as a
+// Sends what is queued: on the direct channels (channel.cpp), once brokerd has made them;
+// otherwise as Handoff batches while the window has room, each oneway, its outcome coming as a
 // "handoff" event.
 void Client::Impl::pump()
 {
+	if (path == Path::Direct) {
+		pump_direct();
+		report_handed();
+		if (path == Path::Direct)
+			return;
+	}
+	if (path == Path::Unasked && peer_handoff && sender.queued() > 0) {
+		if (phase != Phase::Connected)
+			return; // the Hello of a reconnect pumps again
+		send(kPeers, json::object());
+		path = Path::Asked;
+		return;
+	}
+	if (path == Path::Asked)
+		return;
 	if (!stream)
 		throw_closed();
 	while (auto b = sender.next()) {
@@ -316,7 +333,7 @@ void Client::Impl::handoff_event(const json &params)
 	std::vector<std::uint64_t> back = indices("returned");
 	std::vector<std::uint64_t> abandoned = indices("abandoned");
 	proto::handoff::Sender::Completion done;
-	std::size_t before = sender.pending();
+	std::size_t before = pending();
 	if (!ok || !sender.complete(batch->get<std::uint64_t>(), landed->get<std::uint64_t>(), back, abandoned, done))
 		throw Error(EBADMSG, "invalid handoff event from brokerd");
 	summary.landed += done.landed;
@@ -361,9 +378,18 @@ void Client::Impl::give_back(std::vector<proto::handoff::Item> items)
 		std::rethrow_exception(failure);
 }
 
+// Everything handed has landed or come back: the next handoff asks for channels again (to the
+// receivers there are then), and ours to the receivers of this one close.
 void Client::Impl::check_done(std::size_t pending_before)
 {
-	if (pending_before > 0 && sender.pending() == 0 && on_handoff_done)
+	if (pending_before == 0 || pending() != 0)
+		return;
+	path = Path::Unasked;
+	for (auto &p : peers)
+		if (p->sending)
+			p->ended = true;
+	prune_peers();
+	if (on_handoff_done)
 		on_handoff_done(summary);
 }
 
@@ -477,7 +503,7 @@ Client Client::from_env(const ClientOptions &options)
 	impl->stream.emplace(std::move(sync->stream()));
 	// Connections handed to this instance beyond its fd limit are refused, not the stream's end.
 	impl->stream->allow_lost_fds();
-	int r = impl->stream->enqueue(proto::varlink::make_call(kEvents, json::object(), true));
+	int r = impl->stream->enqueue(proto::varlink::make_call(kEvents, impl->events_parameters(params), true));
 	if (r < 0)
 		throw Error(-r, std::string("cannot queue Events: ") + std::strerror(-r));
 	impl->flush_now();
@@ -557,11 +583,17 @@ void Client::status(std::string_view text)
 
 int Client::fd() const noexcept
 {
+	if (impl_ && impl_->epoll)
+		return impl_->epoll.get();
 	return impl_ && impl_->stream ? impl_->stream->fd() : -1;
 }
 
 short Client::events() const noexcept
 {
+	if (impl_ && impl_->epoll) {
+		impl_->watch();
+		return POLLIN;
+	}
 	if (!impl_ || !impl_->stream)
 		return 0;
 	// Under the kernel's fds-in-flight limit the socket is writable, but writing fails: timeout()
@@ -593,7 +625,20 @@ bool Client::process()
 {
 	if (!impl_)
 		return false;
-	Impl &impl = *impl_;
+	bool did = false;
+	if (!impl_->peers.empty()) {
+		// A handler may destroy the Client.
+		std::shared_ptr<bool> alive = impl_->alive;
+		did = impl_->serve_peers();
+		if (!*alive)
+			return true;
+	}
+	return impl_->process_stream() || did;
+}
+
+bool Client::Impl::process_stream()
+{
+	Impl &impl = *this;
 	if (impl.phase == Impl::Phase::Waiting)
 		return impl.attempt();
 	if (!impl.stream)
@@ -723,7 +768,10 @@ void Client::handoff(const Connection *list, std::size_t count)
 	// half of it.
 	rlimit nofile{};
 	if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY)
+	{
 		impl_->sender.set_window(nofile.rlim_cur / 2 / proto::limits::kMaxFdsPerMessage);
+		impl_->window_fds = std::max<std::size_t>(nofile.rlim_cur / 2, 1);
+	}
 	// Everything that allocates first, with no fd owned yet; then every fd at once.
 	std::vector<int> fds;
 	fds.reserve(connections.size());
@@ -751,7 +799,7 @@ void Client::handoff(const Connection *list, std::size_t count)
 
 std::size_t Client::handoff_pending() const noexcept
 {
-	return impl_ ? impl_->sender.pending() : 0;
+	return impl_ ? impl_->pending() : 0;
 }
 
 const HandoffSummary &Client::handoff_summary() const noexcept

@@ -9,7 +9,9 @@
 #include "proto/varlink.hpp"
 
 #include <cstdint>
+#include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <random>
@@ -24,6 +26,8 @@ namespace detail {
 using proto::varlink::json;
 
 std::uint64_t now_usec();
+// How long to wait before writing again when the kernel refuses more fds in flight.
+inline constexpr std::uint64_t kFdPressureRetry = 10'000;
 bool is_disconnect(int r);
 [[noreturn]] void throw_closed();
 // A member of a Hello reply, of the type asked, or Error(EBADMSG).
@@ -60,6 +64,38 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	std::optional<proto::varlink::Stream> stream;
 	std::function<void(const DrainRequest &)> on_drain;
 
+	// The direct handoff channels (channel.cpp): each a SOCK_SEQPACKET end brokerd gave us, to
+	// a receiver ("peers") or from a sender ("peer").
+	struct Peer {
+		proto::UniqueFd fd;
+		std::string instance; // at the other end
+		bool sending = false;  // ours to write connections on
+		std::uint32_t watched = 0; // its events in the epoll set, 0 before it is added
+		// Sending: the frames not acknowledged yet, by id, their connections still ours.
+		std::map<std::uint64_t, std::vector<proto::handoff::Item>> unacked;
+		std::size_t unacked_count = 0;
+		bool blocked = false; // the socket is full: wait for POLLOUT
+		std::uint64_t sent = 0, landed = 0, returned = 0; // not told to brokerd yet (Handed)
+		// Receiving: acknowledgements the socket did not take yet, of frames whose connections
+		// on_connection has.
+		std::deque<std::string> acks;
+		bool ended = false; // the other end closed, or broke the protocol
+	};
+	enum class Path { Unasked, Asked, Direct, Brokered };
+	bool peer_handoff = false; // brokerd makes direct channels, and our Events said we speak them
+	Path path = Path::Unasked; // of the connections queued in sender
+	std::vector<std::unique_ptr<Peer>> peers;
+	std::size_t rotation = 0; // the sending peer that gets the next frame
+	std::uint64_t next_frame = 1;
+	std::size_t window_fds = SIZE_MAX; // connections unacknowledged on all channels at once
+	std::size_t unacked_out = 0;        // ... and how many are
+	std::string frame_buffer;
+	// Once a peer exists, fd() is this epoll set, holding the stream and every peer; it stays
+	// for the Client's life, as a caller may hold its number. Mutable: events() keeps it current.
+	proto::UniqueFd epoll;
+	mutable int watched_stream = -1;
+	mutable std::uint32_t watched_stream_events = 0;
+
 	proto::handoff::Sender sender;
 	proto::handoff::Receipts receipts; // what this instance received, for a brokerd that restarts
 	HandoffSummary summary;
@@ -91,6 +127,32 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	void handoff_event(const json &params);
 	void give_back(std::vector<proto::handoff::Item> items);
 	void check_done(std::size_t pending_before);
+	std::size_t pending() const;
+
+	// The direct channels (channel.cpp).
+	void peers_event(const json &params, std::vector<proto::UniqueFd> &fds);
+	void peer_event(const json &params, std::vector<proto::UniqueFd> &fds);
+	Peer *add_peer(proto::UniqueFd fd, std::string instance, bool sending);
+	void pump_direct();
+	bool serve_peers();
+	bool read_acks(Peer &p, std::vector<proto::handoff::Item> &back);
+	// A frame read from a sender: its id, a slot per connection (empty where its fd did not
+	// arrive), their states.
+	struct Frame {
+		std::uint64_t id = 0;
+		std::vector<proto::UniqueFd> fds;
+		std::vector<std::string> states;
+	};
+	bool read_frames(Peer &p, std::vector<Frame> &frames);
+	void take_frame(Peer &p, Frame &frame, std::exception_ptr &failure);
+	void write_acks(Peer &p);
+	void lose_peer(Peer &p, std::vector<proto::handoff::Item> &back);
+	void report_handed();
+	void prune_peers();
+	void unwatch_stream();
+	void watch() const;
+	bool process_stream();
+	json events_parameters(const json &hello_reply);
 
 	Link link() const noexcept;
 	void disconnected(const Error &error);

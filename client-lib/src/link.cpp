@@ -65,8 +65,12 @@ void Client::Impl::disconnected(const Error &error)
 		return;
 	}
 	std::shared_ptr<bool> still = alive;
-	std::size_t before = sender.pending();
+	std::size_t before = pending();
 	sender.requeue_newest(stream->unsent_borrowed());
+	// The direct channels go on without brokerd; a Peers question dies with it.
+	bool direct = path == Path::Direct;
+	if (path == Path::Asked)
+		path = Path::Unasked;
 	// Nothing queued may go out after this: its borrowed fds are about to be closed or given
 	// back, and their numbers reused.
 	close_stream();
@@ -81,7 +85,8 @@ void Client::Impl::disconnected(const Error &error)
 	Error copy = error; // the caller's may live in what on_handoff_done destroys
 	std::exception_ptr failure;
 	try {
-		give_back(sender.take_unsent());
+		if (!direct)
+			give_back(sender.take_unsent());
 	} catch (...) {
 		failure = std::current_exception(); // the handler's own error comes first; fd() says the rest
 	}
@@ -118,6 +123,7 @@ std::uint64_t Client::Impl::backoff(unsigned n)
 
 void Client::Impl::close_stream()
 {
+	unwatch_stream();
 	if (stream)
 		last_fd = stream->fd();
 	stream.reset();
@@ -185,8 +191,10 @@ void Client::Impl::hello_reply(const proto::varlink::Message &m)
 		reject(Error(proto::varlink::errno_for_error(name), "brokerd refused the new Hello: " + name, name));
 	}
 	std::string who;
+	json events;
 	try {
 		const json &params = member(m.body, "parameters", json::value_t::object);
+		events = events_parameters(params);
 		who = member(params, "service", json::value_t::string).get<std::string>() + " instance " +
 		      member(params, "instance", json::value_t::string).get<std::string>() + " generation " +
 		      std::to_string(member(params, "generation", json::value_t::number_unsigned).get<std::uint64_t>());
@@ -207,7 +215,7 @@ void Client::Impl::hello_reply(const proto::varlink::Message &m)
 	for (const auto &b : sender.in_flight())
 		in_doubt.push_back({{"batch", b.batch}, {"count", b.count}});
 	json resume = {{"in_doubt", std::move(in_doubt)}, {"received", receipts.list(proto::handoff::kBatchBytes / 2)}};
-	json calls[] = {proto::varlink::make_call(kEvents, json::object(), true),
+	json calls[] = {proto::varlink::make_call(kEvents, std::move(events), true),
 	                proto::varlink::make_call(kResume, std::move(resume), false, true),
 	                said_ready ? proto::varlink::make_call(kReady, json::object(), false, true) : json(),
 	                last_status ? proto::varlink::make_call(kStatus, {{"text", *last_status}}, false, true) : json()};
@@ -218,7 +226,8 @@ void Client::Impl::hello_reply(const proto::varlink::Message &m)
 		if (r < 0)
 			throw Error(-r, std::string("cannot queue a call after reconnecting: ") + std::strerror(-r));
 	}
-	flush_now();
+	// Connections queued while it was gone (a direct channel's receiver lost with it) go on.
+	pump();
 	if (on_link)
 		on_link(Link::Connected, nullptr);
 }
@@ -242,7 +251,7 @@ void Client::Impl::reject(const Error &error)
 	retry_at = 0;
 	phase = Phase::Rejected;
 	// No brokerd will say where the handoffs in doubt went: closed, as without reconnect.
-	std::size_t before = sender.pending();
+	std::size_t before = pending();
 	summary.abandoned += sender.drop_in_flight();
 	Error copy = error;
 	std::shared_ptr<bool> still = alive;

@@ -225,7 +225,8 @@ TEST_CASE("names.hpp has the values of every field with a fixed set in the .varl
 	CHECK(control::service_info_state::kStopped == "stopped");
 	CHECK(control::instance_state::kStarting == "starting");
 	CHECK(worker::events_event::kDrain == "drain");
-	CHECK(worker::events_event::kValues.size() == 3);
+	CHECK(worker::events_event::kValues.size() == 5);
+	CHECK(worker::events_event::kPeer == "peer");
 	CHECK(control::upgrade_info_phase::kRollingBack == "rolling-back");
 	CHECK(control::socket_info_origin::kFdstore == "fdstore");
 }

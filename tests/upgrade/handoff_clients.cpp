@@ -365,10 +365,11 @@ void take_nofile_limit(std::size_t connections)
 	REQUIRE(::setrlimit(RLIMIT_NOFILE, &nofile) == 0);
 }
 
-std::uint16_t start_web(TestBroker &tb, const json &others)
+std::uint16_t start_web(TestBroker &tb, const json &others, const std::string &handoff)
 {
 	json web = http_service(2);
 	web["drain"] = {{"timeout", "30s"}};
+	web["handoff"] = handoff;
 	json services = others;
 	services["web"] = web;
 	tb.start({{"sockets", {{"http", {{"listen", "tcp://127.0.0.1:0"}, {"backlog", 4096}}}}}, {"services", services}});

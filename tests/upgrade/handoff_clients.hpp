@@ -96,7 +96,8 @@ void take_nofile_limit(std::size_t connections);
 // Starts `tb` with service "web": 2 instances of the C++ example, a 30 s drain, on socket "http"
 // with a backlog of 4096, and `others` beside it, and waits until web's generation 1 serves.
 // Returns the port.
-std::uint16_t start_web(TestBroker &tb, const json &others = json::object());
+// handoff: the service's path, "direct" (the workers' own channels) or "broker".
+std::uint16_t start_web(TestBroker &tb, const json &others = json::object(), const std::string &handoff = "direct");
 
 // Checks the answers of the idle connections: each that is not a 200 keep-alive answer from
 // `generation` which `accept` (the test's own conditions) also takes is noted in `t` as wrong. The

@@ -51,8 +51,9 @@ TEST_CASE("crash: SIGKILL of brokerd mid-handoff of 2000 keep-alive connections 
 	// "aux" comes before "web" in brokerd's books: its worker, killed while brokerd is down, is
 	// found gone before web's workers are found again, and must not close the books on the
 	// handoffs in doubt before they are opened.
-	std::uint16_t port =
-		start_web(tb, {{"aux", {{"exec", {"/bin/sleep", "1000"}}, {"sockets", json::array()}, {"ready", "exec"}}}});
+	// On brokerd's path: only there does brokerd hold batches that its death leaves in doubt.
+	std::uint16_t port = start_web(
+		tb, {{"aux", {{"exec", {"/bin/sleep", "1000"}}, {"sockets", json::array()}, {"ready", "exec"}}}}, "broker");
 	// brokerd's fds and memory as it serves, before any connection.
 	auto idle = idle_fds(b.pid());
 	REQUIRE_MESSAGE(idle, "brokerd did not sleep in its event loop within 10 s of READY=1");
