@@ -16,6 +16,11 @@
 //   HANDOFF_BENCH_STATE    bytes of state sent with each connection (default 0). The state is the
 //                          client's port in decimal, padded with 'x', so that the receiver can check
 //                          with getpeername() that each state arrived with its own socket.
+//   HANDOFF_BENCH_REGISTER "inline" (default): on_connection puts each connection into the epoll
+//                          set at once; "deferred": on_connection keeps it, and the loop registers
+//                          what it was given once process() returns, as a server that hands
+//                          accepted connections to its own workers does. Either way it owns each
+//                          one from the handler on; deferred, the acknowledgement leaves first.
 //
 // Result files, one JSON object each, written atomically (rename) into HANDOFF_BENCH_DIR:
 //   sender-<pid>.json    the drained instance: when handoff() was called (t0), how long the call
@@ -245,6 +250,7 @@ private:
 	void on_readable(int fd);
 	void close_connection(int fd);
 	void adopt(int fd, std::string state);
+	void serve(int fd);
 	void begin_handoff();
 	void finish();
 	std::string sender_json() const;
@@ -254,6 +260,8 @@ private:
 	std::string dir_;
 	std::size_t expect_ = 0;
 	std::size_t state_bytes_ = 0;
+	bool deferred_ = false;
+	std::vector<int> given_; // deferred: handed to on_connection, not registered yet
 	std::string greeting_;
 	Fd epoll_;
 	std::uint32_t broker_events_ = 0;
@@ -277,6 +285,11 @@ Worker::Worker() : client_(broker::Client::from_env(broker::ClientOptions{.accep
 	dir_ = dir;
 	expect_ = env_size("HANDOFF_BENCH_EXPECT", 0, 10000000);
 	state_bytes_ = env_size("HANDOFF_BENCH_STATE", 0, kMaxState);
+	if (const char *reg = std::getenv("HANDOFF_BENCH_REGISTER"); reg && *reg) {
+		if (std::string(reg) != "inline" && std::string(reg) != "deferred")
+			throw std::runtime_error("HANDOFF_BENCH_REGISTER must be inline or deferred");
+		deferred_ = std::string(reg) == "deferred";
+	}
 	greeting_ = std::to_string(client_.generation()) + "\n";
 
 	epoll_ = Fd(epoll_create1(EPOLL_CLOEXEC));
@@ -405,6 +418,18 @@ void Worker::adopt(int fd, std::string state)
 	recv_.received++;
 	if (state_bytes_ > 0 && state != state_for(fd, state_bytes_))
 		recv_.bad_state++;
+	if (deferred_)
+		given_.push_back(fd);
+	else
+		serve(fd);
+	if (sample)
+		recv_.handler_ns += std::max<std::int64_t>(clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu_start - clock_cost_, 0) *
+		                    kHandlerSample;
+}
+
+// Into the epoll set, to be served.
+void Worker::serve(int fd)
+{
 	epoll_event ev{};
 	ev.events = EPOLLIN;
 	ev.data.u64 = static_cast<unsigned>(fd);
@@ -416,9 +441,6 @@ void Worker::adopt(int fd, std::string state)
 		open_count_++;
 	}
 	recv_.last = now_ns();
-	if (sample)
-		recv_.handler_ns += std::max<std::int64_t>(clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu_start - clock_cost_, 0) *
-		                    kHandlerSample;
 }
 
 // Off the event loop, then everything to the successor. Only the client's fd is watched from
@@ -519,6 +541,9 @@ int Worker::run()
 				try {
 					for (int k = 0; k < kProcessBatch && client_.process(); k++) {
 					}
+					for (int fd : given_)
+						serve(fd);
+					given_.clear();
 				} catch (const broker::Error &e) {
 					if (!handing_ && e.code() == ECONNRESET) {
 						log("brokerd closed the connection, exiting");

@@ -181,9 +181,16 @@ int receive_frame(int fd, std::string &buffer, Received &out)
 	msg.msg_control = control;
 	msg.msg_controllen = sizeof control;
 	ssize_t n;
-	do
+	// ECONNRESET says once that the peer closed with frames of ours unread; what it had sent
+	// before still waits here, and the next read gets it (then the end).
+	bool reset = false;
+	do {
 		n = ::recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-	while (n < 0 && errno == EINTR);
+		if (n < 0 && errno == ECONNRESET && !reset) {
+			reset = true;
+			errno = EINTR;
+		}
+	} while (n < 0 && errno == EINTR);
 	if (n < 0)
 		return -errno;
 	out.fds.clear();

@@ -198,6 +198,23 @@ void ControlServer::Connection::on_io(std::uint32_t revents)
 		update_events();
 }
 
+// The instance's process has exited, so what waits in the socket is all it will ever say: read to
+// its end before the exit is handled (a direct channel's last counts, an acknowledgement). Bounded
+// by what the socket holds; whole calls left waiting behind a busy one stay for the loop.
+void ControlServer::Connection::read_rest()
+{
+	for (int i = 0; i < kMessagesPerWakeup && !dead_; i++) {
+		int r = stream_.receive();
+		if (r < 0 && r != -EAGAIN)
+			break; // the loop sees the end, or the error, as before
+		dispatch();
+		if (r <= 0 || waiting_)
+			break;
+	}
+	if (!dead_)
+		update_events();
+}
+
 void ControlServer::Connection::dispatch()
 {
 	// Calls are answered in order: while one waits for the supervisor, the rest stay queued.

@@ -67,6 +67,7 @@ public:
 	bool send_handoff_result(const HandoffResult &result) override;
 	bool send_peers(std::vector<HandoffPeer> ends) override;
 	bool send_peer(HandoffPeer end) override;
+	void read_rest() override;
 	void watch_event(const Event &event);
 
 	// Observer: the upgrade, start or stop this connection waits for.

@@ -60,6 +60,7 @@ void Supervisor::handoff_peers(Instance &sender, EventSink &sink)
 		if (!r->events->send_peer(HandoffPeer{sender.id, sender.pid, std::move(theirs)}))
 			continue;
 		sender.peers.push_back(std::move(pair));
+		sender.service->handoff_channels++;
 		names.push_back(r->id);
 		ends.push_back(HandoffPeer{r->id, r->pid, std::move(mine)});
 	}

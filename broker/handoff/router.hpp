@@ -78,6 +78,8 @@ public:
 		(void)peer;
 		return false;
 	}
+	// Its process has exited: read and handle what it wrote before, which is all there is.
+	virtual void read_rest() {}
 
 protected:
 	~EventSink() = default;

@@ -102,7 +102,10 @@ void handoff_families(std::vector<Family> &out, const Supervisor &sup)
 	                         "Handed connections their successors took.", Type::Counter);
 	Family returned = family("brokerd_handoff_returned_connections_total",
 	                         "Handed connections that went back to their sender.", Type::Counter);
+	Family channels = family("brokerd_handoff_channels_total",
+	                         "Direct handoff channels made between a sender and a receiver.", Type::Counter);
 	for (const auto &svc : sup.services()) {
+		add(channels, {{"service", svc->name}}, number(svc->handoff_channels));
 		add(handed, {{"service", svc->name}}, number(svc->handoff.handed));
 		add(received, {{"service", svc->name}}, number(svc->handoff.received));
 		add(returned, {{"service", svc->name}}, number(svc->handoff.returned));
@@ -111,6 +114,7 @@ void handoff_families(std::vector<Family> &out, const Supervisor &sup)
 	                          "Connections in flight at a crash of brokerd that no instance claimed in time.",
 	                          Type::Counter);
 	add(abandoned, {}, number(sup.recovery().doubt_abandoned));
+	out.push_back(std::move(channels));
 	out.push_back(std::move(handed));
 	out.push_back(std::move(received));
 	out.push_back(std::move(returned));

@@ -212,6 +212,7 @@ struct Service {
 	std::vector<Observer *> stop_waiters;
 	std::vector<ScaleWaiter> scale_waiters;
 	HandoffCounts handoff;                 // since the broker started
+	std::uint64_t handoff_channels = 0;    // direct channels made (Peers), since then too
 	usec_t handoff_reported = 0;           // CLOCK_MONOTONIC, of the last progress event
 };
 

@@ -104,6 +104,7 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				          {"ready_since", inst->backoff.ready_since},
 				          {"last_lines", inst->last_lines},
 				          {"accepts_handoff", inst->accepts_handoff},
+				          {"peer_handoff", inst->peer_handoff},
 				          {"linked", inst->events != nullptr},
 				          {"handoff", {inst->handoff.handed, inst->handoff.received, inst->handoff.returned}}};
 				// The start, drain or restart timer's deadline (CLOCK_MONOTONIC, which a crash
@@ -146,7 +147,8 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 		           {"next_generation", svc->next_generation},
 		           {"stopped", svc->stopped},
 		           {"removing", svc->removing},
-		           {"handoff", {svc->handoff.handed, svc->handoff.received, svc->handoff.returned}}};
+		           {"handoff", {svc->handoff.handed, svc->handoff.received, svc->handoff.returned}},
+		           {"handoff_channels", svc->handoff_channels}};
 		if (svc->previous)
 			sv["previous"] = state::service_config(*svc->previous);
 		sv["history"] = save_history(svc->history);
@@ -229,6 +231,7 @@ static void decode_instance(Instance &inst, const json &i, Serializer::CrashFds 
 	for (const json &l : i.at("last_lines"))
 		inst.last_lines.push_back(l.get<std::string>());
 	inst.accepts_handoff = i.at("accepts_handoff").get<bool>();
+	inst.peer_handoff = i.value("peer_handoff", false); // absent from the state of a brokerd that predates it
 	inst.linked = i.value("linked", false); // absent from the state of a brokerd that predates it
 	const json &h = i.at("handoff");
 	inst.handoff = HandoffCounts{h.at(0).get<std::uint64_t>(), h.at(1).get<std::uint64_t>(), h.at(2).get<std::uint64_t>()};
@@ -266,6 +269,7 @@ void Serializer::restore_services(Supervisor &supervisor, const json &services, 
 		svc->stopped = sv.at("stopped").get<bool>();
 		svc->removing = sv.value("removing", false);
 		svc->handoff = counts(sv.at("handoff"));
+		svc->handoff_channels = sv.value("handoff_channels", std::uint64_t{0}); // absent before it was counted
 		if (sv.contains("previous"))
 			svc->previous = state::service_config(sv.at("previous"));
 		// Absent from the state of a brokerd that predates Scale, and of a service never scaled.

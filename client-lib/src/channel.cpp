@@ -225,31 +225,25 @@ bool Client::Impl::read_acks(Peer &p, std::vector<proto::handoff::Item> &back)
 	return did;
 }
 
-// A sender's frames, checked. One that breaks the protocol ends the channel, its fds closed.
-bool Client::Impl::read_frames(Peer &p, std::vector<Frame> &frames)
+// The next frame from a sender, checked, or false: none waits, the channel ended, or the frame
+// broke the protocol (which ends the channel, its fds closed).
+bool Client::Impl::read_frame(Peer &p, Frame &f)
 {
-	bool did = false;
 	channel::Received got;
 	channel::Connections decoded;
-	for (std::size_t n = 0; n < kFramesPerWakeup && !p.ended; n++) {
-		int r = channel::receive_frame(p.fd.get(), frame_buffer, got);
-		if (r == -EAGAIN)
-			break;
-		did = true;
-		if (r <= 0 || got.truncated ||
-		    channel::decode_connections(std::string_view(frame_buffer.data(), got.size), decoded) ||
-		    got.fds.size() > decoded.states.size() || (got.fds.size() < decoded.states.size() && !got.fds_cut)) {
-			p.ended = true;
-			break;
-		}
-		Frame f;
-		f.id = decoded.id;
-		f.fds = std::move(got.fds);
-		f.fds.resize(decoded.states.size()); // those the fd limit cut off: refused
-		f.states.assign(decoded.states.begin(), decoded.states.end());
-		frames.push_back(std::move(f));
+	int r = channel::receive_frame(p.fd.get(), frame_buffer, got);
+	if (r == -EAGAIN)
+		return false;
+	if (r <= 0 || got.truncated || channel::decode_connections(std::string_view(frame_buffer.data(), got.size), decoded) ||
+	    got.fds.size() > decoded.states.size() || (got.fds.size() < decoded.states.size() && !got.fds_cut)) {
+		p.ended = true;
+		return false;
 	}
-	return did;
+	f.id = decoded.id;
+	f.fds = std::move(got.fds);
+	f.fds.resize(decoded.states.size()); // those the fd limit cut off: refused
+	f.states.assign(decoded.states.begin(), decoded.states.end());
+	return true;
 }
 
 // A frame's connections to on_connection, then its acknowledgement: a receiver that dies inside
@@ -308,7 +302,6 @@ bool Client::Impl::serve_peers()
 			failure = std::current_exception();
 	};
 	std::vector<proto::handoff::Item> back;
-	std::vector<Frame> frames;
 	for (std::size_t i = 0; i < peers.size(); i++) {
 		Peer &p = *peers[i];
 		if (p.sending && p.ended && p.unacked_count) {
@@ -323,14 +316,15 @@ bool Client::Impl::serve_peers()
 			p.blocked = false; // POLLOUT, maybe: the next frame finds out
 			continue;
 		}
-		frames.clear();
-		did = read_frames(p, frames) || did;
-		// Handlers may add channels (a "peer" event cannot come from here, but be safe): p
-		// stays valid, as peers holds pointers.
-		for (Frame &f : frames) {
+		// Each frame acknowledged as soon as its handler calls are made, so that its sender can
+		// close its copies while the next frames are read.
+		Frame f;
+		for (std::size_t n = 0; n < kFramesPerWakeup && !p.ended && read_frame(p, f); n++) {
+			did = true;
 			take_frame(p, f, failure);
 			write_acks(p);
 		}
+		did = did || p.ended;
 		write_acks(p);
 	}
 	try {

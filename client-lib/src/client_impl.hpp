@@ -143,7 +143,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 		std::vector<proto::UniqueFd> fds;
 		std::vector<std::string> states;
 	};
-	bool read_frames(Peer &p, std::vector<Frame> &frames);
+	bool read_frame(Peer &p, Frame &f);
 	void take_frame(Peer &p, Frame &frame, std::exception_ptr &failure);
 	void write_acks(Peer &p);
 	void lose_peer(Peer &p, std::vector<proto::handoff::Item> &back);

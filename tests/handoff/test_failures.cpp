@@ -26,6 +26,17 @@ bool brokered()
 	return path && std::string(path) == "broker";
 }
 
+// brokerd_handoff_channels_total for the service, from Metrics: the direct channels it made.
+std::uint64_t channels_made(Broker &b, const std::string &service)
+{
+	proto::varlink::SyncClient c(b.control_path(), 10s);
+	std::string text = c.call("io.brokerd.Control.Metrics", json::object()).body["parameters"].value("text", "");
+	std::string key = "brokerd_handoff_channels_total{service=\"" + service + "\"} ";
+	auto at = text.find(key);
+	REQUIRE_MESSAGE(at != std::string::npos, "no ", key, "in the metrics");
+	return std::stoull(text.substr(at + key.size()));
+}
+
 json worker_service(int instances, const std::string &mode, const std::string &report_dir)
 {
 	json s = service({env("HANDOFF_WORKER")}, {"http"}, instances, "broker");
@@ -516,10 +527,13 @@ TEST_CASE("handoff: two receivers share the connections evenly")
 	if (brokered()) {
 		// Each batch splits evenly, its odd one rotating: they differ by at most one per batch.
 		CHECK((a > b ? a - b : b - a) <= batches);
+		CHECK(channels_made(s.b, "echo") == 0);
 	} else {
-		// Frames go to the channels in turn, skipping one that is full: both take a share.
+		// Frames go to the channels in turn, skipping one that is full: both take a share, on
+		// one channel per sender and receiver.
 		CHECK(a > 0);
 		CHECK(b > 0);
+		CHECK(channels_made(s.b, "echo") == 4);
 	}
 
 	auto answers = clients.exchange(clients.all(), "again\n");

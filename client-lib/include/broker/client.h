@@ -46,7 +46,9 @@ BROKER_C_EXPORT int broker_client_ready(broker_client *client);
 BROKER_C_EXPORT int broker_client_status(broker_client *client, const char *text);
 
 /* Event-loop integration: poll fd for events, wake by timeout (CLOCK_MONOTONIC usec,
- * UINT64_MAX for none), then call process (> 0 when it did something, 0 when idle). */
+ * UINT64_MAX for none), then call process (> 0 when it did something, 0 when idle). The fd may
+ * change after any call; with a brokerd that makes direct handoff channels it is an epoll fd of
+ * the library's that stays (see broker::Client::fd() in <broker/client.hpp>). */
 BROKER_C_EXPORT int broker_client_fd(const broker_client *client);
 BROKER_C_EXPORT int broker_client_events(const broker_client *client);
 BROKER_C_EXPORT uint64_t broker_client_timeout(const broker_client *client);
@@ -57,7 +59,7 @@ BROKER_C_EXPORT int broker_client_set_drain_handler(broker_client *client, broke
  * drained sends the drain again with the time that remains; the later deadline holds. */
 
 /* The connection to brokerd (see broker::Client::link() in <broker/client.hpp>).
- * BROKER_LINK_LOST: brokerd went away; keep serving. broker_client_fd() is -1 and
+ * BROKER_LINK_LOST: brokerd went away; keep serving. broker_client_fd() is -1 (or the epoll fd) and
  *   broker_client_timeout() the next attempt; broker_client_process() reconnects without
  *   blocking, says Hello with the same token, and repeats Ready and the last status. Until then
  *   ready and status are remembered, and handoff fails with -ENOTCONN.

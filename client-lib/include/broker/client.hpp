@@ -130,7 +130,10 @@ public:
 	// fd() and events() may change after any call: while the link is Lost, fd() is -1 and
 	// timeout() is the next attempt to reconnect, which process() makes with a non-blocking
 	// connect(). A new connection never has the number of the one before it, so re-registering
-	// whenever fd() changes is enough.
+	// whenever fd() changes is enough. With a brokerd that makes direct handoff channels (its
+	// Hello says so), fd() is instead an epoll fd of the library's, holding the connection and
+	// every channel, and events() is POLLIN: made with the Client or at the reconnect that
+	// found such a brokerd, it stays the same from then on, Lost included.
 	int fd() const noexcept;
 	short events() const noexcept;
 	std::uint64_t timeout() const noexcept;
@@ -183,6 +186,9 @@ public:
 	// had it), and state is what the sender attached. Without a handler, connections are
 	// refused and go back to their sender. The sender's copy of the socket stays open a little
 	// longer, so close() alone does not take the fd out of an epoll set: EPOLL_CTL_DEL first.
+	// The library acknowledges connections once the handler has them (a process that dies
+	// before that leaves them with their sender), so a handler that keeps them and does its
+	// slower work (epoll_ctl, reading) after process() returns lets the sender go sooner.
 	void on_connection(std::function<void(int fd, std::string state)> handler);
 	// A handed-off connection that nobody took: the handler owns fd again. Without a handler
 	// the library closes it. Neither handler may destroy the Client.
