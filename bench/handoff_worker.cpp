@@ -18,9 +18,11 @@
 //                          with getpeername() that each state arrived with its own socket.
 //   HANDOFF_BENCH_REGISTER "inline" (default): on_connection puts each connection into the epoll
 //                          set at once; "deferred": on_connection keeps it, and the loop registers
-//                          what it was given once process() returns, as a server that hands
-//                          accepted connections to its own workers does. Either way it owns each
-//                          one from the handler on; deferred, the acknowledgement leaves first.
+//                          what it was given once process() has nothing left to do, at most 256
+//                          per turn, so that reading (and acknowledging) what comes next is never
+//                          held up for long, as a server that hands accepted connections to its
+//                          own workers does. Either way it owns each one from the handler on;
+//                          deferred, the acknowledgement leaves first.
 //
 // Result files, one JSON object each, written atomically (rename) into HANDOFF_BENCH_DIR:
 //   sender-<pid>.json    the drained instance: when handoff() was called (t0), how long the call
@@ -57,6 +59,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -67,6 +70,7 @@ namespace {
 constexpr int kMaxEvents = 256;
 constexpr int kAcceptBatch = 256;   // per listener per wakeup
 constexpr int kProcessBatch = 64;   // client.process() calls per wakeup
+constexpr std::size_t kRegisterPerTurn = 256; // deferred: connections registered per loop turn
 constexpr std::size_t kMaxState = broker::Client::kMaxHandoffState;
 constexpr std::size_t kHandlerSample = 8; // 1 in 8 on_connection calls timed, see Worker::adopt()
 constexpr std::uint64_t kClientTag = UINT64_MAX;      // epoll data of the broker connection
@@ -261,7 +265,7 @@ private:
 	std::size_t expect_ = 0;
 	std::size_t state_bytes_ = 0;
 	bool deferred_ = false;
-	std::vector<int> given_; // deferred: handed to on_connection, not registered yet
+	std::deque<int> given_; // deferred: handed to on_connection, not registered yet
 	std::string greeting_;
 	Fd epoll_;
 	std::uint32_t broker_events_ = 0;
@@ -526,7 +530,7 @@ int Worker::run()
 {
 	epoll_event events[kMaxEvents];
 	for (;;) {
-		int n = epoll_wait(epoll_.get(), events, kMaxEvents, -1);
+		int n = epoll_wait(epoll_.get(), events, kMaxEvents, given_.empty() ? -1 : 0);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -534,6 +538,7 @@ int Worker::run()
 		}
 		std::int64_t cpu_wake = cpu_ns();
 		std::size_t received_before = recv_.received;
+		std::size_t open_before = open_count_;
 		std::size_t landed_before = client_.handoff_summary().landed + client_.handoff_summary().returned;
 		for (int i = 0; i < n; i++) {
 			std::uint64_t data = events[i].data.u64;
@@ -541,9 +546,6 @@ int Worker::run()
 				try {
 					for (int k = 0; k < kProcessBatch && client_.process(); k++) {
 					}
-					for (int fd : given_)
-						serve(fd);
-					given_.clear();
 				} catch (const broker::Error &e) {
 					if (!handing_ && e.code() == ECONNRESET) {
 						log("brokerd closed the connection, exiting");
@@ -558,7 +560,12 @@ int Worker::run()
 				on_readable(static_cast<int>(data));
 			}
 		}
-		if (recv_.received != received_before) {
+		for (std::size_t k = 0; k < kRegisterPerTurn && !given_.empty(); k++) {
+			serve(given_.front());
+			given_.pop_front();
+		}
+		// Deferred, the wakeups that register what came count too.
+		if (recv_.received != received_before || (recv_.received > 0 && open_count_ != open_before)) {
 			recv_.wakeups++;
 			if (recv_.cpu_first < 0)
 				recv_.cpu_first = cpu_wake;
@@ -570,7 +577,7 @@ int Worker::run()
 			if (sent_.first_landed == 0 && s.landed + s.returned != landed_before)
 				sent_.first_landed = now_ns();
 		}
-		if (expect_ > 0 && !recv_.written && recv_.received >= expect_) {
+		if (expect_ > 0 && !recv_.written && recv_.received >= expect_ && given_.empty()) {
 			write_result(dir_, "receiver", receiver_json());
 			recv_.written = true;
 		}

@@ -755,6 +755,12 @@ void Client::handoff(const Connection *list, std::size_t count)
 		throw Error(ENOTCONN, "not connected to brokerd: there is no successor to hand connections to");
 	if (impl_->phase != Impl::Phase::Connected)
 		throw Error(ENOTCONN, "the connection to brokerd is lost: there is no successor to hand connections to");
+	// The channels are asked for first: brokerd makes them while the fds are checked. Should a
+	// check fail, they wait for the next handoff().
+	if (!connections.empty() && impl_->peer_handoff && impl_->path == Impl::Path::Unasked) {
+		impl_->send(kPeers, json::object());
+		impl_->path = Impl::Path::Asked;
+	}
 	for (const Connection &c : connections) {
 		// A closed fd would make the whole batch's sendmsg fail, and the connection to brokerd with it.
 		if (c.fd < 0 || ::fcntl(c.fd, F_GETFD) < 0)
