@@ -205,12 +205,12 @@ void ControlServer::Connection::worker_events(control::Call &call)
 {
 	if (!more_)
 		return error(vl::kExpectedMore);
+	// Parameters it does not know are a newer library's: ignored, as Events always did.
 	bool peer_handoff = false;
-	for (auto it = call.params.begin(); it != call.params.end(); ++it) {
-		if (it.key() == "peer_handoff" && (it->is_boolean() || it->is_null()))
-			peer_handoff = it->is_boolean() && it->get<bool>();
-		else
-			return error(vl::kInvalidParameter, {{"parameter", it.key()}});
+	if (auto it = call.params.find("peer_handoff"); it != call.params.end() && !it->is_null()) {
+		if (!it->is_boolean())
+			return error(vl::kInvalidParameter, {{"parameter", "peer_handoff"}});
+		peer_handoff = it->get<bool>();
 	}
 	Instance *inst = worker();
 	if (!inst)
@@ -365,7 +365,8 @@ void ControlServer::Connection::worker_handed(control::Call &call)
 		if (it.key() != "peer" && it.key() != "sent" && it.key() != "landed" && it.key() != "returned" &&
 		    it.key() != "remaining")
 			return close("Handed: unknown parameter \"" + it.key() + "\"");
-	server_.supervisor_.handoff_handed(*inst, h);
+	if (auto why = server_.supervisor_.handoff_handed(*inst, h))
+		return close("Handed: " + *why);
 }
 
 // After a restart of brokerd, on the connection with the Events stream (so its "handoff" events

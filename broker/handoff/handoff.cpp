@@ -41,14 +41,21 @@ std::vector<EventSink *> Supervisor::handoff_targets(const Instance &sender) con
 void Supervisor::handoff_peers(Instance &sender, EventSink &sink)
 {
 	std::vector<Instance *> receivers = handoff_receivers(sender);
-	bool direct = sender.generation->cfg.handoff == config::HandoffPath::Direct && !receivers.empty();
+	// Read after its process exited (its connection outlives it): nobody to introduce.
+	bool direct = sender.generation->cfg.handoff == config::HandoffPath::Direct && !receivers.empty() &&
+	              sender.pid > 0 && sender.events == &sink;
 	for (Instance *r : receivers)
 		direct = direct && r->peer_handoff;
+	if (sender.peers_of != sender.pid) {
+		sender.peers.clear(); // another process in the slot
+		sender.peers_of = sender.pid;
+	}
 	std::vector<HandoffPeer> ends;
 	std::vector<std::string> names;
 	for (Instance *r : direct ? receivers : std::vector<Instance *>()) {
-		std::pair<std::string, pid_t> pair{r->id, r->pid};
-		if (std::find(sender.peers.begin(), sender.peers.end(), pair) != sender.peers.end())
+		auto met = std::find_if(sender.peers.begin(), sender.peers.end(),
+		                        [&](const Instance::PeerLink &l) { return l.instance == r->id && l.pid == r->pid; });
+		if (met != sender.peers.end() || sender.peers.size() >= kMaxPeers)
 			continue;
 		int sv[2];
 		if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
@@ -59,7 +66,7 @@ void Supervisor::handoff_peers(Instance &sender, EventSink &sink)
 		proto::UniqueFd mine(sv[0]), theirs(sv[1]);
 		if (!r->events->send_peer(HandoffPeer{sender.id, sender.pid, std::move(theirs)}))
 			continue;
-		sender.peers.push_back(std::move(pair));
+		sender.peers.push_back(Instance::PeerLink{r->id, r->pid});
 		sender.service->handoff_channels++;
 		names.push_back(r->id);
 		ends.push_back(HandoffPeer{r->id, r->pid, std::move(mine)});
@@ -73,11 +80,23 @@ void Supervisor::handoff_peers(Instance &sender, EventSink &sink)
 	sink.send_peers(std::move(ends));
 }
 
-// Counts as the router counts its own: handed when sent, then received or returned. A receiver
-// that has gone since counts for the service and the upgrade only.
-void Supervisor::handoff_handed(Instance &sender, const Handed &h)
+// Counts as the router counts its own: handed when sent, then received or returned, on a channel
+// brokerd made, never more back than went. A receiver that has gone since counts for the service
+// and the upgrade only.
+std::optional<std::string> Supervisor::handoff_handed(Instance &sender, const Handed &h)
 {
 	Service &svc = *sender.service;
+	auto link = std::find_if(sender.peers.rbegin(), sender.peers.rend(),
+	                         [&](const Instance::PeerLink &l) { return l.instance == h.peer; });
+	if (link == sender.peers.rend())
+		return "no channel to " + h.peer + " was made for this process";
+	if (link->landed + link->returned + h.landed + h.returned > link->sent + h.sent)
+		return "more landed and returned than sent to " + h.peer;
+	if (!h.sent && !h.landed && !h.returned && h.remaining == sender.handoff_remaining)
+		return std::nullopt; // nothing moved
+	link->sent += h.sent;
+	link->landed += h.landed;
+	link->returned += h.returned;
 	sender.handoff.handed += h.sent;
 	sender.handoff.returned += h.returned;
 	sender.handoff_remaining = h.remaining;
@@ -93,6 +112,7 @@ void Supervisor::handoff_handed(Instance &sender, const Handed &h)
 			if (inst->id == h.peer)
 				inst->handoff.received += h.landed;
 	handoff_progress(svc);
+	return std::nullopt;
 }
 
 void Supervisor::handoff(Instance &sender, EventSink &sink, std::uint64_t batch, std::vector<HandoffItem> items,

@@ -70,9 +70,6 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 	for (OutputPipe *p : {&inst.out, &inst.err})
 		if (p->fd)
 			on_output(inst, *p, false);
-	// Its last calls, too: a sender on a direct channel tells the counts just before it exits.
-	if (inst.events)
-		inst.events->read_rest();
 	if (inst.main_pid && si.si_code == CLD_EXITED && si.si_status == 0 && ::kill(inst.main_pid, 0) == 0) {
 		// A forking server: its first process is done, the main pid it named serves on.
 		log::info("instance " + inst.id + ": pid " + std::to_string(inst.pid) + " exited, main pid " +
@@ -90,6 +87,9 @@ void Supervisor::on_exit(Instance &inst, const siginfo_t &si)
 			return;
 		}
 	}
+	// Its last calls, too: a sender on a direct channel tells the counts just before it exits.
+	if (inst.events)
+		inst.events->read_rest();
 	// Leftover processes of the instance's session go with it: no worker is orphaned.
 	::kill(-inst.session, SIGKILL);
 

@@ -108,8 +108,15 @@ struct Instance {
 
 	bool accepts_handoff = false;       // said so in Hello
 	bool peer_handoff = false;          // its Events stream speaks direct handoff channels
-	// The receivers this process was introduced to (Peers), by instance and pid: once each.
-	std::vector<std::pair<std::string, pid_t>> peers;
+	// The receivers its process (peers_of) was introduced to (Peers), each once, with what it
+	// said moved to each (Handed).
+	struct PeerLink {
+		std::string instance;
+		pid_t pid = 0;
+		std::uint64_t sent = 0, landed = 0, returned = 0;
+	};
+	std::vector<PeerLink> peers;
+	pid_t peers_of = 0;
 	// From a crash state: it had an Events stream, so it says Resume when it reconnects.
 	bool linked = false;
 	HandoffCounts handoff;              // as a sender (handed, returned) and a receiver (received)

@@ -271,6 +271,10 @@ void Supervisor::external_exit(Instance &inst, const std::string &how)
 	for (OutputPipe *p : {&inst.out, &inst.err})
 		if (p->fd)
 			on_output(inst, *p, false);
+	if (inst.events)
+		inst.events->read_rest();
+	if (!inst.pid)
+		return; // what it said ended it already
 	if (inst.origin == InstanceOrigin::Forked)
 		::kill(-inst.session, SIGKILL); // what else its session still runs goes with it
 	std::string msg = "instance " + inst.id + ": pid " + std::to_string(inst.pid) + " " + how;

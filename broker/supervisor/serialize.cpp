@@ -74,6 +74,16 @@ static void restore_history(Service &svc, const json &sv)
 	}
 }
 
+// A sender's direct channels, each [instance, pid, sent, landed, returned]: its Handed calls go
+// on counting against them after a re-exec or a crash.
+static json peer_links(const Instance &inst)
+{
+	json out = json::array();
+	for (const Instance::PeerLink &l : inst.peers)
+		out.push_back({l.instance, l.pid, l.sent, l.landed, l.returned});
+	return out;
+}
+
 json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 {
 	json services = json::array();
@@ -105,6 +115,8 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 				          {"last_lines", inst->last_lines},
 				          {"accepts_handoff", inst->accepts_handoff},
 				          {"peer_handoff", inst->peer_handoff},
+				          {"peers", peer_links(*inst)},
+				          {"peers_of", inst->peers_of},
 				          {"linked", inst->events != nullptr},
 				          {"handoff", {inst->handoff.handed, inst->handoff.received, inst->handoff.returned}}};
 				// The start, drain or restart timer's deadline (CLOCK_MONOTONIC, which a crash
@@ -231,7 +243,13 @@ static void decode_instance(Instance &inst, const json &i, Serializer::CrashFds 
 	for (const json &l : i.at("last_lines"))
 		inst.last_lines.push_back(l.get<std::string>());
 	inst.accepts_handoff = i.at("accepts_handoff").get<bool>();
-	inst.peer_handoff = i.value("peer_handoff", false); // absent from the state of a brokerd that predates it
+	// Absent from the state of a brokerd that predates them.
+	inst.peer_handoff = i.value("peer_handoff", false);
+	inst.peers_of = i.value("peers_of", 0);
+	for (const json &l : i.value("peers", json::array()))
+		inst.peers.push_back(Instance::PeerLink{l.at(0).get<std::string>(), l.at(1).get<pid_t>(),
+		                                        l.at(2).get<std::uint64_t>(), l.at(3).get<std::uint64_t>(),
+		                                        l.at(4).get<std::uint64_t>()});
 	inst.linked = i.value("linked", false); // absent from the state of a brokerd that predates it
 	const json &h = i.at("handoff");
 	inst.handoff = HandoffCounts{h.at(0).get<std::uint64_t>(), h.at(1).get<std::uint64_t>(), h.at(2).get<std::uint64_t>()};

@@ -99,7 +99,10 @@ public:
 		std::string peer;
 		std::uint64_t sent = 0, landed = 0, returned = 0, remaining = 0;
 	};
-	void handoff_handed(Instance &sender, const Handed &h);
+	// Returns why the counts cannot be: a peer it was never introduced to, or more landed and
+	// returned than sent. Nothing changes then.
+	std::optional<std::string> handoff_handed(Instance &sender, const Handed &h);
+	static constexpr std::size_t kMaxPeers = 64; // channels one sender process is given
 	std::optional<std::string> handoff_received(EventSink &sink, std::uint64_t batch,
 	                                            const std::vector<std::uint64_t> &refused);
 	// A Resume call from inst's Events connection, after a restart of brokerd: what it received

@@ -16,6 +16,7 @@
 #include "proto/handoff_channel.hpp"
 #include "proto/names.hpp"
 
+#include <poll.h>
 #include <sys/epoll.h>
 
 #include <algorithm>
@@ -143,7 +144,7 @@ void Client::Impl::pump_direct()
 		Peer *p = nullptr;
 		for (std::size_t k = 0; k < peers.size() && !p; k++) {
 			Peer &c = *peers[(rotation + k) % peers.size()];
-			if (c.sending && !c.ended && !c.blocked && unacked_out < window_fds) {
+			if (c.sending && !c.ended && !c.unwritable && !c.blocked && unacked_out < window_fds) {
 				p = &c;
 				rotation = (rotation + k + 1) % peers.size();
 			}
@@ -165,7 +166,9 @@ void Client::Impl::pump_direct()
 			return;
 		}
 		if (r < 0) {
-			p->ended = true; // serve_peers() gives its connections back
+			// Gone, most likely (EPIPE): its acknowledgements may still wait to be read, so the
+			// channel ends only when read_acks() reaches its end.
+			p->unwritable = true;
 			continue;
 		}
 		p->unacked.emplace(next_frame++, sender.take_front(n));
@@ -173,8 +176,9 @@ void Client::Impl::pump_direct()
 		unacked_out += n;
 		p->sent += n;
 	}
-	if (std::none_of(peers.begin(), peers.end(), [](const auto &q) { return q->sending && !q->ended; }))
-		path = Path::Unasked; // every receiver has gone: ask brokerd again
+	if (!queue.empty() &&
+	    std::none_of(peers.begin(), peers.end(), [](const auto &q) { return q->sending && !q->ended && !q->unwritable; }))
+		path = Path::Unasked; // no receiver left to write to: ask brokerd again
 }
 
 // The channel to a receiver has ended: what it never acknowledged comes back.
@@ -304,11 +308,6 @@ bool Client::Impl::serve_peers()
 	std::vector<proto::handoff::Item> back;
 	for (std::size_t i = 0; i < peers.size(); i++) {
 		Peer &p = *peers[i];
-		if (p.sending && p.ended && p.unacked_count) {
-			lose_peer(p, back); // a write found it gone
-			did = true;
-			continue;
-		}
 		if (p.ended && p.acks.empty())
 			continue;
 		if (p.sending) {
@@ -317,14 +316,16 @@ bool Client::Impl::serve_peers()
 			continue;
 		}
 		// Each frame acknowledged as soon as its handler calls are made, so that its sender can
-		// close its copies while the next frames are read.
+		// close its copies while the next frames are read. Once a handler threw, no more frames
+		// are read: the rest wait for the next call, as messages do.
 		Frame f;
-		for (std::size_t n = 0; n < kFramesPerWakeup && !p.ended && read_frame(p, f); n++) {
+		bool was_ended = p.ended;
+		for (std::size_t n = 0; n < kFramesPerWakeup && !p.ended && !failure && read_frame(p, f); n++) {
 			did = true;
 			take_frame(p, f, failure);
 			write_acks(p);
 		}
-		did = did || p.ended;
+		did = did || p.ended != was_ended;
 		write_acks(p);
 	}
 	try {
@@ -363,9 +364,9 @@ void Client::Impl::report_handed()
 		               {"landed", p->landed},
 		               {"returned", p->returned},
 		               {"remaining", sender.queued()}};
-		p->sent = p->landed = p->returned = 0;
 		if (stream->enqueue(proto::varlink::make_call(kHanded, std::move(params), false, true)) < 0)
 			break;
+		p->sent = p->landed = p->returned = 0;
 		any = true;
 	}
 	if (any)
@@ -381,6 +382,28 @@ void Client::Impl::prune_peers()
 		::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, p->fd.get(), nullptr);
 		return true;
 	});
+}
+
+// The Client goes while acknowledgements wait for room: its handler has their connections (the
+// process may serve on), so they are written if the sender makes room within 50 ms; otherwise
+// the sender takes those connections back as the channel closes.
+void Client::Impl::flush_acks() noexcept
+{
+	std::uint64_t until = now_usec() + 50'000;
+	for (auto &p : peers) {
+		while (!p->acks.empty()) {
+			int r = channel::send_frame(p->fd.get(), p->acks.front(), {});
+			std::uint64_t now = now_usec();
+			if (r == -EAGAIN && now < until) {
+				pollfd out{p->fd.get(), POLLOUT, 0};
+				::poll(&out, 1, static_cast<int>((until - now + 999) / 1000));
+				continue;
+			}
+			if (r < 0)
+				break;
+			p->acks.pop_front();
+		}
+	}
 }
 
 void Client::Impl::unwatch_stream()
@@ -415,8 +438,11 @@ void Client::Impl::watch() const
 		watched_stream_events = want;
 	}
 	for (const auto &p : peers) {
-		std::uint32_t w = EPOLLIN | (p->blocked || !p->acks.empty() ? std::uint32_t{EPOLLOUT} : 0u);
-		if ((!p->ended || !p->acks.empty()) && w != p->watched && set(p->fd.get(), w, EPOLL_CTL_MOD))
+		// An ended channel is read no more: only the acknowledgements it still owes are waited
+		// for, or its end (a sender's channel that cannot be written to).
+		std::uint32_t out = p->blocked || !p->acks.empty() ? std::uint32_t{EPOLLOUT} : 0u;
+		std::uint32_t w = p->ended ? out : EPOLLIN | out;
+		if (w != p->watched && set(p->fd.get(), w, EPOLL_CTL_MOD))
 			p->watched = w;
 	}
 }

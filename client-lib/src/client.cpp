@@ -169,6 +169,7 @@ void Client::Impl::flush_now()
 	if (!stream)
 		throw_closed();
 	int r = flush_or_defer();
+	watch();
 	if (is_disconnect(r)) {
 		// Inside process(), what brokerd sent before it went is still to be read and handled;
 		// with reconnect on, the next process() finds the loss (timeout() asks for it at once).
@@ -240,8 +241,12 @@ void Client::Impl::pump()
 			return;
 	}
 	if (path == Path::Unasked && peer_handoff && sender.queued() > 0) {
-		if (phase != Phase::Connected)
-			return; // the Hello of a reconnect pumps again
+		if (phase != Phase::Connected) {
+			// Every channel ended while brokerd was gone: nobody can take these now, as on its
+			// own path when it goes.
+			give_back(sender.take_unsent());
+			return;
+		}
 		send(kPeers, json::object());
 		path = Path::Asked;
 		return;
@@ -607,10 +612,12 @@ std::uint64_t Client::timeout() const noexcept
 	constexpr std::uint64_t none = std::numeric_limits<std::uint64_t>::max();
 	if (!impl_)
 		return none;
+	// Frames that wait out the kernel's fds-in-flight limit go on whatever the link does.
+	std::uint64_t direct = impl_->path == Impl::Path::Direct && impl_->retry_at ? impl_->retry_at : none;
 	if (impl_->phase == Impl::Phase::Waiting)
-		return impl_->attempt_at;
+		return std::min(impl_->attempt_at, direct);
 	if (!impl_->stream)
-		return none;
+		return direct;
 	// A message already read (left when a handler threw) has no poll event to announce it, nor
 	// has a loss seen while writing.
 	if (impl_->stream->message_ready() || impl_->peer_gone)
@@ -625,15 +632,36 @@ bool Client::process()
 {
 	if (!impl_)
 		return false;
+	// A handler may destroy the Client: from then on nothing of it may be touched. One that
+	// throws on a channel does not keep brokerd's messages waiting: the first error comes out
+	// once both had their turn.
+	std::shared_ptr<bool> alive = impl_->alive;
 	bool did = false;
+	std::exception_ptr failure;
 	if (!impl_->peers.empty()) {
-		// A handler may destroy the Client.
-		std::shared_ptr<bool> alive = impl_->alive;
-		did = impl_->serve_peers();
-		if (!*alive)
+		try {
+			did = impl_->serve_peers();
+		} catch (...) {
+			failure = std::current_exception();
+			did = true;
+		}
+		if (!*alive) {
+			if (failure)
+				std::rethrow_exception(failure);
 			return true;
+		}
 	}
-	return impl_->process_stream() || did;
+	try {
+		did = impl_->process_stream() || did;
+	} catch (...) {
+		if (!failure)
+			failure = std::current_exception();
+	}
+	if (*alive)
+		impl_->watch();
+	if (failure)
+		std::rethrow_exception(failure);
+	return did;
 }
 
 bool Client::Impl::process_stream()
@@ -801,6 +829,7 @@ void Client::handoff(const Connection *list, std::size_t count)
 	} catch (...) {
 		// The next process() reports what is wrong; the fds stay the library's either way.
 	}
+	impl_->watch();
 }
 
 std::size_t Client::handoff_pending() const noexcept

@@ -46,7 +46,11 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	Impl() = default;
 	Impl(const Impl &) = delete;
 	Impl &operator=(const Impl &) = delete;
-	~Impl() { *alive = false; }
+	~Impl()
+	{
+		*alive = false;
+		flush_acks();
+	}
 
 	// Shared with a running process(), which must stop touching anything once a handler has
 	// destroyed the Client (on_handoff_done may).
@@ -75,6 +79,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 		std::map<std::uint64_t, std::vector<proto::handoff::Item>> unacked;
 		std::size_t unacked_count = 0;
 		bool blocked = false; // the socket is full: wait for POLLOUT
+		bool unwritable = false; // a write failed: no more frames; its acks are read to the end
 		std::uint64_t sent = 0, landed = 0, returned = 0; // not told to brokerd yet (Handed)
 		// Receiving: acknowledgements the socket did not take yet, of frames whose connections
 		// on_connection has.
@@ -150,6 +155,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	void report_handed();
 	void prune_peers();
 	void unwatch_stream();
+	void flush_acks() noexcept;
 	void watch() const;
 	bool process_stream();
 	json events_parameters(const json &hello_reply);
