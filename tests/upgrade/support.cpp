@@ -546,4 +546,12 @@ std::string joined(const std::vector<std::string> &items)
 	return out;
 }
 
+std::size_t occurrences(const std::string &text, const std::string &what)
+{
+	std::size_t n = 0;
+	for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + what.size()))
+		n++;
+	return n;
+}
+
 } // namespace utest

@@ -194,5 +194,7 @@ json stubborn_service(const std::string &drain_timeout);
 std::string shell_quote(const std::string &s);
 // "a, b, c", for a CHECK whose values a failure prints.
 std::string joined(const std::vector<std::string> &items);
+// How many times `what` occurs in `text` (lines of a log, say).
+std::size_t occurrences(const std::string &text, const std::string &what);
 
 } // namespace utest

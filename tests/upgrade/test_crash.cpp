@@ -93,14 +93,6 @@ const Kind kClientLib{"broker-example-http (libbroker-client)", http_service, tr
 // Each load mode's requests per second.
 constexpr int kRate = 500;
 
-std::size_t count_of(const std::string &text, const std::string &what)
-{
-	std::size_t n = 0;
-	for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + what.size()))
-		n++;
-	return n;
-}
-
 // A libbroker-client worker reconnects to the restarted brokerd and says so in its output, which
 // reaches brokerd's log through the pipe kept in the store: waits until `total` such lines are
 // there (this Broker's whole log). Nothing to wait for with a LISTEN_FDS worker.
@@ -108,9 +100,9 @@ void wait_reconnected(Broker &b, const Kind &kind, std::size_t total)
 {
 	if (!kind.client_lib)
 		return;
-	bool back = wait_until([&] { return count_of(b.log(), "reconnected to the broker") >= total; }, 20s);
+	bool back = wait_until([&] { return occurrences(b.log(), "reconnected to the broker") >= total; }, 20s);
 	REQUIRE_MESSAGE(back, total, " reconnections of libbroker-client workers expected in the log, ",
-	                count_of(b.log(), "reconnected to the broker"), " seen");
+	                occurrences(b.log(), "reconnected to the broker"), " seen");
 }
 
 std::vector<pid_t> sorted(std::vector<pid_t> pids)
@@ -535,7 +527,7 @@ public:
 				out.push_back(in_.substr(at, 15));
 		return out;
 	}
-	std::size_t answers() const { return count_of(in_, "HTTP/1.1 "); }
+	std::size_t answers() const { return occurrences(in_, "HTTP/1.1 "); }
 
 private:
 	UniqueFd fd_;
@@ -594,7 +586,7 @@ void while_draining(const Kind &kind, int batch)
 	const pid_t drained_first = watch_event(watch, "draining", 1).parameters.value("pid", 0);
 	// A kill between the event and the state's write would be one before the drain: the state
 	// does not have the new instances ready either, so the upgrade would roll back.
-	REQUIRE_MESSAGE(wait_until([&] { return count_of(b.log(), ": draining (") == static_cast<std::size_t>(batch); }, 10s),
+	REQUIRE_MESSAGE(wait_until([&] { return occurrences(b.log(), ": draining (") == static_cast<std::size_t>(batch); }, 10s),
 	                "the old workers told to drain did not say they drain");
 	const pid_t crashed = b.pid();
 	std::vector<StrayProcess> survivors = tb.kill9();
@@ -867,7 +859,7 @@ TEST_CASE("crash: SIGKILL of brokerd under load with a registered worker; it say
 	tb.restart();
 	// The worker's library reconnects and says Hello again from the same process: it is the same
 	// instance, not a new one, and the service has no takeover to make.
-	REQUIRE_MESSAGE(wait_until([&] { return count_of(b.log(), "is back after the crash") == 1; }, 20s),
+	REQUIRE_MESSAGE(wait_until([&] { return occurrences(b.log(), "is back after the crash") == 1; }, 20s),
 	                "the registered worker did not re-attach");
 	load.end_upgrade();
 	json st = b.status();
