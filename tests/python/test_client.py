@@ -288,13 +288,17 @@ def main():
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        b = RUNNING["brokerd"]
-        if b.stop() is None:
-            b.kill()
-        if failures:
-            print("--- brokerd's log:\n" + b.log()[-6000:])
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        finish(RUNNING["brokerd"], tmp)
+
+
+def finish(b, tmp):
+    """Stops brokerd b; prints its log after a failure, else removes tmp; exits with the outcome."""
+    if b.stop() is None:
+        b.kill()
+    if failures:
+        print("--- brokerd's log:\n" + b.log()[-6000:])
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     print("%d passed, %d failed" % (len(passes), len(failures)))
     sys.exit(1 if failures else 0)
 

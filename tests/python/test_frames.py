@@ -16,16 +16,9 @@ import unittest
 from broker_client import Client, _frames, _limits
 from broker_client._channels import Path
 from broker_client._handoff import Item
+from test_handoff import is_open
 from test_limits import SOURCE_ROOT, constants
 from test_wire import fd_limit, room_for
-
-
-def is_open(fd):
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 def dev_null():

@@ -12,7 +12,6 @@ half line carried over.
 import json
 import os
 import resource
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,9 +20,9 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.environ["SOURCE_ROOT"], "tests", "integration"))
 
-from checks import check, failures, passes  # noqa: E402
+from checks import check  # noqa: E402
 from fd_holder import ByHand  # noqa: E402
-from test_client import call, instances, until  # noqa: E402
+from test_client import call, finish, instances, until  # noqa: E402
 
 PYTHON = os.environ.get("PYTHON", "/usr/bin/python3")
 CONNECTIONS = 600
@@ -137,14 +136,7 @@ def main():
     finally:
         for c in conns:
             c.close()
-        if b.stop() is None:
-            b.kill()
-        if failures:
-            print("--- brokerd's log:\n" + b.log()[-6000:])
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print("%d passed, %d failed" % (len(passes), len(failures)))
-    sys.exit(1 if failures else 0)
+        finish(b, tmp)
 
 
 if __name__ == "__main__":

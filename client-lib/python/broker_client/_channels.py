@@ -21,7 +21,7 @@ import socket
 import time
 
 from . import _frames
-from ._wire import FD_PRESSURE_RETRY, call, close_all, socket_for
+from ._wire import FD_PRESSURE_RETRY, call, close_all
 
 # Channels at once in each direction: a sender's receivers, and a receiver's senders. One past it
 # closes at once, and its sender takes back what it writes.
@@ -67,6 +67,18 @@ def _peer_entry(p, fds):
         return None
     fd, fds[i] = fds[i], None
     return p["instance"], fd
+
+
+def _waiting(p):
+    """The frames waiting on p's channel, at most FRAMES_PER_WAKEUP: (r, Received or None) as
+    receive_frame() gives each, until nothing waits or the channel has ended."""
+    for _ in range(FRAMES_PER_WAKEUP):
+        if p.ended:
+            return
+        r, got = _frames.receive_frame(p.sock)
+        if r == -errno.EAGAIN:
+            return
+        yield r, got
 
 
 class Channels:
@@ -215,12 +227,7 @@ class Channels:
         """A receiver's acknowledgements: the landed connections close, the refused come back.
         Anything else from it (fds, a frame we never sent, bad indices) ends the channel."""
         did = False
-        for _ in range(FRAMES_PER_WAKEUP):
-            if p.ended:
-                break
-            r, got = _frames.receive_frame(p.sock)
-            if r == -errno.EAGAIN:
-                break
+        for r, got in _waiting(p):
             did = True
             items = refused = None
             if r > 0:
@@ -273,12 +280,7 @@ class Channels:
         """A sender's frames, checked: [(id, fds, states)], a None fd where it did not arrive.
         One that breaks the protocol ends the channel, its fds closed."""
         frames = []
-        for _ in range(FRAMES_PER_WAKEUP):
-            if p.ended:
-                break
-            r, got = _frames.receive_frame(p.sock)
-            if r == -errno.EAGAIN:
-                break
+        for r, got in _waiting(p):
             if r <= 0 or got.truncated:
                 if got is not None:
                     got.close()
@@ -299,22 +301,12 @@ class Channels:
 
     def _take_frame(self, p, frame, failure):
         """A frame's connections to on_connection, then its acknowledgement: a receiver that dies
-        inside the handler never acknowledged them. Refused, and closed here, are those whose fd
-        did not arrive, all of them without a handler, and the rest once a handler raised.
-        Returns the first exception a handler raised, or failure as it was."""
+        inside the handler never acknowledged them (refused as _deliver() says). Returns the first
+        exception a handler raised, or failure as it was."""
         ident, fds, states = frame
         refused = []
         for i, (fd, state) in enumerate(zip(fds, states)):
-            sock = socket_for(fd) if fd is not None else None
-            if sock is None or self._on_connection is None or failure is not None:
-                if sock is not None:
-                    sock.close()
-                refused.append(i)
-                continue
-            try:
-                self._on_connection(sock, state)
-            except BaseException as e:  # noqa: B902 - the handler owns that one; the rest go back
-                failure = e
+            failure = self._deliver(fd, state, failure, refused, i)
         p.acks.append(_frames.encode_ack(ident, refused))
         return failure
 

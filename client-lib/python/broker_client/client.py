@@ -366,8 +366,9 @@ class Client(Channels):
         """Hands established connections to the successor generation: an iterable of
         (connection, state), a connection being a socket object (detached here) or an fd, state
         bytes (at most 16384; b"" for none). From this call on the library owns every one: those
-        that land close on brokerd's "handoff" event, never before; those that come back go to
-        on_returned. Nothing is taken if it raises (a closed fd, a state too long, no brokerd)."""
+        that land close once their receiver acknowledged them (on a direct channel, or brokerd's
+        "handoff" event), never before; those that come back go to on_returned. Nothing is taken
+        if it raises (a closed fd, a state too long, no brokerd)."""
         if not self.brokered:
             raise Error(errno.ENOTCONN, "not connected to brokerd: there is no successor to hand connections to")
         if self._phase is not _Phase.CONNECTED:
@@ -708,16 +709,7 @@ class Client(Channels):
                 continue
             fd, fds[fd_index] = fds[fd_index], None
             state = decode_state(c["state"]) if "state" in c else b""
-            sock = socket_for(fd) if fd is not None else None
-            if sock is None or state is None or self._on_connection is None or failure is not None:
-                if sock is not None:
-                    sock.close()
-                refused.append(i)
-                continue
-            try:
-                self._on_connection(sock, state)
-            except BaseException as e:  # noqa: B902 - the handler owns that one; the rest go back
-                failure = e
+            failure = self._deliver(fd, state, failure, refused, i)
         close_all(fds)
         # Remembered before the acknowledgement, which may never reach brokerd: a brokerd that
         # restarts learns from this what landed here (Resume).
@@ -732,6 +724,23 @@ class Client(Channels):
         self._flush_now()
         if failure is not None:
             raise failure
+
+    def _deliver(self, fd, state, failure, refused, index):
+        """One connection handed to this instance, to on_connection, the handler's from then on.
+        Refused (index into refused) and closed here: one whose fd or state did not arrive, all
+        without a handler, and the rest once a handler raised. Returns the first exception a
+        handler raised (failure until then)."""
+        sock = socket_for(fd) if fd is not None else None
+        if sock is None or state is None or self._on_connection is None or failure is not None:
+            if sock is not None:
+                sock.close()
+            refused.append(index)
+            return failure
+        try:
+            self._on_connection(sock, state)
+        except BaseException as e:  # noqa: B902 - the handler owns that one; the rest go back
+            return e
+        return None
 
     def _handoff_event(self, params):
         def indices(key):
