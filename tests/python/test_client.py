@@ -220,6 +220,13 @@ def resume_after_crash(b, config, log_path, tmp, control, service, port, bystand
           "the receiver reconnects")
     links = [r["link"] for r in reports(tmp, receiver) if r["event"] == "link"]
     check(links[:2] == ["lost", "connected"], "%s: the receiver lost brokerd and was taken back (%r)" % (service, links))
+    polled = [r["fileno"] for r in reports(tmp, receiver) if r["event"] in ("hello", "link")][:3]
+    if HANDOFF_PATH == "direct":
+        check(polled[0] >= 0 and polled == [polled[0]] * 3,
+              "%s: fileno() is one epoll fd across the loss and the reconnect (%r)" % (service, polled))
+    else:
+        check(polled[1] == -1 and polled[2] not in (-1, polled[0]),
+              "%s: fileno() is the connection, none while lost, a new number after (%r)" % (service, polled))
     for other, name in bystanders:
         until(lambda: [r for r in reports(tmp, other) if r["event"] == "link" and r["link"] == "connected"],
               "%s reconnects" % name)

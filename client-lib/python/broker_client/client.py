@@ -934,6 +934,7 @@ class Client(Channels):
             calls.append(_call("Status", {"text": self._last_status}, oneway=True))
         for call in calls:
             self._enqueue(call)
+        self._flush_now()
         # Connections queued while it was gone (a direct channel's receiver lost with it) go on.
         self._pump()
         if self._on_link is not None:
