@@ -13,7 +13,7 @@ import socket
 import struct
 import unittest
 
-from broker_client import Client, _frames, _limits
+from broker_client import Client, _frames, _limits, _wire
 from broker_client._channels import Path
 from broker_client._handoff import Item
 from test_handoff import is_open
@@ -217,6 +217,37 @@ class Channels(unittest.TestCase):
         self.client.process()
         self.assertEqual([state for _, state in self.back], [b"s0"])
         self.assertEqual(receiver.recv(1), b"", "the channel closed")
+
+    def test_without_a_channel_the_connections_go_brokerds_way(self):
+        mine, brokerd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        mine.setblocking(False)
+        brokerd.setblocking(False)
+        self.client._stream = _wire.Stream(mine)
+        self.client._peer_handoff = True
+        heard = _wire.Stream(brokerd)
+        self.ends.append(brokerd)
+
+        def calls():
+            heard.receive()
+            out = []
+            while True:
+                n, message = heard.next()
+                if n <= 0:
+                    return out
+                out.append(message)
+        self.hand(2)
+        self.client._pump()  # as handoff() does
+        self.assertEqual([body["method"] for body, _ in calls()], ["io.brokerd.Worker.Peers"])
+        self.assertIs(self.client._path, Path.ASKED)
+        self.client._dispatch({"parameters": {"event": "peers", "peers": []}}, [])
+        [(body, fds)] = calls()
+        self.assertEqual((body["method"], len(body["parameters"]["connections"]), len(fds)),
+                         ("io.brokerd.Worker.Handoff", 2, 2))
+        self.assertIs(self.client._path, Path.BROKERED)
+        self.assertEqual(self.client.handoff_pending(), 2, "held until brokerd's handoff event")
+        heard.sock = None  # closed with self.ends
+        for fd in fds:
+            os.close(fd)
 
     def test_a_receiver_takes_the_frame_then_acknowledges(self):
         sender = self.channel("peer")
