@@ -46,8 +46,10 @@ class Echo:
             client.on_connection(lambda sock, state: self.adopt(sock, state, "connection"))
         client.on_returned(lambda sock, state: self.adopt(sock, state, "returned"))
         client.on_handoff_done(self.done)
-        client.on_link(lambda link, error: report("link", link=link.value, error=str(error) if error else None))
-        report("hello", service=client.service, instance=client.instance, generation=client.generation)
+        client.on_link(lambda link, error: report("link", link=link.value, error=str(error) if error else None,
+                                                  fileno=client.fileno()))
+        report("hello", service=client.service, instance=client.instance, generation=client.generation,
+               fileno=client.fileno())
         client.ready()
         client.status("echoing as " + self.name)
 

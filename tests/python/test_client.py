@@ -10,9 +10,13 @@ loop (service "sel") and once on asyncio (service "aio"):
 3. A generation that refuses handed connections (REFUSE=1): they come back to the sender
    (on_returned), with their state, and it serves them on.
 4. brokerd killed with SIGKILL while a batch is in flight (the receiver stopped itself inside
-   on_connection, before acknowledging): started again by hand (its fd holder), the sender's
-   Resume says the batch is in doubt, the receiver's says what it got, and the new brokerd
-   settles it as landed.
+   on_connection, before acknowledging): started again by hand (its fd holder). On brokerd's path
+   the sender's Resume says the batch is in doubt, the receiver's says what it got, and the new
+   brokerd settles it as landed; on a direct channel the crash does not touch it: the receiver
+   acknowledges there, and nothing is in doubt.
+
+Run twice (meson.build): with the services' "handoff" "direct" (the default, the workers' own
+channels) and with HANDOFF_PATH=broker ("handoff": "broker", brokerd's path).
 """
 
 import json
@@ -35,6 +39,7 @@ from fd_holder import ByHand  # noqa: E402
 PYTHON = os.environ.get("PYTHON", "/usr/bin/python3")
 WAIT = 30  # seconds, for any one event
 DRAIN_S = 20
+HANDOFF_PATH = os.environ.get("HANDOFF_PATH") or "direct"
 
 
 def until(predicate, what, timeout=WAIT):
@@ -161,6 +166,10 @@ def scenario(tmp, control, service, port):
     check(0 < drain["remaining"] <= DRAIN_S, "%s: the drain deadline is within the configured %ds (%.3fs)"
           % (service, DRAIN_S, drain["remaining"]))
     until(lambda: not alive(p1), "gen 1 exits")
+    channel = "instance %s/1/0: direct handoff channel(s) to %s/2/0" % (service, service)
+    check((channel in RUNNING["brokerd"].log()) == (HANDOFF_PATH == "direct"),
+          "%s: the connections went %s" % (service, "on a direct channel" if HANDOFF_PATH == "direct"
+                                           else "brokerd's way"))
     c2.sendall(b"way\n")
     check(line(c2) == "gen 2 pid %d: halfway" % p2, "%s: gen 2 finishes the half-read line" % service)
     c1.sendall(b"two\n")
@@ -211,6 +220,13 @@ def resume_after_crash(b, config, log_path, tmp, control, service, port, bystand
           "the receiver reconnects")
     links = [r["link"] for r in reports(tmp, receiver) if r["event"] == "link"]
     check(links[:2] == ["lost", "connected"], "%s: the receiver lost brokerd and was taken back (%r)" % (service, links))
+    polled = [r["fileno"] for r in reports(tmp, receiver) if r["event"] in ("hello", "link")][:3]
+    if HANDOFF_PATH == "direct":
+        check(polled[0] >= 0 and polled == [polled[0]] * 3,
+              "%s: fileno() is one epoll fd across the loss and the reconnect (%r)" % (service, polled))
+    else:
+        check(polled[1] == -1 and polled[2] not in (-1, polled[0]),
+              "%s: fileno() is the connection, none while lost, a new number after (%r)" % (service, polled))
     for other, name in bystanders:
         until(lambda: [r for r in reports(tmp, other) if r["event"] == "link" and r["link"] == "connected"],
               "%s reconnects" % name)
@@ -222,8 +238,12 @@ def resume_after_crash(b, config, log_path, tmp, control, service, port, bystand
               "%s: Ready and Status said again after the reconnect (%r)" % (name, inst.get("status")))
     recovered = until(lambda: status(control).get("recovered"), "recovered in Status")
     doubt = recovered.get("in_doubt", {})
-    check((doubt.get("batches"), doubt.get("connections"), doubt.get("landed"), doubt.get("abandoned")) == (1, 3, 3, 0),
-          "%s: Status.recovered.in_doubt counts the batch as landed (%r)" % (service, doubt))
+    if HANDOFF_PATH == "direct":
+        check((doubt.get("batches"), doubt.get("connections")) == (0, 0),
+              "%s: a crash leaves nothing of a direct channel in doubt (%r)" % (service, doubt))
+    else:
+        check((doubt.get("batches"), doubt.get("connections"), doubt.get("landed"), doubt.get("abandoned"))
+              == (1, 3, 3, 0), "%s: Status.recovered.in_doubt counts the batch as landed (%r)" % (service, doubt))
     [inst] = until(lambda: [i for i in instances(status(control), service) if i["pid"] == receiver and i["state"] == "ready"],
                    "the receiver ready again")
     check(inst.get("status") == "echoing as gen %d pid %d" % (inst["generation"], receiver),
@@ -248,7 +268,7 @@ def main():
             s.bind(("127.0.0.1", 0))
             ports[name] = s.getsockname()[1]
     services = {name: {"exec": [PYTHON, worker, "selectors" if name == "sel" else "asyncio"], "sockets": [name],
-                       "ready": "broker", "drain": {"timeout": "%ds" % DRAIN_S},
+                       "ready": "broker", "drain": {"timeout": "%ds" % DRAIN_S}, "handoff": HANDOFF_PATH,
                        "env": {"PYTHONPATH": lib, "REPORT": tmp}} for name in ports}
     with open(config, "w") as f:
         json.dump({"control": {"path": control},
@@ -275,13 +295,17 @@ def main():
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        b = RUNNING["brokerd"]
-        if b.stop() is None:
-            b.kill()
-        if failures:
-            print("--- brokerd's log:\n" + b.log()[-6000:])
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        finish(RUNNING["brokerd"], tmp)
+
+
+def finish(b, tmp):
+    """Stops brokerd b; prints its log after a failure, else removes tmp; exits with the outcome."""
+    if b.stop() is None:
+        b.kill()
+    if failures:
+        print("--- brokerd's log:\n" + b.log()[-6000:])
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     print("%d passed, %d failed" % (len(passes), len(failures)))
     sys.exit(1 if failures else 0)
 

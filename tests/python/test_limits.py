@@ -24,6 +24,7 @@ MIRRORED = {
     "MAX_HANDOFF_STATE": ("proto/handoff.hpp", "kMaxState"),
     "HANDOFF_WINDOW": ("proto/handoff.hpp", "kWindow"),
     "HANDOFF_BATCH_BYTES": ("proto/handoff.hpp", "kBatchBytes"),
+    "MAX_FRAME_BYTES": ("proto/handoff_channel.hpp", "kMaxFrameBytes"),
 }
 
 

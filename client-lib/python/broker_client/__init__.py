@@ -3,8 +3,9 @@
 A worker makes one Client with Client.from_env(), serves its listeners(), says ready(), and runs
 the Client in its own loop: with selectors (fileno(), events(), timeout(), process(), or the
 register() helper) or with asyncio (broker_client.aio.attach). On drain it may hand its
-established connections, with state, to the next generation (handoff()); the library closes a
-handed connection only once its receiver acknowledged it, gives back those that come back
+established connections, with state, to the next generation (handoff()), on a direct channel to
+each receiver where brokerd makes one; the library closes a handed connection only once its
+receiver acknowledged it, gives back those that come back
 (on_returned), and across a restart of brokerd tells the new one what was in doubt (Resume).
 docs/python.md is the guide; docs/protocol.md the wire.
 """

@@ -26,3 +26,6 @@ DEFAULT_CALL_TIMEOUT = 30.0
 MAX_HANDOFF_STATE = 16384           # bytes of one connection's state
 HANDOFF_WINDOW = 8                  # batches in flight, of brokerd's 16
 HANDOFF_BATCH_BYTES = (1 << 20) - 4096  # a batch stops short of the message limit
+
+# proto/handoff_channel.hpp: one frame on a direct handoff channel, header included.
+MAX_FRAME_BYTES = 64 << 10

@@ -11,7 +11,9 @@ import socket
 
 from . import _limits
 
+WORKER = "io.brokerd.Worker."
 READ_CHUNK = 1 << 16
+FD_PRESSURE_RETRY = 0.010  # seconds before writing again when the kernel refuses more fds in flight
 _CONTROL_SPACE = socket.CMSG_SPACE(4 * _limits.MAX_FDS_PER_MESSAGE)
 _LOST = None  # in the fd queue: where a message's fds the kernel could not install begin
 
@@ -64,6 +66,27 @@ def count_fd_refs(body):
 def encode(body):
     """A message's bytes without the NUL: JSON with every non-ASCII character escaped, so it holds no NUL."""
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def call(method, parameters=None, more=False, oneway=False):
+    """A call of io.brokerd.Worker's method."""
+    body = {"method": WORKER + method}
+    if parameters is not None:
+        body["parameters"] = parameters
+    if more:
+        body["more"] = True
+    if oneway:
+        body["oneway"] = True
+    return body
+
+
+def socket_for(fd):
+    """A socket object that owns fd, or None (fd closed) when it is not a socket."""
+    try:
+        return socket.socket(fileno=fd)
+    except OSError:
+        close_all([fd])
+        return None
 
 
 def close_all(fds):

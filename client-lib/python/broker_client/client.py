@@ -18,11 +18,11 @@ import time
 
 from . import _limits
 from ._handoff import Item, Receipts, Sender, decode_state
-from ._wire import Stream, close_all
+from ._channels import Channels, Path
+from ._wire import FD_PRESSURE_RETRY, WORKER, Stream, close_all, socket_for
+from ._wire import call as _call
 
-WORKER = "io.brokerd.Worker."
 LISTEN_FDS_START = 3
-FD_PRESSURE_RETRY = 0.010  # seconds before writing again when the kernel refuses more fds in flight
 
 # Varlink errors whose errno the caller may match, as proto/varlink.cpp's errno_for_error maps them.
 _ERRNO_FOR_ERROR = {
@@ -163,17 +163,6 @@ def check_status_text(text):
     return text
 
 
-def _call(method, parameters=None, more=False, oneway=False):
-    call = {"method": WORKER + method}
-    if parameters is not None:
-        call["parameters"] = parameters
-    if more:
-        call["more"] = True
-    if oneway:
-        call["oneway"] = True
-    return call
-
-
 def _unix_address(path):
     return "\0" + path[1:] if path.startswith("@") else path
 
@@ -192,16 +181,7 @@ def _member(params, key, kind):
     return v
 
 
-def _socket_for(fd):
-    """A socket object that owns fd, or None (fd closed) when it is not a socket."""
-    try:
-        return socket.socket(fileno=fd)
-    except OSError:
-        close_all([fd])
-        return None
-
-
-class Client:
+class Client(Channels):
     """A worker's connection to brokerd. Make one with Client.from_env()."""
 
     def __init__(self):
@@ -235,6 +215,7 @@ class Client:
         self._in_process = False
         self._registered = {}  # id(selector) -> the fd register() gave it
         self._jitter = random.Random(os.getpid() ^ time.monotonic_ns())
+        self._init_channels()
 
     # -- Construction --------------------------------------------------------------------------
 
@@ -305,7 +286,7 @@ class Client:
         finally:
             close_all(fds)
         c._stream.allow_lost_fds = True  # connections beyond the fd limit are refused, not the end
-        c._enqueue(_call("Events", {}, more=True))
+        c._enqueue(_call("Events", c._events_parameters(params), more=True))
         c._flush_now()
         return c
 
@@ -385,8 +366,9 @@ class Client:
         """Hands established connections to the successor generation: an iterable of
         (connection, state), a connection being a socket object (detached here) or an fd, state
         bytes (at most 16384; b"" for none). From this call on the library owns every one: those
-        that land close on brokerd's "handoff" event, never before; those that come back go to
-        on_returned. Nothing is taken if it raises (a closed fd, a state too long, no brokerd)."""
+        that land close once their receiver acknowledged them (on a direct channel, or brokerd's
+        "handoff" event), never before; those that come back go to on_returned. Nothing is taken
+        if it raises (a closed fd, a state too long, no brokerd)."""
         if not self.brokered:
             raise Error(errno.ENOTCONN, "not connected to brokerd: there is no successor to hand connections to")
         if self._phase is not _Phase.CONNECTED:
@@ -409,6 +391,7 @@ class Client:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY:
             self._sender.set_window(soft // 2 // _limits.MAX_FDS_PER_MESSAGE)
+            self._window_fds = max(soft // 2, 1)
         for conn, state in checked:
             fd = conn if isinstance(conn, int) else conn.detach()
             self._sender.add(Item(fd, state))
@@ -420,7 +403,7 @@ class Client:
 
     def handoff_pending(self):
         """Connections handed and not settled yet (queued or in flight)."""
-        return self._sender.pending()
+        return self._pending()
 
     def link(self):
         if self._phase is _Phase.CONNECTED:
@@ -454,12 +437,21 @@ class Client:
     # -- The caller's loop ---------------------------------------------------------------------
 
     def fileno(self):
-        """The fd to poll, -1 while there is none (lost, waiting to reconnect). It changes on a
-        reconnect, never to the number of the connection before."""
+        """The fd to poll. With a brokerd that makes direct handoff channels (its Hello said
+        peer_handoff), an epoll fd of the library's holding the connection to brokerd and every
+        channel, the same for the Client's life. Otherwise the connection: -1 while there is none
+        (lost, waiting to reconnect), and it changes on a reconnect, never to the number of the
+        connection before."""
+        if self._epoll is not None:
+            return self._epoll.fileno()
         return self._stream.fileno() if self._stream is not None else -1
 
     def events(self):
-        """The selectors mask to poll fileno() for (0 with no fd)."""
+        """The selectors mask to poll fileno() for (0 with no fd); EVENT_READ alone for the epoll
+        fd, whose members it sets up for the next wait."""
+        if self._epoll is not None:
+            self._watch()
+            return selectors.EVENT_READ
         if self._stream is None:
             return 0
         write = self._stream.want_write() and not self._retry_at
@@ -508,6 +500,14 @@ class Client:
         """Does what is due without blocking: writes, reads once, runs handlers, reconnects.
         Returns True when it did something. A handler's exception, or brokerd's error, comes out
         of it (as Error for the latter); what was queued goes on at the next call."""
+        did = False
+        if self._peers:
+            did = self._serve_peers()
+            if self._phase is _Phase.CLOSED and self._stream is None:
+                return True  # a handler closed the Client
+        return self._process_stream() or did
+
+    def _process_stream(self):
         if self._phase is _Phase.WAITING:
             return self._attempt()
         if self._stream is None:
@@ -579,6 +579,7 @@ class Client:
             self._stream = None
         self._sender.drop_in_flight()
         close_all(item.fd for item in self._sender.take_unsent())
+        self._close_channels()
         if self._owns_listeners:
             close_all(entry.fd for entry in self._listeners)
         self._listeners = []
@@ -629,9 +630,23 @@ class Client:
         return r
 
     def _pump(self):
-        """Sends batches while the window has room; each outcome comes as a "handoff" event."""
-        if self._stream is None:
-            raise Error(errno.ECONNRESET, "brokerd closed the connection")
+        """Sends what is queued: on the direct channels (_channels.py), once brokerd has made
+        them; otherwise as Handoff batches while the window has room, each outcome coming as a
+        "handoff" event."""
+        if self._path is Path.DIRECT:
+            self._pump_direct()
+            self._report_handed()
+            if self._path is Path.DIRECT:
+                return
+        if self._path is Path.UNASKED and self._peer_handoff and self._sender.queue:
+            if self._phase is not _Phase.CONNECTED:
+                return  # the Hello of a reconnect pumps again
+            self._enqueue(_call("Peers", {}, oneway=True))
+            self._path = Path.ASKED
+            self._flush_now()
+            return
+        if self._path is Path.ASKED or self._stream is None:
+            return  # lost: the Hello of a reconnect pumps again
         while True:
             b = self._sender.next()
             if b is None:
@@ -664,6 +679,18 @@ class Client:
             return
         elif event == "handoff":
             self._handoff_event(params)
+        elif event == "peers":
+            try:
+                self._peers_event(params, fds)
+            finally:
+                close_all(fds)
+            return
+        elif event == "peer":
+            try:
+                self._peer_event(params, fds)
+            finally:
+                close_all(fds)
+            return
         close_all(fds)
 
     def _connections_event(self, params, fds):
@@ -682,16 +709,7 @@ class Client:
                 continue
             fd, fds[fd_index] = fds[fd_index], None
             state = decode_state(c["state"]) if "state" in c else b""
-            sock = _socket_for(fd) if fd is not None else None
-            if sock is None or state is None or self._on_connection is None or failure is not None:
-                if sock is not None:
-                    sock.close()
-                refused.append(i)
-                continue
-            try:
-                self._on_connection(sock, state)
-            except BaseException as e:  # noqa: B902 - the handler owns that one; the rest go back
-                failure = e
+            failure = self._deliver(fd, state, failure, refused, i)
         close_all(fds)
         # Remembered before the acknowledgement, which may never reach brokerd: a brokerd that
         # restarts learns from this what landed here (Resume).
@@ -707,6 +725,23 @@ class Client:
         if failure is not None:
             raise failure
 
+    def _deliver(self, fd, state, failure, refused, index):
+        """One connection handed to this instance, to on_connection, the handler's from then on.
+        Refused (index into refused) and closed here: one whose fd or state did not arrive, all
+        without a handler, and the rest once a handler raised. Returns the first exception a
+        handler raised (failure until then)."""
+        sock = socket_for(fd) if fd is not None else None
+        if sock is None or state is None or self._on_connection is None or failure is not None:
+            if sock is not None:
+                sock.close()
+            refused.append(index)
+            return failure
+        try:
+            self._on_connection(sock, state)
+        except BaseException as e:  # noqa: B902 - the handler owns that one; the rest go back
+            return e
+        return None
+
     def _handoff_event(self, params):
         def indices(key):
             v = params.get(key)
@@ -719,7 +754,7 @@ class Client:
         batch, landed = params.get("batch"), params.get("landed")
         returned, abandoned = indices("returned"), indices("abandoned")
         done = None
-        before = self._sender.pending()
+        before = self._pending()
         if type(batch) is int and type(landed) is int and landed >= 0 and returned is not None and abandoned is not None:
             done = self._sender.complete(batch, landed, returned, abandoned)
         if done is None:
@@ -746,7 +781,7 @@ class Client:
         self.summary.returned += len(items)
         failure = None
         for item in items:
-            sock = _socket_for(item.fd)
+            sock = socket_for(item.fd)
             if sock is None:
                 continue
             if self._on_returned is None:
@@ -760,12 +795,23 @@ class Client:
             raise failure
 
     def _check_done(self, pending_before):
-        if pending_before > 0 and self._sender.pending() == 0 and self._on_handoff_done is not None:
+        if pending_before == 0 or self._pending() != 0:
+            return
+        self._end_sending()
+        if self._on_handoff_done is not None:
             self._on_handoff_done(self.summary)
 
     # -- The link (client-lib/src/link.cpp) ----------------------------------------------------
 
+    def _link_up(self):
+        return self._phase is _Phase.CONNECTED and self._stream is not None
+
+    @staticmethod
+    def _error(code, message):
+        return Error(code, message)
+
     def _close_stream(self):
+        self._unwatch_stream()
         if self._stream is not None:
             self._last_fd = self._stream.fileno()
             self._stream.close()
@@ -778,8 +824,12 @@ class Client:
         if self._phase is _Phase.HELLO:
             self._retry_later()  # nothing was handed on this connection
             return
-        before = self._sender.pending()
+        before = self._pending()
         self._sender.requeue_newest(self._stream.unsent_borrowed() if self._stream else 0)
+        # The direct channels go on without brokerd; a Peers question dies with it.
+        direct = self._path is Path.DIRECT
+        if self._path is Path.ASKED:
+            self._path = Path.UNASKED
         self._close_stream()  # nothing queued may go out after this: its borrowed fds are given back
         self._peer_gone = False
         self._retry_at = 0.0
@@ -791,7 +841,8 @@ class Client:
         self._attempt_at = time.monotonic() + self._backoff(0)
         failure = None
         try:
-            self._give_back(self._sender.take_unsent())
+            if not direct:
+                self._give_back(self._sender.take_unsent())
         except BaseException as e:  # noqa: B902
             failure = e
         self._check_done(before)
@@ -863,6 +914,7 @@ class Client:
             if not isinstance(params, dict):
                 raise Error(errno.EBADMSG, "invalid Hello reply from brokerd: no parameters")
             who = (_member(params, "service", str), _member(params, "instance", str), _member(params, "generation", int))
+            events = self._events_parameters(params)
             self._remember_token(params)
         except Error as e:
             self._reject(e)
@@ -875,7 +927,7 @@ class Client:
         # Said even when empty: brokerd waits for every instance that spoke to its predecessor.
         resume = {"in_doubt": [{"batch": b, "count": n} for b, n in self._sender.in_flight()],
                   "received": self._receipts.list(_limits.HANDOFF_BATCH_BYTES // 2)}
-        calls = [_call("Events", {}, more=True), _call("Resume", resume, oneway=True)]
+        calls = [_call("Events", events, more=True), _call("Resume", resume, oneway=True)]
         if self._said_ready:
             calls.append(_call("Ready", oneway=True))
         if self._last_status is not None:
@@ -883,6 +935,8 @@ class Client:
         for call in calls:
             self._enqueue(call)
         self._flush_now()
+        # Connections queued while it was gone (a direct channel's receiver lost with it) go on.
+        self._pump()
         if self._on_link is not None:
             self._on_link(Link.CONNECTED, None)
 
@@ -901,7 +955,7 @@ class Client:
         self._retry_at = 0.0
         self._phase = _Phase.REJECTED
         # No brokerd will say where the handoffs in doubt went: closed, as without reconnect.
-        before = self._sender.pending()
+        before = self._pending()
         self.summary.abandoned += self._sender.drop_in_flight()
         if self._on_link is not None:
             self._on_link(Link.REJECTED, error)
