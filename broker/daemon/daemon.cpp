@@ -459,7 +459,6 @@ std::string Daemon::crash_snapshot() const
 		                     {"origin", l.origin},
 		                     {"inode", st.st_ino}});
 	}
-	std::vector<int> unused;
 	nlohmann::json state = {{"format", kCrashFormat},
 	                        {"version", BROKER_VERSION},
 	                        {"pid", ::getpid()},
@@ -467,10 +466,8 @@ std::string Daemon::crash_snapshot() const
 	                        {"config_path", config_path_},
 	                        {"config_text", cfg_text_},
 	                        {"listeners", std::move(listeners)},
-	                        {"control_owned", control_->owns_file()},
-	                        {"services", Serializer::save(*supervisor_, unused)}};
-	// A worker's last lines of output are its bytes, not always UTF-8.
-	return state.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+	                        {"control_owned", control_->owns_file()}};
+	return Serializer::save_text(*supervisor_, std::move(state), history_texts_);
 }
 
 void Daemon::on_change()

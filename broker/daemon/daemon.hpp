@@ -94,6 +94,7 @@ private:
 	nlohmann::json save_metrics(std::vector<int> &keep) const;
 	void keep_crash_state();
 	std::string crash_snapshot() const;
+	mutable Serializer::HistoryTexts history_texts_; // what crash_snapshot() need not make again
 	void take_crash_state(InheritedFds &inherited);
 	void take_sentinel(InheritedFds &inherited);
 	void keep_sentinel();

@@ -68,8 +68,15 @@ std::optional<GenerationResult> result_named(std::string_view name)
 	return std::nullopt;
 }
 
+std::uint64_t History::fresh_revision()
+{
+	static std::uint64_t last = 0; // one loop thread owns every History
+	return ++last;
+}
+
 void History::begin(HistoryRecord record)
 {
+	revision_ = fresh_revision();
 	records_.push_back(std::move(record));
 	while (records_.size() > kLength)
 		records_.pop_front();
@@ -91,6 +98,7 @@ void History::end_if(const std::function<bool(const HistoryRecord &)> &which, Ge
 		if (r.result == GenerationResult::Serving && which(r)) {
 			r.result = result;
 			r.ended = now;
+			revision_ = fresh_revision();
 		}
 }
 

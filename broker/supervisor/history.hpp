@@ -55,6 +55,10 @@ public:
 	// Every record that has not ended ends so (a service stopped or removed).
 	void end_all(GenerationResult result, usec_t now);
 
+	// Changes with every change of the records, and differs between any two histories: what a
+	// saved copy of them is checked against (Serializer::save_text).
+	std::uint64_t revision() const { return revision_; }
+
 	const HistoryRecord *find(std::uint64_t generation) const;
 	// The generation numbers still known, oldest first.
 	std::vector<std::uint64_t> known() const;
@@ -63,6 +67,7 @@ public:
 	// (its accounts): what rollback --to deploys runs as the config in force says.
 	template <typename F> void each_config(F &&f)
 	{
+		revision_ = fresh_revision();
 		for (HistoryRecord &r : records_)
 			f(r.cfg);
 	}
@@ -71,7 +76,10 @@ private:
 	// An ended record keeps how it ended.
 	void end_if(const std::function<bool(const HistoryRecord &)> &which, GenerationResult result, usec_t now);
 
+	static std::uint64_t fresh_revision();
+
 	std::deque<HistoryRecord> records_;
+	std::uint64_t revision_ = fresh_revision();
 };
 
 } // namespace brokerd

@@ -84,7 +84,8 @@ static json peer_links(const Instance &inst)
 	return out;
 }
 
-json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
+// Every service, each with its history or without (save_text() adds it as text).
+static json save_services(const Supervisor &supervisor, std::vector<int> &keep_fds, bool with_history)
 {
 	json services = json::array();
 	for (const auto &svc : supervisor.services()) {
@@ -163,12 +164,59 @@ json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
 		           {"handoff_channels", svc->handoff_channels}};
 		if (svc->previous)
 			sv["previous"] = state::service_config(*svc->previous);
-		sv["history"] = save_history(svc->history);
+		if (with_history)
+			sv["history"] = save_history(svc->history);
 		if (svc->scaled)
 			sv["scaled"] = *svc->scaled;
 		services.push_back(std::move(sv));
 	}
 	return services;
+}
+
+json Serializer::save(const Supervisor &supervisor, std::vector<int> &keep_fds)
+{
+	return save_services(supervisor, keep_fds, true);
+}
+
+std::string Serializer::dump(const json &j)
+{
+	return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+// An object's text with one more member, whose value is text already.
+static void append_member(std::string &object, std::string_view key, std::string_view value)
+{
+	object.pop_back(); // its '}'
+	if (object.size() > 1)
+		object += ',';
+	object += json(key).dump();
+	object += ':';
+	object += value;
+	object += '}';
+}
+
+std::string Serializer::save_text(const Supervisor &supervisor, json around, HistoryTexts &cache)
+{
+	std::vector<int> unused;
+	json saved = save_services(supervisor, unused, false);
+	HistoryTexts kept;
+	std::string services = "[";
+	std::size_t n = 0;
+	for (const auto &svc : supervisor.services()) {
+		std::string text = dump(saved.at(n++));
+		std::uint64_t revision = svc->history.revision();
+		auto it = cache.by_service.find(svc->name);
+		if (it == cache.by_service.end() || it->second.first != revision)
+			it = cache.by_service.insert_or_assign(svc->name, std::pair{revision, dump(save_history(svc->history))}).first;
+		append_member(text, "history", it->second.second);
+		services += (services.size() > 1 ? "," : "") + text;
+		kept.by_service.insert(cache.by_service.extract(it));
+	}
+	services += ']';
+	cache = std::move(kept); // services gone take their texts with them
+	std::string out = dump(around);
+	append_member(out, "services", services);
+	return out;
 }
 
 static InstanceState decode_state(const std::string &st)

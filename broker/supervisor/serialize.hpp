@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <map>
+#include <string>
 #include <vector>
 
 namespace brokerd {
@@ -19,6 +20,16 @@ struct Serializer {
 	// Every service, generation and instance; the fds the next brokerd must inherit are added to
 	// keep_fds. Call it only when Supervisor::busy() says nothing is.
 	static nlohmann::json save(const Supervisor &supervisor, std::vector<int> &keep_fds);
+	// The object `around` with "services" added as save() gives them, as text (dump()), for the
+	// crash state, which is written on every turn of the loop that changed anything. A service's
+	// history (up to History::kLength whole configs) rarely changes: its text is kept in `cache`
+	// and made again only when History::revision() moved. No fds are carried by a crash state.
+	struct HistoryTexts {
+		std::map<std::string, std::pair<std::uint64_t, std::string>> by_service;
+	};
+	static std::string save_text(const Supervisor &supervisor, nlohmann::json around, HistoryTexts &cache);
+	// A saved state as text: a worker's last lines of output are its bytes, not always UTF-8.
+	static std::string dump(const nlohmann::json &j);
 	// In the next brokerd, before any service is added. Throws std::runtime_error (or
 	// nlohmann::json's exceptions) on a state it cannot read.
 	static void restore(Supervisor &supervisor, const nlohmann::json &services);

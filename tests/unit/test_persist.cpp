@@ -53,6 +53,30 @@ TEST_CASE("persist: the CRC-32 is zlib's")
 {
 	CHECK(crc32("") == 0u);
 	CHECK(crc32("123456789") == 0xCBF43926u);
+	CHECK(crc32("The quick brown fox jumps over the lazy dog") == 0x414FA339u);
+}
+
+TEST_CASE("persist: the CRC-32 of every length and alignment is the bit-by-bit one")
+{
+	auto bitwise = [](std::string_view bytes) {
+		std::uint32_t c = 0xFFFFFFFFu;
+		for (char b : bytes) {
+			c ^= static_cast<unsigned char>(b);
+			for (int k = 0; k < 8; k++)
+				c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+		}
+		return c ^ 0xFFFFFFFFu;
+	};
+	std::string text;
+	for (int i = 0; i < 100; i++)
+		text += static_cast<char>(i * 37 + 11); // every byte value's high bit, too
+	for (std::size_t from = 0; from < 9; from++)
+		for (std::size_t n = 0; from + n <= text.size(); n++) {
+			std::string_view part = std::string_view(text).substr(from, n);
+			CAPTURE(from);
+			CAPTURE(n);
+			REQUIRE(crc32(part) == bitwise(part));
+		}
 }
 
 TEST_CASE("persist: each write goes to the other slot, and the newest whole one is read back")

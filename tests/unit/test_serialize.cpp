@@ -7,6 +7,7 @@
 
 #include <systemd/sd-event.h>
 
+#include <functional>
 #include <list>
 #include <memory>
 
@@ -220,6 +221,46 @@ TEST_CASE_FIXTURE(SavedRun, "serialize: a state from before restarts and env cha
 		CHECK(svc.current->env.empty());
 		CHECK(svc.current->instances[1]->restarts == 0);
 		CHECK(svc.current->instances[1]->backoff.restarts == 2);
+	}
+}
+
+TEST_CASE_FIXTURE(SavedRun, "serialize: the crash state's text says what save() says, through every change of the history")
+{
+	Supervisor sup(event, listeners, "/run/brokerd/control.sock");
+	Serializer::restore(sup, saved);
+	Service &svc = *sup.services().front();
+	Serializer::HistoryTexts cache; // one, kept across the steps, as the daemon keeps it
+	const json around = {{"format", 1}, {"pid", 42}};
+	// Each step changes the history by one of its ways, or nothing.
+	struct Step {
+		std::string what;
+		std::function<void()> change;
+	};
+	const Step steps[] = {
+	        {"first write", [] {}},
+	        {"nothing changed", [] {}},
+	        {"a generation begins", [&] {
+		         svc.history.begin({3, service_config("3"), 1700000070000000, 0, GenerationOrigin::Upgrade,
+		                            GenerationResult::Serving, 0});
+	         }},
+	        {"a generation ends", [&] { svc.history.end(2, GenerationResult::Replaced, 1700000080000000); }},
+	        {"the configs are brought up to date", [&] {
+		         svc.history.each_config([](config::ServiceConfig &c) { c.env["RELOADED"] = "1"; });
+	         }},
+	        {"every generation ends", [&] { svc.history.end_all(GenerationResult::Stopped, 1700000090000000); }},
+	        {"past kLength generations", [&] {
+		         for (std::uint64_t n = 4; n < 4 + History::kLength; n++)
+			         svc.history.begin({n, service_config(std::to_string(n)), n, 0, GenerationOrigin::Upgrade,
+			                            GenerationResult::Serving, std::nullopt});
+	         }},
+	};
+	for (const Step &step : steps) {
+		CAPTURE(step.what);
+		step.change();
+		std::vector<int> keep_now;
+		json expected = around;
+		expected["services"] = Serializer::save(sup, keep_now);
+		CHECK(json::parse(Serializer::save_text(sup, around, cache)) == expected);
 	}
 }
 
