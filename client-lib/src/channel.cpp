@@ -286,8 +286,11 @@ void Client::Impl::write_acks(Peer &p)
 			return;
 		}
 		if (r < 0) {
-			p.ended = true;
+			// The sender has gone (EPIPE): nobody to tell, nor any need, and what it wrote
+			// before is still read to the end. Any other error ends the channel.
 			p.acks.clear();
+			if (!detail::is_disconnect(r))
+				p.ended = true;
 			return;
 		}
 		p.acks.pop_front();
