@@ -308,14 +308,35 @@ bool Client::Impl::serve_peers()
 		if (!failure)
 			failure = std::current_exception();
 	};
+	// Which channels are ready, from the set fd() is: a full channel is tried again only once it
+	// has room (a refused sendmsg of 253 fds costs as much as a sent one), and one with nothing
+	// to read is not read.
+	epoll_event ready[2 * kMaxPeers + 1];
+	int n_ready = ::epoll_wait(epoll.get(), ready, static_cast<int>(std::size(ready)), 0);
+	auto events_of = [&](const Peer &p) {
+		std::uint32_t e = 0;
+		for (int k = 0; k < n_ready; k++)
+			if (ready[k].data.fd == p.fd.get())
+				e |= ready[k].events;
+		return e;
+	};
+	constexpr std::uint32_t kIn = EPOLLIN | EPOLLHUP | EPOLLERR, kOut = EPOLLOUT | EPOLLHUP | EPOLLERR;
 	std::vector<proto::handoff::Item> back;
 	for (std::size_t i = 0; i < peers.size(); i++) {
 		Peer &p = *peers[i];
 		if (p.ended && p.acks.empty())
 			continue;
+		std::uint32_t e = events_of(p);
 		if (p.sending) {
-			did = read_acks(p, back) || did;
-			p.blocked = false; // POLLOUT, maybe: the next frame finds out
+			if (e & kIn)
+				did = read_acks(p, back) || did;
+			if (e & kOut)
+				p.blocked = false;
+			continue;
+		}
+		if (!(e & kIn)) {
+			if (e & kOut)
+				write_acks(p);
 			continue;
 		}
 		// Each frame acknowledged as soon as its handler calls are made, so that its sender can
