@@ -21,8 +21,9 @@
 //                          what it was given once process() has nothing left to do, at most 256
 //                          per turn, so that reading (and acknowledging) what comes next is never
 //                          held up for long, as a server that hands accepted connections to its
-//                          own workers does. Either way it owns each one from the handler on;
-//                          deferred, the acknowledgement leaves first.
+//                          own workers does; the check of its state goes with it. Either way it
+//                          owns each one from the handler on; deferred, the acknowledgement leaves
+//                          first.
 //
 // Result files, one JSON object each, written atomically (rename) into HANDOFF_BENCH_DIR:
 //   sender-<pid>.json    the drained instance: when handoff() was called (t0), how long the call
@@ -63,6 +64,7 @@
 #include <optional>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -255,6 +257,7 @@ private:
 	void close_connection(int fd);
 	void adopt(int fd, std::string state);
 	void serve(int fd);
+	void check_state(int fd, const std::string &state);
 	void begin_handoff();
 	void finish();
 	std::string sender_json() const;
@@ -265,7 +268,7 @@ private:
 	std::size_t expect_ = 0;
 	std::size_t state_bytes_ = 0;
 	bool deferred_ = false;
-	std::deque<int> given_; // deferred: handed to on_connection, not registered yet
+	std::deque<std::pair<int, std::string>> given_; // deferred: handed to on_connection, not registered yet
 	std::string greeting_;
 	Fd epoll_;
 	std::uint32_t broker_events_ = 0;
@@ -420,15 +423,22 @@ void Worker::adopt(int fd, std::string state)
 	if (recv_.received == 0)
 		recv_.first = now_ns();
 	recv_.received++;
-	if (state_bytes_ > 0 && state != state_for(fd, state_bytes_))
-		recv_.bad_state++;
-	if (deferred_)
-		given_.push_back(fd);
-	else
+	if (deferred_) {
+		given_.emplace_back(fd, std::move(state));
+	} else {
+		check_state(fd, state);
 		serve(fd);
+	}
 	if (sample)
 		recv_.handler_ns += std::max<std::int64_t>(clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu_start - clock_cost_, 0) *
 		                    kHandlerSample;
+}
+
+// The bench's own check that a state came with its own socket (getpeername: a system call).
+void Worker::check_state(int fd, const std::string &state)
+{
+	if (state_bytes_ > 0 && state != state_for(fd, state_bytes_))
+		recv_.bad_state++;
 }
 
 // Into the epoll set, to be served.
@@ -561,7 +571,8 @@ int Worker::run()
 			}
 		}
 		for (std::size_t k = 0; k < kRegisterPerTurn && !given_.empty(); k++) {
-			serve(given_.front());
+			check_state(given_.front().first, given_.front().second);
+			serve(given_.front().first);
 			given_.pop_front();
 		}
 		// Deferred, the wakeups that register what came count too.
