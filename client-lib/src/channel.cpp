@@ -88,7 +88,8 @@ void Client::Impl::peers_event(const json &params, std::vector<proto::UniqueFd> 
 			add_peer(std::move(entry->second), std::move(entry->first), true);
 	}
 	if (asked) {
-		bool any = std::any_of(peers.begin(), peers.end(), [](const auto &p) { return p->sending && !p->ended; });
+		bool any = std::any_of(peers.begin(), peers.end(),
+		                       [](const auto &p) { return p->sending && !p->ended && !p->unwritable; });
 		path = any ? Path::Direct : Path::Brokered;
 		pump();
 	}
