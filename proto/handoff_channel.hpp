@@ -31,6 +31,10 @@ inline constexpr std::uint16_t kVersion = 1;
 // One frame, header included: under any default socket send buffer, and room for the largest
 // state (kMaxState) with its length.
 inline constexpr std::size_t kMaxFrameBytes = 64u << 10;
+// Channels one process holds in each direction: brokerd gives a sender at most this many, and a
+// receiver keeps at most this many (one past it closes at once, and its sender takes back what
+// it writes).
+inline constexpr std::size_t kMaxPeers = 64;
 
 enum class Type : std::uint16_t { Connections = 1, Ack = 2 };
 

@@ -2,6 +2,7 @@
 #include "supervisor/supervisor.hpp"
 
 #include "os/log.hpp"
+#include "proto/handoff_channel.hpp"
 
 #include <sys/socket.h>
 
@@ -55,7 +56,7 @@ void Supervisor::handoff_peers(Instance &sender, EventSink &sink)
 	for (Instance *r : direct ? receivers : std::vector<Instance *>()) {
 		auto met = std::find_if(sender.peers.begin(), sender.peers.end(),
 		                        [&](const Instance::PeerLink &l) { return l.instance == r->id && l.pid == r->pid; });
-		if (met != sender.peers.end() || sender.peers.size() >= kMaxPeers)
+		if (met != sender.peers.end() || sender.peers.size() >= proto::handoff::channel::kMaxPeers)
 			continue;
 		int sv[2];
 		if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {

@@ -102,7 +102,6 @@ public:
 	// Returns why the counts cannot be: a peer it was never introduced to, or more landed and
 	// returned than sent. Nothing changes then.
 	std::optional<std::string> handoff_handed(Instance &sender, const Handed &h);
-	static constexpr std::size_t kMaxPeers = 64; // channels one sender process is given
 	std::optional<std::string> handoff_received(EventSink &sink, std::uint64_t batch,
 	                                            const std::vector<std::uint64_t> &refused);
 	// A Resume call from inst's Events connection, after a restart of brokerd: what it received

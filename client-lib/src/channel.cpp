@@ -31,9 +31,7 @@ namespace channel = proto::handoff::channel;
 
 namespace {
 
-// Channels at once in each direction: a sender's receivers, and a receiver's senders. A channel
-// past it closes at once, and its sender takes back what it writes.
-constexpr std::size_t kMaxPeers = 64;
+using channel::kMaxPeers;
 // Frames read from one channel in a row before the others get a turn.
 constexpr std::size_t kFramesPerWakeup = 64;
 
