@@ -789,10 +789,20 @@ void Client::handoff(const Connection *list, std::size_t count)
 		impl_->send(kPeers, json::object());
 		impl_->path = Impl::Path::Asked;
 	}
+	// One bit per fd number seen: two entries owning one fd would close it twice, the second time
+	// perhaps an fd the process opened in between.
+	std::vector<std::uint64_t> seen;
 	for (const Connection &c : connections) {
 		// A closed fd would make the whole batch's sendmsg fail, and the connection to brokerd with it.
 		if (c.fd < 0 || ::fcntl(c.fd, F_GETFD) < 0)
 			throw Error(EBADF, "handoff: fd " + std::to_string(c.fd) + " is not open");
+		auto word = static_cast<std::size_t>(c.fd) / 64;
+		std::uint64_t bit = std::uint64_t{1} << (c.fd % 64);
+		if (word >= seen.size())
+			seen.resize(word + 1);
+		if (seen[word] & bit)
+			throw Error(EINVAL, "handoff: fd " + std::to_string(c.fd) + " is in the list twice");
+		seen[word] |= bit;
 		if (c.state.size() > kMaxHandoffState)
 			throw Error(EMSGSIZE, "handoff: state of " + std::to_string(c.state.size()) + " bytes, over " +
 			                          std::to_string(kMaxHandoffState));

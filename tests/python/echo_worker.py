@@ -105,11 +105,26 @@ class Echo:
             self.unwatch(sock)
             del self.buffers[sock]
         if conns:
+            report("refused", **self.refusals(conns))
             self.client.handoff(conns)
             report("handed", count=len(conns), pending=self.client.handoff_pending())
         else:
             self.handoff_done = True
             self.maybe_exit()
+
+    def refusals(self, conns):
+        """What handoff() says, having taken nothing, of a closed fd and of one fd listed twice."""
+        said = {}
+        closed = os.dup(conns[0][0].fileno())
+        os.close(closed)
+        for name, bad in (("closed", [(closed, b"")] + conns), ("twice", conns + [conns[0]])):
+            try:
+                self.client.handoff(bad)
+                said[name] = 0
+            except broker_client.Error as e:
+                said[name] = e.errno
+        said["pending"] = self.client.handoff_pending()
+        return said
 
     def done(self, summary):
         report("handoff_done", handed=summary.handed, landed=summary.landed, returned=summary.returned,

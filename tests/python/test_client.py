@@ -19,6 +19,7 @@ Run twice (meson.build): with the services' "handoff" "direct" (the default, the
 channels) and with HANDOFF_PATH=broker ("handoff": "broker", brokerd's path).
 """
 
+import errno
 import json
 import os
 import re
@@ -162,6 +163,11 @@ def scenario(tmp, control, service, port):
     [done] = until(lambda: events(tmp, p1, "handoff_done"), "gen 1 handoff done")
     check((done["handed"], done["landed"], done["returned"], done["abandoned"]) == (3, 3, 0, 0),
           "%s: gen 1 hears all 3 landed (%r)" % (service, done))
+    [refused] = events(tmp, p1, "refused")
+    check({k: refused.get(k) for k in ("closed", "twice", "pending")} == {"closed": errno.EBADF,
+                                                                           "twice": errno.EINVAL, "pending": 0},
+          "%s: handoff() takes nothing, with EBADF for a closed fd and EINVAL for one fd twice (%r)"
+          % (service, refused))
     drain = events(tmp, p1, "drain")[0]
     check(0 < drain["remaining"] <= DRAIN_S, "%s: the drain deadline is within the configured %ds (%.3fs)"
           % (service, DRAIN_S, drain["remaining"]))

@@ -647,6 +647,47 @@ TEST_CASE("handoff() with a closed fd: EBADF, nothing taken, the connection to b
 	}
 }
 
+TEST_CASE("handoff() with one fd twice: EINVAL, nothing taken, and the fd is still the caller's")
+{
+	// Two entries owning one fd would close it twice: the second close could hit an fd the
+	// process opened in between.
+	for (std::string api : {"cpp", "c"}) {
+		CAPTURE(api);
+		WorkerEnv w;
+		FakeBroker &broker = w.broker;
+		std::optional<broker::Client> cpp;
+		CClient c;
+		if (api == "cpp")
+			cpp = connect_cpp(broker);
+		else
+			c.reset(connect_c(broker));
+
+		Fd one = connection_fd();
+		Fd other = connection_fd();
+		if (cpp) {
+			broker::Connection conns[] = {{one.get(), "a"}, {other.get(), "b"}, {one.get(), "c"}};
+			try {
+				cpp->handoff(conns, 3);
+				FAIL("handoff() took one fd twice");
+			} catch (const broker::Error &e) {
+				CHECK(e.code() == EINVAL);
+				CHECK(std::string(e.what()).find("fd " + std::to_string(one.get()) + " ") != std::string::npos);
+			}
+			CHECK(cpp->handoff_pending() == 0);
+			CHECK(cpp->handoff_summary().handed == 0);
+			CHECK(cpp->fd() != -1);
+		} else {
+			broker_connection conns[] = {{one.get(), "a", 1}, {other.get(), "b", 1}, {one.get(), "c", 1}};
+			CHECK(broker_client_handoff(c.get(), conns, 3) == -EINVAL);
+			CHECK(broker_client_handoff_pending(c.get()) == 0);
+			CHECK(broker_client_fd(c.get()) != -1);
+		}
+		CHECK(is_open(one.get()));
+		CHECK(is_open(other.get()));
+		CHECK_FALSE(wait_for(broker.conn(), POLLIN, Clock::now()));
+	}
+}
+
 TEST_CASE("a registered worker with LISTEN_FDS of its own asks for and uses the service's sockets")
 {
 	EnvGuard env;

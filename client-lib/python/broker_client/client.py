@@ -368,12 +368,13 @@ class Client(Channels):
         bytes (at most 16384; b"" for none). From this call on the library owns every one: those
         that land close once their receiver acknowledged them (on a direct channel, or brokerd's
         "handoff" event), never before; those that come back go to on_returned. Nothing is taken
-        if it raises (a closed fd, a state too long, no brokerd)."""
+        if it raises (a closed fd, one fd listed twice, a state too long, no brokerd)."""
         if not self.brokered:
             raise Error(errno.ENOTCONN, "not connected to brokerd: there is no successor to hand connections to")
         if self._phase is not _Phase.CONNECTED:
             raise Error(errno.ENOTCONN, "the connection to brokerd is lost: there is no successor to hand connections to")
         checked = []
+        seen = set()  # two entries owning one fd would close it twice
         for conn, state in connections:
             fd = conn if isinstance(conn, int) else conn.fileno()
             if isinstance(state, str):
@@ -383,6 +384,9 @@ class Client(Channels):
                 fcntl.fcntl(fd, fcntl.F_GETFD)
             except (OSError, ValueError):
                 raise Error(errno.EBADF, "handoff: fd %d is not open" % fd) from None
+            if fd in seen:
+                raise Error(errno.EINVAL, "handoff: fd %d is in the list twice" % fd)
+            seen.add(fd)
             if len(state) > _limits.MAX_HANDOFF_STATE:
                 raise Error(errno.EMSGSIZE, "handoff: state of %d bytes, over %d" % (len(state), _limits.MAX_HANDOFF_STATE))
             checked.append((conn, state))
