@@ -147,7 +147,13 @@ bool Sender::complete(std::uint64_t batch, std::uint64_t landed, const std::vect
 		if (back[i])
 			out.returned.push_back(std::move(items[i]));
 	// The landed ones close here: the successor holds them now; so do the abandoned ones.
+	std::vector<int> closing;
+	closing.reserve(items.size());
+	for (auto &item : items)
+		if (item.fd && !item.fd.is_from_peer())
+			closing.push_back(item.fd.release());
 	in_flight_.erase(it);
+	close_all(closing);
 	return true;
 }
 

@@ -201,6 +201,11 @@ bool Client::Impl::read_acks(Peer &p, std::vector<proto::handoff::Item> &back)
 	bool did = false;
 	channel::Received got;
 	channel::Ack ack;
+	// The landed ones close together on the way out, whatever way: the receiver holds them now.
+	struct Closing {
+		std::vector<int> fds;
+		~Closing() { proto::close_all(fds); }
+	} landed_fds;
 	for (std::size_t n = 0; n < kFramesPerWakeup && !p.ended; n++) {
 		int r = channel::receive_frame(p.fd.get(), frame_buffer, got);
 		if (r == -EAGAIN)
@@ -217,13 +222,17 @@ bool Client::Impl::read_acks(Peer &p, std::vector<proto::handoff::Item> &back)
 		std::vector<proto::handoff::Item> &items = frame->second;
 		for (std::uint32_t i : ack.refused)
 			back.push_back(std::move(items[i]));
+		landed_fds.fds.reserve(landed_fds.fds.size() + items.size());
+		for (auto &item : items)
+			if (item.fd)
+				landed_fds.fds.push_back(item.fd.release());
 		std::size_t landed = items.size() - ack.refused.size();
 		p.landed += landed;
 		p.returned += ack.refused.size();
 		summary.landed += landed;
 		p.unacked_count -= items.size();
 		unacked_out -= items.size();
-		p.unacked.erase(frame); // the landed ones close here: the receiver holds them now
+		p.unacked.erase(frame);
 	}
 	return did;
 }

@@ -1,11 +1,17 @@
 // Unit tests of the direct handoff channel's codec (proto/handoff_channel.hpp): how many
 // connections one frame carries, frames and acknowledgements that survive encoding, and every
-// frame the decoders refuse, with the reason they give.
+// frame the decoders refuse, with the reason they give. And close_all, how a sender closes its
+// copies of the connections that landed.
 #include "proto/handoff_channel.hpp"
 #include "proto/limits.hpp"
+#include "proto/unique_fd.hpp"
+
+#include <fcntl.h>
+#include <sys/eventfd.h>
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -296,4 +302,32 @@ TEST_CASE("decode_ack refuses every malformed acknowledgement, and says why")
 		CAPTURE(c.name);
 		CHECK(ack_refusal(c.frame, c.count) == c.why);
 	}
+}
+
+TEST_CASE("close_all closes each fd listed, runs and strays, twice listed or not, and nothing between")
+{
+	// 12 consecutive fds from 700 up, where nothing else of the test's is.
+	std::vector<int> fds;
+	for (int i = 0; i < 12; i++) {
+		proto::UniqueFd e(::eventfd(0, EFD_CLOEXEC));
+		REQUIRE(e);
+		fds.push_back(::fcntl(e.get(), F_DUPFD_CLOEXEC, 700));
+		REQUIRE(fds.back() == 700 + i);
+	}
+	// Listed: a run of 3, a stray, a run of 2 with one of them twice, the last; kept: the rest.
+	std::vector<std::size_t> listed_at = {7, 0, 2, 1, 4, 9, 10, 10, 11};
+	std::vector<int> listed;
+	for (std::size_t i : listed_at)
+		listed.push_back(fds[i]);
+	proto::close_all(listed);
+	CHECK(listed.empty());
+	for (std::size_t i = 0; i < fds.size(); i++) {
+		CAPTURE(i);
+		bool was_listed = std::find(listed_at.begin(), listed_at.end(), i) != listed_at.end();
+		CHECK((::fcntl(fds[i], F_GETFD) >= 0) == !was_listed);
+		if (!was_listed)
+			::close(fds[i]);
+	}
+	std::vector<int> none;
+	proto::close_all(none); // nothing to do
 }
