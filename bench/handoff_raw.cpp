@@ -1,6 +1,6 @@
 // broker-handoff-raw: the kernel's own speed at passing established TCP connections to another process.
 //
-//   broker-handoff-raw [--counts 1000,4000,15000] [--repeat 3] [--batch 253] [--json]
+//   broker-handoff-raw [--counts 1000,4000,15000] [--repeat 3] [--batch 253] [--register] [--json]
 //
 // The baseline that a connection handoff through brokerd is measured against: no broker, no JSON,
 // nothing but SCM_RIGHTS. For each N, one process sends N accepted loopback TCP connections to
@@ -9,6 +9,14 @@
 // any count but N, and stamps the moment it holds all N. The time reported runs from just before
 // the first sendmsg (the sender's CLOCK_MONOTONIC) to that stamp (the receiver's, the same clock),
 // which the receiver returns in its acknowledgement.
+//
+// --register: the receiver also puts each fd into an epoll set (EPOLL_CTL_ADD, EPOLLIN) as it
+// arrives, before its stamp, as a server that goes on serving the connections must. The baseline
+// for a handoff whose receiver registers each connection in its handler.
+//
+// CPU: each process's CLOCK_PROCESS_CPUTIME_ID over its part of the timed window (the sender from
+// just before the first sendmsg to the receiver's acknowledgement, the receiver from just before
+// its first recvmsg to its stamp), summed per connection: what passing costs all processes.
 //
 // Three processes, each forked before any connection exists, so that none inherits another's fds:
 //   sender    this process: the listener on 127.0.0.1:0 and the server side of every connection.
@@ -44,6 +52,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -84,6 +93,7 @@ struct Options {
 	std::vector<std::size_t> counts{1000, 4000, 15000};
 	unsigned repeat = 3;
 	std::size_t batch = kMaxBatch;
+	bool register_fds = false;
 	bool json = false;
 };
 
@@ -91,6 +101,7 @@ struct Options {
 struct RunHeader {
 	std::uint64_t count;
 	std::uint64_t batch;
+	std::uint64_t register_fds; // 1: into an epoll set as they arrive
 };
 
 // Receiver -> sender after each run.
@@ -98,11 +109,18 @@ struct RunAck {
 	std::int64_t done_ns;       // CLOCK_MONOTONIC when the receiver held all fds
 	std::uint64_t received;     // fds received
 	std::uint64_t established;  // of those, ESTABLISHED TCP sockets
+	std::int64_t cpu_ns;        // the receiver's CPU time from its first recvmsg to done_ns
+};
+
+struct Run {
+	double ms;                  // from the first sendmsg to the receiver holding all
+	double cpu_us_per_fd;       // sender's and receiver's CPU time in that window, per fd
 };
 
 struct Result {
 	std::size_t count;
 	std::vector<double> ms;     // one per run, in run order
+	std::vector<double> cpu_us; // the same runs' CPU per fd
 };
 
 [[noreturn]] void fail(const std::string &what)
@@ -118,11 +136,21 @@ struct Result {
 	fail(what + ": " + std::strerror(e));
 }
 
-std::int64_t monotonic_ns()
+std::int64_t clock_ns(clockid_t clock)
 {
 	timespec ts{};
-	clock_gettime(CLOCK_MONOTONIC, &ts);
+	clock_gettime(clock, &ts);
 	return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+std::int64_t monotonic_ns()
+{
+	return clock_ns(CLOCK_MONOTONIC);
+}
+
+std::int64_t cpu_ns()
+{
+	return clock_ns(CLOCK_PROCESS_CPUTIME_ID);
 }
 
 void set_io_timeouts(int fd)
@@ -297,12 +325,29 @@ int run_receiver(int sock, std::size_t max_count)
 		if (header.count == 0 || header.count > max_count || header.batch == 0 || header.batch > kMaxBatch)
 			fail("bad run header");
 		std::size_t messages = (header.count + header.batch - 1) / header.batch;
+		UniqueFd epoll;
+		if (header.register_fds) {
+			epoll = UniqueFd(epoll_create1(EPOLL_CLOEXEC));
+			if (!epoll)
+				fail_errno("epoll_create1");
+		}
 		write_all(sock, &kReady, 1, "send ready");
 
+		std::int64_t cpu_start = cpu_ns();
 		std::size_t bytes = 0;
-		while (fds.size() < header.count)
+		while (fds.size() < header.count) {
+			std::size_t from = fds.size();
 			bytes += receive_some(sock, fds);
-		RunAck ack{monotonic_ns(), fds.size(), 0};
+			for (std::size_t i = from; epoll && i < fds.size(); i++) {
+				epoll_event ev{};
+				ev.events = EPOLLIN;
+				ev.data.fd = fds[i].get();
+				if (epoll_ctl(epoll.get(), EPOLL_CTL_ADD, fds[i].get(), &ev) < 0)
+					fail_errno("epoll_ctl");
+			}
+		}
+		std::int64_t done = monotonic_ns();
+		RunAck ack{done, fds.size(), 0, cpu_ns() - cpu_start};
 
 		// Outside the timed window: an fd too many, or a byte without its fds, is an error all the same.
 		if (fds.size() != header.count)
@@ -413,13 +458,14 @@ void send_fds(int sock, const int *fds, std::size_t count)
 		fail("sendmsg: short write");
 }
 
-// One timed run: the first `count` fds to the receiver. Returns milliseconds.
-double run_once(int sock, const std::vector<int> &fds, std::size_t count, std::size_t batch)
+// One timed run: the first `count` fds to the receiver.
+Run run_once(int sock, const std::vector<int> &fds, std::size_t count, std::size_t batch, bool register_fds)
 {
-	RunHeader header{count, batch};
+	RunHeader header{count, batch, register_fds ? 1u : 0u};
 	write_all(sock, &header, sizeof header, "send run header");
 	expect_byte(sock, kReady, "wait for receiver");
 
+	std::int64_t cpu_start = cpu_ns();
 	std::int64_t start = monotonic_ns();
 	for (std::size_t sent = 0; sent < count; sent += batch)
 		send_fds(sock, fds.data() + sent, std::min(batch, count - sent));
@@ -432,7 +478,8 @@ double run_once(int sock, const std::vector<int> &fds, std::size_t count, std::s
 		     std::to_string(ack.established) + " of them established TCP sockets");
 	if (ack.done_ns < start)
 		fail("receiver's timestamp precedes the first sendmsg");
-	return static_cast<double>(ack.done_ns - start) / 1e6;
+	std::int64_t cpu = cpu_ns() - cpu_start + ack.cpu_ns;
+	return {static_cast<double>(ack.done_ns - start) / 1e6, static_cast<double>(cpu) / 1e3 / static_cast<double>(count)};
 }
 
 // Soft RLIMIT_NOFILE up to the hard one; returns the limit each process then has.
@@ -509,9 +556,12 @@ std::vector<Result> run(const Options &opts)
 
 	std::vector<Result> results;
 	for (std::size_t count : opts.counts) {
-		Result r{count, {}};
-		for (unsigned i = 0; i < opts.repeat; i++)
-			r.ms.push_back(run_once(data.get(), raw, count, opts.batch));
+		Result r{count, {}, {}};
+		for (unsigned i = 0; i < opts.repeat; i++) {
+			Run one = run_once(data.get(), raw, count, opts.batch, opts.register_fds);
+			r.ms.push_back(one.ms);
+			r.cpu_us.push_back(one.cpu_us_per_fd);
+		}
 		results.push_back(std::move(r));
 	}
 
@@ -539,27 +589,30 @@ double best(const std::vector<double> &v)
 void print_table(const Options &opts, std::size_t fd_limit, const std::vector<Result> &results)
 {
 	std::printf("broker-handoff-raw: accepted TCP connections over AF_UNIX SOCK_STREAM with SCM_RIGHTS, "
-		    "%zu fds per sendmsg, %u run%s each, RLIMIT_NOFILE %zu\n",
-		    opts.batch, opts.repeat, opts.repeat == 1 ? "" : "s", fd_limit);
-	std::printf("%8s %6s %6s %10s %10s %14s %14s\n", "N", "batch", "msgs", "best ms", "median ms", "fds/s best",
-		    "fds/s median");
+		    "%zu fds per sendmsg, %u run%s each, RLIMIT_NOFILE %zu%s\n",
+		    opts.batch, opts.repeat, opts.repeat == 1 ? "" : "s", fd_limit,
+		    opts.register_fds ? ", the receiver registering each fd in an epoll set" : "");
+	std::printf("%8s %6s %6s %10s %10s %14s %14s %12s\n", "N", "batch", "msgs", "best ms", "median ms",
+		    "fds/s best", "fds/s median", "cpu us/fd");
 	for (const Result &r : results) {
 		double b = best(r.ms), m = median(r.ms);
-		std::printf("%8zu %6zu %6zu %10.3f %10.3f %14.0f %14.0f\n", r.count, opts.batch,
+		std::printf("%8zu %6zu %6zu %10.3f %10.3f %14.0f %14.0f %12.3f\n", r.count, opts.batch,
 			    (r.count + opts.batch - 1) / opts.batch, b, m, static_cast<double>(r.count) / b * 1e3,
-			    static_cast<double>(r.count) / m * 1e3);
+			    static_cast<double>(r.count) / m * 1e3, median(r.cpu_us));
 	}
 }
 
 void print_json(const Options &opts, std::size_t fd_limit, const std::vector<Result> &results)
 {
 	json out{{"batch", opts.batch}, {"repeat", opts.repeat}, {"rlimit_nofile", fd_limit},
-		 {"results", json::array()}};
+		 {"register", opts.register_fds}, {"results", json::array()}};
 	for (const Result &r : results) {
 		double b = best(r.ms), m = median(r.ms);
 		out["results"].push_back({{"n", r.count},
 					  {"messages", (r.count + opts.batch - 1) / opts.batch},
 					  {"runs_ms", r.ms},
+					  {"runs_cpu_us_per_fd", r.cpu_us},
+					  {"cpu_us_per_fd_median", median(r.cpu_us)},
 					  {"best_ms", b},
 					  {"median_ms", m},
 					  {"fds_per_s_best", static_cast<double>(r.count) / b * 1e3},
@@ -587,6 +640,8 @@ int main(int argc, char **argv)
 	app.add_option("--batch", opts.batch, "Fds per sendmsg (SCM_MAX_FD is 253)")
 		->check(CLI::Range(std::size_t{1}, kMaxBatch))
 		->capture_default_str();
+	app.add_flag("--register", opts.register_fds,
+		     "The receiver puts each fd into an epoll set as it arrives, before its stamp");
 	app.add_flag("--json", opts.json, "Print one JSON object instead of a table");
 	try {
 		app.parse(argc, argv);
