@@ -1,6 +1,7 @@
 // broker::Client: the worker's side of io.brokerd.Worker, with a plain systemd fallback.
 #include "client_impl.hpp"
 
+#include "proto/handoff_channel.hpp"
 #include "proto/limits.hpp"
 #include "proto/names.hpp"
 #include "proto/status_text.hpp"
@@ -11,6 +12,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
@@ -87,6 +89,53 @@ std::vector<Listener> inherited_listeners()
 Error bad_reply(const std::string &what)
 {
 	return Error(EBADMSG, "invalid Hello reply from brokerd: " + what);
+}
+
+// The first of `fds` that is not open, or -1 when all are. One sendmsg() of up to 253 of them to
+// a socket pair of our own has the kernel look each one up, as passing them requires, and a read
+// without room for them drops those references at once: about half the cost of an fcntl() per fd
+// (a system call each), on the path of every handoff(). A chunk the kernel refuses is checked fd
+// by fd, which names the culprit; so is a short list, one whose pair cannot be made, or a chunk
+// refused for another reason (ETOOMANYREFS, with fds of ours in flight, or EINVAL for an io_uring
+// fd, which pass the fd-by-fd check as the fcntl() alone did).
+int first_closed(std::span<const int> fds)
+{
+	auto by_fcntl = [](std::span<const int> some) {
+		for (int fd : some)
+			if (fd < 0 || ::fcntl(fd, F_GETFD) < 0)
+				return fd;
+		return -1;
+	};
+	constexpr std::size_t kWorthAPair = 32; // below that, making the pair costs more
+	if (fds.size() < kWorthAPair)
+		return by_fcntl(fds);
+	// The pair lives above every fd of the list: made where a closed one was, it would pass the
+	// check as open.
+	int above = *std::max_element(fds.begin(), fds.end()) + 1;
+	proto::UniqueFd in, out;
+	{
+		int pair[2];
+		if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
+			return by_fcntl(fds);
+		proto::UniqueFd low_in(pair[0]), low_out(pair[1]);
+		in = proto::UniqueFd(::fcntl(low_in.get(), F_DUPFD_CLOEXEC, above));
+		out = proto::UniqueFd(::fcntl(low_out.get(), F_DUPFD_CLOEXEC, above));
+	}
+	if (!in || !out)
+		return by_fcntl(fds); // above the fd limit, say: the low ends are closed by now
+	for (std::size_t at = 0; at < fds.size(); at += proto::limits::kMaxFdsPerMessage) {
+		auto chunk = fds.subspan(at, std::min(proto::limits::kMaxFdsPerMessage, fds.size() - at));
+		char byte = 0;
+		if (proto::handoff::channel::send_frame(in.get(), std::string_view(&byte, 1), chunk) < 0) {
+			if (int bad = by_fcntl(chunk); bad != -1)
+				return bad;
+			continue;
+		}
+		// No control buffer: the kernel drops the references (MSG_CTRUNC), and installs none.
+		while (::recv(out.get(), &byte, 1, MSG_DONTWAIT) < 0 && errno == EINTR) {
+		}
+	}
+	return -1;
 }
 
 } // namespace
@@ -789,13 +838,17 @@ void Client::handoff(const Connection *list, std::size_t count)
 		impl_->send(kPeers, json::object());
 		impl_->path = Impl::Path::Asked;
 	}
+	// A closed fd would make the whole batch's sendmsg fail, and the connection to brokerd with it.
+	std::vector<int> fds;
+	fds.reserve(connections.size());
+	for (const Connection &c : connections)
+		fds.push_back(c.fd);
+	if (int bad = first_closed(fds); bad != -1)
+		throw Error(EBADF, "handoff: fd " + std::to_string(bad) + " is not open");
 	// One bit per fd number seen: two entries owning one fd would close it twice, the second time
 	// perhaps an fd the process opened in between.
 	std::vector<std::uint64_t> seen;
 	for (const Connection &c : connections) {
-		// A closed fd would make the whole batch's sendmsg fail, and the connection to brokerd with it.
-		if (c.fd < 0 || ::fcntl(c.fd, F_GETFD) < 0)
-			throw Error(EBADF, "handoff: fd " + std::to_string(c.fd) + " is not open");
 		auto word = static_cast<std::size_t>(c.fd) / 64;
 		std::uint64_t bit = std::uint64_t{1} << (c.fd % 64);
 		if (word >= seen.size())
@@ -817,14 +870,11 @@ void Client::handoff(const Connection *list, std::size_t count)
 		impl_->window_fds = std::max<std::size_t>(nofile.rlim_cur / 2, 1);
 	}
 	// Everything that allocates first, with no fd owned yet; then every fd at once.
-	std::vector<int> fds;
-	fds.reserve(connections.size());
 	std::size_t queued = 0;
 	try {
 		for (const Connection &c : connections) {
 			impl_->sender.add(proto::handoff::Item{proto::UniqueFd(), std::string(c.state)});
 			queued++;
-			fds.push_back(c.fd);
 		}
 	} catch (...) {
 		impl_->sender.drop_back(queued);

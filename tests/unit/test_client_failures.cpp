@@ -29,6 +29,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <map>
@@ -645,6 +646,41 @@ TEST_CASE("handoff() with a closed fd: EBADF, nothing taken, the connection to b
 		REQUIRE(received.size() == 1);
 		CHECK(same_file(received[0].get(), fd));
 	}
+}
+
+TEST_CASE("handoff() of 600 with one closed fd among them: EBADF names it, nothing taken, no fd left behind")
+{
+	// Many fds are checked by the kernel, 253 to a sendmsg() on a socket pair of the library's;
+	// the chunk with the closed one is then checked fd by fd.
+	auto fds_open = [] {
+		return std::distance(std::filesystem::directory_iterator("/proc/self/fd"),
+		                     std::filesystem::directory_iterator{});
+	};
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	std::optional<broker::Client> c = connect_cpp(broker);
+	std::vector<Fd> conns(600);
+	for (auto &fd : conns)
+		fd = connection_fd();
+	int bad = conns[400].release();
+	::close(bad);
+	std::vector<broker::Connection> list;
+	for (auto &fd : conns)
+		list.push_back(broker::Connection{fd.get() >= 0 ? fd.get() : bad, "s"});
+	auto before = fds_open();
+	try {
+		c->handoff(list.data(), list.size());
+		FAIL("handoff() took a closed fd");
+	} catch (const broker::Error &e) {
+		CHECK(e.code() == EBADF);
+		CHECK(std::string(e.what()) == "handoff: fd " + std::to_string(bad) + " is not open");
+	}
+	CHECK(fds_open() == before);
+	CHECK(c->handoff_pending() == 0);
+	for (std::size_t i = 0; i < conns.size(); i++)
+		if (i != 400)
+			CHECK(is_open(conns[i].get()));
+	CHECK_FALSE(wait_for(broker.conn(), POLLIN, Clock::now()));
 }
 
 TEST_CASE("handoff() with one fd twice: EINVAL, nothing taken, and the fd is still the caller's")
