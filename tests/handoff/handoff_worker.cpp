@@ -30,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
@@ -49,7 +50,26 @@ struct Counts {
 	unsigned long lines = 0;
 	unsigned long closed_returned = 0; // came back and were closed cleanly
 	unsigned long peer_closed = 0;
+	long channel_sndbuf = -1; // the smallest SO_SNDBUF of its direct channels, at the first connection
 };
+
+// The smallest send buffer of this process's SOCK_SEQPACKET sockets (only the library's direct
+// handoff channels are), as getsockopt() says it (twice what was set), or -1 with none.
+long smallest_channel_sndbuf()
+{
+	long smallest = -1;
+	for (const auto &e : std::filesystem::directory_iterator("/proc/self/fd")) {
+		int fd = std::atoi(e.path().filename().c_str());
+		int type = 0, size = 0;
+		socklen_t len = sizeof type;
+		if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_SEQPACKET)
+			continue;
+		len = sizeof size;
+		if (::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &len) == 0 && (smallest < 0 || size < smallest))
+			smallest = size;
+	}
+	return smallest;
+}
 
 std::string env_or(const char *name, const char *fallback)
 {
@@ -122,7 +142,8 @@ public:
 			client_->on_connection([this](int fd, std::string state) {
 				if (mode_ == "crash" && counts_.received >= crash_after_)
 					::_exit(7);
-				counts_.received++;
+				if (counts_.received++ == 0)
+					counts_.channel_sndbuf = smallest_channel_sndbuf();
 				set_nonblocking(fd);
 				Conn c = decode_state(state);
 				conns_[fd] = std::move(c);
@@ -303,10 +324,10 @@ private:
 		std::snprintf(buf, sizeof buf,
 		              "{\"mode\":\"%s\",\"generation\":%llu,\"pid\":%d,\"accepted\":%lu,\"received\":%lu,"
 		              "\"lines\":%lu,\"open\":%zu,\"handed\":%zu,\"landed\":%zu,\"returned\":%zu,"
-		              "\"closed_returned\":%lu,\"pending\":%zu}",
+		              "\"closed_returned\":%lu,\"pending\":%zu,\"channel_sndbuf\":%ld}",
 		              mode_.c_str(), static_cast<unsigned long long>(gen_), ::getpid(), counts_.accepted,
 		              counts_.received, counts_.lines, conns_.size(), s.handed, s.landed, s.returned,
-		              counts_.closed_returned, client_->handoff_pending());
+		              counts_.closed_returned, client_->handoff_pending(), counts_.channel_sndbuf);
 		return buf;
 	}
 
