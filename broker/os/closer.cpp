@@ -33,6 +33,11 @@ namespace {
 
 int g_pipe = -1; // write end, non-blocking
 
+// Slots brokerd's fd table has from the start: twice the 16 batches of 253 fds one draining
+// worker may have in flight through brokerd, rounded to a power of two (the kernel's own steps).
+// 64 KiB of kernel memory.
+constexpr rlim_t kFdTableReserve = 8192;
+
 void *run(void *arg)
 {
 	int rd = static_cast<int>(reinterpret_cast<intptr_t>(arg));
@@ -80,6 +85,18 @@ void start()
 	// As large as allowed: one above /proc/sys/fs/pipe-max-size fails for an unprivileged brokerd.
 	while (::fcntl(wr.get(), F_SETPIPE_SZ, size) < 0 && size > 65536)
 		size /= 2;
+
+	// brokerd's fd table, grown once while brokerd is still one thread. A process of several
+	// threads that outgrows its table waits for an RCU grace period (about 10 ms) before the new
+	// one is used, and the first batches of a handoff through brokerd, up to 16 of 253 fds per
+	// draining worker, did so each time it doubled. Tables never shrink: one fd at the top
+	// number, closed at once, leaves room for that many.
+	int top = static_cast<int>(std::min<rlim_t>(want, kFdTableReserve)) - 1;
+	if (top > 0) {
+		int reserve = ::fcntl(wr.get(), F_DUPFD_CLOEXEC, top);
+		if (reserve >= 0)
+			::close(reserve);
+	}
 
 	// The thread takes no signal: signalfd and sd-event have them blocked on the main thread.
 	sigset_t all, old;

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 
 using namespace itest;
@@ -262,6 +264,27 @@ TEST_CASE("a reader opening 600 connections takes only its share: root and a new
 
 	reader.kill();
 	CHECK(wait_until([&] { return run({brokerctl, "--socket", control, "status"}, nobody).exit_code == 0; }, 20s));
+	b.stop();
+}
+
+TEST_CASE("brokerd's fd table is grown at start, while it is one thread: fds it receives never wait for it")
+{
+	// A process of more than one thread that outgrows its fd table waits for an RCU grace period
+	// (about 10 ms here) before the bigger one is used: the first batches of a handoff through
+	// brokerd waited that long, each time the table doubled.
+	Broker b;
+	BROKER_CONTEXT(b);
+	b.start(empty_config());
+	rlimit nofile{};
+	REQUIRE(::getrlimit(RLIMIT_NOFILE, &nofile) == 0);
+	std::ifstream status("/proc/" + std::to_string(b.pid()) + "/status");
+	std::string line;
+	long fd_size = -1;
+	while (std::getline(status, line))
+		if (line.rfind("FDSize:", 0) == 0)
+			fd_size = std::stol(line.substr(7));
+	MESSAGE("brokerd's FDSize: ", fd_size, ", hard fd limit ", nofile.rlim_max);
+	CHECK(fd_size >= static_cast<long>(std::min<rlim_t>(nofile.rlim_max, 8192)));
 	b.stop();
 }
 
