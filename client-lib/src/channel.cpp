@@ -16,8 +16,10 @@
 #include "proto/handoff_channel.hpp"
 #include "proto/names.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -32,6 +34,8 @@ namespace channel = proto::handoff::channel;
 namespace {
 
 using channel::kMaxPeers;
+// The fd table a receiver grows to when its first channel comes (see grow_fd_table()).
+constexpr rlim_t kFdTableSlots = 65536;
 // Frames read from one channel in a row before the others get a turn.
 constexpr std::size_t kFramesPerWakeup = 64;
 
@@ -104,8 +108,28 @@ void Client::Impl::peer_event(const json &params, std::vector<proto::UniqueFd> &
 		throw Error(EBADMSG, "invalid peer event from brokerd");
 	auto receiving = static_cast<std::size_t>(
 	        std::count_if(peers.begin(), peers.end(), [](const auto &q) { return !q->sending; }));
-	if (entry->second && receiving < kMaxPeers)
-		add_peer(std::move(entry->second), std::move(entry->first), false);
+	if (!entry->second || receiving >= kMaxPeers)
+		return;
+	Peer *added = add_peer(std::move(entry->second), std::move(entry->first), false);
+	if (added && receiving == 0)
+		grow_fd_table(added->fd.get());
+}
+
+// Connections are coming, as many as a sender's window: the process's fd table grows to hold
+// them now, in one step, instead of doubling again and again as they arrive. In a process with
+// more than one thread each step waits for an RCU grace period (about 10 ms); here it costs
+// one. Up to the fd limit, at most kFdTableSlots (512 KiB of kernel memory); tables never shrink.
+void Client::Impl::grow_fd_table(int any_fd)
+{
+	rlimit nofile{};
+	if (::getrlimit(RLIMIT_NOFILE, &nofile) < 0)
+		return;
+	rlim_t slots = std::min<rlim_t>(nofile.rlim_cur, kFdTableSlots);
+	if (slots < 2)
+		return;
+	int top = ::fcntl(any_fd, F_DUPFD_CLOEXEC, static_cast<int>(slots - 1));
+	if (top >= 0)
+		::close(top);
 }
 
 // Into the epoll set that fd() is. Null, the end closed, when it cannot be watched: its sender

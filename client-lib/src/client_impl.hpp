@@ -138,6 +138,7 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	void peers_event(const json &params, std::vector<proto::UniqueFd> &fds);
 	void peer_event(const json &params, std::vector<proto::UniqueFd> &fds);
 	Peer *add_peer(proto::UniqueFd fd, std::string instance, bool sending);
+	static void grow_fd_table(int any_fd);
 	void pump_direct();
 	bool serve_peers();
 	bool read_acks(Peer &p, std::vector<proto::handoff::Item> &back);

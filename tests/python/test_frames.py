@@ -11,6 +11,8 @@ import re
 import select
 import socket
 import struct
+import subprocess
+import sys
 import unittest
 
 from broker_client import Client, _frames, _limits, _wire
@@ -260,6 +262,28 @@ class Channels(unittest.TestCase):
         self.assertEqual(_frames.decode_ack(got.data), (4, []))
         for fd in fds:
             os.close(fd)
+
+    def test_the_first_channel_grows_the_fd_table_in_one_step(self):
+        # In a process of its own: tables never shrink, so this one's may be grown already.
+        child = (
+            "import resource, select, socket\n"
+            "from broker_client import Client\n"
+            "def size():\n"
+            "    with open('/proc/self/status') as f:\n"
+            "        return next(int(l.split()[1]) for l in f if l.startswith('FDSize:'))\n"
+            "c = Client()\n"
+            "c._epoll = select.epoll()\n"
+            "before = size()\n"
+            "mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+            "c._dispatch({'parameters': {'event': 'peer', 'peer': {'instance': 'web/1/0', 'pid': 1, 'fd': 0}}},\n"
+            "            [theirs.detach()])\n"
+            "print(before, size(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        before, after, soft = map(int, out.stdout.split())
+        want = min(soft, 65536)
+        self.assertLess(before, want)
+        self.assertGreaterEqual(after, want)
 
     def test_a_receiver_refuses_all_without_a_handler(self):
         self.client.on_connection(None)

@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
@@ -769,6 +770,32 @@ TEST_CASE("receiver: on_connection gets each fd with its state, then the ack com
 	first.clear();
 	second.clear();
 	REQUIRE(drive(r.c, [&] { return open_fds() == r.before; }));
+}
+
+// Run alone (meson test client-channel-fd-table): tables never shrink, so another case that
+// received many fds first would leave nothing to see.
+TEST_CASE("receiver: its first channel grows the fd table in one step, to its fd limit or 65536")
+{
+	auto fd_table_size = [] {
+		std::ifstream status("/proc/self/status");
+		std::string line;
+		while (std::getline(status, line))
+			if (line.rfind("FDSize:", 0) == 0)
+				return std::stol(line.substr(7));
+		return -1L;
+	};
+	rlimit nofile{};
+	REQUIRE(::getrlimit(RLIMIT_NOFILE, &nofile) == 0);
+	long want = static_cast<long>(std::min<rlim_t>(nofile.rlim_cur, 65536));
+	long before = fd_table_size();
+	MESSAGE("FDSize ", before, " before the channel, fd limit ", nofile.rlim_cur);
+	REQUIRE_MESSAGE(before < want, "the table is grown already: run this case alone");
+	Receiving r;
+	// Growing happens when the peer event is read, before any frame.
+	REQUIRE(drive(r.c, [&] { return fd_table_size() >= want; }));
+	// The fd that grew it is closed: what is new is the channel's two ends, the test's and the
+	// library's.
+	CHECK(open_fds().size() == r.before.size() + 2);
 }
 
 TEST_CASE("receiver without on_connection: every connection is refused, and closed here")

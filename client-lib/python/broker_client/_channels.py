@@ -16,6 +16,9 @@ Channels is a part of Client (client.py), kept apart as channel.cpp is from clie
 import collections
 import enum
 import errno
+import fcntl
+import os
+import resource
 import select
 import socket
 import time
@@ -28,6 +31,23 @@ from ._wire import FD_PRESSURE_RETRY, call, close_all
 MAX_PEERS = 64
 # Frames read from one channel in a row before the others get a turn.
 FRAMES_PER_WAKEUP = 64
+# The fd table a receiver grows to when its first channel comes (see _grow_fd_table()).
+FD_TABLE_SLOTS = 65536
+
+
+def _grow_fd_table(any_fd):
+    """Connections are coming, as many as a sender's window: the process's fd table grows to hold
+    them now, in one step, instead of doubling again and again as they arrive. In a process with
+    more than one thread each step waits for an RCU grace period (about 10 ms); here it costs one.
+    Up to the fd limit, at most FD_TABLE_SLOTS; tables never shrink."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    slots = FD_TABLE_SLOTS if soft == resource.RLIM_INFINITY else min(soft, FD_TABLE_SLOTS)
+    if slots < 2:
+        return
+    try:
+        os.close(fcntl.fcntl(any_fd, fcntl.F_DUPFD_CLOEXEC, slots - 1))
+    except OSError:
+        pass
 
 
 class Path(enum.Enum):
@@ -153,7 +173,10 @@ class Channels:
         if entry[1] is None:
             return
         if receiving < MAX_PEERS:
+            had = len(self._peers)
             self._add_peer(entry[1], entry[0], False)
+            if receiving == 0 and len(self._peers) > had:
+                _grow_fd_table(self._peers[-1].sock.fileno())
         else:
             close_all([entry[1]])
 
