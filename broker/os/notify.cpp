@@ -77,9 +77,11 @@ NotifySocket::NotifySocket(sd_event *event, Supervisor &supervisor, proto::Uniqu
 	if (::getsockname(fd_.get(), reinterpret_cast<sockaddr *>(&sa), &len) < 0)
 		throw std::runtime_error(std::string("notify socket: getsockname: ") + std::strerror(errno));
 	std::size_t name_len = len - offsetof(sockaddr_un, sun_path);
-	// Appended, not `"@" + std::string`: GCC 12 at -O3 warns falsely (-Wrestrict) on that.
-	address_ = "@";
-	address_.append(sa.sun_path + 1, name_len > 0 ? name_len - 1 : 0);
+	// Built apart and moved in, not `"@" + std::string` nor assigned "@" then appended: GCC 12 at
+	// -O3 warns falsely (-Wrestrict) on both.
+	std::string address(1, '@');
+	address.append(sa.sun_path + 1, name_len > 0 ? name_len - 1 : 0);
+	address_ = std::move(address);
 
 	int one = 1;
 	if (::setsockopt(fd_.get(), SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0)
