@@ -140,15 +140,17 @@ bool Sender::complete(std::uint64_t batch, std::uint64_t landed, const std::vect
 			seen[i] = true;
 			back[i] = list == &returned;
 		}
+	// Everything that allocates first: should it fail, the batch is still whole.
+	std::vector<int> closing;
+	closing.reserve(items.size());
+	out.returned.clear();
+	out.returned.reserve(returned.size());
 	out.landed = landed;
 	out.abandoned = abandoned.size();
-	out.returned.clear();
 	for (std::size_t i = 0; i < items.size(); i++)
 		if (back[i])
 			out.returned.push_back(std::move(items[i]));
 	// The landed ones close here: the successor holds them now; so do the abandoned ones.
-	std::vector<int> closing;
-	closing.reserve(items.size());
 	for (auto &item : items)
 		if (item.fd && !item.fd.is_from_peer())
 			closing.push_back(item.fd.release());

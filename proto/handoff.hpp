@@ -88,6 +88,16 @@ public:
 	std::vector<Item> take_front(std::size_t n);
 	std::size_t in_flight_batches() const { return in_flight_.size(); }
 	std::size_t pending() const;
+	// Each fd held here, queued or in flight.
+	template <typename F>
+	void for_each_fd(F &&f) const
+	{
+		for (const Item &item : queue_)
+			f(item.fd.get());
+		for (const auto &[id, items] : in_flight_)
+			for (const Item &item : items)
+				f(item.fd.get());
+	}
 
 private:
 	std::deque<Item> queue_;

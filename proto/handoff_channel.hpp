@@ -35,12 +35,13 @@ inline constexpr std::size_t kMaxFrameBytes = 64u << 10;
 // receiver keeps at most this many (one past it closes at once, and its sender takes back what
 // it writes).
 inline constexpr std::size_t kMaxPeers = 64;
-// The send buffer brokerd gives each end of a channel: the bytes of frames in flight on it. The
-// default (net.core.wmem_default, 208 KiB) holds only a dozen frames of 253 connections with 64
-// bytes of state, so a receiver that stops reading for a moment (to register what it took)
-// stalls its sender; 1 MiB holds 50 such frames, and more than the sender's window without
-// state. Setting more than net.core.wmem_max takes CAP_NET_ADMIN (SO_SNDBUFFORCE); without it
-// the channel has what wmem_max allows.
+// The send buffer brokerd gives the sender's end of a channel: the bytes of frames in flight on
+// it. The default (net.core.wmem_default, 208 KiB) holds only a dozen frames of 253 connections
+// with 64 bytes of state, so a receiver that stops reading for a moment (to register what it
+// took) stalls its sender. The kernel counts twice what is set, overheads included: about 100
+// such frames, and more than the sender's window without state. Setting more than
+// net.core.wmem_max takes CAP_NET_ADMIN (SO_SNDBUFFORCE); without it the channel has what
+// wmem_max allows.
 inline constexpr int kChannelBuffer = 1 << 20;
 
 enum class Type : std::uint16_t { Connections = 1, Ack = 2 };

@@ -65,13 +65,12 @@ void Supervisor::handoff_peers(Instance &sender, EventSink &sink)
 			continue;
 		}
 		proto::UniqueFd mine(sv[0]), theirs(sv[1]);
-		// Room for the frames in flight (proto/handoff_channel.hpp), forced past wmem_max when
-		// brokerd may (CAP_NET_ADMIN); what wmem_max allows otherwise.
-		for (int end : sv) {
-			int size = proto::handoff::channel::kChannelBuffer;
-			if (::setsockopt(end, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) < 0)
-				::setsockopt(end, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
-		}
+		// Room for the frames in flight on the sender's end (proto/handoff_channel.hpp), forced
+		// past wmem_max when brokerd may (CAP_NET_ADMIN); what wmem_max allows otherwise. The
+		// receiver's end writes only acknowledgements.
+		int size = proto::handoff::channel::kChannelBuffer;
+		if (::setsockopt(mine.get(), SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) < 0)
+			::setsockopt(mine.get(), SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
 		if (!r->events->send_peer(HandoffPeer{sender.id, sender.pid, std::move(theirs)}))
 			continue;
 		sender.peers.push_back(Instance::PeerLink{r->id, r->pid});

@@ -244,9 +244,11 @@ bool Client::Impl::read_acks(Peer &p, std::vector<proto::handoff::Item> &back)
 			break;
 		}
 		std::vector<proto::handoff::Item> &items = frame->second;
+		// Everything that allocates first: should it fail, the frame is still whole.
+		landed_fds.fds.reserve(landed_fds.fds.size() + items.size());
+		back.reserve(back.size() + ack.refused.size());
 		for (std::uint32_t i : ack.refused)
 			back.push_back(std::move(items[i]));
-		landed_fds.fds.reserve(landed_fds.fds.size() + items.size());
 		for (auto &item : items)
 			if (item.fd)
 				landed_fds.fds.push_back(item.fd.release());

@@ -91,51 +91,79 @@ Error bad_reply(const std::string &what)
 	return Error(EBADMSG, "invalid Hello reply from brokerd: " + what);
 }
 
-// The first of `fds` that is not open, or -1 when all are. One sendmsg() of up to 253 of them to
-// a socket pair of our own has the kernel look each one up, as passing them requires, and a read
-// without room for them drops those references at once: about half the cost of an fcntl() per fd
-// (a system call each), on the path of every handoff(). A chunk the kernel refuses is checked fd
-// by fd, which names the culprit; so is a short list, one whose pair cannot be made, or a chunk
-// refused for another reason (ETOOMANYREFS, with fds of ours in flight, or EINVAL for an io_uring
-// fd, which pass the fd-by-fd check as the fcntl() alone did).
-int first_closed(std::span<const int> fds)
-{
-	auto by_fcntl = [](std::span<const int> some) {
-		for (int fd : some)
-			if (fd < 0 || ::fcntl(fd, F_GETFD) < 0)
-				return fd;
-		return -1;
-	};
-	constexpr std::size_t kWorthAPair = 32; // below that, making the pair costs more
-	if (fds.size() < kWorthAPair)
-		return by_fcntl(fds);
-	// The pair lives above every fd of the list: made where a closed one was, it would pass the
-	// check as open.
-	int above = *std::max_element(fds.begin(), fds.end()) + 1;
-	proto::UniqueFd in, out;
+// A set of fd numbers, a bit each.
+class FdSet {
+public:
+	void add(int fd)
 	{
-		int pair[2];
-		if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
-			return by_fcntl(fds);
-		proto::UniqueFd low_in(pair[0]), low_out(pair[1]);
-		in = proto::UniqueFd(::fcntl(low_in.get(), F_DUPFD_CLOEXEC, above));
-		out = proto::UniqueFd(::fcntl(low_out.get(), F_DUPFD_CLOEXEC, above));
+		if (fd < 0)
+			return;
+		auto word = static_cast<std::size_t>(fd) / 64;
+		if (word >= bits_.size())
+			bits_.resize(word + 1);
+		bits_[word] |= std::uint64_t{1} << (fd % 64);
 	}
-	if (!in || !out)
-		return by_fcntl(fds); // above the fd limit, say: the low ends are closed by now
+	bool has(int fd) const
+	{
+		auto word = static_cast<std::size_t>(fd) / 64;
+		return fd >= 0 && word < bits_.size() && (bits_[word] >> (fd % 64) & 1);
+	}
+
+private:
+	std::vector<std::uint64_t> bits_;
+};
+
+// An fd of a handoff() list that cannot go, and why: EBADF, not open; EINVAL, the kernel will not
+// pass it to another process (an io_uring fd).
+struct Unpassable {
+	int fd;
+	int code;
+};
+
+// The first of `fds` (none negative; `listed` holds them) that cannot be passed, or nullopt. The
+// kernel checks them as it would pass them: one sendmsg() of up to 253 to a socket pair of our
+// own, read back without room for them so that it drops the references and installs none. That
+// costs half of an fcntl() per fd (a system call each), on the path of every handoff(), and sees
+// what an fcntl() cannot (an io_uring fd). A refused chunk is looked at fd by fd to name the
+// culprit; a refusal for another reason (ETOOMANYREFS, with fds of ours in flight) says nothing
+// of these fds. Without a pair (at the fd limit, say), an fcntl() each.
+std::optional<Unpassable> first_unpassable(std::span<const int> fds, const FdSet &listed)
+{
+	auto closed = [](std::span<const int> some) -> std::optional<Unpassable> {
+		for (int fd : some)
+			if (::fcntl(fd, F_GETFD) < 0)
+				return Unpassable{fd, EBADF};
+		return std::nullopt;
+	};
+	int pair[2];
+	if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
+		return closed(fds);
+	proto::UniqueFd in(pair[0]), out(pair[1]);
+	// The pair has the lowest free numbers: a listed fd among them was not open.
+	for (int fd : pair)
+		if (listed.has(fd))
+			return Unpassable{fd, EBADF};
+	auto pass = [&](std::span<const int> some) {
+		char byte = 0;
+		int r = proto::handoff::channel::send_frame(in.get(), std::string_view(&byte, 1), some);
+		if (r == 0) // no control buffer: the kernel drops the references (MSG_CTRUNC)
+			while (::recv(out.get(), &byte, 1, MSG_DONTWAIT) < 0 && errno == EINTR) {
+			}
+		return r;
+	};
 	for (std::size_t at = 0; at < fds.size(); at += proto::limits::kMaxFdsPerMessage) {
 		auto chunk = fds.subspan(at, std::min(proto::limits::kMaxFdsPerMessage, fds.size() - at));
-		char byte = 0;
-		if (proto::handoff::channel::send_frame(in.get(), std::string_view(&byte, 1), chunk) < 0) {
-			if (int bad = by_fcntl(chunk); bad != -1)
-				return bad;
+		int r = pass(chunk);
+		if (r == 0)
 			continue;
-		}
-		// No control buffer: the kernel drops the references (MSG_CTRUNC), and installs none.
-		while (::recv(out.get(), &byte, 1, MSG_DONTWAIT) < 0 && errno == EINTR) {
-		}
+		if (auto bad = closed(chunk))
+			return bad;
+		if (r == -EINVAL)
+			for (const int &fd : chunk)
+				if (pass(std::span<const int>(&fd, 1)) == -EINVAL)
+					return Unpassable{fd, EINVAL};
 	}
-	return -1;
+	return std::nullopt;
 }
 
 } // namespace
@@ -838,28 +866,43 @@ void Client::handoff(const Connection *list, std::size_t count)
 		impl_->send(kPeers, json::object());
 		impl_->path = Impl::Path::Asked;
 	}
-	// A closed fd would make the whole batch's sendmsg fail, and the connection to brokerd with it.
+	// Nothing is taken from a list with an fd that cannot go: one not open or that the kernel will
+	// not pass would make a whole frame's sendmsg fail; one listed twice, the library's own, or
+	// handed off before and not settled yet would be closed twice.
 	std::vector<int> fds;
 	fds.reserve(connections.size());
-	for (const Connection &c : connections)
-		fds.push_back(c.fd);
-	if (int bad = first_closed(fds); bad != -1)
-		throw Error(EBADF, "handoff: fd " + std::to_string(bad) + " is not open");
-	// One bit per fd number seen: two entries owning one fd would close it twice, the second time
-	// perhaps an fd the process opened in between.
-	std::vector<std::uint64_t> seen;
+	int highest = -1;
 	for (const Connection &c : connections) {
-		auto word = static_cast<std::size_t>(c.fd) / 64;
-		std::uint64_t bit = std::uint64_t{1} << (c.fd % 64);
-		if (word >= seen.size())
-			seen.resize(word + 1);
-		if (seen[word] & bit)
-			throw Error(EINVAL, "handoff: fd " + std::to_string(c.fd) + " is in the list twice");
-		seen[word] |= bit;
+		if (c.fd < 0)
+			throw Error(EBADF, "handoff: fd " + std::to_string(c.fd) + " is not open");
 		if (c.state.size() > kMaxHandoffState)
 			throw Error(EMSGSIZE, "handoff: state of " + std::to_string(c.state.size()) + " bytes, over " +
 			                          std::to_string(kMaxHandoffState));
+		fds.push_back(c.fd);
+		highest = std::max(highest, c.fd);
 	}
+	// Open, the highest is within the fd table, which bounds the sets below (a bit per slot).
+	if (highest >= 0 && ::fcntl(highest, F_GETFD) < 0)
+		throw Error(EBADF, "handoff: fd " + std::to_string(highest) + " is not open");
+	FdSet own, handed, listed;
+	impl_->own_fds([&](int fd) { own.add(fd); });
+	impl_->sender.for_each_fd([&](int fd) { handed.add(fd); });
+	for (const auto &p : impl_->peers)
+		for (const auto &[id, items] : p->unacked)
+			for (const auto &item : items)
+				handed.add(item.fd.get());
+	for (int fd : fds) {
+		if (listed.has(fd))
+			throw Error(EINVAL, "handoff: fd " + std::to_string(fd) + " is in the list twice");
+		if (own.has(fd))
+			throw Error(EINVAL, "handoff: fd " + std::to_string(fd) + " is the library's own");
+		if (handed.has(fd))
+			throw Error(EINVAL, "handoff: fd " + std::to_string(fd) + " is handed off already");
+		listed.add(fd);
+	}
+	if (auto bad = first_unpassable(fds, listed))
+		throw Error(bad->code, "handoff: fd " + std::to_string(bad->fd) +
+		                           (bad->code == EBADF ? " is not open" : " cannot be passed to another process"));
 	// The kernel refuses to pass more fds at once than the sender's fd limit allows (unless it
 	// runs as root: ETOOMANYREFS), and fds in flight count against it: keep the window within
 	// half of it.

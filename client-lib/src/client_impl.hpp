@@ -158,6 +158,19 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	void unwatch_stream();
 	void flush_acks() noexcept;
 	void watch() const;
+	// Each fd the library itself holds open: its connection to brokerd, the epoll set fd() is,
+	// every channel, and the sockets Hello gave it.
+	template <typename F>
+	void own_fds(F &&f) const
+	{
+		if (stream)
+			f(stream->fd());
+		f(epoll.get());
+		for (const auto &p : peers)
+			f(p->fd.get());
+		for (const auto &fd : owned)
+			f(fd.get());
+	}
 	bool process_stream();
 	json events_parameters(const json &hello_reply);
 

@@ -50,7 +50,8 @@ struct Counts {
 	unsigned long lines = 0;
 	unsigned long closed_returned = 0; // came back and were closed cleanly
 	unsigned long peer_closed = 0;
-	long channel_sndbuf = -1; // the smallest SO_SNDBUF of its direct channels, at the first connection
+	long channel_sndbuf = -1; // the smallest SO_SNDBUF of its direct channels: a receiver's at its
+	                          // first connection, a sender's while connections are pending
 };
 
 // The smallest send buffer of this process's SOCK_SEQPACKET sockets (only the library's direct
@@ -199,6 +200,9 @@ public:
 				write_report();
 				return 2;
 			}
+			// A sender's channels, while it has them (they close once everything landed).
+			if (client_->handoff_pending() > 0 && counts_.channel_sndbuf < 0)
+				counts_.channel_sndbuf = smallest_channel_sndbuf();
 			report_status();
 		}
 		write_report();

@@ -106,7 +106,14 @@ class Echo:
             del self.buffers[sock]
         if conns:
             report("refused", **self.refusals(conns))
+            first = conns[0][0].fileno()
             self.client.handoff(conns)
+            try:
+                self.client.handoff([(first, b"")])
+                again = 0
+            except broker_client.Error as e:
+                again = e.errno
+            report("refused_again", again=again, pending=self.client.handoff_pending())
             report("handed", count=len(conns), pending=self.client.handoff_pending())
         else:
             self.handoff_done = True
@@ -117,7 +124,8 @@ class Echo:
         said = {}
         closed = os.dup(conns[0][0].fileno())
         os.close(closed)
-        for name, bad in (("closed", [(closed, b"")] + conns), ("twice", conns + [conns[0]])):
+        own = [(self.client.fileno(), b"")]
+        for name, bad in (("closed", [(closed, b"")] + conns), ("twice", conns + [conns[0]]), ("own", conns + own)):
             try:
                 self.client.handoff(bad)
                 said[name] = 0

@@ -164,10 +164,13 @@ def scenario(tmp, control, service, port):
     check((done["handed"], done["landed"], done["returned"], done["abandoned"]) == (3, 3, 0, 0),
           "%s: gen 1 hears all 3 landed (%r)" % (service, done))
     [refused] = events(tmp, p1, "refused")
-    check({k: refused.get(k) for k in ("closed", "twice", "pending")} == {"closed": errno.EBADF,
-                                                                           "twice": errno.EINVAL, "pending": 0},
-          "%s: handoff() takes nothing, with EBADF for a closed fd and EINVAL for one fd twice (%r)"
-          % (service, refused))
+    check({k: refused.get(k) for k in ("closed", "twice", "own", "pending")} ==
+          {"closed": errno.EBADF, "twice": errno.EINVAL, "own": errno.EINVAL, "pending": 0},
+          "%s: handoff() takes nothing, with EBADF for a closed fd and EINVAL for one fd twice or the"
+          " library's own (%r)" % (service, refused))
+    [again] = events(tmp, p1, "refused_again")
+    check(again["again"] == errno.EINVAL and again["pending"] == 3,
+          "%s: handoff() refuses an fd handed off already and not settled (%r)" % (service, again))
     drain = events(tmp, p1, "drain")[0]
     check(0 < drain["remaining"] <= DRAIN_S, "%s: the drain deadline is within the configured %ds (%.3fs)"
           % (service, DRAIN_S, drain["remaining"]))

@@ -13,11 +13,13 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/io_uring.h>
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -30,6 +32,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
@@ -681,6 +684,110 @@ TEST_CASE("handoff() of 600 with one closed fd among them: EBADF names it, nothi
 		if (i != 400)
 			CHECK(is_open(conns[i].get()));
 	CHECK_FALSE(wait_for(broker.conn(), POLLIN, Clock::now()));
+}
+
+namespace {
+
+long fd_table_size()
+{
+	std::ifstream status("/proc/self/status");
+	std::string line;
+	while (std::getline(status, line))
+		if (line.rfind("FDSize:", 0) == 0)
+			return std::stol(line.substr(7));
+	return -1;
+}
+
+// handoff() of `n` connections, the one at `at` replaced by `bad`: the error it throws (0 for
+// none), and that it took nothing and grew no fd table.
+std::pair<int, std::string> refused(broker::Client &c, FakeBroker &broker, std::size_t n, int bad)
+{
+	std::vector<Fd> conns(n);
+	for (auto &fd : conns)
+		fd = connection_fd();
+	std::vector<broker::Connection> list;
+	for (auto &fd : conns)
+		list.push_back(broker::Connection{fd.get(), "s"});
+	list[n / 2].fd = bad;
+	long table = fd_table_size();
+	std::pair<int, std::string> got{0, ""};
+	try {
+		c.handoff(list.data(), list.size());
+	} catch (const broker::Error &e) {
+		got = {e.code(), e.what()};
+	}
+	CHECK(c.handoff_pending() == 0);
+	CHECK(fd_table_size() == table);
+	for (auto &fd : conns)
+		CHECK(is_open(fd.get()));
+	CHECK_FALSE(wait_for(broker.conn(), POLLIN, Clock::now()));
+	return got;
+}
+
+} // namespace
+
+TEST_CASE("handoff() refuses fd -1, a closed fd far above the rest, and the library's own fds, in short lists and long")
+{
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	std::optional<broker::Client> c = connect_cpp(broker);
+	rlimit nofile{};
+	REQUIRE(::getrlimit(RLIMIT_NOFILE, &nofile) == 0);
+	// Closed, and far above the table this process has: checking it must not grow the table.
+	int far = static_cast<int>(std::min<rlim_t>(nofile.rlim_cur, 1 << 20)) - 2;
+	REQUIRE(far > fd_table_size());
+	for (std::size_t n : {3, 40, 600}) {
+		CAPTURE(n);
+		auto got = refused(*c, broker, n, -1);
+		CHECK(got.first == EBADF);
+		CHECK(got.second == "handoff: fd -1 is not open");
+		got = refused(*c, broker, n, far);
+		CHECK(got.first == EBADF);
+		CHECK(got.second == "handoff: fd " + std::to_string(far) + " is not open");
+		// Its connection to brokerd: the library would close it once it landed.
+		got = refused(*c, broker, n, c->fd());
+		CHECK(got.first == EINVAL);
+		CHECK(got.second == "handoff: fd " + std::to_string(c->fd()) + " is the library's own");
+	}
+}
+
+TEST_CASE("handoff() refuses an fd it holds from an earlier handoff() not settled yet")
+{
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	std::optional<broker::Client> c = connect_cpp(broker);
+	Fd first = connection_fd();
+	int fd = first.release();
+	broker::Connection one{fd, "a"};
+	c->handoff(&one, 1);
+	json h = broker.receive(Clock::now() + kTimeout); // in flight, not answered
+	REQUIRE(h.is_object());
+	REQUIRE(c->handoff_pending() == 1);
+	try {
+		c->handoff(&one, 1);
+		FAIL("handoff() took an fd it already holds");
+	} catch (const broker::Error &e) {
+		CHECK(e.code() == EINVAL);
+		CHECK(std::string(e.what()) == "handoff: fd " + std::to_string(fd) + " is handed off already");
+	}
+	CHECK(c->handoff_pending() == 1);
+}
+
+TEST_CASE("handoff() refuses an fd the kernel will not pass to another process (io_uring), naming it")
+{
+	io_uring_params params{};
+	Fd ring(static_cast<int>(::syscall(__NR_io_uring_setup, 2, &params)));
+	if (ring.get() < 0)
+		TEST_SKIP(std::string("io_uring_setup: ") + std::strerror(errno));
+	WorkerEnv w;
+	FakeBroker &broker = w.broker;
+	std::optional<broker::Client> c = connect_cpp(broker);
+	for (std::size_t n : {3, 40, 600}) {
+		CAPTURE(n);
+		auto got = refused(*c, broker, n, ring.get());
+		CHECK(got.first == EINVAL);
+		CHECK(got.second == "handoff: fd " + std::to_string(ring.get()) + " cannot be passed to another process");
+	}
 }
 
 TEST_CASE("handoff() with one fd twice: EINVAL, nothing taken, and the fd is still the caller's")

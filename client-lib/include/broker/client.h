@@ -88,7 +88,9 @@ struct broker_connection {
 };
 
 /* Takes ownership of all n fds, or of none when it fails (-EMSGSIZE, -EBADF for an fd that is
- * not open, -ENOTCONN, -EINVAL for a NULL state with a size or an fd listed twice, -ENOMEM). */
+ * not open, -ENOTCONN, -EINVAL for a NULL state with a size, an fd listed twice, one of the
+ * library's own, one handed off before and not settled yet, or one the kernel will not pass to
+ * another process, -ENOMEM). */
 BROKER_C_EXPORT int broker_client_handoff(broker_client *client, const struct broker_connection *connections,
                                           size_t n);
 BROKER_C_EXPORT size_t broker_client_handoff_pending(const broker_client *client);

@@ -169,8 +169,10 @@ public:
 	// broker goes away, process() gives back those never sent; those in flight wait for the
 	// broker's return (see link()), or close without reconnect.
 	// Nothing is taken if it throws: Error with EMSGSIZE for a state over kMaxHandoffState,
-	// EBADF for an fd that is not open, EINVAL for an fd listed twice, ENOTCONN under plain
-	// systemd, where there is no successor, or while link() is not Connected.
+	// EBADF for an fd that is not open, EINVAL for an fd listed twice, one of the library's own
+	// (fd(), a channel), one handed off before and not settled yet, or one the kernel will not
+	// pass to another process (io_uring's); ENOTCONN under plain systemd, where there is no
+	// successor, or while link() is not Connected.
 	// Stop reading a connection before handing it: bytes not yet read stay in the socket for
 	// the successor, and bytes already read belong in its state.
 	void handoff(const Connection *connections, std::size_t count);

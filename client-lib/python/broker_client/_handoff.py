@@ -53,6 +53,12 @@ class Sender:
     def add(self, item):
         self.queue.append(item)
 
+    def fds(self):
+        """Each fd held here, queued or in flight."""
+        held = [item.fd for item in self.queue]
+        held.extend(item.fd for items in self._in_flight.values() for item in items)
+        return held
+
     def set_window(self, batches):
         self.window = max(1, min(_limits.HANDOFF_WINDOW, batches))
 

@@ -368,13 +368,15 @@ class Client(Channels):
         bytes (at most 16384; b"" for none). From this call on the library owns every one: those
         that land close once their receiver acknowledged them (on a direct channel, or brokerd's
         "handoff" event), never before; those that come back go to on_returned. Nothing is taken
-        if it raises (a closed fd, one fd listed twice, a state too long, no brokerd)."""
+        if it raises (a closed fd; one listed twice, one of the library's own, or one handed off
+        and not settled yet; a state too long; no brokerd)."""
         if not self.brokered:
             raise Error(errno.ENOTCONN, "not connected to brokerd: there is no successor to hand connections to")
         if self._phase is not _Phase.CONNECTED:
             raise Error(errno.ENOTCONN, "the connection to brokerd is lost: there is no successor to hand connections to")
         checked = []
         seen = set()  # two entries owning one fd would close it twice
+        own, handed = self._own_fds(), self._handed_fds()
         for conn, state in connections:
             fd = conn if isinstance(conn, int) else conn.fileno()
             if isinstance(state, str):
@@ -386,6 +388,10 @@ class Client(Channels):
                 raise Error(errno.EBADF, "handoff: fd %d is not open" % fd) from None
             if fd in seen:
                 raise Error(errno.EINVAL, "handoff: fd %d is in the list twice" % fd)
+            if fd in own:
+                raise Error(errno.EINVAL, "handoff: fd %d is the library's own" % fd)
+            if fd in handed:
+                raise Error(errno.EINVAL, "handoff: fd %d is handed off already" % fd)
             seen.add(fd)
             if len(state) > _limits.MAX_HANDOFF_STATE:
                 raise Error(errno.EMSGSIZE, "handoff: state of %d bytes, over %d" % (len(state), _limits.MAX_HANDOFF_STATE))
@@ -404,6 +410,24 @@ class Client(Channels):
             self._pump()
         except Error:
             pass  # the next process() reports what is wrong; the fds stay the library's
+
+    def _own_fds(self):
+        """The fds the library itself holds open: its connection to brokerd, the epoll set
+        fileno() is, every channel, and the sockets a Hello reply gave it."""
+        own = {p.sock.fileno() for p in self._peers}
+        if self._stream is not None:
+            own.add(self._stream.fileno())
+        if self._epoll is not None:
+            own.add(self._epoll.fileno())
+        if self._owns_listeners:
+            own.update(entry.fd for entry in self._listeners)
+        return own
+
+    def _handed_fds(self):
+        """The fds of connections handed off and not settled yet, queued or in flight."""
+        handed = set(self._sender.fds())
+        handed.update(item.fd for p in self._peers for items in p.unacked.values() for item in items)
+        return handed
 
     def handoff_pending(self):
         """Connections handed and not settled yet (queued or in flight)."""
