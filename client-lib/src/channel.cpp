@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <utility>
 
 namespace broker {
 
@@ -110,17 +111,19 @@ void Client::Impl::peer_event(const json &params, std::vector<proto::UniqueFd> &
 	        std::count_if(peers.begin(), peers.end(), [](const auto &q) { return !q->sending; }));
 	if (!entry->second || receiving >= kMaxPeers)
 		return;
-	Peer *added = add_peer(std::move(entry->second), std::move(entry->first), false);
-	if (added && receiving == 0)
+	if (Peer *added = add_peer(std::move(entry->second), std::move(entry->first), false))
 		grow_fd_table(added->fd.get());
 }
 
 // Connections are coming, as many as a sender's window: the process's fd table grows to hold
 // them now, in one step, instead of doubling again and again as they arrive. In a process with
 // more than one thread each step waits for an RCU grace period (about 10 ms); here it costs
-// one. Up to the fd limit, at most kFdTableSlots (512 KiB of kernel memory); tables never shrink.
+// one. Up to the fd limit, at most kFdTableSlots (512 KiB of kernel memory); tables never shrink,
+// so once is enough.
 void Client::Impl::grow_fd_table(int any_fd)
 {
+	if (std::exchange(fd_table_grown, true))
+		return;
 	rlimit nofile{};
 	if (::getrlimit(RLIMIT_NOFILE, &nofile) < 0)
 		return;

@@ -354,6 +354,8 @@ void Client::Impl::connections_event(const json &params, std::vector<proto::Uniq
 	auto conns = params.find("connections");
 	if (batch == params.end() || !batch->is_number_unsigned() || conns == params.end() || !conns->is_array())
 		throw Error(EBADMSG, "invalid connections event from brokerd");
+	if (!fds.empty() && fds[0])
+		grow_fd_table(fds[0].get()); // for the batches after this one
 	json refused = json::array();
 	std::exception_ptr failure;
 	for (std::size_t i = 0; i < conns->size(); i++) {

@@ -138,7 +138,9 @@ struct __attribute__((visibility("hidden"))) Client::Impl {
 	void peers_event(const json &params, std::vector<proto::UniqueFd> &fds);
 	void peer_event(const json &params, std::vector<proto::UniqueFd> &fds);
 	Peer *add_peer(proto::UniqueFd fd, std::string instance, bool sending);
-	static void grow_fd_table(int any_fd);
+	// Once, when connections first come (a channel, or brokerd's connections event).
+	void grow_fd_table(int any_fd);
+	bool fd_table_grown = false;
 	void pump_direct();
 	bool serve_peers();
 	bool read_acks(Peer &p, std::vector<proto::handoff::Item> &back);

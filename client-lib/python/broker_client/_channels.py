@@ -31,7 +31,7 @@ from ._wire import FD_PRESSURE_RETRY, call, close_all
 MAX_PEERS = 64
 # Frames read from one channel in a row before the others get a turn.
 FRAMES_PER_WAKEUP = 64
-# The fd table a receiver grows to when its first channel comes (see _grow_fd_table()).
+# The fd table a receiver grows to when connections first come (see _grow_fd_table()).
 FD_TABLE_SLOTS = 65536
 
 
@@ -115,6 +115,7 @@ class Channels:
         # Once brokerd makes channels, fileno() is this epoll set, holding the stream and every
         # channel; it stays for the Client's life, as the caller may hold its number.
         self._epoll = None
+        self._fd_table_grown = False
         self._watched_stream = -1
         self._watched_stream_events = 0
 
@@ -175,10 +176,16 @@ class Channels:
         if receiving < MAX_PEERS:
             had = len(self._peers)
             self._add_peer(entry[1], entry[0], False)
-            if receiving == 0 and len(self._peers) > had:
-                _grow_fd_table(self._peers[-1].sock.fileno())
+            if len(self._peers) > had:
+                self._grow_fd_table(self._peers[-1].sock.fileno())
         else:
             close_all([entry[1]])
+
+    def _grow_fd_table(self, any_fd):
+        """Once, when connections first come (a channel, or brokerd's connections event)."""
+        if not self._fd_table_grown:
+            self._fd_table_grown = True
+            _grow_fd_table(any_fd)
 
     def _add_peer(self, fd, instance, sending):
         """Into the epoll set that fileno() is; closed at once when it cannot be watched: its

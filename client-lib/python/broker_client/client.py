@@ -728,6 +728,8 @@ class Client(Channels):
         if type(batch) is not int or batch < 0 or not isinstance(conns, list):
             close_all(fds)
             raise Error(errno.EBADMSG, "invalid connections event from brokerd")
+        if fds and fds[0] is not None:
+            self._grow_fd_table(fds[0])  # for the batches after this one
         refused = []
         failure = None
         for i, c in enumerate(conns):
