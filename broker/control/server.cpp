@@ -5,6 +5,7 @@
 #include "os/closer.hpp"
 #include "os/listener.hpp"
 #include "os/log.hpp"
+#include "os/paths.hpp"
 
 #include <fcntl.h>
 #include <malloc.h>
@@ -25,22 +26,6 @@ using json = nlohmann::json;
 namespace {
 
 constexpr int kAcceptPerWakeup = 64;
-
-void make_parent_directory(const std::string &path)
-{
-	std::size_t slash = path.rfind('/');
-	if (slash == std::string::npos || slash == 0)
-		return;
-	std::string dir = path.substr(0, slash);
-	if (::mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST)
-		return;
-	if (errno == ENOENT) {
-		make_parent_directory(dir);
-		if (::mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST)
-			return;
-	}
-	throw std::runtime_error("control socket: mkdir " + dir + ": " + errno_text(errno));
-}
 
 } // namespace
 
@@ -73,7 +58,8 @@ void ControlServer::bind_socket()
 		sa.sun_path[0] = '\0';
 	} else {
 		len += 1;
-		make_parent_directory(path);
+		if (auto why = make_parent_directory(path))
+			throw std::runtime_error("control socket: " + *why);
 		struct stat st{};
 		if (::lstat(path.c_str(), &st) == 0) {
 			if (!S_ISSOCK(st.st_mode))

@@ -5,6 +5,7 @@
 #include "daemon/fd_holder_wire.hpp"
 #include "daemon/helper.hpp"
 #include "os/log.hpp"
+#include "os/paths.hpp"
 #include "supervisor/process.hpp"
 
 #include <fcntl.h>
@@ -166,6 +167,11 @@ proto::UniqueFd FdHolderLink::spawn()
 	socklen_t len;
 	if (!make_address(path_, addr, len))
 		return {};
+	// Beside the control socket, whose directory may not exist yet (brokerd binds that later).
+	if (auto why = path_[0] == '@' ? std::nullopt : make_parent_directory(path_)) {
+		log::warning("fd holder: " + *why);
+		return {};
+	}
 	proto::UniqueFd listener(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
 	if (!listener) {
 		log::warning("fd holder: socket: " + errno_text());

@@ -179,7 +179,9 @@ def write_config(path, control, port, lib_port):
 
 def run(tmp, manager, runs, strays):
     brokerctl = os.environ["BROKERCTL"]
-    control = os.path.join(tmp, "control.sock")
+    # In a directory that does not exist yet, as the default /run/brokerd/control.sock on a
+    # machine where brokerd never ran: brokerd makes it, for its holder's socket too.
+    control = os.path.join(tmp, "run", "brokerd", "control.sock")
     path = control + ".fdstore"
     config = os.path.join(tmp, "brokerd.json")
     port, lib_port = free_port(), free_port()
