@@ -35,7 +35,7 @@ namespace channel = proto::handoff::channel;
 namespace {
 
 using channel::kMaxPeers;
-// The fd table a receiver grows to when its first channel comes (see grow_fd_table()).
+// The fd table a receiver grows to when connections first come (see grow_fd_table()).
 constexpr rlim_t kFdTableSlots = 65536;
 // Frames read from one channel in a row before the others get a turn.
 constexpr std::size_t kFramesPerWakeup = 64;

@@ -6,13 +6,13 @@
 
 #include <doctest/doctest.h>
 
+#include <linux/capability.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 
 using namespace utest;
 
@@ -185,12 +185,7 @@ std::size_t count(const std::vector<Seen> &seen, Seen what)
 // Whether this process (and so the brokerd it starts) has CAP_NET_ADMIN in effect.
 bool has_net_admin()
 {
-	std::ifstream status("/proc/self/status");
-	std::string line;
-	while (std::getline(status, line))
-		if (line.rfind("CapEff:", 0) == 0)
-			return (std::stoull(line.substr(7), nullptr, 16) >> 12 & 1) != 0; // CAP_NET_ADMIN
-	return false;
+	return (status_mask(::getpid(), "CapEff") >> CAP_NET_ADMIN & 1) != 0;
 }
 
 json worker_counts(const json &instance)

@@ -20,7 +20,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 
 using namespace itest;
@@ -39,8 +38,8 @@ constexpr bool kSanitized = true;
 constexpr bool kSanitized = false;
 #endif
 
-// A field of /proc/<pid>/status in KiB (VmHWM, VmRSS), 0 when absent.
-std::uint64_t status_kib(pid_t pid, const std::string &key)
+// A number of /proc/<pid>/status (VmHWM and VmRSS in KiB, FDSize), 0 when absent.
+std::uint64_t status_number(pid_t pid, const std::string &key)
 {
 	std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
 	std::string line;
@@ -203,7 +202,7 @@ TEST_CASE("a user pipelining calls it never reads the replies of, on 120 connect
 	}
 	b.start(empty_config(), opts);
 	b.status();
-	std::uint64_t before = status_kib(b.pid(), "VmRSS");
+	std::uint64_t before = status_number(b.pid(), "VmRSS");
 	std::size_t sockets_before = socket_count(b.pid());
 
 	Beacon done;
@@ -214,7 +213,7 @@ TEST_CASE("a user pipelining calls it never reads the replies of, on 120 connect
 
 	// During the attack brokerd answers root.
 	CHECK(b.status()["pid"] == b.pid());
-	std::uint64_t peak = status_kib(b.pid(), "VmHWM");
+	std::uint64_t peak = status_number(b.pid(), "VmHWM");
 	MESSAGE("VmRSS before ", before, " KiB, VmHWM under the attack ", peak, " KiB");
 	CHECK(peak < (kSanitized ? before + 32 * 1024 : 64 * 1024));
 
@@ -222,7 +221,7 @@ TEST_CASE("a user pipelining calls it never reads the replies of, on 120 connect
 	// After it, brokerd answers, and gives back what the attack made it take.
 	CHECK(wait_until([&] { return socket_count(b.pid()) <= sockets_before; }, 20s));
 	CHECK(b.status()["pid"] == b.pid());
-	std::uint64_t after = status_kib(b.pid(), "VmRSS");
+	std::uint64_t after = status_number(b.pid(), "VmRSS");
 	MESSAGE("VmRSS after the attack ", after, " KiB");
 	CHECK(after < before + (kSanitized ? 8 : 4) * 1024);
 	b.stop();
@@ -277,14 +276,9 @@ TEST_CASE("brokerd's fd table is grown at start, while it is one thread: fds it 
 	b.start(empty_config());
 	rlimit nofile{};
 	REQUIRE(::getrlimit(RLIMIT_NOFILE, &nofile) == 0);
-	std::ifstream status("/proc/" + std::to_string(b.pid()) + "/status");
-	std::string line;
-	long fd_size = -1;
-	while (std::getline(status, line))
-		if (line.rfind("FDSize:", 0) == 0)
-			fd_size = std::stol(line.substr(7));
+	std::uint64_t fd_size = status_number(b.pid(), "FDSize");
 	MESSAGE("brokerd's FDSize: ", fd_size, ", hard fd limit ", nofile.rlim_max);
-	CHECK(fd_size >= static_cast<long>(std::min<rlim_t>(nofile.rlim_max, 8192)));
+	CHECK(fd_size >= std::min<rlim_t>(nofile.rlim_max, 8192));
 	b.stop();
 }
 
@@ -483,7 +477,7 @@ TEST_CASE("a worker's Events connection that falls 8 MiB behind is closed as too
 	cfg["services"]["ext"] = {{"register", {{"users", {"daemon"}}}}};
 	b.start(cfg);
 	b.status();
-	std::uint64_t before = status_kib(b.pid(), "VmRSS");
+	std::uint64_t before = status_number(b.pid(), "VmRSS");
 
 	// 6000 replies of about 7 KiB: some 40 MiB asked for, five times the limit.
 	std::string control = b.control_path();
@@ -492,7 +486,7 @@ TEST_CASE("a worker's Events connection that falls 8 MiB behind is closed as too
 	MESSAGE("worker: ", read_file(b.path("worker.log")));
 	CHECK((st && WIFEXITED(*st) && WEXITSTATUS(*st) == 0));
 	CHECK(log_lines(b, {"uid 1:", "too slow reading replies, closing connection"}) == 1);
-	std::uint64_t peak = status_kib(b.pid(), "VmHWM");
+	std::uint64_t peak = status_number(b.pid(), "VmHWM");
 	CHECK(b.status()["pid"] == b.pid());
 	// What it queued is given back. Under AddressSanitizer freed memory stays in its quarantine
 	// and RSS does not come down (52 MB, then 96 MB, and 96 MB after): there only the peak is
@@ -501,7 +495,7 @@ TEST_CASE("a worker's Events connection that falls 8 MiB behind is closed as too
 	if (kSanitized)
 		CHECK(peak < before + 64 * 1024);
 	else
-		CHECK(wait_until([&] { return (after = status_kib(b.pid(), "VmRSS")) < before + 4 * 1024; }, 20s));
+		CHECK(wait_until([&] { return (after = status_number(b.pid(), "VmRSS")) < before + 4 * 1024; }, 20s));
 	MESSAGE("VmRSS before ", before, " KiB, peak ", peak, " KiB, after ", after, " KiB");
 	b.stop();
 }

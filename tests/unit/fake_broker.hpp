@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -71,6 +72,17 @@ inline bool wait_for(int fd, short events, Clock::time_point deadline)
 		if (errno != EINTR)
 			return false;
 	}
+}
+
+// This process's fd table: how many fds it has room for (FDSize in /proc/self/status).
+inline long fd_table_size()
+{
+	std::ifstream status("/proc/self/status");
+	std::string line;
+	while (std::getline(status, line))
+		if (line.rfind("FDSize:", 0) == 0)
+			return std::stol(line.substr(7));
+	return -1;
 }
 
 // An abstract AF_UNIX address unique to this process and call.

@@ -26,7 +26,6 @@
 #include <cstdlib>
 #include <deque>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
@@ -776,14 +775,6 @@ TEST_CASE("receiver: on_connection gets each fd with its state, then the ack com
 // received many fds first would leave nothing to see.
 TEST_CASE("receiver: its first channel grows the fd table in one step, to its fd limit or 65536")
 {
-	auto fd_table_size = [] {
-		std::ifstream status("/proc/self/status");
-		std::string line;
-		while (std::getline(status, line))
-			if (line.rfind("FDSize:", 0) == 0)
-				return std::stol(line.substr(7));
-		return -1L;
-	};
 	rlimit nofile{};
 	REQUIRE(::getrlimit(RLIMIT_NOFILE, &nofile) == 0);
 	long want = static_cast<long>(std::min<rlim_t>(nofile.rlim_cur, 65536));

@@ -32,7 +32,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
@@ -687,16 +686,6 @@ TEST_CASE("handoff() of 600 with one closed fd among them: EBADF names it, nothi
 }
 
 namespace {
-
-long fd_table_size()
-{
-	std::ifstream status("/proc/self/status");
-	std::string line;
-	while (std::getline(status, line))
-		if (line.rfind("FDSize:", 0) == 0)
-			return std::stol(line.substr(7));
-	return -1;
-}
 
 // handoff() of `n` connections, the one at `at` replaced by `bad`: the error it throws (0 for
 // none), and that it took nothing and grew no fd table.

@@ -19,11 +19,7 @@
 
 namespace utest {
 
-namespace {
-
-// A signal mask of /proc/PID/status: "SigBlk" (blocked), "ShdPnd" (sent to the process, not
-// taken yet).
-std::uint64_t signal_mask(pid_t pid, const std::string &field)
+std::uint64_t status_mask(pid_t pid, const std::string &field)
 {
 	std::ifstream f("/proc/" + std::to_string(pid) + "/status");
 	std::string line;
@@ -32,6 +28,8 @@ std::uint64_t signal_mask(pid_t pid, const std::string &field)
 			return std::stoull(line.substr(field.size() + 1), nullptr, 16);
 	return 0;
 }
+
+namespace {
 
 std::uint64_t sigbit(int sig)
 {
@@ -122,7 +120,7 @@ Loadgen::Loadgen(const Broker &b, std::uint16_t port, const std::string &mode, c
 			if (!proc_.running() || !process_exists(proc_.pid()))
 				return true;
 			std::uint64_t want = sigbit(SIGUSR1) | sigbit(SIGUSR2) | sigbit(SIGTERM);
-			return (signal_mask(proc_.pid(), "SigBlk") & want) == want && tcp_sockets(proc_.pid()) > 0;
+			return (status_mask(proc_.pid(), "SigBlk") & want) == want && tcp_sockets(proc_.pid()) > 0;
 		},
 		10s);
 	REQUIRE_MESSAGE(up, "broker-loadgen did not start its load within 10s");
@@ -135,7 +133,7 @@ void Loadgen::signal_taken(int sig)
 	// Signals of one kind merge while pending: a window whose end came before its start was
 	// read would not count.
 	bool taken = wait_until(
-		[&] { return !process_exists(proc_.pid()) || !(signal_mask(proc_.pid(), "ShdPnd") & sigbit(sig)); }, 10s);
+		[&] { return !process_exists(proc_.pid()) || !(status_mask(proc_.pid(), "ShdPnd") & sigbit(sig)); }, 10s);
 	REQUIRE_MESSAGE(taken, "broker-loadgen ", mode_, " did not take signal ", sig, " within 10s");
 }
 
@@ -484,12 +482,7 @@ bool kill9(pid_t pid)
 
 bool ignores(pid_t pid, int sig)
 {
-	std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/status"));
-	std::string line;
-	while (std::getline(in, line))
-		if (line.rfind("SigIgn:", 0) == 0)
-			return (std::stoull(line.substr(7), nullptr, 16) >> (sig - 1)) & 1;
-	return false;
+	return (status_mask(pid, "SigIgn") >> (sig - 1)) & 1;
 }
 
 int generation_answering(std::uint16_t port)

@@ -174,6 +174,9 @@ std::uint64_t inode_of(int fd);
 // SIGKILL through a pidfd (the process is brokerd's child, not ours); false if it was gone.
 bool kill9(pid_t pid);
 
+// A mask of /proc/PID/status, in hex there: "SigBlk" (blocked), "ShdPnd" (sent to the process,
+// not taken yet), "SigIgn", "CapEff"; 0 when absent.
+std::uint64_t status_mask(pid_t pid, const std::string &field);
 // Whether a process ignores `sig`, from /proc/PID/status.
 bool ignores(pid_t pid, int sig);
 
