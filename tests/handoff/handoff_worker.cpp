@@ -51,7 +51,7 @@ struct Counts {
 	unsigned long closed_returned = 0; // came back and were closed cleanly
 	unsigned long peer_closed = 0;
 	long channel_sndbuf = -1; // the smallest SO_SNDBUF of its direct channels: a receiver's at its
-	                          // first connection, a sender's while connections are pending
+	                          // first connection, a sender's while connections are in flight
 };
 
 // The smallest send buffer of this process's SOCK_SEQPACKET sockets (only the library's direct
@@ -194,15 +194,17 @@ public:
 					serve(fds[i].fd);
 			try {
 				for (int k = 0; k < 64 && client_->process(); k++) {
+					// A sender's channels, looked at after each call while it has some in
+					// flight: 64 calls may see a whole handoff through, and they close once
+					// everything landed.
+					if (client_->handoff_pending() > 0 && counts_.channel_sndbuf < 0)
+						counts_.channel_sndbuf = smallest_channel_sndbuf();
 				}
 			} catch (const broker::Error &e) {
 				std::fprintf(stderr, "htest-worker: %s\n", e.what());
 				write_report();
 				return 2;
 			}
-			// A sender's channels, while it has them (they close once everything landed).
-			if (client_->handoff_pending() > 0 && counts_.channel_sndbuf < 0)
-				counts_.channel_sndbuf = smallest_channel_sndbuf();
 			report_status();
 		}
 		write_report();
